@@ -1,0 +1,56 @@
+/*
+ * livemig.h — the whole contract between the native core and Python.
+ *
+ * Rules (see docs/architecture.md):
+ *  - every entry point is lm_<object>_<verb>, works on an opaque handle and
+ *    returns 0, a count, or -errno; it never prints and never calls back into
+ *    Python;
+ *  - there are no hidden globals, with one documented exception: the
+ *    mprotect tracker's region registry, which its SIGSEGV handler must reach;
+ *  - the text between LM_CDEF_BEGIN and LM_CDEF_END is fed verbatim to CFFI's
+ *    cdef, so it holds only declarations and integer #defines.
+ *
+ * LM_ABI_VERSION changes whenever a declaration below changes; the Python
+ * side refuses a compiled module whose lm_abi_version() differs from the one
+ * it was written for.
+ */
+#ifndef LIVEMIG_H
+#define LIVEMIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define LM_API __attribute__((visibility("default")))
+#else
+#define LM_API
+#endif
+
+/* LM_CDEF_BEGIN */
+#define LM_ABI_VERSION 1
+#define LM_PAGE_SIZE 4096
+
+int lm_abi_version(void);
+
+/* ---- guest memory regions (lm_region.c) -------------------------------- */
+#define LM_REGION_ANON 0
+#define LM_REGION_MEMFD 1      /* back the region with a memfd (shareable) */
+#define LM_REGION_HUGEPAGE 2   /* madvise(MADV_HUGEPAGE) on the region */
+
+typedef struct lm_region lm_region;
+
+/* length_bytes must be a positive multiple of LM_PAGE_SIZE. The mapping is
+ * 2 MiB aligned; it is reserved lazily (MAP_NORESERVE), so pages cost memory
+ * only once touched. */
+int lm_region_create(uint64_t length_bytes, int flags, lm_region **out);
+void lm_region_destroy(lm_region *r);
+uint8_t *lm_region_base(const lm_region *r);
+uint64_t lm_region_length(const lm_region *r);
+uint64_t lm_region_npages(const lm_region *r);
+int lm_region_flags(const lm_region *r);
+/* MADV_DONTNEED over [first_page, first_page + npages): the pages read as
+ * zero afterwards and give their memory back. */
+int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages);
+/* LM_CDEF_END */
+
+#endif /* LIVEMIG_H */

@@ -1,0 +1,60 @@
+"""Parsing and printing of sizes and rates, accepted the same way everywhere.
+
+Sizes: ``4096``, ``64KiB``, ``1GiB``, ``1.5G`` (binary multiples: K/M/G/T and
+KiB/MiB/GiB/TiB are both powers of 1024; a trailing ``B`` is optional).
+Rates in bytes per second: ``256MiB/s``, ``100M``; bits per second when the
+unit says bits: ``1Gbit/s``, ``10Gbps`` (decimal, as links are sold).
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+
+_BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+_RATE_RE = re.compile(
+    r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b|i?bit|bps|ibps)?\s*(/s|ps)?\s*$", re.I
+)
+
+
+def parse_size(value: str | int, *, what: str = "size") -> int:
+    """Bytes from ``1GiB``-style text (or an int); raises ConfigError."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what} must not be negative: {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: cannot parse {value!r} (expected e.g. 4096, 64MiB, 1GiB)")
+    number, prefix, _ = m.groups()
+    return int(float(number) * _BINARY[prefix.lower()])
+
+
+def parse_rate(value: str | int | float, *, what: str = "rate") -> float:
+    """Bytes per second from ``256MiB/s``, ``1Gbit/s`` or a plain number."""
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what} must not be negative: {value}")
+        return float(value)
+    m = _RATE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: cannot parse {value!r} (expected e.g. 256MiB/s, 1Gbit/s)")
+    number, prefix, unit, _ = m.groups()
+    unit = (unit or "").lower()
+    if "bit" in unit or unit in ("bps", "ibps"):
+        table = _BINARY if unit.startswith("i") else _DECIMAL
+        return float(number) * table[prefix.lower()] / 8.0
+    return float(number) * _BINARY[prefix.lower()]
+
+
+def format_size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def format_rate(bytes_per_s: float) -> str:
+    return format_size(bytes_per_s) + "/s"

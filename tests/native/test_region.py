@@ -1,0 +1,39 @@
+import errno
+
+import pytest
+
+from livemig import native
+from livemig.errors import NativeError
+
+
+def _create(length, flags=0):
+    out = native.ffi.new("lm_region **")
+    native.check(native.lib.lm_region_create(length, flags, out), "lm_region_create")
+    return native.ffi.gc(out[0], native.lib.lm_region_destroy)
+
+
+@pytest.mark.parametrize("flags", [0, 1, 2, 3])
+def test_region_is_2mib_aligned_and_zeroed(flags):
+    r = _create(8 << 20, flags)
+    base = int(native.ffi.cast("uintptr_t", native.lib.lm_region_base(r)))
+    assert base % (2 << 20) == 0
+    assert native.lib.lm_region_npages(r) == (8 << 20) // 4096
+    buf = native.ffi.buffer(native.lib.lm_region_base(r), 8 << 20)
+    assert buf[0:4096] == bytes(4096)
+    buf[4096:4100] = b"abcd"
+    assert buf[4096:4100] == b"abcd"
+    native.check(native.lib.lm_region_discard(r, 1, 1), "discard")
+    assert buf[4096:4100] == bytes(4)
+
+
+@pytest.mark.parametrize("length", [0, 100, 4097])
+def test_region_rejects_bad_sizes(length):
+    out = native.ffi.new("lm_region **")
+    with pytest.raises(NativeError) as ei:
+        native.check(native.lib.lm_region_create(length, 0, out), "lm_region_create")
+    assert ei.value.errno == errno.EINVAL
+
+
+def test_region_discard_out_of_range():
+    r = _create(1 << 20)
+    assert native.lib.lm_region_discard(r, 255, 2) == -errno.ERANGE
