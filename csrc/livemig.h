@@ -51,6 +51,19 @@ int lm_region_flags(const lm_region *r);
 /* MADV_DONTNEED over [first_page, first_page + npages): the pages read as
  * zero afterwards and give their memory back. */
 int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages);
+
+/* ---- dirty trackers (lm_track_uffd.c, lm_track_mprotect.c) ------------- */
+/* Declarations of the tracker interface follow this line. */
+
+/* ---- vCPUs: the toy ISA interpreter (lm_vcpu.c) ------------------------- */
+/* Declarations of the vCPU interface follow this line. */
+
+/* ---- post-copy: userfaultfd MISSING primitives (lm_postcopy.c) --------- */
+/* Declarations of the post-copy interface follow this line. */
+
+/* ---- page codec hot loops (lm_pagecodec.c) ----------------------------- */
+/* Declarations of the page-codec helpers follow this line. */
+
 /* LM_CDEF_END */
 
 #endif /* LIVEMIG_H */

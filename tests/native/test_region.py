@@ -37,3 +37,20 @@ def test_region_rejects_bad_sizes(length):
 def test_region_discard_out_of_range():
     r = _create(1 << 20)
     assert native.lib.lm_region_discard(r, 255, 2) == -errno.ERANGE
+
+
+def test_guest_memory_views_are_zero_copy():
+    from livemig.memory import GuestMemory
+    from livemig.errors import ConfigError
+
+    with GuestMemory("4MiB") as mem:
+        assert mem.npages == 1024
+        mem.pages[3, :4] = [1, 2, 3, 4]
+        assert mem.bytes[3 * 4096 + 2] == 3
+        assert mem.words.shape == (1024, 512)
+        assert mem.base_address % (2 << 20) == 0
+    assert mem.closed
+    with pytest.raises(ConfigError):
+        GuestMemory("3000")
+    with pytest.raises(ConfigError):
+        GuestMemory("lots")
