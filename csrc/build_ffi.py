@@ -27,7 +27,7 @@ def _cdef_text() -> str:
     # cffi's parser takes integer #defines but no other preprocessor lines.
     return "\n".join(
         line for line in body.splitlines()
-        if not line.lstrip().startswith("#") or re.match(r"\s*#define\s+\w+\s+\(?-?[0-9xXa-fA-FuUlL]+\)?\s*$", line)
+        if not line.lstrip().startswith("#") or re.match(r"\s*#define\s+\w+\s+\(?-?[0-9xXa-fA-FuUlL]+\)?\s*(/\*.*\*/)?\s*$", line)
     )
 
 
