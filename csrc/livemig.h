@@ -79,7 +79,8 @@ typedef struct lm_postcopy_stats {
     uint64_t pages_zeroed;       /* placed by UFFDIO_ZEROPAGE */
     uint64_t pages_moved;        /* placed by UFFDIO_MOVE */
     uint64_t eexist_pages;       /* placements that found the page already there */
-    uint64_t eagain_retries;     /* ioctls retried after EAGAIN (partial or racing) */
+    uint64_t eagain_retries;     /* ioctls redone after EAGAIN with nothing done (mapping changing) */
+    uint64_t partial_runs;       /* runs the kernel cut short (at a present page): remainder redone */
     uint64_t move_src_holes;     /* MOVE source pages that were holes: zero-filled */
     uint64_t move_busy_copies;   /* MOVE source pages shared/pinned (EBUSY): copied */
     uint64_t wakes;              /* explicit UFFDIO_WAKE calls */

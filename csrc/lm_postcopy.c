@@ -427,11 +427,14 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
         if (err == EAGAIN) {
             /* The mapping changed under us (fork, mremap, or a concurrent
              * placer), or the kernel stopped early: redo the rest. */
+            if (done) {
+                STAT_ADD(p, partial_runs, 1);
+                continue;
+            }
             STAT_ADD(p, eagain_retries, 1);
             if (++eagain > LM_PC_MAX_EAGAIN)
                 return -EAGAIN;
-            if (!done)
-                sched_yield();
+            sched_yield();
             continue;
         }
         if (left == 0)
