@@ -23,10 +23,11 @@
  *              remapped: it is copied instead;
  *    anything else is returned as -errno;
  *  - ordering: a bit of the present bitmap is set only after the ioctl that
- *    installed the page returned, so "bit set" implies "page mapped". Faults
- *    read for pages whose bit is set (the page arrived between the fault and
- *    the read) are not handed out; the range is woken instead, which is
- *    harmless when the waiter was already woken by the placing ioctl;
+ *    installed the page returned, so "bit set" implies "page mapped". A
+ *    placing ioctl that wakes a waiter also unlinks its still-unread message
+ *    (userfaultfd_wake_function), but a message already taken by read() can
+ *    name a page placed meanwhile: such pages are not handed out, and the
+ *    page is woken again, which is harmless for a waiter already woken;
  *  - closing unregisters the range; the kernel then wakes every blocked
  *    thread and lets it fault normally, i.e. read zeros. That is corruption
  *    for a live guest, so close refuses while pages are missing unless the
