@@ -126,11 +126,15 @@ int lm_postcopy_close(lm_postcopy *p, int flags);
  * pages (so faults block it, not Python), and a native fault server that
  * answers faults by copying from a local source buffer. cpu < 0: no pinning. */
 typedef struct lm_toucher lm_toucher;
+/* pages is copied; the handle keeps values and latencies until joined. */
 int lm_toucher_start(const uint8_t *base, const uint64_t *pages, uint64_t npages,
-                     uint64_t offset_bytes, int cpu, uint64_t *values_out,
-                     uint64_t *latency_ns_out, lm_toucher **out);
+                     uint64_t offset_bytes, int cpu, lm_toucher **out);
 uint64_t lm_toucher_done(const lm_toucher *t);   /* touches completed so far */
-int lm_toucher_join(lm_toucher *t, int timeout_ms); /* -ETIMEDOUT, or 0 and freed */
+/* Wait (timeout_ms < 0: forever); on success copy the npages values and
+ * latencies out (either may be NULL) and free the handle. -ETIMEDOUT leaves
+ * the thread running and the handle valid. */
+int lm_toucher_join(lm_toucher *t, int timeout_ms, uint64_t *values_out,
+                    uint64_t *latency_ns_out);
 
 typedef struct lm_faultserver lm_faultserver;
 int lm_faultserver_start(lm_postcopy *p, const uint8_t *src, int cpu, lm_faultserver **out);

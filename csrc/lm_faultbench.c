@@ -17,7 +17,9 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,14 +48,23 @@ static inline uint64_t now_ns(void)
 struct lm_toucher {
     pthread_t thread;
     const uint8_t *base;
-    const uint64_t *pages;
     uint64_t npages;
     uint64_t offset_bytes;
     int cpu;
+    uint64_t done; /* atomic */
+    /* Owned copies, so that nothing the caller frees early is written to. */
+    uint64_t *pages;
     uint64_t *values;
     uint64_t *latency_ns;
-    uint64_t done; /* atomic */
 };
+
+static void toucher_free(lm_toucher *t)
+{
+    free(t->pages);
+    free(t->values);
+    free(t->latency_ns);
+    free(t);
+}
 
 static void *toucher_main(void *arg)
 {
@@ -65,32 +76,40 @@ static void *toucher_main(void *arg)
         uint64_t t0 = now_ns();
         uint64_t v = *word;
         uint64_t t1 = now_ns();
-        if (t->values)
-            t->values[i] = v;
-        if (t->latency_ns)
-            t->latency_ns[i] = t1 - t0;
+        t->values[i] = v;
+        t->latency_ns[i] = t1 - t0;
         __atomic_store_n(&t->done, i + 1, __ATOMIC_RELEASE);
     }
     return NULL;
 }
 
 LM_API int lm_toucher_start(const uint8_t *base, const uint64_t *pages, uint64_t npages,
-                            uint64_t offset_bytes, int cpu, uint64_t *values_out,
-                            uint64_t *latency_ns_out, lm_toucher **out)
+                            uint64_t offset_bytes, int cpu, lm_toucher **out)
 {
     if (!base || !out || (npages && !pages) || offset_bytes > LM_PAGE_SIZE - 8 ||
-        offset_bytes % 8)
+        offset_bytes % 8 || npages > SIZE_MAX / sizeof(uint64_t) - 1)
         return -EINVAL;
     *out = NULL;
     lm_toucher *t = calloc(1, sizeof(*t));
     if (!t)
         return -ENOMEM;
-    *t = (lm_toucher){.base = base, .pages = pages, .npages = npages,
-                      .offset_bytes = offset_bytes, .cpu = cpu, .values = values_out,
-                      .latency_ns = latency_ns_out};
+    t->base = base;
+    t->npages = npages;
+    t->offset_bytes = offset_bytes;
+    t->cpu = cpu;
+    size_t bytes = (size_t)(npages ? npages : 1) * sizeof(uint64_t);
+    t->pages = malloc(bytes);
+    t->values = calloc(1, bytes);
+    t->latency_ns = calloc(1, bytes);
+    if (!t->pages || !t->values || !t->latency_ns) {
+        toucher_free(t);
+        return -ENOMEM;
+    }
+    if (npages)
+        memcpy(t->pages, pages, (size_t)npages * sizeof(uint64_t));
     int rc = pthread_create(&t->thread, NULL, toucher_main, t);
     if (rc != 0) {
-        free(t);
+        toucher_free(t);
         return -rc;
     }
     *out = t;
@@ -102,7 +121,8 @@ LM_API uint64_t lm_toucher_done(const lm_toucher *t)
     return __atomic_load_n(&t->done, __ATOMIC_ACQUIRE);
 }
 
-LM_API int lm_toucher_join(lm_toucher *t, int timeout_ms)
+LM_API int lm_toucher_join(lm_toucher *t, int timeout_ms, uint64_t *values_out,
+                           uint64_t *latency_ns_out)
 {
     if (timeout_ms >= 0) {
         struct timespec ts;
@@ -121,7 +141,11 @@ LM_API int lm_toucher_join(lm_toucher *t, int timeout_ms)
         if (rc != 0)
             return -rc;
     }
-    free(t);
+    if (values_out)
+        memcpy(values_out, t->values, (size_t)t->npages * sizeof(uint64_t));
+    if (latency_ns_out)
+        memcpy(latency_ns_out, t->latency_ns, (size_t)t->npages * sizeof(uint64_t));
+    toucher_free(t);
     return 0;
 }
 

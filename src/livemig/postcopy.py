@@ -99,6 +99,7 @@ class PostcopyMemory:
                   "EBUSY: the region is already registered (another PostcopyMemory or a "
                   "userfaultfd dirty tracker is attached)" if -rc == errno.EBUSY else None)
         self._handle = out[0]
+        self._users: set[object] = set()
         memory.attach(self)
         try:
             if words is not None:
@@ -217,6 +218,13 @@ class PostcopyMemory:
         return {name: int(getattr(self._stats_c, name)) for name in _STATS_FIELDS}
 
     # -- lifetime --------------------------------------------------------------------------
+    def attach(self, user: object) -> None:
+        """Record that ``user`` (a thread serving faults natively) uses the handle."""
+        self._users.add(user)
+
+    def detach(self, user: object) -> None:
+        self._users.discard(user)
+
     @property
     def closed(self) -> bool:
         return self._handle is None
@@ -226,6 +234,9 @@ class PostcopyMemory:
         ``abandon``: blocked threads are then woken and read zeros."""
         if getattr(self, "_handle", None) is None:
             return
+        if self._users:
+            raise LivemigError(f"post-copy memory is still used by {len(self._users)} "
+                               "native server(s); stop them first")
         missing = self.missing
         flags = lib.LM_POSTCOPY_CLOSE_ABANDON if abandon else 0
         check(lib.lm_postcopy_close(self._handle, flags), "closing post-copy memory",

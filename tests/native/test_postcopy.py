@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from livemig.errors import BackendUnavailable, ConfigError, NativeError, Unsupported
+from livemig.errors import (BackendUnavailable, ConfigError, LivemigError, NativeError,
+                            Unsupported)
 from livemig.faultbench import LocalFaultServer, Toucher
 from livemig.memory import GuestMemory
 from livemig.postcopy import BACKEND_NAME, PostcopyMemory, probe
@@ -277,6 +278,8 @@ def test_local_fault_server_serves_everything(guest):
     with LocalFaultServer(pm, source) as server:
         t = Toucher(mem, np.arange(mem.npages))
         t.join(10)
+        with pytest.raises(LivemigError, match="native server"):
+            pm.close(abandon=True)  # the server thread still polls the fd
     assert server.stop() == 0  # already stopped
     assert np.array_equal(t.values, source[:, 0]) and pm.missing == 0
 
@@ -308,9 +311,15 @@ def test_abandon_wakes_blocked_threads(guest):
 
 def test_region_in_use_cannot_be_freed(guest):
     mem, register = guest
-    register()
-    with pytest.raises(Exception, match="in use"):
+    pm = register()
+    with pytest.raises(LivemigError, match="in use"):
         mem.close()
+    pm.place_zero(0, mem.npages)
+    pm.close()
+    t = Toucher(mem, [0])  # a running toucher holds the region too
+    with pytest.raises(LivemigError, match="in use"):
+        mem.close()
+    t.join(5)
 
 
 def test_required_feature_refused_is_backend_unavailable(guest):
