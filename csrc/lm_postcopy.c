@@ -411,13 +411,17 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
         return rc;
     if (npages && src && ((uintptr_t)src % LM_PAGE_SIZE) && kind == LM_PC_MOVE)
         return -EINVAL;
-    uint64_t page = first_page, left = npages, placed = 0, eagain = 0;
+    /* placed: returned to the caller; by_kind: by this ioctl kind (stats),
+     * which excludes pages a MOVE fell back to zero-filling or copying. */
+    uint64_t page = first_page, left = npages, placed = 0, by_kind = 0, eagain = 0;
     int saw_eexist = 0;
     while (left) {
         uint64_t done = 0;
         int err = place_once(p, kind, page, src, left, &done);
         if (done) {
-            placed += mark_range(p, page, done);
+            uint64_t added = mark_range(p, page, done);
+            placed += added;
+            by_kind += added;
             page += done;
             left -= done;
             if (src)
@@ -479,11 +483,11 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
             return w;
     }
     if (kind == LM_PC_COPY)
-        STAT_ADD(p, pages_copied, placed);
+        STAT_ADD(p, pages_copied, by_kind);
     else if (kind == LM_PC_ZERO)
-        STAT_ADD(p, pages_zeroed, placed);
+        STAT_ADD(p, pages_zeroed, by_kind);
     else
-        STAT_ADD(p, pages_moved, placed);
+        STAT_ADD(p, pages_moved, by_kind);
     return (int64_t)placed;
 }
 

@@ -123,6 +123,31 @@ def test_move_of_a_source_hole_zero_fills(guest):
         assert pm.stats["move_src_holes"] == 1
 
 
+@needs_move
+def test_move_of_shared_source_pages_falls_back_to_copy(guest):
+    mem, register = guest
+    with GuestMemory(4 * PAGE, hugepages=False) as donor:
+        donor.words[:] = 3
+        r, w = os.pipe()
+        pid = os.fork()  # the child shares the donor's pages copy-on-write
+        if pid == 0:
+            os.read(r, 1)
+            os._exit(0)
+        try:
+            pm = register()
+            assert pm.place_move(0, donor.bytes, 4) == 4
+        finally:
+            os.write(w, b"x")
+            os.waitpid(pid, 0)
+            os.close(r)
+            os.close(w)
+        assert (mem.words[:4] == 3).all()
+        stats = pm.stats  # shared pages cannot be remapped (EBUSY): copied instead
+        assert stats["move_busy_copies"] == 4 and stats["pages_copied"] == 4
+        assert stats["pages_moved"] == 0
+        assert (donor.words == 3).all()  # still there: copied, not taken
+
+
 def test_move_rejects_misaligned_source(guest):
     mem, register = guest
     pm = register()
