@@ -415,7 +415,8 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
      * which excludes pages a MOVE fell back to zero-filling or copying. */
     uint64_t page = first_page, left = npages, placed = 0, by_kind = 0, eagain = 0;
     int saw_eexist = 0;
-    while (left) {
+    int64_t fail = 0; /* -errno that stopped the run; placed pages still count */
+    while (left && !fail) {
         uint64_t done = 0;
         int err = place_once(p, kind, page, src, left, &done);
         if (done) {
@@ -438,8 +439,9 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
             }
             STAT_ADD(p, eagain_retries, 1);
             if (++eagain > LM_PC_MAX_EAGAIN)
-                return -EAGAIN;
-            sched_yield();
+                fail = -EAGAIN;
+            else
+                sched_yield();
             continue;
         }
         if (left == 0)
@@ -454,22 +456,29 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
             /* Source hole: an anonymous hole reads as zeros, so zero-fill -
              * but only if the source is mapped at all (mincore: ENOMEM). */
             unsigned char vec;
-            if (mincore((void *)src, LM_PAGE_SIZE, &vec) != 0)
-                return errno == ENOMEM ? -EFAULT : -errno;
+            if (mincore((void *)src, LM_PAGE_SIZE, &vec) != 0) {
+                fail = errno == ENOMEM ? -EFAULT : -errno;
+                break;
+            }
             int64_t z = place_run(p, LM_PC_ZERO, page, NULL, 1);
-            if (z < 0)
-                return z;
+            if (z < 0) {
+                fail = z;
+                break;
+            }
             placed += (uint64_t)z;
             STAT_ADD(p, move_src_holes, 1);
         } else if (kind == LM_PC_MOVE && err == EBUSY) {
             /* Source page shared (after fork, KSM) or pinned: copy it. */
             int64_t c = place_run(p, LM_PC_COPY, page, src, 1);
-            if (c < 0)
-                return c;
+            if (c < 0) {
+                fail = c;
+                break;
+            }
             placed += (uint64_t)c;
             STAT_ADD(p, move_busy_copies, 1);
         } else {
-            return -err;
+            fail = -err;
+            break;
         }
         page++;
         left--;
@@ -479,8 +488,8 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
     if (saw_eexist) {
         /* Cheap insurance: no waiter may stay asleep on a page that is there. */
         int w = lm_postcopy_wake(p, first_page, npages);
-        if (w < 0)
-            return w;
+        if (w < 0 && !fail)
+            fail = w;
     }
     if (kind == LM_PC_COPY)
         STAT_ADD(p, pages_copied, by_kind);
@@ -488,7 +497,7 @@ static int64_t place_run(lm_postcopy *p, enum lm_pc_kind kind, uint64_t first_pa
         STAT_ADD(p, pages_zeroed, by_kind);
     else
         STAT_ADD(p, pages_moved, by_kind);
-    return (int64_t)placed;
+    return fail ? fail : (int64_t)placed;
 }
 
 LM_API int64_t lm_postcopy_copy(lm_postcopy *p, uint64_t first_page, const void *src,

@@ -2,6 +2,7 @@
 page placement, driven by native toucher threads (a Python thread must never
 fault on a missing page: it would block holding the GIL)."""
 import asyncio
+import errno
 import os
 import select
 import subprocess
@@ -419,3 +420,26 @@ def test_unprivileged_falls_back_to_user_mode_only():
     if open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() != "0":
         pytest.skip("vm.unprivileged_userfaultfd=1: the plain syscall works unprivileged")
     assert _unprivileged("plain") == "OPEN user_mode_only=True True"
+
+
+def test_ranges_are_checked(guest):
+    mem, register = guest
+    pm = register()
+    with pytest.raises(ConfigError):
+        pm.place(mem.npages - 1, bytes(2 * PAGE), 2)
+    with pytest.raises(ConfigError):
+        pm.place(0, bytes(PAGE), 2)  # too little data
+    with pytest.raises(ConfigError):
+        pm.place_zero(-1)
+    from livemig.native import lib
+    assert lib.lm_postcopy_zero(pm.handle, mem.npages, 1) == -errno.ERANGE
+    assert pm.missing == mem.npages
+
+
+def test_bitmap_of_a_size_not_multiple_of_64():
+    with GuestMemory(100 * PAGE) as mem:
+        words = np.full(2, np.iinfo(np.uint64).max, dtype=np.uint64)  # bits past page 99 too
+        with PostcopyMemory(mem, words) as pm:
+            assert pm.missing == 0
+            assert pm.present_mask().all() and pm.present_mask().size == 100
+            assert int(pm.present_bitmap()[1]) == (1 << 36) - 1
