@@ -60,6 +60,85 @@ int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages);
 
 /* ---- post-copy: userfaultfd MISSING primitives (lm_postcopy.c) --------- */
 /* Declarations of the post-copy interface follow this line. */
+/* A post-copy handle registers a region with userfaultfd in MISSING mode and
+ * places pages into it (UFFDIO_COPY / ZEROPAGE / MOVE), keeping an atomic
+ * bitmap of the pages present. Bitmaps are uint64 words, bit (i % 64) of
+ * word (i / 64) standing for page i. */
+#define LM_POSTCOPY_CAN_MISSING 1   /* lm_postcopy_probe: MISSING + COPY + ZEROPAGE work */
+#define LM_POSTCOPY_CAN_MOVE 2      /* lm_postcopy_probe: UFFDIO_MOVE works */
+#define LM_POSTCOPY_USER_MODE_ONLY 4 /* fd only catches user-mode faults */
+#define LM_POSTCOPY_CLOSE_ABANDON 1 /* close even with pages missing (see lm_postcopy_close) */
+
+typedef struct lm_postcopy lm_postcopy;
+
+typedef struct lm_postcopy_stats {
+    uint64_t faults_read;        /* fault messages read from the fd */
+    uint64_t faults_returned;    /* distinct missing pages handed to the caller */
+    uint64_t faults_on_present;  /* faults on pages already placed (woken, not returned) */
+    uint64_t pages_copied;       /* placed by UFFDIO_COPY */
+    uint64_t pages_zeroed;       /* placed by UFFDIO_ZEROPAGE */
+    uint64_t pages_moved;        /* placed by UFFDIO_MOVE */
+    uint64_t eexist_pages;       /* placements that found the page already there */
+    uint64_t eagain_retries;     /* ioctls redone after EAGAIN with nothing done (mapping changing) */
+    uint64_t partial_runs;       /* runs the kernel cut short (at a present page): remainder redone */
+    uint64_t move_src_holes;     /* MOVE source pages that were holes: zero-filled */
+    uint64_t move_busy_copies;   /* MOVE source pages shared/pinned (EBUSY): copied */
+    uint64_t wakes;              /* explicit UFFDIO_WAKE calls */
+    uint64_t ioctls;             /* placement ioctls issued */
+} lm_postcopy_stats;
+
+/* Capability mask (LM_POSTCOPY_CAN_*) of this process on this kernel, found
+ * by really registering a scratch mapping; reason gets a one-line
+ * explanation of anything missing ("" when all works). */
+int lm_postcopy_probe(char *reason, size_t reason_cap);
+/* Open userfaultfd (syscall, then /dev/userfaultfd, then user-mode-only),
+ * negotiate the API with required_features (raw UFFD_FEATURE_* bits; MOVE is
+ * added when the kernel has it) and register the whole region MISSING.
+ * -EOPNOTSUPP when the kernel lacks a required feature. */
+int lm_postcopy_open(lm_region *r, uint64_t required_features, lm_postcopy **out);
+int lm_postcopy_fd(const lm_postcopy *p);
+int lm_postcopy_flags(const lm_postcopy *p);   /* LM_POSTCOPY_CAN_MOVE | USER_MODE_ONLY */
+/* Read pending fault messages without blocking; write distinct missing page
+ * indices (in arrival order) to pages_out; 0 when none are pending. */
+int64_t lm_postcopy_read_faults(lm_postcopy *p, uint64_t *pages_out, uint64_t max_pages);
+/* Place npages contiguous pages; each returns the pages newly placed by this
+ * call (pages found already present count in stats.eexist_pages). */
+int64_t lm_postcopy_copy(lm_postcopy *p, uint64_t first_page, const void *src, uint64_t npages);
+int64_t lm_postcopy_zero(lm_postcopy *p, uint64_t first_page, uint64_t npages);
+/* src must be private anonymous memory of this process, page aligned; its
+ * pages are taken (src reads as zero afterwards). -EOPNOTSUPP without MOVE. */
+int64_t lm_postcopy_move(lm_postcopy *p, uint64_t first_page, void *src, uint64_t npages);
+int lm_postcopy_wake(lm_postcopy *p, uint64_t first_page, uint64_t npages);
+/* Record pages valid before registration (pre-copied); returns how many
+ * were newly marked. */
+int64_t lm_postcopy_mark_present(lm_postcopy *p, const uint64_t *words, uint64_t nwords);
+/* MADV_DONTNEED every page not marked present, so that it faults. */
+int lm_postcopy_discard_absent(lm_postcopy *p);
+uint64_t lm_postcopy_missing(const lm_postcopy *p);
+int lm_postcopy_present_bitmap(const lm_postcopy *p, uint64_t *words, uint64_t nwords);
+int lm_postcopy_stats_get(const lm_postcopy *p, lm_postcopy_stats *out);
+/* Unregister and close. -EBUSY while pages are missing unless flags has
+ * LM_POSTCOPY_CLOSE_ABANDON: unregistering wakes blocked threads and any
+ * later access to a missing page then reads zeros. */
+int lm_postcopy_close(lm_postcopy *p, int flags);
+
+/* Test and benchmark helpers (lm_faultbench.c): a native thread that touches
+ * pages (so faults block it, not Python), and a native fault server that
+ * answers faults by copying from a local source buffer. cpu < 0: no pinning. */
+typedef struct lm_toucher lm_toucher;
+/* pages is copied; the handle keeps values and latencies until joined. */
+int lm_toucher_start(const uint8_t *base, const uint64_t *pages, uint64_t npages,
+                     uint64_t offset_bytes, int cpu, lm_toucher **out);
+uint64_t lm_toucher_done(const lm_toucher *t);   /* touches completed so far */
+/* Wait (timeout_ms < 0: forever); on success copy the npages values and
+ * latencies out (either may be NULL) and free the handle. -ETIMEDOUT leaves
+ * the thread running and the handle valid. */
+int lm_toucher_join(lm_toucher *t, int timeout_ms, uint64_t *values_out,
+                    uint64_t *latency_ns_out);
+
+typedef struct lm_faultserver lm_faultserver;
+int lm_faultserver_start(lm_postcopy *p, const uint8_t *src, int cpu, lm_faultserver **out);
+int64_t lm_faultserver_stop(lm_faultserver *s);  /* pages served; frees */
 
 /* ---- page codec hot loops (lm_pagecodec.c) ----------------------------- */
 /* Declarations of the page-codec helpers follow this line. */
