@@ -97,6 +97,7 @@ def test_concurrent_writers_shadow_copy_matches_memory(backend):
         try:
             while time.monotonic() < deadline:
                 idx = t.collect()
+                assert np.all(np.diff(idx.astype(np.int64)) > 0), "not strictly ascending"
                 shadow[idx] = m.pages[idx]
                 reported[idx] = True
                 rounds += 1
