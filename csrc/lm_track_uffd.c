@@ -24,8 +24,8 @@
  *
  * uffd-wp: the same registration without WP_ASYNC. A write to a protected
  * page blocks the writer and queues a uffd_msg; the handler thread un-protects
- * the page (UFFDIO_WRITEPROTECT mode 0, which also wakes the writer) and only
- * then sets the page's bit. collect takes the bits (atomic exchange per word)
+ * the page (UFFDIO_WRITEPROTECT, DONTWAKE), then sets the page's bit, then
+ * wakes the writer (UFFDIO_WAKE). collect takes the bits (atomic exchange per word)
  * and re-protects exactly those pages before returning them.
  *
  * Race-freedom of uffd-wp, for a page p:
@@ -168,13 +168,16 @@ static int uffd_register_wp(int fd, void *base, uint64_t length)
     return 0;
 }
 
-/* UFFDIO_WRITEPROTECT; EAGAIN means the mm was changing underneath (mremap,
- * fork in progress): the ioctl did nothing and must be retried. */
+/* UFFDIO_WRITEPROTECT: protect > 0 protects, 0 un-protects and wakes the
+ * range's blocked writers, < 0 un-protects without waking them. EAGAIN means
+ * the mm was changing underneath (mremap, fork in progress): the ioctl did
+ * nothing and must be retried. */
 static int uffd_wp_range(int fd, uint64_t start, uint64_t length, int protect)
 {
     struct uffdio_writeprotect wp = {
         .range = {.start = start, .len = length},
-        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+        .mode = protect > 0 ? UFFDIO_WRITEPROTECT_MODE_WP
+              : protect < 0 ? UFFDIO_WRITEPROTECT_MODE_DONTWAKE : 0,
     };
     for (;;) {
         if (ioctl(fd, UFFDIO_WRITEPROTECT, &wp) == 0)
@@ -394,17 +397,16 @@ static void wp_handle_fault(lm_tracker *t, uint64_t addr)
     uint64_t page = (page_addr - (uintptr_t)t->base) >> LM_PAGE_SHIFT;
     if (page >= t->npages)
         return;
-    /* Un-protect (and wake the writer) BEFORE setting the bit: see the proof above. */
-    int rc = uffd_wp_range(t->uffd, page_addr, LM_PAGE_SIZE, 0);
-    if (rc != 0) {
-        /* The writer stays blocked until woken; wake it so it re-faults, and
-         * mark the page dirty so a write that slips through is not lost. */
-        atomic_fetch_add(&t->handler_errors, 1);
-        struct uffdio_range r = {.start = page_addr, .len = LM_PAGE_SIZE};
-        (void)ioctl(t->uffd, UFFDIO_WAKE, &r);
-    }
+    /* Un-protect BEFORE setting the bit (see the proof above), and wake the
+     * writer only AFTER it: then a writer whose store has returned is already
+     * in the bitmap, so a collect that follows it in program order reports it. */
+    if (uffd_wp_range(t->uffd, page_addr, LM_PAGE_SIZE, -1) != 0)
+        atomic_fetch_add(&t->handler_errors, 1); /* it re-faults after the wake */
     lm_bitmap_set(t->bitmap, page);
     atomic_fetch_add(&t->faults, 1);
+    struct uffdio_range r = {.start = page_addr, .len = LM_PAGE_SIZE};
+    if (ioctl(t->uffd, UFFDIO_WAKE, &r) != 0)
+        atomic_fetch_add(&t->handler_errors, 1);
 }
 
 static void *wp_handler_main(void *arg)
