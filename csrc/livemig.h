@@ -54,6 +54,62 @@ int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages);
 
 /* ---- dirty trackers (lm_track_uffd.c, lm_track_mprotect.c) ------------- */
 /* Declarations of the tracker interface follow this line. */
+#define LM_TRACK_UFFD_ASYNC 1   /* uffd WP_ASYNC + PAGEMAP_SCAN: collect-and-rearm in the kernel */
+#define LM_TRACK_UFFD_WP 2      /* synchronous uffd write-protect + a handler thread */
+#define LM_TRACK_MPROTECT 3     /* PROT_READ + SIGSEGV handler, any kernel */
+#define LM_TRACK_MAX_REGIONS 64 /* capacity of the mprotect tracker's global registry */
+
+typedef struct lm_tracker lm_tracker;
+
+typedef struct {
+    uint64_t collects;          /* successful lm_tracker_collect calls */
+    uint64_t pages_reported;    /* page indices returned by all collects */
+    uint64_t faults;            /* write faults handled (uffd-wp, mprotect; 0 for uffd-async) */
+    uint64_t degraded_collects; /* collects that reported conservatively-dirtied pages */
+    uint64_t degraded_pages;    /* pages marked dirty without proof of a write */
+    uint64_t scan_ioctls;       /* PAGEMAP_SCAN calls (uffd-async) */
+    uint64_t protect_calls;     /* re-protect syscalls/ioctls issued by collects */
+    uint64_t handler_errors;    /* un-protect failures inside the fault path */
+    uint64_t coarse_protects;   /* collects that re-protected the whole region at once */
+    uint64_t last_collect_ns;   /* wall time of the latest collect */
+    uint64_t arm_ns;            /* wall time of the latest start */
+} lm_tracker_stats;
+
+/* 0 when `kind` can run here; else -errno and a NUL-terminated reason. */
+int lm_tracker_probe(int kind, char *reason, size_t reason_cap);
+int lm_tracker_create(int kind, lm_region *region, lm_tracker **out);
+/* Arm every page: from now on each write is recorded. -EBUSY when armed. */
+int lm_tracker_start(lm_tracker *t);
+/* Ascending page indices written since the previous collect (or start);
+ * re-arms them before returning. max_pages must be >= the region's npages
+ * (-ENOSPC otherwise: nothing re-armed may go unreported). -EINVAL unless armed. */
+int64_t lm_tracker_collect(lm_tracker *t, uint64_t *pages_out, uint64_t max_pages);
+/* Disarm: memory fully writable, no further faults. -EINVAL unless armed. */
+int lm_tracker_stop(lm_tracker *t);
+int lm_tracker_stats_get(const lm_tracker *t, lm_tracker_stats *out);
+int lm_tracker_kind(const lm_tracker *t);
+/* PAGEMAP_SCAN output vector length in entries (uffd-async only; tests shrink it). */
+int lm_tracker_set_scan_vec(lm_tracker *t, uint64_t vec_len);
+void lm_tracker_destroy(lm_tracker *t);
+/* What UFFDIO_API offers on this kernel. */
+int lm_uffd_features(uint64_t *features_out, uint64_t *ioctls_out);
+/* 0 when PAGEMAP_SCAN with PM_SCAN_WP_MATCHING works on a WP_ASYNC range. */
+int lm_pagemap_scan_probe(void);
+
+/* Test and benchmark drivers (lm_track_writer.c): writes issued from C. */
+/* Store value ^ page into word 0 of each listed page; count or -ERANGE. */
+int64_t lm_region_poke_pages(lm_region *r, const uint64_t *pages, uint64_t n, uint64_t value);
+typedef struct lm_writer lm_writer;
+/* A pthread storing a running counter into a pseudo-random word of a
+ * pseudo-random page of [first_page, first_page + npages) until stopped,
+ * recording each page it wrote in a bitmap. pause_ns sleeps between writes (0 = none). */
+int lm_writer_start(lm_region *r, uint64_t first_page, uint64_t npages, uint64_t seed,
+                    uint64_t pause_ns, lm_writer **out);
+/* Stop and join; returns the number of writes made. */
+int64_t lm_writer_stop(lm_writer *w);
+/* Copy the written-pages bitmap (region npages bits, little-endian words). */
+int lm_writer_bitmap(const lm_writer *w, uint64_t *words_out, uint64_t nwords);
+void lm_writer_destroy(lm_writer *w);
 
 /* ---- vCPUs: the toy ISA interpreter (lm_vcpu.c) ------------------------- */
 /* Declarations of the vCPU interface follow this line. */

@@ -92,3 +92,9 @@ _ERRNO_CLASSES = {
 def native_error(err: int, what: str, hint: str | None = None) -> NativeError:
     """Map a positive errno from a native call to the most specific class."""
     return _ERRNO_CLASSES.get(err, NativeError)(err, what, hint)
+
+
+# dirty tracking
+class TrackerStateError(LivemigError):
+    """A dirty tracker was used out of order: collect before start, start while
+    armed, or any use after close."""
