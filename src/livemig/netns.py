@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 ``TwoHosts`` creates two network namespaces (ip-netns(8)), ``<prefix>-<pid>-<n>-src``
-and ``...-dst``, and one veth pair (veth(4)) created *directly inside* them
+and ``...-dst``, and (with netem, or without delay) one veth pair (veth(4))
+created *directly inside* them
 (``ip link add veth0 netns A type veth peer name veth0 netns B``), so no interface
 ever appears in the caller's namespace and fixed in-namespace names cannot clash
 with anything. Each end gets an address from a /30 of 10.231.0.0/16 (unique per
@@ -23,10 +24,14 @@ rate and the delay (an RTT is therefore about ``2 * delay_ms``):
   layout the netem man page gives for "delay plus rate"; netem's ``limit`` (in
   packets) is sized for the bandwidth-delay product.
 
-netem is optional in kernels (CONFIG_NET_SCH_NETEM). ``probe()`` creates a scratch
-namespace and really tries every qdisc it needs, so ``available()`` can say
-exactly what is missing; a link with ``delay_ms > 0`` on a kernel without netem
-raises ``LinkUnavailable`` instead of silently ignoring the delay.
+netem is optional in kernels (CONFIG_NET_SCH_NETEM; this project's reference
+kernel lacks it). ``probe()`` creates a scratch namespace and really tries every
+qdisc it needs, so ``available()`` can say exactly what is missing. Without netem,
+a link built with ``delay_ms > 0`` is wired through a third namespace,
+``...-wire``: each host's veth0 is paired with an interface there, and
+:mod:`livemig.delayline` (a user-space relay over AF_PACKET sockets) carries the
+frames across with the delay; the tbf qdiscs stay on the hosts' veth0 egress.
+The delay is never silently dropped: if neither way works, ``LinkUnavailable``.
 
 Ordering hazards: a namespace lives on while any process is inside it, even after
 ``ip netns del``, so ``close()`` first ends the processes it started with
@@ -35,8 +40,9 @@ veth end inside it, and destroying one end of a veth pair destroys the other.
 Names embed our pid, so ``cleanup_stale(prefix)`` removes only namespaces whose
 creator pid is no longer alive.
 
-Every command goes through ``run()``, which raises ``CommandError`` naming the
-command, its exit code and its stderr.
+Every command that runs to completion goes through ``run()``, which raises
+``CommandError`` naming the command, its exit code and its stderr; long-running
+processes (``popen``, the delay line) report a failure with the same error.
 """
 from __future__ import annotations
 
@@ -45,13 +51,16 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from typing import Sequence
 
+from . import delayline
 from .errors import CommandError, LinkUnavailable
 
 _CAP_NET_ADMIN = 12  # linux/capability.h
@@ -61,6 +70,7 @@ _GSO_MAX_BYTES = 65536
 _MTU_BYTES = 1500
 _QUEUE_SLACK_S = 0.050
 _HZ_DEFAULT = 250
+_DELAY_LINE_START_S = 10.0
 
 _counter = itertools.count()
 _counter_lock = threading.Lock()
@@ -181,12 +191,21 @@ def _has_net_admin() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LinkSupport:
-    """What ``probe()`` found: rate shaping and delay are judged separately."""
+    """What ``probe()`` found: rate shaping and delay are judged separately.
+
+    ``delay_method`` is ``"netem"`` (kernel qdisc), ``"delay-line"`` (the
+    user-space relay of :mod:`livemig.delayline`, used when the kernel lacks
+    sch_netem) or ``None`` when no delay can be added.
+    """
 
     rate_ok: bool
     rate_reason: str
-    delay_ok: bool
+    delay_method: str | None
     delay_reason: str
+
+    @property
+    def delay_ok(self) -> bool:
+        return self.delay_method is not None
 
 
 _probe_cache: LinkSupport | None = None
@@ -198,42 +217,65 @@ def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
+def _packet_socket_problem() -> str | None:
+    """Why the delay line's AF_PACKET socket cannot be opened, or None."""
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    except OSError as exc:
+        return f"AF_PACKET raw socket refused ({exc.strerror}; needs CAP_NET_RAW)"
+    try:
+        for opt, name in ((delayline.PACKET_VNET_HDR, "PACKET_VNET_HDR"),
+                          (delayline.PACKET_IGNORE_OUTGOING, "PACKET_IGNORE_OUTGOING")):
+            try:
+                sock.setsockopt(delayline.SOL_PACKET, opt, 1)
+            except OSError as exc:
+                return f"setsockopt({name}) refused: {exc.strerror}"
+    finally:
+        sock.close()
+    return None
+
+
 def _probe_uncached() -> LinkSupport:
     if _tool("ip") is None or _tool("tc") is None:
         missing = " and ".join(t for t in ("ip", "tc") if _tool(t) is None)
         why = f"{missing} not found on PATH, /usr/sbin or /sbin (install iproute2)"
-        return LinkSupport(False, why, False, why)
+        return LinkSupport(False, why, None, why)
     if not _has_net_admin():
         why = "neither root nor CAP_NET_ADMIN: cannot create network namespaces"
-        return LinkSupport(False, why, False, why)
-    ns = _ns_name("lmprobe", next_index())
+        return LinkSupport(False, why, None, why)
+    ns = f"lmprobe-{os.getpid()}-{next_index()}"
     try:
         try:
             run([_ip(), "netns", "add", ns])
         except CommandError as exc:
             why = f"creating a network namespace failed: {_first_line(exc.stderr)}"
-            return LinkSupport(False, why, False, why)
+            return LinkSupport(False, why, None, why)
         try:
             run([_ip(), "-n", ns, "link", "add", "lmp0", "type", "veth", "peer", "name", "lmp1"])
         except CommandError as exc:
             why = f"creating a veth pair failed (CONFIG_VETH?): {_first_line(exc.stderr)}"
-            return LinkSupport(False, why, False, why)
+            return LinkSupport(False, why, None, why)
         tc = [_tc(), "-n", ns, "qdisc"]
         tbf = run(tc + ["add", "dev", "lmp0", "root", "tbf", "rate", "100mbit", "burst",
                         "131072", "limit", "1000000"], check=False)
         if tbf.returncode == 0:
-            rate = (True, "tbf rate shaping works")
+            rate_ok, rate_reason = True, "tbf rate shaping works"
         else:
-            rate = (False, "tc tbf refused (kernel lacks sch_tbf, CONFIG_NET_SCH_TBF?): "
-                    + _first_line(tbf.stderr.decode(errors="replace")))
+            rate_ok, rate_reason = False, (
+                "tc tbf refused (kernel lacks sch_tbf, CONFIG_NET_SCH_TBF?): "
+                + _first_line(tbf.stderr.decode(errors="replace")))
         netem = run(tc + ["add", "dev", "lmp1", "root", "netem", "delay", "1ms"], check=False)
         if netem.returncode == 0:
-            delay = (True, "netem delay works")
-        else:
-            delay = (False, "tc netem refused (kernel lacks sch_netem, CONFIG_NET_SCH_NETEM "
-                     "is not set or the module is not loadable): "
-                     + _first_line(netem.stderr.decode(errors="replace")))
-        return LinkSupport(rate[0], rate[1], delay[0], delay[1])
+            return LinkSupport(rate_ok, rate_reason, "netem", "netem delay works")
+        no_netem = ("tc netem refused (kernel lacks sch_netem: CONFIG_NET_SCH_NETEM not set "
+                    "or module not loadable): "
+                    + _first_line(netem.stderr.decode(errors="replace")))
+        problem = _packet_socket_problem()
+        if problem is None:
+            return LinkSupport(rate_ok, rate_reason, "delay-line",
+                               no_netem + "; delay is emulated by a user-space delay line")
+        return LinkSupport(rate_ok, rate_reason, None,
+                           f"{no_netem}; and the user-space delay line cannot run: {problem}")
     finally:
         run([_ip(), "netns", "del", ns], check=False)
 
@@ -282,13 +324,19 @@ def _subnet(index: int) -> tuple[str, str]:
 
 
 class TwoHosts:
-    """Two network namespaces joined by a shaped veth pair; a context manager.
+    """Two network namespaces joined by a shaped veth link; a context manager.
 
     ``rate_bps`` is the link rate in **bits** per second (as links are sold;
     ``None`` leaves the rate unshaped), applied to each direction separately;
     ``delay_ms`` is the one-way delay added on each direction, so an RTT is about
-    ``2 * delay_ms``. ``prefix`` names the namespaces
-    ``<prefix>-<pid>-<n>-src`` / ``-dst``.
+    ``2 * delay_ms``. ``prefix`` names the namespaces ``<prefix>-<pid>-<n>-src``,
+    ``-dst`` (and ``-wire`` when a delay line is needed).
+
+    Delay comes from netem when the kernel has it. Otherwise, when ``delay_ms > 0``
+    at construction, the two hosts are joined through a third "wire" namespace in
+    which :mod:`livemig.delayline` relays frames with the delay; ``delay_method``
+    says which. A link built without delay on a kernel without netem cannot get
+    one later (``set_link`` raises ``LinkUnavailable``).
     """
 
     def __init__(self, rate_bps: float | None = None, delay_ms: float = 0.0,
@@ -296,17 +344,24 @@ class TwoHosts:
         if not re.fullmatch(r"[A-Za-z0-9_]{1,20}", prefix):
             raise ValueError(f"prefix must be 1-20 letters, digits or '_', got {prefix!r}")
         self._check_link(rate_bps, delay_ms)
+        ok, why = available(need_delay=delay_ms > 0)
+        if not ok:
+            raise LinkUnavailable(f"cannot build the two-host link: {why}")
         self.prefix = prefix
         index = next_index()
         base = _ns_name(prefix, index)
         self.ns_source = base + "-src"
         self.ns_dest = base + "-dst"
+        self.ns_wire: str | None = None
         self.source_addr, self.dest_addr = _subnet(index)
         self.dev = _VETH
+        method = probe().delay_method
+        self.delay_method: str | None = method if method == "netem" or delay_ms > 0 else None
         self.rate_bps: float | None = None
         self.delay_ms = 0.0
         self._procs: list[subprocess.Popen] = []
         self._created: list[str] = []
+        self._delay_line: subprocess.Popen | None = None
         self._closed = False
         try:
             self._build()
@@ -322,34 +377,77 @@ class TwoHosts:
         if delay_ms < 0:
             raise ValueError(f"delay_ms must not be negative, got {delay_ms}")
 
+    def _add_ns(self, ns: str) -> None:
+        run([_ip(), "netns", "add", ns])
+        self._created.append(ns)
+        run([_ip(), "-n", ns, "link", "set", "lo", "up"])
+
     def _build(self) -> None:
         ip = _ip()
-        for ns in (self.ns_source, self.ns_dest):
-            run([ip, "netns", "add", ns])
-            self._created.append(ns)
-        run([ip, "-n", self.ns_source, "link", "add", self.dev, "type", "veth",
-             "peer", "name", self.dev, "netns", self.ns_dest])
+        self._add_ns(self.ns_source)
+        self._add_ns(self.ns_dest)
+        if self.delay_method == "delay-line":
+            self.ns_wire = self.ns_source[: -len("-src")] + "-wire"
+            self._add_ns(self.ns_wire)
+            for ns, wire_end in ((self.ns_source, "tosrc"), (self.ns_dest, "todst")):
+                run([ip, "-n", ns, "link", "add", self.dev, "type", "veth",
+                     "peer", "name", wire_end, "netns", self.ns_wire])
+                run([ip, "-n", self.ns_wire, "link", "set", wire_end, "up"])
+            # The wire is a cable, not a host: keep IPv6 autoconfiguration off it.
+            run(self._wire_argv(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]))
+        else:
+            run([ip, "-n", self.ns_source, "link", "add", self.dev, "type", "veth",
+                 "peer", "name", self.dev, "netns", self.ns_dest])
         for ns, addr in ((self.ns_source, self.source_addr), (self.ns_dest, self.dest_addr)):
             run([ip, "-n", ns, "addr", "add", f"{addr}/30", "dev", self.dev])
-            run([ip, "-n", ns, "link", "set", "lo", "up"])
             run([ip, "-n", ns, "link", "set", self.dev, "up"])
+        if self.ns_wire:
+            self._start_delay_line()
+
+    def _wire_argv(self, argv: Sequence[str]) -> list[str]:
+        return [_ip(), "netns", "exec", self.ns_wire, *map(str, argv)]
+
+    def _start_delay_line(self) -> None:
+        argv = self._wire_argv([sys.executable, delayline.__file__, "tosrc", "todst", "0"])
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self._delay_line = proc
+        ready, _, _ = select.select([proc.stdout], [], [], _DELAY_LINE_START_S)
+        line = proc.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            proc.kill()
+            _, err = proc.communicate()
+            raise CommandError(argv, proc.returncode,
+                               err.decode(errors="replace") or "delay line did not start")
 
     def set_link(self, rate_bps: float | None, delay_ms: float = 0.0) -> None:
         """Reshape both directions now (rate in bits/s, one-way delay in ms).
 
-        The root qdisc is replaced, so packets queued at that instant are dropped
+        The root qdiscs are replaced, so packets queued at that instant are dropped
         and TCP retransmits them; connections survive.
         """
         self._check_link(rate_bps, delay_ms)
-        if delay_ms > 0:
-            ok, why = available(need_delay=True)
-            if not ok:
-                raise LinkUnavailable(f"cannot add {delay_ms:g} ms of delay: {why}")
+        if delay_ms > 0 and self.delay_method is None:
+            support = probe()
+            if support.delay_method == "delay-line":
+                why = ("the kernel lacks sch_netem and this link was built without a delay "
+                       "line; build TwoHosts with delay_ms > 0 to get one")
+            else:
+                why = support.delay_reason
+            raise LinkUnavailable(f"cannot add {delay_ms:g} ms of delay to {self.ns_source}: "
+                                  f"{why}")
+        qdisc_delay_ms = delay_ms if self.delay_method == "netem" else 0.0
         for ns in (self.ns_source, self.ns_dest):
             # "no qdisc to delete" is the expected answer on a fresh veth (noqueue).
             run([_tc(), "-n", ns, "qdisc", "del", "dev", self.dev, "root"], check=False)
-            for cmd in shaping_commands(ns, self.dev, rate_bps, delay_ms):
+            for cmd in shaping_commands(ns, self.dev, rate_bps, qdisc_delay_ms):
                 run(cmd)
+        if self._delay_line is not None:
+            if self._delay_line.poll() is not None:
+                raise CommandError(self._delay_line.args, self._delay_line.returncode,
+                                   self._delay_line.stderr.read().decode(errors="replace"))
+            self._delay_line.stdin.write(f"{delay_ms:g}\n".encode())
+            self._delay_line.stdin.flush()
         self.rate_bps = float(rate_bps) if rate_bps else None
         self.delay_ms = float(delay_ms)
 
@@ -368,19 +466,24 @@ class TwoHosts:
         return proc
 
     def close(self) -> None:
-        """End processes we started, then delete both namespaces. Idempotent."""
+        """End processes we started, then delete the namespaces. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._delay_line is not None:
+            self._delay_line.stdin.close()  # EOF on stdin ends the delay line
         for proc in self._procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self._procs:
+        for proc in self._procs + ([self._delay_line] if self._delay_line else []):
             try:
                 proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
         errors = []
         for ns in reversed(self._created):
             res = run([_ip(), "netns", "del", ns], check=False)
@@ -399,7 +502,8 @@ class TwoHosts:
 
     def __repr__(self) -> str:
         return (f"TwoHosts({self.ns_source} {self.source_addr} <-> {self.ns_dest} "
-                f"{self.dest_addr}, rate_bps={self.rate_bps}, delay_ms={self.delay_ms})")
+                f"{self.dest_addr}, rate_bps={self.rate_bps}, delay_ms={self.delay_ms}, "
+                f"delay_method={self.delay_method})")
 
 
 def list_namespaces() -> list[str]:
@@ -419,9 +523,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cleanup_stale(prefix: str = "lm") -> list[str]:
-    """Delete namespaces named ``<prefix>-<pid>-<n>-src|dst`` whose creator pid is
+    """Delete namespaces named ``<prefix>-<pid>-<n>-src|dst|wire`` whose creator pid is
     gone (a crashed earlier run of ours). Returns the names deleted."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-(\d+)-(src|dst)$")
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-(\d+)-(src|dst|wire)$")
     removed = []
     for ns in list_namespaces():
         m = pattern.match(ns)
