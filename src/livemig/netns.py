@@ -465,6 +465,11 @@ class TwoHosts:
         self._procs.append(proc)
         return proc
 
+    def forget(self, proc: subprocess.Popen) -> None:
+        """Stop tracking a finished process started with ``popen``."""
+        if proc in self._procs and proc.poll() is not None:
+            self._procs.remove(proc)
+
     def close(self) -> None:
         """End processes we started, then delete the namespaces. Idempotent."""
         if self._closed:
@@ -524,11 +529,13 @@ def _pid_alive(pid: int) -> bool:
 
 def cleanup_stale(prefix: str = "lm") -> list[str]:
     """Delete namespaces named ``<prefix>-<pid>-<n>-src|dst|wire`` whose creator pid is
-    gone (a crashed earlier run of ours). Returns the names deleted."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-(\d+)-(src|dst|wire)$")
+    gone (a crashed earlier run of ours), and ``probe()``'s scratch namespaces
+    ``lmprobe-<pid>-<n>`` of dead pids. Returns the names deleted."""
+    patterns = (re.compile(rf"^{re.escape(prefix)}-(\d+)-(\d+)-(src|dst|wire)$"),
+                re.compile(r"^lmprobe-(\d+)-(\d+)$"))
     removed = []
     for ns in list_namespaces():
-        m = pattern.match(ns)
+        m = patterns[0].match(ns) or patterns[1].match(ns)
         if m and not _pid_alive(int(m.group(1))):
             run([_ip(), "netns", "del", ns])
             removed.append(ns)
@@ -625,6 +632,9 @@ def measure_link(hosts: TwoHosts, *, max_bytes: int, max_time_s: float = 2.0,
         if recv.poll() is None:
             recv.kill()
             recv.wait()
+        recv.stdout.close()
+        recv.stderr.close()
+        hosts.forget(recv)
     return LinkMeasurement(got["nbytes"], got["elapsed_s"],
                            [r * 1000.0 for r in sent["rtts_s"]])
 

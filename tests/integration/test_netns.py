@@ -172,7 +172,8 @@ def test_delay_on_a_link_built_without_one():
 def test_cleanup_stale_removes_only_namespaces_of_dead_creators():
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = [f"{PREFIX}-{dead.pid}-0-src", f"{PREFIX}-{dead.pid}-0-wire"]
+    stale = [f"{PREFIX}-{dead.pid}-0-src", f"{PREFIX}-{dead.pid}-0-wire",
+             f"lmprobe-{dead.pid}-3"]
     live = f"{PREFIX}-1-0-dst"  # pid 1 is always alive
     other = f"{PREFIX}x-{dead.pid}-0-src"  # another prefix: not ours to touch
     try:
