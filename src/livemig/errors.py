@@ -98,3 +98,24 @@ def native_error(err: int, what: str, hint: str | None = None) -> NativeError:
 class TrackerStateError(LivemigError):
     """A dirty tracker was used out of order: collect before start, start while
     armed, or any use after close."""
+
+# network namespaces and link shaping (netns.py)
+class CommandError(LivemigError):
+    """An external command (``ip``, ``tc``, a helper script) failed; the message
+    names the command, its exit code (None when it timed out) and its stderr."""
+
+    def __init__(self, argv, returncode: int | None, stderr: str):
+        self.argv = [str(a) for a in argv]
+        self.returncode = returncode
+        self.stderr = stderr
+        shown = " ".join(self.argv)
+        if len(shown) > 300:
+            shown = shown[:300] + " ..."
+        code = "no exit code" if returncode is None else f"exit code {returncode}"
+        detail = stderr.strip() or "(empty stderr)"
+        super().__init__(f"command `{shown}` failed with {code}: {detail}")
+
+
+class LinkUnavailable(LivemigError):
+    """The requested link shaping (e.g. a delay, which needs sch_netem) cannot be
+    built on this host; the message says what is missing."""
