@@ -92,3 +92,12 @@ _ERRNO_CLASSES = {
 def native_error(err: int, what: str, hint: str | None = None) -> NativeError:
     """Map a positive errno from a native call to the most specific class."""
     return _ERRNO_CLASSES.get(err, NativeError)(err, what, hint)
+
+
+# -- page codec ---------------------------------------------------------------
+class CodecError(LivemigError):
+    """A received page batch is malformed (bad header or run table, page index
+    out of range, wrong lengths, unknown encoding, DUP hash mismatch, LZ4
+    error). Nothing of the offending run was applied."""
+
+    side = "remote"
