@@ -101,3 +101,8 @@ class CodecError(LivemigError):
     error). Nothing of the offending run was applied."""
 
     side = "remote"
+
+
+class CodecUsageError(LivemigError, ValueError):
+    """The page codec was called wrongly (page index out of range, repeated
+    pages in one encode call, a batch size too small for one page)."""
