@@ -52,7 +52,7 @@ from .digest import PageHashes
 from .errors import CodecUsageError
 from .native import PAGE_SIZE
 from .pagekernels import ZERO_PAGE_HASH, delta_encode, hash_pages, zero_scan
-from .pages import as_indices, chunk_indices
+from .pages import as_indices, chunk_indices, indices_of_runs
 
 _LIVE, _SLAB, _STAGING = 0, 1, 2
 _LZ4_PROBE_CHUNKS = 8
@@ -314,29 +314,22 @@ class BatchEncoder:
             pbytes[dl_runs] = sums[dl_runs]
 
         raw_runs = np.flatnonzero(run_enc == bf.RAW)
-        use_lz4 = cfg.enabled("lz4") and raw_runs.size and self._lz4_pays(
-            raw_runs, run_pos, run_cnt, idx, kind, row, staging)
-        saving = 1.0 - cfg.lz4_min_saving_pct / 100.0
-        raw_chunks = sections[bf.RAW]
-        for r in raw_runs.tolist():
-            pos0, cnt = int(run_pos[r]), int(run_cnt[r])
-            data = self._content(pos0, cnt, idx, kind, row, staging)
-            if use_lz4:
-                comp = lz4.block.compress(data, store_size=False)
+        if cfg.enabled("lz4") and raw_runs.size and self._lz4_pays(
+                raw_runs, run_pos, run_cnt, idx, kind, row, staging):
+            saving = 1.0 - cfg.lz4_min_saving_pct / 100.0
+            for r in raw_runs.tolist():
+                pos0, cnt = int(run_pos[r]), int(run_cnt[r])
+                comp = lz4.block.compress(self._content(pos0, cnt, idx, kind, row, staging),
+                                          store_size=False)
                 if len(comp) <= saving * cnt * PAGE_SIZE:
                     run_enc[r] = bf.LZ4
                     pbytes[r] = len(comp)
                     sections[bf.LZ4].append(comp)
                     enc[pos0:pos0 + cnt] = bf.LZ4
-                    continue
-            if kind[pos0] == _LIVE and cnt < _ZERO_COPY_MIN_PAGES and raw_chunks \
-                    and isinstance(raw_chunks[-1], bytearray):
-                raw_chunks[-1] += data  # coalesce short runs: fewer, larger chunks
-            elif kind[pos0] == _LIVE and cnt < _ZERO_COPY_MIN_PAGES:
-                raw_chunks.append(bytearray(data))
-            else:
-                raw_chunks.append(data)
-
+            raw_runs = np.flatnonzero(run_enc == bf.RAW)
+        if raw_runs.size:
+            sections[bf.RAW] = self._raw_section(raw_runs, run_pos, run_cnt, idx, kind, row,
+                                                 staging)
         table = np.zeros(nruns, dtype=bf.RUN_DTYPE)
         table["first"] = idx[run_pos]
         table["count"] = run_cnt
@@ -354,6 +347,35 @@ class BatchEncoder:
             batch.pages_by_encoding[name] = int(run_cnt[sel].sum())
             batch.bytes_by_encoding[name] = int(pbytes[sel].sum())
         return batch
+
+    def _raw_section(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> list:
+        """RAW payload chunks: long live runs (and staging runs) as views, every
+        stretch of other runs gathered with one numpy copy."""
+        k = kind[run_pos[raw_runs]]
+        view = ((k == _LIVE) & (run_cnt[raw_runs] >= _ZERO_COPY_MIN_PAGES)) | (k == _STAGING)
+        seg_start = view.copy()
+        seg_start[0] = True
+        seg_start[1:] |= view[:-1]
+        bounds = np.append(np.flatnonzero(seg_start), raw_runs.size)
+        chunks = []
+        mem = self.memory.pages
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            runs = raw_runs[a:b]
+            if view[a]:
+                chunks.append(self._content(int(run_pos[runs[0]]), int(run_cnt[runs[0]]),
+                                            idx, kind, row, staging))
+                continue
+            pos = indices_of_runs(run_pos[runs], run_cnt[runs])
+            pk = kind[pos]
+            if np.all(pk == _LIVE):
+                data = mem[idx[pos]]
+            else:
+                data = np.empty((pos.size, PAGE_SIZE), dtype=np.uint8)
+                data[pk == _LIVE] = mem[idx[pos[pk == _LIVE]]]
+                if self._cache is not None:
+                    data[pk == _SLAB] = self._cache.slab[row[pos[pk == _SLAB]]]
+            chunks.append(memoryview(data).cast("B"))
+        return chunks
 
     def _lz4_pays(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> bool:
         """Compress a few chunks spread over the batch; skip LZ4 for the batch
