@@ -33,11 +33,8 @@ from . import batchformat as bf
 from .digest import PageHashes
 from .errors import CodecError
 from .native import PAGE_SIZE
-from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages
+from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages, zero_scan
 from .pages import indices_of_runs
-
-_DISCARD_MIN_PAGES = 16  # longer ZERO runs are given back to the kernel instead of written
-
 
 class MemoryPlacer:
     """Lands pages by writing guest memory directly (pre-copy destination)."""
@@ -58,11 +55,14 @@ class MemoryPlacer:
             pages[indices_of_runs(starts, counts)] = staging
 
     def place_zero_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
-        long_runs = counts >= _DISCARD_MIN_PAGES
-        for s, c in zip(starts[long_runs].tolist(), counts[long_runs].tolist()):
-            self.memory.discard(s, c)
-        if (~long_runs).any():
-            self.memory.pages[indices_of_runs(starts[~long_runs], counts[~long_runs])] = 0
+        """Zero the runs, writing only pages that are not zero already: a page
+        never written reads as the kernel's zero page, and writing it would
+        allocate memory (and cost a fault) for nothing."""
+        idx = indices_of_runs(starts, counts)
+        pages = self.memory.pages
+        dirty = idx[~zero_scan(pages, idx)]
+        if dirty.size:
+            pages[dirty] = 0
 
 
 class BatchDecoder:
