@@ -11,8 +11,9 @@
  * use four independent multiply-rotate lanes over the page's 64-bit words
  * (independent lanes keep the multiplier pipelined; a single lane would be
  * latency-bound), then fold the lanes and finish with the splitmix64 output
- * mixer for avalanche. Calling xxhash from Python per page costs ~0.4 us of
- * interpreter overhead per page; one C call over a batch does not.
+ * mixer for avalanche. Calling xxhash from Python per page costs 0.5-1.6 us
+ * per page (load-dependent, mostly interpreter overhead); one C call over a
+ * batch runs at 5-6 GB/s, close to memory bandwidth.
  *
  * XOR delta (in the spirit of QEMU's XBZRLE, own format): the delta of a new
  * page against an old one is a list of records

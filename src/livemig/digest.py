@@ -4,8 +4,8 @@ After the final round the destination must prove its memory equals the
 source's. Rehashing all memory at switchover costs about 100 ms per GiB of
 downtime, so both sides keep a :class:`PageHashes` array instead — one 64-bit
 content hash per page (csrc/lm_pagecodec.c: four multiply-rotate lanes and
-the splitmix64 finaliser; ~6 GB/s per core, one native call per batch rather
-than ~0.8 us of interpreter overhead per page with xxhash from Python). The
+the splitmix64 finaliser; 5-6 GB/s per core, one native call per batch rather
+than 0.5-1.6 us per page calling xxhash from Python). The
 source records the hash of each page *as sent*, the destination the hash of
 each page *as landed*; the digest is xxh3-128 over the array (2 MiB per GiB,
 well under a millisecond), so comparing digests costs nothing at switchover.
