@@ -93,6 +93,14 @@ class BatchEncoder:
             self._cache = None
             self.delta_enabled = False
 
+    def set_postcopy(self) -> None:
+        """Switch to post-copy encoding: no DELTA (the receiver lacks the pages)
+        and no DUP (the destination guest runs, so a page it holds may differ
+        from what we sent by the time a DUP refers to it)."""
+        self.set_delta(False)
+        self._dup_keys = np.zeros(0, dtype=np.uint64)
+        self._dup_pages = np.full(0, -1, dtype=np.int64)
+
     @property
     def delta_cache(self) -> DeltaCache | None:
         return self._cache

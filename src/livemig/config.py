@@ -44,7 +44,8 @@ class CodecConfig:
 
     encodings: tuple[str, ...] = ENCODINGS
     """Encodings the encoder may use. RAW is always allowed (the fallback);
-    post-copy disables "delta" because the receiver holds no old copy."""
+    post-copy disables "delta" (the receiver holds no old copy) and "dup" (the
+    destination guest already runs and may rewrite a DUP source page)."""
 
     dup_cache_entries: int = 1 << 16
     """Slots of the direct-mapped table of content hashes (DUP targets)."""
@@ -181,8 +182,10 @@ class MigrationConfig:
 
     @property
     def codec_for_mode(self) -> CodecConfig:
-        """The codec config for the post-copy phase drops DELTA."""
-        return self.codec.without("delta") if self.mode == "postcopy" else self.codec
+        """The codec config for a post-copy migration: no DELTA (the receiver
+        lacks the pages) and no DUP (the running guest may rewrite the source
+        page at the receiver before the DUP is resolved)."""
+        return self.codec.without("delta", "dup") if self.mode == "postcopy" else self.codec
 
     # -- dict form (CLI, daemon, JSON) -----------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -40,7 +40,10 @@ class MemoryPlacer:
     """Lands pages by writing guest memory directly (pre-copy destination)."""
 
     hash_after_place = True
+    """Hash pages from memory after placing (False: from the staging buffers)."""
     supports_delta = True
+    """DELTA and DUP read the receiver's current pages; a post-copy placer says
+    False, and batches using them are refused."""
 
     def __init__(self, memory):
         self.memory = memory
@@ -99,6 +102,9 @@ class BatchDecoder:
         dup_idx = indices_of_runs(starts[sel[bf.DUP]], counts[sel[bf.DUP]])
         dup_entries = np.frombuffer(section[bf.DUP], dtype=bf.DUP_DTYPE)
         if dup_entries.size:
+            if not self.placer.supports_delta:
+                raise CodecError("page batch: DUP pages, but the receiver's pages may be "
+                                 "changing under a running guest (post-copy placer)")
             src = dup_entries["source"].astype(np.int64)
             if np.any(dup_entries["source"] >= self.npages):
                 raise CodecError("page batch: DUP source page out of range")

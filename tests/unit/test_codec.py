@@ -219,7 +219,8 @@ def test_custom_placer_gets_contiguous_runs_and_hashes_come_from_staging():
     src = GuestMemory(32 * 4096, hugepages=False)
     dst = GuestMemory(32 * 4096, hugepages=False)
     placer = RecordingPlacer(dst)
-    enc = BatchEncoder(src, CodecConfig().without("delta"))
+    enc = BatchEncoder(src, CodecConfig())
+    enc.set_postcopy()
     dec = BatchDecoder(dst, placer)
     src.pages[0:10] = rnd(10, 13)
     src.pages[20:30] = TEXT
@@ -314,3 +315,18 @@ def test_lz4_garbage_is_detected(pair):
     with pytest.raises(CodecError):
         pair.dec.apply(bytes(data))
     assert not pair.dst.bytes.any()
+
+
+def test_postcopy_encoder_sends_no_dup_and_postcopy_placer_refuses_dup(pair):
+    pair.src.pages[0:4] = rnd(1, 17)
+    (b,) = pair.send(np.arange(4), frozen=True)
+    assert b.pages_by_encoding["dup"] == 3
+    dup_batch = _batch(pair, [0, 1], frozen=True)  # unchanged pages: DUP of themselves
+    assert _table(dup_batch)["encoding"][0] == bf.DUP
+    with pytest.raises(CodecError, match="DUP"):
+        BatchDecoder(pair.dst, RecordingPlacer(pair.dst)).apply(dup_batch)
+    pair.enc.set_postcopy()
+    pair.src.pages[10:14] = pair.src.pages[0]
+    (b,) = pair.send(np.arange(10, 14), frozen=True)
+    assert b.pages_by_encoding["dup"] == 0 and b.pages_by_encoding["delta"] == 0
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
