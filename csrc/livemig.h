@@ -198,6 +198,32 @@ int64_t lm_faultserver_stop(lm_faultserver *s);  /* pages served; frees */
 
 /* ---- page codec hot loops (lm_pagecodec.c) ----------------------------- */
 /* Declarations of the page-codec helpers follow this line. */
+/* Pages are addressed as base + index * LM_PAGE_SIZE; every function checks
+ * each index against npages (and each slot against nslots) before touching
+ * memory and returns -ERANGE otherwise. indices == NULL means 0 .. n-1. */
+#define LM_DELTA_TOO_BIG -1  /* out_lengths[i]: delta larger than allowed */
+
+/* out_zero[i] = 1 when page indices[i] is all zero bytes. Returns the number
+ * of zero pages. */
+int lm_pages_zero_scan(const uint8_t *base, uint64_t npages, const int64_t *indices,
+                       uint64_t n, uint8_t *out_zero);
+/* out_hashes[i] = the 64-bit content hash of page indices[i]. */
+int lm_pages_hash(const uint8_t *base, uint64_t npages, const int64_t *indices,
+                  uint64_t n, uint64_t *out_hashes);
+/* For each i: snapshot page indices[i] of base, XOR-delta it against the old
+ * version in slab[slots[i]] into out (appended), then store the snapshot in
+ * slab[slots[i]]. out_lengths[i] = the delta length, or LM_DELTA_TOO_BIG (no
+ * bytes appended) when it would exceed max_page_bytes or the space left in
+ * out. Returns the total bytes appended. */
+int lm_pages_delta_encode(const uint8_t *base, uint64_t npages, const int64_t *indices,
+                          uint8_t *slab, uint64_t nslots, const int64_t *slots, uint64_t n,
+                          uint8_t *out, uint64_t out_cap, uint32_t max_page_bytes,
+                          int32_t *out_lengths);
+/* Apply n concatenated deltas (lengths[i] bytes each, enc_len in total) in
+ * place onto n contiguous pages. Returns 0, or -EINVAL for a malformed delta
+ * (the pages may then hold partial results and must be discarded). */
+int lm_pages_delta_apply(uint8_t *pages, uint64_t n, const uint8_t *enc, uint64_t enc_len,
+                         const uint16_t *lengths);
 
 /* LM_CDEF_END */
 

@@ -119,3 +119,16 @@ class CommandError(LivemigError):
 class LinkUnavailable(LivemigError):
     """The requested link shaping (e.g. a delay, which needs sch_netem) cannot be
     built on this host; the message says what is missing."""
+
+# -- page codec ---------------------------------------------------------------
+class CodecError(LivemigError):
+    """A received page batch is malformed (bad header or run table, page index
+    out of range, wrong lengths, unknown encoding, DUP hash mismatch, LZ4
+    error). Nothing of the offending run was applied."""
+
+    side = "remote"
+
+
+class CodecUsageError(LivemigError, ValueError):
+    """The page codec was called wrongly (page index out of range, repeated
+    pages in one encode call, a batch size too small for one page)."""

@@ -1,0 +1,415 @@
+"""Page-batch encoder: picks an encoding per page from what it measures.
+
+For each page of a batch, cheapest first:
+
+1. ZERO  — the page is all zero bytes (native scan, one call per batch);
+2. DUP   — its 64-bit content hash names a page the receiver holds with the
+           same content (a direct-mapped table of hashes of pages sent, or an
+           earlier page of the same batch); the wire carries the xxh3-128 of
+           the content and the source page index, and the receiver checks it;
+3. DELTA — the page was sent before, its last-sent version is in the delta
+           cache, and the XOR delta is at most ``delta_max_page_bytes``;
+4. LZ4   — runs of up to ``lz4_chunk_pages`` consecutive pages, when that
+           saves ``lz4_min_saving_pct``;
+5. RAW   — otherwise. A batch is never larger than RAW plus its header and
+           20 bytes per run.
+
+Hazards, and how they are handled:
+
+* The guest keeps running during pre-copy, so a page may change between the
+  encoder reading it and its bytes leaving (RAW pages are memoryviews into
+  guest memory, read by the socket later). The dirty tracker will report the
+  page again, so the *page itself* heals next round; but anything that refers
+  to it must not rely on bytes we never pinned down. Hence a page is usable as
+  a DUP source or DELTA base only if it is *exact*: its bytes on the wire came
+  from a snapshot we hashed (delta-cache slab, a staging copy), or memory was
+  declared frozen (``encode(..., frozen=True)``, the final round with vCPUs
+  paused). Live pages that are themselves sent as DUP are re-read into a
+  snapshot and rehashed; a page that changed meanwhile falls back to RAW.
+* Pages that enter the delta cache are sent from their cache snapshot (one
+  copy), as QEMU's XBZRLE does, so the cached base is exactly what the
+  receiver reconstructs. Only pages sent a second time are cached: the first
+  round's bulk stays zero-copy and the cache holds pages that do get re-dirtied.
+* DUP and DELTA refer to the receiver's *current* pages, so the batches of one
+  encoder must be applied in the order they were produced (one encoder per
+  ordered stream; split page ranges between streams). Within a batch the
+  receiver applies everything else first and DUP last, so a DUP may refer to
+  an earlier non-DUP page of the same batch.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import lz4.block
+import numpy as np
+import xxhash
+
+from . import batchformat as bf
+from .config import CodecConfig
+from .decoder import BatchDecoder, MemoryPlacer
+from .deltacache import DeltaCache
+from .digest import PageHashes
+from .errors import CodecUsageError
+from .native import PAGE_SIZE
+from .pagekernels import ZERO_PAGE_HASH, delta_encode, hash_pages, zero_scan
+from .pages import as_indices, chunk_indices, indices_of_runs
+
+_LIVE, _SLAB, _STAGING = 0, 1, 2
+_LZ4_PROBE_CHUNKS = 8
+_ZERO_COPY_MIN_PAGES = 4  # shorter live RAW runs are gathered into one copy
+
+
+class BatchEncoder:
+    """Encodes pages of ``memory`` (a GuestMemory) into self-describing batches.
+
+    ``sent_hashes`` (:class:`PageHashes`) records the hash of each page as
+    sent; its digest is what the destination's digest must equal."""
+
+    def __init__(self, memory, config: CodecConfig | None = None):
+        self.memory = memory
+        self.config = config or CodecConfig()
+        self.npages = int(memory.npages)
+        self.sent_hashes = PageHashes(self.npages)
+        self._exact = np.zeros(self.npages, dtype=np.bool_)
+        self._sent = np.zeros(self.npages, dtype=np.bool_)
+        self._in_batch = np.zeros(self.npages, dtype=np.bool_)
+        entries = self.config.dup_cache_entries if self.config.enabled("dup") else 0
+        entries = 1 << (int(entries).bit_length() - 1) if entries else 0
+        self._dup_keys = np.zeros(entries, dtype=np.uint64)
+        self._dup_pages = np.full(entries, -1, dtype=np.int64)
+        self._cache: DeltaCache | None = None
+        self.delta_enabled = False
+        self.set_delta(self.config.enabled("delta"))
+
+    # -- switches ----------------------------------------------------------------
+    def set_delta(self, enabled: bool) -> None:
+        """Turn DELTA on or off. Off frees the cache (post-copy: the receiver
+        has no old copy of the pages it is missing)."""
+        if enabled and self.config.delta_cache_bytes >= PAGE_SIZE:
+            if self._cache is None:
+                self._cache = DeltaCache(self.npages, self.config.delta_cache_bytes)
+            self.delta_enabled = True
+        else:
+            self._cache = None
+            self.delta_enabled = False
+
+    def set_postcopy(self) -> None:
+        """Switch to post-copy encoding: no DELTA (the receiver lacks the pages)
+        and no DUP (the destination guest runs, so a page it holds may differ
+        from what we sent by the time a DUP refers to it)."""
+        self.set_delta(False)
+        self._dup_keys = np.zeros(0, dtype=np.uint64)
+        self._dup_pages = np.full(0, -1, dtype=np.int64)
+
+    @property
+    def delta_cache(self) -> DeltaCache | None:
+        return self._cache
+
+    def forget(self, page_indices) -> None:
+        """These pages are no longer valid at the receiver: never use them as
+        DUP sources or DELTA bases again (until sent anew). Their entries in
+        ``sent_hashes`` stay as they were; send them again before comparing
+        digests."""
+        idx = self._checked(page_indices)
+        self._exact[idx] = False
+        self._sent[idx] = False
+        if self._cache is not None:
+            self._cache.drop(idx)
+
+    # -- encoding ----------------------------------------------------------------
+    def encode(self, page_indices, max_batch_bytes: int, *, frozen: bool = False
+               ) -> Iterator[bf.EncodedBatch]:
+        """Encode the pages (distinct indices, in the order they should be sent)
+        into batches of at most ``max_batch_bytes`` each.
+
+        ``frozen=True`` promises that memory does not change until the
+        batches are sent (vCPUs paused), which makes every page exact."""
+        idx = self._checked(page_indices)
+        if idx.size > 1:
+            ordered = np.all(idx[1:] > idx[:-1])
+            if not ordered and np.unique(idx).size != idx.size:
+                raise CodecUsageError("page indices passed to encode() must be distinct")
+        per_batch = bf.max_pages_per_batch(max_batch_bytes)
+        if per_batch < 1:
+            raise CodecUsageError(
+                f"max_batch_bytes={max_batch_bytes} cannot hold one page "
+                f"(needs {bf.HEADER.size + bf.RUN_BYTES + PAGE_SIZE})")
+        return (self._encode_batch(chunk, frozen) for chunk in chunk_indices(idx, per_batch))
+
+    def _checked(self, page_indices) -> np.ndarray:
+        idx = as_indices(page_indices)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.npages):
+            raise CodecUsageError(f"page index out of range [0, {self.npages})")
+        return idx
+
+    def _encode_batch(self, idx: np.ndarray, frozen: bool) -> bf.EncodedBatch:
+        cfg = self.config
+        mem = self.memory.pages
+        n = idx.size
+        enc = np.full(n, bf.RAW, dtype=np.uint8)
+        h = np.empty(n, dtype=np.uint64)
+        exact = np.zeros(n, dtype=np.bool_)
+        kind = np.zeros(n, dtype=np.int8)
+        row = idx.copy()  # row of each page in its source array (memory, slab, staging)
+
+        zero = zero_scan(mem, idx) if cfg.enabled("zero") else np.zeros(n, dtype=np.bool_)
+        enc[zero] = bf.ZERO
+        h[zero] = ZERO_PAGE_HASH
+        exact[zero] = True
+        nz = np.flatnonzero(~zero)
+
+        delta_len = np.full(n, -1, dtype=np.int64)
+        delta_data = b""
+        if self.delta_enabled and nz.size:
+            delta_data = self._snapshot_and_delta(idx, nz, enc, h, exact, kind, row, delta_len)
+
+        staging = None
+        live = nz[kind[nz] == _LIVE]
+        if live.size:
+            if cfg.zero_copy_raw or frozen:
+                h[live] = hash_pages(mem, idx[live])
+                exact[live] = frozen
+            else:
+                staging = mem[idx[live]]
+                kind[live] = _STAGING
+                row[live] = np.arange(live.size)
+                h[live] = hash_pages(staging)
+                exact[live] = True
+
+        dup_src = np.full(n, -1, dtype=np.int64)
+        dup_hashes = b""
+        if self._dup_keys.size and nz.size:
+            dup_hashes = self._find_dups(idx, nz, enc, h, exact, kind, row, staging,
+                                         delta_len, dup_src, frozen)
+
+        batch = self._assemble(idx, enc, kind, row, staging, delta_len, delta_data,
+                               dup_src, dup_hashes)
+        self._record(idx, enc, h, exact, zero)
+        return batch
+
+    def _snapshot_and_delta(self, idx, nz, enc, h, exact, kind, row, delta_len) -> bytes:
+        """Snapshot re-sent pages into the delta cache; DELTA-encode the ones
+        that had a base. Returns the concatenated deltas (position order)."""
+        cache = self._cache
+        mem = self.memory.pages
+        cand = nz[self._sent[idx[nz]]]
+        if not cand.size:
+            return b""
+        had = cache.lookup(idx[cand]) >= 0
+        slots = cache.assign(idx[cand])
+        ok = slots >= 0
+        cand, had, slots = cand[ok], had[ok], slots[ok]
+        data = b""
+        fresh = ~had
+        if fresh.any():
+            cache.slab[slots[fresh]] = mem[idx[cand[fresh]]]
+        if had.any():
+            dpos = cand[had]
+            data, lens = delta_encode(mem, idx[dpos], cache.slab, slots[had],
+                                      self.config.delta_max_page_bytes)
+            delta_len[dpos] = lens
+            enc[dpos[lens >= 0]] = bf.DELTA
+        kind[cand] = _SLAB
+        row[cand] = slots
+        h[cand] = hash_pages(cache.slab, slots)
+        exact[cand] = True
+        return data
+
+    def _find_dups(self, idx, nz, enc, h, exact, kind, row, staging, delta_len, dup_src,
+                   frozen) -> bytes:
+        """Mark DUP pages in ``dup_src`` (source page index); return their xxh3-128s."""
+        mask = np.uint64(self._dup_keys.size - 1)
+        tiny_delta = (enc[nz] == bf.DELTA) & (delta_len[nz] + 2 <= bf.DUP_ENTRY_BYTES)
+        cand = nz[~tiny_delta]
+        if cand.size:
+            slot = (h[cand] & mask).astype(np.int64)
+            src = self._dup_pages[slot]
+            hit = (src >= 0) & (self._dup_keys[slot] == h[cand])
+            safe = np.where(hit, src, 0)
+            self._in_batch[idx] = True
+            hit &= (self._exact[safe] & (self.sent_hashes.values[safe] == h[cand])
+                    & (~self._in_batch[safe] | (safe == idx[cand])))
+            self._in_batch[idx] = False
+            dup_src[cand[hit]] = src[hit]
+            # an earlier exact, non-DUP page of this batch with the same content
+            rest = cand[~hit]
+            elig = nz[exact[nz] & (dup_src[nz] < 0)]
+            if rest.size and elig.size:
+                uniq, first = np.unique(h[elig], return_index=True)
+                first_pos = elig[first]
+                k = np.minimum(np.searchsorted(uniq, h[rest]), uniq.size - 1)
+                m = (uniq[k] == h[rest]) & (first_pos[k] < rest)
+                dup_src[rest[m]] = idx[first_pos[k[m]]]
+        dpos = np.flatnonzero(dup_src >= 0)
+        if not dpos.size:
+            return b""
+        mem = self.memory.pages
+        content = np.empty((dpos.size, PAGE_SIZE), dtype=np.uint8)
+        k = kind[dpos]
+        if self._cache is not None:
+            content[k == _SLAB] = self._cache.slab[row[dpos[k == _SLAB]]]
+        if staging is not None:
+            content[k == _STAGING] = staging[row[dpos[k == _STAGING]]]
+        content[k == _LIVE] = mem[idx[dpos[k == _LIVE]]]
+        if not frozen:
+            # live pages may have changed since they were hashed: keep only
+            # those whose snapshot still has the hash we matched on
+            racy = k == _LIVE
+            if racy.any():
+                same = np.ones(dpos.size, dtype=np.bool_)
+                same[racy] = hash_pages(content[racy]) == h[dpos[racy]]
+                dup_src[dpos[~same]] = -1
+                dpos, content = dpos[same], content[same]
+        enc[dpos] = bf.DUP
+        exact[dpos] = True
+        return b"".join([xxhash.xxh3_128_digest(content[i]) for i in range(dpos.size)])
+
+    # -- wire assembly -------------------------------------------------------------
+    def _content(self, pos0: int, count: int, idx, kind, row, staging):
+        """The bytes of ``count`` pages starting at batch position ``pos0`` (one source kind)."""
+        k = kind[pos0]
+        if k == _LIVE:
+            first = int(idx[pos0])
+            return memoryview(self.memory.bytes[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
+        if k == _STAGING:
+            r = int(row[pos0])
+            return memoryview(staging[r:r + count]).cast("B")
+        return memoryview(self._cache.slab[row[pos0:pos0 + count]]).cast("B")
+
+    def _assemble(self, idx, enc, kind, row, staging, delta_len, delta_data, dup_src,
+                  dup_hashes) -> bf.EncodedBatch:
+        cfg = self.config
+        n = idx.size
+        brk = np.ones(n, dtype=np.bool_)
+        brk[1:] = (np.diff(idx) != 1) | (enc[1:] != enc[:-1]) | (kind[1:] != kind[:-1])
+        run_pos = np.flatnonzero(brk)
+        run_cnt = np.diff(np.append(run_pos, n))
+        # RAW candidates are cut into LZ4-sized chunks
+        run_enc = enc[run_pos]
+        is_raw = run_enc == bf.RAW
+        if is_raw.any() and run_cnt[is_raw].max() > cfg.lz4_chunk_pages:
+            pieces = np.where(is_raw, (run_cnt + cfg.lz4_chunk_pages - 1) // cfg.lz4_chunk_pages, 1)
+            owner = np.repeat(np.arange(run_pos.size), pieces)
+            k = np.arange(owner.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+            step = np.where(is_raw[owner], cfg.lz4_chunk_pages, 0)
+            run_pos = run_pos[owner] + k * step
+            run_cnt = np.where(is_raw[owner], np.minimum(cfg.lz4_chunk_pages,
+                                                         run_cnt[owner] - k * step), run_cnt[owner])
+            run_enc = enc[run_pos]
+        nruns = run_pos.size
+        pbytes = np.zeros(nruns, dtype=np.int64)
+        pbytes[run_enc == bf.DUP] = run_cnt[run_enc == bf.DUP] * bf.DUP_ENTRY_BYTES
+        pbytes[run_enc == bf.RAW] = run_cnt[run_enc == bf.RAW] * PAGE_SIZE
+
+        sections: dict[int, list] = {e: [] for e in bf.SECTION_ORDER}
+        if dup_hashes:
+            dpos = np.flatnonzero(enc == bf.DUP)
+            entries = np.empty(dpos.size, dtype=bf.DUP_DTYPE)
+            entries["hash"] = np.frombuffer(dup_hashes, dtype="V16")
+            entries["source"] = dup_src[dpos]
+            sections[bf.DUP].append(entries.tobytes())
+        dl_pos = np.flatnonzero(enc == bf.DELTA)
+        if dl_pos.size:
+            lens = delta_len[dl_pos]
+            used = np.flatnonzero(delta_len >= 0)  # positions whose delta is in delta_data
+            keep = np.repeat(enc[used] == bf.DELTA, delta_len[used])
+            data = np.frombuffer(delta_data, dtype=np.uint8)[keep] if keep.size else b""
+            sections[bf.DELTA] += [lens.astype("<u2").tobytes(), memoryview(data)]
+            per_pos = np.zeros(n, dtype=np.int64)
+            per_pos[dl_pos] = lens + 2
+            dl_runs = run_enc == bf.DELTA
+            sums = np.add.reduceat(per_pos, run_pos) if nruns else per_pos[:0]
+            pbytes[dl_runs] = sums[dl_runs]
+
+        raw_runs = np.flatnonzero(run_enc == bf.RAW)
+        if cfg.enabled("lz4") and raw_runs.size and self._lz4_pays(
+                raw_runs, run_pos, run_cnt, idx, kind, row, staging):
+            saving = 1.0 - cfg.lz4_min_saving_pct / 100.0
+            for r in raw_runs.tolist():
+                pos0, cnt = int(run_pos[r]), int(run_cnt[r])
+                comp = lz4.block.compress(self._content(pos0, cnt, idx, kind, row, staging),
+                                          store_size=False)
+                if len(comp) <= saving * cnt * PAGE_SIZE:
+                    run_enc[r] = bf.LZ4
+                    pbytes[r] = len(comp)
+                    sections[bf.LZ4].append(comp)
+                    enc[pos0:pos0 + cnt] = bf.LZ4
+            raw_runs = np.flatnonzero(run_enc == bf.RAW)
+        if raw_runs.size:
+            sections[bf.RAW] = self._raw_section(raw_runs, run_pos, run_cnt, idx, kind, row,
+                                                 staging)
+        table = np.zeros(nruns, dtype=bf.RUN_DTYPE)
+        table["first"] = idx[run_pos]
+        table["count"] = run_cnt
+        table["encoding"] = run_enc
+        table["payload_bytes"] = pbytes
+        payload_bytes = int(pbytes.sum())
+        head = bf.HEADER.pack(bf.MAGIC, bf.VERSION, 0, 0, nruns, n, payload_bytes) + table.tobytes()
+        chunks = [head]
+        for e in bf.SECTION_ORDER:
+            chunks += sections[e]
+        batch = bf.EncodedBatch(chunks=chunks, npages=n, nbytes=len(head) + payload_bytes,
+                                page_indices=idx, nruns=nruns)
+        for code, name in bf.NAMES.items():
+            sel = run_enc == code
+            batch.pages_by_encoding[name] = int(run_cnt[sel].sum())
+            batch.bytes_by_encoding[name] = int(pbytes[sel].sum())
+        return batch
+
+    def _raw_section(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> list:
+        """RAW payload chunks: long live runs (and staging runs) as views, every
+        stretch of other runs gathered with one numpy copy."""
+        k = kind[run_pos[raw_runs]]
+        view = ((k == _LIVE) & (run_cnt[raw_runs] >= _ZERO_COPY_MIN_PAGES)) | (k == _STAGING)
+        seg_start = view.copy()
+        seg_start[0] = True
+        seg_start[1:] |= view[:-1]
+        bounds = np.append(np.flatnonzero(seg_start), raw_runs.size)
+        chunks = []
+        mem = self.memory.pages
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            runs = raw_runs[a:b]
+            if view[a]:
+                chunks.append(self._content(int(run_pos[runs[0]]), int(run_cnt[runs[0]]),
+                                            idx, kind, row, staging))
+                continue
+            pos = indices_of_runs(run_pos[runs], run_cnt[runs])
+            pk = kind[pos]
+            if np.all(pk == _LIVE):
+                data = mem[idx[pos]]
+            else:
+                data = np.empty((pos.size, PAGE_SIZE), dtype=np.uint8)
+                data[pk == _LIVE] = mem[idx[pos[pk == _LIVE]]]
+                if self._cache is not None:
+                    data[pk == _SLAB] = self._cache.slab[row[pos[pk == _SLAB]]]
+            chunks.append(memoryview(data).cast("B"))
+        return chunks
+
+    def _lz4_pays(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> bool:
+        """Compress a few chunks spread over the batch; skip LZ4 for the batch
+        when none of them would be sent compressed (random data costs ~2 us
+        per page to compress for nothing)."""
+        saving = 1.0 - self.config.lz4_min_saving_pct / 100.0
+        probe = raw_runs[np.linspace(0, raw_runs.size - 1,
+                                     min(_LZ4_PROBE_CHUNKS, raw_runs.size)).astype(np.int64)]
+        for r in np.unique(probe).tolist():
+            data = self._content(int(run_pos[r]), int(run_cnt[r]), idx, kind, row, staging)
+            if len(lz4.block.compress(data, store_size=False)) <= saving * len(data):
+                return True
+        return False
+
+    def _record(self, idx, enc, h, exact, zero) -> None:
+        """Remember what the receiver now holds."""
+        self.sent_hashes.values[idx] = h
+        self._exact[idx] = exact
+        self._sent[idx] = True
+        if self._cache is not None and zero.any():
+            self._cache.drop(idx[zero])
+        if self._dup_keys.size:
+            ins = np.flatnonzero(exact & ~zero)
+            slot = (h[ins] & np.uint64(self._dup_keys.size - 1)).astype(np.int64)
+            self._dup_keys[slot] = h[ins]
+            self._dup_pages[slot] = idx[ins]
+
+
+__all__ = ["BatchEncoder", "BatchDecoder", "MemoryPlacer"]

@@ -1,0 +1,229 @@
+"""Migration and codec configuration: validated dataclasses, nothing else.
+
+Every field carries its unit in its name and a docstring under it. Values
+that people type (sizes, rates) may be given as text (``"64MiB"``,
+``"1Gbit/s"``) to :meth:`MigrationConfig.from_dict`, which is how the CLI and
+the daemon build configs; the dataclasses themselves hold plain numbers.
+Validation happens in ``__post_init__`` and raises :class:`ConfigError` with
+the field name, so a bad config fails before any connection is made.
+
+Rates here are in *bytes* per second (``_bps`` = bytes/s), as
+:func:`livemig.units.parse_rate` returns them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .units import parse_rate, parse_size
+
+MODES = ("precopy", "postcopy", "hybrid")
+VERIFY_MODES = ("sent", "full")
+ENCODINGS = ("zero", "dup", "delta", "lz4", "raw")
+PAGE_SIZE = 4096
+
+
+def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _pct(name: str, value) -> None:
+    _positive(name, value, allow_zero=True)
+    if value > 100:
+        raise ConfigError(f"{name} must be a percentage in [0, 100], got {value}")
+
+
+@dataclass
+class CodecConfig:
+    """How the page codec encodes batches."""
+
+    encodings: tuple[str, ...] = ENCODINGS
+    """Encodings the encoder may use. RAW is always allowed (the fallback);
+    post-copy disables "delta" (the receiver holds no old copy) and "dup" (the
+    destination guest already runs and may rewrite a DUP source page)."""
+
+    dup_cache_entries: int = 1 << 16
+    """Slots of the direct-mapped table of content hashes (DUP targets)."""
+
+    delta_cache_bytes: int = 64 << 20
+    """Bytes of last-sent page versions kept as delta bases (CLOCK-evicted)."""
+
+    delta_max_page_bytes: int = 2048
+    """A page is sent as DELTA only when its delta is at most this long."""
+
+    lz4_chunk_pages: int = 16
+    """LZ4 compresses runs of up to this many consecutive pages as one block."""
+
+    lz4_min_saving_pct: float = 12.5
+    """LZ4 is used only when it saves at least this share of the raw bytes."""
+
+    zero_copy_raw: bool = True
+    """Send RAW pages as memoryviews into guest memory (no copy). Such pages
+    may change before the bytes leave, so they are not used as DUP targets
+    unless the encoder is told memory is frozen."""
+
+    verify_dup: bool = True
+    """The receiver checks the xxh3-128 hash of each DUP source page."""
+
+    def __post_init__(self) -> None:
+        self.encodings = tuple(self.encodings)
+        unknown = set(self.encodings) - set(ENCODINGS)
+        if unknown:
+            raise ConfigError(f"codec encodings: unknown {sorted(unknown)}; known: {ENCODINGS}")
+        if "raw" not in self.encodings:
+            self.encodings = self.encodings + ("raw",)
+        _positive("dup_cache_entries", self.dup_cache_entries, allow_zero=True)
+        _positive("delta_cache_bytes", self.delta_cache_bytes, allow_zero=True)
+        if not 16 <= self.delta_max_page_bytes < PAGE_SIZE:
+            raise ConfigError(
+                f"delta_max_page_bytes must be in [16, {PAGE_SIZE}), got {self.delta_max_page_bytes}")
+        if not 1 <= self.lz4_chunk_pages <= 1024:
+            raise ConfigError(f"lz4_chunk_pages must be in [1, 1024], got {self.lz4_chunk_pages}")
+        _pct("lz4_min_saving_pct", self.lz4_min_saving_pct)
+
+    def enabled(self, encoding: str) -> bool:
+        return encoding in self.encodings
+
+    def without(self, *encodings: str) -> "CodecConfig":
+        """A copy with some encodings switched off (e.g. "delta" for post-copy)."""
+        return dataclasses.replace(self, encodings=tuple(e for e in self.encodings
+                                                         if e not in encodings))
+
+
+@dataclass
+class MigrationConfig:
+    """Everything one migration is told. Times are in the unit their name says."""
+
+    mode: str = "precopy"
+    """precopy | postcopy | hybrid (pre-copy rounds, then post-copy)."""
+
+    downtime_ms: float = 300.0
+    """Largest acceptable stop-to-resume time; pre-copy switches over once the
+    expected downtime is at most this."""
+
+    max_bandwidth_bps: float | None = None
+    """Cap on the page stream in bytes/s; None = unlimited."""
+
+    auto_converge: bool = False
+    """Throttle the vCPUs when pre-copy does not converge."""
+
+    throttle_initial_pct: float = 20.0
+    """First throttle level applied by auto-converge (share of vCPU time taken)."""
+
+    throttle_increment_pct: float = 10.0
+    """Added to the throttle at each further non-converging round."""
+
+    throttle_max_pct: float = 99.0
+    """Throttle ceiling."""
+
+    max_rounds: int = 30
+    """Pre-copy rounds before giving up (or switching to post-copy in hybrid)."""
+
+    max_total_s: float | None = None
+    """Wall-time budget of the pre-copy phase; None = no limit."""
+
+    hybrid_postcopy_after_rounds: int | None = None
+    """Hybrid: switch to post-copy after this many rounds even if converging
+    looks possible; None = only when not converging or at max_rounds."""
+
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """Page codec settings (encodings, caches)."""
+
+    batch_bytes: int = 1 << 20
+    """Upper bound of one encoded page batch on the wire."""
+
+    verify: str = "sent"
+    """"sent": compare digests of the per-page hashes kept while pages were
+    sent/landed (cheap); "full": also rehash all memory on both sides at
+    switchover (costs ~downtime per GiB; for tests and paranoia)."""
+
+    handshake_timeout_s: float = 10.0
+    """Time allowed for connection and capability negotiation."""
+
+    switchover_timeout_s: float = 30.0
+    """Time allowed from pausing the source to the destination's digest verdict."""
+
+    ack_timeout_s: float = 30.0
+    """Time the source waits for the final acknowledgement before resuming."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+        _positive("downtime_ms", self.downtime_ms)
+        if self.max_bandwidth_bps is not None:
+            _positive("max_bandwidth_bps", self.max_bandwidth_bps)
+        for name in ("throttle_initial_pct", "throttle_increment_pct", "throttle_max_pct"):
+            _pct(name, getattr(self, name))
+        if self.throttle_initial_pct > self.throttle_max_pct:
+            raise ConfigError("throttle_initial_pct must not exceed throttle_max_pct")
+        if not isinstance(self.max_rounds, int) or self.max_rounds < 1:
+            raise ConfigError(f"max_rounds must be an integer >= 1, got {self.max_rounds!r}")
+        if self.max_total_s is not None:
+            _positive("max_total_s", self.max_total_s)
+        if self.hybrid_postcopy_after_rounds is not None:
+            if not isinstance(self.hybrid_postcopy_after_rounds, int) \
+                    or self.hybrid_postcopy_after_rounds < 0:
+                raise ConfigError("hybrid_postcopy_after_rounds must be an integer >= 0")
+            if self.mode != "hybrid":
+                raise ConfigError("hybrid_postcopy_after_rounds needs mode='hybrid'")
+        if not isinstance(self.codec, CodecConfig):
+            raise ConfigError("codec must be a CodecConfig")
+        if self.batch_bytes < 64 << 10:
+            raise ConfigError(f"batch_bytes must be at least 64 KiB, got {self.batch_bytes}")
+        for name in ("handshake_timeout_s", "switchover_timeout_s", "ack_timeout_s"):
+            _positive(name, getattr(self, name))
+
+    @property
+    def codec_for_mode(self) -> CodecConfig:
+        """The codec config for a post-copy migration: no DELTA (the receiver
+        lacks the pages) and no DUP (the running guest may rewrite the source
+        page at the receiver before the DUP is resolved)."""
+        return self.codec.without("delta", "dup") if self.mode == "postcopy" else self.codec
+
+    # -- dict form (CLI, daemon, JSON) -----------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["codec"]["encodings"] = list(self.codec.encodings)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MigrationConfig":
+        """Build from a dict; sizes/rates may be text; unknown keys are errors."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown migration option(s): {sorted(unknown)}")
+        if isinstance(data.get("max_bandwidth_bps"), str):
+            data["max_bandwidth_bps"] = parse_rate(data["max_bandwidth_bps"],
+                                                   what="max_bandwidth_bps")
+        if "batch_bytes" in data:
+            data["batch_bytes"] = parse_size(data["batch_bytes"], what="batch_bytes")
+        codec = data.get("codec")
+        if isinstance(codec, dict):
+            data["codec"] = codec_config_from_dict(codec)
+        return cls(**data)
+
+
+def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(CodecConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown codec option(s): {sorted(unknown)}")
+    if "delta_cache_bytes" in data:
+        data["delta_cache_bytes"] = parse_size(data["delta_cache_bytes"], what="delta_cache_bytes")
+    if "encodings" in data:
+        data["encodings"] = tuple(data["encodings"])
+    return CodecConfig(**data)
+
+
+__all__ = ["CodecConfig", "MigrationConfig", "codec_config_from_dict", "MODES", "ENCODINGS",
+           "VERIFY_MODES"]

@@ -1,0 +1,242 @@
+"""Convergence policy: what to do after each pre-copy round.
+
+A pure function of the round history (no clock: elapsed time is passed in),
+so every decision can be replayed from recorded statistics and tested on
+synthetic histories.
+
+The model. Round 0 sends all of memory; each later round sends the pages
+dirtied while the previous one was in flight. With bandwidth B (bytes/s,
+measured on the wire) and a dirty rate R (bytes/s of distinct pages), a round
+of d bytes takes d/B and leaves ~R·d/B dirty bytes, so the dirty set shrinks
+by the factor R/B per round: pre-copy converges only when R < B. We stop and
+switch over once the *expected downtime* — the last dirty set, scaled by the
+wire's measured compression ratio, over B, plus a fixed switchover cost
+(pause, CPU/device state, digest, resume) — fits the limit.
+
+When it does not converge — the dirty set failed to shrink by
+``MIN_SHRINK`` over the last two rounds, or R ≥ B — the mode decides:
+pre-copy with auto-converge throttles the vCPUs (initial, then +increment
+per round, up to the max: QEMU's cpu-throttle-initial/-increment scheme),
+hybrid switches to post-copy, plain pre-copy carries on until max_rounds or
+max_total_s and gives up (the source keeps running the VM).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .config import MigrationConfig
+
+PAGE_SIZE = 4096
+MIN_SHRINK = 0.10
+"""Over two rounds the dirty set must shrink by at least this share."""
+SWITCHOVER_COST_MS = 5.0
+"""Fixed part of the downtime: pause, CPU/device state, digest check, resume."""
+
+
+class Action(enum.Enum):
+    CONTINUE = "continue"
+    SWITCHOVER = "switchover"
+    THROTTLE = "throttle"
+    POSTCOPY = "postcopy"
+    GIVE_UP = "give_up"
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round did, as the policy needs it."""
+
+    index: int
+    duration_s: float
+    pages_sent: int
+    bytes_sent: int
+    """Wire bytes of the page batches of the round."""
+    dirty_pages: int
+    """Pages found dirty at the end of the round: the next round's work."""
+
+    @property
+    def bandwidth_bps(self) -> float:
+        return self.bytes_sent / self.duration_s if self.duration_s > 0 else math.inf
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.dirty_pages * PAGE_SIZE
+
+    @property
+    def dirty_rate_bps(self) -> float:
+        return self.dirty_bytes / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def wire_ratio(self) -> float:
+        """Wire bytes per page byte (below 1 when the codec compresses)."""
+        return self.bytes_sent / (self.pages_sent * PAGE_SIZE) if self.pages_sent else 1.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    expected_downtime_ms: float
+    bandwidth_bps: float
+    dirty_rate_bps: float
+    throttle_pct: float = 0.0
+    """The throttle to apply from now on (THROTTLE), else the current one."""
+
+    def to_dict(self) -> dict:
+        return {"action": self.action.value, "reason": self.reason,
+                "expected_downtime_ms": _finite(self.expected_downtime_ms),
+                "bandwidth_bps": _finite(self.bandwidth_bps),
+                "dirty_rate_bps": self.dirty_rate_bps, "throttle_pct": self.throttle_pct}
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+def measured_bandwidth(rounds: Sequence[RoundStats], window: int = 2) -> float:
+    """Bytes/s over the last ``window`` rounds (bytes summed over time summed)."""
+    recent = rounds[-window:]
+    t = sum(r.duration_s for r in recent)
+    b = sum(r.bytes_sent for r in recent)
+    return b / t if t > 0 else math.inf
+
+
+def expected_downtime_ms(rounds: Sequence[RoundStats], bandwidth_bps: float,
+                         switchover_cost_ms: float = SWITCHOVER_COST_MS) -> float:
+    last = rounds[-1]
+    wire_bytes = last.dirty_bytes * min(1.0, last.wire_ratio)
+    if wire_bytes == 0:
+        return switchover_cost_ms
+    if bandwidth_bps <= 0:
+        return math.inf
+    return wire_bytes / bandwidth_bps * 1000.0 + switchover_cost_ms
+
+
+def is_converging(rounds: Sequence[RoundStats], bandwidth_bps: float) -> tuple[bool, str]:
+    """False (with the reason) when the last two rounds show no convergence."""
+    if len(rounds) < 3:
+        return True, "too few rounds to judge"
+    now, before = rounds[-1].dirty_pages, rounds[-3].dirty_pages
+    if now > (1.0 - MIN_SHRINK) * before:
+        return False, (f"dirty set went from {before} to {now} pages over two rounds "
+                       f"(less than {MIN_SHRINK:.0%} smaller)")
+    rate = rounds[-1].dirty_rate_bps
+    if rate >= bandwidth_bps:
+        return False, f"dirty rate {rate:.3g} B/s is at least the bandwidth {bandwidth_bps:.3g} B/s"
+    return True, "dirty set shrinking"
+
+
+def decide(config: MigrationConfig, rounds: Sequence[RoundStats], *, elapsed_s: float,
+           throttle_pct: float = 0.0, postcopy_requested: bool = False,
+           switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Decision:
+    """The action after the last round in ``rounds`` (elapsed_s since the start)."""
+    if config.mode == "postcopy":
+        return Decision(Action.POSTCOPY, "post-copy mode: switch over at once",
+                        math.nan, math.nan, 0.0, throttle_pct)
+    if not rounds:
+        return Decision(Action.CONTINUE, "no round finished yet", math.inf, math.nan, 0.0,
+                        throttle_pct)
+    bw = measured_bandwidth(rounds)
+    rate = rounds[-1].dirty_rate_bps
+    downtime = expected_downtime_ms(rounds, bw, switchover_cost_ms)
+
+    def make(action: Action, reason: str, pct: float = throttle_pct) -> Decision:
+        return Decision(action, reason, downtime, bw, rate, pct)
+
+    if downtime <= config.downtime_ms:
+        return make(Action.SWITCHOVER, f"expected downtime {downtime:.1f} ms is within the "
+                                       f"{config.downtime_ms:g} ms limit")
+    hybrid = config.mode == "hybrid"
+    if hybrid and postcopy_requested:
+        return make(Action.POSTCOPY, "post-copy requested")
+    out_of_rounds = len(rounds) >= config.max_rounds
+    out_of_time = config.max_total_s is not None and elapsed_s >= config.max_total_s
+    limit = (f"{len(rounds)} rounds reached the limit of {config.max_rounds}" if out_of_rounds
+             else f"{elapsed_s:.1f} s reached the limit of {config.max_total_s:g} s"
+             if out_of_time else "")
+    converging, why = is_converging(rounds, bw)
+    if hybrid:
+        after = config.hybrid_postcopy_after_rounds
+        if after is not None and len(rounds) >= after:
+            return make(Action.POSTCOPY, f"{len(rounds)} pre-copy rounds done (switch after {after})")
+        if not converging:
+            return make(Action.POSTCOPY, f"not converging: {why}")
+        if limit:
+            return make(Action.POSTCOPY, limit)
+        return make(Action.CONTINUE, f"expected downtime {downtime:.1f} ms; {why}")
+    if limit:
+        return make(Action.GIVE_UP, f"{limit}; expected downtime still {downtime:.1f} ms")
+    if not converging and config.auto_converge:
+        if throttle_pct <= 0:
+            pct = config.throttle_initial_pct
+        else:
+            pct = min(config.throttle_max_pct, throttle_pct + config.throttle_increment_pct)
+        if pct > throttle_pct:
+            return make(Action.THROTTLE, f"not converging: {why}; throttle to {pct:g}%", pct)
+        return make(Action.CONTINUE, f"not converging at the maximum throttle {pct:g}%: {why}")
+    return make(Action.CONTINUE, f"expected downtime {downtime:.1f} ms; {why}")
+
+
+# -- predictor (livemig plan) ---------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    converges: bool
+    rounds: int
+    """Pre-copy rounds before switchover (round 0, the full copy, included)."""
+    expected_downtime_ms: float
+    total_time_s: float
+    total_bytes: int
+    recommended_mode: str
+    reason: str
+    round_bytes: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"converges": self.converges, "rounds": self.rounds,
+                "expected_downtime_ms": _finite(self.expected_downtime_ms),
+                "total_time_s": _finite(self.total_time_s), "total_bytes": self.total_bytes,
+                "recommended_mode": self.recommended_mode, "reason": self.reason,
+                "round_bytes": self.round_bytes}
+
+
+def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, downtime_ms: float,
+            *, working_set_bytes: int | None = None, max_rounds: int = 30,
+            switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
+    """Simulate pre-copy rounds under a constant bandwidth and dirty rate.
+
+    The dirty set after a round of t seconds is min(working set, rate·t)
+    (pages dirtied twice count once, so it cannot exceed the working set)."""
+    if bandwidth_bps <= 0:
+        return Prediction(False, 0, math.inf, math.inf, 0, "postcopy",
+                          "no bandwidth", [])
+    ws = memory_bytes if working_set_bytes is None else min(working_set_bytes, memory_bytes)
+    to_send = memory_bytes
+    elapsed = 0.0
+    total = 0
+    sent_rounds: list[int] = []
+    for rnd in range(1, max_rounds + 1):
+        t = to_send / bandwidth_bps
+        elapsed += t
+        total += to_send
+        sent_rounds.append(int(to_send))
+        to_send = min(ws, dirty_rate_bps * t)
+        downtime = to_send / bandwidth_bps * 1000.0 + switchover_cost_ms
+        if downtime <= downtime_ms:
+            return Prediction(True, rnd, downtime, elapsed + downtime / 1000.0,
+                              int(total + to_send), "precopy",
+                              f"converges after {rnd} round(s)", sent_rounds)
+    downtime = to_send / bandwidth_bps * 1000.0 + switchover_cost_ms
+    if dirty_rate_bps >= bandwidth_bps:
+        mode, why = "postcopy", (f"dirty rate {dirty_rate_bps:.3g} B/s ≥ bandwidth "
+                                 f"{bandwidth_bps:.3g} B/s: pre-copy cannot converge "
+                                 "(or throttle the guest with auto-converge)")
+    else:
+        mode, why = "hybrid", (f"dirty set shrinks too slowly: {downtime:.0f} ms expected "
+                               f"downtime after {max_rounds} rounds")
+    return Prediction(False, max_rounds, downtime, math.inf, int(total), mode, why, sent_rounds)
+
+
+__all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "Prediction",
+           "measured_bandwidth", "expected_downtime_ms", "is_converging", "MIN_SHRINK",
+           "SWITCHOVER_COST_MS"]

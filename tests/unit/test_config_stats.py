@@ -1,0 +1,100 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from livemig.config import CodecConfig, MigrationConfig
+from livemig.errors import ConfigError
+from livemig.policy import Action, Decision
+from livemig.stats import LatencyHistogram, MigrationStats, RoundRecord, percentiles
+
+
+def test_defaults_match_the_documented_ones():
+    c = MigrationConfig()
+    assert (c.mode, c.downtime_ms, c.max_bandwidth_bps, c.auto_converge) == ("precopy", 300, None, False)
+    assert (c.throttle_initial_pct, c.throttle_increment_pct, c.throttle_max_pct) == (20, 10, 99)
+    assert c.max_rounds == 30 and c.codec.delta_cache_bytes == 64 << 20 and c.verify == "sent"
+
+
+def test_every_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import livemig.config as mod
+    tree = ast.parse(inspect.getsource(mod))
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), \
+                    f"{cls.name}.{node.target.id} lacks a docstring"
+
+
+def test_dict_roundtrip_with_text_units():
+    c = MigrationConfig.from_dict({"mode": "hybrid", "max_bandwidth_bps": "1Gbit/s",
+                                   "batch_bytes": "256KiB",
+                                   "codec": {"delta_cache_bytes": "8MiB", "encodings": ["zero", "lz4"]}})
+    assert c.max_bandwidth_bps == 125e6 and c.batch_bytes == 256 << 10
+    assert c.codec.encodings == ("zero", "lz4", "raw")
+    d = c.to_dict()
+    json.dumps(d)
+    assert MigrationConfig.from_dict(d) == c
+
+
+@pytest.mark.parametrize("bad", [
+    {"mode": "teleport"}, {"downtime_ms": 0}, {"throttle_max_pct": 120},
+    {"throttle_initial_pct": 50, "throttle_max_pct": 40}, {"max_rounds": 0},
+    {"verify": "maybe"}, {"hybrid_postcopy_after_rounds": 2}, {"nonsense": 1},
+    {"batch_bytes": 100}, {"codec": {"encodings": ["zstd"]}}, {"codec": {"lz4_chunk_pages": 0}},
+    {"max_bandwidth_bps": "fast"},
+])
+def test_invalid_configs_are_refused(bad):
+    with pytest.raises(ConfigError):
+        MigrationConfig.from_dict(bad)
+
+
+def test_postcopy_codec_drops_delta():
+    post = MigrationConfig(mode="postcopy").codec_for_mode
+    assert not post.enabled("delta") and not post.enabled("dup")
+    assert CodecConfig().without("delta", "dup").encodings == ("zero", "lz4", "raw")
+
+
+def test_percentiles_exact():
+    p = percentiles(range(1, 101))
+    assert p["p50"] == pytest.approx(50.5) and p["max"] == 100
+    assert math.isnan(percentiles([])["p50"])
+
+
+def test_histogram_percentiles_within_bucket_error():
+    rng = np.random.default_rng(0)
+    samples = rng.lognormal(3.5, 1.0, 20000)
+    h = LatencyHistogram()
+    h.add_many(samples[:10000])
+    other = LatencyHistogram()
+    other.add_many(samples[10000:])
+    h.merge(other)
+    assert h.count == 20000 and h.max_us == samples.max()
+    for q in (50, 99):
+        exact = np.percentile(samples, q)
+        assert exact * 0.95 <= h.percentile(q) <= exact * 1.06
+    assert LatencyHistogram().to_dict()["p50_us"] is None
+
+
+def test_migration_stats_to_dict_is_json():
+    s = MigrationStats(mode="hybrid", memory_bytes=1 << 30)
+    s.set_status("active")
+    s.add_round(RoundRecord(0, 2.0, 1000, 4096000, 50))
+    s.add_decision(Decision(Action.CONTINUE, "why", math.inf, 1e8, 1e5))
+    s.add_decision(Decision(Action.THROTTLE, "why", 400.0, 1e8, 1e5, throttle_pct=20))
+    s.fault_latency.add_many([10, 20, 30])
+    s.total_time_ms = 2000
+    s.bytes_sent = 4096000
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["rounds"][0]["dirty_rate_pps"] == 25
+    assert d["throttle_pct"] == 20 and d["expected_downtime_ms"] == 400
+    assert d["throughput_bps"] == 2048000
+    assert d["postcopy"]["fault_latency"]["count"] == 3
+    with pytest.raises(ConfigError):
+        s.set_status("teleporting")
