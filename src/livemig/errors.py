@@ -92,3 +92,44 @@ _ERRNO_CLASSES = {
 def native_error(err: int, what: str, hint: str | None = None) -> NativeError:
     """Map a positive errno from a native call to the most specific class."""
     return _ERRNO_CLASSES.get(err, NativeError)(err, what, hint)
+
+
+# Wire protocol and channels (livemig.protocol, livemig.aio)
+class ProtocolError(LivemigError):
+    """The migration protocol was broken; ``side`` says by whom, ``phase`` when
+    (handshake, precopy, switchover, postcopy, complete)."""
+
+    def __init__(self, message: str, *, phase: str | None = None, channel: str | None = None):
+        if channel:
+            message = f"[{channel}] {message}"
+        super().__init__(message, phase=phase)
+        self.channel = channel
+
+
+class LocalProtocolError(ProtocolError):
+    """We misused the protocol API: sent a message the state forbids, an
+    oversized frame, or used a connection after it failed."""
+
+    side = "local"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: bad magic, version, type, length, checksum,
+    sequence, payload, a message its state forbids, or a truncated stream."""
+
+    side = "remote"
+
+
+class HandshakeRefused(RemoteProtocolError):
+    """The peer answered our Hello or MigrationOffer with Refuse."""
+
+    def __init__(self, code: int, reason: str, *, phase: str | None = None,
+                 channel: str | None = None):
+        super().__init__(f"peer refused (code {code}): {reason}", phase=phase, channel=channel)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectionLost(RemoteProtocolError, ConnectionError):
+    """The peer vanished (reset, closed early, or stopped answering) while the
+    channel still expected traffic."""
