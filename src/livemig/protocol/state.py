@@ -165,14 +165,15 @@ class Conversation:
 
     def process(self, sender: Role, event: Event) -> State:
         """Apply ``event`` sent by ``sender``; the new state, or TransitionError."""
+        kind = self.kind
         if isinstance(event, Hello) and self.state is State.IDLE:
-            if self.kind is None:
-                self.kind = event.channel_kind
-            elif self.kind is not event.channel_kind:
+            if kind is None:
+                kind = event.channel_kind
+            elif kind is not event.channel_kind:
                 raise TransitionError(
                     f"Hello names a {event.channel_kind.name.lower()} channel on a "
-                    f"{self.kind.name.lower()} channel")
-        table = TABLES[self.kind] if self.kind is not None else _HANDSHAKE
+                    f"{kind.name.lower()} channel")
+        table = TABLES[kind] if kind is not None else _HANDSHAKE
         key = (self.state, sender, type(event))
         nxt = table.get(key + (_ANY,)) or table.get(key + (event.variant,))
         if nxt is None and not self.state.terminal:
@@ -183,10 +184,11 @@ class Conversation:
                 nxt = self.state
         if nxt is None:
             variant = f" ({event.variant})" if event.variant else ""
-            kind = self.kind.name.lower() if self.kind else "unnamed"
+            kind_name = kind.name.lower() if kind else "unnamed"
             raise TransitionError(
                 f"{sender.value} may not send {type(event).__name__}{variant} in state "
-                f"{self.state.value[0]} of a {kind} channel")
+                f"{self.state.value[0]} of a {kind_name} channel")
+        self.kind = kind
         self.state = nxt
         return nxt
 
