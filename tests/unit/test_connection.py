@@ -1,7 +1,7 @@
 """The sans-IO connection: in-memory peer pairs, error sides, stickiness."""
 import pytest
 
-from livemig.errors import LocalProtocolError, RemoteProtocolError
+from livemig.errors import ConnectionLost, LocalProtocolError, RemoteProtocolError
 from livemig.protocol import (CLOSED, NEED_DATA, Abort, Accept, ChannelKind, Connection, Hello,
                               MigrationOffer, Mode, PageBatch, Phase, Ping, RefuseCode,
                               RoundStart, State, Welcome, answer_hello)
@@ -159,9 +159,9 @@ def test_truncated_stream_at_eof_is_remote_error():
 def test_eof_mid_conversation_is_remote_error_with_phase():
     s, d = up_to_accept()
     d.receive_data(b"")
-    with pytest.raises(RemoteProtocolError, match="closed") as info:
+    with pytest.raises(ConnectionLost, match="source closed") as info:
         d.next_event()
-    assert info.value.phase == "precopy"
+    assert info.value.phase == "precopy" and info.value.side == "remote"
 
 
 def test_data_after_eof_is_local_misuse():

@@ -17,7 +17,7 @@ def test_valid_conversations_reach_their_end(name):
         assert c.state is State.DONE
     else:
         assert c.state is State.OPEN
-    assert c.process_eof() is State.CLOSED
+    assert c.process_eof(S) is State.CLOSED
 
 
 def test_tables_only_name_real_events_and_roles():
@@ -89,7 +89,7 @@ def test_abort_from_either_side_then_terminal():
         assert c.state is State.ABORTED and c.state.terminal
         with pytest.raises(TransitionError):
             c.process(role, ev.Ping(1))
-        assert c.process_eof() is State.CLOSED
+        assert c.process_eof(role) is State.CLOSED
 
 
 def test_early_eof_is_an_error_on_control_but_not_on_bulk():
@@ -97,11 +97,13 @@ def test_early_eof_is_an_error_on_control_but_not_on_bulk():
     for sender, event in conv.control_precopy()[:4]:
         c.process(sender, event)
     with pytest.raises(TransitionError, match="closed"):
-        c.process_eof()
+        c.process_eof(S)
     b = Conversation()
     for sender, event in conv.bulk()[:2]:
         b.process(sender, event)
-    assert b.process_eof() is State.CLOSED
+    with pytest.raises(TransitionError, match="destination closed"):
+        b.process_eof(D)     # the destination vanished
+    assert b.process_eof(S) is State.CLOSED
 
 
 def test_hello_kind_must_match_expected_kind():

@@ -14,7 +14,8 @@ clock and no task (the h11 shape):
 
 Errors are split by who is at fault. The peer breaking the wire format, the
 sequence, a payload layout, the handshake rules or the state machine raises
-RemoteProtocolError; us sending something the state forbids, or something
+RemoteProtocolError (its subclass ConnectionLost when the peer closed cleanly
+but before the conversation allowed it); us sending something the state forbids, or something
 that does not encode, raises LocalProtocolError. Both are sticky: after a
 remote error next_event() raises the same error again and send() accepts
 only an Abort (to tell the peer why); after a local error send() always raises.
@@ -27,9 +28,9 @@ answer.
 """
 from __future__ import annotations
 
-from ..errors import HandshakeRefused, LocalProtocolError, RemoteProtocolError
+from ..errors import ConnectionLost, HandshakeRefused, LocalProtocolError, RemoteProtocolError
 from . import wire
-from .events import (WIRE_IDS, Abort, ChannelKind, Event, Hello, PayloadError, Refuse,
+from .events import (WIRE_IDS, Abort, ChannelKind, Event, Hello, PayloadError, Phase, Refuse,
                      RefuseCode, Welcome, decode_event)
 from .state import Conversation, Role, State, TransitionError
 
@@ -162,9 +163,13 @@ class Connection:
             if self.state is State.CLOSED:
                 return CLOSED
             try:
-                self.conversation.process_eof()
+                self.conversation.process_eof(self.our_role.peer)
             except TransitionError as exc:
-                raise self._remote(str(exc)) from None
+                # A clean close at a frame boundary, but too early: the peer
+                # went away rather than sending garbage.
+                self._remote_error = ConnectionLost(str(exc), phase=self.phase,
+                                                    channel=self.name)
+                raise self._remote_error from None
             return CLOSED
         try:
             event = decode_event(frame.type_id, frame.flags, frame.payload)
@@ -251,7 +256,7 @@ class Connection:
         if self.refusal is None:
             return None
         return HandshakeRefused(int(self.refusal.code), self.refusal.reason,
-                                phase=self.phase, channel=self.name)
+                                phase=Phase.HANDSHAKE.label, channel=self.name)
 
     def _remote(self, message: str) -> RemoteProtocolError:
         self._remote_error = RemoteProtocolError(message, phase=self.phase, channel=self.name)

@@ -17,8 +17,9 @@ Rules
    terminal state; Ping/Pong by either side in any state between the
    handshake and a terminal state. Neither changes anything else.
 5. End of stream is an input too: accepted in terminal states (and, on bulk
-   and urgent channels, while open: they end by closing), an error anywhere
-   else (the peer vanished mid-conversation).
+   and urgent channels, while open if the source closed: those channels end
+   when the source closes them), an error anywhere else (the peer vanished
+   mid-conversation).
 6. Terminal states accept nothing but end of stream.
 
 Control channel (source S, destination D)::
@@ -140,11 +141,14 @@ URGENT = {
 
 TABLES = {ChannelKind.CONTROL: CONTROL, ChannelKind.BULK: BULK, ChannelKind.URGENT: URGENT}
 
-# States where end of stream is a normal ending, per channel kind.
+# States where end of stream is a normal ending, per channel kind and per
+# role that closed. Bulk and urgent channels end when the source closes them;
+# the destination closing one that is open means it went away.
+_EOF_ALWAYS = _TERMINAL | {State.IDLE}
 EOF_OK = {
-    ChannelKind.CONTROL: _TERMINAL | {State.IDLE},
-    ChannelKind.BULK: _TERMINAL | {State.IDLE, State.OPEN},
-    ChannelKind.URGENT: _TERMINAL | {State.IDLE, State.OPEN},
+    ChannelKind.CONTROL: {S: _EOF_ALWAYS, D: _EOF_ALWAYS},
+    ChannelKind.BULK: {S: _EOF_ALWAYS | {State.OPEN}, D: _EOF_ALWAYS},
+    ChannelKind.URGENT: {S: _EOF_ALWAYS | {State.OPEN}, D: _EOF_ALWAYS},
 }
 
 
@@ -192,12 +196,12 @@ class Conversation:
         self.state = nxt
         return nxt
 
-    def process_eof(self) -> State:
-        """The peer closed its side; CLOSED, or TransitionError if it was early."""
-        ok = EOF_OK[self.kind] if self.kind is not None else {State.IDLE}
+    def process_eof(self, closer: Role) -> State:
+        """``closer`` ended the stream; CLOSED, or TransitionError if early."""
+        ok = EOF_OK[self.kind][closer] if self.kind is not None else {State.IDLE}
         if self.state not in ok:
             raise TransitionError(
-                f"peer closed the stream in state {self.state.value[0]} "
+                f"{closer.value} closed the stream in state {self.state.value[0]} "
                 f"(phase {self.state.phase.label})")
         self.state = State.CLOSED
         return self.state
