@@ -7,8 +7,10 @@ The adapter is thin on purpose: all protocol knowledge lives in the sans-IO
 Connection with one asyncio transport and does, as aioquic's adapter does,
 receive -> process events -> transmit:
 
-* ``data_received`` feeds the bytes to the Connection and drains the events
-  it yields into a queue that ``recv()`` pops. The queue is bounded by payload
+* The transport reads into buffers the Connection hands out (BufferedProtocol:
+  a large frame's payload is received in place, with no copy in Python);
+  ``buffer_updated`` then drains the events completed into a queue that
+  ``recv()`` pops. The queue is bounded by payload
   bytes: past ``recv_buffer_bytes`` the transport is paused
   (``pause_reading``) and resumed once ``recv()`` has taken it below half, so
   a slow consumer pushes back on the sender through TCP instead of growing
@@ -47,6 +49,7 @@ from .ratelimit import TokenBucket
 
 DEFAULT_RECV_BUFFER_BYTES = 32 << 20
 DEFAULT_WRITE_HIGH_BYTES = 4 << 20
+SOCKET_BUFFER_BYTES = 4 << 20
 _JOINING_WRITELINES = asyncio.WriteTransport.writelines
 
 
@@ -54,8 +57,9 @@ def _event_bytes(event: Event) -> int:
     return event.data_bytes if isinstance(event, PageBatch) else 0
 
 
-class _ChannelProtocol(asyncio.Protocol):
-    """asyncio callbacks forwarded to the Channel."""
+class _ChannelProtocol(asyncio.BufferedProtocol):
+    """asyncio callbacks forwarded to the Channel. Buffered: the transport
+    reads straight into the frame payload being assembled."""
 
     def __init__(self, channel: "Channel"):
         self.channel = channel
@@ -63,8 +67,11 @@ class _ChannelProtocol(asyncio.Protocol):
     def connection_made(self, transport):
         self.channel._attach(transport)
 
-    def data_received(self, data):
-        self.channel._on_data(data)
+    def get_buffer(self, sizehint):
+        return self.channel.conn.get_receive_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        self.channel._on_received(nbytes)
 
     def eof_received(self):
         self.channel._on_data(b"")
@@ -197,13 +204,29 @@ class Channel:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Kernel buffers that hold a few whole frames: a write of a large
+            # payload is then taken by the kernel at once instead of being
+            # split, and the remainder copied into the transport's buffer.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+
+    def _on_received(self, nbytes: int) -> None:
+        if self._error is not None:
+            return
+        self.bytes_received += nbytes
+        self.conn.receive_buffer_filled(nbytes)
+        self._pump()
 
     def _on_data(self, data) -> None:
         if self._error is not None:
             return
         self.bytes_received += len(data)
+        self.conn.receive_data(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Drain the events the received bytes completed into the queue."""
         try:
-            self.conn.receive_data(data)
             while True:
                 event = self.conn.next_event()
                 if event is NEED_DATA:

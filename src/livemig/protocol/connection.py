@@ -6,6 +6,8 @@ A :class:`Connection` is one side of one channel. It owns no socket, no
 clock and no task (the h11 shape):
 
 * ``receive_data(data)`` stores received bytes; ``b""`` means end of stream.
+  (``get_receive_buffer``/``receive_buffer_filled`` do the same without a
+  copy: the caller reads into the buffer it is given.)
 * ``next_event()`` returns the next :mod:`events` message, ``NEED_DATA``
   when a frame is incomplete, or ``CLOSED`` once the peer has ended the stream
   where that is allowed.
@@ -145,6 +147,20 @@ class Connection:
             self._eof = True
             return
         self._reader.feed(data)
+
+    def get_receive_buffer(self, sizehint: int = -1) -> memoryview:
+        """Zero-copy receive: a buffer to read into, then call
+        :meth:`receive_buffer_filled` (the BufferedProtocol shape)."""
+        # No end-of-stream check here: asyncio's TLS layer asks for a buffer
+        # eagerly, even after the EOF it is about to report.
+        return self._reader.get_buffer(sizehint)
+
+    def receive_buffer_filled(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last receive buffer."""
+        if nbytes and self._eof:
+            raise self._local("data received after end of stream")
+        if nbytes:
+            self._reader.buffer_updated(nbytes)
 
     def next_event(self):
         if self._remote_error is not None:

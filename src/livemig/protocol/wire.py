@@ -26,7 +26,9 @@ followed by the caller's payload buffers untouched, ready for
 copy); once the header of a frame whose payload does not fit in what is
 buffered is validated, a payload buffer of the exact length is allocated and
 every later byte of that payload is copied straight into it from the data the
-caller feeds (one copy), never through the receive buffer.
+caller feeds (one copy), never through the receive buffer. With
+``get_buffer``/``buffer_updated`` (asyncio.BufferedProtocol) the socket reads
+land directly in that payload buffer: no copy in Python at all.
 
 Validation happens on the header before a single payload byte is accepted
 (magic, version, type, reserved, length cap), so a hostile peer cannot make us
@@ -49,6 +51,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 64 << 20
 ABSOLUTE_MAX_PAYLOAD_BYTES = (1 << 32) - 1
 # Payloads at least this large are filled in place rather than sliced out.
 _DIRECT_FILL_BYTES = 64 << 10
+# Receive staging area for get_buffer() between large payloads.
+_STAGING_BYTES = 256 << 10
 
 assert HEADER_BYTES == 32
 
@@ -130,6 +134,8 @@ class FrameReader:
         self._body: bytearray | None = None
         self._body_view: memoryview | None = None
         self._filled = 0
+        self._staging: memoryview | None = None
+        self._expect_large = False
 
     @property
     def buffered_bytes(self) -> int:
@@ -140,6 +146,28 @@ class FrameReader:
     def mid_frame(self) -> bool:
         """True when part of a frame has been received (truncation at EOF)."""
         return bool(self._buf) or self._pending is not None
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable buffer for the next received bytes (asyncio's
+        BufferedProtocol shape): the unfilled rest of a large payload, so the
+        kernel writes straight into it, or else a staging area. Call
+        :meth:`buffer_updated` with the count written before anything else."""
+        if self._pending is not None:
+            return self._body_view[self._filled:]
+        if self._staging is None:
+            self._staging = memoryview(bytearray(_STAGING_BYTES))
+        if self._expect_large and len(self._buf) < HEADER_BYTES:
+            # After a large frame another one most likely follows: read just
+            # its header, so that its payload is then received in place
+            # rather than staged and copied twice.
+            return self._staging[:HEADER_BYTES - len(self._buf)]
+        return self._staging
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._pending is not None:
+            self._filled += nbytes
+        else:
+            self._buf += self._staging[:nbytes]
 
     def feed(self, data) -> None:
         if self._pending is not None:
@@ -210,4 +238,5 @@ class FrameReader:
         if xxhash.xxh3_64_intdigest(payload) != checksum:
             raise FrameError(f"payload checksum mismatch in frame {sequence} (type {type_id})")
         self.expected_sequence = sequence + 1
+        self._expect_large = length >= _DIRECT_FILL_BYTES
         return Frame(version, type_id, flags, sequence, memoryview(payload).toreadonly())
