@@ -15,7 +15,9 @@ receiver do not share one interpreter), on 127.0.0.1:
 Throughput is measured on the receiver, first byte to last byte, in payload
 bytes (page bytes for channels, so header overhead counts against them).
 The median of ``--repeat`` runs is reported, raw runs interleaved with the
-channel runs so drift from other load affects both.
+channel runs so drift from other load affects both. CPU seconds per GiB on
+each side (process time) are reported too: on a shared machine they are far
+steadier than wall-clock rates and show where the cost goes.
 
 Usage: python bench/bench_transport.py [--quick] [--out bench/results/transport.json]
 """
@@ -47,13 +49,13 @@ def _raw_receiver(port_q, result_q, total_bytes):
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     buf = memoryview(bytearray(4 << 20))
     got = conn.recv_into(buf)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     while got < total_bytes:
         n = conn.recv_into(buf)
         if n == 0:
             break
         got += n
-    result_q.put((got, time.perf_counter() - start))
+    result_q.put((got, time.perf_counter() - start, time.process_time() - cpu0))
     conn.close()
     srv.close()
 
@@ -67,15 +69,17 @@ def run_raw(total_bytes: int, source: memoryview) -> tuple[int, float]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     chunk = 4 << 20
     sent = 0
+    cpu0 = time.process_time()
     while sent < total_bytes:
         off = sent % (len(source) - chunk + 1)
         n = min(chunk, total_bytes - sent)
         sock.sendall(source[off:off + n])
         sent += n
+    sender_cpu_s = time.process_time() - cpu0
     result = result_q.get(timeout=120)
     sock.close()
     proc.join()
-    return result
+    return (*result, sender_cpu_s)
 
 
 def _channel_receiver(port_q, result_q, loop_kind):
@@ -87,12 +91,12 @@ def _channel_receiver(port_q, result_q, loop_kind):
 
         async def handler(ch):
             nbytes = 0
-            start = None
+            start = cpu0 = None
             while (ev := await ch.recv()) is not None:
                 if start is None:
-                    start = time.perf_counter()
+                    start, cpu0 = time.perf_counter(), time.process_time()
                 nbytes += ev.data_bytes
-            done.set_result((nbytes, time.perf_counter() - start))
+            done.set_result((nbytes, time.perf_counter() - start, time.process_time() - cpu0))
 
         async with await serve_channels("127.0.0.1", 0, handler) as srv:
             port_q.put(srv.port)
@@ -118,15 +122,17 @@ def run_channel(total_bytes: int, pages: np.ndarray, pages_per_frame: int,
     async def main():
         ch = await open_channel("127.0.0.1", port, kind=ChannelKind.BULK,
                                 session_id=os.urandom(16))
+        cpu0 = time.process_time()
         for i in range(nframes):
             j = (i % nsrc) * pages_per_frame
             await ch.send(PageBatch(0, pages_per_frame, pages[j:j + pages_per_frame]))
         await ch.close()
+        return time.process_time() - cpu0
 
-    run(main(), kind=loop_kind)
+    sender_cpu_s = run(main(), kind=loop_kind)
     result = result_q.get(timeout=120)
     proc.join()
-    return result
+    return (*result, sender_cpu_s)
 
 
 def main(argv=None) -> int:
@@ -151,8 +157,10 @@ def main(argv=None) -> int:
             samples[kind].append(run_channel(total_bytes, pages, args.pages_per_frame, kind))
 
     def rate(sample):
-        nbytes, seconds = sample
-        return nbytes / seconds
+        return sample[0] / sample[1]
+
+    def cpu_per_gib(runs, index):
+        return statistics.median(s[index] / (s[0] / (1 << 30)) for s in runs)
 
     raw_bps = statistics.median(rate(s) for s in samples["raw"])
     rows = []
@@ -164,7 +172,9 @@ def main(argv=None) -> int:
                      "bytes_per_run": runs[0][0],
                      "runs_bytes_per_s": [rate(s) for s in runs],
                      "median_bytes_per_s": bps,
-                     "ratio_to_raw": bps / raw_bps})
+                     "ratio_to_raw": bps / raw_bps,
+                     "receiver_cpu_s_per_gib": cpu_per_gib(runs, 2),
+                     "sender_cpu_s_per_gib": cpu_per_gib(runs, 3)})
     result = {
         "benchmark": "transport",
         "mode": "quick" if args.quick else "full",
@@ -181,11 +191,12 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"| transport ({result['mode']}, {args.pages_per_frame} pages/frame) "
-          "| median MiB/s | ratio to raw |")
-    print("|---|---:|---:|")
+          "| median MiB/s | ratio to raw | sender CPU s/GiB | receiver CPU s/GiB |")
+    print("|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['transport']} | {row['median_bytes_per_s'] / (1 << 20):.0f} "
-              f"| {row['ratio_to_raw']:.2f} |")
+              f"| {row['ratio_to_raw']:.2f} | {row['sender_cpu_s_per_gib']:.3f} "
+              f"| {row['receiver_cpu_s_per_gib']:.3f} |")
     return 0
 
 

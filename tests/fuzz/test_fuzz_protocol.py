@@ -88,3 +88,13 @@ def test_mutated_valid_streams_only_raise_remote_errors(name, edits, cut):
     # The destination never answers, so even an intact stream fails at the
     # second message (the Welcome is missing): only silence passes.
     assert not data
+
+
+@FAST
+@given(name=st.sampled_from(sorted(conv.ALL)), role=st.sampled_from([S, D]),
+       cuts=st.lists(st.integers(0, 1 << 30), max_size=40))
+def test_any_chunking_through_receive_buffers_yields_identical_events(name, role, cuts):
+    conversation, (src_bytes, dst_bytes, dst_events, src_events) = STREAMS[name]
+    incoming, expected = (dst_bytes, src_events) if role is S else (src_bytes, dst_events)
+    got = conv.replay_buffered(role, conversation, split(incoming, cuts))
+    assert got == expected

@@ -101,3 +101,32 @@ def replay(role: Role, conversation: list, chunks) -> list:
             conn.receive_data(next(chunks, b""))
         received.append(got)
     return received
+
+
+def replay_buffered(role: Role, conversation: list, chunks) -> list:
+    """As :func:`replay`, but receiving through get_receive_buffer /
+    receive_buffer_filled (the zero-copy path), a chunk at a time, each
+    chunk written into as many of the offered buffers as it takes."""
+    from livemig.protocol import NEED_DATA
+
+    kind = conversation[0][1].channel_kind if role is S else None
+    conn = Connection(role, kind)
+    chunks = iter(chunks)
+    received = []
+    for sender, event in conversation:
+        if sender is role:
+            conn.send(event)
+            continue
+        while (got := conn.next_event()) is NEED_DATA:
+            chunk = memoryview(next(chunks, b""))
+            if not chunk:
+                conn.receive_data(b"")
+                continue
+            while chunk:
+                buf = conn.get_receive_buffer(-1)
+                n = min(len(buf), len(chunk))
+                buf[:n] = chunk[:n]
+                conn.receive_buffer_filled(n)
+                chunk = chunk[n:]
+        received.append(got)
+    return received

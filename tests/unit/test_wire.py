@@ -113,3 +113,28 @@ def test_encode_rejects_invalid_type_and_oversize():
         wire.encode_frame(1, 1 << 16, 0, [])
     with pytest.raises(ValueError):
         wire.encode_frame(1, 0, 0, [b"x" * 10], max_payload_bytes=9)
+
+
+def test_buffered_receive_lands_large_payload_in_place():
+    small = frame(1, seq=0, payload=b"hi")
+    payload = bytes(range(256)) * 1024       # 256 KiB
+    big1 = frame(33, seq=1, payload=payload)
+    big2 = frame(33, seq=2, payload=payload[::-1])
+    stream = memoryview(small + big1 + big2)
+    r = reader()
+    frames, bodies = [], []
+    while stream:
+        buf = r.get_buffer(-1)
+        if r._pending is not None:
+            bodies.append(buf.obj)
+        n = min(len(buf), len(stream))
+        buf[:n] = stream[:n]
+        stream = stream[n:]
+        r.buffer_updated(n)
+        while (f := r.next_frame()) is not None:
+            frames.append(f)
+    assert [bytes(f.payload) for f in frames] == [b"hi", payload, payload[::-1]]
+    # After the first large frame only its successor's header is staged, so
+    # the whole second payload was received in place.
+    assert frames[2].payload.obj is bodies[-1]
+    assert len(r.get_buffer(-1)) == wire.HEADER_BYTES

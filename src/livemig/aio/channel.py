@@ -50,7 +50,25 @@ from .ratelimit import TokenBucket
 DEFAULT_RECV_BUFFER_BYTES = 32 << 20
 DEFAULT_WRITE_HIGH_BYTES = 4 << 20
 SOCKET_BUFFER_BYTES = 4 << 20
+_SMALL_WRITE_BYTES = 16 << 10
 _JOINING_WRITELINES = asyncio.WriteTransport.writelines
+
+
+def _coalesce(buffers: list) -> list:
+    """Join runs of small buffers (the header and message prefixes) so each
+    ``write`` is one syscall worth making; large ones pass through uncopied."""
+    out, small = [], []
+    for buf in buffers:
+        if len(buf) < _SMALL_WRITE_BYTES:
+            small.append(buf)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(buf)
+    if small:
+        out.append(b"".join(small))
+    return out
 
 
 def _event_bytes(event: Event) -> int:
@@ -148,7 +166,7 @@ class Channel:
             if self._gathering:
                 self._transport.writelines(buffers)
             else:
-                for buf in buffers:
+                for buf in _coalesce(buffers):
                     self._transport.write(buf)
             self.bytes_sent += nbytes
             self.frames_sent += 1
