@@ -272,12 +272,14 @@ def test_fault_proxy_cut_and_drop_surface_as_connection_lost(run):
                 await asyncio.sleep(0.01)
             assert isinstance(failures[0], RemoteProtocolError)
 
-            # 2) drop everything while the source waits for an answer
+            # 2) drop everything once a request went through, while the
+            #    source waits for the next one
             async with FaultProxy("127.0.0.1", srv.port) as proxy:
                 ch = await open_channel("127.0.0.1", proxy.port, kind=ChannelKind.URGENT,
                                         session_id=SESSION)
                 waiter = asyncio.create_task(ch.recv())
-                await asyncio.sleep(0.05)
+                await proxy.wait_forwarded(wire.HEADER_BYTES, "up")     # the Hello
+                await proxy.wait_forwarded(wire.HEADER_BYTES, "down")   # the Welcome
                 proxy.drop()
                 with pytest.raises(ConnectionLost, match=r"source/urgent.*phase precopy"):
                     await waiter
@@ -312,4 +314,25 @@ def test_welcome_is_required_before_traffic(run):
         await src.close()
         assert await dst.recv() is None
         await dst.close()
+    run(main())
+
+
+def test_fault_proxy_delay_adds_latency(run):
+    async def main():
+        async def destination(ch):
+            while (ev := await ch.recv()) is not None:
+                if isinstance(ev, Ping):
+                    await ch.send(Pong(ev.nonce))
+
+        async with await serve_channels("127.0.0.1", 0, destination) as srv:
+            async with FaultProxy("127.0.0.1", srv.port, delay_s=0.02) as proxy:
+                ch = await open_channel("127.0.0.1", proxy.port, kind=ChannelKind.URGENT,
+                                        session_id=SESSION)
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                await ch.send(Ping(5))
+                assert await ch.recv() == Pong(5)
+                # one delay each way, at least (never asserted from above)
+                assert loop.time() - start >= 0.04
+                await ch.close()
     run(main())
