@@ -193,3 +193,52 @@ def test_destination_learns_kind_and_names_channel_in_errors():
     d.receive_data(b"NOPE" + bytes(40))
     with pytest.raises(RemoteProtocolError, match=r"\[destination/urgent\] bad frame"):
         d.next_event()
+
+
+def _hello_frame() -> bytearray:
+    s = Connection(S, ChannelKind.CONTROL)
+    return bytearray(b"".join(bytes(b) for b in s.send(
+        Hello(1, 1, ChannelKind.CONTROL, bytes(16), frozenset({"lz4"})))))
+
+
+def _put(offset, value, size):
+    def mutate(raw):
+        raw[offset:offset + size] = value.to_bytes(size, "little")
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda raw: raw.__setitem__(0, ord("X")), "magic"),
+    (_put(4, 7, 2), "version"),
+    (_put(6, 0, 2), "type 0"),
+    (_put(6, 4242, 2), "unknown frame type"),
+    (_put(8, 1, 2), "flags"),
+    (_put(10, 1, 2), "reserved"),
+    (_put(12, 1 << 31, 4), "cap"),
+    (_put(16, 1, 8), "sequence"),
+    (_put(24, 12345, 8), "checksum"),
+    (lambda raw: raw.__setitem__(40, raw[40] ^ 0xFF), "checksum"),
+    (lambda raw: raw.__delitem__(slice(-1, None)), "truncated"),
+    (lambda raw: raw.extend(b"LMIG"), "truncated"),
+], ids=["magic", "version", "type0", "type", "flags", "reserved", "length", "sequence",
+        "checksum", "payload-bit", "short", "trailing"])
+def test_every_malformed_frame_is_a_remote_error(mutate, reason):
+    raw = _hello_frame()
+    mutate(raw)
+    d = Connection(D)
+    d.receive_data(bytes(raw))
+    d.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match=reason) as info:
+        while d.next_event() is not CLOSED:
+            pass
+    assert info.value.side == "remote" and info.value.phase == "handshake"
+
+
+def test_payload_that_does_not_parse_is_a_remote_error():
+    from livemig.protocol import wire
+    bufs = wire.encode_frame(Hello.WIRE_ID, 0, 0, [b"\x01\x00\x01\x00\x09"])  # kind 9, short
+    d = Connection(D)
+    for b in bufs:
+        d.receive_data(b)
+    with pytest.raises(RemoteProtocolError, match="bad Hello payload"):
+        d.next_event()
