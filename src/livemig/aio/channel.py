@@ -358,7 +358,9 @@ ChannelHandler = Callable[[Channel], Awaitable[None]]
 
 class ChannelServer:
     """Accepts channels, answers their Hello, and runs ``handler(channel)``
-    for every Welcomed one. Use as an async context manager."""
+    for every Welcomed one; the channel is closed when the handler returns.
+    Protocol errors and lost peers end only their own channel and are kept
+    in ``errors``. Use as an async context manager."""
 
     def __init__(self, handler: ChannelHandler, policy: HelloPolicy, *,
                  rate_limiter: TokenBucket | None, max_payload_bytes: int,
