@@ -126,9 +126,46 @@ class CodecError(LivemigError):
     out of range, wrong lengths, unknown encoding, DUP hash mismatch, LZ4
     error). Nothing of the offending run was applied."""
 
+# Wire protocol and channels (livemig.protocol, livemig.aio)
+class ProtocolError(LivemigError):
+    """The migration protocol was broken; ``side`` says by whom, ``phase`` when
+    (handshake, precopy, switchover, postcopy, complete)."""
+
+    def __init__(self, message: str, *, phase: str | None = None, channel: str | None = None):
+        if channel:
+            message = f"[{channel}] {message}"
+        super().__init__(message, phase=phase)
+        self.channel = channel
+
+
+class LocalProtocolError(ProtocolError):
+    """We misused the protocol API: sent a message the state forbids, an
+    oversized frame, or used a connection after it failed."""
+
+    side = "local"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: bad magic, version, type, length, checksum,
+    sequence, payload, a message its state forbids, or a truncated stream."""
+
     side = "remote"
 
 
 class CodecUsageError(LivemigError, ValueError):
     """The page codec was called wrongly (page index out of range, repeated
     pages in one encode call, a batch size too small for one page)."""
+
+class HandshakeRefused(RemoteProtocolError):
+    """The peer answered our Hello or MigrationOffer with Refuse."""
+
+    def __init__(self, code: int, reason: str, *, phase: str | None = None,
+                 channel: str | None = None):
+        super().__init__(f"peer refused (code {code}): {reason}", phase=phase, channel=channel)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectionLost(RemoteProtocolError, ConnectionError):
+    """The peer vanished (reset, closed early, or stopped answering) while the
+    channel still expected traffic."""

@@ -1,0 +1,1 @@
+"""asyncio adapters: the only place livemig touches sockets, TLS and the loop."""

@@ -1,0 +1,480 @@
+"""A framed migration channel over an asyncio connection.
+
+Theory of operation
+-------------------
+The adapter is thin on purpose: all protocol knowledge lives in the sans-IO
+:class:`~livemig.protocol.Connection`. A :class:`Channel` pairs one
+Connection with one asyncio transport and does, as aioquic's adapter does,
+receive -> process events -> transmit:
+
+* The transport reads into buffers the Connection hands out (BufferedProtocol:
+  a large frame's payload is received in place, with no copy in Python);
+  ``buffer_updated`` then drains the events completed into a queue that
+  ``recv()`` pops. The queue is bounded by payload
+  bytes: past ``recv_buffer_bytes`` the transport is paused
+  (``pause_reading``) and resumed once ``recv()`` has taken it below half, so
+  a slow consumer pushes back on the sender through TCP instead of growing
+  memory without bound.
+* ``send(event)`` asks the Connection for the frame's buffers and hands them
+  to the transport unjoined (``writelines`` where the transport gathers them
+  itself, else one ``write`` per buffer: the stock 3.11 selector transport's
+  ``writelines`` joins, i.e. copies, whereas its ``write`` sends straight
+  from the caller's buffer when the kernel takes it all). Flow control: the
+  transport's ``pause_writing``/``resume_writing`` clear and set an
+  asyncio.Event that ``send`` awaits, so a sender never runs ahead of the
+  socket by more than the transport's high-water mark. A send lock keeps
+  frames in sequence order when several tasks send, and covers the optional
+  rate limiter wait taken between encoding and writing.
+* A protocol violation by the peer is sticky: queued events are still
+  delivered, then ``recv``/``send`` raise the RemoteProtocolError; we try to
+  tell the peer with an Abort before closing. A transport lost while the
+  conversation still expected traffic raises ConnectionLost naming the
+  channel and the phase; a clean end where the protocol allows one makes
+  ``recv()`` return None.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Awaitable, Callable
+
+from ..errors import ConfigError, ConnectionLost, LivemigError, RemoteProtocolError
+from ..protocol import (CLOSED, NEED_DATA, Abort, ChannelKind, Connection, Event, Hello,
+                        PageBatch, Refuse, Welcome, answer_hello)
+from ..protocol.connection import SUPPORTED_VERSIONS
+from ..protocol.state import Role
+from ..protocol.wire import DEFAULT_MAX_PAYLOAD_BYTES
+from .ratelimit import TokenBucket
+
+DEFAULT_RECV_BUFFER_BYTES = 32 << 20
+DEFAULT_WRITE_HIGH_BYTES = 4 << 20
+SOCKET_BUFFER_BYTES = 4 << 20
+_SMALL_WRITE_BYTES = 16 << 10
+_JOINING_WRITELINES = asyncio.WriteTransport.writelines
+
+
+def _coalesce(buffers: list) -> list:
+    """Join runs of small buffers (the header and message prefixes) so each
+    ``write`` is one syscall worth making; large ones pass through uncopied."""
+    out, small = [], []
+    for buf in buffers:
+        if len(buf) < _SMALL_WRITE_BYTES:
+            small.append(buf)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(buf)
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
+def _event_bytes(event: Event) -> int:
+    return event.data_bytes if isinstance(event, PageBatch) else 0
+
+
+class _ChannelProtocol(asyncio.BufferedProtocol):
+    """asyncio callbacks forwarded to the Channel. Buffered: the transport
+    reads straight into the frame payload being assembled."""
+
+    def __init__(self, channel: "Channel"):
+        self.channel = channel
+
+    def connection_made(self, transport):
+        self.channel._attach(transport)
+
+    def get_buffer(self, sizehint):
+        return self.channel.conn.get_receive_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        self.channel._on_received(nbytes)
+
+    def eof_received(self):
+        self.channel._on_data(b"")
+        return False   # close our side too: a channel is never half-open
+
+    def connection_lost(self, exc):
+        self.channel._on_lost(exc)
+
+    def pause_writing(self):
+        self.channel._can_write.clear()
+
+    def resume_writing(self):
+        self.channel._can_write.set()
+
+
+class Channel:
+    """One migration channel. Create with :func:`open_channel`,
+    :func:`serve_channels` or :func:`channel_pair`."""
+
+    def __init__(self, conn: Connection, *, rate_limiter: TokenBucket | None = None,
+                 recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES):
+        self.conn = conn
+        self.rate_limiter = rate_limiter
+        self.recv_buffer_bytes = recv_buffer_bytes
+        self._transport: asyncio.Transport | None = None
+        self._gathering = False
+        self._events: collections.deque = collections.deque()
+        self._queued_bytes = 0
+        self._reading_paused = False
+        self._ended = False            # the peer ended the stream cleanly
+        self._closing = False          # we asked to close
+        self._error: LivemigError | None = None
+        self._wakeup = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._send_lock = asyncio.Lock()
+        self._lost = asyncio.get_running_loop().create_future()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.frames_sent = 0
+        self.frames_received = 0
+
+    # -- introspection -----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    @property
+    def phase(self) -> str:
+        return self.conn.phase
+
+    @property
+    def kind(self) -> ChannelKind | None:
+        return self.conn.channel_kind
+
+    @property
+    def closed(self) -> bool:
+        return self._lost.done()
+
+    def get_extra_info(self, name: str, default=None):
+        return self._transport.get_extra_info(name, default) if self._transport else default
+
+    # -- public API --------------------------------------------------------------------
+    async def send(self, event: Event) -> None:
+        """Encode, rate-limit and write ``event``; returns once the transport
+        is below its high-water mark. LocalProtocolError if the state forbids."""
+        async with self._send_lock:
+            self._raise_if_unusable()
+            buffers = self.conn.send(event)
+            nbytes = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
+            if self.rate_limiter is not None:
+                await self.rate_limiter.consume(nbytes)
+                self._raise_if_unusable()
+            if self._gathering:
+                self._transport.writelines(buffers)
+            else:
+                for buf in _coalesce(buffers):
+                    self._transport.write(buf)
+            self.bytes_sent += nbytes
+            self.frames_sent += 1
+            if not self._can_write.is_set():
+                await self._can_write.wait()
+                self._raise_if_unusable()
+
+    async def recv(self) -> Event | None:
+        """The next event from the peer, or None once it ended the stream
+        where the protocol allows. Raises the peer's protocol error or
+        ConnectionLost."""
+        while not self._events:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        event = self._events.popleft()
+        self._queued_bytes -= _event_bytes(event)
+        if self._reading_paused and self._queued_bytes <= self.recv_buffer_bytes // 2:
+            self._reading_paused = False
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+        return event
+
+    async def close(self) -> None:
+        """Close the transport (after flushing what is queued) and wait for it."""
+        self._closing = True
+        if self._transport is None:
+            if not self._lost.done():
+                self._lost.set_result(None)   # never connected: nothing to close
+        elif not self._transport.is_closing():
+            self._transport.close()
+        await asyncio.shield(self._lost)
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding unsent data."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    # -- transport callbacks -----------------------------------------------------------
+    def _attach(self, transport) -> None:
+        self._transport = transport
+        self._gathering = type(transport).writelines is not _JOINING_WRITELINES
+        transport.set_write_buffer_limits(high=DEFAULT_WRITE_HIGH_BYTES)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Kernel buffers that hold a few whole frames: a write of a large
+            # payload is then taken by the kernel at once instead of being
+            # split, and the remainder copied into the transport's buffer.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+
+    def _on_received(self, nbytes: int) -> None:
+        if self._error is not None:
+            return
+        self.bytes_received += nbytes
+        self.conn.receive_buffer_filled(nbytes)
+        self._pump()
+
+    def _on_data(self, data) -> None:
+        if self._error is not None:
+            return
+        self.bytes_received += len(data)
+        self.conn.receive_data(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Drain the events the received bytes completed into the queue."""
+        try:
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    self._ended = True
+                    break
+                self.frames_received += 1
+                self._events.append(event)
+                self._queued_bytes += _event_bytes(event)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+        if (not self._reading_paused and self._queued_bytes > self.recv_buffer_bytes
+                and not self._transport.is_closing()):
+            self._reading_paused = True
+            self._transport.pause_reading()
+        self._wakeup.set()
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        """The peer broke the protocol: tell it why (best effort), then close."""
+        self._error = exc
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            try:
+                for buf in self.conn.send(Abort(self.conn.conversation.phase, str(exc)[:1000])):
+                    transport.write(buf)
+            except LivemigError:
+                pass   # the state may not allow an Abort; closing says enough
+            transport.close()
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if self._closing and self._error is None and exc is None:
+            self._ended = True     # our own close: remaining events, then None
+        if self._error is None:
+            if exc is None and not self._ended:
+                # Closed without an EOF callback (e.g. TLS): treat as end of stream.
+                self._on_data(b"")
+            if self._error is None and not self._ended:
+                reason = f"{type(exc).__name__}: {exc}" if exc else "closed"
+                self._error = ConnectionLost(
+                    f"connection lost ({reason}) in phase {self.phase}",
+                    phase=self.phase, channel=self.name)
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._can_write.set()     # wake blocked senders; they see the error
+        self._wakeup.set()
+
+    def _raise_if_unusable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._lost.done() or self._transport is None or self._transport.is_closing():
+            raise ConnectionLost(f"channel closed in phase {self.phase}",
+                                 phase=self.phase, channel=self.name)
+
+
+# -- opening channels ------------------------------------------------------------------
+
+async def _handshake(ch: Channel, hello: Hello, timeout_s: float) -> Channel:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ch.send(hello)
+            answer = await ch.recv()
+    except TimeoutError:
+        ch.abort()
+        raise ConnectionLost(f"no answer to Hello within {timeout_s} s",
+                             phase="handshake", channel=ch.name) from None
+    except BaseException:
+        ch.abort()
+        raise
+    if isinstance(answer, Welcome):
+        return ch
+    await ch.close()
+    if isinstance(answer, Refuse):
+        raise ch.conn.refused_error()
+    raise ConnectionLost("peer closed the channel during the handshake",
+                         phase="handshake", channel=ch.name)
+
+
+async def open_channel(host: str, port: int, *, kind: ChannelKind, session_id: bytes,
+                       role: Role = Role.SOURCE, ssl=None, server_hostname: str | None = None,
+                       capabilities=frozenset(), resume: bool = False,
+                       rate_limiter: TokenBucket | None = None,
+                       max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                       recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES,
+                       timeout_s: float = 10.0) -> Channel:
+    """Connect, say Hello, and return the channel once Welcomed.
+
+    Raises HandshakeRefused on Refuse, ConnectionLost if the peer vanishes or
+    stays silent for ``timeout_s``.
+    """
+    if role is not Role.SOURCE:
+        raise ConfigError("channels are opened by the source: the source speaks first")
+    loop = asyncio.get_running_loop()
+    conn = Connection(role, kind, max_payload_bytes=max_payload_bytes)
+    ch = Channel(conn, rate_limiter=rate_limiter, recv_buffer_bytes=recv_buffer_bytes)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await loop.create_connection(lambda: _ChannelProtocol(ch), host, port, ssl=ssl,
+                                         server_hostname=server_hostname if ssl else None)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionLost(f"cannot connect to {host}:{port}: {exc}", phase="handshake",
+                             channel=conn.name) from exc
+    hello = Hello(SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[1], kind, session_id,
+                  frozenset(capabilities), resume, max_payload_bytes)
+    return await _handshake(ch, hello, timeout_s)
+
+
+HelloPolicy = Callable[[Hello], "Welcome | Refuse"]
+ChannelHandler = Callable[[Channel], Awaitable[None]]
+
+
+class ChannelServer:
+    """Accepts channels, answers their Hello, and runs ``handler(channel)``
+    for every Welcomed one; the channel is closed when the handler returns.
+    Protocol errors and lost peers end only their own channel and are kept
+    in ``errors``. Use as an async context manager."""
+
+    def __init__(self, handler: ChannelHandler, policy: HelloPolicy, *,
+                 rate_limiter: TokenBucket | None, max_payload_bytes: int,
+                 recv_buffer_bytes: int, timeout_s: float):
+        self._handler = handler
+        self._policy = policy
+        self._rate_limiter = rate_limiter
+        self._max_payload_bytes = max_payload_bytes
+        self._recv_buffer_bytes = recv_buffer_bytes
+        self._timeout_s = timeout_s
+        self._tasks: set[asyncio.Task] = set()
+        self._channels: set[Channel] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.errors: list[BaseException] = []
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    def _protocol(self) -> _ChannelProtocol:
+        conn = Connection(Role.DESTINATION, max_payload_bytes=self._max_payload_bytes)
+        ch = Channel(conn, rate_limiter=self._rate_limiter,
+                     recv_buffer_bytes=self._recv_buffer_bytes)
+        self._channels.add(ch)
+        task = asyncio.get_running_loop().create_task(self._serve(ch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return _ChannelProtocol(ch)
+
+    async def _serve(self, ch: Channel) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    hello = await ch.recv()
+            except TimeoutError:
+                return
+            if hello is None:
+                return
+            answer = self._policy(hello)
+            await ch.send(answer)
+            if isinstance(answer, Refuse):
+                return
+            await self._handler(ch)
+        except LivemigError as exc:
+            # A peer that breaks the protocol or vanishes ends its channel,
+            # never the server; the error is kept for the owner to inspect.
+            self.errors.append(exc)
+        finally:
+            await ch.close()
+            self._channels.discard(ch)
+
+    async def close(self) -> None:
+        """Stop accepting, cancel handlers, close every channel."""
+        if self.server is not None:
+            self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ch in list(self._channels):
+            await ch.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+async def serve_channels(host: str, port: int, handler: ChannelHandler, *, ssl=None,
+                         capabilities=frozenset(), required=frozenset(),
+                         policy: HelloPolicy | None = None,
+                         rate_limiter: TokenBucket | None = None,
+                         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                         recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES,
+                         timeout_s: float = 10.0) -> ChannelServer:
+    """Listen on ``host:port`` (port 0 picks one: see ``.port``) as the
+    destination. Each Hello is answered by ``policy`` (default:
+    :func:`answer_hello` with ``capabilities``/``required``)."""
+    if policy is None:
+        def policy(hello):
+            return answer_hello(hello, capabilities=capabilities, required=required,
+                                max_payload_bytes=max_payload_bytes)
+    srv = ChannelServer(handler, policy, rate_limiter=rate_limiter,
+                        max_payload_bytes=max_payload_bytes,
+                        recv_buffer_bytes=recv_buffer_bytes, timeout_s=timeout_s)
+    srv.server = await asyncio.get_running_loop().create_server(srv._protocol, host, port,
+                                                                ssl=ssl)
+    return srv
+
+
+async def channel_pair(kind: ChannelKind, *, session_id: bytes = bytes(16),
+                       capabilities=frozenset(), rate_limiter: TokenBucket | None = None,
+                       max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                       recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES
+                       ) -> tuple[Channel, Channel]:
+    """(source, destination) channels over a local socketpair, handshake done."""
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    src = Channel(Connection(Role.SOURCE, kind, max_payload_bytes=max_payload_bytes),
+                  rate_limiter=rate_limiter, recv_buffer_bytes=recv_buffer_bytes)
+    dst = Channel(Connection(Role.DESTINATION, max_payload_bytes=max_payload_bytes),
+                  recv_buffer_bytes=recv_buffer_bytes)
+    await loop.create_connection(lambda: _ChannelProtocol(src), sock=a)
+    await loop.create_connection(lambda: _ChannelProtocol(dst), sock=b)
+    hello = Hello(SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[1], kind, session_id,
+                  frozenset(capabilities), False, max_payload_bytes)
+    await src.send(hello)
+    got = await dst.recv()
+    await dst.send(answer_hello(got, capabilities=capabilities,
+                                max_payload_bytes=max_payload_bytes))
+    welcome = await src.recv()
+    if not isinstance(welcome, Welcome):
+        raise src.conn.refused_error() or ConnectionLost(
+            "socketpair peer closed during the handshake", phase="handshake", channel=src.name)
+    return src, dst

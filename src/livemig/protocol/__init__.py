@@ -1,0 +1,21 @@
+"""The migration wire protocol, sans-IO: frames, messages, state machines.
+
+Nothing in this package performs I/O or reads a clock; livemig.aio adapts it
+to asyncio. See docs/protocol.md for the wire format.
+"""
+from .connection import CLOSED, NEED_DATA, SUPPORTED_VERSIONS, Connection, answer_hello
+from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, Accept,
+                     ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
+                     PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
+                     RefuseCode, Resumed, RoundEnd, RoundStart, Switchover, VerifyFailed,
+                     Welcome)
+from .state import Role, State
+
+__all__ = [
+    "CLOSED", "NEED_DATA", "SUPPORTED_VERSIONS", "Connection", "answer_hello",
+    "ALL_EVENTS", "BATCH_POSTCOPY", "BATCH_URGENT", "WIRE_IDS", "Abort", "Accept",
+    "ChannelKind", "Complete", "Event", "Hello", "MigrationOffer", "Mode", "PageBatch",
+    "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
+    "RefuseCode", "Resumed", "RoundEnd", "RoundStart", "Switchover", "VerifyFailed",
+    "Welcome", "Role", "State",
+]

@@ -1,0 +1,688 @@
+"""Protocol messages: one frozen dataclass per message, each owning its payload layout.
+
+Theory of operation
+-------------------
+An event knows how to turn itself into payload buffers (``encode() -> (flags,
+parts)``) and how to rebuild itself from a frame's payload
+(``decode(flags, payload)``). Layouts are explicit little-endian ``struct``
+formats; JSON appears only in MigrationOffer's small, human-level VM config.
+Wire ids are this protocol's own numbers (:data:`WIRE_IDS`), grouped by phase,
+and never reuse internal enum values; 0 is invalid.
+
+Decoding trusts nothing: every length is checked against what is present,
+trailing bytes are an error, undefined flag bits and reserved fields must be
+0, text must be UTF-8, bitmaps must have zero padding bits. Any violation
+raises :class:`PayloadError`, which the connection reports as a
+RemoteProtocolError. Bulk page data (PageBatch.data) is never copied: encode
+hands the caller's buffer through, decode returns a memoryview slice of the
+frame payload.
+
+The layouts are documented field by field in docs/protocol.md.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar
+
+
+class PayloadError(Exception):
+    """A payload does not match its message layout."""
+
+
+class ChannelKind(IntEnum):
+    CONTROL = 1   # handshake, offer, rounds, switchover, completion
+    BULK = 2      # page batches, source -> destination
+    URGENT = 3    # post-copy page requests and their replies
+
+
+class Mode(IntEnum):
+    PRECOPY = 1
+    POSTCOPY = 2
+    HYBRID = 3    # pre-copy rounds, then switch over to post-copy
+
+
+class Phase(IntEnum):
+    HANDSHAKE = 1
+    PRECOPY = 2
+    SWITCHOVER = 3
+    POSTCOPY = 4
+    COMPLETE = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class RefuseCode(IntEnum):
+    VERSION = 1        # no common protocol version
+    CAPABILITY = 2     # a required capability is missing
+    BUSY = 3           # the destination already hosts or receives a VM
+    SESSION = 4        # unknown session (e.g. a resume for a session we never saw)
+    OFFER = 5          # the offered VM cannot be hosted (size, page size, mode)
+    RESOURCES = 6      # not enough memory or other local resources
+    CHANNEL = 7        # channel kind not expected now
+    OTHER = 255
+
+
+# Frame flags of PageBatch.
+BATCH_URGENT = 0x1     # a reply to a PageRequest: serve before anything else
+BATCH_POSTCOPY = 0x2   # sent after switchover: pages the destination still owes
+# Frame flags of Switchover.
+SWITCHOVER_POSTCOPY = 0x1  # an owed-pages bitmap follows; the destination faults them in
+
+MAX_TEXT_BYTES = 4096
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CAPABILITIES = 64
+MAX_REQUEST_PAGES = 1 << 16
+SESSION_ID_BYTES = 16
+DIGEST_BYTES = 16
+_CAP_RE = re.compile(rb"^[a-z0-9][a-z0-9_.\-]{0,31}$")
+
+
+class _Reader:
+    """Bounds-checked little-endian reads over a payload memoryview."""
+
+    __slots__ = ("view", "pos")
+
+    def __init__(self, payload):
+        self.view = payload if isinstance(payload, memoryview) else memoryview(payload)
+        self.pos = 0
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        if self.pos + st.size > len(self.view):
+            raise PayloadError(f"payload truncated: need {st.size} bytes at offset {self.pos}")
+        values = st.unpack_from(self.view, self.pos)
+        self.pos += st.size
+        return values
+
+    def take(self, nbytes: int) -> memoryview:
+        if nbytes < 0 or self.pos + nbytes > len(self.view):
+            raise PayloadError(f"payload truncated: need {nbytes} bytes at offset {self.pos}")
+        out = self.view[self.pos:self.pos + nbytes]
+        self.pos += nbytes
+        return out
+
+    def rest(self) -> memoryview:
+        return self.take(len(self.view) - self.pos)
+
+    def text(self, st: struct.Struct, limit: int) -> str:
+        (nbytes,) = self.unpack(st)
+        if nbytes > limit:
+            raise PayloadError(f"text of {nbytes} bytes exceeds {limit}")
+        try:
+            return str(self.take(nbytes), "utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"text is not UTF-8: {exc}") from None
+
+    def end(self) -> None:
+        if self.pos != len(self.view):
+            raise PayloadError(f"{len(self.view) - self.pos} trailing bytes after the payload")
+
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _text(value: str, st: struct.Struct, limit: int) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > limit:
+        raise ValueError(f"text of {len(raw)} bytes exceeds {limit}")
+    return st.pack(len(raw)) + raw
+
+
+def _encode_caps(caps: frozenset) -> bytes:
+    if len(caps) > MAX_CAPABILITIES:
+        raise ValueError(f"at most {MAX_CAPABILITIES} capabilities")
+    out = [_U16.pack(len(caps))]
+    for name in sorted(caps):
+        raw = name.encode("ascii")
+        if not _CAP_RE.match(raw):
+            raise ValueError(f"capability name {name!r} is not [a-z0-9][a-z0-9_.-]{{0,31}}")
+        out.append(bytes([len(raw)]) + raw)
+    return b"".join(out)
+
+
+def _decode_caps(r: _Reader) -> frozenset:
+    (count,) = r.unpack(_U16)
+    if count > MAX_CAPABILITIES:
+        raise PayloadError(f"{count} capabilities exceed the limit of {MAX_CAPABILITIES}")
+    names = []
+    for _ in range(count):
+        (nbytes,) = r.unpack(struct.Struct("<B"))
+        raw = bytes(r.take(nbytes))
+        if not _CAP_RE.match(raw):
+            raise PayloadError(f"bad capability name {raw!r}")
+        names.append(raw.decode("ascii"))
+    if len(set(names)) != len(names):
+        raise PayloadError("duplicate capability names")
+    return frozenset(names)
+
+
+def _check_bitmap(npages: int, bitmap: bytes) -> None:
+    if len(bitmap) != (npages + 7) // 8:
+        raise PayloadError(f"bitmap of {len(bitmap)} bytes does not cover {npages} pages")
+    spare = npages % 8
+    if spare and bitmap[-1] >> spare:
+        raise PayloadError("bitmap padding bits beyond npages are set")
+
+
+def _as_bytes_view(data) -> memoryview:
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("page data must be C-contiguous")
+    return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
+
+
+def _no_flags(cls, flags: int) -> None:
+    if flags:
+        raise PayloadError(f"{cls.__name__} defines no flags, got {flags:#x}")
+
+
+class Event:
+    """Base of every protocol message."""
+
+    WIRE_ID: ClassVar[int] = 0
+    FLAGS: ClassVar[int] = 0   # flag bits this message defines
+
+    def encode(self) -> tuple[int, list]:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, flags: int, payload: memoryview) -> "Event":
+        raise NotImplementedError
+
+    @property
+    def variant(self) -> str | None:
+        """Sub-kind the state machine distinguishes (None for most)."""
+        return None
+
+
+class _Empty(Event):
+    """Messages without a payload."""
+
+    def encode(self):
+        return 0, []
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        _Reader(payload).end()
+        return cls()
+
+
+# --- handshake ---------------------------------------------------------------
+
+_HELLO = struct.Struct("<HHBBHI16s")
+
+
+@dataclass(frozen=True)
+class Hello(Event):
+    """Source -> destination, first frame of every channel."""
+
+    WIRE_ID: ClassVar[int] = 1
+    min_version: int
+    max_version: int
+    channel_kind: ChannelKind
+    session_id: bytes
+    capabilities: frozenset = frozenset()
+    resume: bool = False
+    max_payload_bytes: int = 64 << 20
+
+    def encode(self):
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise ValueError("session_id must be 16 bytes")
+        return 0, [_HELLO.pack(self.min_version, self.max_version, int(self.channel_kind),
+                               int(self.resume), 0, self.max_payload_bytes, self.session_id)
+                   + _encode_caps(frozenset(self.capabilities))]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        vmin, vmax, kind, resume, reserved, max_payload, session = r.unpack(_HELLO)
+        if reserved or resume > 1:
+            raise PayloadError("Hello reserved field or resume flag invalid")
+        if vmin > vmax or vmin == 0:
+            raise PayloadError(f"Hello version range {vmin}..{vmax} is invalid")
+        try:
+            kind = ChannelKind(kind)
+        except ValueError:
+            raise PayloadError(f"unknown channel kind {kind}") from None
+        caps = _decode_caps(r)
+        r.end()
+        return cls(vmin, vmax, kind, bytes(session), caps, bool(resume), max_payload)
+
+
+_WELCOME = struct.Struct("<HHI")
+
+
+@dataclass(frozen=True)
+class Welcome(Event):
+    """Destination -> source: the chosen version and the common capabilities."""
+
+    WIRE_ID: ClassVar[int] = 2
+    version: int
+    capabilities: frozenset = frozenset()
+    max_payload_bytes: int = 64 << 20
+
+    def encode(self):
+        return 0, [_WELCOME.pack(self.version, 0, self.max_payload_bytes)
+                   + _encode_caps(frozenset(self.capabilities))]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        version, reserved, max_payload = r.unpack(_WELCOME)
+        if reserved:
+            raise PayloadError("Welcome reserved field is not 0")
+        caps = _decode_caps(r)
+        r.end()
+        return cls(version, caps, max_payload)
+
+
+@dataclass(frozen=True)
+class Refuse(Event):
+    """Destination -> source: no to a Hello or a MigrationOffer, and why."""
+
+    WIRE_ID: ClassVar[int] = 3
+    code: RefuseCode
+    reason: str = ""
+
+    def encode(self):
+        return 0, [_U16.pack(int(self.code)) + _text(self.reason, _U16, MAX_TEXT_BYTES)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        (code,) = r.unpack(_U16)
+        reason = r.text(_U16, MAX_TEXT_BYTES)
+        r.end()
+        try:
+            code = RefuseCode(code)
+        except ValueError:
+            code = RefuseCode.OTHER  # newer peers may add codes; the text says why
+        return cls(code, reason)
+
+
+# --- offer -------------------------------------------------------------------
+
+_OFFER = struct.Struct("<BBHIQI")
+
+
+@dataclass(frozen=True)
+class MigrationOffer(Event):
+    """Source -> destination: what VM comes and how it will move."""
+
+    WIRE_ID: ClassVar[int] = 16
+    config: dict
+    mode: Mode
+    npages: int
+    page_size: int = 4096
+
+    def encode(self):
+        raw = json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode()
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError("VM config exceeds 1 MiB of JSON")
+        return 0, [_OFFER.pack(int(self.mode), 0, 0, self.page_size, self.npages, len(raw)), raw]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        mode, res8, res16, page_size, npages, config_len = r.unpack(_OFFER)
+        if res8 or res16:
+            raise PayloadError("MigrationOffer reserved fields are not 0")
+        try:
+            mode = Mode(mode)
+        except ValueError:
+            raise PayloadError(f"unknown migration mode {mode}") from None
+        if page_size < 512 or page_size & (page_size - 1):
+            raise PayloadError(f"page size {page_size} is not a power of two >= 512")
+        if config_len > MAX_CONFIG_BYTES:
+            raise PayloadError("VM config exceeds 1 MiB")
+        raw = r.take(config_len)
+        r.end()
+        try:
+            config = json.loads(str(raw, "utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PayloadError(f"VM config is not JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise PayloadError("VM config must be a JSON object")
+        return cls(config, mode, npages, page_size)
+
+
+@dataclass(frozen=True)
+class Accept(_Empty):
+    """Destination -> source: the offer is accepted, memory is ready."""
+
+    WIRE_ID: ClassVar[int] = 17
+
+
+# --- pre-copy ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundStart(Event):
+    WIRE_ID: ClassVar[int] = 32
+    round: int
+
+    def encode(self):
+        return 0, [_U32.pack(self.round)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        (rnd,) = r.unpack(_U32)
+        r.end()
+        return cls(rnd)
+
+
+_BATCH = struct.Struct("<IIQ")
+
+
+@dataclass(frozen=True)
+class PageBatch(Event):
+    """Source -> destination: opaque page-codec bytes for ``npages`` pages.
+
+    ``request_id`` is 0 for pushed pages, else the PageRequest answered (then
+    flags carry BATCH_URGENT). ``data`` is passed through without copying.
+    """
+
+    WIRE_ID: ClassVar[int] = 33
+    FLAGS: ClassVar[int] = BATCH_URGENT | BATCH_POSTCOPY
+    round: int
+    npages: int
+    data: object = b""
+    flags: int = 0
+    request_id: int = 0
+
+    def encode(self):
+        if self.flags & ~self.FLAGS:
+            raise ValueError(f"undefined PageBatch flags {self.flags:#x}")
+        return self.flags, [_BATCH.pack(self.round, self.npages, self.request_id),
+                            _as_bytes_view(self.data)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        if flags & ~cls.FLAGS:
+            raise PayloadError(f"undefined PageBatch flags {flags:#x}")
+        r = _Reader(payload)
+        rnd, npages, request_id = r.unpack(_BATCH)
+        if request_id and not flags & BATCH_URGENT:
+            raise PayloadError("a PageBatch answering a request must be flagged URGENT")
+        return cls(rnd, npages, r.rest(), flags, request_id)
+
+    @property
+    def variant(self):
+        if self.flags & BATCH_URGENT:
+            return "urgent"
+        return "postcopy" if self.flags & BATCH_POSTCOPY else "precopy"
+
+    @property
+    def data_bytes(self) -> int:
+        return _as_bytes_view(self.data).nbytes
+
+
+_ROUND_END = struct.Struct("<IIQQ")
+
+
+@dataclass(frozen=True)
+class RoundEnd(Event):
+    WIRE_ID: ClassVar[int] = 34
+    round: int
+    pages: int
+    bytes: int
+
+    def encode(self):
+        return 0, [_ROUND_END.pack(self.round, 0, self.pages, self.bytes)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        rnd, reserved, pages, nbytes = r.unpack(_ROUND_END)
+        r.end()
+        if reserved:
+            raise PayloadError("RoundEnd reserved field is not 0")
+        return cls(rnd, pages, nbytes)
+
+
+# --- switchover ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Switchover(Event):
+    """Source -> destination, VM paused: CPU/device state, the memory digest
+    the destination must reproduce, and for post-copy the pages still owed
+    (bit i set = page i not yet sent; bit order: LSB first within a byte)."""
+
+    WIRE_ID: ClassVar[int] = 48
+    FLAGS: ClassVar[int] = SWITCHOVER_POSTCOPY
+    state: bytes
+    digest: bytes
+    owed_npages: int = 0
+    owed_bitmap: bytes | None = None
+
+    def encode(self):
+        if len(self.digest) != DIGEST_BYTES:
+            raise ValueError("digest must be 16 bytes")
+        parts = [bytes(self.digest) + _U32.pack(len(self.state)), self.state]
+        if self.owed_bitmap is None:
+            return 0, parts
+        _check_bitmap(self.owed_npages, bytes(self.owed_bitmap))
+        parts += [_U64.pack(self.owed_npages), self.owed_bitmap]
+        return SWITCHOVER_POSTCOPY, parts
+
+    @classmethod
+    def decode(cls, flags, payload):
+        if flags & ~cls.FLAGS:
+            raise PayloadError(f"undefined Switchover flags {flags:#x}")
+        r = _Reader(payload)
+        digest = bytes(r.take(DIGEST_BYTES))
+        (state_len,) = r.unpack(_U32)
+        state = bytes(r.take(state_len))
+        if not flags & SWITCHOVER_POSTCOPY:
+            r.end()
+            return cls(state, digest)
+        (npages,) = r.unpack(_U64)
+        bitmap = bytes(r.rest())
+        _check_bitmap(npages, bitmap)
+        return cls(state, digest, npages, bitmap)
+
+    @property
+    def variant(self):
+        return "postcopy" if self.owed_bitmap is not None else "precopy"
+
+
+@dataclass(frozen=True)
+class Resumed(_Empty):
+    """Destination -> source: digest verified, the VM runs here now."""
+
+    WIRE_ID: ClassVar[int] = 49
+
+
+@dataclass(frozen=True)
+class VerifyFailed(Event):
+    """Destination -> source: the digest did not match; the source resumes."""
+
+    WIRE_ID: ClassVar[int] = 50
+    expected: bytes
+    actual: bytes
+    reason: str = ""
+
+    def encode(self):
+        if len(self.expected) != DIGEST_BYTES or len(self.actual) != DIGEST_BYTES:
+            raise ValueError("digests must be 16 bytes")
+        return 0, [bytes(self.expected) + bytes(self.actual)
+                   + _text(self.reason, _U16, MAX_TEXT_BYTES)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        expected = bytes(r.take(DIGEST_BYTES))
+        actual = bytes(r.take(DIGEST_BYTES))
+        reason = r.text(_U16, MAX_TEXT_BYTES)
+        r.end()
+        return cls(expected, actual, reason)
+
+
+# --- post-copy and recovery ------------------------------------------------------
+
+_REQUEST = struct.Struct("<QII")
+
+
+@dataclass(frozen=True)
+class PageRequest(Event):
+    """Destination -> source: the guest faulted on these pages; answer first."""
+
+    WIRE_ID: ClassVar[int] = 64
+    request_id: int
+    pages: tuple = field(default_factory=tuple)
+
+    def encode(self):
+        count = len(self.pages)
+        if not 0 < count <= MAX_REQUEST_PAGES:
+            raise ValueError(f"a PageRequest names 1..{MAX_REQUEST_PAGES} pages")
+        return 0, [_REQUEST.pack(self.request_id, count, 0),
+                   struct.pack(f"<{count}Q", *self.pages)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        request_id, count, reserved = r.unpack(_REQUEST)
+        if reserved or not 0 < count <= MAX_REQUEST_PAGES:
+            raise PayloadError(f"PageRequest count {count} or reserved field invalid")
+        pages = r.unpack(struct.Struct(f"<{count}Q"))
+        r.end()
+        return cls(request_id, pages)
+
+
+@dataclass(frozen=True)
+class PresentReport(Event):
+    """Destination -> source on a resumed session: pages it already holds
+    (bit i set = page i present and valid), so the source skips them."""
+
+    WIRE_ID: ClassVar[int] = 65
+    npages: int
+    bitmap: bytes
+
+    def encode(self):
+        _check_bitmap(self.npages, bytes(self.bitmap))
+        return 0, [_U64.pack(self.npages), self.bitmap]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        (npages,) = r.unpack(_U64)
+        bitmap = bytes(r.rest())
+        _check_bitmap(npages, bitmap)
+        return cls(npages, bitmap)
+
+
+@dataclass(frozen=True)
+class PostcopyComplete(Event):
+    """Destination -> source: every owed page has arrived."""
+
+    WIRE_ID: ClassVar[int] = 66
+    pages: int
+
+    def encode(self):
+        return 0, [_U64.pack(self.pages)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        (pages,) = r.unpack(_U64)
+        r.end()
+        return cls(pages)
+
+
+# --- ending ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Complete(_Empty):
+    """Source -> destination: the source released the VM; the session is over."""
+
+    WIRE_ID: ClassVar[int] = 80
+
+
+_ABORT = struct.Struct("<BB")
+
+
+@dataclass(frozen=True)
+class Abort(Event):
+    """Either side: the migration is abandoned; the source keeps (or resumes) the VM."""
+
+    WIRE_ID: ClassVar[int] = 81
+    phase: Phase
+    reason: str = ""
+
+    def encode(self):
+        return 0, [_ABORT.pack(int(self.phase), 0) + _text(self.reason, _U16, MAX_TEXT_BYTES)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        phase, reserved = r.unpack(_ABORT)
+        reason = r.text(_U16, MAX_TEXT_BYTES)
+        r.end()
+        if reserved:
+            raise PayloadError("Abort reserved field is not 0")
+        try:
+            phase = Phase(phase)
+        except ValueError:
+            raise PayloadError(f"unknown phase {phase}") from None
+        return cls(phase, reason)
+
+
+@dataclass(frozen=True)
+class Ping(Event):
+    WIRE_ID: ClassVar[int] = 96
+    nonce: int
+
+    def encode(self):
+        return 0, [_U64.pack(self.nonce)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        (nonce,) = r.unpack(_U64)
+        r.end()
+        return cls(nonce)
+
+
+@dataclass(frozen=True)
+class Pong(Ping):
+    WIRE_ID: ClassVar[int] = 97
+
+
+ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
+              RoundEnd, Switchover, Resumed, VerifyFailed, PageRequest, PresentReport,
+              PostcopyComplete, Complete, Abort, Ping, Pong)
+WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
+assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
+
+
+def decode_event(type_id: int, flags: int, payload: memoryview) -> Event:
+    """The message a frame carries; PayloadError if it does not parse."""
+    cls = WIRE_IDS.get(type_id)
+    if cls is None:
+        raise PayloadError(f"unknown message type {type_id}")
+    try:
+        return cls.decode(flags, payload)
+    except PayloadError:
+        raise
+    except (struct.error, ValueError, OverflowError) as exc:
+        raise PayloadError(f"{cls.__name__}: {exc}") from None

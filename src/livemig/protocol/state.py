@@ -1,0 +1,207 @@
+"""The conversation state machines of both peers, per channel kind, as data.
+
+Rules
+-----
+1. A channel is one conversation between a SOURCE and a DESTINATION. Its
+   state is shared: both peers run the same table, one as the sender of an
+   event and the other as its receiver, so the table models both peers at
+   once (who may say what, when). A row is
+   ``(state, sender role, event class, variant) -> next state``.
+2. The source always opens a channel with Hello; the destination answers
+   Welcome or Refuse. Nothing else may precede the handshake.
+3. Anything not in the table is illegal. :meth:`Conversation.process` is the
+   one place that raises for it (TransitionError); the connection turns that
+   into LocalProtocolError when we were the sender and RemoteProtocolError
+   when the peer was.
+4. Abort may be sent by either side from any state after Hello until a
+   terminal state; Ping/Pong by either side in any state between the
+   handshake and a terminal state. Neither changes anything else.
+5. End of stream is an input too: accepted in terminal states (and, on bulk
+   and urgent channels, while open if the source closed: those channels end
+   when the source closes them), an error anywhere else (the peer vanished
+   mid-conversation).
+6. Terminal states accept nothing but end of stream.
+
+Control channel (source S, destination D)::
+
+    IDLE --S Hello--> HELLO_SENT --D Welcome--> READY --S MigrationOffer--> OFFERED
+                         |D Refuse                            OFFERED --D Refuse--> REFUSED
+                         v                                    OFFERED --D Accept--> PRECOPY
+                      REFUSED
+    PRECOPY --S RoundStart--> IN_ROUND --S PageBatch(precopy)--> IN_ROUND
+    IN_ROUND --S RoundEnd--> PRECOPY          PRECOPY --D PresentReport--> PRECOPY
+    PRECOPY --S Switchover(precopy)--> SWITCHOVER --D Resumed--> RELEASING
+                                                  --D VerifyFailed--> VERIFY_FAILED
+    RELEASING --S Complete--> DONE
+    PRECOPY --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY --D Resumed--> POSTCOPY
+    POSTCOPY --S PageBatch(postcopy|urgent)--> POSTCOPY --D PageRequest--> POSTCOPY
+    POSTCOPY --D PostcopyComplete--> POSTCOPY_DONE --S Complete--> DONE
+    POSTCOPY --D VerifyFailed--> VERIFY_FAILED
+
+Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
+(precopy or postcopy) any number of times; Refuse -> REFUSED.
+Urgent channel: the same handshake, then D PageRequest and S PageBatch(urgent).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
+                     PageBatch, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
+                     Refuse, Resumed, RoundEnd, RoundStart, Switchover, VerifyFailed, Welcome)
+
+
+class Role(Enum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+    @property
+    def peer(self) -> "Role":
+        return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
+
+
+class State(Enum):
+    # (name, phase)
+    IDLE = ("idle", Phase.HANDSHAKE)
+    HELLO_SENT = ("hello-sent", Phase.HANDSHAKE)
+    READY = ("ready", Phase.HANDSHAKE)
+    OFFERED = ("offered", Phase.HANDSHAKE)
+    PRECOPY = ("precopy", Phase.PRECOPY)
+    IN_ROUND = ("in-round", Phase.PRECOPY)
+    SWITCHOVER = ("switchover", Phase.SWITCHOVER)
+    SWITCHOVER_POSTCOPY = ("switchover-postcopy", Phase.SWITCHOVER)
+    RELEASING = ("releasing", Phase.COMPLETE)
+    POSTCOPY = ("postcopy", Phase.POSTCOPY)
+    POSTCOPY_DONE = ("postcopy-done", Phase.COMPLETE)
+    OPEN = ("open", Phase.PRECOPY)
+    # terminal
+    DONE = ("done", Phase.COMPLETE)
+    REFUSED = ("refused", Phase.HANDSHAKE)
+    VERIFY_FAILED = ("verify-failed", Phase.SWITCHOVER)
+    ABORTED = ("aborted", Phase.COMPLETE)
+    CLOSED = ("closed", Phase.COMPLETE)
+
+    @property
+    def phase(self) -> Phase:
+        return self.value[1]
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({State.DONE, State.REFUSED, State.VERIFY_FAILED, State.ABORTED,
+                       State.CLOSED})
+S, D = Role.SOURCE, Role.DESTINATION
+_ANY = "*"   # any variant
+
+_HANDSHAKE = {
+    (State.IDLE, S, Hello, _ANY): State.HELLO_SENT,
+    (State.HELLO_SENT, D, Refuse, _ANY): State.REFUSED,
+}
+
+CONTROL = {
+    **_HANDSHAKE,
+    (State.HELLO_SENT, D, Welcome, _ANY): State.READY,
+    (State.READY, S, MigrationOffer, _ANY): State.OFFERED,
+    (State.OFFERED, D, Accept, _ANY): State.PRECOPY,
+    (State.OFFERED, D, Refuse, _ANY): State.REFUSED,
+    (State.PRECOPY, D, PresentReport, _ANY): State.PRECOPY,
+    (State.PRECOPY, S, RoundStart, _ANY): State.IN_ROUND,
+    (State.IN_ROUND, S, PageBatch, "precopy"): State.IN_ROUND,
+    (State.IN_ROUND, S, RoundEnd, _ANY): State.PRECOPY,
+    (State.PRECOPY, S, Switchover, "precopy"): State.SWITCHOVER,
+    (State.PRECOPY, S, Switchover, "postcopy"): State.SWITCHOVER_POSTCOPY,
+    (State.SWITCHOVER, D, Resumed, _ANY): State.RELEASING,
+    (State.SWITCHOVER, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
+    (State.SWITCHOVER_POSTCOPY, D, Resumed, _ANY): State.POSTCOPY,
+    (State.SWITCHOVER_POSTCOPY, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
+    (State.RELEASING, S, Complete, _ANY): State.DONE,
+    (State.POSTCOPY, S, PageBatch, "postcopy"): State.POSTCOPY,
+    (State.POSTCOPY, S, PageBatch, "urgent"): State.POSTCOPY,
+    (State.POSTCOPY, D, PageRequest, _ANY): State.POSTCOPY,
+    (State.POSTCOPY, D, PostcopyComplete, _ANY): State.POSTCOPY_DONE,
+    (State.POSTCOPY, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
+    (State.POSTCOPY_DONE, S, Complete, _ANY): State.DONE,
+}
+
+BULK = {
+    **_HANDSHAKE,
+    (State.HELLO_SENT, D, Welcome, _ANY): State.OPEN,
+    (State.OPEN, S, PageBatch, "precopy"): State.OPEN,
+    (State.OPEN, S, PageBatch, "postcopy"): State.OPEN,
+}
+
+URGENT = {
+    **_HANDSHAKE,
+    (State.HELLO_SENT, D, Welcome, _ANY): State.OPEN,
+    (State.OPEN, D, PageRequest, _ANY): State.OPEN,
+    (State.OPEN, S, PageBatch, "urgent"): State.OPEN,
+}
+
+TABLES = {ChannelKind.CONTROL: CONTROL, ChannelKind.BULK: BULK, ChannelKind.URGENT: URGENT}
+
+# States where end of stream is a normal ending, per channel kind and per
+# role that closed. Bulk and urgent channels end when the source closes them;
+# the destination closing one that is open means it went away.
+_EOF_ALWAYS = _TERMINAL | {State.IDLE}
+EOF_OK = {
+    ChannelKind.CONTROL: {S: _EOF_ALWAYS, D: _EOF_ALWAYS},
+    ChannelKind.BULK: {S: _EOF_ALWAYS | {State.OPEN}, D: _EOF_ALWAYS},
+    ChannelKind.URGENT: {S: _EOF_ALWAYS | {State.OPEN}, D: _EOF_ALWAYS},
+}
+
+
+class TransitionError(Exception):
+    """An event (or end of stream) the current state does not allow."""
+
+
+class Conversation:
+    """The state of one channel; ``kind`` may stay None until Hello names it."""
+
+    def __init__(self, kind: ChannelKind | None = None):
+        self.kind = kind
+        self.state = State.IDLE
+
+    @property
+    def phase(self) -> Phase:
+        return self.state.phase
+
+    def process(self, sender: Role, event: Event) -> State:
+        """Apply ``event`` sent by ``sender``; the new state, or TransitionError."""
+        kind = self.kind
+        if isinstance(event, Hello) and self.state is State.IDLE:
+            if kind is None:
+                kind = event.channel_kind
+            elif kind is not event.channel_kind:
+                raise TransitionError(
+                    f"Hello names a {event.channel_kind.name.lower()} channel on a "
+                    f"{kind.name.lower()} channel")
+        table = TABLES[kind] if kind is not None else _HANDSHAKE
+        key = (self.state, sender, type(event))
+        nxt = table.get(key + (_ANY,)) or table.get(key + (event.variant,))
+        if nxt is None and not self.state.terminal:
+            if isinstance(event, Abort) and self.state is not State.IDLE:
+                nxt = State.ABORTED
+            elif isinstance(event, (Ping, Pong)) and self.state not in (
+                    State.IDLE, State.HELLO_SENT):
+                nxt = self.state
+        if nxt is None:
+            variant = f" ({event.variant})" if event.variant else ""
+            kind_name = kind.name.lower() if kind else "unnamed"
+            raise TransitionError(
+                f"{sender.value} may not send {type(event).__name__}{variant} in state "
+                f"{self.state.value[0]} of a {kind_name} channel")
+        self.kind = kind
+        self.state = nxt
+        return nxt
+
+    def process_eof(self, closer: Role) -> State:
+        """``closer`` ended the stream; CLOSED, or TransitionError if early."""
+        ok = EOF_OK[self.kind][closer] if self.kind is not None else {State.IDLE}
+        if self.state not in ok:
+            raise TransitionError(
+                f"{closer.value} closed the stream in state {self.state.value[0]} "
+                f"(phase {self.state.phase.label})")
+        self.state = State.CLOSED
+        return self.state

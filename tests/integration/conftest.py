@@ -1,0 +1,33 @@
+"""Every integration test runs under both event loops; teardown fails on
+leaked tasks or exceptions the loop had nowhere to deliver."""
+import asyncio
+
+import pytest
+
+from livemig.aio.loop import loop_kind, new_event_loop
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    loop = new_event_loop(request.param)
+    assert loop_kind(loop) == request.param
+    unhandled = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+
+    def runner(coro, timeout_s: float = 15.0):
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout_s))
+
+    runner.kind = request.param
+    yield runner
+    # Let closing transports and finished tasks settle, then check for leaks.
+    for _ in range(5):
+        loop.run_until_complete(asyncio.sleep(0.005))
+    leaked = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in leaked:
+        task.cancel()
+    if leaked:
+        loop.run_until_complete(asyncio.wait(leaked))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+    assert not leaked, f"tasks leaked: {leaked}"
+    assert not unhandled, f"unhandled loop errors: {unhandled}"

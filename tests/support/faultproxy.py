@@ -1,0 +1,110 @@
+"""A fault-injecting TCP proxy for adversity tests.
+
+``FaultProxy(target_host, target_port)`` listens on 127.0.0.1 and forwards
+every accepted connection to the target, optionally delaying each chunk
+(``delay_s``), cutting a direction after a byte budget (``cut_after_bytes``
+with ``cut_direction`` "up" = client to server, "down" = server to client:
+the bytes up to the budget are delivered, then both sides are reset), or
+dropping every connection at a chosen moment (``drop()``; ``wait_forwarded``
+waits for a byte count first). Counts per direction are in ``forwarded``.
+"""
+from __future__ import annotations
+
+import asyncio
+
+
+class FaultProxy:
+    def __init__(self, target_host: str, target_port: int, *, delay_s: float = 0.0,
+                 cut_after_bytes: int | None = None, cut_direction: str = "up",
+                 chunk_bytes: int = 64 << 10):
+        if cut_direction not in ("up", "down"):
+            raise ValueError("cut_direction is 'up' or 'down'")
+        self.target = (target_host, target_port)
+        self.delay_s = delay_s
+        self.cut_after_bytes = cut_after_bytes
+        self.cut_direction = cut_direction
+        self.chunk_bytes = chunk_bytes
+        self.forwarded = {"up": 0, "down": 0}
+        self.cuts = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._progress = asyncio.Condition()
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> "FaultProxy":
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def _accept(self, c_reader, c_writer):
+        try:
+            s_reader, s_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            c_writer.transport.abort()
+            return
+        self._writers |= {c_writer, s_writer}
+        pair = (c_writer, s_writer)
+        for direction, reader, writer in (("up", c_reader, s_writer),
+                                          ("down", s_reader, c_writer)):
+            task = asyncio.get_running_loop().create_task(
+                self._pump(direction, reader, writer, pair))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, direction, reader, writer, pair):
+        try:
+            while True:
+                data = await reader.read(self.chunk_bytes)
+                if not data:
+                    writer.write_eof() if writer.can_write_eof() else writer.close()
+                    return
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                budget = None
+                if self.cut_after_bytes is not None and direction == self.cut_direction:
+                    budget = self.cut_after_bytes - self.forwarded[direction]
+                if budget is not None and budget < len(data):
+                    writer.write(data[:max(budget, 0)])
+                    self.forwarded[direction] += max(budget, 0)
+                    await writer.drain()
+                    self.cuts += 1
+                    self._reset(pair)
+                    return
+                writer.write(data)
+                self.forwarded[direction] += len(data)
+                async with self._progress:
+                    self._progress.notify_all()
+                await writer.drain()
+        except (ConnectionError, OSError, RuntimeError):
+            # RuntimeError: uvloop refuses I/O on a transport another pump reset.
+            self._reset(pair)
+
+    def _reset(self, writers) -> None:
+        for w in writers:
+            w.transport.abort()
+            self._writers.discard(w)
+
+    def drop(self) -> None:
+        """Reset every proxied connection now."""
+        self._reset(list(self._writers))
+
+    async def wait_forwarded(self, nbytes: int, direction: str = "up") -> None:
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.forwarded[direction] >= nbytes)
+
+    async def close(self) -> None:
+        self._server.close()
+        self.drop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def __aenter__(self):
+        return await self.start()
+
+    async def __aexit__(self, *exc):
+        await self.close()

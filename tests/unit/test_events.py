@@ -1,0 +1,180 @@
+"""Every message round-trips; malformed payloads raise PayloadError only."""
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from livemig.protocol import events as ev
+from livemig.protocol.events import PayloadError, decode_event
+
+SAMPLES = [
+    ev.Hello(1, 3, ev.ChannelKind.CONTROL, b"s" * 16, frozenset({"lz4", "xbzrle.v1"}), True,
+             1 << 20),
+    ev.Hello(1, 1, ev.ChannelKind.URGENT, bytes(16)),
+    ev.Welcome(2, frozenset({"lz4"}), 4096),
+    ev.Refuse(ev.RefuseCode.CAPABILITY, "need lz4 — ünïcode"),
+    ev.MigrationOffer({"name": "vm", "vcpus": 2, "devices": ["console"]}, ev.Mode.HYBRID,
+                      1 << 18, 4096),
+    ev.Accept(),
+    ev.RoundStart(7),
+    ev.PageBatch(7, 2, b"\x01" * 8192),
+    ev.PageBatch(0, 1, b"x", ev.BATCH_URGENT | ev.BATCH_POSTCOPY, 99),
+    ev.PageBatch(3, 0, b""),
+    ev.RoundEnd(7, 1000, 4096000),
+    ev.Switchover(b"state" * 10, b"d" * 16),
+    ev.Switchover(b"", b"d" * 16, 13, b"\xff\x1f"),
+    ev.Resumed(),
+    ev.VerifyFailed(b"a" * 16, b"b" * 16, "page 7 differs"),
+    ev.PageRequest(5, (0, 1, 2**63)),
+    ev.PresentReport(9, b"\x01\x01"),
+    ev.PresentReport(0, b""),
+    ev.PostcopyComplete(123),
+    ev.Complete(),
+    ev.Abort(ev.Phase.POSTCOPY, "operator cancelled"),
+    ev.Ping(2**64 - 1),
+    ev.Pong(0),
+]
+
+
+def roundtrip(event):
+    flags, parts = event.encode()
+    payload = memoryview(b"".join(bytes(p) for p in parts))
+    return decode_event(event.WIRE_ID, flags, payload)
+
+
+def test_every_message_has_a_sample():
+    assert {type(e) for e in SAMPLES} == set(ev.ALL_EVENTS)
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_roundtrip(event):
+    assert roundtrip(event) == event
+
+
+def test_wire_ids_are_unique_and_nonzero():
+    ids = [cls.WIRE_ID for cls in ev.ALL_EVENTS]
+    assert len(set(ids)) == len(ids) and 0 not in ids and all(i < 65536 for i in ids)
+
+
+def test_pagebatch_data_is_passed_through_without_copy():
+    data = memoryview(bytearray(4096 * 4))
+    _, parts = ev.PageBatch(0, 4, data).encode()
+    assert parts[1] is data
+    flags, parts = ev.PageBatch(0, 4, data).encode()
+    payload = memoryview(b"".join(bytes(p) for p in parts))
+    decoded = decode_event(ev.PageBatch.WIRE_ID, flags, payload)
+    assert decoded.data.obj is payload.obj  # a slice of the frame payload
+
+
+def test_pagebatch_accepts_numpy_pages():
+    np = pytest.importorskip("numpy")
+    arr = np.arange(2 * 512, dtype=np.uint64).reshape(2, 512)
+    got = roundtrip(ev.PageBatch(1, 2, arr))
+    assert bytes(got.data) == arr.tobytes()
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_truncated_and_extended_payloads_fail_cleanly(event):
+    flags, parts = event.encode()
+    payload = b"".join(bytes(p) for p in parts)
+    for cut in range(len(payload)):
+        if isinstance(event, ev.PageBatch) and cut >= 16:
+            break  # the page data is opaque: any length is a valid batch
+        with pytest.raises(PayloadError):
+            decode_event(event.WIRE_ID, flags, memoryview(payload[:cut]))
+    if not isinstance(event, ev.PageBatch):
+        with pytest.raises(PayloadError):
+            decode_event(event.WIRE_ID, flags, memoryview(payload + b"\x00"))
+
+
+@pytest.mark.parametrize("cls", [c for c in ev.ALL_EVENTS if c.FLAGS == 0])
+def test_undefined_flags_rejected(cls):
+    with pytest.raises(PayloadError, match="flags"):
+        decode_event(cls.WIRE_ID, 0x8000, memoryview(b""))
+
+
+@pytest.mark.parametrize("cls, payload", [
+    (ev.Hello, struct.pack("<HHBBHI16sH", 2, 1, 1, 0, 0, 4096, bytes(16), 0)),   # min > max
+    (ev.Hello, struct.pack("<HHBBHI16sH", 1, 1, 9, 0, 0, 4096, bytes(16), 0)),   # bad kind
+    (ev.Hello, struct.pack("<HHBBHI16sH", 1, 1, 1, 2, 0, 4096, bytes(16), 0)),   # resume=2
+    (ev.Hello, struct.pack("<HHBBHI16sHB2s", 1, 1, 1, 0, 0, 4096, bytes(16), 1, 2, b"A!")),
+    (ev.Hello, struct.pack("<HHBBHI16sHB2sB2s", 1, 1, 1, 0, 0, 4096, bytes(16), 2,
+                           2, b"ab", 2, b"ab")),                                  # duplicate
+    (ev.Refuse, struct.pack("<HH", 1, 2) + b"\xff\xfe"),                           # not UTF-8
+    (ev.MigrationOffer, struct.pack("<BBHIQI", 9, 0, 0, 4096, 1, 2) + b"{}"),     # bad mode
+    (ev.MigrationOffer, struct.pack("<BBHIQI", 1, 0, 0, 4000, 1, 2) + b"{}"),     # page size
+    (ev.MigrationOffer, struct.pack("<BBHIQI", 1, 0, 0, 4096, 1, 2) + b"[]"),     # not object
+    (ev.MigrationOffer, struct.pack("<BBHIQI", 1, 0, 0, 4096, 1, 2) + b"{x"),     # not JSON
+    (ev.PresentReport, struct.pack("<Q", 9) + b"\x00\x02"),                       # padding bit
+    (ev.PresentReport, struct.pack("<Q", 9) + b"\x00"),                           # short map
+    (ev.PageRequest, struct.pack("<QII", 1, 0, 0)),                                # empty
+    (ev.PageRequest, struct.pack("<QII", 1, 2, 0) + bytes(8)),                    # short
+    (ev.Abort, struct.pack("<BBH", 99, 0, 0)),                                    # phase
+    (ev.RoundEnd, struct.pack("<IIQQ", 1, 1, 1, 1)),                              # reserved
+])
+def test_bad_payloads(cls, payload):
+    with pytest.raises(PayloadError):
+        decode_event(cls.WIRE_ID, 0, memoryview(payload))
+
+
+def test_urgent_reply_must_carry_urgent_flag():
+    payload = struct.pack("<IIQ", 0, 1, 42)
+    with pytest.raises(PayloadError, match="URGENT"):
+        decode_event(ev.PageBatch.WIRE_ID, 0, memoryview(payload))
+
+
+def test_encode_rejects_invalid_fields():
+    with pytest.raises(ValueError):
+        ev.Hello(1, 1, ev.ChannelKind.BULK, b"short").encode()
+    with pytest.raises(ValueError):
+        ev.Hello(1, 1, ev.ChannelKind.BULK, bytes(16), frozenset({"Bad Name"})).encode()
+    with pytest.raises(PayloadError):
+        ev.Switchover(b"", bytes(16), 3, b"\xff").encode()
+    with pytest.raises(ValueError):
+        ev.PageRequest(1, ()).encode()
+    with pytest.raises(ValueError):
+        ev.PageBatch(0, 1, b"", flags=0x80).encode()
+
+
+caps = st.frozensets(st.from_regex(r"\A[a-z0-9][a-z0-9_.\-]{0,31}\Z"), max_size=8)
+u64 = st.integers(0, 2**64 - 1)
+u32 = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def bitmaps(draw):
+    npages = draw(st.integers(0, 200))
+    bits = draw(st.lists(st.booleans(), min_size=npages, max_size=npages))
+    raw = bytearray((npages + 7) // 8)
+    for i, b in enumerate(bits):
+        raw[i // 8] |= b << (i % 8)
+    return npages, bytes(raw)
+
+
+events_strategy = st.one_of(
+    st.builds(ev.Hello, st.integers(1, 100), st.just(100), st.sampled_from(ev.ChannelKind),
+              st.binary(min_size=16, max_size=16), caps, st.booleans(), u32),
+    st.builds(ev.Welcome, st.integers(0, 65535), caps, u32),
+    st.builds(ev.Refuse, st.sampled_from(ev.RefuseCode), st.text(max_size=50)),
+    st.builds(ev.MigrationOffer,
+              st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8),
+                              max_size=5),
+              st.sampled_from(ev.Mode), u64, st.sampled_from([512, 4096, 1 << 21])),
+    st.builds(ev.PageBatch, u32, u32, st.binary(max_size=300),
+              st.sampled_from([0, ev.BATCH_POSTCOPY])),
+    st.builds(ev.PageBatch, u32, u32, st.binary(max_size=300), st.just(ev.BATCH_URGENT), u64),
+    st.builds(ev.RoundEnd, u32, u64, u64),
+    bitmaps().map(lambda b: ev.PresentReport(*b)),
+    st.tuples(st.binary(max_size=64), st.binary(min_size=16, max_size=16), bitmaps()).map(
+        lambda t: ev.Switchover(t[0], t[1], *t[2])),
+    st.builds(ev.PageRequest, u64, st.lists(u64, min_size=1, max_size=20).map(tuple)),
+    st.builds(ev.Abort, st.sampled_from(ev.Phase), st.text(max_size=40)),
+    st.builds(ev.Ping, u64),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events_strategy)
+def test_roundtrip_property(event):
+    assert roundtrip(event) == event

@@ -1,0 +1,42 @@
+"""The pure core imports no I/O, no event loop and no native code.
+
+The page codec is deliberately not in the list: its hot loops are native
+(docs/codec.md says why), though it does no I/O either.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+PURE = ["livemig.protocol", "livemig.protocol.wire", "livemig.protocol.events",
+        "livemig.protocol.state", "livemig.protocol.connection", "livemig.errors",
+        "livemig.pages", "livemig.policy", "livemig.stats", "livemig.config"]
+FORBIDDEN = ["asyncio", "socket", "ssl", "selectors", "livemig.native", "livemig._native",
+             "uvloop", "cffi"]
+
+PROBE = """
+import importlib, json, sys
+loaded, skipped = [], []
+for name in {modules!r}:
+    try:
+        importlib.import_module(name)
+        loaded.append(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        skipped.append(name)
+print(json.dumps({{"loaded": loaded, "skipped": skipped,
+                  "bad": sorted(m for m in {forbidden!r} if m in sys.modules)}}))
+"""
+
+
+def test_pure_modules_import_no_io_or_native():
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(importlib.util.find_spec("livemig").origin))
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", PROBE.format(modules=PURE, forbidden=FORBIDDEN)],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert "livemig.protocol.connection" in result["loaded"]
+    assert result["bad"] == [], f"pure core pulled in {result['bad']}"
