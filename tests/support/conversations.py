@@ -6,6 +6,7 @@ import numpy as np
 from livemig.protocol import (BATCH_POSTCOPY, BATCH_URGENT, Accept, ChannelKind, Complete,
                               Connection, Hello, MigrationOffer, Mode, PageBatch, PageRequest,
                               Ping, Pong, PostcopyComplete, PresentReport, Resumed, RoundEnd,
+                              Verified, Commit,
                               RoundStart, Switchover, Welcome)
 from livemig.protocol.state import Role
 
@@ -32,7 +33,8 @@ def control_precopy() -> list:
     for rnd in range(3):
         ev += [(S, RoundStart(rnd)), (S, PageBatch(rnd, 4, pages(4, rnd))),
                (S, PageBatch(rnd, 2, pages(2, rnd + 10))), (S, RoundEnd(rnd, 6, 6 * 4096))]
-    ev += [(S, Switchover(b"cpu-state", b"\x11" * 16)), (D, Resumed()), (S, Complete())]
+    ev += [(S, Switchover(b"cpu-state", b"\x11" * 16)), (D, Verified()), (S, Commit()),
+           (D, Resumed()), (S, Complete())]
     return ev
 
 
@@ -41,7 +43,8 @@ def control_hybrid() -> list:
     ev += [(S, MigrationOffer({"name": "vm1"}, Mode.HYBRID, 20)), (D, Accept()),
            (D, PresentReport(20, b"\xff\x0f\x00")),
            (S, RoundStart(0)), (S, PageBatch(0, 3, pages(3))), (S, RoundEnd(0, 3, 3 * 4096)),
-           (S, Switchover(b"regs", b"\x22" * 16, 20, b"\x00\xf0\x0f")), (D, Resumed()),
+           (S, Switchover(b"regs", b"\x22" * 16, 20, b"\x00\xf0\x0f")), (D, Verified()),
+           (S, Commit()), (D, Resumed()),
            (D, PageRequest(1, (12, 13))),
            (S, PageBatch(1, 2, pages(2, 5), BATCH_URGENT | BATCH_POSTCOPY, 1)),
            (S, PageBatch(1, 4, pages(4, 6), BATCH_POSTCOPY)),

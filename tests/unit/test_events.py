@@ -25,6 +25,8 @@ SAMPLES = [
     ev.Switchover(b"state" * 10, b"d" * 16),
     ev.Switchover(b"", b"d" * 16, 13, b"\xff\x1f"),
     ev.Resumed(),
+    ev.Verified(),
+    ev.Commit(),
     ev.VerifyFailed(b"a" * 16, b"b" * 16, "page 7 differs"),
     ev.PageRequest(5, (0, 1, 2**63)),
     ev.PresentReport(9, b"\x01\x01"),

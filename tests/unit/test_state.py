@@ -72,12 +72,29 @@ def test_pages_outside_a_round_and_wrong_variants():
 def test_precopy_switchover_has_no_postcopy_traffic():
     c = Conversation()
     steps = conv.control_precopy()
-    for sender, event in steps[:-2]:   # up to Switchover(precopy)
+    for sender, event in steps[:-4]:   # up to Switchover(precopy)
         c.process(sender, event)
     assert c.state is State.SWITCHOVER
+    c.process(D, ev.Verified())
+    c.process(S, ev.Commit())
     c.process(D, ev.Resumed())
     with pytest.raises(TransitionError):
         c.process(D, ev.PageRequest(1, (1,)))
+
+
+def test_handover_needs_verified_then_commit():
+    """The destination may not resume before the source committed, and the
+    source may not commit before the destination verified."""
+    c = Conversation()
+    for sender, event in conv.control_precopy()[:-4]:
+        c.process(sender, event)
+    with pytest.raises(TransitionError):
+        c.process(D, ev.Resumed())
+    c = Conversation()
+    for sender, event in conv.control_precopy()[:-4]:
+        c.process(sender, event)
+    with pytest.raises(TransitionError):
+        c.process(S, ev.Commit())
 
 
 def test_abort_from_either_side_then_terminal():

@@ -502,9 +502,25 @@ class Switchover(Event):
 
 @dataclass(frozen=True)
 class Resumed(_Empty):
-    """Destination -> source: digest verified, the VM runs here now."""
+    """Destination -> source, answering Commit: the VM runs here now."""
 
     WIRE_ID: ClassVar[int] = 49
+
+
+@dataclass(frozen=True)
+class Verified(_Empty):
+    """Destination -> source: digest and state check out; the VM is loaded
+    but still paused, waiting for Commit."""
+
+    WIRE_ID: ClassVar[int] = 51
+
+
+@dataclass(frozen=True)
+class Commit(_Empty):
+    """Source -> destination: the source gives the VM up and will not resume
+    it on its own; resume it."""
+
+    WIRE_ID: ClassVar[int] = 52
 
 
 @dataclass(frozen=True)
@@ -669,7 +685,7 @@ class Pong(Ping):
 
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
-              RoundEnd, Switchover, Resumed, VerifyFailed, PageRequest, PresentReport,
+              RoundEnd, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
               PostcopyComplete, Complete, Abort, Ping, Pong)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS

@@ -30,10 +30,11 @@ Control channel (source S, destination D)::
                       REFUSED
     PRECOPY --S RoundStart--> IN_ROUND --S PageBatch(precopy)--> IN_ROUND
     IN_ROUND --S RoundEnd--> PRECOPY          PRECOPY --D PresentReport--> PRECOPY
-    PRECOPY --S Switchover(precopy)--> SWITCHOVER --D Resumed--> RELEASING
+    PRECOPY --S Switchover(precopy)--> SWITCHOVER --D Verified--> VERIFIED
                                                   --D VerifyFailed--> VERIFY_FAILED
-    RELEASING --S Complete--> DONE
-    PRECOPY --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY --D Resumed--> POSTCOPY
+    VERIFIED --S Commit--> COMMITTED --D Resumed--> RELEASING --S Complete--> DONE
+    PRECOPY --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY --D Verified--> VERIFIED_POSTCOPY
+    VERIFIED_POSTCOPY --S Commit--> COMMITTED_POSTCOPY --D Resumed--> POSTCOPY
     POSTCOPY --S PageBatch(postcopy|urgent)--> POSTCOPY --D PageRequest--> POSTCOPY
     POSTCOPY --D PostcopyComplete--> POSTCOPY_DONE --S Complete--> DONE
     POSTCOPY --D VerifyFailed--> VERIFY_FAILED
@@ -48,7 +49,8 @@ from enum import Enum
 
 from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
-                     Refuse, Resumed, RoundEnd, RoundStart, Switchover, VerifyFailed, Welcome)
+                     Refuse, Resumed, RoundEnd, RoundStart, Switchover, Verified, Commit,
+                     VerifyFailed, Welcome)
 
 
 class Role(Enum):
@@ -70,6 +72,10 @@ class State(Enum):
     IN_ROUND = ("in-round", Phase.PRECOPY)
     SWITCHOVER = ("switchover", Phase.SWITCHOVER)
     SWITCHOVER_POSTCOPY = ("switchover-postcopy", Phase.SWITCHOVER)
+    VERIFIED = ("verified", Phase.SWITCHOVER)
+    VERIFIED_POSTCOPY = ("verified-postcopy", Phase.SWITCHOVER)
+    COMMITTED = ("committed", Phase.SWITCHOVER)
+    COMMITTED_POSTCOPY = ("committed-postcopy", Phase.SWITCHOVER)
     RELEASING = ("releasing", Phase.COMPLETE)
     POSTCOPY = ("postcopy", Phase.POSTCOPY)
     POSTCOPY_DONE = ("postcopy-done", Phase.COMPLETE)
@@ -112,9 +118,13 @@ CONTROL = {
     (State.IN_ROUND, S, RoundEnd, _ANY): State.PRECOPY,
     (State.PRECOPY, S, Switchover, "precopy"): State.SWITCHOVER,
     (State.PRECOPY, S, Switchover, "postcopy"): State.SWITCHOVER_POSTCOPY,
-    (State.SWITCHOVER, D, Resumed, _ANY): State.RELEASING,
+    (State.SWITCHOVER, D, Verified, _ANY): State.VERIFIED,
     (State.SWITCHOVER, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
-    (State.SWITCHOVER_POSTCOPY, D, Resumed, _ANY): State.POSTCOPY,
+    (State.VERIFIED, S, Commit, _ANY): State.COMMITTED,
+    (State.COMMITTED, D, Resumed, _ANY): State.RELEASING,
+    (State.SWITCHOVER_POSTCOPY, D, Verified, _ANY): State.VERIFIED_POSTCOPY,
+    (State.VERIFIED_POSTCOPY, S, Commit, _ANY): State.COMMITTED_POSTCOPY,
+    (State.COMMITTED_POSTCOPY, D, Resumed, _ANY): State.POSTCOPY,
     (State.SWITCHOVER_POSTCOPY, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
     (State.RELEASING, S, Complete, _ANY): State.DONE,
     (State.POSTCOPY, S, PageBatch, "postcopy"): State.POSTCOPY,
