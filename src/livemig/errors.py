@@ -169,3 +169,20 @@ class HandshakeRefused(RemoteProtocolError):
 class ConnectionLost(RemoteProtocolError, ConnectionError):
     """The peer vanished (reset, closed early, or stopped answering) while the
     channel still expected traffic."""
+
+# migration orchestration (source.py, destination.py)
+class MigrationError(LivemigError):
+    """A migration did not complete. ``stats`` holds what was measured up to
+    the failure; ``source_resumed`` says whether the VM runs on at the source."""
+
+    def __init__(self, message: str, *, phase: str | None = None, stats=None,
+                 source_resumed: bool = True):
+        super().__init__(message, phase=phase)
+        self.stats = stats
+        self.source_resumed = source_resumed
+
+
+class HandoverInDoubt(MigrationError):
+    """The connection broke after the source committed the handover but before
+    the destination confirmed it resumed: the VM may run at the destination, so
+    the source keeps its copy paused and intact instead of resuming it."""

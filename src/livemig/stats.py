@@ -131,6 +131,8 @@ class MigrationStats:
     converged: bool = False
     decisions: list[Decision] = field(default_factory=list)
     error: str | None = None
+    tracker: str | None = None
+    remaining_bytes: int = 0
     # post-copy
     postcopy_duration_ms: float = 0.0
     urgent_requests: int = 0
@@ -180,7 +182,8 @@ class MigrationStats:
             "pages_by_encoding": dict(self.pages_by_encoding),
             "throughput_bps": self.throughput_bps, "throttle_pct": self.throttle_pct,
             "converged": self.converged, "decisions": [d.to_dict() for d in self.decisions],
-            "error": self.error,
+            "error": self.error, "tracker": self.tracker,
+            "remaining_bytes": self.remaining_bytes,
             "postcopy": {
                 "duration_ms": self.postcopy_duration_ms, "urgent_requests": self.urgent_requests,
                 "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,

@@ -180,3 +180,17 @@ events_strategy = st.one_of(
 @given(events_strategy)
 def test_roundtrip_property(event):
     assert roundtrip(event) == event
+
+
+def test_pagebatch_sends_a_list_of_buffers_back_to_back():
+    import numpy as np
+
+    pages = np.arange(3 * 4096, dtype=np.uint8)
+    parts = [b"head", memoryview(pages[:4096]), pages[4096:]]
+    batch = ev.PageBatch(2, 3, parts)
+    flags, encoded = batch.encode()
+    assert batch.data_bytes == 4 + 3 * 4096
+    payload = b"".join(bytes(p) for p in encoded)
+    back = ev.PageBatch.decode(flags, memoryview(payload))
+    assert bytes(back.data) == b"head" + pages.tobytes()
+    assert (back.round, back.npages) == (2, 3)

@@ -392,7 +392,9 @@ class PageBatch(Event):
     """Source -> destination: opaque page-codec bytes for ``npages`` pages.
 
     ``request_id`` is 0 for pushed pages, else the PageRequest answered (then
-    flags carry BATCH_URGENT). ``data`` is passed through without copying.
+    flags carry BATCH_URGENT). ``data`` is passed through without copying: one
+    buffer, or a list/tuple of buffers sent back to back (an encoder's chunks,
+    some of them views of guest memory). Decoded, it is one memoryview.
     """
 
     WIRE_ID: ClassVar[int] = 33
@@ -407,7 +409,12 @@ class PageBatch(Event):
         if self.flags & ~self.FLAGS:
             raise ValueError(f"undefined PageBatch flags {self.flags:#x}")
         return self.flags, [_BATCH.pack(self.round, self.npages, self.request_id),
-                            _as_bytes_view(self.data)]
+                            *self._views()]
+
+    def _views(self) -> list:
+        if isinstance(self.data, (list, tuple)):
+            return [_as_bytes_view(d) for d in self.data]
+        return [_as_bytes_view(self.data)]
 
     @classmethod
     def decode(cls, flags, payload):
@@ -427,7 +434,7 @@ class PageBatch(Event):
 
     @property
     def data_bytes(self) -> int:
-        return _as_bytes_view(self.data).nbytes
+        return sum(v.nbytes for v in self._views())
 
 
 _ROUND_END = struct.Struct("<IIQQ")

@@ -1,0 +1,307 @@
+"""The destination side: receive a VM, verify it, and resume it only on Commit.
+
+Theory of operation
+-------------------
+::
+
+    Hello/Welcome ─ MigrationOffer ─▶ host accepts? allocate VM.blank ─ Accept
+    RoundStart / PageBatch* / RoundEnd  ─▶ decode batches into guest memory
+    Switchover(state, digest) ─▶ digest of landed pages == source's?  load state
+        ─ Verified ─▶ ◀ Commit ─ resume vCPUs ─ Resumed ─▶ hand the VM to the host
+
+The guest's vCPUs stay parked until Commit. Before it, any failure — a
+truncated stream, a protocol violation, a bad batch, a digest or state
+mismatch, the source going away — discards the half-received VM and frees its
+memory; the source still owns the VM and resumes it. After Commit the VM is
+the host's (the daemon's inventory, or the library caller's).
+
+One IncomingMigration serves one control channel. MigrationServer accepts any
+number of them concurrently; a failing one is logged in its record and never
+affects the others or the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .aio.channel import Channel, ChannelServer, serve_channels
+from .config import MigrationConfig
+from .decoder import BatchDecoder
+from .digest import memory_digest_full
+from .errors import (CodecError, LivemigError, MigrationError, RemoteProtocolError,
+                     StateFormatError)
+from .native import PAGE_SIZE
+from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
+                       PageBatch, Phase, Refuse, RefuseCode, Resumed, RoundEnd, RoundStart,
+                       Switchover, Verified, VerifyFailed)
+from .stats import MigrationStats
+from .vm.machine import VM
+
+MAX_VCPUS = 64
+MAX_NAME_CHARS = 64
+
+
+@dataclass
+class Arrival:
+    """What a host is told about an incoming migration, and what it returns."""
+
+    name: str
+    peer: str
+    stats: MigrationStats
+    status: str = "setup"
+    error: str | None = None
+    on_resumed: Callable[[VM], None] | None = None
+
+
+# host policy: (name, peer, stats) -> Arrival, or raise to refuse
+IncomingHook = Callable[[str, str, MigrationStats], Arrival]
+
+
+def _default_hook(name: str, peer: str, stats: MigrationStats) -> Arrival:
+    return Arrival(name, peer, stats)
+
+
+class IncomingMigration:
+    def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig):
+        self.ch = ch
+        self.hook = hook
+        self.config = config
+        self.vm: VM | None = None
+        self.arrival: Arrival | None = None
+        self.stats = MigrationStats()
+        self.phase = Phase.HANDSHAKE
+        self._t0 = time.monotonic()
+        self._handed_over = False
+
+    @property
+    def peer(self) -> str:
+        addr = self.ch.get_extra_info("peername")
+        return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr or "peer")
+
+    async def run(self) -> VM | None:
+        try:
+            if not await self._accept_offer():
+                return None
+            await self._receive()
+            return self.vm
+        except BaseException as exc:
+            self._record_failure(exc)
+            if not isinstance(exc, (LivemigError, asyncio.CancelledError)):
+                raise
+            if isinstance(exc, LivemigError):
+                await self._tell_source(exc)
+            return None
+        finally:
+            if not self._handed_over and self.vm is not None:
+                # Never resumed here: the source still owns the VM. Free ours.
+                self.vm.close()
+                self.vm = None
+
+    # -- handshake -----------------------------------------------------------------------
+    async def _accept_offer(self) -> bool:
+        offer = await self._recv(self.config.handshake_timeout_s, "a MigrationOffer")
+        if not isinstance(offer, MigrationOffer):
+            raise RemoteProtocolError(f"expected MigrationOffer, got {type(offer).__name__}",
+                                      phase="handshake")
+        problem = self._check_offer(offer)
+        if problem is not None:
+            code, reason = problem
+            await self.ch.send(Refuse(code, reason))
+            self.stats.error = f"refused: {reason}"
+            return False
+        cfg = offer.config
+        try:
+            self.arrival = self.hook(cfg["name"], self.peer, self.stats)
+        except LivemigError as exc:
+            await self.ch.send(Refuse(RefuseCode.BUSY, str(exc)))
+            self.stats.error = f"refused: {exc}"
+            return False
+        self.stats.memory_bytes = cfg["memory_bytes"]
+        try:
+            self.vm = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: VM.blank(cfg["memory_bytes"], cfg["vcpus"]))
+        except (LivemigError, MemoryError, OSError) as exc:
+            await self.ch.send(Refuse(RefuseCode.RESOURCES, f"cannot host the VM here: {exc}"))
+            self._set_status("failed", f"refused: {exc}")
+            return False
+        self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
+        await self.ch.send(Accept())
+        self.phase = Phase.PRECOPY
+        self._set_status("active")
+        self.stats.setup_time_ms = (time.monotonic() - self._t0) * 1e3
+        return True
+
+    @staticmethod
+    def _check_offer(offer: MigrationOffer):
+        cfg = offer.config
+        if offer.mode is not Mode.PRECOPY:
+            return RefuseCode.OFFER, f"mode {offer.mode.name.lower()} is not supported here"
+        if offer.page_size != PAGE_SIZE:
+            return RefuseCode.OFFER, f"page size {offer.page_size} (we use {PAGE_SIZE})"
+        name, memory_bytes, vcpus = cfg.get("name"), cfg.get("memory_bytes"), cfg.get("vcpus")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS \
+                or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            return RefuseCode.OFFER, f"bad VM name {name!r}"
+        if not isinstance(memory_bytes, int) or memory_bytes <= 0 \
+                or memory_bytes != offer.npages * PAGE_SIZE:
+            return RefuseCode.OFFER, (f"memory size {memory_bytes!r} does not match "
+                                      f"{offer.npages} pages")
+        if not isinstance(vcpus, int) or not 0 < vcpus <= MAX_VCPUS:
+            return RefuseCode.OFFER, f"bad vCPU count {vcpus!r}"
+        return None
+
+    # -- pages, then the handover -------------------------------------------------------------
+    async def _receive(self) -> None:
+        stats = self.stats
+        while True:
+            event = await self._recv(None, "pages or a Switchover")
+            if isinstance(event, PageBatch):
+                try:
+                    batch = self.decoder.apply(event.data)
+                except CodecError as exc:
+                    raise RemoteProtocolError(f"bad page batch in round {event.round}: {exc}",
+                                              phase="precopy") from exc
+                if batch.npages != event.npages:
+                    raise RemoteProtocolError(
+                        f"page batch announced {event.npages} pages but held {batch.npages}",
+                        phase="precopy")
+                stats.add_batch(batch)
+            elif isinstance(event, RoundStart):
+                stats.rounds_received = event.round + 1
+            elif isinstance(event, RoundEnd):
+                pass
+            elif isinstance(event, Switchover):
+                await self._handover(event)
+                return
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__}", phase="precopy")
+
+    async def _handover(self, sw: Switchover) -> None:
+        cfg, vm = self.config, self.vm
+        self.phase = Phase.SWITCHOVER
+        if len(sw.digest) == 16 and self._full_digest_requested(sw):
+            actual = await asyncio.get_running_loop().run_in_executor(
+                None, memory_digest_full, vm.memory)
+        else:
+            actual = self.decoder.hashes.digest()
+        if actual != sw.digest:
+            bad = "memory digest mismatch"
+            await self.ch.send(VerifyFailed(sw.digest, actual, bad))
+            raise MigrationError(f"{bad}: source {sw.digest.hex()}, here {actual.hex()}",
+                                 phase="switchover")
+        try:
+            vm.import_state(sw.state)
+        except StateFormatError as exc:
+            await self.ch.send(VerifyFailed(sw.digest, actual, f"bad VM state: {exc}"))
+            raise MigrationError(f"bad VM state from the source: {exc}",
+                                 phase="switchover") from exc
+        await self.ch.send(Verified())
+        commit = await self._recv(cfg.ack_timeout_s, "Commit")
+        if not isinstance(commit, Commit):
+            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
+                                      phase="switchover")
+        vm.resume()
+        self._handed_over = True
+        await self.ch.send(Resumed())
+        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
+        self._set_status("completed")
+        if self.arrival is not None and self.arrival.on_resumed is not None:
+            self.arrival.on_resumed(vm)
+        # Complete is a courtesy: the VM runs here whether or not it arrives.
+        try:
+            await asyncio.wait_for(self.ch.recv(), cfg.ack_timeout_s)
+        except (LivemigError, asyncio.TimeoutError, ConnectionError):
+            pass
+
+    def _full_digest_requested(self, sw: Switchover) -> bool:
+        # The source decides; it says so by sending a full digest, which differs
+        # from the per-page-hash digest. Computing both is how we tell them apart.
+        return self.config.verify == "full"
+
+    # -- helpers -----------------------------------------------------------------------------------
+    async def _recv(self, timeout_s: float | None, what: str):
+        try:
+            event = await asyncio.wait_for(self.ch.recv(), timeout_s)
+        except asyncio.TimeoutError:
+            raise MigrationError(f"no {what} from the source within {timeout_s:g} s",
+                                 phase=self.phase.label) from None
+        if event is None:
+            raise RemoteProtocolError(f"the source closed the connection while we waited for "
+                                      f"{what}", phase=self.phase.label)
+        if isinstance(event, Abort):
+            raise MigrationError(f"the source aborted: {event.reason}", phase=self.phase.label)
+        return event
+
+    def _set_status(self, status: str, error: str | None = None) -> None:
+        self.stats.set_status(status)
+        if error:
+            self.stats.error = error
+        if self.arrival is not None:
+            self.arrival.status = status
+            self.arrival.error = error
+
+    def _record_failure(self, exc: BaseException) -> None:
+        status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
+        self._set_status(status, str(exc) or type(exc).__name__)
+
+    async def _tell_source(self, exc: LivemigError) -> None:
+        if self.ch.closed:
+            return
+        try:
+            await asyncio.wait_for(self.ch.send(Abort(self.phase, str(exc)[:1000])), 1.0)
+        except (LivemigError, asyncio.TimeoutError, ConnectionError):
+            pass
+
+
+class MigrationServer:
+    """Listens for incoming migrations and runs each as an IncomingMigration.
+
+    ``on_incoming(name, peer, stats) -> Arrival`` lets the host accept (and
+    learn when the VM runs, through ``Arrival.on_resumed``) or refuse (raise a
+    LivemigError: the source gets a Refuse with its text).
+    """
+
+    def __init__(self, host: str, port: int, *, ssl=None, on_incoming: IncomingHook | None = None,
+                 config: MigrationConfig | None = None):
+        self.host = host
+        self.requested_port = port
+        self.ssl = ssl
+        self.on_incoming = on_incoming or _default_hook
+        self.config = config or MigrationConfig()
+        self.port: int | None = None
+        self._server: ChannelServer | None = None
+        self.completed: asyncio.Queue = asyncio.Queue()
+
+    async def start(self) -> None:
+        self._server = await serve_channels(self.host, self.requested_port, self._serve,
+                                            ssl=self.ssl,
+                                            timeout_s=self.config.handshake_timeout_s)
+        self.port = self._server.port
+
+    async def _serve(self, ch: Channel) -> None:
+        if ch.kind is not ChannelKind.CONTROL:
+            raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel before any migration",
+                                      phase="handshake")
+        incoming = IncomingMigration(ch, self.on_incoming, self.config)
+        vm = await incoming.run()
+        if vm is not None:
+            await self.completed.put((incoming.arrival, vm))
+
+    @property
+    def errors(self) -> list:
+        return self._server.errors if self._server else []
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+
+    async def __aenter__(self) -> "MigrationServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,291 @@
+"""The source side of a migration: rounds of dirty pages, then the handover.
+
+Theory of operation (pre-copy)
+------------------------------
+::
+
+    connect ─ Hello/Welcome ─ MigrationOffer/Accept ─ arm tracker
+    round 0: every page          ┐  while the guest runs; after each round the
+    round k: pages collected     ┘  policy (a pure function of round stats)
+                                    says CONTINUE, THROTTLE, SWITCHOVER or GIVE_UP
+    pause vCPUs ─ collect ─ last round (frozen) ─ Switchover(state, digest)
+    ◀ Verified ─ Commit ─▶ ◀ Resumed ─ Complete ─▶ free the VM
+
+Ordering that makes it correct:
+
+* The tracker is armed *before* round 0 reads memory, so a write racing with
+  the read of a page is reported by the next collect and the page is sent
+  again. Every collect re-arms atomically (see tracking.py), so no write is
+  lost between rounds.
+* The final collect happens after every vCPU is parked: nothing writes any
+  more, so the last round plus the earlier rounds is exactly memory. The
+  encoder is told the round is ``frozen`` so it may refer to pages it sends
+  (DUP) and snapshot them for the digest.
+* The digest is the hash of the per-page hashes of what was sent
+  (codec.PageHashes); the destination computes the same over what landed. A
+  ``verify="full"`` config also rehashes all memory on both sides.
+* Until ``Commit`` is sent, any failure — the peer vanishing, a refusal, a
+  digest mismatch, a timeout, a cancellation — stops the tracker, lifts the
+  throttle and resumes the guest here, and raises MigrationError saying so.
+  After ``Commit`` the source never resumes on its own (HandoverInDoubt).
+
+Downtime is measured here, from the moment the vCPUs are paused to the moment
+``Resumed`` arrives: it includes one network round trip, so it is an upper
+bound on the guest's real stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from .aio.channel import Channel, open_channel
+from .aio.ratelimit import TokenBucket
+from .codec import BatchEncoder
+from .config import MigrationConfig
+from .digest import memory_digest_full
+from .native import PAGE_SIZE
+from .errors import (ConfigError, HandoverInDoubt, HandshakeRefused, LivemigError,
+                     MigrationError, RemoteProtocolError)
+from .policy import Action, RoundStats, decide
+from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
+                       PageBatch, Phase, Refuse, Resumed, RoundEnd, RoundStart, Switchover,
+                       Verified, VerifyFailed)
+from .stats import MigrationStats, RoundRecord
+from .tracking import open_tracker
+from .vm.machine import VM
+
+StatsCallback = Callable[[MigrationStats], None]
+_MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYBRID}
+
+
+async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | None = None,
+                  ssl=None, server_hostname: str | None = None, name: str = "vm",
+                  tracker: str = "auto", on_stats: StatsCallback | None = None
+                  ) -> MigrationStats:
+    """Move the running ``vm`` to the destination at ``host:port``.
+
+    Returns the stats of a completed migration, after which ``vm`` is paused
+    and released: the caller should close it. Raises MigrationError (VM
+    resumed here) or HandoverInDoubt (VM kept paused here).
+    """
+    config = config or MigrationConfig()
+    if config.mode != "precopy":
+        raise ConfigError(f"mode {config.mode!r} is not supported by this livemig yet; "
+                          "use mode='precopy'")
+    session = SourceSession(vm, config, name=name, tracker=tracker, on_stats=on_stats)
+    return await session.run(host, port, ssl=ssl, server_hostname=server_hostname)
+
+
+class SourceSession:
+    def __init__(self, vm: VM, config: MigrationConfig, *, name: str, tracker: str,
+                 on_stats: StatsCallback | None):
+        self.vm = vm
+        self.config = config
+        self.name = name
+        self.tracker_name = tracker
+        self.on_stats = on_stats or (lambda stats: None)
+        self.stats = MigrationStats(mode=config.mode, memory_bytes=vm.memory.length_bytes)
+        self.phase = Phase.HANDSHAKE
+        self._committed = False
+        self._t0 = time.monotonic()
+        self._tracker = None
+        self._ch: Channel | None = None
+
+    # -- the whole migration ----------------------------------------------------------------
+    async def run(self, host: str, port: int, *, ssl, server_hostname) -> MigrationStats:
+        cfg = self.config
+        limiter = (TokenBucket(cfg.max_bandwidth_bps, max(cfg.batch_bytes * 2, 1 << 20))
+                   if cfg.max_bandwidth_bps else None)
+        try:
+            self._ch = await open_channel(
+                host, port, kind=ChannelKind.CONTROL, session_id=os.urandom(16), ssl=ssl,
+                server_hostname=server_hostname or host, rate_limiter=limiter,
+                timeout_s=cfg.handshake_timeout_s)
+            await self._offer()
+            self._tracker = open_tracker(self.vm.memory, self.tracker_name)
+            self.stats.tracker = self._tracker.name
+            await self._precopy()
+            await self._switchover()
+            return self.stats
+        except BaseException as exc:
+            await self._fail(exc)
+            raise self._as_migration_error(exc) from exc
+        finally:
+            if self._tracker is not None:
+                self._tracker.close()
+            if self._ch is not None:
+                await self._ch.close()
+
+    async def _offer(self) -> None:
+        vm = self.vm
+        offer = MigrationOffer(
+            config={"name": self.name, "memory_bytes": vm.memory.length_bytes,
+                    "vcpus": vm.nvcpus, "workload": vm.workload},
+            mode=_MODES[self.config.mode], npages=vm.memory.npages)
+        await self._ch.send(offer)
+        answer = await self._recv(self.config.handshake_timeout_s, "an answer to the offer")
+        if isinstance(answer, Refuse):
+            raise HandshakeRefused(answer.code, answer.reason, phase="handshake",
+                                   channel=self._ch.name)
+        self._expect(answer, Accept)
+
+    # -- pre-copy rounds ----------------------------------------------------------------------
+    async def _precopy(self) -> None:
+        cfg, vm, stats = self.config, self.vm, self.stats
+        self.phase = Phase.PRECOPY
+        self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode)
+        self._tracker.start()
+        stats.setup_time_ms = self._elapsed_ms()
+        stats.set_status("active")
+        pages = np.arange(vm.memory.npages, dtype=np.uint64)
+        rounds: list[RoundStats] = []
+        throttle_pct = 0.0
+        while True:
+            index = len(rounds)
+            t_round = time.monotonic()
+            sent_pages, sent_bytes = await self._send_round(index, pages, frozen=False)
+            pages = self._tracker.collect()
+            duration_s = max(time.monotonic() - t_round, 1e-6)
+            rounds.append(RoundStats(index, duration_s, sent_pages, sent_bytes, len(pages)))
+            stats.add_round(RoundRecord(index, duration_s, sent_pages, sent_bytes, len(pages),
+                                        throttle_pct=throttle_pct))
+            decision = decide(cfg, rounds, elapsed_s=time.monotonic() - self._t0,
+                              throttle_pct=throttle_pct)
+            stats.add_decision(decision)
+            self.stats.remaining_bytes = len(pages) * PAGE_SIZE
+            self._publish()
+            if decision.action is Action.SWITCHOVER:
+                stats.converged = True
+                return
+            if decision.action is Action.GIVE_UP:
+                raise MigrationError(f"pre-copy did not converge: {decision.reason}",
+                                     phase="precopy")
+            if decision.action is Action.THROTTLE:
+                throttle_pct = decision.throttle_pct
+                vm.set_throttle(int(math.ceil(throttle_pct)))
+            elif decision.action is not Action.CONTINUE:
+                raise MigrationError(f"policy asked for {decision.action.name}, which pre-copy "
+                                     "cannot do", phase="precopy")
+
+    async def _send_round(self, index: int, pages: np.ndarray, *, frozen: bool) -> tuple[int, int]:
+        ch, stats = self._ch, self.stats
+        await ch.send(RoundStart(index))
+        npages = nbytes = 0
+        for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
+            await ch.send(PageBatch(index, batch.npages, batch.chunks))
+            npages += batch.npages
+            nbytes += batch.nbytes
+            stats.add_batch(batch)
+            stats.remaining_bytes = max(0, (len(pages) - npages)) * self.PAGE_SIZE
+        await ch.send(RoundEnd(index, npages, nbytes))
+        return npages, nbytes
+
+    # -- switchover and handover ----------------------------------------------------------------
+    async def _switchover(self) -> None:
+        cfg, vm, stats = self.config, self.vm, self.stats
+        self.phase = Phase.SWITCHOVER
+        t_pause = time.perf_counter()
+        vm.pause()
+        final = self._tracker.collect()
+        self._tracker.stop()
+        index = len(stats.rounds)
+        sent_pages, sent_bytes = await self._send_round(index, final, frozen=True)
+        stats.add_round(RoundRecord(index, time.perf_counter() - t_pause, sent_pages, sent_bytes,
+                                    0, throttle_pct=stats.throttle_pct))
+        digest = self._encoder.sent_hashes.digest()
+        if cfg.verify == "full":
+            full = await asyncio.get_running_loop().run_in_executor(
+                None, memory_digest_full, vm.memory)
+            digest = full
+        await self._ch.send(Switchover(vm.export_state(), digest))
+        verdict = await self._recv(cfg.switchover_timeout_s, "the destination's verdict")
+        if isinstance(verdict, VerifyFailed):
+            raise MigrationError(
+                f"the destination's memory digest {verdict.actual.hex()} differs from ours "
+                f"{verdict.expected.hex()}: {verdict.reason}", phase="switchover")
+        self._expect(verdict, Verified)
+        # Past this line the VM belongs to the destination: never resume it here.
+        self._committed = True
+        await self._ch.send(Commit())
+        self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
+        stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        await self._ch.send(Complete())
+        stats.total_time_ms = self._elapsed_ms()
+        stats.remaining_bytes = 0
+        stats.set_status("completed")
+        self._publish()
+
+    # -- failure ----------------------------------------------------------------------------------
+    async def _fail(self, exc: BaseException) -> None:
+        stats = self.stats
+        stats.total_time_ms = self._elapsed_ms()
+        stats.error = _describe(exc)
+        stats.set_status("cancelled" if isinstance(exc, asyncio.CancelledError) else "failed")
+        if self._committed:
+            stats.error = ("handover in doubt: the destination may be running the VM; "
+                           f"it is kept paused here ({stats.error})")
+        else:
+            if self._tracker is not None and self._tracker.armed:
+                self._tracker.stop()
+            self.vm.set_throttle(0)
+            if not self.vm.running:
+                self.vm.resume()
+            if self._ch is not None and not self._ch.closed:
+                try:
+                    await asyncio.wait_for(
+                        self._ch.send(Abort(self.phase, stats.error[:1000])), 1.0)
+                except (LivemigError, asyncio.TimeoutError, ConnectionError):
+                    pass
+        self._publish()
+
+    def _as_migration_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, asyncio.CancelledError):
+            return exc
+        phase = self.phase.label
+        if self._committed:
+            return HandoverInDoubt(self.stats.error, phase=phase, stats=self.stats,
+                                   source_resumed=False)
+        if isinstance(exc, MigrationError):
+            exc.stats, exc.phase = self.stats, exc.phase or phase
+            return exc
+        return MigrationError(f"migration failed in {phase}: {_describe(exc)}; "
+                              "the VM was resumed on the source", phase=phase,
+                              stats=self.stats, source_resumed=True)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    async def _recv(self, timeout_s: float, what: str):
+        try:
+            event = await asyncio.wait_for(self._ch.recv(), timeout_s)
+        except asyncio.TimeoutError:
+            raise MigrationError(f"no {what} from the destination within {timeout_s:g} s",
+                                 phase=self.phase.label) from None
+        if event is None:
+            raise RemoteProtocolError(f"the destination closed the connection while we "
+                                      f"waited for {what}", phase=self.phase.label)
+        if isinstance(event, Abort):
+            raise MigrationError(f"the destination aborted: {event.reason}",
+                                 phase=self.phase.label)
+        return event
+
+    def _expect(self, event, cls) -> None:
+        if not isinstance(event, cls):
+            raise RemoteProtocolError(f"expected {cls.__name__}, got {type(event).__name__}",
+                                      phase=self.phase.label)
+
+    def _elapsed_ms(self) -> float:
+        return (time.monotonic() - self._t0) * 1e3
+
+    def _publish(self) -> None:
+        self.on_stats(self.stats)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, LivemigError) else f"{type(exc).__name__}: {text}"
