@@ -1,0 +1,580 @@
+/*
+ * vCPUs: one pthread per vCPU interpreting the toy ISA out of guest memory.
+ *
+ * Theory of operation
+ *  - Every instruction is fetched from the region on every step, so dirty
+ *    tracking and post-copy faults see the guest's real accesses (code pages
+ *    included). Guest addresses are byte offsets into the region; anything
+ *    outside it, a misaligned pc or 64-bit access, a register field >= 16 or
+ *    an unknown opcode stops the vCPU with status FAULTED and a code — the
+ *    host never dereferences an unchecked guest address.
+ *  - Determinism: guest-visible results depend only on retired
+ *    instructions. RAND is splitmix64 over a state-struct field, CLOCK is a
+ *    function of the step counter, TICK only lets the runtime sleep.
+ *  - The interpreter runs in slices of at most LM_SLICE_STEPS instructions
+ *    with registers in a local array (guest stores through a uint64_t
+ *    pointer could otherwise alias the register file and force reloads).
+ *    Between slices it reads the relaxed atomic stop_req, the stop step,
+ *    the throttle and the pace: a pause is noticed within one slice (a few
+ *    microseconds), and the stop step bounds the slice, so a vCPU parks with
+ *    steps exactly equal to it.
+ *  - Ownership of `st` and the console tail: the thread while running, the
+ *    host while the thread is parked. `parked` is only changed under `lock`,
+ *    and the host checks it under `lock` before touching the state (-EBUSY
+ *    otherwise); the mutex orders the thread's last writes before the host's
+ *    reads.
+ *  - Throttle and pacing sleeps are condition-variable waits on cv_cmd with
+ *    a CLOCK_MONOTONIC deadline, so a pause interrupts them at once.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "livemig.h"
+
+#define LM_SLICE_STEPS 4096u
+#define LM_THROTTLE_PERIOD_NS 10000000ull /* run + sleep cycle of the throttle */
+#define LM_PACE_BURST_NS 1000000ull       /* work allowed ahead of schedule */
+#define LM_PACE_RESYNC_NS 50000000ull     /* further behind than this: forget the debt */
+#define LM_FNV_BASIS 0xcbf29ce484222325ull
+#define LM_FNV_PRIME 0x100000001b3ull
+
+struct lm_vcpu {
+    uint8_t *mem;
+    uint64_t length;
+    uint32_t id;
+
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t cv_cmd;    /* host -> thread: run, pause, quit */
+    pthread_cond_t cv_parked; /* thread -> host: parked */
+    int want_run;             /* under lock */
+    int quit;                 /* under lock */
+    int parked;               /* under lock */
+
+    atomic_int stop_req;
+    atomic_uint_fast64_t stop_step;
+    atomic_uint throttle_pct;
+    atomic_uint_fast64_t pace_tps;
+    atomic_int status;
+    atomic_uint_fast64_t c_steps, c_ticks, c_stores;
+
+    /* owned by the thread while running, by the host while parked */
+    lm_vcpu_state st;
+    uint64_t ticks, stores;
+    uint8_t tail[LM_VCPU_CONSOLE_TAIL];
+    uint32_t tail_len, tail_pos;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static struct timespec to_timespec(uint64_t ns)
+{
+    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ull),
+                          .tv_nsec = (long)(ns % 1000000000ull)};
+    return ts;
+}
+
+LM_API uint64_t lm_vcpu_page_sum(const uint8_t *page)
+{
+    /* sum (2i+1) w[i] = 2 * sum_j P_j - sum_i w[i], with P_j the suffix sums:
+     * additions only. Odd weights are invertible mod 2^64, so changing any
+     * one word always changes the sum. */
+    const uint64_t *w = (const uint64_t *)page;
+    uint64_t p = 0, q = 0;
+    for (int i = LM_PAGE_SIZE / 8 - 1; i >= 0; i--) {
+        p += w[i];
+        q += p;
+    }
+    return 2 * q - p;
+}
+
+static inline uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+enum slice_end { END_LIMIT, END_TICKS, END_HALT, END_FAULT };
+
+/*
+ * Runs until steps == step_limit, ticks == tick_limit (after a TICK), HALT
+ * or a fault. The hot loop: keep it free of calls and shared-memory atomics.
+ */
+static enum slice_end interp(lm_vcpu *v, uint64_t step_limit, uint64_t tick_limit)
+{
+    uint8_t *const mem = v->mem;
+    const uint64_t len = v->length;
+    uint64_t r[LM_VCPU_NREGS];
+    memcpy(r, v->st.regs, sizeof(r));
+    uint64_t pc = v->st.pc, steps = v->st.steps, ticks = v->ticks, stores = v->stores;
+    uint64_t rng = v->st.rng;
+    enum slice_end end = END_LIMIT;
+    uint32_t fcode = 0;
+    uint64_t faddr = 0;
+
+#define FAULT(code, addr) do { fcode = (code); faddr = (addr); goto fault; } while (0)
+#define EA_CHECK(size, align)                                                 \
+    uint64_t ea = r[ra] + (uint64_t)(int64_t)imm;                             \
+    if (ea > len - (size)) FAULT(LM_VCPU_FAULT_BAD_ADDRESS, ea);              \
+    if ((align) && (ea & ((size) - 1))) FAULT(LM_VCPU_FAULT_MISALIGNED, ea)
+
+    while (steps < step_limit) {
+        if ((pc & 7) || pc > len - 8)
+            FAULT(LM_VCPU_FAULT_BAD_PC, pc);
+        uint64_t w;
+        memcpy(&w, mem + pc, 8);
+        if ((w >> 8) & 0xf0f0f0u)
+            FAULT(LM_VCPU_FAULT_BAD_REGISTER, pc);
+        const unsigned op = (unsigned)(w & 0xff);
+        const unsigned rd = (unsigned)(w >> 8) & 0xf;
+        const unsigned ra = (unsigned)(w >> 16) & 0xf;
+        const unsigned rb = (unsigned)(w >> 24) & 0xf;
+        const int32_t imm = (int32_t)(uint32_t)(w >> 32);
+        uint64_t next = pc + 8;
+        switch (op) {
+        case LM_OP_HALT:
+            steps++;
+            end = END_HALT;
+            goto out;
+        case LM_OP_LI: r[rd] = (uint64_t)(int64_t)imm; break;
+        case LM_OP_LIH: r[rd] = (r[rd] & 0xffffffffull) | ((uint64_t)(uint32_t)imm << 32); break;
+        case LM_OP_MOV: r[rd] = r[ra]; break;
+        case LM_OP_ADD: r[rd] = r[ra] + r[rb]; break;
+        case LM_OP_SUB: r[rd] = r[ra] - r[rb]; break;
+        case LM_OP_MUL: r[rd] = r[ra] * r[rb]; break;
+        case LM_OP_AND: r[rd] = r[ra] & r[rb]; break;
+        case LM_OP_OR: r[rd] = r[ra] | r[rb]; break;
+        case LM_OP_XOR: r[rd] = r[ra] ^ r[rb]; break;
+        case LM_OP_SHL: r[rd] = r[ra] << (r[rb] & 63); break;
+        case LM_OP_SHR: r[rd] = r[ra] >> (r[rb] & 63); break;
+        case LM_OP_MODU:
+            if (r[rb] == 0)
+                FAULT(LM_VCPU_FAULT_DIVIDE, pc);
+            r[rd] = r[ra] % r[rb];
+            break;
+        case LM_OP_ADDI: r[rd] = r[ra] + (uint64_t)(int64_t)imm; break;
+        case LM_OP_MULI: r[rd] = r[ra] * (uint64_t)(int64_t)imm; break;
+        case LM_OP_ANDI: r[rd] = r[ra] & (uint64_t)(int64_t)imm; break;
+        case LM_OP_ORI: r[rd] = r[ra] | (uint64_t)(int64_t)imm; break;
+        case LM_OP_XORI: r[rd] = r[ra] ^ (uint64_t)(int64_t)imm; break;
+        case LM_OP_SHLI: r[rd] = r[ra] << (imm & 63); break;
+        case LM_OP_SHRI: r[rd] = r[ra] >> (imm & 63); break;
+        case LM_OP_MODUI:
+            if ((uint32_t)imm == 0)
+                FAULT(LM_VCPU_FAULT_DIVIDE, pc);
+            r[rd] = r[ra] % (uint32_t)imm;
+            break;
+        case LM_OP_LD: {
+            EA_CHECK(8, 1);
+            memcpy(&r[rd], mem + ea, 8);
+            break;
+        }
+        case LM_OP_ST: {
+            EA_CHECK(8, 1);
+            memcpy(mem + ea, &r[rd], 8);
+            stores++;
+            break;
+        }
+        case LM_OP_LDB: {
+            EA_CHECK(1, 0);
+            r[rd] = mem[ea];
+            break;
+        }
+        case LM_OP_STB: {
+            EA_CHECK(1, 0);
+            mem[ea] = (uint8_t)r[rd];
+            stores++;
+            break;
+        }
+        case LM_OP_BEQ: if (r[ra] == r[rb]) next = pc + (uint64_t)(int64_t)imm; break;
+        case LM_OP_BNE: if (r[ra] != r[rb]) next = pc + (uint64_t)(int64_t)imm; break;
+        case LM_OP_BLTU: if (r[ra] < r[rb]) next = pc + (uint64_t)(int64_t)imm; break;
+        case LM_OP_BGEU: if (r[ra] >= r[rb]) next = pc + (uint64_t)(int64_t)imm; break;
+        case LM_OP_JMP: next = pc + (uint64_t)(int64_t)imm; break;
+        case LM_OP_JAL: r[rd] = pc + 8; next = pc + (uint64_t)(int64_t)imm; break;
+        case LM_OP_JR: next = r[ra]; break;
+        case LM_OP_RAND: r[rd] = splitmix64(&rng); break;
+        case LM_OP_OUT: {
+            uint8_t b = (uint8_t)r[ra];
+            v->tail[v->tail_pos] = b;
+            v->tail_pos = (v->tail_pos + 1) % LM_VCPU_CONSOLE_TAIL;
+            if (v->tail_len < LM_VCPU_CONSOLE_TAIL)
+                v->tail_len++;
+            v->st.console_count++;
+            v->st.console_hash = (v->st.console_hash ^ b) * LM_FNV_PRIME;
+            break;
+        }
+        case LM_OP_CLOCK: r[rd] = v->st.clock_base + steps; break;
+        case LM_OP_PSUM: {
+            uint64_t page = r[ra] & ~(uint64_t)(LM_PAGE_SIZE - 1);
+            if (r[ra] >= len)
+                FAULT(LM_VCPU_FAULT_BAD_ADDRESS, r[ra]);
+            r[rd] = lm_vcpu_page_sum(mem + page);
+            break;
+        }
+        case LM_OP_TICK:
+            if (++ticks >= tick_limit) {
+                steps++;
+                pc = next;
+                end = END_TICKS;
+                goto out;
+            }
+            break;
+        case LM_OP_FAIL:
+            FAULT((uint32_t)imm, pc);
+        case LM_OP_NOP: break;
+        default:
+            FAULT(LM_VCPU_FAULT_BAD_OPCODE, pc);
+        }
+        pc = next;
+        steps++;
+    }
+    goto out;
+fault:
+    end = END_FAULT;
+    v->st.fault_code = fcode;
+    v->st.fault_addr = faddr;
+    v->st.status = LM_VCPU_FAULTED;
+out:
+    if (end == END_HALT)
+        v->st.status = LM_VCPU_HALTED;
+    memcpy(v->st.regs, r, sizeof(r));
+    v->st.pc = pc;
+    v->st.steps = steps;
+    v->st.rng = rng;
+    v->ticks = ticks;
+    v->stores = stores;
+    return end;
+#undef EA_CHECK
+#undef FAULT
+}
+
+/* Sleeps until deadline_ns unless a pause or quit comes first. */
+static void sleep_until(lm_vcpu *v, uint64_t deadline_ns)
+{
+    struct timespec ts = to_timespec(deadline_ns);
+    pthread_mutex_lock(&v->lock);
+    while (!atomic_load_explicit(&v->stop_req, memory_order_relaxed) && !v->quit &&
+           now_ns() < deadline_ns)
+        if (pthread_cond_timedwait(&v->cv_cmd, &v->lock, &ts) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&v->lock);
+}
+
+static void publish(lm_vcpu *v)
+{
+    atomic_store_explicit(&v->c_steps, v->st.steps, memory_order_relaxed);
+    atomic_store_explicit(&v->c_ticks, v->ticks, memory_order_relaxed);
+    atomic_store_explicit(&v->c_stores, v->stores, memory_order_relaxed);
+}
+
+/* One run between two parks: slices until a stop request, the stop step,
+ * HALT or a fault. */
+static void run(lm_vcpu *v)
+{
+    uint64_t pace_anchor_ns = now_ns(), pace_anchor_ticks = v->ticks, pace_cur = 0;
+    uint64_t phase_start_ns = pace_anchor_ns;
+    for (;;) {
+        if (atomic_load_explicit(&v->stop_req, memory_order_relaxed))
+            return;
+        uint64_t stop = atomic_load_explicit(&v->stop_step, memory_order_relaxed);
+        if (v->st.steps >= stop)
+            return;
+        uint64_t limit = v->st.steps + LM_SLICE_STEPS;
+        if (limit > stop || limit < v->st.steps)
+            limit = stop;
+
+        uint32_t pct = atomic_load_explicit(&v->throttle_pct, memory_order_relaxed);
+        uint64_t pace = atomic_load_explicit(&v->pace_tps, memory_order_relaxed);
+        uint64_t tick_limit = UINT64_MAX;
+        if (pct || pace) {
+            uint64_t t = now_ns();
+            if (pct) {
+                uint64_t run_ns = LM_THROTTLE_PERIOD_NS * (100 - pct) / 100;
+                if (t - phase_start_ns >= run_ns) {
+                    sleep_until(v, t + LM_THROTTLE_PERIOD_NS - run_ns);
+                    phase_start_ns = t = now_ns();
+                    /* the sleep is not pacing debt */
+                    pace_anchor_ns = t;
+                    pace_anchor_ticks = v->ticks;
+                    continue;
+                }
+            }
+            if (pace) {
+                if (pace != pace_cur) {
+                    pace_cur = pace;
+                    pace_anchor_ns = t;
+                    pace_anchor_ticks = v->ticks;
+                }
+                double elapsed_s = (double)(t - pace_anchor_ns) * 1e-9;
+                double allowed = (double)pace_anchor_ticks + elapsed_s * (double)pace +
+                                 (double)pace * LM_PACE_BURST_NS * 1e-9 + 1.0;
+                if (allowed - (double)v->ticks > (double)pace * LM_PACE_RESYNC_NS * 1e-9) {
+                    pace_anchor_ns = t;
+                    pace_anchor_ticks = v->ticks;
+                    allowed = (double)v->ticks + (double)pace * LM_PACE_BURST_NS * 1e-9 + 1.0;
+                }
+                if ((double)v->ticks >= allowed - 0.5) {
+                    double due_s = ((double)(v->ticks - pace_anchor_ticks) + 1.0) / (double)pace -
+                                   LM_PACE_BURST_NS * 1e-9;
+                    sleep_until(v, pace_anchor_ns + (uint64_t)(due_s * 1e9));
+                    continue;
+                }
+                tick_limit = (uint64_t)allowed;
+            } else {
+                pace_cur = 0;
+            }
+        }
+        enum slice_end end = interp(v, limit, tick_limit);
+        publish(v);
+        if (end == END_HALT || end == END_FAULT)
+            return;
+    }
+}
+
+static int runnable(const lm_vcpu *v)
+{
+    return v->want_run && !v->quit &&
+           v->st.status != LM_VCPU_HALTED && v->st.status != LM_VCPU_FAULTED &&
+           v->st.steps < atomic_load_explicit(&v->stop_step, memory_order_relaxed);
+}
+
+static void *vcpu_main(void *arg)
+{
+    lm_vcpu *v = arg;
+    pthread_mutex_lock(&v->lock);
+    for (;;) {
+        while (!v->quit && !runnable(v)) {
+            if (!v->parked) {
+                v->want_run = 0;
+                v->parked = 1;
+                atomic_store(&v->status, (int)v->st.status);
+                pthread_cond_broadcast(&v->cv_parked);
+            }
+            pthread_cond_wait(&v->cv_cmd, &v->lock);
+        }
+        if (v->quit)
+            break;
+        v->parked = 0;
+        atomic_store(&v->status, LM_VCPU_RUNNING);
+        pthread_mutex_unlock(&v->lock);
+        run(v);
+        pthread_mutex_lock(&v->lock);
+    }
+    v->parked = 1;
+    atomic_store(&v->status, (int)v->st.status);
+    pthread_cond_broadcast(&v->cv_parked);
+    pthread_mutex_unlock(&v->lock);
+    return NULL;
+}
+
+LM_API int lm_vcpu_create(lm_region *region, uint32_t id, lm_vcpu **out)
+{
+    if (!region || !out)
+        return -EINVAL;
+    *out = NULL;
+    lm_vcpu *v = calloc(1, sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    v->mem = lm_region_base(region);
+    v->length = lm_region_length(region);
+    v->id = id;
+    v->st.status = LM_VCPU_PARKED;
+    v->st.console_hash = LM_FNV_BASIS;
+    v->parked = 0; /* the thread announces itself parked */
+    atomic_init(&v->stop_req, 0);
+    atomic_init(&v->stop_step, UINT64_MAX);
+    atomic_init(&v->throttle_pct, 0);
+    atomic_init(&v->pace_tps, 0);
+    atomic_init(&v->status, LM_VCPU_PARKED);
+    atomic_init(&v->c_steps, 0);
+    atomic_init(&v->c_ticks, 0);
+    atomic_init(&v->c_stores, 0);
+
+    pthread_condattr_t ca;
+    int rc = pthread_condattr_init(&ca);
+    if (rc == 0)
+        rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    if (rc == 0)
+        rc = pthread_mutex_init(&v->lock, NULL);
+    if (rc == 0)
+        rc = pthread_cond_init(&v->cv_cmd, &ca);
+    if (rc == 0)
+        rc = pthread_cond_init(&v->cv_parked, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc == 0)
+        rc = pthread_create(&v->thread, NULL, vcpu_main, v);
+    if (rc != 0) { /* pthread_* return the errno (EAGAIN: thread limit) */
+        free(v);
+        return -rc;
+    }
+    *out = v;
+    return lm_vcpu_wait_parked(v, 5000);
+}
+
+LM_API void lm_vcpu_destroy(lm_vcpu *v)
+{
+    if (!v)
+        return;
+    pthread_mutex_lock(&v->lock);
+    v->quit = 1;
+    atomic_store(&v->stop_req, 1);
+    pthread_cond_broadcast(&v->cv_cmd);
+    pthread_mutex_unlock(&v->lock);
+    pthread_join(v->thread, NULL);
+    pthread_cond_destroy(&v->cv_cmd);
+    pthread_cond_destroy(&v->cv_parked);
+    pthread_mutex_destroy(&v->lock);
+    free(v);
+}
+
+LM_API int lm_vcpu_resume(lm_vcpu *v)
+{
+    pthread_mutex_lock(&v->lock);
+    atomic_store(&v->stop_req, 0);
+    v->want_run = 1;
+    pthread_cond_broadcast(&v->cv_cmd);
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}
+
+static int wait_parked_locked(lm_vcpu *v, int64_t timeout_ms)
+{
+    if (timeout_ms < 0)
+        timeout_ms = 0;
+    struct timespec ts = to_timespec(now_ns() + (uint64_t)timeout_ms * 1000000ull);
+    while (!v->parked || runnable(v)) {
+        int rc = pthread_cond_timedwait(&v->cv_parked, &v->lock, &ts);
+        if (rc == ETIMEDOUT)
+            return (v->parked && !runnable(v)) ? 0 : -ETIMEDOUT;
+    }
+    return 0;
+}
+
+LM_API int lm_vcpu_pause(lm_vcpu *v, int64_t timeout_ms)
+{
+    pthread_mutex_lock(&v->lock);
+    v->want_run = 0;
+    atomic_store_explicit(&v->stop_req, 1, memory_order_relaxed);
+    pthread_cond_broadcast(&v->cv_cmd); /* interrupts throttle/pace sleeps */
+    int rc = wait_parked_locked(v, timeout_ms);
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+LM_API int lm_vcpu_wait_parked(lm_vcpu *v, int64_t timeout_ms)
+{
+    pthread_mutex_lock(&v->lock);
+    int rc = wait_parked_locked(v, timeout_ms);
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+LM_API int lm_vcpu_set_stop_step(lm_vcpu *v, uint64_t step)
+{
+    pthread_mutex_lock(&v->lock);
+    atomic_store_explicit(&v->stop_step, step, memory_order_relaxed);
+    pthread_cond_broadcast(&v->cv_cmd); /* a raised stop step may make it runnable */
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}
+
+LM_API int lm_vcpu_set_throttle(lm_vcpu *v, uint32_t pct)
+{
+    if (pct > 99)
+        return -EINVAL;
+    atomic_store_explicit(&v->throttle_pct, pct, memory_order_relaxed);
+    return 0;
+}
+
+LM_API int lm_vcpu_set_pace(lm_vcpu *v, uint64_t ticks_per_s)
+{
+    atomic_store_explicit(&v->pace_tps, ticks_per_s, memory_order_relaxed);
+    return 0;
+}
+
+LM_API int lm_vcpu_status(const lm_vcpu *v)
+{
+    return atomic_load(&((lm_vcpu *)v)->status);
+}
+
+LM_API int lm_vcpu_counters_read(const lm_vcpu *v, lm_vcpu_counters *out)
+{
+    lm_vcpu *m = (lm_vcpu *)v;
+    out->steps = atomic_load_explicit(&m->c_steps, memory_order_relaxed);
+    out->ticks = atomic_load_explicit(&m->c_ticks, memory_order_relaxed);
+    out->stores = atomic_load_explicit(&m->c_stores, memory_order_relaxed);
+    return 0;
+}
+
+LM_API int lm_vcpu_get_state(lm_vcpu *v, lm_vcpu_state *out)
+{
+    pthread_mutex_lock(&v->lock);
+    int rc = -EBUSY;
+    if (v->parked) {
+        *out = v->st;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+LM_API int lm_vcpu_set_state(lm_vcpu *v, const lm_vcpu_state *in)
+{
+    if (in->status != LM_VCPU_PARKED && in->status != LM_VCPU_HALTED &&
+        in->status != LM_VCPU_FAULTED)
+        return -EINVAL;
+    pthread_mutex_lock(&v->lock);
+    int rc = -EBUSY;
+    if (v->parked) {
+        v->st = *in;
+        atomic_store(&v->status, (int)in->status);
+        publish(v);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+LM_API int lm_vcpu_console_read(lm_vcpu *v, uint8_t *buf, size_t cap)
+{
+    pthread_mutex_lock(&v->lock);
+    int rc = -EBUSY;
+    if (v->parked) {
+        size_t n = v->tail_len < cap ? v->tail_len : cap;
+        size_t start = (v->tail_pos + LM_VCPU_CONSOLE_TAIL - n) % LM_VCPU_CONSOLE_TAIL;
+        for (size_t i = 0; i < n; i++)
+            buf[i] = v->tail[(start + i) % LM_VCPU_CONSOLE_TAIL];
+        rc = (int)n;
+    }
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+LM_API int lm_vcpu_console_set(lm_vcpu *v, const uint8_t *buf, size_t length_bytes)
+{
+    if (length_bytes > LM_VCPU_CONSOLE_TAIL)
+        return -EINVAL;
+    pthread_mutex_lock(&v->lock);
+    int rc = -EBUSY;
+    if (v->parked) {
+        memcpy(v->tail, buf, length_bytes);
+        v->tail_len = (uint32_t)length_bytes;
+        v->tail_pos = (uint32_t)(length_bytes % LM_VCPU_CONSOLE_TAIL);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
