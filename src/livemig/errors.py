@@ -92,3 +92,25 @@ _ERRNO_CLASSES = {
 def native_error(err: int, what: str, hint: str | None = None) -> NativeError:
     """Map a positive errno from a native call to the most specific class."""
     return _ERRNO_CLASSES.get(err, NativeError)(err, what, hint)
+
+
+# toy VM (vm/)
+class AsmError(LivemigError, ValueError):
+    """A guest program's assembly text is invalid; the message names the line."""
+
+    def __init__(self, message: str, *, line: int | None = None):
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+        self.line = line
+
+
+class SnapshotError(LivemigError, OSError):
+    """A snapshot could not be written or read for a reason of the host (full
+    disk, permissions, missing file), as opposed to a malformed file."""
+
+
+class VMBusy(LivemigError):
+    """The operation needs a paused VM (or parked vCPU) and it is running."""
+
+
+class GuestTimeout(LivemigError, TimeoutError):
+    """The guest did not reach the requested point (step, park) in time."""
