@@ -261,15 +261,22 @@ out:
 #undef FAULT
 }
 
-/* Sleeps until deadline_ns unless a pause or quit comes first. */
+/* Sleeps until deadline_ns or until the host signals cv_cmd (pause, quit,
+ * a new throttle or pace). One wait only: the caller recomputes its
+ * schedule afterwards, so an early or spurious wake-up costs a recheck. */
 static void sleep_until(lm_vcpu *v, uint64_t deadline_ns)
 {
     struct timespec ts = to_timespec(deadline_ns);
     pthread_mutex_lock(&v->lock);
-    while (!atomic_load_explicit(&v->stop_req, memory_order_relaxed) && !v->quit &&
-           now_ns() < deadline_ns)
-        if (pthread_cond_timedwait(&v->cv_cmd, &v->lock, &ts) == ETIMEDOUT)
-            break;
+    if (!atomic_load_explicit(&v->stop_req, memory_order_relaxed) && !v->quit)
+        pthread_cond_timedwait(&v->cv_cmd, &v->lock, &ts);
+    pthread_mutex_unlock(&v->lock);
+}
+
+static void settings_changed(lm_vcpu *v)
+{
+    pthread_mutex_lock(&v->lock);
+    pthread_cond_broadcast(&v->cv_cmd);
     pthread_mutex_unlock(&v->lock);
 }
 
@@ -349,6 +356,13 @@ static int runnable(const lm_vcpu *v)
     return v->want_run && !v->quit &&
            v->st.status != LM_VCPU_HALTED && v->st.status != LM_VCPU_FAULTED &&
            v->st.steps < atomic_load_explicit(&v->stop_step, memory_order_relaxed);
+}
+
+/* Parked and staying parked: a resume that the thread has not yet acted on
+ * already counts as running, so the host never races the thread's start. */
+static int quiescent(const lm_vcpu *v)
+{
+    return v->parked && !runnable(v);
 }
 
 static void *vcpu_main(void *arg)
@@ -445,6 +459,8 @@ LM_API int lm_vcpu_resume(lm_vcpu *v)
     pthread_mutex_lock(&v->lock);
     atomic_store(&v->stop_req, 0);
     v->want_run = 1;
+    if (runnable(v)) /* report it at once, as get_state already refuses */
+        atomic_store(&v->status, LM_VCPU_RUNNING);
     pthread_cond_broadcast(&v->cv_cmd);
     pthread_mutex_unlock(&v->lock);
     return 0;
@@ -455,10 +471,10 @@ static int wait_parked_locked(lm_vcpu *v, int64_t timeout_ms)
     if (timeout_ms < 0)
         timeout_ms = 0;
     struct timespec ts = to_timespec(now_ns() + (uint64_t)timeout_ms * 1000000ull);
-    while (!v->parked || runnable(v)) {
+    while (!quiescent(v)) {
         int rc = pthread_cond_timedwait(&v->cv_parked, &v->lock, &ts);
         if (rc == ETIMEDOUT)
-            return (v->parked && !runnable(v)) ? 0 : -ETIMEDOUT;
+            return quiescent(v) ? 0 : -ETIMEDOUT;
     }
     return 0;
 }
@@ -496,12 +512,14 @@ LM_API int lm_vcpu_set_throttle(lm_vcpu *v, uint32_t pct)
     if (pct > 99)
         return -EINVAL;
     atomic_store_explicit(&v->throttle_pct, pct, memory_order_relaxed);
+    settings_changed(v);
     return 0;
 }
 
 LM_API int lm_vcpu_set_pace(lm_vcpu *v, uint64_t ticks_per_s)
 {
     atomic_store_explicit(&v->pace_tps, ticks_per_s, memory_order_relaxed);
+    settings_changed(v);
     return 0;
 }
 
@@ -523,7 +541,7 @@ LM_API int lm_vcpu_get_state(lm_vcpu *v, lm_vcpu_state *out)
 {
     pthread_mutex_lock(&v->lock);
     int rc = -EBUSY;
-    if (v->parked) {
+    if (quiescent(v)) {
         *out = v->st;
         rc = 0;
     }
@@ -538,7 +556,7 @@ LM_API int lm_vcpu_set_state(lm_vcpu *v, const lm_vcpu_state *in)
         return -EINVAL;
     pthread_mutex_lock(&v->lock);
     int rc = -EBUSY;
-    if (v->parked) {
+    if (quiescent(v)) {
         v->st = *in;
         atomic_store(&v->status, (int)in->status);
         publish(v);
@@ -552,7 +570,7 @@ LM_API int lm_vcpu_console_read(lm_vcpu *v, uint8_t *buf, size_t cap)
 {
     pthread_mutex_lock(&v->lock);
     int rc = -EBUSY;
-    if (v->parked) {
+    if (quiescent(v)) {
         size_t n = v->tail_len < cap ? v->tail_len : cap;
         size_t start = (v->tail_pos + LM_VCPU_CONSOLE_TAIL - n) % LM_VCPU_CONSOLE_TAIL;
         for (size_t i = 0; i < n; i++)
@@ -569,7 +587,7 @@ LM_API int lm_vcpu_console_set(lm_vcpu *v, const uint8_t *buf, size_t length_byt
         return -EINVAL;
     pthread_mutex_lock(&v->lock);
     int rc = -EBUSY;
-    if (v->parked) {
+    if (quiescent(v)) {
         memcpy(v->tail, buf, length_bytes);
         v->tail_len = (uint32_t)length_bytes;
         v->tail_pos = (uint32_t)(length_bytes % LM_VCPU_CONSOLE_TAIL);
