@@ -365,6 +365,16 @@ static int quiescent(const lm_vcpu *v)
     return v->parked && !runnable(v);
 }
 
+/* While the thread is parked the host's commands decide the status: a
+ * pending resume reads as RUNNING at once (state access already refuses),
+ * and a pause or stop step that lands before the thread woke up reads as
+ * parked again. Called under lock. */
+static void refresh_status_locked(lm_vcpu *v)
+{
+    if (v->parked)
+        atomic_store(&v->status, runnable(v) ? LM_VCPU_RUNNING : (int)v->st.status);
+}
+
 static void *vcpu_main(void *arg)
 {
     lm_vcpu *v = arg;
@@ -459,8 +469,7 @@ LM_API int lm_vcpu_resume(lm_vcpu *v)
     pthread_mutex_lock(&v->lock);
     atomic_store(&v->stop_req, 0);
     v->want_run = 1;
-    if (runnable(v)) /* report it at once, as get_state already refuses */
-        atomic_store(&v->status, LM_VCPU_RUNNING);
+    refresh_status_locked(v);
     pthread_cond_broadcast(&v->cv_cmd);
     pthread_mutex_unlock(&v->lock);
     return 0;
@@ -484,6 +493,7 @@ LM_API int lm_vcpu_pause(lm_vcpu *v, int64_t timeout_ms)
     pthread_mutex_lock(&v->lock);
     v->want_run = 0;
     atomic_store_explicit(&v->stop_req, 1, memory_order_relaxed);
+    refresh_status_locked(v);
     pthread_cond_broadcast(&v->cv_cmd); /* interrupts throttle/pace sleeps */
     int rc = wait_parked_locked(v, timeout_ms);
     pthread_mutex_unlock(&v->lock);
@@ -502,6 +512,7 @@ LM_API int lm_vcpu_set_stop_step(lm_vcpu *v, uint64_t step)
 {
     pthread_mutex_lock(&v->lock);
     atomic_store_explicit(&v->stop_step, step, memory_order_relaxed);
+    refresh_status_locked(v);
     pthread_cond_broadcast(&v->cv_cmd); /* a raised stop step may make it runnable */
     pthread_mutex_unlock(&v->lock);
     return 0;
@@ -558,7 +569,7 @@ LM_API int lm_vcpu_set_state(lm_vcpu *v, const lm_vcpu_state *in)
     int rc = -EBUSY;
     if (quiescent(v)) {
         v->st = *in;
-        atomic_store(&v->status, (int)in->status);
+        refresh_status_locked(v);
         publish(v);
         rc = 0;
     }
