@@ -218,6 +218,9 @@ def test_state_semantic_checks():
         state.VMState(s.memory_bytes, 2, "nonsense", s.seed, None, {}, s.vcpus),
         state.VMState(s.memory_bytes, 2, "idle", s.seed, 1e6, {}, s.vcpus),
         state.VMState(s.memory_bytes, 2, s.workload, s.seed, None, {"x": 1}, s.vcpus),
+        state.VMState(s.memory_bytes, 2, "hotset", s.seed, None, {"hot_fraction": "x"}, s.vcpus),
+        state.VMState(s.memory_bytes, 2, s.workload, s.seed, float("nan"), {}, s.vcpus),
+        state.VMState(s.memory_bytes, 2, s.workload, -1, None, {}, s.vcpus),
     ):
         with pytest.raises(StateFormatError):
             blank.import_state(bad.pack())
@@ -290,3 +293,14 @@ def test_snapshot_refuses_a_running_vm_and_a_missing_file(tmp_path):
         vm.pause()
     with pytest.raises(SnapshotError):
         snapshot.load(tmp_path / "missing.snap")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(vcpus=0), dict(vcpus=300), dict(memory="12KiB", vcpus=2), dict(workload="nope"),
+    dict(workload="hotset", params={"hot_fraction": 0}), dict(workload="idle", dirty_rate="1MiB/s"),
+    dict(workload="sweep", params={"stride": 2}), dict(seed=-1), dict(memory="1000"),
+])
+def test_bad_vm_configs_are_config_errors(kwargs):
+    from livemig.errors import ConfigError
+    with pytest.raises(ConfigError):
+        VM(**{"memory": "1MiB", **kwargs}).close()

@@ -45,8 +45,10 @@ class VM:
                  dirty_rate: str | float | None = None, seed: int = 0, params: dict | None = None,
                  *, hugepages: bool = True):
         memory_bytes = parse_size(memory, what="guest memory size")
-        if not isinstance(vcpus, int) or vcpus < 1:
-            raise ConfigError(f"vcpus must be a positive integer, got {vcpus!r}")
+        if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+            raise ConfigError(f"vcpus must be an integer, got {vcpus!r}")
+        if seed is None or not 0 <= int(seed) < 2**64:
+            raise ConfigError(f"seed must be an integer 0..2**64-1, got {seed!r}")
         self.layout = programs.Layout(memory_bytes, vcpus)
         if workload is not None:
             programs.resolve_params(workload, params)  # refuse bad params before mapping

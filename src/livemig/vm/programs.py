@@ -34,6 +34,7 @@ CODE_PAGES_PER_VCPU = 2
 MEMTEST_FAIL_CODE = 0x4D54          # "MT"
 IDLE_HEARTBEAT_EVERY = 1 << 22      # loop iterations between heartbeat bytes
 MEMTEST_REPORT_EVERY = 1024         # visits between console bytes
+MAX_VCPUS = 256
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ class Layout:
     nvcpus: int
 
     def __post_init__(self):
-        if self.nvcpus < 1:
-            raise ConfigError(f"a VM needs at least one vCPU, got {self.nvcpus}")
+        if not 1 <= self.nvcpus <= MAX_VCPUS:
+            raise ConfigError(f"a VM has 1..{MAX_VCPUS} vCPUs, got {self.nvcpus}")
         if self.memory_bytes % isa.PAGE_SIZE:
             raise ConfigError("guest memory must be a whole number of pages")
         if self.data_npages < 1:
@@ -230,6 +231,9 @@ def resolve_params(name: str, params: dict | None) -> dict:
     if unknown:
         raise ConfigError(f"workload {name!r} has no parameter(s) {sorted(unknown)}; "
                           f"it takes {sorted(w.defaults) or 'none'}")
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"workload parameter {key!r} must be a number, got {value!r}")
     return {**w.defaults, **params}
 
 

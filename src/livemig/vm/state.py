@@ -26,10 +26,10 @@ import xxhash
 from ..errors import StateFormatError
 from . import isa
 from .devices import ClockState, ConsoleState
+from .programs import MAX_VCPUS
 
 MAGIC = b"LMVMSTAT"
 VERSION = 1
-MAX_VCPUS = 256
 _HEADER = struct.Struct("<8sHHIQ")
 _VCPU = struct.Struct("<16QQQQIIQ")   # regs, pc, steps, rng, status, fault_code, fault_addr
 _U32 = struct.Struct("<I")
@@ -128,6 +128,10 @@ def unpack(blob: bytes) -> VMState:
     if memory_bytes <= 0 or memory_bytes % isa.PAGE_SIZE:
         raise StateFormatError(f"VM state memory size {memory_bytes} is not a whole "
                                "number of pages")
+    if rate is not None and not (0 <= rate < float("inf")):
+        raise StateFormatError(f"VM state has an impossible dirty rate {rate!r}")
+    if not 0 <= seed <= isa.MASK64:
+        raise StateFormatError(f"VM state seed {seed} is not a 64-bit unsigned value")
     if not 1 <= nvcpus <= MAX_VCPUS:
         raise StateFormatError(f"VM state has {nvcpus} vCPUs (1..{MAX_VCPUS} allowed)")
 
