@@ -443,3 +443,53 @@ def test_alu_programs_match_the_model(program, regs):
         v.close()
     assert s.status == isa.STATUS_HALTED and s.steps == len(program) + 1
     assert list(s.regs) == _model(program, regs)
+
+
+_command = st.one_of(
+    st.tuples(st.just("resume"), st.just(0)),
+    st.tuples(st.just("pause"), st.just(0)),
+    st.tuples(st.just("sleep_us"), st.integers(0, 2000)),
+    st.tuples(st.just("stop_ahead"), st.integers(0, 50_000)),
+    st.tuples(st.just("throttle"), st.integers(0, 99)),
+    st.tuples(st.just("pace"), st.sampled_from([0, 1000, 100_000])),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(commands=st.lists(_command, max_size=12))
+def test_any_command_sequence_ends_exactly_at_the_stop_step(commands):
+    """Pauses, stop steps, throttle and pace change timing, never the state
+    the vCPU reaches at a given step."""
+    target = 3_000_000
+    states = []
+    for script in (commands, []):
+        with GuestMemory("1MiB", hugepages=False) as m:
+            v = spinner(m)
+            v.set_stop_step(target)  # never beyond the comparison point
+            for name, arg in script:
+                if name == "resume":
+                    v.resume()
+                elif name == "pause":
+                    v.pause()
+                    assert v.status == isa.STATUS_PARKED
+                elif name == "sleep_us":
+                    time.sleep(arg / 1e6)
+                elif name == "stop_ahead":
+                    v.pause()
+                    v.set_stop_step(min(target, v.counters()[0] + arg))
+                elif name == "throttle":
+                    v.set_throttle(arg)
+                else:
+                    v.set_pace(arg)
+            v.pause()
+            assert v.counters()[0] <= target
+            v.set_throttle(0)
+            v.set_pace(0)
+            v.set_stop_step(target)
+            v.resume()
+            assert v.wait_parked(10)
+            s = v.get_state()
+            states.append((list(s.regs), s.pc, s.steps, bytes(m.bytes[DATA:DATA + 4096])))
+            v.close()
+    assert states[0] == states[1]
+    assert states[0][2] == target
