@@ -43,7 +43,7 @@ def _fault_text(code: int) -> str:
 class VM:
     def __init__(self, memory: int | str = "64MiB", vcpus: int = 2, workload: str | None = "uniform",
                  dirty_rate: str | float | None = None, seed: int = 0, params: dict | None = None,
-                 *, hugepages: bool = True):
+                 *, hugepages: bool = True, memfd: bool = False):
         memory_bytes = parse_size(memory, what="guest memory size")
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
             raise ConfigError(f"vcpus must be an integer, got {vcpus!r}")
@@ -58,7 +58,7 @@ class VM:
         self._dirty_rate_bps: float | None = None
         self._throttle_pct = 0
         self._running = False
-        self._memory = GuestMemory(memory_bytes, hugepages=hugepages)
+        self._memory = GuestMemory(memory_bytes, hugepages=hugepages, memfd=memfd)
         self._vcpus: list[VCpu] = []
         try:
             for i in range(vcpus):
@@ -72,9 +72,10 @@ class VM:
         self._stats_mark = (time.monotonic(), self._total_ticks())
 
     @classmethod
-    def blank(cls, memory: int | str, vcpus: int, *, hugepages: bool = True) -> "VM":
+    def blank(cls, memory: int | str, vcpus: int, *, hugepages: bool = True,
+              memfd: bool = False) -> "VM":
         """A destination VM: memory mapped, vCPUs parked, no program."""
-        return cls(memory, vcpus, workload=None, hugepages=hugepages)
+        return cls(memory, vcpus, workload=None, hugepages=hugepages, memfd=memfd)
 
     def _load_programs(self) -> None:
         for v in self._vcpus:
