@@ -16,8 +16,9 @@
  *    pointer could otherwise alias the register file and force reloads).
  *    Between slices it reads the relaxed atomic stop_req, the stop step,
  *    the throttle and the pace: a pause is noticed within one slice (a few
- *    microseconds), and the stop step bounds the slice, so a vCPU parks with
- *    steps exactly equal to it.
+ *    microseconds; a PSUM, which reads a whole page, counts as many steps
+ *    towards the slice), and the stop step bounds the slice, so a vCPU parks
+ *    with steps exactly equal to it.
  *  - Ownership of `st` and the console tail: the thread while running, the
  *    host while the thread is parked. `parked` is only changed under `lock`,
  *    and the host checks it under `lock` before touching the state (-EBUSY
@@ -36,7 +37,8 @@
 
 #include "livemig.h"
 
-#define LM_SLICE_STEPS 4096u
+#define LM_SLICE_STEPS 1024u
+#define LM_PSUM_SLICE_COST 64u   /* a PSUM reads 4 KiB: it uses up this many steps of a slice */
 #define LM_THROTTLE_PERIOD_NS 10000000ull /* run + sleep cycle of the throttle */
 #define LM_PACE_BURST_NS 1000000ull       /* work allowed ahead of schedule */
 #define LM_PACE_RESYNC_NS 50000000ull     /* further behind than this: forget the debt */
@@ -236,6 +238,10 @@ op_psum:
     if (r[ra] >= len)
         FAULT(LM_VCPU_FAULT_BAD_ADDRESS, r[ra]);
     r[rd] = lm_vcpu_page_sum(mem + (r[ra] & ~(uint64_t)(LM_PAGE_SIZE - 1)));
+    /* End the slice sooner, so pauses stay prompt in PSUM-heavy code; the
+     * limit never drops below the next step, nor rises past the stop step. */
+    step_limit = step_limit - steps > LM_PSUM_SLICE_COST ? step_limit - LM_PSUM_SLICE_COST
+                                                         : steps + 1;
     NEXT();
 op_tick:
     if (++ticks >= tick_limit) {

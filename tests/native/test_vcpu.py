@@ -269,14 +269,23 @@ loop:
 """
 
 
-def spinner(mem):
-    code = asm.assemble(SPIN, constants={"DATA": DATA})
+PSUM_LOOP = """
+    li64 r1, DATA
+loop:
+    psum r2, r1
+    jmp  loop
+"""
+
+
+def spinner(mem, source=SPIN):
+    code = asm.assemble(source, constants={"DATA": DATA})
     mem.bytes[:len(code)] = np.frombuffer(code, dtype=np.uint8)
     return VCpu(mem, 0)
 
 
-def test_pause_latency_is_below_a_millisecond(mem):
-    v = spinner(mem)
+@pytest.mark.parametrize("source", [SPIN, PSUM_LOOP], ids=["stores", "psum"])
+def test_pause_latency_is_below_a_millisecond(mem, source):
+    v = spinner(mem, source)
     latencies = []
     for _ in range(60):
         v.resume()
