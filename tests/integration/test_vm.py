@@ -1,13 +1,16 @@
 """The toy VM end to end: workloads, determinism oracle, memtest, state, snapshots."""
 import errno
 import os
+import struct
 import time
 
 import numpy as np
 import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from livemig.errors import GuestError, SnapshotError, StateFormatError, VMBusy
-from livemig.vm import programs, snapshot
+from livemig.errors import ConfigError, GuestError, SnapshotError, StateFormatError, VMBusy
+from livemig.vm import programs, snapshot, state
 from livemig.vm.devices import console_hash
 from livemig.vm.machine import VM
 
@@ -167,8 +170,6 @@ def test_guest_fault_surfaces_in_run_to():
 
 
 # -- malformed state -------------------------------------------------------------
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
 _BLOB = None
 _BLANK = None
 
@@ -185,9 +186,11 @@ def _valid_blob_and_blank():
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_blank():
+    global _BLOB, _BLANK
     yield
     if _BLANK is not None:
         _BLANK.close()
+    _BLOB = _BLANK = None
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -208,7 +211,6 @@ def test_truncated_or_flipped_state_raises_only_state_format_error(data):
 
 
 def test_state_semantic_checks():
-    from livemig.vm import state
     blob, blank = _valid_blob_and_blank()
     s = state.unpack(blob)
     blank.import_state(blob)
@@ -230,8 +232,6 @@ def test_state_semantic_checks():
         blank.import_state(bytes(wrong_version))
     with pytest.raises(StateFormatError, match="trailing"):
         body = blob[24:] + b"x"
-        import struct
-        import xxhash
         blank.import_state(struct.pack("<8sHHIQ", b"LMVMSTAT", 1, 0, len(body),
                                        xxhash.xxh64_intdigest(body)) + body)
 
@@ -301,6 +301,5 @@ def test_snapshot_refuses_a_running_vm_and_a_missing_file(tmp_path):
     dict(workload="sweep", params={"stride": 2}), dict(seed=-1), dict(memory="1000"),
 ])
 def test_bad_vm_configs_are_config_errors(kwargs):
-    from livemig.errors import ConfigError
     with pytest.raises(ConfigError):
         VM(**{"memory": "1MiB", **kwargs}).close()

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from livemig.errors import VMBusy
 from livemig.memory import GuestMemory
@@ -396,8 +397,6 @@ def test_tick_counts_and_changes_nothing_else(mem):
 
 
 # -- property: straight-line ALU programs agree with a Python model ------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 _ALU = {
     "ADD": lambda a, b: a + b, "SUB": lambda a, b: a - b, "MUL": lambda a, b: a * b,
     "AND": lambda a, b: a & b, "OR": lambda a, b: a | b, "XOR": lambda a, b: a ^ b,
