@@ -186,3 +186,24 @@ class HandoverInDoubt(MigrationError):
     """The connection broke after the source committed the handover but before
     the destination confirmed it resumed: the VM may run at the destination, so
     the source keeps its copy paused and intact instead of resuming it."""
+
+# toy VM (vm/)
+class AsmError(LivemigError, ValueError):
+    """A guest program's assembly text is invalid; the message names the line."""
+
+    def __init__(self, message: str, *, line: int | None = None):
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+        self.line = line
+
+
+class SnapshotError(LivemigError, OSError):
+    """A snapshot could not be written or read for a reason of the host (full
+    disk, permissions, missing file), as opposed to a malformed file."""
+
+
+class VMBusy(LivemigError):
+    """The operation needs a paused VM (or parked vCPU) and it is running."""
+
+
+class GuestTimeout(LivemigError, TimeoutError):
+    """The guest did not reach the requested point (step, park) in time."""

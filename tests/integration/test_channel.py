@@ -13,7 +13,7 @@ from livemig.errors import (ConnectionLost, HandshakeRefused, LocalProtocolError
                             RemoteProtocolError)
 from livemig.protocol import (BATCH_POSTCOPY, Accept, ChannelKind, Complete, MigrationOffer,
                               Mode, PageBatch, PageRequest, Ping, Pong, Resumed, RoundEnd,
-                              RoundStart, Switchover, Welcome, wire)
+                              RoundStart, Switchover, Verified, Commit, Welcome, wire)
 from livemig.protocol.connection import Connection
 from livemig.protocol.events import Hello
 from livemig.protocol.state import Role
@@ -65,6 +65,8 @@ def test_control_conversation_over_loopback_tcp(run):
                 if isinstance(ev, Ping):
                     await ch.send(Pong(ev.nonce))
                 if isinstance(ev, Switchover):
+                    await ch.send(Verified())
+                if isinstance(ev, Commit):
                     await ch.send(Resumed())
                 if isinstance(ev, Complete):
                     return
@@ -82,6 +84,8 @@ def test_control_conversation_over_loopback_tcp(run):
             await ch.send(PageBatch(0, 64, pages(64)))
             await ch.send(RoundEnd(0, 64, 64 * 4096))
             await ch.send(Switchover(b"cpu", b"d" * 16))
+            assert await ch.recv() == Verified()
+            await ch.send(Commit())
             assert await ch.recv() == Resumed()
             await ch.send(Complete())
             assert await ch.recv() is None     # destination closes after Complete
@@ -89,7 +93,7 @@ def test_control_conversation_over_loopback_tcp(run):
             assert server.errors == []
         assert [type(e).__name__ for e in seen] == [
             "MigrationOffer", "Ping", "RoundStart", "PageBatch", "RoundEnd", "Switchover",
-            "Complete"]
+            "Commit", "Complete"]
     run(main())
 
 

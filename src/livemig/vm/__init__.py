@@ -1,0 +1,1 @@
+"""The toy VM: ISA, assembler, workload programs, devices, machine, snapshots."""
