@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 2
+#define LM_ABI_VERSION 3
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -51,6 +51,9 @@ int lm_region_flags(const lm_region *r);
 /* MADV_DONTNEED over [first_page, first_page + npages): the pages read as
  * zero afterwards and give their memory back. */
 int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages);
+/* MADV_POPULATE_WRITE over the pages: fault them in writable without changing
+ * their contents (Linux 5.14+; -EINVAL before). Safe while others write them. */
+int lm_region_populate(lm_region *r, uint64_t first_page, uint64_t npages);
 
 /* ---- dirty trackers (lm_track_uffd.c, lm_track_mprotect.c) ------------- */
 /* Declarations of the tracker interface follow this line. */

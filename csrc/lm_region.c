@@ -112,6 +112,26 @@ LM_API uint64_t lm_region_length(const lm_region *r) { return r->length; }
 LM_API uint64_t lm_region_npages(const lm_region *r) { return r->length / LM_PAGE_SIZE; }
 LM_API int lm_region_flags(const lm_region *r) { return r->flags; }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+LM_API int lm_region_populate(lm_region *r, uint64_t first_page, uint64_t npages)
+{
+    uint64_t total = r->length / LM_PAGE_SIZE;
+    if (first_page > total || npages > total - first_page)
+        return -ERANGE;
+    if (npages == 0)
+        return 0;
+    /* EINTR: a signal arrived mid-way; what was populated stays, so retry. */
+    int rc;
+    do {
+        rc = madvise(r->base + first_page * LM_PAGE_SIZE, npages * LM_PAGE_SIZE,
+                     MADV_POPULATE_WRITE);
+    } while (rc != 0 && errno == EINTR);
+    return rc == 0 ? 0 : -errno;
+}
+
 LM_API int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages)
 {
     uint64_t total = r->length / LM_PAGE_SIZE;

@@ -126,7 +126,7 @@ def _migration_options(args) -> dict:
         opts["downtime_ms"] = args.downtime_ms
     if args.max_bandwidth:
         from .units import parse_rate
-        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth") * 8
+        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth")
     if args.auto_converge:
         opts["auto_converge"] = True
     if args.max_rounds is not None:
@@ -137,9 +137,10 @@ def _migration_options(args) -> dict:
 def _progress_line(rec) -> str:
     s = rec.get("stats") or {}
     remaining = s.get("remaining_bytes", 0) / (1 << 20)
-    tput = s.get("throughput_bps", 0) / 8 / (1 << 20)
-    eta = s.get("eta_s")
-    return (f"\r[{rec['status']:>9}] round {s.get('rounds', 0):>3}  remaining {remaining:8.1f} MiB"
+    tput = s.get("throughput_bps", 0) / (1 << 20)
+    rate = s.get("throughput_bps") or 0
+    eta = s.get("remaining_bytes", 0) / rate if rate > 0 else None
+    return (f"\r[{rec['status']:>9}] round {s.get('nrounds', 0):>3}  remaining {remaining:8.1f} MiB"
             f"  {tput:7.1f} MiB/s  expected downtime {s.get('expected_downtime_ms', 0):7.1f} ms"
             f"  ETA {'-' if eta is None else f'{eta:5.1f} s'}   ")
 
@@ -149,8 +150,8 @@ def _summary(rec) -> str:
     lines = [f"migration {rec['id']} of {rec['vm']} to {rec['peer']}: {rec['status']}"]
     if rec.get("error"):
         lines.append(f"  error: {rec['error']}")
-    for key, label, fmt in (("total_ms", "total", "{:.1f} ms"), ("downtime_ms", "downtime", "{:.2f} ms"),
-                            ("rounds", "rounds", "{}"), ("bytes_sent", "bytes sent", "{:,}"),
+    for key, label, fmt in (("total_time_ms", "total", "{:.1f} ms"),
+                            ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"), ("bytes_sent", "bytes sent", "{:,}"),
                             ("throttle_pct", "throttle", "{} %"), ("converged", "converged", "{}")):
         if key in s and s[key] is not None:
             lines.append(f"  {label:12} " + fmt.format(s[key]))

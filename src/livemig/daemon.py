@@ -115,6 +115,7 @@ class Daemon:
         self.insecure = insecure
         self.vms: dict[str, HostedVM] = {}
         self.migrations: dict[int, MigrationRecord] = {}
+        self._arriving: set[str] = set()
         self._ids = itertools.count(1)
         self._stopped = asyncio.Event()
         self._control = ControlServer(control_path, self._handlers())
@@ -160,18 +161,30 @@ class Daemon:
         self.vms.clear()
 
     # -- incoming migrations -------------------------------------------------------
-    def _on_incoming(self, offer_name: str, peer: str):
-        """Called by the migration server when a peer offers a VM. Returns the
-        record the engine reports into, or raises to refuse the offer."""
-        if offer_name in self.vms:
-            raise LivemigError(f"a VM named {offer_name!r} already runs here")
-        rec = MigrationRecord(next(self._ids), offer_name, "incoming", peer)
-        self.migrations[rec.id] = rec
-        return rec, self._adopt
+    def _on_incoming(self, name: str, peer: str, stats) -> "Arrival":
+        """The migration server asks whether to take a VM; raising refuses it."""
+        from .destination import Arrival
 
-    def _adopt(self, rec: MigrationRecord, vm: VM) -> None:
-        """The engine hands over a verified, resumed VM."""
-        self.vms[rec.vm_name] = HostedVM(rec.vm_name, vm, origin=f"migrated from {rec.peer}")
+        if name in self.vms or name in self._arriving:
+            raise LivemigError(f"a VM named {name!r} already runs here")
+        rec = MigrationRecord(next(self._ids), name, "incoming", peer, stats=stats)
+        self.migrations[rec.id] = rec
+        self._arriving.add(name)
+        arrival = Arrival(name, peer, stats)
+
+        def on_resumed(vm: VM) -> None:
+            # The destination verified and resumed the VM: it is ours now.
+            self._arriving.discard(name)
+            self.vms[name] = HostedVM(name, vm, origin=f"migrated from {peer}")
+
+        def on_status() -> None:
+            rec.status, rec.error = arrival.status, arrival.error
+            if arrival.status in ("failed", "cancelled"):
+                self._arriving.discard(name)
+
+        arrival.on_resumed = on_resumed
+        arrival.on_status = on_status
+        return arrival
 
     # -- control commands ------------------------------------------------------------
     def _handlers(self) -> dict:
@@ -252,7 +265,7 @@ class Daemon:
         vm = hosted.vm
         digest = await asyncio.get_running_loop().run_in_executor(None, vm.digest)
         return {"name": name, "digest": digest.hex(), "steps": vm.steps(),
-                "state": vm.export_state().hex(),
+                "cpus": [vm.registers(i) for i in range(vm.nvcpus)],
                 "console": [vm.console(i).hex() for i in range(vm.nvcpus)]}
 
     async def _cmd_migrate(self, name: str, to: str, wait: bool = False, **options) -> dict:

@@ -31,15 +31,17 @@ from .config import MigrationConfig
 from .decoder import BatchDecoder
 from .digest import memory_digest_full
 from .errors import (CodecError, LivemigError, MigrationError, RemoteProtocolError,
-                     StateFormatError)
+                     StateFormatError, Unsupported)
 from .native import PAGE_SIZE
 from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
-                       PageBatch, Phase, Refuse, RefuseCode, Resumed, RoundEnd, RoundStart,
+                       PageBatch, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
                        Switchover, Verified, VerifyFailed)
 from .stats import MigrationStats
 from .vm.machine import VM
 
 MAX_VCPUS = 64
+RECV_WINDOW_BYTES = 4 << 20  # events queued ahead of the decoder: keeps the
+                             # source's bandwidth estimate honest
 MAX_NAME_CHARS = 64
 
 
@@ -53,6 +55,7 @@ class Arrival:
     status: str = "setup"
     error: str | None = None
     on_resumed: Callable[[VM], None] | None = None
+    on_status: Callable[[], None] | None = None
 
 
 # host policy: (name, peer, stats) -> Arrival, or raise to refuse
@@ -74,6 +77,9 @@ class IncomingMigration:
         self.phase = Phase.HANDSHAKE
         self._t0 = time.monotonic()
         self._handed_over = False
+        self._populating: asyncio.Future | None = None
+        self._round_pages = 0
+        self.populate_error: str | None = None
 
     @property
     def peer(self) -> str:
@@ -94,10 +100,18 @@ class IncomingMigration:
                 await self._tell_source(exc)
             return None
         finally:
+            if self._populating is not None:
+                await asyncio.shield(self._populating)  # the region must outlive it
             if not self._handed_over and self.vm is not None:
                 # Never resumed here: the source still owns the VM. Free ours.
                 self.vm.close()
                 self.vm = None
+
+    def _populate(self) -> None:
+        try:
+            self.vm.memory.populate()
+        except Unsupported as exc:
+            self.populate_error = str(exc)
 
     # -- handshake -----------------------------------------------------------------------
     async def _accept_offer(self) -> bool:
@@ -127,6 +141,9 @@ class IncomingMigration:
             self._set_status("failed", f"refused: {exc}")
             return False
         self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
+        # Fault the memory in while round 0 streams, so that pages landing in
+        # the final round (the downtime) never pay a first-touch fault.
+        self._populating = asyncio.get_running_loop().run_in_executor(None, self._populate)
         await self.ch.send(Accept())
         self.phase = Phase.PRECOPY
         self._set_status("active")
@@ -168,10 +185,13 @@ class IncomingMigration:
                         f"page batch announced {event.npages} pages but held {batch.npages}",
                         phase="precopy")
                 stats.add_batch(batch)
+                self._round_pages += batch.npages
             elif isinstance(event, RoundStart):
                 stats.rounds_received = event.round + 1
             elif isinstance(event, RoundEnd):
-                pass
+                # Batches are applied in order, so the round is complete here.
+                await self.ch.send(RoundAck(event.round, self._round_pages))
+                self._round_pages = 0
             elif isinstance(event, Switchover):
                 await self._handover(event)
                 return
@@ -241,6 +261,8 @@ class IncomingMigration:
         if self.arrival is not None:
             self.arrival.status = status
             self.arrival.error = error
+            if self.arrival.on_status is not None:
+                self.arrival.on_status()
 
     def _record_failure(self, exc: BaseException) -> None:
         status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
@@ -277,7 +299,7 @@ class MigrationServer:
 
     async def start(self) -> None:
         self._server = await serve_channels(self.host, self.requested_port, self._serve,
-                                            ssl=self.ssl,
+                                            ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
                                             timeout_s=self.config.handshake_timeout_s)
         self.port = self._server.port
 

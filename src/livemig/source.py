@@ -5,8 +5,9 @@ Theory of operation (pre-copy)
 ::
 
     connect ─ Hello/Welcome ─ MigrationOffer/Accept ─ arm tracker
-    round 0: every page          ┐  while the guest runs; after each round the
-    round k: pages collected     ┘  policy (a pure function of round stats)
+    round 0: every page          ┐  while the guest runs; each round ends when
+    round k: pages collected     ┘  the destination acks it applied; then the
+                                    policy (a pure function of round stats)
                                     says CONTINUE, THROTTLE, SWITCHOVER or GIVE_UP
     pause vCPUs ─ collect ─ last round (frozen) ─ Switchover(state, digest)
     ◀ Verified ─ Commit ─▶ ◀ Resumed ─ Complete ─▶ free the VM
@@ -53,7 +54,7 @@ from .errors import (ConfigError, HandoverInDoubt, HandshakeRefused, LivemigErro
                      MigrationError, RemoteProtocolError)
 from .policy import Action, RoundStats, decide
 from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
-                       PageBatch, Phase, Refuse, Resumed, RoundEnd, RoundStart, Switchover,
+                       PageBatch, Phase, Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover,
                        Verified, VerifyFailed)
 from .stats import MigrationStats, RoundRecord
 from .tracking import open_tracker
@@ -95,6 +96,7 @@ class SourceSession:
         self._t0 = time.monotonic()
         self._tracker = None
         self._ch: Channel | None = None
+        self._pending = np.empty(0, dtype=np.uint64)
 
     # -- the whole migration ----------------------------------------------------------------
     async def run(self, host: str, port: int, *, ssl, server_hostname) -> MigrationStats:
@@ -161,6 +163,7 @@ class SourceSession:
             self._publish()
             if decision.action is Action.SWITCHOVER:
                 stats.converged = True
+                self._pending = pages  # dirtied during the last round: owed in the final one
                 return
             if decision.action is Action.GIVE_UP:
                 raise MigrationError(f"pre-copy did not converge: {decision.reason}",
@@ -181,8 +184,14 @@ class SourceSession:
             npages += batch.npages
             nbytes += batch.nbytes
             stats.add_batch(batch)
-            stats.remaining_bytes = max(0, (len(pages) - npages)) * self.PAGE_SIZE
+            stats.remaining_bytes = max(0, (len(pages) - npages)) * PAGE_SIZE
         await ch.send(RoundEnd(index, npages, nbytes))
+        ack = await self._recv(self.config.switchover_timeout_s, f"the ack of round {index}")
+        self._expect(ack, RoundAck)
+        if ack.round != index or ack.pages != npages:
+            raise RemoteProtocolError(f"round {index} ({npages} pages) acked as round "
+                                      f"{ack.round} with {ack.pages} pages",
+                                      phase=self.phase.label)
         return npages, nbytes
 
     # -- switchover and handover ----------------------------------------------------------------
@@ -191,7 +200,7 @@ class SourceSession:
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
         vm.pause()
-        final = self._tracker.collect()
+        final = np.union1d(self._pending, self._tracker.collect())
         self._tracker.stop()
         index = len(stats.rounds)
         sent_pages, sent_bytes = await self._send_round(index, final, frozen=True)

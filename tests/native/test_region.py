@@ -54,3 +54,14 @@ def test_guest_memory_views_are_zero_copy():
         GuestMemory("3000")
     with pytest.raises(ConfigError):
         GuestMemory("lots")
+
+
+def test_populate_keeps_contents_and_range_checks():
+    from livemig.memory import GuestMemory
+
+    with GuestMemory("4MiB") as mem:
+        mem.pages[7, :3] = [9, 8, 7]
+        mem.populate()
+        assert list(mem.pages[7, :3]) == [9, 8, 7]
+        assert not mem.pages[8].any()
+        assert native.lib.lm_region_populate(mem.handle, 1000, 100) == -errno.ERANGE

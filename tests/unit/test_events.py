@@ -22,6 +22,7 @@ SAMPLES = [
     ev.PageBatch(0, 1, b"x", ev.BATCH_URGENT | ev.BATCH_POSTCOPY, 99),
     ev.PageBatch(3, 0, b""),
     ev.RoundEnd(7, 1000, 4096000),
+    ev.RoundAck(7, 1000),
     ev.Switchover(b"state" * 10, b"d" * 16),
     ev.Switchover(b"", b"d" * 16, 13, b"\xff\x1f"),
     ev.Resumed(),

@@ -7,7 +7,7 @@ from .connection import CLOSED, NEED_DATA, SUPPORTED_VERSIONS, Connection, answe
 from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, Accept,
                      ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
                      PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
-                     RefuseCode, Resumed, RoundEnd, RoundStart, Switchover, Verified, Commit,
+                     RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
                      VerifyFailed, Welcome)
 from .state import Role, State
 
@@ -16,6 +16,6 @@ __all__ = [
     "ALL_EVENTS", "BATCH_POSTCOPY", "BATCH_URGENT", "WIRE_IDS", "Abort", "Accept",
     "ChannelKind", "Complete", "Event", "Hello", "MigrationOffer", "Mode", "PageBatch",
     "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
-    "RefuseCode", "Resumed", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
+    "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State",
 ]

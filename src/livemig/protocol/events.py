@@ -461,6 +461,33 @@ class RoundEnd(Event):
         return cls(rnd, pages, nbytes)
 
 
+_ROUND_ACK = struct.Struct("<IIQ")
+
+
+@dataclass(frozen=True)
+class RoundAck(Event):
+    """Destination -> source: every page of ``round`` is applied. The source
+    times rounds up to this ack, so its bandwidth estimate is end to end (a
+    destination slower than the link is measured as such)."""
+
+    WIRE_ID: ClassVar[int] = 35
+    round: int
+    pages: int
+
+    def encode(self):
+        return 0, [_ROUND_ACK.pack(self.round, 0, self.pages)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        rnd, reserved, pages = r.unpack(_ROUND_ACK)
+        r.end()
+        if reserved:
+            raise PayloadError("RoundAck reserved field is not 0")
+        return cls(rnd, pages)
+
+
 # --- switchover ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -692,7 +719,7 @@ class Pong(Ping):
 
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
-              RoundEnd, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
+              RoundEnd, RoundAck, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
               PostcopyComplete, Complete, Abort, Ping, Pong)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS

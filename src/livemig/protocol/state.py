@@ -30,6 +30,7 @@ Control channel (source S, destination D)::
                       REFUSED
     PRECOPY --S RoundStart--> IN_ROUND --S PageBatch(precopy)--> IN_ROUND
     IN_ROUND --S RoundEnd--> PRECOPY          PRECOPY --D PresentReport--> PRECOPY
+    PRECOPY --D RoundAck--> PRECOPY (the destination applied a round)
     PRECOPY --S Switchover(precopy)--> SWITCHOVER --D Verified--> VERIFIED
                                                   --D VerifyFailed--> VERIFY_FAILED
     VERIFIED --S Commit--> COMMITTED --D Resumed--> RELEASING --S Complete--> DONE
@@ -49,7 +50,7 @@ from enum import Enum
 
 from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
-                     Refuse, Resumed, RoundEnd, RoundStart, Switchover, Verified, Commit,
+                     Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
                      VerifyFailed, Welcome)
 
 
@@ -116,6 +117,8 @@ CONTROL = {
     (State.PRECOPY, S, RoundStart, _ANY): State.IN_ROUND,
     (State.IN_ROUND, S, PageBatch, "precopy"): State.IN_ROUND,
     (State.IN_ROUND, S, RoundEnd, _ANY): State.PRECOPY,
+    (State.PRECOPY, D, RoundAck, _ANY): State.PRECOPY,
+    (State.IN_ROUND, D, RoundAck, _ANY): State.IN_ROUND,
     (State.PRECOPY, S, Switchover, "precopy"): State.SWITCHOVER,
     (State.PRECOPY, S, Switchover, "postcopy"): State.SWITCHOVER_POSTCOPY,
     (State.SWITCHOVER, D, Verified, _ANY): State.VERIFIED,
