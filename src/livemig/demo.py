@@ -98,14 +98,14 @@ def _row(leg: str, rec: dict) -> dict:
 
 def _table(result: dict) -> str:
     head = (f"{'LEG':10} {'MODE':8} {'STATUS':10} {'VERIFIED':8} {'DOWNTIME':>11} {'TOTAL':>10} "
-            f"{'ROUNDS':>6} {'SENT/MEM':>8} CONVERGED")
+            f"{'ROUNDS':>6} {'SENT':>10} CONVERGED")
     lines = [head]
     for m in result["migrations"]:
-        sent = (m["bytes_sent"] or 0) / max(1, m["memory_bytes"] or 1)
+        sent_mib = (m["bytes_sent"] or 0) / (1 << 20)
         lines.append(
             f"{m['leg']:10} {m['mode']:8} {m['status']:10} {str(m['verified']):8} "
             f"{(m['downtime_ms'] or 0):8.2f} ms {(m['total_ms'] or 0):7.0f} ms "
-            f"{m['rounds'] or 0:>6} {sent:7.2f}x {m['converged']}")
+            f"{m['rounds'] or 0:>6} {sent_mib:6.1f} MiB {m['converged']}")
         if m.get("error"):
             lines.append(f"    error: {m['error']}")
     v = result["verification"]
