@@ -1,8 +1,63 @@
 """livemig — live migration of a process-level toy VM.
 
-Public API (stable names): see the documentation in README.md.
+Embedding livemig in an asyncio program::
+
+    import livemig
+
+    # destination side
+    async with livemig.Destination("127.0.0.1:7400") as dest:
+        name, vm, stats = await dest.next_vm()      # a verified, running VM
+
+    # source side
+    vm = livemig.VM(memory="1GiB", vcpus=2, workload="memtest", dirty_rate="64MiB/s")
+    vm.start()
+    stats = await livemig.migrate(vm, "127.0.0.1:7400", downtime_ms=50,
+                                  on_progress=lambda s: print(s.to_dict()["remaining_bytes"]))
+    vm.close()   # released: it runs on the destination now
+
+``migrate`` raises :class:`MigrationError` when the migration fails; the VM is
+then running again on the source (``exc.source_resumed``), except for
+:class:`HandoverInDoubt`, where it is kept paused (see docs/architecture.md).
 """
-from .errors import LivemigError
+from __future__ import annotations
+
+from .config import CodecConfig, MigrationConfig
+from .errors import (BackendUnavailable, ConfigError, ConnectionLost, GuestError,
+                     HandoverInDoubt, HandshakeRefused, LivemigError, MigrationError,
+                     RemoteProtocolError, StateFormatError)
+from .stats import MigrationStats
 
 __version__ = "0.1.0"
-__all__ = ["LivemigError", "__version__"]
+
+_LAZY = {
+    # native-backed names load on first use, so the pure core stays importable
+    # (and testable) without the compiled module
+    "VM": ("livemig.vm.machine", "VM"),
+    "GuestMemory": ("livemig.memory", "GuestMemory"),
+    "open_tracker": ("livemig.tracking", "open_tracker"),
+    "DirtyTracker": ("livemig.tracking", "DirtyTracker"),
+    "probe_host": ("livemig.probe", "probe_host"),
+    "Destination": ("livemig.library", "Destination"),
+    "migrate": ("livemig.library", "migrate"),
+    "save_snapshot": ("livemig.vm.snapshot", "save"),
+    "load_snapshot": ("livemig.vm.snapshot", "load"),
+}
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'livemig' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["VM", "GuestMemory", "open_tracker", "DirtyTracker", "probe_host", "Destination",
+           "migrate", "save_snapshot", "load_snapshot", "MigrationConfig", "CodecConfig",
+           "MigrationStats", "LivemigError", "ConfigError", "MigrationError", "HandoverInDoubt",
+           "BackendUnavailable", "GuestError", "StateFormatError", "ConnectionLost",
+           "HandshakeRefused", "RemoteProtocolError", "__version__"]

@@ -83,7 +83,16 @@ def probe_host() -> dict:
         "trackers": backends,
         "auto": auto,
         "auto_reason": auto_reason,
+        "postcopy": _postcopy_probe(),
     }
+
+
+def _postcopy_probe() -> dict:
+    from .postcopy import probe as postcopy_probe
+
+    p = postcopy_probe()
+    return {"available": bool(p.missing), "move": bool(p.move),
+            "user_mode_only": bool(p.user_mode_only), "reason": p.reason or "usable"}
 
 
 def format_probe(d: dict) -> str:
@@ -110,6 +119,10 @@ def format_probe(d: dict) -> str:
         if b.get("hint") and not b["available"]:
             lines.append(f"  {'':<15} hint: {b['hint']}")
     lines.append(f"auto choice       {d['auto']} — {d['auto_reason']}")
+    pc = d["postcopy"]
+    lines.append("post-copy         " + (
+        f"yes (userfaultfd MISSING; UFFDIO_MOVE {yes[pc['move']]})" if pc["available"]
+        else f"no: {pc['reason']} — pre-copy still works"))
     return "\n".join(lines)
 
 

@@ -8,13 +8,17 @@ import time
 import numpy as np
 import pytest
 
+import livemig
+
 from livemig import native, probe, tracking
 from livemig.errors import BackendUnavailable, ConfigError, LivemigError, TrackerStateError
 from livemig.memory import GuestMemory
 from livemig.tracking import open_tracker
 
 ffi, lib = native.ffi, native.lib
-SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+# Subprocesses import livemig from wherever this test run did (an installed
+# package in CI, src/ in a development checkout).
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(livemig.__file__)))
 
 BACKENDS = [
     pytest.param(name, id=name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {reason}"))
