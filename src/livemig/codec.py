@@ -10,7 +10,10 @@ For each page of a batch, cheapest first:
 3. DELTA — the page was sent before, its last-sent version is in the delta
            cache, and the XOR delta is at most ``delta_max_page_bytes``;
 4. LZ4   — runs of up to ``lz4_chunk_pages`` consecutive pages, when that
-           saves ``lz4_min_saving_pct``;
+           saves ``lz4_min_saving_pct`` and, once the link's bandwidth is
+           known (``link_bytes_per_s``), when the time compressing costs is
+           less than the time the saved bytes would take on the link — on a
+           fast link compression only lengthens the stop-and-copy;
 5. RAW   — otherwise. A batch is never larger than RAW plus its header and
            20 bytes per run.
 
@@ -39,6 +42,8 @@ Hazards, and how they are handled:
 from __future__ import annotations
 
 from typing import Iterator
+
+import time
 
 import lz4.block
 import numpy as np
@@ -80,6 +85,9 @@ class BatchEncoder:
         self._cache: DeltaCache | None = None
         self.delta_enabled = False
         self.set_delta(self.config.enabled("delta"))
+        self.link_bytes_per_s: float | None = None
+        """Measured bandwidth of the link the batches travel; None = unknown
+        (then LZ4 is judged by its compression ratio alone)."""
 
     # -- switches ----------------------------------------------------------------
     def set_delta(self, enabled: bool) -> None:
@@ -161,7 +169,8 @@ class BatchEncoder:
         delta_len = np.full(n, -1, dtype=np.int64)
         delta_data = b""
         if self.delta_enabled and nz.size:
-            delta_data = self._snapshot_and_delta(idx, nz, enc, h, exact, kind, row, delta_len)
+            delta_data = self._snapshot_and_delta(idx, nz, enc, h, exact, kind, row, delta_len,
+                                                  frozen)
 
         staging = None
         live = nz[kind[nz] == _LIVE]
@@ -187,12 +196,18 @@ class BatchEncoder:
         self._record(idx, enc, h, exact, zero)
         return batch
 
-    def _snapshot_and_delta(self, idx, nz, enc, h, exact, kind, row, delta_len) -> bytes:
+    def _snapshot_and_delta(self, idx, nz, enc, h, exact, kind, row, delta_len,
+                            frozen) -> bytes:
         """Snapshot re-sent pages into the delta cache; DELTA-encode the ones
-        that had a base. Returns the concatenated deltas (position order)."""
+        that had a base. Returns the concatenated deltas (position order).
+        With memory frozen (the final round) only pages that already have a
+        base are touched: caching others would serve no later round and costs
+        a page copy each inside the downtime."""
         cache = self._cache
         mem = self.memory.pages
         cand = nz[self._sent[idx[nz]]]
+        if frozen and cand.size:
+            cand = cand[cache.lookup(idx[cand]) >= 0]
         if not cand.size:
             return b""
         had = cache.lookup(idx[cand]) >= 0
@@ -386,17 +401,27 @@ class BatchEncoder:
         return chunks
 
     def _lz4_pays(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> bool:
-        """Compress a few chunks spread over the batch; skip LZ4 for the batch
-        when none of them would be sent compressed (random data costs ~2 us
-        per page to compress for nothing)."""
+        """Compress a few chunks spread over the batch and decide for the whole
+        batch. Skip LZ4 when none of them would be sent compressed (random data
+        costs ~2 us per page to compress for nothing), and, on a link whose
+        bandwidth is known, when compressing (and decompressing, taken as half
+        as much again) takes longer than sending the bytes it saves."""
         saving = 1.0 - self.config.lz4_min_saving_pct / 100.0
         probe = raw_runs[np.linspace(0, raw_runs.size - 1,
                                      min(_LZ4_PROBE_CHUNKS, raw_runs.size)).astype(np.int64)]
+        worth = False
+        in_bytes = saved_bytes = 0
+        t0 = time.perf_counter()
         for r in np.unique(probe).tolist():
             data = self._content(int(run_pos[r]), int(run_cnt[r]), idx, kind, row, staging)
-            if len(lz4.block.compress(data, store_size=False)) <= saving * len(data):
-                return True
-        return False
+            out_len = len(lz4.block.compress(data, store_size=False))
+            in_bytes += len(data)
+            saved_bytes += max(0, len(data) - out_len)
+            worth = worth or out_len <= saving * len(data)
+        if not worth or not self.link_bytes_per_s:
+            return worth
+        cpu_s = 1.5 * (time.perf_counter() - t0)
+        return saved_bytes / self.link_bytes_per_s > cpu_s
 
     def _record(self, idx, enc, h, exact, zero) -> None:
         """Remember what the receiver now holds."""

@@ -159,6 +159,8 @@ class SourceSession:
             decision = decide(cfg, rounds, elapsed_s=time.monotonic() - self._t0,
                               throttle_pct=throttle_pct)
             stats.add_decision(decision)
+            if math.isfinite(decision.bandwidth_bps) and decision.bandwidth_bps > 0:
+                self._encoder.link_bytes_per_s = decision.bandwidth_bps
             self.stats.remaining_bytes = len(pages) * PAGE_SIZE
             self._publish()
             if decision.action is Action.SWITCHOVER:

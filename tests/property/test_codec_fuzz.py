@@ -22,7 +22,7 @@ def corpus():
     src.pages[8:16] = TEXT
     src.pages[8:16, 0] = np.arange(8)
     pair.send(np.arange(NPAGES), frozen=True)
-    pair.send(np.arange(4), frozen=True)   # pages 0-3 now have delta-cache snapshots
+    pair.send(np.arange(4))                # re-sent live: pages 0-3 get delta-cache snapshots
     src.pages[0:4, 10] ^= 1                # -> DELTA
     src.pages[20] = src.pages[6]           # -> DUP of a receiver page
     src.pages[21] = 0                      # -> ZERO
