@@ -112,14 +112,19 @@ LM_API uint64_t lm_region_length(const lm_region *r) { return r->length; }
 LM_API uint64_t lm_region_npages(const lm_region *r) { return r->length / LM_PAGE_SIZE; }
 LM_API int lm_region_flags(const lm_region *r) { return r->flags; }
 
+static int pages_in_region(const lm_region *r, uint64_t first_page, uint64_t npages)
+{
+    uint64_t total = r->length / LM_PAGE_SIZE;
+    return first_page <= total && npages <= total - first_page;
+}
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
 
 LM_API int lm_region_populate(lm_region *r, uint64_t first_page, uint64_t npages)
 {
-    uint64_t total = r->length / LM_PAGE_SIZE;
-    if (first_page > total || npages > total - first_page)
+    if (!pages_in_region(r, first_page, npages))
         return -ERANGE;
     if (npages == 0)
         return 0;
@@ -134,8 +139,7 @@ LM_API int lm_region_populate(lm_region *r, uint64_t first_page, uint64_t npages
 
 LM_API int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages)
 {
-    uint64_t total = r->length / LM_PAGE_SIZE;
-    if (first_page > total || npages > total - first_page)
+    if (!pages_in_region(r, first_page, npages))
         return -ERANGE;
     if (npages == 0)
         return 0;
