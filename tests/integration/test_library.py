@@ -21,7 +21,7 @@ def test_library_migrate_and_destination_round_trip():
                             dirty_rate="16MiB/s", seed=11)
             vm.start()
             await asyncio.sleep(0.2)
-            stats = await livemig.migrate(vm, dest.address, downtime_ms=100, name="lib",
+            stats = await livemig.migrate(vm, dest.address, auto_converge=True, name="lib",
                                           on_progress=progress.append)
             assert stats.status == "completed" and stats.converged
             assert stats.downtime_ms is not None and stats.downtime_ms > 0
