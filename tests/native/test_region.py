@@ -65,3 +65,29 @@ def test_populate_keeps_contents_and_range_checks():
         assert list(mem.pages[7, :3]) == [9, 8, 7]
         assert not mem.pages[8].any()
         assert native.lib.lm_region_populate(mem.handle, 1000, 100) == -errno.ERANGE
+
+
+def test_stale_compiled_module_is_refused_with_a_clear_message():
+    """A compiled module whose ABI version differs from the Python side's
+    (csrc/ changed, extension not rebuilt) must not be used."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, types
+fake = types.ModuleType("livemig._native")
+class Lib:
+    LM_PAGE_SIZE = 4096
+    @staticmethod
+    def lm_abi_version():
+        return 999
+fake.lib, fake.ffi = Lib(), object()
+sys.modules["livemig._native"] = fake
+try:
+    import livemig.native
+except ImportError as exc:
+    print("REFUSED:", exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "REFUSED:" in out.stdout
+    assert "ABI version 999" in out.stdout and "rebuild" in out.stdout
