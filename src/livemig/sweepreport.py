@@ -45,7 +45,8 @@ def group(points: list[dict]) -> list[dict]:
         row["converged"] = len(conv)
         row["total_time_s"] = _median(s.get("total_time_s") for s in conv)
         row["giveup_time_s"] = _median(s.get("total_time_s") for s in sums
-                                       if not s.get("converged"))
+                                       if s.get("outcome") == "not-converged")
+        row["failed"] = sum(1 for s in sums if s.get("outcome") == "failed")
         row["downtime_ms"] = _median(s.get("downtime_ms") for s in conv)
         row["bytes_per_memory"] = _median(s.get("bytes_per_memory") for s in sums)
         row["bytes_sent"] = _median(s.get("bytes_sent") for s in sums)
@@ -94,7 +95,9 @@ def markdown_table(result: dict) -> str:
         md = r["measured_dirty_rate_bps"]
         total = r["total_time_s"]
         total_text = _f(total, ".2f") if total is not None else \
-            f"gave up {_f(r['giveup_time_s'], '.1f')}"
+            f"gave up {_f(r['giveup_time_s'], '.1f')}" if r["giveup_time_s"] is not None else "–"
+        if r["failed"]:
+            total_text += f" ({r['failed']} failed)"
         pred = {True: "converges", False: "no", None: "–"}[r["predicted_converges"]]
         lines.append(
             head + f"{_f(md / MIB if md is not None else None, '.1f')} MiB/s | "
@@ -102,6 +105,12 @@ def markdown_table(result: dict) -> str:
             f"{_f(r['bytes_per_memory'], '.2f')} | {_f(r['rounds'], 'g')} | "
             f"{_f(r['throttle_pct'], 'g')} | {pred} | {_f(r['predicted_rounds'], 'g')} | "
             f"{_f(r['predicted_downtime_ms'], '.1f')} | {_f(r['predicted_total_time_s'], '.2f')} |")
+    failures = sorted({(r["mode"], r["link"], r["dirty_rate"], e)
+                       for r in group(result["points"]) for e in r.get("errors", ())
+                       if "did not converge" not in e and r["status"] != "unsupported"})
+    if failures:
+        lines += ["", "Runs that failed (not a convergence give-up):"]
+        lines += [f"- {m}, {link}, {rate}: {e}" for m, link, rate, e in failures]
     return "\n".join(lines) + "\n"
 
 
