@@ -117,11 +117,12 @@ class _Hosts:
     server_hostname: str | None = None
     link: object = None
     procs: list = field(default_factory=list)
+    delay_ms: float = 0.0
 
     def set_bandwidth(self, bit_s: float | None) -> dict:
         """Shape the link; the migration options that go with it."""
         if self.method == "netns":
-            self.link.set_link(bit_s)
+            self.link.set_link(bit_s, self.delay_ms)
             return {}
         return {"max_bandwidth_bps": bit_s / 8} if bit_s else {}
 
@@ -156,11 +157,16 @@ def _stop_daemon(client: ControlClient, proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def two_hosts(tmp: str, link: str = "auto"):
-    """Source and destination daemons: in namespaces when possible, else loopback."""
+def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: str = "lm"):
+    """Source and destination daemons: in namespaces when possible, else loopback.
+
+    ``delay_ms`` (one way) needs the namespaces; ``prefix`` names them."""
     from . import netns
 
-    ok, why = netns.available() if link in ("auto", "netns") else (False, "--link ratelimit")
+    ok, why = netns.available(need_delay=delay_ms > 0) if link in ("auto", "netns") \
+        else (False, "--link ratelimit")
+    if delay_ms > 0 and not ok:
+        raise ConfigError(f"a link delay needs the two-host namespaces: {why}")
     if link == "netns" and not ok:
         raise ConfigError(f"--link netns: two-host namespaces unavailable: {why}")
     py = [sys.executable, "-m", "livemig", "daemon"]
@@ -171,8 +177,8 @@ def two_hosts(tmp: str, link: str = "auto"):
         if ok:
             from .aio.tls import make_test_pki
 
-            netns.cleanup_stale()
-            shaped = stack.enter_context(netns.TwoHosts())
+            netns.cleanup_stale(prefix)
+            shaped = stack.enter_context(netns.TwoHosts(delay_ms=delay_ms, prefix=prefix))
             pki = make_test_pki(os.path.join(tmp, "pki"))
             port = 7400
             roles = [("src", shaped.ns_source, shaped.source_addr, pki.client_cert, pki.client_key),
@@ -192,7 +198,8 @@ def two_hosts(tmp: str, link: str = "auto"):
                 clients.append(client)
                 procs.append(proc)
             yield _Hosts("netns", "namespaces with tc tbf shaping", clients[0], clients[1],
-                         f"{shaped.dest_addr}:{port}", True, "localhost", shaped, procs)
+                         f"{shaped.dest_addr}:{port}", True, "localhost", shaped, procs,
+                         delay_ms)
             return
         clients, addrs = [], []
         for label in ("src", "dst"):
