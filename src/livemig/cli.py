@@ -131,6 +131,8 @@ def _migration_options(args) -> dict:
         opts["auto_converge"] = True
     if args.max_rounds is not None:
         opts["max_rounds"] = args.max_rounds
+    if getattr(args, "server_name", None):
+        opts["server_hostname"] = args.server_name
     return opts
 
 
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--auto-converge", action="store_true", help="throttle vCPUs if not converging")
     sp.add_argument("--max-rounds", type=int)
     sp.add_argument("--no-wait", action="store_true", help="start it and return")
+    sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_migrate)
 

@@ -167,8 +167,10 @@ def plot(result: dict, path: str) -> str | None:
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles))
     prof = result["meta"]["profile"]["name"]
-    fig.suptitle(f"livemig pre-copy convergence ({prof}, {result['meta']['link_method']}); "
-                 "red x: not converged")
+    missing = sorted(result["meta"].get("unsupported_modes") or ())
+    fig.suptitle(f"livemig convergence ({prof}, {result['meta']['link_method']}); "
+                 "red x: not converged"
+                 + (f"; not supported by this engine: {', '.join(missing)}" if missing else ""))
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)
