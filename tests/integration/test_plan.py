@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import livemig
 from livemig.config import MigrationConfig
 from livemig.control import ControlClient, ControlError
 from livemig.destination import MigrationServer
@@ -70,7 +71,9 @@ def test_prediction_uses_the_configured_cap():
 @pytest.fixture
 def daemons(tmp_path):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.abspath("src") + os.pathsep + env.get("PYTHONPATH", "")
+    # the daemons import the same livemig this test imported
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(livemig.__file__)))
+    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     out = []
     procs = []
     from livemig.sweep import _free_port
