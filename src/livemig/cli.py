@@ -131,6 +131,8 @@ def _migration_options(args) -> dict:
         opts["auto_converge"] = True
     if args.max_rounds is not None:
         opts["max_rounds"] = args.max_rounds
+    if getattr(args, "server_name", None):
+        opts["server_hostname"] = args.server_name
     return opts
 
 
@@ -203,6 +205,40 @@ def cmd_demo(args) -> int:
                     loop=args.loop)
 
 
+# -- dirtyrate / plan / bench --------------------------------------------------------------
+def cmd_dirtyrate(args) -> int:
+    from .dirtyrate import format_report
+
+    res = _client(args).call("dirtyrate", name=args.vm, window_s=args.window,
+                             method=args.method, interval_s=args.interval)
+    _emit(args, res, format_report)
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from .plan import format_plan
+
+    opts = {}
+    if args.max_bandwidth:
+        from .units import parse_rate
+        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth")
+    if args.downtime_ms is not None:
+        opts["downtime_ms"] = args.downtime_ms
+    if args.server_name:
+        opts["server_hostname"] = args.server_name
+    res = _client(args).call("plan", name=args.vm, to=args.to, window_s=args.window,
+                             probe_time_s=args.probe_time, **opts)
+    _emit(args, res, format_plan)
+    return EXIT_OK
+
+
+def cmd_bench_convergence(args) -> int:
+    from .sweep import run_sweep_cli
+
+    return run_sweep_cli(profile=args.profile, out_dir=args.out, link=args.link,
+                         as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livemig", description="Live migration of toy VMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -267,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--auto-converge", action="store_true", help="throttle vCPUs if not converging")
     sp.add_argument("--max-rounds", type=int)
     sp.add_argument("--no-wait", action="store_true", help="start it and return")
+    sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_migrate)
 
@@ -275,6 +312,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--watch", action="store_true", help="follow a migration until it ends")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate (calc-dirty-rate)")
+    sp.add_argument("vm")
+    sp.add_argument("--window", type=float, default=1.0, help="measurement window in seconds")
+    sp.add_argument("--method", default="auto", choices=["auto", "tracker", "hash-sample"],
+                    help="auto: a tracker, or hash sampling while a migration tracks the VM")
+    sp.add_argument("--interval", type=float, default=0.1,
+                    help="tracker collect interval in seconds")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_dirtyrate)
+
+    sp = sub.add_parser("plan", help="dry run: probe the link, measure the dirty rate, predict")
+    sp.add_argument("vm")
+    sp.add_argument("--to", required=True, help="the destination daemon's HOST:PORT")
+    sp.add_argument("--downtime-ms", type=float, help="downtime limit (default 300)")
+    sp.add_argument("--max-bandwidth", help="the cap the migration would run under")
+    sp.add_argument("--window", type=float, default=1.0, help="dirty-rate window in seconds")
+    sp.add_argument("--probe-time", type=float, default=1.0, help="bandwidth probe seconds")
+    sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command",
+                                                                      required=True)
+    sp = bench.add_parser("convergence", help="sweep dirty rate x mode x bandwidth x memory "
+                          "x workload; JSON, Markdown table and plot")
+    sp.add_argument("--profile", default="quick", choices=["tiny", "quick", "full"])
+    sp.add_argument("--out", default="bench/results", help="output directory")
+    sp.add_argument("--link", default="auto", choices=["auto", "netns", "ratelimit"],
+                    help="how bandwidth is capped: netns+tc when available, else in-process")
+    sp.add_argument("--json", action="store_true", help="print the result document")
+    sp.set_defaults(func=cmd_bench_convergence)
 
     sp = sub.add_parser("demo", help="two daemons on loopback; a VM migrated there and back")
     sp.add_argument("--memory", default="256MiB")

@@ -201,6 +201,8 @@ class Daemon:
             "migration.wait": self._cmd_migration_wait,
             "status": self._cmd_status,
             "shutdown": self._cmd_shutdown,
+            "dirtyrate": self._cmd_dirtyrate,
+            "plan": self._cmd_plan,
         }
 
     def _hosted(self, name: str) -> HostedVM:
@@ -268,7 +270,8 @@ class Daemon:
                 "cpus": [vm.registers(i) for i in range(vm.nvcpus)],
                 "console": [vm.console(i).hex() for i in range(vm.nvcpus)]}
 
-    async def _cmd_migrate(self, name: str, to: str, wait: bool = False, **options) -> dict:
+    async def _cmd_migrate(self, name: str, to: str, wait: bool = False,
+                           server_hostname: str | None = None, **options) -> dict:
         from .source import migrate
 
         hosted = self._hosted(name)
@@ -288,7 +291,7 @@ class Daemon:
             try:
                 rec.status = "active"
                 stats = await migrate(hosted.vm, host, port, config=config, ssl=ssl_ctx,
-                                      name=name, on_stats=lambda s: setattr(rec, "stats", s))
+                                      server_hostname=server_hostname, name=name, on_stats=lambda s: setattr(rec, "stats", s))
                 rec.stats = stats
                 rec.status = "completed"
                 # The destination verified and resumed the VM: ours is released.
@@ -328,6 +331,44 @@ class Daemon:
             return rec.describe()
         return {"vms": [h.describe() for h in self.vms.values()],
                 "migrations": [r.describe() for r in self.migrations.values()]}
+
+    async def _cmd_dirtyrate(self, name: str, window_s: float = 1.0, method: str = "auto",
+                             interval_s: float = 0.1) -> dict:
+        """Measure a running VM's dirty rate (see :mod:`livemig.dirtyrate`)."""
+        from .dirtyrate import measure_dirty_rate
+
+        hosted = self._hosted(name)
+        if not hosted.vm.running:
+            raise ControlError(f"VM {name!r} is paused: it dirties nothing; resume it first",
+                               error_type="Busy")
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: measure_dirty_rate(hosted.vm, float(window_s), method=method,
+                                             interval_s=float(interval_s)))
+        return {"name": name, **report.to_dict()}
+
+    async def _cmd_plan(self, name: str, to: str, downtime_ms: float | None = None,
+                        window_s: float = 1.0, probe_bytes: str | int = "64MiB",
+                        probe_time_s: float = 1.0, server_hostname: str | None = None,
+                        **options) -> dict:
+        """Dry run of a migration: bandwidth probe + dirty rate -> policy.predict."""
+        from .plan import plan_migration
+
+        hosted = self._hosted(name)
+        if downtime_ms is not None:
+            options["downtime_ms"] = downtime_ms
+        config = MigrationConfig.from_dict(options)
+        host, port = parse_hostport(to, what="--to")
+        plan = await plan_migration(hosted.vm, host, port, config=config, ssl=self._client_ssl(),
+                                    server_hostname=server_hostname, window_s=float(window_s),
+                                    probe_bytes=parse_size(probe_bytes, what="probe_bytes"),
+                                    probe_time_s=float(probe_time_s))
+        return {"name": name, "to": f"{host}:{port}", **plan.to_dict()}
+
+    def _client_ssl(self):
+        if self.tls is None:
+            return None
+        from .aio.tls import client_context
+        return client_context(self.tls.cert, self.tls.key, self.tls.ca)
 
     async def _cmd_shutdown(self) -> dict:
         asyncio.get_running_loop().call_soon(self._stopped.set)

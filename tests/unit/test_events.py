@@ -37,6 +37,10 @@ SAMPLES = [
     ev.Abort(ev.Phase.POSTCOPY, "operator cancelled"),
     ev.Ping(2**64 - 1),
     ev.Pong(0),
+    ev.ProbeData(0, b"\xa5" * 1000),
+    ev.ProbeData(2**32 - 1, b""),
+    ev.ProbeEnd(64, 64 << 20),
+    ev.ProbeResult(63, 63 << 20, 51_000_000),
 ]
 
 
@@ -81,12 +85,13 @@ def test_pagebatch_accepts_numpy_pages():
 def test_truncated_and_extended_payloads_fail_cleanly(event):
     flags, parts = event.encode()
     payload = b"".join(bytes(p) for p in parts)
+    opaque_after = {ev.PageBatch: 16, ev.ProbeData: 8}.get(type(event))
     for cut in range(len(payload)):
-        if isinstance(event, ev.PageBatch) and cut >= 16:
-            break  # the page data is opaque: any length is a valid batch
+        if opaque_after is not None and cut >= opaque_after:
+            break  # page data and probe filler are opaque: any length is valid
         with pytest.raises(PayloadError):
             decode_event(event.WIRE_ID, flags, memoryview(payload[:cut]))
-    if not isinstance(event, ev.PageBatch):
+    if opaque_after is None:
         with pytest.raises(PayloadError):
             decode_event(event.WIRE_ID, flags, memoryview(payload + b"\x00"))
 

@@ -8,7 +8,7 @@ from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, 
                      ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
                      PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
                      RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome)
+                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
 from .state import Role, State
 
 __all__ = [
@@ -17,5 +17,5 @@ __all__ = [
     "ChannelKind", "Complete", "Event", "Hello", "MigrationOffer", "Mode", "PageBatch",
     "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
     "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
-    "VerifyFailed", "Welcome", "Role", "State",
+    "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
 ]

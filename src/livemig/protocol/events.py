@@ -718,9 +718,93 @@ class Pong(Ping):
     WIRE_ID: ClassVar[int] = 97
 
 
+# --- bandwidth probe (livemig plan) -------------------------------------------------
+
+MAX_PROBE_BYTES = 1 << 30
+"""Most filler bytes one probe may announce: a probe is a measurement, not a transfer."""
+_PROBE_DATA = struct.Struct("<II")
+_PROBE_END = struct.Struct("<IIQ")
+_PROBE_RESULT = struct.Struct("<IIQQ")
+
+
+@dataclass(frozen=True)
+class ProbeData(Event):
+    """Source -> destination, control channel in READY (before any offer):
+    ``data`` is filler the destination counts and drops. ``seq`` numbers the
+    frames of one probe from 0."""
+
+    WIRE_ID: ClassVar[int] = 112
+    seq: int
+    data: object = b""
+
+    def encode(self):
+        return 0, [_PROBE_DATA.pack(self.seq, 0), _as_bytes_view(self.data)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        seq, reserved = r.unpack(_PROBE_DATA)
+        if reserved:
+            raise PayloadError("ProbeData reserved field is not 0")
+        return cls(seq, r.rest())
+
+
+@dataclass(frozen=True)
+class ProbeEnd(Event):
+    """Source -> destination: the probe sent ``frames`` ProbeData frames holding
+    ``bytes`` filler bytes in all; answer with ProbeResult."""
+
+    WIRE_ID: ClassVar[int] = 113
+    frames: int
+    bytes: int
+
+    def encode(self):
+        return 0, [_PROBE_END.pack(self.frames, 0, self.bytes)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        frames, reserved, nbytes = r.unpack(_PROBE_END)
+        r.end()
+        if reserved:
+            raise PayloadError("ProbeEnd reserved field is not 0")
+        if nbytes > MAX_PROBE_BYTES:
+            raise PayloadError(f"probe of {nbytes} bytes exceeds {MAX_PROBE_BYTES}")
+        return cls(frames, nbytes)
+
+
+@dataclass(frozen=True)
+class ProbeResult(Event):
+    """Destination -> source: of the probe, ``bytes`` filler bytes in ``frames``
+    frames arrived after the first frame, over ``duration_ns`` measured by the
+    destination's clock from the first frame's arrival to ProbeEnd's. The
+    first frame only starts the clock, so connection set-up and TCP slow start
+    before it do not count."""
+
+    WIRE_ID: ClassVar[int] = 114
+    frames: int
+    bytes: int
+    duration_ns: int
+
+    def encode(self):
+        return 0, [_PROBE_RESULT.pack(self.frames, 0, self.bytes, self.duration_ns)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        frames, reserved, nbytes, duration_ns = r.unpack(_PROBE_RESULT)
+        r.end()
+        if reserved:
+            raise PayloadError("ProbeResult reserved field is not 0")
+        return cls(frames, nbytes, duration_ns)
+
+
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
               RoundEnd, RoundAck, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
-              PostcopyComplete, Complete, Abort, Ping, Pong)
+              PostcopyComplete, Complete, Abort, Ping, Pong, ProbeData, ProbeEnd, ProbeResult)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
 

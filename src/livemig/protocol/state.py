@@ -25,6 +25,9 @@ Rules
 Control channel (source S, destination D)::
 
     IDLE --S Hello--> HELLO_SENT --D Welcome--> READY --S MigrationOffer--> OFFERED
+    READY --S ProbeData--> READY --S ProbeEnd--> READY --D ProbeResult--> READY
+                         (a bandwidth probe; the source may then offer, or close:
+                          end of stream from the source is normal in READY)
                          |D Refuse                            OFFERED --D Refuse--> REFUSED
                          v                                    OFFERED --D Accept--> PRECOPY
                       REFUSED
@@ -51,7 +54,7 @@ from enum import Enum
 from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
                      Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome)
+                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
 
 
 class Role(Enum):
@@ -111,6 +114,9 @@ CONTROL = {
     **_HANDSHAKE,
     (State.HELLO_SENT, D, Welcome, _ANY): State.READY,
     (State.READY, S, MigrationOffer, _ANY): State.OFFERED,
+    (State.READY, S, ProbeData, _ANY): State.READY,
+    (State.READY, S, ProbeEnd, _ANY): State.READY,
+    (State.READY, D, ProbeResult, _ANY): State.READY,
     (State.OFFERED, D, Accept, _ANY): State.PRECOPY,
     (State.OFFERED, D, Refuse, _ANY): State.REFUSED,
     (State.PRECOPY, D, PresentReport, _ANY): State.PRECOPY,
@@ -159,7 +165,7 @@ TABLES = {ChannelKind.CONTROL: CONTROL, ChannelKind.BULK: BULK, ChannelKind.URGE
 # the destination closing one that is open means it went away.
 _EOF_ALWAYS = _TERMINAL | {State.IDLE}
 EOF_OK = {
-    ChannelKind.CONTROL: {S: _EOF_ALWAYS, D: _EOF_ALWAYS},
+    ChannelKind.CONTROL: {S: _EOF_ALWAYS | {State.READY}, D: _EOF_ALWAYS},
     ChannelKind.BULK: {S: _EOF_ALWAYS | {State.OPEN}, D: _EOF_ALWAYS},
     ChannelKind.URGENT: {S: _EOF_ALWAYS | {State.OPEN}, D: _EOF_ALWAYS},
 }

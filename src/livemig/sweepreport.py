@@ -1,0 +1,207 @@
+"""Outputs of the convergence sweep: JSON, a Markdown table, and a plot.
+
+The JSON keeps every run's full stats; the table groups the repeats of a
+point (medians, converged count) and sets the prediction of ``livemig plan``
+beside what happened. The plot needs matplotlib (the ``plot`` extra); without
+it the JSON and the table are still written and the plot is reported as
+skipped with the reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+
+MIB = 1 << 20
+_KEY = ("sweep_workload", "memory", "link", "mode", "dirty_rate")
+
+
+def _median(values):
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(vals) if vals else None
+
+
+def group(points: list[dict]) -> list[dict]:
+    """One row per point of the grid, repeats folded (in sweep order)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for p in points:
+        groups[tuple(p.get(k) for k in _KEY)].append(p)
+    rows = []
+    for key, runs in groups.items():
+        row = dict(zip(_KEY, key))
+        row["runs"] = len(runs)
+        row["link_bit_s"] = runs[0].get("link_bit_s")
+        row["dirty_rate_bps"] = runs[0].get("dirty_rate_bps")
+        if all(r["status"] == "unsupported" for r in runs):
+            row["status"] = "unsupported"
+            row["error"] = runs[0].get("error")
+            rows.append(row)
+            continue
+        sums = [r.get("summary") or {} for r in runs]
+        conv = [s for s in sums if s.get("converged")]
+        row["status"] = "measured"
+        row["converged"] = len(conv)
+        row["total_time_s"] = _median(s.get("total_time_s") for s in conv)
+        row["giveup_time_s"] = _median(s.get("total_time_s") for s in sums
+                                       if s.get("outcome") == "not-converged")
+        row["failed"] = sum(1 for s in sums if s.get("outcome") == "failed")
+        row["downtime_ms"] = _median(s.get("downtime_ms") for s in conv)
+        row["bytes_per_memory"] = _median(s.get("bytes_per_memory") for s in sums)
+        row["bytes_sent"] = _median(s.get("bytes_sent") for s in sums)
+        row["rounds"] = _median(s.get("rounds") for s in sums)
+        row["throttle_pct"] = _median(s.get("throttle_pct") for s in sums)
+        row["measured_dirty_rate_bps"] = _median(s.get("measured_dirty_rate_bps") for s in sums)
+        row["measured_bandwidth_bps"] = _median(s.get("measured_bandwidth_bps") for s in sums)
+        pc = [s.get("predicted_converges") for s in sums if s.get("predicted_converges") is not None]
+        row["predicted_converges"] = (sum(pc) > len(pc) / 2) if pc else None
+        row["predicted_rounds"] = _median(s.get("predicted_rounds") for s in sums)
+        row["predicted_downtime_ms"] = _median(s.get("predicted_downtime_ms") for s in sums)
+        row["predicted_total_time_s"] = _median(s.get("predicted_total_time_s") for s in sums)
+        errors = {r.get("error") for r in runs if r.get("error")}
+        row["errors"] = sorted(errors)
+        rows.append(row)
+    return rows
+
+
+def _f(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def markdown_table(result: dict) -> str:
+    meta = result["meta"]
+    prof = meta["profile"]
+    lines = [f"# Convergence sweep, profile `{prof['name']}`", "",
+             f"Link: **{meta['link_method']}** ({meta['link_reason']}); TLS {meta['tls']}; "
+             f"downtime limit {prof['downtime_ms']:g} ms; pre-copy gives up after "
+             f"{prof['max_total_s']:g} s; {prof['repeats']} run(s) per point, medians shown; "
+             f"page encodings {', '.join(prof.get('encodings', []))}; "
+             f"1 vCPU per VM; kernel {meta['host']['kernel']}, {meta['host']['cpus']} CPUs.", ""]
+    if meta.get("unsupported_modes"):
+        for mode, why in meta["unsupported_modes"].items():
+            lines.append(f"- mode `{mode}` not supported by this engine: {why}")
+        lines.append("")
+    lines += ["| workload | memory | link | mode | dirty rate | measured | conv. | total s | "
+              "downtime ms | sent/mem | rounds | throttle % | predicted | pred. rounds | "
+              "pred. downtime ms | pred. total s |",
+              "|" + "---|" * 16]
+    for r in group(result["points"]):
+        head = f"| {r['sweep_workload']} | {r['memory']} | {r['link']} | {r['mode']} | " \
+               f"{r['dirty_rate']} | "
+        if r["status"] == "unsupported":
+            lines.append(head + "unsupported |" + " |" * 10)
+            continue
+        md = r["measured_dirty_rate_bps"]
+        total = r["total_time_s"]
+        total_text = _f(total, ".2f") if total is not None else \
+            f"gave up {_f(r['giveup_time_s'], '.1f')}" if r["giveup_time_s"] is not None else "–"
+        if r["failed"]:
+            total_text += f" ({r['failed']} failed)"
+        pred = {True: "converges", False: "no", None: "–"}[r["predicted_converges"]]
+        lines.append(
+            head + f"{_f(md / MIB if md is not None else None, '.1f')} MiB/s | "
+            f"{r['converged']}/{r['runs']} | {total_text} | {_f(r['downtime_ms'], '.1f')} | "
+            f"{_f(r['bytes_per_memory'], '.2f')} | {_f(r['rounds'], 'g')} | "
+            f"{_f(r['throttle_pct'], 'g')} | {pred} | {_f(r['predicted_rounds'], 'g')} | "
+            f"{_f(r['predicted_downtime_ms'], '.1f')} | {_f(r['predicted_total_time_s'], '.2f')} |")
+    failures = sorted({(r["mode"], r["link"], r["dirty_rate"], e)
+                       for r in group(result["points"]) for e in r.get("errors", ())
+                       if "did not converge" not in e and r["status"] != "unsupported"})
+    if failures:
+        lines += ["", "Runs that failed (not a convergence give-up):"]
+        lines += [f"- {m}, {link}, {rate}: {e}" for m, link, rate, e in failures]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Write the PNG; None on success, else why it was skipped."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc}); install the 'plot' extra"
+    rows = [r for r in group(result["points"]) if r["status"] == "measured"]
+    if not rows:
+        return "no measured point to plot"
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    metrics = [("total time (s)", lambda r: r["total_time_s"] if r["converged"] else
+                r["giveup_time_s"]),
+               ("downtime (ms)", lambda r: r["downtime_ms"]),
+               ("bytes sent / memory", lambda r: r["bytes_per_memory"])]
+    fig, axes = plt.subplots(len(metrics), len(links), figsize=(4.5 * len(links), 9),
+                             squeeze=False)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    colours = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    max_rate = max((_x(r) for r in rows), default=1.0)
+    for col, link in enumerate(links):
+        sub = [r for r in rows if r["link"] == link]
+        bw_bit = sub[0]["link_bit_s"]
+        for row_i, (label, get) in enumerate(metrics):
+            ax = axes[row_i][col]
+            for mode in modes:
+                pts = sorted((r for r in sub if r["mode"] == mode), key=_x)
+                xs = [_x(r) for r in pts]
+                ys = [get(r) for r in pts]
+                ax.plot(xs, [math.nan if y is None else y for y in ys], "o-",
+                        color=colours[mode], label=mode, markersize=4)
+                bad = [(x, y) for x, y, r in zip(xs, ys, pts)
+                       if r["converged"] < r["runs"] and y is not None]
+                if bad:
+                    ax.scatter(*zip(*bad), marker="x", s=70, color="red", zorder=5,
+                               label="not converged" if mode == modes[0] else None)
+            if bw_bit:
+                bw_mib = bw_bit / 8 / MIB
+                if bw_mib <= 1.5 * max_rate:
+                    ax.axvline(bw_mib, color="grey", linestyle="--", label="link bandwidth")
+            ax.set_xlabel("dirty rate (MiB/s, measured)")
+            ax.set_ylabel(label)
+            if row_i == 0:
+                bw_txt = "" if not bw_bit else f" = {bw_bit / 8 / MIB:,.0f} MiB/s"
+                ax.set_title(f"link {link}{bw_txt}")
+            ax.grid(alpha=0.3)
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles))
+    prof = result["meta"]["profile"]["name"]
+    missing = sorted(result["meta"].get("unsupported_modes") or ())
+    fig.suptitle(f"livemig convergence ({prof}, {result['meta']['link_method']}); "
+                 "red x: not converged"
+                 + (f"; not supported by this engine: {', '.join(missing)}" if missing else ""))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def _x(row: dict) -> float:
+    m = row.get("measured_dirty_rate_bps")
+    if m is not None:
+        return m / MIB
+    return (row.get("dirty_rate_bps") or 0) / MIB
+
+
+def write_outputs(result: dict, out_dir: str, stem: str) -> dict:
+    """Write ``stem``.json/.md/.png into ``out_dir``; the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, stem + ".json"),
+             "markdown": os.path.join(out_dir, stem + ".md")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(result))
+    png = os.path.join(out_dir, stem + ".png")
+    skipped = plot(result, png)
+    if skipped is None:
+        paths["plot"] = png
+    else:
+        result["meta"]["plot_skipped"] = skipped
+        with open(paths["markdown"], "a") as f:
+            f.write(f"\nPlot not drawn: {skipped}\n")
+    return paths
+
+
+__all__ = ["group", "markdown_table", "plot", "write_outputs"]
