@@ -20,14 +20,17 @@ For each page of a batch, cheapest first:
 Hazards, and how they are handled:
 
 * The guest keeps running during pre-copy, so a page may change between the
-  encoder reading it and its bytes leaving (RAW pages are memoryviews into
-  guest memory, read by the socket later). The dirty tracker will report the
-  page again, so the *page itself* heals next round; but anything that refers
-  to it must not rely on bytes we never pinned down. Hence a page is usable as
-  a DUP source or DELTA base only if it is *exact*: its bytes on the wire came
-  from a snapshot we hashed (delta-cache slab, a staging copy), or memory was
-  declared frozen (``encode(..., frozen=True)``, the final round with vCPUs
-  paused). Live pages that are themselves sent as DUP are re-read into a
+  encoder reading it and its bytes leaving. Every frame carries a checksum of
+  its payload, computed when the frame is built, so bytes read from live
+  memory later by the socket could contradict it (and a receiver rightly
+  rejects such a frame). Hence while the guest runs, RAW pages are copied once
+  into a staging buffer and sent from there; only frozen memory
+  (``encode(..., frozen=True)``: the final round, vCPUs paused) is sent as
+  memoryviews into guest memory. The dirty tracker reports a page written
+  after its copy again, so the page heals next round. A page is usable as a
+  DUP source or DELTA base only if it is *exact*: its bytes on the wire came
+  from a snapshot we hashed (delta-cache slab, a staging copy) or from frozen
+  memory. Live pages that are themselves sent as DUP are re-read into a
   snapshot and rehashed; a page that changed meanwhile falls back to RAW.
 * Pages that enter the delta cache are sent from their cache snapshot (one
   copy), as QEMU's XBZRLE does, so the cached base is exactly what the
@@ -175,9 +178,10 @@ class BatchEncoder:
         staging = None
         live = nz[kind[nz] == _LIVE]
         if live.size:
-            if cfg.zero_copy_raw or frozen:
+            if frozen and cfg.zero_copy_raw:
+                # paused guest: the bytes cannot change before they leave
                 h[live] = hash_pages(mem, idx[live])
-                exact[live] = frozen
+                exact[live] = True
             else:
                 staging = mem[idx[live]]
                 kind[live] = _STAGING

@@ -63,9 +63,9 @@ class CodecConfig:
     """LZ4 is used only when it saves at least this share of the raw bytes."""
 
     zero_copy_raw: bool = True
-    """Send RAW pages as memoryviews into guest memory (no copy). Such pages
-    may change before the bytes leave, so they are not used as DUP targets
-    unless the encoder is told memory is frozen."""
+    """Send RAW pages of *frozen* memory (the final round) as memoryviews into
+    guest memory, without a copy. Pages of a running guest are always copied
+    once first: the frame checksum must match the bytes that leave."""
 
     verify_dup: bool = True
     """The receiver checks the xxh3-128 hash of each DUP source page."""

@@ -74,10 +74,6 @@ class Profile:
     unchanged pages, which DELTA and LZ4 shrink to a few bytes: with them the
     link would never be the bottleneck. A real guest's dirty pages compress
     far less, so the sweep sends every dirty page whole unless told otherwise."""
-    zero_copy_raw: bool = False
-    """Send RAW pages as views of guest memory. Off: with it, a page the guest
-    rewrites between the frame's checksum and the socket write arrives with a
-    checksum mismatch and the destination aborts (seen at ≥ 64 MiB/s)."""
 
 
 ALL_MODES = tuple(MODES)
@@ -251,8 +247,7 @@ def run_point(hosts: _Hosts, profile: Profile, *, name: str, memory: str, worklo
         point["plan"] = plan
         options = {**MODES[mode], "downtime_ms": profile.downtime_ms,
                    "max_total_s": profile.max_total_s,
-                   "codec": {"encodings": list(profile.encodings),
-                             "zero_copy_raw": profile.zero_copy_raw}, **extra}
+                   "codec": {"encodings": list(profile.encodings)}, **extra}
         t0 = time.monotonic()
         rec = _wait(hosts.src, hosts.src.call("migrate", name=name, to=hosts.dst_addr,
                                               **options, **sni))
