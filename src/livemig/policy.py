@@ -55,6 +55,8 @@ class RoundStats:
     """Wire bytes of the page batches of the round."""
     dirty_pages: int
     """Pages found dirty at the end of the round: the next round's work."""
+    zero_pages: int = 0
+    """Pages of the round sent as ZERO (nearly free: excluded from the page rate)."""
 
     @property
     def bandwidth_bps(self) -> float:
@@ -103,15 +105,31 @@ def measured_bandwidth(rounds: Sequence[RoundStats], window: int = 2) -> float:
     return b / t if t > 0 else math.inf
 
 
+def measured_page_rate(rounds: Sequence[RoundStats], window: int = 2) -> float:
+    """Non-zero pages per second over the last ``window`` rounds: what one page
+    really costs end to end (encode, link, apply), whatever the codec made of
+    its bytes."""
+    recent = rounds[-window:]
+    t = sum(r.duration_s for r in recent)
+    n = sum(max(0, r.pages_sent - r.zero_pages) for r in recent)
+    return n / t if t > 0 and n > 0 else math.inf
+
+
 def expected_downtime_ms(rounds: Sequence[RoundStats], bandwidth_bps: float,
                          switchover_cost_ms: float = SWITCHOVER_COST_MS) -> float:
+    """Time to send the last round's dirty pages with the guest stopped, by two
+    models, whichever is slower: wire bytes over the measured bandwidth (a
+    link-bound migration), and pages over the measured page rate (a CPU-bound
+    one: compressed pages are few bytes but still cost their encode and apply)."""
     last = rounds[-1]
     wire_bytes = last.dirty_bytes * min(1.0, last.wire_ratio)
     if wire_bytes == 0:
         return switchover_cost_ms
     if bandwidth_bps <= 0:
         return math.inf
-    return wire_bytes / bandwidth_bps * 1000.0 + switchover_cost_ms
+    by_bytes_ms = wire_bytes / bandwidth_bps * 1000.0
+    by_pages_ms = last.dirty_pages / measured_page_rate(rounds) * 1000.0
+    return max(by_bytes_ms, by_pages_ms) + switchover_cost_ms
 
 
 def is_converging(rounds: Sequence[RoundStats], bandwidth_bps: float) -> tuple[bool, str]:
@@ -238,5 +256,5 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, down
 
 
 __all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "Prediction",
-           "measured_bandwidth", "expected_downtime_ms", "is_converging", "MIN_SHRINK",
+           "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging", "MIN_SHRINK",
            "SWITCHOVER_COST_MS"]

@@ -153,7 +153,8 @@ class SourceSession:
             sent_pages, sent_bytes = await self._send_round(index, pages, frozen=False)
             pages = self._tracker.collect()
             duration_s = max(time.monotonic() - t_round, 1e-6)
-            rounds.append(RoundStats(index, duration_s, sent_pages, sent_bytes, len(pages)))
+            rounds.append(RoundStats(index, duration_s, sent_pages, sent_bytes, len(pages),
+                                     zero_pages=self._round_zero_pages))
             stats.add_round(RoundRecord(index, duration_s, sent_pages, sent_bytes, len(pages),
                                         throttle_pct=throttle_pct))
             decision = decide(cfg, rounds, elapsed_s=time.monotonic() - self._t0,
@@ -181,7 +182,9 @@ class SourceSession:
         ch, stats = self._ch, self.stats
         await ch.send(RoundStart(index))
         npages = nbytes = 0
+        self._round_zero_pages = 0
         for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
+            self._round_zero_pages += batch.pages_by_encoding.get("zero", 0)
             await ch.send(PageBatch(index, batch.npages, batch.chunks))
             npages += batch.npages
             nbytes += batch.nbytes
