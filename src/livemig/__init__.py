@@ -40,6 +40,9 @@ _LAZY = {
     "Destination": ("livemig.library", "Destination"),
     "migrate": ("livemig.library", "migrate"),
     "save_snapshot": ("livemig.vm.snapshot", "save"),
+    "measure_dirty_rate": ("livemig.dirtyrate", "measure_dirty_rate"),
+    "plan_migration": ("livemig.plan", "plan_migration"),
+    "probe_bandwidth": ("livemig.plan", "probe_bandwidth"),
     "load_snapshot": ("livemig.vm.snapshot", "load"),
 }
 
@@ -57,7 +60,8 @@ def __getattr__(name: str):
 
 
 __all__ = ["VM", "GuestMemory", "open_tracker", "DirtyTracker", "probe_host", "Destination",
-           "migrate", "save_snapshot", "load_snapshot", "MigrationConfig", "CodecConfig",
+           "migrate", "save_snapshot", "load_snapshot", "measure_dirty_rate", "plan_migration",
+           "probe_bandwidth", "MigrationConfig", "CodecConfig",
            "MigrationStats", "LivemigError", "ConfigError", "MigrationError", "HandoverInDoubt",
            "BackendUnavailable", "GuestError", "StateFormatError", "ConnectionLost",
            "HandshakeRefused", "RemoteProtocolError", "__version__"]
