@@ -21,6 +21,7 @@ The layouts are documented field by field in docs/protocol.md.
 """
 from __future__ import annotations
 
+import abc
 import json
 import re
 import struct
@@ -183,18 +184,20 @@ def _no_flags(cls, flags: int) -> None:
         raise PayloadError(f"{cls.__name__} defines no flags, got {flags:#x}")
 
 
-class Event:
+class Event(abc.ABC):
     """Base of every protocol message."""
 
     WIRE_ID: ClassVar[int] = 0
     FLAGS: ClassVar[int] = 0   # flag bits this message defines
 
+    @abc.abstractmethod
     def encode(self) -> tuple[int, list]:
-        raise NotImplementedError
+        """(frame flags, payload buffers)."""
 
     @classmethod
+    @abc.abstractmethod
     def decode(cls, flags: int, payload: memoryview) -> "Event":
-        raise NotImplementedError
+        """The message from a frame's flags and payload; PayloadError if malformed."""
 
     @property
     def variant(self) -> str | None:
