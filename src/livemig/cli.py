@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livemig: {exc}", file=sys.stderr)
         if exc.error_type == "NoDaemon":
             return EXIT_NO_DAEMON
+        if exc.error_type == "ConfigError":
+            return EXIT_USAGE
         return EXIT_FAILED if exc.error_type in ("NoSuchVM", "NoSuchMigration", "Busy", "VMExists") \
             else EXIT_ERROR
     except LivemigError as exc:

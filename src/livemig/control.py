@@ -39,6 +39,7 @@ class ControlServer:
         self.path = path
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
+        self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     async def start(self) -> None:
         if os.path.exists(self.path):
@@ -56,6 +57,11 @@ class ControlServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            # End every client's session (EOF for its reader), and let each
+            # handler finish on its own rather than be cancelled mid-request.
+            for writer in self._clients.values():
+                writer.close()
+            await asyncio.gather(*self._clients, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         try:
@@ -64,6 +70,8 @@ class ControlServer:
             pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._clients[task] = writer
         try:
             while True:
                 try:
@@ -79,6 +87,7 @@ class ControlServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._clients.pop(task, None)
             writer.close()
 
     async def _dispatch(self, line: bytes) -> dict:
