@@ -17,14 +17,14 @@ For each page of a batch, cheapest first:
 Hazards, and how they are handled:
 
 * The guest keeps running during pre-copy, so a page may change between the
-  encoder reading it and its bytes leaving (RAW pages are memoryviews into
-  guest memory, read by the socket later). The dirty tracker will report the
-  page again, so the *page itself* heals next round; but anything that refers
-  to it must not rely on bytes we never pinned down. Hence a page is usable as
-  a DUP source or DELTA base only if it is *exact*: its bytes on the wire came
-  from a snapshot we hashed (delta-cache slab, a staging copy), or memory was
-  declared frozen (``encode(..., frozen=True)``, the final round with vCPUs
-  paused). Live pages that are themselves sent as DUP are re-read into a
+  encoder reading it and its bytes leaving. The frame checksum (wire.py) is
+  taken when the frame is built, so live pages are never handed to the socket
+  as views of guest memory: they are copied into a staging array first, and
+  RAW pages are memoryviews into guest memory only when memory was declared
+  frozen (``encode(..., frozen=True)``, the final round with vCPUs paused).
+  A page is usable as a DUP source or DELTA base only if it is *exact*: its
+  bytes on the wire came from a snapshot we hashed (delta-cache slab, a
+  staging copy) or from frozen memory. Live pages that are themselves sent as DUP are re-read into a
   snapshot and rehashed; a page that changed meanwhile falls back to RAW.
 * Pages that enter the delta cache are sent from their cache snapshot (one
   copy), as QEMU's XBZRLE does, so the cached base is exactly what the
@@ -166,9 +166,13 @@ class BatchEncoder:
         staging = None
         live = nz[kind[nz] == _LIVE]
         if live.size:
-            if cfg.zero_copy_raw or frozen:
+            # Zero-copy only while frozen: each frame carries a checksum of its
+            # payload taken when the frame is built, so a live page the guest
+            # rewrites before the socket reads it would fail that checksum at
+            # the receiver (a protocol error, not a page healed next round).
+            if cfg.zero_copy_raw and frozen:
                 h[live] = hash_pages(mem, idx[live])
-                exact[live] = frozen
+                exact[live] = True
             else:
                 staging = mem[idx[live]]
                 kind[live] = _STAGING

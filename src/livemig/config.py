@@ -63,9 +63,10 @@ class CodecConfig:
     """LZ4 is used only when it saves at least this share of the raw bytes."""
 
     zero_copy_raw: bool = True
-    """Send RAW pages as memoryviews into guest memory (no copy). Such pages
-    may change before the bytes leave, so they are not used as DUP targets
-    unless the encoder is told memory is frozen."""
+    """Send RAW pages as memoryviews into guest memory (no copy) when the
+    encoder is told memory is frozen (the final round). Live pages are always
+    copied first: the frame checksum is taken before the socket reads the
+    bytes, and a page the guest rewrites in between would fail it."""
 
     verify_dup: bool = True
     """The receiver checks the xxh3-128 hash of each DUP source page."""
