@@ -243,7 +243,38 @@ def test_destination_daemon_killed_mid_round(tmp_path):
         assert a.alive()
         victim = a.cli_json("vm", "list")[0]
         assert victim["name"] == "victim" and victim["running"] and not victim["migrating"]
-        _assert_matches_unmoved(a, "victim", recipe)
+        c = DaemonProcess(tmp_path, "dst2", "auto")
+        try:
+            assert a.cli_json("migrate", "victim", "--to", c.address)["status"] == "completed"
+            _assert_matches_unmoved(c, "victim", recipe)
+        finally:
+            c.close()
     finally:
         b.close()
         a.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_daemons_with_mutual_tls_migrate_and_refuse_a_clear_peer(tmp_path, loop):
+    from livemig.aio.tls import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    tls = ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-ca", pki.ca_cert]
+    a = DaemonProcess(tmp_path, "tls-a", loop, *tls)
+    b = DaemonProcess(tmp_path, "tls-b", loop, *tls)
+    clear = DaemonProcess(tmp_path, "clear", loop)
+    try:
+        assert a.info["tls"] and not clear.info["tls"]
+        recipe = Recipe("16MiB", 2, "memtest", seed=12, dirty_rate="16MiB/s")
+        _start(a, "secret", recipe)
+        refused = a.cli_json("migrate", "secret", "--to", clear.address, check=EXIT_FAILED)
+        assert refused["status"] == "failed" and "handshake" in refused["error"]
+        _start(clear, "intruder", recipe)
+        assert clear.cli_json("migrate", "intruder", "--to", b.address,
+                              check=EXIT_FAILED)["status"] == "failed"
+        assert all(v["name"] != "intruder" for v in b.cli_json("vm", "list"))
+        assert a.cli_json("migrate", "secret", "--to", b.address)["status"] == "completed"
+        _assert_matches_unmoved(b, "secret", recipe)
+    finally:
+        for d in (clear, b, a):
+            d.close()
