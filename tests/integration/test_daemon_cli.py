@@ -221,15 +221,16 @@ def test_hostile_peers_never_hurt_a_daemon_or_its_vms(daemons):
 
 
 def test_destination_daemon_killed_mid_round(tmp_path):
-    """The peer vanishes for real (SIGKILL) while round 0 is on a 2 MiB/s link."""
+    """The peer vanishes for real (SIGKILL) in the middle of pre-copy."""
     a = DaemonProcess(tmp_path, "src", "auto")
     b = DaemonProcess(tmp_path, "dst", "auto")
     try:
         recipe = Recipe("64MiB", 2, "memtest", seed=9, dirty_rate="64MiB/s")
         _start(a, "victim", recipe)
-        time.sleep(1.0)  # let memtest spread random words so round 0 has bytes to send
-        rec = a.cli_json("migrate", "victim", "--to", b.address, "--max-bandwidth", "2MiB/s",
-                         "--no-wait")
+        # dirtying far faster than a 1 MiB/s link carries, with a 1 ms downtime
+        # limit and no round limit: the migration cannot end before the kill
+        rec = a.cli_json("migrate", "victim", "--to", b.address, "--max-bandwidth", "1MiB/s",
+                         "--downtime-ms", "1", "--max-rounds", "100000", "--no-wait")
         deadline = time.monotonic() + 10
         while (a.client.call("status", id=rec["id"]).get("stats") or {}).get(
                 "bytes_sent", 0) < 256 << 10:
@@ -240,6 +241,7 @@ def test_destination_daemon_killed_mid_round(tmp_path):
         final = a.client.call("migration.wait", id=rec["id"], timeout_s=20)
         assert final["status"] == "failed", final
         assert "resumed on the source" in final["error"], final["error"]
+        assert final["stats"]["status"] == "failed" and not final["stats"]["converged"]
         assert a.alive()
         victim = a.cli_json("vm", "list")[0]
         assert victim["name"] == "victim" and victim["running"] and not victim["migrating"]
