@@ -51,8 +51,6 @@ ENCODINGS = ("zero", "dup", "delta", "lz4")
 
 # -- the source side, in its own process --------------------------------------------------
 def _source_main(job: dict, result_q) -> None:
-    import asyncio
-
     import numpy as np
 
     from livemig.aio.loop import run
