@@ -143,7 +143,8 @@ def destination_daemon(tmpdir: str, loop: str):
     from livemig.control import ControlClient, ControlError
 
     control = os.path.join(tmpdir, f"dst-{time.monotonic_ns()}.sock")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    import livemig
+    env = {**os.environ, "PYTHONPATH": str(Path(livemig.__file__).resolve().parents[1])}
     log = open(os.path.join(tmpdir, "dst.log"), "a")
     proc = subprocess.Popen([sys.executable, "-m", "livemig", "daemon", "--listen",
                              "127.0.0.1:0", "--control", control, "--loop", loop],

@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import livemig
 from livemig.control import ControlClient, ControlError
 from support.oracle import Recipe
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-ENV = {**os.environ, "PYTHONPATH": SRC}
+# The daemons and CLI run the same livemig this test process imported (the
+# source tree with its built module, or the installed package).
+ENV = {**os.environ, "PYTHONPATH": str(Path(livemig.__file__).resolve().parents[1])}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 # A daemon's VM runs at its paced speed (the control socket cannot unpace it),
 # so compare a few thousand steps ahead: any common step is as good an oracle.
