@@ -225,13 +225,15 @@ class IncomingMigration:
                                       phase="switchover")
         vm.resume()
         self._handed_over = True
-        await self.ch.send(Resumed())
         self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
         self._set_status("completed")
         if self.arrival is not None and self.arrival.on_resumed is not None:
             self.arrival.on_resumed(vm)
-        # Complete is a courtesy: the VM runs here whether or not it arrives.
+        # The VM runs here now and is the host's, whatever becomes of the
+        # connection: Resumed and Complete are courtesies. A source that never
+        # gets Resumed keeps its copy paused, in doubt.
         try:
+            await self.ch.send(Resumed())
             await asyncio.wait_for(self.ch.recv(), cfg.ack_timeout_s)
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
