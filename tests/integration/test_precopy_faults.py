@@ -13,12 +13,12 @@ import os
 
 import pytest
 
-from livemig.aio.channel import serve_channels
+from livemig.aio.channel import Channel, serve_channels
 from livemig.config import MigrationConfig
 from livemig.destination import MigrationServer
 from livemig.errors import HandoverInDoubt, MigrationError
-from livemig.protocol import (Accept, MigrationOffer, PageBatch, RoundAck, RoundEnd, Switchover,
-                              Verified, VerifyFailed)
+from livemig.protocol import (Accept, Commit, MigrationOffer, PageBatch, RoundAck, RoundEnd,
+                              Switchover, Verified, VerifyFailed)
 from livemig.source import migrate
 from support.faultproxy import FaultProxy
 from support.oracle import Recipe, assert_matches_unmoved
@@ -222,4 +222,39 @@ def test_a_garbage_destination_fails_the_handshake_and_the_source_resumes(run):
             vm.close()
             listener.close()
             await listener.wait_closed()
+    run(main())
+
+
+def test_source_gone_right_after_commit_the_destination_still_owns_the_vm(run, monkeypatch):
+    """The source dies the moment Commit leaves it: the destination has
+    resumed the VM and cannot say Resumed. The VM must still be handed to the
+    host (not left running where nobody owns it), and it is intact."""
+    original_send = Channel.send
+
+    async def send_then_die(self, event):
+        await original_send(self, event)
+        if isinstance(event, Commit):
+            # Commit is in the peer's socket already (loopback); reset now,
+            # before the peer has read it and could answer Resumed
+            self.abort()
+
+    monkeypatch.setattr(Channel, "send", send_then_die)
+
+    async def main():
+        vm = RECIPE.build()
+        try:
+            vm.start()
+            await asyncio.sleep(0.05)
+            async with MigrationServer(LOCAL, 0, config=QUICK) as server:
+                with pytest.raises(HandoverInDoubt):
+                    await migrate(vm, LOCAL, server.port, config=QUICK)
+                assert not vm.running
+                arrival, moved = await asyncio.wait_for(server.completed.get(), 5)
+            assert arrival.status == "completed" and moved.running
+            try:
+                assert_matches_unmoved(moved, RECIPE)
+            finally:
+                moved.close()
+        finally:
+            vm.close()
     run(main())
