@@ -9,9 +9,11 @@ never moved, and the migration must succeed on a second try. A destination
 server must survive every hostile peer and keep serving its other migrations.
 """
 import asyncio
+import contextlib
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livemig.aio.channel import Channel, serve_channels
 from livemig.config import MigrationConfig
@@ -256,5 +258,53 @@ def test_source_gone_right_after_commit_the_destination_still_owns_the_vm(run, m
             finally:
                 moved.close()
         finally:
+            vm.close()
+    run(main())
+
+
+@settings(max_examples=14, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.one_of(st.tuples(st.just("up"), st.integers(0, 30_000)),
+                     st.tuples(st.just("down"), st.integers(0, 240))))
+def test_wherever_the_link_is_cut_the_vm_runs_on_exactly_one_side(run, cut):
+    """Cut the stream at any byte, in either direction: the migration either
+    completes, fails with the source resumed, or is in doubt with the source
+    paused. Never do both sides run the VM, and whichever runs it is intact."""
+    direction, cut_bytes = cut
+
+    async def main():
+        vm = RECIPE.build()
+        moved = None
+        try:
+            vm.start()
+            async with MigrationServer(LOCAL, 0, config=QUICK) as server, \
+                    FaultProxy(LOCAL, server.port, cut_after_bytes=cut_bytes,
+                               cut_direction=direction) as proxy:
+                try:
+                    await migrate(vm, LOCAL, proxy.port, config=QUICK)
+                    outcome = "completed"
+                except HandoverInDoubt:
+                    outcome = "in doubt"
+                except MigrationError as exc:
+                    assert exc.source_resumed
+                    outcome = "resumed"
+                # in doubt, the destination may still be resuming; otherwise it
+                # has the VM already or must never get it
+                wait_s = {"completed": 5.0, "in doubt": 1.0, "resumed": 0.1}[outcome]
+                with contextlib.suppress(asyncio.TimeoutError):
+                    _, moved = await asyncio.wait_for(server.completed.get(), wait_s)
+            if outcome == "completed":
+                assert moved is not None and proxy.cuts == 0
+            if outcome == "resumed":
+                assert vm.running and moved is None
+            if outcome == "in doubt":
+                assert not vm.running
+                if moved is None:       # Commit never landed: the source may resume
+                    vm.resume()
+            assert vm.running != (moved is not None), "the VM runs on both sides or none"
+            assert_matches_unmoved(moved or vm, RECIPE)
+        finally:
+            if moved is not None:
+                moved.close()
             vm.close()
     run(main())
