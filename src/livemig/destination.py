@@ -241,11 +241,12 @@ class IncomingMigration:
     async def _handover(self, sw: Switchover) -> None:
         cfg, vm = self.config, self.vm
         self.phase = Phase.SWITCHOVER
-        if len(sw.digest) == 16 and self._full_digest_requested(sw):
+        actual = self.decoder.hashes.digest()
+        if actual != sw.digest or cfg.verify == "full":
+            # The source sends a digest of all memory when it chose verify="full";
+            # we rehash all memory then too, and always when we insist on it.
             actual = await asyncio.get_running_loop().run_in_executor(
                 None, memory_digest_full, vm.memory)
-        else:
-            actual = self.decoder.hashes.digest()
         if actual != sw.digest:
             bad = "memory digest mismatch"
             await self.ch.send(VerifyFailed(sw.digest, actual, bad))
@@ -264,21 +265,18 @@ class IncomingMigration:
                                       phase="switchover")
         vm.resume()
         self._handed_over = True
-        await self.ch.send(Resumed())
         self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
         self._set_status("completed")
         if self.arrival is not None and self.arrival.on_resumed is not None:
             self.arrival.on_resumed(vm)
-        # Complete is a courtesy: the VM runs here whether or not it arrives.
+        # The VM runs here now and is the host's, whatever becomes of the
+        # connection: Resumed and Complete are courtesies. A source that never
+        # gets Resumed keeps its copy paused, in doubt.
         try:
+            await self.ch.send(Resumed())
             await asyncio.wait_for(self.ch.recv(), cfg.ack_timeout_s)
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
-
-    def _full_digest_requested(self, sw: Switchover) -> bool:
-        # The source decides; it says so by sending a full digest, which differs
-        # from the per-page-hash digest. Computing both is how we tell them apart.
-        return self.config.verify == "full"
 
     # -- helpers -----------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float | None, what: str):

@@ -79,7 +79,9 @@ def _issue(directory: Path, name: str, ca: str, *, server: bool, days: int) -> N
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
              "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
              "-subj", f"/CN=livemig-{name}", cwd=directory)
-    usage = "serverAuth" if server else "clientAuth"
+    # A daemon presents one certificate as server and as client (it both
+    # receives and sends VMs), so the node certificate carries both usages.
+    usage = "serverAuth,clientAuth" if server else "clientAuth"
     ext = (f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"
            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n")
     (directory / f"{name}.ext").write_text(ext)

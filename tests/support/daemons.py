@@ -1,0 +1,105 @@
+"""Daemons as separate processes and the ``livemig`` CLI, for integration tests.
+
+``DaemonProcess`` runs ``python -m livemig daemon`` on loopback (port 0: the
+kernel picks) with its control socket in a temporary directory; ``livemig()``
+runs one CLI command as a subprocess and checks its exit code.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import livemig
+from livemig.control import ControlClient, ControlError
+from support.oracle import Recipe
+
+# The daemons and CLI run the same livemig this test process imported (the
+# source tree with its built module, or the installed package).
+ENV = {**os.environ, "PYTHONPATH": str(Path(livemig.__file__).resolve().parents[1])}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+# A daemon's VM runs at its paced speed (the control socket cannot unpace it),
+# so compare a few thousand steps ahead: any common step is as good an oracle.
+AHEAD_STEPS = 5_000
+
+
+def livemig(*args, check: int | None = EXIT_OK, timeout_s: float = 60):
+    proc = subprocess.run([sys.executable, "-m", "livemig", *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=timeout_s)
+    if check is not None:
+        assert proc.returncode == check, (args, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def livemig_json(*args, check: int = EXIT_OK):
+    return json.loads(livemig(*args, "--json", check=check).stdout)
+
+
+class DaemonProcess:
+    def __init__(self, tmp: Path, label: str, loop: str, *extra):
+        self.control = str(tmp / f"{label}.sock")
+        self.log = open(tmp / f"{label}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "livemig", "daemon", "--listen", "127.0.0.1:0",
+             "--control", self.control, "--loop", loop, *extra],
+            env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = ControlClient(self.control, timeout_s=60)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.info = self.client.call("ping")
+                break
+            except ControlError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.log.seek(0)
+                    raise RuntimeError(f"daemon {label} did not start:\n{self.log.read()}")
+                time.sleep(0.05)
+        self.address = self.info["listen"]
+        self.port = int(self.address.rsplit(":", 1)[1])
+
+    def cli(self, *args, check: int | None = EXIT_OK):
+        return livemig(*args, "--control", self.control, check=check)
+
+    def cli_json(self, *args, check: int = EXIT_OK):
+        return json.loads(self.cli(*args, "--json", check=check).stdout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.client.call("ping")["pid"] == self.proc.pid
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ControlError):
+                self.client.call("shutdown")
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def start_vm(daemon, name, recipe: Recipe) -> dict:
+    return daemon.cli_json("vm", "start", name, "--memory", recipe.memory, "--vcpus",
+                           recipe.vcpus, "--workload", recipe.workload, "--dirty-rate",
+                           recipe.dirty_rate, "--seed", recipe.seed)
+
+
+def assert_daemon_vm_matches_unmoved(daemon, name: str, recipe: Recipe) -> None:
+    vm = daemon.client.call("vm.list")
+    steps = next(v["steps"] for v in vm if v["name"] == name)
+    target = max(steps) + AHEAD_STEPS
+    daemon.client.call("vm.run_to", name=name, step=target, timeout_s=30)
+    got = daemon.client.call("vm.inspect", name=name)
+    with recipe.build(paced=False) as twin:
+        twin.run_to(target, timeout_s=30)
+        assert got["steps"] == twin.steps() == [target] * recipe.vcpus
+        assert got["digest"] == twin.digest().hex(), "memory digest differs"
+        for i in range(recipe.vcpus):
+            assert got["cpus"][i] == twin.registers(i), f"vCPU {i} registers differ"
+            assert got["console"][i] == twin.console(i).hex(), f"vCPU {i} console differs"
+
+
