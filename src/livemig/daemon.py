@@ -196,6 +196,7 @@ class Daemon:
             "vm.pause": self._cmd_vm_pause,
             "vm.resume": self._cmd_vm_resume,
             "vm.run_to": self._cmd_vm_run_to,
+            "vm.set_dirty_rate": self._cmd_vm_set_dirty_rate,
             "vm.inspect": self._cmd_vm_inspect,
             "migrate": self._cmd_migrate,
             "migration.wait": self._cmd_migration_wait,
@@ -256,6 +257,14 @@ class Daemon:
         hosted = self._hosted(name)
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: hosted.vm.run_to(int(step), timeout_s=float(timeout_s)))
+        return hosted.describe()
+
+    async def _cmd_vm_set_dirty_rate(self, name: str, rate: str | float | None = None) -> dict:
+        """Re-pace the guest (None = as fast as it goes). Timing only: what the
+        guest computes does not depend on it."""
+        hosted = self._hosted(name)
+        hosted.vm.set_dirty_rate(parse_rate(rate, what="dirty rate") if rate not in (None, "")
+                                 else None)
         return hosted.describe()
 
     async def _cmd_vm_inspect(self, name: str) -> dict:
