@@ -1,0 +1,178 @@
+"""The source's post-copy service: answer page requests first, push the rest.
+
+Theory of operation
+-------------------
+::
+
+    urgent channel ─▶ PageRequest(id, pages) ─ encode from the frozen VM
+                   ◀─ PageBatch(URGENT, id)     (never waits behind bulk data:
+                                                  its own task and TCP stream)
+    bulk channel   ◀─ PageBatch(POSTCOPY) ...   every owed page, pages just
+                                                 after recent faults first
+    control        ─▶ PostcopyComplete(digest) ─ digest == ours? ─ Complete
+                                                               else Abort
+
+After Commit the source's VM stays paused and its memory frozen: every page
+encoded now is final, so a page sent twice (a request racing a push, or a
+re-send after a reconnection) carries the same bytes and the same hash. The
+encoder is in post-copy mode (no DELTA, no DUP: see BatchEncoder.set_postcopy).
+
+Pre-paging: a guest that faults on page f tends to touch f+1, f+2, ... next.
+Each request queues a window after (and a little before) its pages; the push
+task sends owed pages of those windows, ordered by pages.order_near_faults,
+before resuming its linear sweep. The sweep keeps a cursor, so choosing the
+next batch costs O(batch), not O(memory).
+
+``serve`` runs on one set of channels and raises when one breaks; the caller
+reconnects and calls ``resync(present)`` with the destination's PresentReport,
+then ``serve`` again. The VM is released only after Complete has been sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import numpy as np
+
+from .aio.channel import Channel
+from .codec import BatchEncoder
+from .errors import MigrationError, RemoteProtocolError
+from .native import PAGE_SIZE
+from .pages import order_near_faults
+from .protocol import (BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, PageRequest,
+                       Phase, PostcopyComplete)
+from .stats import MigrationStats
+
+PREPAGE_WINDOW_PAGES = 64
+RECENT_FAULTS = 32
+
+
+class PostcopySender:
+    def __init__(self, encoder: BatchEncoder, owed: np.ndarray, stats: MigrationStats, *,
+                 round_index: int, batch_bytes: int):
+        self.encoder = encoder
+        self.owed = owed.copy()            # bool[npages]: not yet pushed
+        self.npages = owed.size
+        self.stats = stats
+        self.round_index = round_index
+        self.batch_pages = max(1, batch_bytes // PAGE_SIZE - 1)
+        self._cursor = 0
+        self._recent: collections.deque = collections.deque(maxlen=RECENT_FAULTS)
+        self._prepage = False
+        self._wake = asyncio.Event()
+
+    def resync(self, present: np.ndarray) -> None:
+        """After a reconnection: owe exactly what the destination lacks."""
+        self.owed = ~present
+        self._cursor = 0
+        self._wake.set()
+
+    @property
+    def owed_npages(self) -> int:
+        return int(np.count_nonzero(self.owed))
+
+    async def serve(self, control: Channel, urgent: Channel, bulk: Channel) -> None:
+        tasks = [asyncio.ensure_future(c) for c in (
+            self._answer(urgent), self._push(bulk), self._await_complete(control))]
+        try:
+            await _until_finished(tasks, finisher=tasks[-1])
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- urgent: requests first ------------------------------------------------------------
+    async def _answer(self, urgent: Channel) -> None:
+        while True:
+            event = await urgent.recv()
+            if event is None:
+                raise RemoteProtocolError("the destination closed the urgent channel",
+                                          phase="postcopy")
+            if not isinstance(event, PageRequest):
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} on the urgent "
+                                          "channel", phase="postcopy")
+            pages = np.unique(np.asarray(event.pages, dtype=np.int64))
+            if pages.size and (pages[0] < 0 or pages[-1] >= self.npages):
+                raise RemoteProtocolError("a PageRequest names a page outside guest memory",
+                                          phase="postcopy")
+            self.owed[pages] = False
+            for batch in self.encoder.encode(pages, 1 << 30, frozen=True):
+                await urgent.send(PageBatch(self.round_index, batch.npages, batch.chunks,
+                                            BATCH_URGENT, event.request_id))
+                self.stats.add_batch(batch)
+            self._recent.extend(pages[-RECENT_FAULTS:].tolist())
+            self._prepage = True
+            self._wake.set()
+
+    # -- bulk: everything else, near faults first ----------------------------------------------
+    def _next_pages(self) -> np.ndarray:
+        if self._prepage:
+            self._prepage = False
+            faults = np.asarray(self._recent, dtype=np.int64)
+            lo = np.clip(faults - PREPAGE_WINDOW_PAGES // 4, 0, self.npages)
+            hi = np.clip(faults + PREPAGE_WINDOW_PAGES, 0, self.npages)
+            near = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]))
+            near = near[self.owed[near]]
+            if near.size:
+                return order_near_faults(near, faults,
+                                         window_pages=PREPAGE_WINDOW_PAGES)[:self.batch_pages]
+        while self._cursor < self.npages:
+            end = min(self.npages, self._cursor + self.batch_pages * 64)
+            found = np.flatnonzero(self.owed[self._cursor:end]) + self._cursor
+            if found.size:
+                return found[:self.batch_pages]
+            self._cursor = end
+        return np.empty(0, dtype=np.int64)
+
+    async def _push(self, bulk: Channel) -> None:
+        while True:
+            pages = self._next_pages()
+            if pages.size == 0:
+                # all pushed; a resync after a reconnection may owe more
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self.owed[pages] = False
+            for batch in self.encoder.encode(np.sort(pages), 1 << 30, frozen=True):
+                await bulk.send(PageBatch(self.round_index, batch.npages, batch.chunks,
+                                          BATCH_POSTCOPY))
+                self.stats.add_batch(batch)
+                self.stats.pages_pushed += batch.npages
+            # send() does not suspend while the socket takes data: yield so a
+            # page request never waits behind a stretch of pushes
+            await asyncio.sleep(0)
+
+    # -- completion -----------------------------------------------------------------------------
+    async def _await_complete(self, control: Channel) -> None:
+        event = await control.recv()
+        if event is None:
+            raise RemoteProtocolError("the destination closed the control channel during "
+                                      "post-copy", phase="postcopy")
+        if isinstance(event, Abort):
+            raise MigrationError(f"the destination aborted post-copy: {event.reason}",
+                                 phase="postcopy", source_resumed=False)
+        if not isinstance(event, PostcopyComplete):
+            raise RemoteProtocolError(f"expected PostcopyComplete, got "
+                                      f"{type(event).__name__}", phase="postcopy")
+        ours = self.encoder.sent_hashes.digest()
+        if event.digest != ours:
+            reason = (f"post-copy memory digest mismatch: destination {event.digest.hex()}, "
+                      f"source {ours.hex()}")
+            await control.send(Abort(Phase.POSTCOPY, reason))
+            raise MigrationError(reason, phase="postcopy", source_resumed=False)
+        await control.send(Complete())
+
+
+async def _until_finished(tasks: list, *, finisher: asyncio.Future) -> None:
+    """Wait until ``finisher`` is done or any task raised; re-raise the error."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+        if finisher in done:
+            return
+
+
+__all__ = ["PostcopySender", "PREPAGE_WINDOW_PAGES"]
