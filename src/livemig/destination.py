@@ -197,6 +197,7 @@ class IncomingMigration:
             return False
         self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
         self.mode = offer.mode
+        self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
             # Fault the memory in while round 0 streams, so that pages landing in
             # the final round (the downtime) never pay a first-touch fault.
@@ -360,14 +361,17 @@ class IncomingMigration:
         source to reconnect, then go on. Gives up after the recovery timeout."""
         resumed = False
         while True:
-            urgent, bulk = await self._side_channels()
             try:
+                if resumed:
+                    await self.faults.report_present(self.ch)
+                urgent, bulk = await self._side_channels()
                 await self.faults.serve(self.ch, urgent, bulk, resumed=resumed)
+                self.stats.error = None
                 return
             except (ConnectionError, RemoteProtocolError) as exc:
                 self.stats.error = f"post-copy connection broken ({exc}); waiting for the source"
                 self._set_status("postcopy-active", self.stats.error)
-            for ch in (self.ch, urgent, bulk):
+            for ch in (self.ch, *self._side.values()):
                 ch.abort()
                 self._release(ch)
             self._side.clear()
@@ -381,6 +385,10 @@ class IncomingMigration:
         try:
             async with asyncio.timeout(timeout_s):
                 while not (ChannelKind.URGENT in self._side and ChannelKind.BULK in self._side):
+                    if self._resumed_control is not None or self.ch.closed:
+                        raise RemoteProtocolError("the control channel broke or was replaced "
+                                                  "before the page channels came",
+                                                  phase="postcopy")
                     self._channel_arrived.clear()
                     await self._channel_arrived.wait()
         except TimeoutError:

@@ -128,10 +128,8 @@ class FaultService:
     async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
                     resumed: bool) -> None:
         """Run post-copy over these channels until Complete. ``resumed``: the
-        control channel was just reopened; report what we hold first."""
+        channels replace broken ones; ask again for every outstanding page."""
         if resumed:
-            bits = np.packbits(self.pm.present_mask(), bitorder="little").tobytes()
-            await control.send(PresentReport(self.npages, bits))
             outstanding = np.flatnonzero(~np.isnan(self._fault_t))
             if outstanding.size:
                 self._to_request.insert(0, outstanding)
@@ -145,6 +143,11 @@ class FaultService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def report_present(self, control: Channel) -> None:
+        """On a resumed control channel: tell the source what we hold."""
+        bits = np.packbits(self.pm.present_mask(), bitorder="little").tobytes()
+        await control.send(PresentReport(self.npages, bits))
 
     async def _send_requests(self, urgent: Channel) -> None:
         while True:
