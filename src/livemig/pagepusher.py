@@ -96,6 +96,8 @@ class PostcopySender:
                 raise RemoteProtocolError("a PageRequest names a page outside guest memory",
                                           phase="postcopy")
             self.owed[pages] = False
+            self.stats.urgent_requests += 1
+            self.stats.pages_requested += int(pages.size)
             for batch in self.encoder.encode(pages, 1 << 30, frozen=True):
                 await urgent.send(PageBatch(self.round_index, batch.npages, batch.chunks,
                                             BATCH_URGENT, event.request_id))
