@@ -42,7 +42,11 @@ import time
 import numpy as np
 
 from .aio.channel import Channel
+from .batchformat import DecodedBatch
 from .decoder import BatchDecoder
+from .native import PAGE_SIZE
+from .pagekernels import ZERO_PAGE_HASH, hash_pages
+from .rawbatch import parse_raw
 from .errors import CodecError, MigrationError, RemoteProtocolError
 from .postcopy import PostcopyMemory
 from .protocol import (Abort, Complete, PageBatch, PageRequest, PostcopyComplete,
@@ -181,10 +185,13 @@ class FaultService:
 
     def _apply(self, event: PageBatch, *, urgent: bool) -> None:
         try:
-            batch = self.decoder.apply(event.data)
+            batch = self._apply_raw(event.data) or self.decoder.apply(event.data)
         except CodecError as exc:
             raise RemoteProtocolError(f"bad post-copy page batch: {exc}",
                                       phase="postcopy") from exc
+        if batch.npages != event.npages:
+            raise RemoteProtocolError(f"page batch announced {event.npages} pages but held "
+                                      f"{batch.npages}", phase="postcopy")
         now = time.perf_counter()
         idx = batch.page_indices.astype(np.int64)
         t = self._fault_t[idx]
@@ -196,6 +203,33 @@ class FaultService:
         if not urgent:
             self.stats.pages_pushed += batch.npages
         self._check_done()
+
+    def _apply_raw(self, data) -> DecodedBatch | None:
+        """Small all-RAW batches (fault replies) without the codec's fixed cost."""
+        runs = parse_raw(memoryview(data).cast("B"), self.npages)
+        if runs is None:
+            return None
+        hashes = self.decoder.hashes.values
+        parts = []
+        npages = raw_pages = 0
+        for first, count, view in runs:
+            if view is None:
+                self.pm.place_zero(first, count)
+                hashes[first:first + count] = ZERO_PAGE_HASH
+            else:
+                staging = np.frombuffer(view, dtype=np.uint8).reshape(count, PAGE_SIZE)
+                self.pm.place(first, view, count)
+                hashes[first:first + count] = hash_pages(staging)
+                raw_pages += count
+            parts.append(np.arange(first, first + count, dtype=np.int64))
+            npages += count
+        nbytes = len(memoryview(data).cast("B"))
+        out = DecodedBatch(page_indices=np.concatenate(parts), npages=npages, nbytes=nbytes,
+                           nruns=len(runs))
+        out.pages_by_encoding["raw"] = raw_pages
+        out.bytes_by_encoding["raw"] = raw_pages * PAGE_SIZE
+        out.pages_by_encoding["zero"] = npages - raw_pages
+        return out
 
     def _check_done(self) -> None:
         if self.pm.missing == 0:
