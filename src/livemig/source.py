@@ -262,7 +262,14 @@ class SourceSession:
         npages = nbytes = 0
         self._sent[pages.astype(np.int64)] = True
         for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
-            await ch.send(PageBatch(index, batch.npages, batch.chunks))
+            chunks = batch.chunks
+            if not frozen:
+                # RAW chunks are views of memory the running guest may write
+                # between the frame checksum and the copy into the transport:
+                # the receiver would see a checksum mismatch. Copy them first
+                # (a changed page is dirty, so the next round sends it again).
+                chunks = [bytes(c) if isinstance(c, memoryview) else c for c in chunks]
+            await ch.send(PageBatch(index, batch.npages, chunks))
             npages += batch.npages
             nbytes += batch.nbytes
             stats.add_batch(batch)

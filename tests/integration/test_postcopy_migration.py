@@ -244,3 +244,11 @@ def test_owed_bitmap_covers_only_unsent_or_dirty_pages(run):
     npages = (16 << 20) // 4096
     assert arrival.stats.pages_pushed + arrival.stats.pages_requested < npages // 8
     assert np.isfinite(stats.downtime_ms)
+
+
+def test_precopy_of_raw_pages_while_the_guest_writes(run):
+    # Uncompressed pages of a running guest are sent while it writes them:
+    # the frame checksum must cover the bytes actually sent.
+    cfg = MigrationConfig(mode="precopy", codec=RAW, max_bandwidth_bps=64 << 20)
+    stats, _ = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill_s=0.2)
+    assert stats.status == "completed" and stats.pages_by_encoding["raw"] > 0
