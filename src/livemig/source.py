@@ -289,8 +289,7 @@ class SourceSession:
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
         vm.pause()
-        final = np.union1d(self._pending, self._tracker.collect())
-        self._tracker.stop()
+        final = self._final_dirty()
         index = len(stats.rounds)
         sent_pages, sent_bytes = await self._send_round(index, final, frozen=True)
         stats.add_round(RoundRecord(index, time.perf_counter() - t_pause, sent_pages, sent_bytes,
@@ -312,6 +311,7 @@ class SourceSession:
         await self._ch.send(Commit())
         self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
         stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self._tracker.stop()
         await self._ch.send(Complete())
         stats.total_time_ms = self._elapsed_ms()
         stats.remaining_bytes = 0
@@ -324,8 +324,7 @@ class SourceSession:
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
         vm.pause()
-        final = np.union1d(self._pending, self._tracker.collect()).astype(np.int64)
-        self._tracker.stop()
+        final = self._final_dirty()
         owed = ~self._sent
         owed[final] = True
         self._encoder.forget(final)
@@ -346,11 +345,25 @@ class SourceSession:
         await self._ch.send(Commit())
         self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
         stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self._tracker.stop()
         stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
         stats.set_status("postcopy-active")
         self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
                                       batch_bytes=cfg.batch_bytes)
         self._publish()
+
+    def _final_dirty(self) -> np.ndarray:
+        """With every vCPU parked: the pages dirtied since they were last sent.
+
+        The tracker stays armed until the destination resumed: disarming
+        (unregistering userfaultfd over all memory) costs milliseconds per
+        GiB, and the paused guest writes nothing meanwhile. A bool mask
+        instead of np.union1d: the first union1d call in a process costs
+        ~13 ms (numpy loads it lazily), all of it inside the downtime."""
+        dirty = np.zeros(self.vm.memory.npages, dtype=bool)
+        dirty[self._pending.astype(np.int64)] = True
+        dirty[self._tracker.collect().astype(np.int64)] = True
+        return np.flatnonzero(dirty)
 
     async def _postcopy(self) -> None:
         """Serve the destination until PostcopyComplete, reconnecting on breaks."""
