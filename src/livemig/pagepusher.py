@@ -65,7 +65,7 @@ class PostcopySender:
         self.batch_pages = max(1, min(batch_bytes, PUSH_BATCH_BYTES) // PAGE_SIZE - 1)
         self._cursor = 0
         self._recent: collections.deque = collections.deque(maxlen=RECENT_FAULTS)
-        self._prepage = False
+        self._prepage: list[int] = []       # faults whose window is not queued yet
         self._wake = asyncio.Event()
 
     def resync(self, present: np.ndarray) -> None:
@@ -107,8 +107,9 @@ class PostcopySender:
             self.stats.pages_requested += int(pages.size)
             if pages.size:
                 await self._reply(urgent, event.request_id, pages)
-            self._recent.extend(pages[-RECENT_FAULTS:].tolist())
-            self._prepage = True
+            recent = pages[-RECENT_FAULTS:].tolist()
+            self._recent.extend(recent)
+            self._prepage.extend(recent)
             self._wake.set()
 
     async def _reply(self, urgent: Channel, request_id: int, pages: np.ndarray) -> None:
@@ -124,7 +125,11 @@ class PostcopySender:
         chunks, nbytes, raw_pages = encode_raw(view, pages, zero)
         hashes = self.encoder.sent_hashes.values
         if zero is None:
-            hashes[pages] = hash_pages(view, pages)
+            first, n = int(pages[0]), int(pages.size)
+            if int(pages[-1]) - first + 1 == n:       # contiguous: hash the slice
+                hashes[first:first + n] = hash_pages(view[first:first + n])
+            else:
+                hashes[pages] = hash_pages(view, pages)
         else:
             hashes[pages[zero]] = ZERO_PAGE_HASH
             hashes[pages[~zero]] = hash_pages(view, pages[~zero])
@@ -139,13 +144,13 @@ class PostcopySender:
     # -- bulk: everything else, near faults first ----------------------------------------------
     def _next_pages(self) -> np.ndarray:
         if self._prepage:
-            self._prepage = False
-            faults = np.asarray(self._recent, dtype=np.int64)
-            lo = np.clip(faults - PREPAGE_WINDOW_PAGES // 4, 0, self.npages)
-            hi = np.clip(faults + PREPAGE_WINDOW_PAGES, 0, self.npages)
-            near = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]))
+            new, self._prepage = self._prepage, []
+            near = np.unique(np.concatenate([
+                np.arange(max(0, f - PREPAGE_WINDOW_PAGES // 4),
+                          min(self.npages, f + PREPAGE_WINDOW_PAGES)) for f in new]))
             near = near[self.owed[near]]
             if near.size:
+                faults = np.asarray(self._recent, dtype=np.int64)
                 return order_near_faults(near, faults,
                                          window_pages=PREPAGE_WINDOW_PAGES)[:self.batch_pages]
         while self._cursor < self.npages:

@@ -45,8 +45,16 @@ def encode_raw(pages_view: np.ndarray, page_indices: np.ndarray, zero: np.ndarra
     """Chunks of a batch of ``page_indices`` (sorted, distinct) read from
     ``pages_view`` (GuestMemory.pages); ``zero[i]`` marks page i as ZERO (None:
     all RAW). Returns (chunks, nbytes, raw_pages)."""
+    n = int(page_indices.size)
+    if zero is None and int(page_indices[-1]) - int(page_indices[0]) + 1 == n:
+        # one RAW run (a fault reply, usually one page): no numpy on this path
+        first = int(page_indices[0])
+        head = bf.HEADER.pack(bf.MAGIC, bf.VERSION, 0, 0, 1, n, n * PAGE_SIZE) \
+            + _RUN.pack(first, n, bf.RAW, 0, 0, 0, n * PAGE_SIZE)
+        return [head, memoryview(pages_view[first:first + n]).cast("B")], \
+            len(head) + n * PAGE_SIZE, n
     if zero is None:
-        zero = np.zeros(page_indices.size, dtype=bool)
+        zero = np.zeros(n, dtype=bool)
     zs, zc = runs_of(page_indices[zero])
     rs, rc = runs_of(page_indices[~zero])
     starts = np.concatenate([zs, rs])
