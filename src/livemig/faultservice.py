@@ -173,7 +173,10 @@ class FaultService:
         while True:
             event = await ch.recv()
             if event is None:
-                if self.complete:
+                # After the last page landed the source may close its page
+                # channels as soon as it has answered Complete; that EOF can
+                # be read before the control channel's Complete is.
+                if self._done.is_set():
                     return
                 raise RemoteProtocolError(f"the source closed the {what} channel during "
                                           "post-copy", phase="postcopy")
