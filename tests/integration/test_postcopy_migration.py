@@ -254,3 +254,24 @@ def test_precopy_of_raw_pages_while_the_guest_writes(run):
     cfg = MigrationConfig(mode="precopy", codec=RAW, max_bandwidth_bps=64 << 20)
     stats, _ = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill_s=0.2)
     assert stats.status == "completed" and stats.pages_by_encoding["raw"] > 0
+
+
+def test_recover_now_cuts_the_backoff_short(run, monkeypatch):
+    from livemig import source
+    monkeypatch.setattr(source, "RECOVERY_BACKOFF_S", (30.0,))   # only a forced retry helps
+    control = MigrationControl()
+
+    async def cut_once(proxy, migration):
+        task = asyncio.ensure_future(migration)
+        await proxy.wait_forwarded(proxy.forwarded["up"] + (1 << 20), "up")
+        proxy.drop()
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        control.recover_now()
+        return await asyncio.wait_for(task, 10)
+
+    cfg = MigrationConfig(mode="postcopy", max_bandwidth_bps=16 << 20, codec=RAW,
+                          postcopy_recovery_timeout_s=20.0)
+    stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill_s=0.2,
+                                    via_proxy=cut_once, control=control)
+    assert stats.status == "completed" and stats.recoveries == 1
