@@ -133,6 +133,8 @@ def _migration_options(args) -> dict:
         opts["max_rounds"] = args.max_rounds
     if getattr(args, "server_name", None):
         opts["server_hostname"] = args.server_name
+    if args.postcopy_after_rounds is not None:
+        opts["hybrid_postcopy_after_rounds"] = args.postcopy_after_rounds
     return opts
 
 
@@ -157,7 +159,26 @@ def _summary(rec) -> str:
                             ("throttle_pct", "throttle", "{} %"), ("converged", "converged", "{}")):
         if key in s and s[key] is not None:
             lines.append(f"  {label:12} " + fmt.format(s[key]))
+    pc = s.get("postcopy") or {}
+    if pc.get("duration_ms"):
+        lines.append(f"  {'post-copy':12} {pc['duration_ms']:.1f} ms, {pc['pages_pushed']:,} pages "
+                     f"pushed, {pc['pages_requested']:,} requested, "
+                     f"{pc['recoveries']} recoveries")
     return "\n".join(lines)
+
+
+def cmd_postcopy(args) -> int:
+    rec = _client(args).call("migration.postcopy", vm=args.vm)
+    _emit(args, rec, lambda r: f"migration {r['id']} of {r['vm']} will switch to post-copy "
+                               "after its current round")
+    return EXIT_OK
+
+
+def cmd_recover(args) -> int:
+    rec = _client(args).call("migration.recover", vm=args.vm)
+    _emit(args, rec, lambda r: f"migration {r['id']} of {r['vm']}: reconnecting now "
+                               f"({r['status']})")
+    return EXIT_OK
 
 
 def cmd_migrate(args) -> int:
@@ -167,7 +188,7 @@ def cmd_migrate(args) -> int:
         _emit(args, rec, lambda r: f"migration {r['id']} started")
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
-    while rec["status"] in ("setup", "active"):
+    while rec["status"] in ("setup", "active", "postcopy-active"):
         rec = client.call("migration.wait", id=rec["id"], timeout_s=0.25 if tty else 5.0)
         if tty:
             print(_progress_line(rec), end="", flush=True)
@@ -186,7 +207,7 @@ def cmd_status(args) -> int:
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
     rec = client.call("status", id=args.id)
-    while args.watch and rec["status"] in ("setup", "active"):
+    while args.watch and rec["status"] in ("setup", "active", "postcopy-active"):
         if tty:
             print(_progress_line(rec), end="", flush=True)
         time.sleep(0.25)
@@ -302,10 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-bandwidth", help="bandwidth cap, e.g. 100MiB/s or 1Gbit/s")
     sp.add_argument("--auto-converge", action="store_true", help="throttle vCPUs if not converging")
     sp.add_argument("--max-rounds", type=int)
+    sp.add_argument("--postcopy-after-rounds", type=int,
+                    help="hybrid: switch to post-copy after this many pre-copy rounds")
     sp.add_argument("--no-wait", action="store_true", help="start it and return")
     sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_migrate)
+
+    sp = sub.add_parser("postcopy", help="switch an ongoing migration of VM to post-copy now")
+    sp.add_argument("vm")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_postcopy)
+
+    sp = sub.add_parser("recover", help="retry a broken post-copy connection of VM now")
+    sp.add_argument("vm")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_recover)
 
     sp = sub.add_parser("status", help="a daemon's VMs and migrations, or one migration")
     sp.add_argument("id", nargs="?", type=int)

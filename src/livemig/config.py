@@ -151,6 +151,14 @@ class MigrationConfig:
     ack_timeout_s: float = 30.0
     """Time the source waits for the final acknowledgement before resuming."""
 
+    postcopy_zero_round: bool = True
+    """Post-copy mode: before pausing, send one round of the pages that are
+    zero (run table only, no data) so the guest never faults on them."""
+
+    postcopy_recovery_timeout_s: float = 30.0
+    """How long either side waits for a broken post-copy connection to be
+    re-established before giving up (the destination then stops the VM)."""
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -177,7 +185,8 @@ class MigrationConfig:
             raise ConfigError("codec must be a CodecConfig")
         if self.batch_bytes < 64 << 10:
             raise ConfigError(f"batch_bytes must be at least 64 KiB, got {self.batch_bytes}")
-        for name in ("handshake_timeout_s", "switchover_timeout_s", "ack_timeout_s"):
+        for name in ("handshake_timeout_s", "switchover_timeout_s", "ack_timeout_s",
+                     "postcopy_recovery_timeout_s"):
             _positive(name, getattr(self, name))
 
     @property

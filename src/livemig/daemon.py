@@ -92,6 +92,7 @@ class MigrationRecord:
     status: str = "setup"
     error: str | None = None
     task: asyncio.Task | None = None
+    control: Any = None               # source.MigrationControl of an outgoing migration
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
@@ -200,6 +201,8 @@ class Daemon:
             "vm.inspect": self._cmd_vm_inspect,
             "migrate": self._cmd_migrate,
             "migration.wait": self._cmd_migration_wait,
+            "migration.postcopy": self._cmd_migration_postcopy,
+            "migration.recover": self._cmd_migration_recover,
             "status": self._cmd_status,
             "shutdown": self._cmd_shutdown,
             "dirtyrate": self._cmd_dirtyrate,
@@ -281,7 +284,7 @@ class Daemon:
 
     async def _cmd_migrate(self, name: str, to: str, wait: bool = False,
                            server_hostname: str | None = None, **options) -> dict:
-        from .source import migrate
+        from .source import MigrationControl, migrate
 
         hosted = self._hosted(name)
         if hosted.migrating:
@@ -292,15 +295,23 @@ class Daemon:
         if self.tls is not None:
             from .aio.tls import client_context
             ssl_ctx = client_context(self.tls.cert, self.tls.key, self.tls.ca)
-        rec = MigrationRecord(next(self._ids), name, "outgoing", f"{host}:{port}")
+        rec = MigrationRecord(next(self._ids), name, "outgoing", f"{host}:{port}",
+                              control=MigrationControl())
         self.migrations[rec.id] = rec
         hosted.migrating = True
+
+        def on_stats(stats) -> None:
+            rec.stats = stats
+            if stats.status in ("active", "postcopy-active"):
+                rec.status = stats.status
+            rec.error = stats.error if stats.status == "postcopy-active" else rec.error
 
         async def run() -> None:
             try:
                 rec.status = "active"
                 stats = await migrate(hosted.vm, host, port, config=config, ssl=ssl_ctx,
-                                      server_hostname=server_hostname, name=name, on_stats=lambda s: setattr(rec, "stats", s))
+                                      server_hostname=server_hostname, name=name,
+                                      on_stats=on_stats, control=rec.control)
                 rec.stats = stats
                 rec.status = "completed"
                 # The destination verified and resumed the VM: ours is released.
@@ -330,6 +341,29 @@ class Daemon:
                 await asyncio.wait_for(asyncio.shield(rec.task), timeout_s)
             except asyncio.TimeoutError:
                 pass
+        return rec.describe()
+
+    def _outgoing(self, vm: str) -> MigrationRecord:
+        for rec in reversed(list(self.migrations.values())):
+            if rec.vm_name == vm and rec.direction == "outgoing" and rec.task is not None \
+                    and not rec.task.done():
+                return rec
+        raise ControlError(f"VM {vm!r} is not being migrated from here",
+                           error_type="NoSuchMigration")
+
+    async def _cmd_migration_postcopy(self, vm: str) -> dict:
+        """Switch an ongoing migration of ``vm`` to post-copy after its current round."""
+        rec = self._outgoing(vm)
+        if rec.status == "postcopy-active":
+            raise ControlError(f"the migration of {vm!r} is already in post-copy",
+                               error_type="Busy")
+        rec.control.request_postcopy()
+        return rec.describe()
+
+    async def _cmd_migration_recover(self, vm: str) -> dict:
+        """Retry a broken post-copy connection of ``vm`` now."""
+        rec = self._outgoing(vm)
+        rec.control.recover_now()
         return rec.describe()
 
     async def _cmd_status(self, id: int | None = None) -> Any:

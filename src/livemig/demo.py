@@ -1,12 +1,13 @@
 """``livemig demo``: two daemons on loopback, one VM migrated there and back.
 
 The demo is also the end-to-end proof users can run themselves: it starts
-two daemon processes, starts a self-checking ``memtest`` VM on the first,
-migrates it to the second and back, then runs it to a fixed step and
-compares it with a VM that never moved and was run to the same step here —
-memory digest, CPU and device state, console output. It prints a table of
-the migrations (or one JSON object with ``--json``) and exits non-zero if a
-migration failed or the moved VM differs in any way.
+two daemon processes, starts a self-checking ``memtest`` VM on the first and
+moves it back and forth four times — pre-copy, post-copy, hybrid (switching
+to post-copy after one round), pre-copy. After each leg it runs the VM to a
+fixed step and compares it with a VM that never moved, run here to the same
+step — memory digest, CPU and device state, console output — then resumes it.
+It prints a table of the migrations (or one JSON object with ``--json``) and
+exits non-zero if a migration failed or the moved VM differs in any way.
 """
 from __future__ import annotations
 
@@ -71,20 +72,23 @@ def _daemon(tmpdir: str, label: str, loop: str):
 
 def _migrate(client: ControlClient, name: str, to: str, options: dict) -> dict:
     rec = client.call("migrate", name=name, to=to, **options)
-    while rec["status"] in ("setup", "active"):
+    while rec["status"] in ("setup", "active", "postcopy-active"):
         rec = client.call("migration.wait", id=rec["id"], timeout_s=5.0)
     return rec
 
 
-def _reference(memory_bytes: int, workload: str, step: int) -> dict:
-    """A VM that never moves, run to ``step`` — the oracle."""
-    from .vm.machine import VM
+def _observe(vm, step: int) -> dict:
+    """The oracle's view of ``vm`` (a VM that never moves) at ``step``."""
+    vm.run_to(step, timeout_s=120)
+    return {"digest": vm.digest().hex(), "cpus": [vm.registers(i) for i in range(vm.nvcpus)],
+            "console": [vm.console(i).hex() for i in range(vm.nvcpus)], "steps": vm.steps()}
 
-    with VM(memory=memory_bytes, vcpus=DEMO_VCPUS, workload=workload, seed=DEMO_SEED) as vm:
-        vm.start()
-        vm.run_to(step, timeout_s=120)
-        return {"digest": vm.digest().hex(), "cpus": [vm.registers(i) for i in range(vm.nvcpus)],
-                "console": [vm.console(i).hex() for i in range(vm.nvcpus)], "steps": vm.steps()}
+
+LEGS = (("precopy", {"mode": "precopy"}),
+        ("postcopy", {"mode": "postcopy"}),
+        # a downtime limit no round can meet, so the leg really goes post-copy
+        ("hybrid", {"mode": "hybrid", "hybrid_postcopy_after_rounds": 1, "downtime_ms": 0.001}),
+        ("precopy", {"mode": "precopy"}))
 
 
 def _row(leg: str, rec: dict) -> dict:
@@ -94,7 +98,7 @@ def _row(leg: str, rec: dict) -> dict:
             "total_ms": s.get("total_time_ms"), "rounds": s.get("nrounds"),
             "bytes_sent": s.get("bytes_sent"), "memory_bytes": s.get("memory_bytes"),
             "converged": s.get("converged"), "throttle_pct": s.get("throttle_pct"),
-            "verified": False}
+            "postcopy": s.get("postcopy"), "verified": False, "verified_at_step": None}
 
 
 def _table(result: dict) -> str:
@@ -109,10 +113,17 @@ def _table(result: dict) -> str:
             f"{m['rounds'] or 0:>6} {sent_mib:6.1f} MiB {m['converged']}")
         if m.get("error"):
             lines.append(f"    error: {m['error']}")
+        pc = m.get("postcopy") or {}
+        if pc.get("duration_ms"):
+            lat = pc.get("fault_latency") or {}
+            lines.append(f"    post-copy {pc['duration_ms']:.0f} ms, {pc['pages_requested']} pages "
+                         f"requested (p50 {lat.get('p50_us') or 0:.0f} us), "
+                         f"{pc['pages_pushed']} pushed")
     v = result["verification"]
     lines.append("")
     lines.append(f"VM '{result['vm']}' ({result['workload']}, {result['memory_bytes'] >> 20} MiB, "
-                 f"{DEMO_VCPUS} vCPUs) checked at step {v['step']:,} against a VM that never moved:")
+                 f"{DEMO_VCPUS} vCPUs) checked after each leg against a VM that never moved; "
+                 f"last at step {v['step'] or 0:,}:")
     for key in ("digest", "cpu_and_devices", "console"):
         lines.append(f"  {key:16} {'identical' if v[key] else 'DIFFERENT'}")
     lines.append("result: " + ("OK" if result["ok"] else "FAILED"))
@@ -132,32 +143,45 @@ def run_demo(*, memory: str = "256MiB", dirty_rate: str | None = "32MiB/s",
                dirty_rate=None, seed=DEMO_SEED)
         time.sleep(FILL_S)
         a.call("vm.set_dirty_rate", name=name, rate=rate)
-        legs = [("A -> B", a, b_addr), ("B -> A", b, a_addr)]
+        from .vm.machine import VM
+
+        hosts = [("A", a, a_addr), ("B", b, b_addr)]
         migrations = []
-        for leg, client, to in legs:
-            if not as_json:
-                print(f"migrating {name} {leg} ...", flush=True)
-            rec = _migrate(client, name, to, {"mode": "precopy"})
-            migrations.append(_row(leg, rec))
-            if rec["status"] != "completed":
-                break
-        ok = all(m["status"] == "completed" for m in migrations) and len(migrations) == len(legs)
         verification = {"step": None, "digest": False, "cpu_and_devices": False, "console": False}
-        if ok:
-            # Pacing only sets how fast the guest runs, never what it computes:
-            # let it run free to the comparison step.
-            a.call("vm.set_dirty_rate", name=name, rate=None)
-            steps = a.call("vm.list")[0]["steps"]
-            target = max(steps) + RUN_AHEAD_STEPS
-            a.call("vm.run_to", name=name, step=target, timeout_s=120)
-            moved = a.call("vm.inspect", name=name)
-            ref = _reference(memory_bytes, workload, target)
-            verification = {"step": target, "digest": moved["digest"] == ref["digest"],
-                            "cpu_and_devices": moved["cpus"] == ref["cpus"],
-                            "console": moved["console"] == ref["console"]}
-            ok = all(verification[k] for k in ("digest", "cpu_and_devices", "console"))
-            for m in migrations:
-                m["verified"] = ok
+        ok = True
+        with VM(memory=memory_bytes, vcpus=DEMO_VCPUS, workload=workload, seed=DEMO_SEED) as ref:
+            for i, (mode, options) in enumerate(LEGS):
+                (src_label, src, _), (dst_label, dst, to) = hosts[i % 2], hosts[(i + 1) % 2]
+                leg = f"{src_label} -> {dst_label}"
+                if not as_json:
+                    print(f"migrating {name} {leg} by {mode} ...", flush=True)
+                rec = _migrate(src, name, to, options)
+                row = _row(leg, rec)
+                migrations.append(row)
+                if rec["status"] != "completed":
+                    ok = False
+                    break
+                # Check the moved VM against the unmoved one at the same step.
+                # Pacing only sets how fast the guest runs, never what it
+                # computes: let it run free to the comparison step.
+                dst.call("vm.set_dirty_rate", name=name, rate=None)
+                steps = dst.call("vm.list")[0]["steps"]
+                target = max(steps) + RUN_AHEAD_STEPS
+                dst.call("vm.run_to", name=name, step=target, timeout_s=120)
+                moved = dst.call("vm.inspect", name=name)
+                want = _observe(ref, target)
+                verification = {"step": target, "digest": moved["digest"] == want["digest"],
+                                "cpu_and_devices": moved["cpus"] == want["cpus"],
+                                "console": moved["console"] == want["console"]}
+                row["verified"] = all(verification[k] for k in
+                                      ("digest", "cpu_and_devices", "console"))
+                row["verified_at_step"] = target
+                if not row["verified"]:
+                    ok = False
+                    break
+                dst.call("vm.resume", name=name)
+                dst.call("vm.set_dirty_rate", name=name, rate=rate)
+        ok = ok and len(migrations) == len(LEGS)
         result = {"vm": name, "workload": workload, "memory_bytes": memory_bytes,
                   "dirty_rate_bps": rate, "migrations": migrations,
                   "verification": verification, "ok": ok}

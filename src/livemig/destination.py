@@ -15,8 +15,27 @@ mismatch, the source going away — discards the half-received VM and frees its
 memory; the source still owns the VM and resumes it. After Commit the VM is
 the host's (the daemon's inventory, or the library caller's).
 
-One IncomingMigration serves one control channel. MigrationServer accepts any
-number of them concurrently; a failing one is logged in its record and never
+Post-copy and hybrid (docs/postcopy.md)::
+
+    Switchover(postcopy, owed bitmap, digest) ─▶ digest of held pages ok?
+        ─ await pre-faulting ─ PostcopyMemory(present = not owed) ─ load state
+        ─ Verified ─▶ ◀ Commit ─ resume ─ Resumed ─▶ FaultService until every
+        page is present ─ PostcopyComplete(digest) ─▶ ◀ Complete ─ unregister
+
+Hazards: MADV_POPULATE_WRITE on a range registered for MISSING faults would
+raise userfaults on our own thread, so the pre-faulting task is awaited before
+registering (pure post-copy skips pre-faulting: UFFDIO_COPY allocates). A VM
+with missing pages is never closed before ``PostcopyMemory.close(abandon=True)``
+(closing would block on pages that never come). If the channels break during
+post-copy the guest's vCPUs simply stay blocked on their faults; the source
+reconnects with Hello(resume=True) and the same session id (the server routes
+every channel of a session to its IncomingMigration) within
+``postcopy_recovery_timeout_s``, or we give up: the VM cannot be completed,
+so it is stopped and its memory freed (the inherent risk of post-copy).
+
+One IncomingMigration serves one session (its control channel, and for
+post-copy its urgent and bulk channels). MigrationServer accepts any number
+of them concurrently; a failing one is logged in its record and never
 affects the others or the server.
 """
 from __future__ import annotations
@@ -30,12 +49,14 @@ from .aio.channel import Channel, ChannelServer, serve_channels
 from .config import MigrationConfig
 from .decoder import BatchDecoder
 from .digest import memory_digest_full
-from .errors import (CodecError, LivemigError, MigrationError, RemoteProtocolError,
-                     StateFormatError, Unsupported)
+from .errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
+                     RemoteProtocolError, StateFormatError, Unsupported)
+from .faultservice import OWED_PAGE_HASH, FaultService, PostcopyPlacer, owed_mask
 from .native import PAGE_SIZE
-from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
+from . import postcopy
+from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, Hello, MigrationOffer, Mode,
                        PageBatch, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
-                       Switchover, Verified, VerifyFailed)
+                       Switchover, Verified, VerifyFailed, answer_hello)
 from .protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
 from .stats import MigrationStats
 from .vm.machine import VM
@@ -67,8 +88,22 @@ def _default_hook(name: str, peer: str, stats: MigrationStats) -> Arrival:
     return Arrival(name, peer, stats)
 
 
+def postcopy_unavailable_reason() -> str | None:
+    """Why this host cannot receive post-copy, or None if it can (probed once)."""
+    global _POSTCOPY_REASON
+    if _POSTCOPY_REASON is None:
+        found = postcopy.probe()
+        _POSTCOPY_REASON = ("" if found.missing else
+                            f"post-copy is unavailable here: userfaultfd MISSING: {found.reason}")
+    return _POSTCOPY_REASON or None
+
+
+_POSTCOPY_REASON: str | None = None
+
+
 class IncomingMigration:
-    def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig):
+    def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig,
+                 sessions: dict | None = None):
         self.ch = ch
         self.hook = hook
         self.config = config
@@ -81,6 +116,15 @@ class IncomingMigration:
         self._populating: asyncio.Future | None = None
         self._round_pages = 0
         self.populate_error: str | None = None
+        self.session_id = ch.conn.session_id
+        self._sessions = sessions if sessions is not None else {}
+        self._sessions[self.session_id] = self
+        self.pm: postcopy.PostcopyMemory | None = None
+        self.faults: FaultService | None = None
+        self._side: dict[ChannelKind, Channel] = {}     # urgent and bulk channels
+        self._channel_arrived = asyncio.Event()
+        self._released: dict[Channel, asyncio.Event] = {}
+        self._resumed_control: Channel | None = None
 
     @property
     def peer(self) -> str:
@@ -101,10 +145,21 @@ class IncomingMigration:
                 await self._tell_source(exc)
             return None
         finally:
+            if self._sessions.get(self.session_id) is self:
+                del self._sessions[self.session_id]
+            for ch in list(self._released):
+                self._release(ch)
             if self._populating is not None:
                 await asyncio.shield(self._populating)  # the region must outlive it
+            if self.faults is not None:
+                self.faults.stop()
+            if self.pm is not None and not self.pm.closed:
+                # Pages are still missing: the guest cannot be completed. Wake
+                # its blocked vCPUs onto zero pages and throw it away.
+                self.pm.close(abandon=True)
+                self._handed_over = False
             if not self._handed_over and self.vm is not None:
-                # Never resumed here: the source still owns the VM. Free ours.
+                # Never resumed here (or abandoned): the source owns the VM. Free ours.
                 self.vm.close()
                 self.vm = None
 
@@ -144,9 +199,14 @@ class IncomingMigration:
             self._set_status("failed", f"refused: {exc}")
             return False
         self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
-        # Fault the memory in while round 0 streams, so that pages landing in
-        # the final round (the downtime) never pay a first-touch fault.
-        self._populating = asyncio.get_running_loop().run_in_executor(None, self._populate)
+        self.mode = offer.mode
+        self.stats.mode = offer.mode.name.lower()
+        if offer.mode is not Mode.POSTCOPY:
+            # Fault the memory in while round 0 streams, so that pages landing in
+            # the final round (the downtime) never pay a first-touch fault.
+            # (Pure post-copy places nearly every page with UFFDIO_COPY, which
+            # allocates; pre-faulting would only delay the switchover.)
+            self._populating = asyncio.get_running_loop().run_in_executor(None, self._populate)
         await self.ch.send(Accept())
         self.phase = Phase.PRECOPY
         self._set_status("active")
@@ -194,7 +254,10 @@ class IncomingMigration:
     def _check_offer(offer: MigrationOffer):
         cfg = offer.config
         if offer.mode is not Mode.PRECOPY:
-            return RefuseCode.OFFER, f"mode {offer.mode.name.lower()} is not supported here"
+            reason = postcopy_unavailable_reason()
+            if reason is not None:
+                return RefuseCode.OFFER, (f"mode {offer.mode.name.lower()} refused: {reason}; "
+                                          "pre-copy is still possible")
         if offer.page_size != PAGE_SIZE:
             return RefuseCode.OFFER, f"page size {offer.page_size} (we use {PAGE_SIZE})"
         name, memory_bytes, vcpus = cfg.get("name"), cfg.get("memory_bytes"), cfg.get("vcpus")
@@ -233,7 +296,10 @@ class IncomingMigration:
                 await self.ch.send(RoundAck(event.round, self._round_pages))
                 self._round_pages = 0
             elif isinstance(event, Switchover):
-                await self._handover(event)
+                if event.owed_bitmap is not None:
+                    await self._handover_postcopy(event)
+                else:
+                    await self._handover(event)
                 return
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__}", phase="precopy")
@@ -277,6 +343,150 @@ class IncomingMigration:
             await asyncio.wait_for(self.ch.recv(), cfg.ack_timeout_s)
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
+
+
+    # -- post-copy -----------------------------------------------------------------------------
+    async def _handover_postcopy(self, sw: Switchover) -> None:
+        cfg, vm = self.config, self.vm
+        self.phase = Phase.SWITCHOVER
+        refusal = None
+        owed = owed_mask(sw.owed_bitmap, sw.owed_npages) if sw.owed_npages == vm.memory.npages \
+            else None
+        if owed is not None:
+            self.decoder.hashes.values[owed] = OWED_PAGE_HASH
+        actual = self.decoder.hashes.digest()
+        if actual != sw.digest:
+            refusal = "memory digest mismatch over the pages already held"
+        if owed is None:
+            refusal = f"owed bitmap covers {sw.owed_npages} pages, memory has {vm.memory.npages}"
+        if refusal is None:
+            if self._populating is not None:
+                # MADV_POPULATE_WRITE on a MISSING-registered range would raise
+                # userfaults on the executor thread: let it finish first.
+                await asyncio.shield(self._populating)
+            try:
+                self.pm = postcopy.PostcopyMemory(vm.memory, ~owed)
+            except BackendUnavailable as exc:
+                refusal = str(exc)
+        if refusal is None:
+            try:
+                vm.import_state(sw.state)
+            except StateFormatError as exc:
+                refusal = f"bad VM state: {exc}"
+        if refusal is not None:
+            await self.ch.send(VerifyFailed(sw.digest, actual, refusal[:1000]))
+            raise MigrationError(f"post-copy switchover refused: {refusal}", phase="switchover")
+        held = self.decoder.hashes       # hashes of what landed before; post-copy adds to them
+        self.decoder = BatchDecoder(vm.memory, PostcopyPlacer(self.pm), verify_dup=False)
+        self.decoder.hashes = held
+        await self.ch.send(Verified())
+        commit = await self._recv(cfg.ack_timeout_s, "Commit")
+        if not isinstance(commit, Commit):
+            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
+                                      phase="switchover")
+        self.faults = FaultService(self.pm, self.decoder, self.stats)
+        vm.resume()
+        self._handed_over = True
+        self.faults.start()
+        await self.ch.send(Resumed())
+        self.phase = Phase.POSTCOPY
+        self._set_status("postcopy-active")
+        await self._run_postcopy()
+        self.faults.stop()
+        self.pm.close()
+        self.pm = None
+        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
+        self._set_status("completed")
+        if self.arrival is not None and self.arrival.on_resumed is not None:
+            self.arrival.on_resumed(vm)
+
+    async def _run_postcopy(self) -> None:
+        """FaultService over the current channels; on a break, wait for the
+        source to reconnect, then go on. Gives up after the recovery timeout."""
+        resumed = False
+        while True:
+            try:
+                if resumed:
+                    await self.faults.report_present(self.ch)
+                urgent, bulk = await self._side_channels()
+                await self.faults.serve(self.ch, urgent, bulk, resumed=resumed)
+                self.stats.error = None
+                return
+            except (ConnectionError, RemoteProtocolError) as exc:
+                self.stats.error = f"post-copy connection broken ({exc}); waiting for the source"
+                self._set_status("postcopy-active", self.stats.error)
+            for ch in (self.ch, *self._side.values()):
+                ch.abort()
+                self._release(ch)
+            self._side.clear()
+            self.ch = await self._await_resumed_control()
+            self._resumed_control = None
+            self.stats.recoveries += 1
+            resumed = True
+
+    async def _side_channels(self) -> tuple[Channel, Channel]:
+        timeout_s = self.config.postcopy_recovery_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not (ChannelKind.URGENT in self._side and ChannelKind.BULK in self._side):
+                    if self._resumed_control is not None or self.ch.closed:
+                        raise RemoteProtocolError("the control channel broke or was replaced "
+                                                  "before the page channels came",
+                                                  phase="postcopy")
+                    self._channel_arrived.clear()
+                    await self._channel_arrived.wait()
+        except TimeoutError:
+            raise self._gave_up() from None
+        return self._side[ChannelKind.URGENT], self._side[ChannelKind.BULK]
+
+    async def _await_resumed_control(self) -> Channel:
+        try:
+            async with asyncio.timeout(self.config.postcopy_recovery_timeout_s):
+                while self._resumed_control is None:
+                    self._channel_arrived.clear()
+                    await self._channel_arrived.wait()
+        except TimeoutError:
+            raise self._gave_up() from None
+        return self._resumed_control
+
+    def _gave_up(self) -> MigrationError:
+        missing = self.pm.missing if self.pm is not None else 0
+        return MigrationError(
+            f"the source did not come back within {self.config.postcopy_recovery_timeout_s:g} s "
+            f"during post-copy: the VM cannot be completed ({missing} pages never arrived); "
+            "it was stopped and its memory freed", phase="postcopy", source_resumed=False)
+
+    async def adopt(self, ch: Channel) -> None:
+        """Serve a further channel of this session (urgent, bulk, or a resumed
+        control channel); returns when the session is done with it."""
+        released = asyncio.Event()
+        self._released[ch] = released
+        if ch.kind is ChannelKind.CONTROL:
+            if self.faults is None:
+                raise RemoteProtocolError("a resumed control channel for a session that is not "
+                                          "in post-copy", phase="handshake")
+            old = self.ch
+            self._resumed_control = ch
+            old.abort()    # the old set is dead if the source reopens: stop using it
+            for side in self._side.values():
+                side.abort()
+        else:
+            if ch.kind in self._side and not self._side[ch.kind].closed:
+                raise RemoteProtocolError(f"a second {ch.kind.name.lower()} channel for the "
+                                          "session", phase="handshake")
+            self._side[ch.kind] = ch
+        self._channel_arrived.set()
+        await released.wait()
+
+    def _release(self, ch: Channel) -> None:
+        released = self._released.pop(ch, None)
+        if released is not None:
+            released.set()
+
+    def _full_digest_requested(self, sw: Switchover) -> bool:
+        # The source decides; it says so by sending a full digest, which differs
+        # from the per-page-hash digest. Computing both is how we tell them apart.
+        return self.config.verify == "full"
 
     # -- helpers -----------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float | None, what: str):
@@ -334,18 +544,36 @@ class MigrationServer:
         self.port: int | None = None
         self._server: ChannelServer | None = None
         self.completed: asyncio.Queue = asyncio.Queue()
+        self.sessions: dict[bytes, IncomingMigration] = {}
 
     async def start(self) -> None:
         self._server = await serve_channels(self.host, self.requested_port, self._serve,
                                             ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
+                                            policy=self._answer_hello,
                                             timeout_s=self.config.handshake_timeout_s)
         self.port = self._server.port
 
+    def _answer_hello(self, hello: Hello):
+        known = hello.session_id in self.sessions
+        if hello.channel_kind is ChannelKind.CONTROL and hello.resume and not known:
+            return Refuse(RefuseCode.SESSION, "no migration with this session id is waiting "
+                                              "to be resumed here")
+        if hello.channel_kind is not ChannelKind.CONTROL and not known:
+            return Refuse(RefuseCode.CHANNEL, f"a {hello.channel_kind.name.lower()} channel "
+                                              "for an unknown session")
+        if hello.channel_kind is ChannelKind.CONTROL and not hello.resume and known:
+            return Refuse(RefuseCode.SESSION, "this session id is already in use")
+        return answer_hello(hello)
+
     async def _serve(self, ch: Channel) -> None:
-        if ch.kind is not ChannelKind.CONTROL:
-            raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel before any migration",
-                                      phase="handshake")
-        incoming = IncomingMigration(ch, self.on_incoming, self.config)
+        existing = self.sessions.get(ch.conn.session_id)
+        if ch.kind is not ChannelKind.CONTROL or ch.conn.hello.resume:
+            if existing is None:
+                raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel for an unknown "
+                                          "session", phase="handshake")
+            await existing.adopt(ch)
+            return
+        incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions)
         vm = await incoming.run()
         if vm is not None:
             await self.completed.put((incoming.arrival, vm))

@@ -33,6 +33,29 @@ Ordering that makes it correct:
 Downtime is measured here, from the moment the vCPUs are paused to the moment
 ``Resumed`` arrives: it includes one network round trip, so it is an upper
 bound on the guest's real stop.
+
+Post-copy and hybrid
+--------------------
+::
+
+    open urgent + bulk channels (before anything is paused)
+    postcopy: round 0 = the zero pages only    hybrid: rounds until the policy
+                                                says POSTCOPY (or on request)
+    pause ─ collect ─ Switchover(postcopy, owed bitmap, digest of pages sent)
+    ◀ Verified ─ Commit ─▶ ◀ Resumed      (downtime = pause → Resumed)
+    PostcopySender (pagepusher.py): requests first, pushes the rest
+    ◀ PostcopyComplete(digest) ─ equal to ours? ─ Complete ─▶ free the VM
+
+Owed pages are those never sent plus those dirtied since they were sent (the
+final collect). The Switchover digest covers the pages the destination holds;
+the owed pages' entries in the hash array still hold what was sent before
+(or the zero hash), identically on both sides. After Commit the VM stays
+paused here and is released only after Complete. If a channel breaks during
+post-copy the session reconnects with backoff (Hello(resume=True), same
+session id) for up to ``postcopy_recovery_timeout_s``;
+``MigrationControl.recover_now()`` cuts the current wait short. Giving up
+raises HandoverInDoubt: the destination runs the guest, but pages it still
+lacks exist only here, so the VM is kept paused.
 """
 from __future__ import annotations
 
@@ -50,12 +73,15 @@ from .codec import BatchEncoder
 from .config import MigrationConfig
 from .digest import memory_digest_full
 from .native import PAGE_SIZE
-from .errors import (ConfigError, HandoverInDoubt, HandshakeRefused, LivemigError,
-                     MigrationError, RemoteProtocolError)
+from .errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationError,
+                     RemoteProtocolError)
+from .pagekernels import zero_scan
+from .faultservice import OWED_PAGE_HASH
+from .pagepusher import PostcopySender
 from .policy import Action, RoundStats, decide
 from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
-                       PageBatch, Phase, Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover,
-                       Verified, VerifyFailed)
+                       PageBatch, Phase, PresentReport, Refuse, Resumed, RoundAck, RoundEnd,
+                       RoundStart, Switchover, Verified, VerifyFailed)
 from .stats import MigrationStats, RoundRecord
 from .tracking import open_tracker
 from .vm.machine import VM
@@ -64,10 +90,29 @@ StatsCallback = Callable[[MigrationStats], None]
 _MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYBRID}
 
 
+RECOVERY_BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class MigrationControl:
+    """Requests a host may make of a running migration (daemon commands)."""
+
+    def __init__(self):
+        self.postcopy_requested = False
+        self._recover = asyncio.Event()
+
+    def request_postcopy(self) -> None:
+        """Switch to post-copy after the current round (pre-copy or hybrid)."""
+        self.postcopy_requested = True
+
+    def recover_now(self) -> None:
+        """Retry a broken post-copy connection now instead of after the backoff."""
+        self._recover.set()
+
+
 async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | None = None,
                   ssl=None, server_hostname: str | None = None, name: str = "vm",
-                  tracker: str = "auto", on_stats: StatsCallback | None = None
-                  ) -> MigrationStats:
+                  tracker: str = "auto", on_stats: StatsCallback | None = None,
+                  control: MigrationControl | None = None) -> MigrationStats:
     """Move the running ``vm`` to the destination at ``host:port``.
 
     Returns the stats of a completed migration, after which ``vm`` is paused
@@ -75,16 +120,14 @@ async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | Non
     resumed here) or HandoverInDoubt (VM kept paused here).
     """
     config = config or MigrationConfig()
-    if config.mode != "precopy":
-        raise ConfigError(f"mode {config.mode!r} is not supported by this livemig yet; "
-                          "use mode='precopy'")
-    session = SourceSession(vm, config, name=name, tracker=tracker, on_stats=on_stats)
+    session = SourceSession(vm, config, name=name, tracker=tracker, on_stats=on_stats,
+                            control=control)
     return await session.run(host, port, ssl=ssl, server_hostname=server_hostname)
 
 
 class SourceSession:
     def __init__(self, vm: VM, config: MigrationConfig, *, name: str, tracker: str,
-                 on_stats: StatsCallback | None):
+                 on_stats: StatsCallback | None, control: MigrationControl | None = None):
         self.vm = vm
         self.config = config
         self.name = name
@@ -97,22 +140,34 @@ class SourceSession:
         self._tracker = None
         self._ch: Channel | None = None
         self._pending = np.empty(0, dtype=np.uint64)
+        self.control = control or MigrationControl()
+        self._sent = np.zeros(vm.memory.npages, dtype=bool)
+        self._urgent: Channel | None = None
+        self._bulk: Channel | None = None
+        self._session_id = os.urandom(16)
+        self._connect_args: dict = {}
 
     # -- the whole migration ----------------------------------------------------------------
     async def run(self, host: str, port: int, *, ssl, server_hostname) -> MigrationStats:
         cfg = self.config
         limiter = (TokenBucket(cfg.max_bandwidth_bps, max(cfg.batch_bytes * 2, 1 << 20))
                    if cfg.max_bandwidth_bps else None)
+        self._connect_args = dict(host=host, port=port, ssl=ssl,
+                                  server_hostname=server_hostname or host,
+                                  timeout_s=cfg.handshake_timeout_s)
+        self._limiter = limiter
         try:
-            self._ch = await open_channel(
-                host, port, kind=ChannelKind.CONTROL, session_id=os.urandom(16), ssl=ssl,
-                server_hostname=server_hostname or host, rate_limiter=limiter,
-                timeout_s=cfg.handshake_timeout_s)
+            self._ch = await self._open(ChannelKind.CONTROL, rate_limiter=limiter)
             await self._offer()
+            if cfg.mode != "precopy":
+                await self._open_postcopy_channels(resume=False)
             self._tracker = open_tracker(self.vm.memory, self.tracker_name)
             self.stats.tracker = self._tracker.name
-            await self._precopy()
-            await self._switchover()
+            if await self._precopy() == "postcopy":
+                await self._switchover_postcopy()
+                await self._postcopy()
+            else:
+                await self._switchover()
             return self.stats
         except BaseException as exc:
             await self._fail(exc)
@@ -120,8 +175,22 @@ class SourceSession:
         finally:
             if self._tracker is not None:
                 self._tracker.close()
-            if self._ch is not None:
-                await self._ch.close()
+            for ch in (self._urgent, self._bulk, self._ch):
+                if ch is not None:
+                    await ch.close()
+
+    async def _open(self, kind: ChannelKind, *, resume: bool = False, rate_limiter=None
+                    ) -> Channel:
+        a = self._connect_args
+        return await open_channel(a["host"], a["port"], kind=kind, session_id=self._session_id,
+                                  ssl=a["ssl"], server_hostname=a["server_hostname"],
+                                  rate_limiter=rate_limiter, resume=resume,
+                                  timeout_s=a["timeout_s"])
+
+    async def _open_postcopy_channels(self, *, resume: bool) -> None:
+        self._urgent = await self._open(ChannelKind.URGENT, resume=resume)
+        self._bulk = await self._open(ChannelKind.BULK, resume=resume,
+                                      rate_limiter=self._limiter)
 
     async def _offer(self) -> None:
         vm = self.vm
@@ -137,7 +206,8 @@ class SourceSession:
         self._expect(answer, Accept)
 
     # -- pre-copy rounds ----------------------------------------------------------------------
-    async def _precopy(self) -> None:
+    async def _precopy(self) -> str:
+        """Rounds until the policy says so; returns "switchover" or "postcopy"."""
         cfg, vm, stats = self.config, self.vm, self.stats
         self.phase = Phase.PRECOPY
         self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode)
@@ -145,6 +215,11 @@ class SourceSession:
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
         pages = np.arange(vm.memory.npages, dtype=np.uint64)
+        if cfg.mode == "postcopy":
+            # Zero pages cost a run-table entry each: send them now, so the
+            # guest never faults on them; everything else is owed.
+            pages = (np.flatnonzero(zero_scan(vm.memory.pages)).astype(np.uint64)
+                     if cfg.postcopy_zero_round else pages[:0])
         rounds: list[RoundStats] = []
         throttle_pct = 0.0
         while True:
@@ -157,17 +232,23 @@ class SourceSession:
                                      zero_pages=self._round_zero_pages))
             stats.add_round(RoundRecord(index, duration_s, sent_pages, sent_bytes, len(pages),
                                         throttle_pct=throttle_pct))
+            requested = self.control.postcopy_requested
             decision = decide(cfg, rounds, elapsed_s=time.monotonic() - self._t0,
-                              throttle_pct=throttle_pct)
+                              throttle_pct=throttle_pct, postcopy_requested=requested)
             stats.add_decision(decision)
             if math.isfinite(decision.bandwidth_bps) and decision.bandwidth_bps > 0:
                 self._encoder.link_bytes_per_s = decision.bandwidth_bps
             self.stats.remaining_bytes = len(pages) * PAGE_SIZE
             self._publish()
+            self._pending = pages  # dirtied during the last round: owed in the final one
+            if requested and cfg.mode == "precopy" and decision.action is not Action.SWITCHOVER:
+                await self._open_postcopy_channels(resume=False)
+                return "postcopy"
             if decision.action is Action.SWITCHOVER:
                 stats.converged = True
-                self._pending = pages  # dirtied during the last round: owed in the final one
-                return
+                return "switchover"
+            if decision.action is Action.POSTCOPY:
+                return "postcopy"
             if decision.action is Action.GIVE_UP:
                 raise MigrationError(f"pre-copy did not converge: {decision.reason}",
                                      phase="precopy")
@@ -183,7 +264,10 @@ class SourceSession:
         await ch.send(RoundStart(index))
         npages = nbytes = 0
         self._round_zero_pages = 0
+        self._sent[pages.astype(np.int64)] = True
         for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
+            # Pages of a running guest come out of the encoder as staging
+            # copies (codec.py), so a frame's checksum matches its bytes.
             self._round_zero_pages += batch.pages_by_encoding.get("zero", 0)
             await ch.send(PageBatch(index, batch.npages, batch.chunks))
             npages += batch.npages
@@ -205,8 +289,7 @@ class SourceSession:
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
         vm.pause()
-        final = np.union1d(self._pending, self._tracker.collect())
-        self._tracker.stop()
+        final = self._final_dirty()
         index = len(stats.rounds)
         sent_pages, sent_bytes = await self._send_round(index, final, frozen=True)
         stats.add_round(RoundRecord(index, time.perf_counter() - t_pause, sent_pages, sent_bytes,
@@ -228,11 +311,127 @@ class SourceSession:
         await self._ch.send(Commit())
         self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
         stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self._tracker.stop()
         await self._ch.send(Complete())
         stats.total_time_ms = self._elapsed_ms()
         stats.remaining_bytes = 0
         stats.set_status("completed")
         self._publish()
+
+    # -- post-copy ----------------------------------------------------------------------------------
+    async def _switchover_postcopy(self) -> None:
+        cfg, vm, stats = self.config, self.vm, self.stats
+        self.phase = Phase.SWITCHOVER
+        t_pause = time.perf_counter()
+        vm.pause()
+        final = self._final_dirty()
+        owed = ~self._sent
+        owed[final] = True
+        self._encoder.forget(final)
+        self._encoder.set_postcopy()
+        # An owed page's entry may hold the hash of a copy taken while the
+        # guest wrote it (not exact); both sides blank owed entries first.
+        self._encoder.sent_hashes.values[owed] = OWED_PAGE_HASH
+        digest = self._encoder.sent_hashes.digest()
+        bitmap = np.packbits(owed, bitorder="little").tobytes()
+        await self._ch.send(Switchover(vm.export_state(), digest, owed.size, bitmap))
+        verdict = await self._recv(cfg.switchover_timeout_s, "the destination's verdict")
+        if isinstance(verdict, VerifyFailed):
+            raise MigrationError(
+                f"the destination refused post-copy: {verdict.reason} (digest here "
+                f"{verdict.expected.hex()}, there {verdict.actual.hex()})", phase="switchover")
+        self._expect(verdict, Verified)
+        self._committed = True
+        await self._ch.send(Commit())
+        self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
+        stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self._tracker.stop()
+        stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
+        stats.set_status("postcopy-active")
+        self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
+                                      batch_bytes=cfg.batch_bytes)
+        self._publish()
+
+    def _final_dirty(self) -> np.ndarray:
+        """With every vCPU parked: the pages dirtied since they were last sent.
+
+        The tracker stays armed until the destination resumed: disarming
+        (unregistering userfaultfd over all memory) costs milliseconds per
+        GiB, and the paused guest writes nothing meanwhile. A bool mask
+        instead of np.union1d: the first union1d call in a process costs
+        ~13 ms (numpy loads it lazily), all of it inside the downtime."""
+        dirty = np.zeros(self.vm.memory.npages, dtype=bool)
+        dirty[self._pending.astype(np.int64)] = True
+        dirty[self._tracker.collect().astype(np.int64)] = True
+        return np.flatnonzero(dirty)
+
+    async def _postcopy(self) -> None:
+        """Serve the destination until PostcopyComplete, reconnecting on breaks."""
+        cfg, stats = self.config, self.stats
+        self.phase = Phase.POSTCOPY
+        t0 = time.monotonic()
+        while True:
+            try:
+                await self._sender.serve(self._ch, self._urgent, self._bulk)
+                break
+            except (ConnectionError, RemoteProtocolError, OSError) as exc:
+                if isinstance(exc, HandshakeRefused):
+                    raise
+                stats.error = f"post-copy connection broken ({_describe(exc)}); recovering"
+                self._publish()
+                await self._recover(exc)
+        stats.error = None
+        stats.postcopy_duration_ms = (time.monotonic() - t0) * 1e3
+        stats.total_time_ms = self._elapsed_ms()
+        stats.remaining_bytes = 0
+        stats.set_status("completed")
+        self._publish()
+
+    async def _recover(self, cause: BaseException) -> None:
+        """Reconnect all three channels and resync from the PresentReport."""
+        deadline = time.monotonic() + self.config.postcopy_recovery_timeout_s
+        for ch in (self._urgent, self._bulk, self._ch):
+            if ch is not None:
+                ch.abort()
+                await ch.close()
+        self._urgent = self._bulk = None
+        attempt = 0
+        last: BaseException = cause
+        while time.monotonic() < deadline:
+            delay = RECOVERY_BACKOFF_S[min(attempt, len(RECOVERY_BACKOFF_S) - 1)]
+            attempt += 1
+            self.control._recover.clear()
+            try:
+                await asyncio.wait_for(self.control._recover.wait(),
+                                       min(delay, max(0.0, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
+            try:
+                self._ch = await self._open(ChannelKind.CONTROL, resume=True)
+                report = await self._recv(self.config.handshake_timeout_s, "a PresentReport")
+                self._expect(report, PresentReport)
+                if report.npages != self.vm.memory.npages:
+                    raise RemoteProtocolError("PresentReport for a different memory size",
+                                              phase="postcopy")
+                present = np.unpackbits(np.frombuffer(report.bitmap, dtype=np.uint8),
+                                        count=report.npages, bitorder="little").astype(bool)
+                await self._open_postcopy_channels(resume=True)
+            except HandshakeRefused:
+                raise
+            except (ConnectionError, RemoteProtocolError, MigrationError, OSError) as exc:
+                last = exc
+                for ch in (self._urgent, self._bulk, self._ch):
+                    if ch is not None:
+                        ch.abort()
+                        await ch.close()
+                self._urgent = self._bulk = None
+                continue
+            self._sender.resync(present)
+            self.stats.recoveries += 1
+            return
+        raise MigrationError(f"post-copy connection lost and not re-established within "
+                             f"{self.config.postcopy_recovery_timeout_s:g} s: {_describe(last)}",
+                             phase="postcopy", source_resumed=False)
 
     # -- failure ----------------------------------------------------------------------------------
     async def _fail(self, exc: BaseException) -> None:

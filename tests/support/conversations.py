@@ -65,8 +65,16 @@ def urgent() -> list:
     return ev
 
 
+def control_resumed() -> list:
+    """A control channel reopened during post-copy (recovery)."""
+    ev = handshake(ChannelKind.CONTROL, resume=True)
+    ev += [(D, PresentReport(20, b"\xff\xff\x0f")),
+           (D, PostcopyComplete(20, bytes(range(16)))), (S, Complete())]
+    return ev
+
+
 ALL = {"control-precopy": control_precopy, "control-hybrid": control_hybrid,
-       "bulk": bulk, "urgent": urgent}
+       "control-resumed": control_resumed, "bulk": bulk, "urgent": urgent}
 
 
 def streams(conversation: list) -> tuple[bytes, bytes, list, list]:

@@ -32,7 +32,7 @@ SAMPLES = [
     ev.PageRequest(5, (0, 1, 2**63)),
     ev.PresentReport(9, b"\x01\x01"),
     ev.PresentReport(0, b""),
-    ev.PostcopyComplete(123),
+    ev.PostcopyComplete(123, bytes(range(16))),
     ev.Complete(),
     ev.Abort(ev.Phase.POSTCOPY, "operator cancelled"),
     ev.Ping(2**64 - 1),

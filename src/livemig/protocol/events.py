@@ -643,21 +643,28 @@ class PresentReport(Event):
 
 @dataclass(frozen=True)
 class PostcopyComplete(Event):
-    """Destination -> source: every owed page has arrived."""
+    """Destination -> source: every owed page has arrived. ``digest`` is the
+    digest of the per-page hashes of what landed (hashed from the data as
+    placed, before the guest could change it); the source compares it with
+    the digest of what it sent and answers Complete, or Abort on a mismatch."""
 
     WIRE_ID: ClassVar[int] = 66
     pages: int
+    digest: bytes = bytes(DIGEST_BYTES)
 
     def encode(self):
-        return 0, [_U64.pack(self.pages)]
+        if len(self.digest) != DIGEST_BYTES:
+            raise ValueError("digest must be 16 bytes")
+        return 0, [_U64.pack(self.pages) + bytes(self.digest)]
 
     @classmethod
     def decode(cls, flags, payload):
         _no_flags(cls, flags)
         r = _Reader(payload)
         (pages,) = r.unpack(_U64)
+        digest = bytes(r.take(DIGEST_BYTES))
         r.end()
-        return cls(pages)
+        return cls(pages, digest)
 
 
 # --- ending ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ Control channel (source S, destination D)::
     POSTCOPY --S PageBatch(postcopy|urgent)--> POSTCOPY --D PageRequest--> POSTCOPY
     POSTCOPY --D PostcopyComplete--> POSTCOPY_DONE --S Complete--> DONE
     POSTCOPY --D VerifyFailed--> VERIFY_FAILED
+    READY --D PresentReport--> POSTCOPY   (resumed session: Hello(resume=True))
 
 Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
 (precopy or postcopy) any number of times; Refuse -> REFUSED.
@@ -142,6 +143,9 @@ CONTROL = {
     (State.POSTCOPY, D, PostcopyComplete, _ANY): State.POSTCOPY_DONE,
     (State.POSTCOPY, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
     (State.POSTCOPY_DONE, S, Complete, _ANY): State.DONE,
+    # recovery: a control channel opened with Hello(resume=True) for a session
+    # in post-copy; the destination reports what it holds and post-copy goes on
+    (State.READY, D, PresentReport, _ANY): State.POSTCOPY,
 }
 
 BULK = {

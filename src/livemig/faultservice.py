@@ -1,0 +1,292 @@
+"""The destination's post-copy service: faults in, page requests out, pages placed.
+
+Theory of operation
+-------------------
+::
+
+    vCPU thread touches a missing page ─ blocks in the kernel (userfaultfd MISSING)
+    uffd fd readable ─ loop.add_reader ─ read_faults() (batched, deduplicated)
+        ─ pages not already requested ─ PageRequest ─▶ urgent channel
+    urgent channel ◀─ PageBatch(URGENT)   ┐ decoded by BatchDecoder with a
+    bulk channel   ◀─ PageBatch(POSTCOPY) ┘ PostcopyPlacer: UFFDIO_COPY per run,
+                                            which maps the page and wakes the vCPU
+    missing == 0 ─ PostcopyComplete(digest of landed hashes) ─▶ ◀ Complete
+
+Why it is correct:
+
+* Every page is placed by UFFDIO_COPY / UFFDIO_ZEROPAGE, never written
+  directly: the kernel maps the page atomically and wakes every thread
+  blocked on it (userfaultfd(2), "UFFDIO_COPY"). A page placed twice (a
+  request racing a push) comes back EEXIST, counted and ignored natively.
+* The landed-page hash is taken from the staging buffer as placed
+  (``hash_after_place = False``): after UFFDIO_COPY returns, the resumed
+  guest may already have written the page, so reading memory back would
+  hash the guest's data, not ours.
+* DELTA and DUP are refused (``supports_delta = False``): both read the
+  receiver's current copy of a page, which post-copy does not have or which
+  the guest may have changed.
+* A fault message read for a page that was placed in the meantime is never
+  handed out by read_faults (see postcopy.py), and the kernel drops an unread
+  message when its waiter is woken by a placement; so a page is requested at
+  most once per channel set. ``_fault_t`` (NaN = not outstanding) is the set
+  of outstanding requests; after a reconnection they are all sent again.
+* Latency is measured from the moment the fault message is read to the
+  moment the batch holding the page was placed (the vCPU is runnable then).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import numpy as np
+
+from .aio.channel import Channel
+from .batchformat import DecodedBatch
+from .decoder import BatchDecoder
+from .native import PAGE_SIZE
+from .pagekernels import ZERO_PAGE_HASH, hash_pages
+from .rawbatch import parse_raw
+from .errors import CodecError, MigrationError, RemoteProtocolError
+from .postcopy import PostcopyMemory
+from .protocol import (Abort, Complete, PageBatch, PageRequest, PostcopyComplete,
+                       PresentReport)
+from .stats import MigrationStats
+
+MAX_REQUEST_PAGES = 1024     # pages named by one PageRequest
+OWED_PAGE_HASH = 0           # hash-array entry of a page owed at switchover (both sides)
+
+
+class PostcopyPlacer:
+    """Lands decoded pages through userfaultfd (see the module docstring)."""
+
+    hash_after_place = False
+    supports_delta = False
+
+    def __init__(self, pm: PostcopyMemory):
+        self.pm = pm
+
+    def place_runs(self, starts: np.ndarray, counts: np.ndarray, staging: np.ndarray) -> None:
+        row = 0
+        for s, c in zip(starts.tolist(), counts.tolist()):
+            self.pm.place(s, staging[row:row + c], c)
+            row += c
+
+    def place_zero_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
+        for s, c in zip(starts.tolist(), counts.tolist()):
+            self.pm.place_zero(s, c)
+
+
+class FaultService:
+    """Serves one post-copy guest's faults until every page is present.
+
+    ``serve(control, urgent, bulk)`` runs on one set of channels and returns
+    once the source answered Complete; it raises ConnectionLost (or another
+    RemoteProtocolError) when a channel breaks, leaving all state in place so
+    ``serve`` can be called again with a new set (recovery).
+    """
+
+    def __init__(self, pm: PostcopyMemory, decoder: BatchDecoder, stats: MigrationStats):
+        self.pm = pm
+        self.decoder = decoder
+        self.stats = stats
+        self.npages = pm.npages
+        self._fault_t = np.full(self.npages, np.nan)   # read time of outstanding faults
+        self._to_request: list[np.ndarray] = []
+        self._request_ready = asyncio.Event()
+        self._done = asyncio.Event()
+        self._request_ids = itertools.count(1)
+        self._watching = False
+        self._t_start = time.monotonic()
+        self.faults_read = 0
+        self.complete = False
+
+    # -- the uffd fd --------------------------------------------------------------------
+    def start(self) -> None:
+        """Watch the fault fd (call once the guest may run)."""
+        self._t_start = time.monotonic()
+        asyncio.get_running_loop().add_reader(self.pm.fileno(), self._on_faults)
+        self._watching = True
+        self._check_done()
+
+    def stop(self) -> None:
+        if self._watching:
+            asyncio.get_running_loop().remove_reader(self.pm.fileno())
+            self._watching = False
+
+    def _on_faults(self) -> None:
+        now = time.perf_counter()
+        while True:
+            pages = self.pm.read_faults()
+            if pages.size == 0:
+                break
+            self.faults_read += int(pages.size)
+            idx = pages.astype(np.int64)
+            new = idx[np.isnan(self._fault_t[idx])]
+            if new.size:
+                self._fault_t[new] = now
+                self._to_request.append(new)
+                self._request_ready.set()
+
+    # -- serving one channel set ------------------------------------------------------------
+    async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
+                    resumed: bool) -> None:
+        """Run post-copy over these channels until Complete. ``resumed``: the
+        channels replace broken ones; ask again for every outstanding page."""
+        if resumed:
+            outstanding = np.flatnonzero(~np.isnan(self._fault_t))
+            if outstanding.size:
+                self._to_request.insert(0, outstanding)
+                self._request_ready.set()
+        tasks = [asyncio.ensure_future(c) for c in (
+            self._send_requests(urgent), self._receive(urgent, "urgent"),
+            self._receive(bulk, "bulk"), self._finish(control))]
+        try:
+            await _until_finished(tasks, finisher=tasks[-1])
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def report_present(self, control: Channel) -> None:
+        """On a resumed control channel: tell the source what we hold."""
+        bits = np.packbits(self.pm.present_mask(), bitorder="little").tobytes()
+        await control.send(PresentReport(self.npages, bits))
+
+    async def _send_requests(self, urgent: Channel) -> None:
+        while True:
+            await self._request_ready.wait()
+            self._request_ready.clear()
+            pending, self._to_request = self._to_request, []
+            if not pending:
+                continue
+            pages = np.unique(np.concatenate(pending))
+            # only pages still outstanding (a push may have landed them meanwhile)
+            pages = pages[~np.isnan(self._fault_t[pages])]
+            for first in range(0, pages.size, MAX_REQUEST_PAGES):
+                chunk = pages[first:first + MAX_REQUEST_PAGES]
+                self.stats.urgent_requests += 1
+                self.stats.pages_requested += int(chunk.size)
+                await urgent.send(PageRequest(next(self._request_ids), tuple(chunk.tolist())))
+
+    async def _receive(self, ch: Channel, what: str) -> None:
+        while True:
+            event = await ch.recv()
+            if event is None:
+                # After the last page landed the source may close its page
+                # channels as soon as it has answered Complete; that EOF can
+                # be read before the control channel's Complete is.
+                if self._done.is_set():
+                    return
+                raise RemoteProtocolError(f"the source closed the {what} channel during "
+                                          "post-copy", phase="postcopy")
+            if not isinstance(event, PageBatch):
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} on the {what} "
+                                          "channel", phase="postcopy")
+            self._apply(event, urgent=what == "urgent")
+            await asyncio.sleep(0)   # let fault reading and requests in between batches
+
+    def _apply(self, event: PageBatch, *, urgent: bool) -> None:
+        try:
+            batch = self._apply_raw(event.data) or self.decoder.apply(event.data)
+        except CodecError as exc:
+            raise RemoteProtocolError(f"bad post-copy page batch: {exc}",
+                                      phase="postcopy") from exc
+        if batch.npages != event.npages:
+            raise RemoteProtocolError(f"page batch announced {event.npages} pages but held "
+                                      f"{batch.npages}", phase="postcopy")
+        now = time.perf_counter()
+        idx = batch.page_indices.astype(np.int64)
+        t = self._fault_t[idx]
+        waited = ~np.isnan(t)
+        if waited.any():
+            self.stats.fault_latency.add_many((now - t[waited]) * 1e6)
+            self._fault_t[idx[waited]] = np.nan
+        self.stats.add_batch(batch)
+        if not urgent:
+            self.stats.pages_pushed += batch.npages
+        self._check_done()
+
+    def _apply_raw(self, data) -> DecodedBatch | None:
+        """Small all-RAW batches (fault replies) without the codec's fixed cost."""
+        runs = parse_raw(memoryview(data).cast("B"), self.npages)
+        if runs is None:
+            return None
+        hashes = self.decoder.hashes.values
+        parts = []
+        npages = raw_pages = 0
+        for first, count, view in runs:
+            if view is None:
+                self.pm.place_zero(first, count)
+                hashes[first:first + count] = ZERO_PAGE_HASH
+            else:
+                staging = np.frombuffer(view, dtype=np.uint8).reshape(count, PAGE_SIZE)
+                self.pm.place(first, view, count)
+                hashes[first:first + count] = hash_pages(staging)
+                raw_pages += count
+            parts.append(np.arange(first, first + count, dtype=np.int64))
+            npages += count
+        nbytes = len(memoryview(data).cast("B"))
+        out = DecodedBatch(page_indices=np.concatenate(parts), npages=npages, nbytes=nbytes,
+                           nruns=len(runs))
+        out.pages_by_encoding["raw"] = raw_pages
+        out.bytes_by_encoding["raw"] = raw_pages * PAGE_SIZE
+        out.pages_by_encoding["zero"] = npages - raw_pages
+        return out
+
+    def _check_done(self) -> None:
+        if self.pm.missing == 0:
+            self._done.set()
+
+    async def _finish(self, control: Channel) -> None:
+        recv = asyncio.ensure_future(control.recv())
+        done = asyncio.ensure_future(self._done.wait())
+        try:
+            await asyncio.wait([recv, done], return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                raise self._unexpected(recv.result())
+            self.stats.postcopy_duration_ms = (time.monotonic() - self._t_start) * 1e3
+            digest = self.decoder.hashes.digest()
+            await control.send(PostcopyComplete(self.stats.pages_sent, digest))
+            answer = await recv
+        except BaseException:
+            recv.cancel()
+            done.cancel()
+            raise
+        if isinstance(answer, Complete):
+            self.complete = True
+            return
+        raise self._unexpected(answer)
+
+    @staticmethod
+    def _unexpected(event) -> Exception:
+        if event is None:
+            return RemoteProtocolError("the source closed the control channel during "
+                                       "post-copy", phase="postcopy")
+        if isinstance(event, Abort):
+            return MigrationError(f"the source aborted post-copy: {event.reason}",
+                                  phase="postcopy")
+        return RemoteProtocolError(f"unexpected {type(event).__name__} during post-copy",
+                                   phase="postcopy")
+
+
+def owed_mask(owed_bitmap: bytes, npages: int) -> np.ndarray:
+    """The Switchover bitmap (LSB first) as a bool array of npages."""
+    bits = np.unpackbits(np.frombuffer(owed_bitmap, dtype=np.uint8), count=npages,
+                         bitorder="little")
+    return bits.astype(bool)
+
+
+async def _until_finished(tasks: list, *, finisher: asyncio.Future) -> None:
+    """Wait until ``finisher`` is done or any task raised; re-raise the error."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+        if finisher in done:
+            return
+
+
+__all__ = ["FaultService", "PostcopyPlacer", "owed_mask", "OWED_PAGE_HASH"]
