@@ -32,7 +32,7 @@ from . import asm, isa
 
 CODE_PAGES_PER_VCPU = 2
 MEMTEST_FAIL_CODE = 0x4D54          # "MT"
-IDLE_HEARTBEAT_EVERY = 1 << 22      # loop iterations between heartbeat bytes
+IDLE_HEARTBEAT_EVERY = 1 << 18      # loop iterations between heartbeat bytes (~1 s at the idle pace)
 MEMTEST_REPORT_EVERY = 1024         # visits between console bytes
 MAX_VCPUS = 256
 
