@@ -101,14 +101,16 @@ def _row(leg: str, rec: dict) -> dict:
             "postcopy": s.get("postcopy"), "verified": False, "verified_at_step": None}
 
 
-def _fault_latency(dst: ControlClient, name: str) -> dict | None:
-    """Fault-service latency is measured where the faults happen: the
-    destination's record of the same migration."""
+def _destination_view(dst: ControlClient, name: str) -> tuple[dict | None, str | None]:
+    """The destination's record of the same migration: fault-service latency
+    is measured where the faults happen, and a failure has its side there."""
     incoming = [m for m in dst.call("status")["migrations"]
                 if m["direction"] == "incoming" and m["vm"] == name]
     if not incoming:
-        return None
-    return ((incoming[-1].get("stats") or {}).get("postcopy") or {}).get("fault_latency")
+        return None, None
+    rec = incoming[-1]
+    latency = ((rec.get("stats") or {}).get("postcopy") or {}).get("fault_latency")
+    return latency, rec.get("error")
 
 
 def _table(result: dict) -> str:
@@ -123,6 +125,8 @@ def _table(result: dict) -> str:
             f"{m['rounds'] or 0:>6} {sent_mib:6.1f} MiB {m['converged']}")
         if m.get("error"):
             lines.append(f"    error: {m['error']}")
+            if m.get("destination_error"):
+                lines.append(f"    destination: {m['destination_error']}")
         pc = m.get("postcopy") or {}
         if pc.get("duration_ms"):
             lat = m.get("fault_latency") or {}
@@ -167,7 +171,7 @@ def run_demo(*, memory: str = "256MiB", dirty_rate: str | None = "32MiB/s",
                     print(f"migrating {name} {leg} by {mode} ...", flush=True)
                 rec = _migrate(src, name, to, options)
                 row = _row(leg, rec)
-                row["fault_latency"] = _fault_latency(dst, name)
+                row["fault_latency"], row["destination_error"] = _destination_view(dst, name)
                 migrations.append(row)
                 if rec["status"] != "completed":
                     ok = False

@@ -41,6 +41,7 @@ affects the others or the server.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -62,6 +63,7 @@ from .stats import MigrationStats
 from .vm.machine import VM
 
 MAX_VCPUS = 64
+POPULATE_CHUNK_PAGES = 1024  # 4 MiB: the longest a post-copy switchover waits for it
 RECV_WINDOW_BYTES = 4 << 20  # events queued ahead of the decoder: keeps the
                              # source's bandwidth estimate honest
 MAX_NAME_CHARS = 64
@@ -114,6 +116,7 @@ class IncomingMigration:
         self._t0 = time.monotonic()
         self._handed_over = False
         self._populating: asyncio.Future | None = None
+        self._populate_stop = threading.Event()
         self._round_pages = 0
         self.populate_error: str | None = None
         self.session_id = ch.conn.session_id
@@ -164,8 +167,14 @@ class IncomingMigration:
                 self.vm = None
 
     def _populate(self) -> None:
+        """Pre-fault guest memory in small chunks, stopping early when asked
+        (a post-copy switchover must not wait for the rest)."""
+        mem = self.vm.memory
         try:
-            self.vm.memory.populate()
+            for first in range(0, mem.npages, POPULATE_CHUNK_PAGES):
+                if self._populate_stop.is_set():
+                    return
+                mem.populate(first, min(POPULATE_CHUNK_PAGES, mem.npages - first))
         except Unsupported as exc:
             self.populate_error = str(exc)
 
@@ -362,7 +371,9 @@ class IncomingMigration:
         if refusal is None:
             if self._populating is not None:
                 # MADV_POPULATE_WRITE on a MISSING-registered range would raise
-                # userfaults on the executor thread: let it finish first.
+                # userfaults on the executor thread: stop it (it finishes the
+                # chunk in hand, a few ms at most) before registering.
+                self._populate_stop.set()
                 await asyncio.shield(self._populating)
             try:
                 self.pm = postcopy.PostcopyMemory(vm.memory, ~owed)
