@@ -39,6 +39,7 @@ _LAZY = {
     "probe_host": ("livemig.probe", "probe_host"),
     "Destination": ("livemig.library", "Destination"),
     "migrate": ("livemig.library", "migrate"),
+    "MigrationControl": ("livemig.source", "MigrationControl"),
     "save_snapshot": ("livemig.vm.snapshot", "save"),
     "measure_dirty_rate": ("livemig.dirtyrate", "measure_dirty_rate"),
     "plan_migration": ("livemig.plan", "plan_migration"),
@@ -60,7 +61,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["VM", "GuestMemory", "open_tracker", "DirtyTracker", "probe_host", "Destination",
-           "migrate", "save_snapshot", "load_snapshot", "measure_dirty_rate", "plan_migration",
+           "migrate", "MigrationControl", "save_snapshot", "load_snapshot", "measure_dirty_rate", "plan_migration",
            "probe_bandwidth", "MigrationConfig", "CodecConfig",
            "MigrationStats", "LivemigError", "ConfigError", "MigrationError", "HandoverInDoubt",
            "BackendUnavailable", "GuestError", "StateFormatError", "ConnectionLost",
