@@ -8,7 +8,6 @@ configuration; 3 no daemon at the control socket; 4 any other livemig error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys

@@ -162,7 +162,7 @@ class Daemon:
         self.vms.clear()
 
     # -- incoming migrations -------------------------------------------------------
-    def _on_incoming(self, name: str, peer: str, stats) -> "Arrival":
+    def _on_incoming(self, name: str, peer: str, stats):
         """The migration server asks whether to take a VM; raising refuses it."""
         from .destination import Arrival
 

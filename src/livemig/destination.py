@@ -43,10 +43,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from .aio.channel import Channel, ChannelServer, serve_channels
+from .aio.channel import Channel, ChannelServer, recv_within, serve_channels
 from .config import MigrationConfig
 from .decoder import BatchDecoder
 from .digest import memory_digest_full
@@ -55,7 +55,7 @@ from .errors import (BackendUnavailable, CodecError, LivemigError, MigrationErro
 from .faultservice import OWED_PAGE_HASH, FaultService, PostcopyPlacer, owed_mask
 from .native import PAGE_SIZE
 from . import postcopy
-from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, Hello, MigrationOffer, Mode,
+from .protocol import (Abort, Accept, ChannelKind, Commit, Hello, MigrationOffer, Mode,
                        PageBatch, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
                        Switchover, Verified, VerifyFailed, answer_hello)
 from .protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
@@ -501,17 +501,7 @@ class IncomingMigration:
 
     # -- helpers -----------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float | None, what: str):
-        try:
-            event = await asyncio.wait_for(self.ch.recv(), timeout_s)
-        except asyncio.TimeoutError:
-            raise MigrationError(f"no {what} from the source within {timeout_s:g} s",
-                                 phase=self.phase.label) from None
-        if event is None:
-            raise RemoteProtocolError(f"the source closed the connection while we waited for "
-                                      f"{what}", phase=self.phase.label)
-        if isinstance(event, Abort):
-            raise MigrationError(f"the source aborted: {event.reason}", phase=self.phase.label)
-        return event
+        return await recv_within(self.ch, timeout_s, what, peer="source", phase=self.phase.label)
 
     def _set_status(self, status: str, error: str | None = None) -> None:
         self.stats.set_status(status)

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from .aio.channel import Channel
+from .aio.channel import Channel, until_finished
 from .batchformat import DecodedBatch
 from .decoder import BatchDecoder
 from .native import PAGE_SIZE
@@ -142,7 +142,7 @@ class FaultService:
             self._send_requests(urgent), self._receive(urgent, "urgent"),
             self._receive(bulk, "bulk"), self._finish(control))]
         try:
-            await _until_finished(tasks, finisher=tasks[-1])
+            await until_finished(tasks, finisher=tasks[-1])
         finally:
             for t in tasks:
                 t.cancel()
@@ -276,17 +276,6 @@ def owed_mask(owed_bitmap: bytes, npages: int) -> np.ndarray:
                          bitorder="little")
     return bits.astype(bool)
 
-
-async def _until_finished(tasks: list, *, finisher: asyncio.Future) -> None:
-    """Wait until ``finisher`` is done or any task raised; re-raise the error."""
-    pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()
-        if finisher in done:
-            return
 
 
 __all__ = ["FaultService", "PostcopyPlacer", "owed_mask", "OWED_PAGE_HASH"]

@@ -34,7 +34,7 @@ import collections
 
 import numpy as np
 
-from .aio.channel import Channel
+from .aio.channel import Channel, until_finished
 from .codec import BatchEncoder
 from .errors import MigrationError, RemoteProtocolError
 from .native import PAGE_SIZE
@@ -82,7 +82,7 @@ class PostcopySender:
         tasks = [asyncio.ensure_future(c) for c in (
             self._answer(urgent), self._push(bulk), self._await_complete(control))]
         try:
-            await _until_finished(tasks, finisher=tasks[-1])
+            await until_finished(tasks, finisher=tasks[-1])
         finally:
             for t in tasks:
                 t.cancel()
@@ -214,17 +214,6 @@ def _fast_chunks(pages: np.ndarray):
         hi = int(ends[min(first + MAX_FAST_RUNS, starts.size) - 1])
         yield pages[lo:hi]
 
-
-async def _until_finished(tasks: list, *, finisher: asyncio.Future) -> None:
-    """Wait until ``finisher`` is done or any task raised; re-raise the error."""
-    pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()
-        if finisher in done:
-            return
 
 
 __all__ = ["PostcopySender", "PREPAGE_WINDOW_PAGES"]

@@ -67,7 +67,7 @@ from typing import Callable
 
 import numpy as np
 
-from .aio.channel import Channel, open_channel
+from .aio.channel import Channel, open_channel, recv_within
 from .aio.ratelimit import TokenBucket
 from .codec import BatchEncoder
 from .config import MigrationConfig
@@ -299,24 +299,31 @@ class SourceSession:
             full = await asyncio.get_running_loop().run_in_executor(
                 None, memory_digest_full, vm.memory)
             digest = full
-        await self._ch.send(Switchover(vm.export_state(), digest))
-        verdict = await self._recv(cfg.switchover_timeout_s, "the destination's verdict")
-        if isinstance(verdict, VerifyFailed):
-            raise MigrationError(
-                f"the destination's memory digest {verdict.actual.hex()} differs from ours "
-                f"{verdict.expected.hex()}: {verdict.reason}", phase="switchover")
-        self._expect(verdict, Verified)
-        # Past this line the VM belongs to the destination: never resume it here.
-        self._committed = True
-        await self._ch.send(Commit())
-        self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
-        stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
-        self._tracker.stop()
+        await self._hand_over(Switchover(vm.export_state(), digest), t_pause,
+                              refused="the destination's memory digest differs from ours")
         await self._ch.send(Complete())
         stats.total_time_ms = self._elapsed_ms()
         stats.remaining_bytes = 0
         stats.set_status("completed")
         self._publish()
+
+    async def _hand_over(self, switchover: Switchover, t_pause: float, *, refused: str) -> None:
+        """Switchover ─▶ ◀ Verified ─ Commit ─▶ ◀ Resumed. Until Commit is sent a
+        failure resumes the VM here; after it, never (docs/architecture.md)."""
+        cfg = self.config
+        await self._ch.send(switchover)
+        verdict = await self._recv(cfg.switchover_timeout_s, "the destination's verdict")
+        if isinstance(verdict, VerifyFailed):
+            raise MigrationError(f"{refused}: {verdict.reason} (digest here "
+                                 f"{verdict.expected.hex()}, there {verdict.actual.hex()})",
+                                 phase="switchover")
+        self._expect(verdict, Verified)
+        # Past this line the VM belongs to the destination: never resume it here.
+        self._committed = True
+        await self._ch.send(Commit())
+        self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
+        self.stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self._tracker.stop()
 
     # -- post-copy ----------------------------------------------------------------------------------
     async def _switchover_postcopy(self) -> None:
@@ -334,18 +341,8 @@ class SourceSession:
         self._encoder.sent_hashes.values[owed] = OWED_PAGE_HASH
         digest = self._encoder.sent_hashes.digest()
         bitmap = np.packbits(owed, bitorder="little").tobytes()
-        await self._ch.send(Switchover(vm.export_state(), digest, owed.size, bitmap))
-        verdict = await self._recv(cfg.switchover_timeout_s, "the destination's verdict")
-        if isinstance(verdict, VerifyFailed):
-            raise MigrationError(
-                f"the destination refused post-copy: {verdict.reason} (digest here "
-                f"{verdict.expected.hex()}, there {verdict.actual.hex()})", phase="switchover")
-        self._expect(verdict, Verified)
-        self._committed = True
-        await self._ch.send(Commit())
-        self._expect(await self._recv(cfg.ack_timeout_s, "Resumed"), Resumed)
-        stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
-        self._tracker.stop()
+        await self._hand_over(Switchover(vm.export_state(), digest, owed.size, bitmap), t_pause,
+                              refused="the destination refused post-copy")
         stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
         stats.set_status("postcopy-active")
         self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
@@ -367,7 +364,7 @@ class SourceSession:
 
     async def _postcopy(self) -> None:
         """Serve the destination until PostcopyComplete, reconnecting on breaks."""
-        cfg, stats = self.config, self.stats
+        stats = self.stats
         self.phase = Phase.POSTCOPY
         t0 = time.monotonic()
         while True:
@@ -472,18 +469,8 @@ class SourceSession:
 
     # -- helpers ------------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float, what: str):
-        try:
-            event = await asyncio.wait_for(self._ch.recv(), timeout_s)
-        except asyncio.TimeoutError:
-            raise MigrationError(f"no {what} from the destination within {timeout_s:g} s",
-                                 phase=self.phase.label) from None
-        if event is None:
-            raise RemoteProtocolError(f"the destination closed the connection while we "
-                                      f"waited for {what}", phase=self.phase.label)
-        if isinstance(event, Abort):
-            raise MigrationError(f"the destination aborted: {event.reason}",
+        return await recv_within(self._ch, timeout_s, what, peer="destination",
                                  phase=self.phase.label)
-        return event
 
     def _expect(self, event, cls) -> None:
         if not isinstance(event, cls):

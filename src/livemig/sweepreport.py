@@ -161,7 +161,7 @@ def plot(result: dict, path: str) -> str | None:
                 bw_txt = "" if not bw_bit else f" = {bw_bit / 8 / MIB:,.0f} MiB/s"
                 ax.set_title(f"link {link}{bw_txt}")
             ax.grid(alpha=0.3)
-    handles, labels = {}, []
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

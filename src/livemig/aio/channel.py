@@ -478,3 +478,36 @@ async def channel_pair(kind: ChannelKind, *, session_id: bytes = bytes(16),
         raise src.conn.refused_error() or ConnectionLost(
             "socketpair peer closed during the handshake", phase="handshake", channel=src.name)
     return src, dst
+
+
+async def until_finished(tasks: list, *, finisher: asyncio.Future) -> None:
+    """Wait until ``finisher`` is done or any of ``tasks`` raised; re-raise the error."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+        if finisher in done:
+            return
+
+
+async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: str,
+                      phase: str) -> Event:
+    """The peer's next event within ``timeout_s``; a silent, vanished or
+    aborting peer raises, naming what we waited for (the one receive funnel of
+    both migration peers)."""
+    from ..errors import MigrationError
+
+    try:
+        event = await asyncio.wait_for(ch.recv(), timeout_s)
+    except asyncio.TimeoutError:
+        raise MigrationError(f"no {what} from the {peer} within {timeout_s:g} s",
+                             phase=phase) from None
+    if event is None:
+        raise RemoteProtocolError(f"the {peer} closed the connection while we waited for {what}",
+                                  phase=phase)
+    if isinstance(event, Abort):
+        raise MigrationError(f"the {peer} aborted: {event.reason}", phase=phase)
+    return event
+
