@@ -64,6 +64,7 @@ from .pages import as_indices, chunk_indices, indices_of_runs
 
 _LIVE, _SLAB, _STAGING = 0, 1, 2
 _LZ4_PROBE_CHUNKS = 8
+_LZ4_SKIP_AFTER_MISS = 7  # batches sent without probing after a probe found LZ4 does not pay
 _ZERO_COPY_MIN_PAGES = 4  # shorter live RAW runs are gathered into one copy
 
 
@@ -88,6 +89,7 @@ class BatchEncoder:
         self._cache: DeltaCache | None = None
         self.delta_enabled = False
         self.set_delta(self.config.enabled("delta"))
+        self._lz4_skip_batches = 0
         self.link_bytes_per_s: float | None = None
         """Measured bandwidth of the link the batches travel; None = unknown
         (then LZ4 is judged by its compression ratio alone)."""
@@ -341,7 +343,7 @@ class BatchEncoder:
             pbytes[dl_runs] = sums[dl_runs]
 
         raw_runs = np.flatnonzero(run_enc == bf.RAW)
-        if cfg.enabled("lz4") and raw_runs.size and self._lz4_pays(
+        if cfg.enabled("lz4") and raw_runs.size and self._lz4_worth_trying() and self._lz4_pays(
                 raw_runs, run_pos, run_cnt, idx, kind, row, staging):
             saving = 1.0 - cfg.lz4_min_saving_pct / 100.0
             for r in raw_runs.tolist():
@@ -404,6 +406,15 @@ class BatchEncoder:
             chunks.append(memoryview(data).cast("B"))
         return chunks
 
+    def _lz4_worth_trying(self) -> bool:
+        """After a batch whose probe said LZ4 does not pay, skip probing the next
+        few: incompressible memory would otherwise have a share of every batch
+        compressed only to learn that again."""
+        if self._lz4_skip_batches > 0:
+            self._lz4_skip_batches -= 1
+            return False
+        return True
+
     def _lz4_pays(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> bool:
         """Compress a few chunks spread over the batch and decide for the whole
         batch. Skip LZ4 when none of them would be sent compressed (random data
@@ -422,10 +433,12 @@ class BatchEncoder:
             in_bytes += len(data)
             saved_bytes += max(0, len(data) - out_len)
             worth = worth or out_len <= saving * len(data)
-        if not worth or not self.link_bytes_per_s:
-            return worth
-        cpu_s = 1.5 * (time.perf_counter() - t0)
-        return saved_bytes / self.link_bytes_per_s > cpu_s
+        if worth and self.link_bytes_per_s:
+            cpu_s = 1.5 * (time.perf_counter() - t0)
+            worth = saved_bytes / self.link_bytes_per_s > cpu_s
+        if not worth:
+            self._lz4_skip_batches = _LZ4_SKIP_AFTER_MISS
+        return worth
 
     def _record(self, idx, enc, h, exact, zero) -> None:
         """Remember what the receiver now holds."""

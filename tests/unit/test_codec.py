@@ -338,3 +338,20 @@ def test_postcopy_encoder_sends_no_dup_and_postcopy_placer_refuses_dup(pair):
     (b,) = pair.send(np.arange(10, 14), frozen=True)
     assert b.pages_by_encoding["dup"] == 0 and b.pages_by_encoding["delta"] == 0
     assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+
+
+def test_after_lz4_fails_to_pay_the_next_batches_skip_the_probe(pair):
+    """Incompressible memory must not have a share of every batch compressed
+    just to learn again that LZ4 does not pay; probing resumes afterwards."""
+    from livemig.codec import _LZ4_SKIP_AFTER_MISS
+
+    pair.src.pages[0:16] = rnd(16, 4)
+    (b,) = pair.send(np.arange(16))
+    assert b.pages_by_encoding["lz4"] == 0 and b.pages_by_encoding["raw"] == 16
+    pair.src.pages[16:16 + _LZ4_SKIP_AFTER_MISS + 1] = TEXT
+    for k in range(_LZ4_SKIP_AFTER_MISS):
+        (b,) = pair.send([16 + k])
+        assert b.pages_by_encoding["lz4"] == 0   # not even tried
+    (b,) = pair.send([16 + _LZ4_SKIP_AFTER_MISS])
+    assert b.pages_by_encoding["lz4"] == 1       # probing resumed
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
