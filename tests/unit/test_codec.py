@@ -349,6 +349,7 @@ def test_after_lz4_fails_to_pay_the_next_batches_skip_the_probe(pair):
     (b,) = pair.send(np.arange(16))
     assert b.pages_by_encoding["lz4"] == 0 and b.pages_by_encoding["raw"] == 16
     pair.src.pages[16:16 + _LZ4_SKIP_AFTER_MISS + 1] = TEXT
+    pair.src.pages[16:16 + _LZ4_SKIP_AFTER_MISS + 1, 0] = np.arange(_LZ4_SKIP_AFTER_MISS + 1)
     for k in range(_LZ4_SKIP_AFTER_MISS):
         (b,) = pair.send([16 + k])
         assert b.pages_by_encoding["lz4"] == 0   # not even tried
