@@ -389,7 +389,10 @@ def main() -> None:
     p.add_argument("--max-total-s", type=float, help="pre-copy time budget per migration "
                    "(default 15 quick, 60 full)")
     p.add_argument("--out", help="JSON path (default bench/results/migration[-quick].json)")
+    p.add_argument("--rates", help="only these dirty rates, MiB/s, comma-separated")
+    p.add_argument("--links", help="only these link caps, bits/s, comma-separated (0 = none)")
     args = p.parse_args()
+    only_rates, only_links = args.rates, args.links
     if args.quick:
         args.memory_bytes, args.repeat, args.enc_repeat = 256 * MiB, 3, 1
         args.rates, args.links = [0, 64, 256], [0, 1_000_000_000]
@@ -398,6 +401,10 @@ def main() -> None:
         args.memory_bytes, args.repeat, args.enc_repeat = 1024 * MiB, 3, 3
         args.rates, args.links = [0, 64, 256, 1024], [0, 10_000_000_000, 1_000_000_000]
         args.workloads = ["idle", "uniform", "hotset", "sweep", "memtest"]
+    if only_rates:
+        args.rates = [int(r) for r in only_rates.split(",")]
+    if only_links:
+        args.links = [int(float(x)) for x in only_links.split(",")]
     args.enc_rate, args.warmup_s, args.enc_warmup_s = 64, 0.5, 1.0
     args.max_total_s = args.max_total_s or (15.0 if args.quick else 60.0)
     parts = set(args.part.split(","))
