@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from .control import ControlClient, ControlError
+from .control import ControlClient
+from .daemonproc import free_port, stop, wait_migration, wait_ready
 from .units import parse_rate, parse_size
 
 DEMO_SEED = 2026
@@ -29,15 +29,9 @@ RUN_AHEAD_STEPS = 2_000_000
 FILL_S = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _daemon(tmpdir: str, label: str, loop: str):
-    port = _free_port()
+    port = free_port()
     control = os.path.join(tmpdir, f"{label}.sock")
     log_path = os.path.join(tmpdir, f"{label}.log")
     log = open(log_path, "w")
@@ -47,34 +41,15 @@ def _daemon(tmpdir: str, label: str, loop: str):
         stdout=log, stderr=subprocess.STDOUT)
     client = ControlClient(control, timeout_s=None)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.call("ping")
-                break
-            except ControlError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise ControlError(f"daemon {label} did not start; its log:\n"
-                                       + open(log_path).read()) from None
-                time.sleep(0.05)
+        wait_ready(client, proc, log_path, what=f"daemon {label}", timeout_s=20)
         yield client, f"127.0.0.1:{port}"
     finally:
-        with contextlib.suppress(ControlError):
-            client.call("shutdown")
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(client, proc)
         log.close()
 
 
 def _migrate(client: ControlClient, name: str, to: str, options: dict) -> dict:
-    rec = client.call("migrate", name=name, to=to, **options)
-    while rec["status"] in ("setup", "active", "postcopy-active"):
-        rec = client.call("migration.wait", id=rec["id"], timeout_s=5.0)
-    return rec
+    return wait_migration(client, client.call("migrate", name=name, to=to, **options))
 
 
 def _observe(vm, step: int) -> dict:

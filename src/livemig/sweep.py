@@ -34,13 +34,13 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from .daemonproc import free_port, stop, wait_migration, wait_ready
 from .control import ControlClient, ControlError
 from .errors import ConfigError
 
@@ -123,35 +123,6 @@ class _Hosts:
         return {"max_bandwidth_bps": bit_s / 8} if bit_s else {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(client: ControlClient, proc: subprocess.Popen, log_path: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.call("ping")
-            return
-        except ControlError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ControlError("a benchmark daemon did not start; its log:\n"
-                                   + open(log_path).read()) from None
-            time.sleep(0.05)
-
-
-def _stop_daemon(client: ControlClient, proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ControlError, OSError):
-        client.call("shutdown")
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
 def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: str = "lm"):
     """Source and destination daemons: in namespaces when possible, else loopback.
@@ -189,8 +160,8 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
                 proc = shaped.popen(ns, argv, stdout=open(log_path, "w"),
                                     stderr=subprocess.STDOUT, env=env)
                 client = ControlClient(control, timeout_s=None)
-                _wait_ready(client, proc, log_path)
-                stack.callback(_stop_daemon, client, proc)
+                wait_ready(client, proc, log_path, what="a benchmark daemon")
+                stack.callback(stop, client, proc)
                 clients.append(client)
                 procs.append(proc)
             yield _Hosts("netns", "namespaces with tc tbf shaping", clients[0], clients[1],
@@ -199,14 +170,14 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
             return
         clients, addrs = [], []
         for label in ("src", "dst"):
-            port = _free_port()
+            port = free_port()
             control = os.path.join(tmp, f"{label}.sock")
             log_path = os.path.join(tmp, f"{label}.log")
             proc = subprocess.Popen(py + ["--listen", f"127.0.0.1:{port}", "--control", control],
                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
             client = ControlClient(control, timeout_s=None)
-            _wait_ready(client, proc, log_path)
-            stack.callback(_stop_daemon, client, proc)
+            wait_ready(client, proc, log_path, what="a benchmark daemon")
+            stack.callback(stop, client, proc)
             clients.append(client)
             addrs.append(f"127.0.0.1:{port}")
         yield _Hosts("ratelimit", f"in-process token bucket on loopback ({why})", clients[0],
@@ -214,12 +185,6 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
 
 
 # -- one point ---------------------------------------------------------------------------
-def _wait(client: ControlClient, rec: dict) -> dict:
-    while rec["status"] in ("setup", "active", "postcopy-active"):
-        rec = client.call("migration.wait", id=rec["id"], timeout_s=5.0)
-    return rec
-
-
 def _unsupported(rec: dict) -> bool:
     return rec["status"] == "failed" and "not supported" in (rec.get("error") or "")
 
@@ -249,7 +214,7 @@ def run_point(hosts: _Hosts, profile: Profile, *, name: str, memory: str, worklo
                    "max_total_s": profile.max_total_s,
                    "codec": {"encodings": list(profile.encodings)}, **extra}
         t0 = time.monotonic()
-        rec = _wait(hosts.src, hosts.src.call("migrate", name=name, to=hosts.dst_addr,
+        rec = wait_migration(hosts.src, hosts.src.call("migrate", name=name, to=hosts.dst_addr,
                                               **options, **sni))
         point["wall_s"] = time.monotonic() - t0
         if rec["status"] == "completed":
