@@ -76,9 +76,9 @@ def daemons(tmp_path):
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     out = []
     procs = []
-    from livemig.sweep import _free_port
+    from livemig.daemonproc import free_port
     for label in ("a", "b"):
-        port = _free_port()
+        port = free_port()
         control = str(tmp_path / f"{label}.sock")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "livemig", "daemon", "--listen", f"127.0.0.1:{port}",
