@@ -138,9 +138,10 @@ class MigrationConfig:
     """Upper bound of one encoded page batch on the wire."""
 
     verify: str = "sent"
-    """"sent": compare digests of the per-page hashes kept while pages were
-    sent/landed (cheap); "full": also rehash all memory on both sides at
-    switchover (costs ~downtime per GiB; for tests and paranoia)."""
+    """The source's choice. "sent": compare digests of the per-page hashes kept
+    while pages were sent/landed (cheap); "full": rehash all memory on both
+    sides at switchover (costs ~100 ms of downtime per GiB; for tests and
+    paranoia). A destination follows the kind of digest the source sends."""
 
     handshake_timeout_s: float = 10.0
     """Time allowed for connection and capability negotiation."""

@@ -317,9 +317,9 @@ class IncomingMigration:
         cfg, vm = self.config, self.vm
         self.phase = Phase.SWITCHOVER
         actual = self.decoder.hashes.digest()
-        if actual != sw.digest or cfg.verify == "full":
-            # The source sends a digest of all memory when it chose verify="full";
-            # we rehash all memory then too, and always when we insist on it.
+        if actual != sw.digest:
+            # Either the source chose verify="full" and sent a digest of all of
+            # its memory, or something differs: rehash all of ours to tell which.
             actual = await asyncio.get_running_loop().run_in_executor(
                 None, memory_digest_full, vm.memory)
         if actual != sw.digest:
@@ -493,11 +493,6 @@ class IncomingMigration:
         released = self._released.pop(ch, None)
         if released is not None:
             released.set()
-
-    def _full_digest_requested(self, sw: Switchover) -> bool:
-        # The source decides; it says so by sending a full digest, which differs
-        # from the per-page-hash digest. Computing both is how we tell them apart.
-        return self.config.verify == "full"
 
     # -- helpers -----------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float | None, what: str):
