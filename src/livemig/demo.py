@@ -154,6 +154,7 @@ def run_demo(*, memory: str = "256MiB", dirty_rate: str | None = "32MiB/s",
                 # Check the moved VM against the unmoved one at the same step.
                 # Pacing only sets how fast the guest runs, never what it
                 # computes: let it run free to the comparison step.
+                dst.call("vm.pause", name=name)   # so that no vCPU passes the target first
                 dst.call("vm.set_dirty_rate", name=name, rate=None)
                 steps = dst.call("vm.list")[0]["steps"]
                 target = max(steps) + RUN_AHEAD_STEPS

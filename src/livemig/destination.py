@@ -333,17 +333,10 @@ class IncomingMigration:
             await self.ch.send(VerifyFailed(sw.digest, actual, f"bad VM state: {exc}"))
             raise MigrationError(f"bad VM state from the source: {exc}",
                                  phase="switchover") from exc
-        await self.ch.send(Verified())
-        commit = await self._recv(cfg.ack_timeout_s, "Commit")
-        if not isinstance(commit, Commit):
-            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
-                                      phase="switchover")
+        await self._verified_then_commit()
         vm.resume()
         self._handed_over = True
-        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
-        self._set_status("completed")
-        if self.arrival is not None and self.arrival.on_resumed is not None:
-            self.arrival.on_resumed(vm)
+        self._completed(vm)
         # The VM runs here now and is the host's, whatever becomes of the
         # connection: Resumed and Complete are courtesies. A source that never
         # gets Resumed keeps its copy paused, in doubt.
@@ -353,10 +346,25 @@ class IncomingMigration:
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
 
+    async def _verified_then_commit(self) -> None:
+        """The VM is loaded and checked but paused: say so and wait for the
+        source to give it up (Commit). Only then may it run here."""
+        await self.ch.send(Verified())
+        commit = await self._recv(self.config.ack_timeout_s, "Commit")
+        if not isinstance(commit, Commit):
+            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
+                                      phase="switchover")
+
+    def _completed(self, vm: VM) -> None:
+        """The migration is over and the running VM is the host's."""
+        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
+        self._set_status("completed")
+        if self.arrival is not None and self.arrival.on_resumed is not None:
+            self.arrival.on_resumed(vm)
 
     # -- post-copy -----------------------------------------------------------------------------
     async def _handover_postcopy(self, sw: Switchover) -> None:
-        cfg, vm = self.config, self.vm
+        vm = self.vm
         self.phase = Phase.SWITCHOVER
         refusal = None
         owed = owed_mask(sw.owed_bitmap, sw.owed_npages) if sw.owed_npages == vm.memory.npages \
@@ -390,11 +398,7 @@ class IncomingMigration:
         held = self.decoder.hashes       # hashes of what landed before; post-copy adds to them
         self.decoder = BatchDecoder(vm.memory, PostcopyPlacer(self.pm), verify_dup=False)
         self.decoder.hashes = held
-        await self.ch.send(Verified())
-        commit = await self._recv(cfg.ack_timeout_s, "Commit")
-        if not isinstance(commit, Commit):
-            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
-                                      phase="switchover")
+        await self._verified_then_commit()
         self.faults = FaultService(self.pm, self.decoder, self.stats)
         vm.resume()
         self._handed_over = True
@@ -406,10 +410,7 @@ class IncomingMigration:
         self.faults.stop()
         self.pm.close()
         self.pm = None
-        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
-        self._set_status("completed")
-        if self.arrival is not None and self.arrival.on_resumed is not None:
-            self.arrival.on_resumed(vm)
+        self._completed(vm)
 
     async def _run_postcopy(self) -> None:
         """FaultService over the current channels; on a break, wait for the

@@ -296,9 +296,8 @@ class SourceSession:
                                     0, throttle_pct=stats.throttle_pct))
         digest = self._encoder.sent_hashes.digest()
         if cfg.verify == "full":
-            full = await asyncio.get_running_loop().run_in_executor(
+            digest = await asyncio.get_running_loop().run_in_executor(
                 None, memory_digest_full, vm.memory)
-            digest = full
         await self._hand_over(Switchover(vm.export_state(), digest), t_pause,
                               refused="the destination's memory digest differs from ours")
         await self._ch.send(Complete())
