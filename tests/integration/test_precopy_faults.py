@@ -23,7 +23,7 @@ from livemig.protocol import (Accept, Commit, MigrationOffer, PageBatch, RoundAc
                               Switchover, Verified, VerifyFailed)
 from livemig.source import migrate
 from support.faultproxy import FaultProxy
-from support.oracle import Recipe, assert_matches_unmoved
+from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
 
 LOCAL = "127.0.0.1"
 RECIPE = Recipe("16MiB", 2, "memtest", seed=21, dirty_rate="24MiB/s")
@@ -75,12 +75,8 @@ async def _migrate_again_and_check(vm, recipe) -> None:
     """The source VM, after a failed attempt, moves fine to a real destination."""
     async with MigrationServer(LOCAL, 0) as server:
         stats = await migrate(vm, LOCAL, server.port, config=QUICK)
-        _, moved = await asyncio.wait_for(server.completed.get(), 5)
+        await assert_arrival_matches_unmoved(server, recipe)
     assert stats.status == "completed"
-    try:
-        assert_matches_unmoved(moved, recipe)
-    finally:
-        moved.close()
 
 
 @pytest.mark.parametrize("vanish_at,phase,match", [
@@ -158,12 +154,8 @@ def test_connection_cut_by_the_proxy_source_resumes_server_lives_on(run, directi
                 # the same server, directly: the failed migration left nothing behind
                 stats = await migrate(vm, LOCAL, server.port, config=QUICK)
                 assert stats.status == "completed"
-                _, moved = await asyncio.wait_for(server.completed.get(), 5)
+                await assert_arrival_matches_unmoved(server, RANDOM)
                 assert server.completed.empty()
-            try:
-                assert_matches_unmoved(moved, RANDOM)
-            finally:
-                moved.close()
         finally:
             vm.close()
     run(main())
@@ -192,12 +184,8 @@ def test_garbage_peers_never_hurt_a_destination_or_its_other_migrations(run):
                     os.urandom(1 << 16), b"GET / HTTP/1.1\r\n\r\n", hello_then_noise, b"")))
                 stats = await real
                 assert stats.status == "completed"
-                _, moved = await asyncio.wait_for(server.completed.get(), 5)
+                await assert_arrival_matches_unmoved(server, RECIPE)
                 assert server.errors, "the garbage peers should have been recorded"
-            try:
-                assert_matches_unmoved(moved, RECIPE)
-            finally:
-                moved.close()
         finally:
             vm.close()
     run(main())

@@ -1,5 +1,4 @@
 """Migrations over mutual TLS, and the daemon's refusal to listen in the clear."""
-import asyncio
 import ssl
 
 import pytest
@@ -9,7 +8,7 @@ from livemig.daemon import Daemon, TlsFiles
 from livemig.destination import MigrationServer
 from livemig.errors import ConfigError, MigrationError
 from livemig.source import migrate
-from support.oracle import Recipe, assert_matches_unmoved
+from support.oracle import Recipe, assert_arrival_matches_unmoved
 
 LOCAL = "127.0.0.1"
 RECIPE = Recipe("16MiB", 2, "memtest", seed=31, dirty_rate="24MiB/s")
@@ -63,11 +62,7 @@ def test_mutual_tls_migration_works_and_strangers_are_refused(run, pki):
                 stats = await migrate(vm, LOCAL, server.port, ssl=pki.client_context(),
                                       server_hostname="localhost")
                 assert stats.status == "completed"
-                _, moved = await asyncio.wait_for(server.completed.get(), 5)
-            try:
-                assert_matches_unmoved(moved, RECIPE)
-            finally:
-                moved.close()
+                await assert_arrival_matches_unmoved(server, RECIPE)
         finally:
             vm.close()
     run(main())

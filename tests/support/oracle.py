@@ -72,3 +72,16 @@ def assert_matches_unmoved(moved: VM, recipe: Recipe, *, ahead_steps: int = AHEA
         assert got["registers"][i] == want["registers"][i], f"vCPU {i} registers differ"
         assert got["console"][i] == want["console"][i], f"vCPU {i} console differs"
     return target
+
+
+async def assert_arrival_matches_unmoved(server, recipe: Recipe, *, timeout_s: float = 5.0):
+    """Take the next VM that arrived at ``server`` (a MigrationServer), check it
+    against a never-moved twin of ``recipe``, and close it."""
+    import asyncio
+
+    _, moved = await asyncio.wait_for(server.completed.get(), timeout_s)
+    try:
+        assert_matches_unmoved(moved, recipe)
+    finally:
+        moved.close()
+
