@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 3
+#define LM_ABI_VERSION 4
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -337,6 +337,36 @@ int lm_pages_delta_encode(const uint8_t *base, uint64_t npages, const int64_t *i
  * (the pages may then hold partial results and must be discarded). */
 int lm_pages_delta_apply(uint8_t *pages, uint64_t n, const uint8_t *enc, uint64_t enc_len,
                          const uint16_t *lengths);
+
+/* ---- block fingerprints (lm_blockdelta.c) ------------------------------ */
+/* A page is 16 blocks of 256 bytes; the source keeps one 64-bit hash per
+ * block of what the receiver holds (fp: fp_npages x LM_BLOCKS_PER_PAGE) and
+ * re-sends only the blocks that changed. rows == NULL means 0 .. n-1; every
+ * row is checked against its table before use (-ERANGE). */
+#define LM_BLOCK_BYTES 256
+#define LM_BLOCKS_PER_PAGE 16
+
+/* For each i: hash page rows[i] of base (its 16 block hashes and the page
+ * hash, out_hashes[i], equal to lm_pages_hash's); out_changed[i] = mask of
+ * blocks whose hash differs from fp[fp_rows[i]] (all 16 when fp_valid is NULL
+ * or fp_valid[fp_rows[i]] == 0); then store the new hashes in fp. */
+int lm_pages_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *rows,
+                         uint64_t n, uint64_t *fp, uint64_t fp_npages,
+                         const int64_t *fp_rows, const uint8_t *fp_valid,
+                         uint16_t *out_changed, uint64_t *out_hashes);
+/* Store the fingerprint of one page's content (e.g. the zero page) at fp_rows. */
+int lm_pages_set_fingerprint(uint64_t *fp, uint64_t fp_npages, const int64_t *fp_rows,
+                             uint64_t n, const uint8_t *page);
+/* Copy the blocks masks[i] names of page rows[i] to out + out_offsets[i], in
+ * block order. Returns the bytes written, -ENOSPC past out_cap. */
+int64_t lm_pages_gather_blocks(const uint8_t *base, uint64_t npages, const int64_t *rows,
+                               const uint16_t *masks, const int64_t *out_offsets,
+                               uint64_t n, uint8_t *out, uint64_t out_cap);
+/* Write the concatenated blocks in data over pages rows[i] as masks[i] says.
+ * -EINVAL (nothing written) unless data_len is exactly what the masks need. */
+int lm_pages_apply_blocks(uint8_t *base, uint64_t npages, const int64_t *rows,
+                          const uint16_t *masks, uint64_t n, const uint8_t *data,
+                          uint64_t data_len);
 
 /* LM_CDEF_END */
 

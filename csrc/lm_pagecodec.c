@@ -32,18 +32,11 @@
 #include <string.h>
 
 #include "livemig.h"
+#include "lm_pagehash.h"
 
 #define LM_WORDS_PER_PAGE (LM_PAGE_SIZE / 8)
 #define LM_MIN_GAP 3
 
-static inline uint64_t load64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v); /* payload buffers need not be aligned */
-    return v;
-}
-
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
 static int check_indices(uint64_t npages, const int64_t *indices, uint64_t n)
 {
@@ -95,29 +88,6 @@ LM_API int lm_pages_zero_scan(const uint8_t *base, uint64_t npages, const int64_
 }
 
 /* ---- page hash ---------------------------------------------------------- */
-
-#define LM_K1 0x9E3779B97F4A7C15ull /* 2^64 / golden ratio */
-#define LM_K2 0xD6E8FEB86659FD93ull
-#define LM_K3 0xBF58476D1CE4E5B9ull /* splitmix64 mixer constants */
-#define LM_K4 0x94D049BB133111EBull
-
-static uint64_t page_hash(const uint8_t *p)
-{
-    uint64_t a0 = LM_K1, a1 = LM_K2, a2 = LM_K3, a3 = LM_K4;
-    for (int i = 0; i < LM_PAGE_SIZE; i += 32) {
-        a0 = rotl64(a0 ^ (load64(p + i) * LM_K2), 29) * LM_K1;
-        a1 = rotl64(a1 ^ (load64(p + i + 8) * LM_K2), 29) * LM_K1;
-        a2 = rotl64(a2 ^ (load64(p + i + 16) * LM_K2), 29) * LM_K1;
-        a3 = rotl64(a3 ^ (load64(p + i + 24) * LM_K2), 29) * LM_K1;
-    }
-    uint64_t h = a0 + rotl64(a1, 17) + rotl64(a2, 31) + rotl64(a3, 47);
-    h ^= h >> 30;
-    h *= LM_K3;
-    h ^= h >> 27;
-    h *= LM_K4;
-    h ^= h >> 31;
-    return h;
-}
 
 LM_API int lm_pages_hash(const uint8_t *base, uint64_t npages, const int64_t *indices,
                          uint64_t n, uint64_t *out_hashes)

@@ -11,6 +11,8 @@ except what DUP and DELTA refer to (pages the receiver already holds)::
              in run-table order:
                DUP    per page: 16-byte xxh3-128 of the content + <Q source page
                DELTA  <H length per DELTA page, then all the deltas
+               BLOCK  <H block mask per BLOCK page, then the 256-byte
+                      blocks the masks name (blockdelta.py)
                LZ4    per run: one lz4 block of the run's npages * 4096 bytes
                RAW    per run: npages * 4096 bytes
              ZERO runs have no payload.
@@ -41,10 +43,10 @@ RUN_BYTES = RUN_DTYPE.itemsize
 DUP_DTYPE = np.dtype([("hash", "V16"), ("source", "<u8")])
 DUP_ENTRY_BYTES = DUP_DTYPE.itemsize
 
-ZERO, DUP, DELTA, LZ4, RAW = 1, 2, 3, 4, 5
-NAMES = {ZERO: "zero", DUP: "dup", DELTA: "delta", LZ4: "lz4", RAW: "raw"}
+ZERO, DUP, DELTA, LZ4, RAW, BLOCK = 1, 2, 3, 4, 5, 6
+NAMES = {ZERO: "zero", DUP: "dup", DELTA: "delta", BLOCK: "block", LZ4: "lz4", RAW: "raw"}
 CODES = {v: k for k, v in NAMES.items()}
-SECTION_ORDER = (DUP, DELTA, LZ4, RAW)
+SECTION_ORDER = (DUP, DELTA, BLOCK, LZ4, RAW)
 
 # LZ4's worst case for n input bytes is n + n/255 + 16; a run whose payload
 # exceeds that is malformed whatever its contents.
@@ -94,5 +96,5 @@ class DecodedBatch:
 
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "RUN_DTYPE", "RUN_BYTES", "DUP_DTYPE",
-           "DUP_ENTRY_BYTES", "ZERO", "DUP", "DELTA", "LZ4", "RAW", "NAMES", "CODES",
+           "DUP_ENTRY_BYTES", "ZERO", "DUP", "DELTA", "LZ4", "RAW", "BLOCK", "NAMES", "CODES",
            "SECTION_ORDER", "lz4_bound", "max_pages_per_batch", "EncodedBatch", "DecodedBatch"]

@@ -9,6 +9,11 @@ For each page of a batch, cheapest first:
            the content and the source page index, and the receiver checks it;
 3. DELTA — the page was sent before, its last-sent version is in the delta
            cache, and the XOR delta is at most ``delta_max_page_bytes``;
+   BLOCK — the page was sent before (exactly) and at most
+           ``_BLOCK_MAX_BLOCKS`` of its 16 blocks changed since, by the block
+           fingerprints of what the receiver holds (blockdelta.py): only
+           those blocks travel. Needs no copy of old pages, so it covers
+           all of memory where the delta cache covers a fraction;
 4. LZ4   — runs of up to ``lz4_chunk_pages`` consecutive pages, when that
            saves ``lz4_min_saving_pct`` and, once the link's bandwidth is
            known (``link_bytes_per_s``), when the time compressing costs is
@@ -55,6 +60,8 @@ import xxhash
 from . import batchformat as bf
 from .config import CodecConfig
 from .decoder import BatchDecoder, MemoryPlacer
+from .blockdelta import (BLOCK_BYTES, FULL_MASK, Fingerprints, block_counts,
+                         block_page_bytes, gather_blocks)
 from .deltacache import DeltaCache
 from .digest import PageHashes
 from .errors import CodecUsageError
@@ -66,6 +73,7 @@ _LIVE, _SLAB, _STAGING = 0, 1, 2
 _LZ4_PROBE_CHUNKS = 8
 _LZ4_SKIP_AFTER_MISS = 7  # batches sent without probing after a probe found LZ4 does not pay
 _ZERO_COPY_MIN_PAGES = 4  # shorter live RAW runs are gathered into one copy
+_BLOCK_MAX_BLOCKS = 12    # more changed blocks than this: RAW (LZ4) is as good
 
 
 class BatchEncoder:
@@ -89,6 +97,7 @@ class BatchEncoder:
         self._cache: DeltaCache | None = None
         self.delta_enabled = False
         self.set_delta(self.config.enabled("delta"))
+        self._fp = Fingerprints(self.npages) if self.config.enabled("block") else None
         self._lz4_skip_batches = 0
         self.link_bytes_per_s: float | None = None
         """Measured bandwidth of the link the batches travel; None = unknown
@@ -111,6 +120,7 @@ class BatchEncoder:
         and no DUP (the destination guest runs, so a page it holds may differ
         from what we sent by the time a DUP refers to it)."""
         self.set_delta(False)
+        self._fp = None
         self._dup_keys = np.zeros(0, dtype=np.uint64)
         self._dup_pages = np.full(0, -1, dtype=np.int64)
 
@@ -126,6 +136,8 @@ class BatchEncoder:
         idx = self._checked(page_indices)
         self._exact[idx] = False
         self._sent[idx] = False
+        if self._fp is not None:
+            self._fp.valid[idx] = False
         if self._cache is not None:
             self._cache.drop(idx)
 
@@ -164,32 +176,37 @@ class BatchEncoder:
         exact = np.zeros(n, dtype=np.bool_)
         kind = np.zeros(n, dtype=np.int8)
         row = idx.copy()  # row of each page in its source array (memory, slab, staging)
+        masks = np.full(n, FULL_MASK, dtype=np.uint16)  # blocks changed since last sent
 
         zero = zero_scan(mem, idx) if cfg.enabled("zero") else np.zeros(n, dtype=np.bool_)
         enc[zero] = bf.ZERO
         h[zero] = ZERO_PAGE_HASH
         exact[zero] = True
+        if self._fp is not None and zero.any():
+            self._fp.set_zero(idx[zero])
         nz = np.flatnonzero(~zero)
 
         delta_len = np.full(n, -1, dtype=np.int64)
         delta_data = b""
         if self.delta_enabled and nz.size:
             delta_data = self._snapshot_and_delta(idx, nz, enc, h, exact, kind, row, delta_len,
-                                                  frozen)
+                                                  masks, frozen)
 
         staging = None
         live = nz[kind[nz] == _LIVE]
         if live.size:
             if frozen and cfg.zero_copy_raw:
                 # paused guest: the bytes cannot change before they leave
-                h[live] = hash_pages(mem, idx[live])
+                h[live] = self._hash(mem, idx[live], idx[live], masks, live)
                 exact[live] = True
             else:
                 staging = mem[idx[live]]
                 kind[live] = _STAGING
                 row[live] = np.arange(live.size)
-                h[live] = hash_pages(staging)
+                h[live] = self._hash(staging, None, idx[live], masks, live)
                 exact[live] = True
+                if self.delta_enabled and self._fp is not None:
+                    self._cache_unblockable(idx, live, masks, kind, row, staging)
 
         dup_src = np.full(n, -1, dtype=np.int64)
         dup_hashes = b""
@@ -197,22 +214,38 @@ class BatchEncoder:
             dup_hashes = self._find_dups(idx, nz, enc, h, exact, kind, row, staging,
                                          delta_len, dup_src, frozen)
 
+        if self._fp is not None:
+            blk = (enc == bf.RAW) & (block_counts(masks) <= _BLOCK_MAX_BLOCKS)
+            enc[blk & exact] = bf.BLOCK
+
         batch = self._assemble(idx, enc, kind, row, staging, delta_len, delta_data,
-                               dup_src, dup_hashes)
+                               dup_src, dup_hashes, masks)
         self._record(idx, enc, h, exact, zero)
         return batch
 
+    def _hash(self, pages, rows, page_indices, masks, pos) -> np.ndarray:
+        """Hashes of ``pages[rows]`` (the bytes that will be sent for
+        ``page_indices``, batch positions ``pos``); with BLOCK on, also their
+        changed-block masks, from the same pass."""
+        if self._fp is None:
+            return hash_pages(pages, rows)
+        masks[pos], hashes = self._fp.update(pages, rows, page_indices)
+        return hashes
+
     def _snapshot_and_delta(self, idx, nz, enc, h, exact, kind, row, delta_len,
-                            frozen) -> bytes:
+                            masks, frozen) -> bytes:
         """Snapshot re-sent pages into the delta cache; DELTA-encode the ones
         that had a base. Returns the concatenated deltas (position order).
         With memory frozen (the final round) only pages that already have a
         base are touched: caching others would serve no later round and costs
-        a page copy each inside the downtime."""
+        a page copy each inside the downtime. With BLOCK on, only pages that
+        have a base are touched here too; others enter the cache later, from
+        their staging copy, and only if BLOCK would not have served them
+        (:meth:`_cache_unblockable`)."""
         cache = self._cache
         mem = self.memory.pages
         cand = nz[self._sent[idx[nz]]]
-        if frozen and cand.size:
+        if (frozen or self._fp is not None) and cand.size:
             cand = cand[cache.lookup(idx[cand]) >= 0]
         if not cand.size:
             return b""
@@ -232,9 +265,21 @@ class BatchEncoder:
             enc[dpos[lens >= 0]] = bf.DELTA
         kind[cand] = _SLAB
         row[cand] = slots
-        h[cand] = hash_pages(cache.slab, slots)
+        h[cand] = self._hash(cache.slab, slots, idx[cand], masks, cand)
         exact[cand] = True
         return data
+
+    def _cache_unblockable(self, idx, live, masks, kind, row, staging) -> None:
+        """Put re-sent pages with too many changed blocks for BLOCK into the
+        delta cache, copied from their staging rows (they are still sent from
+        staging). Next time they may go as DELTA; pages BLOCK serves stay out,
+        so a guest dirtying all of memory does not churn the cache."""
+        pos = live[self._sent[idx[live]] & (block_counts(masks[live]) > _BLOCK_MAX_BLOCKS)]
+        if not pos.size:
+            return
+        slots = self._cache.assign(idx[pos])
+        ok = slots >= 0
+        self._cache.slab[slots[ok]] = staging[row[pos[ok]]]
 
     def _find_dups(self, idx, nz, enc, h, exact, kind, row, staging, delta_len, dup_src,
                    frozen) -> bytes:
@@ -298,7 +343,7 @@ class BatchEncoder:
         return memoryview(self._cache.slab[row[pos0:pos0 + count]]).cast("B")
 
     def _assemble(self, idx, enc, kind, row, staging, delta_len, delta_data, dup_src,
-                  dup_hashes) -> bf.EncodedBatch:
+                  dup_hashes, masks) -> bf.EncodedBatch:
         cfg = self.config
         n = idx.size
         brk = np.ones(n, dtype=np.bool_)
@@ -341,6 +386,15 @@ class BatchEncoder:
             dl_runs = run_enc == bf.DELTA
             sums = np.add.reduceat(per_pos, run_pos) if nruns else per_pos[:0]
             pbytes[dl_runs] = sums[dl_runs]
+        bl_pos = np.flatnonzero(enc == bf.BLOCK)
+        if bl_pos.size:
+            sections[bf.BLOCK] = self._block_section(bl_pos, masks[bl_pos], idx, kind, row,
+                                                     staging)
+            per_pos = np.zeros(n, dtype=np.int64)
+            per_pos[bl_pos] = block_page_bytes(masks[bl_pos])
+            bl_runs = run_enc == bf.BLOCK
+            sums = np.add.reduceat(per_pos, run_pos) if nruns else per_pos[:0]
+            pbytes[bl_runs] = sums[bl_runs]
 
         raw_runs = np.flatnonzero(run_enc == bf.RAW)
         if cfg.enabled("lz4") and raw_runs.size and self._lz4_worth_trying() and self._lz4_pays(
@@ -376,6 +430,21 @@ class BatchEncoder:
             batch.pages_by_encoding[name] = int(run_cnt[sel].sum())
             batch.bytes_by_encoding[name] = int(pbytes[sel].sum())
         return batch
+
+    def _block_section(self, pos, masks, idx, kind, row, staging) -> list:
+        """BLOCK payload: the masks, then the changed blocks of each page, read
+        from the bytes that were fingerprinted (staging, slab or frozen memory)."""
+        sizes = block_counts(masks) * BLOCK_BYTES
+        offsets = np.cumsum(sizes) - sizes
+        out = np.empty(int(sizes.sum()), dtype=np.uint8)
+        k = kind[pos]
+        for code, pages in ((_LIVE, self.memory.pages), (_STAGING, staging),
+                            (_SLAB, None if self._cache is None else self._cache.slab)):
+            sel = k == code
+            if sel.any():
+                rows = idx[pos[sel]] if code == _LIVE else row[pos[sel]]
+                gather_blocks(pages, rows, masks[sel], offsets[sel], out)
+        return [masks.astype("<u2").tobytes(), memoryview(out)]
 
     def _raw_section(self, raw_runs, run_pos, run_cnt, idx, kind, row, staging) -> list:
         """RAW payload chunks: long live runs (and staging runs) as views, every
@@ -445,6 +514,8 @@ class BatchEncoder:
         self.sent_hashes.values[idx] = h
         self._exact[idx] = exact
         self._sent[idx] = True
+        if self._fp is not None:
+            self._fp.valid[idx] = exact
         if self._cache is not None and zero.any():
             self._cache.drop(idx[zero])
         if self._dup_keys.size:

@@ -21,7 +21,7 @@ from .units import parse_rate, parse_size
 
 MODES = ("precopy", "postcopy", "hybrid")
 VERIFY_MODES = ("sent", "full")
-ENCODINGS = ("zero", "dup", "delta", "lz4", "raw")
+ENCODINGS = ("zero", "dup", "delta", "block", "lz4", "raw")
 PAGE_SIZE = 4096
 
 
@@ -44,14 +44,17 @@ class CodecConfig:
 
     encodings: tuple[str, ...] = ENCODINGS
     """Encodings the encoder may use. RAW is always allowed (the fallback);
-    post-copy disables "delta" (the receiver holds no old copy) and "dup" (the
-    destination guest already runs and may rewrite a DUP source page)."""
+    post-copy disables "delta" and "block" (the receiver holds no old copy)
+    and "dup" (the destination guest already runs and may rewrite a DUP
+    source page)."""
 
     dup_cache_entries: int = 1 << 16
     """Slots of the direct-mapped table of content hashes (DUP targets)."""
 
-    delta_cache_bytes: int = 64 << 20
-    """Bytes of last-sent page versions kept as delta bases (CLOCK-evicted)."""
+    delta_cache_bytes: int = 32 << 20
+    """Bytes of last-sent page versions kept as delta bases (CLOCK-evicted).
+    Pages outside it are still sent as BLOCK when few of their blocks
+    changed; the block fingerprints take 1/32 of guest memory."""
 
     delta_max_page_bytes: int = 2048
     """A page is sent as DELTA only when its delta is at most this long."""
@@ -195,7 +198,7 @@ class MigrationConfig:
         """The codec config for a post-copy migration: no DELTA (the receiver
         lacks the pages) and no DUP (the running guest may rewrite the source
         page at the receiver before the DUP is resolved)."""
-        return self.codec.without("delta", "dup") if self.mode == "postcopy" else self.codec
+        return self.codec.without("delta", "block", "dup") if self.mode == "postcopy" else self.codec
 
     # -- dict form (CLI, daemon, JSON) -----------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -9,9 +9,11 @@ Order of work for one batch (see batchformat for the layout):
    single page is touched.
 2. Build staging buffers: RAW pages are viewed in place in the payload, LZ4
    runs are decompressed, DELTA pages are copied from memory and patched in
-   C. A decompression or delta error raises CodecError; still nothing placed.
-3. Place ZERO, RAW, LZ4 and DELTA pages (they are independent: each page
-   appears once per batch), then resolve DUP pages from the receiver's memory
+   C; BLOCK masks are checked against the BLOCK data's length. A
+   decompression or delta error raises CodecError; still nothing placed.
+3. Place ZERO, RAW, LZ4 and DELTA pages, write BLOCK pages' blocks over
+   their current content (all independent: each page appears once per
+   batch), then resolve DUP pages from the receiver's memory
    — which now includes this batch's earlier pages — verifying each source
    page's xxh3-128 first. A mismatch raises CodecError with no DUP placed.
 4. Record the per-page hashes of what landed (:class:`PageHashes`), hashed
@@ -33,6 +35,7 @@ from . import batchformat as bf
 from .digest import PageHashes
 from .errors import CodecError
 from .native import PAGE_SIZE
+from .blockdelta import MASK_BYTES, apply_blocks, block_page_bytes
 from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages, zero_scan
 from .pages import indices_of_runs
 
@@ -66,6 +69,11 @@ class MemoryPlacer:
         dirty = idx[~zero_scan(pages, idx)]
         if dirty.size:
             pages[dirty] = 0
+
+    def place_blocks(self, page_indices: np.ndarray, masks: np.ndarray, data) -> bool:
+        """Write BLOCK pages' blocks over their current content; False (nothing
+        written) if ``data`` is not exactly what the masks name."""
+        return apply_blocks(self.memory.pages, page_indices, masks, data)
 
 
 class BatchDecoder:
@@ -116,6 +124,9 @@ class BatchDecoder:
                                             pbytes[sel[bf.DELTA]], section[bf.DELTA])
         lz4_staging = self._lz4_staging(counts[sel[bf.LZ4]], pbytes[sel[bf.LZ4]], section[bf.LZ4])
         raw_staging = np.frombuffer(section[bf.RAW], dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        block_idx, block_masks, block_data = self._block_parts(
+            starts[sel[bf.BLOCK]], counts[sel[bf.BLOCK]], pbytes[sel[bf.BLOCK]],
+            section[bf.BLOCK])
 
         # -- placement --------------------------------------------------------------
         placer = self.placer
@@ -127,6 +138,10 @@ class BatchDecoder:
                            (bf.DELTA, delta_staging)):
             if sel[e].any():
                 self._place(starts[sel[e]], counts[sel[e]], staging)
+        if block_idx.size:
+            if not placer.place_blocks(block_idx, block_masks, block_data):
+                raise CodecError("page batch: BLOCK data does not match its masks")
+            self.hashes.record(self.memory.pages, block_idx)
         if dup_entries.size:
             pages = self.memory.pages
             if self.verify_dup:
@@ -172,8 +187,9 @@ class BatchDecoder:
         counts = runs["count"].astype(np.int64)
         first = runs["first"]
         pb = runs["payload_bytes"].astype(np.int64)
-        if np.any((enc < bf.ZERO) | (enc > bf.RAW)):
-            raise CodecError(f"page batch: unknown encoding {int(enc[(enc < 1) | (enc > 5)][0])}")
+        unknown = (enc < bf.ZERO) | (enc > max(bf.NAMES))
+        if np.any(unknown):
+            raise CodecError(f"page batch: unknown encoding {int(enc[unknown][0])}")
         if np.any(runs["r0"] | runs["r1"] | runs["r2"]):
             raise CodecError("page batch: reserved run-table bytes set")
         if np.any(counts == 0):
@@ -188,6 +204,7 @@ class BatchDecoder:
             | ((enc == bf.RAW) & (pb != counts * PAGE_SIZE)) \
             | ((enc == bf.DUP) & (pb != counts * bf.DUP_ENTRY_BYTES)) \
             | ((enc == bf.DELTA) & ((pb < 2 * counts) | (pb > counts * (2 + PAGE_SIZE)))) \
+            | ((enc == bf.BLOCK) & ((pb < 2 * counts) | (pb > counts * (2 + PAGE_SIZE)))) \
             | ((enc == bf.LZ4) & ((pb <= 0) | (pb > counts * PAGE_SIZE + counts * PAGE_SIZE // 255 + 16)))
         if np.any(bad):
             r = int(np.flatnonzero(bad)[0])
@@ -212,6 +229,21 @@ class BatchDecoder:
         if not delta_apply(staging, data, lens):
             raise CodecError("page batch: malformed DELTA encoding")
         return staging
+
+    def _block_parts(self, starts, counts, pbytes, section):
+        """BLOCK pages, their masks and blocks, checked against the run table."""
+        n = int(counts.sum())
+        if not n:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint16), b""
+        if not self.placer.supports_delta:
+            raise CodecError("page batch: BLOCK pages, but the receiver's pages may be "
+                             "changing under a running guest (post-copy placer)")
+        masks = np.frombuffer(section[:MASK_BYTES * n], dtype="<u2")
+        run_first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        per_run = np.add.reduceat(block_page_bytes(masks), run_first)
+        if np.any(per_run != pbytes):
+            raise CodecError("page batch: BLOCK masks do not match the BLOCK data")
+        return indices_of_runs(starts, counts), masks, section[MASK_BYTES * n:]
 
     def _lz4_staging(self, counts, pbytes, section) -> np.ndarray:
         n = int(counts.sum())

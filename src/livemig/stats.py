@@ -109,7 +109,7 @@ class RoundRecord:
 
 
 def _zero_counts() -> dict[str, int]:
-    return {e: 0 for e in ("zero", "dup", "delta", "lz4", "raw")}
+    return {e: 0 for e in ("zero", "dup", "delta", "block", "lz4", "raw")}
 
 
 @dataclass

@@ -22,16 +22,19 @@ def corpus():
     src.pages[8:16] = TEXT
     src.pages[8:16, 0] = np.arange(8)
     pair.send(np.arange(NPAGES), frozen=True)
-    pair.send(np.arange(4))                # re-sent live: pages 0-3 get delta-cache snapshots
+    src.pages[0:4] = TEXT                  # re-sent live, every block new (LZ4 pays):
+    src.pages[0:4, 0] = 100 + np.arange(4)  # delta-cache snapshots
+    pair.send(np.arange(4))
     src.pages[0:4, 10] ^= 1                # -> DELTA
+    src.pages[4:6, 700] ^= 1               # -> BLOCK (one changed block each)
     src.pages[20] = src.pages[6]           # -> DUP of a receiver page
     src.pages[21] = 0                      # -> ZERO
     src.pages[23] = TEXT                   # -> LZ4
     src.pages[25] = rng.integers(0, 256, 4096, dtype=np.uint8)  # -> RAW
     baseline = pair.dst.bytes.copy()
-    (b,) = list(pair.enc.encode(np.r_[0:4, 20:24, 25], 1 << 20, frozen=True))
-    assert all(b.pages_by_encoding[e] for e in ("zero", "dup", "delta", "lz4", "raw")), \
-        b.pages_by_encoding
+    (b,) = list(pair.enc.encode(np.r_[0:6, 20:24, 25], 1 << 20, frozen=True))
+    assert all(b.pages_by_encoding[e] for e in bf.NAMES.values()), \
+        str(b.pages_by_encoding)
     data = b.tobytes()
     yield pair, baseline, data
     pair.close()

@@ -19,7 +19,7 @@ op = st.one_of(
 round_ops = st.lists(st.tuples(st.integers(0, NPAGES - 1), op), min_size=1, max_size=20)
 configs = st.builds(
     CodecConfig,
-    encodings=st.sets(st.sampled_from(["zero", "dup", "delta", "lz4"])).map(tuple),
+    encodings=st.sets(st.sampled_from(["zero", "dup", "delta", "block", "lz4"])).map(tuple),
     lz4_chunk_pages=st.sampled_from([1, 3, 16]),
     zero_copy_raw=st.booleans(),
     delta_cache_bytes=st.sampled_from([0, 4 * 4096, 64 * 4096]),
@@ -41,6 +41,26 @@ def apply_op(pages, page, o):
     else:
         pages[page] = TEXT
         pages[page, 0] = o[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), min_size=1, max_size=30))
+def test_small_edits_of_resent_pages_without_a_delta_base_are_block(edits):
+    pair = Pair(4, CodecConfig(delta_cache_bytes=0))
+    try:
+        pair.src.pages[0] = np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8)
+        pair.send([0])
+        for pos, val in edits:
+            pair.src.pages[0, pos] ^= val
+        changed = np.flatnonzero(pair.src.pages[0] != pair.dst.pages[0])
+        blocks = np.unique(changed // 256).size
+        (b,) = pair.send([0])
+        if 0 < blocks <= 12:
+            assert b.pages_by_encoding["block"] == 1
+            assert b.bytes_by_encoding["block"] == 2 + 256 * blocks
+        assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+    finally:
+        pair.close()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,7 +108,7 @@ def test_identical_pages_in_a_frozen_batch_are_sent_once(ncopies, seed):
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), min_size=1, max_size=30))
 def test_small_edits_of_resent_pages_are_delta(edits):
-    pair = Pair(4)
+    pair = Pair(4, CodecConfig().without("block"))
     try:
         pair.src.pages[0] = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)
         pair.send([0])

@@ -85,7 +85,19 @@ def test_dup_across_batches_refers_to_receiver_pages(pair):
     assert np.array_equal(pair.src.pages[40], pair.dst.pages[40])
 
 
-def test_delta_for_small_edits_of_resent_pages(pair):
+NO_BLOCK = CodecConfig().without("block")
+
+
+@pytest.fixture
+def delta_pair():
+    """A pair whose encoder has BLOCK off, so re-sent pages go through the delta cache."""
+    p = Pair(64, NO_BLOCK)
+    yield p
+    p.close()
+
+
+def test_delta_for_small_edits_of_resent_pages(delta_pair):
+    pair = delta_pair
     pair.src.pages[0:16] = rnd(16, 5)
     pair.send(np.arange(16))            # round 0: zero-copy, not cached
     pair.src.pages[0:16, 100] ^= 1
@@ -106,7 +118,8 @@ def test_unchanged_resent_page_is_a_dup_of_itself(pair):
     assert b.nbytes <= bf.HEADER.size + bf.RUN_BYTES + bf.DUP_ENTRY_BYTES
 
 
-def test_forget_drops_dup_sources_and_delta_bases(pair):
+def test_forget_drops_dup_sources_and_delta_bases(delta_pair):
+    pair = delta_pair
     pair.src.pages[0:4] = rnd(4, 7)
     pair.send(np.arange(4))
     pair.send(np.arange(4))  # now cached and exact
@@ -118,7 +131,8 @@ def test_forget_drops_dup_sources_and_delta_bases(pair):
     assert t["dup"] == 0 and t["delta"] == 0
 
 
-def test_set_delta_off_stops_delta(pair):
+def test_set_delta_off_stops_delta(delta_pair):
+    pair = delta_pair
     pair.src.pages[0:4] = rnd(4, 8)
     pair.send(np.arange(4))
     pair.send(np.arange(4))
@@ -130,7 +144,7 @@ def test_set_delta_off_stops_delta(pair):
 
 
 def test_delta_cache_is_bounded():
-    p = Pair(128, CodecConfig(delta_cache_bytes=8 * 4096))
+    p = Pair(128, CodecConfig(delta_cache_bytes=8 * 4096).without("block"))
     try:
         p.src.pages[:] = rnd(128, 9)
         for r in range(4):
@@ -143,6 +157,64 @@ def test_delta_cache_is_bounded():
         assert np.array_equal(p.src.bytes, p.dst.bytes)
     finally:
         p.close()
+
+
+def test_block_sends_only_the_changed_blocks_of_resent_pages(pair):
+    pair.src.pages[0:16] = rnd(16, 11)
+    pair.send(np.arange(16))
+    pair.src.pages[0:16, 300] ^= 1              # one word in block 1
+    pair.src.pages[0:8, 4000] ^= 1              # and block 15 of half of them
+    (b,) = pair.send(np.arange(16))
+    assert b.pages_by_encoding["block"] == 16
+    assert b.bytes_by_encoding["block"] == 16 * 2 + (16 + 8) * 256
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+    assert np.array_equal(pair.enc.sent_hashes.values, pair.dec.hashes.values)
+
+
+def test_block_is_not_used_when_most_blocks_changed_or_the_receiver_copy_is_unknown(pair):
+    pair.src.pages[0:4] = rnd(4, 12)
+    pair.send(np.arange(4))
+    pair.src.pages[0:4] = rnd(4, 13)            # every block changed: RAW
+    assert totals(pair.send(np.arange(4)))["block"] == 0
+    pair.enc.forget([0, 1])
+    pair.src.pages[0:4, 7] ^= 1                 # forgotten pages cannot be BLOCK;
+    t = totals(pair.send(np.arange(4)))         # the others entered the delta cache
+    assert t["raw"] == 2 and t["delta"] == 2 and t["block"] == 0
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+
+
+def test_block_fingerprints_follow_zero_pages_and_the_delta_cache(pair):
+    """A page sent as ZERO, or DELTA/RAW from the cache, leaves a fingerprint
+    of exactly what the receiver holds."""
+    pair.src.pages[0:4] = rnd(4, 14)
+    pair.send(np.arange(4))
+    pair.src.pages[0] = 0                        # ZERO, then one word set
+    pair.src.pages[1:4] = rnd(3, 15)             # RAW, and cached (too many blocks)
+    pair.send(np.arange(4))
+    assert len(pair.enc.delta_cache) == 3
+    pair.src.pages[0, 5] = 9
+    pair.src.pages[1:4, 2000] ^= 3
+    t = totals(pair.send(np.arange(4)))
+    assert t["block"] == 1 and t["delta"] == 3
+    pair.src.pages[1:4, 10] ^= 3                 # base refreshed by the DELTA send
+    t = totals(pair.send(np.arange(4)))
+    assert t["delta"] == 3
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+
+
+def test_block_pages_refused_by_a_postcopy_placer(pair):
+    pair.src.pages[0:2] = rnd(2, 16)
+    pair.send(np.arange(2))
+    pair.src.pages[0:2, 1] ^= 1
+    (b,) = pair.enc.encode(np.arange(2), 1 << 20)
+    assert b.pages_by_encoding["block"] == 2
+
+    class NoBase:
+        hash_after_place = False
+        supports_delta = False
+
+    with pytest.raises(CodecError, match="BLOCK"):
+        BatchDecoder(pair.dst, NoBase()).apply(b.tobytes())
 
 
 def test_batches_respect_max_bytes():
@@ -238,7 +310,7 @@ def test_custom_placer_gets_contiguous_runs_and_hashes_come_from_staging():
     assert np.array_equal(src.bytes, dst.bytes)
     assert enc.sent_hashes.digest() == dec.hashes.digest()
     # a DELTA batch cannot be applied without a base copy
-    full = Pair(8)
+    full = Pair(8, NO_BLOCK)
     try:
         full.src.pages[0] = rnd(1, 14)
         full.send([0])

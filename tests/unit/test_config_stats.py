@@ -14,7 +14,7 @@ def test_defaults_match_the_documented_ones():
     c = MigrationConfig()
     assert (c.mode, c.downtime_ms, c.max_bandwidth_bps, c.auto_converge) == ("precopy", 300, None, False)
     assert (c.throttle_initial_pct, c.throttle_increment_pct, c.throttle_max_pct) == (20, 10, 99)
-    assert c.max_rounds == 30 and c.codec.delta_cache_bytes == 64 << 20 and c.verify == "sent"
+    assert c.max_rounds == 30 and c.codec.delta_cache_bytes == 32 << 20 and c.verify == "sent"
 
 
 def test_every_field_has_a_docstring():
@@ -55,10 +55,10 @@ def test_invalid_configs_are_refused(bad):
         MigrationConfig.from_dict(bad)
 
 
-def test_postcopy_codec_drops_delta():
+def test_postcopy_codec_drops_delta_block_and_dup():
     post = MigrationConfig(mode="postcopy").codec_for_mode
-    assert not post.enabled("delta") and not post.enabled("dup")
-    assert CodecConfig().without("delta", "dup").encodings == ("zero", "lz4", "raw")
+    assert not post.enabled("delta") and not post.enabled("dup") and not post.enabled("block")
+    assert CodecConfig().without("delta", "dup").encodings == ("zero", "block", "lz4", "raw")
 
 
 def test_percentiles_exact():

@@ -101,3 +101,54 @@ def test_delta_too_big_appends_nothing():
 def test_delta_apply_rejects_malformed(bad):
     staging = _pages(1)
     assert not k.delta_apply(staging, bad, np.array([len(bad)]))
+
+
+# -- block fingerprints -------------------------------------------------------
+
+from livemig.blockdelta import (BLOCK_BYTES, FULL_MASK, Fingerprints, apply_blocks,  # noqa: E402
+                                gather_blocks)
+
+
+
+def test_fingerprint_gives_the_page_hash_and_the_changed_blocks():
+    rng = np.random.default_rng(3)
+    pages = rng.integers(0, 256, (6, 4096), dtype=np.uint8)
+    fp = Fingerprints(6)
+    masks, hashes = fp.update(pages, None, np.arange(6))
+    assert np.array_equal(hashes, k.hash_pages(pages))
+    assert np.all(masks == FULL_MASK)            # nothing valid yet: every block counts
+    fp.valid[:] = True
+    pages[2, 5 * BLOCK_BYTES + 1] ^= 1
+    pages[4, 0] ^= 1
+    pages[4, 4095] ^= 1
+    masks, _ = fp.update(pages, None, np.arange(6))
+    assert masks.tolist() == [0, 0, 1 << 5, 0, 1 | 1 << 15, 0]
+    masks, _ = fp.update(pages, None, np.arange(6))
+    assert not masks.any()                       # the new fingerprint was stored
+
+
+def test_gather_then_apply_blocks_patches_only_the_named_blocks():
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 256, (3, 4096), dtype=np.uint8)
+    dst = src.copy()
+    src[0, 0:BLOCK_BYTES] ^= 0xFF
+    src[2, 3 * BLOCK_BYTES] ^= 1
+    masks = np.array([1, 0, 1 << 3], dtype=np.uint16)
+    out = np.empty(2 * BLOCK_BYTES, dtype=np.uint8)
+    gather_blocks(src, np.arange(3), masks, np.array([0, BLOCK_BYTES, BLOCK_BYTES]), out)
+    assert apply_blocks(dst, np.arange(3), masks, out.tobytes())
+    assert np.array_equal(src, dst)
+
+
+def test_malformed_blocks_write_nothing_and_bad_rows_are_refused():
+    dst = np.zeros((2, 4096), dtype=np.uint8)
+    masks = np.array([3, 0], dtype=np.uint16)
+    assert not apply_blocks(dst, np.arange(2), masks, b"\xff" * BLOCK_BYTES)   # needs 2 blocks
+    assert not apply_blocks(dst, np.array([0, 2]), masks, b"\xff" * 2 * BLOCK_BYTES)
+    assert not dst.any()
+    with pytest.raises(NativeError):
+        gather_blocks(dst, np.array([5]), np.array([1], np.uint16), np.array([0]),
+                      np.empty(BLOCK_BYTES, np.uint8))
+    with pytest.raises(NativeError):                 # no room for the block
+        gather_blocks(dst, np.array([0]), np.array([3], np.uint16), np.array([0]),
+                      np.empty(BLOCK_BYTES, np.uint8))

@@ -1,0 +1,114 @@
+"""BLOCK pages: re-send only the 256-byte blocks of a page that changed.
+
+The source keeps, for every guest page, the hashes of the 16 blocks the
+receiver holds (:class:`Fingerprints`, 128 bytes per 4 KiB page); see
+csrc/lm_blockdelta.c for the theory. The encoder fingerprints each page it
+sends from the bytes it sends (a staging snapshot, a delta-cache slab, or
+frozen memory), which yields the page hash it needs anyway, and learns which
+blocks changed since the last send. The receiver writes the blocks over its
+own copy of the page, so BLOCK, like DELTA, is for pre-copy only.
+
+Wire form (a section of the batch, pages in run order)::
+
+    <H mask per BLOCK page (bit b = block b follows), then the blocks
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .native import PAGE_SIZE, check, ffi, lib
+from .pagekernels import _iptr, _pages_ptr
+
+BLOCK_BYTES = lib.LM_BLOCK_BYTES
+BLOCKS_PER_PAGE = lib.LM_BLOCKS_PER_PAGE
+FULL_MASK = (1 << BLOCKS_PER_PAGE) - 1
+MASK_BYTES = 2
+
+_POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.int64)
+
+
+def block_counts(masks: np.ndarray) -> np.ndarray:
+    """Blocks each mask names."""
+    return _POPCOUNT16[np.asarray(masks, dtype=np.uint16)]
+
+
+def block_page_bytes(masks: np.ndarray) -> np.ndarray:
+    """Wire bytes of each BLOCK page: its mask and its blocks."""
+    return MASK_BYTES + block_counts(masks) * BLOCK_BYTES
+
+
+class Fingerprints:
+    """Block hashes of what the receiver holds, one row per guest page.
+
+    A row is trusted only while ``valid[page]``: a page the encoder has not
+    sent exactly (or was told to forget) has every block counted as changed."""
+
+    def __init__(self, npages: int):
+        self.table = np.zeros((npages, BLOCKS_PER_PAGE), dtype=np.uint64)
+        self.valid = np.zeros(npages, dtype=np.bool_)
+        self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + self.valid.nbytes
+
+    def update(self, pages: np.ndarray, rows, page_indices) -> tuple[np.ndarray, np.ndarray]:
+        """Fingerprint ``pages[rows]`` (``rows=None``: every row) as the new
+        content of ``page_indices``; return (changed-block masks, page hashes).
+        Validity is not changed here: the caller sets it once the bytes are
+        committed to the wire."""
+        fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)
+        r = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+        n = fp_rows.size
+        masks = np.empty(n, dtype=np.uint16)
+        hashes = np.empty(n, dtype=np.uint64)
+        if n:
+            check(lib.lm_pages_fingerprint(
+                _pages_ptr(pages), pages.shape[0], _iptr(r), n,
+                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(fp_rows),
+                ffi.from_buffer("uint8_t[]", self.valid.view(np.uint8)),
+                ffi.from_buffer("uint16_t[]", masks), ffi.from_buffer("uint64_t[]", hashes)),
+                "block fingerprinting")
+        return masks, hashes
+
+    def set_zero(self, page_indices) -> None:
+        """These pages are now all zero at the receiver."""
+        fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)
+        if fp_rows.size:
+            check(lib.lm_pages_set_fingerprint(
+                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(fp_rows),
+                fp_rows.size, ffi.from_buffer("uint8_t[]", self._zero)), "block fingerprinting")
+
+
+def gather_blocks(pages: np.ndarray, rows: np.ndarray, masks: np.ndarray,
+                  out_offsets: np.ndarray, out: np.ndarray) -> None:
+    """Copy the blocks each mask names from ``pages[rows[i]]`` to ``out`` at
+    ``out_offsets[i]``."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if rows.size:
+        check(lib.lm_pages_gather_blocks(
+            _pages_ptr(pages), pages.shape[0], _iptr(rows),
+            ffi.from_buffer("uint16_t[]", np.ascontiguousarray(masks, dtype=np.uint16)),
+            _iptr(np.ascontiguousarray(out_offsets, dtype=np.int64)), rows.size,
+            ffi.from_buffer("uint8_t[]", out), out.size), "gathering changed blocks")
+
+
+def apply_blocks(pages: np.ndarray, page_indices: np.ndarray, masks: np.ndarray, data) -> bool:
+    """Write the blocks in ``data`` over ``pages[page_indices]``. False (and
+    nothing written) when ``data`` is not exactly what the masks need."""
+    idx = np.ascontiguousarray(page_indices, dtype=np.int64)
+    masks = np.ascontiguousarray(masks, dtype=np.uint16)
+    if idx.size != masks.size:
+        return False
+    if not idx.size:
+        return len(data) == 0
+    if idx.min() < 0 or idx.max() >= pages.shape[0]:
+        return False
+    rc = lib.lm_pages_apply_blocks(_pages_ptr(pages), pages.shape[0], _iptr(idx),
+                                   ffi.from_buffer("uint16_t[]", masks), idx.size,
+                                   ffi.from_buffer("uint8_t[]", data), len(data))
+    return rc == 0
+
+
+__all__ = ["BLOCK_BYTES", "BLOCKS_PER_PAGE", "FULL_MASK", "MASK_BYTES", "Fingerprints",
+           "block_counts", "block_page_bytes", "gather_blocks", "apply_blocks"]
