@@ -54,6 +54,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
@@ -641,23 +642,25 @@ static int dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_
         uint64_t first = get64(r);
         uint32_t count = get32(r + 8);
         int64_t placed;
+        /* Hashes first: once the last page is placed the owner may take the
+         * digest of the hash array at any moment. */
         if (r[12] == B_RAW) {
-            placed = lm_postcopy_copy(u->pc, first, data, count);
-            if (placed >= 0 && u->hashes) {
+            if (u->hashes) {
                 uint64_t h[64];
                 for (uint32_t j = 0; j < count; j += 64) {
                     uint32_t m = count - j < 64 ? count - j : 64;
                     lm_pages_hash(data + (uint64_t)j * LM_PAGE_SIZE, m, NULL, m, h);
                     for (uint32_t k = 0; k < m; k++)
-                        __atomic_store_n(&u->hashes[first + j + k], h[k], __ATOMIC_RELAXED);
+                        __atomic_store_n(&u->hashes[first + j + k], h[k], __ATOMIC_RELEASE);
                 }
             }
+            placed = lm_postcopy_copy(u->pc, first, data, count);
             data += (uint64_t)count * LM_PAGE_SIZE;
         } else {
-            placed = lm_postcopy_zero(u->pc, first, count);
-            if (placed >= 0 && u->hashes)
+            if (u->hashes)
                 for (uint32_t k = 0; k < count; k++)
-                    __atomic_store_n(&u->hashes[first + k], u->zero_hash, __ATOMIC_RELAXED);
+                    __atomic_store_n(&u->hashes[first + k], u->zero_hash, __ATOMIC_RELEASE);
+            placed = lm_postcopy_zero(u->pc, first, count);
         }
         if (placed < 0)
             return fail(u, (int)-placed, "placing pages %llu..%llu: %s",
@@ -900,6 +903,14 @@ LM_API int lm_urgent_attach(lm_urgent *u, int sock_fd, uint32_t wire_version, ui
     if (!u->rbuf || !u->sbuf) {
         close(sock_fd);
         return -ENOMEM;
+    }
+    /* The thread reads until EAGAIN; a transport's socket is non-blocking
+     * already (the flag lives in the shared open file). */
+    int fl = fcntl(sock_fd, F_GETFL);
+    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(sock_fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
+        int e = errno;
+        close(sock_fd);
+        return -e;
     }
     u->fd = sock_fd;
     u->version = wire_version;
