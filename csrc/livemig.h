@@ -413,6 +413,11 @@ int lm_urgent_status(const lm_urgent *u, char *reason, size_t reason_cap);
  * indices in arrival order (source). Returns the count. */
 int64_t lm_urgent_latencies_drain(lm_urgent *u, uint64_t *ns_out, uint64_t max);
 int64_t lm_urgent_requests_drain(lm_urgent *u, uint64_t *pages_out, uint64_t max);
+/* Dest, called by the owner after it placed pages itself (pushed batches):
+ * every listed page a fault waited for is settled, its latency (fault read
+ * -> now) written to latency_ns_out (room for n). Returns how many. */
+int64_t lm_urgent_dest_settle(lm_urgent *u, const int64_t *pages, uint64_t n,
+                              uint64_t *latency_ns_out);
 /* Dest: pages with a request in flight (asked, not yet seen placed). */
 uint64_t lm_urgent_outstanding(const lm_urgent *u);
 int lm_urgent_stats_get(const lm_urgent *u, lm_urgent_stats *out);

@@ -534,9 +534,9 @@ static int dest_read_faults(lm_urgent *u)
         uint64_t t = now_ns(), fresh = 0;
         for (int64_t i = 0; i < n; i++) {
             uint64_t pg = pages[i];
-            if (u->fault_ns[pg])
+            if (__atomic_load_n(&u->fault_ns[pg], __ATOMIC_RELAXED))
                 continue;           /* asked already: the reply is on its way */
-            u->fault_ns[pg] = t;
+            __atomic_store_n(&u->fault_ns[pg], t, __ATOMIC_RELEASE);
             pages[fresh++] = pg;
         }
         STAT_ADD(u, faults_read, n);
@@ -549,21 +549,32 @@ static int dest_read_faults(lm_urgent *u)
     }
 }
 
-/* Latency bookkeeping for pages [first, first + n), now present. */
-static void dest_served(lm_urgent *u, uint64_t first, uint64_t n, uint64_t t)
+/* Latency bookkeeping for pages now present: pages[i] (or first + i when
+ * pages is NULL), i < n. Whoever swaps a page's fault time to 0 records it:
+ * the thread for its replies, the owner (lm_urgent_dest_settle) for pushed
+ * pages, so each fault is counted once. Latencies go to out when given,
+ * else to the ring. Returns how many were recorded. */
+static uint64_t dest_served(lm_urgent *u, const int64_t *pages, uint64_t first, uint64_t n,
+                            uint64_t t, uint64_t *out)
 {
     uint64_t lat[64];
     uint64_t k = 0, served = 0, sum = 0, mx = 0;
-    for (uint64_t pg = first; pg < first + n; pg++) {
-        uint64_t f = u->fault_ns[pg];
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t pg = pages ? (uint64_t)pages[i] : first + i;
+        if (!__atomic_load_n(&u->fault_ns[pg], __ATOMIC_RELAXED))
+            continue;
+        uint64_t f = __atomic_exchange_n(&u->fault_ns[pg], 0, __ATOMIC_ACQ_REL);
         if (!f)
             continue;
-        u->fault_ns[pg] = 0;
         uint64_t d = t > f ? t - f : 0;
-        served++;
         sum += d;
         if (d > mx)
             mx = d;
+        if (out) {
+            out[served++] = d;
+            continue;
+        }
+        served++;
         lat[k++] = d;
         if (k == 64) {
             ring_push(u, lat, k, &u->stats.latencies_dropped);
@@ -573,7 +584,7 @@ static void dest_served(lm_urgent *u, uint64_t first, uint64_t n, uint64_t t)
     if (k)
         ring_push(u, lat, k, &u->stats.latencies_dropped);
     if (!served)
-        return;
+        return 0;
     __atomic_fetch_sub(&u->noutstanding, served, __ATOMIC_RELAXED);
     STAT_ADD(u, faults_served, served);
     STAT_ADD(u, latency_sum_ns, sum);
@@ -582,6 +593,18 @@ static void dest_served(lm_urgent *u, uint64_t first, uint64_t n, uint64_t t)
     while (mx > cur && !__atomic_compare_exchange_n(&u->stats.latency_max_ns, &cur, mx, 0,
                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED))
         ;
+    return served;
+}
+
+LM_API int64_t lm_urgent_dest_settle(lm_urgent *u, const int64_t *pages, uint64_t n,
+                                     uint64_t *latency_ns_out)
+{
+    if (!u || u->side != SIDE_DEST)
+        return -EINVAL;
+    for (uint64_t i = 0; i < n; i++)
+        if (pages[i] < 0 || (uint64_t)pages[i] >= u->npages)
+            return -ERANGE;
+    return (int64_t)dest_served(u, pages, 0, n, now_ns(), latency_ns_out);
 }
 
 static int dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_t length)
@@ -667,7 +690,7 @@ static int dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_
                         (unsigned long long)first, (unsigned long long)(first + count - 1),
                         strerror((int)-placed));
         STAT_ADD(u, pages_placed, placed);
-        dest_served(u, first, count, now_ns());
+        dest_served(u, NULL, first, count, now_ns(), NULL);
     }
     STAT_ADD(u, replies, 1);
     STAT_ADD(u, pages_replied, npages);
@@ -685,12 +708,12 @@ static int dest_resend(lm_urgent *u)
     uint64_t n = 0, gone = 0;
     int rc = 0;
     for (uint64_t pg = 0; pg < u->npages && rc == 0; pg++) {
-        if (!u->fault_ns[pg])
+        if (!__atomic_load_n(&u->fault_ns[pg], __ATOMIC_ACQUIRE))
             continue;
         if (lm_postcopy_page_present(u->pc, pg)) {
             /* a push landed it while we were away; the vCPU was woken then */
-            u->fault_ns[pg] = 0;
-            gone++;
+            if (__atomic_exchange_n(&u->fault_ns[pg], 0, __ATOMIC_ACQ_REL))
+                gone++;
             continue;
         }
         u->scratch[n++] = pg;

@@ -202,6 +202,19 @@ class NativeFaultServer(_NativeUrgent):
                 break
         return np.concatenate(parts) if parts else np.empty(0)
 
+    def settle_us(self, page_indices: np.ndarray) -> np.ndarray:
+        """After placing ``page_indices`` ourselves (a pushed batch): the
+        latencies in µs of the faults that waited for them (each fault is
+        counted once, by whoever saw its page placed first)."""
+        idx = np.ascontiguousarray(page_indices, dtype=np.int64)
+        if not idx.size:
+            return np.empty(0)
+        out = np.empty(idx.size, dtype=np.uint64)
+        n = check(lib.lm_urgent_dest_settle(self._h, ffi.from_buffer("int64_t[]", idx), idx.size,
+                                            ffi.from_buffer("uint64_t[]", out)),
+                  "settling placed pages")
+        return out[:n] / 1e3
+
     @property
     def outstanding(self) -> int:
         return int(lib.lm_urgent_outstanding(self._h))
