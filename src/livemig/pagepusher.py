@@ -43,7 +43,7 @@ import numpy as np
 
 from .aio.channel import Channel, until_finished
 from .codec import BatchEncoder
-from .errors import MigrationError, RemoteProtocolError
+from .errors import ConnectionLost, MigrationError, RemoteProtocolError
 from .native import PAGE_SIZE
 from .pagekernels import ZERO_PAGE_HASH, hash_pages, zero_scan
 from .pages import order_near_faults, runs_of
@@ -78,6 +78,7 @@ class PostcopySender:
         self.native: NativePageServer | None = None
         self._native_failed: asyncio.Future | None = None
         self._native_folded: dict[str, int] = {}
+        self._completing = False
 
     def resync(self, present: np.ndarray) -> None:
         """After a reconnection: owe exactly what the destination lacks."""
@@ -136,6 +137,11 @@ class PostcopySender:
             self._prepage.extend(recent)
             self._wake.set()
         err = self.native.failure()
+        if isinstance(err, ConnectionLost) and self._completing:
+            # The digests matched and Complete is (being) sent: the destination
+            # closes its urgent channel as soon as it reads it, which can be
+            # seen here before our own completion task has finished.
+            err = None
         if err is not None and self._native_failed is not None \
                 and not self._native_failed.done():
             self._native_failed.set_exception(err)
@@ -273,6 +279,7 @@ class PostcopySender:
                       f"source {ours.hex()}")
             await control.send(Abort(Phase.POSTCOPY, reason))
             raise MigrationError(reason, phase="postcopy", source_resumed=False)
+        self._completing = True
         await control.send(Complete())
 
 
