@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 4
+#define LM_ABI_VERSION 5
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -367,6 +367,91 @@ int64_t lm_pages_gather_blocks(const uint8_t *base, uint64_t npages, const int64
 int lm_pages_apply_blocks(uint8_t *base, uint64_t npages, const int64_t *rows,
                           const uint16_t *masks, uint64_t n, const uint8_t *data,
                           uint64_t data_len);
+/* ---- native urgent fault channel (lm_urgent.c) ------------------------- */
+/* Declarations of the urgent-channel threads follow this line. */
+/* After the urgent channel's handshake, its socket (a dup) is handed to a
+ * native thread: on the destination it reads uffd faults, sends PageRequest
+ * frames and places the PageBatch(URGENT) replies; on the source it answers
+ * PageRequests straight from (frozen) guest memory. Frames are the wire
+ * format of src/livemig/protocol/wire.py; the checksum is xxh3-64 from the
+ * system's libxxhash, loaded at run time. A handle outlives connections:
+ * lm_urgent_attach starts a thread on one socket, lm_urgent_detach stops it;
+ * the destination's outstanding requests survive and are sent again on the
+ * next attach. */
+#define LM_URGENT_REQUEST_PAGES 1024   /* most pages one sent PageRequest names */
+#define LM_URGENT_MAX_PAGES_IN 65536   /* most pages one received PageRequest may name */
+#define LM_URGENT_REPLY_RUNS 256       /* most runs in one sent reply batch */
+#define LM_URGENT_RING 65536           /* entries of the latency and request rings */
+#define LM_URGENT_IDLE 0               /* lm_urgent_status: no thread attached */
+#define LM_URGENT_RUNNING 1
+#define LM_URGENT_STOPPED 2            /* thread ended by lm_urgent_detach's request */
+
+typedef struct lm_urgent lm_urgent;
+
+typedef struct lm_urgent_stats {
+    uint64_t frames_sent;
+    uint64_t frames_received;
+    uint64_t bytes_sent;          /* header + payload */
+    uint64_t bytes_received;
+    uint64_t requests;            /* PageRequests sent (dest) / answered (source) */
+    uint64_t pages_requested;     /* pages they named */
+    uint64_t pages_resent;        /* dest: outstanding pages asked again after an attach */
+    uint64_t replies;             /* reply batches received (dest) / sent (source) */
+    uint64_t pages_replied;       /* pages those batches carried */
+    uint64_t payload_bytes_replied; /* their page-batch bytes (PageBatch payload minus its prefix) */
+    uint64_t pages_placed;        /* dest: pages newly placed by the thread */
+    uint64_t faults_read;         /* dest: distinct missing pages read from the uffd */
+    uint64_t faults_served;       /* dest: faults whose page the thread saw placed */
+    uint64_t latency_sum_ns;      /* dest: over faults_served, fault read -> placed */
+    uint64_t latency_max_ns;
+    uint64_t blocked_ns;          /* dest: sum of those latencies (see docs/postcopy.md) */
+    uint64_t latencies_dropped;   /* dest: latencies lost to a full ring */
+    uint64_t requests_dropped;    /* source: requested indices lost to a full ring */
+    uint64_t attaches;
+    uint64_t spin_polls;          /* zero-timeout polls made while spinning */
+} lm_urgent_stats;
+
+/* 0 when the native urgent path can run (libxxhash loads and agrees with a
+ * known xxh3-64 value); else -errno and a reason. */
+int lm_urgent_probe(char *reason, size_t reason_cap);
+/* Destination: faults of p are read and answered by the thread; hashes (npages
+ * entries, may be NULL) receive the content hash of every page it places. */
+int lm_urgent_dest_create(lm_postcopy *p, uint64_t *hashes, lm_urgent **out);
+/* Source: requests are answered from base[0 .. npages) (must stay unchanged
+ * while attached); hashes (may be NULL) receive the hash of each page sent;
+ * round goes into every reply's PageBatch.round. */
+int lm_urgent_source_create(const uint8_t *base, uint64_t npages, uint64_t *hashes,
+                            uint32_t round, lm_urgent **out);
+/* Start the thread on sock_fd (ownership passes, even on failure), whose
+ * next frame to send has sequence send_seq and next to receive recv_seq.
+ * cpu >= 0 pins the thread; spin_us > 0 polls without sleeping that long
+ * after each activity before blocking. -EBUSY when attached. */
+int lm_urgent_attach(lm_urgent *u, int sock_fd, uint32_t wire_version, uint64_t send_seq,
+                     uint64_t recv_seq, uint64_t max_payload_bytes, int cpu, uint32_t spin_us);
+/* Stop (via an eventfd) and join the thread, shut down and close the socket.
+ * Returns what the thread ended with: 0, or the -errno that stopped it. */
+int lm_urgent_detach(lm_urgent *u);
+/* An eventfd that becomes readable when the thread has news for the owner:
+ * it ended, requested pages or latencies wait in a ring, or (dest) no page is
+ * missing any more. Read 8 bytes to clear. */
+int lm_urgent_notify_fd(const lm_urgent *u);
+/* LM_URGENT_IDLE / RUNNING / STOPPED, or the -errno the thread failed with
+ * (then reason holds a one-line explanation). */
+int lm_urgent_status(const lm_urgent *u, char *reason, size_t reason_cap);
+/* Take up to max queued entries: fault latencies in ns (dest), requested page
+ * indices in arrival order (source). Returns the count. */
+int64_t lm_urgent_latencies_drain(lm_urgent *u, uint64_t *ns_out, uint64_t max);
+int64_t lm_urgent_requests_drain(lm_urgent *u, uint64_t *pages_out, uint64_t max);
+/* Dest, called by the owner after it placed pages itself (pushed batches):
+ * every listed page a fault waited for is settled, its latency (fault read
+ * -> now) written to latency_ns_out (room for n). Returns how many. */
+int64_t lm_urgent_dest_settle(lm_urgent *u, const int64_t *pages, uint64_t n,
+                              uint64_t *latency_ns_out);
+/* Dest: pages with a request in flight (asked, not yet seen placed). */
+uint64_t lm_urgent_outstanding(const lm_urgent *u);
+int lm_urgent_stats_get(const lm_urgent *u, lm_urgent_stats *out);
+/* Detaches if needed, then frees. */
+void lm_urgent_destroy(lm_urgent *u);
 
 /* LM_CDEF_END */
 

@@ -49,6 +49,7 @@
 #include <linux/userfaultfd.h>
 
 #include "livemig.h"
+#include "lm_postcopy_internal.h"
 
 /* /usr/include may predate these (UFFDIO_MOVE arrived in Linux 6.8). */
 #ifndef UFFD_FEATURE_MOVE
@@ -238,6 +239,13 @@ static uint64_t mark_range(lm_postcopy *p, uint64_t first, uint64_t n)
         __atomic_fetch_add(&p->npresent, added, __ATOMIC_RELAXED);
     return added;
 }
+
+int lm_postcopy_page_present(const lm_postcopy *p, uint64_t page)
+{
+    return page_is_present(p, page);
+}
+
+uint64_t lm_postcopy_npages(const lm_postcopy *p) { return p->npages; }
 
 LM_API int64_t lm_postcopy_mark_present(lm_postcopy *p, const uint64_t *words, uint64_t nwords)
 {

@@ -163,7 +163,25 @@ class MigrationConfig:
     """How long either side waits for a broken post-copy connection to be
     re-established before giving up (the destination then stops the VM)."""
 
+    native_urgent: bool = True
+    """Post-copy: serve the urgent (fault) channel from native threads on both
+    sides when the host allows (libxxhash loadable, no TLS on the channel);
+    False keeps it on the event loop. LIVEMIG_NATIVE_URGENT=0 in the
+    environment also forces the event-loop path (see docs/postcopy.md)."""
+
+    urgent_cpu: int = -1
+    """CPU the native urgent thread is pinned to; -1 leaves it to the scheduler."""
+
+    urgent_spin_us: int = 0
+    """Native urgent thread: after each activity, poll without sleeping this
+    long before blocking (trades CPU for wake-up latency); 0 = never spin."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.urgent_spin_us, int) or not 0 <= self.urgent_spin_us <= 100_000:
+            raise ConfigError(f"urgent_spin_us must be an int in 0..100000, "
+                              f"got {self.urgent_spin_us!r}")
+        if not isinstance(self.urgent_cpu, int) or self.urgent_cpu < -1:
+            raise ConfigError(f"urgent_cpu must be -1 or a CPU number, got {self.urgent_cpu!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.verify not in VERIFY_MODES:

@@ -52,6 +52,7 @@ from .decoder import BatchDecoder
 from .digest import memory_digest_full
 from .errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      RemoteProtocolError, StateFormatError, Unsupported)
+from . import urgent
 from .faultservice import OWED_PAGE_HASH, FaultService, PostcopyPlacer, owed_mask
 from .native import PAGE_SIZE
 from . import postcopy
@@ -399,7 +400,7 @@ class IncomingMigration:
         self.decoder = BatchDecoder(vm.memory, PostcopyPlacer(self.pm), verify_dup=False)
         self.decoder.hashes = held
         await self._verified_then_commit()
-        self.faults = FaultService(self.pm, self.decoder, self.stats)
+        self.faults = self._fault_service()
         vm.resume()
         self._handed_over = True
         self.faults.start()
@@ -411,6 +412,19 @@ class IncomingMigration:
         self.pm.close()
         self.pm = None
         self._completed(vm)
+
+    def _fault_service(self) -> FaultService:
+        """The urgent channel's path is chosen here, from the control channel:
+        every channel of a session goes through the same listener, so the
+        control channel's TLS (or none) is the urgent channel's too."""
+        cfg = self.config
+        choice = urgent.choose_path(self.ch, enabled=cfg.native_urgent)
+        native = None
+        if choice.native:
+            native = urgent.NativeFaultServer(self.pm, self.decoder.hashes.values)
+        self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
+        return FaultService(self.pm, self.decoder, self.stats, urgent=native,
+                            urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us)
 
     async def _run_postcopy(self) -> None:
         """FaultService over the current channels; on a break, wait for the

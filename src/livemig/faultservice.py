@@ -32,6 +32,13 @@ Why it is correct:
   of outstanding requests; after a reconnection they are all sent again.
 * Latency is measured from the moment the fault message is read to the
   moment the batch holding the page was placed (the vCPU is runnable then).
+
+Native path (``urgent=NativeFaultServer``, see urgent.py): the uffd and the
+urgent channel's socket belong to a C thread instead; this loop then only
+places pushed batches, watches the thread's eventfd (fault latencies to
+fold into the stats, completion, or the error it ended with) and runs the
+control channel. The thread's outstanding requests survive a broken
+channel and are asked again on the next ``serve``.
 """
 from __future__ import annotations
 
@@ -47,11 +54,12 @@ from .decoder import BatchDecoder
 from .native import PAGE_SIZE
 from .pagekernels import ZERO_PAGE_HASH, hash_pages
 from .rawbatch import parse_raw
-from .errors import CodecError, MigrationError, RemoteProtocolError
+from .errors import CodecError, ConnectionLost, MigrationError, RemoteProtocolError
 from .postcopy import PostcopyMemory
 from .protocol import (Abort, Complete, PageBatch, PageRequest, PostcopyComplete,
                        PresentReport)
 from .stats import MigrationStats
+from .urgent import NativeFaultServer
 
 MAX_REQUEST_PAGES = 1024     # pages named by one PageRequest
 OWED_PAGE_HASH = 0           # hash-array entry of a page owed at switchover (both sides)
@@ -86,7 +94,13 @@ class FaultService:
     ``serve`` can be called again with a new set (recovery).
     """
 
-    def __init__(self, pm: PostcopyMemory, decoder: BatchDecoder, stats: MigrationStats):
+    def __init__(self, pm: PostcopyMemory, decoder: BatchDecoder, stats: MigrationStats, *,
+                 urgent: NativeFaultServer | None = None, urgent_cpu: int = -1,
+                 urgent_spin_us: int = 0):
+        self.native = urgent
+        self._urgent_cpu = urgent_cpu
+        self._urgent_spin_us = urgent_spin_us
+        self._native_failed: asyncio.Future | None = None
         self.pm = pm
         self.decoder = decoder
         self.stats = stats
@@ -105,14 +119,55 @@ class FaultService:
     def start(self) -> None:
         """Watch the fault fd (call once the guest may run)."""
         self._t_start = time.monotonic()
-        asyncio.get_running_loop().add_reader(self.pm.fileno(), self._on_faults)
+        fd = self.native.fileno() if self.native is not None else self.pm.fileno()
+        asyncio.get_running_loop().add_reader(
+            fd, self._on_native if self.native is not None else self._on_faults)
         self._watching = True
         self._check_done()
 
     def stop(self) -> None:
+        """Stop watching; the native thread is stopped, its counters folded
+        into the stats, and the handle freed (before the memory may close)."""
         if self._watching:
-            asyncio.get_running_loop().remove_reader(self.pm.fileno())
+            fd = self.native.fileno() if self.native is not None else self.pm.fileno()
+            asyncio.get_running_loop().remove_reader(fd)
             self._watching = False
+        if self.native is not None:
+            self.native.detach()
+            self._fold_native()
+            self.native.close()
+            self.native = None
+
+    def _on_native(self) -> None:
+        self.native.clear_notify()
+        lat = self.native.drain_latencies_us()
+        if lat.size:
+            self.stats.fault_latency.add_many(lat)
+        self._check_done()
+        err = self.native.failure()
+        if isinstance(err, ConnectionLost) and self._done.is_set():
+            # Every page is here: the source may close the urgent channel as
+            # soon as it answered Complete, before that Complete is read.
+            err = None
+        if err is not None and self._native_failed is not None \
+                and not self._native_failed.done():
+            self._native_failed.set_exception(err)
+
+    def _fold_native(self) -> None:
+        lat = self.native.drain_latencies_us()
+        if lat.size:
+            self.stats.fault_latency.add_many(lat)
+        ns = self.native.stats()
+        st = self.stats
+        st.urgent_requests += ns["requests"]
+        st.pages_requested += ns["pages_requested"]
+        st.pages_sent += ns["pages_replied"]
+        st.bytes_sent += ns["payload_bytes_replied"]
+        st.pages_by_encoding["raw"] = st.pages_by_encoding.get("raw", 0) + ns["pages_replied"]
+        st.bytes_by_encoding["raw"] = (st.bytes_by_encoding.get("raw", 0)
+                                       + ns["pages_replied"] * PAGE_SIZE)
+        self.faults_read += ns["faults_read"]
+        st.vcpu_blocked_ms = ns["blocked_ns"] / 1e6
 
     def _on_faults(self) -> None:
         now = time.perf_counter()
@@ -133,6 +188,9 @@ class FaultService:
                     resumed: bool) -> None:
         """Run post-copy over these channels until Complete. ``resumed``: the
         channels replace broken ones; ask again for every outstanding page."""
+        if self.native is not None:
+            await self._serve_native(control, urgent, bulk)
+            return
         if resumed:
             outstanding = np.flatnonzero(~np.isnan(self._fault_t))
             if outstanding.size:
@@ -147,6 +205,25 @@ class FaultService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve_native(self, control: Channel, urgent: Channel, bulk: Channel) -> None:
+        """The urgent channel goes to the native thread (which re-asks for
+        every outstanding page itself); this loop keeps bulk and control."""
+        self._native_failed = asyncio.get_running_loop().create_future()
+        self.native.attach(urgent, cpu=self._urgent_cpu, spin_us=self._urgent_spin_us)
+        tasks = [asyncio.ensure_future(c) for c in (
+            self._native_failed, self._receive(bulk, "bulk"), self._finish(control))]
+        try:
+            await until_finished(tasks, finisher=tasks[-1])
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # The source closes the channel once Complete is sent: the thread's
+            # EOF then is the normal end, not an error.
+            self.native.detach()
+            self._native_failed = None
+            self._on_native()
 
     async def report_present(self, control: Channel) -> None:
         """On a resumed control channel: tell the source what we hold."""
@@ -197,6 +274,10 @@ class FaultService:
                                       f"{batch.npages}", phase="postcopy")
         now = time.perf_counter()
         idx = batch.page_indices.astype(np.int64)
+        if self.native is not None:
+            lat = self.native.settle_us(idx)
+            if lat.size:
+                self.stats.fault_latency.add_many(lat)
         t = self._fault_t[idx]
         waited = ~np.isnan(t)
         if waited.any():

@@ -26,17 +26,24 @@ next batch costs O(batch), not O(memory).
 ``serve`` runs on one set of channels and raises when one breaks; the caller
 reconnects and calls ``resync(present)`` with the destination's PresentReport,
 then ``serve`` again. The VM is released only after Complete has been sent.
+
+Native path (``serve(..., urgent_fd=...)``, see urgent.py): the urgent
+channel's socket, handed off right after its handshake, is served by a C
+thread answering from the frozen memory; this loop drains the page indices
+it answered from a ring (eventfd-driven) to mark them sent and to pre-page
+around them, exactly as ``_answer`` does on the Python path.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 
 import numpy as np
 
 from .aio.channel import Channel, until_finished
 from .codec import BatchEncoder
-from .errors import MigrationError, RemoteProtocolError
+from .errors import ConnectionLost, MigrationError, RemoteProtocolError
 from .native import PAGE_SIZE
 from .pagekernels import ZERO_PAGE_HASH, hash_pages, zero_scan
 from .pages import order_near_faults, runs_of
@@ -44,6 +51,7 @@ from .rawbatch import MAX_FAST_RUNS, encode_raw
 from .protocol import (BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, PageRequest,
                        Phase, PostcopyComplete)
 from .stats import MigrationStats
+from .urgent import NativePageServer
 
 PREPAGE_WINDOW_PAGES = 64
 # A pushed batch is decoded and placed in one go on the destination's loop,
@@ -67,6 +75,10 @@ class PostcopySender:
         self._recent: collections.deque = collections.deque(maxlen=RECENT_FAULTS)
         self._prepage: list[int] = []       # faults whose window is not queued yet
         self._wake = asyncio.Event()
+        self.native: NativePageServer | None = None
+        self._native_failed: asyncio.Future | None = None
+        self._native_folded: dict[str, int] = {}
+        self._completing = False
 
     def resync(self, present: np.ndarray) -> None:
         """After a reconnection: owe exactly what the destination lacks."""
@@ -78,15 +90,84 @@ class PostcopySender:
     def owed_npages(self) -> int:
         return int(np.count_nonzero(self.owed))
 
-    async def serve(self, control: Channel, urgent: Channel, bulk: Channel) -> None:
+    async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
+                    urgent_fd: tuple | None = None, cpu: int = -1, spin_us: int = 0) -> None:
+        """``urgent_fd``: what ``urgent.hand_off()`` returned, to serve the
+        urgent channel natively (the tuple's fd is consumed)."""
+        if urgent_fd is None:
+            answer = self._answer(urgent)
+        else:
+            answer = self._start_native(urgent_fd, cpu, spin_us)
         tasks = [asyncio.ensure_future(c) for c in (
-            self._answer(urgent), self._push(bulk), self._await_complete(control))]
+            answer, self._push(bulk), self._await_complete(control))]
         try:
             await until_finished(tasks, finisher=tasks[-1])
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if urgent_fd is not None:
+                self._stop_native()
+
+    # -- urgent, native: a C thread answers; we learn what it sent ---------------------------
+    def _start_native(self, handoff: tuple, cpu: int, spin_us: int) -> asyncio.Future:
+        fd, version, send_seq, recv_seq, max_payload = handoff
+        if self.native is None:
+            try:
+                self.native = NativePageServer(self.encoder.memory,
+                                               self.encoder.sent_hashes.values,
+                                               self.round_index)
+            except BaseException:
+                os.close(fd)
+                raise
+        loop = asyncio.get_running_loop()
+        self._native_failed = loop.create_future()
+        self.native.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
+                              max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us)
+        loop.add_reader(self.native.fileno(), self._on_native)
+        return self._native_failed
+
+    def _on_native(self) -> None:
+        self.native.clear_notify()
+        pages = self.native.drain_requests()
+        if pages.size:
+            self.owed[pages] = False
+            recent = pages[-RECENT_FAULTS:].tolist()
+            self._recent.extend(recent)
+            self._prepage.extend(recent)
+            self._wake.set()
+        err = self.native.failure()
+        if isinstance(err, ConnectionLost) and self._completing:
+            # The digests matched and Complete is (being) sent: the destination
+            # closes its urgent channel as soon as it reads it, which can be
+            # seen here before our own completion task has finished.
+            err = None
+        if err is not None and self._native_failed is not None \
+                and not self._native_failed.done():
+            self._native_failed.set_exception(err)
+
+    def _stop_native(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.native.fileno())
+        self.native.detach()
+        self._native_failed = None
+        self._on_native()
+        ns = self.native.stats()
+        d = {k: v - self._native_folded.get(k, 0) for k, v in ns.items()}
+        self._native_folded = ns
+        st = self.stats
+        st.urgent_requests += d["requests"]
+        st.pages_requested += d["pages_requested"]
+        st.pages_sent += d["pages_replied"]
+        st.bytes_sent += d["payload_bytes_replied"]
+        st.pages_by_encoding["raw"] = st.pages_by_encoding.get("raw", 0) + d["pages_replied"]
+        st.bytes_by_encoding["raw"] = (st.bytes_by_encoding.get("raw", 0)
+                                       + d["pages_replied"] * PAGE_SIZE)
+
+    def close(self) -> None:
+        """Free the native thread's handle (stopped already by ``serve``)."""
+        if self.native is not None:
+            self.native.close()
+            self.native = None
 
     # -- urgent: requests first ------------------------------------------------------------
     async def _answer(self, urgent: Channel) -> None:
@@ -198,6 +279,7 @@ class PostcopySender:
                       f"source {ours.hex()}")
             await control.send(Abort(Phase.POSTCOPY, reason))
             raise MigrationError(reason, phase="postcopy", source_resumed=False)
+        self._completing = True
         await control.send(Complete())
 
 

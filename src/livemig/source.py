@@ -77,6 +77,7 @@ from .errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationE
                      RemoteProtocolError)
 from .pagekernels import zero_scan
 from .faultservice import OWED_PAGE_HASH
+from . import urgent
 from .pagepusher import PostcopySender
 from .policy import Action, RoundStats, decide
 from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
@@ -143,6 +144,7 @@ class SourceSession:
         self.control = control or MigrationControl()
         self._sent = np.zeros(vm.memory.npages, dtype=bool)
         self._urgent: Channel | None = None
+        self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
         self._session_id = os.urandom(16)
         self._connect_args: dict = {}
@@ -175,6 +177,9 @@ class SourceSession:
         finally:
             if self._tracker is not None:
                 self._tracker.close()
+            self._drop_urgent_handoff()
+            if getattr(self, "_sender", None) is not None:
+                self._sender.close()
             for ch in (self._urgent, self._bulk, self._ch):
                 if ch is not None:
                     await ch.close()
@@ -189,8 +194,22 @@ class SourceSession:
 
     async def _open_postcopy_channels(self, *, resume: bool) -> None:
         self._urgent = await self._open(ChannelKind.URGENT, resume=resume)
+        self._drop_urgent_handoff()
+        # Hand the socket off now, before the destination can send on it
+        # (it sends nothing before the bulk channel, opened next, arrives);
+        # the thread starts only in post-copy, with the memory frozen.
+        choice = urgent.choose_path(self._urgent, enabled=self.config.native_urgent)
+        self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
+        if choice.native:
+            self._urgent_handoff = self._urgent.hand_off()
         self._bulk = await self._open(ChannelKind.BULK, resume=resume,
                                       rate_limiter=self._limiter)
+
+    def _drop_urgent_handoff(self) -> None:
+        """Close a handed-off urgent socket no thread took (failure, recovery)."""
+        if self._urgent_handoff is not None:
+            os.close(self._urgent_handoff[0])
+            self._urgent_handoff = None
 
     async def _offer(self) -> None:
         vm = self.vm
@@ -368,7 +387,10 @@ class SourceSession:
         t0 = time.monotonic()
         while True:
             try:
-                await self._sender.serve(self._ch, self._urgent, self._bulk)
+                handoff, self._urgent_handoff = self._urgent_handoff, None
+                await self._sender.serve(self._ch, self._urgent, self._bulk,
+                                         urgent_fd=handoff, cpu=self.config.urgent_cpu,
+                                         spin_us=self.config.urgent_spin_us)
                 break
             except (ConnectionError, RemoteProtocolError, OSError) as exc:
                 if isinstance(exc, HandshakeRefused):

@@ -140,6 +140,13 @@ class MigrationStats:
     pages_requested: int = 0
     recoveries: int = 0
     fault_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    fault_path: str | None = None
+    """Who served the urgent channel here: "native" (C threads) or "python"."""
+    fault_path_reason: str | None = None
+    vcpu_blocked_ms: float | None = None
+    """Destination, native path: sum of per-fault latencies (fault read ->
+    page placed) of the faults it served, i.e. the time vCPUs spent blocked
+    on them (one blocked thread per distinct faulted page)."""
 
     def set_status(self, status: str) -> None:
         if status not in STATUSES:
@@ -188,6 +195,8 @@ class MigrationStats:
                 "duration_ms": self.postcopy_duration_ms, "urgent_requests": self.urgent_requests,
                 "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,
                 "recoveries": self.recoveries, "fault_latency": self.fault_latency.to_dict(),
+                "fault_path": self.fault_path, "fault_path_reason": self.fault_path_reason,
+                "vcpu_blocked_ms": self.vcpu_blocked_ms,
             },
         }
 

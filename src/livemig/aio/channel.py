@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 from typing import Awaitable, Callable
 
-from ..errors import ConfigError, ConnectionLost, LivemigError, RemoteProtocolError
+from ..errors import (ConfigError, ConnectionLost, LivemigError, LocalProtocolError,
+                      RemoteProtocolError)
 from ..protocol import (CLOSED, NEED_DATA, Abort, ChannelKind, Connection, Event, Hello,
                         PageBatch, Refuse, Welcome, answer_hello)
 from ..protocol.connection import SUPPORTED_VERSIONS
@@ -127,6 +129,7 @@ class Channel:
         self._can_write.set()
         self._send_lock = asyncio.Lock()
         self._lost = asyncio.get_running_loop().create_future()
+        self._handed_off = False
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_sent = 0
@@ -207,6 +210,33 @@ class Channel:
         """Drop the connection at once, discarding unsent data."""
         if self._transport is not None:
             self._transport.abort()
+
+    def hand_off(self) -> tuple[int, int, int, int, int]:
+        """Give the stream to another framer (the native urgent thread).
+
+        Stops reading, and returns ``(fd, version, send_seq, recv_seq,
+        max_payload_bytes)`` where ``fd`` is a dup of the socket the caller
+        now owns. This channel must not be used for traffic afterwards
+        (LocalProtocolError); ``close``/``abort`` still end the transport.
+        Refused (ConfigError) on TLS, without a socket, or with received
+        bytes not yet consumed, which the new owner would never see."""
+        if self._transport is None or self.get_extra_info("ssl_object") is not None:
+            raise ConfigError("only a plain-TCP channel can be handed off")
+        sock = self.get_extra_info("socket")
+        if sock is None:
+            raise ConfigError("the channel's transport exposes no socket")
+        if self._events or self.conn.buffered_bytes:
+            raise ConfigError("the channel holds received data; hand it off before traffic")
+        self._raise_if_unusable()
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        self._handed_off = True
+        return (os.dup(sock.fileno()), *self.conn.hand_off_state())
+
+    @property
+    def handed_off(self) -> bool:
+        return self._handed_off
 
     async def __aenter__(self):
         return self
@@ -293,6 +323,9 @@ class Channel:
         self._wakeup.set()
 
     def _raise_if_unusable(self) -> None:
+        if self._handed_off:
+            raise LocalProtocolError(f"channel {self.name} was handed to a native thread",
+                                     phase=self.phase)
         if self._error is not None:
             raise self._error
         if self._lost.done() or self._transport is None or self._transport.is_closing():

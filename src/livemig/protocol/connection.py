@@ -133,6 +133,12 @@ class Connection:
     def buffered_bytes(self) -> int:
         return self._reader.buffered_bytes
 
+    def hand_off_state(self) -> tuple[int, int, int, int]:
+        """(version, next send sequence, next receive sequence, receive cap):
+        what another framer needs to take the stream over from here."""
+        return (self._version, self._send_sequence, self._reader.expected_sequence,
+                self.max_payload_bytes)
+
     @property
     def errored(self) -> bool:
         return self._remote_error is not None or self._local_error is not None
