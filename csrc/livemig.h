@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 5
+#define LM_ABI_VERSION 7
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -323,6 +323,10 @@ int lm_pages_zero_scan(const uint8_t *base, uint64_t npages, const int64_t *indi
 /* out_hashes[i] = the 64-bit content hash of page indices[i]. */
 int lm_pages_hash(const uint8_t *base, uint64_t npages, const int64_t *indices,
                   uint64_t n, uint64_t *out_hashes);
+/* Copy n contiguous pages from src to pages indices[i] of base, and hash each
+ * page as it now is in base (read back at once, from cache). */
+int lm_pages_place_hash(uint8_t *base, uint64_t npages, const int64_t *indices,
+                        uint64_t n, const uint8_t *src, uint64_t *out_hashes);
 /* For each i: snapshot page indices[i] of base, XOR-delta it against the old
  * version in slab[slots[i]] into out (appended), then store the snapshot in
  * slab[slots[i]]. out_lengths[i] = the delta length, or LM_DELTA_TOO_BIG (no
@@ -354,6 +358,14 @@ int lm_pages_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *ro
                          uint64_t n, uint64_t *fp, uint64_t fp_npages,
                          const int64_t *fp_rows, const uint8_t *fp_valid,
                          uint16_t *out_changed, uint64_t *out_hashes);
+/* The same, first copying page rows[i] to out_pages + i * LM_PAGE_SIZE and
+ * hashing the copy: a snapshot of a running guest's pages and its
+ * fingerprint in one pass over guest memory. */
+int lm_pages_snapshot_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *rows,
+                                  uint64_t n, uint8_t *out_pages, uint64_t *fp,
+                                  uint64_t fp_npages, const int64_t *fp_rows,
+                                  const uint8_t *fp_valid, uint16_t *out_changed,
+                                  uint64_t *out_hashes);
 /* Store the fingerprint of one page's content (e.g. the zero page) at fp_rows. */
 int lm_pages_set_fingerprint(uint64_t *fp, uint64_t fp_npages, const int64_t *fp_rows,
                              uint64_t n, const uint8_t *page);

@@ -50,13 +50,20 @@ static inline uint64_t row_of(const int64_t *rows, uint64_t i)
 }
 
 /* Block hashes of p into fp[LM_BLOCKS_PER_PAGE]; returns the page hash. The
- * page lanes are exactly page_hash()'s; the block lanes restart every block. */
-static uint64_t fingerprint_page(const uint8_t *p, uint64_t *fp)
+ * page lanes are exactly page_hash()'s; the block lanes restart every block.
+ * With copy_to, each block is first copied there and hashed from the copy
+ * (still in L1), so a snapshot costs no second pass over guest memory and
+ * the hashes describe the snapshot even if the guest writes p meanwhile. */
+static uint64_t fingerprint_page(const uint8_t *p, uint64_t *fp, uint8_t *copy_to)
 {
     uint64_t a0 = LM_K1, a1 = LM_K2, a2 = LM_K3, a3 = LM_K4;
     for (int b = 0; b < LM_BLOCKS_PER_PAGE; b++) {
         uint64_t b0 = LM_K4 + (uint64_t)b, b1 = LM_K3, b2 = LM_K2, b3 = LM_K1;
         const uint8_t *q = p + b * LM_BLOCK_BYTES;
+        if (copy_to) {
+            memcpy(copy_to + b * LM_BLOCK_BYTES, q, LM_BLOCK_BYTES);
+            q = copy_to + b * LM_BLOCK_BYTES;
+        }
         for (int i = 0; i < LM_BLOCK_BYTES; i += 32) {
             uint64_t w0 = load64(q + i) * LM_K2, w1 = load64(q + i + 8) * LM_K2;
             uint64_t w2 = load64(q + i + 16) * LM_K2, w3 = load64(q + i + 24) * LM_K2;
@@ -79,13 +86,24 @@ LM_API int lm_pages_fingerprint(const uint8_t *base, uint64_t npages, const int6
                                 const int64_t *fp_rows, const uint8_t *fp_valid,
                                 uint16_t *out_changed, uint64_t *out_hashes)
 {
+    return lm_pages_snapshot_fingerprint(base, npages, rows, n, NULL, fp, fp_npages, fp_rows,
+                                         fp_valid, out_changed, out_hashes);
+}
+
+LM_API int lm_pages_snapshot_fingerprint(const uint8_t *base, uint64_t npages,
+                                         const int64_t *rows, uint64_t n, uint8_t *out_pages,
+                                         uint64_t *fp, uint64_t fp_npages,
+                                         const int64_t *fp_rows, const uint8_t *fp_valid,
+                                         uint16_t *out_changed, uint64_t *out_hashes)
+{
     if (!fp_rows || !rows_in_range(npages, rows, n) || !rows_in_range(fp_npages, fp_rows, n))
         return -ERANGE;
     uint64_t nw[LM_BLOCKS_PER_PAGE];
     for (uint64_t i = 0; i < n; i++) {
         uint64_t r = (uint64_t)fp_rows[i];
         uint64_t *old = fp + r * LM_BLOCKS_PER_PAGE;
-        out_hashes[i] = fingerprint_page(base + row_of(rows, i) * LM_PAGE_SIZE, nw);
+        out_hashes[i] = fingerprint_page(base + row_of(rows, i) * LM_PAGE_SIZE, nw,
+                                         out_pages ? out_pages + i * LM_PAGE_SIZE : NULL);
         uint16_t changed = 0;
         for (int b = 0; b < LM_BLOCKS_PER_PAGE; b++)
             changed |= (uint16_t)((nw[b] != old[b]) << b);
@@ -102,7 +120,7 @@ LM_API int lm_pages_set_fingerprint(uint64_t *fp, uint64_t fp_npages, const int6
     if (!fp_rows || !rows_in_range(fp_npages, fp_rows, n))
         return -ERANGE;
     uint64_t nw[LM_BLOCKS_PER_PAGE];
-    fingerprint_page(page, nw);
+    fingerprint_page(page, nw, NULL);
     for (uint64_t i = 0; i < n; i++)
         memcpy(fp + (uint64_t)fp_rows[i] * LM_BLOCKS_PER_PAGE, nw, sizeof nw);
     return 0;

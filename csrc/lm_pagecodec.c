@@ -100,6 +100,20 @@ LM_API int lm_pages_hash(const uint8_t *base, uint64_t npages, const int64_t *in
     return 0;
 }
 
+LM_API int lm_pages_place_hash(uint8_t *base, uint64_t npages, const int64_t *indices,
+                               uint64_t n, const uint8_t *src, uint64_t *out_hashes)
+{
+    int rc = check_indices(npages, indices, n);
+    if (rc)
+        return rc;
+    for (uint64_t i = 0; i < n; i++) {
+        uint8_t *dst = (uint8_t *)page_at(base, indices, i);
+        memcpy(dst, src + i * LM_PAGE_SIZE, LM_PAGE_SIZE);
+        out_hashes[i] = page_hash(dst); /* read back while in cache: hashes what landed */
+    }
+    return 0;
+}
+
 /* ---- XOR delta ---------------------------------------------------------- */
 
 static inline int put_uleb(uint8_t *out, uint64_t cap, uint64_t *pos, uint32_t v)

@@ -71,6 +71,27 @@ class Fingerprints:
                 "block fingerprinting")
         return masks, hashes
 
+    def snapshot(self, pages: np.ndarray, rows, page_indices
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copy ``pages[rows]`` into a new staging array and fingerprint the
+        copy as the new content of ``page_indices``, in one pass; return
+        (staging, changed-block masks, page hashes)."""
+        fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)
+        r = np.ascontiguousarray(rows, dtype=np.int64)
+        n = fp_rows.size
+        staging = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+        masks = np.empty(n, dtype=np.uint16)
+        hashes = np.empty(n, dtype=np.uint64)
+        if n:
+            check(lib.lm_pages_snapshot_fingerprint(
+                _pages_ptr(pages), pages.shape[0], _iptr(r), n,
+                ffi.from_buffer("uint8_t[]", staging),
+                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(fp_rows),
+                ffi.from_buffer("uint8_t[]", self.valid.view(np.uint8)),
+                ffi.from_buffer("uint16_t[]", masks), ffi.from_buffer("uint64_t[]", hashes)),
+                "snapshotting and fingerprinting pages")
+        return staging, masks, hashes
+
     def set_zero(self, page_indices) -> None:
         """These pages are now all zero at the receiver."""
         fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)

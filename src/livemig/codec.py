@@ -200,10 +200,13 @@ class BatchEncoder:
                 h[live] = self._hash(mem, idx[live], idx[live], masks, live)
                 exact[live] = True
             else:
-                staging = mem[idx[live]]
+                if self._fp is not None:
+                    staging, masks[live], h[live] = self._fp.snapshot(mem, idx[live], idx[live])
+                else:
+                    staging = mem[idx[live]]
+                    h[live] = hash_pages(staging)
                 kind[live] = _STAGING
                 row[live] = np.arange(live.size)
-                h[live] = self._hash(staging, None, idx[live], masks, live)
                 exact[live] = True
                 if self.delta_enabled and self._fp is not None:
                     self._cache_unblockable(idx, live, masks, kind, row, staging)

@@ -36,14 +36,15 @@ from .digest import PageHashes
 from .errors import CodecError
 from .native import PAGE_SIZE
 from .blockdelta import MASK_BYTES, apply_blocks, block_page_bytes
-from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages, zero_scan
+from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages, place_hash, zero_scan
 from .pages import indices_of_runs
 
 class MemoryPlacer:
     """Lands pages by writing guest memory directly (pre-copy destination)."""
 
     hash_after_place = True
-    """Hash pages from memory after placing (False: from the staging buffers)."""
+    """Hash pages from memory after placing (False: from the staging buffers).
+    A placer whose place_runs returns hashes has hashed what landed itself."""
     supports_delta = True
     """DELTA and DUP read the receiver's current pages; a post-copy placer says
     False, and batches using them are refused."""
@@ -51,14 +52,11 @@ class MemoryPlacer:
     def __init__(self, memory):
         self.memory = memory
 
-    def place_runs(self, starts: np.ndarray, counts: np.ndarray, staging: np.ndarray) -> None:
-        """Write ``staging`` rows (run order, ``counts.sum()`` rows) to the runs."""
-        pages = self.memory.pages
-        if starts.size == 1:
-            s = int(starts[0])
-            pages[s:s + int(counts[0])] = staging
-        else:
-            pages[indices_of_runs(starts, counts)] = staging
+    def place_runs(self, starts: np.ndarray, counts: np.ndarray, staging: np.ndarray
+                   ) -> np.ndarray:
+        """Write ``staging`` rows (run order, ``counts.sum()`` rows) to the runs;
+        return the hash of each page as it landed."""
+        return place_hash(self.memory.pages, indices_of_runs(starts, counts), staging)
 
     def place_zero_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
         """Zero the runs, writing only pages that are not zero already: a page
@@ -160,9 +158,11 @@ class BatchDecoder:
         return out
 
     def _place(self, starts, counts, staging) -> None:
-        self.placer.place_runs(starts, counts, staging)
+        landed = self.placer.place_runs(starts, counts, staging)
         idx = indices_of_runs(starts, counts)
-        if self.placer.hash_after_place:
+        if landed is not None:
+            self.hashes.values[idx] = landed
+        elif self.placer.hash_after_place:
             self.hashes.record(self.memory.pages, idx)
         else:
             self.hashes.values[idx] = hash_pages(np.ascontiguousarray(staging))
