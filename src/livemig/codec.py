@@ -67,13 +67,14 @@ from .digest import PageHashes
 from .errors import CodecUsageError
 from .native import PAGE_SIZE
 from .pagekernels import ZERO_PAGE_HASH, delta_encode, hash_pages, zero_scan
-from .pages import as_indices, chunk_indices, indices_of_runs
+from .pages import as_indices, indices_of_runs
 
 _LIVE, _SLAB, _STAGING = 0, 1, 2
 _LZ4_PROBE_CHUNKS = 8
 _LZ4_SKIP_AFTER_MISS = 7  # batches sent without probing after a probe found LZ4 does not pay
 _ZERO_COPY_MIN_PAGES = 4  # shorter live RAW runs are gathered into one copy
 _BLOCK_MAX_BLOCKS = 12    # more changed blocks than this: RAW (LZ4) is as good
+_MAX_CHUNK_FACTOR = 8     # a chunk holds at most this many all-RAW batches' pages
 
 
 class BatchEncoder:
@@ -99,6 +100,7 @@ class BatchEncoder:
         self.set_delta(self.config.enabled("delta"))
         self._fp = Fingerprints(self.npages) if self.config.enabled("block") else None
         self._lz4_skip_batches = 0
+        self._bytes_per_page: float | None = None  # of the last chunk, sizes the next
         self.link_bytes_per_s: float | None = None
         """Measured bandwidth of the link the batches travel; None = unknown
         (then LZ4 is judged by its compression ratio alone)."""
@@ -159,7 +161,23 @@ class BatchEncoder:
             raise CodecUsageError(
                 f"max_batch_bytes={max_batch_bytes} cannot hold one page "
                 f"(needs {bf.HEADER.size + bf.RUN_BYTES + PAGE_SIZE})")
-        return (self._encode_batch(chunk, frozen) for chunk in chunk_indices(idx, per_batch))
+        return self._batches(idx, per_batch, max_batch_bytes, frozen)
+
+    def _batches(self, idx, per_batch, max_batch_bytes, frozen) -> Iterator[bf.EncodedBatch]:
+        """Encode chunks sized by the bytes per page the last chunk needed:
+        pages that travel small (ZERO, DUP, DELTA, BLOCK) are taken up to
+        ``_MAX_CHUNK_FACTOR`` times as many at once as fit in a batch when
+        all RAW, since much of the cost of a batch is per batch, not per
+        page. A chunk that turns out larger is cut into several batches."""
+        pos = 0
+        while pos < idx.size:
+            n = per_batch
+            if self._bytes_per_page is not None:
+                want = int(max_batch_bytes / max(self._bytes_per_page, 1.0))
+                n = min(max(per_batch, want), per_batch * _MAX_CHUNK_FACTOR)
+            chunk = idx[pos:pos + n]
+            pos += chunk.size
+            yield from self._encode_chunk(chunk, frozen, max_batch_bytes)
 
     def _checked(self, page_indices) -> np.ndarray:
         idx = as_indices(page_indices)
@@ -167,7 +185,8 @@ class BatchEncoder:
             raise CodecUsageError(f"page index out of range [0, {self.npages})")
         return idx
 
-    def _encode_batch(self, idx: np.ndarray, frozen: bool) -> bf.EncodedBatch:
+    def _encode_chunk(self, idx: np.ndarray, frozen: bool, max_batch_bytes: int
+                      ) -> list[bf.EncodedBatch]:
         cfg = self.config
         mem = self.memory.pages
         n = idx.size
@@ -221,10 +240,45 @@ class BatchEncoder:
             blk = (enc == bf.RAW) & (block_counts(masks) <= _BLOCK_MAX_BLOCKS)
             enc[blk & exact] = bf.BLOCK
 
-        batch = self._assemble(idx, enc, kind, row, staging, delta_len, delta_data,
-                               dup_src, dup_hashes, masks)
+        batches = [self._assemble(*part) for part in self._split(
+            max_batch_bytes, idx, enc, kind, row, staging, delta_len, delta_data, dup_src,
+            dup_hashes, masks)]
         self._record(idx, enc, h, exact, zero)
-        return batch
+        self._bytes_per_page = sum(b.nbytes for b in batches) / idx.size
+        return batches
+
+    @staticmethod
+    def _split(max_batch_bytes, idx, enc, kind, row, staging, delta_len, delta_data, dup_src,
+               dup_hashes, masks):
+        """Cut a chunk's positions into pieces whose batches cannot exceed
+        ``max_batch_bytes`` (each page counted at its largest: RAW for LZ4
+        candidates, a run-table entry of its own), and yield the per-piece
+        arguments of :meth:`_assemble`. DUP sources are always earlier
+        positions, so they land in an earlier or the same batch."""
+        n = idx.size
+        size = np.full(n, PAGE_SIZE + bf.RUN_BYTES, dtype=np.int64)
+        size[enc == bf.ZERO] = bf.RUN_BYTES
+        size[enc == bf.DUP] = bf.DUP_ENTRY_BYTES + bf.RUN_BYTES
+        dl = enc == bf.DELTA
+        size[dl] = delta_len[dl] + 2 + bf.RUN_BYTES
+        bl = enc == bf.BLOCK
+        size[bl] = block_page_bytes(masks[bl]) + bf.RUN_BYTES
+        ends = np.cumsum(size)
+        if int(ends[-1]) + bf.HEADER.size <= max_batch_bytes:
+            yield idx, enc, kind, row, staging, delta_len, delta_data, dup_src, dup_hashes, masks
+            return
+        delta_off = np.concatenate(([0], np.cumsum(np.maximum(delta_len, 0))))
+        dup_off = np.concatenate(([0], np.cumsum(dup_src >= 0)))
+        a = 0
+        while a < n:
+            base = int(ends[a - 1]) if a else 0
+            b = int(np.searchsorted(ends, base + max_batch_bytes - bf.HEADER.size, "right"))
+            b = max(b, a + 1)
+            dd = delta_data[int(delta_off[a]):int(delta_off[b])]
+            dh = dup_hashes[16 * int(dup_off[a]):16 * int(dup_off[b])]
+            yield (idx[a:b], enc[a:b], kind[a:b], row[a:b], staging, delta_len[a:b], dd,
+                   dup_src[a:b], dh, masks[a:b])
+            a = b
 
     def _hash(self, pages, rows, page_indices, masks, pos) -> np.ndarray:
         """Hashes of ``pages[rows]`` (the bytes that will be sent for

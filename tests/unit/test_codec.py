@@ -217,6 +217,30 @@ def test_block_pages_refused_by_a_postcopy_placer(pair):
         BatchDecoder(pair.dst, NoBase()).apply(b.tobytes())
 
 
+def test_small_pages_are_taken_many_at_once_and_a_chunk_that_grows_is_cut():
+    """After a chunk of small (BLOCK) pages the encoder takes more pages at
+    once; when those turn out large (RAW, DELTA, DUP mixed) the chunk is cut
+    into batches that still respect the limit, and everything lands."""
+    p = Pair(512, CodecConfig(delta_cache_bytes=64 * 4096))
+    try:
+        p.src.pages[:] = rnd(512, 17)
+        p.send(np.arange(512), max_batch_bytes=64 << 10)
+        p.src.pages[:, 9] ^= 1
+        small = p.send(np.arange(512), max_batch_bytes=64 << 10)
+        assert max(b.npages for b in small) > bf.max_pages_per_batch(64 << 10)
+        p.src.pages[0:300] = rnd(300, 18)          # RAW, then cached for DELTA
+        p.src.pages[300:310] = p.src.pages[400]    # DUP of an earlier-sent page
+        big = p.send(np.r_[0:512], max_batch_bytes=64 << 10)
+        assert all(b.nbytes <= 64 << 10 for b in big)
+        p.src.pages[0:300, 5] ^= 1
+        t = totals(p.send(np.arange(512), max_batch_bytes=64 << 10))
+        assert t["delta"] > 0 and t["block"] > 0
+        assert np.array_equal(p.src.bytes, p.dst.bytes)
+        assert np.array_equal(p.enc.sent_hashes.values, p.dec.hashes.values)
+    finally:
+        p.close()
+
+
 def test_batches_respect_max_bytes():
     p = Pair(256)
     try:
