@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 7
+#define LM_ABI_VERSION 8
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -421,6 +421,8 @@ typedef struct lm_urgent_stats {
     uint64_t requests_dropped;    /* source: requested indices lost to a full ring */
     uint64_t attaches;
     uint64_t spin_polls;          /* zero-timeout polls made while spinning */
+    uint64_t rt_priority;         /* SCHED_FIFO priority the thread runs at (0: normal) */
+    uint64_t rt_errno;            /* why it was refused (EPERM...), 0 if not */
 } lm_urgent_stats;
 
 /* 0 when the native urgent path can run (libxxhash loads and agrees with a
@@ -434,6 +436,9 @@ int lm_urgent_dest_create(lm_postcopy *p, uint64_t *hashes, lm_urgent **out);
  * round goes into every reply's PageBatch.round. */
 int lm_urgent_source_create(const uint8_t *base, uint64_t npages, uint64_t *hashes,
                             uint32_t round, lm_urgent **out);
+/* Run the thread (from the next attach) at SCHED_FIFO rt_priority (1..99;
+ * 0 = normal scheduling). A refusal by the kernel shows in the stats. */
+int lm_urgent_set_priority(lm_urgent *u, int rt_priority);
 /* Start the thread on sock_fd (ownership passes, even on failure), whose
  * next frame to send has sequence send_seq and next to receive recv_seq.
  * cpu >= 0 pins the thread; spin_us > 0 polls without sleeping that long

@@ -149,6 +149,7 @@ struct lm_urgent {
     uint64_t recv_seq;
     uint64_t max_frame;
     uint32_t spin_us;
+    int rt_priority;              /* SCHED_FIFO priority asked for the thread; 0 = none */
     uint8_t *rbuf;
     uint64_t rbuf_cap;
     uint64_t rlen;
@@ -848,9 +849,35 @@ static int source_on_request(lm_urgent *u, uint16_t flags, const uint8_t *p, uin
 
 /* ---- the thread -------------------------------------------------------------- */
 
+/* A fault blocks a vCPU until this thread has run: on a busy machine a woken
+ * normal-priority thread may wait a scheduler slice (milliseconds) for a CPU.
+ * SCHED_FIFO runs it at once. Its work per wake-up is bounded (one poll's
+ * worth of frames), and RT throttling (sched_rt_runtime_us) caps what a
+ * runaway could take. Refusal (no CAP_SYS_NICE, a container) is recorded,
+ * not fatal: the thread then runs at normal priority. */
+static void apply_priority(lm_urgent *u)
+{
+    if (u->rt_priority <= 0)
+        return;
+    struct sched_param sp = {.sched_priority = u->rt_priority};
+    int rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+    __atomic_store_n(&u->stats.rt_priority, rc == 0 ? (uint64_t)u->rt_priority : 0,
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&u->stats.rt_errno, (uint64_t)rc, __ATOMIC_RELAXED);
+}
+
+LM_API int lm_urgent_set_priority(lm_urgent *u, int rt_priority)
+{
+    if (!u || rt_priority < 0 || rt_priority > 99)
+        return -EINVAL;
+    u->rt_priority = rt_priority;
+    return 0;
+}
+
 static void *urgent_main(void *arg)
 {
     lm_urgent *u = arg;
+    apply_priority(u);
     int rc = u->side == SIDE_DEST ? dest_resend(u) : 0;
     int uffd = u->side == SIDE_DEST ? lm_postcopy_fd(u->pc) : -1;
     struct pollfd pfd[3] = {{.fd = u->stop_efd, .events = POLLIN},

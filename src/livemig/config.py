@@ -176,7 +176,16 @@ class MigrationConfig:
     """Native urgent thread: after each activity, poll without sleeping this
     long before blocking (trades CPU for wake-up latency); 0 = never spin."""
 
+    urgent_rt_priority: int = 1
+    """Native urgent threads run SCHED_FIFO at this priority (1..99; 0 =
+    normal scheduling), so a blocked vCPU's page is served without waiting
+    for a CPU slice. Hosts that refuse (no CAP_SYS_NICE) run them normally;
+    the stats say which (``fault_path_reason``)."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.urgent_rt_priority, int) or not 0 <= self.urgent_rt_priority <= 99:
+            raise ConfigError(f"urgent_rt_priority must be an int in 0..99, "
+                              f"got {self.urgent_rt_priority!r}")
         if not isinstance(self.urgent_spin_us, int) or not 0 <= self.urgent_spin_us <= 100_000:
             raise ConfigError(f"urgent_spin_us must be an int in 0..100000, "
                               f"got {self.urgent_spin_us!r}")

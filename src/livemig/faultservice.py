@@ -96,10 +96,11 @@ class FaultService:
 
     def __init__(self, pm: PostcopyMemory, decoder: BatchDecoder, stats: MigrationStats, *,
                  urgent: NativeFaultServer | None = None, urgent_cpu: int = -1,
-                 urgent_spin_us: int = 0):
+                 urgent_spin_us: int = 0, urgent_rt_priority: int = 0):
         self.native = urgent
         self._urgent_cpu = urgent_cpu
         self._urgent_spin_us = urgent_spin_us
+        self._urgent_rt_priority = urgent_rt_priority
         self._native_failed: asyncio.Future | None = None
         self.pm = pm
         self.decoder = decoder
@@ -168,6 +169,9 @@ class FaultService:
                                        + ns["pages_replied"] * PAGE_SIZE)
         self.faults_read += ns["faults_read"]
         st.vcpu_blocked_ms = ns["blocked_ns"] / 1e6
+        note = self.native.scheduling(self._urgent_rt_priority)
+        if st.fault_path_reason and note not in st.fault_path_reason:
+            st.fault_path_reason += f"; destination thread {note}"
 
     def _on_faults(self) -> None:
         now = time.perf_counter()
@@ -210,7 +214,8 @@ class FaultService:
         """The urgent channel goes to the native thread (which re-asks for
         every outstanding page itself); this loop keeps bulk and control."""
         self._native_failed = asyncio.get_running_loop().create_future()
-        self.native.attach(urgent, cpu=self._urgent_cpu, spin_us=self._urgent_spin_us)
+        self.native.attach(urgent, cpu=self._urgent_cpu, spin_us=self._urgent_spin_us,
+                           rt_priority=self._urgent_rt_priority)
         tasks = [asyncio.ensure_future(c) for c in (
             self._native_failed, self._receive(bulk, "bulk"), self._finish(control))]
         try:

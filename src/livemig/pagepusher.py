@@ -76,6 +76,7 @@ class PostcopySender:
         self._prepage: list[int] = []       # faults whose window is not queued yet
         self._wake = asyncio.Event()
         self.native: NativePageServer | None = None
+        self._rt_priority = 0
         self._native_failed: asyncio.Future | None = None
         self._native_folded: dict[str, int] = {}
         self._completing = False
@@ -91,13 +92,15 @@ class PostcopySender:
         return int(np.count_nonzero(self.owed))
 
     async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
-                    urgent_fd: tuple | None = None, cpu: int = -1, spin_us: int = 0) -> None:
+                    urgent_fd: tuple | None = None, cpu: int = -1, spin_us: int = 0,
+                    rt_priority: int = 0) -> None:
         """``urgent_fd``: what ``urgent.hand_off()`` returned, to serve the
         urgent channel natively (the tuple's fd is consumed)."""
         if urgent_fd is None:
             answer = self._answer(urgent)
         else:
-            answer = self._start_native(urgent_fd, cpu, spin_us)
+            self._rt_priority = rt_priority
+            answer = self._start_native(urgent_fd, cpu, spin_us, rt_priority)
         tasks = [asyncio.ensure_future(c) for c in (
             answer, self._push(bulk), self._await_complete(control))]
         try:
@@ -110,7 +113,8 @@ class PostcopySender:
                 self._stop_native()
 
     # -- urgent, native: a C thread answers; we learn what it sent ---------------------------
-    def _start_native(self, handoff: tuple, cpu: int, spin_us: int) -> asyncio.Future:
+    def _start_native(self, handoff: tuple, cpu: int, spin_us: int,
+                      rt_priority: int) -> asyncio.Future:
         fd, version, send_seq, recv_seq, max_payload = handoff
         if self.native is None:
             try:
@@ -123,7 +127,8 @@ class PostcopySender:
         loop = asyncio.get_running_loop()
         self._native_failed = loop.create_future()
         self.native.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
-                              max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us)
+                              max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us,
+                              rt_priority=rt_priority)
         loop.add_reader(self.native.fileno(), self._on_native)
         return self._native_failed
 
@@ -155,6 +160,9 @@ class PostcopySender:
         d = {k: v - self._native_folded.get(k, 0) for k, v in ns.items()}
         self._native_folded = ns
         st = self.stats
+        note = self.native.scheduling(self._rt_priority)
+        if st.fault_path_reason and note not in st.fault_path_reason:
+            st.fault_path_reason += f"; source thread {note}"
         st.urgent_requests += d["requests"]
         st.pages_requested += d["pages_requested"]
         st.pages_sent += d["pages_replied"]

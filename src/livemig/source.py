@@ -390,7 +390,8 @@ class SourceSession:
                 handoff, self._urgent_handoff = self._urgent_handoff, None
                 await self._sender.serve(self._ch, self._urgent, self._bulk,
                                          urgent_fd=handoff, cpu=self.config.urgent_cpu,
-                                         spin_us=self.config.urgent_spin_us)
+                                         spin_us=self.config.urgent_spin_us,
+                                         rt_priority=self.config.urgent_rt_priority)
                 break
             except (ConnectionError, RemoteProtocolError, OSError) as exc:
                 if isinstance(exc, HandshakeRefused):

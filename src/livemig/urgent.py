@@ -99,16 +99,24 @@ class _NativeUrgent:
         self._attached = False
         owner.attach(self)
 
-    def attach(self, channel, *, cpu: int = -1, spin_us: int = 0) -> None:
+    def attach(self, channel, *, cpu: int = -1, spin_us: int = 0, rt_priority: int = 0) -> None:
         """Take over ``channel`` (handshake done, no traffic yet)."""
         fd, version, send_seq, recv_seq, max_payload = channel.hand_off()
         self.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
-                       max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us)
+                       max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us,
+                       rt_priority=rt_priority)
 
     def attach_fd(self, fd: int, *, version: int = 1, send_seq: int = 0, recv_seq: int = 0,
-                  max_payload_bytes: int = 64 << 20, cpu: int = -1, spin_us: int = 0) -> None:
+                  max_payload_bytes: int = 64 << 20, cpu: int = -1, spin_us: int = 0,
+                  rt_priority: int = 0) -> None:
         """Start the thread on a connected stream socket ``fd`` (ownership
-        passes, even on failure) whose next frames carry these sequences."""
+        passes, even on failure) whose next frames carry these sequences.
+        ``rt_priority`` > 0 asks for SCHED_FIFO at that priority; whether the
+        kernel granted it shows in :meth:`stats` (``rt_priority``, ``rt_errno``)."""
+        rc = lib.lm_urgent_set_priority(self._h, rt_priority)
+        if rc < 0:
+            os.close(fd)
+            check(rc, "setting the urgent thread's priority")
         check(lib.lm_urgent_attach(self._h, fd, version, send_seq, recv_seq, max_payload_bytes,
                                    cpu, spin_us), "starting the native urgent thread")
         self._attached = True
@@ -153,6 +161,17 @@ class _NativeUrgent:
     @property
     def running(self) -> bool:
         return self.status()[0] == lib.LM_URGENT_RUNNING
+
+    def scheduling(self, asked: int) -> str:
+        """How the thread was scheduled, for ``fault_path_reason``."""
+        ns = self.stats()
+        if asked <= 0:
+            return "normal priority"
+        if ns["rt_priority"]:
+            return f"SCHED_FIFO priority {ns['rt_priority']}"
+        err = ns["rt_errno"]
+        name = errno.errorcode.get(err, str(err)) if err else "not applied"
+        return f"SCHED_FIFO refused ({name}): normal priority"
 
     def stats(self) -> dict[str, int]:
         out = ffi.new("lm_urgent_stats *")

@@ -269,3 +269,29 @@ def test_pushed_pages_settle_waiting_faults(pair):
         t.join(5)
         fs.detach()
     a.close()
+
+
+def test_priority_is_validated_and_its_outcome_reported():
+    """SCHED_FIFO is asked per handle; an invalid priority is refused before
+    any thread starts, and the stats say what the kernel granted."""
+    from livemig.digest import PageHashes
+    from livemig.native import lib
+    mem = GuestMemory(16 * 4096, hugepages=False)
+    srv = NativePageServer(mem, PageHashes(16).values, 0)
+    try:
+        assert lib.lm_urgent_set_priority(srv._h, 100) < 0
+        a, b = socket.socketpair()
+        srv.attach_fd(a.detach(), rt_priority=1)
+        for _ in range(200):
+            st = srv.stats()
+            if st["rt_priority"] or st["rt_errno"]:
+                break
+            time.sleep(0.005)
+        assert st["rt_priority"] == 1 or st["rt_errno"] != 0
+        assert "SCHED_FIFO" in srv.scheduling(1)
+        assert srv.scheduling(0) == "normal priority"
+        srv.detach()
+        b.close()
+    finally:
+        srv.close()
+        mem.close()
