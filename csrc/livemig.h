@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 8
+#define LM_ABI_VERSION 9
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -323,10 +323,6 @@ int lm_pages_zero_scan(const uint8_t *base, uint64_t npages, const int64_t *indi
 /* out_hashes[i] = the 64-bit content hash of page indices[i]. */
 int lm_pages_hash(const uint8_t *base, uint64_t npages, const int64_t *indices,
                   uint64_t n, uint64_t *out_hashes);
-/* Copy n contiguous pages from src to pages indices[i] of base, and hash each
- * page as it now is in base (read back at once, from cache). */
-int lm_pages_place_hash(uint8_t *base, uint64_t npages, const int64_t *indices,
-                        uint64_t n, const uint8_t *src, uint64_t *out_hashes);
 /* For each i: snapshot page indices[i] of base, XOR-delta it against the old
  * version in slab[slots[i]] into out (appended), then store the snapshot in
  * slab[slots[i]]. out_lengths[i] = the delta length, or LM_DELTA_TOO_BIG (no
@@ -379,6 +375,19 @@ int64_t lm_pages_gather_blocks(const uint8_t *base, uint64_t npages, const int64
 int lm_pages_apply_blocks(uint8_t *base, uint64_t npages, const int64_t *rows,
                           const uint16_t *masks, uint64_t n, const uint8_t *data,
                           uint64_t data_len);
+/* Receiver: copy n contiguous pages from src to pages rows[i] of base, store
+ * each landed page's block hashes in fp[rows[i]] (fp_valid[rows[i]] = 1) and
+ * its page hash in out_hashes[i]. */
+int lm_pages_place_fingerprint(uint8_t *base, uint64_t npages, const int64_t *rows,
+                               uint64_t n, const uint8_t *src, uint64_t *fp,
+                               uint8_t *fp_valid, uint64_t *out_hashes);
+/* Receiver: lm_pages_apply_blocks, then rehash only the written blocks of
+ * each page (all of a page whose fp row is not valid yet) and give its page
+ * hash. -EINVAL, nothing written, as lm_pages_apply_blocks. */
+int lm_pages_apply_blocks_fingerprint(uint8_t *base, uint64_t npages, const int64_t *rows,
+                                      const uint16_t *masks, uint64_t n, const uint8_t *data,
+                                      uint64_t data_len, uint64_t *fp, uint8_t *fp_valid,
+                                      uint64_t *out_hashes);
 /* ---- native urgent fault channel (lm_urgent.c) ------------------------- */
 /* Declarations of the urgent-channel threads follow this line. */
 /* After the urgent channel's handshake, its socket (a dup) is handed to a

@@ -11,10 +11,12 @@
  * the receiver writes them over its own copy. A guest that changes one word
  * of a page then costs 258 bytes on the wire instead of 4096.
  *
- * One pass per page computes the 16 block hashes and the page hash (the one
- * every digest is made of, lm_pagehash.h) from the same loads, compares the
- * block hashes with the stored fingerprint and stores the new one: after the
- * batch is sent the receiver holds exactly the bytes hashed. The caller hashes
+ * The page hash every digest is made of is itself a tree over the same
+ * block hashes (lm_pagehash.h), so one pass per page gives both; the block
+ * hashes are compared with the stored fingerprint and replace it: after the
+ * batch is sent the receiver holds exactly the bytes hashed. The receiver
+ * keeps the block hashes of what it holds too, so after writing a BLOCK
+ * page's blocks it rehashes only those to get the new page hash. The caller hashes
  * a snapshot of a live page (a staging copy), never memory the guest may be
  * writing, or the fingerprint could describe bytes that never left.
  *
@@ -49,36 +51,20 @@ static inline uint64_t row_of(const int64_t *rows, uint64_t i)
     return rows ? (uint64_t)rows[i] : i;
 }
 
-/* Block hashes of p into fp[LM_BLOCKS_PER_PAGE]; returns the page hash. The
- * page lanes are exactly page_hash()'s; the block lanes restart every block.
- * With copy_to, each block is first copied there and hashed from the copy
- * (still in L1), so a snapshot costs no second pass over guest memory and
- * the hashes describe the snapshot even if the guest writes p meanwhile. */
+/* Block hashes of p into fp[LM_BLOCKS_PER_PAGE]; returns the page hash
+ * (lm_pagehash.h). With copy_to, each block is first copied there and hashed
+ * from the copy (still in L1), so a snapshot costs no second pass over guest
+ * memory and the hashes describe the snapshot even if the guest writes p
+ * meanwhile. */
 static uint64_t fingerprint_page(const uint8_t *p, uint64_t *fp, uint8_t *copy_to)
 {
-    uint64_t a0 = LM_K1, a1 = LM_K2, a2 = LM_K3, a3 = LM_K4;
+    if (!copy_to)
+        return page_blocks_hash(p, fp);
     for (int b = 0; b < LM_BLOCKS_PER_PAGE; b++) {
-        uint64_t b0 = LM_K4 + (uint64_t)b, b1 = LM_K3, b2 = LM_K2, b3 = LM_K1;
-        const uint8_t *q = p + b * LM_BLOCK_BYTES;
-        if (copy_to) {
-            memcpy(copy_to + b * LM_BLOCK_BYTES, q, LM_BLOCK_BYTES);
-            q = copy_to + b * LM_BLOCK_BYTES;
-        }
-        for (int i = 0; i < LM_BLOCK_BYTES; i += 32) {
-            uint64_t w0 = load64(q + i) * LM_K2, w1 = load64(q + i + 8) * LM_K2;
-            uint64_t w2 = load64(q + i + 16) * LM_K2, w3 = load64(q + i + 24) * LM_K2;
-            a0 = rotl64(a0 ^ w0, 29) * LM_K1;
-            a1 = rotl64(a1 ^ w1, 29) * LM_K1;
-            a2 = rotl64(a2 ^ w2, 29) * LM_K1;
-            a3 = rotl64(a3 ^ w3, 29) * LM_K1;
-            b0 = rotl64(b0 ^ w0, 31) * LM_K3;
-            b1 = rotl64(b1 ^ w1, 31) * LM_K3;
-            b2 = rotl64(b2 ^ w2, 31) * LM_K3;
-            b3 = rotl64(b3 ^ w3, 31) * LM_K3;
-        }
-        fp[b] = lm_mix64(b0 + rotl64(b1, 19) + rotl64(b2, 37) + rotl64(b3, 53));
+        memcpy(copy_to + b * LM_BLOCK_BYTES, p + b * LM_BLOCK_BYTES, LM_BLOCK_BYTES);
+        fp[b] = block_hash(copy_to + b * LM_BLOCK_BYTES, b);
     }
-    return lm_mix64(a0 + rotl64(a1, 17) + rotl64(a2, 31) + rotl64(a3, 47));
+    return combine_blocks(fp);
 }
 
 LM_API int lm_pages_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *rows,
@@ -173,6 +159,51 @@ LM_API int lm_pages_apply_blocks(uint8_t *base, uint64_t npages, const int64_t *
                 off += LM_BLOCK_BYTES;
             }
         }
+    }
+    return 0;
+}
+
+/* ---- the receiver's side ----------------------------------------------------- */
+
+LM_API int lm_pages_place_fingerprint(uint8_t *base, uint64_t npages, const int64_t *rows,
+                                      uint64_t n, const uint8_t *src, uint64_t *fp,
+                                      uint8_t *fp_valid, uint64_t *out_hashes)
+{
+    if (!rows || !rows_in_range(npages, rows, n))
+        return -ERANGE;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t r = (uint64_t)rows[i];
+        uint8_t *dst = base + r * LM_PAGE_SIZE;
+        memcpy(dst, src + i * LM_PAGE_SIZE, LM_PAGE_SIZE);
+        /* hashed as it landed, read back while in cache */
+        out_hashes[i] = page_blocks_hash(dst, fp + r * LM_BLOCKS_PER_PAGE);
+        fp_valid[r] = 1;
+    }
+    return 0;
+}
+
+LM_API int lm_pages_apply_blocks_fingerprint(uint8_t *base, uint64_t npages, const int64_t *rows,
+                                             const uint16_t *masks, uint64_t n,
+                                             const uint8_t *data, uint64_t data_len,
+                                             uint64_t *fp, uint8_t *fp_valid,
+                                             uint64_t *out_hashes)
+{
+    int rc = lm_pages_apply_blocks(base, npages, rows, masks, n, data, data_len);
+    if (rc)
+        return rc;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t r = (uint64_t)row_of(rows, i);
+        uint8_t *p = base + r * LM_PAGE_SIZE;
+        uint64_t *row = fp + r * LM_BLOCKS_PER_PAGE;
+        if (!fp_valid[r]) {
+            out_hashes[i] = page_blocks_hash(p, row);
+            fp_valid[r] = 1;
+            continue;
+        }
+        for (int b = 0; b < LM_BLOCKS_PER_PAGE; b++)
+            if (masks[i] & (1u << b))
+                row[b] = block_hash(p + b * LM_BLOCK_BYTES, b);
+        out_hashes[i] = combine_blocks(row);
     }
     return 0;
 }

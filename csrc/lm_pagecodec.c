@@ -7,13 +7,11 @@
  *
  * Page hash. The verification digest keeps one 64-bit hash per page on both
  * sides, so hashing runs on every page sent and every page received. It must
- * be fast and good at telling different pages apart, not cryptographic. We
- * use four independent multiply-rotate lanes over the page's 64-bit words
- * (independent lanes keep the multiplier pipelined; a single lane would be
- * latency-bound), then fold the lanes and finish with the splitmix64 output
- * mixer for avalanche. Calling xxhash from Python per page costs 0.5-1.6 us
- * per page (load-dependent, mostly interpreter overhead); one C call over a
- * batch runs at 5-6 GB/s, close to memory bandwidth.
+ * be fast and good at telling different pages apart, not cryptographic: a
+ * tree of sixteen multiply-rotate block hashes (lm_pagehash.h). Calling
+ * xxhash from Python per page costs 0.5-1.6 us per page (load-dependent,
+ * mostly interpreter overhead); one C call over a batch runs close to memory
+ * bandwidth.
  *
  * XOR delta (in the spirit of QEMU's XBZRLE, own format): the delta of a new
  * page against an old one is a list of records
@@ -97,20 +95,6 @@ LM_API int lm_pages_hash(const uint8_t *base, uint64_t npages, const int64_t *in
         return rc;
     for (uint64_t i = 0; i < n; i++)
         out_hashes[i] = page_hash(page_at(base, indices, i));
-    return 0;
-}
-
-LM_API int lm_pages_place_hash(uint8_t *base, uint64_t npages, const int64_t *indices,
-                               uint64_t n, const uint8_t *src, uint64_t *out_hashes)
-{
-    int rc = check_indices(npages, indices, n);
-    if (rc)
-        return rc;
-    for (uint64_t i = 0; i < n; i++) {
-        uint8_t *dst = (uint8_t *)page_at(base, indices, i);
-        memcpy(dst, src + i * LM_PAGE_SIZE, LM_PAGE_SIZE);
-        out_hashes[i] = page_hash(dst); /* read back while in cache: hashes what landed */
-    }
     return 0;
 }
 

@@ -101,6 +101,59 @@ class Fingerprints:
                 fp_rows.size, ffi.from_buffer("uint8_t[]", self._zero)), "block fingerprinting")
 
 
+class HeldBlocks:
+    """The receiver's block hashes of the pages it holds (pre-copy placer):
+    a BLOCK page's new page hash then costs only its changed blocks."""
+
+    def __init__(self, npages: int):
+        self.table = np.zeros((npages, BLOCKS_PER_PAGE), dtype=np.uint64)
+        self.valid = np.zeros(npages, dtype=np.uint8)
+        self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
+
+    def place(self, pages: np.ndarray, rows: np.ndarray, staging: np.ndarray) -> np.ndarray:
+        """Write ``staging`` to ``pages[rows]``; the landed pages' hashes."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        out = np.empty(rows.size, dtype=np.uint64)
+        if rows.size:
+            if staging.shape != (rows.size, PAGE_SIZE):
+                raise ValueError(f"staging holds {staging.shape[0]} pages for {rows.size} rows")
+            check(lib.lm_pages_place_fingerprint(
+                ffi.from_buffer("uint8_t[]", pages), pages.shape[0], _iptr(rows), rows.size,
+                _pages_ptr(np.ascontiguousarray(staging)),
+                ffi.from_buffer("uint64_t[]", self.table),
+                ffi.from_buffer("uint8_t[]", self.valid), ffi.from_buffer("uint64_t[]", out)),
+                "placing pages")
+        return out
+
+    def apply(self, pages: np.ndarray, rows: np.ndarray, masks: np.ndarray, data
+              ) -> np.ndarray | None:
+        """Write BLOCK pages' blocks over ``pages[rows]``; their new hashes, or
+        None (nothing written) if ``data`` is not exactly what the masks name."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        masks = np.ascontiguousarray(masks, dtype=np.uint16)
+        out = np.empty(rows.size, dtype=np.uint64)
+        if rows.size != masks.size or (rows.size and (rows.min() < 0
+                                                      or rows.max() >= pages.shape[0])):
+            return None
+        if not rows.size:
+            return out if len(data) == 0 else None
+        rc = lib.lm_pages_apply_blocks_fingerprint(
+            ffi.from_buffer("uint8_t[]", pages), pages.shape[0], _iptr(rows),
+            ffi.from_buffer("uint16_t[]", masks), rows.size, ffi.from_buffer("uint8_t[]", data),
+            len(data), ffi.from_buffer("uint64_t[]", self.table),
+            ffi.from_buffer("uint8_t[]", self.valid), ffi.from_buffer("uint64_t[]", out))
+        return out if rc == 0 else None
+
+    def set_zero(self, rows) -> None:
+        """These pages now hold zeros."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if rows.size:
+            check(lib.lm_pages_set_fingerprint(
+                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(rows),
+                rows.size, ffi.from_buffer("uint8_t[]", self._zero)), "block fingerprinting")
+            self.valid[rows] = 1
+
+
 def gather_blocks(pages: np.ndarray, rows: np.ndarray, masks: np.ndarray,
                   out_offsets: np.ndarray, out: np.ndarray) -> None:
     """Copy the blocks each mask names from ``pages[rows[i]]`` to ``out`` at
@@ -131,5 +184,5 @@ def apply_blocks(pages: np.ndarray, page_indices: np.ndarray, masks: np.ndarray,
     return rc == 0
 
 
-__all__ = ["BLOCK_BYTES", "BLOCKS_PER_PAGE", "FULL_MASK", "MASK_BYTES", "Fingerprints",
+__all__ = ["BLOCK_BYTES", "BLOCKS_PER_PAGE", "FULL_MASK", "MASK_BYTES", "Fingerprints", "HeldBlocks",
            "block_counts", "block_page_bytes", "gather_blocks", "apply_blocks"]

@@ -35,8 +35,8 @@ from . import batchformat as bf
 from .digest import PageHashes
 from .errors import CodecError
 from .native import PAGE_SIZE
-from .blockdelta import MASK_BYTES, apply_blocks, block_page_bytes
-from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages, place_hash, zero_scan
+from .blockdelta import MASK_BYTES, HeldBlocks, block_page_bytes
+from .pagekernels import ZERO_PAGE_HASH, delta_apply, hash_pages, zero_scan
 from .pages import indices_of_runs
 
 class MemoryPlacer:
@@ -51,12 +51,13 @@ class MemoryPlacer:
 
     def __init__(self, memory):
         self.memory = memory
+        self.held = HeldBlocks(int(memory.npages))  # block hashes of what memory holds
 
     def place_runs(self, starts: np.ndarray, counts: np.ndarray, staging: np.ndarray
                    ) -> np.ndarray:
         """Write ``staging`` rows (run order, ``counts.sum()`` rows) to the runs;
         return the hash of each page as it landed."""
-        return place_hash(self.memory.pages, indices_of_runs(starts, counts), staging)
+        return self.held.place(self.memory.pages, indices_of_runs(starts, counts), staging)
 
     def place_zero_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
         """Zero the runs, writing only pages that are not zero already: a page
@@ -67,11 +68,14 @@ class MemoryPlacer:
         dirty = idx[~zero_scan(pages, idx)]
         if dirty.size:
             pages[dirty] = 0
+        self.held.set_zero(idx)
 
-    def place_blocks(self, page_indices: np.ndarray, masks: np.ndarray, data) -> bool:
-        """Write BLOCK pages' blocks over their current content; False (nothing
+    def place_blocks(self, page_indices: np.ndarray, masks: np.ndarray, data
+                     ) -> np.ndarray | None:
+        """Write BLOCK pages' blocks over their current content; the landed
+        pages' hashes (only the written blocks rehashed), or None (nothing
         written) if ``data`` is not exactly what the masks name."""
-        return apply_blocks(self.memory.pages, page_indices, masks, data)
+        return self.held.apply(self.memory.pages, page_indices, masks, data)
 
 
 class BatchDecoder:
@@ -137,9 +141,10 @@ class BatchDecoder:
             if sel[e].any():
                 self._place(starts[sel[e]], counts[sel[e]], staging)
         if block_idx.size:
-            if not placer.place_blocks(block_idx, block_masks, block_data):
+            landed = placer.place_blocks(block_idx, block_masks, block_data)
+            if landed is None:
                 raise CodecError("page batch: BLOCK data does not match its masks")
-            self.hashes.record(self.memory.pages, block_idx)
+            self.hashes.values[block_idx] = landed
         if dup_entries.size:
             pages = self.memory.pages
             if self.verify_dup:

@@ -55,21 +55,6 @@ def hash_pages(pages: np.ndarray, indices=None) -> np.ndarray:
     return out
 
 
-def place_hash(pages: np.ndarray, indices, staging: np.ndarray) -> np.ndarray:
-    """Write the rows of ``staging`` to pages ``indices`` and return the hash
-    of each page as it landed (read back while still in cache)."""
-    idx = _indices(indices)
-    out = np.empty(idx.size, dtype=np.uint64)
-    if idx.size:
-        if staging.shape != (idx.size, PAGE_SIZE):
-            raise ValueError(f"staging holds {staging.shape[0]} pages for {idx.size} indices")
-        check(lib.lm_pages_place_hash(ffi.from_buffer("uint8_t[]", pages), pages.shape[0],
-                                      _iptr(idx), idx.size, _pages_ptr(
-                                          np.ascontiguousarray(staging)),
-                                      ffi.from_buffer("uint64_t[]", out)), "placing pages")
-    return out
-
-
 def delta_encode(pages: np.ndarray, indices: np.ndarray, slab: np.ndarray, slots: np.ndarray,
                  max_page_bytes: int) -> tuple[bytes, np.ndarray]:
     """XOR-delta pages against their old versions in ``slab[slots]``.
@@ -111,5 +96,5 @@ def delta_apply(staging: np.ndarray, deltas, lengths: np.ndarray) -> bool:
 
 ZERO_PAGE_HASH = int(hash_pages(np.zeros((1, PAGE_SIZE), dtype=np.uint8))[0])
 
-__all__ = ["zero_scan", "hash_pages", "place_hash", "delta_encode", "delta_apply", "DELTA_TOO_BIG",
+__all__ = ["zero_scan", "hash_pages", "delta_encode", "delta_apply", "DELTA_TOO_BIG",
            "ZERO_PAGE_HASH"]

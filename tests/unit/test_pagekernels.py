@@ -152,3 +152,20 @@ def test_malformed_blocks_write_nothing_and_bad_rows_are_refused():
     with pytest.raises(NativeError):                 # no room for the block
         gather_blocks(dst, np.array([0]), np.array([3], np.uint16), np.array([0]),
                       np.empty(BLOCK_BYTES, np.uint8))
+
+
+def test_receiver_rehashes_only_written_blocks_and_agrees_with_a_full_hash():
+    from livemig.blockdelta import HeldBlocks
+    rng = np.random.default_rng(5)
+    mem = np.zeros((8, 4096), dtype=np.uint8)
+    held = HeldBlocks(8)
+    src = rng.integers(0, 256, (4, 4096), dtype=np.uint8)
+    landed = held.place(mem, np.array([1, 3, 5, 7]), src)
+    assert np.array_equal(landed, k.hash_pages(mem, np.array([1, 3, 5, 7])))
+    held.set_zero(np.array([0]))
+    blocks = rng.integers(0, 256, 3 * BLOCK_BYTES, dtype=np.uint8).tobytes()
+    masks = np.array([1 << 2, 1 << 15, 1], dtype=np.uint16)
+    # page 6 was never placed: its row is rebuilt from memory in full
+    got = held.apply(mem, np.array([3, 0, 6]), masks, blocks)
+    assert np.array_equal(got, k.hash_pages(mem, np.array([3, 0, 6])))
+    assert held.apply(mem, np.array([3]), np.array([3], np.uint16), blocks) is None
