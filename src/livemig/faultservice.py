@@ -158,20 +158,9 @@ class FaultService:
         lat = self.native.drain_latencies_us()
         if lat.size:
             self.stats.fault_latency.add_many(lat)
-        ns = self.native.stats()
-        st = self.stats
-        st.urgent_requests += ns["requests"]
-        st.pages_requested += ns["pages_requested"]
-        st.pages_sent += ns["pages_replied"]
-        st.bytes_sent += ns["payload_bytes_replied"]
-        st.pages_by_encoding["raw"] = st.pages_by_encoding.get("raw", 0) + ns["pages_replied"]
-        st.bytes_by_encoding["raw"] = (st.bytes_by_encoding.get("raw", 0)
-                                       + ns["pages_replied"] * PAGE_SIZE)
-        self.faults_read += ns["faults_read"]
-        st.vcpu_blocked_ms = ns["blocked_ns"] / 1e6
-        note = self.native.scheduling(self._urgent_rt_priority)
-        if st.fault_path_reason and note not in st.fault_path_reason:
-            st.fault_path_reason += f"; destination thread {note}"
+        d = self.native.fold_into(self.stats, "destination", self._urgent_rt_priority)
+        self.faults_read += d["faults_read"]
+        self.stats.vcpu_blocked_ms = (self.stats.vcpu_blocked_ms or 0.0) + d["blocked_ns"] / 1e6
 
     def _on_faults(self) -> None:
         now = time.perf_counter()

@@ -78,7 +78,6 @@ class PostcopySender:
         self.native: NativePageServer | None = None
         self._rt_priority = 0
         self._native_failed: asyncio.Future | None = None
-        self._native_folded: dict[str, int] = {}
         self._completing = False
 
     def resync(self, present: np.ndarray) -> None:
@@ -156,20 +155,7 @@ class PostcopySender:
         self.native.detach()
         self._native_failed = None
         self._on_native()
-        ns = self.native.stats()
-        d = {k: v - self._native_folded.get(k, 0) for k, v in ns.items()}
-        self._native_folded = ns
-        st = self.stats
-        note = self.native.scheduling(self._rt_priority)
-        if st.fault_path_reason and note not in st.fault_path_reason:
-            st.fault_path_reason += f"; source thread {note}"
-        st.urgent_requests += d["requests"]
-        st.pages_requested += d["pages_requested"]
-        st.pages_sent += d["pages_replied"]
-        st.bytes_sent += d["payload_bytes_replied"]
-        st.pages_by_encoding["raw"] = st.pages_by_encoding.get("raw", 0) + d["pages_replied"]
-        st.bytes_by_encoding["raw"] = (st.bytes_by_encoding.get("raw", 0)
-                                       + d["pages_replied"] * PAGE_SIZE)
+        self.native.fold_into(self.stats, "source", self._rt_priority)
 
     def close(self) -> None:
         """Free the native thread's handle (stopped already by ``serve``)."""

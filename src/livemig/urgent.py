@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConnectionLost, RemoteProtocolError
-from .native import check, ffi, lib
+from .native import PAGE_SIZE, check, ffi, lib
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class _NativeUrgent:
         self._owner = owner         # PostcopyMemory / GuestMemory: refuses to close while used
         self._keep = keepalive      # arrays the thread writes into
         self._attached = False
+        self._folded: dict[str, int] = {}   # stats already added by fold_into
         owner.attach(self)
 
     def attach(self, channel, *, cpu: int = -1, spin_us: int = 0, rt_priority: int = 0) -> None:
@@ -172,6 +173,26 @@ class _NativeUrgent:
         err = ns["rt_errno"]
         name = errno.errorcode.get(err, str(err)) if err else "not applied"
         return f"SCHED_FIFO refused ({name}): normal priority"
+
+    def fold_into(self, stats, side: str, rt_priority: int) -> dict[str, int]:
+        """Add what the thread did since the last fold (requests, pages and
+        bytes it sent or received) to ``stats`` (MigrationStats), and say in
+        ``fault_path_reason`` how ``side``'s thread was scheduled. Returns
+        the counters' increments."""
+        ns = self.stats()
+        d = {k: v - self._folded.get(k, 0) for k, v in ns.items()}
+        self._folded = ns
+        stats.urgent_requests += d["requests"]
+        stats.pages_requested += d["pages_requested"]
+        stats.pages_sent += d["pages_replied"]
+        stats.bytes_sent += d["payload_bytes_replied"]
+        stats.pages_by_encoding["raw"] = stats.pages_by_encoding.get("raw", 0) + d["pages_replied"]
+        stats.bytes_by_encoding["raw"] = (stats.bytes_by_encoding.get("raw", 0)
+                                          + d["pages_replied"] * PAGE_SIZE)
+        note = f"{side} thread {self.scheduling(rt_priority)}"
+        if stats.fault_path_reason and note not in stats.fault_path_reason:
+            stats.fault_path_reason += f"; {note}"
+        return d
 
     def stats(self) -> dict[str, int]:
         out = ffi.new("lm_urgent_stats *")
