@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
 
 MEM = "16MiB"
 RAW = CodecConfig().without("lz4")   # guest pages compress ~100x; keep the wire busy
-WORKLOADS = ["idle", "uniform", "hotset", "sweep", "memtest"]
+WORKLOADS = ["idle", "uniform", "hotset", "sweep", "memtest", "rewrite"]
 
 
 def _observe(vm):

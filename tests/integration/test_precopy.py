@@ -48,7 +48,7 @@ def _check_moved(moved, recipe):
 
 @pytest.mark.parametrize("workload,rate", [
     ("idle", None), ("uniform", "48MiB/s"), ("hotset", "48MiB/s"), ("sweep", "48MiB/s"),
-    ("memtest", "48MiB/s")])
+    ("memtest", "48MiB/s"), ("rewrite", "16MiB/s")])
 def test_each_workload_migrates_bit_identical(run, workload, rate):
     recipe = Recipe("32MiB", 2, workload, seed=11, dirty_rate=rate)
 

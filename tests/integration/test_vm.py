@@ -78,10 +78,10 @@ def _touched(vm, vcpu):
     return vm.memory.words[first:first + vm.layout.data_npages].any(axis=1)
 
 
-@pytest.mark.parametrize("workload", ["uniform", "hotset", "sweep", "memtest"])
+@pytest.mark.parametrize("workload", ["uniform", "hotset", "sweep", "memtest", "rewrite"])
 def test_writing_workloads_dirty_only_their_partitions(workload):
     with VM(MEM, 2, workload, seed=1) as vm:
-        vm.run_to(60_000)
+        vm.run_to(60_000 if workload != "rewrite" else 600_000)  # rewrite: ~2.6k steps a page
         vm.check_guest()
         end = vm.layout.data_first_page(vm.nvcpus - 1) + vm.layout.data_npages
         assert not vm.memory.words[end:].any(), "write outside every partition"
@@ -89,6 +89,10 @@ def test_writing_workloads_dirty_only_their_partitions(workload):
             touched = _touched(vm, i)
             assert touched.sum() > 100
             assert vm.stats()["vcpus"][i]["stores"] > 1000
+        if workload == "rewrite":     # every touched page is written whole
+            first = vm.layout.data_first_page(0)
+            pages = vm.memory.words[first:first + vm.layout.data_npages][_touched(vm, 0)]
+            assert (pages != 0).mean() > 0.99
         if workload == "sweep":
             n = int(touched.sum())
             assert touched[:n].all() and not touched[n:].any()

@@ -128,6 +128,27 @@ def _uniform(c: dict, p: dict) -> str:
     """ + _WRITE_RANDOM_WORD
 
 
+def _rewrite(c: dict, p: dict) -> str:
+    """A random page rewritten whole with random words per TICK: what a guest
+    copying buffers does, and what neither BLOCK nor DELTA can shrink."""
+    return _PROLOGUE + """
+    loop:
+        rand  r3
+        modu  r4, r3, r2
+        shli  r4, r4, 12
+        add   r4, r4, r1
+        li    r6, 512
+    fill:
+        rand  r7
+        st    r7, [r4]
+        addi  r4, r4, 8
+        addi  r6, r6, -1
+        bne   r6, r0, fill
+        tick
+        jmp   loop
+    """
+
+
 def _hotset(c: dict, p: dict) -> str:
     return _PROLOGUE + """
         li64  r7, HOT_NPAGES
@@ -211,6 +232,7 @@ WORKLOADS: dict[str, Workload] = {
                        {"hot_fraction": 0.1, "hot_probability": 0.9}),
     "sweep": Workload("sweep", _sweep, isa.PAGE_SIZE, {"stride_pages": 1}),
     "memtest": Workload("memtest", _memtest, isa.PAGE_SIZE),
+    "rewrite": Workload("rewrite", _rewrite, isa.PAGE_SIZE),
 }
 
 
