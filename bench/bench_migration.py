@@ -242,7 +242,7 @@ def part_sweep(args, client, port) -> list[dict]:
                 # 0 MiB/s is a guest that writes nothing (an unpaced uniform
                 # guest would dirty memory as fast as it can)
                 job = {"memory_bytes": args.memory_bytes,
-                       "workload": "uniform" if rate else "idle",
+                       "workload": args.workload if rate else "idle",
                        "dirty_rate_bps": rate * MiB or None, "seed": rep, "fill": True,
                        "config": cfg, "warmup_s": args.warmup_s, "port": port,
                        "name": f"sweep-{link}-{rate}-{rep}", "loop": args.loop}
@@ -340,7 +340,8 @@ def markdown(result: dict) -> str:
            f"Downtime limit {result['downtime_ms']:g} ms; medians of {result['repeat']} runs. "
            "Downtime = source pause to `Resumed` (one loopback round trip included).", ""]
     if result.get("sweep"):
-        out += ["## uniform guest, random-filled memory: dirty rate x link", "",
+        out += [f"## {result.get('workload', 'uniform')} guest, random-filled memory: "
+                "dirty rate x link", "",
                 "| link | dirty MiB/s | measured | converged | total ms | downtime ms | rounds | "
                 "sent / memory | target met |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in result["sweep"]:
@@ -401,6 +402,9 @@ def main() -> None:
     p.add_argument("--out", help="JSON path (default bench/results/migration[-quick].json)")
     p.add_argument("--rates", help="only these dirty rates, MiB/s, comma-separated")
     p.add_argument("--links", help="only these link caps, bits/s, comma-separated (0 = none)")
+    p.add_argument("--workload", default="uniform",
+                   help="sweep workload: uniform (one word a page, the target's) or rewrite "
+                        "(whole pages)")
     args = p.parse_args()
     only_rates, only_links = args.rates, args.links
     if args.quick:
@@ -420,7 +424,7 @@ def main() -> None:
     parts = set(args.part.split(","))
     from livemig.aio.loop import resolve_kind
     args.loop = resolve_kind(args.loop)
-    result = {"quick": args.quick, "memory_bytes": args.memory_bytes, "loop": args.loop,
+    result = {"quick": args.quick, "workload": args.workload, "memory_bytes": args.memory_bytes, "loop": args.loop,
               "max_total_s": args.max_total_s,
               "downtime_ms": args.downtime_ms, "repeat": args.repeat,
               "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
