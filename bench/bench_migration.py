@@ -424,7 +424,8 @@ def main() -> None:
     parts = set(args.part.split(","))
     from livemig.aio.loop import resolve_kind
     args.loop = resolve_kind(args.loop)
-    result = {"quick": args.quick, "workload": args.workload, "memory_bytes": args.memory_bytes, "loop": args.loop,
+    result = {"quick": args.quick, "workload": args.workload,
+              "memory_bytes": args.memory_bytes, "loop": args.loop,
               "max_total_s": args.max_total_s,
               "downtime_ms": args.downtime_ms, "repeat": args.repeat,
               "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
