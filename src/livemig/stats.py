@@ -139,6 +139,10 @@ class MigrationStats:
     pages_pushed: int = 0
     pages_requested: int = 0
     recoveries: int = 0
+    invalidation_rounds: list[dict] = field(default_factory=list)
+    """Hybrid: per round before the pause, pages invalidated, its ms, pages left."""
+    stop_invalidated_pages: int = 0
+    """Pages the destination discarded inside the stop (the last dirty set)."""
     fault_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def set_status(self, status: str) -> None:
@@ -188,6 +192,8 @@ class MigrationStats:
                 "duration_ms": self.postcopy_duration_ms, "urgent_requests": self.urgent_requests,
                 "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,
                 "recoveries": self.recoveries, "fault_latency": self.fault_latency.to_dict(),
+                "invalidation_rounds": list(self.invalidation_rounds),
+                "stop_invalidated_pages": self.stop_invalidated_pages,
             },
         }
 
