@@ -148,6 +148,8 @@ def _row(mode: str, rate_label: str, res: dict) -> dict:
         "fault_max_us": lat.get("max_us"), "faults": lat.get("count"),
         "steps_per_s_before": before, "steps_per_s_postcopy": during,
         "progress_ratio": (during / before) if before and during else None,
+        "invalidation_rounds": (s.get("postcopy") or {}).get("invalidation_rounds"),
+        "stop_invalidated_pages": (s.get("postcopy") or {}).get("stop_invalidated_pages"),
     }
 
 
