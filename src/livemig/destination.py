@@ -17,8 +17,11 @@ the host's (the daemon's inventory, or the library caller's).
 
 Post-copy and hybrid (docs/postcopy.md)::
 
-    Switchover(postcopy, owed bitmap, digest) ─▶ digest of held pages ok?
-        ─ await pre-faulting ─ PostcopyMemory(present = not owed) ─ load state
+    PageInvalidate ─▶ (first one: await pre-faulting ─ PostcopyMemory(present =
+        pages received) ─ post-copy decoder, FaultService) ─ discard the named
+        pages ─ RoundAck ─▶          ... while the guest still runs at the source
+    Switchover(postcopy, owed bitmap, digest) ─▶ discard owed pages still held
+        ─ digest of held pages ok? ─ exactly the owed pages missing? ─ load state
         ─ Verified ─▶ ◀ Commit ─ resume ─ Resumed ─▶ FaultService until every
         page is present ─ PostcopyComplete(digest) ─▶ ◀ Complete ─ unregister
 

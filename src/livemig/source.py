@@ -41,13 +41,15 @@ Post-copy and hybrid
     open urgent + bulk channels (before anything is paused)
     postcopy: round 0 = the zero pages only    hybrid: rounds until the policy
                                                 says POSTCOPY (or on request)
+    PageInvalidate(written since sent) ◀ RoundAck   while the sets shrink; the
+                                                guest still runs (see _invalidate)
     pause ─ collect ─ Switchover(postcopy, owed bitmap, digest of pages sent)
     ◀ Verified ─ Commit ─▶ ◀ Resumed      (downtime = pause → Resumed)
     PostcopySender (pagepusher.py): requests first, pushes the rest
     ◀ PostcopyComplete(digest) ─ equal to ours? ─ Complete ─▶ free the VM
 
-Owed pages are those never sent plus those dirtied since they were sent (the
-final collect). The Switchover digest covers the pages the destination holds;
+Owed pages are those never sent, those invalidated, and those dirtied since
+(the final collect, the only set the destination discards inside the stop). The Switchover digest covers the pages the destination holds;
 the owed pages' entries in the hash array still hold what was sent before
 (or the zero hash), identically on both sides. After Commit the VM stays
 paused here and is released only after Complete. If a channel breaks during
