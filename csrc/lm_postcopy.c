@@ -306,8 +306,7 @@ static void clear_range(lm_postcopy *p, uint64_t first, uint64_t n)
     STAT_ADD(p, pages_invalidated, cleared);
 }
 
-/* Discard the batched runs and clear their bits; 0 or -errno. *pidfd is -1
- * until opened, -2 once process_madvise proved unusable. */
+/* Discard the batched runs (and clear their bits when b->clear); 0 or -errno. */
 static int flush_runs(lm_postcopy *p, struct lm_pc_runs *b)
 {
     int *pidfd = &b->pidfd;
