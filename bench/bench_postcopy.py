@@ -148,6 +148,8 @@ def _row(mode: str, rate_label: str, res: dict) -> dict:
         "fault_max_us": lat.get("max_us"), "faults": lat.get("count"),
         "steps_per_s_before": before, "steps_per_s_postcopy": during,
         "progress_ratio": (during / before) if before and during else None,
+        "invalidation_rounds": (s.get("postcopy") or {}).get("invalidation_rounds"),
+        "stop_invalidated_pages": (s.get("postcopy") or {}).get("stop_invalidated_pages"),
     }
 
 
@@ -180,8 +182,9 @@ def _table(results: dict) -> str:
     for name, r in results["floors"].items():
         lines.append(f"| floor: {name} | {r['p50_us']} | {r['p99_us']} | {r['max_us']} | {r['n']} |")
     lat = results["latency"]
-    lines.append(f"| engine: {lat['mode']} ({lat['workload']}) | {_fmt(lat['fault_p50_us'])} | "
-                 f"{_fmt(lat['fault_p99_us'])} | {_fmt(lat['fault_max_us'])} | {lat['faults']} |")
+    if lat is not None:
+        lines.append(f"| engine: {lat['mode']} ({lat['workload']}) | {_fmt(lat['fault_p50_us'])} | "
+                     f"{_fmt(lat['fault_p99_us'])} | {_fmt(lat['fault_max_us'])} | {lat['faults']} |")
     lines += ["", "Migrations (downtime = source pause → Resumed; progress = guest instructions/s "
               "during post-copy ÷ before):", "",
               "| mode | dirty rate | status | total ms | downtime ms | rounds | post-copy ms | "
@@ -201,32 +204,42 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="256 MiB guest instead of 1 GiB")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "postcopy.json"))
+    ap.add_argument("--memory", help="guest size (default 1GiB, 256MiB with --quick)")
+    ap.add_argument("--modes", default="precopy,postcopy,hybrid",
+                    help="comma-separated modes to migrate (default all three)")
+    ap.add_argument("--rates", default="0.5,1,2",
+                    help="comma-separated dirty rates as multiples of the link (default 0.5,1,2)")
+    ap.add_argument("--no-floors", action="store_true",
+                    help="skip the floor and fault-latency measurements (downtime only)")
     args = ap.parse_args(argv)
     found = probe()
     if not found.missing:
         print(f"userfaultfd MISSING unavailable: {found.reason}", file=sys.stderr)
         return 2
-    memory = "256MiB" if args.quick else "1GiB"
+    memory = args.memory or ("256MiB" if args.quick else "1GiB")
     link_bps = (128 if args.quick else 256) * MiB
     fill_s = 1.0 if args.quick else 3.0
     raw = CodecConfig().without("lz4")
     results: dict = {"params": {"memory": memory, "link_bps": link_bps, "quick": args.quick,
                                 "fill_s": fill_s, "codec": list(raw.encodings)}}
-    results["floors"] = floors(args.quick)
-    print(json.dumps(results["floors"]), flush=True)
+    results["floors"], results["latency"] = {}, None
+    if not args.no_floors:
+        results["floors"] = floors(args.quick)
+        print(json.dumps(results["floors"]), flush=True)
 
-    # 1. latency: a guest writing random pages, post-copy at once, push capped
-    cfg = MigrationConfig(mode="postcopy", codec=raw, max_bandwidth_bps=link_bps)
-    res = asyncio.run(_one("64MiB", "uniform", 32 * MiB, 0.3, cfg))
-    lat = _row("postcopy", "32MiB/s", res)
-    lat["workload"] = "uniform, 64 MiB"
-    results["latency"] = lat
-    print(json.dumps(lat), flush=True)
+        # 1. latency: a guest writing random pages, post-copy at once, push capped
+        cfg = MigrationConfig(mode="postcopy", codec=raw, max_bandwidth_bps=link_bps)
+        res = asyncio.run(_one("64MiB", "uniform", 32 * MiB, 0.3, cfg))
+        lat = _row("postcopy", "32MiB/s", res)
+        lat["workload"] = "uniform, 64 MiB"
+        results["latency"] = lat
+        print(json.dumps(lat), flush=True)
 
     # 2-3. modes x dirty rates relative to the link
     results["migrations"] = []
-    for label, factor in (("0.5x link", 0.5), ("1x link", 1.0), ("2x link", 2.0)):
-        for mode in ("precopy", "postcopy", "hybrid"):
+    rates = [float(x) for x in args.rates.split(",")]
+    for label, factor in ((f"{f:g}x link", f) for f in rates):
+        for mode in args.modes.split(","):
             extra = {"hybrid_postcopy_after_rounds": 2} if mode == "hybrid" else {}
             cfg = MigrationConfig(mode=mode, codec=raw, max_bandwidth_bps=link_bps,
                                   downtime_ms=50.0, max_rounds=8, max_total_s=15.0, **extra)

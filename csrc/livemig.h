@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 9
+#define LM_ABI_VERSION 10
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -254,6 +254,8 @@ typedef struct lm_postcopy_stats {
     uint64_t move_busy_copies;   /* MOVE source pages shared/pinned (EBUSY): copied */
     uint64_t wakes;              /* explicit UFFDIO_WAKE calls */
     uint64_t ioctls;             /* placement ioctls issued */
+    uint64_t pages_invalidated;  /* present pages made absent (lm_postcopy_invalidate) */
+    uint64_t discard_calls;      /* madvise / process_madvise calls made for them */
 } lm_postcopy_stats;
 
 /* Capability mask (LM_POSTCOPY_CAN_*) of this process on this kernel, found
@@ -283,6 +285,16 @@ int lm_postcopy_wake(lm_postcopy *p, uint64_t first_page, uint64_t npages);
 int64_t lm_postcopy_mark_present(lm_postcopy *p, const uint64_t *words, uint64_t nwords);
 /* MADV_DONTNEED every page not marked present, so that it faults. */
 int lm_postcopy_discard_absent(lm_postcopy *p);
+/* Make absent every present page whose bit is set in words: discard it
+ * (MADV_DONTNEED; runs coalesced and handed to the kernel in batches through
+ * process_madvise(2) on this process, or one madvise(2) per run with
+ * LM_POSTCOPY_INVALIDATE_MADVISE or where process_madvise is refused), then
+ * clear its present bit, so that its next access faults. Only while no thread
+ * uses the memory (before the guest resumes): a discarded page loses its
+ * contents. Returns the pages made absent. */
+#define LM_POSTCOPY_INVALIDATE_MADVISE 1
+int64_t lm_postcopy_invalidate(lm_postcopy *p, const uint64_t *words, uint64_t nwords,
+                               int flags);
 uint64_t lm_postcopy_missing(const lm_postcopy *p);
 int lm_postcopy_present_bitmap(const lm_postcopy *p, uint64_t *words, uint64_t nwords);
 int lm_postcopy_stats_get(const lm_postcopy *p, lm_postcopy_stats *out);

@@ -108,7 +108,8 @@ def cmd_daemon(args) -> int:
 
     async def main() -> None:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,
-                        insecure=args.insecure_no_tls)
+                        insecure=args.insecure_no_tls,
+                        postcopy_recovery_timeout_s=args.postcopy_recovery_timeout)
         await daemon.start()
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
@@ -312,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--insecure-no-tls", action="store_true",
                     help="allow a non-loopback listen address without TLS (dangerous)")
     sp.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    sp.add_argument("--postcopy-recovery-timeout", type=float, default=30.0, metavar="S",
+                    help="how long an incoming post-copy migration waits for a lost source "
+                         "to reconnect before the VM is declared lost and stopped (default 30)")
     sp.set_defaults(func=cmd_daemon)
 
     sp = sub.add_parser("migrate", help="migrate a VM to another daemon")

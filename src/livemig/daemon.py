@@ -104,7 +104,7 @@ class MigrationRecord:
 
 class Daemon:
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
-                 insecure: bool = False):
+                 insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
@@ -114,6 +114,8 @@ class Daemon:
         self.control_path = control_path
         self.tls = tls
         self.insecure = insecure
+        self.incoming_config = MigrationConfig(
+            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s)
         self.vms: dict[str, HostedVM] = {}
         self.migrations: dict[int, MigrationRecord] = {}
         self._arriving: set[str] = set()
@@ -129,7 +131,8 @@ class Daemon:
 
         ssl_ctx = server_context(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
         self._listener = MigrationServer(self.listen_host, self.listen_port, ssl=ssl_ctx,
-                                         on_incoming=self._on_incoming)
+                                         on_incoming=self._on_incoming,
+                                         config=self.incoming_config)
         await self._listener.start()
         self.listen_port = self._listener.port
         await self._control.start()

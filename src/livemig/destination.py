@@ -17,8 +17,11 @@ the host's (the daemon's inventory, or the library caller's).
 
 Post-copy and hybrid (docs/postcopy.md)::
 
-    Switchover(postcopy, owed bitmap, digest) ─▶ digest of held pages ok?
-        ─ await pre-faulting ─ PostcopyMemory(present = not owed) ─ load state
+    PageInvalidate ─▶ (first one: await pre-faulting ─ PostcopyMemory(present =
+        pages received) ─ post-copy decoder, FaultService) ─ discard the named
+        pages ─ RoundAck ─▶          ... while the guest still runs at the source
+    Switchover(postcopy, owed bitmap, digest) ─▶ discard owed pages still held
+        ─ digest of held pages ok? ─ exactly the owed pages missing? ─ load state
         ─ Verified ─▶ ◀ Commit ─ resume ─ Resumed ─▶ FaultService until every
         page is present ─ PostcopyComplete(digest) ─▶ ◀ Complete ─ unregister
 
@@ -46,6 +49,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from .aio.channel import Channel, ChannelServer, recv_within, serve_channels
 from .config import MigrationConfig
 from .decoder import BatchDecoder
@@ -53,11 +58,11 @@ from .digest import memory_digest_full
 from .errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      RemoteProtocolError, StateFormatError, Unsupported)
 from . import urgent
-from .faultservice import OWED_PAGE_HASH, FaultService, PostcopyPlacer, owed_mask
+from .faultservice import OWED_PAGE_HASH, FaultService, PostcopyPlacer
 from .native import PAGE_SIZE
 from . import postcopy
 from .protocol import (Abort, Accept, ChannelKind, Commit, Hello, MigrationOffer, Mode,
-                       PageBatch, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
+                       PageBatch, PageInvalidate, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
                        Switchover, Verified, VerifyFailed, answer_hello)
 from .protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
 from .stats import MigrationStats
@@ -209,6 +214,7 @@ class IncomingMigration:
             self._set_status("failed", f"refused: {exc}")
             return False
         self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
+        self._held = np.zeros(self.vm.memory.npages, dtype=bool)   # pages landed so far
         self.mode = offer.mode
         self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
@@ -298,6 +304,7 @@ class IncomingMigration:
                         f"page batch announced {event.npages} pages but held {batch.npages}",
                         phase="precopy")
                 stats.add_batch(batch)
+                self._held[batch.page_indices] = True
                 self._round_pages += batch.npages
             elif isinstance(event, RoundStart):
                 stats.rounds_received = event.round + 1
@@ -305,6 +312,8 @@ class IncomingMigration:
                 # Batches are applied in order, so the round is complete here.
                 await self.ch.send(RoundAck(event.round, self._round_pages))
                 self._round_pages = 0
+            elif isinstance(event, PageInvalidate):
+                await self._invalidate(event)
             elif isinstance(event, Switchover):
                 if event.owed_bitmap is not None:
                     await self._handover_postcopy(event)
@@ -364,30 +373,75 @@ class IncomingMigration:
             self.arrival.on_resumed(vm)
 
     # -- post-copy -----------------------------------------------------------------------------
+    async def _prepare_postcopy(self) -> None:
+        """Register guest memory for post-copy, the guest still running at the
+        source: pages held stay, every other page is discarded so it faults.
+        Size-proportional work (UFFDIO_REGISTER over all memory, discarding
+        the pages never received, the post-copy decoder and fault table)
+        happens here, outside the stop. Nothing writes memory after this: the
+        protocol admits no page batch once invalidation began."""
+        vm = self.vm
+        if self._populating is not None:
+            # MADV_POPULATE_WRITE on a MISSING-registered range would raise
+            # userfaults on the executor thread: stop it (it finishes the
+            # chunk in hand, a few ms at most) before registering.
+            self._populate_stop.set()
+            await asyncio.shield(self._populating)
+        try:
+            self.pm = postcopy.PostcopyMemory(vm.memory, self._held)
+        except BackendUnavailable as exc:
+            raise MigrationError(f"post-copy refused: {exc}", phase=self.phase.label) from exc
+        self.decoder.hashes.values[~self._held] = OWED_PAGE_HASH
+        held = self.decoder.hashes       # hashes of what landed before; post-copy adds to them
+        self.decoder = BatchDecoder(vm.memory, PostcopyPlacer(self.pm), verify_dup=False)
+        self.decoder.hashes = held
+        self.faults = self._fault_service()
+
+    async def _invalidate(self, event: PageInvalidate) -> None:
+        """Pages the source's guest wrote again: make them absent (owed)."""
+        if self.pm is None:
+            await self._prepare_postcopy()
+        pages = event.pages
+        if pages.size and int(pages[-1]) >= self.vm.memory.npages:
+            raise RemoteProtocolError(f"PageInvalidate names page {int(pages[-1])} of a "
+                                      f"{self.vm.memory.npages}-page memory", phase="precopy")
+        idx = pages.astype(np.int64)
+        self.pm.invalidate(idx)
+        self.decoder.hashes.values[idx] = OWED_PAGE_HASH
+        self.stats.invalidation_rounds.append({"round": event.round, "pages": int(idx.size)})
+        await self.ch.send(RoundAck(event.round, int(idx.size)))
+
     async def _handover_postcopy(self, sw: Switchover) -> None:
+        """The stop: only work proportional to the last dirty set, plus a few
+        passes over per-page arrays (bitmap words, hashes, digest)."""
         vm = self.vm
         self.phase = Phase.SWITCHOVER
         refusal = None
-        owed = owed_mask(sw.owed_bitmap, sw.owed_npages) if sw.owed_npages == vm.memory.npages \
-            else None
-        if owed is not None:
-            self.decoder.hashes.values[owed] = OWED_PAGE_HASH
-        actual = self.decoder.hashes.digest()
-        if actual != sw.digest:
-            refusal = "memory digest mismatch over the pages already held"
-        if owed is None:
-            refusal = f"owed bitmap covers {sw.owed_npages} pages, memory has {vm.memory.npages}"
+        npages = vm.memory.npages
+        if sw.owed_npages != npages:
+            refusal = f"owed bitmap covers {sw.owed_npages} pages, memory has {npages}"
+            actual = bytes(16)
+        else:
+            if self.pm is None:
+                await self._prepare_postcopy()  # a source that sent no PageInvalidate
+            owed_words = np.zeros((npages + 63) // 64, dtype=np.uint64)
+            owed_words.view(np.uint8)[:len(sw.owed_bitmap)] = np.frombuffer(sw.owed_bitmap,
+                                                                            np.uint8)
+            # Owed but held here: the pages written since the last invalidation
+            # round. Every other absent page's hash entry is blank already
+            # (_prepare_postcopy, _invalidate).
+            stale = _pages_of_words(owed_words & self.pm.present_bitmap())
+            self.decoder.hashes.values[stale] = OWED_PAGE_HASH
+            actual = self.decoder.hashes.digest()
+            if actual != sw.digest:
+                refusal = "memory digest mismatch over the pages already held"
         if refusal is None:
-            if self._populating is not None:
-                # MADV_POPULATE_WRITE on a MISSING-registered range would raise
-                # userfaults on the executor thread: stop it (it finishes the
-                # chunk in hand, a few ms at most) before registering.
-                self._populate_stop.set()
-                await asyncio.shield(self._populating)
-            try:
-                self.pm = postcopy.PostcopyMemory(vm.memory, ~owed)
-            except BackendUnavailable as exc:
-                refusal = str(exc)
+            self.stats.stop_invalidated_pages = self.pm.invalidate(stale)
+            # Now owed ⊆ absent; equal counts make the sets equal.
+            nowed = int(np.bitwise_count(owed_words).sum())
+            if self.pm.missing != nowed:
+                refusal = (f"the source owes {nowed} pages but {self.pm.missing} are "
+                           "missing here")
         if refusal is None:
             try:
                 vm.import_state(sw.state)
@@ -396,11 +450,7 @@ class IncomingMigration:
         if refusal is not None:
             await self.ch.send(VerifyFailed(sw.digest, actual, refusal[:1000]))
             raise MigrationError(f"post-copy switchover refused: {refusal}", phase="switchover")
-        held = self.decoder.hashes       # hashes of what landed before; post-copy adds to them
-        self.decoder = BatchDecoder(vm.memory, PostcopyPlacer(self.pm), verify_dup=False)
-        self.decoder.hashes = held
         await self._verified_then_commit()
-        self.faults = self._fault_service()
         vm.resume()
         self._handed_over = True
         self.faults.start()
@@ -536,6 +586,14 @@ class IncomingMigration:
             await asyncio.wait_for(self.ch.send(Abort(self.phase, str(exc)[:1000])), 1.0)
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
+
+
+def _pages_of_words(words: np.ndarray) -> np.ndarray:
+    """Indices of the set bits of uint64 bitmap words (bit i%64 of word i//64),
+    in time proportional to the non-zero words."""
+    nz = np.flatnonzero(words)
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    return (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
 
 
 class MigrationServer:

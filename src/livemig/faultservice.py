@@ -345,12 +345,4 @@ class FaultService:
                                    phase="postcopy")
 
 
-def owed_mask(owed_bitmap: bytes, npages: int) -> np.ndarray:
-    """The Switchover bitmap (LSB first) as a bool array of npages."""
-    bits = np.unpackbits(np.frombuffer(owed_bitmap, dtype=np.uint8), count=npages,
-                         bitorder="little")
-    return bits.astype(bool)
-
-
-
-__all__ = ["FaultService", "PostcopyPlacer", "owed_mask", "OWED_PAGE_HASH"]
+__all__ = ["FaultService", "PostcopyPlacer", "OWED_PAGE_HASH"]

@@ -41,13 +41,15 @@ Post-copy and hybrid
     open urgent + bulk channels (before anything is paused)
     postcopy: round 0 = the zero pages only    hybrid: rounds until the policy
                                                 says POSTCOPY (or on request)
+    PageInvalidate(written since sent) ◀ RoundAck   while the sets shrink; the
+                                                guest still runs (see _invalidate)
     pause ─ collect ─ Switchover(postcopy, owed bitmap, digest of pages sent)
     ◀ Verified ─ Commit ─▶ ◀ Resumed      (downtime = pause → Resumed)
     PostcopySender (pagepusher.py): requests first, pushes the rest
     ◀ PostcopyComplete(digest) ─ equal to ours? ─ Complete ─▶ free the VM
 
-Owed pages are those never sent plus those dirtied since they were sent (the
-final collect). The Switchover digest covers the pages the destination holds;
+Owed pages are those never sent, those invalidated, and those dirtied since
+(the final collect, the only set the destination discards inside the stop). The Switchover digest covers the pages the destination holds;
 the owed pages' entries in the hash array still hold what was sent before
 (or the zero hash), identically on both sides. After Commit the VM stays
 paused here and is released only after Complete. If a channel breaks during
@@ -81,7 +83,7 @@ from . import urgent
 from .pagepusher import PostcopySender
 from .policy import Action, RoundStats, decide
 from .protocol import (Abort, Accept, ChannelKind, Commit, Complete, MigrationOffer, Mode,
-                       PageBatch, Phase, PresentReport, Refuse, Resumed, RoundAck, RoundEnd,
+                       PageBatch, PageInvalidate, Phase, PresentReport, Refuse, Resumed, RoundAck, RoundEnd,
                        RoundStart, Switchover, Verified, VerifyFailed)
 from .stats import MigrationStats, RoundRecord
 from .tracking import open_tracker
@@ -92,6 +94,10 @@ _MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYB
 
 
 RECOVERY_BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# Invalidation rounds (before the post-copy pause) stop once the set left for
+# the stop is this small, or stops shrinking, or after this many rounds.
+INVALIDATE_DONE_PAGES = 256
+INVALIDATE_MAX_ROUNDS = 12
 
 
 class MigrationControl:
@@ -166,6 +172,7 @@ class SourceSession:
             self._tracker = open_tracker(self.vm.memory, self.tracker_name)
             self.stats.tracker = self._tracker.name
             if await self._precopy() == "postcopy":
+                await self._invalidate()
                 await self._switchover_postcopy()
                 await self._postcopy()
             else:
@@ -344,19 +351,62 @@ class SourceSession:
         self._tracker.stop()
 
     # -- post-copy ----------------------------------------------------------------------------------
+    def _make_owed(self, pages: np.ndarray) -> np.ndarray:
+        """Mark ``pages`` owed (those not owed yet); returns the newly owed ones.
+        An owed page's hash entry may hold the hash of a copy taken while the
+        guest wrote it (not exact): both sides blank owed entries."""
+        idx = pages.astype(np.int64, copy=False)
+        idx = idx[~self._owed[idx]]
+        self._owed[idx] = True
+        self._encoder.forget(idx)
+        self._encoder.sent_hashes.values[idx] = OWED_PAGE_HASH
+        return idx
+
+    async def _invalidate(self) -> None:
+        """Invalidation rounds, the guest still running here (docs/postcopy.md).
+
+        Owed so far: pages never sent. Each round names the pages written
+        since they were sent (and not owed yet); the destination registers
+        for post-copy on the first one, discards them and acks. A round only
+        carries indices and the destination's discard is fast, so rounds get
+        shorter and the sets smaller, at any dirty rate; what is left when
+        they stop shrinking is all the stop has to discard."""
+        stats = self.stats
+        self._owed = ~self._sent
+        self._encoder.sent_hashes.values[self._owed] = OWED_PAGE_HASH
+        pages = self._pending
+        index = len(stats.rounds)
+        for n in range(INVALIDATE_MAX_ROUNDS):
+            t_round = time.monotonic()
+            new = self._make_owed(pages)
+            await self._ch.send(PageInvalidate(index, new.astype(np.uint64)))
+            ack = await self._recv(self.config.switchover_timeout_s,
+                                   f"the ack of invalidation round {index}")
+            self._expect(ack, RoundAck)
+            if ack.round != index or ack.pages != new.size:
+                raise RemoteProtocolError(f"invalidation round {index} ({new.size} pages) acked "
+                                          f"as round {ack.round} with {ack.pages} pages",
+                                          phase=self.phase.label)
+            pages = self._tracker.collect()
+            pages = pages[~self._owed[pages.astype(np.int64)]]
+            stats.invalidation_rounds.append(
+                {"round": index, "pages": int(new.size),
+                 "ms": (time.monotonic() - t_round) * 1e3, "left": int(pages.size)})
+            index += 1
+            if pages.size <= INVALIDATE_DONE_PAGES or (n >= 1 and pages.size >= new.size):
+                break
+        self._pending = pages  # written since: owed, discarded in the stop
+        self._publish()
+
     async def _switchover_postcopy(self) -> None:
         cfg, vm, stats = self.config, self.vm, self.stats
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
         vm.pause()
-        final = self._final_dirty()
-        owed = ~self._sent
-        owed[final] = True
-        self._encoder.forget(final)
+        last = self._make_owed(self._final_dirty())
+        stats.stop_invalidated_pages = int(last.size)
+        owed = self._owed
         self._encoder.set_postcopy()
-        # An owed page's entry may hold the hash of a copy taken while the
-        # guest wrote it (not exact); both sides blank owed entries first.
-        self._encoder.sent_hashes.values[owed] = OWED_PAGE_HASH
         digest = self._encoder.sent_hashes.digest()
         bitmap = np.packbits(owed, bitorder="little").tobytes()
         await self._hand_over(Switchover(vm.export_state(), digest, owed.size, bitmap), t_pause,

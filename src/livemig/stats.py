@@ -139,6 +139,10 @@ class MigrationStats:
     pages_pushed: int = 0
     pages_requested: int = 0
     recoveries: int = 0
+    invalidation_rounds: list[dict] = field(default_factory=list)
+    """Hybrid: per round before the pause, pages invalidated, its ms, pages left."""
+    stop_invalidated_pages: int = 0
+    """Pages the destination discarded inside the stop (the last dirty set)."""
     fault_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     fault_path: str | None = None
     """Who served the urgent channel here: "native" (C threads) or "python"."""
@@ -197,6 +201,8 @@ class MigrationStats:
                 "recoveries": self.recoveries, "fault_latency": self.fault_latency.to_dict(),
                 "fault_path": self.fault_path, "fault_path_reason": self.fault_path_reason,
                 "vcpu_blocked_ms": self.vcpu_blocked_ms,
+                "invalidation_rounds": list(self.invalidation_rounds),
+                "stop_invalidated_pages": self.stop_invalidated_pages,
             },
         }
 

@@ -275,3 +275,21 @@ def test_recover_now_cuts_the_backoff_short(run, monkeypatch):
     stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill_s=0.2,
                                     via_proxy=cut_once, control=control)
     assert stats.status == "completed" and stats.recoveries == 1
+
+
+def test_hybrid_invalidates_before_the_pause_and_discards_little_in_the_stop(run):
+    # A guest writing 64 MiB/s of a 16 MiB memory re-dirties much of what the
+    # first round sent; invalidation rounds take those pages back before the
+    # pause, so the stop only discards what was written during the last one.
+    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, downtime_ms=0.001,
+                          codec=RAW, max_bandwidth_bps=64 << 20)
+    stats, arrival = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill_s=0.1)
+    src, dst = stats, arrival.stats
+    assert src.status == "completed" and dst.status == "completed"
+    assert len(src.invalidation_rounds) >= 1
+    assert [r["pages"] for r in dst.invalidation_rounds] == \
+        [r["pages"] for r in src.invalidation_rounds]
+    first = src.invalidation_rounds[0]["pages"]
+    assert first > 0
+    assert dst.stop_invalidated_pages == src.stop_invalidated_pages
+    assert src.stop_invalidated_pages <= max(first, 256)

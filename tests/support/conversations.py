@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from livemig.protocol import (BATCH_POSTCOPY, BATCH_URGENT, Accept, ChannelKind, Complete,
-                              Connection, Hello, MigrationOffer, Mode, PageBatch, PageRequest,
+                              Connection, Hello, MigrationOffer, Mode, PageBatch, PageInvalidate,
+                              PageRequest, RoundAck,
                               Ping, Pong, PostcopyComplete, PresentReport, Resumed, RoundEnd,
                               Verified, Commit,
                               RoundStart, Switchover, Welcome)
@@ -52,6 +53,23 @@ def control_hybrid() -> list:
     return ev
 
 
+def control_hybrid_invalidating() -> list:
+    """Hybrid with invalidation rounds before the pause (docs/postcopy.md)."""
+    ev = handshake(ChannelKind.CONTROL)
+    ev += [(S, MigrationOffer({"name": "vm2"}, Mode.HYBRID, 20)), (D, Accept()),
+           (S, RoundStart(0)), (S, PageBatch(0, 10, pages(10))),
+           (S, PageBatch(0, 10, pages(10, 1))), (S, RoundEnd(0, 20, 20 * 4096)),
+           (D, RoundAck(0, 20)),
+           (S, PageInvalidate(1, np.array([2, 3, 9], dtype=np.uint64))), (D, RoundAck(1, 3)),
+           (S, PageInvalidate(2, np.array([15], dtype=np.uint64))), (D, RoundAck(2, 1)),
+           (S, Switchover(b"regs", b"\x33" * 16, 20, b"\x0c\x82\x00")), (D, Verified()),
+           (S, Commit()), (D, Resumed()),
+           (D, PageRequest(1, (2,))),
+           (S, PageBatch(3, 1, pages(1, 5), BATCH_URGENT | BATCH_POSTCOPY, 1)),
+           (D, PostcopyComplete(20)), (S, Complete())]
+    return ev
+
+
 def bulk() -> list:
     ev = handshake(ChannelKind.BULK)
     ev += [(S, PageBatch(0, 8, pages(8))), (S, PageBatch(1, 1, pages(1, 3), BATCH_POSTCOPY))]
@@ -74,6 +92,7 @@ def control_resumed() -> list:
 
 
 ALL = {"control-precopy": control_precopy, "control-hybrid": control_hybrid,
+       "control-hybrid-invalidating": control_hybrid_invalidating,
        "control-resumed": control_resumed, "bulk": bulk, "urgent": urgent}
 
 

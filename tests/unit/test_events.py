@@ -1,6 +1,7 @@
 """Every message round-trips; malformed payloads raise PayloadError only."""
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,8 @@ SAMPLES = [
     ev.PageBatch(3, 0, b""),
     ev.RoundEnd(7, 1000, 4096000),
     ev.RoundAck(7, 1000),
+    ev.PageInvalidate(8, np.array([0, 5, 6, 2**40], dtype=np.uint64)),
+    ev.PageInvalidate(9),
     ev.Switchover(b"state" * 10, b"d" * 16),
     ev.Switchover(b"", b"d" * 16, 13, b"\xff\x1f"),
     ev.Resumed(),
@@ -120,6 +123,12 @@ def test_undefined_flags_rejected(cls):
     (ev.PageRequest, struct.pack("<QII", 1, 2, 0) + bytes(8)),                    # short
     (ev.Abort, struct.pack("<BBH", 99, 0, 0)),                                    # phase
     (ev.RoundEnd, struct.pack("<IIQQ", 1, 1, 1, 1)),                              # reserved
+    (ev.PageInvalidate, struct.pack("<II", 1, 2) + struct.pack("<Q", 3)),         # short
+    (ev.PageInvalidate, struct.pack("<II", 1, 1) + struct.pack("<QB", 3, 0)),     # trailing
+    (ev.PageInvalidate, struct.pack("<II", 1, 2) + struct.pack("<QQ", 9, 3)),     # descending
+    (ev.PageInvalidate, struct.pack("<II", 1, 2) + struct.pack("<QQ", 3, 3)),     # repeated
+    (ev.PageInvalidate, struct.pack("<II", 1, (1 << 20) + 1)),                    # over the cap
+    (ev.PageInvalidate, struct.pack("<H", 1)),                                    # truncated
 ])
 def test_bad_payloads(cls, payload):
     with pytest.raises(PayloadError):
@@ -143,6 +152,8 @@ def test_encode_rejects_invalid_fields():
         ev.PageRequest(1, ()).encode()
     with pytest.raises(ValueError):
         ev.PageBatch(0, 1, b"", flags=0x80).encode()
+    with pytest.raises(ValueError):
+        ev.PageInvalidate(0, np.array([4, 2], dtype=np.uint64)).encode()
 
 
 caps = st.frozensets(st.from_regex(r"\A[a-z0-9][a-z0-9_.\-]{0,31}\Z"), max_size=8)
@@ -177,6 +188,8 @@ events_strategy = st.one_of(
     st.tuples(st.binary(max_size=64), st.binary(min_size=16, max_size=16), bitmaps()).map(
         lambda t: ev.Switchover(t[0], t[1], *t[2])),
     st.builds(ev.PageRequest, u64, st.lists(u64, min_size=1, max_size=20).map(tuple)),
+    st.builds(ev.PageInvalidate, u32, st.sets(u64, max_size=40).map(
+        lambda s: np.array(sorted(s), dtype=np.uint64))),
     st.builds(ev.Abort, st.sampled_from(ev.Phase), st.text(max_size=40)),
     st.builds(ev.Ping, u64),
 )

@@ -138,3 +138,20 @@ def test_phases_follow_the_migration():
             seen.append(c.phase)
     assert seen == [ev.Phase.HANDSHAKE, ev.Phase.PRECOPY, ev.Phase.SWITCHOVER,
                     ev.Phase.POSTCOPY, ev.Phase.COMPLETE]
+
+
+def test_no_pages_after_an_invalidation_and_only_a_postcopy_switchover():
+    """Once the destination registered for post-copy (first PageInvalidate)
+    no page batch or pre-copy switchover may come: either would write memory
+    registered for MISSING faults."""
+    steps = conv.control_hybrid_invalidating()
+    first = next(i for i, (_, e) in enumerate(steps) if isinstance(e, ev.PageInvalidate))
+    for bad in (ev.RoundStart(5), ev.PageBatch(5, 1, b"x"), ev.Switchover(b"", bytes(16))):
+        c = Conversation()
+        for sender, event in steps[:first + 1]:
+            c.process(sender, event)
+        assert c.state is State.INVALIDATING
+        with pytest.raises(TransitionError):
+            c.process(S, bad)
+    with pytest.raises(TransitionError):
+        Conversation(ev.ChannelKind.BULK).process(S, ev.PageInvalidate(0))

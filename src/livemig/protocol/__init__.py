@@ -6,7 +6,7 @@ to asyncio. See docs/protocol.md for the wire format.
 from .connection import CLOSED, NEED_DATA, SUPPORTED_VERSIONS, Connection, answer_hello
 from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, Accept,
                      ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
-                     PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
+                     PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
                      RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
                      VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
 from .state import Role, State
@@ -15,7 +15,7 @@ __all__ = [
     "CLOSED", "NEED_DATA", "SUPPORTED_VERSIONS", "Connection", "answer_hello",
     "ALL_EVENTS", "BATCH_POSTCOPY", "BATCH_URGENT", "WIRE_IDS", "Abort", "Accept",
     "ChannelKind", "Complete", "Event", "Hello", "MigrationOffer", "Mode", "PageBatch",
-    "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
+    "PageInvalidate", "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
     "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
 ]

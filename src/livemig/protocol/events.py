@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
 
+import numpy
+
 
 class PayloadError(Exception):
     """A payload does not match its message layout."""
@@ -79,6 +81,7 @@ MAX_TEXT_BYTES = 4096
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CAPABILITIES = 64
 MAX_REQUEST_PAGES = 1 << 16
+MAX_INVALIDATE_PAGES = 1 << 20   # 8 MiB of indices: 4 GiB of guest memory per frame
 SESSION_ID_BYTES = 16
 DIGEST_BYTES = 16
 _CAP_RE = re.compile(rb"^[a-z0-9][a-z0-9_.\-]{0,31}$")
@@ -491,6 +494,54 @@ class RoundAck(Event):
         return cls(rnd, pages)
 
 
+_INVALIDATE = struct.Struct("<II")
+
+
+@dataclass(frozen=True, eq=False)
+class PageInvalidate(Event):
+    """Source -> destination, hybrid, guest still running at the source: the
+    pages the guest wrote again since they were sent. The destination makes
+    them absent (they are owed now, fetched in post-copy) and answers
+    RoundAck(round, count). The first one also tells the destination to
+    register its memory for post-copy: no page batch follows it.
+
+    ``pages``: strictly ascending page indices (uint64; may be empty)."""
+
+    WIRE_ID: ClassVar[int] = 36
+    round: int
+    pages: numpy.ndarray = field(default_factory=lambda: numpy.zeros(0, dtype="<u8"))
+
+    def encode(self):
+        pages = numpy.ascontiguousarray(self.pages, dtype="<u8")
+        if pages.ndim != 1 or pages.size > MAX_INVALIDATE_PAGES:
+            raise ValueError(f"a PageInvalidate names at most {MAX_INVALIDATE_PAGES} pages")
+        if pages.size > 1 and not bool(numpy.all(pages[1:] > pages[:-1])):
+            raise ValueError("PageInvalidate pages must be strictly ascending")
+        return 0, [_INVALIDATE.pack(self.round, pages.size), memoryview(pages).cast("B")]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        rnd, count = r.unpack(_INVALIDATE)
+        if count > MAX_INVALIDATE_PAGES:
+            raise PayloadError(f"PageInvalidate of {count} pages exceeds "
+                               f"{MAX_INVALIDATE_PAGES}")
+        raw = r.take(count * 8)
+        r.end()
+        pages = numpy.frombuffer(raw, dtype="<u8")
+        if count > 1 and not bool(numpy.all(pages[1:] > pages[:-1])):
+            raise PayloadError("PageInvalidate pages are not strictly ascending")
+        return cls(rnd, pages)
+
+    def __eq__(self, other):
+        if not isinstance(other, PageInvalidate):
+            return NotImplemented
+        return self.round == other.round and numpy.array_equal(self.pages, other.pages)
+
+    __hash__ = None
+
+
 # --- switchover ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -813,7 +864,7 @@ class ProbeResult(Event):
 
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
-              RoundEnd, RoundAck, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
+              RoundEnd, RoundAck, PageInvalidate, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
               PostcopyComplete, Complete, Abort, Ping, Pong, ProbeData, ProbeEnd, ProbeResult)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS

@@ -37,6 +37,10 @@ Control channel (source S, destination D)::
     PRECOPY --S Switchover(precopy)--> SWITCHOVER --D Verified--> VERIFIED
                                                   --D VerifyFailed--> VERIFY_FAILED
     VERIFIED --S Commit--> COMMITTED --D Resumed--> RELEASING --S Complete--> DONE
+    PRECOPY --S PageInvalidate--> INVALIDATING   (hybrid / post-copy, guest still running
+    INVALIDATING --S PageInvalidate--> INVALIDATING   at the source: no page batch
+    INVALIDATING --D RoundAck--> INVALIDATING          follows, only a post-copy
+    INVALIDATING --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY   switchover)
     PRECOPY --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY --D Verified--> VERIFIED_POSTCOPY
     VERIFIED_POSTCOPY --S Commit--> COMMITTED_POSTCOPY --D Resumed--> POSTCOPY
     POSTCOPY --S PageBatch(postcopy|urgent)--> POSTCOPY --D PageRequest--> POSTCOPY
@@ -53,7 +57,7 @@ from __future__ import annotations
 from enum import Enum
 
 from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
-                     PageBatch, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
+                     PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
                      Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
                      VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
 
@@ -75,6 +79,7 @@ class State(Enum):
     OFFERED = ("offered", Phase.HANDSHAKE)
     PRECOPY = ("precopy", Phase.PRECOPY)
     IN_ROUND = ("in-round", Phase.PRECOPY)
+    INVALIDATING = ("invalidating", Phase.PRECOPY)
     SWITCHOVER = ("switchover", Phase.SWITCHOVER)
     SWITCHOVER_POSTCOPY = ("switchover-postcopy", Phase.SWITCHOVER)
     VERIFIED = ("verified", Phase.SWITCHOVER)
@@ -128,6 +133,10 @@ CONTROL = {
     (State.IN_ROUND, D, RoundAck, _ANY): State.IN_ROUND,
     (State.PRECOPY, S, Switchover, "precopy"): State.SWITCHOVER,
     (State.PRECOPY, S, Switchover, "postcopy"): State.SWITCHOVER_POSTCOPY,
+    (State.PRECOPY, S, PageInvalidate, _ANY): State.INVALIDATING,
+    (State.INVALIDATING, S, PageInvalidate, _ANY): State.INVALIDATING,
+    (State.INVALIDATING, D, RoundAck, _ANY): State.INVALIDATING,
+    (State.INVALIDATING, S, Switchover, "postcopy"): State.SWITCHOVER_POSTCOPY,
     (State.SWITCHOVER, D, Verified, _ANY): State.VERIFIED,
     (State.SWITCHOVER, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
     (State.VERIFIED, S, Commit, _ANY): State.COMMITTED,
