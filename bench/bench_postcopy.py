@@ -19,8 +19,10 @@ destination's loop and its vCPUs share both CPUs with the source, so most
 faults are served across CPUs (a cross-CPU wake-up costs tens of µs).
 
 Guest memory is filled by letting the workload run unpaced before the
-migration; LZ4 is switched off (guest pages here are one word on a zero page
-and compress ~100x, which would make any link cap meaningless).
+migration; LZ4 and BLOCK are switched off (the uniform workload changes one
+word of a page per write: LZ4 shrinks its pages ~100x and BLOCK sends 258 of
+4096 bytes, which would make the link cap meaningless; a guest rewriting
+whole pages, the `rewrite` workload, gets nothing from either).
 
     python bench/bench_postcopy.py --quick     # 256 MiB guest, a few minutes
 """
@@ -150,6 +152,10 @@ def _row(mode: str, rate_label: str, res: dict) -> dict:
         "progress_ratio": (during / before) if before and during else None,
         "invalidation_rounds": (s.get("postcopy") or {}).get("invalidation_rounds"),
         "stop_invalidated_pages": (s.get("postcopy") or {}).get("stop_invalidated_pages"),
+        "vcpu_blocked_ms": (d.get("postcopy") or {}).get("vcpu_blocked_ms"),
+        "fault_path": (d.get("postcopy") or {}).get("fault_path"),
+        "fault_path_reason": (d.get("postcopy") or {}).get("fault_path_reason"),
+        "source_fault_path_reason": (s.get("postcopy") or {}).get("fault_path_reason"),
     }
 
 
@@ -188,15 +194,19 @@ def _table(results: dict) -> str:
     lines += ["", "Migrations (downtime = source pause → Resumed; progress = guest instructions/s "
               "during post-copy ÷ before):", "",
               "| mode | dirty rate | status | total ms | downtime ms | rounds | post-copy ms | "
-              "requested | pushed | fault p50 µs | fault p99 µs | progress |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "requested | pushed | fault p50 µs | fault p99 µs | vCPU blocked ms | progress |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["migrations"]:
         lines.append(
             f"| {r['mode']} | {r['dirty_rate']} | {r['status']} | {_fmt(r['total_ms'], '{:.0f}')} | "
             f"{_fmt(r['downtime_ms'], '{:.2f}')} | {r['rounds'] or ''} | "
             f"{_fmt(r['postcopy_ms'], '{:.0f}')} | {r['pages_requested'] or ''} | "
             f"{r['pages_pushed'] or ''} | {_fmt(r['fault_p50_us'])} | {_fmt(r['fault_p99_us'])} | "
-            f"{_fmt(r['progress_ratio'], '{:.2f}')} |")
+            f"{_fmt(r.get('vcpu_blocked_ms'))} | {_fmt(r['progress_ratio'], '{:.2f}')} |")
+    paths = {(r.get("fault_path"), r.get("fault_path_reason"), r.get("source_fault_path_reason"))
+             for r in results["migrations"] if r.get("fault_path")}
+    for path, dst_reason, src_reason in sorted(paths, key=str):
+        lines += ["", f"Fault path: {path}. Destination: {dst_reason}. Source: {src_reason}."]
     return "\n".join(lines)
 
 
@@ -209,6 +219,8 @@ def main(argv=None) -> int:
                     help="comma-separated modes to migrate (default all three)")
     ap.add_argument("--rates", default="0.5,1,2",
                     help="comma-separated dirty rates as multiples of the link (default 0.5,1,2)")
+    ap.add_argument("--workload", default="uniform",
+                    help="workload of the mode x rate migrations (default uniform)")
     ap.add_argument("--no-floors", action="store_true",
                     help="skip the floor and fault-latency measurements (downtime only)")
     args = ap.parse_args(argv)
@@ -219,7 +231,7 @@ def main(argv=None) -> int:
     memory = args.memory or ("256MiB" if args.quick else "1GiB")
     link_bps = (128 if args.quick else 256) * MiB
     fill_s = 1.0 if args.quick else 3.0
-    raw = CodecConfig().without("lz4")
+    raw = CodecConfig().without("lz4", "block")
     results: dict = {"params": {"memory": memory, "link_bps": link_bps, "quick": args.quick,
                                 "fill_s": fill_s, "codec": list(raw.encodings)}}
     results["floors"], results["latency"] = {}, None
@@ -243,7 +255,7 @@ def main(argv=None) -> int:
             extra = {"hybrid_postcopy_after_rounds": 2} if mode == "hybrid" else {}
             cfg = MigrationConfig(mode=mode, codec=raw, max_bandwidth_bps=link_bps,
                                   downtime_ms=50.0, max_rounds=8, max_total_s=15.0, **extra)
-            res = asyncio.run(_one(memory, "uniform", factor * link_bps, fill_s, cfg))
+            res = asyncio.run(_one(memory, args.workload, factor * link_bps, fill_s, cfg))
             row = _row(mode, label, res)
             results["migrations"].append(row)
             print(json.dumps(row), flush=True)
