@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 MiB = 1 << 20
 FILL_CHUNK_BYTES = 1 * MiB   # small: the fill must not raise the peak RSS measured
-ENCODINGS = ("zero", "dup", "delta", "lz4")
+ENCODINGS = ("zero", "dup", "delta", "block", "lz4")   # switched off one at a time
+ALL_ENCODINGS = ENCODINGS + ("raw",)
 
 
 # -- the source side, in its own process --------------------------------------------------
@@ -262,8 +263,7 @@ def part_encodings(args, client, port) -> list[dict]:
         for label, off in variants:
             runs = []
             for rep in range(args.enc_repeat):
-                codec = {"encodings": [e for e in ("zero", "dup", "delta", "lz4", "raw")
-                                       if e not in off]}
+                codec = {"encodings": [e for e in ALL_ENCODINGS if e not in off]}
                 job = {"memory_bytes": args.memory_bytes, "workload": workload,
                        "dirty_rate_bps": rate, "seed": rep, "fill": False,
                        "config": {"downtime_ms": args.downtime_ms, "codec": codec,
