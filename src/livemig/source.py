@@ -372,6 +372,10 @@ class SourceSession:
         shorter and the sets smaller, at any dirty rate; what is left when
         they stop shrinking is all the stop has to discard."""
         stats = self.stats
+        # No page content is encoded from here on: free the delta cache and
+        # block fingerprints now, not inside the stop (unmapping them costs
+        # milliseconds).
+        self._encoder.set_postcopy()
         self._owed = ~self._sent
         self._encoder.sent_hashes.values[self._owed] = OWED_PAGE_HASH
         pages = self._pending

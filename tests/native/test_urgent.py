@@ -93,7 +93,9 @@ def test_request_reply_between_the_two_threads(pair):
         st = fs.stats()
         assert st["pages_placed"] == pages.size and st["blocked_ns"] == st["latency_sum_ns"]
         assert fs.outstanding == 0
-        assert fs.detach() == 0 and ps.detach() == 0
+        assert fs.detach() == 0
+        # the source's thread may have seen the destination close first
+        assert ps.detach() in (0, -errno.ECONNRESET)
 
 
 def test_destination_thread_speaks_the_python_framing(pair):

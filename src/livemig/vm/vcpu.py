@@ -38,6 +38,12 @@ class VCpu:
             raise GuestTimeout(f"vCPU {self.id} did not park within {timeout_s} s")
         check(rc, f"pausing vCPU {self.id}")
 
+    def request_pause(self) -> None:
+        """Ask the vCPU to park at its next instruction boundary; do not wait."""
+        rc = lib.lm_vcpu_pause(self.handle, 0)
+        if rc != -errno.ETIMEDOUT:
+            check(rc, f"pausing vCPU {self.id}")
+
     def wait_parked(self, timeout_s: float) -> bool:
         rc = lib.lm_vcpu_wait_parked(self.handle, max(0, int(timeout_s * 1000)))
         if rc == -errno.ETIMEDOUT:
