@@ -237,8 +237,10 @@ class BatchEncoder:
                                          delta_len, dup_src, frozen)
 
         if self._fp is not None:
-            blk = (enc == bf.RAW) & (block_counts(masks) <= _BLOCK_MAX_BLOCKS)
-            enc[blk & exact] = bf.BLOCK
+            blk = np.flatnonzero((enc == bf.RAW) & exact
+                                 & (block_counts(masks) <= _BLOCK_MAX_BLOCKS))
+            if blk.size and not self._lz4_beats_block(blk, masks, idx, kind, row, staging):
+                enc[blk] = bf.BLOCK
 
         batches = [self._assemble(*part) for part in self._split(
             max_batch_bytes, idx, enc, kind, row, staging, delta_len, delta_data, dup_src,
@@ -325,6 +327,22 @@ class BatchEncoder:
         h[cand] = self._hash(cache.slab, slots, idx[cand], masks, cand)
         exact[cand] = True
         return data
+
+    def _lz4_beats_block(self, pos, masks, idx, kind, row, staging) -> bool:
+        """Would LZ4 send these pages in fewer bytes than BLOCK? Judged on up to
+        ``_LZ4_PROBE_CHUNKS`` sample pages: a page that is mostly zeros with a
+        few words set (the toy workloads' own memory) compresses to a few
+        dozen bytes, less than one 256-byte block; random data does not
+        compress at all, and is then probed again only every few batches."""
+        if not self.config.enabled("lz4") or self._lz4_skip_batches > 0:
+            return False
+        sample = pos[np.linspace(0, pos.size - 1, min(_LZ4_PROBE_CHUNKS, pos.size)).astype(np.int64)]
+        lz4_bytes = block_bytes = 0
+        for p in np.unique(sample).tolist():
+            data = self._content(p, 1, idx, kind, row, staging)
+            lz4_bytes += len(lz4.block.compress(data, store_size=False))
+            block_bytes += int(block_page_bytes(masks[p:p + 1])[0])
+        return lz4_bytes < block_bytes
 
     def _cache_unblockable(self, idx, live, masks, kind, row, staging) -> None:
         """Put re-sent pages with too many changed blocks for BLOCK into the

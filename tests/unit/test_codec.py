@@ -202,6 +202,18 @@ def test_block_fingerprints_follow_zero_pages_and_the_delta_cache(pair):
     assert np.array_equal(pair.src.bytes, pair.dst.bytes)
 
 
+def test_pages_lz4_shrinks_below_a_block_go_lz4_not_block(pair):
+    """Mostly-zero pages with a few words set compress to a few dozen bytes:
+    less than one 256-byte block, so LZ4 is chosen over BLOCK."""
+    pair.src.pages[0:16, 0:8] = np.arange(8, dtype=np.uint8)
+    pair.src.pages[0:16, 10] = np.arange(16, dtype=np.uint8)   # distinct pages: no DUP
+    pair.send(np.arange(16))
+    pair.src.pages[0:16, 300] = 7
+    t = totals(pair.send(np.arange(16)))
+    assert t["lz4"] == 16 and t["block"] == 0
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+
+
 def test_block_pages_refused_by_a_postcopy_placer(pair):
     pair.src.pages[0:2] = rnd(2, 16)
     pair.send(np.arange(2))
