@@ -13,7 +13,8 @@ For each page of a batch, cheapest first:
            ``_BLOCK_MAX_BLOCKS`` of its 16 blocks changed since, by the block
            fingerprints of what the receiver holds (blockdelta.py): only
            those blocks travel. Needs no copy of old pages, so it covers
-           all of memory where the delta cache covers a fraction;
+           all of memory where the delta cache covers a fraction; not where
+           LZ4 would send the pages in fewer bytes (sampled per chunk);
 4. LZ4   — runs of up to ``lz4_chunk_pages`` consecutive pages, when that
            saves ``lz4_min_saving_pct`` and, once the link's bandwidth is
            known (``link_bytes_per_s``), when the time compressing costs is
