@@ -198,6 +198,10 @@ def _table(results: dict) -> str:
              "| path | p50 µs | p99 µs | max µs | n |", "|---|---:|---:|---:|---:|"]
     for name, r in results["floors"].items():
         lines.append(f"| floor: {name} | {r['p50_us']} | {r['p99_us']} | {r['max_us']} | {r['n']} |")
+    for r in results.get("placement", []):
+        where = "scheduler" if r["urgent_cpu"] < 0 else f"CPU {r['urgent_cpu']}"
+        lines.append(f"| engine, urgent threads on {where} | {_fmt(r['fault_p50_us'])} | "
+                     f"{_fmt(r['fault_p99_us'])} | {_fmt(r['fault_max_us'])} | {r['faults']} |")
     lat = results["latency"]
     if lat is not None:
         lines.append(f"| engine: {lat['mode']} ({lat['workload']}) | {_fmt(lat['fault_p50_us'])} | "
@@ -235,6 +239,8 @@ def main(argv=None) -> int:
                     help="workload of the mode x rate migrations (default uniform)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="migrations per mode and rate; the row is the median-downtime run")
+    ap.add_argument("--placement", action="store_true",
+                    help="also measure fault service with the urgent threads pinned to each CPU")
     ap.add_argument("--no-floors", action="store_true",
                     help="skip the floor and fault-latency measurements (downtime only)")
     args = ap.parse_args(argv)
@@ -260,6 +266,20 @@ def main(argv=None) -> int:
         lat["workload"] = "uniform, 64 MiB"
         results["latency"] = lat
         print(json.dumps(lat), flush=True)
+
+    if args.placement:
+        # where the urgent threads run: pinned (both sides) to each CPU, or
+        # left to the scheduler; the guest's vCPUs are never pinned
+        results["placement"] = []
+        for cpu in (-1,) + tuple(range(os.cpu_count() or 1)):
+            for _ in range(args.repeat):
+                cfg = MigrationConfig(mode="postcopy", codec=raw, max_bandwidth_bps=link_bps,
+                                      urgent_cpu=cpu)
+                row = _row("postcopy", "32MiB/s", asyncio.run(
+                    _one("64MiB", "uniform", 32 * MiB, 0.3, cfg)))
+                row["urgent_cpu"] = cpu
+                results["placement"].append(row)
+                print(json.dumps(row), flush=True)
 
     # 2-3. modes x dirty rates relative to the link
     results["migrations"] = []
