@@ -189,15 +189,8 @@ class FaultService:
             if outstanding.size:
                 self._to_request.insert(0, outstanding)
                 self._request_ready.set()
-        tasks = [asyncio.ensure_future(c) for c in (
-            self._send_requests(urgent), self._receive(urgent, "urgent"),
-            self._receive(bulk, "bulk"), self._finish(control))]
-        try:
-            await until_finished(tasks, finisher=tasks[-1])
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await until_finished(self._send_requests(urgent), self._receive(urgent, "urgent"),
+                             self._receive(bulk, "bulk"), self._finish(control))
 
     async def _serve_native(self, control: Channel, urgent: Channel, bulk: Channel) -> None:
         """The urgent channel goes to the native thread (which re-asks for
@@ -205,14 +198,10 @@ class FaultService:
         self._native_failed = asyncio.get_running_loop().create_future()
         self.native.attach(urgent, cpu=self._urgent_cpu, spin_us=self._urgent_spin_us,
                            rt_priority=self._urgent_rt_priority)
-        tasks = [asyncio.ensure_future(c) for c in (
-            self._native_failed, self._receive(bulk, "bulk"), self._finish(control))]
         try:
-            await until_finished(tasks, finisher=tasks[-1])
+            await until_finished(self._native_failed, self._receive(bulk, "bulk"),
+                                 self._finish(control))
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             # The source closes the channel once Complete is sent: the thread's
             # EOF then is the normal end, not an error.
             self.native.detach()

@@ -100,14 +100,9 @@ class PostcopySender:
         else:
             self._rt_priority = rt_priority
             answer = self._start_native(urgent_fd, cpu, spin_us, rt_priority)
-        tasks = [asyncio.ensure_future(c) for c in (
-            answer, self._push(bulk), self._await_complete(control))]
         try:
-            await until_finished(tasks, finisher=tasks[-1])
+            await until_finished(answer, self._push(bulk), self._await_complete(control))
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             if urgent_fd is not None:
                 self._stop_native()
 

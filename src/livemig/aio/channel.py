@@ -513,16 +513,25 @@ async def channel_pair(kind: ChannelKind, *, session_id: bytes = bytes(16),
     return src, dst
 
 
-async def until_finished(tasks: list, *, finisher: asyncio.Future) -> None:
-    """Wait until ``finisher`` is done or any of ``tasks`` raised; re-raise the error."""
+async def until_finished(*aws) -> None:
+    """Run ``aws`` (coroutines or futures) together until the last one is done
+    or any raised (re-raised here); the others are then cancelled and waited
+    for, whichever way it ended."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    finisher = tasks[-1]
     pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()
-        if finisher in done:
-            return
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            if finisher in done:
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: str,
