@@ -21,9 +21,7 @@ The layouts are documented field by field in docs/protocol.md.
 """
 from __future__ import annotations
 
-import abc
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -31,9 +29,8 @@ from typing import ClassVar
 
 import numpy
 
-
-class PayloadError(Exception):
-    """A payload does not match its message layout."""
+from .payload import (_U16, _U32, _U64, Event, PayloadError, _as_bytes_view, _check_bitmap,
+                      _decode_caps, _Empty, _encode_caps, _no_flags, _Reader, _text)
 
 
 class ChannelKind(IntEnum):
@@ -79,146 +76,10 @@ SWITCHOVER_POSTCOPY = 0x1  # an owed-pages bitmap follows; the destination fault
 
 MAX_TEXT_BYTES = 4096
 MAX_CONFIG_BYTES = 1 << 20
-MAX_CAPABILITIES = 64
 MAX_REQUEST_PAGES = 1 << 16
 MAX_INVALIDATE_PAGES = 1 << 20   # 8 MiB of indices: 4 GiB of guest memory per frame
 SESSION_ID_BYTES = 16
 DIGEST_BYTES = 16
-_CAP_RE = re.compile(rb"^[a-z0-9][a-z0-9_.\-]{0,31}$")
-
-
-class _Reader:
-    """Bounds-checked little-endian reads over a payload memoryview."""
-
-    __slots__ = ("view", "pos")
-
-    def __init__(self, payload):
-        self.view = payload if isinstance(payload, memoryview) else memoryview(payload)
-        self.pos = 0
-
-    def unpack(self, st: struct.Struct) -> tuple:
-        if self.pos + st.size > len(self.view):
-            raise PayloadError(f"payload truncated: need {st.size} bytes at offset {self.pos}")
-        values = st.unpack_from(self.view, self.pos)
-        self.pos += st.size
-        return values
-
-    def take(self, nbytes: int) -> memoryview:
-        if nbytes < 0 or self.pos + nbytes > len(self.view):
-            raise PayloadError(f"payload truncated: need {nbytes} bytes at offset {self.pos}")
-        out = self.view[self.pos:self.pos + nbytes]
-        self.pos += nbytes
-        return out
-
-    def rest(self) -> memoryview:
-        return self.take(len(self.view) - self.pos)
-
-    def text(self, st: struct.Struct, limit: int) -> str:
-        (nbytes,) = self.unpack(st)
-        if nbytes > limit:
-            raise PayloadError(f"text of {nbytes} bytes exceeds {limit}")
-        try:
-            return str(self.take(nbytes), "utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"text is not UTF-8: {exc}") from None
-
-    def end(self) -> None:
-        if self.pos != len(self.view):
-            raise PayloadError(f"{len(self.view) - self.pos} trailing bytes after the payload")
-
-
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-
-
-def _text(value: str, st: struct.Struct, limit: int) -> bytes:
-    raw = value.encode("utf-8")
-    if len(raw) > limit:
-        raise ValueError(f"text of {len(raw)} bytes exceeds {limit}")
-    return st.pack(len(raw)) + raw
-
-
-def _encode_caps(caps: frozenset) -> bytes:
-    if len(caps) > MAX_CAPABILITIES:
-        raise ValueError(f"at most {MAX_CAPABILITIES} capabilities")
-    out = [_U16.pack(len(caps))]
-    for name in sorted(caps):
-        raw = name.encode("ascii")
-        if not _CAP_RE.match(raw):
-            raise ValueError(f"capability name {name!r} is not [a-z0-9][a-z0-9_.-]{{0,31}}")
-        out.append(bytes([len(raw)]) + raw)
-    return b"".join(out)
-
-
-def _decode_caps(r: _Reader) -> frozenset:
-    (count,) = r.unpack(_U16)
-    if count > MAX_CAPABILITIES:
-        raise PayloadError(f"{count} capabilities exceed the limit of {MAX_CAPABILITIES}")
-    names = []
-    for _ in range(count):
-        (nbytes,) = r.unpack(struct.Struct("<B"))
-        raw = bytes(r.take(nbytes))
-        if not _CAP_RE.match(raw):
-            raise PayloadError(f"bad capability name {raw!r}")
-        names.append(raw.decode("ascii"))
-    if len(set(names)) != len(names):
-        raise PayloadError("duplicate capability names")
-    return frozenset(names)
-
-
-def _check_bitmap(npages: int, bitmap: bytes) -> None:
-    if len(bitmap) != (npages + 7) // 8:
-        raise PayloadError(f"bitmap of {len(bitmap)} bytes does not cover {npages} pages")
-    spare = npages % 8
-    if spare and bitmap[-1] >> spare:
-        raise PayloadError("bitmap padding bits beyond npages are set")
-
-
-def _as_bytes_view(data) -> memoryview:
-    view = data if isinstance(data, memoryview) else memoryview(data)
-    if not view.c_contiguous:
-        raise ValueError("page data must be C-contiguous")
-    return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
-
-
-def _no_flags(cls, flags: int) -> None:
-    if flags:
-        raise PayloadError(f"{cls.__name__} defines no flags, got {flags:#x}")
-
-
-class Event(abc.ABC):
-    """Base of every protocol message."""
-
-    WIRE_ID: ClassVar[int] = 0
-    FLAGS: ClassVar[int] = 0   # flag bits this message defines
-
-    @abc.abstractmethod
-    def encode(self) -> tuple[int, list]:
-        """(frame flags, payload buffers)."""
-
-    @classmethod
-    @abc.abstractmethod
-    def decode(cls, flags: int, payload: memoryview) -> "Event":
-        """The message from a frame's flags and payload; PayloadError if malformed."""
-
-    @property
-    def variant(self) -> str | None:
-        """Sub-kind the state machine distinguishes (None for most)."""
-        return None
-
-
-class _Empty(Event):
-    """Messages without a payload."""
-
-    def encode(self):
-        return 0, []
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        _Reader(payload).end()
-        return cls()
 
 
 # --- handshake ---------------------------------------------------------------
@@ -864,8 +725,9 @@ class ProbeResult(Event):
 
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
-              RoundEnd, RoundAck, PageInvalidate, Switchover, Verified, Commit, Resumed, VerifyFailed, PageRequest, PresentReport,
-              PostcopyComplete, Complete, Abort, Ping, Pong, ProbeData, ProbeEnd, ProbeResult)
+              RoundEnd, RoundAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
+              VerifyFailed, PageRequest, PresentReport, PostcopyComplete, Complete, Abort, Ping,
+              Pong, ProbeData, ProbeEnd, ProbeResult)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
 
