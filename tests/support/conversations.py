@@ -72,7 +72,9 @@ def control_hybrid_invalidating() -> list:
 
 def bulk() -> list:
     ev = handshake(ChannelKind.BULK)
-    ev += [(S, PageBatch(0, 8, pages(8))), (S, PageBatch(1, 1, pages(1, 3), BATCH_POSTCOPY))]
+    # a frame of 128 KiB followed by more in the same chunk: received straight
+    # into its own buffer, and the bytes after it must wait for the next one
+    ev += [(S, PageBatch(0, 32, pages(32))), (S, PageBatch(1, 1, pages(1, 3), BATCH_POSTCOPY))]
     return ev
 
 
@@ -143,20 +145,26 @@ def replay_buffered(role: Role, conversation: list, chunks) -> list:
     conn = Connection(role, kind)
     chunks = iter(chunks)
     received = []
+    rest = memoryview(b"")  # what the connection's buffers could not take yet
     for sender, event in conversation:
         if sender is role:
             conn.send(event)
             continue
         while (got := conn.next_event()) is NEED_DATA:
-            chunk = memoryview(next(chunks, b""))
-            if not chunk:
-                conn.receive_data(b"")
-                continue
-            while chunk:
+            if not rest:
+                rest = memoryview(next(chunks, b""))
+                if not rest:
+                    conn.receive_data(b"")
+                    continue
+            # fill the offered buffers until one is refused (a frame is then
+            # complete and must be taken before more bytes are)
+            while rest:
                 buf = conn.get_receive_buffer(-1)
-                n = min(len(buf), len(chunk))
-                buf[:n] = chunk[:n]
+                n = min(len(buf), len(rest))
+                if n == 0:
+                    break
+                buf[:n] = rest[:n]
                 conn.receive_buffer_filled(n)
-                chunk = chunk[n:]
+                rest = rest[n:]
         received.append(got)
     return received
