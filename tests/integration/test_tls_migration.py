@@ -66,3 +66,24 @@ def test_mutual_tls_migration_works_and_strangers_are_refused(run, pki):
         finally:
             vm.close()
     run(main())
+
+
+def test_postcopy_over_mutual_tls_serves_faults_on_the_event_loop(run, pki):
+    """The native urgent threads speak plain TCP: over TLS both sides keep the
+    urgent channel on the event loop, say so, and the VM still arrives whole."""
+    from livemig.config import MigrationConfig
+
+    async def main():
+        vm = RECIPE.build()
+        try:
+            vm.start()
+            async with MigrationServer(LOCAL, 0, ssl=pki.server_context()) as server:
+                stats = await migrate(vm, LOCAL, server.port, ssl=pki.client_context(),
+                                      server_hostname="localhost",
+                                      config=MigrationConfig(mode="postcopy"))
+                assert stats.status == "completed"
+                assert stats.fault_path == "python" and "TLS" in stats.fault_path_reason
+                await assert_arrival_matches_unmoved(server, RECIPE)
+        finally:
+            vm.close()
+    run(main())
