@@ -84,7 +84,37 @@ def probe_host() -> dict:
         "auto": auto,
         "auto_reason": auto_reason,
         "postcopy": _postcopy_probe(),
+        "urgent": _urgent_probe(),
     }
+
+
+def _realtime_probe() -> tuple[bool, str]:
+    """Can a thread of ours run SCHED_FIFO? Tried for real on a throwaway
+    thread (on Linux the call applies to the calling thread only)."""
+    import threading
+
+    out: list = []
+
+    def attempt():
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            out.append((True, "allowed"))
+        except OSError as exc:
+            out.append((False, f"refused ({_errno.errorcode.get(exc.errno, exc.errno)}): "
+                               "the urgent threads run at normal priority"))
+
+    t = threading.Thread(target=attempt)
+    t.start()
+    t.join()
+    return out[0]
+
+
+def _urgent_probe() -> dict:
+    from .urgent import probe as urgent_probe
+
+    native, reason = urgent_probe()
+    rt, rt_reason = _realtime_probe()
+    return {"native": native, "reason": reason, "realtime": rt, "realtime_reason": rt_reason}
 
 
 def _postcopy_probe() -> dict:
@@ -123,6 +153,10 @@ def format_probe(d: dict) -> str:
     lines.append("post-copy         " + (
         f"yes (userfaultfd MISSING; UFFDIO_MOVE {yes[pc['move']]})" if pc["available"]
         else f"no: {pc['reason']} — pre-copy still works"))
+    ur = d["urgent"]
+    lines.append("fault service     " + (
+        "native threads" if ur["native"] else f"event loop ({ur['reason']})")
+        + f"; SCHED_FIFO {ur['realtime_reason']}")
     return "\n".join(lines)
 
 

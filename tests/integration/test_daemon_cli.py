@@ -113,7 +113,10 @@ def test_usage_and_config_errors_exit_2_and_no_daemon_exits_3(tmp_path):
 def test_probe_json_parses():
     report = livemig_json("probe")
     assert report["page_size"] == 4096 and "userfaultfd" in report
-    assert livemig("probe").stdout.strip()
+    ur = report["urgent"]
+    assert isinstance(ur["native"], bool) and isinstance(ur["realtime"], bool)
+    assert ur["realtime_reason"] and (ur["native"] or ur["reason"])
+    assert "fault service" in livemig("probe").stdout
 
 
 def test_hostile_peers_never_hurt_a_daemon_or_its_vms(daemons):
