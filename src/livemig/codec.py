@@ -228,8 +228,6 @@ class BatchEncoder:
                 kind[live] = _STAGING
                 row[live] = np.arange(live.size)
                 exact[live] = True
-                if self.delta_enabled and self._fp is not None:
-                    self._cache_unblockable(idx, live, masks, kind, row, staging)
 
         dup_src = np.full(n, -1, dtype=np.int64)
         dup_hashes = b""
@@ -246,6 +244,10 @@ class BatchEncoder:
         batches = [self._assemble(*part) for part in self._split(
             max_batch_bytes, idx, enc, kind, row, staging, delta_len, delta_data, dup_src,
             dup_hashes, masks)]
+        if self.delta_enabled and self._fp is not None and staging is not None:
+            # only now: new cache entries may evict slots this chunk's pages
+            # were read from while the batches were assembled
+            self._cache_unblockable(idx, np.flatnonzero(kind == _STAGING), masks, row, staging)
         self._record(idx, enc, h, exact, zero)
         self._bytes_per_page = sum(b.nbytes for b in batches) / idx.size
         return batches
@@ -345,7 +347,7 @@ class BatchEncoder:
             block_bytes += int(block_page_bytes(masks[p:p + 1])[0])
         return lz4_bytes < block_bytes
 
-    def _cache_unblockable(self, idx, live, masks, kind, row, staging) -> None:
+    def _cache_unblockable(self, idx, live, masks, row, staging) -> None:
         """Put re-sent pages with too many changed blocks for BLOCK into the
         delta cache, copied from their staging rows (they are still sent from
         staging). Next time they may go as DELTA; pages BLOCK serves stay out,

@@ -253,6 +253,27 @@ def test_small_pages_are_taken_many_at_once_and_a_chunk_that_grows_is_cut():
         p.close()
 
 
+def test_cache_entries_made_for_a_chunk_never_evict_the_slots_it_is_sent_from():
+    """A page sent from its delta-cache slot (DELTA too large: RAW from the
+    slab) and, in the same chunk, new pages entering a full cache: the new
+    entries are made only after the batch is built, so the slot still holds
+    that page's bytes when they are read."""
+    cfg = CodecConfig(encodings=("dup", "zero", "block", "delta"), delta_cache_bytes=4 * 4096,
+                      dup_cache_entries=0, zero_copy_raw=False)
+    p = Pair(32, cfg)
+    try:
+        p.send(np.arange(5))                            # all ZERO
+        p.src.pages[[0, 3, 4]] = rnd(3, 19)             # every block changed: cached
+        p.send([0, 3, 4])
+        p.src.pages[0] = rnd(1, 20)                     # from its slot, RAW
+        p.src.pages[1:3] = rnd(2, 21)                   # enter the full cache
+        t = totals(p.send([0, 1, 2]))
+        assert t["raw"] == 3
+        assert np.array_equal(p.src.bytes, p.dst.bytes)
+    finally:
+        p.close()
+
+
 def test_batches_respect_max_bytes():
     p = Pair(256)
     try:
