@@ -27,7 +27,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 10
+#define LM_ABI_VERSION 11
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -359,16 +359,12 @@ int lm_pages_delta_apply(uint8_t *pages, uint64_t n, const uint8_t *enc, uint64_
 #define LM_BLOCKS_PER_PAGE 16
 
 /* For each i: hash page rows[i] of base (its 16 block hashes and the page
- * hash, out_hashes[i], equal to lm_pages_hash's); out_changed[i] = mask of
- * blocks whose hash differs from fp[fp_rows[i]] (all 16 when fp_valid is NULL
- * or fp_valid[fp_rows[i]] == 0); then store the new hashes in fp. */
-int lm_pages_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *rows,
-                         uint64_t n, uint64_t *fp, uint64_t fp_npages,
-                         const int64_t *fp_rows, const uint8_t *fp_valid,
-                         uint16_t *out_changed, uint64_t *out_hashes);
-/* The same, first copying page rows[i] to out_pages + i * LM_PAGE_SIZE and
- * hashing the copy: a snapshot of a running guest's pages and its
- * fingerprint in one pass over guest memory. */
+ * hash, out_hashes[i], equal to lm_pages_hash's), first copying the page to
+ * out_pages + i * LM_PAGE_SIZE and hashing the copy when out_pages is not NULL
+ * (a snapshot of a running guest's pages and its fingerprint in one pass);
+ * out_changed[i] = mask of blocks whose hash differs from fp[fp_rows[i]] (all
+ * 16 when fp_valid is NULL or fp_valid[fp_rows[i]] == 0); then store the new
+ * hashes in fp. */
 int lm_pages_snapshot_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *rows,
                                   uint64_t n, uint8_t *out_pages, uint64_t *fp,
                                   uint64_t fp_npages, const int64_t *fp_rows,
@@ -382,20 +378,16 @@ int lm_pages_set_fingerprint(uint64_t *fp, uint64_t fp_npages, const int64_t *fp
 int64_t lm_pages_gather_blocks(const uint8_t *base, uint64_t npages, const int64_t *rows,
                                const uint16_t *masks, const int64_t *out_offsets,
                                uint64_t n, uint8_t *out, uint64_t out_cap);
-/* Write the concatenated blocks in data over pages rows[i] as masks[i] says.
- * -EINVAL (nothing written) unless data_len is exactly what the masks need. */
-int lm_pages_apply_blocks(uint8_t *base, uint64_t npages, const int64_t *rows,
-                          const uint16_t *masks, uint64_t n, const uint8_t *data,
-                          uint64_t data_len);
 /* Receiver: copy n contiguous pages from src to pages rows[i] of base, store
  * each landed page's block hashes in fp[rows[i]] (fp_valid[rows[i]] = 1) and
  * its page hash in out_hashes[i]. */
 int lm_pages_place_fingerprint(uint8_t *base, uint64_t npages, const int64_t *rows,
                                uint64_t n, const uint8_t *src, uint64_t *fp,
                                uint8_t *fp_valid, uint64_t *out_hashes);
-/* Receiver: lm_pages_apply_blocks, then rehash only the written blocks of
- * each page (all of a page whose fp row is not valid yet) and give its page
- * hash. -EINVAL, nothing written, as lm_pages_apply_blocks. */
+/* Receiver: write the concatenated blocks in data over pages rows[i] as
+ * masks[i] says, then rehash only the written blocks of each page (all of a
+ * page whose fp row is not valid yet) and give its page hash. -EINVAL, and
+ * nothing written, unless data_len is exactly what the masks need. */
 int lm_pages_apply_blocks_fingerprint(uint8_t *base, uint64_t npages, const int64_t *rows,
                                       const uint16_t *masks, uint64_t n, const uint8_t *data,
                                       uint64_t data_len, uint64_t *fp, uint8_t *fp_valid,

@@ -67,15 +67,6 @@ static uint64_t fingerprint_page(const uint8_t *p, uint64_t *fp, uint8_t *copy_t
     return combine_blocks(fp);
 }
 
-LM_API int lm_pages_fingerprint(const uint8_t *base, uint64_t npages, const int64_t *rows,
-                                uint64_t n, uint64_t *fp, uint64_t fp_npages,
-                                const int64_t *fp_rows, const uint8_t *fp_valid,
-                                uint16_t *out_changed, uint64_t *out_hashes)
-{
-    return lm_pages_snapshot_fingerprint(base, npages, rows, n, NULL, fp, fp_npages, fp_rows,
-                                         fp_valid, out_changed, out_hashes);
-}
-
 LM_API int lm_pages_snapshot_fingerprint(const uint8_t *base, uint64_t npages,
                                          const int64_t *rows, uint64_t n, uint8_t *out_pages,
                                          uint64_t *fp, uint64_t fp_npages,
@@ -136,7 +127,7 @@ LM_API int64_t lm_pages_gather_blocks(const uint8_t *base, uint64_t npages, cons
     return (int64_t)total;
 }
 
-LM_API int lm_pages_apply_blocks(uint8_t *base, uint64_t npages, const int64_t *rows,
+static int apply_blocks(uint8_t *base, uint64_t npages, const int64_t *rows,
                                  const uint16_t *masks, uint64_t n, const uint8_t *data,
                                  uint64_t data_len)
 {
@@ -188,7 +179,7 @@ LM_API int lm_pages_apply_blocks_fingerprint(uint8_t *base, uint64_t npages, con
                                              uint64_t *fp, uint8_t *fp_valid,
                                              uint64_t *out_hashes)
 {
-    int rc = lm_pages_apply_blocks(base, npages, rows, masks, n, data, data_len);
+    int rc = apply_blocks(base, npages, rows, masks, n, data, data_len);
     if (rc)
         return rc;
     for (uint64_t i = 0; i < n; i++) {

@@ -37,38 +37,40 @@ def block_page_bytes(masks: np.ndarray) -> np.ndarray:
     return MASK_BYTES + block_counts(masks) * BLOCK_BYTES
 
 
-class Fingerprints:
-    """Block hashes of what the receiver holds, one row per guest page.
-
-    A row is trusted only while ``valid[page]``: a page the encoder has not
-    sent exactly (or was told to forget) has every block counted as changed."""
+class _BlockTable:
+    """Block hashes of pages, one row per guest page, and which rows hold."""
 
     def __init__(self, npages: int):
         self.table = np.zeros((npages, BLOCKS_PER_PAGE), dtype=np.uint64)
-        self.valid = np.zeros(npages, dtype=np.bool_)
+        self.valid = np.zeros(npages, dtype=np.uint8)
         self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
 
     @property
     def nbytes(self) -> int:
         return self.table.nbytes + self.valid.nbytes
 
+    def set_zero(self, rows) -> None:
+        """These pages now hold zeros (there)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if rows.size:
+            check(lib.lm_pages_set_fingerprint(
+                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(rows),
+                rows.size, ffi.from_buffer("uint8_t[]", self._zero)), "block fingerprinting")
+            self.valid[rows] = 1
+
+
+class Fingerprints(_BlockTable):
+    """The source's block hashes of what the receiver holds.
+
+    A row is trusted only while ``valid[page]``: a page the encoder has not
+    sent exactly (or was told to forget) has every block counted as changed."""
+
     def update(self, pages: np.ndarray, rows, page_indices) -> tuple[np.ndarray, np.ndarray]:
         """Fingerprint ``pages[rows]`` (``rows=None``: every row) as the new
         content of ``page_indices``; return (changed-block masks, page hashes).
         Validity is not changed here: the caller sets it once the bytes are
         committed to the wire."""
-        fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)
-        r = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
-        n = fp_rows.size
-        masks = np.empty(n, dtype=np.uint16)
-        hashes = np.empty(n, dtype=np.uint64)
-        if n:
-            check(lib.lm_pages_fingerprint(
-                _pages_ptr(pages), pages.shape[0], _iptr(r), n,
-                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(fp_rows),
-                ffi.from_buffer("uint8_t[]", self.valid.view(np.uint8)),
-                ffi.from_buffer("uint16_t[]", masks), ffi.from_buffer("uint64_t[]", hashes)),
-                "block fingerprinting")
+        _, masks, hashes = self._fingerprint(pages, rows, page_indices, copy=False)
         return masks, hashes
 
     def snapshot(self, pages: np.ndarray, rows, page_indices
@@ -76,39 +78,29 @@ class Fingerprints:
         """Copy ``pages[rows]`` into a new staging array and fingerprint the
         copy as the new content of ``page_indices``, in one pass; return
         (staging, changed-block masks, page hashes)."""
+        return self._fingerprint(pages, rows, page_indices, copy=True)
+
+    def _fingerprint(self, pages, rows, page_indices, *, copy: bool):
         fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)
-        r = np.ascontiguousarray(rows, dtype=np.int64)
+        r = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
         n = fp_rows.size
-        staging = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+        staging = np.empty((n, PAGE_SIZE), dtype=np.uint8) if copy else None
         masks = np.empty(n, dtype=np.uint16)
         hashes = np.empty(n, dtype=np.uint64)
         if n:
             check(lib.lm_pages_snapshot_fingerprint(
                 _pages_ptr(pages), pages.shape[0], _iptr(r), n,
-                ffi.from_buffer("uint8_t[]", staging),
+                ffi.NULL if staging is None else ffi.from_buffer("uint8_t[]", staging),
                 ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(fp_rows),
-                ffi.from_buffer("uint8_t[]", self.valid.view(np.uint8)),
+                ffi.from_buffer("uint8_t[]", self.valid),
                 ffi.from_buffer("uint16_t[]", masks), ffi.from_buffer("uint64_t[]", hashes)),
-                "snapshotting and fingerprinting pages")
+                "fingerprinting pages")
         return staging, masks, hashes
 
-    def set_zero(self, page_indices) -> None:
-        """These pages are now all zero at the receiver."""
-        fp_rows = np.ascontiguousarray(page_indices, dtype=np.int64)
-        if fp_rows.size:
-            check(lib.lm_pages_set_fingerprint(
-                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(fp_rows),
-                fp_rows.size, ffi.from_buffer("uint8_t[]", self._zero)), "block fingerprinting")
 
-
-class HeldBlocks:
+class HeldBlocks(_BlockTable):
     """The receiver's block hashes of the pages it holds (pre-copy placer):
     a BLOCK page's new page hash then costs only its changed blocks."""
-
-    def __init__(self, npages: int):
-        self.table = np.zeros((npages, BLOCKS_PER_PAGE), dtype=np.uint64)
-        self.valid = np.zeros(npages, dtype=np.uint8)
-        self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
 
     def place(self, pages: np.ndarray, rows: np.ndarray, staging: np.ndarray) -> np.ndarray:
         """Write ``staging`` to ``pages[rows]``; the landed pages' hashes."""
@@ -144,15 +136,6 @@ class HeldBlocks:
             ffi.from_buffer("uint8_t[]", self.valid), ffi.from_buffer("uint64_t[]", out))
         return out if rc == 0 else None
 
-    def set_zero(self, rows) -> None:
-        """These pages now hold zeros."""
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if rows.size:
-            check(lib.lm_pages_set_fingerprint(
-                ffi.from_buffer("uint64_t[]", self.table), self.table.shape[0], _iptr(rows),
-                rows.size, ffi.from_buffer("uint8_t[]", self._zero)), "block fingerprinting")
-            self.valid[rows] = 1
-
 
 def gather_blocks(pages: np.ndarray, rows: np.ndarray, masks: np.ndarray,
                   out_offsets: np.ndarray, out: np.ndarray) -> None:
@@ -167,22 +150,5 @@ def gather_blocks(pages: np.ndarray, rows: np.ndarray, masks: np.ndarray,
             ffi.from_buffer("uint8_t[]", out), out.size), "gathering changed blocks")
 
 
-def apply_blocks(pages: np.ndarray, page_indices: np.ndarray, masks: np.ndarray, data) -> bool:
-    """Write the blocks in ``data`` over ``pages[page_indices]``. False (and
-    nothing written) when ``data`` is not exactly what the masks need."""
-    idx = np.ascontiguousarray(page_indices, dtype=np.int64)
-    masks = np.ascontiguousarray(masks, dtype=np.uint16)
-    if idx.size != masks.size:
-        return False
-    if not idx.size:
-        return len(data) == 0
-    if idx.min() < 0 or idx.max() >= pages.shape[0]:
-        return False
-    rc = lib.lm_pages_apply_blocks(_pages_ptr(pages), pages.shape[0], _iptr(idx),
-                                   ffi.from_buffer("uint16_t[]", masks), idx.size,
-                                   ffi.from_buffer("uint8_t[]", data), len(data))
-    return rc == 0
-
-
 __all__ = ["BLOCK_BYTES", "BLOCKS_PER_PAGE", "FULL_MASK", "MASK_BYTES", "Fingerprints", "HeldBlocks",
-           "block_counts", "block_page_bytes", "gather_blocks", "apply_blocks"]
+           "block_counts", "block_page_bytes", "gather_blocks"]

@@ -105,7 +105,7 @@ def test_delta_apply_rejects_malformed(bad):
 
 # -- block fingerprints -------------------------------------------------------
 
-from livemig.blockdelta import (BLOCK_BYTES, FULL_MASK, Fingerprints, apply_blocks,  # noqa: E402
+from livemig.blockdelta import (BLOCK_BYTES, FULL_MASK, Fingerprints, HeldBlocks,  # noqa: E402
                                 gather_blocks)
 
 
@@ -136,15 +136,17 @@ def test_gather_then_apply_blocks_patches_only_the_named_blocks():
     masks = np.array([1, 0, 1 << 3], dtype=np.uint16)
     out = np.empty(2 * BLOCK_BYTES, dtype=np.uint8)
     gather_blocks(src, np.arange(3), masks, np.array([0, BLOCK_BYTES, BLOCK_BYTES]), out)
-    assert apply_blocks(dst, np.arange(3), masks, out.tobytes())
+    landed = HeldBlocks(3).apply(dst, np.arange(3), masks, out.tobytes())
     assert np.array_equal(src, dst)
+    assert np.array_equal(landed, k.hash_pages(dst))
 
 
 def test_malformed_blocks_write_nothing_and_bad_rows_are_refused():
     dst = np.zeros((2, 4096), dtype=np.uint8)
     masks = np.array([3, 0], dtype=np.uint16)
-    assert not apply_blocks(dst, np.arange(2), masks, b"\xff" * BLOCK_BYTES)   # needs 2 blocks
-    assert not apply_blocks(dst, np.array([0, 2]), masks, b"\xff" * 2 * BLOCK_BYTES)
+    held = HeldBlocks(2)
+    assert held.apply(dst, np.arange(2), masks, b"\xff" * BLOCK_BYTES) is None   # needs 2 blocks
+    assert held.apply(dst, np.array([0, 2]), masks, b"\xff" * 2 * BLOCK_BYTES) is None
     assert not dst.any()
     with pytest.raises(NativeError):
         gather_blocks(dst, np.array([5]), np.array([1], np.uint16), np.array([0]),
@@ -155,7 +157,6 @@ def test_malformed_blocks_write_nothing_and_bad_rows_are_refused():
 
 
 def test_receiver_rehashes_only_written_blocks_and_agrees_with_a_full_hash():
-    from livemig.blockdelta import HeldBlocks
     rng = np.random.default_rng(5)
     mem = np.zeros((8, 4096), dtype=np.uint8)
     held = HeldBlocks(8)
