@@ -21,10 +21,10 @@ import time
 import numpy as np
 import xxhash
 
-from livemig.codec import BatchDecoder, BatchEncoder
+from livemig.codec.encoder import BatchDecoder, BatchEncoder
 from livemig.config import CodecConfig
-from livemig.memory import GuestMemory
-from livemig.pagekernels import hash_pages, zero_scan
+from livemig.native.memory import GuestMemory
+from livemig.codec.kernels import hash_pages, zero_scan
 
 PAGE = 4096
 TEXT = np.frombuffer((b"migration of guest memory, page by page; " * 120)[:PAGE], np.uint8)

@@ -58,7 +58,7 @@ def _source_main(job: dict, result_q) -> None:
     from livemig.config import MigrationConfig, codec_config_from_dict
     from livemig.errors import MigrationError
     from livemig.native import PAGE_SIZE
-    from livemig.source import migrate
+    from livemig.engine.source.session import migrate
     from livemig.vm.machine import VM
 
     vm = VM(job["memory_bytes"], 2, job["workload"], dirty_rate=job["dirty_rate_bps"] or None,
@@ -141,7 +141,7 @@ class RssSampler(threading.Thread):
 # -- the destination daemon --------------------------------------------------------------------
 @contextlib.contextmanager
 def destination_daemon(tmpdir: str, loop: str):
-    from livemig.control import ControlClient, ControlError
+    from livemig.service.control import ControlClient, ControlError
 
     control = os.path.join(tmpdir, f"dst-{time.monotonic_ns()}.sock")
     import livemig

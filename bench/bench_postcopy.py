@@ -41,8 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from livemig.config import CodecConfig, MigrationConfig  # noqa: E402
-from livemig.destination import Arrival, MigrationServer  # noqa: E402
-from livemig.postcopy import probe  # noqa: E402
+from livemig.engine.destination.server import Arrival, MigrationServer  # noqa: E402
+from livemig.native.postcopy import probe  # noqa: E402
 
 MiB = 1 << 20
 SEED = 5
@@ -55,7 +55,7 @@ def _source_main(conn, port: int, memory: str, workload: str, dirty_rate_bps: fl
                  fill_s: float, cfg: dict, vcpus: int) -> None:
     from livemig.aio.loop import new_event_loop
     from livemig.errors import LivemigError
-    from livemig.source import migrate
+    from livemig.engine.source.session import migrate
     from livemig.vm.machine import VM
 
     vm = VM(memory, vcpus, workload, seed=SEED)

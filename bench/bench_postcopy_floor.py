@@ -32,9 +32,9 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from livemig.faultbench import LocalFaultServer, Toucher
-from livemig.memory import GuestMemory
-from livemig.postcopy import PostcopyMemory, probe
+from livemig.lab.faultbench import LocalFaultServer, Toucher
+from livemig.native.memory import GuestMemory
+from livemig.native.postcopy import PostcopyMemory, probe
 
 PAGE = 4096
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -27,9 +27,11 @@ import time
 
 import numpy as np
 
-from livemig import native, probe
-from livemig.memory import GuestMemory
-from livemig.tracking import open_tracker
+from livemig import native
+
+from livemig.analysis import probe
+from livemig.native.memory import GuestMemory
+from livemig.native.tracking import open_tracker
 
 ffi, lib = native.ffi, native.lib
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,10 +1,10 @@
 """Helpers shared by the codec tests: a source/destination pair and a transfer loop."""
 import numpy as np
 
-from livemig import batchformat as bf
-from livemig.codec import BatchDecoder, BatchEncoder
+from livemig.codec import batchformat as bf
+from livemig.codec.encoder import BatchDecoder, BatchEncoder
 from livemig.config import CodecConfig
-from livemig.memory import GuestMemory
+from livemig.native.memory import GuestMemory
 
 TEXT = np.frombuffer((b"The quick brown fox jumps over the lazy dog. " * 100)[:4096], np.uint8)
 

@@ -11,7 +11,7 @@ so the whole set runs in well under a minute on two cores.
 import numpy as np
 import pytest
 
-from livemig.memory import GuestMemory
+from livemig.native.memory import GuestMemory
 
 REGION_BYTES = 64 << 20
 

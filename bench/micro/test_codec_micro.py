@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from livemig.codec import BatchDecoder, BatchEncoder
+from livemig.codec.encoder import BatchDecoder, BatchEncoder
 from livemig.config import CodecConfig
-from livemig.digest import memory_digest_full, memory_page_hashes
-from livemig.memory import GuestMemory
-from livemig.pagekernels import hash_pages, zero_scan
+from livemig.codec.digest import memory_digest_full, memory_page_hashes
+from livemig.native.memory import GuestMemory
+from livemig.codec.kernels import hash_pages, zero_scan
 
 NPAGES = 1024   # 4 MiB per round
 TEXT = np.frombuffer((b"migration of guest memory, page by page; " * 120)[:4096], np.uint8)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from livemig.tracking import PREFERENCE, open_tracker, probe_backend
+from livemig.native.tracking import PREFERENCE, open_tracker, probe_backend
 
 
 def _usable(name):

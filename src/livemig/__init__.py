@@ -33,17 +33,17 @@ _LAZY = {
     # native-backed names load on first use, so the pure core stays importable
     # (and testable) without the compiled module
     "VM": ("livemig.vm.machine", "VM"),
-    "GuestMemory": ("livemig.memory", "GuestMemory"),
-    "open_tracker": ("livemig.tracking", "open_tracker"),
-    "DirtyTracker": ("livemig.tracking", "DirtyTracker"),
-    "probe_host": ("livemig.probe", "probe_host"),
-    "Destination": ("livemig.library", "Destination"),
-    "migrate": ("livemig.library", "migrate"),
-    "MigrationControl": ("livemig.source", "MigrationControl"),
+    "GuestMemory": ("livemig.native.memory", "GuestMemory"),
+    "open_tracker": ("livemig.native.tracking", "open_tracker"),
+    "DirtyTracker": ("livemig.native.tracking", "DirtyTracker"),
+    "probe_host": ("livemig.analysis.probe", "probe_host"),
+    "Destination": ("livemig.service.library", "Destination"),
+    "migrate": ("livemig.service.library", "migrate"),
+    "MigrationControl": ("livemig.engine.source.session", "MigrationControl"),
     "save_snapshot": ("livemig.vm.snapshot", "save"),
-    "measure_dirty_rate": ("livemig.dirtyrate", "measure_dirty_rate"),
-    "plan_migration": ("livemig.plan", "plan_migration"),
-    "probe_bandwidth": ("livemig.plan", "probe_bandwidth"),
+    "measure_dirty_rate": ("livemig.analysis.dirtyrate", "measure_dirty_rate"),
+    "plan_migration": ("livemig.analysis.plan", "plan_migration"),
+    "probe_bandwidth": ("livemig.analysis.plan", "probe_bandwidth"),
     "load_snapshot": ("livemig.vm.snapshot", "load"),
 }
 

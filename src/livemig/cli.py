@@ -26,7 +26,7 @@ def _emit(args, obj, human) -> None:
 
 
 def _control_path(args) -> str:
-    from .daemon import default_control_path
+    from .service.daemon import default_control_path
 
     if args.control:
         return args.control
@@ -36,14 +36,14 @@ def _control_path(args) -> str:
 
 
 def _client(args):
-    from .control import ControlClient
+    from .service.control import ControlClient
 
     return ControlClient(_control_path(args), timeout_s=None)
 
 
 # -- probe -----------------------------------------------------------------------
 def cmd_probe(args) -> int:
-    from .probe import format_probe, probe_host
+    from .analysis.probe import format_probe, probe_host
 
     report = probe_host()
     _emit(args, report, format_probe)
@@ -92,7 +92,7 @@ def cmd_vm_stop(args) -> int:
 # -- daemon ------------------------------------------------------------------------------
 def cmd_daemon(args) -> int:
     from .aio.loop import run
-    from .daemon import Daemon, TlsFiles, default_control_path
+    from .service.daemon import Daemon, TlsFiles, default_control_path
 
     tls = None
     given = [args.tls_cert, args.tls_key, args.tls_ca]
@@ -220,7 +220,7 @@ def cmd_status(args) -> int:
 
 # -- demo ------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     return run_demo(memory=args.memory, dirty_rate=args.dirty_rate, as_json=args.json,
                     loop=args.loop)
@@ -228,7 +228,7 @@ def cmd_demo(args) -> int:
 
 # -- dirtyrate / plan / bench --------------------------------------------------------------
 def cmd_dirtyrate(args) -> int:
-    from .dirtyrate import format_report
+    from .analysis.dirtyrate import format_report
 
     res = _client(args).call("dirtyrate", name=args.vm, window_s=args.window,
                              method=args.method, interval_s=args.interval)
@@ -237,7 +237,7 @@ def cmd_dirtyrate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import format_plan
+    from .analysis.plan import format_plan
 
     opts = {}
     if args.max_bandwidth:
@@ -254,7 +254,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench_convergence(args) -> int:
-    from .sweep import run_sweep_cli
+    from .lab.sweep import run_sweep_cli
 
     return run_sweep_cli(profile=args.profile, out_dir=args.out, link=args.link,
                          as_json=args.json)
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .control import ControlError
+    from .service.control import ControlError
 
     args = build_parser().parse_args(argv)
     try:

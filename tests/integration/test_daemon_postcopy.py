@@ -3,9 +3,9 @@ import asyncio
 
 import pytest
 
-from livemig import postcopy
-from livemig.control import ControlError
-from livemig.daemon import Daemon
+from livemig.native import postcopy
+from livemig.service.control import ControlError
+from livemig.service.daemon import Daemon
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
                                 reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")

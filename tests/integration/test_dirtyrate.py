@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from livemig.dirtyrate import BLOCK_PAGES, hot_block_share, measure_dirty_rate
+from livemig.analysis.dirtyrate import BLOCK_PAGES, hot_block_share, measure_dirty_rate
 from livemig.errors import ConfigError
-from livemig.tracking import open_tracker
+from livemig.native.tracking import open_tracker
 from livemig.vm.machine import VM
 
 MIB = 1 << 20

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from livemig import postcopy
+from livemig.native import postcopy
 from livemig.aio.channel import open_channel
-from livemig.destination import MigrationServer
-from livemig.digest import PageHashes
+from livemig.engine.destination.server import MigrationServer
+from livemig.codec.digest import PageHashes
 from livemig.protocol import (Abort, Accept, ChannelKind, MigrationOffer, Mode, PageInvalidate,
                               RoundAck, Switchover, VerifyFailed)
 

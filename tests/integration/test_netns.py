@@ -9,7 +9,7 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from livemig import netns
+from livemig.lab import netns
 from livemig.errors import CommandError, LinkUnavailable
 
 OK, WHY = netns.available()

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from livemig import netns
-from livemig.sweep import two_hosts
+from livemig.lab import netns
+from livemig.lab.sweep import two_hosts
 from livemig.vm.machine import VM
 
 OK, WHY = netns.available(need_delay=True)

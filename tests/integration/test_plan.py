@@ -9,9 +9,9 @@ import pytest
 
 import livemig
 from livemig.config import MigrationConfig
-from livemig.control import ControlClient, ControlError
-from livemig.destination import MigrationServer
-from livemig.plan import plan_migration, predict_for, probe_bandwidth
+from livemig.service.control import ControlClient, ControlError
+from livemig.engine.destination.server import MigrationServer
+from livemig.analysis.plan import plan_migration, predict_for, probe_bandwidth
 from livemig.vm.machine import VM
 
 MIB = 1 << 20
@@ -31,7 +31,7 @@ def test_probe_measures_the_in_process_cap(run):
 
 def test_a_destination_still_migrates_after_a_probe(run):
     """The probe leaves the server as it was: the next connection migrates."""
-    from livemig.source import migrate
+    from livemig.engine.source.session import migrate
 
     async def main():
         async with MigrationServer("127.0.0.1", 0) as srv:
@@ -76,7 +76,7 @@ def daemons(tmp_path):
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     out = []
     procs = []
-    from livemig.daemonproc import free_port
+    from livemig.lab.daemonproc import free_port
     for label in ("a", "b"):
         port = free_port()
         control = str(tmp_path / f"{label}.sock")

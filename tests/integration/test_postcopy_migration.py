@@ -10,11 +10,13 @@ import os
 import numpy as np
 import pytest
 
-from livemig import destination, postcopy
+from livemig.engine.destination import server as destination
+
+from livemig.native import postcopy
 from livemig.config import CodecConfig, MigrationConfig
-from livemig.destination import MigrationServer
+from livemig.engine.destination.server import MigrationServer
 from livemig.errors import HandshakeRefused, MigrationError
-from livemig.source import MigrationControl, migrate
+from livemig.engine.source.session import MigrationControl, migrate
 from livemig.vm.machine import VM
 from support.faultproxy import FaultProxy
 
@@ -257,7 +259,7 @@ def test_precopy_of_raw_pages_while_the_guest_writes(run):
 
 
 def test_recover_now_cuts_the_backoff_short(run, monkeypatch):
-    from livemig import source
+    from livemig.engine.source import session as source
     monkeypatch.setattr(source, "RECOVERY_BACKOFF_S", (30.0,))   # only a forced retry helps
     control = MigrationControl()
 

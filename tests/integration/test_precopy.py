@@ -10,10 +10,10 @@ import asyncio
 import pytest
 
 from livemig.config import CodecConfig, MigrationConfig
-from livemig.destination import Arrival, IncomingMigration, MigrationServer
+from livemig.engine.destination.server import Arrival, IncomingMigration, MigrationServer
 from livemig.errors import HandoverInDoubt, MigrationError
 from livemig.policy import Action
-from livemig.source import migrate
+from livemig.engine.source.session import migrate
 from support.oracle import Recipe, assert_matches_unmoved
 
 LOCAL = "127.0.0.1"

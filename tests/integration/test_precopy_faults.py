@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livemig.aio.channel import Channel, serve_channels
 from livemig.config import MigrationConfig
-from livemig.destination import MigrationServer
+from livemig.engine.destination.server import MigrationServer
 from livemig.errors import HandoverInDoubt, MigrationError
 from livemig.protocol import (Accept, Commit, MigrationOffer, PageBatch, RoundAck, RoundEnd,
                               Switchover, Verified, VerifyFailed)
-from livemig.source import migrate
+from livemig.engine.source.session import migrate
 from support.faultproxy import FaultProxy
 from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
 

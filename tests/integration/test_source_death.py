@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from livemig import postcopy
+from livemig.native import postcopy
 from support.daemons import DaemonProcess, assert_daemon_vm_matches_unmoved, start_vm
 from support.oracle import Recipe
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from livemig.sweep import PROFILES, run_sweep
-from livemig.sweepreport import group, markdown_table, write_outputs
+from livemig.lab.sweep import PROFILES, run_sweep
+from livemig.lab.sweepreport import group, markdown_table, write_outputs
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import ssl
 import pytest
 
 from livemig.aio.tls import client_context, make_test_pki
-from livemig.daemon import Daemon, TlsFiles
-from livemig.destination import MigrationServer
+from livemig.service.daemon import Daemon, TlsFiles
+from livemig.engine.destination.server import MigrationServer
 from livemig.errors import ConfigError, MigrationError
-from livemig.source import migrate
+from livemig.engine.source.session import migrate
 from support.oracle import Recipe, assert_arrival_matches_unmoved
 
 LOCAL = "127.0.0.1"

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from livemig import probe
-from livemig.tracking import open_tracker
+from livemig.analysis import probe
+from livemig.native.tracking import open_tracker
 from livemig.vm.machine import VM
 
 BACKENDS = [

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from livemig import postcopy, urgent
+from livemig.native import postcopy, urgent
 from livemig.config import CodecConfig, MigrationConfig
-from livemig.destination import MigrationServer
-from livemig.source import migrate
+from livemig.engine.destination.server import MigrationServer
+from livemig.engine.source.session import migrate
 from livemig.vm.machine import VM
 
 OK, WHY = urgent.probe()

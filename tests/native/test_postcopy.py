@@ -16,9 +16,9 @@ from hypothesis import given, settings, strategies as st
 
 from livemig.errors import (BackendUnavailable, ConfigError, LivemigError, NativeError,
                             Unsupported)
-from livemig.faultbench import LocalFaultServer, Toucher
-from livemig.memory import GuestMemory
-from livemig.postcopy import BACKEND_NAME, PostcopyMemory, probe
+from livemig.lab.faultbench import LocalFaultServer, Toucher
+from livemig.native.memory import GuestMemory
+from livemig.native.postcopy import BACKEND_NAME, PostcopyMemory, probe
 
 PAGE = 4096
 PROBE = probe()
@@ -370,8 +370,8 @@ def test_no_leaked_fds():
 
 _DROP_PRIVS = textwrap.dedent("""
     import ctypes, os, struct, sys
-    from livemig.memory import GuestMemory
-    from livemig.postcopy import PostcopyMemory, probe
+    from livemig.native.memory import GuestMemory
+    from livemig.native.postcopy import PostcopyMemory, probe
     from livemig.errors import BackendUnavailable
     libc = ctypes.CDLL(None, use_errno=True)
     if sys.argv[1] == "seccomp":

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from livemig.errors import ConfigError
-from livemig.memory import GuestMemory
-from livemig.postcopy import PostcopyMemory, probe
+from livemig.native.memory import GuestMemory
+from livemig.native.postcopy import PostcopyMemory, probe
 
 PAGE = 4096
 NPAGES = 256

@@ -2,7 +2,9 @@
 import json
 import platform
 
-from livemig import probe, tracking
+from livemig.analysis import probe
+
+from livemig.native import tracking
 
 
 def test_probe_host_is_json_and_consistent():

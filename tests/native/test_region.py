@@ -40,7 +40,7 @@ def test_region_discard_out_of_range():
 
 
 def test_guest_memory_views_are_zero_copy():
-    from livemig.memory import GuestMemory
+    from livemig.native.memory import GuestMemory
     from livemig.errors import ConfigError
 
     with GuestMemory("4MiB") as mem:
@@ -57,7 +57,7 @@ def test_guest_memory_views_are_zero_copy():
 
 
 def test_populate_keeps_contents_and_range_checks():
-    from livemig.memory import GuestMemory
+    from livemig.native.memory import GuestMemory
 
     with GuestMemory("4MiB") as mem:
         mem.pages[7, :3] = [9, 8, 7]

@@ -10,10 +10,14 @@ import pytest
 
 import livemig
 
-from livemig import native, probe, tracking
+from livemig import native
+
+from livemig.analysis import probe
+
+from livemig.native import tracking
 from livemig.errors import BackendUnavailable, ConfigError, LivemigError, TrackerStateError
-from livemig.memory import GuestMemory
-from livemig.tracking import open_tracker
+from livemig.native.memory import GuestMemory
+from livemig.native.tracking import open_tracker
 
 ffi, lib = native.ffi, native.lib
 # Subprocesses import livemig from wherever this test run did (an installed
@@ -188,8 +192,8 @@ def test_unprivileged_user_gets_backend_unavailable_from_the_kernel():
         pytest.skip("vm.unprivileged_userfaultfd=1: unprivileged userfaultfd is allowed here")
     code = (
         "import os\n"
-        "from livemig.memory import GuestMemory\n"
-        "from livemig.tracking import open_tracker\n"
+        "from livemig.native.memory import GuestMemory\n"
+        "from livemig.native.tracking import open_tracker\n"
         "from livemig.errors import BackendUnavailable\n"
         "os.setgid(65534); os.setuid(65534)  # after the imports: the venv may be root-only\n"
         "m = GuestMemory('4MiB')\n"
@@ -240,8 +244,8 @@ def test_native_collect_guards(memory):
 _CRASH = """
 import ctypes, faulthandler, sys
 {enable}
-from livemig.memory import GuestMemory
-from livemig.tracking import open_tracker
+from livemig.native.memory import GuestMemory
+from livemig.native.tracking import open_tracker
 m = GuestMemory('4MiB')
 t = open_tracker(m, 'mprotect'); t.start()
 m.words[3, 0] = 7                      # a tracked fault is handled

@@ -13,15 +13,15 @@ import time
 import numpy as np
 import pytest
 
-from livemig.faultbench import Toucher
-from livemig.memory import GuestMemory
-from livemig.pagekernels import hash_pages
-from livemig.postcopy import PostcopyMemory, probe as pc_probe
+from livemig.lab.faultbench import Toucher
+from livemig.native.memory import GuestMemory
+from livemig.codec.kernels import hash_pages
+from livemig.native.postcopy import PostcopyMemory, probe as pc_probe
 from livemig.protocol import wire
 from livemig.protocol.events import (BATCH_URGENT, WIRE_IDS, PageBatch, PageRequest,
                                      decode_event)
-from livemig.rawbatch import encode_raw, parse_raw
-from livemig.urgent import NativeFaultServer, NativePageServer, probe
+from livemig.codec.rawbatch import encode_raw, parse_raw
+from livemig.native.urgent import NativeFaultServer, NativePageServer, probe
 
 PAGE = 4096
 NPAGES = 256
@@ -276,7 +276,7 @@ def test_pushed_pages_settle_waiting_faults(pair):
 def test_priority_is_validated_and_its_outcome_reported():
     """SCHED_FIFO is asked per handle; an invalid priority is refused before
     any thread starts, and the stats say what the kernel granted."""
-    from livemig.digest import PageHashes
+    from livemig.codec.digest import PageHashes
     from livemig.native import lib
     mem = GuestMemory(16 * 4096, hugepages=False)
     srv = NativePageServer(mem, PageHashes(16).values, 0)

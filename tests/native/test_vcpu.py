@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from livemig.errors import VMBusy
-from livemig.memory import GuestMemory
+from livemig.native.memory import GuestMemory
 from livemig.native import ffi, lib
 from livemig.vm import asm, isa
 from livemig.vm.devices import FNV_BASIS, console_hash

@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codec_helpers import TEXT, Pair
-from livemig import batchformat as bf
-from livemig.codec import BatchDecoder
+from livemig.codec import batchformat as bf
+from livemig.codec.encoder import BatchDecoder
 from livemig.errors import CodecError
 
 NPAGES = 32

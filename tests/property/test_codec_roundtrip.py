@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from codec_helpers import TEXT, Pair, totals
 from livemig.config import CodecConfig
-from livemig.digest import PageHashes
+from livemig.codec.digest import PageHashes
 
 NPAGES = 32
 

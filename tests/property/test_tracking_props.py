@@ -4,9 +4,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from livemig import native, probe
-from livemig.memory import GuestMemory
-from livemig.tracking import open_tracker
+from livemig import native
+
+from livemig.analysis import probe
+from livemig.native.memory import GuestMemory
+from livemig.native.tracking import open_tracker
 
 ffi, lib = native.ffi, native.lib
 NPAGES = 2048  # 8 MiB

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import livemig
-from livemig.control import ControlClient, ControlError
+from livemig.service.control import ControlClient, ControlError
 from support.oracle import Recipe
 
 # The daemons and CLI run the same livemig this test process imported (the

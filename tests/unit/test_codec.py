@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
-from livemig import batchformat as bf
-from livemig.codec import BatchDecoder, BatchEncoder
+from livemig.codec import batchformat as bf
+from livemig.codec.encoder import BatchDecoder, BatchEncoder
 from livemig.config import CodecConfig
-from livemig.digest import PageHashes, memory_digest_full
+from livemig.codec.digest import PageHashes, memory_digest_full
 from livemig.errors import CodecError, CodecUsageError
-from livemig.memory import GuestMemory
+from livemig.native.memory import GuestMemory
 from codec_helpers import TEXT, Pair, totals
 
 
@@ -472,7 +472,7 @@ def test_postcopy_encoder_sends_no_dup_and_postcopy_placer_refuses_dup(pair):
 def test_after_lz4_fails_to_pay_the_next_batches_skip_the_probe(pair):
     """Incompressible memory must not have a share of every batch compressed
     just to learn again that LZ4 does not pay; probing resumes afterwards."""
-    from livemig.codec import _LZ4_SKIP_AFTER_MISS
+    from livemig.codec.encoder import _LZ4_SKIP_AFTER_MISS
 
     pair.src.pages[0:16] = rnd(16, 4)
     (b,) = pair.send(np.arange(16))

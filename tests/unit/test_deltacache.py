@@ -1,6 +1,6 @@
 import numpy as np
 
-from livemig.deltacache import DeltaCache
+from livemig.codec.deltacache import DeltaCache
 
 
 def test_assign_reuses_slots_and_bounds_capacity():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from livemig import pagekernels as k
+from livemig.codec import kernels as k
 from livemig.errors import NativeError
 
 
@@ -105,7 +105,7 @@ def test_delta_apply_rejects_malformed(bad):
 
 # -- block fingerprints -------------------------------------------------------
 
-from livemig.blockdelta import (BLOCK_BYTES, FULL_MASK, Fingerprints, HeldBlocks,  # noqa: E402
+from livemig.codec.blockdelta import (BLOCK_BYTES, FULL_MASK, Fingerprints, HeldBlocks,  # noqa: E402
                                 gather_blocks)
 
 

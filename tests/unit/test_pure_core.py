@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-PURE = ["livemig.protocol", "livemig.protocol.wire", "livemig.protocol.events",
+PURE = ["livemig.protocol", "livemig.protocol.spec", "livemig.protocol.wire", "livemig.protocol.events",
         "livemig.protocol.state", "livemig.protocol.connection", "livemig.errors",
         "livemig.pages", "livemig.policy", "livemig.stats", "livemig.config"]
 FORBIDDEN = ["asyncio", "socket", "ssl", "selectors", "livemig.native", "livemig._native",

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livemig import batchformat as bf
-from livemig.decoder import BatchDecoder
+from livemig.codec import batchformat as bf
+from livemig.codec.decoder import BatchDecoder
 from livemig.errors import CodecError
-from livemig.memory import GuestMemory
-from livemig.pagekernels import hash_pages
-from livemig.rawbatch import MAX_FAST_RUNS, encode_raw, parse_raw
+from livemig.native.memory import GuestMemory
+from livemig.codec.kernels import hash_pages
+from livemig.codec.rawbatch import MAX_FAST_RUNS, encode_raw, parse_raw
 
 NPAGES = 64
 

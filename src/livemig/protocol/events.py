@@ -29,6 +29,8 @@ from typing import ClassVar
 
 import numpy
 
+from .spec import (BATCH_POSTCOPY, BATCH_URGENT, MESSAGE_IDS, PAGE_BATCH_FORMAT,
+                   PAGE_REQUEST_FORMAT, SWITCHOVER_POSTCOPY)
 from .payload import (_U16, _U32, _U64, Event, PayloadError, _as_bytes_view, _check_bitmap,
                       _decode_caps, _Empty, _encode_caps, _no_flags, _Reader, _text)
 
@@ -68,11 +70,6 @@ class RefuseCode(IntEnum):
     OTHER = 255
 
 
-# Frame flags of PageBatch.
-BATCH_URGENT = 0x1     # a reply to a PageRequest: serve before anything else
-BATCH_POSTCOPY = 0x2   # sent after switchover: pages the destination still owes
-# Frame flags of Switchover.
-SWITCHOVER_POSTCOPY = 0x1  # an owed-pages bitmap follows; the destination faults them in
 
 MAX_TEXT_BYTES = 4096
 MAX_CONFIG_BYTES = 1 << 20
@@ -91,7 +88,7 @@ _HELLO = struct.Struct("<HHBBHI16s")
 class Hello(Event):
     """Source -> destination, first frame of every channel."""
 
-    WIRE_ID: ClassVar[int] = 1
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Hello"]
     min_version: int
     max_version: int
     channel_kind: ChannelKind
@@ -132,7 +129,7 @@ _WELCOME = struct.Struct("<HHI")
 class Welcome(Event):
     """Destination -> source: the chosen version and the common capabilities."""
 
-    WIRE_ID: ClassVar[int] = 2
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Welcome"]
     version: int
     capabilities: frozenset = frozenset()
     max_payload_bytes: int = 64 << 20
@@ -157,7 +154,7 @@ class Welcome(Event):
 class Refuse(Event):
     """Destination -> source: no to a Hello or a MigrationOffer, and why."""
 
-    WIRE_ID: ClassVar[int] = 3
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Refuse"]
     code: RefuseCode
     reason: str = ""
 
@@ -187,7 +184,7 @@ _OFFER = struct.Struct("<BBHIQI")
 class MigrationOffer(Event):
     """Source -> destination: what VM comes and how it will move."""
 
-    WIRE_ID: ClassVar[int] = 16
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["MigrationOffer"]
     config: dict
     mode: Mode
     npages: int
@@ -229,14 +226,14 @@ class MigrationOffer(Event):
 class Accept(_Empty):
     """Destination -> source: the offer is accepted, memory is ready."""
 
-    WIRE_ID: ClassVar[int] = 17
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Accept"]
 
 
 # --- pre-copy ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RoundStart(Event):
-    WIRE_ID: ClassVar[int] = 32
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundStart"]
     round: int
 
     def encode(self):
@@ -251,7 +248,7 @@ class RoundStart(Event):
         return cls(rnd)
 
 
-_BATCH = struct.Struct("<IIQ")
+_BATCH = struct.Struct(PAGE_BATCH_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -264,7 +261,7 @@ class PageBatch(Event):
     some of them views of guest memory). Decoded, it is one memoryview.
     """
 
-    WIRE_ID: ClassVar[int] = 33
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["PageBatch"]
     FLAGS: ClassVar[int] = BATCH_URGENT | BATCH_POSTCOPY
     round: int
     npages: int
@@ -309,7 +306,7 @@ _ROUND_END = struct.Struct("<IIQQ")
 
 @dataclass(frozen=True)
 class RoundEnd(Event):
-    WIRE_ID: ClassVar[int] = 34
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundEnd"]
     round: int
     pages: int
     bytes: int
@@ -337,7 +334,7 @@ class RoundAck(Event):
     times rounds up to this ack, so its bandwidth estimate is end to end (a
     destination slower than the link is measured as such)."""
 
-    WIRE_ID: ClassVar[int] = 35
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundAck"]
     round: int
     pages: int
 
@@ -368,7 +365,7 @@ class PageInvalidate(Event):
 
     ``pages``: strictly ascending page indices (uint64; may be empty)."""
 
-    WIRE_ID: ClassVar[int] = 36
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["PageInvalidate"]
     round: int
     pages: numpy.ndarray = field(default_factory=lambda: numpy.zeros(0, dtype="<u8"))
 
@@ -411,7 +408,7 @@ class Switchover(Event):
     the destination must reproduce, and for post-copy the pages still owed
     (bit i set = page i not yet sent; bit order: LSB first within a byte)."""
 
-    WIRE_ID: ClassVar[int] = 48
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Switchover"]
     FLAGS: ClassVar[int] = SWITCHOVER_POSTCOPY
     state: bytes
     digest: bytes
@@ -453,7 +450,7 @@ class Switchover(Event):
 class Resumed(_Empty):
     """Destination -> source, answering Commit: the VM runs here now."""
 
-    WIRE_ID: ClassVar[int] = 49
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Resumed"]
 
 
 @dataclass(frozen=True)
@@ -461,7 +458,7 @@ class Verified(_Empty):
     """Destination -> source: digest and state check out; the VM is loaded
     but still paused, waiting for Commit."""
 
-    WIRE_ID: ClassVar[int] = 51
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Verified"]
 
 
 @dataclass(frozen=True)
@@ -469,14 +466,14 @@ class Commit(_Empty):
     """Source -> destination: the source gives the VM up and will not resume
     it on its own; resume it."""
 
-    WIRE_ID: ClassVar[int] = 52
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Commit"]
 
 
 @dataclass(frozen=True)
 class VerifyFailed(Event):
     """Destination -> source: the digest did not match; the source resumes."""
 
-    WIRE_ID: ClassVar[int] = 50
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["VerifyFailed"]
     expected: bytes
     actual: bytes
     reason: str = ""
@@ -500,14 +497,14 @@ class VerifyFailed(Event):
 
 # --- post-copy and recovery ------------------------------------------------------
 
-_REQUEST = struct.Struct("<QII")
+_REQUEST = struct.Struct(PAGE_REQUEST_FORMAT)
 
 
 @dataclass(frozen=True)
 class PageRequest(Event):
     """Destination -> source: the guest faulted on these pages; answer first."""
 
-    WIRE_ID: ClassVar[int] = 64
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["PageRequest"]
     request_id: int
     pages: tuple = field(default_factory=tuple)
 
@@ -535,7 +532,7 @@ class PresentReport(Event):
     """Destination -> source on a resumed session: pages it already holds
     (bit i set = page i present and valid), so the source skips them."""
 
-    WIRE_ID: ClassVar[int] = 65
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["PresentReport"]
     npages: int
     bitmap: bytes
 
@@ -560,7 +557,7 @@ class PostcopyComplete(Event):
     placed, before the guest could change it); the source compares it with
     the digest of what it sent and answers Complete, or Abort on a mismatch."""
 
-    WIRE_ID: ClassVar[int] = 66
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["PostcopyComplete"]
     pages: int
     digest: bytes = bytes(DIGEST_BYTES)
 
@@ -585,7 +582,7 @@ class PostcopyComplete(Event):
 class Complete(_Empty):
     """Source -> destination: the source released the VM; the session is over."""
 
-    WIRE_ID: ClassVar[int] = 80
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Complete"]
 
 
 _ABORT = struct.Struct("<BB")
@@ -595,7 +592,7 @@ _ABORT = struct.Struct("<BB")
 class Abort(Event):
     """Either side: the migration is abandoned; the source keeps (or resumes) the VM."""
 
-    WIRE_ID: ClassVar[int] = 81
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Abort"]
     phase: Phase
     reason: str = ""
 
@@ -620,7 +617,7 @@ class Abort(Event):
 
 @dataclass(frozen=True)
 class Ping(Event):
-    WIRE_ID: ClassVar[int] = 96
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Ping"]
     nonce: int
 
     def encode(self):
@@ -637,7 +634,7 @@ class Ping(Event):
 
 @dataclass(frozen=True)
 class Pong(Ping):
-    WIRE_ID: ClassVar[int] = 97
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Pong"]
 
 
 # --- bandwidth probe (livemig plan) -------------------------------------------------
@@ -655,7 +652,7 @@ class ProbeData(Event):
     ``data`` is filler the destination counts and drops. ``seq`` numbers the
     frames of one probe from 0."""
 
-    WIRE_ID: ClassVar[int] = 112
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["ProbeData"]
     seq: int
     data: object = b""
 
@@ -677,7 +674,7 @@ class ProbeEnd(Event):
     """Source -> destination: the probe sent ``frames`` ProbeData frames holding
     ``bytes`` filler bytes in all; answer with ProbeResult."""
 
-    WIRE_ID: ClassVar[int] = 113
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["ProbeEnd"]
     frames: int
     bytes: int
 
@@ -705,7 +702,7 @@ class ProbeResult(Event):
     first frame only starts the clock, so connection set-up and TCP slow start
     before it do not count."""
 
-    WIRE_ID: ClassVar[int] = 114
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["ProbeResult"]
     frames: int
     bytes: int
     duration_ns: int

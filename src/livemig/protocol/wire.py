@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import numpy
 import xxhash
 
-MAGIC = b"LMIG"
-WIRE_VERSION = 1
-HEADER = struct.Struct("<4sHHHHIQQ")
+from .spec import FRAME_HEADER_FORMAT, FRAME_MAGIC as MAGIC, WIRE_VERSION
+
+HEADER = struct.Struct(FRAME_HEADER_FORMAT)
 HEADER_BYTES = HEADER.size  # 32
 DEFAULT_MAX_PAYLOAD_BYTES = 64 << 20
 # Hard ceiling whatever is negotiated: length is a u32 on the wire.

@@ -24,7 +24,7 @@ import xxhash
 
 from ..errors import (ConfigError, GuestError, GuestTimeout, LivemigError, StateFormatError,
                       VMBusy)
-from ..memory import GuestMemory
+from ..native.memory import GuestMemory
 from ..units import parse_rate, parse_size
 from . import isa, programs
 from .devices import ClockState, ConsoleState

@@ -14,7 +14,7 @@ import sys
 import time
 
 from ..native import PAGE_SIZE
-from ..tracking import open_tracker
+from ..native.tracking import open_tracker
 from ..units import format_rate, parse_rate, parse_size
 from .machine import VM
 

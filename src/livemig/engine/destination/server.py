@@ -1,0 +1,665 @@
+"""The destination side: receive a VM, verify it, and resume it only on Commit.
+
+Theory of operation
+-------------------
+::
+
+    Hello/Welcome ─ MigrationOffer ─▶ host accepts? allocate VM.blank ─ Accept
+    RoundStart / PageBatch* / RoundEnd  ─▶ decode batches into guest memory
+    Switchover(state, digest) ─▶ digest of landed pages == source's?  load state
+        ─ Verified ─▶ ◀ Commit ─ resume vCPUs ─ Resumed ─▶ hand the VM to the host
+
+The guest's vCPUs stay parked until Commit. Before it, any failure — a
+truncated stream, a protocol violation, a bad batch, a digest or state
+mismatch, the source going away — discards the half-received VM and frees its
+memory; the source still owns the VM and resumes it. After Commit the VM is
+the host's (the daemon's inventory, or the library caller's).
+
+Post-copy and hybrid (docs/postcopy.md)::
+
+    PageInvalidate ─▶ (first one: await pre-faulting ─ PostcopyMemory(present =
+        pages received) ─ post-copy decoder, FaultService) ─ discard the named
+        pages ─ RoundAck ─▶          ... while the guest still runs at the source
+    Switchover(postcopy, owed bitmap, digest) ─▶ discard owed pages still held
+        ─ digest of held pages ok? ─ exactly the owed pages missing? ─ load state
+        ─ Verified ─▶ ◀ Commit ─ resume ─ Resumed ─▶ FaultService until every
+        page is present ─ PostcopyComplete(digest) ─▶ ◀ Complete ─ unregister
+
+Hazards: MADV_POPULATE_WRITE on a range registered for MISSING faults would
+raise userfaults on our own thread, so the pre-faulting task is awaited before
+registering (pure post-copy skips pre-faulting: UFFDIO_COPY allocates). A VM
+with missing pages is never closed before ``PostcopyMemory.close(abandon=True)``
+(closing would block on pages that never come). If the channels break during
+post-copy the guest's vCPUs simply stay blocked on their faults; the source
+reconnects with Hello(resume=True) and the same session id (the server routes
+every channel of a session to its IncomingMigration) within
+``postcopy_recovery_timeout_s``, or we give up: the VM cannot be completed,
+so it is stopped and its memory freed (the inherent risk of post-copy).
+
+One IncomingMigration serves one session (its control channel, and for
+post-copy its urgent and bulk channels). MigrationServer accepts any number
+of them concurrently; a failing one is logged in its record and never
+affects the others or the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ...aio.channel import Channel, ChannelServer, recv_within, serve_channels
+from ...config import MigrationConfig
+from ...codec.decoder import BatchDecoder
+from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
+from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
+                     RemoteProtocolError, StateFormatError, Unsupported)
+from ...native import urgent
+from .postcopy import FaultService, PostcopyPlacer
+from ...native import PAGE_SIZE
+from ...native import postcopy
+from ...protocol import (Abort, Accept, ChannelKind, Commit, Hello, MigrationOffer, Mode,
+                       PageBatch, PageInvalidate, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
+                       Switchover, Verified, VerifyFailed, answer_hello)
+from ...protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
+from ...stats import MigrationStats
+from ...vm.machine import VM
+
+MAX_VCPUS = 64
+POPULATE_CHUNK_PAGES = 1024  # 4 MiB: the longest a post-copy switchover waits for it
+RECV_WINDOW_BYTES = 4 << 20  # events queued ahead of the decoder: keeps the
+                             # source's bandwidth estimate honest
+MAX_NAME_CHARS = 64
+
+
+@dataclass
+class Arrival:
+    """What a host is told about an incoming migration, and what it returns."""
+
+    name: str
+    peer: str
+    stats: MigrationStats
+    status: str = "setup"
+    error: str | None = None
+    on_resumed: Callable[[VM], None] | None = None
+    on_status: Callable[[], None] | None = None
+
+
+# host policy: (name, peer, stats) -> Arrival, or raise to refuse
+IncomingHook = Callable[[str, str, MigrationStats], Arrival]
+
+
+def _default_hook(name: str, peer: str, stats: MigrationStats) -> Arrival:
+    return Arrival(name, peer, stats)
+
+
+def postcopy_unavailable_reason() -> str | None:
+    """Why this host cannot receive post-copy, or None if it can (probed once)."""
+    global _POSTCOPY_REASON
+    if _POSTCOPY_REASON is None:
+        found = postcopy.probe()
+        _POSTCOPY_REASON = ("" if found.missing else
+                            f"post-copy is unavailable here: userfaultfd MISSING: {found.reason}")
+    return _POSTCOPY_REASON or None
+
+
+_POSTCOPY_REASON: str | None = None
+
+
+class IncomingMigration:
+    def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig,
+                 sessions: dict | None = None):
+        self.ch = ch
+        self.hook = hook
+        self.config = config
+        self.vm: VM | None = None
+        self.arrival: Arrival | None = None
+        self.stats = MigrationStats()
+        self.phase = Phase.HANDSHAKE
+        self._t0 = time.monotonic()
+        self._handed_over = False
+        self._populating: asyncio.Future | None = None
+        self._populate_stop = threading.Event()
+        self._round_pages = 0
+        self.populate_error: str | None = None
+        self.session_id = ch.conn.session_id
+        self._sessions = sessions if sessions is not None else {}
+        self._sessions[self.session_id] = self
+        self.pm: postcopy.PostcopyMemory | None = None
+        self.faults: FaultService | None = None
+        self._side: dict[ChannelKind, Channel] = {}     # urgent and bulk channels
+        self._channel_arrived = asyncio.Event()
+        self._released: dict[Channel, asyncio.Event] = {}
+        self._resumed_control: Channel | None = None
+
+    @property
+    def peer(self) -> str:
+        addr = self.ch.get_extra_info("peername")
+        return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr or "peer")
+
+    async def run(self) -> VM | None:
+        try:
+            if not await self._accept_offer():
+                return None
+            await self._receive()
+            return self.vm
+        except BaseException as exc:
+            self._record_failure(exc)
+            if not isinstance(exc, (LivemigError, asyncio.CancelledError)):
+                raise
+            if isinstance(exc, LivemigError):
+                await self._tell_source(exc)
+            return None
+        finally:
+            if self._sessions.get(self.session_id) is self:
+                del self._sessions[self.session_id]
+            for ch in list(self._released):
+                self._release(ch)
+            if self._populating is not None:
+                await asyncio.shield(self._populating)  # the region must outlive it
+            if self.faults is not None:
+                self.faults.stop()
+            if self.pm is not None and not self.pm.closed:
+                # Pages are still missing: the guest cannot be completed. Wake
+                # its blocked vCPUs onto zero pages and throw it away.
+                self.pm.close(abandon=True)
+                self._handed_over = False
+            if not self._handed_over and self.vm is not None:
+                # Never resumed here (or abandoned): the source owns the VM. Free ours.
+                self.vm.close()
+                self.vm = None
+
+    def _populate(self) -> None:
+        """Pre-fault guest memory in small chunks, stopping early when asked
+        (a post-copy switchover must not wait for the rest)."""
+        mem = self.vm.memory
+        try:
+            for first in range(0, mem.npages, POPULATE_CHUNK_PAGES):
+                if self._populate_stop.is_set():
+                    return
+                mem.populate(first, min(POPULATE_CHUNK_PAGES, mem.npages - first))
+        except Unsupported as exc:
+            self.populate_error = str(exc)
+
+    # -- handshake -----------------------------------------------------------------------
+    async def _accept_offer(self) -> bool:
+        offer, probed = await self._answer_probes()
+        if offer is None and probed:
+            return False  # a bandwidth probe only (livemig plan): nothing to host
+        if not isinstance(offer, MigrationOffer):
+            raise RemoteProtocolError(f"expected MigrationOffer, got {type(offer).__name__}",
+                                      phase="handshake")
+        problem = self._check_offer(offer)
+        if problem is not None:
+            code, reason = problem
+            await self.ch.send(Refuse(code, reason))
+            self.stats.error = f"refused: {reason}"
+            return False
+        cfg = offer.config
+        try:
+            self.arrival = self.hook(cfg["name"], self.peer, self.stats)
+        except LivemigError as exc:
+            await self.ch.send(Refuse(RefuseCode.BUSY, str(exc)))
+            self.stats.error = f"refused: {exc}"
+            return False
+        self.stats.memory_bytes = cfg["memory_bytes"]
+        try:
+            self.vm = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: VM.blank(cfg["memory_bytes"], cfg["vcpus"]))
+        except (LivemigError, MemoryError, OSError) as exc:
+            await self.ch.send(Refuse(RefuseCode.RESOURCES, f"cannot host the VM here: {exc}"))
+            self._set_status("failed", f"refused: {exc}")
+            return False
+        self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
+        self._held = np.zeros(self.vm.memory.npages, dtype=bool)   # pages landed so far
+        self.mode = offer.mode
+        self.stats.mode = offer.mode.name.lower()
+        if offer.mode is not Mode.POSTCOPY:
+            # Fault the memory in while round 0 streams, so that pages landing in
+            # the final round (the downtime) never pay a first-touch fault.
+            # (Pure post-copy places nearly every page with UFFDIO_COPY, which
+            # allocates; pre-faulting would only delay the switchover.)
+            self._populating = asyncio.get_running_loop().run_in_executor(None, self._populate)
+        await self.ch.send(Accept())
+        self.phase = Phase.PRECOPY
+        self._set_status("active")
+        self.stats.setup_time_ms = (time.monotonic() - self._t0) * 1e3
+        return True
+
+    async def _answer_probes(self):
+        """Serve bandwidth probes (ProbeData* ProbeEnd -> ProbeResult) until another
+        event arrives: (that event or None at end of stream, whether we probed).
+
+        The first ProbeData only starts the clock: bytes queued before it were
+        in flight during connection set-up and would overstate the rate."""
+        probed = False
+        first_ns: int | None = None
+        frames = nbytes = 0
+        while True:
+            try:
+                event = await asyncio.wait_for(self.ch.recv(), self.config.handshake_timeout_s)
+            except asyncio.TimeoutError:
+                raise MigrationError(f"no MigrationOffer from the source within "
+                                     f"{self.config.handshake_timeout_s:g} s",
+                                     phase=self.phase.label) from None
+            if isinstance(event, ProbeData):
+                now_ns = time.perf_counter_ns()
+                if first_ns is None:
+                    first_ns = now_ns
+                else:
+                    frames += 1
+                    nbytes += len(event.data)
+            elif isinstance(event, ProbeEnd):
+                duration_ns = time.perf_counter_ns() - first_ns if first_ns is not None else 0
+                await self.ch.send(ProbeResult(frames, nbytes, duration_ns))
+                probed, first_ns, frames, nbytes = True, None, 0, 0
+            elif isinstance(event, Ping) and not isinstance(event, Pong):
+                await self.ch.send(Pong(event.nonce))
+            elif event is None and not probed:
+                raise RemoteProtocolError("the source closed the connection while we waited "
+                                          "for a MigrationOffer", phase=self.phase.label)
+            elif isinstance(event, Abort):
+                raise MigrationError(f"the source aborted: {event.reason}", phase=self.phase.label)
+            else:
+                return event, probed
+
+    @staticmethod
+    def _check_offer(offer: MigrationOffer):
+        cfg = offer.config
+        if offer.mode is not Mode.PRECOPY:
+            reason = postcopy_unavailable_reason()
+            if reason is not None:
+                return RefuseCode.OFFER, (f"mode {offer.mode.name.lower()} refused: {reason}; "
+                                          "pre-copy is still possible")
+        if offer.page_size != PAGE_SIZE:
+            return RefuseCode.OFFER, f"page size {offer.page_size} (we use {PAGE_SIZE})"
+        name, memory_bytes, vcpus = cfg.get("name"), cfg.get("memory_bytes"), cfg.get("vcpus")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS \
+                or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            return RefuseCode.OFFER, f"bad VM name {name!r}"
+        if not isinstance(memory_bytes, int) or memory_bytes <= 0 \
+                or memory_bytes != offer.npages * PAGE_SIZE:
+            return RefuseCode.OFFER, (f"memory size {memory_bytes!r} does not match "
+                                      f"{offer.npages} pages")
+        if not isinstance(vcpus, int) or not 0 < vcpus <= MAX_VCPUS:
+            return RefuseCode.OFFER, f"bad vCPU count {vcpus!r}"
+        return None
+
+    # -- pages, then the handover -------------------------------------------------------------
+    async def _receive(self) -> None:
+        stats = self.stats
+        while True:
+            event = await self._recv(None, "pages or a Switchover")
+            if isinstance(event, PageBatch):
+                try:
+                    batch = self.decoder.apply(event.data)
+                except CodecError as exc:
+                    raise RemoteProtocolError(f"bad page batch in round {event.round}: {exc}",
+                                              phase="precopy") from exc
+                if batch.npages != event.npages:
+                    raise RemoteProtocolError(
+                        f"page batch announced {event.npages} pages but held {batch.npages}",
+                        phase="precopy")
+                stats.add_batch(batch)
+                self._held[batch.page_indices] = True
+                self._round_pages += batch.npages
+            elif isinstance(event, RoundStart):
+                stats.rounds_received = event.round + 1
+            elif isinstance(event, RoundEnd):
+                # Batches are applied in order, so the round is complete here.
+                await self.ch.send(RoundAck(event.round, self._round_pages))
+                self._round_pages = 0
+            elif isinstance(event, PageInvalidate):
+                await self._invalidate(event)
+            elif isinstance(event, Switchover):
+                if event.owed_bitmap is not None:
+                    await self._handover_postcopy(event)
+                else:
+                    await self._handover(event)
+                return
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__}", phase="precopy")
+
+    async def _handover(self, sw: Switchover) -> None:
+        cfg, vm = self.config, self.vm
+        self.phase = Phase.SWITCHOVER
+        actual = self.decoder.hashes.digest()
+        if actual != sw.digest:
+            # Either the source chose verify="full" and sent a digest of all of
+            # its memory, or something differs: rehash all of ours to tell which.
+            actual = await asyncio.get_running_loop().run_in_executor(
+                None, memory_digest_full, vm.memory)
+        if actual != sw.digest:
+            bad = "memory digest mismatch"
+            await self.ch.send(VerifyFailed(sw.digest, actual, bad))
+            raise MigrationError(f"{bad}: source {sw.digest.hex()}, here {actual.hex()}",
+                                 phase="switchover")
+        try:
+            vm.import_state(sw.state)
+        except StateFormatError as exc:
+            await self.ch.send(VerifyFailed(sw.digest, actual, f"bad VM state: {exc}"))
+            raise MigrationError(f"bad VM state from the source: {exc}",
+                                 phase="switchover") from exc
+        await self._verified_then_commit()
+        vm.resume()
+        self._handed_over = True
+        self._completed(vm)
+        # The VM runs here now and is the host's, whatever becomes of the
+        # connection: Resumed and Complete are courtesies. A source that never
+        # gets Resumed keeps its copy paused, in doubt.
+        try:
+            await self.ch.send(Resumed())
+            await asyncio.wait_for(self.ch.recv(), cfg.ack_timeout_s)
+        except (LivemigError, asyncio.TimeoutError, ConnectionError):
+            pass
+
+    async def _verified_then_commit(self) -> None:
+        """The VM is loaded and checked but paused: say so and wait for the
+        source to give it up (Commit). Only then may it run here."""
+        await self.ch.send(Verified())
+        commit = await self._recv(self.config.ack_timeout_s, "Commit")
+        if not isinstance(commit, Commit):
+            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
+                                      phase="switchover")
+
+    def _completed(self, vm: VM) -> None:
+        """The migration is over and the running VM is the host's."""
+        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
+        self._set_status("completed")
+        if self.arrival is not None and self.arrival.on_resumed is not None:
+            self.arrival.on_resumed(vm)
+
+    # -- post-copy -----------------------------------------------------------------------------
+    async def _prepare_postcopy(self) -> None:
+        """Register guest memory for post-copy, the guest still running at the
+        source: pages held stay, every other page is discarded so it faults.
+        Size-proportional work (UFFDIO_REGISTER over all memory, discarding
+        the pages never received, the post-copy decoder and fault table)
+        happens here, outside the stop. Nothing writes memory after this: the
+        protocol admits no page batch once invalidation began."""
+        vm = self.vm
+        if self._populating is not None:
+            # MADV_POPULATE_WRITE on a MISSING-registered range would raise
+            # userfaults on the executor thread: stop it (it finishes the
+            # chunk in hand, a few ms at most) before registering.
+            self._populate_stop.set()
+            await asyncio.shield(self._populating)
+        try:
+            self.pm = postcopy.PostcopyMemory(vm.memory, self._held)
+        except BackendUnavailable as exc:
+            raise MigrationError(f"post-copy refused: {exc}", phase=self.phase.label) from exc
+        self.decoder.hashes.values[~self._held] = OWED_PAGE_HASH
+        held = self.decoder.hashes       # hashes of what landed before; post-copy adds to them
+        self.decoder = BatchDecoder(vm.memory, PostcopyPlacer(self.pm), verify_dup=False)
+        self.decoder.hashes = held
+        self.faults = self._fault_service()
+
+    async def _invalidate(self, event: PageInvalidate) -> None:
+        """Pages the source's guest wrote again: make them absent (owed)."""
+        if self.pm is None:
+            await self._prepare_postcopy()
+        pages = event.pages
+        if pages.size and int(pages[-1]) >= self.vm.memory.npages:
+            raise RemoteProtocolError(f"PageInvalidate names page {int(pages[-1])} of a "
+                                      f"{self.vm.memory.npages}-page memory", phase="precopy")
+        idx = pages.astype(np.int64)
+        self.pm.invalidate(idx)
+        self.decoder.hashes.values[idx] = OWED_PAGE_HASH
+        self.stats.invalidation_rounds.append({"round": event.round, "pages": int(idx.size)})
+        await self.ch.send(RoundAck(event.round, int(idx.size)))
+
+    async def _handover_postcopy(self, sw: Switchover) -> None:
+        """The stop: only work proportional to the last dirty set, plus a few
+        passes over per-page arrays (bitmap words, hashes, digest)."""
+        vm = self.vm
+        self.phase = Phase.SWITCHOVER
+        refusal = None
+        npages = vm.memory.npages
+        if sw.owed_npages != npages:
+            refusal = f"owed bitmap covers {sw.owed_npages} pages, memory has {npages}"
+            actual = bytes(16)
+        else:
+            if self.pm is None:
+                await self._prepare_postcopy()  # a source that sent no PageInvalidate
+            owed_words = np.zeros((npages + 63) // 64, dtype=np.uint64)
+            owed_words.view(np.uint8)[:len(sw.owed_bitmap)] = np.frombuffer(sw.owed_bitmap,
+                                                                            np.uint8)
+            # Owed but held here: the pages written since the last invalidation
+            # round. Every other absent page's hash entry is blank already
+            # (_prepare_postcopy, _invalidate).
+            stale = _pages_of_words(owed_words & self.pm.present_bitmap())
+            self.decoder.hashes.values[stale] = OWED_PAGE_HASH
+            actual = self.decoder.hashes.digest()
+            if actual != sw.digest:
+                refusal = "memory digest mismatch over the pages already held"
+        if refusal is None:
+            self.stats.stop_invalidated_pages = self.pm.invalidate(stale)
+            # Now owed ⊆ absent; equal counts make the sets equal.
+            nowed = int(np.bitwise_count(owed_words).sum())
+            if self.pm.missing != nowed:
+                refusal = (f"the source owes {nowed} pages but {self.pm.missing} are "
+                           "missing here")
+        if refusal is None:
+            try:
+                vm.import_state(sw.state)
+            except StateFormatError as exc:
+                refusal = f"bad VM state: {exc}"
+        if refusal is not None:
+            await self.ch.send(VerifyFailed(sw.digest, actual, refusal[:1000]))
+            raise MigrationError(f"post-copy switchover refused: {refusal}", phase="switchover")
+        await self._verified_then_commit()
+        vm.resume()
+        self._handed_over = True
+        self.faults.start()
+        await self.ch.send(Resumed())
+        self.phase = Phase.POSTCOPY
+        self._set_status("postcopy-active")
+        await self._run_postcopy()
+        self.faults.stop()
+        self.pm.close()
+        self.pm = None
+        self._completed(vm)
+
+    def _fault_service(self) -> FaultService:
+        """The urgent channel's path is chosen here, from the control channel:
+        every channel of a session goes through the same listener, so the
+        control channel's TLS (or none) is the urgent channel's too."""
+        cfg = self.config
+        choice = urgent.choose_path(self.ch, enabled=cfg.native_urgent)
+        native = None
+        if choice.native:
+            native = urgent.NativeFaultServer(self.pm, self.decoder.hashes.values)
+        self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
+        return FaultService(self.pm, self.decoder, self.stats, urgent=native,
+                            urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us,
+                            urgent_rt_priority=cfg.urgent_rt_priority)
+
+    async def _run_postcopy(self) -> None:
+        """FaultService over the current channels; on a break, wait for the
+        source to reconnect, then go on. Gives up after the recovery timeout."""
+        resumed = False
+        while True:
+            try:
+                if resumed:
+                    await self.faults.report_present(self.ch)
+                urgent, bulk = await self._side_channels()
+                await self.faults.serve(self.ch, urgent, bulk, resumed=resumed)
+                self.stats.error = None
+                return
+            except (ConnectionError, RemoteProtocolError) as exc:
+                self.stats.error = f"post-copy connection broken ({exc}); waiting for the source"
+                self._set_status("postcopy-active", self.stats.error)
+            for ch in (self.ch, *self._side.values()):
+                ch.abort()
+                self._release(ch)
+            self._side.clear()
+            self.ch = await self._await_resumed_control()
+            self._resumed_control = None
+            self.stats.recoveries += 1
+            resumed = True
+
+    async def _side_channels(self) -> tuple[Channel, Channel]:
+        timeout_s = self.config.postcopy_recovery_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not (ChannelKind.URGENT in self._side and ChannelKind.BULK in self._side):
+                    if self._resumed_control is not None or self.ch.closed:
+                        raise RemoteProtocolError("the control channel broke or was replaced "
+                                                  "before the page channels came",
+                                                  phase="postcopy")
+                    self._channel_arrived.clear()
+                    await self._channel_arrived.wait()
+        except TimeoutError:
+            raise self._gave_up() from None
+        return self._side[ChannelKind.URGENT], self._side[ChannelKind.BULK]
+
+    async def _await_resumed_control(self) -> Channel:
+        try:
+            async with asyncio.timeout(self.config.postcopy_recovery_timeout_s):
+                while self._resumed_control is None:
+                    self._channel_arrived.clear()
+                    await self._channel_arrived.wait()
+        except TimeoutError:
+            raise self._gave_up() from None
+        return self._resumed_control
+
+    def _gave_up(self) -> MigrationError:
+        missing = self.pm.missing if self.pm is not None else 0
+        return MigrationError(
+            f"the source did not come back within {self.config.postcopy_recovery_timeout_s:g} s "
+            f"during post-copy: the VM cannot be completed ({missing} pages never arrived); "
+            "it was stopped and its memory freed", phase="postcopy", source_resumed=False)
+
+    async def adopt(self, ch: Channel) -> None:
+        """Serve a further channel of this session (urgent, bulk, or a resumed
+        control channel); returns when the session is done with it."""
+        released = asyncio.Event()
+        self._released[ch] = released
+        if ch.kind is ChannelKind.CONTROL:
+            if self.faults is None:
+                raise RemoteProtocolError("a resumed control channel for a session that is not "
+                                          "in post-copy", phase="handshake")
+            old = self.ch
+            self._resumed_control = ch
+            old.abort()    # the old set is dead if the source reopens: stop using it
+            for side in self._side.values():
+                side.abort()
+        else:
+            if ch.kind in self._side and not self._side[ch.kind].closed:
+                raise RemoteProtocolError(f"a second {ch.kind.name.lower()} channel for the "
+                                          "session", phase="handshake")
+            self._side[ch.kind] = ch
+        self._channel_arrived.set()
+        await released.wait()
+
+    def _release(self, ch: Channel) -> None:
+        released = self._released.pop(ch, None)
+        if released is not None:
+            released.set()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    async def _recv(self, timeout_s: float | None, what: str):
+        return await recv_within(self.ch, timeout_s, what, peer="source", phase=self.phase.label)
+
+    def _set_status(self, status: str, error: str | None = None) -> None:
+        self.stats.set_status(status)
+        if error:
+            self.stats.error = error
+        if self.arrival is not None:
+            self.arrival.status = status
+            self.arrival.error = error
+            if self.arrival.on_status is not None:
+                self.arrival.on_status()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+        self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
+        self._set_status(status, str(exc) or type(exc).__name__)
+
+    async def _tell_source(self, exc: LivemigError) -> None:
+        if self.ch.closed:
+            return
+        try:
+            await asyncio.wait_for(self.ch.send(Abort(self.phase, str(exc)[:1000])), 1.0)
+        except (LivemigError, asyncio.TimeoutError, ConnectionError):
+            pass
+
+
+def _pages_of_words(words: np.ndarray) -> np.ndarray:
+    """Indices of the set bits of uint64 bitmap words (bit i%64 of word i//64),
+    in time proportional to the non-zero words."""
+    nz = np.flatnonzero(words)
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    return (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
+
+
+class MigrationServer:
+    """Listens for incoming migrations and runs each as an IncomingMigration.
+
+    ``on_incoming(name, peer, stats) -> Arrival`` lets the host accept (and
+    learn when the VM runs, through ``Arrival.on_resumed``) or refuse (raise a
+    LivemigError: the source gets a Refuse with its text).
+    """
+
+    def __init__(self, host: str, port: int, *, ssl=None, on_incoming: IncomingHook | None = None,
+                 config: MigrationConfig | None = None):
+        self.host = host
+        self.requested_port = port
+        self.ssl = ssl
+        self.on_incoming = on_incoming or _default_hook
+        self.config = config or MigrationConfig()
+        self.port: int | None = None
+        self._server: ChannelServer | None = None
+        self.completed: asyncio.Queue = asyncio.Queue()
+        self.sessions: dict[bytes, IncomingMigration] = {}
+
+    async def start(self) -> None:
+        self._server = await serve_channels(self.host, self.requested_port, self._serve,
+                                            ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
+                                            policy=self._answer_hello,
+                                            timeout_s=self.config.handshake_timeout_s)
+        self.port = self._server.port
+
+    def _answer_hello(self, hello: Hello):
+        known = hello.session_id in self.sessions
+        if hello.channel_kind is ChannelKind.CONTROL and hello.resume and not known:
+            return Refuse(RefuseCode.SESSION, "no migration with this session id is waiting "
+                                              "to be resumed here")
+        if hello.channel_kind is not ChannelKind.CONTROL and not known:
+            return Refuse(RefuseCode.CHANNEL, f"a {hello.channel_kind.name.lower()} channel "
+                                              "for an unknown session")
+        if hello.channel_kind is ChannelKind.CONTROL and not hello.resume and known:
+            return Refuse(RefuseCode.SESSION, "this session id is already in use")
+        return answer_hello(hello)
+
+    async def _serve(self, ch: Channel) -> None:
+        existing = self.sessions.get(ch.conn.session_id)
+        if ch.kind is not ChannelKind.CONTROL or ch.conn.hello.resume:
+            if existing is None:
+                raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel for an unknown "
+                                          "session", phase="handshake")
+            await existing.adopt(ch)
+            return
+        incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions)
+        vm = await incoming.run()
+        if vm is not None:
+            await self.completed.put((incoming.arrival, vm))
+
+    @property
+    def errors(self) -> list:
+        return self._server.errors if self._server else []
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+
+    async def __aenter__(self) -> "MigrationServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,290 @@
+"""The source's post-copy service: answer page requests first, push the rest.
+
+Theory of operation
+-------------------
+::
+
+    urgent channel ─▶ PageRequest(id, pages) ─ encode from the frozen VM
+                   ◀─ PageBatch(URGENT, id)     (never waits behind bulk data:
+                                                  its own task and TCP stream)
+    bulk channel   ◀─ PageBatch(POSTCOPY) ...   every owed page, pages just
+                                                 after recent faults first
+    control        ─▶ PostcopyComplete(digest) ─ digest == ours? ─ Complete
+                                                               else Abort
+
+After Commit the source's VM stays paused and its memory frozen: every page
+encoded now is final, so a page sent twice (a request racing a push, or a
+re-send after a reconnection) carries the same bytes and the same hash. The
+encoder is in post-copy mode (no DELTA, no DUP: see BatchEncoder.set_postcopy).
+
+Pre-paging: a guest that faults on page f tends to touch f+1, f+2, ... next.
+Each request queues a window after (and a little before) its pages; the push
+task sends owed pages of those windows, ordered by pages.order_near_faults,
+before resuming its linear sweep. The sweep keeps a cursor, so choosing the
+next batch costs O(batch), not O(memory).
+
+``serve`` runs on one set of channels and raises when one breaks; the caller
+reconnects and calls ``resync(present)`` with the destination's PresentReport,
+then ``serve`` again. The VM is released only after Complete has been sent.
+
+Native path (``serve(..., urgent_fd=...)``, see urgent.py): the urgent
+channel's socket, handed off right after its handshake, is served by a C
+thread answering from the frozen memory; this loop drains the page indices
+it answered from a ring (eventfd-driven) to mark them sent and to pre-page
+around them, exactly as ``_answer`` does on the Python path.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+
+import numpy as np
+
+from ...aio.channel import Channel, until_finished
+from ...codec.encoder import BatchEncoder
+from ...errors import ConnectionLost, MigrationError, RemoteProtocolError
+from ...native import PAGE_SIZE
+from ...codec.kernels import ZERO_PAGE_HASH, hash_pages, zero_scan
+from ...pages import order_near_faults, runs_of
+from ...codec.rawbatch import MAX_FAST_RUNS, encode_raw
+from ...protocol import (BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, PageRequest,
+                       Phase, PostcopyComplete)
+from ...stats import MigrationStats
+from ...native.urgent import NativePageServer
+
+PREPAGE_WINDOW_PAGES = 64
+# A pushed batch is decoded and placed in one go on the destination's loop,
+# and encoded in one go on ours: a fault read or a request arriving meanwhile
+# waits for it. Small batches bound that wait (measured: 1 MiB batches put
+# fault service at ~1.2 ms p50 under a full push; see bench/bench_postcopy.py).
+PUSH_BATCH_BYTES = 128 << 10
+RECENT_FAULTS = 32
+
+
+class PostcopySender:
+    def __init__(self, encoder: BatchEncoder, owed: np.ndarray, stats: MigrationStats, *,
+                 round_index: int, batch_bytes: int):
+        self.encoder = encoder
+        self.owed = owed.copy()            # bool[npages]: not yet pushed
+        self.npages = owed.size
+        self.stats = stats
+        self.round_index = round_index
+        self.batch_pages = max(1, min(batch_bytes, PUSH_BATCH_BYTES) // PAGE_SIZE - 1)
+        self._cursor = 0
+        self._recent: collections.deque = collections.deque(maxlen=RECENT_FAULTS)
+        self._prepage: list[int] = []       # faults whose window is not queued yet
+        self._wake = asyncio.Event()
+        self.native: NativePageServer | None = None
+        self._rt_priority = 0
+        self._native_failed: asyncio.Future | None = None
+        self._completing = False
+
+    def resync(self, present: np.ndarray) -> None:
+        """After a reconnection: owe exactly what the destination lacks."""
+        self.owed = ~present
+        self._cursor = 0
+        self._wake.set()
+
+    @property
+    def owed_npages(self) -> int:
+        return int(np.count_nonzero(self.owed))
+
+    async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
+                    urgent_fd: tuple | None = None, cpu: int = -1, spin_us: int = 0,
+                    rt_priority: int = 0) -> None:
+        """``urgent_fd``: what ``urgent.hand_off()`` returned, to serve the
+        urgent channel natively (the tuple's fd is consumed)."""
+        if urgent_fd is None:
+            answer = self._answer(urgent)
+        else:
+            self._rt_priority = rt_priority
+            answer = self._start_native(urgent_fd, cpu, spin_us, rt_priority)
+        try:
+            await until_finished(answer, self._push(bulk), self._await_complete(control))
+        finally:
+            if urgent_fd is not None:
+                self._stop_native()
+
+    # -- urgent, native: a C thread answers; we learn what it sent ---------------------------
+    def _start_native(self, handoff: tuple, cpu: int, spin_us: int,
+                      rt_priority: int) -> asyncio.Future:
+        fd, version, send_seq, recv_seq, max_payload = handoff
+        if self.native is None:
+            try:
+                self.native = NativePageServer(self.encoder.memory,
+                                               self.encoder.sent_hashes.values,
+                                               self.round_index)
+            except BaseException:
+                os.close(fd)
+                raise
+        loop = asyncio.get_running_loop()
+        self._native_failed = loop.create_future()
+        self.native.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
+                              max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us,
+                              rt_priority=rt_priority)
+        loop.add_reader(self.native.fileno(), self._on_native)
+        return self._native_failed
+
+    def _on_native(self) -> None:
+        self.native.clear_notify()
+        pages = self.native.drain_requests()
+        if pages.size:
+            self.owed[pages] = False
+            recent = pages[-RECENT_FAULTS:].tolist()
+            self._recent.extend(recent)
+            self._prepage.extend(recent)
+            self._wake.set()
+        err = self.native.failure()
+        if isinstance(err, ConnectionLost) and self._completing:
+            # The digests matched and Complete is (being) sent: the destination
+            # closes its urgent channel as soon as it reads it, which can be
+            # seen here before our own completion task has finished.
+            err = None
+        if err is not None and self._native_failed is not None \
+                and not self._native_failed.done():
+            self._native_failed.set_exception(err)
+
+    def _stop_native(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.native.fileno())
+        self.native.detach()
+        self._native_failed = None
+        self._on_native()
+        self.native.fold_into(self.stats, "source", self._rt_priority)
+
+    def close(self) -> None:
+        """Free the native thread's handle (stopped already by ``serve``)."""
+        if self.native is not None:
+            self.native.close()
+            self.native = None
+
+    # -- urgent: requests first ------------------------------------------------------------
+    async def _answer(self, urgent: Channel) -> None:
+        while True:
+            event = await urgent.recv()
+            if event is None:
+                raise RemoteProtocolError("the destination closed the urgent channel",
+                                          phase="postcopy")
+            if not isinstance(event, PageRequest):
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} on the urgent "
+                                          "channel", phase="postcopy")
+            pages = np.unique(np.asarray(event.pages, dtype=np.int64))
+            if pages.size and (pages[0] < 0 or pages[-1] >= self.npages):
+                raise RemoteProtocolError("a PageRequest names a page outside guest memory",
+                                          phase="postcopy")
+            self.owed[pages] = False
+            self.stats.urgent_requests += 1
+            self.stats.pages_requested += int(pages.size)
+            if pages.size:
+                await self._reply(urgent, event.request_id, pages)
+            recent = pages[-RECENT_FAULTS:].tolist()
+            self._recent.extend(recent)
+            self._prepage.extend(recent)
+            self._wake.set()
+
+    async def _reply(self, urgent: Channel, request_id: int, pages: np.ndarray) -> None:
+        """Requested pages as RAW straight from the frozen memory (rawbatch)."""
+        for chunk in _fast_chunks(pages):
+            chunks, nbytes = self._encode_fast(chunk, zero_scan_pages=False)
+            await urgent.send(PageBatch(self.round_index, int(chunk.size), chunks, BATCH_URGENT,
+                                        request_id))
+
+    def _encode_fast(self, pages: np.ndarray, *, zero_scan_pages: bool) -> tuple[list, int]:
+        view = self.encoder.memory.pages
+        zero = zero_scan(view, pages) if zero_scan_pages else None
+        chunks, nbytes, raw_pages = encode_raw(view, pages, zero)
+        hashes = self.encoder.sent_hashes.values
+        if zero is None:
+            first, n = int(pages[0]), int(pages.size)
+            if int(pages[-1]) - first + 1 == n:       # contiguous: hash the slice
+                hashes[first:first + n] = hash_pages(view[first:first + n])
+            else:
+                hashes[pages] = hash_pages(view, pages)
+        else:
+            hashes[pages[zero]] = ZERO_PAGE_HASH
+            hashes[pages[~zero]] = hash_pages(view, pages[~zero])
+        st = self.stats
+        st.bytes_sent += nbytes
+        st.pages_sent += int(pages.size)
+        for name, n in (("raw", raw_pages), ("zero", int(pages.size) - raw_pages)):
+            st.pages_by_encoding[name] = st.pages_by_encoding.get(name, 0) + n
+        st.bytes_by_encoding["raw"] = st.bytes_by_encoding.get("raw", 0) + raw_pages * PAGE_SIZE
+        return chunks, nbytes
+
+    # -- bulk: everything else, near faults first ----------------------------------------------
+    def _next_pages(self) -> np.ndarray:
+        if self._prepage:
+            new, self._prepage = self._prepage, []
+            near = np.unique(np.concatenate([
+                np.arange(max(0, f - PREPAGE_WINDOW_PAGES // 4),
+                          min(self.npages, f + PREPAGE_WINDOW_PAGES)) for f in new]))
+            near = near[self.owed[near]]
+            if near.size:
+                faults = np.asarray(self._recent, dtype=np.int64)
+                return order_near_faults(near, faults,
+                                         window_pages=PREPAGE_WINDOW_PAGES)[:self.batch_pages]
+        while self._cursor < self.npages:
+            end = min(self.npages, self._cursor + self.batch_pages * 64)
+            found = np.flatnonzero(self.owed[self._cursor:end]) + self._cursor
+            if found.size:
+                return found[:self.batch_pages]
+            self._cursor = end
+        return np.empty(0, dtype=np.int64)
+
+    async def _push(self, bulk: Channel) -> None:
+        while True:
+            pages = self._next_pages()
+            if pages.size == 0:
+                # all pushed; a resync after a reconnection may owe more
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self.owed[pages] = False
+            pages = np.sort(pages)
+            for chunk in _fast_chunks(pages):
+                chunks, _ = self._encode_fast(chunk, zero_scan_pages=True)
+                await bulk.send(PageBatch(self.round_index, int(chunk.size), chunks,
+                                          BATCH_POSTCOPY))
+                self.stats.pages_pushed += int(chunk.size)
+            # send() does not suspend while the socket takes data: yield so a
+            # page request never waits behind a stretch of pushes
+            await asyncio.sleep(0)
+
+    # -- completion -----------------------------------------------------------------------------
+    async def _await_complete(self, control: Channel) -> None:
+        event = await control.recv()
+        if event is None:
+            raise RemoteProtocolError("the destination closed the control channel during "
+                                      "post-copy", phase="postcopy")
+        if isinstance(event, Abort):
+            raise MigrationError(f"the destination aborted post-copy: {event.reason}",
+                                 phase="postcopy", source_resumed=False)
+        if not isinstance(event, PostcopyComplete):
+            raise RemoteProtocolError(f"expected PostcopyComplete, got "
+                                      f"{type(event).__name__}", phase="postcopy")
+        ours = self.encoder.sent_hashes.digest()
+        if event.digest != ours:
+            reason = (f"post-copy memory digest mismatch: destination {event.digest.hex()}, "
+                      f"source {ours.hex()}")
+            await control.send(Abort(Phase.POSTCOPY, reason))
+            raise MigrationError(reason, phase="postcopy", source_resumed=False)
+        self._completing = True
+        await control.send(Complete())
+
+
+def _fast_chunks(pages: np.ndarray):
+    """Split sorted pages so that no chunk has more runs than rawbatch takes
+    (each run of a chunk is at most as long as its own pages)."""
+    if pages.size <= MAX_FAST_RUNS:
+        yield pages
+        return
+    starts, counts = runs_of(pages)
+    ends = np.cumsum(counts)
+    for first in range(0, starts.size, MAX_FAST_RUNS):
+        lo = int(ends[first - 1]) if first else 0
+        hi = int(ends[min(first + MAX_FAST_RUNS, starts.size) - 1])
+        yield pages[lo:hi]
+
+
+
+__all__ = ["PostcopySender", "PREPAGE_WINDOW_PAGES"]

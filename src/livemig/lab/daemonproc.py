@@ -1,0 +1,53 @@
+"""Driving ``livemig daemon`` processes from a program (the demo, the sweep).
+
+Start-up is judged by the control socket answering ``ping``; a daemon that
+exits or stays silent is reported with its log. Stopping asks politely
+(``shutdown``) and kills only a daemon that ignores it.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+
+from ..service.control import ControlClient, ControlError
+
+ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(client: ControlClient, proc: subprocess.Popen, log_path: str, *,
+               what: str = "a daemon", timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.call("ping")
+            return
+        except ControlError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(log_path) as f:
+                    raise ControlError(f"{what} did not start; its log:\n{f.read()}") from None
+            time.sleep(0.05)
+
+
+def stop(client: ControlClient, proc: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
+    with contextlib.suppress(ControlError, OSError):
+        client.call("shutdown")
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_migration(client: ControlClient, rec: dict, *, poll_s: float = 5.0) -> dict:
+    """Follow a migration record until it is no longer active."""
+    while rec["status"] in ACTIVE_STATUSES:
+        rec = client.call("migration.wait", id=rec["id"], timeout_s=poll_s)
+    return rec

@@ -1,0 +1,323 @@
+"""``livemig bench convergence``: dirty rate against convergence, measured.
+
+Theory of operation
+-------------------
+Two daemons — a source and a destination — run as separate processes, so a
+migration crosses two event loops, a kernel socket path and (with the
+namespaces) a shaped link, exactly as between machines. The sweep drives them
+through their control sockets only:
+
+    for each link bandwidth, memory size, workload, mode, dirty rate, repeat:
+        vm.start on the source  ─ plan (probe + dirty rate -> prediction)
+        ─ migrate ─ record every stat ─ stop the VM wherever it ended up
+
+Links: with ``netns.available()`` the daemons live in two network
+namespaces joined by a veth pair shaped with tc tbf (docs/two-hosts.md), and
+speak mutual TLS (aio.tls.make_test_pki) since a non-loopback listener
+requires it; "unlimited" removes the qdisc. Otherwise both daemons listen on
+loopback and the cap is the in-process token bucket of the migration stream
+(``max_bandwidth_bps``). The JSON records which was used and why.
+
+Modes the engine does not support are detected, not assumed: the first
+migration of such a mode fails saying so, and that mode's points are
+recorded as "unsupported" and not run again. Non-converging pre-copy gives
+up at the profile's ``max_total_s`` and is recorded as not converged; the
+VM stays on the source (that is the engine's contract) and is stopped there.
+
+Each point's VM has one vCPU, so one of the machine's two cores is left for
+the migration itself; rates in a profile stay below one vCPU's maximum
+(≈ 250 MiB/s of uniform page writes here), except "max" (unpaced).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from .daemonproc import free_port, stop, wait_migration, wait_ready
+from ..service.control import ControlClient, ControlError
+from ..errors import ConfigError
+
+MIB = 1 << 20
+MODES = {
+    "precopy": {"mode": "precopy"},
+    "precopy+auto-converge": {"mode": "precopy", "auto_converge": True},
+    "postcopy": {"mode": "postcopy"},
+    "hybrid": {"mode": "hybrid"},
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    memory: tuple[str, ...]
+    workloads: tuple[str, ...]
+    rates_mib_s: tuple[float | None, ...]
+    """Configured dirty rates in MiB/s; 0 runs the idle workload, None is unpaced."""
+    modes: tuple[str, ...]
+    bandwidths_bit_s: tuple[float | None, ...]
+    """Link rates in bits/s as links are sold; None = unlimited."""
+    repeats: int
+    max_total_s: float
+    downtime_ms: float = 300.0
+    window_s: float = 0.5
+    probe_time_s: float = 0.3
+    warmup_s: float = 0.2
+    encodings: tuple[str, ...] = ("zero", "raw")
+    """Page encodings allowed. The toy workloads write one word into otherwise
+    unchanged pages, which DELTA and LZ4 shrink to a few bytes: with them the
+    link would never be the bottleneck. A real guest's dirty pages compress
+    far less, so the sweep sends every dirty page whole unless told otherwise."""
+
+
+ALL_MODES = tuple(MODES)
+PROFILES = {
+    # seconds: what the test suite runs
+    "tiny": Profile("tiny", ("32MiB",), ("uniform",), (0, 8), ("precopy", "postcopy"),
+                    (None,), 1, 4.0, window_s=0.3, probe_time_s=0.2, warmup_s=0.1),
+    # a few minutes
+    "quick": Profile("quick", ("128MiB",), ("uniform",), (0, 16, 64, 160), ALL_MODES,
+                     (None, 10e9, 1e9), 2, 6.0),
+    # about an hour: every axis
+    "full": Profile("full", ("128MiB", "512MiB", "1GiB"), ("uniform", "hotset", "memtest"),
+                    (0, 8, 16, 32, 64, 96, 128, 192, None), ALL_MODES,
+                    (None, 10e9, 1e9), 3, 20.0, window_s=1.0, probe_time_s=1.0, warmup_s=0.5),
+}
+
+
+def bandwidth_label(bit_s: float | None) -> str:
+    if bit_s is None:
+        return "unlimited"
+    return f"{bit_s / 1e9:g}Gbit/s" if bit_s >= 1e9 else f"{bit_s / 1e6:g}Mbit/s"
+
+
+def rate_label(rate_mib_s: float | None) -> str:
+    return "max" if rate_mib_s is None else f"{rate_mib_s:g}MiB/s"
+
+
+# -- the two hosts ---------------------------------------------------------------------------
+@dataclass
+class _Hosts:
+    method: str
+    reason: str
+    src: ControlClient
+    dst: ControlClient
+    dst_addr: str
+    tls: bool
+    server_hostname: str | None = None
+    link: object = None
+    procs: list = field(default_factory=list)
+    delay_ms: float = 0.0
+
+    def set_bandwidth(self, bit_s: float | None) -> dict:
+        """Shape the link; the migration options that go with it."""
+        if self.method == "netns":
+            self.link.set_link(bit_s, self.delay_ms)
+            return {}
+        return {"max_bandwidth_bps": bit_s / 8} if bit_s else {}
+
+
+@contextlib.contextmanager
+def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: str = "lm"):
+    """Source and destination daemons: in namespaces when possible, else loopback.
+
+    ``delay_ms`` (one way) needs the namespaces; ``prefix`` names them."""
+    from . import netns
+
+    ok, why = netns.available(need_delay=delay_ms > 0) if link in ("auto", "netns") \
+        else (False, "--link ratelimit")
+    if delay_ms > 0 and not ok:
+        raise ConfigError(f"a link delay needs the two-host namespaces: {why}")
+    if link == "netns" and not ok:
+        raise ConfigError(f"--link netns: two-host namespaces unavailable: {why}")
+    py = [sys.executable, "-m", "livemig", "daemon"]
+    env = dict(os.environ)
+    src_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = src_path + os.pathsep + env.get("PYTHONPATH", "")
+    with contextlib.ExitStack() as stack:
+        if ok:
+            from ..aio.tls import make_test_pki
+
+            netns.cleanup_stale(prefix)
+            shaped = stack.enter_context(netns.TwoHosts(delay_ms=delay_ms, prefix=prefix))
+            pki = make_test_pki(os.path.join(tmp, "pki"))
+            port = 7400
+            roles = [("src", shaped.ns_source, shaped.source_addr, pki.client_cert, pki.client_key),
+                     ("dst", shaped.ns_dest, shaped.dest_addr, pki.server_cert, pki.server_key)]
+            clients, procs = [], []
+            for label, ns, addr, cert, key in roles:
+                control = os.path.join(tmp, f"{label}.sock")
+                log_path = os.path.join(tmp, f"{label}.log")
+                argv = py + ["--listen", f"{addr}:{port}", "--control", control,
+                             "--tls-cert", str(cert), "--tls-key", str(key),
+                             "--tls-ca", str(pki.ca_cert)]
+                proc = shaped.popen(ns, argv, stdout=open(log_path, "w"),
+                                    stderr=subprocess.STDOUT, env=env)
+                client = ControlClient(control, timeout_s=None)
+                wait_ready(client, proc, log_path, what="a benchmark daemon")
+                stack.callback(stop, client, proc)
+                clients.append(client)
+                procs.append(proc)
+            yield _Hosts("netns", "namespaces with tc tbf shaping", clients[0], clients[1],
+                         f"{shaped.dest_addr}:{port}", True, "localhost", shaped, procs,
+                         delay_ms)
+            return
+        clients, addrs = [], []
+        for label in ("src", "dst"):
+            port = free_port()
+            control = os.path.join(tmp, f"{label}.sock")
+            log_path = os.path.join(tmp, f"{label}.log")
+            proc = subprocess.Popen(py + ["--listen", f"127.0.0.1:{port}", "--control", control],
+                                    stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+            client = ControlClient(control, timeout_s=None)
+            wait_ready(client, proc, log_path, what="a benchmark daemon")
+            stack.callback(stop, client, proc)
+            clients.append(client)
+            addrs.append(f"127.0.0.1:{port}")
+        yield _Hosts("ratelimit", f"in-process token bucket on loopback ({why})", clients[0],
+                     clients[1], addrs[1], False)
+
+
+# -- one point ---------------------------------------------------------------------------
+def _unsupported(rec: dict) -> bool:
+    return rec["status"] == "failed" and "not supported" in (rec.get("error") or "")
+
+
+def run_point(hosts: _Hosts, profile: Profile, *, name: str, memory: str, workload: str,
+              rate_mib_s: float | None, mode: str, bw_bit_s: float | None, seed: int) -> dict:
+    """Start a VM, plan its migration, migrate it; every number recorded."""
+    idle = rate_mib_s == 0
+    rate = None if idle or rate_mib_s is None else f"{rate_mib_s}MiB/s"
+    extra = hosts.set_bandwidth(bw_bit_s)
+    sni = {"server_hostname": hosts.server_hostname} if hosts.server_hostname else {}
+    point = {"memory": memory, "workload": "idle" if idle else workload, "sweep_workload": workload,
+             "dirty_rate": rate_label(rate_mib_s),
+             "dirty_rate_bps": None if rate_mib_s is None else rate_mib_s * MIB,
+             "mode": mode, "link": bandwidth_label(bw_bit_s), "link_bit_s": bw_bit_s,
+             "link_method": hosts.method}
+    hosts.src.call("vm.start", name=name, memory=memory, vcpus=1,
+                   workload="idle" if idle else workload, dirty_rate=rate, seed=seed)
+    where = hosts.src
+    try:
+        time.sleep(profile.warmup_s)
+        plan = hosts.src.call("plan", name=name, to=hosts.dst_addr, window_s=profile.window_s,
+                              probe_time_s=profile.probe_time_s,
+                              downtime_ms=profile.downtime_ms, **extra, **sni)
+        point["plan"] = plan
+        options = {**MODES[mode], "downtime_ms": profile.downtime_ms,
+                   "max_total_s": profile.max_total_s,
+                   "codec": {"encodings": list(profile.encodings)}, **extra}
+        t0 = time.monotonic()
+        rec = wait_migration(hosts.src, hosts.src.call("migrate", name=name, to=hosts.dst_addr,
+                                              **options, **sni))
+        point["wall_s"] = time.monotonic() - t0
+        if rec["status"] == "completed":
+            where = hosts.dst
+        point.update(status="unsupported" if _unsupported(rec) else rec["status"],
+                     error=rec.get("error"), stats=rec.get("stats"))
+    finally:
+        with contextlib.suppress(ControlError):
+            where.call("vm.stop", name=name)
+    return point
+
+
+def outcome(point: dict) -> str:
+    """completed | not-converged (pre-copy gave up) | failed (an error) | unsupported."""
+    if point["status"] in ("completed", "unsupported"):
+        return point["status"]
+    return "not-converged" if "did not converge" in (point.get("error") or "") else "failed"
+
+
+def _summarise(point: dict) -> dict:
+    s = point.get("stats") or {}
+    mem = s.get("memory_bytes") or 0
+    p = (point.get("plan") or {}).get("prediction") or {}
+    return {
+        "converged": point["status"] == "completed", "outcome": outcome(point),
+        "total_time_s": (s.get("total_time_ms") or 0) / 1e3 if s else None,
+        "downtime_ms": s.get("downtime_ms"),
+        "bytes_sent": s.get("bytes_sent"),
+        "bytes_per_memory": (s["bytes_sent"] / mem) if s.get("bytes_sent") is not None and mem
+        else None,
+        "rounds": s.get("nrounds"), "throttle_pct": s.get("throttle_pct"),
+        "measured_dirty_rate_bps": ((point.get("plan") or {}).get("dirty_rate") or {})
+        .get("bytes_per_s"),
+        "measured_bandwidth_bps": (point.get("plan") or {}).get("bandwidth_bps"),
+        "predicted_converges": p.get("converges"), "predicted_rounds": p.get("rounds"),
+        "predicted_downtime_ms": p.get("expected_downtime_ms"),
+        "predicted_total_time_s": p.get("total_time_s"),
+        "recommended_mode": p.get("recommended_mode"),
+    }
+
+
+# -- the sweep ---------------------------------------------------------------------------
+def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
+    """Run every point of ``profile``; the result document (JSON-able)."""
+    progress = progress or (lambda text: None)
+    points: list[dict] = []
+    unsupported: dict[str, str] = {}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="livemig-sweep-") as tmp, \
+            two_hosts(tmp, link) as hosts:
+        meta = {"profile": asdict(profile), "link_method": hosts.method,
+                "link_reason": hosts.reason, "tls": hosts.tls, "started": started,
+                "host": {"python": sys.version.split()[0], "kernel": platform.release(),
+                         "cpus": os.cpu_count()}}
+        n = 0
+        for bw in profile.bandwidths_bit_s:
+            for memory in profile.memory:
+                for workload in profile.workloads:
+                    for mode in profile.modes:
+                        for rate in profile.rates_mib_s:
+                            for rep in range(profile.repeats):
+                                n += 1
+                                base = {"memory": memory, "sweep_workload": workload,
+                                        "workload": "idle" if rate == 0 else workload,
+                                        "dirty_rate": rate_label(rate), "mode": mode,
+                                        "dirty_rate_bps": None if rate is None else rate * MIB,
+                                        "link": bandwidth_label(bw), "link_bit_s": bw,
+                                        "link_method": hosts.method, "repeat": rep}
+                                if mode in unsupported:
+                                    points.append({**base, "status": "unsupported",
+                                                   "error": unsupported[mode], "stats": None})
+                                    continue
+                                progress(f"[{n}] {mode} {rate_label(rate)} {base['link']} "
+                                         f"{memory} {workload} #{rep}")
+                                pt = run_point(hosts, profile, name=f"sweep{n}", memory=memory,
+                                               workload=workload, rate_mib_s=rate, mode=mode,
+                                               bw_bit_s=bw, seed=n)
+                                pt["repeat"] = rep
+                                if pt["status"] == "unsupported":
+                                    unsupported[mode] = pt["error"]
+                                pt["summary"] = _summarise(pt)
+                                points.append(pt)
+    meta["finished"] = time.time()
+    meta["unsupported_modes"] = unsupported
+    return {"meta": meta, "points": points}
+
+
+def run_sweep_cli(*, profile: str, out_dir: str, link: str = "auto", as_json: bool = False) -> int:
+    from .sweepreport import write_outputs
+
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    result = run_sweep(PROFILES[profile], link=link,
+                       progress=None if as_json else lambda t: print(t, flush=True))
+    paths = write_outputs(result, out_dir, f"convergence-{profile}")
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(open(paths["markdown"]).read())
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+    return 0
+
+
+__all__ = ["Profile", "PROFILES", "MODES", "run_sweep", "run_point", "two_hosts",
+           "run_sweep_cli", "bandwidth_label", "rate_label"]

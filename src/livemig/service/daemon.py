@@ -1,0 +1,427 @@
+"""The livemig daemon: hosts VMs, accepts incoming migrations, sends VMs onward.
+
+One daemon runs on each machine. It has two doors:
+
+* a **migration listener** (TCP, ``--listen HOST:PORT``) where other daemons
+  deliver VMs. Without TLS certificates it binds only to loopback; binding to
+  another address needs mutual TLS (``--tls-cert/--tls-key/--tls-ca``) or the
+  deliberately loud ``--insecure-no-tls``;
+* a **control socket** (Unix, mode 0600) taking JSON commands from the CLI or
+  any local program (see :mod:`livemig.service.control`).
+
+Everything runs on one asyncio loop; the VMs' vCPUs are native threads, so
+the loop only orchestrates. Each migration is its own task; a migration that
+fails — hostile peer, vanished peer, bad data — ends that task with an error
+recorded in its stats and never touches the other VMs or the daemon itself.
+Blocking native work that can take more than a millisecond (digests, snapshot
+files) runs in the default executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import MigrationConfig
+from .control import ControlError, ControlServer
+from ..errors import ConfigError, LivemigError
+from ..units import parse_rate, parse_size
+from ..vm.machine import VM
+
+
+def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{what} must look like HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    port_num = int(port)
+    if not 0 <= port_num <= 65535:
+        raise ConfigError(f"{what}: port {port_num} out of range")
+    return host, port_num
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class TlsFiles:
+    cert: str
+    key: str
+    ca: str
+
+
+@dataclass
+class HostedVM:
+    name: str
+    vm: VM
+    origin: str                       # "local" or "migrated from HOST:PORT"
+    created_at: float = field(default_factory=time.time)
+    migrating: bool = False
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "memory_bytes": self.vm.memory.length_bytes,
+            "vcpus": self.vm.nvcpus,
+            "workload": self.vm.workload,
+            "running": self.vm.running,
+            "steps": self.vm.steps(),
+            "origin": self.origin,
+            "migrating": self.migrating,
+        }
+
+
+@dataclass
+class MigrationRecord:
+    id: int
+    vm_name: str
+    direction: str                    # "outgoing" or "incoming"
+    peer: str
+    stats: Any = None                 # MigrationStats, updated live by the engine
+    status: str = "setup"
+    error: str | None = None
+    task: asyncio.Task | None = None
+    control: Any = None               # source.MigrationControl of an outgoing migration
+
+    def describe(self) -> dict:
+        d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
+             "status": self.status, "error": self.error}
+        if self.stats is not None:
+            d["stats"] = self.stats.to_dict()
+        return d
+
+
+class Daemon:
+    def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
+                 insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0):
+        self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
+        if not is_loopback(self.listen_host) and tls is None and not insecure:
+            raise ConfigError(
+                f"refusing to listen on {self.listen_host}, which is not loopback, without TLS: "
+                "give --tls-cert/--tls-key/--tls-ca (mutual TLS), or --insecure-no-tls to accept "
+                "unauthenticated, unencrypted migrations from anyone who can reach the port")
+        self.control_path = control_path
+        self.tls = tls
+        self.insecure = insecure
+        self.incoming_config = MigrationConfig(
+            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s)
+        self.vms: dict[str, HostedVM] = {}
+        self.migrations: dict[int, MigrationRecord] = {}
+        self._arriving: set[str] = set()
+        self._ids = itertools.count(1)
+        self._stopped = asyncio.Event()
+        self._control = ControlServer(control_path, self._handlers())
+        self._listener = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        from ..engine.destination.server import MigrationServer
+        from ..aio.tls import server_context
+
+        ssl_ctx = server_context(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
+        self._listener = MigrationServer(self.listen_host, self.listen_port, ssl=ssl_ctx,
+                                         on_incoming=self._on_incoming,
+                                         config=self.incoming_config)
+        await self._listener.start()
+        self.listen_port = self._listener.port
+        await self._control.start()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._stopped.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self._stopped.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        for rec in self.migrations.values():
+            if rec.task is not None and not rec.task.done():
+                rec.task.cancel()
+        for rec in self.migrations.values():
+            if rec.task is not None:
+                try:
+                    await rec.task
+                except BaseException:
+                    pass
+        await self._control.close()
+        if self._listener is not None:
+            await self._listener.close()
+        for hosted in list(self.vms.values()):
+            hosted.vm.close()
+        self.vms.clear()
+
+    # -- incoming migrations -------------------------------------------------------
+    def _on_incoming(self, name: str, peer: str, stats):
+        """The migration server asks whether to take a VM; raising refuses it."""
+        from ..engine.destination.server import Arrival
+
+        if name in self.vms or name in self._arriving:
+            raise LivemigError(f"a VM named {name!r} already runs here")
+        rec = MigrationRecord(next(self._ids), name, "incoming", peer, stats=stats)
+        self.migrations[rec.id] = rec
+        self._arriving.add(name)
+        arrival = Arrival(name, peer, stats)
+
+        def on_resumed(vm: VM) -> None:
+            # The destination verified and resumed the VM: it is ours now.
+            self._arriving.discard(name)
+            self.vms[name] = HostedVM(name, vm, origin=f"migrated from {peer}")
+
+        def on_status() -> None:
+            rec.status, rec.error = arrival.status, arrival.error
+            if arrival.status in ("failed", "cancelled"):
+                self._arriving.discard(name)
+
+        arrival.on_resumed = on_resumed
+        arrival.on_status = on_status
+        return arrival
+
+    # -- control commands ------------------------------------------------------------
+    def _handlers(self) -> dict:
+        return {
+            "ping": self._cmd_ping,
+            "vm.start": self._cmd_vm_start,
+            "vm.list": self._cmd_vm_list,
+            "vm.stop": self._cmd_vm_stop,
+            "vm.pause": self._cmd_vm_pause,
+            "vm.resume": self._cmd_vm_resume,
+            "vm.run_to": self._cmd_vm_run_to,
+            "vm.set_dirty_rate": self._cmd_vm_set_dirty_rate,
+            "vm.inspect": self._cmd_vm_inspect,
+            "migrate": self._cmd_migrate,
+            "migration.wait": self._cmd_migration_wait,
+            "migration.postcopy": self._cmd_migration_postcopy,
+            "migration.recover": self._cmd_migration_recover,
+            "status": self._cmd_status,
+            "shutdown": self._cmd_shutdown,
+            "dirtyrate": self._cmd_dirtyrate,
+            "plan": self._cmd_plan,
+        }
+
+    def _hosted(self, name: str) -> HostedVM:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise ControlError(f"no VM named {name!r} on this daemon "
+                               f"(VMs: {', '.join(sorted(self.vms)) or 'none'})",
+                               error_type="NoSuchVM") from None
+
+    async def _cmd_ping(self) -> dict:
+        return {"pid": os.getpid(), "listen": f"{self.listen_host}:{self.listen_port}",
+                "tls": self.tls is not None, "vms": len(self.vms)}
+
+    async def _cmd_vm_start(self, name: str, memory: str | int = "256MiB", vcpus: int = 2,
+                            workload: str = "memtest", dirty_rate: str | float | None = None,
+                            seed: int = 0) -> dict:
+        if name in self.vms:
+            raise ControlError(f"a VM named {name!r} already exists", error_type="VMExists")
+        rate = parse_rate(dirty_rate, what="dirty rate") if dirty_rate not in (None, "") else None
+        vm = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: VM(memory=parse_size(memory), vcpus=int(vcpus), workload=workload,
+                             dirty_rate=rate, seed=int(seed)))
+        vm.start()
+        self.vms[name] = HostedVM(name, vm, origin="local")
+        return self.vms[name].describe()
+
+    async def _cmd_vm_list(self) -> list:
+        return [h.describe() for h in self.vms.values()]
+
+    async def _cmd_vm_stop(self, name: str) -> dict:
+        hosted = self._hosted(name)
+        if hosted.migrating:
+            raise ControlError(f"VM {name!r} is being migrated; wait for the migration to end",
+                               error_type="Busy")
+        del self.vms[name]
+        await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
+        return {"name": name, "stopped": True}
+
+    async def _cmd_vm_pause(self, name: str) -> dict:
+        hosted = self._hosted(name)
+        hosted.vm.pause()
+        return hosted.describe()
+
+    async def _cmd_vm_resume(self, name: str) -> dict:
+        hosted = self._hosted(name)
+        hosted.vm.resume()
+        return hosted.describe()
+
+    async def _cmd_vm_run_to(self, name: str, step: int, timeout_s: float = 60.0) -> dict:
+        hosted = self._hosted(name)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: hosted.vm.run_to(int(step), timeout_s=float(timeout_s)))
+        return hosted.describe()
+
+    async def _cmd_vm_set_dirty_rate(self, name: str, rate: str | float | None = None) -> dict:
+        """Re-pace the guest (None = as fast as it goes). Timing only: what the
+        guest computes does not depend on it."""
+        hosted = self._hosted(name)
+        hosted.vm.set_dirty_rate(parse_rate(rate, what="dirty rate") if rate not in (None, "")
+                                 else None)
+        return hosted.describe()
+
+    async def _cmd_vm_inspect(self, name: str) -> dict:
+        """Digest, registers and console of a paused VM: the determinism oracle."""
+        hosted = self._hosted(name)
+        if hosted.vm.running:
+            raise ControlError(f"VM {name!r} is running; pause it (or run_to) before inspecting",
+                               error_type="Busy")
+        vm = hosted.vm
+        digest = await asyncio.get_running_loop().run_in_executor(None, vm.digest)
+        return {"name": name, "digest": digest.hex(), "steps": vm.steps(),
+                "cpus": [vm.registers(i) for i in range(vm.nvcpus)],
+                "console": [vm.console(i).hex() for i in range(vm.nvcpus)]}
+
+    async def _cmd_migrate(self, name: str, to: str, wait: bool = False,
+                           server_hostname: str | None = None, **options) -> dict:
+        from ..engine.source.session import MigrationControl, migrate
+
+        hosted = self._hosted(name)
+        if hosted.migrating:
+            raise ControlError(f"VM {name!r} is already being migrated", error_type="Busy")
+        config = MigrationConfig.from_dict(options)
+        host, port = parse_hostport(to, what="--to")
+        ssl_ctx = None
+        if self.tls is not None:
+            from ..aio.tls import client_context
+            ssl_ctx = client_context(self.tls.cert, self.tls.key, self.tls.ca)
+        rec = MigrationRecord(next(self._ids), name, "outgoing", f"{host}:{port}",
+                              control=MigrationControl())
+        self.migrations[rec.id] = rec
+        hosted.migrating = True
+
+        def on_stats(stats) -> None:
+            rec.stats = stats
+            if stats.status in ("active", "postcopy-active"):
+                rec.status = stats.status
+            rec.error = stats.error if stats.status == "postcopy-active" else rec.error
+
+        async def run() -> None:
+            try:
+                rec.status = "active"
+                stats = await migrate(hosted.vm, host, port, config=config, ssl=ssl_ctx,
+                                      server_hostname=server_hostname, name=name,
+                                      on_stats=on_stats, control=rec.control)
+                rec.stats = stats
+                rec.status = "completed"
+                # The destination verified and resumed the VM: ours is released.
+                del self.vms[name]
+                await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
+            except asyncio.CancelledError:
+                rec.status = "cancelled"
+                raise
+            except Exception as exc:
+                rec.status = "failed"
+                rec.error = str(exc)
+                rec.stats = getattr(exc, "stats", rec.stats)
+            finally:
+                hosted.migrating = False
+
+        rec.task = asyncio.get_running_loop().create_task(run(), name=f"migrate-{rec.id}")
+        if wait:
+            await asyncio.shield(rec.task)
+        return rec.describe()
+
+    async def _cmd_migration_wait(self, id: int, timeout_s: float | None = None) -> dict:
+        rec = self.migrations.get(int(id))
+        if rec is None:
+            raise ControlError(f"no migration with id {id}", error_type="NoSuchMigration")
+        if rec.task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(rec.task), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return rec.describe()
+
+    def _outgoing(self, vm: str) -> MigrationRecord:
+        for rec in reversed(list(self.migrations.values())):
+            if rec.vm_name == vm and rec.direction == "outgoing" and rec.task is not None \
+                    and not rec.task.done():
+                return rec
+        raise ControlError(f"VM {vm!r} is not being migrated from here",
+                           error_type="NoSuchMigration")
+
+    async def _cmd_migration_postcopy(self, vm: str) -> dict:
+        """Switch an ongoing migration of ``vm`` to post-copy after its current round."""
+        rec = self._outgoing(vm)
+        if rec.status == "postcopy-active":
+            raise ControlError(f"the migration of {vm!r} is already in post-copy",
+                               error_type="Busy")
+        rec.control.request_postcopy()
+        return rec.describe()
+
+    async def _cmd_migration_recover(self, vm: str) -> dict:
+        """Retry a broken post-copy connection of ``vm`` now."""
+        rec = self._outgoing(vm)
+        rec.control.recover_now()
+        return rec.describe()
+
+    async def _cmd_status(self, id: int | None = None) -> Any:
+        if id is not None:
+            rec = self.migrations.get(int(id))
+            if rec is None:
+                raise ControlError(f"no migration with id {id}", error_type="NoSuchMigration")
+            return rec.describe()
+        return {"vms": [h.describe() for h in self.vms.values()],
+                "migrations": [r.describe() for r in self.migrations.values()]}
+
+    async def _cmd_dirtyrate(self, name: str, window_s: float = 1.0, method: str = "auto",
+                             interval_s: float = 0.1) -> dict:
+        """Measure a running VM's dirty rate (see :mod:`livemig.analysis.dirtyrate`)."""
+        from ..analysis.dirtyrate import measure_dirty_rate
+
+        hosted = self._hosted(name)
+        if not hosted.vm.running:
+            raise ControlError(f"VM {name!r} is paused: it dirties nothing; resume it first",
+                               error_type="Busy")
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: measure_dirty_rate(hosted.vm, float(window_s), method=method,
+                                             interval_s=float(interval_s)))
+        return {"name": name, **report.to_dict()}
+
+    async def _cmd_plan(self, name: str, to: str, downtime_ms: float | None = None,
+                        window_s: float = 1.0, probe_bytes: str | int = "64MiB",
+                        probe_time_s: float = 1.0, server_hostname: str | None = None,
+                        **options) -> dict:
+        """Dry run of a migration: bandwidth probe + dirty rate -> policy.predict."""
+        from ..analysis.plan import plan_migration
+
+        hosted = self._hosted(name)
+        if downtime_ms is not None:
+            options["downtime_ms"] = downtime_ms
+        config = MigrationConfig.from_dict(options)
+        host, port = parse_hostport(to, what="--to")
+        plan = await plan_migration(hosted.vm, host, port, config=config, ssl=self._client_ssl(),
+                                    server_hostname=server_hostname, window_s=float(window_s),
+                                    probe_bytes=parse_size(probe_bytes, what="probe_bytes"),
+                                    probe_time_s=float(probe_time_s))
+        return {"name": name, "to": f"{host}:{port}", **plan.to_dict()}
+
+    def _client_ssl(self):
+        if self.tls is None:
+            return None
+        from ..aio.tls import client_context
+        return client_context(self.tls.cert, self.tls.key, self.tls.ca)
+
+    async def _cmd_shutdown(self) -> dict:
+        asyncio.get_running_loop().call_soon(self._stopped.set)
+        return {"shutting_down": True}
+
+
+def default_control_path(listen: str) -> str:
+    host, port = parse_hostport(listen)
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(runtime, f"livemig-{port}.sock")
