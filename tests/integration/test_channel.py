@@ -176,6 +176,39 @@ def test_rate_limiter_caps_channel_throughput_with_injected_clock(run):
     run(main())
 
 
+def test_a_send_cancelled_in_the_rate_limiter_still_sends_its_frame(run):
+    """A frame has its sequence number once encoded: a send cancelled while it
+    waits for tokens (a daemon stopping) must not leave a gap in the stream,
+    or the peer reads the next frame as "sequence out of order"."""
+    async def main():
+        gate = asyncio.Event()
+
+        async def gated_sleep(delay_s):
+            await gate.wait()
+
+        bucket = TokenBucket(1 << 20, 64 << 10, sleep=gated_sleep)
+        src, dst = await channel_pair(ChannelKind.BULK, rate_limiter=bucket)
+        data = pages(64)                                  # 256 KiB: past the burst
+        reader = asyncio.create_task(drain_all(dst))
+        stuck = asyncio.create_task(src.send(PageBatch(0, 64, data)))
+        await asyncio.wait_for(_until(lambda: bucket.waited_s > 0), 60)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        gate.set()
+        await src.send(PageBatch(1, 64, data))
+        await src.close()
+        got = await asyncio.wait_for(reader, 60)
+        await dst.close()
+        assert [ev.round for ev in got] == [0, 1]
+    run(main())
+
+
+async def _until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
 def test_tls_mutual_authentication(run, tmp_path):
     pki = make_test_pki(tmp_path)
 

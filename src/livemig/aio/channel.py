@@ -163,19 +163,33 @@ class Channel:
             self._raise_if_unusable()
             buffers = self.conn.send(event)
             nbytes = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
-            if self.rate_limiter is not None:
-                await self.rate_limiter.consume(nbytes)
+            written = False
+            try:
+                if self.rate_limiter is not None:
+                    await self.rate_limiter.consume(nbytes)
+            finally:
+                # The frame owns its sequence number from conn.send on: it must
+                # go out even when the wait above is cancelled (a daemon stopping,
+                # a task torn down), or the next frame, typically the Abort that
+                # explains the stop, reaches the peer as "sequence out of order"
+                # instead of as what happened.
+                if self._transport is not None and not self._transport.is_closing():
+                    self._write(buffers)
+                    written = True
+            if not written:
                 self._raise_if_unusable()
-            if self._gathering:
-                self._transport.writelines(buffers)
-            else:
-                for buf in _coalesce(buffers):
-                    self._transport.write(buf)
             self.bytes_sent += nbytes
             self.frames_sent += 1
             if not self._can_write.is_set():
                 await self._can_write.wait()
                 self._raise_if_unusable()
+
+    def _write(self, buffers: list) -> None:
+        if self._gathering:
+            self._transport.writelines(buffers)
+        else:
+            for buf in _coalesce(buffers):
+                self._transport.write(buf)
 
     async def recv(self) -> Event | None:
         """The next event from the peer, or None once it ended the stream
