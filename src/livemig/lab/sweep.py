@@ -270,6 +270,8 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
                 "host": {"python": sys.version.split()[0], "kernel": platform.release(),
                          "cpus": os.cpu_count()}}
         n = 0
+        total = (len(profile.bandwidths_bit_s) * len(profile.memory) * len(profile.workloads)
+                 * len(profile.modes) * len(profile.rates_mib_s) * profile.repeats)
         for bw in profile.bandwidths_bit_s:
             for memory in profile.memory:
                 for workload in profile.workloads:
@@ -287,8 +289,9 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
                                     points.append({**base, "status": "unsupported",
                                                    "error": unsupported[mode], "stats": None})
                                     continue
-                                progress(f"[{n}] {mode} {rate_label(rate)} {base['link']} "
-                                         f"{memory} {workload} #{rep}")
+                                progress(f"[{n}/{total}] {mode} {rate_label(rate)} "
+                                         f"{base['link']} {memory} {workload} #{rep}"
+                                         f"{_eta(started, n - 1, total)}")
                                 pt = run_point(hosts, profile, name=f"sweep{n}", memory=memory,
                                                workload=workload, rate_mib_s=rate, mode=mode,
                                                bw_bit_s=bw, seed=n)
@@ -310,13 +313,27 @@ def run_sweep_cli(*, profile: str, out_dir: str, link: str = "auto", as_json: bo
     result = run_sweep(PROFILES[profile], link=link,
                        progress=None if as_json else lambda t: print(t, flush=True))
     paths = write_outputs(result, out_dir, f"convergence-{profile}")
+    failed = [p for p in result["points"] if outcome(p) == "failed"]
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(open(paths["markdown"]).read())
         for kind, path in paths.items():
             print(f"{kind}: {path}")
-    return 0
+        for p in failed:
+            print(f"failed: {p['mode']} {p['dirty_rate']} {p['link']} {p['memory']} "
+                  f"#{p.get('repeat', 0)}: {p.get('error')}", file=sys.stderr)
+    # A run that failed (an error, not a pre-copy that did not converge) makes
+    # the sweep's figures incomplete: say so in the exit code, as a test run would.
+    return 1 if failed else 0
+
+
+def _eta(started: float, done: int, total: int) -> str:
+    """`` ETA 3m20s`` from the mean time of the points done so far."""
+    if done == 0:
+        return ""
+    left_s = (time.time() - started) / done * (total - done)
+    return f" ETA {int(left_s // 60)}m{int(left_s % 60):02d}s"
 
 
 __all__ = ["Profile", "PROFILES", "MODES", "run_sweep", "run_point", "two_hosts",
