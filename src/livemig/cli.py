@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .errors import ConfigError, LivemigError
+from .errors import ConfigError, ControlError, LivemigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_ERROR = 0, 1, 2, 3, 4
 
@@ -391,8 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .service.control import ControlError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

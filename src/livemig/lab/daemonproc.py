@@ -11,7 +11,8 @@ import socket
 import subprocess
 import time
 
-from ..service.control import ControlClient, ControlError
+from ..errors import ControlError
+from ..service.control import ControlClient
 
 ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
 

@@ -41,8 +41,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .daemonproc import free_port, stop, wait_migration, wait_ready
-from ..service.control import ControlClient, ControlError
-from ..errors import ConfigError
+from ..service.control import ControlClient
+from ..errors import ConfigError, ControlError
 
 MIB = 1 << 20
 MODES = {

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import MigrationConfig
-from .control import ControlError, ControlServer
-from ..errors import ConfigError, LivemigError
+from .control import ControlServer
+from ..errors import ConfigError, ControlError, LivemigError
 from ..units import parse_rate, parse_size
 from ..vm.machine import VM
 
