@@ -32,7 +32,7 @@ def _control_path(args) -> str:
         return args.control
     if os.environ.get("LIVEMIG_CONTROL"):
         return os.environ["LIVEMIG_CONTROL"]
-    return default_control_path(args.daemon)
+    return default_control_path(args.daemon, what="--daemon")
 
 
 def _client(args):
@@ -104,7 +104,7 @@ def cmd_daemon(args) -> int:
         print("WARNING: --insecure-no-tls: migrations on this daemon are neither authenticated "
               "nor encrypted; anyone who reaches the port can deliver or read VMs",
               file=sys.stderr)
-    control = args.control or default_control_path(args.listen)
+    control = args.control or default_control_path(args.listen, what="--listen")
 
     async def main() -> None:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,

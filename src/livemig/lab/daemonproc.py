@@ -11,13 +11,14 @@ import socket
 import subprocess
 import time
 
+from ..addresses import DEFAULT_HOST
 from ..errors import ControlError
 from ..service.control import ControlClient
 
 ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = DEFAULT_HOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..addresses import DEFAULT_HOST, format_hostport
 from .daemonproc import free_port, stop, wait_migration, wait_ready
 from ..service.control import ControlClient
 from ..errors import ConfigError, ControlError
@@ -154,7 +155,7 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
             for label, ns, addr, cert, key in roles:
                 control = os.path.join(tmp, f"{label}.sock")
                 log_path = os.path.join(tmp, f"{label}.log")
-                argv = py + ["--listen", f"{addr}:{port}", "--control", control,
+                argv = py + ["--listen", format_hostport(addr, port), "--control", control,
                              "--tls-cert", str(cert), "--tls-key", str(key),
                              "--tls-ca", str(pki.ca_cert)]
                 proc = shaped.popen(ns, argv, stdout=open(log_path, "w"),
@@ -165,21 +166,21 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
                 clients.append(client)
                 procs.append(proc)
             yield _Hosts("netns", "namespaces with tc tbf shaping", clients[0], clients[1],
-                         f"{shaped.dest_addr}:{port}", True, "localhost", shaped, procs,
+                         format_hostport(shaped.dest_addr, port), True, "localhost", shaped, procs,
                          delay_ms)
             return
         clients, addrs = [], []
         for label in ("src", "dst"):
-            port = free_port()
+            address = format_hostport(DEFAULT_HOST, free_port())
             control = os.path.join(tmp, f"{label}.sock")
             log_path = os.path.join(tmp, f"{label}.log")
-            proc = subprocess.Popen(py + ["--listen", f"127.0.0.1:{port}", "--control", control],
+            proc = subprocess.Popen(py + ["--listen", address, "--control", control],
                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
             client = ControlClient(control, timeout_s=None)
             wait_ready(client, proc, log_path, what="a benchmark daemon")
             stack.callback(stop, client, proc)
             clients.append(client)
-            addrs.append(f"127.0.0.1:{port}")
+            addrs.append(address)
         yield _Hosts("ratelimit", f"in-process token bucket on loopback ({why})", clients[0],
                      clients[1], addrs[1], False)
 

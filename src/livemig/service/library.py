@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+from ..addresses import format_hostport, parse_hostport
 from ..config import MigrationConfig
-from .daemon import parse_hostport
 from ..engine.destination.server import MigrationServer
 from ..engine.source.session import migrate as _migrate
 from ..stats import MigrationStats
@@ -54,7 +54,7 @@ class Destination:
 
     @property
     def address(self) -> str:
-        return f"{self._server.host}:{self._server.port}"
+        return format_hostport(self._server.host, self._server.port)
 
     @property
     def port(self) -> int | None:
