@@ -66,7 +66,7 @@ async def probe_bandwidth(host: str, port: int, *, ssl=None, server_hostname: st
                           rate_limit_bps: float | None = None, timeout_s: float = 10.0,
                           frame_bytes: int = PROBE_FRAME_BYTES) -> BandwidthProbe:
     """Measure bandwidth and RTT to the livemig destination at ``host:port``."""
-    limiter = TokenBucket(rate_limit_bps, max(2 * frame_bytes, 1 << 20)) \
+    limiter = TokenBucket.for_rate(rate_limit_bps, max_frame_bytes=frame_bytes) \
         if rate_limit_bps else None
     ch = await open_channel(host, port, kind=ChannelKind.CONTROL, session_id=os.urandom(16),
                             ssl=ssl, server_hostname=server_hostname or host,
