@@ -235,7 +235,7 @@ class SourceSession:
         """Rounds until the policy says so; returns "switchover" or "postcopy"."""
         cfg, vm, stats = self.config, self.vm, self.stats
         self.phase = Phase.PRECOPY
-        self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode)
+        self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode, clock=time.perf_counter)
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
