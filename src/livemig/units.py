@@ -14,8 +14,9 @@ from .errors import ConfigError
 _BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+# Longest unit first: "bps" must not match as "b" (bytes) followed by "ps".
 _RATE_RE = re.compile(
-    r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b|i?bit|bps|ibps)?\s*(/s|ps)?\s*$", re.I
+    r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?bit|i?bps|i?b)?\s*(/s|ps)?\s*$", re.I
 )
 
 

@@ -1,0 +1,32 @@
+"""Sizes and rates as people type them, read the same way everywhere."""
+import pytest
+
+from livemig.errors import ConfigError
+from livemig.units import format_rate, format_size, parse_rate, parse_size
+
+
+@pytest.mark.parametrize("text, nbytes", [
+    ("4096", 4096), (4096, 4096), ("64KiB", 64 << 10), ("64k", 64 << 10), ("1GiB", 1 << 30),
+    ("1.5G", 3 << 29), ("2 MiB", 2 << 20),
+])
+def test_parse_size(text, nbytes):
+    assert parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize("text, bytes_per_s", [
+    ("256MiB/s", 256 << 20), ("100M", 100 << 20), (1000, 1000.0), (2.5, 2.5),
+    ("1Gbit/s", 125e6), ("10Gbps", 1.25e9), ("8kbit", 1000.0),
+])
+def test_parse_rate(text, bytes_per_s):
+    assert parse_rate(text) == pytest.approx(bytes_per_s)
+
+
+@pytest.mark.parametrize("bad", ["fast", "-1MiB/s", -1, "1 parsec/s"])
+def test_parse_rate_refuses_naming_what(bad):
+    with pytest.raises(ConfigError, match="--dirty-rate"):
+        parse_rate(bad, what="--dirty-rate")
+
+
+def test_format():
+    assert format_size(1536) == "1.5 KiB" and format_size(12) == "12 B"
+    assert format_rate(64 << 20) == "64.0 MiB/s"
