@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from .config import parse_max_bandwidth
 from .errors import ConfigError, ControlError, LivemigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_ERROR = 0, 1, 2, 3, 4
@@ -120,19 +121,26 @@ def cmd_daemon(args) -> int:
 
 
 # -- migrate / status ----------------------------------------------------------------------
-def _migration_options(args) -> dict:
-    opts = {"mode": args.mode}
+def _limit_options(args) -> dict:
+    """What ``migrate`` and ``plan`` share: the downtime limit, the bandwidth
+    cap and the destination's TLS name, as the daemon's options."""
+    opts = {}
     if args.downtime_ms is not None:
         opts["downtime_ms"] = args.downtime_ms
-    if args.max_bandwidth:
-        from .units import parse_rate
-        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth")
+    bandwidth_bps = parse_max_bandwidth(args.max_bandwidth, what="--max-bandwidth")
+    if bandwidth_bps is not None:
+        opts["max_bandwidth_bps"] = bandwidth_bps
+    if args.server_name:
+        opts["server_hostname"] = args.server_name
+    return opts
+
+
+def _migration_options(args) -> dict:
+    opts = {"mode": args.mode, **_limit_options(args)}
     if args.auto_converge:
         opts["auto_converge"] = True
     if args.max_rounds is not None:
         opts["max_rounds"] = args.max_rounds
-    if getattr(args, "server_name", None):
-        opts["server_hostname"] = args.server_name
     if args.postcopy_after_rounds is not None:
         opts["hybrid_postcopy_after_rounds"] = args.postcopy_after_rounds
     return opts
@@ -239,16 +247,8 @@ def cmd_dirtyrate(args) -> int:
 def cmd_plan(args) -> int:
     from .analysis.plan import format_plan
 
-    opts = {}
-    if args.max_bandwidth:
-        from .units import parse_rate
-        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth")
-    if args.downtime_ms is not None:
-        opts["downtime_ms"] = args.downtime_ms
-    if args.server_name:
-        opts["server_hostname"] = args.server_name
     res = _client(args).call("plan", name=args.vm, to=args.to, window_s=args.window,
-                             probe_time_s=args.probe_time, **opts)
+                             probe_time_s=args.probe_time, **_limit_options(args))
     _emit(args, res, format_plan)
     return EXIT_OK
 

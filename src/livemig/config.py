@@ -3,7 +3,9 @@
 Every field carries its unit in its name and a docstring under it. Values
 that people type (sizes, rates) may be given as text (``"64MiB"``,
 ``"1Gbit/s"``) to :meth:`MigrationConfig.from_dict`, which is how the CLI and
-the daemon build configs; the dataclasses themselves hold plain numbers.
+the daemon build configs; the dataclasses themselves hold plain numbers. The
+bandwidth cap has one parser, :func:`parse_max_bandwidth`, which
+``MigrationConfig`` applies to whatever it is given (a number or text).
 Validation happens in ``__post_init__`` and raises :class:`ConfigError` with
 the field name, so a bad config fails before any connection is made.
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .units import parse_rate, parse_size
+from .units import parse_optional_rate, parse_size
 
 MODES = ("precopy", "postcopy", "hybrid")
 VERIFY_MODES = ("sent", "full")
@@ -30,6 +32,17 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def parse_max_bandwidth(value: str | float | None, *,
+                        what: str = "max_bandwidth_bps") -> float | None:
+    """The bandwidth cap in bytes/s from bytes/s or text (``"100MiB/s"``,
+    ``"1Gbit/s"``); nothing (None or ``""``) means no cap. ``what`` names the
+    value in errors (the CLI passes its flag)."""
+    bandwidth_bps = parse_optional_rate(value, what=what)
+    if bandwidth_bps is not None:
+        _positive(what, bandwidth_bps)
+    return bandwidth_bps
 
 
 def _pct(name: str, value) -> None:
@@ -110,7 +123,8 @@ class MigrationConfig:
     expected downtime is at most this."""
 
     max_bandwidth_bps: float | None = None
-    """Cap on the page stream in bytes/s; None = unlimited."""
+    """Cap on the page stream in bytes/s; None = unlimited. Text such as
+    "100MiB/s" is parsed (:func:`parse_max_bandwidth`)."""
 
     auto_converge: bool = False
     """Throttle the vCPUs when pre-copy does not converge."""
@@ -196,8 +210,7 @@ class MigrationConfig:
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         _positive("downtime_ms", self.downtime_ms)
-        if self.max_bandwidth_bps is not None:
-            _positive("max_bandwidth_bps", self.max_bandwidth_bps)
+        self.max_bandwidth_bps = parse_max_bandwidth(self.max_bandwidth_bps)
         for name in ("throttle_initial_pct", "throttle_increment_pct", "throttle_max_pct"):
             _pct(name, getattr(self, name))
         if self.throttle_initial_pct > self.throttle_max_pct:
@@ -241,9 +254,6 @@ class MigrationConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown migration option(s): {sorted(unknown)}")
-        if isinstance(data.get("max_bandwidth_bps"), str):
-            data["max_bandwidth_bps"] = parse_rate(data["max_bandwidth_bps"],
-                                                   what="max_bandwidth_bps")
         if "batch_bytes" in data:
             data["batch_bytes"] = parse_size(data["batch_bytes"], what="batch_bytes")
         codec = data.get("codec")
@@ -265,5 +275,5 @@ def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
     return CodecConfig(**data)
 
 
-__all__ = ["CodecConfig", "MigrationConfig", "codec_config_from_dict", "MODES", "ENCODINGS",
-           "VERIFY_MODES"]
+__all__ = ["CodecConfig", "MigrationConfig", "codec_config_from_dict", "parse_max_bandwidth",
+           "MODES", "ENCODINGS", "VERIFY_MODES"]

@@ -35,6 +35,8 @@ def parse_size(value: str | int, *, what: str = "size") -> int:
 
 def parse_rate(value: str | int | float, *, what: str = "rate") -> float:
     """Bytes per second from ``256MiB/s``, ``1Gbit/s`` or a plain number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a rate, got {value!r}")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ConfigError(f"{what} must not be negative: {value}")
@@ -48,6 +50,14 @@ def parse_rate(value: str | int | float, *, what: str = "rate") -> float:
         table = _BINARY if unit.startswith("i") else _DECIMAL
         return float(number) * table[prefix.lower()] / 8.0
     return float(number) * _BINARY[prefix.lower()]
+
+
+def parse_optional_rate(value: str | int | float | None, *, what: str = "rate") -> float | None:
+    """Like :func:`parse_rate`, but nothing given (None or ``""``) is None:
+    no cap, or an unpaced guest, as the caller's field defines it."""
+    if value is None or value == "":
+        return None
+    return parse_rate(value, what=what)
 
 
 def format_size(nbytes: float) -> str:

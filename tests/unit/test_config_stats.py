@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from livemig.config import CodecConfig, MigrationConfig
+from livemig.config import CodecConfig, MigrationConfig, parse_max_bandwidth
 from livemig.errors import ConfigError
 from livemig.policy import Action, Decision
 from livemig.stats import LatencyHistogram, MigrationStats, RoundRecord, percentiles
@@ -53,6 +53,24 @@ def test_dict_roundtrip_with_text_units():
 def test_invalid_configs_are_refused(bad):
     with pytest.raises(ConfigError):
         MigrationConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("given, bandwidth_bps", [
+    (None, None), ("", None), ("1Gbit/s", 125e6), ("100MiB/s", 100 << 20), (5e6, 5e6),
+])
+def test_max_bandwidth_has_one_parser_used_by_the_config(given, bandwidth_bps):
+    assert parse_max_bandwidth(given) == bandwidth_bps
+    assert MigrationConfig(max_bandwidth_bps=given).max_bandwidth_bps == bandwidth_bps
+    assert MigrationConfig.from_dict({"max_bandwidth_bps": given}).max_bandwidth_bps \
+        == bandwidth_bps
+
+
+@pytest.mark.parametrize("bad", [0, "0MiB/s", -5, "fast", True])
+def test_max_bandwidth_refused_with_the_name_given(bad):
+    with pytest.raises(ConfigError, match="--max-bandwidth"):
+        parse_max_bandwidth(bad, what="--max-bandwidth")
+    with pytest.raises(ConfigError, match="max_bandwidth_bps"):
+        MigrationConfig(max_bandwidth_bps=bad)
 
 
 def test_postcopy_codec_drops_delta_block_and_dup():

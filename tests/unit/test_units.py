@@ -2,7 +2,7 @@
 import pytest
 
 from livemig.errors import ConfigError
-from livemig.units import format_rate, format_size, parse_rate, parse_size
+from livemig.units import format_rate, format_size, parse_optional_rate, parse_rate, parse_size
 
 
 @pytest.mark.parametrize("text, nbytes", [
@@ -21,10 +21,15 @@ def test_parse_rate(text, bytes_per_s):
     assert parse_rate(text) == pytest.approx(bytes_per_s)
 
 
-@pytest.mark.parametrize("bad", ["fast", "-1MiB/s", -1, "1 parsec/s"])
+@pytest.mark.parametrize("bad", ["fast", "-1MiB/s", -1, True, "1 parsec/s"])
 def test_parse_rate_refuses_naming_what(bad):
     with pytest.raises(ConfigError, match="--dirty-rate"):
         parse_rate(bad, what="--dirty-rate")
+
+
+def test_optional_rate_is_none_when_nothing_is_given():
+    assert parse_optional_rate(None) is None and parse_optional_rate("") is None
+    assert parse_optional_rate("1MiB/s") == 1 << 20 and parse_optional_rate(0) == 0.0
 
 
 def test_format():

@@ -10,11 +10,10 @@ import asyncio
 from typing import Callable
 
 from ..addresses import format_hostport, parse_hostport
-from ..config import MigrationConfig
+from ..config import MigrationConfig, parse_max_bandwidth
 from ..engine.destination.server import MigrationServer
 from ..engine.source.session import migrate as _migrate
 from ..stats import MigrationStats
-from ..units import parse_rate
 from ..vm.machine import VM
 
 
@@ -34,8 +33,7 @@ async def migrate(vm: VM, to: str, *, mode: str = "precopy", downtime_ms: float 
         config = MigrationConfig(
             mode=mode, downtime_ms=downtime_ms, auto_converge=auto_converge,
             max_rounds=max_rounds,
-            max_bandwidth_bps=parse_rate(max_bandwidth, what="max_bandwidth")
-            if max_bandwidth not in (None, "") else None)
+            max_bandwidth_bps=parse_max_bandwidth(max_bandwidth, what="max_bandwidth"))
     return await _migrate(vm, host, port, config=config, ssl=ssl, name=name, tracker=tracker,
                           on_stats=on_progress)
 
