@@ -118,9 +118,11 @@ class MigrationConfig:
     mode: str = "precopy"
     """precopy | postcopy | hybrid (pre-copy rounds, then post-copy)."""
 
-    downtime_ms: float = 300.0
+    max_downtime_ms: float = 300.0
     """Largest acceptable stop-to-resume time; pre-copy switches over once the
-    expected downtime is at most this."""
+    expected downtime is at most this. (The *measured* stop is
+    ``MigrationStats.downtime_ms``.) Its name in the dict form, as on the
+    command line and in the library's ``migrate()``, is ``downtime_ms``."""
 
     max_bandwidth_bps: float | None = None
     """Cap on the page stream in bytes/s; None = unlimited. Text such as
@@ -209,7 +211,7 @@ class MigrationConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
-        _positive("downtime_ms", self.downtime_ms)
+        _positive("max_downtime_ms", self.max_downtime_ms)
         self.max_bandwidth_bps = parse_max_bandwidth(self.max_bandwidth_bps)
         for name in ("throttle_initial_pct", "throttle_increment_pct", "throttle_max_pct"):
             _pct(name, getattr(self, name))
@@ -244,22 +246,27 @@ class MigrationConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["codec"]["encodings"] = list(self.codec.encodings)
-        return d
+        return {_DICT_NAMES.get(k, k): v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MigrationConfig":
         """Build from a dict; sizes/rates may be text; unknown keys are errors."""
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        field_of = {_DICT_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(field_of)
         if unknown:
             raise ConfigError(f"unknown migration option(s): {sorted(unknown)}")
+        data = {field_of[k]: v for k, v in data.items()}
         if "batch_bytes" in data:
             data["batch_bytes"] = parse_size(data["batch_bytes"], what="batch_bytes")
         codec = data.get("codec")
         if isinstance(codec, dict):
             data["codec"] = codec_config_from_dict(codec)
         return cls(**data)
+
+
+_DICT_NAMES = {"max_downtime_ms": "downtime_ms"}
+"""Fields whose dict-form name differs: the names users write on the command
+line, to the control socket and in JSON stay as they always were."""
 
 
 def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:

@@ -163,9 +163,9 @@ def decide(config: MigrationConfig, rounds: Sequence[RoundStats], *, elapsed_s: 
     def make(action: Action, reason: str, pct: float = throttle_pct) -> Decision:
         return Decision(action, reason, downtime, bw, rate, pct)
 
-    if downtime <= config.downtime_ms:
+    if downtime <= config.max_downtime_ms:
         return make(Action.SWITCHOVER, f"expected downtime {downtime:.1f} ms is within the "
-                                       f"{config.downtime_ms:g} ms limit")
+                                       f"{config.max_downtime_ms:g} ms limit")
     hybrid = config.mode == "hybrid"
     if hybrid and postcopy_requested:
         return make(Action.POSTCOPY, "post-copy requested")
@@ -218,9 +218,9 @@ class Prediction:
                 "round_bytes": self.round_bytes}
 
 
-def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, downtime_ms: float,
-            *, working_set_bytes: int | None = None, max_rounds: int = 30,
-            switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
+def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
+            max_downtime_ms: float, *, working_set_bytes: int | None = None,
+            max_rounds: int = 30, switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
     """Simulate pre-copy rounds under a constant bandwidth and dirty rate.
 
     The dirty set after a round of t seconds is min(working set, rate·t)
@@ -240,7 +240,7 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, down
         sent_rounds.append(int(to_send))
         to_send = min(ws, dirty_rate_bps * t)
         downtime = to_send / bandwidth_bps * 1000.0 + switchover_cost_ms
-        if downtime <= downtime_ms:
+        if downtime <= max_downtime_ms:
             return Prediction(True, rnd, downtime, elapsed + downtime / 1000.0,
                               int(total + to_send), "precopy",
                               f"converges after {rnd} round(s)", sent_rounds)

@@ -12,7 +12,7 @@ from livemig.stats import LatencyHistogram, MigrationStats, RoundRecord, percent
 
 def test_defaults_match_the_documented_ones():
     c = MigrationConfig()
-    assert (c.mode, c.downtime_ms, c.max_bandwidth_bps, c.auto_converge) == ("precopy", 300, None, False)
+    assert (c.mode, c.max_downtime_ms, c.max_bandwidth_bps, c.auto_converge) == ("precopy", 300, None, False)
     assert (c.throttle_initial_pct, c.throttle_increment_pct, c.throttle_max_pct) == (20, 10, 99)
     assert c.max_rounds == 30 and c.codec.delta_cache_bytes == 32 << 20 and c.verify == "sent"
 
@@ -41,6 +41,32 @@ def test_dict_roundtrip_with_text_units():
     d = c.to_dict()
     json.dumps(d)
     assert MigrationConfig.from_dict(d) == c
+
+
+def test_the_limit_is_max_downtime_ms_in_code_and_downtime_ms_in_every_dict_form():
+    c = MigrationConfig.from_dict({"downtime_ms": 50})
+    assert c.max_downtime_ms == 50
+    d = c.to_dict()
+    assert d["downtime_ms"] == 50 and "max_downtime_ms" not in d
+    assert MigrationConfig.from_dict(d) == c
+    with pytest.raises(ConfigError, match="max_downtime_ms"):
+        MigrationConfig.from_dict({"max_downtime_ms": 50})   # one name per form
+
+
+def test_plan_and_sweep_profile_report_the_limit_as_downtime_ms():
+    from livemig.analysis.plan import Plan
+    from livemig.lab.sweep import PROFILES
+    from livemig.policy import predict
+
+    class Measured:
+        def to_dict(self):
+            return {}
+
+    plan = Plan(1 << 30, 50.0, 1e8, Measured(), Measured(), predict(1e8, 0.0, 1 << 30, 50.0))
+    assert plan.to_dict()["downtime_ms"] == 50.0
+    profile = PROFILES["tiny"]
+    assert profile.to_dict()["downtime_ms"] == profile.max_downtime_ms
+    assert "max_downtime_ms" not in profile.to_dict()
 
 
 @pytest.mark.parametrize("bad", [

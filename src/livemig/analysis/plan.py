@@ -122,7 +122,8 @@ async def _recv(ch, timeout_s: float):
 @dataclass(frozen=True)
 class Plan:
     memory_bytes: int
-    downtime_ms: float
+    max_downtime_ms: float
+    """The configured limit (``downtime_ms`` in the dict form, as users set it)."""
     bandwidth_bps: float
     """What the prediction used: min(measured, configured cap)."""
     probe: BandwidthProbe
@@ -130,7 +131,7 @@ class Plan:
     prediction: Prediction
 
     def to_dict(self) -> dict:
-        return {"memory_bytes": self.memory_bytes, "downtime_ms": self.downtime_ms,
+        return {"memory_bytes": self.memory_bytes, "downtime_ms": self.max_downtime_ms,
                 "bandwidth_bps": _finite(self.bandwidth_bps), "probe": self.probe.to_dict(),
                 "dirty_rate": self.dirty.to_dict(), "prediction": self.prediction.to_dict()}
 
@@ -145,7 +146,7 @@ def predict_for(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
     bw = bandwidth_bps
     if config.max_bandwidth_bps:
         bw = min(bw, config.max_bandwidth_bps)
-    return bw, predict(bw, dirty_rate_bps, memory_bytes, config.downtime_ms,
+    return bw, predict(bw, dirty_rate_bps, memory_bytes, config.max_downtime_ms,
                        max_rounds=config.max_rounds)
 
 
@@ -165,7 +166,7 @@ async def plan_migration(vm, host: str, port: int, *, config: MigrationConfig | 
         None, lambda: measure_dirty_rate(vm, window_s, tracker=tracker))
     bw, prediction = predict_for(probe.bytes_per_s, dirty.bytes_per_s,
                                  vm.memory.length_bytes, config)
-    return Plan(vm.memory.length_bytes, config.downtime_ms, bw, probe, dirty, prediction)
+    return Plan(vm.memory.length_bytes, config.max_downtime_ms, bw, probe, dirty, prediction)
 
 
 def format_plan(p: dict) -> str:

@@ -66,7 +66,7 @@ class Profile:
     """Link rates in bits/s as links are sold; None = unlimited."""
     repeats: int
     max_total_s: float
-    downtime_ms: float = 300.0
+    max_downtime_ms: float = 300.0
     window_s: float = 0.5
     probe_time_s: float = 0.3
     warmup_s: float = 0.2
@@ -75,6 +75,12 @@ class Profile:
     unchanged pages, which DELTA and LZ4 shrink to a few bytes: with them the
     link would never be the bottleneck. A real guest's dirty pages compress
     far less, so the sweep sends every dirty page whole unless told otherwise."""
+
+    def to_dict(self) -> dict:
+        """As the result document records it: the limit under its option name."""
+        d = asdict(self)
+        d["downtime_ms"] = d.pop("max_downtime_ms")
+        return d
 
 
 ALL_MODES = tuple(MODES)
@@ -209,9 +215,9 @@ def run_point(hosts: _Hosts, profile: Profile, *, name: str, memory: str, worklo
         time.sleep(profile.warmup_s)
         plan = hosts.src.call("plan", name=name, to=hosts.dst_addr, window_s=profile.window_s,
                               probe_time_s=profile.probe_time_s,
-                              downtime_ms=profile.downtime_ms, **extra, **sni)
+                              downtime_ms=profile.max_downtime_ms, **extra, **sni)
         point["plan"] = plan
-        options = {**MODES[mode], "downtime_ms": profile.downtime_ms,
+        options = {**MODES[mode], "downtime_ms": profile.max_downtime_ms,
                    "max_total_s": profile.max_total_s,
                    "codec": {"encodings": list(profile.encodings)}, **extra}
         t0 = time.monotonic()
@@ -266,7 +272,7 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="livemig-sweep-") as tmp, \
             two_hosts(tmp, link) as hosts:
-        meta = {"profile": asdict(profile), "link_method": hosts.method,
+        meta = {"profile": profile.to_dict(), "link_method": hosts.method,
                 "link_reason": hosts.reason, "tls": hosts.tls, "started": started,
                 "host": {"python": sys.version.split()[0], "kernel": platform.release(),
                          "cpus": os.cpu_count()}}

@@ -372,16 +372,14 @@ class Daemon:
                                              interval_s=float(interval_s)))
         return {"name": name, **report.to_dict()}
 
-    async def _cmd_plan(self, name: str, to: str, downtime_ms: float | None = None,
-                        window_s: float = 1.0, probe_bytes: str | int = "64MiB",
-                        probe_time_s: float = 1.0, server_hostname: str | None = None,
-                        **options) -> dict:
-        """Dry run of a migration: bandwidth probe + dirty rate -> policy.predict."""
+    async def _cmd_plan(self, name: str, to: str, window_s: float = 1.0,
+                        probe_bytes: str | int = "64MiB", probe_time_s: float = 1.0,
+                        server_hostname: str | None = None, **options) -> dict:
+        """Dry run of a migration: bandwidth probe + dirty rate -> policy.predict.
+        ``options`` are the migration's (``downtime_ms``, ``max_bandwidth_bps``, ...)."""
         from ..analysis.plan import plan_migration
 
         hosted = self._hosted(name)
-        if downtime_ms is not None:
-            options["downtime_ms"] = downtime_ms
         config = MigrationConfig.from_dict(options)
         host, port = parse_hostport(to, what="--to")
         plan = await plan_migration(hosted.vm, host, port, config=config, ssl=self._client_ssl(),

@@ -25,13 +25,15 @@ async def migrate(vm: VM, to: str, *, mode: str = "precopy", downtime_ms: float 
                   ) -> MigrationStats:
     """Migrate the running ``vm`` to the livemig destination at ``to``.
 
+    ``downtime_ms`` is the limit on the guest's stop (the config's
+    ``max_downtime_ms``; the stop measured is ``stats.downtime_ms``).
     ``max_bandwidth`` is bytes/s or text such as ``"100MiB/s"``/``"1Gbit/s"``.
     Give ``config`` to set everything at once (the keywords are then ignored).
     """
     host, port = parse_hostport(to, what="destination")
     if config is None:
         config = MigrationConfig(
-            mode=mode, downtime_ms=downtime_ms, auto_converge=auto_converge,
+            mode=mode, max_downtime_ms=downtime_ms, auto_converge=auto_converge,
             max_rounds=max_rounds,
             max_bandwidth_bps=parse_max_bandwidth(max_bandwidth, what="max_bandwidth"))
     return await _migrate(vm, host, port, config=config, ssl=ssl, name=name, tracker=tracker,
