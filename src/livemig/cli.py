@@ -15,6 +15,7 @@ import time
 
 from .config import parse_max_bandwidth
 from .errors import ConfigError, ControlError, LivemigError
+from .units import MIB
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_ERROR = 0, 1, 2, 3, 4
 
@@ -148,8 +149,8 @@ def _migration_options(args) -> dict:
 
 def _progress_line(rec) -> str:
     s = rec.get("stats") or {}
-    remaining = s.get("remaining_bytes", 0) / (1 << 20)
-    tput = s.get("throughput_bps", 0) / (1 << 20)
+    remaining = s.get("remaining_bytes", 0) / MIB
+    tput = s.get("throughput_bps", 0) / MIB
     rate = s.get("throughput_bps") or 0
     eta = s.get("remaining_bytes", 0) / rate if rate > 0 else None
     return (f"\r[{rec['status']:>9}] round {s.get('nrounds', 0):>3}  remaining {remaining:8.1f} MiB"
@@ -163,7 +164,8 @@ def _summary(rec) -> str:
     if rec.get("error"):
         lines.append(f"  error: {rec['error']}")
     for key, label, fmt in (("total_time_ms", "total", "{:.1f} ms"),
-                            ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"), ("bytes_sent", "bytes sent", "{:,}"),
+                            ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"),
+                            ("bytes_sent", "bytes sent", "{:,}"),
                             ("throttle_pct", "throttle", "{} %"), ("converged", "converged", "{}")):
         if key in s and s[key] is not None:
             lines.append(f"  {label:12} " + fmt.format(s[key]))

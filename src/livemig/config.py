@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .units import parse_optional_rate, parse_size
+from .units import PAGE_SIZE, parse_optional_rate, parse_size
 
 MODES = ("precopy", "postcopy", "hybrid")
 VERIFY_MODES = ("sent", "full")
 ENCODINGS = ("zero", "dup", "delta", "block", "lz4", "raw")
-PAGE_SIZE = 4096
 
 
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:

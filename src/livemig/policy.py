@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .config import MigrationConfig
+from .units import PAGE_SIZE, finite_or_none
 
-PAGE_SIZE = 4096
 MIN_SHRINK = 0.10
 """Over two rounds the dirty set must shrink by at least this share."""
 SWITCHOVER_COST_MS = 5.0
@@ -88,13 +88,9 @@ class Decision:
 
     def to_dict(self) -> dict:
         return {"action": self.action.value, "reason": self.reason,
-                "expected_downtime_ms": _finite(self.expected_downtime_ms),
-                "bandwidth_bps": _finite(self.bandwidth_bps),
+                "expected_downtime_ms": finite_or_none(self.expected_downtime_ms),
+                "bandwidth_bps": finite_or_none(self.bandwidth_bps),
                 "dirty_rate_bps": self.dirty_rate_bps, "throttle_pct": self.throttle_pct}
-
-
-def _finite(x: float):
-    return x if math.isfinite(x) else None
 
 
 def measured_bandwidth(rounds: Sequence[RoundStats], window: int = 2) -> float:
@@ -212,8 +208,9 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {"converges": self.converges, "rounds": self.rounds,
-                "expected_downtime_ms": _finite(self.expected_downtime_ms),
-                "total_time_s": _finite(self.total_time_s), "total_bytes": self.total_bytes,
+                "expected_downtime_ms": finite_or_none(self.expected_downtime_ms),
+                "total_time_s": finite_or_none(self.total_time_s),
+                "total_bytes": self.total_bytes,
                 "recommended_mode": self.recommended_mode, "reason": self.reason,
                 "round_bytes": self.round_bytes}
 
@@ -256,5 +253,5 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
 
 
 __all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "Prediction",
-           "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging", "MIN_SHRINK",
-           "SWITCHOVER_COST_MS"]
+           "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging",
+           "MIN_SHRINK", "SWITCHOVER_COST_MS"]

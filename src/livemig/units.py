@@ -1,15 +1,23 @@
-"""Parsing and printing of sizes and rates, accepted the same way everywhere.
+"""Units: sizes and rates parsed and printed the same way everywhere.
 
 Sizes: ``4096``, ``64KiB``, ``1GiB``, ``1.5G`` (binary multiples: K/M/G/T and
 KiB/MiB/GiB/TiB are both powers of 1024; a trailing ``B`` is optional).
 Rates in bytes per second: ``256MiB/s``, ``100M``; bits per second when the
 unit says bits: ``1Gbit/s``, ``10Gbps`` (decimal, as links are sold).
+Measured numbers go to JSON through :func:`finite_or_none` (JSON has no
+infinity or NaN; "not measured" or "never" is null).
 """
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import ConfigError
+
+PAGE_SIZE = 4096
+"""Bytes of a page: the unit of tracking, transfer and the guest's memory
+(the native core checks it holds the same, livemig.native)."""
+MIB = 1 << 20
 
 _BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -69,3 +77,8 @@ def format_size(nbytes: float) -> str:
 
 def format_rate(bytes_per_s: float) -> str:
     return format_size(bytes_per_s) + "/s"
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` for JSON: None when it is None, infinite or NaN."""
+    return x if x is not None and math.isfinite(x) else None

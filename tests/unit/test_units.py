@@ -1,8 +1,14 @@
 """Sizes and rates as people type them, read the same way everywhere."""
+import ast
+import importlib.util
+import math
+import os
+
 import pytest
 
 from livemig.errors import ConfigError
-from livemig.units import format_rate, format_size, parse_optional_rate, parse_rate, parse_size
+from livemig.units import (finite_or_none, format_rate, format_size, parse_optional_rate,
+                           parse_rate, parse_size)
 
 
 @pytest.mark.parametrize("text, nbytes", [
@@ -35,3 +41,24 @@ def test_optional_rate_is_none_when_nothing_is_given():
 def test_format():
     assert format_size(1536) == "1.5 KiB" and format_size(12) == "12 B"
     assert format_rate(64 << 20) == "64.0 MiB/s"
+
+
+@pytest.mark.parametrize("x, want", [(1.5, 1.5), (0, 0), (None, None), (math.inf, None),
+                                     (-math.inf, None), (math.nan, None)])
+def test_finite_or_none_is_what_json_can_hold(x, want):
+    assert finite_or_none(x) == want
+
+
+def test_page_size_and_mib_are_defined_once():
+    """Every module takes them from livemig.units (the native core checks its own)."""
+    root = os.path.dirname(importlib.util.find_spec("livemig").origin)
+    owners = []
+    for dirpath, _, files in os.walk(root):
+        for f in (f for f in files if f.endswith(".py")):
+            path = os.path.join(dirpath, f)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                if isinstance(node, ast.Assign):
+                    names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+                    owners += [(name, os.path.relpath(path, root))
+                               for name in names & {"PAGE_SIZE", "MIB"}]
+    assert sorted(owners) == [("MIB", "units.py"), ("PAGE_SIZE", "units.py")]

@@ -39,6 +39,7 @@ from ..config import MigrationConfig
 from ..errors import RemoteProtocolError
 from ..policy import Prediction, predict
 from ..protocol import Abort, ChannelKind, Ping, Pong, ProbeData, ProbeEnd, ProbeResult
+from ..units import MIB, finite_or_none
 
 PROBE_FRAME_BYTES = 1 << 20
 PING_COUNT = 5
@@ -132,12 +133,9 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"memory_bytes": self.memory_bytes, "downtime_ms": self.max_downtime_ms,
-                "bandwidth_bps": _finite(self.bandwidth_bps), "probe": self.probe.to_dict(),
+                "bandwidth_bps": finite_or_none(self.bandwidth_bps),
+                "probe": self.probe.to_dict(),
                 "dirty_rate": self.dirty.to_dict(), "prediction": self.prediction.to_dict()}
-
-
-def _finite(x: float):
-    return x if math.isfinite(x) else None
 
 
 def predict_for(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
@@ -171,20 +169,19 @@ async def plan_migration(vm, host: str, port: int, *, config: MigrationConfig | 
 
 def format_plan(p: dict) -> str:
     pr, probe, dr = p["prediction"], p["probe"], p["dirty_rate"]
-    mib = 1 << 20
     lines = [
-        f"link: {probe['bytes_per_s'] / mib:,.1f} MiB/s measured "
-        f"({probe['bytes'] / mib:.0f} MiB in {probe['duration_s']:.2f} s), "
+        f"link: {probe['bytes_per_s'] / MIB:,.1f} MiB/s measured "
+        f"({probe['bytes'] / MIB:.0f} MiB in {probe['duration_s']:.2f} s), "
         f"RTT {probe['rtt_ms']:.2f} ms"
-        + (f", capped at {probe['rate_limit_bps'] / mib:,.1f} MiB/s in-process"
+        + (f", capped at {probe['rate_limit_bps'] / MIB:,.1f} MiB/s in-process"
            if probe.get("rate_limit_bps") else ""),
         f"dirty rate: {dr['mib_per_s']:.2f} MiB/s ({dr['method']}, {dr['window_s']:.1f} s)",
-        f"memory {p['memory_bytes'] / mib:,.0f} MiB, downtime limit {p['downtime_ms']:g} ms",
+        f"memory {p['memory_bytes'] / MIB:,.0f} MiB, downtime limit {p['downtime_ms']:g} ms",
         f"prediction: {'converges' if pr['converges'] else 'does NOT converge'} — {pr['reason']}",
         f"  rounds {pr['rounds']}, expected downtime "
         + ("-" if pr["expected_downtime_ms"] is None else f"{pr['expected_downtime_ms']:.1f} ms")
         + ", total " + ("-" if pr["total_time_s"] is None else f"{pr['total_time_s']:.2f} s")
-        + f", {pr['total_bytes'] / mib:,.1f} MiB sent",
+        + f", {pr['total_bytes'] / MIB:,.1f} MiB sent",
         f"  recommended mode: {pr['recommended_mode']}",
     ]
     return "\n".join(lines)

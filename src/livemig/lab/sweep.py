@@ -44,8 +44,8 @@ from ..addresses import DEFAULT_HOST, format_hostport
 from .daemonproc import free_port, stop, wait_migration, wait_ready
 from ..service.control import ControlClient
 from ..errors import ConfigError, ControlError
+from ..units import MIB
 
-MIB = 1 << 20
 MODES = {
     "precopy": {"mode": "precopy"},
     "precopy+auto-converge": {"mode": "precopy", "auto_converge": True},
