@@ -22,7 +22,7 @@ import time
 from ..addresses import DEFAULT_HOST, format_hostport
 from ..service.control import ControlClient
 from .daemonproc import free_port, stop, wait_migration, wait_ready
-from ..units import parse_rate, parse_size
+from ..units import parse_optional_rate, parse_size
 
 DEMO_SEED = 2026
 DEMO_VCPUS = 2
@@ -123,7 +123,7 @@ def _table(result: dict) -> str:
 def run_demo(*, memory: str = "256MiB", dirty_rate: str | None = "32MiB/s",
              as_json: bool = False, loop: str = "auto") -> int:
     memory_bytes = parse_size(memory, what="--memory")
-    rate = parse_rate(dirty_rate, what="--dirty-rate") if dirty_rate else None
+    rate = parse_optional_rate(dirty_rate, what="--dirty-rate")
     workload, name = "memtest", "demo-vm"
     with tempfile.TemporaryDirectory(prefix="livemig-demo-") as tmp, \
             _daemon(tmp, "host-a", loop) as (a, a_addr), _daemon(tmp, "host-b", loop) as (b, b_addr):

@@ -30,7 +30,7 @@ from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
 from .control import ControlServer
 from ..errors import ConfigError, ControlError, LivemigError
-from ..units import parse_rate, parse_size
+from ..units import parse_size
 from ..vm.machine import VM
 
 
@@ -209,10 +209,9 @@ class Daemon:
                             seed: int = 0) -> dict:
         if name in self.vms:
             raise ControlError(f"a VM named {name!r} already exists", error_type="VMExists")
-        rate = parse_rate(dirty_rate, what="dirty rate") if dirty_rate not in (None, "") else None
         vm = await asyncio.get_running_loop().run_in_executor(
             None, lambda: VM(memory=parse_size(memory), vcpus=int(vcpus), workload=workload,
-                             dirty_rate=rate, seed=int(seed)))
+                             dirty_rate=dirty_rate, seed=int(seed)))
         vm.start()
         self.vms[name] = HostedVM(name, vm, origin="local")
         return self.vms[name].describe()
@@ -249,8 +248,7 @@ class Daemon:
         """Re-pace the guest (None = as fast as it goes). Timing only: what the
         guest computes does not depend on it."""
         hosted = self._hosted(name)
-        hosted.vm.set_dirty_rate(parse_rate(rate, what="dirty rate") if rate not in (None, "")
-                                 else None)
+        hosted.vm.set_dirty_rate(rate)
         return hosted.describe()
 
     async def _cmd_vm_inspect(self, name: str) -> dict:
@@ -274,10 +272,7 @@ class Daemon:
             raise ControlError(f"VM {name!r} is already being migrated", error_type="Busy")
         config = MigrationConfig.from_dict(options)
         host, port = parse_hostport(to, what="--to")
-        ssl_ctx = None
-        if self.tls is not None:
-            from ..aio.tls import client_context
-            ssl_ctx = client_context(self.tls.cert, self.tls.key, self.tls.ca)
+        ssl_ctx = self._client_ssl()
         rec = MigrationRecord(next(self._ids), name, "outgoing", format_hostport(host, port),
                               control=MigrationControl())
         self.migrations[rec.id] = rec
