@@ -192,13 +192,15 @@ def cmd_recover(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    from .stats import ACTIVE_STATUSES
+
     client = _client(args)
     rec = client.call("migrate", name=args.vm, to=args.to, **_migration_options(args))
     if args.no_wait:
         _emit(args, rec, lambda r: f"migration {r['id']} started")
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
-    while rec["status"] in ("setup", "active", "postcopy-active"):
+    while rec["status"] in ACTIVE_STATUSES:
         rec = client.call("migration.wait", id=rec["id"], timeout_s=0.25 if tty else 5.0)
         if tty:
             print(_progress_line(rec), end="", flush=True)
@@ -209,6 +211,8 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .stats import ACTIVE_STATUSES
+
     client = _client(args)
     if args.id is None:
         res = client.call("status")
@@ -217,7 +221,7 @@ def cmd_status(args) -> int:
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
     rec = client.call("status", id=args.id)
-    while args.watch and rec["status"] in ("setup", "active", "postcopy-active"):
+    while args.watch and rec["status"] in ACTIVE_STATUSES:
         if tty:
             print(_progress_line(rec), end="", flush=True)
         time.sleep(0.25)

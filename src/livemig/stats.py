@@ -21,7 +21,9 @@ from .errors import ConfigError
 from .policy import Decision
 from .units import finite_or_none
 
-STATUSES = ("setup", "active", "postcopy-active", "completed", "failed", "cancelled")
+ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
+"""A migration in one of these has not ended yet."""
+STATUSES = ACTIVE_STATUSES + ("completed", "failed", "cancelled")
 
 
 def percentiles(samples: Iterable[float], qs=(50, 99)) -> dict[str, float]:
@@ -206,4 +208,5 @@ class MigrationStats:
         }
 
 
-__all__ = ["MigrationStats", "RoundRecord", "LatencyHistogram", "percentiles", "STATUSES"]
+__all__ = ["MigrationStats", "RoundRecord", "LatencyHistogram", "percentiles", "STATUSES",
+           "ACTIVE_STATUSES"]

@@ -14,8 +14,7 @@ import time
 from ..addresses import DEFAULT_HOST
 from ..errors import ControlError
 from ..service.control import ControlClient
-
-ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
+from ..stats import ACTIVE_STATUSES
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
