@@ -250,11 +250,7 @@ class MigrationConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MigrationConfig":
         """Build from a dict; sizes/rates may be text; unknown keys are errors."""
-        field_of = {_DICT_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(field_of)
-        if unknown:
-            raise ConfigError(f"unknown migration option(s): {sorted(unknown)}")
-        data = {field_of[k]: v for k, v in data.items()}
+        data = _by_field(cls, data, "migration")
         if "batch_bytes" in data:
             data["batch_bytes"] = parse_size(data["batch_bytes"], what="batch_bytes")
         codec = data.get("codec")
@@ -268,12 +264,18 @@ _DICT_NAMES = {"max_downtime_ms": "downtime_ms"}
 line, to the control socket and in JSON stay as they always were."""
 
 
-def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
-    data = dict(data)
-    known = {f.name for f in dataclasses.fields(CodecConfig)}
-    unknown = set(data) - known
+def _by_field(cls, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` (dict-form names) keyed by the field names of ``cls``; a key
+    that names no field is an error."""
+    field_of = {_DICT_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(field_of)
     if unknown:
-        raise ConfigError(f"unknown codec option(s): {sorted(unknown)}")
+        raise ConfigError(f"unknown {what} option(s): {sorted(unknown)}")
+    return {field_of[k]: v for k, v in data.items()}
+
+
+def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
+    data = _by_field(CodecConfig, data, "codec")
     if "delta_cache_bytes" in data:
         data["delta_cache_bytes"] = parse_size(data["delta_cache_bytes"], what="delta_cache_bytes")
     if "encodings" in data:

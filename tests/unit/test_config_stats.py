@@ -74,6 +74,7 @@ def test_plan_and_sweep_profile_report_the_limit_as_downtime_ms():
     {"throttle_initial_pct": 50, "throttle_max_pct": 40}, {"max_rounds": 0},
     {"verify": "maybe"}, {"hybrid_postcopy_after_rounds": 2}, {"nonsense": 1},
     {"batch_bytes": 100}, {"codec": {"encodings": ["zstd"]}}, {"codec": {"lz4_chunk_pages": 0}},
+    {"codec": {"nonsense": 1}},
     {"max_bandwidth_bps": "fast"},
 ])
 def test_invalid_configs_are_refused(bad):
