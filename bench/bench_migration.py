@@ -141,7 +141,8 @@ class RssSampler(threading.Thread):
 # -- the destination daemon --------------------------------------------------------------------
 @contextlib.contextmanager
 def destination_daemon(tmpdir: str, loop: str):
-    from livemig.service.control import ControlClient, ControlError
+    from livemig.errors import ControlError
+    from livemig.service.control import ControlClient
 
     control = os.path.join(tmpdir, f"dst-{time.monotonic_ns()}.sock")
     import livemig

@@ -288,7 +288,7 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             extra = {"hybrid_postcopy_after_rounds": 2} if mode == "hybrid" else {}
             cfg = MigrationConfig(mode=mode, codec=raw, max_bandwidth_bps=link_bps,
-                                  downtime_ms=50.0, max_rounds=8, max_total_s=15.0, **extra)
+                                  max_downtime_ms=50.0, max_rounds=8, max_total_s=15.0, **extra)
             runs = [_row(mode, label, asyncio.run(_one(memory, args.workload,
                                                        factor * link_bps, fill_s, cfg)))
                     for _ in range(args.repeat)]

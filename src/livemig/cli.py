@@ -13,7 +13,9 @@ import os
 import sys
 import time
 
-from .errors import ConfigError, LivemigError
+from .config import parse_max_bandwidth
+from .errors import ConfigError, ControlError, LivemigError
+from .units import MIB
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_ERROR = 0, 1, 2, 3, 4
 
@@ -32,7 +34,7 @@ def _control_path(args) -> str:
         return args.control
     if os.environ.get("LIVEMIG_CONTROL"):
         return os.environ["LIVEMIG_CONTROL"]
-    return default_control_path(args.daemon)
+    return default_control_path(args.daemon, what="--daemon")
 
 
 def _client(args):
@@ -104,7 +106,7 @@ def cmd_daemon(args) -> int:
         print("WARNING: --insecure-no-tls: migrations on this daemon are neither authenticated "
               "nor encrypted; anyone who reaches the port can deliver or read VMs",
               file=sys.stderr)
-    control = args.control or default_control_path(args.listen)
+    control = args.control or default_control_path(args.listen, what="--listen")
 
     async def main() -> None:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,
@@ -120,19 +122,26 @@ def cmd_daemon(args) -> int:
 
 
 # -- migrate / status ----------------------------------------------------------------------
-def _migration_options(args) -> dict:
-    opts = {"mode": args.mode}
+def _limit_options(args) -> dict:
+    """What ``migrate`` and ``plan`` share: the downtime limit, the bandwidth
+    cap and the destination's TLS name, as the daemon's options."""
+    opts = {}
     if args.downtime_ms is not None:
         opts["downtime_ms"] = args.downtime_ms
-    if args.max_bandwidth:
-        from .units import parse_rate
-        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth")
+    bandwidth_bps = parse_max_bandwidth(args.max_bandwidth, what="--max-bandwidth")
+    if bandwidth_bps is not None:
+        opts["max_bandwidth_bps"] = bandwidth_bps
+    if args.server_name:
+        opts["server_hostname"] = args.server_name
+    return opts
+
+
+def _migration_options(args) -> dict:
+    opts = {"mode": args.mode, **_limit_options(args)}
     if args.auto_converge:
         opts["auto_converge"] = True
     if args.max_rounds is not None:
         opts["max_rounds"] = args.max_rounds
-    if getattr(args, "server_name", None):
-        opts["server_hostname"] = args.server_name
     if args.postcopy_after_rounds is not None:
         opts["hybrid_postcopy_after_rounds"] = args.postcopy_after_rounds
     return opts
@@ -140,8 +149,8 @@ def _migration_options(args) -> dict:
 
 def _progress_line(rec) -> str:
     s = rec.get("stats") or {}
-    remaining = s.get("remaining_bytes", 0) / (1 << 20)
-    tput = s.get("throughput_bps", 0) / (1 << 20)
+    remaining = s.get("remaining_bytes", 0) / MIB
+    tput = s.get("throughput_bps", 0) / MIB
     rate = s.get("throughput_bps") or 0
     eta = s.get("remaining_bytes", 0) / rate if rate > 0 else None
     return (f"\r[{rec['status']:>9}] round {s.get('nrounds', 0):>3}  remaining {remaining:8.1f} MiB"
@@ -155,7 +164,8 @@ def _summary(rec) -> str:
     if rec.get("error"):
         lines.append(f"  error: {rec['error']}")
     for key, label, fmt in (("total_time_ms", "total", "{:.1f} ms"),
-                            ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"), ("bytes_sent", "bytes sent", "{:,}"),
+                            ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"),
+                            ("bytes_sent", "bytes sent", "{:,}"),
                             ("throttle_pct", "throttle", "{} %"), ("converged", "converged", "{}")):
         if key in s and s[key] is not None:
             lines.append(f"  {label:12} " + fmt.format(s[key]))
@@ -182,13 +192,15 @@ def cmd_recover(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    from .stats import ACTIVE_STATUSES
+
     client = _client(args)
     rec = client.call("migrate", name=args.vm, to=args.to, **_migration_options(args))
     if args.no_wait:
         _emit(args, rec, lambda r: f"migration {r['id']} started")
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
-    while rec["status"] in ("setup", "active", "postcopy-active"):
+    while rec["status"] in ACTIVE_STATUSES:
         rec = client.call("migration.wait", id=rec["id"], timeout_s=0.25 if tty else 5.0)
         if tty:
             print(_progress_line(rec), end="", flush=True)
@@ -199,6 +211,8 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .stats import ACTIVE_STATUSES
+
     client = _client(args)
     if args.id is None:
         res = client.call("status")
@@ -207,7 +221,7 @@ def cmd_status(args) -> int:
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
     rec = client.call("status", id=args.id)
-    while args.watch and rec["status"] in ("setup", "active", "postcopy-active"):
+    while args.watch and rec["status"] in ACTIVE_STATUSES:
         if tty:
             print(_progress_line(rec), end="", flush=True)
         time.sleep(0.25)
@@ -239,16 +253,8 @@ def cmd_dirtyrate(args) -> int:
 def cmd_plan(args) -> int:
     from .analysis.plan import format_plan
 
-    opts = {}
-    if args.max_bandwidth:
-        from .units import parse_rate
-        opts["max_bandwidth_bps"] = parse_rate(args.max_bandwidth, what="--max-bandwidth")
-    if args.downtime_ms is not None:
-        opts["downtime_ms"] = args.downtime_ms
-    if args.server_name:
-        opts["server_hostname"] = args.server_name
     res = _client(args).call("plan", name=args.vm, to=args.to, window_s=args.window,
-                             probe_time_s=args.probe_time, **opts)
+                             probe_time_s=args.probe_time, **_limit_options(args))
     _emit(args, res, format_plan)
     return EXIT_OK
 
@@ -391,8 +397,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .service.control import ControlError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

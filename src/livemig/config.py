@@ -3,7 +3,9 @@
 Every field carries its unit in its name and a docstring under it. Values
 that people type (sizes, rates) may be given as text (``"64MiB"``,
 ``"1Gbit/s"``) to :meth:`MigrationConfig.from_dict`, which is how the CLI and
-the daemon build configs; the dataclasses themselves hold plain numbers.
+the daemon build configs; the dataclasses themselves hold plain numbers. The
+bandwidth cap has one parser, :func:`parse_max_bandwidth`, which
+``MigrationConfig`` applies to whatever it is given (a number or text).
 Validation happens in ``__post_init__`` and raises :class:`ConfigError` with
 the field name, so a bad config fails before any connection is made.
 
@@ -17,12 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .units import parse_rate, parse_size
+from .units import PAGE_SIZE, parse_optional_rate, parse_size
 
 MODES = ("precopy", "postcopy", "hybrid")
 VERIFY_MODES = ("sent", "full")
 ENCODINGS = ("zero", "dup", "delta", "block", "lz4", "raw")
-PAGE_SIZE = 4096
 
 
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:
@@ -30,6 +31,17 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def parse_max_bandwidth(value: str | float | None, *,
+                        what: str = "max_bandwidth_bps") -> float | None:
+    """The bandwidth cap in bytes/s from bytes/s or text (``"100MiB/s"``,
+    ``"1Gbit/s"``); nothing (None or ``""``) means no cap. ``what`` names the
+    value in errors (the CLI passes its flag)."""
+    bandwidth_bps = parse_optional_rate(value, what=what)
+    if bandwidth_bps is not None:
+        _positive(what, bandwidth_bps)
+    return bandwidth_bps
 
 
 def _pct(name: str, value) -> None:
@@ -105,12 +117,15 @@ class MigrationConfig:
     mode: str = "precopy"
     """precopy | postcopy | hybrid (pre-copy rounds, then post-copy)."""
 
-    downtime_ms: float = 300.0
+    max_downtime_ms: float = 300.0
     """Largest acceptable stop-to-resume time; pre-copy switches over once the
-    expected downtime is at most this."""
+    expected downtime is at most this. (The *measured* stop is
+    ``MigrationStats.downtime_ms``.) Its name in the dict form, as on the
+    command line and in the library's ``migrate()``, is ``downtime_ms``."""
 
     max_bandwidth_bps: float | None = None
-    """Cap on the page stream in bytes/s; None = unlimited."""
+    """Cap on the page stream in bytes/s; None = unlimited. Text such as
+    "100MiB/s" is parsed (:func:`parse_max_bandwidth`)."""
 
     auto_converge: bool = False
     """Throttle the vCPUs when pre-copy does not converge."""
@@ -195,9 +210,8 @@ class MigrationConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
-        _positive("downtime_ms", self.downtime_ms)
-        if self.max_bandwidth_bps is not None:
-            _positive("max_bandwidth_bps", self.max_bandwidth_bps)
+        _positive("max_downtime_ms", self.max_downtime_ms)
+        self.max_bandwidth_bps = parse_max_bandwidth(self.max_bandwidth_bps)
         for name in ("throttle_initial_pct", "throttle_increment_pct", "throttle_max_pct"):
             _pct(name, getattr(self, name))
         if self.throttle_initial_pct > self.throttle_max_pct:
@@ -231,19 +245,12 @@ class MigrationConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["codec"]["encodings"] = list(self.codec.encodings)
-        return d
+        return {_DICT_NAMES.get(k, k): v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MigrationConfig":
         """Build from a dict; sizes/rates may be text; unknown keys are errors."""
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown migration option(s): {sorted(unknown)}")
-        if isinstance(data.get("max_bandwidth_bps"), str):
-            data["max_bandwidth_bps"] = parse_rate(data["max_bandwidth_bps"],
-                                                   what="max_bandwidth_bps")
+        data = _by_field(cls, data, "migration")
         if "batch_bytes" in data:
             data["batch_bytes"] = parse_size(data["batch_bytes"], what="batch_bytes")
         codec = data.get("codec")
@@ -252,12 +259,23 @@ class MigrationConfig:
         return cls(**data)
 
 
-def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
-    data = dict(data)
-    known = {f.name for f in dataclasses.fields(CodecConfig)}
-    unknown = set(data) - known
+_DICT_NAMES = {"max_downtime_ms": "downtime_ms"}
+"""Fields whose dict-form name differs: the names users write on the command
+line, to the control socket and in JSON stay as they always were."""
+
+
+def _by_field(cls, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` (dict-form names) keyed by the field names of ``cls``; a key
+    that names no field is an error."""
+    field_of = {_DICT_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(field_of)
     if unknown:
-        raise ConfigError(f"unknown codec option(s): {sorted(unknown)}")
+        raise ConfigError(f"unknown {what} option(s): {sorted(unknown)}")
+    return {field_of[k]: v for k, v in data.items()}
+
+
+def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
+    data = _by_field(CodecConfig, data, "codec")
     if "delta_cache_bytes" in data:
         data["delta_cache_bytes"] = parse_size(data["delta_cache_bytes"], what="delta_cache_bytes")
     if "encodings" in data:
@@ -265,5 +283,5 @@ def codec_config_from_dict(data: dict[str, Any]) -> CodecConfig:
     return CodecConfig(**data)
 
 
-__all__ = ["CodecConfig", "MigrationConfig", "codec_config_from_dict", "MODES", "ENCODINGS",
-           "VERIFY_MODES"]
+__all__ = ["CodecConfig", "MigrationConfig", "codec_config_from_dict", "parse_max_bandwidth",
+           "MODES", "ENCODINGS", "VERIFY_MODES"]

@@ -187,6 +187,17 @@ class HandoverInDoubt(MigrationError):
     the destination confirmed it resumed: the VM may run at the destination, so
     the source keeps its copy paused and intact instead of resuming it."""
 
+# daemon control socket (service/control.py)
+class ControlError(LivemigError):
+    """The daemon answered a control request with an error, or cannot be
+    reached. ``error_type`` names the daemon-side error ("NoDaemon",
+    "NoSuchVM", "ConfigError", ...), so a client can tell them apart."""
+
+    def __init__(self, message: str, *, error_type: str = "ControlError"):
+        super().__init__(message)
+        self.error_type = error_type
+
+
 # toy VM (vm/)
 class AsmError(LivemigError, ValueError):
     """A guest program's assembly text is invalid; the message names the line."""

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .config import MigrationConfig
+from .units import PAGE_SIZE, finite_or_none
 
-PAGE_SIZE = 4096
 MIN_SHRINK = 0.10
 """Over two rounds the dirty set must shrink by at least this share."""
 SWITCHOVER_COST_MS = 5.0
@@ -88,13 +88,9 @@ class Decision:
 
     def to_dict(self) -> dict:
         return {"action": self.action.value, "reason": self.reason,
-                "expected_downtime_ms": _finite(self.expected_downtime_ms),
-                "bandwidth_bps": _finite(self.bandwidth_bps),
+                "expected_downtime_ms": finite_or_none(self.expected_downtime_ms),
+                "bandwidth_bps": finite_or_none(self.bandwidth_bps),
                 "dirty_rate_bps": self.dirty_rate_bps, "throttle_pct": self.throttle_pct}
-
-
-def _finite(x: float):
-    return x if math.isfinite(x) else None
 
 
 def measured_bandwidth(rounds: Sequence[RoundStats], window: int = 2) -> float:
@@ -163,9 +159,9 @@ def decide(config: MigrationConfig, rounds: Sequence[RoundStats], *, elapsed_s: 
     def make(action: Action, reason: str, pct: float = throttle_pct) -> Decision:
         return Decision(action, reason, downtime, bw, rate, pct)
 
-    if downtime <= config.downtime_ms:
+    if downtime <= config.max_downtime_ms:
         return make(Action.SWITCHOVER, f"expected downtime {downtime:.1f} ms is within the "
-                                       f"{config.downtime_ms:g} ms limit")
+                                       f"{config.max_downtime_ms:g} ms limit")
     hybrid = config.mode == "hybrid"
     if hybrid and postcopy_requested:
         return make(Action.POSTCOPY, "post-copy requested")
@@ -212,15 +208,16 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {"converges": self.converges, "rounds": self.rounds,
-                "expected_downtime_ms": _finite(self.expected_downtime_ms),
-                "total_time_s": _finite(self.total_time_s), "total_bytes": self.total_bytes,
+                "expected_downtime_ms": finite_or_none(self.expected_downtime_ms),
+                "total_time_s": finite_or_none(self.total_time_s),
+                "total_bytes": self.total_bytes,
                 "recommended_mode": self.recommended_mode, "reason": self.reason,
                 "round_bytes": self.round_bytes}
 
 
-def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, downtime_ms: float,
-            *, working_set_bytes: int | None = None, max_rounds: int = 30,
-            switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
+def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
+            max_downtime_ms: float, *, working_set_bytes: int | None = None,
+            max_rounds: int = 30, switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
     """Simulate pre-copy rounds under a constant bandwidth and dirty rate.
 
     The dirty set after a round of t seconds is min(working set, rate·t)
@@ -240,7 +237,7 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, down
         sent_rounds.append(int(to_send))
         to_send = min(ws, dirty_rate_bps * t)
         downtime = to_send / bandwidth_bps * 1000.0 + switchover_cost_ms
-        if downtime <= downtime_ms:
+        if downtime <= max_downtime_ms:
             return Prediction(True, rnd, downtime, elapsed + downtime / 1000.0,
                               int(total + to_send), "precopy",
                               f"converges after {rnd} round(s)", sent_rounds)
@@ -256,5 +253,5 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int, down
 
 
 __all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "Prediction",
-           "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging", "MIN_SHRINK",
-           "SWITCHOVER_COST_MS"]
+           "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging",
+           "MIN_SHRINK", "SWITCHOVER_COST_MS"]

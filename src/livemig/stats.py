@@ -19,8 +19,11 @@ import numpy as np
 
 from .errors import ConfigError
 from .policy import Decision
+from .units import finite_or_none
 
-STATUSES = ("setup", "active", "postcopy-active", "completed", "failed", "cancelled")
+ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
+"""A migration in one of these has not ended yet."""
+STATUSES = ACTIVE_STATUSES + ("completed", "failed", "cancelled")
 
 
 def percentiles(samples: Iterable[float], qs=(50, 99)) -> dict[str, float]:
@@ -180,13 +183,11 @@ class MigrationStats:
         return self.bytes_sent / (self.total_time_ms / 1000.0) if self.total_time_ms > 0 else 0.0
 
     def to_dict(self) -> dict:
-        def fin(x):
-            return x if x is None or math.isfinite(x) else None
         return {
             "status": self.status, "mode": self.mode, "memory_bytes": self.memory_bytes,
             "setup_time_ms": self.setup_time_ms, "total_time_ms": self.total_time_ms,
-            "downtime_ms": fin(self.downtime_ms),
-            "expected_downtime_ms": fin(self.expected_downtime_ms),
+            "downtime_ms": finite_or_none(self.downtime_ms),
+            "expected_downtime_ms": finite_or_none(self.expected_downtime_ms),
             "rounds": [r.to_dict() for r in self.rounds], "nrounds": len(self.rounds),
             "bytes_sent": self.bytes_sent, "pages_sent": self.pages_sent,
             "bytes_by_encoding": dict(self.bytes_by_encoding),
@@ -207,4 +208,5 @@ class MigrationStats:
         }
 
 
-__all__ = ["MigrationStats", "RoundRecord", "LatencyHistogram", "percentiles", "STATUSES"]
+__all__ = ["MigrationStats", "RoundRecord", "LatencyHistogram", "percentiles", "STATUSES",
+           "ACTIVE_STATUSES"]

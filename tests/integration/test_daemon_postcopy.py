@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from livemig.native import postcopy
-from livemig.service.control import ControlError
+from livemig.errors import ControlError
 from livemig.service.daemon import Daemon
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,

@@ -9,7 +9,8 @@ import pytest
 
 import livemig
 from livemig.config import MigrationConfig
-from livemig.service.control import ControlClient, ControlError
+from livemig.errors import ControlError
+from livemig.service.control import ControlClient
 from livemig.engine.destination.server import MigrationServer
 from livemig.analysis.plan import plan_migration, predict_for, probe_bandwidth
 from livemig.vm.machine import VM

@@ -101,7 +101,7 @@ def test_postcopy_matches_unmoved_vm(run, workload):
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_hybrid_matches_unmoved_vm(run, workload):
-    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, downtime_ms=0.001)
+    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, max_downtime_ms=0.001)
     stats, arrival = _run_migration(run, workload, cfg)
     assert stats.status == "completed"
     assert len(stats.rounds) >= 1
@@ -113,7 +113,7 @@ def test_memtest_faster_than_a_capped_link(run, mode):
     # memtest dirtying 64 MiB/s over a 32 MiB/s link of uncompressed pages:
     # pre-copy alone could not converge; post-copy sends each owed page once.
     extra = {"hybrid_postcopy_after_rounds": 1} if mode == "hybrid" else {}
-    cfg = MigrationConfig(mode=mode, codec=RAW, max_bandwidth_bps=32 << 20, downtime_ms=1.0,
+    cfg = MigrationConfig(mode=mode, codec=RAW, max_bandwidth_bps=32 << 20, max_downtime_ms=1.0,
                           **extra)
     stats, arrival = _run_migration(run, "memtest", cfg, dirty_rate="64MiB/s", fill_s=0.1)
     assert stats.status == "completed"
@@ -135,7 +135,7 @@ def test_faults_are_requested_and_timed(run):
 def test_postcopy_on_request_during_precopy(run):
     control = MigrationControl()
     control.request_postcopy()
-    cfg = MigrationConfig(mode="precopy", downtime_ms=0.001, max_rounds=5)
+    cfg = MigrationConfig(mode="precopy", max_downtime_ms=0.001, max_rounds=5)
     stats, _ = _run_migration(run, "uniform", cfg, control=control)
     assert stats.status == "completed" and stats.postcopy_duration_ms > 0
     assert len(stats.rounds) == 1
@@ -243,7 +243,7 @@ def test_userfaultfd_unavailable_refuses_postcopy_but_precopy_works(run, monkeyp
 
 def test_owed_bitmap_covers_only_unsent_or_dirty_pages(run):
     # Hybrid after one full round of an idle guest: almost nothing is owed.
-    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, downtime_ms=0.001)
+    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, max_downtime_ms=0.001)
     stats, arrival = _run_migration(run, "idle", cfg, dirty_rate=None)
     npages = (16 << 20) // 4096
     assert arrival.stats.pages_pushed + arrival.stats.pages_requested < npages // 8
@@ -283,7 +283,7 @@ def test_hybrid_invalidates_before_the_pause_and_discards_little_in_the_stop(run
     # A guest writing 64 MiB/s of a 16 MiB memory re-dirties much of what the
     # first round sent; invalidation rounds take those pages back before the
     # pause, so the stop only discards what was written during the last one.
-    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, downtime_ms=0.001,
+    cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, max_downtime_ms=0.001,
                           codec=RAW, max_bandwidth_bps=64 << 20)
     stats, arrival = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill_s=0.1)
     src, dst = stats, arrival.stats

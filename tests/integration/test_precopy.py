@@ -62,7 +62,7 @@ def test_each_workload_migrates_bit_identical(run, workload, rate):
 
 def test_random_memory_needs_several_rounds_and_converges(run):
     recipe = Recipe("32MiB", 2, "uniform", seed=5, dirty_rate="32MiB/s", fill_seed=9)
-    config = MigrationConfig(max_bandwidth_bps=200e6, downtime_ms=10, codec=LINK_BOUND)
+    config = MigrationConfig(max_bandwidth_bps=200e6, max_downtime_ms=10, codec=LINK_BOUND)
 
     async def main():
         stats, moved = await _migrate(recipe, config)
@@ -82,7 +82,7 @@ FAST_GUEST = Recipe("16MiB", 2, "uniform", seed=2, dirty_rate="256MiB/s", fill_s
 
 
 def test_dirty_rate_above_capped_link_gives_up_and_source_keeps_running(run):
-    config = MigrationConfig(max_bandwidth_bps=64e6, downtime_ms=50, max_rounds=5,
+    config = MigrationConfig(max_bandwidth_bps=64e6, max_downtime_ms=50, max_rounds=5,
                              codec=LINK_BOUND)
 
     async def main():
@@ -109,7 +109,7 @@ def test_dirty_rate_above_capped_link_gives_up_and_source_keeps_running(run):
 
 
 def test_auto_converge_throttles_until_a_capped_link_keeps_up(run):
-    config = MigrationConfig(max_bandwidth_bps=64e6, downtime_ms=50, max_rounds=14,
+    config = MigrationConfig(max_bandwidth_bps=64e6, max_downtime_ms=50, max_rounds=14,
                              codec=LINK_BOUND, auto_converge=True, throttle_initial_pct=60,
                              throttle_increment_pct=20)
 

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import livemig
-from livemig.service.control import ControlClient, ControlError
+from livemig.errors import ControlError
+from livemig.service.control import ControlClient
 from support.oracle import Recipe
 
 # The daemons and CLI run the same livemig this test process imported (the

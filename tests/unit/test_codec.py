@@ -485,3 +485,36 @@ def test_after_lz4_fails_to_pay_the_next_batches_skip_the_probe(pair):
     (b,) = pair.send([16 + _LZ4_SKIP_AFTER_MISS])
     assert b.pages_by_encoding["lz4"] == 1       # probing resumed
     assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+
+
+def _compressible(pair, n):
+    pair.src.pages[0:n] = TEXT
+    pair.src.pages[0:n, 0] = np.arange(n)   # distinct pages, still compressible
+
+
+@pytest.mark.parametrize("seconds_per_tick, want_lz4", [(0.0, True), (10.0, False)])
+def test_lz4_cost_is_weighed_on_the_injected_clock(pair, seconds_per_tick, want_lz4):
+    """With a known link, LZ4 is used only when compressing costs less time
+    than the saved bytes take on the link — time as the given clock tells it."""
+    ticks = []
+
+    def clock():
+        ticks.append(None)
+        return len(ticks) * seconds_per_tick
+
+    pair.enc = BatchEncoder(pair.src, CodecConfig(), clock=clock)
+    pair.enc.link_bytes_per_s = 1e6
+    _compressible(pair, 8)
+    (b,) = pair.send(np.arange(8))
+    assert ticks, "the encoder must time the probe on the clock it was given"
+    assert (b.pages_by_encoding["lz4"] == 8) is want_lz4
+    assert np.array_equal(pair.src.bytes, pair.dst.bytes)
+
+
+def test_without_a_clock_lz4_is_judged_by_ratio_alone(pair):
+    """The codec reads no clock of its own: the same input gives the same
+    output, however fast the link is said to be."""
+    pair.enc.link_bytes_per_s = 1e15
+    _compressible(pair, 8)
+    (b,) = pair.send(np.arange(8))
+    assert b.pages_by_encoding["lz4"] == 8

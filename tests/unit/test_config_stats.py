@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from livemig.config import CodecConfig, MigrationConfig
+from livemig.config import CodecConfig, MigrationConfig, parse_max_bandwidth
 from livemig.errors import ConfigError
 from livemig.policy import Action, Decision
 from livemig.stats import LatencyHistogram, MigrationStats, RoundRecord, percentiles
@@ -12,7 +12,7 @@ from livemig.stats import LatencyHistogram, MigrationStats, RoundRecord, percent
 
 def test_defaults_match_the_documented_ones():
     c = MigrationConfig()
-    assert (c.mode, c.downtime_ms, c.max_bandwidth_bps, c.auto_converge) == ("precopy", 300, None, False)
+    assert (c.mode, c.max_downtime_ms, c.max_bandwidth_bps, c.auto_converge) == ("precopy", 300, None, False)
     assert (c.throttle_initial_pct, c.throttle_increment_pct, c.throttle_max_pct) == (20, 10, 99)
     assert c.max_rounds == 30 and c.codec.delta_cache_bytes == 32 << 20 and c.verify == "sent"
 
@@ -43,16 +43,61 @@ def test_dict_roundtrip_with_text_units():
     assert MigrationConfig.from_dict(d) == c
 
 
+def test_the_limit_is_max_downtime_ms_in_code_and_downtime_ms_in_every_dict_form():
+    c = MigrationConfig.from_dict({"downtime_ms": 50})
+    assert c.max_downtime_ms == 50
+    d = c.to_dict()
+    assert d["downtime_ms"] == 50 and "max_downtime_ms" not in d
+    assert MigrationConfig.from_dict(d) == c
+    with pytest.raises(ConfigError, match="max_downtime_ms"):
+        MigrationConfig.from_dict({"max_downtime_ms": 50})   # one name per form
+
+
+def test_plan_and_sweep_profile_report_the_limit_as_downtime_ms():
+    from livemig.analysis.plan import Plan
+    from livemig.lab.sweep import PROFILES
+    from livemig.policy import predict
+
+    class Measured:
+        def to_dict(self):
+            return {}
+
+    plan = Plan(1 << 30, 50.0, 1e8, Measured(), Measured(), predict(1e8, 0.0, 1 << 30, 50.0))
+    assert plan.to_dict()["downtime_ms"] == 50.0
+    profile = PROFILES["tiny"]
+    assert profile.to_dict()["downtime_ms"] == profile.max_downtime_ms
+    assert "max_downtime_ms" not in profile.to_dict()
+
+
 @pytest.mark.parametrize("bad", [
     {"mode": "teleport"}, {"downtime_ms": 0}, {"throttle_max_pct": 120},
     {"throttle_initial_pct": 50, "throttle_max_pct": 40}, {"max_rounds": 0},
     {"verify": "maybe"}, {"hybrid_postcopy_after_rounds": 2}, {"nonsense": 1},
     {"batch_bytes": 100}, {"codec": {"encodings": ["zstd"]}}, {"codec": {"lz4_chunk_pages": 0}},
+    {"codec": {"nonsense": 1}},
     {"max_bandwidth_bps": "fast"},
 ])
 def test_invalid_configs_are_refused(bad):
     with pytest.raises(ConfigError):
         MigrationConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("given, bandwidth_bps", [
+    (None, None), ("", None), ("1Gbit/s", 125e6), ("100MiB/s", 100 << 20), (5e6, 5e6),
+])
+def test_max_bandwidth_has_one_parser_used_by_the_config(given, bandwidth_bps):
+    assert parse_max_bandwidth(given) == bandwidth_bps
+    assert MigrationConfig(max_bandwidth_bps=given).max_bandwidth_bps == bandwidth_bps
+    assert MigrationConfig.from_dict({"max_bandwidth_bps": given}).max_bandwidth_bps \
+        == bandwidth_bps
+
+
+@pytest.mark.parametrize("bad", [0, "0MiB/s", -5, "fast", True])
+def test_max_bandwidth_refused_with_the_name_given(bad):
+    with pytest.raises(ConfigError, match="--max-bandwidth"):
+        parse_max_bandwidth(bad, what="--max-bandwidth")
+    with pytest.raises(ConfigError, match="max_bandwidth_bps"):
+        MigrationConfig(max_bandwidth_bps=bad)
 
 
 def test_postcopy_codec_drops_delta_block_and_dup():

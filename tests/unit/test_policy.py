@@ -29,7 +29,7 @@ def test_idle_vm_switches_over_after_one_round():
 
 
 def test_converging_history_continues_then_switches_over():
-    cfg = MigrationConfig(downtime_ms=100)
+    cfg = MigrationConfig(max_downtime_ms=100)
     h = history([20000, 5000, 1000])
     assert decide(cfg, h[:2], elapsed_s=1).action is Action.CONTINUE
     d = decide(cfg, h, elapsed_s=1)
@@ -78,13 +78,13 @@ def test_auto_converge_throttles_20_then_plus_10_up_to_99():
 
 
 def test_no_throttle_while_converging():
-    cfg = MigrationConfig(auto_converge=True, downtime_ms=1)
+    cfg = MigrationConfig(auto_converge=True, max_downtime_ms=1)
     d = decide(cfg, history([100000, 50000, 20000]), elapsed_s=1)
     assert d.action is Action.CONTINUE
 
 
 def test_dirty_rate_above_bandwidth_is_not_converging():
-    cfg = MigrationConfig(auto_converge=True, downtime_ms=1)
+    cfg = MigrationConfig(auto_converge=True, max_downtime_ms=1)
     # shrinking counts, but round durations make the dirty rate exceed bandwidth
     rounds = [RoundStats(0, 10, PAGES_1G, 1 << 30, 90000), RoundStats(1, 0.1, 90000, 1 << 20, 80000),
               RoundStats(2, 0.1, 80000, 1 << 20, 60000)]

@@ -11,7 +11,8 @@ import sys
 
 PURE = ["livemig.protocol", "livemig.protocol.spec", "livemig.protocol.wire", "livemig.protocol.events",
         "livemig.protocol.state", "livemig.protocol.connection", "livemig.errors",
-        "livemig.pages", "livemig.policy", "livemig.stats", "livemig.config"]
+        "livemig.pages", "livemig.policy", "livemig.stats", "livemig.config",
+        "livemig.units", "livemig.addresses"]
 FORBIDDEN = ["asyncio", "socket", "ssl", "selectors", "livemig.native", "livemig._native",
              "uvloop", "cffi"]
 

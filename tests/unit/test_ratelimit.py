@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livemig.aio.ratelimit import TokenBucket
+from livemig.aio.ratelimit import MIN_BURST_BYTES, TokenBucket
 from livemig.errors import ConfigError
 
 
@@ -30,9 +30,29 @@ def test_tokens_never_exceed_burst():
 
 def test_invalid_parameters():
     with pytest.raises(ConfigError):
-        TokenBucket(0)
+        TokenBucket(0, 100)
     with pytest.raises(ConfigError):
         TokenBucket(10, 0)
+    with pytest.raises(ConfigError):
+        TokenBucket.for_rate(0, max_frame_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("frame_bytes, burst_bytes", [
+    (1 << 20, 2 << 20),          # two of the largest frames
+    (8 << 20, 16 << 20),
+    (64 << 10, MIN_BURST_BYTES),  # small frames: the floor
+])
+def test_for_rate_burst_is_two_frames_at_least_the_floor(frame_bytes, burst_bytes):
+    for rate in (1e3, 100e6, 10e9):   # whatever the rate
+        b = TokenBucket.for_rate(rate, max_frame_bytes=frame_bytes, now=lambda: 0.0)
+        assert b.burst_bytes == burst_bytes and b.rate_bytes_per_s == rate
+
+
+def test_for_rate_lets_two_frames_through_back_to_back():
+    frame = 1 << 20
+    b = TokenBucket.for_rate(1000, max_frame_bytes=frame, now=lambda: 0.0)
+    assert b.reserve(frame, 0.0) == 0.0 and b.reserve(frame, 0.0) == 0.0
+    assert b.reserve(frame, 0.0) == pytest.approx(frame / 1000)
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,6 +8,17 @@ the caller must wait before sending. Keeping the debt rather than refusing
 keeps the long-run rate exact whatever the frame sizes. ``consume(nbytes)``
 is the async wrapper the channel awaits before writing a frame; its clock
 (``now``) and ``sleep`` are parameters, so tests drive it with a fake clock.
+
+The burst rule. A stream capped at a bandwidth gets its bucket from
+:meth:`TokenBucket.for_rate`, the one place the burst is chosen:
+``max(2 × the largest frame, MIN_BURST_BYTES)``. Two frames, so a frame can
+leave while the next is being encoded without each one waiting for its own
+tokens; at least ``MIN_BURST_BYTES``, so small frames do not each cost a
+timer wake-up. The burst is not scaled with the rate: it is what passes
+unshaped after an idle spell (and at the start), and the first round's
+measured bandwidth, on which the convergence policy acts, must be the cap's
+and not a burst's. The migration and ``livemig plan``'s probe use the same
+rule, so the probe measures the limiter the migration would run under.
 """
 from __future__ import annotations
 
@@ -17,23 +28,32 @@ import time
 from ..errors import ConfigError
 
 
+MIN_BURST_BYTES = 1 << 20
+"""The smallest burst :meth:`TokenBucket.for_rate` gives, whatever the frames."""
+
+
 class TokenBucket:
-    def __init__(self, rate_bytes_per_s: float, burst_bytes: int | None = None, *,
+    def __init__(self, rate_bytes_per_s: float, burst_bytes: int, *,
                  now=time.monotonic, sleep=asyncio.sleep):
         if rate_bytes_per_s <= 0:
             raise ConfigError(f"rate must be positive, got {rate_bytes_per_s}")
         self.rate_bytes_per_s = float(rate_bytes_per_s)
-        # Default burst: 50 ms of traffic, at least 64 KiB.
-        self.burst_bytes = int(burst_bytes if burst_bytes is not None
-                               else max(64 << 10, rate_bytes_per_s * 0.05))
+        self.burst_bytes = int(burst_bytes)
         if self.burst_bytes <= 0:
-            raise ConfigError("burst must be positive")
+            raise ConfigError(f"burst must be positive, got {burst_bytes}")
         self._now = now
         self._sleep = sleep
         self._tokens = float(self.burst_bytes)
         self._stamp = now()
         self.consumed_bytes = 0
         self.waited_s = 0.0
+
+    @classmethod
+    def for_rate(cls, bandwidth_bps: float, *, max_frame_bytes: int, now=time.monotonic,
+                 sleep=asyncio.sleep) -> "TokenBucket":
+        """The bucket for a stream capped at ``bandwidth_bps`` (bytes/s) whose
+        frames are at most ``max_frame_bytes``, with the burst rule above."""
+        return cls(bandwidth_bps, max(2 * max_frame_bytes, MIN_BURST_BYTES), now=now, sleep=sleep)
 
     def _refill(self, now: float) -> None:
         if now > self._stamp:

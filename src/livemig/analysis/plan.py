@@ -39,6 +39,7 @@ from ..config import MigrationConfig
 from ..errors import RemoteProtocolError
 from ..policy import Prediction, predict
 from ..protocol import Abort, ChannelKind, Ping, Pong, ProbeData, ProbeEnd, ProbeResult
+from ..units import MIB, finite_or_none
 
 PROBE_FRAME_BYTES = 1 << 20
 PING_COUNT = 5
@@ -66,7 +67,7 @@ async def probe_bandwidth(host: str, port: int, *, ssl=None, server_hostname: st
                           rate_limit_bps: float | None = None, timeout_s: float = 10.0,
                           frame_bytes: int = PROBE_FRAME_BYTES) -> BandwidthProbe:
     """Measure bandwidth and RTT to the livemig destination at ``host:port``."""
-    limiter = TokenBucket(rate_limit_bps, max(2 * frame_bytes, 1 << 20)) \
+    limiter = TokenBucket.for_rate(rate_limit_bps, max_frame_bytes=frame_bytes) \
         if rate_limit_bps else None
     ch = await open_channel(host, port, kind=ChannelKind.CONTROL, session_id=os.urandom(16),
                             ssl=ssl, server_hostname=server_hostname or host,
@@ -122,7 +123,8 @@ async def _recv(ch, timeout_s: float):
 @dataclass(frozen=True)
 class Plan:
     memory_bytes: int
-    downtime_ms: float
+    max_downtime_ms: float
+    """The configured limit (``downtime_ms`` in the dict form, as users set it)."""
     bandwidth_bps: float
     """What the prediction used: min(measured, configured cap)."""
     probe: BandwidthProbe
@@ -130,13 +132,10 @@ class Plan:
     prediction: Prediction
 
     def to_dict(self) -> dict:
-        return {"memory_bytes": self.memory_bytes, "downtime_ms": self.downtime_ms,
-                "bandwidth_bps": _finite(self.bandwidth_bps), "probe": self.probe.to_dict(),
+        return {"memory_bytes": self.memory_bytes, "downtime_ms": self.max_downtime_ms,
+                "bandwidth_bps": finite_or_none(self.bandwidth_bps),
+                "probe": self.probe.to_dict(),
                 "dirty_rate": self.dirty.to_dict(), "prediction": self.prediction.to_dict()}
-
-
-def _finite(x: float):
-    return x if math.isfinite(x) else None
 
 
 def predict_for(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
@@ -145,7 +144,7 @@ def predict_for(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
     bw = bandwidth_bps
     if config.max_bandwidth_bps:
         bw = min(bw, config.max_bandwidth_bps)
-    return bw, predict(bw, dirty_rate_bps, memory_bytes, config.downtime_ms,
+    return bw, predict(bw, dirty_rate_bps, memory_bytes, config.max_downtime_ms,
                        max_rounds=config.max_rounds)
 
 
@@ -165,25 +164,24 @@ async def plan_migration(vm, host: str, port: int, *, config: MigrationConfig | 
         None, lambda: measure_dirty_rate(vm, window_s, tracker=tracker))
     bw, prediction = predict_for(probe.bytes_per_s, dirty.bytes_per_s,
                                  vm.memory.length_bytes, config)
-    return Plan(vm.memory.length_bytes, config.downtime_ms, bw, probe, dirty, prediction)
+    return Plan(vm.memory.length_bytes, config.max_downtime_ms, bw, probe, dirty, prediction)
 
 
 def format_plan(p: dict) -> str:
     pr, probe, dr = p["prediction"], p["probe"], p["dirty_rate"]
-    mib = 1 << 20
     lines = [
-        f"link: {probe['bytes_per_s'] / mib:,.1f} MiB/s measured "
-        f"({probe['bytes'] / mib:.0f} MiB in {probe['duration_s']:.2f} s), "
+        f"link: {probe['bytes_per_s'] / MIB:,.1f} MiB/s measured "
+        f"({probe['bytes'] / MIB:.0f} MiB in {probe['duration_s']:.2f} s), "
         f"RTT {probe['rtt_ms']:.2f} ms"
-        + (f", capped at {probe['rate_limit_bps'] / mib:,.1f} MiB/s in-process"
+        + (f", capped at {probe['rate_limit_bps'] / MIB:,.1f} MiB/s in-process"
            if probe.get("rate_limit_bps") else ""),
         f"dirty rate: {dr['mib_per_s']:.2f} MiB/s ({dr['method']}, {dr['window_s']:.1f} s)",
-        f"memory {p['memory_bytes'] / mib:,.0f} MiB, downtime limit {p['downtime_ms']:g} ms",
+        f"memory {p['memory_bytes'] / MIB:,.0f} MiB, downtime limit {p['downtime_ms']:g} ms",
         f"prediction: {'converges' if pr['converges'] else 'does NOT converge'} — {pr['reason']}",
         f"  rounds {pr['rounds']}, expected downtime "
         + ("-" if pr["expected_downtime_ms"] is None else f"{pr['expected_downtime_ms']:.1f} ms")
         + ", total " + ("-" if pr["total_time_s"] is None else f"{pr['total_time_s']:.2f} s")
-        + f", {pr['total_bytes'] / mib:,.1f} MiB sent",
+        + f", {pr['total_bytes'] / MIB:,.1f} MiB sent",
         f"  recommended mode: {pr['recommended_mode']}",
     ]
     return "\n".join(lines)

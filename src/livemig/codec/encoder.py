@@ -17,9 +17,10 @@ For each page of a batch, cheapest first:
            LZ4 would send the pages in fewer bytes (sampled per chunk);
 4. LZ4   — runs of up to ``lz4_chunk_pages`` consecutive pages, when that
            saves ``lz4_min_saving_pct`` and, once the link's bandwidth is
-           known (``link_bytes_per_s``), when the time compressing costs is
-           less than the time the saved bytes would take on the link — on a
-           fast link compression only lengthens the stop-and-copy;
+           known (``link_bytes_per_s``) and the encoder is given a clock,
+           when the time compressing costs is less than the time the saved
+           bytes would take on the link — on a fast link compression only
+           lengthens the stop-and-copy;
 5. RAW   — otherwise. A batch is never larger than RAW plus its header and
            20 bytes per run.
 
@@ -50,9 +51,7 @@ Hazards, and how they are handled:
 """
 from __future__ import annotations
 
-from typing import Iterator
-
-import time
+from typing import Callable, Iterator
 
 import lz4.block
 import numpy as np
@@ -82,10 +81,17 @@ class BatchEncoder:
     """Encodes pages of ``memory`` (a GuestMemory) into self-describing batches.
 
     ``sent_hashes`` (:class:`PageHashes`) records the hash of each page as
-    sent; its digest is what the destination's digest must equal."""
+    sent; its digest is what the destination's digest must equal.
 
-    def __init__(self, memory, config: CodecConfig | None = None):
+    ``clock`` (seconds, e.g. ``time.perf_counter``) times the LZ4 probe so its
+    cost can be weighed against the link; the engine passes one. The encoder
+    never reads a clock of its own: without one, LZ4 is judged by its
+    compression ratio alone, and the output is a function of the inputs."""
+
+    def __init__(self, memory, config: CodecConfig | None = None, *,
+                 clock: Callable[[], float] | None = None):
         self.memory = memory
+        self._clock = clock
         self.config = config or CodecConfig()
         self.npages = int(memory.npages)
         self.sent_hashes = PageHashes(self.npages)
@@ -573,15 +579,15 @@ class BatchEncoder:
                                      min(_LZ4_PROBE_CHUNKS, raw_runs.size)).astype(np.int64)]
         worth = False
         in_bytes = saved_bytes = 0
-        t0 = time.perf_counter()
+        t0 = self._clock() if self._clock is not None else 0.0
         for r in np.unique(probe).tolist():
             data = self._content(int(run_pos[r]), int(run_cnt[r]), idx, kind, row, staging)
             out_len = len(lz4.block.compress(data, store_size=False))
             in_bytes += len(data)
             saved_bytes += max(0, len(data) - out_len)
             worth = worth or out_len <= saving * len(data)
-        if worth and self.link_bytes_per_s:
-            cpu_s = 1.5 * (time.perf_counter() - t0)
+        if worth and self.link_bytes_per_s and self._clock is not None:
+            cpu_s = 1.5 * (self._clock() - t0)
             worth = saved_bytes / self.link_bytes_per_s > cpu_s
         if not worth:
             self._lz4_skip_batches = _LZ4_SKIP_AFTER_MISS

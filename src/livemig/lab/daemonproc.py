@@ -11,12 +11,13 @@ import socket
 import subprocess
 import time
 
-from ..service.control import ControlClient, ControlError
+from ..addresses import DEFAULT_HOST
+from ..errors import ControlError
+from ..service.control import ControlClient
+from ..stats import ACTIVE_STATUSES
 
-ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
 
-
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = DEFAULT_HOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

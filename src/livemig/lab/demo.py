@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 
+from ..addresses import DEFAULT_HOST, format_hostport
 from ..service.control import ControlClient
 from .daemonproc import free_port, stop, wait_migration, wait_ready
-from ..units import parse_rate, parse_size
+from ..units import parse_optional_rate, parse_size
 
 DEMO_SEED = 2026
 DEMO_VCPUS = 2
@@ -31,18 +32,18 @@ FILL_S = 0.5
 
 @contextlib.contextmanager
 def _daemon(tmpdir: str, label: str, loop: str):
-    port = free_port()
+    address = format_hostport(DEFAULT_HOST, free_port())
     control = os.path.join(tmpdir, f"{label}.sock")
     log_path = os.path.join(tmpdir, f"{label}.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "livemig", "daemon", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "livemig", "daemon", "--listen", address,
          "--control", control, "--loop", loop],
         stdout=log, stderr=subprocess.STDOUT)
     client = ControlClient(control, timeout_s=None)
     try:
         wait_ready(client, proc, log_path, what=f"daemon {label}", timeout_s=20)
-        yield client, f"127.0.0.1:{port}"
+        yield client, address
     finally:
         stop(client, proc)
         log.close()
@@ -122,7 +123,7 @@ def _table(result: dict) -> str:
 def run_demo(*, memory: str = "256MiB", dirty_rate: str | None = "32MiB/s",
              as_json: bool = False, loop: str = "auto") -> int:
     memory_bytes = parse_size(memory, what="--memory")
-    rate = parse_rate(dirty_rate, what="--dirty-rate") if dirty_rate else None
+    rate = parse_optional_rate(dirty_rate, what="--dirty-rate")
     workload, name = "memtest", "demo-vm"
     with tempfile.TemporaryDirectory(prefix="livemig-demo-") as tmp, \
             _daemon(tmp, "host-a", loop) as (a, a_addr), _daemon(tmp, "host-b", loop) as (b, b_addr):

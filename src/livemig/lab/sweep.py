@@ -40,11 +40,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..addresses import DEFAULT_HOST, format_hostport
 from .daemonproc import free_port, stop, wait_migration, wait_ready
-from ..service.control import ControlClient, ControlError
-from ..errors import ConfigError
+from ..service.control import ControlClient
+from ..errors import ConfigError, ControlError
+from ..units import MIB
 
-MIB = 1 << 20
 MODES = {
     "precopy": {"mode": "precopy"},
     "precopy+auto-converge": {"mode": "precopy", "auto_converge": True},
@@ -65,7 +66,7 @@ class Profile:
     """Link rates in bits/s as links are sold; None = unlimited."""
     repeats: int
     max_total_s: float
-    downtime_ms: float = 300.0
+    max_downtime_ms: float = 300.0
     window_s: float = 0.5
     probe_time_s: float = 0.3
     warmup_s: float = 0.2
@@ -74,6 +75,12 @@ class Profile:
     unchanged pages, which DELTA and LZ4 shrink to a few bytes: with them the
     link would never be the bottleneck. A real guest's dirty pages compress
     far less, so the sweep sends every dirty page whole unless told otherwise."""
+
+    def to_dict(self) -> dict:
+        """As the result document records it: the limit under its option name."""
+        d = asdict(self)
+        d["downtime_ms"] = d.pop("max_downtime_ms")
+        return d
 
 
 ALL_MODES = tuple(MODES)
@@ -154,7 +161,7 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
             for label, ns, addr, cert, key in roles:
                 control = os.path.join(tmp, f"{label}.sock")
                 log_path = os.path.join(tmp, f"{label}.log")
-                argv = py + ["--listen", f"{addr}:{port}", "--control", control,
+                argv = py + ["--listen", format_hostport(addr, port), "--control", control,
                              "--tls-cert", str(cert), "--tls-key", str(key),
                              "--tls-ca", str(pki.ca_cert)]
                 proc = shaped.popen(ns, argv, stdout=open(log_path, "w"),
@@ -165,21 +172,21 @@ def two_hosts(tmp: str, link: str = "auto", *, delay_ms: float = 0.0, prefix: st
                 clients.append(client)
                 procs.append(proc)
             yield _Hosts("netns", "namespaces with tc tbf shaping", clients[0], clients[1],
-                         f"{shaped.dest_addr}:{port}", True, "localhost", shaped, procs,
+                         format_hostport(shaped.dest_addr, port), True, "localhost", shaped, procs,
                          delay_ms)
             return
         clients, addrs = [], []
         for label in ("src", "dst"):
-            port = free_port()
+            address = format_hostport(DEFAULT_HOST, free_port())
             control = os.path.join(tmp, f"{label}.sock")
             log_path = os.path.join(tmp, f"{label}.log")
-            proc = subprocess.Popen(py + ["--listen", f"127.0.0.1:{port}", "--control", control],
+            proc = subprocess.Popen(py + ["--listen", address, "--control", control],
                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
             client = ControlClient(control, timeout_s=None)
             wait_ready(client, proc, log_path, what="a benchmark daemon")
             stack.callback(stop, client, proc)
             clients.append(client)
-            addrs.append(f"127.0.0.1:{port}")
+            addrs.append(address)
         yield _Hosts("ratelimit", f"in-process token bucket on loopback ({why})", clients[0],
                      clients[1], addrs[1], False)
 
@@ -208,9 +215,9 @@ def run_point(hosts: _Hosts, profile: Profile, *, name: str, memory: str, worklo
         time.sleep(profile.warmup_s)
         plan = hosts.src.call("plan", name=name, to=hosts.dst_addr, window_s=profile.window_s,
                               probe_time_s=profile.probe_time_s,
-                              downtime_ms=profile.downtime_ms, **extra, **sni)
+                              downtime_ms=profile.max_downtime_ms, **extra, **sni)
         point["plan"] = plan
-        options = {**MODES[mode], "downtime_ms": profile.downtime_ms,
+        options = {**MODES[mode], "downtime_ms": profile.max_downtime_ms,
                    "max_total_s": profile.max_total_s,
                    "codec": {"encodings": list(profile.encodings)}, **extra}
         t0 = time.monotonic()
@@ -265,7 +272,7 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="livemig-sweep-") as tmp, \
             two_hosts(tmp, link) as hosts:
-        meta = {"profile": asdict(profile), "link_method": hosts.method,
+        meta = {"profile": profile.to_dict(), "link_method": hosts.method,
                 "link_reason": hosts.reason, "tls": hosts.tls, "started": started,
                 "host": {"python": sys.version.split()[0], "kernel": platform.release(),
                          "cpus": os.cpu_count()}}

@@ -14,7 +14,8 @@ import os
 import statistics
 from collections import defaultdict
 
-MIB = 1 << 20
+from ..units import MIB
+
 _KEY = ("sweep_workload", "memory", "link", "mode", "dirty_rate")
 
 

@@ -9,9 +9,9 @@ is what happens when csrc/ changed but the extension was not rebuilt.
 from __future__ import annotations
 
 from ..errors import LivemigError, native_error
+from ..units import PAGE_SIZE
 
 ABI_VERSION = 11
-PAGE_SIZE = 4096
 
 try:
     from .._native import ffi, lib  # type: ignore[import-not-found]

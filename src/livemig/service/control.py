@@ -20,18 +20,10 @@ import socket
 import stat
 from typing import Any, Awaitable, Callable
 
-from ..errors import LivemigError
+from ..errors import ControlError
 
 Handler = Callable[..., Awaitable[Any]]
 MAX_LINE_BYTES = 1 << 20
-
-
-class ControlError(LivemigError):
-    """The daemon answered a control request with an error, or cannot be reached."""
-
-    def __init__(self, message: str, *, error_type: str = "ControlError"):
-        super().__init__(message)
-        self.error_type = error_type
 
 
 class ControlServer:

@@ -19,7 +19,6 @@ files) runs in the default executor.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import os
 import signal
@@ -27,31 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
-from .control import ControlError, ControlServer
-from ..errors import ConfigError, LivemigError
-from ..units import parse_rate, parse_size
+from .control import ControlServer
+from ..errors import ConfigError, ControlError, LivemigError
+from ..units import parse_size
 from ..vm.machine import VM
-
-
-def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"{what} must look like HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    port_num = int(port)
-    if not 0 <= port_num <= 65535:
-        raise ConfigError(f"{what}: port {port_num} out of range")
-    return host, port_num
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -221,7 +201,7 @@ class Daemon:
                                error_type="NoSuchVM") from None
 
     async def _cmd_ping(self) -> dict:
-        return {"pid": os.getpid(), "listen": f"{self.listen_host}:{self.listen_port}",
+        return {"pid": os.getpid(), "listen": format_hostport(self.listen_host, self.listen_port),
                 "tls": self.tls is not None, "vms": len(self.vms)}
 
     async def _cmd_vm_start(self, name: str, memory: str | int = "256MiB", vcpus: int = 2,
@@ -229,10 +209,9 @@ class Daemon:
                             seed: int = 0) -> dict:
         if name in self.vms:
             raise ControlError(f"a VM named {name!r} already exists", error_type="VMExists")
-        rate = parse_rate(dirty_rate, what="dirty rate") if dirty_rate not in (None, "") else None
         vm = await asyncio.get_running_loop().run_in_executor(
             None, lambda: VM(memory=parse_size(memory), vcpus=int(vcpus), workload=workload,
-                             dirty_rate=rate, seed=int(seed)))
+                             dirty_rate=dirty_rate, seed=int(seed)))
         vm.start()
         self.vms[name] = HostedVM(name, vm, origin="local")
         return self.vms[name].describe()
@@ -269,8 +248,7 @@ class Daemon:
         """Re-pace the guest (None = as fast as it goes). Timing only: what the
         guest computes does not depend on it."""
         hosted = self._hosted(name)
-        hosted.vm.set_dirty_rate(parse_rate(rate, what="dirty rate") if rate not in (None, "")
-                                 else None)
+        hosted.vm.set_dirty_rate(rate)
         return hosted.describe()
 
     async def _cmd_vm_inspect(self, name: str) -> dict:
@@ -294,11 +272,8 @@ class Daemon:
             raise ControlError(f"VM {name!r} is already being migrated", error_type="Busy")
         config = MigrationConfig.from_dict(options)
         host, port = parse_hostport(to, what="--to")
-        ssl_ctx = None
-        if self.tls is not None:
-            from ..aio.tls import client_context
-            ssl_ctx = client_context(self.tls.cert, self.tls.key, self.tls.ca)
-        rec = MigrationRecord(next(self._ids), name, "outgoing", f"{host}:{port}",
+        ssl_ctx = self._client_ssl()
+        rec = MigrationRecord(next(self._ids), name, "outgoing", format_hostport(host, port),
                               control=MigrationControl())
         self.migrations[rec.id] = rec
         hosted.migrating = True
@@ -392,23 +367,21 @@ class Daemon:
                                              interval_s=float(interval_s)))
         return {"name": name, **report.to_dict()}
 
-    async def _cmd_plan(self, name: str, to: str, downtime_ms: float | None = None,
-                        window_s: float = 1.0, probe_bytes: str | int = "64MiB",
-                        probe_time_s: float = 1.0, server_hostname: str | None = None,
-                        **options) -> dict:
-        """Dry run of a migration: bandwidth probe + dirty rate -> policy.predict."""
+    async def _cmd_plan(self, name: str, to: str, window_s: float = 1.0,
+                        probe_bytes: str | int = "64MiB", probe_time_s: float = 1.0,
+                        server_hostname: str | None = None, **options) -> dict:
+        """Dry run of a migration: bandwidth probe + dirty rate -> policy.predict.
+        ``options`` are the migration's (``downtime_ms``, ``max_bandwidth_bps``, ...)."""
         from ..analysis.plan import plan_migration
 
         hosted = self._hosted(name)
-        if downtime_ms is not None:
-            options["downtime_ms"] = downtime_ms
         config = MigrationConfig.from_dict(options)
         host, port = parse_hostport(to, what="--to")
         plan = await plan_migration(hosted.vm, host, port, config=config, ssl=self._client_ssl(),
                                     server_hostname=server_hostname, window_s=float(window_s),
                                     probe_bytes=parse_size(probe_bytes, what="probe_bytes"),
                                     probe_time_s=float(probe_time_s))
-        return {"name": name, "to": f"{host}:{port}", **plan.to_dict()}
+        return {"name": name, "to": format_hostport(host, port), **plan.to_dict()}
 
     def _client_ssl(self):
         if self.tls is None:
@@ -421,7 +394,8 @@ class Daemon:
         return {"shutting_down": True}
 
 
-def default_control_path(listen: str) -> str:
-    host, port = parse_hostport(listen)
+def default_control_path(listen: str, *, what: str = "listen address") -> str:
+    """The control socket of the daemon listening at ``listen``: one per port."""
+    _, port = parse_hostport(listen, what=what)
     runtime = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     return os.path.join(runtime, f"livemig-{port}.sock")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from ..config import MigrationConfig
-from .daemon import parse_hostport
+from ..addresses import format_hostport, parse_hostport
+from ..config import MigrationConfig, parse_max_bandwidth
 from ..engine.destination.server import MigrationServer
 from ..engine.source.session import migrate as _migrate
 from ..stats import MigrationStats
-from ..units import parse_rate
 from ..vm.machine import VM
 
 
@@ -26,16 +25,17 @@ async def migrate(vm: VM, to: str, *, mode: str = "precopy", downtime_ms: float 
                   ) -> MigrationStats:
     """Migrate the running ``vm`` to the livemig destination at ``to``.
 
+    ``downtime_ms`` is the limit on the guest's stop (the config's
+    ``max_downtime_ms``; the stop measured is ``stats.downtime_ms``).
     ``max_bandwidth`` is bytes/s or text such as ``"100MiB/s"``/``"1Gbit/s"``.
     Give ``config`` to set everything at once (the keywords are then ignored).
     """
     host, port = parse_hostport(to, what="destination")
     if config is None:
         config = MigrationConfig(
-            mode=mode, downtime_ms=downtime_ms, auto_converge=auto_converge,
+            mode=mode, max_downtime_ms=downtime_ms, auto_converge=auto_converge,
             max_rounds=max_rounds,
-            max_bandwidth_bps=parse_rate(max_bandwidth, what="max_bandwidth")
-            if max_bandwidth not in (None, "") else None)
+            max_bandwidth_bps=parse_max_bandwidth(max_bandwidth, what="max_bandwidth"))
     return await _migrate(vm, host, port, config=config, ssl=ssl, name=name, tracker=tracker,
                           on_stats=on_progress)
 
@@ -54,7 +54,7 @@ class Destination:
 
     @property
     def address(self) -> str:
-        return f"{self._server.host}:{self._server.port}"
+        return format_hostport(self._server.host, self._server.port)
 
     @property
     def port(self) -> int | None:

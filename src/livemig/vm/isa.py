@@ -14,9 +14,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..units import PAGE_SIZE
+
 INSN_BYTES = 8
 NREGS = 16
-PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 
 # Operand forms (what the assembler accepts after the mnemonic):

@@ -25,7 +25,7 @@ import xxhash
 from ..errors import (ConfigError, GuestError, GuestTimeout, LivemigError, StateFormatError,
                       VMBusy)
 from ..native.memory import GuestMemory
-from ..units import parse_rate, parse_size
+from ..units import parse_optional_rate, parse_size
 from . import isa, programs
 from .devices import ClockState, ConsoleState
 from .state import VMState, VCpuRecord, unpack
@@ -167,7 +167,7 @@ class VM:
 
     def set_dirty_rate(self, rate: str | float | None) -> None:
         """Target VM-wide dirty rate in bytes/s (``"64MiB/s"``); None: unpaced."""
-        bps = None if rate is None else parse_rate(rate, what="dirty rate")
+        bps = parse_optional_rate(rate, what="dirty rate")
         pace = programs.pace_for(self._workload, bps, self.nvcpus) if self._workload else 0
         for v in self._vcpus:
             v.set_pace(pace)

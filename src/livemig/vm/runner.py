@@ -15,13 +15,13 @@ import time
 
 from ..native import PAGE_SIZE
 from ..native.tracking import open_tracker
-from ..units import format_rate, parse_rate, parse_size
+from ..units import format_rate, parse_optional_rate, parse_size
 from .machine import VM
 
 
 def run_tracked(*, memory, vcpus, workload, dirty_rate, seconds, tracker="auto",
                 interval_s=1.0, as_json=False, seed=0, out=sys.stdout) -> int:
-    rate = parse_rate(dirty_rate, what="--dirty-rate") if dirty_rate else None
+    rate = parse_optional_rate(dirty_rate, what="--dirty-rate")
     samples = []
     with VM(memory=parse_size(memory, what="--memory"), vcpus=vcpus, workload=workload,
             dirty_rate=rate, seed=seed) as vm, open_tracker(vm.memory, tracker) as trk:

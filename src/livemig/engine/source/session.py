@@ -157,7 +157,7 @@ class SourceSession:
     # -- the whole migration ----------------------------------------------------------------
     async def run(self, host: str, port: int, *, ssl, server_hostname) -> MigrationStats:
         cfg = self.config
-        limiter = (TokenBucket(cfg.max_bandwidth_bps, max(cfg.batch_bytes * 2, 1 << 20))
+        limiter = (TokenBucket.for_rate(cfg.max_bandwidth_bps, max_frame_bytes=cfg.batch_bytes)
                    if cfg.max_bandwidth_bps else None)
         self._connect_args = dict(host=host, port=port, ssl=ssl,
                                   server_hostname=server_hostname or host,
@@ -235,7 +235,7 @@ class SourceSession:
         """Rounds until the policy says so; returns "switchover" or "postcopy"."""
         cfg, vm, stats = self.config, self.vm, self.stats
         self.phase = Phase.PRECOPY
-        self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode)
+        self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode, clock=time.perf_counter)
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
