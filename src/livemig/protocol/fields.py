@@ -445,7 +445,6 @@ class Layout:
         names = [f.name for f in fields]
         assert len(set(names)) == len(names), f"{message}: duplicate field names"
         assert all(not f.reads_rest for f in fields[:-1]), f"{message}: tail not last"
-        self.message = message
         self.attrs = tuple(f.name for f in fields if f.attr)
         self.fields = tuple(fields)
         self._steps: list = []
