@@ -104,7 +104,7 @@ def test_abort_from_either_side_then_terminal():
             c.process(sender, event)
         c.process(role, ev.Abort(c.phase, "stop"))
         assert c.state is State.ABORTED and c.state.terminal
-        with pytest.raises(TransitionError):
+        with pytest.raises(TransitionError, match="in state aborted .*: the conversation is over"):
             c.process(role, ev.Ping(1))
         assert c.process_eof(role) is State.CLOSED
 

@@ -265,8 +265,12 @@ class Conversation:
         if nxt is None or (question is not None and not self._unanswered[question]):
             variant = f" ({event.variant})" if event.variant else ""
             kind_name = kind.name.lower() if kind else "unnamed"
-            why = (f"it answers no {question.__name__}" if nxt is not None else
-                   f"expected {_expected(table, self.state, sender)}")
+            if nxt is not None:
+                why = f"it answers no {question.__name__}"
+            elif self.state.terminal:
+                why = "the conversation is over"
+            else:
+                why = f"expected {_expected(table, self.state, sender)}"
             raise TransitionError(
                 f"{sender.value} may not send {cls.__name__}{variant} in state "
                 f"{self.state.value[0]} on the {kind_name} channel: {why}")
