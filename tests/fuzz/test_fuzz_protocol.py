@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from livemig.errors import RemoteProtocolError
 from livemig.protocol import NEED_DATA, Connection
+from livemig.protocol.events import PayloadError, decode_event
 from livemig.protocol.state import Role
 from support import conversations as conv
 
@@ -98,3 +99,44 @@ def test_any_chunking_through_receive_buffers_yields_identical_events(name, role
     incoming, expected = (dst_bytes, src_events) if role is S else (src_bytes, dst_events)
     got = conv.replay_buffered(role, conversation, split(incoming, cuts))
     assert got == expected
+
+
+def _payloads():
+    """(message class, flags, payload) of every message of the conversations."""
+    out = {}
+    for make in conv.ALL.values():
+        for _, event in make():
+            flags, parts = event.encode()
+            out.setdefault(type(event), []).append(
+                (flags, b"".join(bytes(p) for p in parts)[:4096]))
+    return sorted(out.items(), key=lambda item: item[0].WIRE_ID)
+
+
+PAYLOADS = _payloads()
+
+
+@FAST
+@given(which=st.integers(0, 1 << 30), nth=st.integers(0, 1 << 30),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255),
+                                st.sampled_from(["flip", "insert", "delete"])), max_size=4),
+       flags=st.one_of(st.none(), st.integers(0, 0xFFFF)))
+def test_mutated_payloads_only_raise_payload_errors(which, nth, edits, flags):
+    """Every message decoder, fed a corrupted payload of its own kind (or
+    other flags), returns a message or raises PayloadError: nothing else."""
+    cls, samples = PAYLOADS[which % len(PAYLOADS)]
+    good_flags, payload = samples[nth % len(samples)]
+    data = bytearray(payload)
+    for pos, value, op in edits:
+        pos %= len(data) + 1
+        if op == "flip" and pos < len(data):
+            data[pos] ^= value or 1
+        elif op == "insert":
+            data.insert(pos, value)
+        elif pos < len(data):
+            del data[pos]
+    try:
+        event = decode_event(cls.WIRE_ID, good_flags if flags is None else flags,
+                             memoryview(bytes(data)))
+    except PayloadError:
+        return
+    assert type(event) is cls

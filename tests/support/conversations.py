@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from livemig.protocol import (BATCH_POSTCOPY, BATCH_URGENT, Accept, ChannelKind, Complete,
+from livemig.protocol import (BATCH_POSTCOPY, BATCH_URGENT, Accept, ChannelKind, Commit, Complete,
                               Connection, Hello, MigrationOffer, Mode, PageBatch, PageInvalidate,
-                              PageRequest, RoundAck,
-                              Ping, Pong, PostcopyComplete, PresentReport, Resumed, RoundEnd,
-                              Verified, Commit,
-                              RoundStart, Switchover, Welcome)
+                              PageRequest, Ping, Pong, PostcopyComplete, PresentReport, ProbeData,
+                              ProbeEnd, ProbeResult, Resumed, RoundAck, RoundEnd, RoundStart,
+                              Switchover, Verified, Welcome)
 from livemig.protocol.state import Role
 
 S, D = Role.SOURCE, Role.DESTINATION
@@ -30,7 +29,7 @@ def handshake(kind: ChannelKind, resume: bool = False) -> list:
 def control_precopy() -> list:
     ev = handshake(ChannelKind.CONTROL)
     ev += [(S, MigrationOffer({"name": "vm0", "vcpus": 2}, Mode.PRECOPY, 64)), (D, Accept()),
-           (D, Ping(7)), (S, Pong(7))]
+           (S, Ping(7)), (D, Pong(7))]
     for rnd in range(3):
         ev += [(S, RoundStart(rnd)), (S, PageBatch(rnd, 4, pages(4, rnd))),
                (S, PageBatch(rnd, 2, pages(2, rnd + 10))), (S, RoundEnd(rnd, 6, 6 * 4096))]
@@ -40,23 +39,24 @@ def control_precopy() -> list:
 
 
 def control_hybrid() -> list:
-    ev = handshake(ChannelKind.CONTROL, resume=True)
+    ev = handshake(ChannelKind.CONTROL)
     ev += [(S, MigrationOffer({"name": "vm1"}, Mode.HYBRID, 20)), (D, Accept()),
-           (D, PresentReport(20, b"\xff\x0f\x00")),
-           (S, RoundStart(0)), (S, PageBatch(0, 3, pages(3))), (S, RoundEnd(0, 3, 3 * 4096)),
-           (S, Switchover(b"regs", b"\x22" * 16, 20, b"\x00\xf0\x0f")), (D, Verified()),
-           (S, Commit()), (D, Resumed()),
-           (D, PageRequest(1, (12, 13))),
-           (S, PageBatch(1, 2, pages(2, 5), BATCH_URGENT | BATCH_POSTCOPY, 1)),
-           (S, PageBatch(1, 4, pages(4, 6), BATCH_POSTCOPY)),
+           (S, RoundStart(0)), (S, PageBatch(0, 3, pages(3))), (S, Ping(3)),
+           (S, RoundEnd(0, 3, 3 * 4096)), (D, RoundAck(0, 3)),
+           (S, Switchover(b"regs", b"\x22" * 16, 20, b"\x00\xf0\x0f")),
+           (D, Pong(3)),   # an answer may cross the source's next messages
+           (D, Verified()), (S, Commit()), (D, Resumed()),
            (D, PostcopyComplete(6)), (S, Complete())]
     return ev
 
 
 def control_hybrid_invalidating() -> list:
-    """Hybrid with invalidation rounds before the pause (docs/postcopy.md)."""
+    """A bandwidth probe, then hybrid with invalidation rounds before the
+    pause (docs/postcopy.md)."""
     ev = handshake(ChannelKind.CONTROL)
-    ev += [(S, MigrationOffer({"name": "vm2"}, Mode.HYBRID, 20)), (D, Accept()),
+    ev += [(S, Ping(1)), (D, Pong(1)), (S, ProbeData(0, b"\xa5" * 100)),
+           (S, ProbeData(1, b"\xa5" * 100)), (S, ProbeEnd(2, 200)), (D, ProbeResult(1, 100, 9)),
+           (S, MigrationOffer({"name": "vm2"}, Mode.HYBRID, 20)), (D, Accept()),
            (S, RoundStart(0)), (S, PageBatch(0, 10, pages(10))),
            (S, PageBatch(0, 10, pages(10, 1))), (S, RoundEnd(0, 20, 20 * 4096)),
            (D, RoundAck(0, 20)),
@@ -64,8 +64,6 @@ def control_hybrid_invalidating() -> list:
            (S, PageInvalidate(2, np.array([15], dtype=np.uint64))), (D, RoundAck(2, 1)),
            (S, Switchover(b"regs", b"\x33" * 16, 20, b"\x0c\x82\x00")), (D, Verified()),
            (S, Commit()), (D, Resumed()),
-           (D, PageRequest(1, (2,))),
-           (S, PageBatch(3, 1, pages(1, 5), BATCH_URGENT | BATCH_POSTCOPY, 1)),
            (D, PostcopyComplete(20)), (S, Complete())]
     return ev
 
@@ -81,7 +79,8 @@ def bulk() -> list:
 def urgent() -> list:
     ev = handshake(ChannelKind.URGENT)
     ev += [(D, PageRequest(9, (1, 2, 3))), (S, PageBatch(0, 3, pages(3), BATCH_URGENT, 9)),
-           (S, Ping(1)), (D, Pong(1))]
+           (S, Ping(1)), (D, PageRequest(10, (4,))), (D, Pong(1)),
+           (S, PageBatch(1, 1, pages(1), BATCH_URGENT | BATCH_POSTCOPY, 10))]
     return ev
 
 

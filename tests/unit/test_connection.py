@@ -1,10 +1,13 @@
 """The sans-IO connection: in-memory peer pairs, error sides, stickiness."""
+import struct
+
 import pytest
 
 from livemig.errors import ConnectionLost, LocalProtocolError, RemoteProtocolError
 from livemig.protocol import (CLOSED, NEED_DATA, Abort, Accept, ChannelKind, Connection, Hello,
-                              MigrationOffer, Mode, PageBatch, Phase, Ping, RefuseCode,
-                              RoundStart, State, Welcome, answer_hello)
+                              MigrationOffer, Mode, PageBatch, Phase, Ping, PresentReport,
+                              RefuseCode, RoundEnd, RoundStart, State, Switchover, Welcome,
+                              answer_hello)
 from livemig.protocol.state import Role
 from support import conversations as conv
 
@@ -242,3 +245,54 @@ def test_payload_that_does_not_parse_is_a_remote_error():
         d.receive_data(b)
     with pytest.raises(RemoteProtocolError, match="bad Hello payload"):
         d.next_event()
+
+
+def _ready_pair():
+    s, d = pair()
+    deliver(s, d, Hello(1, 1, ChannelKind.CONTROL, bytes(16)))
+    deliver(d, s, Welcome(1))
+    return s, d
+
+
+def _forge(conn, state, event) -> list:
+    """Frames of ``event`` from a connection that believes it is in ``state``,
+    continuing ``conn``'s sequence: a peer that breaks the order."""
+    forged = Connection(conn.our_role, ChannelKind.CONTROL)
+    forged.conversation.state = state
+    forged._send_sequence = conn._send_sequence
+    return forged.send(event)
+
+
+def test_out_of_order_message_is_a_remote_error_raised_by_the_connection():
+    s, d = up_to_accept()
+    s.send(RoundStart(0))
+    s.send(RoundEnd(0, 0, 0))
+    # The source waits for RoundAck; a PresentReport belongs to a resumed channel.
+    for buf in _forge(d, State.RESUMED, PresentReport(1, b"\x01")):
+        s.receive_data(buf)
+    with pytest.raises(RemoteProtocolError,
+                       match="destination may not send PresentReport in state precopy on the "
+                             "control channel: expected RoundAck from the destination") as info:
+        s.next_event()
+    assert info.value.side == "remote" and info.value.phase == "precopy"
+
+
+def test_deeply_nested_offer_is_a_remote_error_answered_by_abort():
+    from livemig.protocol import wire
+    s, d = _ready_pair()
+    config = b"[" * 200_000
+    payload = struct.pack("<BBHIQI", 1, 0, 0, 4096, 1, len(config)) + config
+    for buf in wire.encode_frame(MigrationOffer.WIRE_ID, 0, s._send_sequence, [payload]):
+        d.receive_data(buf)
+    with pytest.raises(RemoteProtocolError, match=r"MigrationOffer\.config is nested too deeply"):
+        d.next_event()
+    for buf in d.send(Abort(Phase.HANDSHAKE, "bad offer")):
+        s.receive_data(buf)
+    assert s.next_event() == Abort(Phase.HANDSHAKE, "bad offer")
+
+
+def test_unencodable_switchover_bitmap_is_a_local_error():
+    s, d = up_to_accept()
+    with pytest.raises(LocalProtocolError, match=r"Switchover\.owed_bitmap"):
+        s.send(Switchover(b"", bytes(16), 3, b"\xff"))
+    s.send(Switchover(b"", bytes(16), 3, b"\x07"))

@@ -1,4 +1,5 @@
 """Every message round-trips; malformed payloads raise PayloadError only."""
+import dataclasses
 import struct
 
 import numpy as np
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 
 from livemig.protocol import events as ev
 from livemig.protocol.events import PayloadError, decode_event
+from livemig.protocol.fields import Reserved
 
 SAMPLES = [
     ev.Hello(1, 3, ev.ChannelKind.CONTROL, b"s" * 16, frozenset({"lz4", "xbzrle.v1"}), True,
@@ -146,7 +148,7 @@ def test_encode_rejects_invalid_fields():
         ev.Hello(1, 1, ev.ChannelKind.BULK, b"short").encode()
     with pytest.raises(ValueError):
         ev.Hello(1, 1, ev.ChannelKind.BULK, bytes(16), frozenset({"Bad Name"})).encode()
-    with pytest.raises(PayloadError):
+    with pytest.raises(ValueError, match="padding"):
         ev.Switchover(b"", bytes(16), 3, b"\xff").encode()
     with pytest.raises(ValueError):
         ev.PageRequest(1, ()).encode()
@@ -213,3 +215,110 @@ def test_pagebatch_sends_a_list_of_buffers_back_to_back():
     back = ev.PageBatch.decode(flags, memoryview(payload))
     assert bytes(back.data) == b"head" + pages.tobytes()
     assert (back.round, back.npages) == (2, 3)
+
+
+def test_field_tables_cover_every_attribute():
+    """The wire layout and the dataclass name the same fields (PageBatch's
+    flags travel in the frame header, not the payload)."""
+    for cls in ev.ALL_EVENTS:
+        attrs = {f.name for f in dataclasses.fields(cls)} - {"flags"}
+        on_wire = set(cls.LAYOUT.attrs)
+        if cls is ev.Switchover:
+            on_wire |= {"owed_npages", "owed_bitmap"}
+        assert on_wire == attrs, cls.__name__
+
+
+def _reserved_offsets(cls):
+    """(field name, byte offset, size) of each reserved field in the fixed prefix."""
+    offset = 0
+    for f in cls.LAYOUT.fields:
+        if f.fmt is None:
+            return
+        size = struct.calcsize("<" + f.fmt)
+        if isinstance(f, Reserved):
+            yield f.name, offset, size
+        offset += size
+
+
+RESERVED = [(event, name, offset, size) for event in SAMPLES
+            for name, offset, size in _reserved_offsets(type(event))]
+
+
+def test_reserved_fields_are_found():
+    assert {type(e) for e, *_ in RESERVED} >= {
+        ev.Hello, ev.Welcome, ev.MigrationOffer, ev.RoundEnd, ev.RoundAck, ev.PageRequest,
+        ev.Abort, ev.ProbeData, ev.ProbeEnd, ev.ProbeResult}
+
+
+@pytest.mark.parametrize("event, name, offset, size", RESERVED,
+                         ids=lambda x: type(x).__name__ if isinstance(x, ev.Event) else str(x))
+def test_every_reserved_field_must_be_zero(event, name, offset, size):
+    flags, parts = event.encode()
+    payload = bytearray(b"".join(bytes(p) for p in parts))
+    payload[offset + size - 1] = 0x80
+    with pytest.raises(PayloadError, match=rf"{type(event).__name__}\.{name} is \d+, must be 0"):
+        decode_event(event.WIRE_ID, flags, memoryview(payload))
+
+
+@pytest.mark.parametrize("cls, payload, message", [
+    (ev.RoundEnd, struct.pack("<IIQ", 1, 0, 1), r"RoundEnd\.bytes: payload truncated"),
+    (ev.Hello, struct.pack("<HHBBHI16sH", 1, 1, 9, 0, 0, 4096, bytes(16), 0),
+     r"Hello\.channel_kind: unknown ChannelKind 9"),
+    (ev.Hello, struct.pack("<HHBBHI16sH", 1, 1, 1, 2, 0, 4096, bytes(16), 0),
+     r"Hello\.resume is 2, must be 0 or 1"),
+    (ev.MigrationOffer, struct.pack("<BBHIQI", 1, 0, 0, 4000, 1, 2) + b"{}",
+     r"MigrationOffer\.page_size 4000 is not a power of two"),
+    (ev.Refuse, struct.pack("<HH", 1, 2) + b"\xff\xfe", r"Refuse\.reason is not UTF-8"),
+    (ev.PageRequest, struct.pack("<QII", 1, 0, 0), r"PageRequest\.pages: count 0 is not in"),
+    (ev.PresentReport, struct.pack("<Q", 9) + b"\x00\x02", r"PresentReport\.bitmap: .*padding"),
+    (ev.ProbeEnd, struct.pack("<IIQ", 1, 0, (1 << 30) + 1), r"ProbeEnd\.bytes \d+ is not in"),
+    (ev.Accept, b"\x00", r"Accept: 1 trailing bytes"),
+])
+def test_decode_errors_name_message_and_field(cls, payload, message):
+    with pytest.raises(PayloadError, match=message):
+        decode_event(cls.WIRE_ID, 0, memoryview(payload))
+
+
+def test_encode_errors_name_message_and_field():
+    with pytest.raises(ValueError, match=r"RoundStart\.round = -1 does not fit"):
+        ev.RoundStart(-1).encode()
+    with pytest.raises(ValueError, match=r"Hello\.session_id must be 16 bytes"):
+        ev.Hello(1, 1, ev.ChannelKind.BULK, b"short").encode()
+    with pytest.raises(ValueError, match=r"PageRequest\.pages: 1\.\.65536 entries"):
+        ev.PageRequest(1, ()).encode()
+
+
+def test_unknown_refuse_code_reads_as_other():
+    got = decode_event(ev.Refuse.WIRE_ID, 0, memoryview(struct.pack("<HH", 77, 2) + b"hi"))
+    assert got == ev.Refuse(ev.RefuseCode.OTHER, "hi")
+
+
+def test_pong_is_not_a_ping():
+    assert not issubclass(ev.Pong, ev.Ping) and not issubclass(ev.Ping, ev.Pong)
+    assert ev.Pong(3) != ev.Ping(3)
+    assert ev.Pong.LAYOUT.fixed_format == ev.Ping.LAYOUT.fixed_format == "<Q"
+
+
+def _hello_with_capability(raw: bytes) -> bytes:
+    return (struct.pack("<HHBBHI16sHB", 1, 1, 1, 0, 0, 4096, bytes(16), 1, len(raw)) + raw)
+
+
+def test_capability_name_with_a_trailing_newline_is_refused():
+    with pytest.raises(PayloadError, match="capability name"):
+        decode_event(ev.Hello.WIRE_ID, 0, memoryview(_hello_with_capability(b"lz4\n")))
+    with pytest.raises(ValueError, match="capability name"):
+        ev.Hello(1, 1, ev.ChannelKind.BULK, bytes(16), frozenset({"lz4\n"})).encode()
+    assert decode_event(ev.Hello.WIRE_ID, 0, memoryview(_hello_with_capability(b"lz4"))
+                        ).capabilities == frozenset({"lz4"})
+
+
+def test_deeply_nested_offer_config_is_a_payload_error():
+    config = b"[" * 200_000
+    payload = struct.pack("<BBHIQI", 1, 0, 0, 4096, 1, len(config)) + config
+    with pytest.raises(PayloadError, match=r"MigrationOffer\.config is nested too deeply"):
+        decode_event(ev.MigrationOffer.WIRE_ID, 0, memoryview(payload))
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ev.MigrationOffer({"x": deep}, ev.Mode.PRECOPY, 1).encode()

@@ -39,9 +39,9 @@ def _prefix_states(conversation):
 @pytest.mark.parametrize("name", sorted(conv.ALL))
 def test_wrong_sender_is_always_illegal(name):
     # Replaying any step with the roles swapped must raise (no message is
-    # sendable by both sides except Abort, Ping and Pong).
+    # sendable by both sides except Abort).
     for c, sender, event in _prefix_states(conv.ALL[name]()):
-        if isinstance(event, (ev.Ping, ev.Pong, ev.Abort)):
+        if isinstance(event, ev.Abort):
             continue
         probe = Conversation(c.kind)
         probe.state = c.state
@@ -104,7 +104,7 @@ def test_abort_from_either_side_then_terminal():
             c.process(sender, event)
         c.process(role, ev.Abort(c.phase, "stop"))
         assert c.state is State.ABORTED and c.state.terminal
-        with pytest.raises(TransitionError):
+        with pytest.raises(TransitionError, match="in state aborted .*: the conversation is over"):
             c.process(role, ev.Ping(1))
         assert c.process_eof(role) is State.CLOSED
 
@@ -155,3 +155,134 @@ def test_no_pages_after_an_invalidation_and_only_a_postcopy_switchover():
             c.process(S, bad)
     with pytest.raises(TransitionError):
         Conversation(ev.ChannelKind.BULK).process(S, ev.PageInvalidate(0))
+
+
+def _after(steps, cls, nth=1):
+    """The conversation just after the ``nth`` event of class ``cls``."""
+    c = Conversation()
+    for sender, event in steps:
+        c.process(sender, event)
+        if type(event) is cls:
+            nth -= 1
+            if nth == 0:
+                return c
+    raise AssertionError(f"no {cls.__name__} in the conversation")
+
+
+def _ready(resume=False):
+    return _after(conv.handshake(ev.ChannelKind.CONTROL, resume), ev.Welcome)
+
+
+def _open(kind):
+    return _after(conv.handshake(kind), ev.Welcome)
+
+
+PRECOPY, HYBRID = conv.control_precopy(), conv.control_hybrid_invalidating()
+
+# (where, sender, event, state named in the error, what it expects there): every
+# point where an engine waits for one message, and one that may not come there.
+OUT_OF_ORDER = [
+    # the source waits for the answer to its offer
+    ("offer", lambda: _after(PRECOPY, ev.MigrationOffer), D, ev.Ping(1), "offered",
+     "Accept or Refuse from the destination"),
+    ("offer", lambda: _after(PRECOPY, ev.MigrationOffer), D, ev.RoundAck(0, 0), "offered",
+     "Accept or Refuse"),
+    # the source waits for a round's ack
+    ("round ack", lambda: _after(PRECOPY, ev.RoundEnd), D, ev.PresentReport(0, b""), "precopy",
+     "RoundAck from the destination"),
+    ("round ack", lambda: _after(PRECOPY, ev.RoundEnd), D, ev.Verified(), "precopy",
+     "RoundAck"),
+    # the source waits for the verdict, then for Resumed
+    ("verdict", lambda: _after(PRECOPY, ev.Switchover), D, ev.Resumed(), "switchover",
+     "Verified or VerifyFailed from the destination"),
+    ("resumed", lambda: _after(PRECOPY, ev.Commit), D, ev.Verified(), "committed",
+     "Resumed from the destination"),
+    # the source waits for an invalidation round's ack
+    ("invalidation ack", lambda: _after(HYBRID, ev.PageInvalidate), D,
+     ev.PresentReport(20, bytes(3)), "invalidating", "RoundAck from the destination"),
+    # the source waits for a PresentReport on a resumed control channel
+    ("present report", lambda: _ready(resume=True), D, ev.Accept(), "resumed",
+     "PresentReport from the destination"),
+    ("present report", lambda: _ready(resume=True), S,
+     ev.MigrationOffer({}, ev.Mode.PRECOPY, 1), "resumed", "nothing from the source"),
+    # a PresentReport belongs to a resumed channel only
+    ("present report", _ready, D, ev.PresentReport(1, b"\x01"), "ready",
+     "ProbeResult from the destination"),
+    # the destination waits for an offer (probes and Pings aside)
+    ("offer wait", _ready, S, ev.RoundStart(0), "ready", "MigrationOffer"),
+    ("offer wait", _ready, S, ev.Pong(1), "ready", "MigrationOffer"),
+    # the destination receives rounds until a Switchover
+    ("rounds", lambda: _after(PRECOPY, ev.Accept), S, ev.Commit(), "precopy",
+     "RoundStart or Switchover(precopy)"),
+    ("rounds", lambda: _after(PRECOPY, ev.Accept), S, ev.Pong(1), "precopy", "RoundStart"),
+    # the destination waits for Commit
+    ("commit", lambda: _after(PRECOPY, ev.Verified), S, ev.Ping(1), "verified",
+     "Commit from the source"),
+    ("commit", lambda: _after(PRECOPY, ev.Verified), S, ev.Complete(), "verified", "Commit"),
+    # post-copy control: pages and requests travel on the bulk and urgent channels
+    ("postcopy control", lambda: _after(HYBRID, ev.Resumed), S,
+     ev.PageBatch(0, 1, b"x", ev.BATCH_POSTCOPY), "postcopy", "nothing from the source"),
+    ("postcopy control", lambda: _after(HYBRID, ev.Resumed), D, ev.PageRequest(1, (1,)),
+     "postcopy", "PostcopyComplete from the destination"),
+    ("postcopy control", lambda: _after(HYBRID, ev.Resumed), D,
+     ev.VerifyFailed(bytes(16), bytes(16)), "postcopy", "PostcopyComplete"),
+    ("postcopy control", lambda: _after(HYBRID, ev.Resumed), S, ev.Complete(), "postcopy",
+     "nothing from the source here but Abort"),
+    ("postcopy done", lambda: _after(HYBRID, ev.PostcopyComplete), S, ev.Ping(1),
+     "postcopy-done", "Complete from the source"),
+    # bulk and urgent channels carry pages (and liveness) only
+    ("bulk", lambda: _open(ev.ChannelKind.BULK), S, ev.Commit(), "open", "PageBatch"),
+    ("bulk", lambda: _open(ev.ChannelKind.BULK), D, ev.Ping(1), "open",
+     "nothing from the destination"),
+    ("urgent", lambda: _open(ev.ChannelKind.URGENT), S, ev.RoundEnd(0, 0, 0), "open",
+     "Ping or PageBatch(urgent) from the source"),
+    # the probe's Pongs and result answer a question
+    ("pong", _ready, D, ev.Pong(1), "ready", "answers no Ping"),
+    ("probe result", _ready, D, ev.ProbeResult(0, 0, 0), "ready", "answers no ProbeEnd"),
+]
+
+
+@pytest.mark.parametrize("where, make, sender, event, state, expected", OUT_OF_ORDER,
+                         ids=[f"{row[0]}-{type(row[3]).__name__}" for row in OUT_OF_ORDER])
+def test_out_of_order_messages_are_refused_by_the_table(where, make, sender, event, state,
+                                                        expected):
+    c = make()
+    assert c.state.value[0] == state
+    with pytest.raises(TransitionError) as info:
+        c.process(sender, event)
+    text = str(info.value)
+    assert f"{sender.value} may not send {type(event).__name__}" in text
+    assert f"in state {state} " in text and expected in text
+    assert c.state.value[0] == state   # nothing changed
+
+
+def test_a_pong_answers_one_ping_and_may_cross_later_messages():
+    c = _after(PRECOPY, ev.Accept)
+    c.process(S, ev.Ping(1))
+    c.process(S, ev.RoundStart(0))
+    assert c.process(D, ev.Pong(1)) is State.IN_ROUND
+    with pytest.raises(TransitionError, match="answers no Ping"):
+        c.process(D, ev.Pong(1))
+
+
+def test_a_probe_result_answers_one_probe_end():
+    c = _ready()
+    c.process(S, ev.ProbeEnd(0, 0))
+    c.process(D, ev.ProbeResult(0, 0, 0))
+    with pytest.raises(TransitionError, match="answers no ProbeEnd"):
+        c.process(D, ev.ProbeResult(0, 0, 0))
+
+
+def test_only_the_source_pings():
+    for c in (_ready(), _after(PRECOPY, ev.Accept), _open(ev.ChannelKind.URGENT)):
+        with pytest.raises(TransitionError, match="destination may not send Ping"):
+            c.process(D, ev.Ping(1))
+
+
+def test_a_resumed_control_channel_goes_straight_to_postcopy():
+    c = _ready(resume=True)
+    assert c.state is State.RESUMED
+    assert c.process(D, ev.PresentReport(8, b"\xff")) is State.POSTCOPY
+    refused = Conversation()
+    refused.process(S, ev.Hello(1, 1, ev.ChannelKind.CONTROL, bytes(16), resume=True))
+    assert refused.process(D, ev.Refuse(ev.RefuseCode.SESSION)) is State.REFUSED

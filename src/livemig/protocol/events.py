@@ -1,27 +1,28 @@
-"""Protocol messages: one frozen dataclass per message, each owning its payload layout.
+"""Protocol messages: one frozen dataclass per message, its payload declared once.
 
 Theory of operation
 -------------------
-An event knows how to turn itself into payload buffers (``encode() -> (flags,
-parts)``) and how to rebuild itself from a frame's payload
-(``decode(flags, payload)``). Layouts are explicit little-endian ``struct``
-formats; JSON appears only in MigrationOffer's small, human-level VM config.
-Wire ids are this protocol's own numbers (:data:`WIRE_IDS`), grouped by phase,
-and never reuse internal enum values; 0 is invalid.
+Each message lists its payload as a field table in wire order (``FIELDS``:
+name, wire type, checks; the types are in fields.py), and both
+``encode() -> (flags, parts)`` and ``decode(flags, payload)`` are derived
+from it (payload.py). The dataclass attributes are the message's API; the
+table is its wire layout (the two orders may differ, as in Hello). Layouts
+are little-endian; JSON appears only in MigrationOffer's small, human-level
+VM config. Wire ids come from ``spec.MESSAGE_IDS`` (this protocol's own
+numbers, grouped by phase; 0 is invalid).
 
 Decoding trusts nothing: every length is checked against what is present,
 trailing bytes are an error, undefined flag bits and reserved fields must be
-0, text must be UTF-8, bitmaps must have zero padding bits. Any violation
-raises :class:`PayloadError`, which the connection reports as a
-RemoteProtocolError. Bulk page data (PageBatch.data) is never copied: encode
-hands the caller's buffer through, decode returns a memoryview slice of the
-frame payload.
+0, text must be UTF-8, bitmaps must have zero padding bits, counts stay under
+their caps. Any violation raises :class:`PayloadError` naming the message and
+the field, which the connection reports as a RemoteProtocolError. Bulk page
+data (PageBatch.data) is never copied: encode hands the caller's buffer
+through, decode returns a memoryview slice of the frame payload.
 
 The layouts are documented field by field in docs/protocol.md.
 """
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -29,10 +30,11 @@ from typing import ClassVar
 
 import numpy
 
+from .fields import (Bitmap, Blob, Caps, Count, FixedBytes, Json, Layout, PayloadError, Reader,
+                     Reserved, Tail, Text, U64Array, as_bytes_views, u8, u16, u32, u64)
+from .payload import Event
 from .spec import (BATCH_POSTCOPY, BATCH_URGENT, MESSAGE_IDS, PAGE_BATCH_FORMAT,
                    PAGE_REQUEST_FORMAT, SWITCHOVER_POSTCOPY)
-from .payload import (_U16, _U32, _U64, Event, PayloadError, _as_bytes_view, _check_bitmap,
-                      _decode_caps, _Empty, _encode_caps, _no_flags, _Reader, _text)
 
 
 class ChannelKind(IntEnum):
@@ -70,25 +72,38 @@ class RefuseCode(IntEnum):
     OTHER = 255
 
 
-
 MAX_TEXT_BYTES = 4096
 MAX_CONFIG_BYTES = 1 << 20
+MAX_CAPABILITIES = 64
 MAX_REQUEST_PAGES = 1 << 16
 MAX_INVALIDATE_PAGES = 1 << 20   # 8 MiB of indices: 4 GiB of guest memory per frame
+MAX_PROBE_BYTES = 1 << 30
+"""Most filler bytes one probe may announce: a probe is a measurement, not a transfer."""
 SESSION_ID_BYTES = 16
 DIGEST_BYTES = 16
 
 
+def _page_size_problem(page_size: int) -> str | None:
+    if page_size < 512 or page_size & (page_size - 1):
+        return "is not a power of two >= 512"
+    return None
+
+
+_REASON = Text("reason", MAX_TEXT_BYTES)
+_DIGEST = FixedBytes("digest", DIGEST_BYTES)
+
+
 # --- handshake ---------------------------------------------------------------
-
-_HELLO = struct.Struct("<HHBBHI16s")
-
 
 @dataclass(frozen=True)
 class Hello(Event):
     """Source -> destination, first frame of every channel."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Hello"]
+    FIELDS = (u16("min_version"), u16("max_version"),
+              u8("channel_kind", enum=ChannelKind), u8("resume", boolean=True),
+              Reserved("reserved", "H"), u32("max_payload_bytes"),
+              FixedBytes("session_id", SESSION_ID_BYTES), Caps("capabilities", MAX_CAPABILITIES))
     min_version: int
     max_version: int
     channel_kind: ChannelKind
@@ -97,32 +112,17 @@ class Hello(Event):
     resume: bool = False
     max_payload_bytes: int = 64 << 20
 
-    def encode(self):
-        if len(self.session_id) != SESSION_ID_BYTES:
-            raise ValueError("session_id must be 16 bytes")
-        return 0, [_HELLO.pack(self.min_version, self.max_version, int(self.channel_kind),
-                               int(self.resume), 0, self.max_payload_bytes, self.session_id)
-                   + _encode_caps(frozenset(self.capabilities))]
-
     @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        vmin, vmax, kind, resume, reserved, max_payload, session = r.unpack(_HELLO)
-        if reserved or resume > 1:
-            raise PayloadError("Hello reserved field or resume flag invalid")
+    def _build(cls, flags, values):
+        vmin, vmax = values["min_version"], values["max_version"]
         if vmin > vmax or vmin == 0:
             raise PayloadError(f"Hello version range {vmin}..{vmax} is invalid")
-        try:
-            kind = ChannelKind(kind)
-        except ValueError:
-            raise PayloadError(f"unknown channel kind {kind}") from None
-        caps = _decode_caps(r)
-        r.end()
-        return cls(vmin, vmax, kind, bytes(session), caps, bool(resume), max_payload)
+        return cls(**values)
 
-
-_WELCOME = struct.Struct("<HHI")
+    @property
+    def variant(self):
+        # The control table tells a resumed session's channel from a new one.
+        return "resume" if self.resume else "new"
 
 
 @dataclass(frozen=True)
@@ -130,24 +130,11 @@ class Welcome(Event):
     """Destination -> source: the chosen version and the common capabilities."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Welcome"]
+    FIELDS = (u16("version"), Reserved("reserved", "H"), u32("max_payload_bytes"),
+              Caps("capabilities", MAX_CAPABILITIES))
     version: int
     capabilities: frozenset = frozenset()
     max_payload_bytes: int = 64 << 20
-
-    def encode(self):
-        return 0, [_WELCOME.pack(self.version, 0, self.max_payload_bytes)
-                   + _encode_caps(frozenset(self.capabilities))]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        version, reserved, max_payload = r.unpack(_WELCOME)
-        if reserved:
-            raise PayloadError("Welcome reserved field is not 0")
-        caps = _decode_caps(r)
-        r.end()
-        return cls(version, caps, max_payload)
 
 
 @dataclass(frozen=True)
@@ -155,75 +142,30 @@ class Refuse(Event):
     """Destination -> source: no to a Hello or a MigrationOffer, and why."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Refuse"]
+    # newer peers may add codes: an unknown one reads as OTHER, the text says why
+    FIELDS = (u16("code", enum=RefuseCode, unknown=RefuseCode.OTHER), _REASON)
     code: RefuseCode
     reason: str = ""
 
-    def encode(self):
-        return 0, [_U16.pack(int(self.code)) + _text(self.reason, _U16, MAX_TEXT_BYTES)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        (code,) = r.unpack(_U16)
-        reason = r.text(_U16, MAX_TEXT_BYTES)
-        r.end()
-        try:
-            code = RefuseCode(code)
-        except ValueError:
-            code = RefuseCode.OTHER  # newer peers may add codes; the text says why
-        return cls(code, reason)
-
 
 # --- offer -------------------------------------------------------------------
-
-_OFFER = struct.Struct("<BBHIQI")
-
 
 @dataclass(frozen=True)
 class MigrationOffer(Event):
     """Source -> destination: what VM comes and how it will move."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["MigrationOffer"]
+    FIELDS = (u8("mode", enum=Mode), Reserved("reserved8", "B"), Reserved("reserved16", "H"),
+              u32("page_size", check=_page_size_problem), u64("npages"),
+              Json("config", MAX_CONFIG_BYTES))
     config: dict
     mode: Mode
     npages: int
     page_size: int = 4096
 
-    def encode(self):
-        raw = json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode()
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ValueError("VM config exceeds 1 MiB of JSON")
-        return 0, [_OFFER.pack(int(self.mode), 0, 0, self.page_size, self.npages, len(raw)), raw]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        mode, res8, res16, page_size, npages, config_len = r.unpack(_OFFER)
-        if res8 or res16:
-            raise PayloadError("MigrationOffer reserved fields are not 0")
-        try:
-            mode = Mode(mode)
-        except ValueError:
-            raise PayloadError(f"unknown migration mode {mode}") from None
-        if page_size < 512 or page_size & (page_size - 1):
-            raise PayloadError(f"page size {page_size} is not a power of two >= 512")
-        if config_len > MAX_CONFIG_BYTES:
-            raise PayloadError("VM config exceeds 1 MiB")
-        raw = r.take(config_len)
-        r.end()
-        try:
-            config = json.loads(str(raw, "utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise PayloadError(f"VM config is not JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise PayloadError("VM config must be a JSON object")
-        return cls(config, mode, npages, page_size)
-
 
 @dataclass(frozen=True)
-class Accept(_Empty):
+class Accept(Event):
     """Destination -> source: the offer is accepted, memory is ready."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Accept"]
@@ -234,21 +176,8 @@ class Accept(_Empty):
 @dataclass(frozen=True)
 class RoundStart(Event):
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundStart"]
+    FIELDS = (u32("round"),)
     round: int
-
-    def encode(self):
-        return 0, [_U32.pack(self.round)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        (rnd,) = r.unpack(_U32)
-        r.end()
-        return cls(rnd)
-
-
-_BATCH = struct.Struct(PAGE_BATCH_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -259,36 +188,28 @@ class PageBatch(Event):
     flags carry BATCH_URGENT). ``data`` is passed through without copying: one
     buffer, or a list/tuple of buffers sent back to back (an encoder's chunks,
     some of them views of guest memory). Decoded, it is one memoryview.
+    The prefix is spec.PAGE_BATCH_FORMAT, which the native urgent path speaks.
     """
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["PageBatch"]
     FLAGS: ClassVar[int] = BATCH_URGENT | BATCH_POSTCOPY
+    FIELDS = (u32("round"), u32("npages"), u64("request_id"), Tail("data"))
     round: int
     npages: int
     data: object = b""
     flags: int = 0
     request_id: int = 0
 
-    def encode(self):
+    def _frame_flags(self):
         if self.flags & ~self.FLAGS:
             raise ValueError(f"undefined PageBatch flags {self.flags:#x}")
-        return self.flags, [_BATCH.pack(self.round, self.npages, self.request_id),
-                            *self._views()]
-
-    def _views(self) -> list:
-        if isinstance(self.data, (list, tuple)):
-            return [_as_bytes_view(d) for d in self.data]
-        return [_as_bytes_view(self.data)]
+        return self.flags
 
     @classmethod
-    def decode(cls, flags, payload):
-        if flags & ~cls.FLAGS:
-            raise PayloadError(f"undefined PageBatch flags {flags:#x}")
-        r = _Reader(payload)
-        rnd, npages, request_id = r.unpack(_BATCH)
-        if request_id and not flags & BATCH_URGENT:
+    def _build(cls, flags, values):
+        if values["request_id"] and not flags & BATCH_URGENT:
             raise PayloadError("a PageBatch answering a request must be flagged URGENT")
-        return cls(rnd, npages, r.rest(), flags, request_id)
+        return cls(flags=flags, **values)
 
     @property
     def variant(self):
@@ -298,34 +219,16 @@ class PageBatch(Event):
 
     @property
     def data_bytes(self) -> int:
-        return sum(v.nbytes for v in self._views())
-
-
-_ROUND_END = struct.Struct("<IIQQ")
+        return sum(view.nbytes for view in as_bytes_views(self.data))
 
 
 @dataclass(frozen=True)
 class RoundEnd(Event):
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundEnd"]
+    FIELDS = (u32("round"), Reserved("reserved", "I"), u64("pages"), u64("bytes"))
     round: int
     pages: int
     bytes: int
-
-    def encode(self):
-        return 0, [_ROUND_END.pack(self.round, 0, self.pages, self.bytes)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        rnd, reserved, pages, nbytes = r.unpack(_ROUND_END)
-        r.end()
-        if reserved:
-            raise PayloadError("RoundEnd reserved field is not 0")
-        return cls(rnd, pages, nbytes)
-
-
-_ROUND_ACK = struct.Struct("<IIQ")
 
 
 @dataclass(frozen=True)
@@ -335,24 +238,9 @@ class RoundAck(Event):
     destination slower than the link is measured as such)."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundAck"]
+    FIELDS = (u32("round"), Reserved("reserved", "I"), u64("pages"))
     round: int
     pages: int
-
-    def encode(self):
-        return 0, [_ROUND_ACK.pack(self.round, 0, self.pages)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        rnd, reserved, pages = r.unpack(_ROUND_ACK)
-        r.end()
-        if reserved:
-            raise PayloadError("RoundAck reserved field is not 0")
-        return cls(rnd, pages)
-
-
-_INVALIDATE = struct.Struct("<II")
 
 
 @dataclass(frozen=True, eq=False)
@@ -366,31 +254,10 @@ class PageInvalidate(Event):
     ``pages``: strictly ascending page indices (uint64; may be empty)."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["PageInvalidate"]
+    FIELDS = (u32("round"), Count("count", "I", of="pages"),
+              U64Array("pages", "count", max_count=MAX_INVALIDATE_PAGES, ascending=True))
     round: int
     pages: numpy.ndarray = field(default_factory=lambda: numpy.zeros(0, dtype="<u8"))
-
-    def encode(self):
-        pages = numpy.ascontiguousarray(self.pages, dtype="<u8")
-        if pages.ndim != 1 or pages.size > MAX_INVALIDATE_PAGES:
-            raise ValueError(f"a PageInvalidate names at most {MAX_INVALIDATE_PAGES} pages")
-        if pages.size > 1 and not bool(numpy.all(pages[1:] > pages[:-1])):
-            raise ValueError("PageInvalidate pages must be strictly ascending")
-        return 0, [_INVALIDATE.pack(self.round, pages.size), memoryview(pages).cast("B")]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        rnd, count = r.unpack(_INVALIDATE)
-        if count > MAX_INVALIDATE_PAGES:
-            raise PayloadError(f"PageInvalidate of {count} pages exceeds "
-                               f"{MAX_INVALIDATE_PAGES}")
-        raw = r.take(count * 8)
-        r.end()
-        pages = numpy.frombuffer(raw, dtype="<u8")
-        if count > 1 and not bool(numpy.all(pages[1:] > pages[:-1])):
-            raise PayloadError("PageInvalidate pages are not strictly ascending")
-        return cls(rnd, pages)
 
     def __eq__(self, other):
         if not isinstance(other, PageInvalidate):
@@ -402,44 +269,43 @@ class PageInvalidate(Event):
 
 # --- switchover ----------------------------------------------------------------
 
+_OWED = Layout("Switchover", (u64("owed_npages"), Bitmap("owed_bitmap", "owed_npages")))
+
+
 @dataclass(frozen=True)
 class Switchover(Event):
     """Source -> destination, VM paused: CPU/device state, the memory digest
     the destination must reproduce, and for post-copy the pages still owed
-    (bit i set = page i not yet sent; bit order: LSB first within a byte)."""
+    (bit i set = page i not yet sent; bit order: LSB first within a byte).
+
+    The one hand-written codec: the owed-pages section exists only when the
+    POSTCOPY frame flag is set, a layout that depends on the flags. Both
+    parts are still field tables (``FIELDS`` and ``_OWED``)."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Switchover"]
     FLAGS: ClassVar[int] = SWITCHOVER_POSTCOPY
+    FIELDS = (_DIGEST, Blob("state"))
     state: bytes
     digest: bytes
     owed_npages: int = 0
     owed_bitmap: bytes | None = None
 
     def encode(self):
-        if len(self.digest) != DIGEST_BYTES:
-            raise ValueError("digest must be 16 bytes")
-        parts = [bytes(self.digest) + _U32.pack(len(self.state)), self.state]
+        parts = self.LAYOUT.encode({"digest": self.digest, "state": self.state})
         if self.owed_bitmap is None:
             return 0, parts
-        _check_bitmap(self.owed_npages, bytes(self.owed_bitmap))
-        parts += [_U64.pack(self.owed_npages), self.owed_bitmap]
-        return SWITCHOVER_POSTCOPY, parts
+        return SWITCHOVER_POSTCOPY, parts + _OWED.encode(
+            {"owed_npages": self.owed_npages, "owed_bitmap": self.owed_bitmap})
 
     @classmethod
     def decode(cls, flags, payload):
-        if flags & ~cls.FLAGS:
-            raise PayloadError(f"undefined Switchover flags {flags:#x}")
-        r = _Reader(payload)
-        digest = bytes(r.take(DIGEST_BYTES))
-        (state_len,) = r.unpack(_U32)
-        state = bytes(r.take(state_len))
-        if not flags & SWITCHOVER_POSTCOPY:
-            r.end()
-            return cls(state, digest)
-        (npages,) = r.unpack(_U64)
-        bitmap = bytes(r.rest())
-        _check_bitmap(npages, bitmap)
-        return cls(state, digest, npages, bitmap)
+        cls._check_flags(flags)
+        reader = Reader(payload, cls.__name__)
+        values = cls.LAYOUT.decode(reader)
+        if flags & SWITCHOVER_POSTCOPY:
+            values.update(_OWED.decode(reader))
+        reader.end()
+        return cls(**values)
 
     @property
     def variant(self):
@@ -447,14 +313,14 @@ class Switchover(Event):
 
 
 @dataclass(frozen=True)
-class Resumed(_Empty):
+class Resumed(Event):
     """Destination -> source, answering Commit: the VM runs here now."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Resumed"]
 
 
 @dataclass(frozen=True)
-class Verified(_Empty):
+class Verified(Event):
     """Destination -> source: digest and state check out; the VM is loaded
     but still paused, waiting for Commit."""
 
@@ -462,7 +328,7 @@ class Verified(_Empty):
 
 
 @dataclass(frozen=True)
-class Commit(_Empty):
+class Commit(Event):
     """Source -> destination: the source gives the VM up and will not resume
     it on its own; resume it."""
 
@@ -474,57 +340,25 @@ class VerifyFailed(Event):
     """Destination -> source: the digest did not match; the source resumes."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["VerifyFailed"]
+    FIELDS = (FixedBytes("expected", DIGEST_BYTES), FixedBytes("actual", DIGEST_BYTES), _REASON)
     expected: bytes
     actual: bytes
     reason: str = ""
 
-    def encode(self):
-        if len(self.expected) != DIGEST_BYTES or len(self.actual) != DIGEST_BYTES:
-            raise ValueError("digests must be 16 bytes")
-        return 0, [bytes(self.expected) + bytes(self.actual)
-                   + _text(self.reason, _U16, MAX_TEXT_BYTES)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        expected = bytes(r.take(DIGEST_BYTES))
-        actual = bytes(r.take(DIGEST_BYTES))
-        reason = r.text(_U16, MAX_TEXT_BYTES)
-        r.end()
-        return cls(expected, actual, reason)
-
 
 # --- post-copy and recovery ------------------------------------------------------
 
-_REQUEST = struct.Struct(PAGE_REQUEST_FORMAT)
-
-
 @dataclass(frozen=True)
 class PageRequest(Event):
-    """Destination -> source: the guest faulted on these pages; answer first."""
+    """Destination -> source: the guest faulted on these pages; answer first.
+    The prefix is spec.PAGE_REQUEST_FORMAT, which the native urgent path speaks."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["PageRequest"]
+    FIELDS = (u64("request_id"), Count("count", "I", of="pages"), Reserved("reserved", "I"),
+              U64Array("pages", "count", min_count=1, max_count=MAX_REQUEST_PAGES,
+                       as_tuple=True))
     request_id: int
     pages: tuple = field(default_factory=tuple)
-
-    def encode(self):
-        count = len(self.pages)
-        if not 0 < count <= MAX_REQUEST_PAGES:
-            raise ValueError(f"a PageRequest names 1..{MAX_REQUEST_PAGES} pages")
-        return 0, [_REQUEST.pack(self.request_id, count, 0),
-                   struct.pack(f"<{count}Q", *self.pages)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        request_id, count, reserved = r.unpack(_REQUEST)
-        if reserved or not 0 < count <= MAX_REQUEST_PAGES:
-            raise PayloadError(f"PageRequest count {count} or reserved field invalid")
-        pages = r.unpack(struct.Struct(f"<{count}Q"))
-        r.end()
-        return cls(request_id, pages)
 
 
 @dataclass(frozen=True)
@@ -533,21 +367,9 @@ class PresentReport(Event):
     (bit i set = page i present and valid), so the source skips them."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["PresentReport"]
+    FIELDS = (u64("npages"), Bitmap("bitmap", "npages"))
     npages: int
     bitmap: bytes
-
-    def encode(self):
-        _check_bitmap(self.npages, bytes(self.bitmap))
-        return 0, [_U64.pack(self.npages), self.bitmap]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        (npages,) = r.unpack(_U64)
-        bitmap = bytes(r.rest())
-        _check_bitmap(npages, bitmap)
-        return cls(npages, bitmap)
 
 
 @dataclass(frozen=True)
@@ -558,34 +380,18 @@ class PostcopyComplete(Event):
     the digest of what it sent and answers Complete, or Abort on a mismatch."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["PostcopyComplete"]
+    FIELDS = (u64("pages"), _DIGEST)
     pages: int
     digest: bytes = bytes(DIGEST_BYTES)
-
-    def encode(self):
-        if len(self.digest) != DIGEST_BYTES:
-            raise ValueError("digest must be 16 bytes")
-        return 0, [_U64.pack(self.pages) + bytes(self.digest)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        (pages,) = r.unpack(_U64)
-        digest = bytes(r.take(DIGEST_BYTES))
-        r.end()
-        return cls(pages, digest)
 
 
 # --- ending ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Complete(_Empty):
+class Complete(Event):
     """Source -> destination: the source released the VM; the session is over."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Complete"]
-
-
-_ABORT = struct.Struct("<BB")
 
 
 @dataclass(frozen=True)
@@ -593,58 +399,33 @@ class Abort(Event):
     """Either side: the migration is abandoned; the source keeps (or resumes) the VM."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Abort"]
+    FIELDS = (u8("phase", enum=Phase), Reserved("reserved", "B"), _REASON)
     phase: Phase
     reason: str = ""
 
-    def encode(self):
-        return 0, [_ABORT.pack(int(self.phase), 0) + _text(self.reason, _U16, MAX_TEXT_BYTES)]
 
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        phase, reserved = r.unpack(_ABORT)
-        reason = r.text(_U16, MAX_TEXT_BYTES)
-        r.end()
-        if reserved:
-            raise PayloadError("Abort reserved field is not 0")
-        try:
-            phase = Phase(phase)
-        except ValueError:
-            raise PayloadError(f"unknown phase {phase}") from None
-        return cls(phase, reason)
+_NONCE = (u64("nonce"),)
 
 
 @dataclass(frozen=True)
 class Ping(Event):
+    """Source -> destination before an offer: answer with a Pong of the same nonce."""
+
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Ping"]
+    FIELDS = _NONCE
     nonce: int
-
-    def encode(self):
-        return 0, [_U64.pack(self.nonce)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        (nonce,) = r.unpack(_U64)
-        r.end()
-        return cls(nonce)
 
 
 @dataclass(frozen=True)
-class Pong(Ping):
+class Pong(Event):
+    """Destination -> source: the answer to a Ping, its nonce echoed."""
+
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["Pong"]
+    FIELDS = _NONCE
+    nonce: int
 
 
 # --- bandwidth probe (livemig plan) -------------------------------------------------
-
-MAX_PROBE_BYTES = 1 << 30
-"""Most filler bytes one probe may announce: a probe is a measurement, not a transfer."""
-_PROBE_DATA = struct.Struct("<II")
-_PROBE_END = struct.Struct("<IIQ")
-_PROBE_RESULT = struct.Struct("<IIQQ")
-
 
 @dataclass(frozen=True)
 class ProbeData(Event):
@@ -653,20 +434,9 @@ class ProbeData(Event):
     frames of one probe from 0."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["ProbeData"]
+    FIELDS = (u32("seq"), Reserved("reserved", "I"), Tail("data"))
     seq: int
     data: object = b""
-
-    def encode(self):
-        return 0, [_PROBE_DATA.pack(self.seq, 0), _as_bytes_view(self.data)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        seq, reserved = r.unpack(_PROBE_DATA)
-        if reserved:
-            raise PayloadError("ProbeData reserved field is not 0")
-        return cls(seq, r.rest())
 
 
 @dataclass(frozen=True)
@@ -675,23 +445,9 @@ class ProbeEnd(Event):
     ``bytes`` filler bytes in all; answer with ProbeResult."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["ProbeEnd"]
+    FIELDS = (u32("frames"), Reserved("reserved", "I"), u64("bytes", limit=(0, MAX_PROBE_BYTES)))
     frames: int
     bytes: int
-
-    def encode(self):
-        return 0, [_PROBE_END.pack(self.frames, 0, self.bytes)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        frames, reserved, nbytes = r.unpack(_PROBE_END)
-        r.end()
-        if reserved:
-            raise PayloadError("ProbeEnd reserved field is not 0")
-        if nbytes > MAX_PROBE_BYTES:
-            raise PayloadError(f"probe of {nbytes} bytes exceeds {MAX_PROBE_BYTES}")
-        return cls(frames, nbytes)
 
 
 @dataclass(frozen=True)
@@ -703,22 +459,10 @@ class ProbeResult(Event):
     before it do not count."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["ProbeResult"]
+    FIELDS = (u32("frames"), Reserved("reserved", "I"), u64("bytes"), u64("duration_ns"))
     frames: int
     bytes: int
     duration_ns: int
-
-    def encode(self):
-        return 0, [_PROBE_RESULT.pack(self.frames, 0, self.bytes, self.duration_ns)]
-
-    @classmethod
-    def decode(cls, flags, payload):
-        _no_flags(cls, flags)
-        r = _Reader(payload)
-        frames, reserved, nbytes, duration_ns = r.unpack(_PROBE_RESULT)
-        r.end()
-        if reserved:
-            raise PayloadError("ProbeResult reserved field is not 0")
-        return cls(frames, nbytes, duration_ns)
 
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
@@ -727,6 +471,9 @@ ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBa
               Pong, ProbeData, ProbeEnd, ProbeResult)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
+# The native urgent path reads and writes these prefixes from spec.py.
+assert PageBatch.LAYOUT.fixed_format == PAGE_BATCH_FORMAT
+assert PageRequest.LAYOUT.fixed_format == PAGE_REQUEST_FORMAT
 
 
 def decode_event(type_id: int, flags: int, payload: memoryview) -> Event:

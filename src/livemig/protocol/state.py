@@ -8,23 +8,33 @@ Rules
    once (who may say what, when). A row is
    ``(state, sender role, event class, variant) -> next state``.
 2. The source always opens a channel with Hello; the destination answers
-   Welcome or Refuse. Nothing else may precede the handshake.
+   Welcome or Refuse. Nothing else may precede the handshake. On a control
+   channel a Hello with resume=1 (variant "resume") opens a recovery
+   conversation: the destination's PresentReport, then post-copy goes on.
 3. Anything not in the table is illegal. :meth:`Conversation.process` is the
-   one place that raises for it (TransitionError); the connection turns that
-   into LocalProtocolError when we were the sender and RemoteProtocolError
-   when the peer was.
+   one place that raises for it (TransitionError, naming the state, the
+   message and what the state expects); the connection turns that into
+   LocalProtocolError when we were the sender and RemoteProtocolError when
+   the peer was. The engines therefore never check which message came: at
+   each point they wait, the table leaves only the answer they wait for (and
+   Abort, and end of stream).
 4. Abort may be sent by either side from any state after Hello until a
-   terminal state; Ping/Pong by either side in any state between the
-   handshake and a terminal state. Neither changes anything else.
-5. End of stream is an input too: accepted in terminal states (and, on bulk
+   terminal state, and leads to ABORTED.
+5. Questions and answers: Ping is the source's liveness question, allowed
+   where the destination is waiting for the source's next message (READY,
+   the pre-copy states, an open bulk or urgent channel); the destination's
+   Pong answers it and may come in any later state (the source may have
+   moved on meanwhile), but only while a Ping is unanswered. Likewise a
+   ProbeResult only answers a ProbeEnd. Neither changes the state.
+6. End of stream is an input too: accepted in terminal states (and, on bulk
    and urgent channels, while open if the source closed: those channels end
    when the source closes them), an error anywhere else (the peer vanished
    mid-conversation).
-6. Terminal states accept nothing but end of stream.
+7. Terminal states accept nothing but end of stream.
 
 Control channel (source S, destination D)::
 
-    IDLE --S Hello--> HELLO_SENT --D Welcome--> READY --S MigrationOffer--> OFFERED
+    IDLE --S Hello(new)--> HELLO_SENT --D Welcome--> READY --S MigrationOffer--> OFFERED
     READY --S ProbeData--> READY --S ProbeEnd--> READY --D ProbeResult--> READY
                          (a bandwidth probe; the source may then offer, or close:
                           end of stream from the source is normal in READY)
@@ -32,7 +42,7 @@ Control channel (source S, destination D)::
                          v                                    OFFERED --D Accept--> PRECOPY
                       REFUSED
     PRECOPY --S RoundStart--> IN_ROUND --S PageBatch(precopy)--> IN_ROUND
-    IN_ROUND --S RoundEnd--> PRECOPY          PRECOPY --D PresentReport--> PRECOPY
+    IN_ROUND --S RoundEnd--> PRECOPY
     PRECOPY --D RoundAck--> PRECOPY (the destination applied a round)
     PRECOPY --S Switchover(precopy)--> SWITCHOVER --D Verified--> VERIFIED
                                                   --D VerifyFailed--> VERIFY_FAILED
@@ -42,11 +52,14 @@ Control channel (source S, destination D)::
     INVALIDATING --D RoundAck--> INVALIDATING          follows, only a post-copy
     INVALIDATING --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY   switchover)
     PRECOPY --S Switchover(postcopy)--> SWITCHOVER_POSTCOPY --D Verified--> VERIFIED_POSTCOPY
+    SWITCHOVER_POSTCOPY --D VerifyFailed--> VERIFY_FAILED
     VERIFIED_POSTCOPY --S Commit--> COMMITTED_POSTCOPY --D Resumed--> POSTCOPY
-    POSTCOPY --S PageBatch(postcopy|urgent)--> POSTCOPY --D PageRequest--> POSTCOPY
     POSTCOPY --D PostcopyComplete--> POSTCOPY_DONE --S Complete--> DONE
-    POSTCOPY --D VerifyFailed--> VERIFY_FAILED
-    READY --D PresentReport--> POSTCOPY   (resumed session: Hello(resume=True))
+    (pages and page requests travel on the bulk and urgent channels)
+
+    Recovery, a control channel reopened during post-copy:
+    IDLE --S Hello(resume)--> RESUME_SENT --D Welcome--> RESUMED
+    RESUMED --D PresentReport--> POSTCOPY      RESUME_SENT --D Refuse--> REFUSED
 
 Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
 (precopy or postcopy) any number of times; Refuse -> REFUSED.
@@ -56,10 +69,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
-                     PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
-                     Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
+from .events import (Abort, Accept, ChannelKind, Commit, Complete, Event, Hello, MigrationOffer,
+                     PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete,
+                     PresentReport, ProbeData, ProbeEnd, ProbeResult, Refuse, Resumed, RoundAck,
+                     RoundEnd, RoundStart, Switchover, Verified, VerifyFailed, Welcome)
 
 
 class Role(Enum):
@@ -77,6 +90,8 @@ class State(Enum):
     HELLO_SENT = ("hello-sent", Phase.HANDSHAKE)
     READY = ("ready", Phase.HANDSHAKE)
     OFFERED = ("offered", Phase.HANDSHAKE)
+    RESUME_SENT = ("resume-sent", Phase.HANDSHAKE)
+    RESUMED = ("resumed", Phase.HANDSHAKE)
     PRECOPY = ("precopy", Phase.PRECOPY)
     IN_ROUND = ("in-round", Phase.PRECOPY)
     INVALIDATING = ("invalidating", Phase.PRECOPY)
@@ -111,13 +126,20 @@ _TERMINAL = frozenset({State.DONE, State.REFUSED, State.VERIFY_FAILED, State.ABO
 S, D = Role.SOURCE, Role.DESTINATION
 _ANY = "*"   # any variant
 
+
+def _pings(*states: State) -> dict:
+    """Rule 5: where the source may ask Ping (the state stays)."""
+    return {(state, S, Ping, _ANY): state for state in states}
+
+
+# Before Hello names the channel kind only a Refuse can be judged (rule 2).
 _HANDSHAKE = {
-    (State.IDLE, S, Hello, _ANY): State.HELLO_SENT,
     (State.HELLO_SENT, D, Refuse, _ANY): State.REFUSED,
 }
 
 CONTROL = {
     **_HANDSHAKE,
+    (State.IDLE, S, Hello, "new"): State.HELLO_SENT,
     (State.HELLO_SENT, D, Welcome, _ANY): State.READY,
     (State.READY, S, MigrationOffer, _ANY): State.OFFERED,
     (State.READY, S, ProbeData, _ANY): State.READY,
@@ -125,7 +147,6 @@ CONTROL = {
     (State.READY, D, ProbeResult, _ANY): State.READY,
     (State.OFFERED, D, Accept, _ANY): State.PRECOPY,
     (State.OFFERED, D, Refuse, _ANY): State.REFUSED,
-    (State.PRECOPY, D, PresentReport, _ANY): State.PRECOPY,
     (State.PRECOPY, S, RoundStart, _ANY): State.IN_ROUND,
     (State.IN_ROUND, S, PageBatch, "precopy"): State.IN_ROUND,
     (State.IN_ROUND, S, RoundEnd, _ANY): State.PRECOPY,
@@ -146,32 +167,44 @@ CONTROL = {
     (State.COMMITTED_POSTCOPY, D, Resumed, _ANY): State.POSTCOPY,
     (State.SWITCHOVER_POSTCOPY, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
     (State.RELEASING, S, Complete, _ANY): State.DONE,
-    (State.POSTCOPY, S, PageBatch, "postcopy"): State.POSTCOPY,
-    (State.POSTCOPY, S, PageBatch, "urgent"): State.POSTCOPY,
-    (State.POSTCOPY, D, PageRequest, _ANY): State.POSTCOPY,
     (State.POSTCOPY, D, PostcopyComplete, _ANY): State.POSTCOPY_DONE,
-    (State.POSTCOPY, D, VerifyFailed, _ANY): State.VERIFY_FAILED,
     (State.POSTCOPY_DONE, S, Complete, _ANY): State.DONE,
     # recovery: a control channel opened with Hello(resume=True) for a session
     # in post-copy; the destination reports what it holds and post-copy goes on
-    (State.READY, D, PresentReport, _ANY): State.POSTCOPY,
+    (State.IDLE, S, Hello, "resume"): State.RESUME_SENT,
+    (State.RESUME_SENT, D, Welcome, _ANY): State.RESUMED,
+    (State.RESUME_SENT, D, Refuse, _ANY): State.REFUSED,
+    (State.RESUMED, D, PresentReport, _ANY): State.POSTCOPY,
+    **_pings(State.READY, State.PRECOPY, State.IN_ROUND, State.INVALIDATING),
+}
+
+_OPENED = {
+    **_HANDSHAKE,
+    (State.IDLE, S, Hello, _ANY): State.HELLO_SENT,
+    (State.HELLO_SENT, D, Welcome, _ANY): State.OPEN,
+    **_pings(State.OPEN),
 }
 
 BULK = {
-    **_HANDSHAKE,
-    (State.HELLO_SENT, D, Welcome, _ANY): State.OPEN,
+    **_OPENED,
     (State.OPEN, S, PageBatch, "precopy"): State.OPEN,
     (State.OPEN, S, PageBatch, "postcopy"): State.OPEN,
 }
 
 URGENT = {
-    **_HANDSHAKE,
-    (State.HELLO_SENT, D, Welcome, _ANY): State.OPEN,
+    **_OPENED,
     (State.OPEN, D, PageRequest, _ANY): State.OPEN,
     (State.OPEN, S, PageBatch, "urgent"): State.OPEN,
 }
 
 TABLES = {ChannelKind.CONTROL: CONTROL, ChannelKind.BULK: BULK, ChannelKind.URGENT: URGENT}
+
+# Rule 5: an answer is legal only while its question is unanswered.
+ANSWERS = {Pong: Ping, ProbeResult: ProbeEnd}
+_QUESTIONS = frozenset(ANSWERS.values())
+# Before Welcome no Pong can be due; after it, a Pong may cross the source's
+# next messages, so it is allowed in any later state that is not terminal.
+_NO_PONG = frozenset({State.IDLE, State.HELLO_SENT, State.RESUME_SENT})
 
 # States where end of stream is a normal ending, per channel kind and per
 # role that closed. Bulk and urgent channels end when the source closes them;
@@ -188,12 +221,22 @@ class TransitionError(Exception):
     """An event (or end of stream) the current state does not allow."""
 
 
+def _expected(table: dict, state: State, sender: Role) -> str:
+    """What ``state`` allows ``sender``, in words: "Accept or Refuse from the destination"."""
+    names = [cls.__name__ if variant == _ANY else f"{cls.__name__}({variant})"
+             for (st, role, cls, variant) in table if st is state and role is sender]
+    if not names:
+        return f"nothing from the {sender.value} here but Abort"
+    return " or ".join(names) + f" from the {sender.value}"
+
+
 class Conversation:
     """The state of one channel; ``kind`` may stay None until Hello names it."""
 
     def __init__(self, kind: ChannelKind | None = None):
         self.kind = kind
         self.state = State.IDLE
+        self._unanswered = dict.fromkeys(_QUESTIONS, 0)
 
     @property
     def phase(self) -> Phase:
@@ -210,20 +253,31 @@ class Conversation:
                     f"Hello names a {event.channel_kind.name.lower()} channel on a "
                     f"{kind.name.lower()} channel")
         table = TABLES[kind] if kind is not None else _HANDSHAKE
-        key = (self.state, sender, type(event))
+        cls = type(event)
+        key = (self.state, sender, cls)
         nxt = table.get(key + (_ANY,)) or table.get(key + (event.variant,))
         if nxt is None and not self.state.terminal:
-            if isinstance(event, Abort) and self.state is not State.IDLE:
+            if cls is Abort and self.state is not State.IDLE:
                 nxt = State.ABORTED
-            elif isinstance(event, (Ping, Pong)) and self.state not in (
-                    State.IDLE, State.HELLO_SENT):
+            elif cls is Pong and sender is D and self.state not in _NO_PONG:
                 nxt = self.state
-        if nxt is None:
+        question = ANSWERS.get(cls)
+        if nxt is None or (question is not None and not self._unanswered[question]):
             variant = f" ({event.variant})" if event.variant else ""
             kind_name = kind.name.lower() if kind else "unnamed"
+            if nxt is not None:
+                why = f"it answers no {question.__name__}"
+            elif self.state.terminal:
+                why = "the conversation is over"
+            else:
+                why = f"expected {_expected(table, self.state, sender)}"
             raise TransitionError(
-                f"{sender.value} may not send {type(event).__name__}{variant} in state "
-                f"{self.state.value[0]} of a {kind_name} channel")
+                f"{sender.value} may not send {cls.__name__}{variant} in state "
+                f"{self.state.value[0]} on the {kind_name} channel: {why}")
+        if cls in self._unanswered:
+            self._unanswered[cls] += 1
+        elif question is not None:
+            self._unanswered[question] -= 1
         self.kind = kind
         self.state = nxt
         return nxt

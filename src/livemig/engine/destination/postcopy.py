@@ -56,7 +56,7 @@ from ...codec.kernels import ZERO_PAGE_HASH, hash_pages
 from ...codec.rawbatch import parse_raw
 from ...errors import CodecError, ConnectionLost, MigrationError, RemoteProtocolError
 from ...native.postcopy import PostcopyMemory
-from ...protocol import (Abort, Complete, PageBatch, PageRequest, PostcopyComplete,
+from ...protocol import (Abort, Complete, PageBatch, PageRequest, Ping, Pong, PostcopyComplete,
                        PresentReport)
 from ...stats import MigrationStats
 from ...native.urgent import NativeFaultServer
@@ -239,9 +239,13 @@ class FaultService:
                     return
                 raise RemoteProtocolError(f"the source closed the {what} channel during "
                                           "post-copy", phase="postcopy")
-            if not isinstance(event, PageBatch):
-                raise RemoteProtocolError(f"unexpected {type(event).__name__} on the {what} "
-                                          "channel", phase="postcopy")
+            # The channel's state allows the source PageBatch, Ping and Abort only.
+            if isinstance(event, Ping):
+                await ch.send(Pong(event.nonce))
+                continue
+            if isinstance(event, Abort):
+                raise RemoteProtocolError(f"the source aborted the {what} channel: "
+                                          f"{event.reason}", phase="postcopy")
             self._apply(event, urgent=what == "urgent")
             await asyncio.sleep(0)   # let fault reading and requests in between batches
 
@@ -323,14 +327,14 @@ class FaultService:
 
     @staticmethod
     def _unexpected(event) -> Exception:
+        """Why the control channel ended post-copy early: the protocol's state
+        allows the source nothing but Abort before PostcopyComplete, and only
+        Complete or Abort after it; or the source closed the channel."""
         if event is None:
             return RemoteProtocolError("the source closed the control channel during "
                                        "post-copy", phase="postcopy")
-        if isinstance(event, Abort):
-            return MigrationError(f"the source aborted post-copy: {event.reason}",
-                                  phase="postcopy")
-        return RemoteProtocolError(f"unexpected {type(event).__name__} during post-copy",
-                                   phase="postcopy")
+        return MigrationError(f"the source aborted post-copy: {event.reason}",
+                              phase="postcopy")
 
 
 __all__ = ["FaultService", "PostcopyPlacer"]

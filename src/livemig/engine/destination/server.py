@@ -61,7 +61,7 @@ from ...native import urgent
 from .postcopy import FaultService, PostcopyPlacer
 from ...native import PAGE_SIZE
 from ...native import postcopy
-from ...protocol import (Abort, Accept, ChannelKind, Commit, Hello, MigrationOffer, Mode,
+from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode,
                        PageBatch, PageInvalidate, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
                        Switchover, Verified, VerifyFailed, answer_hello)
 from ...protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
@@ -189,9 +189,6 @@ class IncomingMigration:
         offer, probed = await self._answer_probes()
         if offer is None and probed:
             return False  # a bandwidth probe only (livemig plan): nothing to host
-        if not isinstance(offer, MigrationOffer):
-            raise RemoteProtocolError(f"expected MigrationOffer, got {type(offer).__name__}",
-                                      phase="handshake")
         problem = self._check_offer(offer)
         if problem is not None:
             code, reason = problem
@@ -230,8 +227,9 @@ class IncomingMigration:
         return True
 
     async def _answer_probes(self):
-        """Serve bandwidth probes (ProbeData* ProbeEnd -> ProbeResult) until another
-        event arrives: (that event or None at end of stream, whether we probed).
+        """Serve bandwidth probes (ProbeData* ProbeEnd -> ProbeResult) and Pings until
+        another event arrives: (that event, a MigrationOffer as the protocol's
+        state allows nothing else here, or None at end of stream; whether we probed).
 
         The first ProbeData only starts the clock: bytes queued before it were
         in flight during connection set-up and would overstate the rate."""
@@ -256,7 +254,7 @@ class IncomingMigration:
                 duration_ns = time.perf_counter_ns() - first_ns if first_ns is not None else 0
                 await self.ch.send(ProbeResult(frames, nbytes, duration_ns))
                 probed, first_ns, frames, nbytes = True, None, 0, 0
-            elif isinstance(event, Ping) and not isinstance(event, Pong):
+            elif isinstance(event, Ping):
                 await self.ch.send(Pong(event.nonce))
             elif event is None and not probed:
                 raise RemoteProtocolError("the source closed the connection while we waited "
@@ -320,8 +318,9 @@ class IncomingMigration:
                 else:
                     await self._handover(event)
                 return
-            else:
-                raise RemoteProtocolError(f"unexpected {type(event).__name__}", phase="precopy")
+            elif isinstance(event, Ping):
+                # the one other message the pre-copy states allow the source
+                await self.ch.send(Pong(event.nonce))
 
     async def _handover(self, sw: Switchover) -> None:
         cfg, vm = self.config, self.vm
@@ -360,10 +359,8 @@ class IncomingMigration:
         """The VM is loaded and checked but paused: say so and wait for the
         source to give it up (Commit). Only then may it run here."""
         await self.ch.send(Verified())
-        commit = await self._recv(self.config.ack_timeout_s, "Commit")
-        if not isinstance(commit, Commit):
-            raise RemoteProtocolError(f"expected Commit, got {type(commit).__name__}",
-                                      phase="switchover")
+        # The protocol's state allows only Commit (or Abort) now.
+        await self._recv(self.config.ack_timeout_s, "Commit")
 
     def _completed(self, vm: VM) -> None:
         """The migration is over and the running VM is the host's."""
