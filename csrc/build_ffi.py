@@ -1,7 +1,8 @@
 """CFFI out-of-line API build of livemig._native.
 
 The one hand-written header csrc/livemig.h is both the C include of every
-source file and, between the LM_CDEF_BEGIN/LM_CDEF_END markers, the cdef
+source file (csrc/<layer>/lm_*.c; files include other layers' internal
+headers by their path from csrc/, e.g. "postcopy/lm_postcopy_internal.h") and, between the LM_CDEF_BEGIN/LM_CDEF_END markers, the cdef
 given to CFFI. Nothing from this script ships in the package.
 
 Run directly (`python csrc/build_ffi.py`) to build in place into src/livemig/
@@ -31,10 +32,15 @@ def _cdef_text() -> str:
     )
 
 
+def _sources() -> list[str]:
+    """Every lm_*.c under csrc/, whichever layer folder it sits in."""
+    return sorted(glob.glob(os.path.join(HERE, "**", "lm_*.c"), recursive=True))
+
+
 def make_builder(absolute_paths: bool) -> FFI:
     """setuptools wants sources relative to where it runs (the project root);
     ffi.compile() changes into its temporary directory, so it needs them absolute."""
-    sources = sorted(glob.glob(os.path.join(HERE, "lm_*.c")))
+    sources = _sources()
     if not absolute_paths:
         sources = [os.path.relpath(p) for p in sources]
     builder = FFI()

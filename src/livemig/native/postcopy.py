@@ -1,7 +1,7 @@
 """Post-copy guest memory: pages that arrive after the guest has resumed.
 
 ``PostcopyMemory(memory, present)`` registers a :class:`GuestMemory` with
-userfaultfd in MISSING mode (csrc/lm_postcopy.c). Pages marked in ``present``
+userfaultfd in MISSING mode (csrc/postcopy/lm_postcopy.c). Pages marked in ``present``
 (already valid, e.g. pre-copied) are left alone; every other page is
 discarded so that the first access to it blocks the accessing thread in the
 kernel and queues a fault. The owner of the event loop watches the fd::

@@ -70,7 +70,7 @@
 #include <unistd.h>
 
 #include "livemig.h"
-#include "lm_postcopy_internal.h"
+#include "postcopy/lm_postcopy_internal.h"
 
 #define LM_XXHASH_SONAME "libxxhash.so.0"
 #define LM_XXH3_EMPTY 0x2D06800538D394C2ULL   /* XXH3_64bits("", 0) */
