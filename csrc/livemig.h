@@ -8,7 +8,11 @@
  *  - there are no hidden globals, with one documented exception: the
  *    mprotect tracker's region registry, which its SIGSEGV handler must reach;
  *  - the text between LM_CDEF_BEGIN and LM_CDEF_END is fed verbatim to CFFI's
- *    cdef, so it holds only declarations and integer #defines.
+ *    cdef, so it holds only declarations and integer #defines;
+ *  - wire numbers (frame and page-batch layout, message ids, encodings) are
+ *    never written here or in any C file: "wire/lm_wire_gen.h" is generated
+ *    from src/livemig/protocol/spec.py at build time and csrc/build_ffi.py
+ *    adds its names (LM_WIRE_*, LM_MSG_*, LM_BATCH_*, LM_ENC_*) to the cdef.
  *
  * LM_ABI_VERSION changes whenever a declaration below changes; the Python
  * side refuses a compiled module whose lm_abi_version() differs from the one
@@ -27,7 +31,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 11
+#define LM_ABI_VERSION 12
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);

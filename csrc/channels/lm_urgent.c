@@ -71,25 +71,10 @@
 
 #include "livemig.h"
 #include "postcopy/lm_postcopy_internal.h"
+#include "wire/lm_wire_gen.h"
 
 #define LM_XXHASH_SONAME "libxxhash.so.0"
 #define LM_XXH3_EMPTY 0x2D06800538D394C2ULL   /* XXH3_64bits("", 0) */
-
-/* wire.py and events.py constants */
-#define W_HEADER 32
-#define W_MAGIC "LMIG"
-#define W_PAGE_REQUEST 64
-#define W_PAGE_BATCH 33
-#define W_BATCH_URGENT 0x1
-#define W_REQ_PREFIX 16          /* <QII request_id, count, reserved */
-#define W_BATCH_PREFIX 16        /* <IIQ round, npages, request_id */
-/* batchformat.py */
-#define B_MAGIC "LMPB"
-#define B_VERSION 1
-#define B_HEADER 24              /* <4sBBHIIQ */
-#define B_RUN 20                 /* <QIBBBBI */
-#define B_ZERO 1
-#define B_RAW 5
 
 /* A received frame larger than this is refused whatever was negotiated: a
  * reply to our own requests is at most LM_URGENT_REQUEST_PAGES pages. */
@@ -406,7 +391,7 @@ static void frame_header(lm_urgent *u, uint8_t *h, uint16_t type, uint16_t flags
             u->xx.update(u->xx_state, payload[i].iov_base, payload[i].iov_len);
         checksum = u->xx.digest(u->xx_state);
     }
-    memcpy(h, W_MAGIC, 4);
+    memcpy(h, LM_WIRE_MAGIC, 4);
     put16(h + 4, (uint16_t)u->version);
     put16(h + 6, type);
     put16(h + 8, flags);
@@ -423,7 +408,7 @@ typedef int (*frame_fn)(lm_urgent *u, uint16_t flags, const uint8_t *payload, ui
 /* Check one buffered header: 0 and the payload length, or -errno. */
 static int header_check(lm_urgent *u, const uint8_t *h, uint16_t want_type, uint32_t *length)
 {
-    if (memcmp(h, W_MAGIC, 4) != 0)
+    if (memcmp(h, LM_WIRE_MAGIC, 4) != 0)
         return fail(u, EPROTO, "bad frame magic %02x%02x%02x%02x", h[0], h[1], h[2], h[3]);
     if (get16(h + 4) != u->version)
         return fail(u, EPROTO, "unsupported frame version %u (expected %u)", get16(h + 4),
@@ -467,15 +452,15 @@ static int receive(lm_urgent *u, uint16_t want_type, frame_fn fn)
         STAT_ADD(u, bytes_received, got);
         u->rlen += (uint64_t)got;
         uint64_t off = 0;
-        while (u->rlen - off >= W_HEADER) {
+        while (u->rlen - off >= LM_WIRE_HEADER_BYTES) {
             const uint8_t *h = u->rbuf + off;
             uint32_t length = 0;
             int rc = header_check(u, h, want_type, &length);
             if (rc < 0)
                 return rc;
-            if (u->rlen - off - W_HEADER < length)
+            if (u->rlen - off - LM_WIRE_HEADER_BYTES < length)
                 break;
-            const uint8_t *payload = h + W_HEADER;
+            const uint8_t *payload = h + LM_WIRE_HEADER_BYTES;
             if (u->xx.oneshot(payload, length) != get64(h + 24))
                 return fail(u, EBADMSG, "payload checksum mismatch in frame %llu (type %u)",
                             (unsigned long long)u->recv_seq, want_type);
@@ -484,13 +469,13 @@ static int receive(lm_urgent *u, uint16_t want_type, frame_fn fn)
             rc = fn(u, get16(h + 8), payload, length);
             if (rc < 0)
                 return rc;
-            off += W_HEADER + length;
+            off += LM_WIRE_HEADER_BYTES + length;
         }
         if (off) {
             memmove(u->rbuf, u->rbuf + off, u->rlen - off);
             u->rlen -= off;
         }
-        if (u->rlen && memcmp(u->rbuf, W_MAGIC, u->rlen < 4 ? u->rlen : 4) != 0)
+        if (u->rlen && memcmp(u->rbuf, LM_WIRE_MAGIC, u->rlen < 4 ? u->rlen : 4) != 0)
             return fail(u, EPROTO, "bad frame magic");
     }
 }
@@ -504,13 +489,13 @@ static int dest_send_requests(lm_urgent *u, const uint64_t *pages, uint64_t n)
         uint64_t take = n < LM_URGENT_REQUEST_PAGES ? n : LM_URGENT_REQUEST_PAGES;
         uint8_t *f = u->sbuf;
         uint64_t id = u->next_request_id++;
-        put64(f + W_HEADER, id);
-        put32(f + W_HEADER + 8, (uint32_t)take);
-        put32(f + W_HEADER + 12, 0);
-        memcpy(f + W_HEADER + W_REQ_PREFIX, pages, take * 8);   /* little-endian host */
-        struct iovec iov = {.iov_base = f + W_HEADER, .iov_len = W_REQ_PREFIX + take * 8};
-        frame_header(u, f, W_PAGE_REQUEST, 0, &iov, 1);
-        struct iovec whole = {.iov_base = f, .iov_len = W_HEADER + iov.iov_len};
+        put64(f + LM_WIRE_HEADER_BYTES, id);
+        put32(f + LM_WIRE_HEADER_BYTES + 8, (uint32_t)take);
+        put32(f + LM_WIRE_HEADER_BYTES + 12, 0);
+        memcpy(f + LM_WIRE_HEADER_BYTES + LM_WIRE_REQUEST_PREFIX_BYTES, pages, take * 8);   /* little-endian host */
+        struct iovec iov = {.iov_base = f + LM_WIRE_HEADER_BYTES, .iov_len = LM_WIRE_REQUEST_PREFIX_BYTES + take * 8};
+        frame_header(u, f, LM_MSG_PAGE_REQUEST, 0, &iov, 1);
+        struct iovec whole = {.iov_base = f, .iov_len = LM_WIRE_HEADER_BYTES + iov.iov_len};
         int rc = write_all(u, &whole, 1);
         if (rc < 0)
             return rc;
@@ -610,42 +595,42 @@ LM_API int64_t lm_urgent_dest_settle(lm_urgent *u, const int64_t *pages, uint64_
 
 static int dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_t length)
 {
-    if (flags != W_BATCH_URGENT)
+    if (flags != LM_WIRE_BATCH_URGENT)
         return fail(u, EPROTO, "a PageBatch on the urgent channel must be flagged URGENT "
                     "only (flags %#x)", flags);
-    if (length < W_BATCH_PREFIX + B_HEADER)
+    if (length < LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES)
         return fail(u, EPROTO, "PageBatch of %u bytes is shorter than its headers", length);
     uint32_t npages = get32(p + 4);
     uint64_t request_id = get64(p + 8);
     if (request_id == 0 || request_id >= u->next_request_id)
         return fail(u, EPROTO, "PageBatch answers request %llu, which was never sent",
                     (unsigned long long)request_id);
-    const uint8_t *b = p + W_BATCH_PREFIX;
-    uint64_t blen = length - W_BATCH_PREFIX;
-    if (memcmp(b, B_MAGIC, 4) != 0 || b[4] != B_VERSION || b[5] != 0 || get16(b + 6) != 0)
+    const uint8_t *b = p + LM_WIRE_BATCH_PREFIX_BYTES;
+    uint64_t blen = length - LM_WIRE_BATCH_PREFIX_BYTES;
+    if (memcmp(b, LM_BATCH_MAGIC, 4) != 0 || b[4] != LM_BATCH_VERSION || b[5] != 0 || get16(b + 6) != 0)
         return fail(u, EPROTO, "page batch header invalid (magic, version, flags or reserved)");
     uint32_t nruns = get32(b + 8), bpages = get32(b + 12);
     uint64_t payload_bytes = get64(b + 16);
     if (nruns == 0 || bpages != npages)
         return fail(u, EPROTO, "page batch holds %u runs and %u pages, its PageBatch says %u",
                     nruns, bpages, npages);
-    uint64_t table_end = B_HEADER + (uint64_t)nruns * B_RUN;
+    uint64_t table_end = LM_BATCH_HEADER_BYTES + (uint64_t)nruns * LM_BATCH_RUN_BYTES;
     if (table_end > blen || blen - table_end != payload_bytes)
         return fail(u, EPROTO, "page batch length %llu does not match %u runs and %llu payload "
                     "bytes", (unsigned long long)blen, nruns, (unsigned long long)payload_bytes);
     /* Validate the whole table before placing anything. */
     uint64_t prev_end = 0, seen = 0, raw_bytes = 0;
     for (uint32_t i = 0; i < nruns; i++) {
-        const uint8_t *r = b + B_HEADER + (uint64_t)i * B_RUN;
+        const uint8_t *r = b + LM_BATCH_HEADER_BYTES + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r);
         uint32_t count = get32(r + 8), pb = get32(r + 16);
         uint8_t enc = r[12];
         if (r[13] || r[14] || r[15])
             return fail(u, EPROTO, "reserved run-table bytes set");
-        if (enc != B_RAW && enc != B_ZERO)
+        if (enc != LM_ENC_RAW && enc != LM_ENC_ZERO)
             return fail(u, EPROTO, "urgent reply uses encoding %u (only RAW and ZERO are "
                         "accepted on this path)", enc);
-        uint64_t want = enc == B_RAW ? (uint64_t)count * LM_PAGE_SIZE : 0;
+        uint64_t want = enc == LM_ENC_RAW ? (uint64_t)count * LM_PAGE_SIZE : 0;
         if (count == 0 || pb != want)
             return fail(u, EPROTO, "run of %u pages with %u payload bytes", count, pb);
         if (first >= u->npages || count > u->npages - first)
@@ -662,13 +647,13 @@ static int dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_
         return fail(u, EPROTO, "run counts or payload sizes do not add up to the header");
     const uint8_t *data = b + table_end;
     for (uint32_t i = 0; i < nruns; i++) {
-        const uint8_t *r = b + B_HEADER + (uint64_t)i * B_RUN;
+        const uint8_t *r = b + LM_BATCH_HEADER_BYTES + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r);
         uint32_t count = get32(r + 8);
         int64_t placed;
         /* Hashes first: once the last page is placed the owner may take the
          * digest of the hash array at any moment. */
-        if (r[12] == B_RAW) {
+        if (r[12] == LM_ENC_RAW) {
             if (u->hashes) {
                 uint64_t h[64];
                 for (uint32_t j = 0; j < count; j += 64) {
@@ -746,15 +731,15 @@ static int source_reply(lm_urgent *u, uint64_t request_id, const uint64_t *pages
                         uint64_t nruns)
 {
     uint8_t *f = u->sbuf;
-    uint8_t *bp = f + W_HEADER;                  /* PageBatch prefix */
-    uint8_t *bh = bp + W_BATCH_PREFIX;           /* page batch header */
-    uint8_t *rt = bh + B_HEADER;                 /* run table */
+    uint8_t *bp = f + LM_WIRE_HEADER_BYTES;                  /* PageBatch prefix */
+    uint8_t *bh = bp + LM_WIRE_BATCH_PREFIX_BYTES;           /* page batch header */
+    uint8_t *rt = bh + LM_BATCH_HEADER_BYTES;                 /* run table */
     struct iovec iov[1 + LM_URGENT_REPLY_RUNS + 1];
     put32(bp, u->round);
     put32(bp + 4, (uint32_t)n);
     put64(bp + 8, request_id);
-    memcpy(bh, B_MAGIC, 4);
-    bh[4] = B_VERSION;
+    memcpy(bh, LM_BATCH_MAGIC, 4);
+    bh[4] = LM_BATCH_VERSION;
     bh[5] = 0;
     put16(bh + 6, 0);
     put32(bh + 8, (uint32_t)nruns);
@@ -765,10 +750,10 @@ static int source_reply(lm_urgent *u, uint64_t request_id, const uint64_t *pages
         uint64_t j = i + 1;
         while (j < n && pages[j] == pages[j - 1] + 1)
             j++;
-        uint8_t *e = rt + r * B_RUN;
+        uint8_t *e = rt + r * LM_BATCH_RUN_BYTES;
         put64(e, pages[i]);
         put32(e + 8, (uint32_t)(j - i));
-        e[12] = B_RAW;
+        e[12] = LM_ENC_RAW;
         e[13] = e[14] = e[15] = 0;
         put32(e + 16, (uint32_t)((j - i) * LM_PAGE_SIZE));
         iov[2 + r].iov_base = (void *)(u->base + pages[i] * LM_PAGE_SIZE);
@@ -777,17 +762,17 @@ static int source_reply(lm_urgent *u, uint64_t request_id, const uint64_t *pages
         i = j;
     }
     iov[1].iov_base = bp;
-    iov[1].iov_len = W_BATCH_PREFIX + B_HEADER + nruns * B_RUN;
-    frame_header(u, f, W_PAGE_BATCH, W_BATCH_URGENT, iov + 1, (int)(1 + nruns));
+    iov[1].iov_len = LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES + nruns * LM_BATCH_RUN_BYTES;
+    frame_header(u, f, LM_MSG_PAGE_BATCH, LM_WIRE_BATCH_URGENT, iov + 1, (int)(1 + nruns));
     iov[0].iov_base = f;
-    iov[0].iov_len = W_HEADER;
+    iov[0].iov_len = LM_WIRE_HEADER_BYTES;
     int rc = write_all(u, iov, (int)(2 + nruns));
     if (rc < 0)
         return rc;
     STAT_ADD(u, frames_sent, 1);
     STAT_ADD(u, replies, 1);
     STAT_ADD(u, pages_replied, n);
-    STAT_ADD(u, payload_bytes_replied, B_HEADER + nruns * B_RUN + n * LM_PAGE_SIZE);
+    STAT_ADD(u, payload_bytes_replied, LM_BATCH_HEADER_BYTES + nruns * LM_BATCH_RUN_BYTES + n * LM_PAGE_SIZE);
     if (u->hashes) {
         /* After the write: the page bytes are final (the source VM is paused). */
         for (uint64_t k = 0; k < n; k++) {
@@ -803,16 +788,16 @@ static int source_on_request(lm_urgent *u, uint16_t flags, const uint8_t *p, uin
 {
     if (flags != 0)
         return fail(u, EPROTO, "undefined PageRequest flags %#x", flags);
-    if (length < W_REQ_PREFIX)
+    if (length < LM_WIRE_REQUEST_PREFIX_BYTES)
         return fail(u, EPROTO, "PageRequest of %u bytes is shorter than its header", length);
     uint64_t request_id = get64(p);
     uint32_t count = get32(p + 8);
     if (get32(p + 12) != 0 || count == 0 || count > LM_URGENT_MAX_PAGES_IN)
         return fail(u, EPROTO, "PageRequest count %u or reserved field invalid", count);
-    if (length != W_REQ_PREFIX + (uint64_t)count * 8)
+    if (length != LM_WIRE_REQUEST_PREFIX_BYTES + (uint64_t)count * 8)
         return fail(u, EPROTO, "PageRequest of %u pages has %u bytes", count, length);
     uint64_t *pages = u->scratch;
-    memcpy(pages, p + W_REQ_PREFIX, (uint64_t)count * 8);
+    memcpy(pages, p + LM_WIRE_REQUEST_PREFIX_BYTES, (uint64_t)count * 8);
     for (uint32_t i = 0; i < count; i++)
         if (pages[i] >= u->npages)
             return fail(u, ERANGE, "a PageRequest names page %llu, outside guest memory (%llu "
@@ -911,9 +896,9 @@ static void *urgent_main(void *arg)
         }
         if (rc == 0 && pfd[1].revents) {
             if (u->side == SIDE_DEST)
-                rc = receive(u, W_PAGE_BATCH, dest_on_batch);
+                rc = receive(u, LM_MSG_PAGE_BATCH, dest_on_batch);
             else
-                rc = receive(u, W_PAGE_REQUEST, source_on_request);
+                rc = receive(u, LM_MSG_PAGE_REQUEST, source_on_request);
         }
         if (spin_ns)
             spin_until = now_ns() + spin_ns;
@@ -941,11 +926,11 @@ LM_API int lm_urgent_attach(lm_urgent *u, int sock_fd, uint32_t wire_version, ui
     uint64_t max_frame = max_payload_bytes < LM_URGENT_MAX_FRAME ? max_payload_bytes
                                                                   : LM_URGENT_MAX_FRAME;
     uint64_t sbuf_bytes = u->side == SIDE_DEST
-        ? W_HEADER + W_REQ_PREFIX + LM_URGENT_REQUEST_PAGES * 8
-        : W_HEADER + W_BATCH_PREFIX + B_HEADER + LM_URGENT_REPLY_RUNS * B_RUN;
-    if (!u->rbuf || u->rbuf_cap != W_HEADER + max_frame) {
+        ? LM_WIRE_HEADER_BYTES + LM_WIRE_REQUEST_PREFIX_BYTES + LM_URGENT_REQUEST_PAGES * 8
+        : LM_WIRE_HEADER_BYTES + LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES + LM_URGENT_REPLY_RUNS * LM_BATCH_RUN_BYTES;
+    if (!u->rbuf || u->rbuf_cap != LM_WIRE_HEADER_BYTES + max_frame) {
         free(u->rbuf);
-        u->rbuf_cap = W_HEADER + max_frame;
+        u->rbuf_cap = LM_WIRE_HEADER_BYTES + max_frame;
         u->rbuf = malloc(u->rbuf_cap);
     }
     if (!u->sbuf)

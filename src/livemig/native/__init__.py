@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import LivemigError, native_error
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 PAGE_SIZE = 4096
 
 try:
