@@ -1,4 +1,4 @@
-"""The urgent post-copy channel on native threads (csrc/lm_urgent.c).
+"""The urgent post-copy channel on native threads (csrc/channels/).
 
 Theory of operation
 -------------------
