@@ -5,6 +5,8 @@ Everything native goes through here: ``lib``/``ffi`` for the calls, and
 :mod:`livemig.errors` exception. At import it refuses a compiled module whose
 ABI version differs from the one this Python code was written against, which
 is what happens when csrc/ changed but the extension was not rebuilt.
+The wrappers own what they create through :mod:`.handles` (``ffi.gc``, with
+users freed before the objects they use).
 """
 from __future__ import annotations
 
