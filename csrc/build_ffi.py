@@ -1,8 +1,18 @@
 """CFFI out-of-line API build of livemig._native.
 
 The one hand-written header csrc/livemig.h is both the C include of every
-source file and, between the LM_CDEF_BEGIN/LM_CDEF_END markers, the cdef
-given to CFFI. Nothing from this script ships in the package.
+source file (csrc/<layer>/lm_*.c; files include other layers' internal
+headers by their path from csrc/, e.g. "postcopy/lm_postcopy_internal.h") and,
+between the LM_CDEF_BEGIN/LM_CDEF_END markers, the cdef given to CFFI.
+
+The wire numbers are not written in C at all: this script loads
+src/livemig/protocol/spec.py on its own (runpy; the file imports only
+`struct`, so the build needs neither numpy nor the livemig package), writes
+its c_defines() to csrc/wire/lm_wire_gen.h (generated, not in git), and adds
+every one of them to the cdef with the value left for the C compiler to
+supply, so the compiled module carries the values C was really built with
+(tests/native/test_wire_native.py compares them with spec.py). Nothing from
+this script ships in the package.
 
 Run directly (`python csrc/build_ffi.py`) to build in place into src/livemig/
 for development; `pip install .` builds it through setup.py.
@@ -10,11 +20,14 @@ for development; `pip install .` builds it through setup.py.
 import glob
 import os
 import re
+import runpy
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "livemig.h")
+SPEC = os.path.join(os.path.dirname(HERE), "src", "livemig", "protocol", "spec.py")
+WIRE_HEADER = os.path.join(HERE, "wire", "lm_wire_gen.h")
 
 
 def _cdef_text() -> str:
@@ -31,17 +44,63 @@ def _cdef_text() -> str:
     )
 
 
+def _wire_defines() -> dict[str, str]:
+    return runpy.run_path(SPEC)["c_defines"]()
+
+
+def _write_wire_header(defines: dict[str, str]) -> None:
+    """Write lm_wire_gen.h, leaving the file (and its mtime, so nothing
+    recompiles) alone when its text would not change."""
+    lines = [
+        "/* The wire numbers of src/livemig/protocol/spec.py, written by",
+        " * csrc/build_ffi.py at every build. Edit spec.py, never this file. */",
+        "#ifndef LM_WIRE_GEN_H",
+        "#define LM_WIRE_GEN_H",
+        "",
+        *(f"#define {name} {value}" for name, value in defines.items()),
+        "",
+        "#endif /* LM_WIRE_GEN_H */",
+        "",
+    ]
+    text = "\n".join(lines)
+    try:
+        with open(WIRE_HEADER, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(WIRE_HEADER), exist_ok=True)
+    with open(WIRE_HEADER, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _wire_cdef(defines: dict[str, str]) -> str:
+    """Integers as `#define NAME ...` and strings (the magics) as constant
+    char pointers: either way CFFI takes the value from the compiled C."""
+    return "\n".join(
+        f"static const char *const {name};" if value.startswith('"') else f"#define {name} ..."
+        for name, value in defines.items()
+    )
+
+
+def _sources() -> list[str]:
+    """Every lm_*.c under csrc/, whichever layer folder it sits in."""
+    return sorted(glob.glob(os.path.join(HERE, "**", "lm_*.c"), recursive=True))
+
+
 def make_builder(absolute_paths: bool) -> FFI:
     """setuptools wants sources relative to where it runs (the project root);
     ffi.compile() changes into its temporary directory, so it needs them absolute."""
-    sources = sorted(glob.glob(os.path.join(HERE, "lm_*.c")))
+    defines = _wire_defines()
+    _write_wire_header(defines)
+    sources = _sources()
     if not absolute_paths:
         sources = [os.path.relpath(p) for p in sources]
     builder = FFI()
-    builder.cdef(_cdef_text())
+    builder.cdef(_cdef_text() + "\n" + _wire_cdef(defines))
     builder.set_source(
         "livemig._native",
-        '#include "livemig.h"',
+        '#include "livemig.h"\n#include "wire/lm_wire_gen.h"',
         sources=sources,
         include_dirs=[HERE],
         extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",

@@ -8,7 +8,11 @@
  *  - there are no hidden globals, with one documented exception: the
  *    mprotect tracker's region registry, which its SIGSEGV handler must reach;
  *  - the text between LM_CDEF_BEGIN and LM_CDEF_END is fed verbatim to CFFI's
- *    cdef, so it holds only declarations and integer #defines.
+ *    cdef, so it holds only declarations and integer #defines;
+ *  - wire numbers (frame and page-batch layout, message ids, encodings) are
+ *    never written here or in any C file: "wire/lm_wire_gen.h" is generated
+ *    from src/livemig/protocol/spec.py at build time and csrc/build_ffi.py
+ *    adds its names (LM_WIRE_*, LM_MSG_*, LM_BATCH_*, LM_ENC_*) to the cdef.
  *
  * LM_ABI_VERSION changes whenever a declaration below changes; the Python
  * side refuses a compiled module whose lm_abi_version() differs from the one
@@ -27,12 +31,12 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 11
+#define LM_ABI_VERSION 12
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
 
-/* ---- guest memory regions (lm_region.c) -------------------------------- */
+/* ---- guest memory regions (memory/lm_region.c) -------------------------- */
 #define LM_REGION_ANON 0
 #define LM_REGION_MEMFD 1      /* back the region with a memfd (shareable) */
 #define LM_REGION_HUGEPAGE 2   /* madvise(MADV_HUGEPAGE) on the region */
@@ -55,7 +59,7 @@ int lm_region_discard(lm_region *r, uint64_t first_page, uint64_t npages);
  * their contents (Linux 5.14+; -EINVAL before). Safe while others write them. */
 int lm_region_populate(lm_region *r, uint64_t first_page, uint64_t npages);
 
-/* ---- dirty trackers (lm_track_uffd.c, lm_track_mprotect.c) ------------- */
+/* ---- dirty trackers (track/) -------------------------------------------- */
 /* Declarations of the tracker interface follow this line. */
 #define LM_TRACK_UFFD_ASYNC 1   /* uffd WP_ASYNC + PAGEMAP_SCAN: collect-and-rearm in the kernel */
 #define LM_TRACK_UFFD_WP 2      /* synchronous uffd write-protect + a handler thread */
@@ -99,7 +103,7 @@ int lm_uffd_features(uint64_t *features_out, uint64_t *ioctls_out);
 /* 0 when PAGEMAP_SCAN with PM_SCAN_WP_MATCHING works on a WP_ASYNC range. */
 int lm_pagemap_scan_probe(void);
 
-/* Test and benchmark drivers (lm_track_writer.c): writes issued from C. */
+/* Test and benchmark drivers (track/lm_track_writer.c): writes issued from C. */
 /* Store value ^ page into word 0 of each listed page; count or -ERANGE. */
 int64_t lm_region_poke_pages(lm_region *r, const uint64_t *pages, uint64_t n, uint64_t value);
 typedef struct lm_writer lm_writer;
@@ -114,7 +118,7 @@ int64_t lm_writer_stop(lm_writer *w);
 int lm_writer_bitmap(const lm_writer *w, uint64_t *words_out, uint64_t nwords);
 void lm_writer_destroy(lm_writer *w);
 
-/* ---- vCPUs: the toy ISA interpreter (lm_vcpu.c) ------------------------- */
+/* ---- vCPUs: the toy ISA interpreter (vcpu/lm_vcpu.c) -------------------- */
 /* Declarations of the vCPU interface follow this line. */
 /* Instructions are 8 bytes, little-endian: u8 opcode, u8 rd, u8 ra, u8 rb,
  * i32 imm. 16 general 64-bit registers. Branch and jump targets are byte
@@ -227,7 +231,7 @@ int lm_vcpu_console_set(lm_vcpu *v, const uint8_t *buf, size_t length_bytes);
 /* The page checksum PSUM computes, for the host side of checks. */
 uint64_t lm_vcpu_page_sum(const uint8_t *page);
 
-/* ---- post-copy: userfaultfd MISSING primitives (lm_postcopy.c) --------- */
+/* ---- post-copy: userfaultfd MISSING primitives (postcopy/) -------------- */
 /* Declarations of the post-copy interface follow this line. */
 /* A post-copy handle registers a region with userfaultfd in MISSING mode and
  * places pages into it (UFFDIO_COPY / ZEROPAGE / MOVE), keeping an atomic
@@ -303,7 +307,7 @@ int lm_postcopy_stats_get(const lm_postcopy *p, lm_postcopy_stats *out);
  * later access to a missing page then reads zeros. */
 int lm_postcopy_close(lm_postcopy *p, int flags);
 
-/* Test and benchmark helpers (lm_faultbench.c): a native thread that touches
+/* Test and benchmark helpers (postcopy/lm_faultbench.c): a native thread that touches
  * pages (so faults block it, not Python), and a native fault server that
  * answers faults by copying from a local source buffer. cpu < 0: no pinning. */
 typedef struct lm_toucher lm_toucher;
@@ -321,7 +325,7 @@ typedef struct lm_faultserver lm_faultserver;
 int lm_faultserver_start(lm_postcopy *p, const uint8_t *src, int cpu, lm_faultserver **out);
 int64_t lm_faultserver_stop(lm_faultserver *s);  /* pages served; frees */
 
-/* ---- page codec hot loops (lm_pagecodec.c) ----------------------------- */
+/* ---- page codec hot loops (codec/lm_pagecodec.c) ------------------------ */
 /* Declarations of the page-codec helpers follow this line. */
 /* Pages are addressed as base + index * LM_PAGE_SIZE; every function checks
  * each index against npages (and each slot against nslots) before touching
@@ -350,7 +354,7 @@ int lm_pages_delta_encode(const uint8_t *base, uint64_t npages, const int64_t *i
 int lm_pages_delta_apply(uint8_t *pages, uint64_t n, const uint8_t *enc, uint64_t enc_len,
                          const uint16_t *lengths);
 
-/* ---- block fingerprints (lm_blockdelta.c) ------------------------------ */
+/* ---- block fingerprints (codec/lm_blockdelta.c) ------------------------- */
 /* A page is 16 blocks of 256 bytes; the source keeps one 64-bit hash per
  * block of what the receiver holds (fp: fp_npages x LM_BLOCKS_PER_PAGE) and
  * re-sends only the blocks that changed. rows == NULL means 0 .. n-1; every
@@ -392,7 +396,7 @@ int lm_pages_apply_blocks_fingerprint(uint8_t *base, uint64_t npages, const int6
                                       const uint16_t *masks, uint64_t n, const uint8_t *data,
                                       uint64_t data_len, uint64_t *fp, uint8_t *fp_valid,
                                       uint64_t *out_hashes);
-/* ---- native urgent fault channel (lm_urgent.c) ------------------------- */
+/* ---- native urgent fault channel (channels/) ---------------------------- */
 /* Declarations of the urgent-channel threads follow this line. */
 /* After the urgent channel's handshake, its socket (a dup) is handed to a
  * native thread: on the destination it reads uffd faults, sends PageRequest

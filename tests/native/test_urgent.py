@@ -1,4 +1,4 @@
-"""The native urgent-channel threads (csrc/lm_urgent.c) over socketpairs.
+"""The native urgent-channel threads (csrc/channels/) over socketpairs.
 
 Faults come from native toucher threads (a Python thread must never touch a
 missing page). The Python framer (protocol.wire, events, rawbatch) is the

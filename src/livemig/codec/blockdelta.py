@@ -2,7 +2,7 @@
 
 The source keeps, for every guest page, the hashes of the 16 blocks the
 receiver holds (:class:`Fingerprints`, 128 bytes per 4 KiB page); see
-csrc/lm_blockdelta.c for the theory. The encoder fingerprints each page it
+csrc/codec/lm_blockdelta.c for the theory. The encoder fingerprints each page it
 sends from the bytes it sends (a staging snapshot, a delta-cache slab, or
 frozen memory), which yields the page hash it needs anyway, and learns which
 blocks changed since the last send. The receiver writes the blocks over its

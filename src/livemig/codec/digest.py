@@ -3,7 +3,7 @@
 After the final round the destination must prove its memory equals the
 source's. Rehashing all memory at switchover costs about 100 ms per GiB of
 downtime, so both sides keep a :class:`PageHashes` array instead — one 64-bit
-content hash per page (csrc/lm_pagecodec.c: four multiply-rotate lanes and
+content hash per page (csrc/codec/lm_pagecodec.c: four multiply-rotate lanes and
 the splitmix64 finaliser; 5-6 GB/s per core, one native call per batch rather
 than 0.5-1.6 us per page calling xxhash from Python). The
 source records the hash of each page *as sent*, the destination the hash of

@@ -1,4 +1,4 @@
-"""Python face of the page-codec hot loops in csrc/lm_pagecodec.c.
+"""Python face of the page-codec hot loops in csrc/codec/lm_pagecodec.c.
 
 Each function takes whole arrays of pages and makes one native call, so the
 per-page cost is the C loop's, not the interpreter's. Pages are addressed as

@@ -5,13 +5,15 @@ Everything native goes through here: ``lib``/``ffi`` for the calls, and
 :mod:`livemig.errors` exception. At import it refuses a compiled module whose
 ABI version differs from the one this Python code was written against, which
 is what happens when csrc/ changed but the extension was not rebuilt.
+The wrappers own what they create through :mod:`.handles` (``ffi.gc``, with
+users freed before the objects they use).
 """
 from __future__ import annotations
 
 from ..errors import LivemigError, native_error
 from ..units import PAGE_SIZE
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 
 try:
     from .._native import ffi, lib  # type: ignore[import-not-found]

@@ -5,7 +5,9 @@ exposes it as ``.bytes`` (1-D uint8), ``.pages`` (npages × 4096 uint8) and
 ``.words`` (npages × 512 uint64) — all views of the same memory, never copies.
 The region lives until ``close()`` (or the end of a ``with`` block); the views
 must not be used after that, which is why ``close()`` refuses while other
-objects (trackers, vCPUs) still hold the region.
+objects (trackers, vCPUs) still hold the region. A region dropped without
+``close()`` is unmapped by the garbage collector, after its users
+(:mod:`livemig.native.handles`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 from .. import native
 from ..errors import ConfigError, LivemigError
 from . import PAGE_SIZE, check, ffi, lib
+from .handles import NativeHandle
 from ..units import format_size, parse_size
 
 FLAG_MEMFD = lib.LM_REGION_MEMFD
@@ -34,11 +37,11 @@ class GuestMemory:
         out = ffi.new("lm_region **")
         check(lib.lm_region_create(length_bytes, flags, out),
               f"mapping {format_size(length_bytes)} of guest memory")
-        self._handle = out[0]
+        self._native = NativeHandle(out[0], lib.lm_region_destroy)
         self.length_bytes = length_bytes
         self.npages = length_bytes // PAGE_SIZE
         self._users: set[object] = set()
-        buf = ffi.buffer(lib.lm_region_base(self._handle), length_bytes)
+        buf = ffi.buffer(lib.lm_region_base(self._native.ptr), length_bytes)
         self.bytes = np.frombuffer(buf, dtype=np.uint8)
         self.pages = self.bytes.reshape(self.npages, PAGE_SIZE)
         self.words = self.bytes.view(np.uint64).reshape(self.npages, PAGE_SIZE // 8)
@@ -46,9 +49,14 @@ class GuestMemory:
     # -- native handle, for the other wrappers of the native core -------------
     @property
     def handle(self):
-        if self._handle is None:
+        if self._native.released:
             raise LivemigError("guest memory is closed")
-        return self._handle
+        return self._native.ptr
+
+    @property
+    def native_handle(self) -> NativeHandle:
+        """The owning handle, as ``parent`` of the native objects that use the region."""
+        return self._native
 
     @property
     def base_address(self) -> int:
@@ -83,29 +91,23 @@ class GuestMemory:
 
     @property
     def closed(self) -> bool:
-        return self._handle is None
+        return self._native.released
 
     def close(self) -> None:
-        if self._handle is None:
+        if self._native.released:
             return
         if self._users:
             raise LivemigError(
                 f"guest memory is still in use by {len(self._users)} object(s); close them first"
             )
         del self.bytes, self.pages, self.words
-        lib.lm_region_destroy(self._handle)
-        self._handle = None
+        self._native.release()
 
     def __enter__(self) -> "GuestMemory":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):  # safety net only; close() is the contract
-        if getattr(self, "_handle", None) is not None and not self._users:
-            lib.lm_region_destroy(self._handle)
-            self._handle = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else format_size(self.length_bytes)

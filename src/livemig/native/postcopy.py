@@ -1,7 +1,7 @@
 """Post-copy guest memory: pages that arrive after the guest has resumed.
 
 ``PostcopyMemory(memory, present)`` registers a :class:`GuestMemory` with
-userfaultfd in MISSING mode (csrc/lm_postcopy.c). Pages marked in ``present``
+userfaultfd in MISSING mode (csrc/postcopy/lm_postcopy.c). Pages marked in ``present``
 (already valid, e.g. pre-copied) are left alone; every other page is
 discarded so that the first access to it blocks the accessing thread in the
 kernel and queues a fault. The owner of the event loop watches the fd::
@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import BackendUnavailable, ConfigError, LivemigError
 from .memory import GuestMemory
 from . import PAGE_SIZE, check, ffi, lib
+from .handles import NativeHandle
 
 BACKEND_NAME = "userfaultfd-missing"
 _REASON_BYTES = 512
@@ -80,6 +81,11 @@ def _bitmap_words(present: np.ndarray, npages: int) -> np.ndarray:
     )
 
 
+def _close_abandoning(handle) -> None:
+    """Destructor of a dropped handle: the guest is being discarded with it."""
+    lib.lm_postcopy_close(handle, lib.LM_POSTCOPY_CLOSE_ABANDON)
+
+
 class PostcopyMemory:
     """Guest memory registered for post-copy; see the module docstring."""
 
@@ -98,19 +104,19 @@ class PostcopyMemory:
             check(rc, "registering guest memory with userfaultfd",
                   "EBUSY: the region is already registered (another PostcopyMemory or a "
                   "userfaultfd dirty tracker is attached)" if -rc == errno.EBUSY else None)
-        self._handle = out[0]
+        self._native = NativeHandle(out[0], _close_abandoning, parent=memory.native_handle)
         self._users: set[object] = set()
         memory.attach(self)
         try:
             if words is not None:
                 check(lib.lm_postcopy_mark_present(
-                    self._handle, ffi.from_buffer("uint64_t[]", words), words.size),
+                    self.handle, ffi.from_buffer("uint64_t[]", words), words.size),
                     "marking pre-copied pages present")
-            check(lib.lm_postcopy_discard_absent(self._handle), "discarding missing pages")
+            check(lib.lm_postcopy_discard_absent(self.handle), "discarding missing pages")
         except BaseException:
             self.close(abandon=True)
             raise
-        flags = lib.lm_postcopy_flags(self._handle)
+        flags = lib.lm_postcopy_flags(self.handle)
         self.can_move = bool(flags & lib.LM_POSTCOPY_CAN_MOVE)
         self.user_mode_only = bool(flags & lib.LM_POSTCOPY_USER_MODE_ONLY)
         self._faults = np.zeros(max_faults, dtype=np.uint64)
@@ -133,9 +139,9 @@ class PostcopyMemory:
     # -- the event loop's side ----------------------------------------------------
     @property
     def handle(self):
-        if self._handle is None:
+        if self._native.released:
             raise LivemigError("post-copy memory is closed")
-        return self._handle
+        return self._native.ptr
 
     def fileno(self) -> int:
         return lib.lm_postcopy_fd(self.handle)
@@ -250,23 +256,30 @@ class PostcopyMemory:
         self._users.discard(user)
 
     @property
+    def native_handle(self) -> NativeHandle:
+        """The owning handle, as ``parent`` of a native fault server."""
+        return self._native
+
+    @property
     def closed(self) -> bool:
-        return self._handle is None
+        return self._native.released
 
     def close(self, *, abandon: bool = False) -> None:
         """Unregister and close the fd. Refused while pages are missing unless
         ``abandon``: blocked threads are then woken and read zeros."""
-        if getattr(self, "_handle", None) is None:
+        if self._native.released:
             return
         if self._users:
             raise LivemigError(f"post-copy memory is still used by {len(self._users)} "
                                "native server(s); stop them first")
-        missing = self.missing
-        flags = lib.LM_POSTCOPY_CLOSE_ABANDON if abandon else 0
-        check(lib.lm_postcopy_close(self._handle, flags), "closing post-copy memory",
-              f"{missing} page(s) are still missing; place them first, or "
-              "close(abandon=True) if the guest is being discarded")
-        self._handle = None
+        if abandon:
+            self._native.release()
+        else:
+            missing = self.missing
+            check(lib.lm_postcopy_close(self._native.ptr, 0), "closing post-copy memory",
+                  f"{missing} page(s) are still missing; place them first, or "
+                  "close(abandon=True) if the guest is being discarded")
+            self._native.forget()   # lm_postcopy_close freed it
         self.memory.detach(self)
 
     def __enter__(self) -> "PostcopyMemory":
@@ -275,10 +288,6 @@ class PostcopyMemory:
     def __exit__(self, exc_type, exc, tb) -> None:
         # On an error path the guest is being torn down anyway.
         self.close(abandon=exc_type is not None)
-
-    def __del__(self):  # safety net only; close() is the contract
-        if getattr(self, "_handle", None) is not None:
-            self.close(abandon=True)
 
     def __repr__(self) -> str:
         if self.closed:

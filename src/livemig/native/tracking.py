@@ -1,6 +1,6 @@
 """Dirty-page tracking: which guest pages were written since the last look.
 
-Three native backends sit behind one small interface (see csrc/lm_track*.c
+Three native backends sit behind one small interface (see csrc/track/
 for the kernel mechanics and the race-freedom argument of each):
 
 ``uffd-async``
@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import BackendUnavailable, ConfigError, TrackerStateError
 from .memory import GuestMemory
 from . import check, ffi, lib
+from .handles import NativeHandle
 
 BACKENDS: dict[str, int] = {
     "uffd-async": lib.LM_TRACK_UFFD_ASYNC,
@@ -110,7 +111,7 @@ class DirtyTracker:
         out = ffi.new("lm_tracker **")
         check(lib.lm_tracker_create(BACKENDS[name], memory.handle, out),
               f"creating the {name} dirty tracker")
-        self._handle = out[0]
+        self._native = NativeHandle(out[0], lib.lm_tracker_destroy, parent=memory.native_handle)
         self._memory = memory
         self.name = name
         self.choice_reason = choice_reason
@@ -122,9 +123,9 @@ class DirtyTracker:
         memory.attach(self)
 
     def _live(self):
-        if self._handle is None:
+        if self._native.released:
             raise TrackerStateError(f"{self.name} dirty tracker is closed")
-        return self._handle
+        return self._native.ptr
 
     @property
     def armed(self) -> bool:
@@ -170,15 +171,14 @@ class DirtyTracker:
 
     @property
     def closed(self) -> bool:
-        return self._handle is None
+        return self._native.released
 
     def close(self) -> None:
         """Disarm if armed, free the native tracker, release the memory."""
-        if self._handle is None:
+        if self._native.released:
             return
-        h, self._handle = self._handle, None
         self._armed = False
-        lib.lm_tracker_destroy(h)
+        self._native.release()   # lm_tracker_destroy disarms first
         self._memory.detach(self)
 
     def __enter__(self) -> "DirtyTracker":
@@ -186,10 +186,6 @@ class DirtyTracker:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):  # safety net only; close() is the contract
-        if getattr(self, "_handle", None) is not None:
-            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("armed" if self._armed else "idle")

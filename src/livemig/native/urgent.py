@@ -1,4 +1,4 @@
-"""The urgent post-copy channel on native threads (csrc/lm_urgent.c).
+"""The urgent post-copy channel on native threads (csrc/channels/).
 
 Theory of operation
 -------------------
@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import ConnectionLost, RemoteProtocolError
 from . import PAGE_SIZE, check, ffi, lib
+from .handles import NativeHandle
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,12 @@ class _NativeUrgent:
     """What both sides share: attach/detach, status, stats, the notify fd."""
 
     def __init__(self, handle, owner, keepalive: tuple):
-        self._h = handle
+        # The destructor holds the arrays the thread writes into, so they
+        # outlive lm_urgent_destroy (which joins the thread) however the
+        # wrapper goes; the owner's native object outlives it too.
+        self._native = NativeHandle(handle, lambda h, _arrays=keepalive: lib.lm_urgent_destroy(h),
+                                    parent=owner.native_handle)
         self._owner = owner         # PostcopyMemory / GuestMemory: refuses to close while used
-        self._keep = keepalive      # arrays the thread writes into
         self._attached = False
         self._folded: dict[str, int] = {}   # stats already added by fold_into
         owner.attach(self)
@@ -199,10 +203,13 @@ class _NativeUrgent:
         lib.lm_urgent_stats_get(self._h, out)
         return {name: int(getattr(out, name)) for name in _STATS_FIELDS}
 
+    @property
+    def _h(self):
+        return self._native.ptr
+
     def close(self) -> None:
-        if self._h is not None:
-            lib.lm_urgent_destroy(self._h)   # detaches (stops, joins) first
-            self._h = None
+        if not self._native.released:
+            self._native.release()   # lm_urgent_destroy detaches (stops, joins) first
             self._attached = False
             self._owner.detach(self)
 

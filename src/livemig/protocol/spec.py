@@ -9,7 +9,7 @@ side never writes these numbers by hand: at build time ``csrc/build_ffi.py``
 loads this file on its own (it imports nothing, not even from livemig, so the
 build needs neither numpy nor the package) and generates ``lm_wire_gen.h``
 from :data:`C_DEFINES`. The compiled module exposes the generated defines, and
-``tests/unit/test_wire_spec.py`` fails if a build ever carries other values
+``tests/native/test_wire_native.py`` fails if a build ever carries other values
 than this table (a stale build, or a hand-written copy creeping back).
 
 Rules kept here: ids are this protocol's own numbers grouped by phase

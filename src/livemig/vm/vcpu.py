@@ -10,6 +10,7 @@ import errno
 
 from ..errors import GuestTimeout, LivemigError, VMBusy
 from ..native import check, ffi, lib
+from ..native.handles import NativeHandle
 
 NO_STOP = (1 << 64) - 1
 
@@ -18,16 +19,17 @@ class VCpu:
     def __init__(self, memory, vcpu_id: int):
         out = ffi.new("lm_vcpu **")
         check(lib.lm_vcpu_create(memory.handle, vcpu_id, out), f"creating vCPU {vcpu_id}")
-        self._h = out[0]
+        # lm_vcpu_destroy stops the thread before the region can be unmapped.
+        self._native = NativeHandle(out[0], lib.lm_vcpu_destroy, parent=memory.native_handle)
         self.id = vcpu_id
         self._memory = memory
         memory.attach(self)
 
     @property
     def handle(self):
-        if self._h is None:
+        if self._native.released:
             raise LivemigError(f"vCPU {self.id} is closed")
-        return self._h
+        return self._native.ptr
 
     def resume(self) -> None:
         check(lib.lm_vcpu_resume(self.handle), f"resuming vCPU {self.id}")
@@ -101,13 +103,7 @@ class VCpu:
         check(rc, "setting the console", f"at most {lib.LM_VCPU_CONSOLE_TAIL} bytes")
 
     def close(self) -> None:
-        if self._h is None:
+        if self._native.released:
             return
-        lib.lm_vcpu_destroy(self._h)
-        self._h = None
+        self._native.release()
         self._memory.detach(self)
-
-    def __del__(self):  # safety net only; close() is the contract
-        if getattr(self, "_h", None) is not None:
-            lib.lm_vcpu_destroy(self._h)
-            self._h = None

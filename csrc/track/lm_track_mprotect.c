@@ -159,7 +159,7 @@ static int mp_register(lm_tracker *t)
 }
 
 /* Release the slot and wait until no handler can still be looking at t. */
-void lm_mprotect_unregister(lm_tracker *t)
+static void mp_unregister(lm_tracker *t)
 {
     if (t->slot < 0)
         return;
@@ -171,7 +171,7 @@ void lm_mprotect_unregister(lm_tracker *t)
         sched_yield();
 }
 
-int lm_mprotect_probe(char *reason, size_t cap)
+static int mprotect_probe(char *reason, size_t cap)
 {
     if (sysconf(_SC_PAGESIZE) != LM_PAGE_SIZE) {
         snprintf(reason, cap, "page size is not %d bytes", LM_PAGE_SIZE);
@@ -180,7 +180,7 @@ int lm_mprotect_probe(char *reason, size_t cap)
     return 0;
 }
 
-int lm_mprotect_start(lm_tracker *t)
+static int mprotect_start(lm_tracker *t)
 {
     int rc = mp_register(t);
     if (rc != 0)
@@ -207,7 +207,7 @@ static int mp_protect_run(lm_tracker *t, uint64_t first_page, uint64_t npages)
     return -errno;
 }
 
-int64_t lm_mprotect_collect(lm_tracker *t, uint64_t *out)
+static int64_t mprotect_collect(lm_tracker *t, uint64_t *out)
 {
     t->reprotect_all = 0;
     int64_t n = lm_bitmap_take(t, out, mp_protect_run);
@@ -225,7 +225,7 @@ int64_t lm_mprotect_collect(lm_tracker *t, uint64_t *out)
     return n;
 }
 
-int lm_mprotect_stop(lm_tracker *t)
+static int mprotect_stop(lm_tracker *t)
 {
     /* Writable first, then disarm: a fault racing with stop is still recorded
      * (harmless) or absorbed as a retry, never chained as a crash. */
@@ -233,3 +233,13 @@ int lm_mprotect_stop(lm_tracker *t)
     atomic_store(&t->fault_armed, 0);
     return rc;
 }
+
+const struct lm_track_ops lm_track_mprotect_ops = {
+    .uses_bitmap = 1,
+    .probe = mprotect_probe,
+    .start = mprotect_start,
+    .collect = mprotect_collect,
+    .stop = mprotect_stop,
+    /* The slot stays registered from stop until here (see above). */
+    .destroy = mp_unregister,
+};

@@ -1,5 +1,6 @@
 /*
- * Shared between lm_postcopy.c and lm_urgent.c only (not part of the cdef):
+ * Shared between lm_postcopy.c and channels/lm_urgent_dest.c only (not part
+ * of the cdef):
  * the urgent fault thread asks whether one page is present without copying
  * the whole bitmap.
  */

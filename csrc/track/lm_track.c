@@ -13,74 +13,29 @@
  * before it returns, so the caller may copy the reported pages afterwards and
  * hold a copy at least as new as every write the report covers.
  *
- * The bitmap backends (uffd-wp, mprotect) share lm_bitmap_take: its cost is
- * one load per 64 pages plus work proportional to the dirty pages, and it
- * re-protects maximal runs of consecutive pages with one call each.
+ * Backends sit behind struct lm_track_ops (lm_track_internal.h), one table
+ * entry per LM_TRACK_* kind below; this file checks the state machine and
+ * keeps the statistics, so a backend only arms, collects and disarms. The
+ * bitmap backends (uffd-wp, mprotect) share lm_track_bitmap.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "lm_track_internal.h"
 
-void lm_bitmap_set_range(_Atomic uint64_t *bm, uint64_t first, uint64_t n)
-{
-    uint64_t p = first, end = first + n;
-    while (p < end) {
-        uint64_t bit = p & 63;
-        uint64_t take = 64 - bit;
-        if (take > end - p)
-            take = end - p;
-        uint64_t mask = (take == 64) ? ~0ull : (((1ull << take) - 1) << bit);
-        atomic_fetch_or_explicit(&bm[p >> 6], mask, memory_order_seq_cst);
-        p += take;
-    }
-}
+static const struct lm_track_ops *const lm_track_backends[] = {
+    [LM_TRACK_UFFD_ASYNC] = &lm_track_uffd_async_ops,
+    [LM_TRACK_UFFD_WP] = &lm_track_uffd_wp_ops,
+    [LM_TRACK_MPROTECT] = &lm_track_mprotect_ops,
+};
 
-static void flush_run(lm_tracker *t, lm_protect_run_fn protect, uint64_t first, uint64_t n)
+static const struct lm_track_ops *backend(int kind)
 {
-    if (n == 0)
-        return;
-    t->stats.protect_calls++;
-    if (protect(t, first, n) != 0) {
-        /* The run stays writable: report it again next round, conservatively,
-         * so a write made after this collect cannot go unnoticed. */
-        lm_bitmap_set_range(t->bitmap, first, n);
-        atomic_fetch_add(&t->degraded_pages, n);
-    }
-}
-
-int64_t lm_bitmap_take(lm_tracker *t, uint64_t *out, lm_protect_run_fn protect)
-{
-    uint64_t count = 0, run_first = 0, run_n = 0;
-    for (uint64_t i = 0; i < t->nwords; i++) {
-        /* A plain load first keeps an idle collect from dirtying cache lines. */
-        if (atomic_load_explicit(&t->bitmap[i], memory_order_relaxed) == 0)
-            continue;
-        uint64_t w = atomic_exchange_explicit(&t->bitmap[i], 0, memory_order_seq_cst);
-        while (w) {
-            uint64_t page = (i << 6) + (uint64_t)__builtin_ctzll(w);
-            w &= w - 1;
-            out[count++] = page;
-            if (run_n && page == run_first + run_n) {
-                run_n++;
-            } else {
-                flush_run(t, protect, run_first, run_n);
-                run_first = page;
-                run_n = 1;
-            }
-        }
-    }
-    flush_run(t, protect, run_first, run_n);
-    return (int64_t)count;
-}
-
-static int kind_valid(int kind)
-{
-    return kind == LM_TRACK_UFFD_ASYNC || kind == LM_TRACK_UFFD_WP || kind == LM_TRACK_MPROTECT;
+    int n = (int)(sizeof(lm_track_backends) / sizeof(lm_track_backends[0]));
+    return kind >= 0 && kind < n ? lm_track_backends[kind] : NULL;
 }
 
 LM_API int lm_tracker_probe(int kind, char *reason, size_t reason_cap)
@@ -91,28 +46,25 @@ LM_API int lm_tracker_probe(int kind, char *reason, size_t reason_cap)
         reason_cap = sizeof(scratch);
     }
     reason[0] = '\0';
-    switch (kind) {
-    case LM_TRACK_UFFD_ASYNC:
-        return lm_uffd_async_probe(reason, reason_cap);
-    case LM_TRACK_UFFD_WP:
-        return lm_uffd_wp_probe(reason, reason_cap);
-    case LM_TRACK_MPROTECT:
-        return lm_mprotect_probe(reason, reason_cap);
-    default:
+    const struct lm_track_ops *ops = backend(kind);
+    if (!ops) {
         snprintf(reason, reason_cap, "unknown tracker kind %d", kind);
         return -EINVAL;
     }
+    return ops->probe(reason, reason_cap);
 }
 
 LM_API int lm_tracker_create(int kind, lm_region *region, lm_tracker **out)
 {
-    if (!out || !region || !kind_valid(kind))
+    const struct lm_track_ops *ops = backend(kind);
+    if (!out || !region || !ops)
         return -EINVAL;
     *out = NULL;
     lm_tracker *t = calloc(1, sizeof(*t));
     if (!t)
         return -ENOMEM;
     t->kind = kind;
+    t->ops = ops;
     t->region = region;
     t->base = lm_region_base(region);
     t->length = lm_region_length(region);
@@ -122,7 +74,7 @@ LM_API int lm_tracker_create(int kind, lm_region *region, lm_tracker **out)
     t->pagemap_fd = -1;
     t->slot = -1;
     t->scan_vec_len = 1024;
-    if (kind != LM_TRACK_UFFD_ASYNC) {
+    if (ops->uses_bitmap) {
         t->nwords = (t->npages + 63) / 64;
         t->bitmap = calloc(t->nwords, sizeof(uint64_t));
         if (!t->bitmap) {
@@ -139,12 +91,7 @@ LM_API int lm_tracker_start(lm_tracker *t)
     if (t->state == LM_TS_ARMED)
         return -EBUSY;
     uint64_t t0 = lm_now_ns();
-    int rc;
-    switch (t->kind) {
-    case LM_TRACK_UFFD_ASYNC: rc = lm_uffd_async_start(t); break;
-    case LM_TRACK_UFFD_WP: rc = lm_uffd_wp_start(t); break;
-    default: rc = lm_mprotect_start(t); break;
-    }
+    int rc = t->ops->start(t);
     if (rc == 0) {
         t->state = LM_TS_ARMED;
         t->stats.arm_ns = lm_now_ns() - t0;
@@ -159,12 +106,7 @@ LM_API int64_t lm_tracker_collect(lm_tracker *t, uint64_t *pages_out, uint64_t m
     if (!pages_out || max_pages < t->npages)
         return -ENOSPC;
     uint64_t t0 = lm_now_ns();
-    int64_t n;
-    switch (t->kind) {
-    case LM_TRACK_UFFD_ASYNC: n = lm_uffd_async_collect(t, pages_out); break;
-    case LM_TRACK_UFFD_WP: n = lm_uffd_wp_collect(t, pages_out); break;
-    default: n = lm_mprotect_collect(t, pages_out); break;
-    }
+    int64_t n = t->ops->collect(t, pages_out);
     if (n < 0)
         return n;
     t->stats.last_collect_ns = lm_now_ns() - t0;
@@ -182,7 +124,7 @@ LM_API int lm_tracker_stop(lm_tracker *t)
 {
     if (t->state != LM_TS_ARMED)
         return -EINVAL;
-    int rc = (t->kind == LM_TRACK_MPROTECT) ? lm_mprotect_stop(t) : lm_uffd_stop(t);
+    int rc = t->ops->stop(t);
     t->state = LM_TS_IDLE;
     if (t->bitmap)
         memset((void *)t->bitmap, 0, t->nwords * sizeof(uint64_t));
@@ -202,16 +144,13 @@ LM_API int lm_tracker_kind(const lm_tracker *t) { return t->kind; }
 
 LM_API int lm_tracker_set_scan_vec(lm_tracker *t, uint64_t vec_len)
 {
-    if (t->kind != LM_TRACK_UFFD_ASYNC)
+    if (!t->ops->set_scan_vec)
         return -EOPNOTSUPP;
     if (vec_len == 0 || vec_len > (1u << 20))
         return -EINVAL;
     if (t->state == LM_TS_ARMED)
         return -EBUSY;
-    free(t->scan_vec);
-    t->scan_vec = NULL;
-    t->scan_vec_len = vec_len;
-    return 0;
+    return t->ops->set_scan_vec(t, vec_len);
 }
 
 LM_API void lm_tracker_destroy(lm_tracker *t)
@@ -220,8 +159,8 @@ LM_API void lm_tracker_destroy(lm_tracker *t)
         return;
     if (t->state == LM_TS_ARMED)
         (void)lm_tracker_stop(t);
-    lm_mprotect_unregister(t);
-    free(t->scan_vec);
+    if (t->ops->destroy)
+        t->ops->destroy(t);
     free((void *)t->bitmap);
     free(t);
 }

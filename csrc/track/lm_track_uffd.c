@@ -287,7 +287,7 @@ out:
     return rc;
 }
 
-int lm_uffd_async_probe(char *reason, size_t cap)
+static int uffd_async_probe(char *reason, size_t cap)
 {
     int rc = features_reason(wanted_features(LM_TRACK_UFFD_ASYNC, 0), reason, cap);
     if (rc)
@@ -303,7 +303,7 @@ int lm_uffd_async_probe(char *reason, size_t cap)
     return rc;
 }
 
-int lm_uffd_wp_probe(char *reason, size_t cap)
+static int uffd_wp_probe(char *reason, size_t cap)
 {
     return features_reason(wanted_features(LM_TRACK_UFFD_WP, 0), reason, cap);
 }
@@ -325,7 +325,7 @@ static int uffd_arm(lm_tracker *t)
     return 0;
 }
 
-int lm_uffd_async_start(lm_tracker *t)
+static int uffd_async_start(lm_tracker *t)
 {
     if (!t->scan_vec) {
         t->scan_vec = calloc(t->scan_vec_len, sizeof(struct page_region));
@@ -344,7 +344,7 @@ int lm_uffd_async_start(lm_tracker *t)
     return 0;
 }
 
-int64_t lm_uffd_async_collect(lm_tracker *t, uint64_t *out)
+static int64_t uffd_async_collect(lm_tracker *t, uint64_t *out)
 {
     struct page_region *vec = t->scan_vec;
     const uint64_t base = (uintptr_t)t->base, end = base + t->length;
@@ -442,7 +442,7 @@ static void *wp_handler_main(void *arg)
     }
 }
 
-int lm_uffd_wp_start(lm_tracker *t)
+static int uffd_wp_start(lm_tracker *t)
 {
     int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (efd < 0)
@@ -471,12 +471,12 @@ static int wp_protect_run(lm_tracker *t, uint64_t first_page, uint64_t npages)
                          npages << LM_PAGE_SHIFT, 1);
 }
 
-int64_t lm_uffd_wp_collect(lm_tracker *t, uint64_t *out)
+static int64_t uffd_wp_collect(lm_tracker *t, uint64_t *out)
 {
     return lm_bitmap_take(t, out, wp_protect_run);
 }
 
-int lm_uffd_stop(lm_tracker *t)
+static int uffd_stop(lm_tracker *t)
 {
     /* Un-protect everything first: mode 0 also wakes every writer blocked in
      * the range, so the handler thread can leave without stranding anyone. */
@@ -503,3 +503,35 @@ int lm_uffd_stop(lm_tracker *t)
     t->pagemap_fd = -1;
     return rc;
 }
+
+static void uffd_async_destroy(lm_tracker *t)
+{
+    free(t->scan_vec);
+    t->scan_vec = NULL;
+}
+
+/* The vector is allocated at the next start, at the new length. */
+static int uffd_async_set_scan_vec(lm_tracker *t, uint64_t vec_len)
+{
+    uffd_async_destroy(t);
+    t->scan_vec_len = vec_len;
+    return 0;
+}
+
+const struct lm_track_ops lm_track_uffd_async_ops = {
+    .uses_bitmap = 0,
+    .probe = uffd_async_probe,
+    .start = uffd_async_start,
+    .collect = uffd_async_collect,
+    .stop = uffd_stop,
+    .destroy = uffd_async_destroy,
+    .set_scan_vec = uffd_async_set_scan_vec,
+};
+
+const struct lm_track_ops lm_track_uffd_wp_ops = {
+    .uses_bitmap = 1,
+    .probe = uffd_wp_probe,
+    .start = uffd_wp_start,
+    .collect = uffd_wp_collect,
+    .stop = uffd_stop,
+};

@@ -1,8 +1,10 @@
 /*
  * Internals shared by the dirty-tracker backends (not part of the cdef).
  *
- * lm_track.c owns the lm_tracker object, its state machine and the bitmap
- * helpers; each backend file provides the five operations below.
+ * lm_track.c owns the lm_tracker object and its state machine and reaches
+ * each backend only through its const struct lm_track_ops, registered in
+ * lm_track.c's table by kind. Backends see only this header: the object,
+ * and the bitmap helpers of lm_track_bitmap.c.
  */
 #ifndef LM_TRACK_INTERNAL_H
 #define LM_TRACK_INTERNAL_H
@@ -15,10 +17,33 @@
 
 enum lm_track_state { LM_TS_IDLE = 0, LM_TS_ARMED = 1 };
 
-struct page_region_lm; /* PAGEMAP_SCAN output entry, defined in lm_track_uffd.c */
+struct lm_tracker;
+
+/* One dirty-tracking backend. lm_track.c checks the state machine (armed or
+ * not, output room) before calling, so an op never sees an illegal call. */
+struct lm_track_ops {
+    int uses_bitmap;   /* the fault path records pages in lm_tracker.bitmap */
+    /* 0 when this backend can run here; else -errno and a reason. */
+    int (*probe)(char *reason, size_t cap);
+    /* Arm every page of t->region. */
+    int (*start)(struct lm_tracker *t);
+    /* Written pages since the last collect, ascending, re-armed; the count. */
+    int64_t (*collect)(struct lm_tracker *t, uint64_t *out);
+    /* Disarm: memory writable, no further faults. */
+    int (*stop)(struct lm_tracker *t);
+    /* Release what outlives stop (may be NULL). */
+    void (*destroy)(struct lm_tracker *t);
+    /* Set the PAGEMAP_SCAN output length while idle (NULL: not applicable). */
+    int (*set_scan_vec)(struct lm_tracker *t, uint64_t vec_len);
+};
+
+extern const struct lm_track_ops lm_track_uffd_async_ops;   /* lm_track_uffd.c */
+extern const struct lm_track_ops lm_track_uffd_wp_ops;      /* lm_track_uffd.c */
+extern const struct lm_track_ops lm_track_mprotect_ops;     /* lm_track_mprotect.c */
 
 struct lm_tracker {
     int kind;
+    const struct lm_track_ops *ops;
     int state;
     lm_region *region;
     uint8_t *base;
@@ -64,6 +89,7 @@ static inline void lm_bitmap_set(_Atomic uint64_t *bm, uint64_t page)
     atomic_fetch_or_explicit(&bm[page >> 6], 1ull << (page & 63), memory_order_seq_cst);
 }
 
+/* ---- lm_track_bitmap.c ---- */
 /* Set bits [first, first + n) with whole-word ORs where possible. */
 void lm_bitmap_set_range(_Atomic uint64_t *bm, uint64_t first, uint64_t n);
 
@@ -73,21 +99,5 @@ void lm_bitmap_set_range(_Atomic uint64_t *bm, uint64_t first, uint64_t n);
  * (the run is then re-marked dirty so nothing is lost). */
 typedef int (*lm_protect_run_fn)(lm_tracker *t, uint64_t first_page, uint64_t npages);
 int64_t lm_bitmap_take(lm_tracker *t, uint64_t *out, lm_protect_run_fn protect);
-
-/* uffd backends (lm_track_uffd.c) */
-int lm_uffd_async_probe(char *reason, size_t cap);
-int lm_uffd_wp_probe(char *reason, size_t cap);
-int lm_uffd_async_start(lm_tracker *t);
-int lm_uffd_wp_start(lm_tracker *t);
-int64_t lm_uffd_async_collect(lm_tracker *t, uint64_t *out);
-int64_t lm_uffd_wp_collect(lm_tracker *t, uint64_t *out);
-int lm_uffd_stop(lm_tracker *t);
-
-/* mprotect backend (lm_track_mprotect.c) */
-int lm_mprotect_probe(char *reason, size_t cap);
-int lm_mprotect_start(lm_tracker *t);
-int64_t lm_mprotect_collect(lm_tracker *t, uint64_t *out);
-int lm_mprotect_stop(lm_tracker *t);
-void lm_mprotect_unregister(lm_tracker *t);
 
 #endif /* LM_TRACK_INTERNAL_H */
