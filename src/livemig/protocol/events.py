@@ -721,10 +721,57 @@ class ProbeResult(Event):
         return cls(frames, nbytes, duration_ns)
 
 
+# --- handover outcome (a source reconnecting after a break past Commit) ----------------
+
+class OutcomeCode(IntEnum):
+    COMMITTED = 1        # resumed here, and the VM is this host's
+    NOT_COMMITTED = 2    # Commit never arrived: the copy here was discarded unresumed
+    ABANDONED = 3        # resumed here in post-copy, then stopped: owed pages never came
+
+
+_OUTCOME = struct.Struct("<BBH")
+
+
+@dataclass(frozen=True)
+class Outcome(Event):
+    """Destination -> source, first answer on a control channel opened with
+    Hello(resume=True) for a session that has ended here: what became of it.
+    ``digest`` is the digest of the memory the destination verified (pre-copy)
+    or of every page as it landed (post-copy), so that the source can check
+    what it releases its copy for; zero for NOT_COMMITTED."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Outcome"]
+    code: OutcomeCode
+    digest: bytes = bytes(DIGEST_BYTES)
+    reason: str = ""
+
+    def encode(self):
+        if len(self.digest) != DIGEST_BYTES:
+            raise ValueError("digest must be 16 bytes")
+        return 0, [_OUTCOME.pack(int(self.code), 0, 0) + bytes(self.digest)
+                   + _text(self.reason, _U16, MAX_TEXT_BYTES)]
+
+    @classmethod
+    def decode(cls, flags, payload):
+        _no_flags(cls, flags)
+        r = _Reader(payload)
+        code, res8, res16 = r.unpack(_OUTCOME)
+        digest = bytes(r.take(DIGEST_BYTES))
+        reason = r.text(_U16, MAX_TEXT_BYTES)
+        r.end()
+        if res8 or res16:
+            raise PayloadError("Outcome reserved fields are not 0")
+        try:
+            code = OutcomeCode(code)
+        except ValueError:
+            raise PayloadError(f"unknown handover outcome {code}") from None
+        return cls(code, digest, reason)
+
+
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
               RoundEnd, RoundAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
               VerifyFailed, PageRequest, PresentReport, PostcopyComplete, Complete, Abort, Ping,
-              Pong, ProbeData, ProbeEnd, ProbeResult)
+              Pong, ProbeData, ProbeEnd, ProbeResult, Outcome)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
 

@@ -47,6 +47,7 @@ Control channel (source S, destination D)::
     POSTCOPY --D PostcopyComplete--> POSTCOPY_DONE --S Complete--> DONE
     POSTCOPY --D VerifyFailed--> VERIFY_FAILED
     READY --D PresentReport--> POSTCOPY   (resumed session: Hello(resume=True))
+    READY --D Outcome--> DONE             (resumed session that has ended: its outcome)
 
 Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
 (precopy or postcopy) any number of times; Refuse -> REFUSED.
@@ -59,7 +60,7 @@ from enum import Enum
 from .events import (Abort, Accept, ChannelKind, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport,
                      Refuse, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
+                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult, Outcome)
 
 
 class Role(Enum):
@@ -155,6 +156,8 @@ CONTROL = {
     # recovery: a control channel opened with Hello(resume=True) for a session
     # in post-copy; the destination reports what it holds and post-copy goes on
     (State.READY, D, PresentReport, _ANY): State.POSTCOPY,
+    # a resumed control channel for a session that has ended: what became of it
+    (State.READY, D, Outcome, _ANY): State.DONE,
 }
 
 BULK = {
