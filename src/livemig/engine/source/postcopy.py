@@ -23,9 +23,11 @@ task sends owed pages of those windows, ordered by pages.order_near_faults,
 before resuming its linear sweep. The sweep keeps a cursor, so choosing the
 next batch costs O(batch), not O(memory).
 
-``serve`` runs on one set of channels and raises when one breaks; the caller
-reconnects and calls ``resync(present)`` with the destination's PresentReport,
-then ``serve`` again. The VM is released only after Complete has been sent.
+``serve`` runs on one set of channels and raises when one breaks (an Abort
+from the destination included: its channel sends one when it sees ours
+break); the caller reconnects and calls ``resync(present)`` with the
+destination's PresentReport, then ``serve`` again. Only DigestMismatch is
+final. The VM is released only after Complete has been sent.
 
 Native path (``serve(..., urgent_fd=...)``, see urgent.py): the urgent
 channel's socket, handed off right after its handshake, is served by a C
@@ -267,9 +269,14 @@ class PostcopySender:
             reason = (f"post-copy memory digest mismatch: destination {event.digest.hex()}, "
                       f"source {ours.hex()}")
             await control.send(Abort(Phase.POSTCOPY, reason))
-            raise MigrationError(reason, phase="postcopy", source_resumed=False)
+            raise DigestMismatch(reason, phase="postcopy", source_resumed=False)
         self._completing = True
         await control.send(Complete())
+
+
+class DigestMismatch(MigrationError):
+    """The destination's landed-page digest differs from what we sent: the one
+    post-copy failure that is not a break to reconnect after."""
 
 
 def _fast_chunks(pages: np.ndarray):
@@ -287,4 +294,4 @@ def _fast_chunks(pages: np.ndarray):
 
 
 
-__all__ = ["PostcopySender", "PREPAGE_WINDOW_PAGES"]
+__all__ = ["DigestMismatch", "PostcopySender", "PREPAGE_WINDOW_PAGES"]
