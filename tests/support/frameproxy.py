@@ -19,7 +19,9 @@ connection open at that moment (all channels of a migration):
 
 Connections made after the fault pass through untouched: the link "comes
 back", as a reconnecting peer would find it. ``fired`` is set once the fault
-took effect (for a half-close: once the stream was ended). Plain TCP only (frames are read in clear).
+took effect (for a half-close: once the stream was ended). While
+``refusing`` is set every new connection is reset at once: the destination
+is unreachable until it is cleared. Plain TCP only (frames are read in clear).
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ class FrameProxy:
         self.seen = 0
         self.forwarded = {"up": 0, "down": 0}
         self.fired = asyncio.Event()
+        self.refusing = False     # reset new connections at once: the peer is unreachable
         self._links: set[_Link] = set()
         self._half_closing: tuple[set, int] | None = None   # (links, byte threshold)
         self._server: asyncio.AbstractServer | None = None
@@ -124,6 +127,9 @@ class FrameProxy:
         return self
 
     async def _accept(self, c_reader, c_writer):
+        if self.refusing:
+            c_writer.transport.abort()
+            return
         try:
             s_reader, s_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -37,9 +37,9 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from ...aio.channel import Channel, recv_within
+from ...aio.channel import Channel, open_channel, recv_within
 from ...errors import HandshakeRefused, LivemigError, RemoteProtocolError
-from ...protocol import Outcome, OutcomeCode, PresentReport, RefuseCode
+from ...protocol import ChannelKind, Outcome, OutcomeCode, PresentReport, RefuseCode
 
 POSTCOPY = "postcopy"            # the session runs on at the destination
 UNKNOWN = "unknown"              # the destination has no record of the session
@@ -113,6 +113,26 @@ async def learn(open_control: OpenControl, *, npages: int, window_s: float, time
     return Learned(UNREACHABLE, last)
 
 
+async def ask_peer(host: str, port: int, session_id: bytes, *, npages: int, ssl=None,
+                   server_hostname: str | None = None, timeout_s: float = 10.0) -> Learned:
+    """Ask once, later (``livemig vm resolve``): UNREACHABLE if the destination
+    cannot be asked. A post-copy session found running there is left as it
+    was: our channel closes and it waits for its own source, or its timeout."""
+    async def open_control() -> Channel:
+        return await open_channel(host, port, kind=ChannelKind.CONTROL, session_id=session_id,
+                                  ssl=ssl, server_hostname=server_hostname or host,
+                                  resume=True, timeout_s=timeout_s)
+    try:
+        learned = await ask(open_control, npages=npages, timeout_s=timeout_s)
+    except (ConnectionError, LivemigError, OSError) as exc:
+        return Learned(UNREACHABLE, describe(exc))
+    if learned.channel is not None:
+        learned.channel.abort()
+        await learned.channel.close()
+        learned.channel = None
+    return learned
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
@@ -120,4 +140,5 @@ def describe(exc: BaseException) -> str:
     return text if isinstance(exc, LivemigError) else f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["Learned", "POSTCOPY", "UNKNOWN", "UNREACHABLE", "ask", "learn", "describe"]
+__all__ = ["Learned", "POSTCOPY", "UNKNOWN", "UNREACHABLE", "ask", "ask_peer", "learn",
+           "describe"]
