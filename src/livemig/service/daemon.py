@@ -321,7 +321,8 @@ class Daemon:
             rec.stats = stats
             if stats.status in ("active", "postcopy-active"):
                 rec.status = stats.status
-            rec.error = stats.error if stats.status == "postcopy-active" else rec.error
+            if stats.status in ("active", "postcopy-active"):
+                rec.error = stats.error    # a break being recovered, or None once it is
 
         async def run() -> None:
             try:
@@ -331,6 +332,7 @@ class Daemon:
                                       on_stats=on_stats, control=rec.control)
                 rec.stats = stats
                 rec.status = "completed"
+                rec.error = None
                 # The destination verified and resumed the VM: ours is released.
                 del self.vms[name]
                 await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
