@@ -7,15 +7,18 @@ marks it unresolved. Once the destination is reachable again, ``vm.resolve``
 asks it and applies the answer; an operator's ``--resume`` or ``--discard``
 is refused where that answer shows it would run the VM twice or lose it.
 The VM ends running in exactly one place, identical to one that never moved.
+The last test does the same through the CLI, with daemon processes.
 """
 import asyncio
 import dataclasses
+import threading
 import time
 
 import pytest
 
 from livemig.service.control import ControlError
 from livemig.service.daemon import Daemon
+from support.daemons import EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved, start_vm
 from support.frameproxy import Fault, FrameProxy
 from support.oracle import Recipe
 
@@ -137,3 +140,53 @@ async def _has(handlers, name: str) -> bool:
 
 async def _no_incoming(daemon: Daemon) -> bool:
     return not daemon._listener.sessions
+
+
+class ProxyThread:
+    """A FrameProxy on its own event loop thread, for tests driving daemon
+    processes and the CLI synchronously."""
+
+    def __init__(self, port: int, fault: Fault):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = self._call(FrameProxy(LOCAL, port, fault).start())
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self._call(self.proxy.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def test_cli_resolve_of_a_vm_left_in_doubt(tmp_path):
+    a = DaemonProcess(tmp_path, "src", "auto")
+    b = DaemonProcess(tmp_path, "dst", "auto")
+    link = ProxyThread(b.port, Fault("black-hole", "Resumed", "down"))
+    try:
+        start_vm(a, "vm1", RECIPE)
+        # short waits for Resumed and for the outcome (the CLI has no flags for them)
+        rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
+                            ack_timeout_s=1, handshake_timeout_s=1)
+        deadline = time.monotonic() + 60
+        while not link.proxy.fired.is_set():
+            assert time.monotonic() < deadline, "Resumed never passed the proxy"
+            time.sleep(0.02)
+        link.proxy.refusing = True
+        final = a.client.call("migration.wait", id=rec["id"], timeout_s=120)
+        assert final["status"] == "in-doubt", final
+        assert "in-doubt" in a.cli("vm", "list").stdout
+        link.proxy.refusing = False
+        refused = a.cli("vm", "resolve", "vm1", "--resume", check=EXIT_FAILED)
+        assert "refusing to resume" in refused.stderr and "WARNING" in refused.stderr
+        out = a.cli("vm", "resolve", "vm1").stdout
+        assert "discarded here" in out and "committed" in out, out
+        assert a.cli_json("vm", "list") == []
+        assert_daemon_vm_matches_unmoved(b, "vm1", RECIPE)
+    finally:
+        link.close()
+        b.close()
+        a.close()
