@@ -7,10 +7,12 @@ marks it unresolved. Once the destination is reachable again, ``vm.resolve``
 asks it and applies the answer; an operator's ``--resume`` or ``--discard``
 is refused where that answer shows it would run the VM twice or lose it.
 The VM ends running in exactly one place, identical to one that never moved.
-The last test does the same through the CLI, with daemon processes.
+The last tests use the CLI and daemon processes, one of them killed after
+Commit: the unavoidable case, left to the operator with a clear message.
 """
 import asyncio
 import dataclasses
+import signal
 import threading
 import time
 
@@ -186,6 +188,36 @@ def test_cli_resolve_of_a_vm_left_in_doubt(tmp_path):
         assert "discarded here" in out and "committed" in out, out
         assert a.cli_json("vm", "list") == []
         assert_daemon_vm_matches_unmoved(b, "vm1", RECIPE)
+    finally:
+        link.close()
+        b.close()
+        a.close()
+
+
+def test_destination_killed_after_commit_the_operator_resumes_the_source(tmp_path):
+    """The unavoidable case: the destination daemon dies (SIGKILL) with the VM
+    it resumed. Nothing can be learned any more; the source keeps its copy
+    paused and says so, and the operator's --resume brings it back, intact."""
+    a = DaemonProcess(tmp_path, "src", "auto")
+    b = DaemonProcess(tmp_path, "dst", "auto")
+    link = ProxyThread(b.port, Fault("black-hole", "Resumed", "down"))
+    try:
+        start_vm(a, "vm1", RECIPE)
+        rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
+                            ack_timeout_s=1, handshake_timeout_s=1)
+        deadline = time.monotonic() + 60
+        while not link.proxy.fired.is_set():
+            assert time.monotonic() < deadline, "Resumed never passed the proxy"
+            time.sleep(0.02)
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait()
+        final = a.client.call("migration.wait", id=rec["id"], timeout_s=120)
+        assert final["status"] == "in-doubt", final
+        unsure = a.cli("vm", "resolve", "vm1", check=EXIT_FAILED)
+        assert "cannot learn the outcome" in unsure.stderr and "--resume" in unsure.stderr
+        done = a.cli_json("vm", "resolve", "vm1", "--resume")
+        assert done["resolved"] == "resumed" and "WARNING" in done["warning"]
+        assert_daemon_vm_matches_unmoved(a, "vm1", RECIPE)
     finally:
         link.close()
         b.close()
