@@ -591,10 +591,13 @@ class IncomingMigration:
 
     def _gave_up(self) -> RecoveryExpired:
         missing = self.pm.missing if self.pm is not None else 0
+        name = self.arrival.name if self.arrival is not None else "NAME"
         return RecoveryExpired(
             f"the source did not come back within {self.config.postcopy_recovery_timeout_s:g} s "
             f"during post-copy: the VM cannot be completed ({missing} pages never arrived); "
-            "it was stopped and its memory freed", phase="postcopy", source_resumed=False)
+            "it was stopped and its memory freed on this host. The source keeps its copy "
+            f"paused at the switchover: `livemig vm resolve {name}` there resumes it",
+            phase="postcopy", source_resumed=False)
 
     async def adopt(self, ch: Channel) -> None:
         """Serve a further channel of this session (urgent, bulk, or a resumed

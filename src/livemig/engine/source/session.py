@@ -413,9 +413,10 @@ class SourceSession:
             self._committed = False
             raise MigrationError(
                 f"migration failed in {phase}: the link broke after Commit "
-                f"({_describe(broken)}) and the destination reports that Commit never "
-                f"arrived ({learned.reason}); the VM was resumed on the source", phase=phase,
-                source_resumed=True)
+                f"({_describe(broken)}); on reconnecting, the destination reported that "
+                "Commit never reached it and that it discarded its copy without running it. "
+                "The VM was resumed on the source, where it runs on; migrate again when the "
+                "link is stable", phase=phase, source_resumed=True)
         if learned.kind == "abandoned":
             self._abandoned = learned.reason
             raise MigrationError(f"the destination stopped the VM: {learned.reason}",
