@@ -395,7 +395,8 @@ class Daemon:
         of the session and apply it; ``action`` ("resume" or "discard") is
         the operator's decision, refused when the destination's answer shows
         it would run the VM twice or lose it."""
-        from ..engine.source.handover import POSTCOPY, UNKNOWN, UNREACHABLE, ask_peer
+        from ..engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY,
+                                             UNKNOWN, UNREACHABLE, ask_peer)
 
         hosted = self._hosted(name)
         pending = hosted.unresolved
@@ -410,7 +411,7 @@ class Daemon:
                                  npages=hosted.vm.memory.npages, ssl=self._client_ssl(),
                                  timeout_s=10.0)
         peer = f"the destination {pending['peer']}"
-        runs_there = learned.kind in ("committed", POSTCOPY)
+        runs_there = learned.kind in (COMMITTED, POSTCOPY)
         if learned.kind == POSTCOPY:
             raise ControlError(
                 f"{peer} runs VM {name!r} in post-copy and still lacks pages only this host "
@@ -421,7 +422,7 @@ class Daemon:
             raise ControlError(f"refusing to resume VM {name!r} here: {peer} reports it runs "
                                f"it ({learned.reason}); two copies would run. Use "
                                f"`livemig vm resolve {name}` or --discard", error_type="Refused")
-        if learned.kind in ("not-committed", "abandoned") and action == "discard":
+        if learned.kind in (NOT_COMMITTED, ABANDONED) and action == "discard":
             raise ControlError(f"refusing to discard VM {name!r}: {peer} reports it does not run "
                                f"it ({learned.reason}); this paused copy is the only one. Use "
                                f"`livemig vm resolve {name}` or --resume", error_type="Refused")

@@ -41,11 +41,15 @@ from ...aio.channel import Channel, open_channel, recv_within
 from ...errors import HandshakeRefused, LivemigError, RemoteProtocolError
 from ...protocol import ChannelKind, Outcome, OutcomeCode, PresentReport, RefuseCode
 
+# What the destination said (Learned.kind)
+COMMITTED = "committed"          # it runs the VM: release ours
+NOT_COMMITTED = "not-committed"  # it never resumed it and discarded its copy: resume ours
+ABANDONED = "abandoned"          # it stopped the VM in post-copy: ours is the only copy
 POSTCOPY = "postcopy"            # the session runs on at the destination
 UNKNOWN = "unknown"              # the destination has no record of the session
 UNREACHABLE = "unreachable"      # no answer within the window
-KINDS = {OutcomeCode.COMMITTED: "committed", OutcomeCode.NOT_COMMITTED: "not-committed",
-         OutcomeCode.ABANDONED: "abandoned"}
+KINDS = {OutcomeCode.COMMITTED: COMMITTED, OutcomeCode.NOT_COMMITTED: NOT_COMMITTED,
+         OutcomeCode.ABANDONED: ABANDONED}
 
 
 @dataclass
@@ -140,5 +144,5 @@ def describe(exc: BaseException) -> str:
     return text if isinstance(exc, LivemigError) else f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["Learned", "POSTCOPY", "UNKNOWN", "UNREACHABLE", "ask", "ask_peer", "learn",
-           "describe"]
+__all__ = ["ABANDONED", "COMMITTED", "Learned", "NOT_COMMITTED", "POSTCOPY", "UNKNOWN",
+           "UNREACHABLE", "ask", "ask_peer", "learn", "describe"]

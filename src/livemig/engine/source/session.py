@@ -280,12 +280,12 @@ class SourceSession:
             self._pending = pages  # dirtied during the last round: owed in the final one
             if requested and cfg.mode == "precopy" and decision.action is not Action.SWITCHOVER:
                 await self._open_postcopy_channels(resume=False)
-                return "postcopy"
+                return handover.POSTCOPY
             if decision.action is Action.SWITCHOVER:
                 stats.converged = True
                 return "switchover"
             if decision.action is Action.POSTCOPY:
-                return "postcopy"
+                return handover.POSTCOPY
             if decision.action is Action.GIVE_UP:
                 raise MigrationError(f"pre-copy did not converge: {decision.reason}",
                                      phase="precopy")
@@ -399,7 +399,7 @@ class SourceSession:
         """Act on an outcome learned after a break past Commit: return if the
         destination runs the VM (and holds what we sent), raise otherwise."""
         phase = self.phase.label
-        if learned.kind == "committed":
+        if learned.kind == handover.COMMITTED:
             if learned.digest != digest:
                 raise RemoteProtocolError(
                     f"the destination reports it runs the VM, but with memory digest "
@@ -407,7 +407,7 @@ class SourceSession:
             if self._tracker.armed:
                 self._tracker.stop()
             return
-        if learned.kind == "not-committed":
+        if learned.kind == handover.NOT_COMMITTED:
             # The destination never resumed it and has thrown its copy away:
             # the VM is ours again, and _fail resumes it.
             self._committed = False
@@ -417,13 +417,13 @@ class SourceSession:
                 "Commit never reached it and that it discarded its copy without running it. "
                 "The VM was resumed on the source, where it runs on; migrate again when the "
                 "link is stable", phase=phase, source_resumed=True)
-        if learned.kind == "abandoned":
+        if learned.kind == handover.ABANDONED:
             self._abandoned = learned.reason
             raise MigrationError(f"the destination stopped the VM: {learned.reason}",
                                  phase=phase, source_resumed=False)
-        what = {"unknown": "the destination has no record of this session (it restarted, "
+        what = {handover.UNKNOWN: "the destination has no record of this session (it restarted, "
                            "or the record expired)",
-                "unreachable": "the destination could not be asked",
+                handover.UNREACHABLE: "the destination could not be asked",
                 handover.POSTCOPY: "the destination reports a post-copy session"}[learned.kind]
         raise MigrationError(f"the link broke after Commit ({_describe(broken)}) and {what}: "
                              f"{learned.reason}", phase=phase, source_resumed=False)
@@ -531,7 +531,7 @@ class SourceSession:
                 stats.error = (f"post-copy connection broken ({_describe(broken)}); "
                                "reconnecting to the destination (VM paused here)")
                 self._publish()
-                if await self._recover(broken) == "committed":
+                if await self._recover(broken) == handover.COMMITTED:
                     break
             try:
                 handoff, self._urgent_handoff = self._urgent_handoff, None
@@ -554,9 +554,9 @@ class SourceSession:
         self._publish()
 
     async def _recover(self, cause: BaseException) -> str:
-        """Reconnect and learn where the session stands: "postcopy" (all three
+        """Reconnect and learn where the session stands: POSTCOPY (all three
         channels reopened, the sender resynced from the PresentReport) or
-        "committed" (the destination completed the VM with every page);
+        COMMITTED (the destination completed the VM with every page);
         anything else raises (see _settle)."""
         window_s = self.config.postcopy_recovery_timeout_s
         deadline = time.monotonic() + window_s
@@ -564,12 +564,12 @@ class SourceSession:
         while True:
             learned = await self._learn(max(0.0, deadline - time.monotonic()))
             if learned.kind != handover.POSTCOPY:
-                if learned.kind == "unreachable":
+                if learned.kind == handover.UNREACHABLE:
                     learned.reason = (f"not re-established within {window_s:g} s: "
                                       f"{learned.reason}")
                 self._settle(learned, cause, self._encoder.sent_hashes.digest())
                 self.stats.recoveries += 1
-                return "committed"
+                return handover.COMMITTED
             self._ch = learned.channel
             try:
                 await self._open_postcopy_channels(resume=True)
@@ -581,7 +581,7 @@ class SourceSession:
                 self._tracker.stop()
             self._sender.resync(learned.present)
             self.stats.recoveries += 1
-            return "postcopy"
+            return handover.POSTCOPY
 
     # -- failure ----------------------------------------------------------------------------------
     async def _fail(self, exc: BaseException) -> None:
