@@ -53,7 +53,7 @@ HANDOVER = {"Switchover": "up", "Verified": "down", "Commit": "up", "Resumed": "
             "Complete": "up"}
 POSTCOPY_ONLY = {"PostcopyComplete": "down", "PageInvalidate": "up"}
 ROUNDS = {"PageBatch": ("up", 10), "RoundAck": ("down", 4)}   # direction, most occurrences
-SESSION_END_S = 30.0
+SESSION_END_S = 10.0
 OUTCOMES = ("moved", "stayed", "in-doubt", "lost", "duplicated", "corrupted")
 
 

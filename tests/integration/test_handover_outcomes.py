@@ -1,8 +1,10 @@
 """One fault at a handover boundary never loses the VM nor leaves it in doubt.
 
 A FrameProxy between source and destination cuts, black-holes, stalls or
-half-closes the link when a given message passes (Verified, Commit, Resumed,
-PostcopyComplete, Complete), in pre-copy, post-copy and hybrid. Both peers
+half-closes the link when a given message passes (Switchover, Verified,
+Commit, Resumed, PostcopyComplete, Complete), in pre-copy, post-copy and
+hybrid. A black hole resets nothing: only silence (an unanswered keepalive
+in post-copy, a timeout elsewhere) tells the peers. Both peers
 stay alive, so the outcome is always knowable: the migration either
 completes (the VM runs at the destination, the source let go) or fails with
 the VM resumed at the source — never in doubt. Either way the destination's
@@ -57,10 +59,14 @@ CASES = [
     ("postcopy", Fault("half-close", "Resumed", "down", half_close="down")),
     ("postcopy", Fault("cut", "PostcopyComplete", "down")),
     ("postcopy", Fault("cut", "Complete", "up")),
+    ("postcopy", Fault("black-hole", "PostcopyComplete", "down")),
+    ("postcopy", Fault("black-hole", "Complete", "up")),
+    ("postcopy", Fault("stall", "PostcopyComplete", "down", stall_s=3.0)),
     ("hybrid", Fault("cut", "Commit", "up")),
     ("hybrid", Fault("cut", "Resumed", "down")),
     ("hybrid", Fault("half-close", "Resumed", "down", half_close="up")),
     ("hybrid", Fault("cut", "PostcopyComplete", "down")),
+    ("hybrid", Fault("black-hole", "PostcopyComplete", "down")),
 ]
 
 

@@ -89,6 +89,7 @@ class _Link:
     def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter):
         self.writers = {"up": server, "down": client}
         self.dead = {"up": False, "down": False}
+        self.silent = False     # black-holed: even a peer's close goes unseen
 
     def reset(self) -> None:
         self.dead = {"up": True, "down": True}
@@ -149,6 +150,8 @@ class FrameProxy:
             while True:
                 data = await reader.read(CHUNK_BYTES)
                 if not data:
+                    if link.silent:
+                        return
                     link.end(direction)
                     if all(link.dead.values()):
                         self._links.discard(link)
@@ -182,7 +185,9 @@ class FrameProxy:
         elif kind == "black-hole":
             for other in links:
                 other.dead = {"up": True, "down": True}
+                other.silent = True
         elif kind == "stall":
+            self.fired.set()
             await asyncio.sleep(self.fault.stall_s)
         else:
             h = self.fault.half_close

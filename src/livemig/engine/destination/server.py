@@ -523,7 +523,8 @@ class IncomingMigration:
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
         return FaultService(self.pm, self.decoder, self.stats, urgent=native,
                             urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us,
-                            urgent_rt_priority=cfg.urgent_rt_priority)
+                            urgent_rt_priority=cfg.urgent_rt_priority,
+                            silence_s=cfg.ack_timeout_s)
 
     async def _run_postcopy(self) -> None:
         """FaultService over the current channels; on a break, wait for the

@@ -538,7 +538,8 @@ class SourceSession:
                 await self._sender.serve(self._ch, self._urgent, self._bulk,
                                          urgent_fd=handoff, cpu=self.config.urgent_cpu,
                                          spin_us=self.config.urgent_spin_us,
-                                         rt_priority=self.config.urgent_rt_priority)
+                                         rt_priority=self.config.urgent_rt_priority,
+                                         silence_s=self.config.ack_timeout_s)
                 break
             except DigestMismatch:
                 raise
