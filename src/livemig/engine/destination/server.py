@@ -150,7 +150,7 @@ class IncomingMigration:
         self._resumed_control: Channel | None = None
         self._outcomes = outcomes if outcomes is not None else OutcomeBook()
         self._guest_resumed = False          # set in the loop step that resumed it
-        self._verified_digest = bytes(16)
+        self._held_digest = bytes(16)        # of the memory verified, or landed in post-copy
         self.ended = asyncio.Event()
         self.decided = asyncio.Event()       # the guest resumed here, or the session ended
 
@@ -202,15 +202,14 @@ class IncomingMigration:
         postcopy_live = self.pm is not None and not self.pm.closed
         if not self._guest_resumed:
             code, digest = OutcomeCode.NOT_COMMITTED, bytes(16)
-            reason = "Commit never arrived here; the copy here was discarded unresumed"
+            reason = ("the session ended here before Commit arrived; the copy here was "
+                      "discarded without running")
         elif postcopy_live:
             code, digest = OutcomeCode.ABANDONED, bytes(16)
             reason = (f"resumed here in post-copy, then stopped with {self.pm.missing} pages "
                       f"never received ({self.stats.error or 'no error recorded'})")
         else:
-            code = OutcomeCode.COMMITTED
-            digest = self._verified_digest if self.pm is None and self.faults is None \
-                else self.decoder.hashes.digest()
+            code, digest = OutcomeCode.COMMITTED, self._held_digest
             reason = "resumed here; the VM is this host's"
         self._outcomes.record(self.session_id, OutcomeRecord(code, digest, reason,
                                                              self.arrival.name))
@@ -389,7 +388,7 @@ class IncomingMigration:
         await self._verified_then_commit()
         vm.resume()
         self._guest_resumed = self._handed_over = True
-        self._verified_digest = sw.digest
+        self._held_digest = sw.digest
         self._completed(vm)
         # The VM runs here now and is the host's, whatever becomes of the
         # connection: Resumed and Complete are courtesies. A source that never
@@ -506,6 +505,7 @@ class IncomingMigration:
             pass    # a break like any in post-copy: the service below waits it out
         self._set_status("postcopy-active")
         await self._run_postcopy()
+        self._held_digest = self.decoder.hashes.digest()
         self.faults.stop()
         self.pm.close()
         self.pm = None
