@@ -138,11 +138,16 @@ def write_report(results: list[dict], path: str, args) -> None:
     total = " | ".join(f"**{counts[o]}**" for o in OUTCOMES)
     rows.append(f"| **all** | | | **{len(results)}** | {total} |")
     fired = sum(r["fired"] for r in results)
+    stuck = sum(r["destination_session_open"] for r in results)
     with open(path + ".md", "w") as f:
         f.write(f"# Handover soak: {len(results)} single-fault trials (seed {args.seed}, "
                 f"{args.loop} loop)\n\n"
                 f"The fault happened in {fired} trials (in the others the chosen frame never "
-                "passed, e.g. a page batch beyond the last).\n\n" + "\n".join(rows) + "\n")
+                "passed, e.g. a page batch beyond the last). In "
+                f"{stuck} trials the destination's session was still waiting "
+                f"{SESSION_END_S:g} s after the source had finished (a black hole before the "
+                "switchover: it waits for pages without a timeout, holding memory but never "
+                "the running VM).\n\n" + "\n".join(rows) + "\n")
 
 
 def main() -> int:
