@@ -74,7 +74,8 @@ def _format_vms(vms) -> str:
         return "no VMs"
     rows = [f"{'NAME':16} {'MEMORY':>9} {'VCPUS':>5} {'WORKLOAD':10} {'STATE':9} ORIGIN"]
     for v in vms:
-        state = "migrating" if v["migrating"] else ("running" if v["running"] else "paused")
+        state = "migrating" if v["migrating"] else "in-doubt" if v.get("unresolved") else (
+            "running" if v["running"] else "paused")
         rows.append(f"{v['name']:16} {v['memory_bytes'] >> 20:>5} MiB {v['vcpus']:>5} "
                     f"{v['workload']:10} {state:9} {v['origin']}")
     return "\n".join(rows)
@@ -82,6 +83,22 @@ def _format_vms(vms) -> str:
 
 def cmd_vm_list(args) -> int:
     _emit(args, _client(args).call("vm.list"), _format_vms)
+    return EXIT_OK
+
+
+def cmd_vm_resolve(args) -> int:
+    action = "resume" if args.resume else "discard" if args.discard else None
+    if action is not None and not args.json:
+        print(f"WARNING: deciding by hand where VM {args.name} lives; livemig refuses if the "
+              "destination answers and the decision would run the VM twice or lose it, but "
+              "cannot check a destination it cannot reach", file=sys.stderr)
+    res = _client(args).call("vm.resolve", name=args.name, action=action)
+
+    def human(r) -> str:
+        text = (f"VM {r['name']}: {r['resolved']} here (the destination says: "
+                f"{r['destination_says']}{': ' + r['reason'] if r['reason'] else ''})")
+        return f"{text}\n{r['warning']}" if r["warning"] else text
+    _emit(args, res, human)
     return EXIT_OK
 
 
@@ -305,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = vm.add_parser("list", help="list a daemon's VMs")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_vm_list)
+    sp = vm.add_parser("resolve", help="settle a handover left in doubt: ask the destination "
+                       "and apply its answer, or decide by hand")
+    sp.add_argument("name")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="resume the paused copy here (refused if the destination runs it)")
+    how.add_argument("--discard", action="store_true",
+                     help="free the copy here (refused if the destination does not run it)")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_vm_resolve)
     sp = vm.add_parser("stop", help="stop a VM and free it")
     sp.add_argument("name")
     daemon_opts(sp)
@@ -409,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_DAEMON
         if exc.error_type == "ConfigError":
             return EXIT_USAGE
-        return EXIT_FAILED if exc.error_type in ("NoSuchVM", "NoSuchMigration", "Busy", "VMExists") \
+        return EXIT_FAILED if exc.error_type in ("NoSuchVM", "NoSuchMigration", "Busy", "VMExists",
+                                                 "Refused", "InDoubt") \
             else EXIT_ERROR
     except LivemigError as exc:
         print(f"livemig: {exc}", file=sys.stderr)

@@ -46,6 +46,7 @@ SAMPLES = [
     ev.ProbeData(2**32 - 1, b""),
     ev.ProbeEnd(64, 64 << 20),
     ev.ProbeResult(63, 63 << 20, 51_000_000),
+    ev.Outcome(ev.OutcomeCode.COMMITTED, bytes(range(16)), "running here"),
 ]
 
 

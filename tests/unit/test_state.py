@@ -202,7 +202,7 @@ OUT_OF_ORDER = [
      ev.PresentReport(20, bytes(3)), "invalidating", "RoundAck from the destination"),
     # the source waits for a PresentReport on a resumed control channel
     ("present report", lambda: _ready(resume=True), D, ev.Accept(), "resumed",
-     "PresentReport from the destination"),
+     "PresentReport or Outcome from the destination"),
     ("present report", lambda: _ready(resume=True), S,
      ev.MigrationOffer({}, ev.Mode.PRECOPY, 1), "resumed", "nothing from the source"),
     # a PresentReport belongs to a resumed channel only
@@ -221,13 +221,13 @@ OUT_OF_ORDER = [
     ("commit", lambda: _after(PRECOPY, ev.Verified), S, ev.Complete(), "verified", "Commit"),
     # post-copy control: pages and requests travel on the bulk and urgent channels
     ("postcopy control", lambda: _after(HYBRID, ev.Resumed), S,
-     ev.PageBatch(0, 1, b"x", ev.BATCH_POSTCOPY), "postcopy", "nothing from the source"),
+     ev.PageBatch(0, 1, b"x", ev.BATCH_POSTCOPY), "postcopy", "Ping from the source"),
     ("postcopy control", lambda: _after(HYBRID, ev.Resumed), D, ev.PageRequest(1, (1,)),
      "postcopy", "PostcopyComplete from the destination"),
     ("postcopy control", lambda: _after(HYBRID, ev.Resumed), D,
      ev.VerifyFailed(bytes(16), bytes(16)), "postcopy", "PostcopyComplete"),
     ("postcopy control", lambda: _after(HYBRID, ev.Resumed), S, ev.Complete(), "postcopy",
-     "nothing from the source here but Abort"),
+     "expected Ping from the source"),
     ("postcopy done", lambda: _after(HYBRID, ev.PostcopyComplete), S, ev.Ping(1),
      "postcopy-done", "Complete from the source"),
     # bulk and urgent channels carry pages (and liveness) only

@@ -8,7 +8,8 @@ from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, 
                      ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
                      PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
                      RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
+                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult, Outcome,
+                     OutcomeCode)
 from .state import Role, State
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "PageInvalidate", "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
     "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
+    "Outcome", "OutcomeCode",
 ]

@@ -72,6 +72,13 @@ class RefuseCode(IntEnum):
     OTHER = 255
 
 
+class OutcomeCode(IntEnum):
+    """What became of a session that has ended at the destination (Outcome)."""
+    COMMITTED = 1        # resumed here, and the VM is this host's
+    NOT_COMMITTED = 2    # Commit never arrived: the copy here was discarded unresumed
+    ABANDONED = 3        # resumed here in post-copy, then stopped: owed pages never came
+
+
 MAX_TEXT_BYTES = 4096
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CAPABILITIES = 64
@@ -465,10 +472,28 @@ class ProbeResult(Event):
     duration_ns: int
 
 
+# --- handover outcome (a source reconnecting after a break past Commit) ----------------
+
+@dataclass(frozen=True)
+class Outcome(Event):
+    """Destination -> source, the answer on a control channel opened with
+    Hello(resume=True) for a session that has ended here: what became of it.
+    ``digest`` is the digest of the memory the destination verified (pre-copy)
+    or of every page as it landed (post-copy), so that the source can check
+    what it releases its copy for; zero for NOT_COMMITTED."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["Outcome"]
+    FIELDS = (u8("code", enum=OutcomeCode), Reserved("reserved8", "B"),
+              Reserved("reserved16", "H"), _DIGEST, _REASON)
+    code: OutcomeCode
+    digest: bytes = bytes(DIGEST_BYTES)
+    reason: str = ""
+
+
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
               RoundEnd, RoundAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
               VerifyFailed, PageRequest, PresentReport, PostcopyComplete, Complete, Abort, Ping,
-              Pong, ProbeData, ProbeEnd, ProbeResult)
+              Pong, ProbeData, ProbeEnd, ProbeResult, Outcome)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
 # The native urgent path reads and writes these prefixes from spec.py.

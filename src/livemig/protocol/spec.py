@@ -36,7 +36,7 @@ MESSAGE_IDS: dict[str, int] = {
     "RoundStart": 32, "PageBatch": 33, "RoundEnd": 34, "RoundAck": 35, "PageInvalidate": 36,
     "Switchover": 48, "Resumed": 49, "VerifyFailed": 50, "Verified": 51, "Commit": 52,
     "PageRequest": 64, "PresentReport": 65, "PostcopyComplete": 66,
-    "Complete": 80, "Abort": 81,
+    "Complete": 80, "Abort": 81, "Outcome": 82,
     "Ping": 96, "Pong": 97,
     "ProbeData": 112, "ProbeEnd": 113, "ProbeResult": 114,
 }

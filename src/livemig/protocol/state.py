@@ -10,7 +10,8 @@ Rules
 2. The source always opens a channel with Hello; the destination answers
    Welcome or Refuse. Nothing else may precede the handshake. On a control
    channel a Hello with resume=1 (variant "resume") opens a recovery
-   conversation: the destination's PresentReport, then post-copy goes on.
+   conversation: the destination's PresentReport, then post-copy goes on, or,
+   for a session that has ended there, its Outcome.
 3. Anything not in the table is illegal. :meth:`Conversation.process` is the
    one place that raises for it (TransitionError, naming the state, the
    message and what the state expects); the connection turns that into
@@ -22,7 +23,8 @@ Rules
    terminal state, and leads to ABORTED.
 5. Questions and answers: Ping is the source's liveness question, allowed
    where the destination is waiting for the source's next message (READY,
-   the pre-copy states, an open bulk or urgent channel); the destination's
+   the pre-copy states, an open bulk or urgent channel) and, as a keepalive,
+   on a quiet post-copy control channel; the destination's
    Pong answers it and may come in any later state (the source may have
    moved on meanwhile), but only while a Ping is unanswered. Likewise a
    ProbeResult only answers a ProbeEnd. Neither changes the state.
@@ -60,6 +62,7 @@ Control channel (source S, destination D)::
     Recovery, a control channel reopened during post-copy:
     IDLE --S Hello(resume)--> RESUME_SENT --D Welcome--> RESUMED
     RESUMED --D PresentReport--> POSTCOPY      RESUME_SENT --D Refuse--> REFUSED
+    RESUMED --D Outcome--> DONE    (the session has ended here: what became of it)
 
 Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
 (precopy or postcopy) any number of times; Refuse -> REFUSED.
@@ -72,7 +75,8 @@ from enum import Enum
 from .events import (Abort, Accept, ChannelKind, Commit, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete,
                      PresentReport, ProbeData, ProbeEnd, ProbeResult, Refuse, Resumed, RoundAck,
-                     RoundEnd, RoundStart, Switchover, Verified, VerifyFailed, Welcome)
+                     RoundEnd, RoundStart, Switchover, Verified, VerifyFailed, Welcome,
+                     Outcome)
 
 
 class Role(Enum):
@@ -175,7 +179,10 @@ CONTROL = {
     (State.RESUME_SENT, D, Welcome, _ANY): State.RESUMED,
     (State.RESUME_SENT, D, Refuse, _ANY): State.REFUSED,
     (State.RESUMED, D, PresentReport, _ANY): State.POSTCOPY,
-    **_pings(State.READY, State.PRECOPY, State.IN_ROUND, State.INVALIDATING),
+    # a resumed control channel of a session that has ended here: its outcome
+    (State.RESUMED, D, Outcome, _ANY): State.DONE,
+    # POSTCOPY: the source's keepalive on a quiet control channel
+    **_pings(State.READY, State.PRECOPY, State.IN_ROUND, State.INVALIDATING, State.POSTCOPY),
 }
 
 _OPENED = {

@@ -10,7 +10,14 @@ One daemon runs on each machine. It has two doors:
   any local program (see :mod:`livemig.service.control`).
 
 Everything runs on one asyncio loop; the VMs' vCPUs are native threads, so
-the loop only orchestrates. Each migration is its own task; a migration that
+the loop only orchestrates.
+
+A VM whose handover could not be settled (the destination unreachable after
+Commit, or it stopped the VM in post-copy) stays here paused and marked
+``unresolved`` with the peer and the session id; ``vm.resolve`` asks the
+destination again and applies what it learns, or the operator decides
+(``--resume``/``--discard``), refused where the destination's answer shows
+the decision would run the VM twice or lose it. Each migration is its own task; a migration that
 fails — hostile peer, vanished peer, bad data — ends that task with an error
 recorded in its stats and never touches the other VMs or the daemon itself.
 Blocking native work that can take more than a millisecond (digests, snapshot
@@ -29,7 +36,7 @@ from typing import Any
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
 from .control import ControlServer
-from ..errors import ConfigError, ControlError, LivemigError
+from ..errors import ConfigError, ControlError, HandoverInDoubt, LivemigError, MigrationError
 from ..units import parse_size
 from ..vm.machine import VM
 
@@ -48,9 +55,11 @@ class HostedVM:
     origin: str                       # "local" or "migrated from HOST:PORT"
     created_at: float = field(default_factory=time.time)
     migrating: bool = False
+    unresolved: dict | None = None    # a handover to settle: peer, session_id, migration, why
 
     def describe(self) -> dict:
         return {
+            "unresolved": self.unresolved,
             "name": self.name,
             "memory_bytes": self.vm.memory.length_bytes,
             "vcpus": self.vm.nvcpus,
@@ -182,6 +191,7 @@ class Daemon:
             "vm.run_to": self._cmd_vm_run_to,
             "vm.set_dirty_rate": self._cmd_vm_set_dirty_rate,
             "vm.inspect": self._cmd_vm_inspect,
+            "vm.resolve": self._cmd_vm_resolve,
             "migrate": self._cmd_migrate,
             "migration.wait": self._cmd_migration_wait,
             "migration.postcopy": self._cmd_migration_postcopy,
@@ -235,6 +245,10 @@ class Daemon:
 
     async def _cmd_vm_resume(self, name: str) -> dict:
         hosted = self._hosted(name)
+        if hosted.unresolved is not None:
+            raise ControlError(f"VM {name!r} is paused after a handover that is not settled "
+                               f"({hosted.unresolved['why']}); use `livemig vm resolve {name}`",
+                               error_type="Refused")
         hosted.vm.resume()
         return hosted.describe()
 
@@ -282,7 +296,8 @@ class Daemon:
             rec.stats = stats
             if stats.status in ("active", "postcopy-active"):
                 rec.status = stats.status
-            rec.error = stats.error if stats.status == "postcopy-active" else rec.error
+            if stats.status in ("active", "postcopy-active"):
+                rec.error = stats.error    # a break being recovered, or None once it is
 
         async def run() -> None:
             try:
@@ -292,6 +307,7 @@ class Daemon:
                                       on_stats=on_stats, control=rec.control)
                 rec.stats = stats
                 rec.status = "completed"
+                rec.error = None
                 # The destination verified and resumed the VM: ours is released.
                 del self.vms[name]
                 await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
@@ -299,9 +315,14 @@ class Daemon:
                 rec.status = "cancelled"
                 raise
             except Exception as exc:
-                rec.status = "failed"
+                rec.status = "in-doubt" if isinstance(exc, HandoverInDoubt) else "failed"
                 rec.error = str(exc)
                 rec.stats = getattr(exc, "stats", rec.stats)
+                if isinstance(exc, MigrationError) and not exc.source_resumed:
+                    hosted.unresolved = {"peer": rec.peer, "migration": rec.id,
+                                         "session_id": rec.control.session_id.hex(),
+                                         "why": rec.status if rec.status == "in-doubt" else
+                                         "the destination stopped the VM after Commit"}
             finally:
                 hosted.migrating = False
 
@@ -343,6 +364,71 @@ class Daemon:
         rec = self._outgoing(vm)
         rec.control.recover_now()
         return rec.describe()
+
+    async def _cmd_vm_resolve(self, name: str, action: str | None = None) -> dict:
+        """Settle a handover left unresolved: ask the destination what became
+        of the session and apply it; ``action`` ("resume" or "discard") is
+        the operator's decision, refused when the destination's answer shows
+        it would run the VM twice or lose it."""
+        from ..engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY,
+                                             UNKNOWN, UNREACHABLE, ask_peer)
+
+        hosted = self._hosted(name)
+        pending = hosted.unresolved
+        if pending is None:
+            raise ControlError(f"VM {name!r} has no unsettled handover; nothing to resolve",
+                               error_type="Refused")
+        if action not in (None, "resume", "discard"):
+            raise ControlError(f"action is 'resume' or 'discard', not {action!r}",
+                               error_type="ConfigError")
+        host, port = parse_hostport(pending["peer"])
+        learned = await ask_peer(host, port, bytes.fromhex(pending["session_id"]),
+                                 npages=hosted.vm.memory.npages, ssl=self._client_ssl(),
+                                 timeout_s=10.0)
+        peer = f"the destination {pending['peer']}"
+        runs_there = learned.kind in (COMMITTED, POSTCOPY)
+        if learned.kind == POSTCOPY:
+            raise ControlError(
+                f"{peer} runs VM {name!r} in post-copy and still lacks pages only this host "
+                "holds; it stops the VM when its recovery timeout passes. Nothing was changed; "
+                f"resolve again after that (the copy paused here will be resumed)",
+                error_type="Refused")
+        if runs_there and action == "resume":
+            raise ControlError(f"refusing to resume VM {name!r} here: {peer} reports it runs "
+                               f"it ({learned.reason}); two copies would run. Use "
+                               f"`livemig vm resolve {name}` or --discard", error_type="Refused")
+        if learned.kind in (NOT_COMMITTED, ABANDONED) and action == "discard":
+            raise ControlError(f"refusing to discard VM {name!r}: {peer} reports it does not run "
+                               f"it ({learned.reason}); this paused copy is the only one. Use "
+                               f"`livemig vm resolve {name}` or --resume", error_type="Refused")
+        unknown = learned.kind in (UNKNOWN, UNREACHABLE)
+        if unknown and action is None:
+            raise ControlError(
+                f"cannot learn the outcome from {peer}: {learned.reason}. VM {name!r} stays "
+                "paused here. Decide by hand once you know where it runs: --resume (if the "
+                "destination does run it, two copies run) or --discard (if it does not, the "
+                "VM is lost)", error_type="InDoubt")
+        resume = action == "resume" if unknown else not runs_there
+        warning = None
+        if unknown:
+            risk = ("resumed here on your word: if the destination runs it too, stop one copy"
+                    if resume else
+                    "discarded here on your word: if the destination does not run it, it is lost")
+            warning = f"WARNING: the outcome is unknown ({learned.reason}); VM {name!r} was {risk}"
+        hosted.unresolved = None
+        rec = self.migrations.get(pending["migration"])
+        if resume:
+            hosted.vm.resume()
+            outcome = f"resumed here ({learned.reason or 'by the operator'})"
+        else:
+            del self.vms[name]
+            await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
+            outcome = f"released here: {peer} runs it ({learned.reason or 'by the operator'})"
+        if rec is not None:
+            rec.status = "failed" if resume else "completed"
+            rec.error = f"{rec.error}; resolved: {outcome}"
+        return {"name": name, "resolved": "resumed" if resume else "discarded",
+                "destination_says": learned.kind, "reason": learned.reason, "warning": warning}
 
     async def _cmd_status(self, id: int | None = None) -> Any:
         if id is not None:

@@ -56,8 +56,8 @@ from ...codec.kernels import ZERO_PAGE_HASH, hash_pages
 from ...codec.rawbatch import parse_raw
 from ...errors import CodecError, ConnectionLost, MigrationError, RemoteProtocolError
 from ...native.postcopy import PostcopyMemory
-from ...protocol import (Abort, Complete, PageBatch, PageRequest, Ping, Pong, PostcopyComplete,
-                       PresentReport)
+from ...protocol import (Abort, Complete, PageBatch, PageRequest, Ping, Pong,
+                       PostcopyComplete, PresentReport)
 from ...stats import MigrationStats
 from ...native.urgent import NativeFaultServer
 
@@ -95,8 +95,9 @@ class FaultService:
 
     def __init__(self, pm: PostcopyMemory, decoder: BatchDecoder, stats: MigrationStats, *,
                  urgent: NativeFaultServer | None = None, urgent_cpu: int = -1,
-                 urgent_spin_us: int = 0, urgent_rt_priority: int = 0):
+                 urgent_spin_us: int = 0, urgent_rt_priority: int = 0, silence_s: float = 30.0):
         self.native = urgent
+        self.silence_s = silence_s
         self._urgent_cpu = urgent_cpu
         self._urgent_spin_us = urgent_spin_us
         self._urgent_rt_priority = urgent_rt_priority
@@ -306,24 +307,47 @@ class FaultService:
             self._done.set()
 
     async def _finish(self, control: Channel) -> None:
-        recv = asyncio.ensure_future(control.recv())
+        """Every page here ─ PostcopyComplete ─▶ ◀ Complete. Meanwhile the
+        source Pings when the control channel is quiet: each is answered,
+        and ``silence_s`` without any frame from it is a break (a black-holed
+        link resets nothing, so only silence tells)."""
         done = asyncio.ensure_future(self._done.wait())
+        recv = asyncio.ensure_future(control.recv())
         try:
-            await asyncio.wait([recv, done], return_when=asyncio.FIRST_COMPLETED)
-            if not done.done():
-                raise self._unexpected(recv.result())
+            while not done.done():
+                await asyncio.wait([recv, done], timeout=self.silence_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if recv.done():
+                    await self._answer_ping(control, recv.result())
+                    recv = asyncio.ensure_future(control.recv())
+                elif not done.done():
+                    raise self._silent()
             self.stats.postcopy_duration_ms = (time.monotonic() - self._t_start) * 1e3
             digest = self.decoder.hashes.digest()
             await control.send(PostcopyComplete(self.stats.pages_sent, digest))
-            answer = await recv
-        except BaseException:
+            while True:
+                await asyncio.wait([recv], timeout=self.silence_s)
+                if not recv.done():
+                    raise self._silent()
+                answer = recv.result()
+                if isinstance(answer, Complete):
+                    self.complete = True
+                    return
+                await self._answer_ping(control, answer)
+                recv = asyncio.ensure_future(control.recv())
+        finally:
             recv.cancel()
             done.cancel()
-            raise
-        if isinstance(answer, Complete):
-            self.complete = True
-            return
-        raise self._unexpected(answer)
+
+    async def _answer_ping(self, control: Channel, event) -> None:
+        """Answer the source's keepalive; anything else is unexpected here."""
+        if not isinstance(event, Ping) or isinstance(event, Pong):
+            raise self._unexpected(event)
+        await control.send(Pong(event.nonce))
+
+    def _silent(self) -> ConnectionLost:
+        return ConnectionLost(f"nothing from the source for {self.silence_s:g} s during "
+                              "post-copy", phase="postcopy")
 
     @staticmethod
     def _unexpected(event) -> Exception:

@@ -34,7 +34,19 @@ post-copy the guest's vCPUs simply stay blocked on their faults; the source
 reconnects with Hello(resume=True) and the same session id (the server routes
 every channel of a session to its IncomingMigration) within
 ``postcopy_recovery_timeout_s``, or we give up: the VM cannot be completed,
-so it is stopped and its memory freed (the inherent risk of post-copy).
+so it is stopped and its memory freed (the inherent risk of post-copy). Any
+failure of the post-copy channel set — a reset, a half-closed stream, a
+protocol error, an Abort — is such a break: the guest runs here already, so
+only the source coming back or the timeout ends the session. A break once
+every page is here completes the VM here.
+
+Outcomes (outcomes.py): a session that ends writes what became of it
+(committed, not committed, abandoned) in the server's OutcomeBook. A source
+that lost its connection after Commit reconnects with Hello(resume=True):
+a post-copy session still running here adopts the new channel; any other
+session is told to let go of its old channel (so that it decides now, from
+what it has received, instead of at its timeout), and once it has ended the
+new channel is answered with ``Outcome`` from the record.
 
 One IncomingMigration serves one session (its control channel, and for
 post-copy its urgent and bulk channels). MigrationServer accepts any number
@@ -56,14 +68,16 @@ from ...config import MigrationConfig
 from ...codec.decoder import BatchDecoder
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
-                     RemoteProtocolError, StateFormatError, Unsupported)
+                     ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
+from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
 from ...native import PAGE_SIZE
 from ...native import postcopy
 from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode,
-                       PageBatch, PageInvalidate, Phase, Refuse, RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart,
-                       Switchover, Verified, VerifyFailed, answer_hello)
+                       Outcome, OutcomeCode, PageBatch, PageInvalidate, Phase, Refuse, RefuseCode,
+                       Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified,
+                       VerifyFailed, answer_hello)
 from ...protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
 from ...stats import MigrationStats
 from ...vm.machine import VM
@@ -111,7 +125,7 @@ _POSTCOPY_REASON: str | None = None
 
 class IncomingMigration:
     def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig,
-                 sessions: dict | None = None):
+                 sessions: dict | None = None, outcomes: OutcomeBook | None = None):
         self.ch = ch
         self.hook = hook
         self.config = config
@@ -134,6 +148,11 @@ class IncomingMigration:
         self._channel_arrived = asyncio.Event()
         self._released: dict[Channel, asyncio.Event] = {}
         self._resumed_control: Channel | None = None
+        self._outcomes = outcomes if outcomes is not None else OutcomeBook()
+        self._guest_resumed = False          # set in the loop step that resumed it
+        self._held_digest = bytes(16)        # of the memory verified, or landed in post-copy
+        self.ended = asyncio.Event()
+        self.decided = asyncio.Event()       # the guest resumed here, or the session ended
 
     @property
     def peer(self) -> str:
@@ -154,8 +173,11 @@ class IncomingMigration:
                 await self._tell_source(exc)
             return None
         finally:
+            self._record_outcome()
             if self._sessions.get(self.session_id) is self:
                 del self._sessions[self.session_id]
+            self.ended.set()
+            self.decided.set()
             for ch in list(self._released):
                 self._release(ch)
             if self._populating is not None:
@@ -171,6 +193,26 @@ class IncomingMigration:
                 # Never resumed here (or abandoned): the source owns the VM. Free ours.
                 self.vm.close()
                 self.vm = None
+
+    def _record_outcome(self) -> None:
+        """Write what became of the session, for a source that asks later
+        (written before the session leaves ``sessions``: see outcomes.py)."""
+        if self.arrival is None:
+            return      # a probe, or an offer refused: nothing was ever committed
+        postcopy_live = self.pm is not None and not self.pm.closed
+        if not self._guest_resumed:
+            code, digest = OutcomeCode.NOT_COMMITTED, bytes(16)
+            reason = ("the session ended here before Commit arrived; the copy here was "
+                      "discarded without running")
+        elif postcopy_live:
+            code, digest = OutcomeCode.ABANDONED, bytes(16)
+            reason = (f"resumed here in post-copy, then stopped with {self.pm.missing} pages "
+                      f"never received ({self.stats.error or 'no error recorded'})")
+        else:
+            code, digest = OutcomeCode.COMMITTED, self._held_digest
+            reason = "resumed here; the VM is this host's"
+        self._outcomes.record(self.session_id, OutcomeRecord(code, digest, reason,
+                                                             self.arrival.name))
 
     def _populate(self) -> None:
         """Pre-fault guest memory in small chunks, stopping early when asked
@@ -344,7 +386,8 @@ class IncomingMigration:
                                  phase="switchover") from exc
         await self._verified_then_commit()
         vm.resume()
-        self._handed_over = True
+        self._guest_resumed = self._handed_over = True
+        self._held_digest = sw.digest
         self._completed(vm)
         # The VM runs here now and is the host's, whatever becomes of the
         # connection: Resumed and Complete are courtesies. A source that never
@@ -449,12 +492,17 @@ class IncomingMigration:
             raise MigrationError(f"post-copy switchover refused: {refusal}", phase="switchover")
         await self._verified_then_commit()
         vm.resume()
-        self._handed_over = True
+        self._guest_resumed = self._handed_over = True
+        self.decided.set()
         self.faults.start()
-        await self.ch.send(Resumed())
         self.phase = Phase.POSTCOPY
+        try:
+            await self.ch.send(Resumed())
+        except (ConnectionError, ProtocolError):
+            pass    # a break like any in post-copy: the service below waits it out
         self._set_status("postcopy-active")
         await self._run_postcopy()
+        self._held_digest = self.decoder.hashes.digest()
         self.faults.stop()
         self.pm.close()
         self.pm = None
@@ -472,11 +520,19 @@ class IncomingMigration:
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
         return FaultService(self.pm, self.decoder, self.stats, urgent=native,
                             urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us,
-                            urgent_rt_priority=cfg.urgent_rt_priority)
+                            urgent_rt_priority=cfg.urgent_rt_priority,
+                            silence_s=cfg.ack_timeout_s)
 
     async def _run_postcopy(self) -> None:
         """FaultService over the current channels; on a break, wait for the
-        source to reconnect, then go on. Gives up after the recovery timeout."""
+        source to reconnect, then go on. Gives up after the recovery timeout.
+
+        The guest runs here already: whatever fails on the channel set (a
+        reset, an end of stream, a protocol error, an Abort the source's
+        channel sent when it saw ours break) is a break, never a reason to
+        stop the guest. A break once every page is here ends post-copy: the
+        VM is whole, and a source that missed PostcopyComplete learns the
+        outcome (with the landed digest) when it reconnects."""
         resumed = False
         while True:
             try:
@@ -486,8 +542,16 @@ class IncomingMigration:
                 await self.faults.serve(self.ch, urgent, bulk, resumed=resumed)
                 self.stats.error = None
                 return
-            except (ConnectionError, RemoteProtocolError) as exc:
-                self.stats.error = f"post-copy connection broken ({exc}); waiting for the source"
+            except RecoveryExpired:
+                raise
+            except (ConnectionError, ProtocolError, MigrationError) as exc:
+                if self.pm.missing == 0:
+                    self.stats.error = None
+                    return
+                self.stats.error = (f"post-copy connection broken ({exc}); the VM runs here "
+                                    f"with {self.pm.missing} pages still owed; waiting up to "
+                                    f"{self.config.postcopy_recovery_timeout_s:g} s for the "
+                                    "source to reconnect")
                 self._set_status("postcopy-active", self.stats.error)
             for ch in (self.ch, *self._side.values()):
                 ch.abort()
@@ -523,12 +587,15 @@ class IncomingMigration:
             raise self._gave_up() from None
         return self._resumed_control
 
-    def _gave_up(self) -> MigrationError:
+    def _gave_up(self) -> RecoveryExpired:
         missing = self.pm.missing if self.pm is not None else 0
-        return MigrationError(
+        name = self.arrival.name if self.arrival is not None else "NAME"
+        return RecoveryExpired(
             f"the source did not come back within {self.config.postcopy_recovery_timeout_s:g} s "
             f"during post-copy: the VM cannot be completed ({missing} pages never arrived); "
-            "it was stopped and its memory freed", phase="postcopy", source_resumed=False)
+            "it was stopped and its memory freed on this host. The source keeps its copy "
+            f"paused at the switchover: `livemig vm resolve {name}` there resumes it",
+            phase="postcopy", source_resumed=False)
 
     async def adopt(self, ch: Channel) -> None:
         """Serve a further channel of this session (urgent, bulk, or a resumed
@@ -536,9 +603,6 @@ class IncomingMigration:
         released = asyncio.Event()
         self._released[ch] = released
         if ch.kind is ChannelKind.CONTROL:
-            if self.faults is None:
-                raise RemoteProtocolError("a resumed control channel for a session that is not "
-                                          "in post-copy", phase="handshake")
             old = self.ch
             self._resumed_control = ch
             old.abort()    # the old set is dead if the source reopens: stop using it
@@ -551,6 +615,17 @@ class IncomingMigration:
             self._side[ch.kind] = ch
         self._channel_arrived.set()
         await released.wait()
+
+    @property
+    def runs_postcopy(self) -> bool:
+        """The guest runs here in post-copy: a resumed control channel continues it."""
+        return self._guest_resumed and self.pm is not None and not self.pm.closed
+
+    def supersede(self) -> None:
+        """The source reconnected to learn the outcome: drop the old control
+        channel, so the session decides now from what it has received (a
+        Commit already read is still acted on) instead of at a timeout."""
+        self.ch.abort()
 
     def _release(self, ch: Channel) -> None:
         released = self._released.pop(ch, None)
@@ -612,6 +687,7 @@ class MigrationServer:
         self._server: ChannelServer | None = None
         self.completed: asyncio.Queue = asyncio.Queue()
         self.sessions: dict[bytes, IncomingMigration] = {}
+        self.outcomes = OutcomeBook()
 
     async def start(self) -> None:
         self._server = await serve_channels(self.host, self.requested_port, self._serve,
@@ -622,9 +698,11 @@ class MigrationServer:
 
     def _answer_hello(self, hello: Hello):
         known = hello.session_id in self.sessions
-        if hello.channel_kind is ChannelKind.CONTROL and hello.resume and not known:
-            return Refuse(RefuseCode.SESSION, "no migration with this session id is waiting "
-                                              "to be resumed here")
+        if hello.channel_kind is ChannelKind.CONTROL and hello.resume and not known \
+                and self.outcomes.get(hello.session_id) is None:
+            return Refuse(RefuseCode.SESSION, "no migration with this session id is running "
+                                              "here, and none ended here recently: this host "
+                                              "does not run the VM through it")
         if hello.channel_kind is not ChannelKind.CONTROL and not known:
             return Refuse(RefuseCode.CHANNEL, f"a {hello.channel_kind.name.lower()} channel "
                                               "for an unknown session")
@@ -634,16 +712,39 @@ class MigrationServer:
 
     async def _serve(self, ch: Channel) -> None:
         existing = self.sessions.get(ch.conn.session_id)
+        if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume \
+                and (existing is None or not existing.runs_postcopy):
+            await self._tell_outcome(ch, existing)
+            return
         if ch.kind is not ChannelKind.CONTROL or ch.conn.hello.resume:
             if existing is None:
                 raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel for an unknown "
                                           "session", phase="handshake")
             await existing.adopt(ch)
             return
-        incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions)
+        incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions,
+                                     self.outcomes)
         vm = await incoming.run()
         if vm is not None:
             await self.completed.put((incoming.arrival, vm))
+
+    async def _tell_outcome(self, ch: Channel, session: IncomingMigration | None) -> None:
+        """A source asks what became of its session: let a session still
+        running here decide, then answer from its record."""
+        if session is not None:
+            session.supersede()
+            await session.decided.wait()
+            if session.runs_postcopy:
+                # A Commit it had already read resumed the guest: go on.
+                await session.adopt(ch)
+                return
+            await session.ended.wait()
+        record = self.outcomes.get(ch.conn.session_id)
+        if record is None:
+            # Expired between the Hello and now: closing says "ask again",
+            # and the next Hello is refused as unknown.
+            return
+        await ch.send(Outcome(record.code, record.digest, record.reason))
 
     @property
     def errors(self) -> list:

@@ -23,9 +23,17 @@ task sends owed pages of those windows, ordered by pages.order_near_faults,
 before resuming its linear sweep. The sweep keeps a cursor, so choosing the
 next batch costs O(batch), not O(memory).
 
-``serve`` runs on one set of channels and raises when one breaks; the caller
-reconnects and calls ``resync(present)`` with the destination's PresentReport,
-then ``serve`` again. The VM is released only after Complete has been sent.
+Keepalive: a black-holed link resets nothing, and after the last page both
+sides only wait (for PostcopyComplete, for Complete). So while the control
+channel is quiet we Ping every ``silence_s / 2``; no frame by ``silence_s``
+is a break, and the destination treats ``silence_s`` without our Pings the
+same way.
+
+``serve`` runs on one set of channels and raises when one breaks (an Abort
+from the destination included: its channel sends one when it sees ours
+break); the caller reconnects and calls ``resync(present)`` with the
+destination's PresentReport, then ``serve`` again. Only DigestMismatch is
+final. The VM is released only after Complete has been sent.
 
 Native path (``serve(..., urgent_fd=...)``, see urgent.py): the urgent
 channel's socket, handed off right after its handshake, is served by a C
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 
 import numpy as np
@@ -49,7 +58,7 @@ from ...codec.kernels import ZERO_PAGE_HASH, hash_pages, zero_scan
 from ...pages import order_near_faults, runs_of
 from ...codec.rawbatch import MAX_FAST_RUNS, encode_raw
 from ...protocol import (BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, PageRequest,
-                       Phase, PostcopyComplete)
+                       Phase, Ping, Pong, PostcopyComplete)
 from ...stats import MigrationStats
 from ...native.urgent import NativePageServer
 
@@ -92,16 +101,18 @@ class PostcopySender:
 
     async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
                     urgent_fd: tuple | None = None, cpu: int = -1, spin_us: int = 0,
-                    rt_priority: int = 0) -> None:
+                    rt_priority: int = 0, silence_s: float = 30.0) -> None:
         """``urgent_fd``: what ``urgent.hand_off()`` returned, to serve the
-        urgent channel natively (the tuple's fd is consumed)."""
+        urgent channel natively (the tuple's fd is consumed). ``silence_s``:
+        a control channel silent that long (Pings unanswered) is a break."""
         if urgent_fd is None:
             answer = self._answer(urgent)
         else:
             self._rt_priority = rt_priority
             answer = self._start_native(urgent_fd, cpu, spin_us, rt_priority)
         try:
-            await until_finished(answer, self._push(bulk), self._await_complete(control))
+            await until_finished(answer, self._push(bulk),
+                                 self._await_complete(control, silence_s))
         finally:
             if urgent_fd is not None:
                 self._stop_native()
@@ -251,8 +262,28 @@ class PostcopySender:
             await asyncio.sleep(0)
 
     # -- completion -----------------------------------------------------------------------------
-    async def _await_complete(self, control: Channel) -> None:
-        event = await control.recv()
+    async def _await_complete(self, control: Channel, silence_s: float) -> None:
+        """PostcopyComplete, then Complete. A silent link (a black hole: no
+        reset, no end of stream) would leave both sides waiting forever, so
+        after half of ``silence_s`` without a frame we Ping; no answer by
+        ``silence_s`` is a break. The destination counts our Pings as our
+        liveness (destination/postcopy.py)."""
+        nonces = itertools.count(1)
+        pinged = False
+        while True:
+            try:
+                event = await asyncio.wait_for(control.recv(), silence_s / 2)
+            except asyncio.TimeoutError:
+                if pinged:
+                    raise ConnectionLost(f"the destination has not answered for {silence_s:g} s "
+                                         "during post-copy", phase="postcopy",
+                                         channel=control.name) from None
+                await control.send(Ping(next(nonces)))
+                pinged = True
+                continue
+            if not isinstance(event, Pong):
+                break
+            pinged = False
         if event is None:
             raise RemoteProtocolError("the destination closed the control channel during "
                                       "post-copy", phase="postcopy")
@@ -267,9 +298,14 @@ class PostcopySender:
             reason = (f"post-copy memory digest mismatch: destination {event.digest.hex()}, "
                       f"source {ours.hex()}")
             await control.send(Abort(Phase.POSTCOPY, reason))
-            raise MigrationError(reason, phase="postcopy", source_resumed=False)
+            raise DigestMismatch(reason, phase="postcopy", source_resumed=False)
         self._completing = True
         await control.send(Complete())
+
+
+class DigestMismatch(MigrationError):
+    """The destination's landed-page digest differs from what we sent: the one
+    post-copy failure that is not a break to reconnect after."""
 
 
 def _fast_chunks(pages: np.ndarray):
@@ -287,4 +323,4 @@ def _fast_chunks(pages: np.ndarray):
 
 
 
-__all__ = ["PostcopySender", "PREPAGE_WINDOW_PAGES"]
+__all__ = ["DigestMismatch", "PostcopySender", "PREPAGE_WINDOW_PAGES"]

@@ -28,7 +28,11 @@ Ordering that makes it correct:
 * Until ``Commit`` is sent, any failure — the peer vanishing, a refusal, a
   digest mismatch, a timeout, a cancellation — stops the tracker, lifts the
   throttle and resumes the guest here, and raises MigrationError saying so.
-  After ``Commit`` the source never resumes on its own (HandoverInDoubt).
+  After ``Commit`` the source never resumes on its own: a break (no
+  ``Resumed``, a reset, an Abort) is a reason to reconnect with the same
+  session id and learn the outcome (handover.py): committed there → release
+  the VM; never committed → resume it here; unreachable for the whole window
+  (``ack_timeout_s``) → HandoverInDoubt, VM kept paused, resolvable later.
 
 Downtime is measured here, from the moment the vCPUs are paused to the moment
 ``Resumed`` arrives: it includes one network round trip, so it is an upper
@@ -53,11 +57,14 @@ Owed pages are those never sent, those invalidated, and those dirtied since
 the owed pages' entries in the hash array still hold what was sent before
 (or the zero hash), identically on both sides. After Commit the VM stays
 paused here and is released only after Complete. If a channel breaks during
-post-copy the session reconnects with backoff (Hello(resume=True), same
-session id) for up to ``postcopy_recovery_timeout_s``;
-``MigrationControl.recover_now()`` cuts the current wait short. Giving up
-raises HandoverInDoubt: the destination runs the guest, but pages it still
-lacks exist only here, so the VM is kept paused.
+post-copy — or between Commit and Resumed — the session reconnects with
+backoff (Hello(resume=True), same session id) for up to
+``postcopy_recovery_timeout_s``; ``MigrationControl.recover_now()`` cuts the
+current wait short. Whatever breaks (reset, end of stream, an Abort the
+destination's channel sent when it saw ours break) is such a break; only our
+own digest check failing ends post-copy here. Giving up raises
+HandoverInDoubt: the destination runs the guest, but pages it still lacks
+exist only here, so the VM is kept paused.
 """
 from __future__ import annotations
 
@@ -76,10 +83,12 @@ from ...config import MigrationConfig
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...native import PAGE_SIZE
 from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationError,
-                     RemoteProtocolError)
+                     ProtocolError, RemoteProtocolError)
 from ...codec.kernels import zero_scan
 from ...native import urgent
-from .postcopy import PostcopySender
+from . import handover
+from .handover import describe as _describe
+from .postcopy import DigestMismatch, PostcopySender
 from ...policy import Action, RoundStats, decide
 from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, Mode,
                        PageBatch, PageInvalidate, Phase, Refuse, RoundEnd,
@@ -104,6 +113,7 @@ class MigrationControl:
 
     def __init__(self):
         self.postcopy_requested = False
+        self.session_id: bytes | None = None    # set by the session: names it to the peer
         self._recover = asyncio.Event()
 
     def request_postcopy(self) -> None:
@@ -111,7 +121,8 @@ class MigrationControl:
         self.postcopy_requested = True
 
     def recover_now(self) -> None:
-        """Retry a broken post-copy connection now instead of after the backoff."""
+        """Retry a broken post-copy (or post-Commit) connection now instead of
+        after the backoff."""
         self._recover.set()
 
 
@@ -152,7 +163,9 @@ class SourceSession:
         self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
         self._session_id = os.urandom(16)
+        self.control.session_id = self._session_id
         self._connect_args: dict = {}
+        self._abandoned: str | None = None   # the destination stopped the VM after Commit
 
     # -- the whole migration ----------------------------------------------------------------
     async def run(self, host: str, port: int, *, ssl, server_hostname) -> MigrationStats:
@@ -172,8 +185,7 @@ class SourceSession:
             self.stats.tracker = self._tracker.name
             if await self._precopy() == "postcopy":
                 await self._invalidate()
-                await self._switchover_postcopy()
-                await self._postcopy()
+                await self._postcopy(await self._switchover_postcopy())
             else:
                 await self._switchover()
             return self.stats
@@ -267,12 +279,12 @@ class SourceSession:
             self._pending = pages  # dirtied during the last round: owed in the final one
             if requested and cfg.mode == "precopy" and decision.action is not Action.SWITCHOVER:
                 await self._open_postcopy_channels(resume=False)
-                return "postcopy"
+                return handover.POSTCOPY
             if decision.action is Action.SWITCHOVER:
                 stats.converged = True
                 return "switchover"
             if decision.action is Action.POSTCOPY:
-                return "postcopy"
+                return handover.POSTCOPY
             if decision.action is Action.GIVE_UP:
                 raise MigrationError(f"pre-copy did not converge: {decision.reason}",
                                      phase="precopy")
@@ -321,17 +333,26 @@ class SourceSession:
         if cfg.verify == "full":
             digest = await asyncio.get_running_loop().run_in_executor(
                 None, memory_digest_full, vm.memory)
-        await self._hand_over(Switchover(vm.export_state(), digest), t_pause,
-                              refused="the destination's memory digest differs from ours")
-        await self._ch.send(Complete())
+        broken = await self._hand_over(Switchover(vm.export_state(), digest), t_pause,
+                                       refused="the destination's memory digest differs from ours")
+        if broken is None:
+            try:
+                await self._ch.send(Complete())
+            except (LivemigError, ConnectionError):
+                pass   # Resumed came: the VM is the destination's; Complete is a courtesy
+        else:
+            await self._learn_precopy(broken, digest, t_pause)
         stats.total_time_ms = self._elapsed_ms()
         stats.remaining_bytes = 0
         stats.set_status("completed")
         self._publish()
 
-    async def _hand_over(self, switchover: Switchover, t_pause: float, *, refused: str) -> None:
+    async def _hand_over(self, switchover: Switchover, t_pause: float, *,
+                         refused: str) -> BaseException | None:
         """Switchover ─▶ ◀ Verified ─ Commit ─▶ ◀ Resumed. Until Commit is sent a
-        failure resumes the VM here; after it, never (docs/architecture.md)."""
+        failure resumes the VM here; after it, never (docs/architecture.md):
+        whatever went wrong instead of Resumed is returned, for the caller
+        to learn the outcome by reconnecting."""
         cfg = self.config
         await self._ch.send(switchover)
         verdict = await self._recv(cfg.switchover_timeout_s, "the destination's verdict")
@@ -341,10 +362,75 @@ class SourceSession:
                                  phase="switchover")
         # Past this line the VM belongs to the destination: never resume it here.
         self._committed = True
-        await self._ch.send(Commit())
-        await self._recv(cfg.ack_timeout_s, "Resumed")
+        try:
+            await self._ch.send(Commit())
+            await self._recv(cfg.ack_timeout_s, "Resumed")
+        except (LivemigError, ConnectionError, OSError) as exc:
+            return exc
         self.stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
         self._tracker.stop()
+        return None
+
+    async def _learn_precopy(self, broken: BaseException, digest: bytes, t_pause: float) -> None:
+        """The link broke after Commit in pre-copy: reconnect and ask. Returns
+        when the destination runs the VM; raises otherwise (see _settle)."""
+        stats = self.stats
+        stats.error = (f"the link broke after Commit ({_describe(broken)}); reconnecting to "
+                       "learn whether the destination resumed the VM (kept paused here)")
+        self._publish()
+        await self._close_channels()
+        learned = await self._learn(self.config.ack_timeout_s)
+        self._settle(learned, broken, digest)
+        # An upper bound: the guest resumed there some time before we learned it.
+        stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        stats.recoveries += 1
+        stats.error = None
+
+    async def _learn(self, window_s: float) -> handover.Learned:
+        return await handover.learn(
+            lambda: self._open(ChannelKind.CONTROL, resume=True), npages=self.vm.memory.npages,
+            window_s=window_s, timeout_s=self.config.handshake_timeout_s,
+            backoff_s=RECOVERY_BACKOFF_S, wake=self.control._recover)
+
+    def _settle(self, learned: handover.Learned, broken: BaseException, digest: bytes) -> None:
+        """Act on an outcome learned after a break past Commit: return if the
+        destination runs the VM (and holds what we sent), raise otherwise."""
+        phase = self.phase.label
+        if learned.kind == handover.COMMITTED:
+            if learned.digest != digest:
+                raise RemoteProtocolError(
+                    f"the destination reports it runs the VM, but with memory digest "
+                    f"{learned.digest.hex()} where we sent {digest.hex()}", phase=phase)
+            if self._tracker.armed:
+                self._tracker.stop()
+            return
+        if learned.kind == handover.NOT_COMMITTED:
+            # The destination never resumed it and has thrown its copy away:
+            # the VM is ours again, and _fail resumes it.
+            self._committed = False
+            raise MigrationError(
+                f"migration failed in {phase}: the link broke after Commit "
+                f"({_describe(broken)}); on reconnecting, the destination reported that "
+                "Commit never reached it and that it discarded its copy without running it. "
+                "The VM was resumed on the source, where it runs on; migrate again when the "
+                "link is stable", phase=phase, source_resumed=True)
+        if learned.kind == handover.ABANDONED:
+            self._abandoned = learned.reason
+            raise MigrationError(f"the destination stopped the VM: {learned.reason}",
+                                 phase=phase, source_resumed=False)
+        what = {handover.UNKNOWN: "the destination has no record of this session (it restarted, "
+                           "or the record expired)",
+                handover.UNREACHABLE: "the destination could not be asked",
+                handover.POSTCOPY: "the destination reports a post-copy session"}[learned.kind]
+        raise MigrationError(f"the link broke after Commit ({_describe(broken)}) and {what}: "
+                             f"{learned.reason}", phase=phase, source_resumed=False)
+
+    async def _close_channels(self) -> None:
+        for ch in (self._urgent, self._bulk, self._ch):
+            if ch is not None:
+                ch.abort()
+                await ch.close()
+        self._urgent = self._bulk = None
 
     # -- post-copy ----------------------------------------------------------------------------------
     def _make_owed(self, pages: np.ndarray) -> np.ndarray:
@@ -397,7 +483,7 @@ class SourceSession:
         self._pending = pages  # written since: owed, discarded in the stop
         self._publish()
 
-    async def _switchover_postcopy(self) -> None:
+    async def _switchover_postcopy(self) -> BaseException | None:
         cfg, vm, stats = self.config, self.vm, self.stats
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
@@ -408,13 +494,14 @@ class SourceSession:
         self._encoder.set_postcopy()
         digest = self._encoder.sent_hashes.digest()
         bitmap = np.packbits(owed, bitorder="little").tobytes()
-        await self._hand_over(Switchover(vm.export_state(), digest, owed.size, bitmap), t_pause,
-                              refused="the destination refused post-copy")
+        broken = await self._hand_over(Switchover(vm.export_state(), digest, owed.size, bitmap),
+                                       t_pause, refused="the destination refused post-copy")
         stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
         stats.set_status("postcopy-active")
         self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
                                       batch_bytes=cfg.batch_bytes)
         self._publish()
+        return broken
 
     def _final_dirty(self) -> np.ndarray:
         """With every vCPU parked: the pages dirtied since they were last sent.
@@ -429,25 +516,33 @@ class SourceSession:
         dirty[self._tracker.collect().astype(np.int64)] = True
         return np.flatnonzero(dirty)
 
-    async def _postcopy(self) -> None:
-        """Serve the destination until PostcopyComplete, reconnecting on breaks."""
+    async def _postcopy(self, broken: BaseException | None) -> None:
+        """Serve the destination until PostcopyComplete, reconnecting on breaks
+        (``broken``: the handover itself broke after Commit)."""
         stats = self.stats
         self.phase = Phase.POSTCOPY
         t0 = time.monotonic()
         while True:
+            if broken is not None:
+                stats.error = (f"post-copy connection broken ({_describe(broken)}); "
+                               "reconnecting to the destination (VM paused here)")
+                self._publish()
+                if await self._recover(broken) == handover.COMMITTED:
+                    break
             try:
                 handoff, self._urgent_handoff = self._urgent_handoff, None
                 await self._sender.serve(self._ch, self._urgent, self._bulk,
                                          urgent_fd=handoff, cpu=self.config.urgent_cpu,
                                          spin_us=self.config.urgent_spin_us,
-                                         rt_priority=self.config.urgent_rt_priority)
+                                         rt_priority=self.config.urgent_rt_priority,
+                                         silence_s=self.config.ack_timeout_s)
                 break
-            except (ConnectionError, RemoteProtocolError, OSError) as exc:
-                if isinstance(exc, HandshakeRefused):
-                    raise
-                stats.error = f"post-copy connection broken ({_describe(exc)}); recovering"
-                self._publish()
-                await self._recover(exc)
+            except DigestMismatch:
+                raise
+            except (ConnectionError, ProtocolError, MigrationError, OSError) as exc:
+                broken = exc
+        if self._tracker.armed:
+            self._tracker.stop()
         stats.error = None
         stats.postcopy_duration_ms = (time.monotonic() - t0) * 1e3
         stats.total_time_ms = self._elapsed_ms()
@@ -455,50 +550,35 @@ class SourceSession:
         stats.set_status("completed")
         self._publish()
 
-    async def _recover(self, cause: BaseException) -> None:
-        """Reconnect all three channels and resync from the PresentReport."""
-        deadline = time.monotonic() + self.config.postcopy_recovery_timeout_s
-        for ch in (self._urgent, self._bulk, self._ch):
-            if ch is not None:
-                ch.abort()
-                await ch.close()
-        self._urgent = self._bulk = None
-        attempt = 0
-        last: BaseException = cause
-        while time.monotonic() < deadline:
-            delay = RECOVERY_BACKOFF_S[min(attempt, len(RECOVERY_BACKOFF_S) - 1)]
-            attempt += 1
-            self.control._recover.clear()
+    async def _recover(self, cause: BaseException) -> str:
+        """Reconnect and learn where the session stands: POSTCOPY (all three
+        channels reopened, the sender resynced from the PresentReport) or
+        COMMITTED (the destination completed the VM with every page);
+        anything else raises (see _settle)."""
+        window_s = self.config.postcopy_recovery_timeout_s
+        deadline = time.monotonic() + window_s
+        await self._close_channels()
+        while True:
+            learned = await self._learn(max(0.0, deadline - time.monotonic()))
+            if learned.kind != handover.POSTCOPY:
+                if learned.kind == handover.UNREACHABLE:
+                    learned.reason = (f"not re-established within {window_s:g} s: "
+                                      f"{learned.reason}")
+                self._settle(learned, cause, self._encoder.sent_hashes.digest())
+                self.stats.recoveries += 1
+                return handover.COMMITTED
+            self._ch = learned.channel
             try:
-                await asyncio.wait_for(self.control._recover.wait(),
-                                       min(delay, max(0.0, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
-                pass
-            try:
-                self._ch = await self._open(ChannelKind.CONTROL, resume=True)
-                report = await self._recv(self.config.handshake_timeout_s, "a PresentReport")
-                if report.npages != self.vm.memory.npages:
-                    raise RemoteProtocolError("PresentReport for a different memory size",
-                                              phase="postcopy")
-                present = np.unpackbits(np.frombuffer(report.bitmap, dtype=np.uint8),
-                                        count=report.npages, bitorder="little").astype(bool)
                 await self._open_postcopy_channels(resume=True)
-            except HandshakeRefused:
-                raise
-            except (ConnectionError, RemoteProtocolError, MigrationError, OSError) as exc:
-                last = exc
-                for ch in (self._urgent, self._bulk, self._ch):
-                    if ch is not None:
-                        ch.abort()
-                        await ch.close()
-                self._urgent = self._bulk = None
+            except (ConnectionError, LivemigError, OSError) as exc:
+                cause = exc
+                await self._close_channels()
                 continue
-            self._sender.resync(present)
+            if self._tracker.armed:
+                self._tracker.stop()
+            self._sender.resync(learned.present)
             self.stats.recoveries += 1
-            return
-        raise MigrationError(f"post-copy connection lost and not re-established within "
-                             f"{self.config.postcopy_recovery_timeout_s:g} s: {_describe(last)}",
-                             phase="postcopy", source_resumed=False)
+            return handover.POSTCOPY
 
     # -- failure ----------------------------------------------------------------------------------
     async def _fail(self, exc: BaseException) -> None:
@@ -506,9 +586,16 @@ class SourceSession:
         stats.total_time_ms = self._elapsed_ms()
         stats.error = _describe(exc)
         stats.set_status("cancelled" if isinstance(exc, asyncio.CancelledError) else "failed")
-        if self._committed:
-            stats.error = ("handover in doubt: the destination may be running the VM; "
-                           f"it is kept paused here ({stats.error})")
+        if self._abandoned is not None:
+            stats.error = (f"post-copy could not complete, phase {self.phase.label}: the "
+                           f"destination stopped the VM ({self._abandoned}). The only copy is "
+                           "paused here at the state of the switchover; resume it "
+                           f"(`livemig vm resolve {self.name} --resume`) or stop it")
+        elif self._committed:
+            stats.error = (f"handover in doubt after Commit, phase {self.phase.label}: "
+                           f"{stats.error}. The VM is kept paused here and may be running at "
+                           "the destination; once the destination is reachable, `livemig vm "
+                           f"resolve {self.name}` learns the outcome and applies it")
         else:
             if self._tracker is not None and self._tracker.armed:
                 self._tracker.stop()
@@ -527,6 +614,9 @@ class SourceSession:
         if isinstance(exc, asyncio.CancelledError):
             return exc
         phase = self.phase.label
+        if self._abandoned is not None:
+            return MigrationError(self.stats.error, phase=phase, stats=self.stats,
+                                  source_resumed=False)
         if self._committed:
             return HandoverInDoubt(self.stats.error, phase=phase, stats=self.stats,
                                    source_resumed=False)
@@ -550,9 +640,3 @@ class SourceSession:
     def _publish(self) -> None:
         self.on_stats(self.stats)
 
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, LivemigError) else f"{type(exc).__name__}: {text}"
