@@ -75,8 +75,8 @@ from ...codec.encoder import BatchEncoder
 from ...config import MigrationConfig
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...native import PAGE_SIZE
-from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationError,
-                     RemoteProtocolError)
+from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationCancelled,
+                       MigrationError, RemoteProtocolError)
 from ...codec.kernels import zero_scan
 from ...native import urgent
 from .postcopy import PostcopySender
@@ -93,6 +93,9 @@ _MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYB
 
 
 RECOVERY_BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# How often progress is published in the middle of a round: round 0 of a
+# large guest takes seconds, and an operator should see it move.
+PROGRESS_INTERVAL_S = 0.25
 # Invalidation rounds (before the post-copy pause) stop once the set left for
 # the stop is this small, or stops shrinking, or after this many rounds.
 INVALIDATE_DONE_PAGES = 256
@@ -104,7 +107,29 @@ class MigrationControl:
 
     def __init__(self):
         self.postcopy_requested = False
+        self.cancel_requested = False
         self._recover = asyncio.Event()
+        self._limiters: list[TokenBucket] = []
+        self._channels: list[Channel] = []
+        self._batch_bytes = 0
+
+    def request_cancel(self) -> None:
+        """Abandon the migration at the next page batch or round boundary,
+        which is always before the pause: the VM runs on here."""
+        self.cancel_requested = True
+
+    def set_max_bandwidth(self, bandwidth_bps: float | None) -> None:
+        """Change the page streams' cap (bytes/s; None lifts it) from the
+        next frame on."""
+        self._limiters = ([TokenBucket.for_rate(bandwidth_bps, max_frame_bytes=self._batch_bytes)]
+                          if bandwidth_bps else [])
+        for ch in self._channels:
+            ch.rate_limiter = self._limiters[0] if self._limiters else None
+
+    def _capped(self, ch: Channel) -> Channel:
+        """Register a page-stream channel for later changes of the cap."""
+        self._channels = [c for c in self._channels if not c.closed] + [ch]
+        return ch
 
     def request_postcopy(self) -> None:
         """Switch to post-copy after the current round (pre-copy or hybrid)."""
@@ -139,7 +164,8 @@ class SourceSession:
         self.name = name
         self.tracker_name = tracker
         self.on_stats = on_stats or (lambda stats: None)
-        self.stats = MigrationStats(mode=config.mode, memory_bytes=vm.memory.length_bytes)
+        self.stats = MigrationStats(mode=config.mode, memory_bytes=vm.memory.length_bytes,
+                                    remaining_bytes=vm.memory.length_bytes)
         self.phase = Phase.HANDSHAKE
         self._committed = False
         self._t0 = time.monotonic()
@@ -163,8 +189,11 @@ class SourceSession:
                                   server_hostname=server_hostname or host,
                                   timeout_s=cfg.handshake_timeout_s)
         self._limiter = limiter
+        self.control._batch_bytes = cfg.batch_bytes
+        self.control._limiters = [limiter] if limiter else []
         try:
-            self._ch = await self._open(ChannelKind.CONTROL, rate_limiter=limiter)
+            self._ch = self.control._capped(
+                await self._open(ChannelKind.CONTROL, rate_limiter=limiter))
             await self._offer()
             if cfg.mode != "precopy":
                 await self._open_postcopy_channels(resume=False)
@@ -208,8 +237,9 @@ class SourceSession:
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
         if choice.native:
             self._urgent_handoff = self._urgent.hand_off()
-        self._bulk = await self._open(ChannelKind.BULK, resume=resume,
-                                      rate_limiter=self._limiter)
+        limiters = self.control._limiters
+        self._bulk = self.control._capped(await self._open(
+            ChannelKind.BULK, resume=resume, rate_limiter=limiters[0] if limiters else None))
 
     def _drop_urgent_handoff(self) -> None:
         """Close a handed-off urgent socket no thread took (failure, recovery)."""
@@ -239,6 +269,7 @@ class SourceSession:
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
+        self._publish()
         pages = np.arange(vm.memory.npages, dtype=np.uint64)
         if cfg.mode == "postcopy":
             # Zero pages cost a run-table entry each: send them now, so the
@@ -252,6 +283,7 @@ class SourceSession:
             t_round = time.monotonic()
             sent_pages, sent_bytes = await self._send_round(index, pages, frozen=False)
             pages = self._tracker.collect()
+            self._check_cancel()
             duration_s = max(time.monotonic() - t_round, 1e-6)
             rounds.append(RoundStats(index, duration_s, sent_pages, sent_bytes, len(pages),
                                      zero_pages=self._round_zero_pages))
@@ -289,6 +321,7 @@ class SourceSession:
         await ch.send(RoundStart(index))
         npages = nbytes = 0
         self._round_zero_pages = 0
+        published_at = time.monotonic()
         self._sent[pages.astype(np.int64)] = True
         for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
             # Pages of a running guest come out of the encoder as staging
@@ -299,6 +332,11 @@ class SourceSession:
             nbytes += batch.nbytes
             stats.add_batch(batch)
             stats.remaining_bytes = max(0, (len(pages) - npages)) * PAGE_SIZE
+            if not frozen:
+                self._check_cancel()
+                if time.monotonic() - published_at >= PROGRESS_INTERVAL_S:
+                    published_at = time.monotonic()
+                    self._publish()
         await ch.send(RoundEnd(index, npages, nbytes))
         ack = await self._recv(self.config.switchover_timeout_s, f"the ack of round {index}")
         self._expect(ack, RoundAck)
@@ -415,6 +453,7 @@ class SourceSession:
         await self._hand_over(Switchover(vm.export_state(), digest, owed.size, bitmap), t_pause,
                               refused="the destination refused post-copy")
         stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
+        stats.postcopy_started_ms = self._elapsed_ms()
         stats.set_status("postcopy-active")
         self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
                                       batch_bytes=cfg.batch_bytes)
@@ -510,7 +549,8 @@ class SourceSession:
         stats = self.stats
         stats.total_time_ms = self._elapsed_ms()
         stats.error = _describe(exc)
-        stats.set_status("cancelled" if isinstance(exc, asyncio.CancelledError) else "failed")
+        cancelled = isinstance(exc, (asyncio.CancelledError, MigrationCancelled))
+        stats.set_status("cancelled" if cancelled else "failed")
         if self._committed:
             stats.error = ("handover in doubt: the destination may be running the VM; "
                            f"it is kept paused here ({stats.error})")
@@ -551,6 +591,11 @@ class SourceSession:
         if not isinstance(event, cls):
             raise RemoteProtocolError(f"expected {cls.__name__}, got {type(event).__name__}",
                                       phase=self.phase.label)
+
+    def _check_cancel(self) -> None:
+        if self.control.cancel_requested:
+            raise MigrationCancelled("cancelled by request before the switchover; the VM "
+                                     "runs on at the source", phase=self.phase.label)
 
     def _elapsed_ms(self) -> float:
         return (time.monotonic() - self._t0) * 1e3
