@@ -139,7 +139,7 @@ def cmd_daemon(args) -> int:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,
                         insecure=args.insecure_no_tls,
                         postcopy_recovery_timeout_s=args.postcopy_recovery_timeout,
-                        state_dir=args.state_dir)
+                        state_dir=args.state_dir, metrics=args.metrics)
         await daemon.start()
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
@@ -480,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="event log level (default: %(default)s)")
     sp.add_argument("--log-file", help="write the event log here (default: stderr)")
     sp.add_argument("--log-json", action="store_true", help="event log as JSON lines")
+    sp.add_argument("--metrics", metavar="HOST:PORT",
+                    help="serve Prometheus text metrics at http://HOST:PORT/metrics "
+                         "(plain HTTP: keep it on loopback)")
     sp.add_argument("--detach", action="store_true",
                     help="run in the background; return once the daemon answers")
     sp.add_argument("--json", action="store_true", help="with --detach: print one JSON document")

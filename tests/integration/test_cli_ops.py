@@ -174,6 +174,7 @@ def test_history_names_both_ends_and_survives_a_restart(tmp_path):
         assert row["host"] == f"127.0.0.1:{port}" and row["finished_at"].endswith("Z")
         incoming = next(r for r in b.cli_json("history") if r["vm"] == "hist")
         assert incoming["direction"] == "incoming" and incoming["converged"] is None
+        assert incoming["peer"] == f"127.0.0.1:{port}"          # the source daemon, by name
         assert "n/a" in a.cli("history").stdout
     finally:
         b.close()
@@ -240,3 +241,32 @@ def test_broken_pipe_is_silent():
     finally:
         os.close(write_end)
     assert proc.returncode == EXIT_OK and proc.stderr == ""
+
+
+def test_event_log_and_metrics(tmp_path):
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    log_path = tmp_path / "events.jsonl"
+    a = DaemonProcess(tmp_path, "la", "asyncio", "--log-file", str(log_path), "--log-json",
+                      "--metrics", f"127.0.0.1:{metrics_port}")
+    b = DaemonProcess(tmp_path, "lb", "asyncio")
+    try:
+        a.cli("vm", "start", "logged", "--memory", "16MiB")
+        a.cli_json("migrate", "logged", "--to", b.address)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=DEADLINE_S) as reply:
+            text = reply.read().decode()
+        assert 'livemig_migrations{direction="outgoing",status="completed"} 1' in text
+        assert "livemig_vms 0" in text
+        events = _wait_for("the end of the migration in the log", lambda: (
+            lambda rows: rows if any(r.get("event") == "end" for r in rows) else None)(
+                [json.loads(line) for line in log_path.read_text().splitlines()]))
+        kinds = {r.get("event") for r in events if r.get("vm") == "logged"}
+        assert {"vm-start", "start", "status", "decision", "end"} <= kinds
+        assert all(r["level"] in ("debug", "info", "warning", "error") for r in events)
+    finally:
+        b.close()
+        a.close()

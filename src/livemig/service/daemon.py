@@ -104,7 +104,7 @@ class MigrationRecord:
 class Daemon(OperatorCommands):
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
                  insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
-                 state_dir: str | None = None):
+                 state_dir: str | None = None, metrics: str | None = None):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
@@ -124,6 +124,13 @@ class Daemon(OperatorCommands):
         self._ids = itertools.count(1)
         self._stopped = asyncio.Event()
         self._control = ControlServer(control_path, self._handlers())
+        self._metrics = None
+        if metrics is not None:
+            from .metrics import MetricsServer
+
+            self._metrics = MetricsServer(metrics, lambda: (
+                [h.describe() for h in self.vms.values()],
+                [r.describe() for r in self.migrations.values()]))
         self._listener = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -140,6 +147,10 @@ class Daemon(OperatorCommands):
         self.history = History(os.path.join(self.state_dir,
                                             HISTORY_FILE_FORMAT.format(port=self.listen_port)))
         await self._control.start()
+        if self._metrics is not None:
+            await self._metrics.start()
+            where = format_hostport(self._metrics.host, self._metrics.port)
+            event(logging.INFO, f"metrics at http://{where}/metrics", event="metrics")
         event(logging.INFO, f"daemon listening on {self.advertised}, control socket "
               f"{self.control_path}, history {self.history.path}", event="start")
 
@@ -169,6 +180,8 @@ class Daemon(OperatorCommands):
                 except BaseException:
                     pass
         await self._control.close()
+        if self._metrics is not None:
+            await self._metrics.close()
         if self._listener is not None:
             await self._listener.close()
         for hosted in list(self.vms.values()):
@@ -374,7 +387,8 @@ class Daemon(OperatorCommands):
                 rec.status = "active"
                 stats = await migrate(hosted.vm, host, port, config=config, ssl=ssl_ctx,
                                       server_hostname=server_hostname, name=name,
-                                      on_stats=on_stats, control=rec.control)
+                                      on_stats=on_stats, control=rec.control,
+                                      origin=self.advertised)
                 rec.stats = stats
                 rec.status = "completed"
                 # The destination verified and resumed the VM: ours is released.

@@ -143,8 +143,13 @@ class MigrationControl:
 async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | None = None,
                   ssl=None, server_hostname: str | None = None, name: str = "vm",
                   tracker: str = "auto", on_stats: StatsCallback | None = None,
-                  control: MigrationControl | None = None) -> MigrationStats:
+                  control: MigrationControl | None = None,
+                  origin: str | None = None) -> MigrationStats:
     """Move the running ``vm`` to the destination at ``host:port``.
+
+    ``origin`` names this host to the destination (a daemon gives its own
+    migration address), so its records say where the VM came from rather
+    than the connection's ephemeral port.
 
     Returns the stats of a completed migration, after which ``vm`` is paused
     and released: the caller should close it. Raises MigrationError (VM
@@ -153,6 +158,7 @@ async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | Non
     config = config or MigrationConfig()
     session = SourceSession(vm, config, name=name, tracker=tracker, on_stats=on_stats,
                             control=control)
+    session.origin = origin
     return await session.run(host, port, ssl=ssl, server_hostname=server_hostname)
 
 
@@ -178,6 +184,7 @@ class SourceSession:
         self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
         self._session_id = os.urandom(16)
+        self.origin: str | None = None
         self._connect_args: dict = {}
 
     # -- the whole migration ----------------------------------------------------------------
@@ -251,7 +258,8 @@ class SourceSession:
         vm = self.vm
         offer = MigrationOffer(
             config={"name": self.name, "memory_bytes": vm.memory.length_bytes,
-                    "vcpus": vm.nvcpus, "workload": vm.workload},
+                    "vcpus": vm.nvcpus, "workload": vm.workload,
+                    **({"origin": self.origin} if self.origin else {})},
             mode=_MODES[self.config.mode], npages=vm.memory.npages)
         await self._ch.send(offer)
         answer = await self._recv(self.config.handshake_timeout_s, "an answer to the offer")
