@@ -292,9 +292,9 @@ def cmd_migrate_set(args) -> int:
     if args.unlimited_bandwidth:
         opts["unlimited_bandwidth"] = True
     rec = _client(args).call("migration.set", key=args.migration, **opts)
-    cfg_line = (lambda r: f"migration {r['id']} of {r['vm']}: limits changed; "
-                          f"{r['status']}")
-    _emit(args, rec, cfg_line)
+    changed = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in opts.items())
+    _emit(args, rec, lambda r: f"migration {r['id']} of {r['vm']} ({r['status']}): {changed} "
+                               "from now on")
     return EXIT_OK
 
 

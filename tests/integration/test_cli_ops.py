@@ -22,12 +22,13 @@ from support.daemons import (ENV, EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_USA
                              DaemonProcess, livemig)
 
 DEADLINE_S = 120
-# A fresh guest is mostly zero pages and re-sent pages travel as deltas, so a
-# paced guest moves in a blink whatever the cap. One unpaced vCPU dirties
-# every page of a small guest between rounds: at a low cap a round then lasts
-# tens of seconds, time to act on it (and it never converges by itself).
+# A fresh guest is mostly zero pages and re-sent pages travel as deltas, so
+# most guests move in a blink whatever the cap. The rewrite workload fills
+# whole pages with random words (nothing to compress): at a low cap a round
+# then lasts tens of seconds, time to act on it.
 SLOW_CAP = "64KiB/s"
-SLOW_VM = ("--memory", "64MiB", "--vcpus", "1", "--dirty-rate", "unpaced")
+SLOW_VM = ("--memory", "64MiB", "--vcpus", "1", "--workload", "rewrite", "--dirty-rate",
+           "16MiB/s")
 
 
 @pytest.fixture(scope="module")

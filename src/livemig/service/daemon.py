@@ -84,6 +84,7 @@ class MigrationRecord:
     logged_status: str | None = None  # what the event log has said so far
     logged_decisions: int = 0
     logged_error: str | None = None
+    logged_recoveries: int = 0
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
@@ -95,6 +96,11 @@ class MigrationRecord:
                 # clock is ours.
                 elapsed_s = time.monotonic() - self.started_mono_s
                 live = progress(self.stats, elapsed_s)
+                if self.direction == "incoming":
+                    # The receiver does not know what the source still has to send.
+                    live.update(remaining_bytes=None, percent=None, eta_s=None, round=None,
+                                dirty_rate_bps=None, expected_downtime_ms=None,
+                                owed_pages=None)
                 d["stats"]["total_time_ms"] = elapsed_s * 1e3
                 d["stats"]["throughput_bps"] = live["throughput_bps"]
                 d["progress"] = live

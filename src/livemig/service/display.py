@@ -35,7 +35,7 @@ def progress_fields(rec: dict) -> list[str]:
     parts.append(f"{format_size(p['transferred_bytes'])} sent")
     if p.get("owed_pages") is not None:
         parts.append(f"{p['owed_pages']:,} pages owed")
-    else:
+    elif p.get("remaining_bytes") is not None:
         parts.append(f"{format_size(p['remaining_bytes'])} left")
     parts.append(format_rate(p["throughput_bps"]))
     if p.get("dirty_rate_bps") is not None:

@@ -42,7 +42,7 @@ class OperatorCommands:
                 "history": self._cmd_history}
 
     # -- finding -------------------------------------------------------------------
-    def _find_migration(self, key) -> "object":
+    def _find_migration(self, key):
         """The migration with id ``key``, or the latest of the VM named ``key``."""
         if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
             rec = self.migrations.get(int(key))
@@ -139,6 +139,11 @@ class OperatorCommands:
             if stats.status == "postcopy-active":
                 event(logging.WARNING, f"migration {rec.id} of {rec.vm_name}: {stats.error}",
                       migration=rec.id, vm=rec.vm_name, event="break")
+        if stats.recoveries > rec.logged_recoveries:
+            rec.logged_recoveries = stats.recoveries
+            event(logging.INFO, f"migration {rec.id} of {rec.vm_name}: post-copy connection "
+                  f"re-established (recovery {stats.recoveries})", migration=rec.id,
+                  vm=rec.vm_name, event="recovered")
 
     def _advise(self, rec, error: str) -> str:
         """A pre-copy that gave up says what to do about it."""
