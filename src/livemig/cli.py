@@ -504,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="if pre-copy has not switched over after S seconds, take "
                          "--timeout-action")
     sp.add_argument("--timeout-action", default="cancel", choices=["cancel", "postcopy"],
-                    help="cancel (the VM stays here) or switch to post-copy "
-                         "(default: %(default)s)")
+                    help="cancel (at once; the VM stays here) or switch to post-copy (when "
+                         "the round in flight ends) (default: %(default)s)")
     sp.add_argument("--postcopy-after-rounds", type=int,
                     help="hybrid: switch to post-copy after this many pre-copy rounds")
     sp.add_argument("--no-wait", action="store_true", help="start it and return")

@@ -111,6 +111,23 @@ def test_timeout_cancels_a_migration_that_runs_too_long(daemons):
     a.cli("vm", "stop", "slowpoke")
 
 
+def test_timeout_switches_to_postcopy_and_the_cap_can_be_lifted_there(daemons):
+    a, b = daemons
+    # The switch happens when the round in flight ends: a cap under the dirty
+    # rate keeps rounds a few seconds long, and pre-copy from converging.
+    a.cli("vm", "start", "late", *SLOW_VM)
+    started = a.cli_json("migrate", "late", "--to", b.address, "--max-bandwidth", "4MiB/s",
+                         "--no-wait", "--timeout", "0.5", "--timeout-action", "postcopy")
+    _wait_for("post-copy", lambda: a.cli_json("status", "late")["status"] == "postcopy-active")
+    refused = a.cli("cancel", "late", check=EXIT_FAILED)
+    assert "cannot be taken back" in refused.stderr
+    a.cli_json("migrate-set", "late", "--unlimited-bandwidth")
+    end = a.client.call("migration.wait", id=started["id"], timeout_s=DEADLINE_S)
+    assert end["status"] == "completed" and end["stats"]["postcopy"]["duration_ms"] > 0
+    assert "late" in _vm_names(b) and "late" not in _vm_names(a)
+    b.cli("vm", "stop", "late")
+
+
 def test_ctrl_c_on_an_attached_migrate_cancels_it(daemons):
     a, b = daemons
     a.cli("vm", "start", "ctrlc", *SLOW_VM)
