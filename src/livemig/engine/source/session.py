@@ -345,6 +345,10 @@ class SourceSession:
                 if time.monotonic() - published_at >= PROGRESS_INTERVAL_S:
                     published_at = time.monotonic()
                     self._publish()
+                    # send() does not suspend while the socket takes data, and
+                    # on a fast link it always does: without this yield a long
+                    # round starves the daemon's other work (status, cancel).
+                    await asyncio.sleep(0)
         await ch.send(RoundEnd(index, npages, nbytes))
         ack = await self._recv(self.config.switchover_timeout_s, f"the ack of round {index}")
         self._expect(ack, RoundAck)
