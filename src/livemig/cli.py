@@ -176,10 +176,15 @@ def _migration_options(args) -> dict:
 
 
 def _summary(rec) -> str:
+    from .service.display import progress_fields
+
     s = rec.get("stats") or {}
-    lines = [f"migration {rec['id']} of {rec['vm']} to {rec['peer']}: {rec['status']}"]
+    way = "to" if rec["direction"] == "outgoing" else "from"
+    lines = [f"migration {rec['id']} of {rec['vm']} {way} {rec['peer']}: {rec['status']}"]
     if rec.get("error"):
         lines.append(f"  error: {rec['error']}")
+    if rec.get("progress"):
+        lines.append("  " + "  ".join(progress_fields(rec)[1:]))
     for key, label, fmt in (("total_time_ms", "total", "{:.1f} ms"),
                             ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"),
                             ("bytes_sent", "bytes sent", "{:,}"),
