@@ -109,7 +109,7 @@ class MigrationControl:
         self.postcopy_requested = False
         self.cancel_requested = False
         self._recover = asyncio.Event()
-        self._limiters: list[TokenBucket] = []
+        self.limiter: TokenBucket | None = None     # the page streams' cap, if any
         self._channels: list[Channel] = []
         self._batch_bytes = 0
 
@@ -121,10 +121,10 @@ class MigrationControl:
     def set_max_bandwidth(self, bandwidth_bps: float | None) -> None:
         """Change the page streams' cap (bytes/s; None lifts it) from the
         next frame on."""
-        self._limiters = ([TokenBucket.for_rate(bandwidth_bps, max_frame_bytes=self._batch_bytes)]
-                          if bandwidth_bps else [])
+        self.limiter = (TokenBucket.for_rate(bandwidth_bps, max_frame_bytes=self._batch_bytes)
+                        if bandwidth_bps else None)
         for ch in self._channels:
-            ch.rate_limiter = self._limiters[0] if self._limiters else None
+            ch.rate_limiter = self.limiter
 
     def _capped(self, ch: Channel) -> Channel:
         """Register a page-stream channel for later changes of the cap."""
@@ -157,14 +157,14 @@ async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | Non
     """
     config = config or MigrationConfig()
     session = SourceSession(vm, config, name=name, tracker=tracker, on_stats=on_stats,
-                            control=control)
-    session.origin = origin
+                            control=control, origin=origin)
     return await session.run(host, port, ssl=ssl, server_hostname=server_hostname)
 
 
 class SourceSession:
     def __init__(self, vm: VM, config: MigrationConfig, *, name: str, tracker: str,
-                 on_stats: StatsCallback | None, control: MigrationControl | None = None):
+                 on_stats: StatsCallback | None, control: MigrationControl | None = None,
+                 origin: str | None = None):
         self.vm = vm
         self.config = config
         self.name = name
@@ -184,7 +184,7 @@ class SourceSession:
         self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
         self._session_id = os.urandom(16)
-        self.origin: str | None = None
+        self.origin = origin
         self._connect_args: dict = {}
 
     # -- the whole migration ----------------------------------------------------------------
@@ -195,9 +195,8 @@ class SourceSession:
         self._connect_args = dict(host=host, port=port, ssl=ssl,
                                   server_hostname=server_hostname or host,
                                   timeout_s=cfg.handshake_timeout_s)
-        self._limiter = limiter
         self.control._batch_bytes = cfg.batch_bytes
-        self.control._limiters = [limiter] if limiter else []
+        self.control.limiter = limiter
         try:
             self._ch = self.control._capped(
                 await self._open(ChannelKind.CONTROL, rate_limiter=limiter))
@@ -244,9 +243,8 @@ class SourceSession:
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
         if choice.native:
             self._urgent_handoff = self._urgent.hand_off()
-        limiters = self.control._limiters
         self._bulk = self.control._capped(await self._open(
-            ChannelKind.BULK, resume=resume, rate_limiter=limiters[0] if limiters else None))
+            ChannelKind.BULK, resume=resume, rate_limiter=self.control.limiter))
 
     def _drop_urgent_handoff(self) -> None:
         """Close a handed-off urgent socket no thread took (failure, recovery)."""
