@@ -15,9 +15,23 @@ import time
 
 from .config import parse_max_bandwidth
 from .errors import ConfigError, ControlError, LivemigError
-from .units import MIB
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_ERROR = 0, 1, 2, 3, 4
+PROGRESS_PERIOD_S = 0.25
+"""How often an attached command asks the daemon for progress."""
+
+
+def _positive(kind):
+    """An argparse type: a number > 0 (argparse names the flag in the error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
 
 
 def _emit(args, obj, human) -> None:
@@ -118,6 +132,10 @@ def cmd_daemon(args) -> int:
     if any(given):
         if not all(given):
             raise ConfigError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+        for flag, path in zip(("--tls-cert", "--tls-key", "--tls-ca"), given):
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"{flag} {path}: no such readable file; the daemon did not "
+                                  "start")
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
     if args.insecure_no_tls:
         print("WARNING: --insecure-no-tls: migrations on this daemon are neither authenticated "
@@ -125,10 +143,20 @@ def cmd_daemon(args) -> int:
               file=sys.stderr)
     control = args.control or default_control_path(args.listen, what="--listen")
 
+    if args.detach:
+        from .service.detach import detach
+
+        return detach(args.argv, control_path=control, state_dir=args.state_dir,
+                      listen=args.listen, as_json=args.json)
+    from .service.eventlog import configure
+
+    configure(args.log_level, args.log_file, args.log_json)
+
     async def main() -> None:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,
                         insecure=args.insecure_no_tls,
-                        postcopy_recovery_timeout_s=args.postcopy_recovery_timeout)
+                        postcopy_recovery_timeout_s=args.postcopy_recovery_timeout,
+                        state_dir=args.state_dir, metrics=args.metrics)
         await daemon.start()
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
@@ -164,26 +192,23 @@ def _migration_options(args) -> dict:
     return opts
 
 
-def _progress_line(rec) -> str:
-    s = rec.get("stats") or {}
-    remaining = s.get("remaining_bytes", 0) / MIB
-    tput = s.get("throughput_bps", 0) / MIB
-    rate = s.get("throughput_bps") or 0
-    eta = s.get("remaining_bytes", 0) / rate if rate > 0 else None
-    return (f"\r[{rec['status']:>9}] round {s.get('nrounds', 0):>3}  remaining {remaining:8.1f} MiB"
-            f"  {tput:7.1f} MiB/s  expected downtime {s.get('expected_downtime_ms', 0):7.1f} ms"
-            f"  ETA {'-' if eta is None else f'{eta:5.1f} s'}   ")
-
-
 def _summary(rec) -> str:
+    from .service.display import progress_fields
+
     s = rec.get("stats") or {}
-    lines = [f"migration {rec['id']} of {rec['vm']} to {rec['peer']}: {rec['status']}"]
+    way = "to" if rec["direction"] == "outgoing" else "from"
+    lines = [f"migration {rec['id']} of {rec['vm']} {way} {rec['peer']}: {rec['status']}"]
     if rec.get("error"):
         lines.append(f"  error: {rec['error']}")
+    if rec.get("progress"):
+        lines.append("  " + "  ".join(progress_fields(rec)[1:]))
     for key, label, fmt in (("total_time_ms", "total", "{:.1f} ms"),
                             ("downtime_ms", "downtime", "{:.2f} ms"), ("nrounds", "rounds", "{}"),
                             ("bytes_sent", "bytes sent", "{:,}"),
                             ("throttle_pct", "throttle", "{} %"), ("converged", "converged", "{}")):
+        if key == "converged" and (rec["direction"] != "outgoing" or s.get("mode") != "precopy"
+                                   or rec["status"] != "completed"):
+            continue   # post-copy switches over on purpose; the receiver judges nothing
         if key in s and s[key] is not None:
             lines.append(f"  {label:12} " + fmt.format(s[key]))
     pc = s.get("postcopy") or {}
@@ -209,43 +234,134 @@ def cmd_recover(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    from .service.display import ProgressView
     from .stats import ACTIVE_STATUSES
 
     client = _client(args)
-    rec = client.call("migrate", name=args.vm, to=args.to, **_migration_options(args))
+    opts = _migration_options(args)
+    if args.timeout is not None:
+        opts.update(timeout_s=args.timeout, timeout_action=args.timeout_action)
+    rec = client.call("migrate", name=args.vm, to=args.to, **opts)
     if args.no_wait:
-        _emit(args, rec, lambda r: f"migration {r['id']} started")
+        _emit(args, rec, lambda r: f"migration {r['id']} of {r['vm']} started; follow it with "
+                                   f"`livemig status {r['vm']} --watch`")
         return EXIT_OK
-    tty = sys.stdout.isatty() and not args.json
-    while rec["status"] in ACTIVE_STATUSES:
-        rec = client.call("migration.wait", id=rec["id"], timeout_s=0.25 if tty else 5.0)
-        if tty:
-            print(_progress_line(rec), end="", flush=True)
-    if tty:
-        print()
+    view = None if args.json else ProgressView(sys.stdout, tty=sys.stdout.isatty())
+    try:
+        while rec["status"] in ACTIVE_STATUSES:
+            rec = client.call("migration.wait", id=rec["id"], timeout_s=PROGRESS_PERIOD_S)
+            if view is not None and rec["status"] in ACTIVE_STATUSES:
+                view.show([rec])
+    except KeyboardInterrupt:
+        # An attached migration never goes on unseen: Ctrl-C cancels it.
+        print("\ninterrupted: cancelling the migration ...", file=sys.stderr, flush=True)
+        rec = client.call("migration.cancel", key=rec["id"])
+    if view is not None:
+        view.done()
     _emit(args, rec, _summary)
     return EXIT_OK if rec["status"] == "completed" else EXIT_FAILED
 
 
 def cmd_status(args) -> int:
+    from .service.display import ProgressView
     from .stats import ACTIVE_STATUSES
 
     client = _client(args)
+    if args.watch and not args.json:
+        _watch(client, args.id, ProgressView(sys.stdout, tty=sys.stdout.isatty()))
     if args.id is None:
         res = client.call("status")
         _emit(args, res, lambda r: _format_vms(r["vms"]) + "\n" + (
             "\n".join(_summary(m) for m in r["migrations"]) or "no migrations"))
         return EXIT_OK
-    tty = sys.stdout.isatty() and not args.json
-    rec = client.call("status", id=args.id)
-    while args.watch and rec["status"] in ACTIVE_STATUSES:
-        if tty:
-            print(_progress_line(rec), end="", flush=True)
-        time.sleep(0.25)
-        rec = client.call("status", id=args.id)
-    if tty and args.watch:
-        print()
+    rec = client.call("migration.find", key=args.id)
+    while args.json and args.watch and rec["status"] in ACTIVE_STATUSES:
+        rec = client.call("migration.wait", id=rec["id"], timeout_s=PROGRESS_PERIOD_S)
     _emit(args, rec, _summary)
+    return EXIT_OK
+
+
+def _watch(client, key, view) -> None:
+    """Redraw the active migrations (all, or the one ``key`` names) until none is left."""
+    from .stats import ACTIVE_STATUSES
+
+    while True:
+        if key is None:
+            recs = [m for m in client.call("status")["migrations"]
+                    if m["status"] in ACTIVE_STATUSES]
+        else:
+            recs = [client.call("migration.find", key=key)]
+            recs = [r for r in recs if r["status"] in ACTIVE_STATUSES]
+        if not recs:
+            view.done()
+            return
+        view.show(recs)
+        time.sleep(PROGRESS_PERIOD_S)
+
+
+def cmd_cancel(args) -> int:
+    rec = _client(args).call("migration.cancel", key=args.migration)
+    _emit(args, rec, _summary)
+    return EXIT_OK if rec["status"] == "cancelled" else EXIT_FAILED
+
+
+def cmd_migrate_set(args) -> int:
+    opts = {}
+    if args.downtime_ms is not None:
+        opts["downtime_ms"] = args.downtime_ms
+    if args.max_bandwidth is not None:
+        opts["max_bandwidth"] = args.max_bandwidth
+    if args.unlimited_bandwidth:
+        opts["unlimited_bandwidth"] = True
+    rec = _client(args).call("migration.set", key=args.migration, **opts)
+    changed = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in opts.items())
+    _emit(args, rec, lambda r: f"migration {r['id']} of {r['vm']} ({r['status']}): {changed} "
+                               "from now on")
+    return EXIT_OK
+
+
+def _na(value, fmt="{}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _format_history(rows) -> str:
+    if not rows:
+        return "no migrations recorded"
+    out = [f"{'FINISHED':20} {'ID':>4} {'VM':12} {'DIR':3} {'PEER':21} {'MODE':8} {'STATUS':10} "
+           f"{'TOTAL':>9} {'DOWNTIME':>9} {'ROUNDS':>6} CONVERGED"]
+    for r in rows:
+        out.append(f"{r['finished_at']:20} {r['id']:>4} {r['vm']:12} "
+                   f"{'out' if r['direction'] == 'outgoing' else 'in':3} {r['peer']:21} "
+                   f"{_na(r['mode']):8} {r['status']:10} "
+                   f"{_na(r['total_time_ms'], '{:.0f} ms'):>9} "
+                   f"{_na(r['downtime_ms'], '{:.1f} ms'):>9} {_na(r['rounds']):>6} "
+                   f"{_na(r['converged'])}")
+        if r.get("error"):
+            out.append(f"{'':20} error: {r['error']}")
+    return "\n".join(out)
+
+
+def cmd_history(args) -> int:
+    _emit(args, _client(args).call("history", limit=args.limit), _format_history)
+    return EXIT_OK
+
+
+def cmd_shutdown(args) -> int:
+    _emit(args, _client(args).call("shutdown"), "daemon shutting down")
+    return EXIT_OK
+
+
+def cmd_vm_save(args) -> int:
+    res = _client(args).call("vm.save", name=args.name, path=os.path.abspath(args.file))
+    _emit(args, res, lambda r: f"saved VM {r['name']} to {r['path']} ({r['bytes']:,} bytes)")
+    return EXIT_OK
+
+
+def cmd_vm_restore(args) -> int:
+    res = _client(args).call("vm.restore", path=os.path.abspath(args.file), name=args.name,
+                             paused=args.paused)
+    _emit(args, res, lambda r: f"restored VM {r['name']} from {args.file} "
+                               f"({'running' if r['running'] else 'paused'})")
     return EXIT_OK
 
 
@@ -283,23 +399,56 @@ def cmd_bench_convergence(args) -> int:
                          as_json=args.json)
 
 
+DEFAULT_DIRTY_RATE = "64MiB/s"
+"""A VM's default pace: visible dirtying that pre-copy converges on over
+loopback, without taking a CPU away from everything else."""
+
+
+def _dirty_rate(text: str):
+    """``--dirty-rate``: bytes/s (the ``/s`` is required), or 'unpaced' (None)."""
+    from .units import parse_rate
+
+    if text == "unpaced":
+        return None
+    if not text.rstrip().endswith(("/s", "ps")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: write it per second, "
+                                         f"e.g. {text.strip()}/s, or 'unpaced'")
+    try:
+        return parse_rate(text, what="--dirty-rate")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .vm.programs import WORKLOADS
+
+    # The package is always imported before its modules; its version is read
+    # from it rather than imported (the facade ranks above the CLI).
+    version = sys.modules[__package__].__version__
+
     p = argparse.ArgumentParser(prog="livemig", description="Live migration of toy VMs.")
+    p.add_argument("--version", action="version", version=f"livemig {version}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def daemon_opts(sp):
         sp.add_argument("--daemon", default="127.0.0.1:7400",
-                        help="the daemon's listen address, used to find its control socket")
+                        help="the daemon's listen address, used to find its control socket "
+                             "(default: %(default)s)")
         sp.add_argument("--control", help="path of the daemon's control socket "
                         "(default: $LIVEMIG_CONTROL or derived from --daemon)")
         sp.add_argument("--json", action="store_true", help="print one JSON document")
 
     def vm_opts(sp):
-        sp.add_argument("--memory", default="256MiB", help="guest memory size, e.g. 1GiB")
-        sp.add_argument("--vcpus", type=int, default=2)
-        sp.add_argument("--workload", default="memtest",
-                        choices=["idle", "uniform", "hotset", "sweep", "memtest"])
-        sp.add_argument("--dirty-rate", help="target dirty rate, e.g. 64MiB/s (default: unpaced)")
+        sp.add_argument("--memory", default="256MiB",
+                        help="guest memory size in binary units: 1GiB = 1G = 1GB = 2^30 bytes "
+                             "(default: %(default)s)")
+        sp.add_argument("--vcpus", type=_positive(int), default=2)
+        sp.add_argument("--workload", default="memtest", choices=sorted(WORKLOADS),
+                        help="guest program (default: %(default)s; see docs/vm.md)")
+        sp.add_argument("--dirty-rate", default=DEFAULT_DIRTY_RATE, type=_dirty_rate,
+                        help="target dirty rate in bytes per second, e.g. 64MiB/s or 1Gbit/s "
+                             "(default: %(default)s); 'unpaced' runs the vCPUs flat out, "
+                             "one whole CPU each")
         sp.add_argument("--seed", type=int, default=0)
 
     sp = sub.add_parser("probe", help="what this kernel allows: userfaultfd, PAGEMAP_SCAN, trackers")
@@ -336,6 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_vm_stop)
+    sp = vm.add_parser("save", help="write a VM to a snapshot file (it pauses while written)")
+    sp.add_argument("name")
+    sp.add_argument("file")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_vm_save)
+    sp = vm.add_parser("restore", help="start a VM from a snapshot file")
+    sp.add_argument("file")
+    sp.add_argument("--name", help="the VM's name (default: the file name without extension)")
+    sp.add_argument("--paused", action="store_true", help="leave it paused")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_vm_restore)
 
     sp = sub.add_parser("daemon", help="run a daemon hosting VMs and accepting migrations")
     sp.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT for incoming migrations")
@@ -346,7 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--insecure-no-tls", action="store_true",
                     help="allow a non-loopback listen address without TLS (dangerous)")
     sp.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
-    sp.add_argument("--postcopy-recovery-timeout", type=float, default=30.0, metavar="S",
+    sp.add_argument("--state-dir", help="where the migration history (and, with --detach, the "
+                    "log) is kept (default: $XDG_STATE_HOME/livemig or ~/.local/state/livemig)")
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="event log level (default: %(default)s)")
+    sp.add_argument("--log-file", help="write the event log here (default: stderr)")
+    sp.add_argument("--log-json", action="store_true", help="event log as JSON lines")
+    sp.add_argument("--metrics", metavar="HOST:PORT",
+                    help="serve Prometheus text metrics at http://HOST:PORT/metrics "
+                         "(plain HTTP: keep it on loopback)")
+    sp.add_argument("--detach", action="store_true",
+                    help="run in the background; return once the daemon answers")
+    sp.add_argument("--json", action="store_true", help="with --detach: print one JSON document")
+    sp.add_argument("--postcopy-recovery-timeout", type=_positive(float), default=30.0,
+                    metavar="S",
                     help="how long an incoming post-copy migration waits for a lost source "
                          "to reconnect before the VM is declared lost and stopped (default 30)")
     sp.set_defaults(func=cmd_daemon)
@@ -355,10 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("vm")
     sp.add_argument("--to", required=True, help="the destination daemon's HOST:PORT")
     sp.add_argument("--mode", default="precopy", choices=["precopy", "postcopy", "hybrid"])
-    sp.add_argument("--downtime-ms", type=float, help="downtime limit (default 300)")
+    sp.add_argument("--downtime-ms", type=_positive(float), help="downtime limit (default 300)")
     sp.add_argument("--max-bandwidth", help="bandwidth cap, e.g. 100MiB/s or 1Gbit/s")
     sp.add_argument("--auto-converge", action="store_true", help="throttle vCPUs if not converging")
-    sp.add_argument("--max-rounds", type=int)
+    sp.add_argument("--max-rounds", type=_positive(int))
+    sp.add_argument("--timeout", type=_positive(float), metavar="S",
+                    help="if pre-copy has not switched over after S seconds, take "
+                         "--timeout-action")
+    sp.add_argument("--timeout-action", default="cancel", choices=["cancel", "postcopy"],
+                    help="cancel (at once; the VM stays here) or switch to post-copy (when "
+                         "the round in flight ends) (default: %(default)s)")
     sp.add_argument("--postcopy-after-rounds", type=int,
                     help="hybrid: switch to post-copy after this many pre-copy rounds")
     sp.add_argument("--no-wait", action="store_true", help="start it and return")
@@ -377,10 +556,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_recover)
 
     sp = sub.add_parser("status", help="a daemon's VMs and migrations, or one migration")
-    sp.add_argument("id", nargs="?", type=int)
-    sp.add_argument("--watch", action="store_true", help="follow a migration until it ends")
+    sp.add_argument("id", nargs="?", metavar="ID|VM",
+                    help="a migration id, or a VM name for its latest migration")
+    sp.add_argument("--watch", action="store_true",
+                    help="follow the migration (without ID|VM: every active one) until it ends")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("cancel", help="cancel a migration before its switchover; "
+                        "the VM runs on at the source")
+    sp.add_argument("migration", metavar="VM|ID")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_cancel)
+
+    sp = sub.add_parser("migrate-set", help="change the limits of a running migration")
+    sp.add_argument("migration", metavar="VM|ID")
+    sp.add_argument("--downtime-ms", type=_positive(float), help="new downtime limit")
+    sp.add_argument("--max-bandwidth", help="new bandwidth cap, e.g. 100MiB/s or 1Gbit/s")
+    sp.add_argument("--unlimited-bandwidth", action="store_true", help="lift the cap")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_migrate_set)
+
+    sp = sub.add_parser("history", help="finished migrations, kept across daemon restarts")
+    sp.add_argument("--limit", type=_positive(int), help="only the last N")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_history)
+
+    sp = sub.add_parser("shutdown", help="stop a daemon (and the VMs it hosts)")
+    daemon_opts(sp)
+    sp.set_defaults(func=cmd_shutdown)
 
     sp = sub.add_parser("dirtyrate", help="measure a running VM's dirty rate (calc-dirty-rate)")
     sp.add_argument("vm")
@@ -423,25 +627,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(args, exc: BaseException, code: int) -> int:
+    """One line on stderr; with --json also an error object on stdout."""
+    print(f"livemig: {exc}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": {
+            "type": getattr(exc, "error_type", None) or type(exc).__name__,
+            "message": str(exc), "exit_code": code}}, indent=2))
+    return code
+
+
+def _exit_code(exc: ControlError) -> int:
+    if exc.error_type == "NoDaemon":
+        return EXIT_NO_DAEMON
+    if exc.error_type == "ConfigError":
+        return EXIT_USAGE
+    return EXIT_FAILED if exc.error_type in ("NoSuchVM", "NoSuchMigration", "Busy", "VMExists",
+                                             "Refused", "InDoubt") \
+        else EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except ConfigError as exc:
-        print(f"livemig: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, exc, EXIT_USAGE)
     except ControlError as exc:
-        print(f"livemig: {exc}", file=sys.stderr)
-        if exc.error_type == "NoDaemon":
-            return EXIT_NO_DAEMON
-        if exc.error_type == "ConfigError":
-            return EXIT_USAGE
-        return EXIT_FAILED if exc.error_type in ("NoSuchVM", "NoSuchMigration", "Busy", "VMExists",
-                                                 "Refused", "InDoubt") \
-            else EXIT_ERROR
+        return _fail(args, exc, _exit_code(exc))
     except LivemigError as exc:
-        print(f"livemig: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args, exc, EXIT_ERROR)
+    except BrokenPipeError:
+        # `livemig ... | head`: the reader left; so do we, quietly. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as exc:
+        # The host refused (address in use, no such file): one line, no traceback.
+        return _fail(args, exc, EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
 

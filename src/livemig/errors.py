@@ -182,6 +182,11 @@ class MigrationError(LivemigError):
         self.source_resumed = source_resumed
 
 
+class MigrationCancelled(MigrationError):
+    """The migration was cancelled on request before the switchover; the VM
+    runs on at the source."""
+
+
 class HandoverInDoubt(MigrationError):
     """The connection broke after the source committed the handover but before
     the destination confirmed it resumed: the VM may run at the destination, so

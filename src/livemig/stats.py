@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .policy import Decision
-from .units import finite_or_none
+from .units import PAGE_SIZE, finite_or_none
 
 ACTIVE_STATUSES = ("setup", "active", "postcopy-active")
 """A migration in one of these has not ended yet."""
@@ -154,6 +154,8 @@ class MigrationStats:
     """Destination, native path: sum of per-fault latencies (fault read ->
     page placed) of the faults it served, i.e. the time vCPUs spent blocked
     on them (one blocked thread per distinct faulted page)."""
+    postcopy_started_ms: float | None = None
+    """Milliseconds from the start to the post-copy resume (None before it)."""
 
     def set_status(self, status: str) -> None:
         if status not in STATUSES:
@@ -208,5 +210,42 @@ class MigrationStats:
         }
 
 
-__all__ = ["MigrationStats", "RoundRecord", "LatencyHistogram", "percentiles", "STATUSES",
+def progress(stats: MigrationStats, elapsed_s: float) -> dict:
+    """What an operator watches, from live stats and the time since the start.
+
+    ``round`` is the pre-copy round in flight (0 = the full copy). Before
+    switchover ``remaining_bytes`` is what the round in flight still has to
+    send (the whole memory at the start); in post-copy it is the pages still
+    owed, and ``expected_downtime_ms`` is gone (the stop is over). ``eta_s``
+    is remaining over throughput: a lower bound, since the guest keeps
+    dirtying pages until the stop. Fields that do not apply are None."""
+    postcopy = stats.status == "postcopy-active"
+    precopy = stats.status in ("setup", "active")
+    throughput_bps = stats.bytes_sent / elapsed_s if elapsed_s > 0 else 0.0
+    remaining = stats.remaining_bytes
+    last = stats.rounds[-1] if stats.rounds else None
+    out = {
+        "status": stats.status, "mode": stats.mode, "elapsed_s": elapsed_s,
+        "round": len(stats.rounds) if precopy else None,
+        "transferred_bytes": stats.bytes_sent, "remaining_bytes": remaining,
+        "memory_bytes": stats.memory_bytes,
+        "percent": (100.0 * (1.0 - remaining / stats.memory_bytes)
+                    if stats.memory_bytes else None),
+        "throughput_bps": throughput_bps,
+        "eta_s": remaining / throughput_bps if throughput_bps > 0 and (precopy or postcopy)
+        else None,
+        "dirty_rate_bps": (last.dirty_pages * PAGE_SIZE / last.duration_s
+                           if precopy and last is not None and last.duration_s > 0 else None),
+        "expected_downtime_ms": finite_or_none(stats.expected_downtime_ms) if precopy else None,
+        "throttle_pct": stats.throttle_pct,
+        "owed_pages": remaining // PAGE_SIZE if postcopy else None,
+        "fault_rate_pps": None,
+    }
+    if postcopy and stats.postcopy_started_ms is not None:
+        postcopy_s = elapsed_s - stats.postcopy_started_ms / 1e3
+        out["fault_rate_pps"] = stats.pages_requested / postcopy_s if postcopy_s > 0 else 0.0
+    return out
+
+
+__all__ = ["MigrationStats", "progress", "RoundRecord", "LatencyHistogram", "percentiles", "STATUSES",
            "ACTIVE_STATUSES"]

@@ -46,7 +46,8 @@ class DaemonProcess:
         self.log = open(tmp / f"{label}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "livemig", "daemon", "--listen", "127.0.0.1:0",
-             "--control", self.control, "--loop", loop, *extra],
+             "--control", self.control, "--loop", loop,
+             "--state-dir", str(tmp / f"{label}-state"), *extra],
             env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = ControlClient(self.control, timeout_s=60)
         deadline = time.monotonic() + 20

@@ -98,7 +98,9 @@ def _table(result: dict) -> str:
         lines.append(
             f"{m['leg']:10} {m['mode']:8} {m['status']:10} {str(m['verified']):8} "
             f"{(m['downtime_ms'] or 0):8.2f} ms {(m['total_ms'] or 0):7.0f} ms "
-            f"{m['rounds'] or 0:>6} {sent_mib:6.1f} MiB {m['converged']}")
+            f"{m['rounds'] or 0:>6} {sent_mib:6.1f} MiB "
+            # post-copy and hybrid switch over on purpose: convergence is not theirs
+            f"{m['converged'] if m['mode'] == 'precopy' else 'n/a'}")
         if m.get("error"):
             lines.append(f"    error: {m['error']}")
             if m.get("destination_error"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import signal
 import time
@@ -36,9 +37,14 @@ from typing import Any
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
 from .control import ControlServer
-from ..errors import ConfigError, ControlError, HandoverInDoubt, LivemigError, MigrationError
+from ..errors import (ConfigError, ControlError, HandoverInDoubt, LivemigError,
+                      MigrationCancelled, MigrationError)
+from ..stats import ACTIVE_STATUSES, progress
 from ..units import parse_size
 from ..vm.machine import VM
+from .eventlog import event
+from .history import HISTORY_FILE_FORMAT, History, default_state_dir
+from .operations import TIMEOUT_ACTIONS, OperatorCommands
 
 
 @dataclass
@@ -82,18 +88,39 @@ class MigrationRecord:
     error: str | None = None
     task: asyncio.Task | None = None
     control: Any = None               # source.MigrationControl of an outgoing migration
+    config: MigrationConfig | None = None
+    started_mono_s: float = field(default_factory=time.monotonic)
+    started_wall_s: float = field(default_factory=time.time)
+    logged_status: str | None = None  # what the event log has said so far
+    logged_decisions: int = 0
+    logged_error: str | None = None
+    logged_recoveries: int = 0
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
              "status": self.status, "error": self.error}
         if self.stats is not None:
             d["stats"] = self.stats.to_dict()
+            if self.status in ACTIVE_STATUSES:
+                # The engine fills in the totals at the end; while it runs the
+                # clock is ours.
+                elapsed_s = time.monotonic() - self.started_mono_s
+                live = progress(self.stats, elapsed_s)
+                if self.direction == "incoming":
+                    # The receiver does not know what the source still has to send.
+                    live.update(remaining_bytes=None, percent=None, eta_s=None, round=None,
+                                dirty_rate_bps=None, expected_downtime_ms=None,
+                                owed_pages=None)
+                d["stats"]["total_time_ms"] = elapsed_s * 1e3
+                d["stats"]["throughput_bps"] = live["throughput_bps"]
+                d["progress"] = live
         return d
 
 
-class Daemon:
+class Daemon(OperatorCommands):
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
-                 insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0):
+                 insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
+                 state_dir: str | None = None, metrics: str | None = None):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
@@ -101,6 +128,8 @@ class Daemon:
                 "give --tls-cert/--tls-key/--tls-ca (mutual TLS), or --insecure-no-tls to accept "
                 "unauthenticated, unencrypted migrations from anyone who can reach the port")
         self.control_path = control_path
+        self.state_dir = state_dir or default_state_dir()
+        self.history: History | None = None   # its file is named after the port, once bound
         self.tls = tls
         self.insecure = insecure
         self.incoming_config = MigrationConfig(
@@ -111,6 +140,13 @@ class Daemon:
         self._ids = itertools.count(1)
         self._stopped = asyncio.Event()
         self._control = ControlServer(control_path, self._handlers())
+        self._metrics = None
+        if metrics is not None:
+            from .metrics import MetricsServer
+
+            self._metrics = MetricsServer(metrics, lambda: (
+                [h.describe() for h in self.vms.values()],
+                [r.describe() for r in self.migrations.values()]))
         self._listener = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -124,7 +160,20 @@ class Daemon:
                                          config=self.incoming_config)
         await self._listener.start()
         self.listen_port = self._listener.port
+        self.history = History(os.path.join(self.state_dir,
+                                            HISTORY_FILE_FORMAT.format(port=self.listen_port)))
         await self._control.start()
+        if self._metrics is not None:
+            await self._metrics.start()
+            where = format_hostport(self._metrics.host, self._metrics.port)
+            event(logging.INFO, f"metrics at http://{where}/metrics", event="metrics")
+        event(logging.INFO, f"daemon listening on {self.advertised}, control socket "
+              f"{self.control_path}, history {self.history.path}", event="start")
+
+    @property
+    def advertised(self) -> str:
+        """This daemon's migration address, as peers and the history name it."""
+        return format_hostport(self.listen_host, self.listen_port)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,6 +196,8 @@ class Daemon:
                 except BaseException:
                     pass
         await self._control.close()
+        if self._metrics is not None:
+            await self._metrics.close()
         if self._listener is not None:
             await self._listener.close()
         for hosted in list(self.vms.values()):
@@ -172,8 +223,11 @@ class Daemon:
 
         def on_status() -> None:
             rec.status, rec.error = arrival.status, arrival.error
+            self._watch(rec, stats)
             if arrival.status in ("failed", "cancelled"):
                 self._arriving.discard(name)
+            if arrival.status not in ACTIVE_STATUSES:
+                self._finished(rec)
 
         arrival.on_resumed = on_resumed
         arrival.on_status = on_status
@@ -192,6 +246,8 @@ class Daemon:
             "vm.set_dirty_rate": self._cmd_vm_set_dirty_rate,
             "vm.inspect": self._cmd_vm_inspect,
             "vm.resolve": self._cmd_vm_resolve,
+            "vm.save": self._cmd_vm_save,
+            "vm.restore": self._cmd_vm_restore,
             "migrate": self._cmd_migrate,
             "migration.wait": self._cmd_migration_wait,
             "migration.postcopy": self._cmd_migration_postcopy,
@@ -200,6 +256,7 @@ class Daemon:
             "shutdown": self._cmd_shutdown,
             "dirtyrate": self._cmd_dirtyrate,
             "plan": self._cmd_plan,
+            **self._operator_handlers(),
         }
 
     def _hosted(self, name: str) -> HostedVM:
@@ -217,6 +274,7 @@ class Daemon:
     async def _cmd_vm_start(self, name: str, memory: str | int = "256MiB", vcpus: int = 2,
                             workload: str = "memtest", dirty_rate: str | float | None = None,
                             seed: int = 0) -> dict:
+        check_vm_name(name)
         if name in self.vms:
             raise ControlError(f"a VM named {name!r} already exists", error_type="VMExists")
         vm = await asyncio.get_running_loop().run_in_executor(
@@ -224,6 +282,8 @@ class Daemon:
                              dirty_rate=dirty_rate, seed=int(seed)))
         vm.start()
         self.vms[name] = HostedVM(name, vm, origin="local")
+        event(logging.INFO, f"VM {name} started: {workload}, {vm.memory.length_bytes >> 20} MiB",
+              vm=name, event="vm-start")
         return self.vms[name].describe()
 
     async def _cmd_vm_list(self) -> list:
@@ -236,6 +296,7 @@ class Daemon:
                                error_type="Busy")
         del self.vms[name]
         await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
+        event(logging.INFO, f"VM {name} stopped", vm=name, event="vm-stop")
         return {"name": name, "stopped": True}
 
     async def _cmd_vm_pause(self, name: str) -> dict:
@@ -265,6 +326,40 @@ class Daemon:
         hosted.vm.set_dirty_rate(rate)
         return hosted.describe()
 
+    async def _cmd_vm_save(self, name: str, path: str) -> dict:
+        """Write the VM to a snapshot file; a running VM pauses while it is
+        written and then runs on."""
+        from ..vm.snapshot import save
+
+        hosted = self._hosted(name)
+        if hosted.migrating:
+            raise ControlError(f"VM {name!r} is being migrated; save it once that ends",
+                               error_type="Busy")
+        was_running = hosted.vm.running
+        hosted.vm.pause()
+        try:
+            nbytes = await asyncio.get_running_loop().run_in_executor(None, save, hosted.vm, path)
+        finally:
+            if was_running:
+                hosted.vm.resume()
+        return {"name": name, "path": path, "bytes": nbytes}
+
+    async def _cmd_vm_restore(self, path: str, name: str | None = None,
+                              paused: bool = False) -> dict:
+        from ..vm.snapshot import load
+
+        name = name or os.path.splitext(os.path.basename(path))[0]
+        check_vm_name(name)
+        if name in self.vms:
+            raise ControlError(f"a VM named {name!r} already exists; give --name",
+                               error_type="VMExists")
+        vm = await asyncio.get_running_loop().run_in_executor(None, load, path)
+        if not paused:
+            vm.resume()
+        self.vms[name] = HostedVM(name, vm, origin=f"restored from {path}")
+        event(logging.INFO, f"VM {name} restored from {path}", vm=name, event="vm-restore")
+        return self.vms[name].describe()
+
     async def _cmd_vm_inspect(self, name: str) -> dict:
         """Digest, registers and console of a paused VM: the determinism oracle."""
         hosted = self._hosted(name)
@@ -278,7 +373,8 @@ class Daemon:
                 "console": [vm.console(i).hex() for i in range(vm.nvcpus)]}
 
     async def _cmd_migrate(self, name: str, to: str, wait: bool = False,
-                           server_hostname: str | None = None, **options) -> dict:
+                           server_hostname: str | None = None, timeout_s: float | None = None,
+                           timeout_action: str = "cancel", **options) -> dict:
         from ..engine.source.session import MigrationControl, migrate
 
         hosted = self._hosted(name)
@@ -286,11 +382,19 @@ class Daemon:
             raise ControlError(f"VM {name!r} is already being migrated", error_type="Busy")
         config = MigrationConfig.from_dict(options)
         host, port = parse_hostport(to, what="--to")
+        if timeout_s is not None and not float(timeout_s) > 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {timeout_s}")
+        if timeout_action not in TIMEOUT_ACTIONS:
+            raise ConfigError(f"--timeout-action must be one of {', '.join(TIMEOUT_ACTIONS)}, "
+                              f"got {timeout_action!r}")
         ssl_ctx = self._client_ssl()
         rec = MigrationRecord(next(self._ids), name, "outgoing", format_hostport(host, port),
-                              control=MigrationControl())
+                              control=MigrationControl(), config=config)
         self.migrations[rec.id] = rec
         hosted.migrating = True
+        event(logging.INFO, f"migration {rec.id} of {name} to {rec.peer} starting: "
+              f"{config.mode}, downtime limit {config.max_downtime_ms:g} ms",
+              migration=rec.id, vm=name, event="start", mode=config.mode, peer=rec.peer)
 
         def on_stats(stats) -> None:
             rec.stats = stats
@@ -298,13 +402,15 @@ class Daemon:
                 rec.status = stats.status
             if stats.status in ("active", "postcopy-active"):
                 rec.error = stats.error    # a break being recovered, or None once it is
+            self._watch(rec, stats)
 
         async def run() -> None:
             try:
                 rec.status = "active"
                 stats = await migrate(hosted.vm, host, port, config=config, ssl=ssl_ctx,
                                       server_hostname=server_hostname, name=name,
-                                      on_stats=on_stats, control=rec.control)
+                                      on_stats=on_stats, control=rec.control,
+                                      origin=self.advertised)
                 rec.stats = stats
                 rec.status = "completed"
                 rec.error = None
@@ -314,10 +420,14 @@ class Daemon:
             except asyncio.CancelledError:
                 rec.status = "cancelled"
                 raise
+            except MigrationCancelled as exc:
+                rec.status = "cancelled"
+                rec.error = str(exc)
+                rec.stats = exc.stats or rec.stats
             except Exception as exc:
                 rec.status = "in-doubt" if isinstance(exc, HandoverInDoubt) else "failed"
-                rec.error = str(exc)
                 rec.stats = getattr(exc, "stats", rec.stats)
+                rec.error = self._advise(rec, str(exc))
                 if isinstance(exc, MigrationError) and not exc.source_resumed:
                     hosted.unresolved = {"peer": rec.peer, "migration": rec.id,
                                          "session_id": rec.control.session_id.hex(),
@@ -325,7 +435,14 @@ class Daemon:
                                          "the destination stopped the VM after Commit"}
             finally:
                 hosted.migrating = False
+                if timer is not None:
+                    timer.cancel()
+                self._finished(rec)
 
+        timer = None
+        if timeout_s is not None:
+            timer = asyncio.get_running_loop().create_task(
+                self._timeout(rec, float(timeout_s), timeout_action))
         rec.task = asyncio.get_running_loop().create_task(run(), name=f"migrate-{rec.id}")
         if wait:
             await asyncio.shield(rec.task)
@@ -478,6 +595,17 @@ class Daemon:
     async def _cmd_shutdown(self) -> dict:
         asyncio.get_running_loop().call_soon(self._stopped.set)
         return {"shutting_down": True}
+
+
+def check_vm_name(name) -> None:
+    """A VM name is what a destination accepts in an offer: 1 to MAX_NAME_CHARS
+    letters, digits, '-', '_' or '.'."""
+    from ..engine.destination.server import MAX_NAME_CHARS
+
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS \
+            or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"bad VM name {name!r}: use 1 to {MAX_NAME_CHARS} letters, digits, "
+                          "'-', '_' or '.'; no VM was started")
 
 
 def default_control_path(listen: str, *, what: str = "listen address") -> str:

@@ -239,7 +239,12 @@ class IncomingMigration:
             return False
         cfg = offer.config
         try:
-            self.arrival = self.hook(cfg["name"], self.peer, self.stats)
+            # The source's name for itself (a daemon's address) when it gives
+            # one: the connection's own address has an ephemeral port.
+            origin = cfg.get("origin")
+            peer = (origin if isinstance(origin, str) and 0 < len(origin) <= MAX_NAME_CHARS * 4
+                    else self.peer)
+            self.arrival = self.hook(cfg["name"], peer, self.stats)
         except LivemigError as exc:
             await self.ch.send(Refuse(RefuseCode.BUSY, str(exc)))
             self.stats.error = f"refused: {exc}"

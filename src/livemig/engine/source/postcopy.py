@@ -47,6 +47,7 @@ import asyncio
 import collections
 import itertools
 import os
+import time
 
 import numpy as np
 
@@ -69,6 +70,9 @@ PREPAGE_WINDOW_PAGES = 64
 # fault service at ~1.2 ms p50 under a full push; see bench/bench_postcopy.py).
 PUSH_BATCH_BYTES = 128 << 10
 RECENT_FAULTS = 32
+# Counting the owed pages walks a bool per guest page: refresh the published
+# remaining bytes at this period, not per batch.
+REMAINING_REFRESH_S = 0.25
 
 
 class PostcopySender:
@@ -92,6 +96,7 @@ class PostcopySender:
     def resync(self, present: np.ndarray) -> None:
         """After a reconnection: owe exactly what the destination lacks."""
         self.owed = ~present
+        self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
         self._cursor = 0
         self._wake.set()
 
@@ -243,9 +248,14 @@ class PostcopySender:
         return np.empty(0, dtype=np.int64)
 
     async def _push(self, bulk: Channel) -> None:
+        counted_at = time.monotonic()
         while True:
+            if time.monotonic() - counted_at >= REMAINING_REFRESH_S:
+                counted_at = time.monotonic()
+                self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
             pages = self._next_pages()
             if pages.size == 0:
+                self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
                 # all pushed; a resync after a reconnection may owe more
                 self._wake.clear()
                 await self._wake.wait()

@@ -82,8 +82,8 @@ from ...codec.encoder import BatchEncoder
 from ...config import MigrationConfig
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...native import PAGE_SIZE
-from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationError,
-                     ProtocolError, RemoteProtocolError)
+from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationCancelled,
+                       MigrationError, ProtocolError, RemoteProtocolError)
 from ...codec.kernels import zero_scan
 from ...native import urgent
 from . import handover
@@ -102,6 +102,9 @@ _MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYB
 
 
 RECOVERY_BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# How often progress is published in the middle of a round: round 0 of a
+# large guest takes seconds, and an operator should see it move.
+PROGRESS_INTERVAL_S = 0.25
 # Invalidation rounds (before the post-copy pause) stop once the set left for
 # the stop is this small, or stops shrinking, or after this many rounds.
 INVALIDATE_DONE_PAGES = 256
@@ -114,7 +117,29 @@ class MigrationControl:
     def __init__(self):
         self.postcopy_requested = False
         self.session_id: bytes | None = None    # set by the session: names it to the peer
+        self.cancel_requested = False
         self._recover = asyncio.Event()
+        self.limiter: TokenBucket | None = None     # the page streams' cap, if any
+        self._channels: list[Channel] = []
+        self._batch_bytes = 0
+
+    def request_cancel(self) -> None:
+        """Abandon the migration at the next page batch or round boundary,
+        which is always before the pause: the VM runs on here."""
+        self.cancel_requested = True
+
+    def set_max_bandwidth(self, bandwidth_bps: float | None) -> None:
+        """Change the page streams' cap (bytes/s; None lifts it) from the
+        next frame on."""
+        self.limiter = (TokenBucket.for_rate(bandwidth_bps, max_frame_bytes=self._batch_bytes)
+                        if bandwidth_bps else None)
+        for ch in self._channels:
+            ch.rate_limiter = self.limiter
+
+    def _capped(self, ch: Channel) -> Channel:
+        """Register a page-stream channel for later changes of the cap."""
+        self._channels = [c for c in self._channels if not c.closed] + [ch]
+        return ch
 
     def request_postcopy(self) -> None:
         """Switch to post-copy after the current round (pre-copy or hybrid)."""
@@ -129,8 +154,13 @@ class MigrationControl:
 async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | None = None,
                   ssl=None, server_hostname: str | None = None, name: str = "vm",
                   tracker: str = "auto", on_stats: StatsCallback | None = None,
-                  control: MigrationControl | None = None) -> MigrationStats:
+                  control: MigrationControl | None = None,
+                  origin: str | None = None) -> MigrationStats:
     """Move the running ``vm`` to the destination at ``host:port``.
+
+    ``origin`` names this host to the destination (a daemon gives its own
+    migration address), so its records say where the VM came from rather
+    than the connection's ephemeral port.
 
     Returns the stats of a completed migration, after which ``vm`` is paused
     and released: the caller should close it. Raises MigrationError (VM
@@ -138,19 +168,21 @@ async def migrate(vm: VM, host: str, port: int, *, config: MigrationConfig | Non
     """
     config = config or MigrationConfig()
     session = SourceSession(vm, config, name=name, tracker=tracker, on_stats=on_stats,
-                            control=control)
+                            control=control, origin=origin)
     return await session.run(host, port, ssl=ssl, server_hostname=server_hostname)
 
 
 class SourceSession:
     def __init__(self, vm: VM, config: MigrationConfig, *, name: str, tracker: str,
-                 on_stats: StatsCallback | None, control: MigrationControl | None = None):
+                 on_stats: StatsCallback | None, control: MigrationControl | None = None,
+                 origin: str | None = None):
         self.vm = vm
         self.config = config
         self.name = name
         self.tracker_name = tracker
         self.on_stats = on_stats or (lambda stats: None)
-        self.stats = MigrationStats(mode=config.mode, memory_bytes=vm.memory.length_bytes)
+        self.stats = MigrationStats(mode=config.mode, memory_bytes=vm.memory.length_bytes,
+                                    remaining_bytes=vm.memory.length_bytes)
         self.phase = Phase.HANDSHAKE
         self._committed = False
         self._t0 = time.monotonic()
@@ -164,6 +196,7 @@ class SourceSession:
         self._bulk: Channel | None = None
         self._session_id = os.urandom(16)
         self.control.session_id = self._session_id
+        self.origin = origin
         self._connect_args: dict = {}
         self._abandoned: str | None = None   # the destination stopped the VM after Commit
 
@@ -175,9 +208,11 @@ class SourceSession:
         self._connect_args = dict(host=host, port=port, ssl=ssl,
                                   server_hostname=server_hostname or host,
                                   timeout_s=cfg.handshake_timeout_s)
-        self._limiter = limiter
+        self.control._batch_bytes = cfg.batch_bytes
+        self.control.limiter = limiter
         try:
-            self._ch = await self._open(ChannelKind.CONTROL, rate_limiter=limiter)
+            self._ch = self.control._capped(
+                await self._open(ChannelKind.CONTROL, rate_limiter=limiter))
             await self._offer()
             if cfg.mode != "precopy":
                 await self._open_postcopy_channels(resume=False)
@@ -220,8 +255,8 @@ class SourceSession:
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
         if choice.native:
             self._urgent_handoff = self._urgent.hand_off()
-        self._bulk = await self._open(ChannelKind.BULK, resume=resume,
-                                      rate_limiter=self._limiter)
+        self._bulk = self.control._capped(await self._open(
+            ChannelKind.BULK, resume=resume, rate_limiter=self.control.limiter))
 
     def _drop_urgent_handoff(self) -> None:
         """Close a handed-off urgent socket no thread took (failure, recovery)."""
@@ -233,7 +268,8 @@ class SourceSession:
         vm = self.vm
         offer = MigrationOffer(
             config={"name": self.name, "memory_bytes": vm.memory.length_bytes,
-                    "vcpus": vm.nvcpus, "workload": vm.workload},
+                    "vcpus": vm.nvcpus, "workload": vm.workload,
+                    **({"origin": self.origin} if self.origin else {})},
             mode=_MODES[self.config.mode], npages=vm.memory.npages)
         await self._ch.send(offer)
         answer = await self._recv(self.config.handshake_timeout_s, "an answer to the offer")
@@ -250,6 +286,7 @@ class SourceSession:
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
+        self._publish()
         pages = np.arange(vm.memory.npages, dtype=np.uint64)
         if cfg.mode == "postcopy":
             # Zero pages cost a run-table entry each: send them now, so the
@@ -263,6 +300,7 @@ class SourceSession:
             t_round = time.monotonic()
             sent_pages, sent_bytes = await self._send_round(index, pages, frozen=False)
             pages = self._tracker.collect()
+            self._check_cancel()
             duration_s = max(time.monotonic() - t_round, 1e-6)
             rounds.append(RoundStats(index, duration_s, sent_pages, sent_bytes, len(pages),
                                      zero_pages=self._round_zero_pages))
@@ -300,6 +338,7 @@ class SourceSession:
         await ch.send(RoundStart(index))
         npages = nbytes = 0
         self._round_zero_pages = 0
+        published_at = time.monotonic()
         self._sent[pages.astype(np.int64)] = True
         for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
             # Pages of a running guest come out of the encoder as staging
@@ -310,6 +349,15 @@ class SourceSession:
             nbytes += batch.nbytes
             stats.add_batch(batch)
             stats.remaining_bytes = max(0, (len(pages) - npages)) * PAGE_SIZE
+            if not frozen:
+                self._check_cancel()
+                if time.monotonic() - published_at >= PROGRESS_INTERVAL_S:
+                    published_at = time.monotonic()
+                    self._publish()
+                    # send() does not suspend while the socket takes data, and
+                    # on a fast link it always does: without this yield a long
+                    # round starves the daemon's other work (status, cancel).
+                    await asyncio.sleep(0)
         await ch.send(RoundEnd(index, npages, nbytes))
         ack = await self._recv(self.config.switchover_timeout_s, f"the ack of round {index}")
         if ack.round != index or ack.pages != npages:
@@ -497,6 +545,7 @@ class SourceSession:
         broken = await self._hand_over(Switchover(vm.export_state(), digest, owed.size, bitmap),
                                        t_pause, refused="the destination refused post-copy")
         stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
+        stats.postcopy_started_ms = self._elapsed_ms()
         stats.set_status("postcopy-active")
         self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
                                       batch_bytes=cfg.batch_bytes)
@@ -585,7 +634,8 @@ class SourceSession:
         stats = self.stats
         stats.total_time_ms = self._elapsed_ms()
         stats.error = _describe(exc)
-        stats.set_status("cancelled" if isinstance(exc, asyncio.CancelledError) else "failed")
+        cancelled = isinstance(exc, (asyncio.CancelledError, MigrationCancelled))
+        stats.set_status("cancelled" if cancelled else "failed")
         if self._abandoned is not None:
             stats.error = (f"post-copy could not complete, phase {self.phase.label}: the "
                            f"destination stopped the VM ({self._abandoned}). The only copy is "
@@ -633,6 +683,11 @@ class SourceSession:
         allows here (its table refuses anything else), never Abort or None."""
         return await recv_within(self._ch, timeout_s, what, peer="destination",
                                  phase=self.phase.label)
+
+    def _check_cancel(self) -> None:
+        if self.control.cancel_requested:
+            raise MigrationCancelled("cancelled by request before the switchover; the VM "
+                                     "runs on at the source", phase=self.phase.label)
 
     def _elapsed_ms(self) -> float:
         return (time.monotonic() - self._t0) * 1e3
