@@ -7,8 +7,8 @@ from .connection import CLOSED, NEED_DATA, SUPPORTED_VERSIONS, Connection, answe
 from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, Accept,
                      ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
                      PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
-                     RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
+                     RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover,
+                     Verified, Commit, VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult)
 from .state import Role, State
 
 __all__ = [
@@ -16,6 +16,6 @@ __all__ = [
     "ALL_EVENTS", "BATCH_POSTCOPY", "BATCH_URGENT", "WIRE_IDS", "Abort", "Accept",
     "ChannelKind", "Complete", "Event", "Hello", "MigrationOffer", "Mode", "PageBatch",
     "PageInvalidate", "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
-    "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
+    "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "StreamAck", "StreamEnd", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
 ]
