@@ -38,11 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConnectionLost, RemoteProtocolError
-from . import check, ffi, lib
+from . import PAGE_SIZE, check, ffi, lib
 from .handles import NativeHandle
 
 ENV_SWITCH = "LIVEMIG_NATIVE_STREAMS"
-MAX_STREAMS = 16
 STRIPE_PAGES = 64
 """Pages go to streams in stripes of this many consecutive pages
 (stream = (page // STRIPE_PAGES) % N): contiguous runs stay long and a
@@ -94,6 +93,7 @@ class _NativeStream:
         self._native = NativeHandle(handle, lambda h, _arrays=keepalive: lib.lm_stream_destroy(h),
                                     parent=memory.native_handle)
         self._memory = memory
+        self._folded: dict[str, int] = {}   # counters already added by fold_into
         memory.attach(self)
 
     def attach(self, channel) -> None:
@@ -143,6 +143,21 @@ class _NativeStream:
         out = ffi.new("lm_stream_stats *")
         lib.lm_stream_stats_get(self._h, out)
         return {name: int(getattr(out, name)) for name in _STATS_FIELDS}
+
+    def fold_into(self, stats) -> None:
+        """Add what the thread sent or placed since the last fold to ``stats``
+        (MigrationStats): pages and page-batch bytes, per encoding, and its
+        CPU time."""
+        ns = self.stats()
+        d = {k: v - self._folded.get(k, 0) for k, v in ns.items()}
+        self._folded = ns
+        stats.pages_sent += d["pages"]
+        stats.bytes_sent += d["batch_bytes"]
+        for name, n in (("zero", d["zero_pages"]), ("raw", d["raw_pages"])):
+            stats.pages_by_encoding[name] = stats.pages_by_encoding.get(name, 0) + n
+        stats.bytes_by_encoding["raw"] = (stats.bytes_by_encoding.get("raw", 0)
+                                          + d["raw_pages"] * PAGE_SIZE)
+        stats.stream_cpu_s += d["cpu_ns"] / 1e9
 
     def round_counts(self) -> RoundCounts | None:
         """This stream's part of the latest closed round (None before any)."""
@@ -219,5 +234,5 @@ class DestStream(_NativeStream):
 
 
 __all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe",
-           "disabled_by_environment", "ENV_SWITCH", "MAX_STREAMS", "STRIPE_PAGES",
+           "disabled_by_environment", "ENV_SWITCH", "STRIPE_PAGES",
            "BATCH_PAGES", "SEND_FRAME_BYTES"]
