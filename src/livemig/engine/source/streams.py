@@ -80,8 +80,7 @@ def choose(config: MigrationConfig, control: Channel, refused: str | None) -> Da
     if refused is not None:
         return DataPath(0, refused)
     if conn.version < spec.STREAMS_VERSION:
-        return DataPath(0, f"the destination speaks wire version {conn.version}, which has "
-                           "no streams")
+        return DataPath(0, f"wire version {conn.version} was negotiated, which has no streams")
     if STREAMS not in conn.capabilities:
         return DataPath(0, "the destination does not offer native streams")
     if conn.peer_max_payload_bytes < native_streams.SEND_FRAME_BYTES:
