@@ -60,7 +60,8 @@ from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationEr
                      RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
 from .postcopy import FaultService, PostcopyPlacer
-from .streams import STREAMS, DestStreams, check_offer as check_streams_offer, offered as streams_offered
+from .streams import (STREAMS, DestStreams, check_offer as check_streams_offer,
+                      offered as streams_offered)
 from ...native import PAGE_SIZE
 from ...native import postcopy
 from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode,

@@ -80,7 +80,8 @@ from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, Migratio
 from ...codec.kernels import zero_scan
 from ...native import urgent
 from .postcopy import PostcopySender
-from .streams import STREAMS, SourceStreams, choose as choose_data_path, refusal as streams_refusal
+from .streams import (STREAMS, DataPath, SourceStreams, choose as choose_data_path,
+                      refusal as streams_refusal)
 from ...policy import Action, RoundStats, decide
 from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, Mode,
                        PageBatch, PageInvalidate, Phase, Refuse, RoundEnd,
@@ -152,6 +153,7 @@ class SourceSession:
         self._urgent: Channel | None = None
         self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
+        self._data_path: DataPath | None = None      # chosen after the control handshake
         self._streams: SourceStreams | None = None   # pre-copy pages on native threads
         self._stream_channels: list[Channel] = []
         self._session_id = os.urandom(16)

@@ -91,6 +91,8 @@ def choose(config: MigrationConfig, control: Channel, refused: str | None) -> Da
 
 @dataclass
 class RoundSent:
+    """What the streams sent of one round, summed over them."""
+
     pages: int
     bytes: int
     zero_pages: int
