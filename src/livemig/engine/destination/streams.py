@@ -59,12 +59,16 @@ class DestStreams:
         self.held = held
         self.nstreams = nstreams
         self.streams: list[native_streams.DestStream] = []
+        self.closed = False
 
     def adopt(self, ch: Channel) -> None:
         """Hand a bulk stream's channel to a thread. Called right after its
         Welcome was sent, with no await in between: the source sends pages as
         soon as its round starts, and hand_off refuses a channel whose
         transport already read some."""
+        if self.closed:
+            raise RemoteProtocolError("a bulk stream after the pre-copy rounds ended",
+                                      phase="precopy")
         if len(self.streams) >= self.nstreams:
             raise RemoteProtocolError(f"more than the {self.nstreams} bulk streams offered",
                                       phase="precopy")
@@ -99,7 +103,9 @@ class DestStreams:
             s.fold_into(stats)
 
     def close(self) -> None:
-        """Stop and join every thread (their sockets are shut down)."""
+        """Stop and join every thread (their sockets are shut down); no
+        stream is adopted afterwards."""
+        self.closed = True
         for s in self.streams:
             s.close()
 
