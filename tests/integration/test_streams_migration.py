@@ -7,7 +7,9 @@ in the stats; a stream cut or corrupted mid-round fails the migration before
 Commit, with the source's VM resumed, intact, and migratable again.
 """
 import asyncio
+import socket
 
+import numpy as np
 import pytest
 
 from livemig.aio import channel as aio_channel
@@ -15,8 +17,11 @@ from livemig.aio.tls import make_test_pki
 from livemig.config import MigrationConfig
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
+from livemig.engine.source.streams import SourceStreams
 from livemig.errors import MigrationError
-from livemig.native.streams import probe
+from livemig.native.memory import GuestMemory
+from livemig.native.streams import SourceStream, probe
+from livemig.protocol import spec
 from livemig.protocol import connection
 from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
 
@@ -198,3 +203,36 @@ def test_a_stream_harmed_mid_round_fails_cleanly_and_the_source_resumes(run, act
         finally:
             vm.close()
     run(main(), timeout_s=60)
+
+
+@pytest.mark.parametrize("peer", ["reads nothing", "never acks"])
+def test_a_round_fails_when_the_streams_stall_not_when_they_are_slow(run, peer):
+    async def main():
+        mem = GuestMemory(8 << 20)
+        mem.words[:] = 7
+        a, b = socket.socketpair()
+        streams = SourceStreams([SourceStream(mem, None)])
+        streams.streams[0].attach_fd(a.detach(), version=spec.STREAMS_VERSION)
+        drained = 0
+
+        def drain():
+            nonlocal drained
+            try:
+                drained += len(b.recv(1 << 20))
+            except BlockingIOError:
+                pass
+        try:
+            if peer == "never acks":
+                b.setblocking(False)
+                asyncio.get_running_loop().add_reader(b.fileno(), drain)
+            with pytest.raises(MigrationError, match="no progress on any stream for 0.5 s"):
+                await streams.send_round(0, np.arange(mem.npages, dtype=np.uint64), 0.5)
+            if peer == "never acks":
+                assert drained >= mem.length_bytes   # the whole round went out first
+        finally:
+            if peer == "never acks":
+                asyncio.get_running_loop().remove_reader(b.fileno())
+            streams.close()
+            b.close()
+            mem.close()
+    run(main())

@@ -126,9 +126,11 @@ class SourceStreams:
             raise
         return streams, channels
 
-    async def send_round(self, index: int, pages: np.ndarray, timeout_s: float) -> RoundSent:
+    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float
+                         ) -> RoundSent:
         """Send ``pages`` (ascending) as round ``index``; returns once every
-        stream's part is acknowledged. Raises what a failed thread reported."""
+        stream's part is acknowledged. Raises what a failed thread reported,
+        or MigrationError when the streams stall for ``stall_timeout_s``."""
         before = [s.stats() for s in self.streams]
         parts = native_streams.partition(pages, len(self.streams))
         for stream, part in zip(self.streams, parts):
@@ -139,7 +141,7 @@ class SourceStreams:
                        and s.stats()["rounds"] > b["rounds"]
                        for s, b in zip(self.streams, before))
 
-        await self._wait(closed, timeout_s, f"the StreamAcks of round {index}")
+        await self._wait(closed, stall_timeout_s, f"the StreamAcks of round {index}")
         sent = RoundSent(0, 0, 0)
         for stream, b in zip(self.streams, before):
             counts = stream.round_counts()
@@ -151,33 +153,43 @@ class SourceStreams:
                                  f"{len(pages)} pages", phase="precopy")
         return sent
 
-    async def _wait(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
-        """Until ``done()``, woken by the threads' eventfds (never polled)."""
+    async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str) -> None:
+        """Until ``done()``, woken by the threads' eventfds. A round may take
+        long on a slow link, so the timeout is on progress: it fails only when
+        no stream moved a byte for ``stall_timeout_s``."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         for s in self.streams:
             loop.add_reader(s.fileno(), wake.set)
+        moved = self._bytes_moved()
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    # Clear before looking: news arriving after the look
-                    # sets the event again, so none is missed.
-                    wake.clear()
-                    for s in self.streams:
-                        s.clear_notify()
-                    for s in self.streams:
-                        failure = s.failure()
-                        if failure is not None:
-                            raise failure
-                    if done():
-                        return
-                    await wake.wait()
-        except TimeoutError:
-            raise MigrationError(f"no {what} from the destination within {timeout_s:g} s",
-                                 phase="precopy") from None
+            while True:
+                # Clear before looking: news arriving after the look sets the
+                # event again, so none is missed.
+                wake.clear()
+                for s in self.streams:
+                    s.clear_notify()
+                for s in self.streams:
+                    failure = s.failure()
+                    if failure is not None:
+                        raise failure
+                if done():
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), stall_timeout_s)
+                except asyncio.TimeoutError:
+                    if self._bytes_moved() == moved:
+                        raise MigrationError(f"no {what} from the destination, and no progress "
+                                             f"on any stream for {stall_timeout_s:g} s",
+                                             phase="precopy") from None
+                    moved = self._bytes_moved()
         finally:
             for s in self.streams:
                 loop.remove_reader(s.fileno())
+
+    def _bytes_moved(self) -> int:
+        return sum(st["bytes_sent"] + st["bytes_received"]
+                   for st in (s.stats() for s in self.streams))
 
     def fold_into(self, stats: MigrationStats) -> None:
         """Add what the threads sent since the last fold to ``stats``."""
