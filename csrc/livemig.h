@@ -31,7 +31,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 13
+#define LM_ABI_VERSION 14
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -494,7 +494,8 @@ void lm_urgent_destroy(lm_urgent *u);
  * sides. The owner hands the source thread one round's page indices at a
  * time; the thread sends them as PageBatch frames (ZERO and RAW runs of the
  * page-batch format), ends its part of the round with StreamEnd and waits for
- * the destination thread's StreamAck. The destination thread checks every
+ * the destination thread's StreamAck (BLOCK runs too, given the block
+ * fingerprints of codec/lm_blockdelta.c on both sides). The destination thread checks every
  * frame and batch, places the pages and answers each StreamEnd once all of
  * that round's pages are in place. Both threads record the per-page hash of
  * what they sent or placed in the owner's hash array (the digest's input).
@@ -502,6 +503,7 @@ void lm_urgent_destroy(lm_urgent *u);
  * eventfd it watches with its event loop. */
 #define LM_STREAM_BATCH_PAGES 256         /* most pages in one sent PageBatch (1 MiB RAW) */
 #define LM_STREAM_MAX_FRAME 4194304       /* largest payload a stream thread accepts (4 MiB) */
+#define LM_STREAM_BLOCK_MAX_BLOCKS 12     /* more changed blocks than this: the page goes RAW */
 #define LM_STREAM_IDLE 0                  /* lm_stream_status: no thread attached */
 #define LM_STREAM_RUNNING 1
 #define LM_STREAM_STOPPED 2               /* ended by detach, or (dest) the source closed */
@@ -517,6 +519,8 @@ typedef struct lm_stream_stats {
     uint64_t pages;               /* pages sent / placed */
     uint64_t zero_pages;          /* of which ZERO */
     uint64_t raw_pages;           /* of which RAW */
+    uint64_t block_pages;         /* of which BLOCK */
+    uint64_t block_bytes;         /* their masks and blocks */
     uint64_t batch_bytes;         /* page-batch bytes (PageBatch payloads minus their prefix) */
     uint64_t rounds;              /* rounds closed: acked (source) / marked and acked (dest) */
     uint64_t last_round;          /* the latest closed round (valid when rounds > 0) */
@@ -530,13 +534,19 @@ typedef struct lm_stream_stats {
 int lm_stream_probe(char *reason, size_t reason_cap);
 /* Source: pages are read from base[0 .. npages) while the guest may run
  * (each page is copied before it is hashed and checksummed); hashes (npages
- * entries, may be NULL) receive the hash of each page as sent. */
+ * entries, may be NULL) receive the hash of each page as sent. fp and
+ * fp_valid (npages x LM_BLOCKS_PER_PAGE and npages entries, both or neither
+ * NULL) are the block fingerprints of what the receiver holds: with them, a
+ * page sent before whose changed blocks are at most LM_STREAM_BLOCK_MAX_BLOCKS
+ * goes as a BLOCK page, and every page sent updates them. */
 int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hashes,
-                            lm_stream **out);
+                            uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
 /* Destination: pages land in base[0 .. npages); hashes (may be NULL) receive
- * the hash of each page as placed and held[page] (may be NULL) is set to 1. */
+ * the hash of each page as placed and held[page] (may be NULL) is set to 1;
+ * fp and fp_valid (both or neither NULL) keep the block hashes of what is
+ * held. Without them BLOCK runs are refused. */
 int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes, uint8_t *held,
-                          lm_stream **out);
+                          uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
 /* Start the thread on sock_fd (ownership passes, even on failure), whose
  * next frame to send has sequence send_seq and next to receive recv_seq;
  * received payloads above min(max_payload_bytes, LM_STREAM_MAX_FRAME) are

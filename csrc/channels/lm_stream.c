@@ -14,7 +14,8 @@
  *     poll(stop, work)                             poll(stop, socket)
  *     per batch of <= LM_STREAM_BATCH_PAGES:
  *       zero pages -> ZERO runs; others copied
- *       into staging, hashed (hashes[]), RAW
+ *       into staging, hashed (hashes[]), RAW,
+ *       or BLOCK when few blocks changed
  *       writev(header, run table, staging) ──────▶ read frame, check header + checksum,
  *                                                  check the batch whole, then memcpy
  *                                                  pages, hash them (hashes[]), held[]
@@ -93,10 +94,10 @@ void lm_stream_account_cpu(lm_stream *s)
 }
 
 static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
-                      uint64_t *hashes, lm_stream **out)
+                      uint64_t *hashes, uint64_t *fp, uint8_t *fp_valid, lm_stream **out)
 {
     *out = NULL;
-    if (!base || npages == 0)
+    if (!base || npages == 0 || !fp != !fp_valid)
         return -EINVAL;
     lm_stream *s = calloc(1, sizeof(*s));
     if (!s)
@@ -105,6 +106,8 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
     s->base = base;
     s->npages = npages;
     s->hashes = hashes;
+    s->fp = fp;
+    s->fp_valid = fp_valid;
     s->fd = -1;
     s->last_closed = -1;
     s->notify_efd = s->stop_efd = s->work_efd = -1;
@@ -115,7 +118,7 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
         return rc;
     }
     static const uint8_t zero_page[LM_PAGE_SIZE];
-    s->zero_hash = page_hash(zero_page);
+    s->zero_hash = page_blocks_hash(zero_page, s->zero_blocks);
     s->notify_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     s->work_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -127,7 +130,9 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
     if (side == LM_STREAM_SOURCE) {
         s->table = malloc(LM_STREAM_TABLE_BYTES);
         s->staging = malloc((size_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE);
-        if (!s->table || !s->staging) {
+        s->masks = malloc(LM_STREAM_MASK_BYTES);
+        s->blocks = malloc(LM_STREAM_BLOCKS_BYTES);
+        if (!s->table || !s->staging || !s->masks || !s->blocks) {
             lm_stream_destroy(s);
             return -ENOMEM;
         }
@@ -137,16 +142,17 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
 }
 
 LM_API int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hashes,
-                                   lm_stream **out)
+                                   uint64_t *fp, uint8_t *fp_valid, lm_stream **out)
 {
     /* The source only reads guest memory; the handle's field is shared. */
-    return stream_new(LM_STREAM_SOURCE, (uint8_t *)base, npages, hashes, out);
+    return stream_new(LM_STREAM_SOURCE, (uint8_t *)base, npages, hashes, fp, fp_valid, out);
 }
 
 LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
-                                 uint8_t *held, lm_stream **out)
+                                 uint8_t *held, uint64_t *fp, uint8_t *fp_valid,
+                                 lm_stream **out)
 {
-    int rc = stream_new(LM_STREAM_DEST, base, npages, hashes, out);
+    int rc = stream_new(LM_STREAM_DEST, base, npages, hashes, fp, fp_valid, out);
     if (rc == 0)
         (*out)->held = held;
     return rc;
@@ -343,5 +349,7 @@ LM_API void lm_stream_destroy(lm_stream *s)
     free(s->rbuf);
     free(s->table);
     free(s->staging);
+    free(s->masks);
+    free(s->blocks);
     free(s);
 }

@@ -8,14 +8,16 @@
  *   batch header (magic, version, reserved fields, sizes adding up to the
  *   frame exactly), and every run (reserved bytes 0, count > 0, inside
  *   memory, ascending and disjoint, an encoding a stream carries: ZERO with
- *   no payload, RAW with exactly count pages). A violation ends the thread
+ *   no payload, RAW with exactly count pages, BLOCK (with fingerprints)
+ *   with exactly its masks and the blocks they name). A violation ends the thread
  *   with -EPROTO (-ERANGE for a page outside memory) and a reason; nothing of
  *   that batch is placed. The arithmetic is done in 64 bits on values the
  *   header bounds (a frame is at most LM_STREAM_MAX_FRAME bytes), so no
  *   count can wrap a check.
  *
  *   Placing: RAW pages are copied from the frame buffer and hashed from the
- *   landed copy (still in cache); ZERO pages are written only where memory
+ *   landed copy (still in cache); BLOCK pages' blocks are written over the
+ *   page held and only those blocks rehashed (lm_blockdelta.c); ZERO pages are written only where memory
  *   is not zero already (a page never written reads as the shared zero page,
  *   and writing it would allocate memory for nothing). hashes[] and held[]
  *   are what the digest and a later post-copy switch read.
@@ -45,11 +47,13 @@ static int check_round(lm_stream *s, uint32_t round, const char *what)
 }
 
 /* Validate the run table of a batch of npages pages whose payload (after the
- * table) is payload_bytes; 0 or -errno with a reason. */
+ * table) is payload_bytes; 0 or -errno with a reason. *block_pages and
+ * *block_section get the BLOCK pages and the BLOCK section's length. */
 static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_t npages,
-                      uint64_t payload_bytes)
+                      uint64_t payload_bytes, uint64_t *block_pages, uint64_t *block_section)
 {
     uint64_t pages = 0, bytes = 0, next_free = 0;
+    *block_pages = *block_section = 0;
     for (uint32_t i = 0; i < nruns; i++) {
         const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r), count = get32(r + 8), pb = get32(r + 16);
@@ -75,6 +79,15 @@ static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_
                 return lm_stream_fail(s, EPROTO, "page batch: RAW run %u has %llu payload bytes "
                                       "for %llu pages", i, (unsigned long long)pb,
                                       (unsigned long long)count);
+        } else if (enc == LM_ENC_BLOCK && s->fp) {
+            /* Each page: a 2-byte mask and at most all 16 blocks; the masks
+             * themselves are checked against pb in check_blocks. */
+            if (pb < 2 * count || pb > count * (2 + LM_PAGE_SIZE))
+                return lm_stream_fail(s, EPROTO, "page batch: BLOCK run %u has %llu payload "
+                                      "bytes for %llu pages", i, (unsigned long long)pb,
+                                      (unsigned long long)count);
+            *block_pages += count;
+            *block_section += pb;
         } else {
             return lm_stream_fail(s, EPROTO, "page batch: encoding %u in run %u is not carried "
                                   "on a bulk stream", enc, i);
@@ -93,31 +106,79 @@ static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_
     return 0;
 }
 
-static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *data)
+/* The BLOCK section (masks of every BLOCK page in run order, then their
+ * blocks): each BLOCK run's payload must be exactly its pages' masks plus
+ * the blocks they name. */
+static int check_blocks(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *masks)
+{
+    uint64_t k = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        if (r[12] != LM_ENC_BLOCK)
+            continue;
+        uint64_t count = get32(r + 8), need = 0;
+        for (uint64_t j = 0; j < count; j++, k++)
+            need += 2 + (uint64_t)__builtin_popcount(get16(masks + 2 * k)) * LM_BLOCK_BYTES;
+        if (need != get32(r + 16))
+            return lm_stream_fail(s, EPROTO, "page batch: BLOCK masks of run %u name %llu "
+                                  "bytes, the run holds %u", i, (unsigned long long)need,
+                                  get32(r + 16));
+    }
+    return 0;
+}
+
+static void land(lm_stream *s, uint64_t page, uint64_t h)
+{
+    if (s->hashes)
+        s->hashes[page] = h;
+    if (s->held)
+        s->held[page] = 1;
+}
+
+static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *masks,
+                       const uint8_t *blocks, const uint8_t *raw)
 {
     for (uint32_t i = 0; i < nruns; i++) {
         const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r), count = get32(r + 8);
-        int raw = r[12] == LM_ENC_RAW;
+        uint8_t enc = r[12];
         for (uint64_t page = first; page < first + count; page++) {
             uint8_t *dst = s->base + page * LM_PAGE_SIZE;
+            int64_t row = (int64_t)page;
             uint64_t h;
-            if (raw) {
-                memcpy(dst, data, LM_PAGE_SIZE);
-                data += LM_PAGE_SIZE;
-                h = page_hash(dst);
+            if (enc == LM_ENC_RAW) {
+                if (s->fp)   /* copy, then hash it as it landed, keeping its blocks' hashes */
+                    lm_pages_place_fingerprint(s->base, s->npages, &row, 1, raw, s->fp,
+                                               s->fp_valid, &h);
+                else {
+                    memcpy(dst, raw, LM_PAGE_SIZE);
+                    h = page_hash(dst);
+                }
+                raw += LM_PAGE_SIZE;
+            } else if (enc == LM_ENC_BLOCK) {
+                uint16_t mask = get16(masks);
+                uint64_t len = (uint64_t)__builtin_popcount(mask) * LM_BLOCK_BYTES;
+                /* Lengths were checked whole (check_blocks): this cannot refuse. */
+                lm_pages_apply_blocks_fingerprint(s->base, s->npages, &row, &mask, 1, blocks, len,
+                                                  s->fp, s->fp_valid, &h);
+                masks += 2;
+                blocks += len;
             } else {
                 if (!lm_page_is_zero(dst))
                     memset(dst, 0, LM_PAGE_SIZE);
                 h = s->zero_hash;
+                if (s->fp) {
+                    memcpy(s->fp + page * LM_BLOCKS_PER_PAGE, s->zero_blocks,
+                           sizeof(s->zero_blocks));
+                    s->fp_valid[page] = 1;
+                }
             }
-            if (s->hashes)
-                s->hashes[page] = h;
-            if (s->held)
-                s->held[page] = 1;
+            land(s, page, h);
         }
-        if (raw)
+        if (enc == LM_ENC_RAW)
             STREAM_ADD(s, raw_pages, count);
+        else if (enc == LM_ENC_BLOCK)
+            STREAM_ADD(s, block_pages, count);
         else
             STREAM_ADD(s, zero_pages, count);
     }
@@ -155,10 +216,17 @@ int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
                               "(%llu runs, %llu payload bytes)", (unsigned long long)batch_len,
                               (unsigned long long)nruns, (unsigned long long)payload);
     const uint8_t *runs = bh + LM_BATCH_HEADER_BYTES;
-    rc = check_runs(s, runs, (uint32_t)nruns, npages, payload);
+    uint64_t block_pages, block_section;
+    rc = check_runs(s, runs, (uint32_t)nruns, npages, payload, &block_pages, &block_section);
     if (rc < 0)
         return rc;
-    place_runs(s, runs, (uint32_t)nruns, bh + table_end);
+    const uint8_t *masks = bh + table_end;   /* BLOCK section first, then RAW */
+    rc = check_blocks(s, runs, (uint32_t)nruns, masks);
+    if (rc < 0)
+        return rc;
+    place_runs(s, runs, (uint32_t)nruns, masks, masks + 2 * block_pages,
+               masks + block_section);
+    STREAM_ADD(s, block_bytes, block_section);
     s->round_open = 1;
     s->open_round = round;
     s->round_pages += npages;

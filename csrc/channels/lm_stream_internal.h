@@ -17,9 +17,13 @@
 enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
 
 /* The source's page-batch bytes before the pages: PageBatch prefix, batch
- * header and a run table with room for one run per page. */
+ * header and a run table with room for one run per page; then the BLOCK
+ * section's masks and blocks. */
 #define LM_STREAM_TABLE_BYTES \
     (LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES + LM_STREAM_BATCH_PAGES * LM_BATCH_RUN_BYTES)
+#define LM_STREAM_MASK_BYTES (LM_STREAM_BATCH_PAGES * 2)
+#define LM_STREAM_BLOCKS_BYTES \
+    ((uint64_t)LM_STREAM_BATCH_PAGES * LM_STREAM_BLOCK_MAX_BLOCKS * LM_BLOCK_BYTES)
 
 struct lm_stream {
     enum lm_stream_side side;
@@ -29,6 +33,9 @@ struct lm_stream {
     uint64_t *hashes;
     uint8_t *held;              /* dest */
     uint64_t zero_hash;         /* page hash of an all-zero page */
+    uint64_t *fp;               /* block fingerprints (may be NULL: no BLOCK) */
+    uint8_t *fp_valid;
+    uint64_t zero_blocks[LM_BLOCKS_PER_PAGE];   /* an all-zero page's block hashes */
     int notify_efd;
     int stop_efd;
     int work_efd;               /* source: a round was queued */
@@ -55,6 +62,8 @@ struct lm_stream {
     uint8_t *rbuf;              /* header + the largest payload accepted */
     uint8_t *table;             /* source: LM_STREAM_TABLE_BYTES */
     uint8_t *staging;           /* source: LM_STREAM_BATCH_PAGES pages */
+    uint8_t *masks;             /* source: the BLOCK section's masks ... */
+    uint8_t *blocks;            /* ... and its blocks */
     int status;                 /* atomic: LM_STREAM_* or -errno */
     char reason[256];
     lm_stream_stats stats;      /* atomic fields */

@@ -17,7 +17,15 @@
  *   the generated wire header): header, run table (consecutive pages of the
  *   same encoding form one run, in ascending order), then the RAW pages. It
  *   is sent with one writev(2) of frame header, prefix + header + run table,
- *   staged pages.
+ *   BLOCK masks and blocks, staged RAW pages (empty parts cost nothing).
+ *
+ *   BLOCK (docs/codec.md): given the block fingerprints of what the
+ *   receiver holds, the copy and its sixteen block hashes are made in one
+ *   pass; a page sent exactly before with at most LM_STREAM_BLOCK_MAX_BLOCKS
+ *   changed blocks travels as a mask and those blocks. Every page sent
+ *   updates its fingerprint (ZERO pages get the zero page's), which is what
+ *   the receiver will hold once the batch is placed: a stream's batches are
+ *   placed in order, and a page always travels on the same stream.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,6 +40,64 @@ struct round_totals {
     uint64_t bytes;   /* page-batch bytes */
 };
 
+/* One page's encoding: ZERO, BLOCK (its changed blocks appended to the
+ * BLOCK section) or RAW (copied to staging slot *nraw). Records its hash. */
+struct batch_build {
+    uint32_t nraw, nzero, nblock;
+    uint64_t block_bytes;   /* masks + blocks */
+};
+
+static int encode_page(lm_stream *s, uint64_t page, struct batch_build *b, uint32_t *run_bytes)
+{
+    const uint8_t *src = s->base + page * LM_PAGE_SIZE;
+    uint64_t h;
+    int enc;
+    if (lm_page_is_zero(src)) {
+        enc = LM_ENC_ZERO;
+        h = s->zero_hash;
+        b->nzero++;
+        *run_bytes = 0;
+        if (s->fp) {
+            memcpy(s->fp + page * LM_BLOCKS_PER_PAGE, s->zero_blocks, sizeof(s->zero_blocks));
+            s->fp_valid[page] = 1;
+        }
+    } else if (s->fp) {
+        /* Copy and fingerprint in one pass; the mask names the blocks that
+         * differ from what the receiver holds (all of them if unknown). */
+        uint8_t *copy = s->staging + (uint64_t)b->nraw * LM_PAGE_SIZE;
+        int64_t row = (int64_t)page, zero_off = 0;
+        uint16_t mask;
+        lm_pages_snapshot_fingerprint(s->base, s->npages, &row, 1, copy, s->fp, s->npages, &row,
+                                      s->fp_valid, &mask, &h);
+        s->fp_valid[page] = 1;   /* sent exactly: the copy is what travels */
+        int nblocks = __builtin_popcount(mask);
+        if (nblocks <= LM_STREAM_BLOCK_MAX_BLOCKS) {
+            enc = LM_ENC_BLOCK;
+            put16(s->masks + 2 * (uint64_t)b->nblock, mask);
+            uint64_t off = b->block_bytes - 2 * (uint64_t)b->nblock;
+            lm_pages_gather_blocks(copy, 1, NULL, &mask, &zero_off, 1, s->blocks + off,
+                                   LM_STREAM_BLOCKS_BYTES - off);
+            b->nblock++;
+            *run_bytes = 2 + (uint32_t)nblocks * LM_BLOCK_BYTES;
+            b->block_bytes += *run_bytes;
+        } else {
+            enc = LM_ENC_RAW;
+            b->nraw++;
+            *run_bytes = LM_PAGE_SIZE;
+        }
+    } else {
+        uint8_t *copy = s->staging + (uint64_t)b->nraw * LM_PAGE_SIZE;
+        memcpy(copy, src, LM_PAGE_SIZE);
+        h = page_hash(copy);
+        enc = LM_ENC_RAW;
+        b->nraw++;
+        *run_bytes = LM_PAGE_SIZE;
+    }
+    if (s->hashes)
+        s->hashes[page] = h;
+    return enc;
+}
+
 /* Build and send one batch of pages[0 .. n), n <= LM_STREAM_BATCH_PAGES. */
 static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n,
                       struct round_totals *t)
@@ -39,31 +105,20 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
     uint8_t *prefix = s->table;
     uint8_t *bh = prefix + LM_WIRE_BATCH_PREFIX_BYTES;
     uint8_t *runs = bh + LM_BATCH_HEADER_BYTES;
-    uint32_t nruns = 0, nraw = 0, nzero = 0;
-    uint64_t run_first = 0, run_count = 0;
+    struct batch_build b = {0, 0, 0, 0};
+    uint32_t nruns = 0;
+    uint64_t run_first = 0, run_count = 0, run_payload = 0;
     int run_enc = 0;
     for (uint64_t i = 0; i <= n; i++) {
         int enc = 0;
         uint64_t page = 0;
+        uint32_t page_bytes = 0;
         if (i < n) {
             page = pages[i];
-            const uint8_t *src = s->base + page * LM_PAGE_SIZE;
-            uint64_t h;
-            if (lm_page_is_zero(src)) {
-                enc = LM_ENC_ZERO;
-                h = s->zero_hash;
-                nzero++;
-            } else {
-                uint8_t *copy = s->staging + (uint64_t)nraw * LM_PAGE_SIZE;
-                memcpy(copy, src, LM_PAGE_SIZE);
-                h = page_hash(copy);
-                enc = LM_ENC_RAW;
-                nraw++;
-            }
-            if (s->hashes)
-                s->hashes[page] = h;
+            enc = encode_page(s, page, &b, &page_bytes);
             if (run_count && enc == run_enc && page == run_first + run_count) {
                 run_count++;
+                run_payload += page_bytes;
                 continue;
             }
         }
@@ -73,14 +128,17 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
             put64(r, run_first);
             put32(r + 8, (uint32_t)run_count);
             r[12] = (uint8_t)run_enc;
-            put32(r + 16, run_enc == LM_ENC_RAW ? (uint32_t)(run_count * LM_PAGE_SIZE) : 0);
+            put32(r + 16, (uint32_t)run_payload);
             nruns++;
         }
         run_first = page;
         run_count = 1;
         run_enc = enc;
+        run_payload = page_bytes;
     }
-    uint64_t payload = (uint64_t)nraw * LM_PAGE_SIZE;
+    /* Sections in the batch format's order: BLOCK (masks, then blocks), RAW. */
+    uint64_t raw_bytes = (uint64_t)b.nraw * LM_PAGE_SIZE;
+    uint64_t payload = b.block_bytes + raw_bytes;
     put32(prefix, round);
     put32(prefix + 4, (uint32_t)n);
     put64(prefix + 8, 0);   /* request_id: pushed, not requested */
@@ -93,18 +151,22 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
     put64(bh + 16, payload);
     uint64_t table_bytes = LM_BATCH_HEADER_BYTES + (uint64_t)nruns * LM_BATCH_RUN_BYTES;
     uint8_t header[LM_WIRE_HEADER_BYTES];
-    struct iovec iov[3] = {
+    struct iovec iov[5] = {
         {.iov_base = header},
         {.iov_base = prefix, .iov_len = LM_WIRE_BATCH_PREFIX_BYTES + table_bytes},
-        {.iov_base = s->staging, .iov_len = payload},
+        {.iov_base = s->masks, .iov_len = 2 * (uint64_t)b.nblock},
+        {.iov_base = s->blocks, .iov_len = b.block_bytes - 2 * (uint64_t)b.nblock},
+        {.iov_base = s->staging, .iov_len = raw_bytes},
     };
-    int rc = lm_stream_send(s, LM_MSG_PAGE_BATCH, iov, payload ? 3 : 2);
+    int rc = lm_stream_send(s, LM_MSG_PAGE_BATCH, iov, 5);
     if (rc != 0)
         return rc;
     STREAM_ADD(s, batches, 1);
     STREAM_ADD(s, pages, n);
-    STREAM_ADD(s, zero_pages, nzero);
-    STREAM_ADD(s, raw_pages, nraw);
+    STREAM_ADD(s, zero_pages, b.nzero);
+    STREAM_ADD(s, raw_pages, b.nraw);
+    STREAM_ADD(s, block_pages, b.nblock);
+    STREAM_ADD(s, block_bytes, b.block_bytes);
     STREAM_ADD(s, batch_bytes, table_bytes + payload);
     t->pages += n;
     t->bytes += table_bytes + payload;

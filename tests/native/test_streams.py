@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 
+from livemig.codec.blockdelta import Fingerprints, HeldBlocks
 from livemig.codec.decoder import BatchDecoder
 from livemig.codec.digest import PageHashes
 from livemig.codec.encoder import BatchEncoder
@@ -61,15 +62,18 @@ def _send_round(src: SourceStream, index: int, pages) -> None:
 
 
 class Pair:
-    """A source and a destination thread joined by a socketpair."""
+    """A source and a destination thread joined by a socketpair; with
+    ``blocks``, both keep block fingerprints (BLOCK pages)."""
 
-    def __init__(self, src_mem, dst_mem):
+    def __init__(self, src_mem, dst_mem, *, blocks=False):
         a, b = socket.socketpair()
         self.sent = PageHashes(src_mem.npages)
         self.landed = PageHashes(dst_mem.npages)
         self.held = np.zeros(dst_mem.npages, dtype=bool)
-        self.src = SourceStream(src_mem, self.sent.values)
-        self.dst = DestStream(dst_mem, self.landed.values, self.held)
+        self.fingerprints = Fingerprints(src_mem.npages) if blocks else None
+        self.held_blocks = HeldBlocks(dst_mem.npages) if blocks else None
+        self.src = SourceStream(src_mem, self.sent.values, self.fingerprints)
+        self.dst = DestStream(dst_mem, self.landed.values, self.held, self.held_blocks)
         self.src.attach_fd(a.detach(), version=V2)
         self.dst.attach_fd(b.detach(), version=V2)
 
@@ -126,6 +130,39 @@ def test_rounds_land_bit_identical_with_hashes_and_markers():
         assert np.array_equal(src_mem.pages, dst_mem.pages)
         assert np.array_equal(pair.landed.values, PageHashes.of_memory(dst_mem.pages).values)
         assert pair.dst.stats()["rounds"] == 3
+    finally:
+        pair.close()
+        src_mem.close()
+        dst_mem.close()
+
+
+def test_block_pages_carry_only_the_blocks_that_changed():
+    src_mem, dst_mem = _filled(seed=8), GuestMemory(NPAGES * PAGE)
+    pair = Pair(src_mem, dst_mem, blocks=True)
+    try:
+        _send_round(pair.src, 0, np.arange(NPAGES))
+        assert pair.src.stats()["block_pages"] == 0   # nothing held there yet
+        # One word in each of 100 pages, a whole page, and a page made zero.
+        words = src_mem.words
+        changed = np.arange(10, 310, 3)
+        words[changed, 5] += 1
+        words[2] = np.arange(words.shape[1], dtype=np.uint64) + 99
+        src_mem.pages[4] = 0
+        before = pair.src.stats()
+        _send_round(pair.src, 1, np.union1d(changed, [2, 4]))
+        st = pair.src.stats()
+        assert st["block_pages"] - before["block_pages"] == changed.size
+        assert st["block_bytes"] - before["block_bytes"] == changed.size * (2 + 256)
+        assert st["raw_pages"] - before["raw_pages"] == 1
+        assert st["zero_pages"] - before["zero_pages"] == 1
+        _wait(pair.dst, lambda: pair.dst.stats()["rounds"] == 2, "round 1 there")
+        assert pair.dst.stats()["block_pages"] == changed.size
+        assert np.array_equal(src_mem.pages, dst_mem.pages)
+        assert np.array_equal(pair.landed.values, PageHashes.of_memory(dst_mem.pages).values)
+        assert np.array_equal(pair.landed.values, pair.sent.values)
+        # The source's idea of what the receiver holds is what it holds.
+        assert pair.fingerprints.valid.all() and pair.held_blocks.valid.all()
+        assert np.array_equal(pair.fingerprints.table, pair.held_blocks.table)
     finally:
         pair.close()
         src_mem.close()
@@ -204,11 +241,12 @@ def test_source_thread_speaks_the_python_codec():
 class Feeder:
     """Frames to a destination thread, as the Python framer builds them."""
 
-    def __init__(self, npages=NPAGES):
+    def __init__(self, npages=NPAGES, *, blocks=True):
         self.mem = GuestMemory(npages * PAGE)
         self.hashes = PageHashes(npages)
         self.held = np.zeros(npages, dtype=bool)
-        self.dst = DestStream(self.mem, self.hashes.values, self.held)
+        self.blocks = HeldBlocks(npages) if blocks else None
+        self.dst = DestStream(self.mem, self.hashes.values, self.held, self.blocks)
         a, self.sock = socket.socketpair()
         self.dst.attach_fd(a.detach(), version=V2)
         self.seq = 0
@@ -279,7 +317,7 @@ def _raw_batch(runs, payload_pages=0, *, extra=b"", magic=b"LMPB", version=1, fl
     return header + table + payload, npages
 
 
-RAW, ZERO, LZ4 = spec.ENCODINGS["raw"], spec.ENCODINGS["zero"], spec.ENCODINGS["lz4"]
+RAW, ZERO, LZ4, BLOCK = (spec.ENCODINGS[n] for n in ("raw", "zero", "lz4", "block"))
 HOSTILE = {
     "bad batch magic": (_raw_batch([(0, 1, RAW, PAGE)], 1, magic=b"XXXX"), "bad magic"),
     "batch version": (_raw_batch([(0, 1, RAW, PAGE)], 1, version=9), "version"),
@@ -295,6 +333,10 @@ HOSTILE = {
     "length mismatch": (_raw_batch([(0, 1, RAW, PAGE)], 1, payload_bytes=PAGE + 1),
                         "does not match"),
     "reserved header bits": (_raw_batch([(0, 1, ZERO, 0)], flags=1), "reserved"),
+    # one BLOCK page whose mask names two blocks, but the run holds one
+    "BLOCK masks and data disagree": (_raw_batch([(3, 1, BLOCK, 2 + 256)],
+                                                 extra=b"\x03\x00" + b"b" * 256), "BLOCK masks"),
+    "BLOCK run too short": (_raw_batch([(3, 2, BLOCK, 3)], extra=b"\x00" * 3), "BLOCK run"),
     "ZERO with payload": (_raw_batch([(0, 1, ZERO, 8)], extra=b"z" * 8), "ZERO run"),
 }
 
@@ -309,6 +351,33 @@ def test_hostile_batches_end_the_thread_cleanly_and_place_nothing(name):
         assert isinstance(failure, RemoteProtocolError) and why in str(failure), failure
         assert not feeder.mem.pages.any() and not feeder.held.any()
         assert feeder.sock.recv(16) == b""   # the thread shut the stream down
+    finally:
+        feeder.close()
+
+
+def test_block_pages_are_refused_without_fingerprints():
+    feeder = Feeder(blocks=False)
+    try:
+        batch, npages = _raw_batch([(3, 1, BLOCK, 2 + 256)], extra=b"\x01\x00" + b"b" * 256)
+        feeder.batch(0, batch, npages)
+        failure = feeder.failure()
+        assert isinstance(failure, RemoteProtocolError) and "not carried" in str(failure)
+    finally:
+        feeder.close()
+
+
+def test_a_block_page_lands_over_the_page_held():
+    feeder = Feeder()
+    try:
+        raw, n = _raw_batch([(3, 1, RAW, PAGE)], 1)
+        feeder.batch(0, raw, n)
+        block, n = _raw_batch([(3, 1, BLOCK, 2 + 256)], extra=b"\x02\x00" + b"b" * 256)
+        feeder.batch(0, block, n)
+        feeder.end(0, 2, len(raw) + len(block))
+        assert feeder.ack() == StreamAck(0, 2)
+        want = np.frombuffer(b"\xa5" * 256 + b"b" * 256 + b"\xa5" * (PAGE - 512), np.uint8)
+        assert np.array_equal(feeder.mem.pages[3], want)
+        assert feeder.hashes.values[3] == PageHashes.of_memory(feeder.mem.pages).values[3]
     finally:
         feeder.close()
 

@@ -11,11 +11,13 @@ next sequence numbers to a native thread on each side:
 * :class:`SourceStream` is given one round's page indices at a time
   (:meth:`SourceStream.send_round`); its thread copies each non-zero page to
   a staging buffer, hashes it into the encoder's ``sent_hashes`` array, sends
-  ZERO/RAW page batches and closes its part of the round with a StreamEnd,
-  then waits for the destination's StreamAck.
+  ZERO/RAW page batches (BLOCK pages too, given the encoder's block
+  fingerprints) and closes its part of the round with a StreamEnd, then
+  waits for the destination's StreamAck.
 * :class:`DestStream` checks and places every batch, writing the landed
-  pages' hashes into the decoder's hash array and marking them in the
-  held-pages array, and answers each StreamEnd with a StreamAck.
+  pages' hashes into the decoder's hash array, their block hashes into the
+  placer's HeldBlocks and marking them in the held-pages array, and answers
+  each StreamEnd with a StreamAck.
 
 Python stays the control plane: the engine partitions a round's pages
 (:func:`partition`: a page always travels on the same stream, so its versions
@@ -153,10 +155,11 @@ class _NativeStream:
         self._folded = ns
         stats.pages_sent += d["pages"]
         stats.bytes_sent += d["batch_bytes"]
-        for name, n in (("zero", d["zero_pages"]), ("raw", d["raw_pages"])):
-            stats.pages_by_encoding[name] = stats.pages_by_encoding.get(name, 0) + n
-        stats.bytes_by_encoding["raw"] = (stats.bytes_by_encoding.get("raw", 0)
-                                          + d["raw_pages"] * PAGE_SIZE)
+        for name in ("zero", "raw", "block"):
+            stats.pages_by_encoding[name] = (stats.pages_by_encoding.get(name, 0)
+                                             + d[f"{name}_pages"])
+        for name, nbytes in (("raw", d["raw_pages"] * PAGE_SIZE), ("block", d["block_bytes"])):
+            stats.bytes_by_encoding[name] = stats.bytes_by_encoding.get(name, 0) + nbytes
         stats.stream_cpu_s += d["cpu_ns"] / 1e9
 
     def round_counts(self) -> RoundCounts | None:
@@ -183,22 +186,39 @@ class _NativeStream:
         self.close()
 
 
+def _check_hashes(hashes: np.ndarray | None, npages: int) -> None:
+    if hashes is not None and (hashes.dtype != np.uint64 or hashes.shape != (npages,)
+                               or not hashes.flags.c_contiguous):
+        raise ValueError(f"hashes must be a contiguous uint64[{npages}] array")
+
+
+def _block_table_ptrs(blocks, npages: int) -> tuple:
+    """(fp, fp_valid) pointers of a codec.blockdelta table, or NULLs."""
+    if blocks is None:
+        return ffi.NULL, ffi.NULL
+    if blocks.table.shape[0] != npages or blocks.valid.shape != (npages,):
+        raise ValueError(f"block fingerprints must cover {npages} pages")
+    return (ffi.from_buffer("uint64_t[]", blocks.table),
+            ffi.from_buffer("uint8_t[]", blocks.valid))
+
+
 class SourceStream(_NativeStream):
     """Source side over a :class:`GuestMemory`; ``hashes`` (the encoder's
-    ``sent_hashes.values``) receive each sent page's hash."""
+    ``sent_hashes.values``) receive each sent page's hash; ``fingerprints``
+    (the encoder's :class:`Fingerprints`, or None: no BLOCK pages) are kept
+    up to date with what the receiver holds."""
 
-    def __init__(self, memory, hashes: np.ndarray | None):
+    def __init__(self, memory, hashes: np.ndarray | None, fingerprints=None):
         pages = memory.pages
         npages = pages.shape[0]
-        if hashes is not None and (hashes.dtype != np.uint64 or hashes.shape != (npages,)
-                                   or not hashes.flags.c_contiguous):
-            raise ValueError(f"hashes must be a contiguous uint64[{npages}] array")
+        _check_hashes(hashes, npages)
         out = ffi.new("lm_stream **")
         base = ffi.from_buffer("uint8_t[]", pages, require_writable=False)
         hptr = ffi.NULL if hashes is None else ffi.from_buffer("uint64_t[]", hashes)
-        check(lib.lm_stream_source_create(base, npages, hptr, out),
+        fp, fp_valid = _block_table_ptrs(fingerprints, npages)
+        check(lib.lm_stream_source_create(base, npages, hptr, fp, fp_valid, out),
               "creating a native bulk stream (source)")
-        super().__init__(out[0], memory, (pages, hashes, base, hptr))
+        super().__init__(out[0], memory, (pages, hashes, fingerprints, base, hptr, fp, fp_valid))
         self._round_pages: np.ndarray | None = None   # read by the thread until acked
 
     def send_round(self, round_index: int, pages: np.ndarray) -> None:
@@ -212,15 +232,15 @@ class SourceStream(_NativeStream):
 
 class DestStream(_NativeStream):
     """Destination side over a :class:`GuestMemory`; ``hashes`` (the
-    decoder's ``PageHashes.values``) and ``held`` (bool per page) are written
-    for every page placed. All must outlive :meth:`close`."""
+    decoder's ``PageHashes.values``), ``held`` (bool per page) and ``blocks``
+    (the placer's :class:`HeldBlocks`, or None: BLOCK pages refused) are
+    written for every page placed. All must outlive :meth:`close`."""
 
-    def __init__(self, memory, hashes: np.ndarray | None, held: np.ndarray | None):
+    def __init__(self, memory, hashes: np.ndarray | None, held: np.ndarray | None,
+                 blocks=None):
         pages = memory.pages
         npages = pages.shape[0]
-        if hashes is not None and (hashes.dtype != np.uint64 or hashes.shape != (npages,)
-                                   or not hashes.flags.c_contiguous):
-            raise ValueError(f"hashes must be a contiguous uint64[{npages}] array")
+        _check_hashes(hashes, npages)
         if held is not None and (held.dtype != np.bool_ or held.shape != (npages,)
                                  or not held.flags.c_contiguous):
             raise ValueError(f"held must be a contiguous bool[{npages}] array")
@@ -228,9 +248,11 @@ class DestStream(_NativeStream):
         base = ffi.from_buffer("uint8_t[]", pages)
         hptr = ffi.NULL if hashes is None else ffi.from_buffer("uint64_t[]", hashes)
         held_ptr = ffi.NULL if held is None else ffi.from_buffer("uint8_t[]", held.view(np.uint8))
-        check(lib.lm_stream_dest_create(base, npages, hptr, held_ptr, out),
+        fp, fp_valid = _block_table_ptrs(blocks, npages)
+        check(lib.lm_stream_dest_create(base, npages, hptr, held_ptr, fp, fp_valid, out),
               "creating a native bulk stream (destination)")
-        super().__init__(out[0], memory, (pages, hashes, held, base, hptr, held_ptr))
+        super().__init__(out[0], memory, (pages, hashes, held, blocks, base, hptr, held_ptr, fp,
+                                          fp_valid))
 
 
 __all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe",

@@ -225,7 +225,7 @@ class IncomingMigration:
         nstreams = cfg.get("streams")
         if nstreams:
             self._streams = DestStreams(self.vm.memory, self.decoder.hashes.values, self._held,
-                                        nstreams)
+                                        self.decoder.placer.held, nstreams)
         self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
                                 "python: the source sends its pages on the control channel")
         self.mode = offer.mode

@@ -53,10 +53,11 @@ def check_offer(value, granted: bool) -> str | None:
 class DestStreams:
     """The bulk streams of one incoming migration."""
 
-    def __init__(self, memory, hashes, held, nstreams: int):
+    def __init__(self, memory, hashes, held, blocks, nstreams: int):
         self.memory = memory
         self.hashes = hashes
         self.held = held
+        self.blocks = blocks
         self.nstreams = nstreams
         self.streams: list[native_streams.DestStream] = []
         self.closed = False
@@ -72,7 +73,7 @@ class DestStreams:
         if len(self.streams) >= self.nstreams:
             raise RemoteProtocolError(f"more than the {self.nstreams} bulk streams offered",
                                       phase="precopy")
-        stream = native_streams.DestStream(self.memory, self.hashes, self.held)
+        stream = native_streams.DestStream(self.memory, self.hashes, self.held, self.blocks)
         self.streams.append(stream)
         stream.attach(ch)
 

@@ -250,7 +250,8 @@ class SourceSession:
         self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode, clock=time.perf_counter)
         if self._data_path.native:
             self._streams, self._stream_channels = await SourceStreams.open(
-                vm.memory, self._encoder.sent_hashes.values, self._data_path.nstreams,
+                vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
+                self._data_path.nstreams,
                 lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}))
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()

@@ -105,18 +105,19 @@ class SourceStreams:
         self.streams = streams
 
     @classmethod
-    async def open(cls, memory, hashes: np.ndarray, nstreams: int,
+    async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
                    opener: Callable[[], Awaitable[Channel]]) -> tuple["SourceStreams",
                                                                        list[Channel]]:
         """Open and hand off ``nstreams`` bulk channels; returns the streams
-        and the channels (closed by the caller after :meth:`close`)."""
+        and the channels (closed by the caller after :meth:`close`).
+        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream)."""
         streams = cls([])
         channels: list[Channel] = []
         try:
             for _ in range(nstreams):
                 ch = await opener()
                 channels.append(ch)
-                stream = native_streams.SourceStream(memory, hashes)
+                stream = native_streams.SourceStream(memory, hashes, fingerprints)
                 streams.streams.append(stream)
                 stream.attach(ch)
         except BaseException:
