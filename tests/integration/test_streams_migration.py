@@ -19,6 +19,7 @@ from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.engine.source.streams import SourceStreams
 from livemig.errors import MigrationError
+from livemig.native import postcopy
 from livemig.native.memory import GuestMemory
 from livemig.native.streams import SourceStream, probe
 from livemig.protocol import spec
@@ -84,6 +85,26 @@ def test_self_checking_guest_moves_on_streams_and_python_path_alike(run):
         assert native.data_path == "native-streams ×2"
         assert python.data_path == "python: native streams disabled by configuration (streams=0)"
     run(main())
+
+
+@pytest.mark.skipif(not postcopy.probe().missing, reason="userfaultfd MISSING unavailable")
+def test_hybrid_runs_its_rounds_on_streams_then_post_copy(run):
+    config = MigrationConfig(mode="hybrid", streams=2, hybrid_postcopy_after_rounds=1)
+
+    async def main():
+        async with MigrationServer(LOCAL, 0) as server:
+            vm = RECIPE.build()
+            try:
+                vm.start()
+                await asyncio.sleep(0.05)
+                stats = await migrate(vm, LOCAL, server.port, config=config, name="h")
+                assert stats.status == "completed"
+                assert stats.data_path == "native-streams ×2"
+                assert stats.rounds[0].pages_sent == RECIPE_PAGES
+                await assert_arrival_matches_unmoved(server, RECIPE, timeout_s=10)
+            finally:
+                vm.close()
+    run(main(), timeout_s=60)
 
 
 @pytest.mark.parametrize("old_side", ["source", "destination"])
