@@ -493,12 +493,13 @@ void lm_urgent_destroy(lm_urgent *u);
  * in Python and then handed (a dup of its socket) to a thread here, on both
  * sides. The owner hands the source thread one round's page indices at a
  * time; the thread sends them as PageBatch frames (ZERO and RAW runs of the
- * page-batch format), ends its part of the round with StreamEnd and waits for
- * the destination thread's StreamAck (BLOCK runs too, given the block
- * fingerprints of codec/lm_blockdelta.c on both sides). The destination thread checks every
- * frame and batch, places the pages and answers each StreamEnd once all of
- * that round's pages are in place. Both threads record the per-page hash of
- * what they sent or placed in the owner's hash array (the digest's input).
+ * page-batch format, and BLOCK runs given the block fingerprints of
+ * codec/lm_blockdelta.c on both sides), ends its part of the round with
+ * StreamEnd and waits for the destination thread's StreamAck. The
+ * destination thread checks every frame and batch, places the pages and
+ * answers each StreamEnd once all of that round's pages are in place. Both
+ * threads record the per-page hash of what they sent or placed in the
+ * owner's hash array (the digest's input).
  * The owner learns of news (a round closed, the thread ended) through an
  * eventfd it watches with its event loop. */
 #define LM_STREAM_BATCH_PAGES 256         /* most pages in one sent PageBatch (1 MiB RAW) */

@@ -10,17 +10,17 @@
  *   source thread its share of a round's pages; the pages themselves never
  *   become Python objects.
  *
- *     source thread (lm_stream_source.c)           destination thread (lm_stream_dest.c)
- *     poll(stop, work)                             poll(stop, socket)
+ *     source thread (lm_stream_source.c)   destination thread (lm_stream_dest.c)
+ *     poll(stop, work)                     poll(stop, socket)
  *     per batch of <= LM_STREAM_BATCH_PAGES:
  *       zero pages -> ZERO runs; others copied
  *       into staging, hashed (hashes[]), RAW,
  *       or BLOCK when few blocks changed
- *       writev(header, run table, staging) ──────▶ read frame, check header + checksum,
- *                                                  check the batch whole, then memcpy
- *                                                  pages, hash them (hashes[]), held[]
- *       StreamEnd(round, pages, bytes) ──────────▶ counts agree? publish, notify owner
- *     wait for StreamAck, publish, notify ◀──────── StreamAck(round, pages)
+ *       writev(header, runs, pages) ──────▶ read frame, check header, checksum,
+ *                                           the batch whole; then place pages,
+ *                                           hash them (hashes[]), held[]
+ *       StreamEnd(round, pages, bytes) ───▶ counts agree? publish, notify owner
+ *     wait for StreamAck, publish, notify ◀─ StreamAck(round, pages)
  *
  *   Ordering: a page always travels on the same stream (the owner partitions
  *   by index), and a stream is one ordered TCP connection, so a page's

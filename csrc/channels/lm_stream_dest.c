@@ -17,9 +17,10 @@
  *
  *   Placing: RAW pages are copied from the frame buffer and hashed from the
  *   landed copy (still in cache); BLOCK pages' blocks are written over the
- *   page held and only those blocks rehashed (lm_blockdelta.c); ZERO pages are written only where memory
- *   is not zero already (a page never written reads as the shared zero page,
- *   and writing it would allocate memory for nothing). hashes[] and held[]
+ *   page held and only those blocks rehashed (lm_blockdelta.c); ZERO pages
+ *   are written only where memory is not zero already (a page never written
+ *   reads as the shared zero page, and writing it would allocate memory for
+ *   nothing). hashes[] and held[]
  *   are what the digest and a later post-copy switch read.
  *
  *   StreamEnd closes this stream's part of a round: its counts must equal

@@ -19,8 +19,9 @@ enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
 /* The source's page-batch bytes before the pages: PageBatch prefix, batch
  * header and a run table with room for one run per page; then the BLOCK
  * section's masks and blocks. */
-#define LM_STREAM_TABLE_BYTES \
-    (LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES + LM_STREAM_BATCH_PAGES * LM_BATCH_RUN_BYTES)
+#define LM_STREAM_TABLE_BYTES                           \
+    (LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES + \
+     LM_STREAM_BATCH_PAGES * LM_BATCH_RUN_BYTES)
 #define LM_STREAM_MASK_BYTES (LM_STREAM_BATCH_PAGES * 2)
 #define LM_STREAM_BLOCKS_BYTES \
     ((uint64_t)LM_STREAM_BATCH_PAGES * LM_STREAM_BLOCK_MAX_BLOCKS * LM_BLOCK_BYTES)

@@ -2,7 +2,8 @@
 
 The Python codec is the reference peer: batches a source thread sends must
 decode with the Python decoder to the same memory and hashes, and batches the
-Python encoder makes (ZERO and RAW) must land through a destination thread.
+Python encoder makes (ZERO and RAW) must land through a destination thread;
+BLOCK pages carry only the blocks that changed.
 Hostile frames must end a thread with a reason and a typed error, never a
 crash, and place nothing of the batch that broke the rules. Every wait is on
 the thread's eventfd, with a generous timeout.
