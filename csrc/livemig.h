@@ -31,7 +31,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 12
+#define LM_ABI_VERSION 14
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -486,6 +486,92 @@ uint64_t lm_urgent_outstanding(const lm_urgent *u);
 int lm_urgent_stats_get(const lm_urgent *u, lm_urgent_stats *out);
 /* Detaches if needed, then frees. */
 void lm_urgent_destroy(lm_urgent *u);
+
+/* ---- native bulk streams (channels/lm_stream*.c) ------------------------ */
+/* Declarations of the bulk-stream threads follow this line. */
+/* Pre-copy pages travel on N bulk channels (wire version 2), each handshaked
+ * in Python and then handed (a dup of its socket) to a thread here, on both
+ * sides. The owner hands the source thread one round's page indices at a
+ * time; the thread sends them as PageBatch frames (ZERO and RAW runs of the
+ * page-batch format, and BLOCK runs given the block fingerprints of
+ * codec/lm_blockdelta.c on both sides), ends its part of the round with
+ * StreamEnd and waits for the destination thread's StreamAck. The
+ * destination thread checks every frame and batch, places the pages and
+ * answers each StreamEnd once all of that round's pages are in place. Both
+ * threads record the per-page hash of what they sent or placed in the
+ * owner's hash array (the digest's input).
+ * The owner learns of news (a round closed, the thread ended) through an
+ * eventfd it watches with its event loop. */
+#define LM_STREAM_BATCH_PAGES 256         /* most pages in one sent PageBatch (1 MiB RAW) */
+#define LM_STREAM_MAX_FRAME 4194304       /* largest payload a stream thread accepts (4 MiB) */
+#define LM_STREAM_BLOCK_MAX_BLOCKS 12     /* more changed blocks than this: the page goes RAW */
+#define LM_STREAM_IDLE 0                  /* lm_stream_status: no thread attached */
+#define LM_STREAM_RUNNING 1
+#define LM_STREAM_STOPPED 2               /* ended by detach, or (dest) the source closed */
+
+typedef struct lm_stream lm_stream;
+
+typedef struct lm_stream_stats {
+    uint64_t frames_sent;
+    uint64_t frames_received;
+    uint64_t bytes_sent;          /* header + payload */
+    uint64_t bytes_received;
+    uint64_t batches;             /* PageBatch frames sent (source) / placed (dest) */
+    uint64_t pages;               /* pages sent / placed */
+    uint64_t zero_pages;          /* of which ZERO */
+    uint64_t raw_pages;           /* of which RAW */
+    uint64_t block_pages;         /* of which BLOCK */
+    uint64_t block_bytes;         /* their masks and blocks */
+    uint64_t batch_bytes;         /* page-batch bytes (PageBatch payloads minus their prefix) */
+    uint64_t rounds;              /* rounds closed: acked (source) / marked and acked (dest) */
+    uint64_t last_round;          /* the latest closed round (valid when rounds > 0) */
+    uint64_t last_round_pages;    /* its pages on this stream */
+    uint64_t last_round_bytes;    /* its page-batch bytes on this stream */
+    uint64_t cpu_ns;              /* the thread's CPU time (CLOCK_THREAD_CPUTIME_ID) */
+} lm_stream_stats;
+
+/* 0 when native streams can run here (libxxhash loads and agrees with a known
+ * XXH3-64 value); else -errno and a reason. */
+int lm_stream_probe(char *reason, size_t reason_cap);
+/* Source: pages are read from base[0 .. npages) while the guest may run
+ * (each page is copied before it is hashed and checksummed); hashes (npages
+ * entries, may be NULL) receive the hash of each page as sent. fp and
+ * fp_valid (npages x LM_BLOCKS_PER_PAGE and npages entries, both or neither
+ * NULL) are the block fingerprints of what the receiver holds: with them, a
+ * page sent before whose changed blocks are at most LM_STREAM_BLOCK_MAX_BLOCKS
+ * goes as a BLOCK page, and every page sent updates them. */
+int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hashes,
+                            uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
+/* Destination: pages land in base[0 .. npages); hashes (may be NULL) receive
+ * the hash of each page as placed and held[page] (may be NULL) is set to 1;
+ * fp and fp_valid (both or neither NULL) keep the block hashes of what is
+ * held. Without them BLOCK runs are refused. */
+int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes, uint8_t *held,
+                          uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
+/* Start the thread on sock_fd (ownership passes, even on failure), whose
+ * next frame to send has sequence send_seq and next to receive recv_seq;
+ * received payloads above min(max_payload_bytes, LM_STREAM_MAX_FRAME) are
+ * refused. -EBUSY when attached. */
+int lm_stream_attach(lm_stream *s, int sock_fd, uint32_t wire_version, uint64_t send_seq,
+                     uint64_t recv_seq, uint64_t max_payload_bytes);
+/* Source: send pages[0 .. n) (ascending page indices; the array must stay
+ * unchanged until the round is closed) as this stream's part of round, then
+ * StreamEnd, and wait for StreamAck. Returns at once: 0, -EBUSY while
+ * another round is in flight, -EINVAL when not attached or not a source,
+ * -ERANGE for an index outside memory (nothing queued). */
+int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n);
+/* Stop (via an eventfd) and join the thread, shut down and close the socket.
+ * Returns what the thread ended with: 0, or the -errno that stopped it. */
+int lm_stream_detach(lm_stream *s);
+/* Readable when the thread has news: a round closed, or it ended. Read 8
+ * bytes to clear. */
+int lm_stream_notify_fd(const lm_stream *s);
+/* LM_STREAM_IDLE / RUNNING / STOPPED, or the -errno the thread failed with
+ * (then reason holds a one-line explanation). */
+int lm_stream_status(const lm_stream *s, char *reason, size_t reason_cap);
+int lm_stream_stats_get(const lm_stream *s, lm_stream_stats *out);
+/* Detaches if needed, then frees. */
+void lm_stream_destroy(lm_stream *s);
 
 /* LM_CDEF_END */
 

@@ -54,20 +54,6 @@ static inline const uint8_t *page_at(const uint8_t *base, const int64_t *indices
 
 /* ---- zero scan ---------------------------------------------------------- */
 
-static int page_is_zero(const uint8_t *p)
-{
-    /* OR 8 words at a time: branch once per 64 bytes, exit at the first
-     * non-zero block (most non-zero pages are non-zero near the start). */
-    for (int i = 0; i < LM_PAGE_SIZE; i += 64) {
-        uint64_t acc = load64(p + i) | load64(p + i + 8) | load64(p + i + 16) |
-                       load64(p + i + 24) | load64(p + i + 32) | load64(p + i + 40) |
-                       load64(p + i + 48) | load64(p + i + 56);
-        if (acc)
-            return 0;
-    }
-    return 1;
-}
-
 LM_API int lm_pages_zero_scan(const uint8_t *base, uint64_t npages, const int64_t *indices,
                               uint64_t n, uint8_t *out_zero)
 {
@@ -78,7 +64,7 @@ LM_API int lm_pages_zero_scan(const uint8_t *base, uint64_t npages, const int64_
         return -EOVERFLOW;
     int count = 0;
     for (uint64_t i = 0; i < n; i++) {
-        int z = page_is_zero(page_at(base, indices, i));
+        int z = lm_page_is_zero(page_at(base, indices, i));
         out_zero[i] = (uint8_t)z;
         count += z;
     }

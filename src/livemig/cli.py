@@ -189,6 +189,8 @@ def _migration_options(args) -> dict:
         opts["max_rounds"] = args.max_rounds
     if args.postcopy_after_rounds is not None:
         opts["hybrid_postcopy_after_rounds"] = args.postcopy_after_rounds
+    if args.streams is not None:
+        opts["streams"] = args.streams
     return opts
 
 
@@ -540,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the round in flight ends) (default: %(default)s)")
     sp.add_argument("--postcopy-after-rounds", type=int,
                     help="hybrid: switch to post-copy after this many pre-copy rounds")
+    sp.add_argument("--streams", type=int, metavar="N",
+                    help="bulk page streams on native threads (default: one per CPU, at most "
+                         "4; 0 = pages on the Python path)")
     sp.add_argument("--no-wait", action="store_true", help="start it and return")
     sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
     daemon_opts(sp)

@@ -15,6 +15,7 @@ Rates here are in *bytes* per second (``_bps`` = bytes/s), as
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,14 @@ from .units import PAGE_SIZE, parse_optional_rate, parse_size
 MODES = ("precopy", "postcopy", "hybrid")
 VERIFY_MODES = ("sent", "full")
 ENCODINGS = ("zero", "dup", "delta", "block", "lz4", "raw")
+MAX_STREAMS = 16
+DEFAULT_MAX_STREAMS = 4
+
+
+def default_streams() -> int:
+    """Bulk streams by default: one per CPU this process may run on, at most
+    DEFAULT_MAX_STREAMS (each stream is a thread on both sides)."""
+    return max(1, min(DEFAULT_MAX_STREAMS, len(os.sched_getaffinity(0))))
 
 
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:
@@ -197,7 +206,18 @@ class MigrationConfig:
     for a CPU slice. Hosts that refuse (no CAP_SYS_NICE) run them normally;
     the stats say which (``fault_path_reason``)."""
 
+    streams: int = field(default_factory=default_streams)
+    """Pre-copy: bulk page streams, each its own connection served by a native
+    thread on both sides (1..MAX_STREAMS; default one per available CPU, at
+    most DEFAULT_MAX_STREAMS). 0 keeps pages on the Python path. Used only
+    where both peers and the link allow it (wire version 2, no TLS, no
+    bandwidth cap); ``MigrationStats.data_path`` says which path ran and why.
+    LIVEMIG_NATIVE_STREAMS=0 in the environment also forces the Python path."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.streams, bool) or not isinstance(self.streams, int) \
+                or not 0 <= self.streams <= MAX_STREAMS:
+            raise ConfigError(f"streams must be an int in 0..{MAX_STREAMS}, got {self.streams!r}")
         if not isinstance(self.urgent_rt_priority, int) or not 0 <= self.urgent_rt_priority <= 99:
             raise ConfigError(f"urgent_rt_priority must be an int in 0..99, "
                               f"got {self.urgent_rt_priority!r}")

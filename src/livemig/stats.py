@@ -136,6 +136,11 @@ class MigrationStats:
     error: str | None = None
     tracker: str | None = None
     remaining_bytes: int = 0
+    data_path: str | None = None
+    """Who carried the pre-copy pages: "native-streams ×N" (C threads on N bulk
+    streams) or "python: <why the native streams were not used>"."""
+    stream_cpu_s: float = 0.0
+    """CPU time the native stream threads of this side spent (0 on the Python path)."""
     # post-copy
     postcopy_duration_ms: float = 0.0
     urgent_requests: int = 0
@@ -198,6 +203,7 @@ class MigrationStats:
             "converged": self.converged, "decisions": [d.to_dict() for d in self.decisions],
             "error": self.error, "tracker": self.tracker,
             "remaining_bytes": self.remaining_bytes,
+            "data_path": self.data_path, "stream_cpu_s": self.stream_cpu_s,
             "postcopy": {
                 "duration_ms": self.postcopy_duration_ms, "urgent_requests": self.urgent_requests,
                 "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,

@@ -347,7 +347,7 @@ def test_peer_breaking_protocol_gets_an_abort(run):
 def test_welcome_is_required_before_traffic(run):
     async def main():
         src, dst = await channel_pair(ChannelKind.BULK)
-        assert src.conn.welcome == Welcome(1, frozenset(), wire.DEFAULT_MAX_PAYLOAD_BYTES)
+        assert src.conn.welcome == Welcome(2, frozenset(), wire.DEFAULT_MAX_PAYLOAD_BYTES)
         await src.close()
         assert await dst.recv() is None
         await dst.close()

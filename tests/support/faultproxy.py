@@ -4,7 +4,9 @@
 every accepted connection to the target, optionally delaying each chunk
 (``delay_s``), cutting a direction after a byte budget (``cut_after_bytes``
 with ``cut_direction`` "up" = client to server, "down" = server to client:
-the bytes up to the budget are delivered, then both sides are reset), or
+the bytes up to the budget are delivered, then both sides are reset; the
+budget counts every connection, and only the one crossing it is cut, once,
+so a migration's other channels — its bulk streams — see one fault), or
 dropping every connection at a chosen moment (``drop()``; ``wait_forwarded``
 waits for a byte count first). Counts per direction are in ``forwarded``.
 """
@@ -64,7 +66,8 @@ class FaultProxy:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 budget = None
-                if self.cut_after_bytes is not None and direction == self.cut_direction:
+                if self.cut_after_bytes is not None and direction == self.cut_direction \
+                        and not self.cuts:
                     budget = self.cut_after_bytes - self.forwarded[direction]
                 if budget is not None and budget < len(data):
                     writer.write(data[:max(budget, 0)])

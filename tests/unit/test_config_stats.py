@@ -1,10 +1,12 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
-from livemig.config import CodecConfig, MigrationConfig, parse_max_bandwidth
+from livemig.config import (DEFAULT_MAX_STREAMS, MAX_STREAMS, CodecConfig, MigrationConfig,
+                            default_streams, parse_max_bandwidth)
 from livemig.errors import ConfigError
 from livemig.policy import Action, Decision
 from livemig.stats import LatencyHistogram, MigrationStats, RoundRecord, percentiles
@@ -143,3 +145,13 @@ def test_migration_stats_to_dict_is_json():
     assert d["postcopy"]["fault_latency"]["count"] == 3
     with pytest.raises(ConfigError):
         s.set_status("teleporting")
+
+
+def test_streams_default_from_cpus_and_bounds():
+    assert MigrationConfig().streams == default_streams() == max(
+        1, min(DEFAULT_MAX_STREAMS, len(os.sched_getaffinity(0))))
+    assert MigrationConfig.from_dict({"streams": 0}).streams == 0
+    assert MigrationConfig(streams=MAX_STREAMS).streams == MAX_STREAMS
+    for bad in (-1, MAX_STREAMS + 1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="streams"):
+            MigrationConfig(streams=bad)

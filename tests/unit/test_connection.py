@@ -49,14 +49,14 @@ def test_in_memory_pair_runs_whole_conversations(name):
 
 def test_handshake_records_version_caps_and_limits():
     s, d = pair()
-    hello = Hello(1, 2, ChannelKind.CONTROL, b"k" * 16, frozenset({"a", "b"}),
+    hello = Hello(1, 3, ChannelKind.CONTROL, b"k" * 16, frozenset({"a", "b"}),
                   max_payload_bytes=1 << 16)
     deliver(s, d, hello)
     assert d.channel_kind is ChannelKind.CONTROL and d.session_id == b"k" * 16
     welcome = answer_hello(d.hello, capabilities={"b", "c"}, max_payload_bytes=4096)
-    assert welcome == Welcome(1, frozenset({"b"}), 4096)
+    assert welcome == Welcome(2, frozenset({"b"}), 4096)   # the highest version both speak
     deliver(d, s, welcome)
-    assert s.version == d.version == 1 and s.capabilities == frozenset({"b"})
+    assert s.version == d.version == 2 and s.capabilities == frozenset({"b"})
     assert s.peer_max_payload_bytes == 4096 and d.peer_max_payload_bytes == 1 << 16
 
 

@@ -26,6 +26,8 @@ SAMPLES = [
     ev.PageBatch(3, 0, b""),
     ev.RoundEnd(7, 1000, 4096000),
     ev.RoundAck(7, 1000),
+    ev.StreamEnd(7, 250, 1024000),
+    ev.StreamAck(7, 250),
     ev.PageInvalidate(8, np.array([0, 5, 6, 2**40], dtype=np.uint64)),
     ev.PageInvalidate(9),
     ev.Switchover(b"state" * 10, b"d" * 16),

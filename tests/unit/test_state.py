@@ -233,7 +233,10 @@ OUT_OF_ORDER = [
     # bulk and urgent channels carry pages (and liveness) only
     ("bulk", lambda: _open(ev.ChannelKind.BULK), S, ev.Commit(), "open", "PageBatch"),
     ("bulk", lambda: _open(ev.ChannelKind.BULK), D, ev.Ping(1), "open",
-     "nothing from the destination"),
+     "StreamAck from the destination"),
+    ("bulk", lambda: _open(ev.ChannelKind.BULK), D, ev.RoundAck(0, 0), "open", "StreamAck"),
+    ("bulk", lambda: _open(ev.ChannelKind.BULK), S, ev.StreamAck(0, 0), "open",
+     "StreamEnd"),
     ("urgent", lambda: _open(ev.ChannelKind.URGENT), S, ev.RoundEnd(0, 0, 0), "open",
      "Ping or PageBatch(urgent) from the source"),
     # the probe's Pongs and result answer a question

@@ -137,6 +137,12 @@ class BatchEncoder:
     def delta_cache(self) -> DeltaCache | None:
         return self._cache
 
+    @property
+    def fingerprints(self) -> Fingerprints | None:
+        """The block fingerprints of what the receiver holds (None without
+        BLOCK); the native bulk streams keep them up to date as they send."""
+        return self._fp
+
     def forget(self, page_indices) -> None:
         """These pages are no longer valid at the receiver: never use them as
         DUP sources or DELTA bases again (until sent anew). Their entries in

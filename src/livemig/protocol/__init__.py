@@ -7,8 +7,8 @@ from .connection import CLOSED, NEED_DATA, SUPPORTED_VERSIONS, Connection, answe
 from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, Accept,
                      ChannelKind, Complete, Event, Hello, MigrationOffer, Mode, PageBatch,
                      PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
-                     RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified, Commit,
-                     VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult, Outcome,
+                     RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover,
+                     Verified, Commit, VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult, Outcome,
                      OutcomeCode)
 from .state import Role, State
 
@@ -17,7 +17,7 @@ __all__ = [
     "ALL_EVENTS", "BATCH_POSTCOPY", "BATCH_URGENT", "WIRE_IDS", "Abort", "Accept",
     "ChannelKind", "Complete", "Event", "Hello", "MigrationOffer", "Mode", "PageBatch",
     "PageInvalidate", "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
-    "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "Switchover", "Verified", "Commit",
+    "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "StreamAck", "StreamEnd", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
     "Outcome", "OutcomeCode",
 ]

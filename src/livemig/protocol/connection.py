@@ -31,12 +31,12 @@ answer.
 from __future__ import annotations
 
 from ..errors import ConnectionLost, HandshakeRefused, LocalProtocolError, RemoteProtocolError
-from . import wire
+from . import spec, wire
 from .events import (WIRE_IDS, Abort, ChannelKind, Event, Hello, PayloadError, Phase, Refuse,
                      RefuseCode, Welcome, decode_event)
 from .state import Conversation, Role, State, TransitionError
 
-SUPPORTED_VERSIONS = (1, 1)   # (min, max) protocol versions this code speaks
+SUPPORTED_VERSIONS = (1, spec.STREAMS_VERSION)   # (min, max) protocol versions this code speaks
 
 
 class _Sentinel:
@@ -52,10 +52,12 @@ CLOSED = _Sentinel("CLOSED")
 
 
 def answer_hello(hello: Hello, *, capabilities=frozenset(), required=frozenset(),
-                 versions: tuple[int, int] = SUPPORTED_VERSIONS,
+                 versions: tuple[int, int] | None = None,
                  max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD_BYTES) -> Welcome | Refuse:
     """The destination's answer: the highest common version and the common
-    capabilities, or a Refuse naming what is missing."""
+    capabilities, or a Refuse naming what is missing. ``versions`` defaults
+    to SUPPORTED_VERSIONS."""
+    versions = versions or SUPPORTED_VERSIONS
     low, high = max(hello.min_version, versions[0]), min(hello.max_version, versions[1])
     if low > high:
         return Refuse(RefuseCode.VERSION,

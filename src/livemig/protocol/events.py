@@ -34,7 +34,8 @@ from .fields import (Bitmap, Blob, Caps, Count, FixedBytes, Json, Layout, Payloa
                      Reserved, Tail, Text, U64Array, as_bytes_views, u8, u16, u32, u64)
 from .payload import Event
 from .spec import (BATCH_POSTCOPY, BATCH_URGENT, MESSAGE_IDS, PAGE_BATCH_FORMAT,
-                   PAGE_REQUEST_FORMAT, SWITCHOVER_POSTCOPY)
+                   PAGE_REQUEST_FORMAT, STREAM_ACK_FORMAT, STREAM_END_FORMAT,
+                   SWITCHOVER_POSTCOPY)
 
 
 class ChannelKind(IntEnum):
@@ -245,6 +246,31 @@ class RoundAck(Event):
     destination slower than the link is measured as such)."""
 
     WIRE_ID: ClassVar[int] = MESSAGE_IDS["RoundAck"]
+    FIELDS = (u32("round"), Reserved("reserved", "I"), u64("pages"))
+    round: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class StreamEnd(Event):
+    """Source -> destination, on a native bulk stream (wire version 2): this
+    stream's part of ``round`` is complete, ``pages`` pages in ``bytes``
+    page-batch bytes since the previous marker. Closes the round per stream;
+    the control channel's RoundEnd follows only once every stream is acked."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["StreamEnd"]
+    FIELDS = (u32("round"), Reserved("reserved", "I"), u64("pages"), u64("bytes"))
+    round: int
+    pages: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StreamAck(Event):
+    """Destination -> source, on a native bulk stream: every page of this
+    stream's part of ``round`` is placed (``pages`` of them)."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["StreamAck"]
     FIELDS = (u32("round"), Reserved("reserved", "I"), u64("pages"))
     round: int
     pages: int
@@ -491,7 +517,7 @@ class Outcome(Event):
 
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
-              RoundEnd, RoundAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
+              RoundEnd, RoundAck, StreamEnd, StreamAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
               VerifyFailed, PageRequest, PresentReport, PostcopyComplete, Complete, Abort, Ping,
               Pong, ProbeData, ProbeEnd, ProbeResult, Outcome)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
@@ -499,6 +525,9 @@ assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
 # The native urgent path reads and writes these prefixes from spec.py.
 assert PageBatch.LAYOUT.fixed_format == PAGE_BATCH_FORMAT
 assert PageRequest.LAYOUT.fixed_format == PAGE_REQUEST_FORMAT
+# ... and so do the native bulk streams.
+assert StreamEnd.LAYOUT.fixed_format == STREAM_END_FORMAT
+assert StreamAck.LAYOUT.fixed_format == STREAM_ACK_FORMAT
 
 
 def decode_event(type_id: int, flags: int, payload: memoryview) -> Event:

@@ -24,7 +24,11 @@ import struct
 
 # -- frames ----------------------------------------------------------------
 FRAME_MAGIC = b"LMIG"
-WIRE_VERSION = 1
+WIRE_VERSION = 1   # of handshake frames; later frames carry the negotiated version
+# Version 2 adds the native bulk streams: StreamEnd / StreamAck on bulk
+# channels and the "streams" capability (docs/protocol.md, "Bulk streams").
+STREAMS_VERSION = 2
+STREAMS_CAPABILITY = "streams"
 # magic, version, type, flags, reserved, length, sequence, checksum
 FRAME_HEADER_FORMAT = "<4sHHHHIQQ"
 FRAME_HEADER_BYTES = 32
@@ -34,6 +38,7 @@ MESSAGE_IDS: dict[str, int] = {
     "Hello": 1, "Welcome": 2, "Refuse": 3,
     "MigrationOffer": 16, "Accept": 17,
     "RoundStart": 32, "PageBatch": 33, "RoundEnd": 34, "RoundAck": 35, "PageInvalidate": 36,
+    "StreamEnd": 37, "StreamAck": 38,
     "Switchover": 48, "Resumed": 49, "VerifyFailed": 50, "Verified": 51, "Commit": 52,
     "PageRequest": 64, "PresentReport": 65, "PostcopyComplete": 66,
     "Complete": 80, "Abort": 81, "Outcome": 82,
@@ -51,6 +56,9 @@ SWITCHOVER_POSTCOPY = 0x1   # an owed-pages bitmap follows; the destination faul
 # -- payload prefixes the native urgent path reads and writes ----------------
 PAGE_REQUEST_FORMAT = "<QII"    # request_id, count, reserved; then count u64 page indices
 PAGE_BATCH_FORMAT = "<IIQ"      # round, npages, request_id; then a page batch
+# -- and the native bulk streams' round markers --------------------------------
+STREAM_END_FORMAT = "<IIQQ"     # round, reserved, pages, bytes
+STREAM_ACK_FORMAT = "<IIQ"      # round, reserved, pages
 
 # -- page batches (a PageBatch's data) ----------------------------------------
 BATCH_MAGIC = b"LMPB"
@@ -87,6 +95,9 @@ def c_defines() -> dict[str, str]:
         "LM_WIRE_SWITCHOVER_POSTCOPY": hex(SWITCHOVER_POSTCOPY),
         "LM_WIRE_REQUEST_PREFIX_BYTES": str(struct.calcsize(PAGE_REQUEST_FORMAT)),
         "LM_WIRE_BATCH_PREFIX_BYTES": str(struct.calcsize(PAGE_BATCH_FORMAT)),
+        "LM_WIRE_STREAMS_VERSION": str(STREAMS_VERSION),
+        "LM_WIRE_STREAM_END_BYTES": str(struct.calcsize(STREAM_END_FORMAT)),
+        "LM_WIRE_STREAM_ACK_BYTES": str(struct.calcsize(STREAM_ACK_FORMAT)),
         "LM_BATCH_MAGIC": _c_string(BATCH_MAGIC),
         "LM_BATCH_VERSION": str(BATCH_VERSION),
         "LM_BATCH_HEADER_BYTES": str(struct.calcsize(BATCH_HEADER_FORMAT)),

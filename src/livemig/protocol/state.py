@@ -65,7 +65,9 @@ Control channel (source S, destination D)::
     RESUMED --D Outcome--> DONE    (the session has ended here: what became of it)
 
 Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
-(precopy or postcopy) any number of times; Refuse -> REFUSED.
+(precopy or postcopy) any number of times; Refuse -> REFUSED. A bulk stream
+(wire version 2, native threads on both ends) also closes each round with
+S StreamEnd, answered by D StreamAck; both leave the state OPEN.
 Urgent channel: the same handshake, then D PageRequest and S PageBatch(urgent).
 """
 from __future__ import annotations
@@ -75,8 +77,8 @@ from enum import Enum
 from .events import (Abort, Accept, ChannelKind, Commit, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete,
                      PresentReport, ProbeData, ProbeEnd, ProbeResult, Refuse, Resumed, RoundAck,
-                     RoundEnd, RoundStart, Switchover, Verified, VerifyFailed, Welcome,
-                     Outcome)
+                     RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover, Verified,
+                     VerifyFailed, Welcome, Outcome)
 
 
 class Role(Enum):
@@ -196,6 +198,8 @@ BULK = {
     **_OPENED,
     (State.OPEN, S, PageBatch, "precopy"): State.OPEN,
     (State.OPEN, S, PageBatch, "postcopy"): State.OPEN,
+    (State.OPEN, S, StreamEnd, _ANY): State.OPEN,
+    (State.OPEN, D, StreamAck, _ANY): State.OPEN,
 }
 
 URGENT = {

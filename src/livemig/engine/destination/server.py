@@ -56,6 +56,7 @@ affects the others or the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -72,12 +73,14 @@ from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationEr
 from ...native import urgent
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
+from .streams import (STREAMS, DestStreams, check_offer as check_streams_offer,
+                      offered as streams_offered)
 from ...native import PAGE_SIZE
 from ...native import postcopy
 from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode,
                        Outcome, OutcomeCode, PageBatch, PageInvalidate, Phase, Refuse, RefuseCode,
                        Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified,
-                       VerifyFailed, answer_hello)
+                       VerifyFailed, Welcome, answer_hello, spec)
 from ...protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
 from ...stats import MigrationStats
 from ...vm.machine import VM
@@ -153,6 +156,7 @@ class IncomingMigration:
         self._held_digest = bytes(16)        # of the memory verified, or landed in post-copy
         self.ended = asyncio.Event()
         self.decided = asyncio.Event()       # the guest resumed here, or the session ended
+        self._streams: DestStreams | None = None   # pre-copy pages on native threads
 
     @property
     def peer(self) -> str:
@@ -182,6 +186,8 @@ class IncomingMigration:
                 self._release(ch)
             if self._populating is not None:
                 await asyncio.shield(self._populating)  # the region must outlive it
+            if self._streams is not None:
+                self._streams.close()   # threads joined before memory can go
             if self.faults is not None:
                 self.faults.stop()
             if self.pm is not None and not self.pm.closed:
@@ -232,6 +238,10 @@ class IncomingMigration:
         if offer is None and probed:
             return False  # a bandwidth probe only (livemig plan): nothing to host
         problem = self._check_offer(offer)
+        streams_problem = check_streams_offer(offer.config.get("streams"),
+                                              STREAMS in self.ch.conn.capabilities)
+        if problem is None and streams_problem is not None:
+            problem = RefuseCode.OFFER, streams_problem
         if problem is not None:
             code, reason = problem
             await self.ch.send(Refuse(code, reason))
@@ -259,6 +269,12 @@ class IncomingMigration:
             return False
         self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
         self._held = np.zeros(self.vm.memory.npages, dtype=bool)   # pages landed so far
+        nstreams = cfg.get("streams")
+        if nstreams:
+            self._streams = DestStreams(self.vm.memory, self.decoder.hashes.values, self._held,
+                                        self.decoder.placer.held, nstreams)
+        self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
+                                "python: the source sends its pages on the control channel")
         self.mode = offer.mode
         self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
@@ -354,7 +370,11 @@ class IncomingMigration:
             elif isinstance(event, RoundStart):
                 stats.rounds_received = event.round + 1
             elif isinstance(event, RoundEnd):
-                # Batches are applied in order, so the round is complete here.
+                # Batches are applied in order, so the round is complete here;
+                # so are the streams' parts (streams.py says why).
+                if self._streams is not None:
+                    self._round_pages += self._streams.close_round(event.round)
+                    self._streams.fold_into(stats)
                 await self.ch.send(RoundAck(event.round, self._round_pages))
                 self._round_pages = 0
             elif isinstance(event, PageInvalidate):
@@ -432,6 +452,8 @@ class IncomingMigration:
             # chunk in hand, a few ms at most) before registering.
             self._populate_stop.set()
             await asyncio.shield(self._populating)
+        if self._streams is not None:
+            self._streams.close()   # no stream may write memory registered for post-copy
         try:
             self.pm = postcopy.PostcopyMemory(vm.memory, self._held)
         except BackendUnavailable as exc:
@@ -613,6 +635,11 @@ class IncomingMigration:
             old.abort()    # the old set is dead if the source reopens: stop using it
             for side in self._side.values():
                 side.abort()
+        elif ch.kind is ChannelKind.BULK and STREAMS in ch.conn.capabilities:
+            if self._streams is None:
+                raise RemoteProtocolError("a bulk stream for a migration without streams",
+                                          phase="handshake")
+            self._streams.adopt(ch)
         else:
             if ch.kind in self._side and not self._side[ch.kind].closed:
                 raise RemoteProtocolError(f"a second {ch.kind.name.lower()} channel for the "
@@ -713,7 +740,16 @@ class MigrationServer:
                                               "for an unknown session")
         if hello.channel_kind is ChannelKind.CONTROL and not hello.resume and known:
             return Refuse(RefuseCode.SESSION, "this session id is already in use")
-        return answer_hello(hello)
+        return self._welcome(hello)
+
+    def _welcome(self, hello: Hello):
+        """answer_hello, granting native streams where this host runs them,
+        from wire version 2 on."""
+        caps = {STREAMS} if streams_offered(self.config, tls=self.ssl is not None) else ()
+        answer = answer_hello(hello, capabilities=caps)
+        if isinstance(answer, Welcome) and answer.version < spec.STREAMS_VERSION:
+            answer = dataclasses.replace(answer, capabilities=answer.capabilities - {STREAMS})
+        return answer
 
     async def _serve(self, ch: Channel) -> None:
         existing = self.sessions.get(ch.conn.session_id)

@@ -89,6 +89,8 @@ from ...native import urgent
 from . import handover
 from .handover import describe as _describe
 from .postcopy import DigestMismatch, PostcopySender
+from .streams import (STREAMS, DataPath, SourceStreams, choose as choose_data_path,
+                      refusal as streams_refusal)
 from ...policy import Action, RoundStats, decide
 from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, Mode,
                        PageBatch, PageInvalidate, Phase, Refuse, RoundEnd,
@@ -194,6 +196,9 @@ class SourceSession:
         self._urgent: Channel | None = None
         self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
+        self._data_path: DataPath | None = None      # chosen after the control handshake
+        self._streams: SourceStreams | None = None   # pre-copy pages on native threads
+        self._stream_channels: list[Channel] = []
         self._session_id = os.urandom(16)
         self.control.session_id = self._session_id
         self.origin = origin
@@ -211,8 +216,12 @@ class SourceSession:
         self.control._batch_bytes = cfg.batch_bytes
         self.control.limiter = limiter
         try:
+            refused = streams_refusal(cfg, tls=ssl is not None)
             self._ch = self.control._capped(
-                await self._open(ChannelKind.CONTROL, rate_limiter=limiter))
+                await self._open(ChannelKind.CONTROL, rate_limiter=limiter,
+                                 capabilities={STREAMS} if refused is None else ()))
+            self._data_path = choose_data_path(cfg, self._ch, refused)
+            self.stats.data_path = self._data_path.label
             await self._offer()
             if cfg.mode != "precopy":
                 await self._open_postcopy_channels(resume=False)
@@ -233,16 +242,19 @@ class SourceSession:
             self._drop_urgent_handoff()
             if getattr(self, "_sender", None) is not None:
                 self._sender.close()
-            for ch in (self._urgent, self._bulk, self._ch):
+            if self._streams is not None:
+                self._streams.close()   # threads joined before memory can go
+            for ch in (*self._stream_channels, self._urgent, self._bulk, self._ch):
                 if ch is not None:
                     await ch.close()
 
-    async def _open(self, kind: ChannelKind, *, resume: bool = False, rate_limiter=None
-                    ) -> Channel:
+    async def _open(self, kind: ChannelKind, *, resume: bool = False, rate_limiter=None,
+                    capabilities=()) -> Channel:
         a = self._connect_args
         return await open_channel(a["host"], a["port"], kind=kind, session_id=self._session_id,
                                   ssl=a["ssl"], server_hostname=a["server_hostname"],
                                   rate_limiter=rate_limiter, resume=resume,
+                                  capabilities=frozenset(capabilities),
                                   timeout_s=a["timeout_s"])
 
     async def _open_postcopy_channels(self, *, resume: bool) -> None:
@@ -269,7 +281,8 @@ class SourceSession:
         offer = MigrationOffer(
             config={"name": self.name, "memory_bytes": vm.memory.length_bytes,
                     "vcpus": vm.nvcpus, "workload": vm.workload,
-                    **({"origin": self.origin} if self.origin else {})},
+                    **({"origin": self.origin} if self.origin else {}),
+                    **({"streams": self._data_path.nstreams} if self._data_path.native else {})},
             mode=_MODES[self.config.mode], npages=vm.memory.npages)
         await self._ch.send(offer)
         answer = await self._recv(self.config.handshake_timeout_s, "an answer to the offer")
@@ -283,6 +296,11 @@ class SourceSession:
         cfg, vm, stats = self.config, self.vm, self.stats
         self.phase = Phase.PRECOPY
         self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode, clock=time.perf_counter)
+        if self._data_path.native:
+            self._streams, self._stream_channels = await SourceStreams.open(
+                vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
+                self._data_path.nstreams,
+                lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}))
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
@@ -334,17 +352,36 @@ class SourceSession:
                                      "cannot do", phase="precopy")
 
     async def _send_round(self, index: int, pages: np.ndarray, *, frozen: bool) -> tuple[int, int]:
-        ch, stats = self._ch, self.stats
+        ch = self._ch
         await ch.send(RoundStart(index))
+        self._sent[pages.astype(np.int64)] = True
+        if self._streams is not None:
+            # The threads copy each page before checksumming it, frozen or not.
+            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s)
+            self._streams.fold_into(self.stats)
+            npages, nbytes, self._round_zero_pages = sent.pages, sent.bytes, sent.zero_pages
+        else:
+            npages, nbytes = await self._send_batches(index, pages, frozen=frozen)
+        await ch.send(RoundEnd(index, npages, nbytes))
+        ack = await self._recv(self.config.switchover_timeout_s, f"the ack of round {index}")
+        if ack.round != index or ack.pages != npages:
+            raise RemoteProtocolError(f"round {index} ({npages} pages) acked as round "
+                                      f"{ack.round} with {ack.pages} pages",
+                                      phase=self.phase.label)
+        return npages, nbytes
+
+    async def _send_batches(self, index: int, pages: np.ndarray, *, frozen: bool
+                            ) -> tuple[int, int]:
+        """The Python path: encode the round's pages and send them on the control channel."""
+        stats = self.stats
         npages = nbytes = 0
         self._round_zero_pages = 0
         published_at = time.monotonic()
-        self._sent[pages.astype(np.int64)] = True
         for batch in self._encoder.encode(pages, self.config.batch_bytes, frozen=frozen):
             # Pages of a running guest come out of the encoder as staging
             # copies (codec.py), so a frame's checksum matches its bytes.
             self._round_zero_pages += batch.pages_by_encoding.get("zero", 0)
-            await ch.send(PageBatch(index, batch.npages, batch.chunks))
+            await self._ch.send(PageBatch(index, batch.npages, batch.chunks))
             npages += batch.npages
             nbytes += batch.nbytes
             stats.add_batch(batch)
@@ -358,12 +395,6 @@ class SourceSession:
                     # on a fast link it always does: without this yield a long
                     # round starves the daemon's other work (status, cancel).
                     await asyncio.sleep(0)
-        await ch.send(RoundEnd(index, npages, nbytes))
-        ack = await self._recv(self.config.switchover_timeout_s, f"the ack of round {index}")
-        if ack.round != index or ack.pages != npages:
-            raise RemoteProtocolError(f"round {index} ({npages} pages) acked as round "
-                                      f"{ack.round} with {ack.pages} pages",
-                                      phase=self.phase.label)
         return npages, nbytes
 
     # -- switchover and handover ----------------------------------------------------------------

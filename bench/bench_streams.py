@@ -1,0 +1,242 @@
+"""Native bulk streams: how close does a pre-copy migration get to the link?
+
+Question (issue 12): a 1 GiB idle guest whose memory is incompressible, over
+loopback, unlimited: what is the migration rate (memory size / total time)
+against raw loopback TCP measured in the same run, with 1, 2 and 4 native
+streams, and with the Python path (streams=0) for reference? And what does
+each side spend in CPU seconds per GiB, against raw TCP's?
+
+Method. The destination is a MigrationServer in its own process; the source
+VM lives in a fresh process per migration (its memory filled with random
+bytes, so ZERO pages and compression do not help). Raw TCP is Python
+``sendall``/``recv_into`` of 4 MiB slices between two processes
+(bench_transport.run_raw: syscall-bound, what C would do). The kinds of run
+are interleaved within each repetition so drift from other load on the
+machine touches all of them; medians of ``--repeat`` runs are reported.
+
+CPU per GiB: on the source, the event loop's thread (``time.thread_time``)
+plus the stream threads' own CPU clocks (``stats.stream_cpu_s``) — the
+guest's vCPU threads are not migration work; on the destination, the whole
+process's CPU time from the offer to the arrival (its guest is paused until
+then), which includes pre-faulting guest memory. Raw TCP: each side's
+process CPU.
+
+Usage: python bench/bench_streams.py [--quick] [--repeat 3] [--out bench/results/streams.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_transport import run_raw  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+FILL_CHUNK_BYTES = 16 * MiB
+
+
+def _process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# -- the destination, in its own process ------------------------------------------------
+def _destination_main(port_q, result_q) -> None:
+    import asyncio
+
+    from livemig.aio.loop import run
+    from livemig.engine.destination.server import Arrival, MigrationServer
+
+    async def main():
+        cpu_at_offer: dict[str, float] = {}
+
+        def hook(name, peer, stats):
+            cpu_at_offer[name] = _process_cpu_s()
+            return Arrival(name, peer, stats)
+
+        async with MigrationServer("127.0.0.1", 0, on_incoming=hook) as server:
+            port_q.put(server.port)
+            while True:
+                arrival, vm = await server.completed.get()
+                cpu_s = _process_cpu_s() - cpu_at_offer.pop(arrival.name)
+                vm.close()
+                result_q.put({"name": arrival.name, "cpu_s": cpu_s,
+                              "data_path": arrival.stats.data_path,
+                              "stream_cpu_s": arrival.stats.stream_cpu_s})
+                await asyncio.sleep(0)
+
+    run(main(), kind="uvloop")
+
+
+# -- the source, a fresh process per migration --------------------------------------------
+def _source_main(job: dict, result_q) -> None:
+    from livemig.aio.loop import run
+    from livemig.config import MigrationConfig
+    from livemig.engine.source.session import migrate
+    from livemig.native import PAGE_SIZE
+    from livemig.vm.machine import VM
+
+    vm = VM(job["memory_bytes"], 2, "idle", seed=job["seed"])
+    try:
+        rng = np.random.default_rng(job["seed"])
+        start = vm.layout.data_first_page(0) * PAGE_SIZE
+        for off in range(start, vm.memory.length_bytes, FILL_CHUNK_BYTES):
+            end = min(off + FILL_CHUNK_BYTES, vm.memory.length_bytes)
+            vm.memory.bytes[off:end] = np.frombuffer(rng.bytes(end - off), np.uint8)
+        vm.start()
+        time.sleep(0.2)
+        config = MigrationConfig(streams=job["streams"])
+
+        async def go():
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            stats = await migrate(vm, "127.0.0.1", job["port"], config=config, name=job["name"])
+            return stats, time.perf_counter() - t0, time.thread_time() - cpu0
+
+        stats, wall_s, loop_cpu_s = run(go(), kind="uvloop")
+        result_q.put({"stats": stats.to_dict(), "wall_s": wall_s,
+                      "cpu_s": loop_cpu_s + stats.stream_cpu_s})
+    except BaseException as exc:  # report, never hang the parent
+        result_q.put({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        vm.close()
+
+
+def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str) -> dict:
+    ctx = mp.get_context("spawn")
+    result_q = ctx.Queue()
+    job = {"streams": streams, "port": port, "memory_bytes": memory_bytes, "name": name,
+           "seed": 7}
+    proc = ctx.Process(target=_source_main, args=(job, result_q))
+    proc.start()
+    try:
+        src = result_q.get(timeout=600)
+    finally:
+        proc.join(timeout=60)
+    if "error" in src:
+        raise RuntimeError(src["error"])
+    dst = dest_q.get(timeout=60)
+    stats = src["stats"]
+    gib = memory_bytes / GiB
+    return {
+        "kind": f"streams={streams}", "streams": streams,
+        "data_path": stats["data_path"], "dest_data_path": dst["data_path"],
+        "total_s": stats["total_time_ms"] / 1e3, "downtime_ms": stats["downtime_ms"],
+        "rounds": stats["nrounds"], "bytes_sent": stats["bytes_sent"],
+        "rate_mib_s": memory_bytes / MiB / (stats["total_time_ms"] / 1e3),
+        "source_cpu_s_per_gib": src["cpu_s"] / gib,
+        "dest_cpu_s_per_gib": dst["cpu_s"] / gib,
+        "dest_stream_cpu_s_per_gib": dst["stream_cpu_s"] / gib,
+    }
+
+
+def raw_once(total_bytes: int, source: memoryview) -> dict:
+    got, seconds, recv_cpu_s, send_cpu_s = run_raw(total_bytes, source)
+    gib = got / GiB
+    return {"kind": "raw-tcp", "rate_mib_s": got / MiB / seconds,
+            "source_cpu_s_per_gib": send_cpu_s / gib, "dest_cpu_s_per_gib": recv_cpu_s / gib}
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    kinds = list(dict.fromkeys(r["kind"] for r in runs))
+    raw = [r for r in runs if r["kind"] == "raw-tcp"]
+    raw_rate = _median(raw, "rate_mib_s")
+    raw_src_cpu, raw_dst_cpu = (_median(raw, "source_cpu_s_per_gib"),
+                                _median(raw, "dest_cpu_s_per_gib"))
+    out = []
+    for kind in kinds:
+        rows = [r for r in runs if r["kind"] == kind]
+        row = {"kind": kind, "n": len(rows)}
+        for key in ("rate_mib_s", "total_s", "downtime_ms", "source_cpu_s_per_gib",
+                    "dest_cpu_s_per_gib", "rounds"):
+            row[key] = _median(rows, key)
+        row["rate_vs_raw"] = row["rate_mib_s"] / raw_rate if raw_rate else None
+        row["source_cpu_vs_raw"] = (row["source_cpu_s_per_gib"] / raw_src_cpu
+                                    if raw_src_cpu else None)
+        row["dest_cpu_vs_raw"] = row["dest_cpu_s_per_gib"] / raw_dst_cpu if raw_dst_cpu else None
+        row["data_path"] = rows[0].get("data_path", "-")
+        out.append(row)
+    return out
+
+
+def markdown(result: dict) -> str:
+    def f(x, d=2):
+        return "-" if x is None else f"{x:.{d}f}"
+    lines = ["| run | data path | rate MiB/s | × raw TCP | total s | downtime ms | "
+             "CPU s/GiB source (× raw) | CPU s/GiB destination (× raw) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['kind']} | {r['data_path']} | {f(r['rate_mib_s'], 0)} | {f(r['rate_vs_raw'])} "
+            f"| {f(r['total_s'])} | {f(r['downtime_ms'], 1)} | {f(r['source_cpu_s_per_gib'])} "
+            f"({f(r['source_cpu_vs_raw'], 1)}) | {f(r['dest_cpu_s_per_gib'])} "
+            f"({f(r['dest_cpu_vs_raw'], 1)}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="256 MiB, one repetition")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--streams", default="1,2,4", help="stream counts to run (0 = Python path)")
+    ap.add_argument("--python-path", action="store_true",
+                    help="also migrate on the Python path (streams=0) for reference")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "streams.json"))
+    args = ap.parse_args()
+    memory_bytes = 256 * MiB if args.quick else GiB
+    repeat = 1 if args.quick else args.repeat
+    counts = [int(x) for x in args.streams.split(",")] + ([0] if args.python_path else [])
+
+    ctx = mp.get_context("spawn")
+    port_q, dest_q = ctx.Queue(), ctx.Queue()
+    dest = ctx.Process(target=_destination_main, args=(port_q, dest_q), daemon=True)
+    dest.start()
+    port = port_q.get(timeout=60)
+    source = memoryview(np.random.default_rng(1).bytes(64 * MiB))
+    runs: list[dict] = []
+    load_before = os.getloadavg()
+    try:
+        for rep in range(repeat):
+            row = raw_once(memory_bytes, source)
+            runs.append(row)
+            print(f"rep {rep}: raw TCP {row['rate_mib_s']:.0f} MiB/s", flush=True)
+            for n in counts:
+                row = migrate_once(n, port, dest_q, memory_bytes, f"bench-{rep}-{n}")
+                runs.append(row)
+                print(f"rep {rep}: streams={n} {row['rate_mib_s']:.0f} MiB/s "
+                      f"({row['total_s']:.2f} s, {row['data_path']})", flush=True)
+    finally:
+        dest.terminate()
+        dest.join(timeout=10)
+    result = {
+        "question": "1 GiB incompressible idle guest, loopback, unlimited: migration rate and "
+                    "CPU per GiB with native streams, against raw TCP in the same run",
+        "memory_bytes": memory_bytes, "repeat": repeat,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "runs": runs, "summary": summarize(runs),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"load average before {load_before}, after {result['machine']['loadavg_after']}")
+
+
+if __name__ == "__main__":
+    main()

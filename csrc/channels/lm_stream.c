@@ -1,0 +1,355 @@
+/*
+ * Bulk page streams served by native threads: the data plane of pre-copy.
+ *
+ * Theory of operation
+ *   Python opens each bulk stream (a TCP connection of the migration's
+ *   session) and does its handshake; then it dups the socket, stops using it,
+ *   and hands the dup to a thread here together with the next sequence
+ *   numbers of each direction (as for the urgent channel). Python stays the
+ *   control plane: it runs the rounds on the control channel and gives each
+ *   source thread its share of a round's pages; the pages themselves never
+ *   become Python objects.
+ *
+ *     source thread (lm_stream_source.c)   destination thread (lm_stream_dest.c)
+ *     poll(stop, work)                     poll(stop, socket)
+ *     per batch of <= LM_STREAM_BATCH_PAGES:
+ *       zero pages -> ZERO runs; others copied
+ *       into staging, hashed (hashes[]), RAW,
+ *       or BLOCK when few blocks changed
+ *       writev(header, runs, pages) ──────▶ read frame, check header, checksum,
+ *                                           the batch whole; then place pages,
+ *                                           hash them (hashes[]), held[]
+ *       StreamEnd(round, pages, bytes) ───▶ counts agree? publish, notify owner
+ *     wait for StreamAck, publish, notify ◀─ StreamAck(round, pages)
+ *
+ *   Ordering: a page always travels on the same stream (the owner partitions
+ *   by index), and a stream is one ordered TCP connection, so a page's
+ *   versions land in the order they were sent. A destination thread
+ *   publishes a closed round (its stats, with release stores) before it sends
+ *   the StreamAck, and the source sends the control channel's RoundEnd only
+ *   after every stream's ack: when the destination's owner reads RoundEnd,
+ *   every stream's part of the round is in place and counted.
+ *
+ *   This file holds what both sides share: the handle, the thread's loop,
+ *   attach/detach and the owner's calls. The thread stops when the stop
+ *   eventfd becomes readable; detach joins it and only then shuts the socket
+ *   down (shutdown(2) reaches the peer although Python's transport still
+ *   holds another descriptor of it). A thread that fails shuts its socket
+ *   down at once, so the peer's thread fails too instead of waiting. The
+ *   caller keeps memory, hashes and held alive until detach has returned.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "channels/lm_stream_internal.h"
+#include "codec/lm_pagehash.h"
+
+LM_API int lm_stream_probe(char *reason, size_t reason_cap)
+{
+    char scratch[2];
+    if (!reason || reason_cap == 0) {
+        reason = scratch;
+        reason_cap = sizeof(scratch);
+    }
+    reason[0] = '\0';
+    struct lm_framer f;
+    int rc = lm_framer_open(&f, reason, reason_cap);
+    if (rc == 0)
+        lm_framer_close(&f);
+    return rc;
+}
+
+void lm_stream_notify(lm_stream *s)
+{
+    uint64_t one = 1;
+    /* EAGAIN only when the counter is at its maximum: the owner is woken anyway. */
+    ssize_t w = write(s->notify_efd, &one, sizeof(one));
+    (void)w;
+}
+
+int lm_stream_fail(lm_stream *s, int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->reason, sizeof(s->reason), fmt, ap);
+    va_end(ap);
+    return -err;
+}
+
+void lm_stream_account_cpu(lm_stream *s)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+        STREAM_SET(s, cpu_ns, (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
+}
+
+static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
+                      uint64_t *hashes, uint64_t *fp, uint8_t *fp_valid, lm_stream **out)
+{
+    *out = NULL;
+    if (!base || npages == 0 || !fp != !fp_valid)
+        return -EINVAL;
+    lm_stream *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->side = side;
+    s->base = base;
+    s->npages = npages;
+    s->hashes = hashes;
+    s->fp = fp;
+    s->fp_valid = fp_valid;
+    s->fd = -1;
+    s->last_closed = -1;
+    s->notify_efd = s->stop_efd = s->work_efd = -1;
+    char reason[128];
+    int rc = lm_framer_open(&s->framer, reason, sizeof(reason));
+    if (rc < 0) {
+        free(s);
+        return rc;
+    }
+    static const uint8_t zero_page[LM_PAGE_SIZE];
+    s->zero_hash = page_blocks_hash(zero_page, s->zero_blocks);
+    s->notify_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    s->work_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->notify_efd < 0 || s->stop_efd < 0 || s->work_efd < 0) {
+        rc = -errno;
+        lm_stream_destroy(s);
+        return rc;
+    }
+    if (side == LM_STREAM_SOURCE) {
+        s->table = malloc(LM_STREAM_TABLE_BYTES);
+        s->staging = malloc((size_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE);
+        s->masks = malloc(LM_STREAM_MASK_BYTES);
+        s->blocks = malloc(LM_STREAM_BLOCKS_BYTES);
+        if (!s->table || !s->staging || !s->masks || !s->blocks) {
+            lm_stream_destroy(s);
+            return -ENOMEM;
+        }
+    }
+    *out = s;
+    return 0;
+}
+
+LM_API int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hashes,
+                                   uint64_t *fp, uint8_t *fp_valid, lm_stream **out)
+{
+    /* The source only reads guest memory; the handle's field is shared. */
+    return stream_new(LM_STREAM_SOURCE, (uint8_t *)base, npages, hashes, fp, fp_valid, out);
+}
+
+LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
+                                 uint8_t *held, uint64_t *fp, uint8_t *fp_valid,
+                                 lm_stream **out)
+{
+    int rc = stream_new(LM_STREAM_DEST, base, npages, hashes, fp, fp_valid, out);
+    if (rc == 0)
+        (*out)->held = held;
+    return rc;
+}
+
+/* ---- the thread -------------------------------------------------------------- */
+
+static int source_loop(lm_stream *s)
+{
+    struct pollfd pfd[2] = {{.fd = s->stop_efd, .events = POLLIN},
+                            {.fd = s->work_efd, .events = POLLIN}};
+    for (;;) {
+        int n = poll(pfd, 2, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return lm_stream_fail(s, errno, "poll: %s", strerror(errno));
+        if (pfd[0].revents)
+            return 1;
+        if (pfd[1].revents) {
+            uint64_t drain;
+            ssize_t r = read(s->work_efd, &drain, sizeof(drain));
+            (void)r;
+            /* A closed round is published (job_busy cleared first) inside. */
+            int rc = lm_stream_source_round(s);
+            if (rc != 0)
+                return rc;
+            lm_stream_notify(s);
+        }
+    }
+}
+
+static int dest_loop(lm_stream *s)
+{
+    for (;;) {
+        uint16_t type;
+        uint32_t length;
+        int rc = lm_stream_receive(s, LM_MSG_PAGE_BATCH, LM_MSG_STREAM_END, &type, &length);
+        if (rc != 0)
+            return rc;
+        const uint8_t *payload = s->rbuf + LM_WIRE_HEADER_BYTES;
+        if (type == LM_MSG_PAGE_BATCH) {
+            if (lm_frame_flags(s->rbuf) != 0)
+                return lm_stream_fail(s, EPROTO, "PageBatch flags %#x on a bulk stream, which "
+                                      "carries pre-copy batches only", lm_frame_flags(s->rbuf));
+            rc = lm_stream_dest_on_batch(s, payload, length);
+        } else {
+            if (lm_frame_flags(s->rbuf) != 0)
+                return lm_stream_fail(s, EPROTO, "StreamEnd flags %#x, must be 0",
+                                      lm_frame_flags(s->rbuf));
+            rc = lm_stream_dest_on_end(s, payload, length);
+            if (rc == 0)
+                lm_stream_notify(s);
+        }
+        if (rc != 0)
+            return rc;
+    }
+}
+
+static void *stream_main(void *arg)
+{
+    lm_stream *s = arg;
+    int rc = s->side == LM_STREAM_SOURCE ? source_loop(s) : dest_loop(s);
+    lm_stream_account_cpu(s);
+    if (rc < 0)
+        shutdown(s->fd, SHUT_RDWR);   /* the peer's thread must not wait for us */
+    __atomic_store_n(&s->status, rc < 0 ? rc : LM_STREAM_STOPPED, __ATOMIC_RELEASE);
+    lm_stream_notify(s);
+    return NULL;
+}
+
+LM_API int lm_stream_attach(lm_stream *s, int sock_fd, uint32_t wire_version, uint64_t send_seq,
+                            uint64_t recv_seq, uint64_t max_payload_bytes)
+{
+    if (!s || sock_fd < 0) {
+        if (sock_fd >= 0)
+            close(sock_fd);
+        return -EINVAL;
+    }
+    if (s->attached) {
+        close(sock_fd);
+        return -EBUSY;
+    }
+    s->max_frame = max_payload_bytes < LM_STREAM_MAX_FRAME ? max_payload_bytes
+                                                          : LM_STREAM_MAX_FRAME;
+    free(s->rbuf);
+    s->rbuf = malloc(LM_WIRE_HEADER_BYTES + s->max_frame);
+    if (!s->rbuf) {
+        close(sock_fd);
+        return -ENOMEM;
+    }
+    /* The thread waits in poll(2), so the socket stays non-blocking as the
+     * transport made it (the flag lives in the shared open file). */
+    int fl = fcntl(sock_fd, F_GETFL);
+    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(sock_fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
+        int e = errno;
+        close(sock_fd);
+        return -e;
+    }
+    s->fd = sock_fd;
+    s->version = wire_version;
+    s->send_seq = send_seq;
+    s->recv_seq = recv_seq;
+    s->reason[0] = '\0';
+    uint64_t drain;
+    while (read(s->stop_efd, &drain, sizeof(drain)) == sizeof(drain))
+        ;
+    __atomic_store_n(&s->status, LM_STREAM_RUNNING, __ATOMIC_RELEASE);
+    int rc = pthread_create(&s->thread, NULL, stream_main, s);
+    if (rc != 0) {
+        __atomic_store_n(&s->status, LM_STREAM_IDLE, __ATOMIC_RELEASE);
+        close(sock_fd);
+        s->fd = -1;
+        return -rc;
+    }
+    s->attached = 1;
+    return 0;
+}
+
+LM_API int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n)
+{
+    if (!s || s->side != LM_STREAM_SOURCE || !s->attached || (n && !pages))
+        return -EINVAL;
+    for (uint64_t i = 0; i < n; i++)
+        if (pages[i] >= s->npages)
+            return -ERANGE;
+    int idle = 0;
+    if (!__atomic_compare_exchange_n(&s->job_busy, &idle, 1, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return -EBUSY;
+    s->job_pages = pages;
+    s->job_n = n;
+    s->job_round = round;
+    /* The eventfd write orders the job fields before the thread's read. */
+    uint64_t one = 1;
+    if (write(s->work_efd, &one, sizeof(one)) != sizeof(one)) {
+        __atomic_store_n(&s->job_busy, 0, __ATOMIC_RELEASE);
+        return -errno;
+    }
+    return 0;
+}
+
+LM_API int lm_stream_detach(lm_stream *s)
+{
+    if (!s || !s->attached)
+        return 0;
+    uint64_t one = 1;
+    ssize_t w = write(s->stop_efd, &one, sizeof(one));
+    (void)w;
+    pthread_join(s->thread, NULL);
+    s->attached = 0;
+    shutdown(s->fd, SHUT_RDWR);
+    close(s->fd);
+    s->fd = -1;
+    int st = __atomic_load_n(&s->status, __ATOMIC_ACQUIRE);
+    return st < 0 ? st : 0;
+}
+
+LM_API int lm_stream_notify_fd(const lm_stream *s) { return s->notify_efd; }
+
+LM_API int lm_stream_status(const lm_stream *s, char *reason, size_t reason_cap)
+{
+    int st = __atomic_load_n(&s->status, __ATOMIC_ACQUIRE);
+    if (reason && reason_cap) {
+        if (st < 0)
+            snprintf(reason, reason_cap, "%s", s->reason);
+        else
+            reason[0] = '\0';
+    }
+    return st;
+}
+
+LM_API int lm_stream_stats_get(const lm_stream *s, lm_stream_stats *out)
+{
+    const uint64_t *src = (const uint64_t *)&s->stats;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+LM_API void lm_stream_destroy(lm_stream *s)
+{
+    if (!s)
+        return;
+    lm_stream_detach(s);
+    lm_framer_close(&s->framer);
+    if (s->notify_efd >= 0)
+        close(s->notify_efd);
+    if (s->stop_efd >= 0)
+        close(s->stop_efd);
+    if (s->work_efd >= 0)
+        close(s->work_efd);
+    free(s->rbuf);
+    free(s->table);
+    free(s->staging);
+    free(s->masks);
+    free(s->blocks);
+    free(s);
+}

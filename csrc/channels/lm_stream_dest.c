@@ -1,0 +1,270 @@
+/*
+ * The destination side of a bulk stream: check a page batch whole, then place it.
+ *
+ * Theory of operation
+ *   Everything a peer sends is checked before a page is touched, as the
+ *   Python decoder checks it: the PageBatch prefix (request_id 0, a round not
+ *   older than the last one closed, the same round until its StreamEnd), the
+ *   batch header (magic, version, reserved fields, sizes adding up to the
+ *   frame exactly), and every run (reserved bytes 0, count > 0, inside
+ *   memory, ascending and disjoint, an encoding a stream carries: ZERO with
+ *   no payload, RAW with exactly count pages, BLOCK (with fingerprints)
+ *   with exactly its masks and the blocks they name). A violation ends the thread
+ *   with -EPROTO (-ERANGE for a page outside memory) and a reason; nothing of
+ *   that batch is placed. The arithmetic is done in 64 bits on values the
+ *   header bounds (a frame is at most LM_STREAM_MAX_FRAME bytes), so no
+ *   count can wrap a check.
+ *
+ *   Placing: RAW pages are copied from the frame buffer and hashed from the
+ *   landed copy (still in cache); BLOCK pages' blocks are written over the
+ *   page held and only those blocks rehashed (lm_blockdelta.c); ZERO pages
+ *   are written only where memory is not zero already (a page never written
+ *   reads as the shared zero page, and writing it would allocate memory for
+ *   nothing). hashes[] and held[]
+ *   are what the digest and a later post-copy switch read.
+ *
+ *   StreamEnd closes this stream's part of a round: its counts must equal
+ *   what arrived since the previous marker. The round is published (stats,
+ *   release order) before the StreamAck leaves, which is what lets the
+ *   owner trust its counters once the source's RoundEnd arrives.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+
+#include "channels/lm_stream_internal.h"
+#include "codec/lm_pagehash.h"
+#include "wire/lm_le.h"
+
+static int check_round(lm_stream *s, uint32_t round, const char *what)
+{
+    if (s->round_open && round != s->open_round)
+        return lm_stream_fail(s, EPROTO, "%s of round %u inside round %u", what, round,
+                              s->open_round);
+    if ((int64_t)round <= s->last_closed)
+        return lm_stream_fail(s, EPROTO, "%s of round %u after round %lld was closed", what,
+                              round, (long long)s->last_closed);
+    return 0;
+}
+
+/* Validate the run table of a batch of npages pages whose payload (after the
+ * table) is payload_bytes; 0 or -errno with a reason. *block_pages and
+ * *block_section get the BLOCK pages and the BLOCK section's length. */
+static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_t npages,
+                      uint64_t payload_bytes, uint64_t *block_pages, uint64_t *block_section)
+{
+    uint64_t pages = 0, bytes = 0, next_free = 0;
+    *block_pages = *block_section = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        uint64_t first = get64(r), count = get32(r + 8), pb = get32(r + 16);
+        uint8_t enc = r[12];
+        if (r[13] | r[14] | r[15])
+            return lm_stream_fail(s, EPROTO, "page batch: reserved run-table bytes set in run %u",
+                                  i);
+        if (count == 0)
+            return lm_stream_fail(s, EPROTO, "page batch: run %u is empty", i);
+        if (first >= s->npages || count > s->npages - first)
+            return lm_stream_fail(s, ERANGE, "page batch: run %u (pages %llu+%llu) outside "
+                                  "memory of %llu pages", i, (unsigned long long)first,
+                                  (unsigned long long)count, (unsigned long long)s->npages);
+        if (first < next_free)
+            return lm_stream_fail(s, EPROTO, "page batch: run %u is not after the previous one "
+                                  "(a stream's runs ascend)", i);
+        if (enc == LM_ENC_ZERO) {
+            if (pb != 0)
+                return lm_stream_fail(s, EPROTO, "page batch: ZERO run %u has %llu payload "
+                                      "bytes", i, (unsigned long long)pb);
+        } else if (enc == LM_ENC_RAW) {
+            if (pb != count * LM_PAGE_SIZE)
+                return lm_stream_fail(s, EPROTO, "page batch: RAW run %u has %llu payload bytes "
+                                      "for %llu pages", i, (unsigned long long)pb,
+                                      (unsigned long long)count);
+        } else if (enc == LM_ENC_BLOCK && s->fp) {
+            /* Each page: a 2-byte mask and at most all 16 blocks; the masks
+             * themselves are checked against pb in check_blocks. */
+            if (pb < 2 * count || pb > count * (2 + LM_PAGE_SIZE))
+                return lm_stream_fail(s, EPROTO, "page batch: BLOCK run %u has %llu payload "
+                                      "bytes for %llu pages", i, (unsigned long long)pb,
+                                      (unsigned long long)count);
+            *block_pages += count;
+            *block_section += pb;
+        } else {
+            return lm_stream_fail(s, EPROTO, "page batch: encoding %u in run %u is not carried "
+                                  "on a bulk stream", enc, i);
+        }
+        next_free = first + count;
+        pages += count;
+        bytes += pb;
+    }
+    if (pages != npages)
+        return lm_stream_fail(s, EPROTO, "page batch: runs hold %llu pages, the header says %llu",
+                              (unsigned long long)pages, (unsigned long long)npages);
+    if (bytes != payload_bytes)
+        return lm_stream_fail(s, EPROTO, "page batch: runs hold %llu payload bytes, the header "
+                              "says %llu", (unsigned long long)bytes,
+                              (unsigned long long)payload_bytes);
+    return 0;
+}
+
+/* The BLOCK section (masks of every BLOCK page in run order, then their
+ * blocks): each BLOCK run's payload must be exactly its pages' masks plus
+ * the blocks they name. */
+static int check_blocks(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *masks)
+{
+    uint64_t k = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        if (r[12] != LM_ENC_BLOCK)
+            continue;
+        uint64_t count = get32(r + 8), need = 0;
+        for (uint64_t j = 0; j < count; j++, k++)
+            need += 2 + (uint64_t)__builtin_popcount(get16(masks + 2 * k)) * LM_BLOCK_BYTES;
+        if (need != get32(r + 16))
+            return lm_stream_fail(s, EPROTO, "page batch: BLOCK masks of run %u name %llu "
+                                  "bytes, the run holds %u", i, (unsigned long long)need,
+                                  get32(r + 16));
+    }
+    return 0;
+}
+
+static void land(lm_stream *s, uint64_t page, uint64_t h)
+{
+    if (s->hashes)
+        s->hashes[page] = h;
+    if (s->held)
+        s->held[page] = 1;
+}
+
+static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *masks,
+                       const uint8_t *blocks, const uint8_t *raw)
+{
+    for (uint32_t i = 0; i < nruns; i++) {
+        const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        uint64_t first = get64(r), count = get32(r + 8);
+        uint8_t enc = r[12];
+        for (uint64_t page = first; page < first + count; page++) {
+            uint8_t *dst = s->base + page * LM_PAGE_SIZE;
+            int64_t row = (int64_t)page;
+            uint64_t h;
+            if (enc == LM_ENC_RAW) {
+                if (s->fp)   /* copy, then hash it as it landed, keeping its blocks' hashes */
+                    lm_pages_place_fingerprint(s->base, s->npages, &row, 1, raw, s->fp,
+                                               s->fp_valid, &h);
+                else {
+                    memcpy(dst, raw, LM_PAGE_SIZE);
+                    h = page_hash(dst);
+                }
+                raw += LM_PAGE_SIZE;
+            } else if (enc == LM_ENC_BLOCK) {
+                uint16_t mask = get16(masks);
+                uint64_t len = (uint64_t)__builtin_popcount(mask) * LM_BLOCK_BYTES;
+                /* Lengths were checked whole (check_blocks): this cannot refuse. */
+                lm_pages_apply_blocks_fingerprint(s->base, s->npages, &row, &mask, 1, blocks, len,
+                                                  s->fp, s->fp_valid, &h);
+                masks += 2;
+                blocks += len;
+            } else {
+                if (!lm_page_is_zero(dst))
+                    memset(dst, 0, LM_PAGE_SIZE);
+                h = s->zero_hash;
+                if (s->fp) {
+                    memcpy(s->fp + page * LM_BLOCKS_PER_PAGE, s->zero_blocks,
+                           sizeof(s->zero_blocks));
+                    s->fp_valid[page] = 1;
+                }
+            }
+            land(s, page, h);
+        }
+        if (enc == LM_ENC_RAW)
+            STREAM_ADD(s, raw_pages, count);
+        else if (enc == LM_ENC_BLOCK)
+            STREAM_ADD(s, block_pages, count);
+        else
+            STREAM_ADD(s, zero_pages, count);
+    }
+}
+
+int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
+{
+    if (length < LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES)
+        return lm_stream_fail(s, EPROTO, "PageBatch of %u bytes is shorter than its headers",
+                              length);
+    uint32_t round = get32(p), npages = get32(p + 4);
+    if (get64(p + 8) != 0)
+        return lm_stream_fail(s, EPROTO, "PageBatch on a bulk stream with request id %llu",
+                              (unsigned long long)get64(p + 8));
+    int rc = check_round(s, round, "page batch");
+    if (rc < 0)
+        return rc;
+    const uint8_t *bh = p + LM_WIRE_BATCH_PREFIX_BYTES;
+    uint64_t batch_len = length - LM_WIRE_BATCH_PREFIX_BYTES;
+    if (memcmp(bh, LM_BATCH_MAGIC, 4) != 0)
+        return lm_stream_fail(s, EPROTO, "page batch: bad magic");
+    if (bh[4] != LM_BATCH_VERSION)
+        return lm_stream_fail(s, EPROTO, "page batch: unsupported version %u", bh[4]);
+    if (bh[5] != 0 || get16(bh + 6) != 0)
+        return lm_stream_fail(s, EPROTO, "page batch: reserved header bits set");
+    uint64_t nruns = get32(bh + 8), bnpages = get32(bh + 12), payload = get64(bh + 16);
+    if (bnpages != npages)
+        return lm_stream_fail(s, EPROTO, "PageBatch announces %u pages, its batch %llu", npages,
+                              (unsigned long long)bnpages);
+    /* nruns <= 2^32 and payload is compared against a length below 2^32:
+     * neither sum below can wrap. */
+    uint64_t table_end = LM_BATCH_HEADER_BYTES + nruns * LM_BATCH_RUN_BYTES;
+    if (table_end > batch_len || payload != batch_len - table_end)
+        return lm_stream_fail(s, EPROTO, "page batch: length %llu does not match the header "
+                              "(%llu runs, %llu payload bytes)", (unsigned long long)batch_len,
+                              (unsigned long long)nruns, (unsigned long long)payload);
+    const uint8_t *runs = bh + LM_BATCH_HEADER_BYTES;
+    uint64_t block_pages, block_section;
+    rc = check_runs(s, runs, (uint32_t)nruns, npages, payload, &block_pages, &block_section);
+    if (rc < 0)
+        return rc;
+    const uint8_t *masks = bh + table_end;   /* BLOCK section first, then RAW */
+    rc = check_blocks(s, runs, (uint32_t)nruns, masks);
+    if (rc < 0)
+        return rc;
+    place_runs(s, runs, (uint32_t)nruns, masks, masks + 2 * block_pages,
+               masks + block_section);
+    STREAM_ADD(s, block_bytes, block_section);
+    s->round_open = 1;
+    s->open_round = round;
+    s->round_pages += npages;
+    s->round_bytes += batch_len;
+    STREAM_ADD(s, batches, 1);
+    STREAM_ADD(s, pages, npages);
+    STREAM_ADD(s, batch_bytes, batch_len);
+    return 0;
+}
+
+int lm_stream_dest_on_end(lm_stream *s, const uint8_t *p, uint32_t length)
+{
+    if (length != LM_WIRE_STREAM_END_BYTES || get32(p + 4) != 0)
+        return lm_stream_fail(s, EPROTO, "malformed StreamEnd (%u bytes)", length);
+    uint32_t round = get32(p);
+    uint64_t pages = get64(p + 8), bytes = get64(p + 16);
+    int rc = check_round(s, round, "StreamEnd");
+    if (rc < 0)
+        return rc;
+    if (pages != s->round_pages || bytes != s->round_bytes)
+        return lm_stream_fail(s, EPROTO, "StreamEnd of round %u counts %llu pages in %llu bytes, "
+                              "%llu pages in %llu bytes arrived", round,
+                              (unsigned long long)pages, (unsigned long long)bytes,
+                              (unsigned long long)s->round_pages,
+                              (unsigned long long)s->round_bytes);
+    lm_stream_account_cpu(s);
+    STREAM_SET(s, last_round, round);
+    STREAM_SET(s, last_round_pages, pages);
+    STREAM_SET(s, last_round_bytes, bytes);
+    __atomic_fetch_add(&s->stats.rounds, 1, __ATOMIC_RELEASE);
+    s->last_closed = round;
+    s->round_open = 0;
+    s->round_pages = s->round_bytes = 0;
+    uint8_t header[LM_WIRE_HEADER_BYTES], ack[LM_WIRE_STREAM_ACK_BYTES];
+    put32(ack, round);
+    put32(ack + 4, 0);
+    put64(ack + 8, pages);
+    struct iovec iov[2] = {{.iov_base = header}, {.iov_base = ack, .iov_len = sizeof(ack)}};
+    return lm_stream_send(s, LM_MSG_STREAM_ACK, iov, 2);
+}

@@ -1,0 +1,114 @@
+"""The destination's pre-copy data plane: N bulk streams on native threads.
+
+Theory of operation
+-------------------
+::
+
+    control Hello offering "streams" ─ Welcome grants it (wire version 2, this
+        host can run the threads, no TLS on the listener)
+    MigrationOffer(config.streams = N) ─ Accept ─ N bulk channels arrive,
+        each offering "streams": handed at once to a DestStream thread
+    threads: check + place PageBatches, hashes[] and held[], ◀ StreamEnd ─ StreamAck ▶
+    control RoundEnd(round, pages) ─ every stream closed that round and the
+        counts add up? ─ RoundAck(round, pages)
+
+A stream's thread answers StreamEnd only after its pages are placed and its
+counters published, and the source sends RoundEnd only after every stream's
+StreamAck, so when RoundEnd arrives the counters are final for the round: no
+waiting here. Any thread failure (bad batch, checksum, lost peer) is raised
+at the next RoundEnd or Switchover, and the thread has already shut its
+socket down, so the source fails its round too. Threads write guest memory:
+they are stopped and joined (:meth:`DestStreams.close`) before memory is
+registered for post-copy or freed.
+"""
+from __future__ import annotations
+
+from ...aio.channel import Channel
+from ...config import MAX_STREAMS, MigrationConfig
+from ...errors import RemoteProtocolError
+from ...native import streams as native_streams
+from ...protocol import spec
+from ...stats import MigrationStats
+
+STREAMS = spec.STREAMS_CAPABILITY
+
+
+def offered(config: MigrationConfig, *, tls: bool) -> bool:
+    """Whether this destination grants the "streams" capability."""
+    return (config.streams > 0 and not tls and not native_streams.disabled_by_environment()
+            and native_streams.probe()[0])
+
+
+def check_offer(value, granted: bool) -> str | None:
+    """What is wrong with a MigrationOffer's "streams" entry, or None."""
+    if value is None:
+        return None
+    if not granted:
+        return "the offer asks for native streams, which this channel did not negotiate"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_STREAMS:
+        return f"bad stream count {value!r}"
+    return None
+
+
+class DestStreams:
+    """The bulk streams of one incoming migration."""
+
+    def __init__(self, memory, hashes, held, blocks, nstreams: int):
+        self.memory = memory
+        self.hashes = hashes
+        self.held = held
+        self.blocks = blocks
+        self.nstreams = nstreams
+        self.streams: list[native_streams.DestStream] = []
+        self.closed = False
+
+    def adopt(self, ch: Channel) -> None:
+        """Hand a bulk stream's channel to a thread. Called right after its
+        Welcome was sent, with no await in between: the source sends pages as
+        soon as its round starts, and hand_off refuses a channel whose
+        transport already read some."""
+        if self.closed:
+            raise RemoteProtocolError("a bulk stream after the pre-copy rounds ended",
+                                      phase="precopy")
+        if len(self.streams) >= self.nstreams:
+            raise RemoteProtocolError(f"more than the {self.nstreams} bulk streams offered",
+                                      phase="precopy")
+        stream = native_streams.DestStream(self.memory, self.hashes, self.held, self.blocks)
+        self.streams.append(stream)
+        stream.attach(ch)
+
+    def raise_failure(self) -> None:
+        for s in self.streams:
+            failure = s.failure()
+            if failure is not None:
+                raise failure
+
+    def close_round(self, index: int) -> int:
+        """At the control channel's RoundEnd: the pages the streams placed in
+        round ``index`` (the RoundAck says it; the source compares)."""
+        self.raise_failure()
+        if len(self.streams) < self.nstreams:
+            raise RemoteProtocolError(f"round {index} ended with {len(self.streams)} of "
+                                      f"{self.nstreams} bulk streams open", phase="precopy")
+        placed = 0
+        for k, s in enumerate(self.streams):
+            counts = s.round_counts()
+            if counts is None or counts.round != index:
+                raise RemoteProtocolError(f"round {index} ended before bulk stream {k} closed "
+                                          "it", phase="precopy")
+            placed += counts.pages
+        return placed
+
+    def fold_into(self, stats: MigrationStats) -> None:
+        for s in self.streams:
+            s.fold_into(stats)
+
+    def close(self) -> None:
+        """Stop and join every thread (their sockets are shut down); no
+        stream is adopted afterwards."""
+        self.closed = True
+        for s in self.streams:
+            s.close()
+
+
+__all__ = ["DestStreams", "offered", "check_offer", "STREAMS"]

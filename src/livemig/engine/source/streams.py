@@ -1,0 +1,206 @@
+"""The source's pre-copy data plane: N bulk streams on native threads.
+
+Theory of operation
+-------------------
+::
+
+    control Hello offers "streams" ─ Welcome: version 2 and "streams" granted?
+        yes: MigrationOffer(config.streams = N) ─ Accept ─ open N bulk channels
+             (Hello offers "streams", same session id), each handed to a thread
+        no:  every page goes through the Python encoder, and the stats say why
+    per round: RoundStart ─ each stream gets its stripe of the pages
+               (native.streams.partition) ─ wait on the threads' eventfds until
+               every StreamAck is in ─ RoundEnd(total) ─ ◀ RoundAck
+
+The control channel keeps the order of rounds: RoundEnd leaves only after
+every stream acknowledged its part, so the destination's RoundAck still means
+"every page of the round is in place". A page always travels on the same
+stream (one ordered connection), so its versions land in order across
+rounds. The threads write each sent page's hash into the encoder's
+``sent_hashes``, so the Switchover digest covers exactly what was sent.
+
+A thread that fails (the peer vanished, broke the protocol, a checksum did
+not match) ends the round with the error it reported; the session treats it
+as any other failure before Commit and resumes the VM here. Threads are
+stopped and joined (:meth:`SourceStreams.close`) before memory is released.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from ...aio.channel import Channel
+from ...config import MigrationConfig
+from ...errors import MigrationError
+from ...native import streams as native_streams
+from ...protocol import spec
+from ...stats import MigrationStats
+
+STREAMS = spec.STREAMS_CAPABILITY
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """Which path carries the pre-copy pages, and why (``stats.data_path``)."""
+
+    nstreams: int      # 0: the Python path
+    reason: str
+
+    @property
+    def native(self) -> bool:
+        return self.nstreams > 0
+
+    @property
+    def label(self) -> str:
+        return f"native-streams ×{self.nstreams}" if self.native else f"python: {self.reason}"
+
+
+def refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+    """Why this source will not offer native streams, or None when it will."""
+    if config.streams == 0:
+        return "native streams disabled by configuration (streams=0)"
+    if native_streams.disabled_by_environment():
+        return f"native streams disabled by {native_streams.ENV_SWITCH}=0"
+    if tls:
+        return "the migration uses TLS, which the native streams do not speak"
+    if config.max_bandwidth_bps:
+        return "a bandwidth cap is enforced on the Python path only"
+    if config.mode == "postcopy":
+        return "post-copy sends its pages on the Python path"
+    ok, reason = native_streams.probe()
+    return None if ok else f"native streams unavailable here: {reason}"
+
+
+def choose(config: MigrationConfig, control: Channel, refused: str | None) -> DataPath:
+    """Decide once the control channel's handshake is done."""
+    conn = control.conn
+    if refused is not None:
+        return DataPath(0, refused)
+    if conn.version < spec.STREAMS_VERSION:
+        return DataPath(0, f"wire version {conn.version} was negotiated, which has no streams")
+    if STREAMS not in conn.capabilities:
+        return DataPath(0, "the destination does not offer native streams")
+    if conn.peer_max_payload_bytes < native_streams.SEND_FRAME_BYTES:
+        return DataPath(0, f"the destination accepts frames of at most "
+                           f"{conn.peer_max_payload_bytes} bytes")
+    return DataPath(config.streams, "")
+
+
+@dataclass
+class RoundSent:
+    """What the streams sent of one round, summed over them."""
+
+    pages: int
+    bytes: int
+    zero_pages: int
+
+
+class SourceStreams:
+    """The bulk streams of one migration, source side."""
+
+    def __init__(self, streams: list[native_streams.SourceStream]):
+        self.streams = streams
+
+    @classmethod
+    async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
+                   opener: Callable[[], Awaitable[Channel]]) -> tuple["SourceStreams",
+                                                                       list[Channel]]:
+        """Open and hand off ``nstreams`` bulk channels; returns the streams
+        and the channels (closed by the caller after :meth:`close`).
+        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream)."""
+        streams = cls([])
+        channels: list[Channel] = []
+        try:
+            for _ in range(nstreams):
+                ch = await opener()
+                channels.append(ch)
+                stream = native_streams.SourceStream(memory, hashes, fingerprints)
+                streams.streams.append(stream)
+                stream.attach(ch)
+        except BaseException:
+            streams.close()
+            for ch in channels:
+                ch.abort()
+            raise
+        return streams, channels
+
+    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float
+                         ) -> RoundSent:
+        """Send ``pages`` (ascending) as round ``index``; returns once every
+        stream's part is acknowledged. Raises what a failed thread reported,
+        or MigrationError when the streams stall for ``stall_timeout_s``."""
+        before = [s.stats() for s in self.streams]
+        parts = native_streams.partition(pages, len(self.streams))
+        for stream, part in zip(self.streams, parts):
+            stream.send_round(index, part)
+
+        def closed() -> bool:
+            return all((c := s.round_counts()) is not None and c.round == index
+                       and s.stats()["rounds"] > b["rounds"]
+                       for s, b in zip(self.streams, before))
+
+        await self._wait(closed, stall_timeout_s, f"the StreamAcks of round {index}")
+        sent = RoundSent(0, 0, 0)
+        for stream, b in zip(self.streams, before):
+            counts = stream.round_counts()
+            sent.pages += counts.pages
+            sent.bytes += counts.bytes
+            sent.zero_pages += stream.stats()["zero_pages"] - b["zero_pages"]
+        if sent.pages != len(pages):
+            raise MigrationError(f"round {index}: the streams sent {sent.pages} of "
+                                 f"{len(pages)} pages", phase="precopy")
+        return sent
+
+    async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str) -> None:
+        """Until ``done()``, woken by the threads' eventfds. A round may take
+        long on a slow link, so the timeout is on progress: it fails only when
+        no stream moved a byte for ``stall_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        for s in self.streams:
+            loop.add_reader(s.fileno(), wake.set)
+        moved = self._bytes_moved()
+        try:
+            while True:
+                # Clear before looking: news arriving after the look sets the
+                # event again, so none is missed.
+                wake.clear()
+                for s in self.streams:
+                    s.clear_notify()
+                for s in self.streams:
+                    failure = s.failure()
+                    if failure is not None:
+                        raise failure
+                if done():
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), stall_timeout_s)
+                except asyncio.TimeoutError:
+                    if self._bytes_moved() == moved:
+                        raise MigrationError(f"no {what} from the destination, and no progress "
+                                             f"on any stream for {stall_timeout_s:g} s",
+                                             phase="precopy") from None
+                    moved = self._bytes_moved()
+        finally:
+            for s in self.streams:
+                loop.remove_reader(s.fileno())
+
+    def _bytes_moved(self) -> int:
+        return sum(st["bytes_sent"] + st["bytes_received"]
+                   for st in (s.stats() for s in self.streams))
+
+    def fold_into(self, stats: MigrationStats) -> None:
+        """Add what the threads sent since the last fold to ``stats``."""
+        for s in self.streams:
+            s.fold_into(stats)
+
+    def close(self) -> None:
+        """Stop and join every thread (their sockets are shut down)."""
+        for s in self.streams:
+            s.close()
+
+
+__all__ = ["DataPath", "SourceStreams", "RoundSent", "refusal", "choose", "STREAMS"]

@@ -1,0 +1,260 @@
+"""Bulk page streams on native threads (csrc/channels/lm_stream*.c).
+
+Theory of operation
+-------------------
+On the Python path every page of a round goes through the encoder, the
+event loop's channel and the decoder, and the interpreter's per-batch cost
+holds migrations far below the link's speed. Here, once a bulk channel's
+handshake is done, :meth:`Channel.hand_off` gives a dup of its socket and its
+next sequence numbers to a native thread on each side:
+
+* :class:`SourceStream` is given one round's page indices at a time
+  (:meth:`SourceStream.send_round`); its thread copies each non-zero page to
+  a staging buffer, hashes it into the encoder's ``sent_hashes`` array, sends
+  ZERO/RAW page batches (BLOCK pages too, given the encoder's block
+  fingerprints) and closes its part of the round with a StreamEnd, then
+  waits for the destination's StreamAck.
+* :class:`DestStream` checks and places every batch, writing the landed
+  pages' hashes into the decoder's hash array, their block hashes into the
+  placer's HeldBlocks and marking them in the held-pages array, and answers
+  each StreamEnd with a StreamAck.
+
+Python stays the control plane: the engine partitions a round's pages
+(:func:`partition`: a page always travels on the same stream, so its versions
+land in order), waits on each thread's eventfd with its event loop (no
+polling), and folds the counters (:meth:`_NativeStream.round_counts`,
+:meth:`_NativeStream.stats`) into the migration's stats. Page bytes never
+become Python objects.
+
+Ownership: each stream is a :class:`NativeHandle` child of the guest memory's
+handle and holds the numpy arrays its thread writes, so memory and arrays
+outlive ``lm_stream_destroy`` (which stops and joins the thread) however the
+wrapper goes; ``close()`` is the contract.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConnectionLost, RemoteProtocolError
+from . import PAGE_SIZE, check, ffi, lib
+from .handles import NativeHandle
+
+ENV_SWITCH = "LIVEMIG_NATIVE_STREAMS"
+STRIPE_PAGES = 64
+"""Pages go to streams in stripes of this many consecutive pages
+(stream = (page // STRIPE_PAGES) % N): contiguous runs stay long and a
+round's pages spread evenly over the streams."""
+BATCH_PAGES = lib.LM_STREAM_BATCH_PAGES
+SEND_FRAME_BYTES = (lib.LM_WIRE_BATCH_PREFIX_BYTES + lib.LM_BATCH_HEADER_BYTES
+                    + BATCH_PAGES * (lib.LM_BATCH_RUN_BYTES + lib.LM_PAGE_SIZE))
+"""The largest payload a source thread sends: the peer's cap must admit it."""
+_REASON_BYTES = 256
+_STATS_FIELDS = tuple(name for name, _ in ffi.typeof("lm_stream_stats").fields)
+# Errnos with which a thread reports that the peer broke the protocol.
+_PROTOCOL_ERRNOS = {errno.EPROTO, errno.EBADMSG, errno.ERANGE}
+
+
+def probe() -> tuple[bool, str]:
+    """(True, "") when native streams can run here, else (False, reason)."""
+    buf = ffi.new("char[]", _REASON_BYTES)
+    rc = lib.lm_stream_probe(buf, _REASON_BYTES)
+    return rc == 0, ffi.string(buf).decode(errors="replace")
+
+
+def disabled_by_environment() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip() == "0"
+
+
+def partition(pages: np.ndarray, nstreams: int) -> list[np.ndarray]:
+    """Split ascending page indices into ``nstreams`` ascending uint64 arrays
+    by stripe; the same page always lands in the same part."""
+    pages = np.ascontiguousarray(pages, dtype=np.uint64)
+    if nstreams == 1:
+        return [pages]
+    owner = (pages // STRIPE_PAGES) % nstreams
+    return [np.ascontiguousarray(pages[owner == k]) for k in range(nstreams)]
+
+
+@dataclass(frozen=True)
+class RoundCounts:
+    """One stream's part of the latest closed round."""
+
+    round: int
+    pages: int
+    bytes: int
+
+
+class _NativeStream:
+    """What both sides share: attach, status, counters, the notify fd."""
+
+    def __init__(self, handle, memory, keepalive: tuple):
+        self._native = NativeHandle(handle, lambda h, _arrays=keepalive: lib.lm_stream_destroy(h),
+                                    parent=memory.native_handle)
+        self._memory = memory
+        self._folded: dict[str, int] = {}   # counters already added by fold_into
+        memory.attach(self)
+
+    def attach(self, channel) -> None:
+        """Take over ``channel`` (handshake done, no traffic yet)."""
+        fd, version, send_seq, recv_seq, max_payload = channel.hand_off()
+        self.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
+                       max_payload_bytes=max_payload)
+
+    def attach_fd(self, fd: int, *, version: int, send_seq: int = 0, recv_seq: int = 0,
+                  max_payload_bytes: int = 64 << 20) -> None:
+        """Start the thread on a connected stream socket ``fd`` (ownership
+        passes, even on failure) whose next frames carry these sequences."""
+        check(lib.lm_stream_attach(self._h, fd, version, send_seq, recv_seq, max_payload_bytes),
+              "starting a native bulk stream thread")
+
+    def fileno(self) -> int:
+        """The eventfd that becomes readable when the thread has news."""
+        return lib.lm_stream_notify_fd(self._h)
+
+    def clear_notify(self) -> None:
+        try:
+            os.read(self.fileno(), 8)
+        except BlockingIOError:
+            pass
+
+    def status(self) -> tuple[int, str]:
+        buf = ffi.new("char[]", _REASON_BYTES)
+        st = lib.lm_stream_status(self._h, buf, _REASON_BYTES)
+        return st, ffi.string(buf).decode(errors="replace")
+
+    def failure(self, *, phase: str = "precopy") -> Exception | None:
+        """The error the thread ended with, as the Python path would raise it
+        (RemoteProtocolError for a protocol violation, ConnectionLost for a
+        lost peer), or None while it runs or if it stopped without error."""
+        st, reason = self.status()
+        if st >= 0:
+            return None
+        if -st in _PROTOCOL_ERRNOS:
+            return RemoteProtocolError(f"bulk stream: {reason}", phase=phase)
+        return ConnectionLost(f"bulk stream: {reason}", phase=phase, channel="bulk")
+
+    @property
+    def running(self) -> bool:
+        return self.status()[0] == lib.LM_STREAM_RUNNING
+
+    def stats(self) -> dict[str, int]:
+        out = ffi.new("lm_stream_stats *")
+        lib.lm_stream_stats_get(self._h, out)
+        return {name: int(getattr(out, name)) for name in _STATS_FIELDS}
+
+    def fold_into(self, stats) -> None:
+        """Add what the thread sent or placed since the last fold to ``stats``
+        (MigrationStats): pages and page-batch bytes, per encoding, and its
+        CPU time."""
+        ns = self.stats()
+        d = {k: v - self._folded.get(k, 0) for k, v in ns.items()}
+        self._folded = ns
+        stats.pages_sent += d["pages"]
+        stats.bytes_sent += d["batch_bytes"]
+        for name in ("zero", "raw", "block"):
+            stats.pages_by_encoding[name] = (stats.pages_by_encoding.get(name, 0)
+                                             + d[f"{name}_pages"])
+        for name, nbytes in (("raw", d["raw_pages"] * PAGE_SIZE), ("block", d["block_bytes"])):
+            stats.bytes_by_encoding[name] = stats.bytes_by_encoding.get(name, 0) + nbytes
+        stats.stream_cpu_s += d["cpu_ns"] / 1e9
+
+    def round_counts(self) -> RoundCounts | None:
+        """This stream's part of the latest closed round (None before any)."""
+        ns = self.stats()
+        if not ns["rounds"]:
+            return None
+        return RoundCounts(ns["last_round"], ns["last_round_pages"], ns["last_round_bytes"])
+
+    @property
+    def _h(self):
+        return self._native.ptr
+
+    def close(self) -> None:
+        """Stop and join the thread, close its socket, free the handle."""
+        if not self._native.released:
+            self._native.release()
+            self._memory.detach(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_hashes(hashes: np.ndarray | None, npages: int) -> None:
+    if hashes is not None and (hashes.dtype != np.uint64 or hashes.shape != (npages,)
+                               or not hashes.flags.c_contiguous):
+        raise ValueError(f"hashes must be a contiguous uint64[{npages}] array")
+
+
+def _block_table_ptrs(blocks, npages: int) -> tuple:
+    """(fp, fp_valid) pointers of a codec.blockdelta table, or NULLs."""
+    if blocks is None:
+        return ffi.NULL, ffi.NULL
+    if blocks.table.shape[0] != npages or blocks.valid.shape != (npages,):
+        raise ValueError(f"block fingerprints must cover {npages} pages")
+    return (ffi.from_buffer("uint64_t[]", blocks.table),
+            ffi.from_buffer("uint8_t[]", blocks.valid))
+
+
+class SourceStream(_NativeStream):
+    """Source side over a :class:`GuestMemory`; ``hashes`` (the encoder's
+    ``sent_hashes.values``) receive each sent page's hash; ``fingerprints``
+    (the encoder's :class:`Fingerprints`, or None: no BLOCK pages) are kept
+    up to date with what the receiver holds."""
+
+    def __init__(self, memory, hashes: np.ndarray | None, fingerprints=None):
+        pages = memory.pages
+        npages = pages.shape[0]
+        _check_hashes(hashes, npages)
+        out = ffi.new("lm_stream **")
+        base = ffi.from_buffer("uint8_t[]", pages, require_writable=False)
+        hptr = ffi.NULL if hashes is None else ffi.from_buffer("uint64_t[]", hashes)
+        fp, fp_valid = _block_table_ptrs(fingerprints, npages)
+        check(lib.lm_stream_source_create(base, npages, hptr, fp, fp_valid, out),
+              "creating a native bulk stream (source)")
+        super().__init__(out[0], memory, (pages, hashes, fingerprints, base, hptr, fp, fp_valid))
+        self._round_pages: np.ndarray | None = None   # read by the thread until acked
+
+    def send_round(self, round_index: int, pages: np.ndarray) -> None:
+        """Queue this stream's part of a round (ascending page indices); the
+        notify fd says when it is acked (:meth:`round_counts`) or failed."""
+        arr = np.ascontiguousarray(pages, dtype=np.uint64)
+        self._round_pages = arr
+        check(lib.lm_stream_send_round(self._h, round_index, ffi.from_buffer("uint64_t[]", arr),
+                                       arr.size), "queueing a round on a bulk stream")
+
+
+class DestStream(_NativeStream):
+    """Destination side over a :class:`GuestMemory`; ``hashes`` (the
+    decoder's ``PageHashes.values``), ``held`` (bool per page) and ``blocks``
+    (the placer's :class:`HeldBlocks`, or None: BLOCK pages refused) are
+    written for every page placed. All must outlive :meth:`close`."""
+
+    def __init__(self, memory, hashes: np.ndarray | None, held: np.ndarray | None,
+                 blocks=None):
+        pages = memory.pages
+        npages = pages.shape[0]
+        _check_hashes(hashes, npages)
+        if held is not None and (held.dtype != np.bool_ or held.shape != (npages,)
+                                 or not held.flags.c_contiguous):
+            raise ValueError(f"held must be a contiguous bool[{npages}] array")
+        out = ffi.new("lm_stream **")
+        base = ffi.from_buffer("uint8_t[]", pages)
+        hptr = ffi.NULL if hashes is None else ffi.from_buffer("uint64_t[]", hashes)
+        held_ptr = ffi.NULL if held is None else ffi.from_buffer("uint8_t[]", held.view(np.uint8))
+        fp, fp_valid = _block_table_ptrs(blocks, npages)
+        check(lib.lm_stream_dest_create(base, npages, hptr, held_ptr, fp, fp_valid, out),
+              "creating a native bulk stream (destination)")
+        super().__init__(out[0], memory, (pages, hashes, held, blocks, base, hptr, held_ptr, fp,
+                                          fp_valid))
+
+
+__all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe",
+           "disabled_by_environment", "ENV_SWITCH", "STRIPE_PAGES",
+           "BATCH_PAGES", "SEND_FRAME_BYTES"]
