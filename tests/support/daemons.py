@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import livemig
 from livemig.service.control import ControlClient, ControlError
 from support.oracle import Recipe
+from support.waiting import PATIENCE_S, wait_for
 
 # The daemons and CLI run the same livemig this test process imported (the
 # source tree with its built module, or the installed package).
@@ -48,18 +48,18 @@ class DaemonProcess:
              "--control", self.control, "--loop", loop, *extra],
             env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = ControlClient(self.control, timeout_s=60)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.info = self.client.call("ping")
-                break
-            except ControlError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.log.seek(0)
-                    raise RuntimeError(f"daemon {label} did not start:\n{self.log.read()}")
-                time.sleep(0.05)
+        self.info = wait_for(f"daemon {label} to answer on its control socket", self._ping)
         self.address = self.info["listen"]
         self.port = int(self.address.rsplit(":", 1)[1])
+
+    def _ping(self) -> dict | None:
+        try:
+            return self.client.call("ping")
+        except ControlError:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"daemon exited at start:\n{self.log.read()}") from None
+            return None
 
     def cli(self, *args, check: int | None = EXIT_OK):
         return livemig(*args, "--control", self.control, check=check)
@@ -88,14 +88,22 @@ def start_vm(daemon, name, recipe: Recipe) -> dict:
                            recipe.dirty_rate, "--seed", recipe.seed)
 
 
+def wait_hosted(daemon, name: str) -> dict:
+    """The daemon's listing of VM ``name`` once it hosts it. A destination
+    lists a post-copy arrival when its last page has landed, a moment after
+    the source has already reported the migration completed."""
+    return wait_for(f"VM {name!r} to be hosted by the daemon",
+                    lambda: next((v for v in daemon.client.call("vm.list")
+                                  if v["name"] == name), None))
+
+
 def assert_daemon_vm_matches_unmoved(daemon, name: str, recipe: Recipe) -> None:
-    vm = daemon.client.call("vm.list")
-    steps = next(v["steps"] for v in vm if v["name"] == name)
+    steps = wait_hosted(daemon, name)["steps"]
     target = max(steps) + AHEAD_STEPS
-    daemon.client.call("vm.run_to", name=name, step=target, timeout_s=30)
+    daemon.client.call("vm.run_to", name=name, step=target, timeout_s=PATIENCE_S)
     got = daemon.client.call("vm.inspect", name=name)
     with recipe.build(paced=False) as twin:
-        twin.run_to(target, timeout_s=30)
+        twin.run_to(target, timeout_s=PATIENCE_S)
         assert got["steps"] == twin.steps() == [target] * recipe.vcpus
         assert got["digest"] == twin.digest().hex(), "memory digest differs"
         for i in range(recipe.vcpus):
