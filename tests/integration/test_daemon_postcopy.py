@@ -39,4 +39,4 @@ def test_switch_a_running_precopy_migration_to_postcopy(run, tmp_path):
             await a.close()
             await b.close()
 
-    run(scenario(), 30)
+    run(scenario())

@@ -47,7 +47,7 @@ def test_page_outside_memory_is_a_protocol_error(run):
             await ch.close()
             assert not srv.sessions
     before = _uffd_fds()
-    run(main(), 10)
+    run(main())
     assert _uffd_fds() == before
 
 
@@ -69,5 +69,5 @@ def test_owed_bitmap_that_disagrees_with_what_is_missing_is_refused(run):
             await ch.close()
             assert not srv.sessions
     before = _uffd_fds()
-    run(main(), 10)
+    run(main())
     assert _uffd_fds() == before

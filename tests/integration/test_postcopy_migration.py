@@ -75,7 +75,7 @@ def _run_migration(run, workload, cfg, *, seed=11, dirty_rate="32MiB/s", vcpus=2
         if fill_s:
             run(asyncio.sleep(fill_s))
             vm.set_dirty_rate(dirty_rate)
-        stats, arrival, moved = run(_migrate_and_receive(vm, cfg, **kw), 30)
+        stats, arrival, moved = run(_migrate_and_receive(vm, cfg, **kw))
     finally:
         vm.close()
     try:
@@ -213,7 +213,7 @@ def test_source_gone_for_good_stops_the_destination_vm(run):
             assert srv.completed.empty()
 
     before = _open_fds()
-    run(scenario(), 20)
+    run(scenario())
     after = _open_fds()
     assert not [t for t in after if "userfaultfd" in t]
     assert len(after) <= len(before), (before, after)

@@ -193,4 +193,4 @@ def test_library_api_both_sides_back_and_forth_in_one_program(run):
                 await asyncio.sleep(0.03)
             assert not a.errors and not b.errors
         _check_moved(vm, recipe)
-    run(main(), timeout_s=30)
+    run(main())

@@ -34,7 +34,7 @@ CFG = dict(mode="postcopy", codec=CodecConfig().without("lz4"), max_bandwidth_bp
 
 @pytest.mark.skipif(not OK, reason=f"native urgent path: {WHY}")
 def test_native_path_is_chosen_and_serves_faults(run):
-    src, dst = run(_postcopy_once(MigrationConfig(**CFG)), 30)
+    src, dst = run(_postcopy_once(MigrationConfig(**CFG)))
     assert src.status == dst.status == "completed"
     assert src.fault_path == dst.fault_path == "native"
     assert dst.pages_requested > 0 and dst.fault_latency.count >= dst.pages_requested
@@ -43,7 +43,7 @@ def test_native_path_is_chosen_and_serves_faults(run):
 
 
 def test_forced_off_by_config_uses_the_event_loop(run):
-    src, dst = run(_postcopy_once(MigrationConfig(**CFG, native_urgent=False)), 30)
+    src, dst = run(_postcopy_once(MigrationConfig(**CFG, native_urgent=False)))
     assert src.status == dst.status == "completed"
     assert src.fault_path == dst.fault_path == "python"
     assert "configuration" in dst.fault_path_reason
@@ -52,7 +52,7 @@ def test_forced_off_by_config_uses_the_event_loop(run):
 
 def test_forced_off_by_environment(run, monkeypatch):
     monkeypatch.setenv(urgent.ENV_SWITCH, "0")
-    src, dst = run(_postcopy_once(MigrationConfig(**CFG)), 30)
+    src, dst = run(_postcopy_once(MigrationConfig(**CFG)))
     assert src.status == dst.status == "completed"
     assert src.fault_path == dst.fault_path == "python"
     assert urgent.ENV_SWITCH in src.fault_path_reason
@@ -76,7 +76,7 @@ def test_mixed_paths_interoperate(run):
         finally:
             vm.close()
 
-    src, dst = run(main(), 30)
+    src, dst = run(main())
     assert src.status == dst.status == "completed"
     assert (src.fault_path, dst.fault_path) == ("python", "native")
 
