@@ -9,6 +9,7 @@ from livemig.config import CodecConfig, MigrationConfig
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.vm.machine import VM
+from support.oracle import fill_then_start
 
 OK, WHY = urgent.probe()
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
@@ -18,11 +19,10 @@ pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
 async def _postcopy_once(cfg):
     vm = VM("16MiB", 2, "uniform", seed=4, dirty_rate="32MiB/s")
     try:
-        vm.start()
-        await asyncio.sleep(0.05)
+        fill_then_start(vm)     # owed pages the guest will fault on at the destination
         async with MigrationServer("127.0.0.1", 0, config=cfg) as srv:
             stats = await migrate(vm, "127.0.0.1", srv.port, config=cfg)
-            arrival, moved = await asyncio.wait_for(srv.completed.get(), 10)
+            arrival, moved = await srv.completed.get()
             moved.close()
         return stats, arrival.stats
     finally:
@@ -70,7 +70,7 @@ def test_mixed_paths_interoperate(run):
             vm.start()
             async with MigrationServer("127.0.0.1", 0, config=cfg_dst) as srv:
                 stats = await migrate(vm, "127.0.0.1", srv.port, config=cfg_src)
-                arrival, moved = await asyncio.wait_for(srv.completed.get(), 10)
+                arrival, moved = await srv.completed.get()
                 moved.close()
             return stats, arrival.stats
         finally:
