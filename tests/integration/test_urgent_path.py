@@ -1,7 +1,5 @@
 """Which path serves the urgent channel: native threads when the host allows,
 the event loops otherwise (forced off, TLS); both move the VM intact."""
-import asyncio
-
 import pytest
 
 from livemig.native import postcopy, urgent
