@@ -124,7 +124,8 @@ def test_concurrent_writers_shadow_copy_matches_memory(backend):
             return rounds > 20 and _written(m, writers).sum() > 1000
 
         try:
-            wait_for("the writers to write 1000 pages across 20 collect rounds", collect_round)
+            wait_for("the writers to write 1000 pages across 20 collect rounds", collect_round,
+                     interval_s=0)
         finally:
             writes = [lib.lm_writer_stop(w) for w in writers]
         idx = t.collect()
@@ -259,7 +260,6 @@ import ctypes, faulthandler, sys
 {enable}
 from livemig.native.memory import GuestMemory
 from livemig.native.tracking import open_tracker
-from support.waiting import wait_for
 m = GuestMemory('4MiB')
 t = open_tracker(m, 'mprotect'); t.start()
 m.words[3, 0] = 7                      # a tracked fault is handled

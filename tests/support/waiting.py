@@ -20,9 +20,11 @@ def _timed_out(what: str, timeout_s: float) -> AssertionError:
     return AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-def wait_for(what: str, predicate, timeout_s: float = PATIENCE_S):
+def wait_for(what: str, predicate, timeout_s: float = PATIENCE_S, *,
+             interval_s: float = POLL_S):
     """Poll ``predicate()`` until it returns something truthy and return that;
-    fail naming ``what`` after ``timeout_s``."""
+    fail naming ``what`` after ``timeout_s``. ``interval_s=0`` polls without
+    pausing, for a predicate that does the work it waits for."""
     deadline = time.monotonic() + timeout_s
     while True:
         got = predicate()
@@ -30,7 +32,7 @@ def wait_for(what: str, predicate, timeout_s: float = PATIENCE_S):
             return got
         if time.monotonic() > deadline:
             raise _timed_out(what, timeout_s)
-        time.sleep(POLL_S)
+        time.sleep(interval_s)
 
 
 async def wait_for_async(what: str, predicate, timeout_s: float = PATIENCE_S):
