@@ -273,7 +273,10 @@ def test_recover_now_cuts_the_backoff_short(run, monkeypatch):
         # A window for a wrong early end to show; only a forced retry ends it.
         await asyncio.sleep(0.1)
         assert not task.done()
-        control.recover_now()
+        # Ask until it has recovered: a request made before the source has
+        # noticed the cut and entered its backoff is not kept for later.
+        await wait_for_async("the forced retry to recover the migration",
+                             lambda: control.recover_now() or task.done())
         return await task
 
     cfg = MigrationConfig(mode="postcopy", max_bandwidth_bps=16 << 20, codec=RAW,

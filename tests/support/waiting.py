@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-PATIENCE_S = 60.0
+PATIENCE_S = 120.0
 """How long any awaited event may take before the test calls it a hang."""
 
 POLL_S = 0.01
