@@ -19,7 +19,7 @@ from livemig.protocol.events import Hello
 from livemig.protocol.state import Role
 from support.conversations import pages
 from support.faultproxy import FaultProxy
-from support.waiting import wait_for_async
+from support.waiting import PATIENCE_S, wait_for_async
 
 SESSION = os.urandom(16)
 
@@ -204,7 +204,7 @@ def test_tls_mutual_authentication(run, tmp_path):
                 with pytest.raises((ConnectionLost, _ssl.SSLError, ConnectionError)):
                     bad = await open_channel("127.0.0.1", srv.port, kind=ChannelKind.CONTROL,
                                              session_id=SESSION, ssl=ctx,
-                                             server_hostname="localhost", timeout_s=5)
+                                             server_hostname="localhost", timeout_s=PATIENCE_S)
                     await bad.send(MigrationOffer({}, Mode.PRECOPY, 1))
                     await bad.recv()
     run(main())

@@ -20,7 +20,7 @@ from livemig.engine.source.session import MigrationControl, migrate
 from livemig.vm.machine import VM
 from support.faultproxy import FaultProxy
 from support.oracle import fill_then_start
-from support.waiting import wait_for, wait_for_async
+from support.waiting import PATIENCE_S, wait_for, wait_for_async
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
                                 reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
@@ -158,7 +158,7 @@ def test_recovery_after_repeated_cuts(run):
         return await task
 
     cfg = MigrationConfig(mode="postcopy", max_bandwidth_bps=12 << 20, codec=RAW,
-                          postcopy_recovery_timeout_s=10.0)
+                          postcopy_recovery_timeout_s=PATIENCE_S)
     stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill=True,
                                     via_proxy=cut_during_postcopy)
     assert stats.status == "completed"

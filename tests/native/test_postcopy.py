@@ -416,7 +416,7 @@ def _unprivileged(mode):
         pytest.skip("needs root to drop privileges in a child")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", _DROP_PRIVS, mode], capture_output=True,
-                         text=True, timeout=30, env=env)
+                         text=True, timeout=PATIENCE_S, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 

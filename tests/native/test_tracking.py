@@ -17,7 +17,7 @@ from livemig.native import tracking
 from livemig.errors import BackendUnavailable, ConfigError, LivemigError, TrackerStateError
 from livemig.native.memory import GuestMemory
 from livemig.native.tracking import open_tracker
-from support.waiting import wait_for
+from support.waiting import PATIENCE_S, wait_for
 
 ffi, lib = native.ffi, native.lib
 # Subprocesses import livemig from wherever this test run did (an installed
@@ -216,7 +216,7 @@ def test_unprivileged_user_gets_backend_unavailable_from_the_kernel():
         "t = open_tracker(m); print('AUTO', t.name); t.close()\n"
     )
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=PATIENCE_S)
     assert "REFUSED" in r.stdout, r.stderr
     assert "vm.unprivileged_userfaultfd=1" in r.stdout
     assert "AUTO mprotect" in r.stdout
@@ -274,7 +274,7 @@ print('SWALLOWED', flush=True)
 def test_sigsegv_outside_tracked_regions_still_crashes(faulthandler):
     code = _CRASH.format(enable="faulthandler.enable()" if faulthandler else "")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=PATIENCE_S)
     assert "TRACKED-OK" in r.stdout, r.stderr
     assert "SWALLOWED" not in r.stdout
     assert r.returncode == -signal.SIGSEGV

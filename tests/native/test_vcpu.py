@@ -12,7 +12,7 @@ from livemig.native import ffi, lib
 from livemig.vm import asm, isa
 from livemig.vm.devices import FNV_BASIS, console_hash
 from livemig.vm.vcpu import VCpu
-from support.waiting import wait_for
+from support.waiting import PATIENCE_S, wait_for
 
 MASK = (1 << 64) - 1
 DATA = 0x10000  # data area used by the snippets, well past the code
@@ -27,7 +27,7 @@ def mem():
     m.close()
 
 
-def run_snippet(mem, source, *, regs=None, rng=0, timeout_s=5.0):
+def run_snippet(mem, source, *, regs=None, rng=0, timeout_s=PATIENCE_S):
     """Assemble at address 0, run to HALT or a fault, return (state, vcpu)."""
     code = asm.assemble(source, constants={"DATA": DATA})
     mem.bytes[:len(code)] = np.frombuffer(code, dtype=np.uint8)
@@ -169,7 +169,7 @@ def test_clock_counts_steps_from_clock_base(mem):
     st.clock_base = 1000
     v.set_state(st)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().regs[1] == 1002
     v.close()
 
@@ -245,14 +245,14 @@ def test_bad_register_and_opcode_fields(mem):
                                     dtype=np.uint8)
     v = VCpu(mem, 0)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     st = v.get_state()
     assert (st.fault_code, st.fault_addr, st.steps, st.pc) == (isa.FAULT_BAD_REGISTER, 8, 1, 8)
     st.status, st.pc = isa.STATUS_PARKED, 16
     mem.bytes[16:24] = np.frombuffer(bytes([200, 0, 0, 0, 0, 0, 0, 0]), dtype=np.uint8)
     v.set_state(st)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().fault_code == isa.FAULT_BAD_OPCODE
     v.close()
 
@@ -323,12 +323,12 @@ def test_stop_step_is_exact(mem, stop):
     v = spinner(mem)
     v.set_stop_step(stop)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().steps == stop == v.counters()[0]
     # a later stop continues from there
     v.set_stop_step(stop + 1000)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().steps == stop + 1000
     v.close()
 
@@ -345,7 +345,7 @@ def test_stop_step_interplays_with_pause(mem):
     assert 0 < steps < 50_000_000
     v.set_throttle(0)
     v.resume()
-    assert v.wait_parked(10)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().steps == 50_000_000
     v.close()
 
@@ -425,7 +425,7 @@ def test_any_command_sequence_ends_exactly_at_the_stop_step(commands):
             v.set_pace(0)
             v.set_stop_step(target)
             v.resume()
-            assert v.wait_parked(10)
+            assert v.wait_parked(PATIENCE_S)
             s = v.get_state()
             states.append((list(s.regs), s.pc, s.steps, bytes(m.bytes[DATA:DATA + 4096])))
             v.close()

@@ -27,7 +27,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 AHEAD_STEPS = 5_000
 
 
-def livemig(*args, check: int | None = EXIT_OK, timeout_s: float = 60):
+def livemig(*args, check: int | None = EXIT_OK, timeout_s: float = PATIENCE_S):
     proc = subprocess.run([sys.executable, "-m", "livemig", *map(str, args)], env=ENV,
                           capture_output=True, text=True, timeout=timeout_s)
     if check is not None:
@@ -47,7 +47,7 @@ class DaemonProcess:
             [sys.executable, "-m", "livemig", "daemon", "--listen", "127.0.0.1:0",
              "--control", self.control, "--loop", loop, *extra],
             env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = ControlClient(self.control, timeout_s=60)
+        self.client = ControlClient(self.control, timeout_s=PATIENCE_S)
         self.info = wait_for(f"daemon {label} to answer on its control socket", self._ping)
         self.address = self.info["listen"]
         self.port = int(self.address.rsplit(":", 1)[1])
@@ -75,7 +75,7 @@ class DaemonProcess:
             with contextlib.suppress(ControlError):
                 self.client.call("shutdown")
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=PATIENCE_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
