@@ -383,6 +383,70 @@ def test_pace_limits_ticks_per_second(mem):
     v.close()
 
 
+def test_tick_counts_and_changes_nothing_else(mem):
+    st, v = run_snippet(mem, "li r1, 3\ntick\ntick\ntick\nhalt")
+    assert v.counters() == (st.steps, 3, 0) == (5, 3, 0)
+    assert st.regs[1] == 3 and all(r == 0 for r in list(st.regs)[2:])
+    v.close()
+
+
+# -- property: straight-line ALU programs agree with a Python model ------------
+_ALU = {
+    "ADD": lambda a, b: a + b, "SUB": lambda a, b: a - b, "MUL": lambda a, b: a * b,
+    "AND": lambda a, b: a & b, "OR": lambda a, b: a | b, "XOR": lambda a, b: a ^ b,
+    "SHL": lambda a, b: a << (b & 63), "SHR": lambda a, b: a >> (b & 63),
+}
+_ALUI = {
+    "ADDI": lambda a, i: a + i, "MULI": lambda a, i: a * i, "ANDI": lambda a, i: a & i,
+    "ORI": lambda a, i: a | i, "XORI": lambda a, i: a ^ i,
+    "SHLI": lambda a, i: a << (i & 63), "SHRI": lambda a, i: a >> (i & 63),
+}
+_reg = st.integers(0, 15)
+_imm = st.integers(-(1 << 31), (1 << 31) - 1)
+_insn = st.one_of(
+    st.tuples(st.sampled_from(sorted(_ALU)), _reg, _reg, _reg, st.just(0)),
+    st.tuples(st.sampled_from(sorted(_ALUI)), _reg, _reg, st.just(0), _imm),
+    st.tuples(st.sampled_from(["LI", "LIH"]), _reg, st.just(0), st.just(0), _imm),
+    st.tuples(st.just("MOV"), _reg, _reg, st.just(0), st.just(0)),
+)
+
+
+def _model(program, regs):
+    r = list(regs)
+    for name, rd, ra, rb, imm in program:
+        if name in _ALU:
+            r[rd] = _ALU[name](r[ra], r[rb]) & MASK
+        elif name in _ALUI:
+            r[rd] = _ALUI[name](r[ra], imm & MASK if name not in ("SHLI", "SHRI") else imm) & MASK
+        elif name == "LI":
+            r[rd] = imm & MASK
+        elif name == "LIH":
+            r[rd] = (r[rd] & 0xFFFFFFFF) | ((imm & 0xFFFFFFFF) << 32)
+        else:
+            r[rd] = r[ra]
+    return r
+
+
+@settings(max_examples=60, deadline=None)
+@given(program=st.lists(_insn, min_size=1, max_size=40),
+       regs=st.lists(st.integers(0, MASK), min_size=16, max_size=16))
+def test_alu_programs_match_the_model(program, regs):
+    code = b"".join(isa.encode(isa.BY_NAME[n].code, rd, ra, rb, imm)
+                    for n, rd, ra, rb, imm in program) + isa.encode(isa.BY_NAME["HALT"].code)
+    with GuestMemory("64KiB", hugepages=False) as m:
+        m.bytes[:len(code)] = np.frombuffer(code, dtype=np.uint8)
+        v = VCpu(m, 0)
+        s = v.get_state()
+        s.regs = regs
+        v.set_state(s)
+        v.resume()
+        assert v.wait_parked(PATIENCE_S)
+        s = v.get_state()
+        v.close()
+    assert s.status == isa.STATUS_HALTED and s.steps == len(program) + 1
+    assert list(s.regs) == _model(program, regs)
+
+
 _command = st.one_of(
     st.tuples(st.just("resume"), st.just(0)),
     st.tuples(st.just("pause"), st.just(0)),
