@@ -19,7 +19,7 @@ RATE_BPS = 16 * MIB   # one vCPU does ~250 MiB/s unpaced: well below its maximum
 def uniform_vm():
     with VM(memory="256MiB", vcpus=1, workload="uniform", dirty_rate=RATE_BPS, seed=7) as vm:
         vm.start()
-        time.sleep(0.1)   # paces nothing asserted: each test compares with the guest's own count
+        time.sleep(0.1)   # a head start; the tests compare with the guest's own count
         yield vm
         vm.pause()
         vm.check_guest()
