@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from livemig.aio.loop import loop_kind, new_event_loop
+from support.waiting import PATIENCE_S
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -14,14 +15,19 @@ def run(request):
     unhandled = []
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
 
-    def runner(coro, timeout_s: float = 15.0):
-        return loop.run_until_complete(asyncio.wait_for(coro, timeout_s))
+    def runner(coro):
+        return loop.run_until_complete(asyncio.wait_for(coro, PATIENCE_S))
 
     runner.kind = request.param
     yield runner
-    # Let closing transports and finished tasks settle, then check for leaks.
+    # Tasks still winding down (a closing channel's reader, a server's handler)
+    # get their time; a task still pending after that has leaked.
+    pending = asyncio.all_tasks(loop)
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=PATIENCE_S))
+    # A few more turns of the loop run the close callbacks of transports.
     for _ in range(5):
-        loop.run_until_complete(asyncio.sleep(0.005))
+        loop.run_until_complete(asyncio.sleep(0))
     leaked = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in leaked:
         task.cancel()

@@ -19,6 +19,7 @@ from livemig.protocol.events import Hello
 from livemig.protocol.state import Role
 from support.conversations import pages
 from support.faultproxy import FaultProxy
+from support.waiting import PATIENCE_S, wait_for_async
 
 SESSION = os.urandom(16)
 
@@ -133,8 +134,7 @@ def test_backpressure_pauses_reading_and_blocks_sender(run):
                 sent += 1
 
         task = asyncio.create_task(sender())
-        await asyncio.sleep(0.3)
-        assert dst._reading_paused
+        await wait_for_async("the receiver to pause reading", lambda: dst._reading_paused)
         assert not task.done() and sent < 200
         assert dst._queued_bytes <= (1 << 20) + 2 * wire.DEFAULT_MAX_PAYLOAD_BYTES
         got = 0
@@ -237,7 +237,7 @@ def test_tls_mutual_authentication(run, tmp_path):
                 with pytest.raises((ConnectionLost, _ssl.SSLError, ConnectionError)):
                     bad = await open_channel("127.0.0.1", srv.port, kind=ChannelKind.CONTROL,
                                              session_id=SESSION, ssl=ctx,
-                                             server_hostname="localhost", timeout_s=5)
+                                             server_hostname="localhost", timeout_s=PATIENCE_S)
                     await bad.send(MigrationOffer({}, Mode.PRECOPY, 1))
                     await bad.recv()
     run(main())
@@ -303,10 +303,7 @@ def test_fault_proxy_cut_and_drop_surface_as_connection_lost(run):
                 assert info.value.channel == "source/bulk"
                 assert proxy.cuts == 1
                 await ch.close()
-            for _ in range(100):
-                if failures:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_for_async("the destination to fail on the cut", lambda: failures)
             assert isinstance(failures[0], RemoteProtocolError)
 
             # 2) drop everything once a request went through, while the

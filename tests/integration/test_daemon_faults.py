@@ -6,7 +6,6 @@ ways). The source daemon lives on, its VM runs on and still matches a twin
 that never moved, and it migrates the VM elsewhere afterwards.
 """
 import signal
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from support.daemons import EXIT_FAILED, DaemonProcess
 from support.daemons import assert_daemon_vm_matches_unmoved as _assert_matches_unmoved
 from support.daemons import start_vm as _start
 from support.oracle import Recipe
+from support.waiting import PATIENCE_S, wait_for
 
 
 def test_destination_daemon_killed_mid_round(tmp_path):
@@ -27,14 +27,12 @@ def test_destination_daemon_killed_mid_round(tmp_path):
         # limit and no round limit: the migration cannot end before the kill
         rec = a.cli_json("migrate", "victim", "--to", b.address, "--max-bandwidth", "1MiB/s",
                          "--downtime-ms", "1", "--max-rounds", "100000", "--no-wait")
-        deadline = time.monotonic() + 10
-        while (a.client.call("status", id=rec["id"]).get("stats") or {}).get(
-                "bytes_sent", 0) < 256 << 10:
-            assert time.monotonic() < deadline, "the migration never got going"
-            time.sleep(0.05)
+        wait_for("the migration to send 256 KiB",
+                 lambda: (a.client.call("status", id=rec["id"]).get("stats") or {}).get(
+                     "bytes_sent", 0) >= 256 << 10)
         b.proc.send_signal(signal.SIGKILL)
         b.proc.wait()
-        final = a.client.call("migration.wait", id=rec["id"], timeout_s=20)
+        final = a.client.call("migration.wait", id=rec["id"], timeout_s=PATIENCE_S)
         assert final["status"] == "failed", final
         assert "resumed on the source" in final["error"], final["error"]
         assert final["stats"]["status"] == "failed" and not final["stats"]["converged"]

@@ -6,6 +6,7 @@ import pytest
 from livemig.native import postcopy
 from livemig.errors import ControlError
 from livemig.service.daemon import Daemon
+from support.waiting import PATIENCE_S
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
                                 reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
@@ -25,10 +26,10 @@ def test_switch_a_running_precopy_migration_to_postcopy(run, tmp_path):
             rec = await ha["migrate"](name="vm1", to=f"127.0.0.1:{b.listen_port}",
                                       mode="precopy", downtime_ms=0.001, max_rounds=1000,
                                       max_bandwidth_bps=32 << 20)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)   # some pre-copy first; it cannot end by itself
             asked = await ha["migration.postcopy"](vm="vm1")
             assert asked["id"] == rec["id"]
-            done = await ha["migration.wait"](id=rec["id"], timeout_s=20)
+            done = await ha["migration.wait"](id=rec["id"], timeout_s=PATIENCE_S)
             assert done["status"] == "completed", done
             assert done["stats"]["postcopy"]["duration_ms"] > 0
             assert [v["name"] for v in await hb["vm.list"]()] == ["vm1"]
@@ -39,4 +40,4 @@ def test_switch_a_running_precopy_migration_to_postcopy(run, tmp_path):
             await a.close()
             await b.close()
 
-    run(scenario(), 30)
+    run(scenario())

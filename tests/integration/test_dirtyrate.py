@@ -9,6 +9,7 @@ from livemig.analysis.dirtyrate import BLOCK_PAGES, hot_block_share, measure_dir
 from livemig.errors import ConfigError
 from livemig.native.tracking import open_tracker
 from livemig.vm.machine import VM
+from support.waiting import wait_for
 
 MIB = 1 << 20
 RATE_BPS = 16 * MIB   # one vCPU does ~250 MiB/s unpaced: well below its maximum
@@ -18,7 +19,7 @@ RATE_BPS = 16 * MIB   # one vCPU does ~250 MiB/s unpaced: well below its maximum
 def uniform_vm():
     with VM(memory="256MiB", vcpus=1, workload="uniform", dirty_rate=RATE_BPS, seed=7) as vm:
         vm.start()
-        time.sleep(0.1)
+        time.sleep(0.1)   # a head start; the tests compare with the guest's own count
         yield vm
         vm.pause()
         vm.check_guest()
@@ -27,7 +28,9 @@ def uniform_vm():
 def test_tracker_measures_the_configured_rate(uniform_vm):
     r = measure_dirty_rate(uniform_vm, 1.0)
     assert r.method == "tracker" and r.tracker
-    assert abs(r.bytes_per_s - RATE_BPS) <= 0.2 * RATE_BPS, r
+    # Against the guest's own store count over the same window: how close a
+    # paced guest gets to its target on a loaded machine is not the question.
+    assert abs(r.bytes_per_s - r.guest_dirty_rate_bps) <= 0.2 * r.guest_dirty_rate_bps, r
     assert r.interval_pages >= r.dirty_pages
     assert 0.8 < r.distinct_per_store <= 1.0
     # uniform writes: the hottest 10 % of blocks hold little more than 10 % of them
@@ -40,7 +43,10 @@ def test_hash_sampling_while_a_tracker_is_armed(uniform_vm):
         r = measure_dirty_rate(uniform_vm, 1.0, seed=3)
         trk.stop()
     assert r.method == "hash-sample" and r.sampled_pages >= 4096
-    assert abs(r.bytes_per_s - RATE_BPS) <= 0.2 * RATE_BPS, r
+    assert r.dirty_pages > 0, r
+    # within 20 %, or four standard errors of the sample if the guest wrote little
+    tolerance = max(0.2, 4 * r.relative_error)
+    assert abs(r.bytes_per_s - r.guest_dirty_rate_bps) <= tolerance * r.guest_dirty_rate_bps, r
     with open_tracker(uniform_vm.memory) as trk:
         trk.start()
         with pytest.raises(ConfigError, match="hash-sample"):
@@ -51,7 +57,10 @@ def test_hash_sampling_while_a_tracker_is_armed(uniform_vm):
 def test_hot_set_is_concentrated():
     with VM(memory="128MiB", vcpus=1, workload="hotset", dirty_rate=8 * MIB) as vm:
         vm.start()
-        r = measure_dirty_rate(vm, 0.5)
+        # Rewrites show only once the hot set has taken enough stores: about
+        # 1000 in a window at this rate, fewer if the guest was starved of CPU.
+        r = wait_for("a 0.5 s window in which the guest stored 800 times",
+                     lambda: (m := measure_dirty_rate(vm, 0.5)).guest_stores >= 800 and m)
         vm.pause()
     assert r.hot_block_share > 0.6
     assert r.distinct_per_store < 0.95   # hot pages are rewritten

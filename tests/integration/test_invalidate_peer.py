@@ -11,6 +11,7 @@ from livemig.engine.destination.server import MigrationServer
 from livemig.codec.digest import PageHashes
 from livemig.protocol import (Abort, Accept, ChannelKind, MigrationOffer, Mode, PageInvalidate,
                               RoundAck, Switchover, VerifyFailed)
+from support.waiting import PATIENCE_S
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
                                 reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
@@ -20,7 +21,7 @@ NPAGES = 256
 
 async def _offered(srv):
     ch = await open_channel("127.0.0.1", srv.port, kind=ChannelKind.CONTROL,
-                            session_id=os.urandom(16), timeout_s=5)
+                            session_id=os.urandom(16), timeout_s=PATIENCE_S)
     await ch.send(MigrationOffer({"name": "hostile", "memory_bytes": NPAGES * 4096, "vcpus": 1},
                                  Mode.HYBRID, NPAGES))
     assert isinstance(await ch.recv(), Accept)
@@ -47,7 +48,7 @@ def test_page_outside_memory_is_a_protocol_error(run):
             await ch.close()
             assert not srv.sessions
     before = _uffd_fds()
-    run(main(), 10)
+    run(main())
     assert _uffd_fds() == before
 
 
@@ -69,5 +70,5 @@ def test_owed_bitmap_that_disagrees_with_what_is_missing_is_refused(run):
             await ch.close()
             assert not srv.sessions
     before = _uffd_fds()
-    run(main(), 10)
+    run(main())
     assert _uffd_fds() == before

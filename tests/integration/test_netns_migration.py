@@ -35,7 +35,7 @@ def test_migration_across_a_shaped_tls_link(tmp_path):
         src, dst = hosts.src, hosts.dst
         src.call("vm.start", name="m", memory=MEMORY, vcpus=1, workload="memtest",
                  dirty_rate="4MiB/s", seed=SEED)
-        time.sleep(0.2)
+        time.sleep(0.2)   # the guest dirties memory; nothing below depends on how much
         rec = src.call("migrate", name="m", to=hosts.dst_addr, wait=True,
                        server_hostname=hosts.server_hostname)
         while rec["status"] in ("setup", "active"):

@@ -19,6 +19,8 @@ from livemig.errors import HandshakeRefused, MigrationError
 from livemig.engine.source.session import MigrationControl, migrate
 from livemig.vm.machine import VM
 from support.faultproxy import FaultProxy
+from support.oracle import fill_then_start
+from support.waiting import PATIENCE_S, wait_for, wait_for_async
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
                                 reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
@@ -58,24 +60,24 @@ async def _migrate_and_receive(vm, cfg, *, server_cfg=None, via_proxy=None, cont
                 await proxy.close()
         else:
             stats = await migrate(vm, "127.0.0.1", port, config=cfg, control=control)
-        arrival, moved = await asyncio.wait_for(srv.completed.get(), 10)
+        arrival, moved = await srv.completed.get()
         assert not srv.sessions
     return stats, arrival, moved
 
 
 def _run_migration(run, workload, cfg, *, seed=11, dirty_rate="32MiB/s", vcpus=2,
-                   fill_s=0.0, **kw):
-    """Migrate a fresh VM; ``fill_s``: first let it write at full speed for
-    that long, so most pages hold data (a fresh guest is mostly zero pages)."""
+                   fill=False, **kw):
+    """Migrate a fresh VM; ``fill``: first run it until most pages hold data
+    (a fresh guest is mostly zero pages)."""
     if workload == "idle":
         dirty_rate = None    # idle writes nothing: it takes no dirty rate
-    vm = VM(MEM, vcpus, workload, seed=seed, dirty_rate=None if fill_s else dirty_rate)
+    vm = VM(MEM, vcpus, workload, seed=seed, dirty_rate=dirty_rate)
     try:
-        vm.start()
-        if fill_s:
-            run(asyncio.sleep(fill_s))
-            vm.set_dirty_rate(dirty_rate)
-        stats, arrival, moved = run(_migrate_and_receive(vm, cfg, **kw), 30)
+        if fill:
+            fill_then_start(vm)
+        else:
+            vm.start()
+        stats, arrival, moved = run(_migrate_and_receive(vm, cfg, **kw))
     finally:
         vm.close()
     try:
@@ -115,7 +117,7 @@ def test_memtest_faster_than_a_capped_link(run, mode):
     extra = {"hybrid_postcopy_after_rounds": 1} if mode == "hybrid" else {}
     cfg = MigrationConfig(mode=mode, codec=RAW, max_bandwidth_bps=32 << 20, max_downtime_ms=1.0,
                           **extra)
-    stats, arrival = _run_migration(run, "memtest", cfg, dirty_rate="64MiB/s", fill_s=0.1)
+    stats, arrival = _run_migration(run, "memtest", cfg, dirty_rate="64MiB/s", fill=True)
     assert stats.status == "completed"
     assert arrival.stats.pages_pushed > 0
 
@@ -124,7 +126,7 @@ def test_faults_are_requested_and_timed(run):
     # A slow push (capped link) leaves the guest faulting: requests are
     # answered on the urgent channel and their latency is recorded.
     cfg = MigrationConfig(mode="postcopy", max_bandwidth_bps=16 << 20, codec=RAW)
-    stats, arrival = _run_migration(run, "memtest", cfg, dirty_rate="8MiB/s", fill_s=0.2)
+    stats, arrival = _run_migration(run, "memtest", cfg, dirty_rate="8MiB/s", fill=True)
     dst = arrival.stats
     assert dst.urgent_requests > 0 and dst.pages_requested > 0
     assert dst.fault_latency.count > 0
@@ -153,12 +155,11 @@ def test_recovery_after_repeated_cuts(run):
                 break
             proxy.drop()
             cuts.append(proxy.forwarded["up"])
-            await asyncio.sleep(0.02)
         return await task
 
     cfg = MigrationConfig(mode="postcopy", max_bandwidth_bps=12 << 20, codec=RAW,
-                          postcopy_recovery_timeout_s=10.0)
-    stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill_s=0.3,
+                          postcopy_recovery_timeout_s=PATIENCE_S)
+    stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill=True,
                                     via_proxy=cut_during_postcopy)
     assert stats.status == "completed"
     assert stats.recoveries >= 1 and stats.recoveries == arrival.stats.recoveries
@@ -188,23 +189,19 @@ def test_source_gone_for_good_stops_the_destination_vm(run):
             return arrival
 
         async with MigrationServer("127.0.0.1", 0, config=cfg, on_incoming=hook) as srv:
-            vm = VM(MEM, 2, "memtest", seed=4)
+            vm = VM(MEM, 2, "memtest", seed=4, dirty_rate="8MiB/s")
             try:
-                vm.start()
-                await asyncio.sleep(0.2)          # let it fill its memory
-                vm.set_dirty_rate("8MiB/s")
+                fill_then_start(vm)
                 task = asyncio.ensure_future(migrate(vm, "127.0.0.1", srv.port, config=cfg))
-                while not any(s == "postcopy-active" for s, _ in failures):
-                    await asyncio.sleep(0.01)
+                await wait_for_async("post-copy at the destination",
+                                     lambda: any(s == "postcopy-active" for s, _ in failures))
                 incoming = next(iter(srv.sessions.values()))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)    # some post-copy traffic; its amount does not matter
                 task.cancel()            # the source dies mid post-copy
                 with pytest.raises(asyncio.CancelledError):
                     await task
-                for _ in range(200):
-                    if srv.sessions == {} and failures[-1][0] == "failed":
-                        break
-                    await asyncio.sleep(0.01)
+                await wait_for_async("the destination to give the VM up",
+                                     lambda: srv.sessions == {} and failures[-1][0] == "failed")
             finally:
                 vm.close()
             assert failures[-1][0] == "failed"
@@ -213,10 +210,16 @@ def test_source_gone_for_good_stops_the_destination_vm(run):
             assert srv.completed.empty()
 
     before = _open_fds()
-    run(scenario(), 20)
-    after = _open_fds()
-    assert not [t for t in after if "userfaultfd" in t]
-    assert len(after) <= len(before), (before, after)
+    run(scenario())
+
+    def released():
+        # Outside the loop (a running uvloop holds a socket pair of its own),
+        # after one more turn of it: transports finish closing on a later turn.
+        run(asyncio.sleep(0))
+        after = _open_fds()
+        return not [t for t in after if "userfaultfd" in t] and len(after) <= len(before)
+
+    wait_for("the userfaultfd and the sockets to be closed", released)
 
 
 def test_userfaultfd_unavailable_refuses_postcopy_but_precopy_works(run, monkeypatch):
@@ -254,7 +257,7 @@ def test_precopy_of_raw_pages_while_the_guest_writes(run):
     # Uncompressed pages of a running guest are sent while it writes them:
     # the frame checksum must cover the bytes actually sent.
     cfg = MigrationConfig(mode="precopy", codec=RAW, max_bandwidth_bps=64 << 20)
-    stats, _ = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill_s=0.2)
+    stats, _ = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill=True)
     assert stats.status == "completed" and stats.pages_by_encoding["raw"] > 0
 
 
@@ -267,14 +270,18 @@ def test_recover_now_cuts_the_backoff_short(run, monkeypatch):
         task = asyncio.ensure_future(migration)
         await proxy.wait_forwarded(proxy.forwarded["up"] + (1 << 20), "up")
         proxy.drop()
+        # A window for a wrong early end to show; only a forced retry ends it.
         await asyncio.sleep(0.1)
         assert not task.done()
-        control.recover_now()
-        return await asyncio.wait_for(task, 10)
+        # Ask until it has recovered: a request made before the source has
+        # noticed the cut and entered its backoff is not kept for later.
+        await wait_for_async("the forced retry to recover the migration",
+                             lambda: control.recover_now() or task.done())
+        return await task
 
     cfg = MigrationConfig(mode="postcopy", max_bandwidth_bps=16 << 20, codec=RAW,
                           postcopy_recovery_timeout_s=20.0)
-    stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill_s=0.2,
+    stats, arrival = _run_migration(run, "sweep", cfg, dirty_rate="8MiB/s", fill=True,
                                     via_proxy=cut_once, control=control)
     assert stats.status == "completed" and stats.recoveries == 1
 
@@ -285,7 +292,7 @@ def test_hybrid_invalidates_before_the_pause_and_discards_little_in_the_stop(run
     # pause, so the stop only discards what was written during the last one.
     cfg = MigrationConfig(mode="hybrid", hybrid_postcopy_after_rounds=1, max_downtime_ms=0.001,
                           codec=RAW, max_bandwidth_bps=64 << 20)
-    stats, arrival = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill_s=0.1)
+    stats, arrival = _run_migration(run, "uniform", cfg, dirty_rate="64MiB/s", fill=True)
     src, dst = stats, arrival.stats
     assert src.status == "completed" and dst.status == "completed"
     assert len(src.invalidation_rounds) >= 1

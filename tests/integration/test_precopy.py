@@ -15,6 +15,7 @@ from livemig.errors import HandoverInDoubt, MigrationError
 from livemig.policy import Action
 from livemig.engine.source.session import migrate
 from support.oracle import Recipe, assert_matches_unmoved
+from support.waiting import wait_for_async
 
 LOCAL = "127.0.0.1"
 # Incompressible pages that are never sent as deltas: the link, not the codec,
@@ -28,10 +29,10 @@ async def _migrate(recipe: Recipe, config: MigrationConfig | None = None, *,
     vm = recipe.build()
     try:
         vm.start()
-        await asyncio.sleep(warmup_s)
+        await asyncio.sleep(warmup_s)   # the guest dirties memory; nothing depends on how much
         async with MigrationServer(LOCAL, 0, config=server_config) as server:
             stats = await migrate(vm, LOCAL, server.port, config=config, name="t")
-            arrival, moved = await asyncio.wait_for(server.completed.get(), 5)
+            arrival, moved = await server.completed.get()
         assert arrival.status == "completed" and arrival.name == "t"
         assert moved.running
         return stats, moved
@@ -69,10 +70,11 @@ def test_random_memory_needs_several_rounds_and_converges(run):
         assert len(stats.decisions) > 1, [d.reason for d in stats.decisions]  # live rounds
         assert stats.converged and stats.decisions[-1].action is Action.SWITCHOVER
         assert all(d.action is Action.CONTINUE for d in stats.decisions[:-1])
-        # round 0 is all of memory; what follows is the (smaller) dirty set —
-        # how much smaller depends on how long round 0 took on a loaded machine
+        # round 0 is all of memory; what follows is only the dirty set, which
+        # never holds the code pages (how much of the data it holds depends
+        # on how long round 0 took on a loaded machine)
         sent = [r.pages_sent for r in stats.rounds]
-        assert sent[0] == 8192 and max(sent[1:]) < sent[0] // 2, sent
+        assert sent[0] == 8192 and max(sent[1:]) < sent[0], sent
         assert stats.bytes_sent > 32 << 20  # random data: round 0 alone is the memory
         _check_moved(moved, recipe)
     run(main())
@@ -100,8 +102,8 @@ def test_dirty_rate_above_capped_link_gives_up_and_source_keeps_running(run):
             assert len(err.stats.rounds) == 5
             assert vm.running
             steps = vm.steps()
-            await asyncio.sleep(0.05)
-            assert all(b > a for a, b in zip(steps, vm.steps())), "the source VM must run on"
+            await wait_for_async("the source VM to run on",
+                                 lambda: all(b > a for a, b in zip(steps, vm.steps())))
             assert_matches_unmoved(vm, FAST_GUEST)
         finally:
             vm.close()
@@ -145,7 +147,7 @@ def test_full_digest_catches_a_corrupted_page_and_the_source_resumes(run, monkey
         vm = recipe.build()
         try:
             vm.start()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)   # the guest dirties memory; nothing depends on how much
             async with MigrationServer(LOCAL, 0, config=full if where == "both" else None) as srv:
                 with pytest.raises(MigrationError, match="digest") as info:
                     await migrate(vm, LOCAL, srv.port, config=full)
@@ -181,16 +183,16 @@ def test_library_api_both_sides_back_and_forth_in_one_program(run):
     async def main():
         vm = recipe.build()
         vm.start()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)   # the guest dirties memory; nothing depends on how much
         async with MigrationServer(LOCAL, 0, on_incoming=host) as a, \
                 MigrationServer(LOCAL, 0, on_incoming=host) as b:
             for hop, server in enumerate([b, a, b]):
                 stats = await migrate(vm, LOCAL, server.port, name=f"hop{hop}")
                 assert stats.status == "completed" and not vm.running
                 vm.close()
-                arrival, vm = await asyncio.wait_for(server.completed.get(), 5)
+                arrival, vm = await server.completed.get()
                 assert arrival.name == f"hop{hop}" and resumed[-1] == (f"hop{hop}", vm)
-                await asyncio.sleep(0.03)
+                await asyncio.sleep(0.03)   # runs a while at each stop; how long does not matter
             assert not a.errors and not b.errors
         _check_moved(vm, recipe)
-    run(main(), timeout_s=30)
+    run(main())

@@ -13,8 +13,10 @@ import time
 import pytest
 
 from livemig.native import postcopy
-from support.daemons import DaemonProcess, assert_daemon_vm_matches_unmoved, start_vm
+from support.daemons import (DaemonProcess, assert_daemon_vm_matches_unmoved, start_vm,
+                             wait_hosted)
 from support.oracle import Recipe
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
                                 reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
@@ -22,33 +24,38 @@ pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
 RECOVERY_S = 1.0
 
 
+def _tcp_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)                                   # the header line
+            inodes.update(line.split()[9] for line in f)
+    return inodes
+
+
 def _resources(pid: int) -> dict:
-    """What a process holds: its threads, userfaultfd fds and sockets."""
+    """What a process holds: its threads, userfaultfd fds and TCP sockets.
+
+    Only TCP sockets count: the migration's channels are TCP, while every
+    control call of this test is a unix connection the daemon closes a
+    moment after answering, so counting those would race with the test's
+    own last call."""
     fds = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             pass
+    tcp = _tcp_inodes(pid)
     return {"threads": len(os.listdir(f"/proc/{pid}/task")),
             "uffd": sum("userfaultfd" in t for t in fds),
-            "sockets": sum(t.startswith("socket:") for t in fds)}
+            "sockets": sum(t.startswith("socket:[") and t[8:-1] in tcp for t in fds)}
 
 
 def _incoming(daemon, vm_name: str) -> dict | None:
     recs = [m for m in daemon.client.call("status")["migrations"]
             if m["direction"] == "incoming" and m["vm"] == vm_name]
     return recs[-1] if recs else None
-
-
-def _wait_for(what: str, predicate, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = predicate()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_source_daemon_killed_during_postcopy(tmp_path):
@@ -64,38 +71,42 @@ def test_source_daemon_killed_during_postcopy(tmp_path):
         done = src.client.call("migrate", name="warm", to=dst.address, mode="postcopy",
                                wait=True)
         assert done["status"] == "completed", done
+        wait_hosted(dst, "warm")
         dst.client.call("vm.stop", name="warm")
         baseline = _resources(dst.proc.pid)
 
         recipe = Recipe("16MiB", 2, "memtest", seed=3, dirty_rate="64MiB/s")
         start_vm(src, "victim", recipe)
-        time.sleep(0.3)                      # let the guest fill its memory
+        # Pages the guest wrote are what post-copy must carry: run it unpaced
+        # (timing only) past step 200k, where almost all of its memory holds data.
+        steps = src.client.call("vm.pause", name="victim")["steps"]
+        src.client.call("vm.set_dirty_rate", name="victim", rate=None)
+        src.client.call("vm.run_to", name="victim", step=max(200_000, *steps))
+        src.client.call("vm.set_dirty_rate", name="victim", rate=recipe.dirty_rate)
+        src.client.call("vm.resume", name="victim")
         # RAW pages at 512 KiB/s: post-copy lasts many seconds after Commit.
         src.client.call("migrate", name="victim", to=dst.address, mode="postcopy",
                         max_bandwidth_bps=512 << 10)
-        _wait_for("post-copy at the destination",
-                  lambda: (_incoming(dst, "victim") or {}).get("status") == "postcopy-active",
-                  15)
+        wait_for("post-copy at the destination",
+                 lambda: (_incoming(dst, "victim") or {}).get("status") == "postcopy-active")
         during = _resources(dst.proc.pid)
         assert during["uffd"] == baseline["uffd"] + 1      # the check below can fail
         assert during["threads"] >= baseline["threads"] + recipe.vcpus
 
+        t_kill = time.monotonic()            # before the kill: a lower bound that holds
         src.proc.send_signal(signal.SIGKILL)
         src.proc.wait()
-        t_kill = time.monotonic()
-        rec = _wait_for("the destination to give the VM up",
-                        lambda: (r := _incoming(dst, "victim"))["status"] == "failed" and r,
-                        RECOVERY_S + 10)
+        rec = wait_for("the destination to give the VM up",
+                       lambda: (r := _incoming(dst, "victim"))["status"] == "failed" and r)
         assert time.monotonic() - t_kill >= RECOVERY_S * 0.9   # it waited for a recovery
         assert "cannot be completed" in rec["error"], rec["error"]
         assert "stopped and its memory freed" in rec["error"], rec["error"]
         assert dst.alive()
         assert [v["name"] for v in dst.client.call("vm.list")] == []
-        after = _wait_for("the destination to release its resources",
-                          lambda: (r := _resources(dst.proc.pid))["threads"]
-                          <= baseline["threads"] and r, 5)
+        after = wait_for("the destination to release its threads, userfaultfd and sockets",
+                         lambda: (r := _resources(dst.proc.pid))["threads"] <= baseline["threads"]
+                         and r["uffd"] == 0 and r["sockets"] <= baseline["sockets"] and r)
         assert after["uffd"] == baseline["uffd"] == 0
-        assert after["sockets"] <= baseline["sockets"]
 
         # The daemon goes on serving: the same name may arrive again.
         spare = DaemonProcess(tmp_path, "src2", "asyncio")

@@ -6,14 +6,15 @@ paused and a last collect is applied, the shadow must equal guest memory byte
 for byte: any write the tracker lost would leave a stale page behind.
 """
 import json
-import time
 
 import numpy as np
 import pytest
 
 from livemig.analysis import probe
+from livemig.native import PAGE_SIZE
 from livemig.native.tracking import open_tracker
 from livemig.vm.machine import VM
+from support.waiting import wait_for
 
 BACKENDS = [
     pytest.param(name, id=name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {reason}"))
@@ -29,17 +30,21 @@ def test_shadow_from_collected_pages_equals_memory(backend, workload):
         shadow = vm.memory.pages.copy()
         trk.start()
         vm.start()
-        reported = 0
-        for _ in range(6):
-            time.sleep(0.05)
+        reported = rounds = 0
+
+        def collect_round():
+            nonlocal reported, rounds
             dirty = trk.collect().astype(np.int64)
             reported += dirty.size
+            rounds += 1
             shadow[dirty] = vm.memory.pages[dirty]
+            return rounds >= 6 and reported >= 1000
+
+        wait_for("six collect rounds over 1000 pages the guest wrote", collect_round)
         vm.pause()
         dirty = trk.collect().astype(np.int64)
         shadow[dirty] = vm.memory.pages[dirty]
         trk.stop()
-        assert reported > 0, "the guest wrote nothing: the test proves nothing"
         stale = np.flatnonzero((shadow != vm.memory.pages).any(axis=1))
         assert stale.size == 0, f"{backend} lost writes to pages {stale[:10].tolist()}"
         vm.check_guest()
@@ -54,8 +59,11 @@ def test_vm_run_reports_dirty_rate(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["tracker"] in ("uffd-async", "uffd-wp", "mprotect")
     assert out["samples"] and out["mean_dirty_bytes_per_s"] > 0
-    # pacing approximates the target; the tracker sees distinct pages, so allow a wide band
-    assert 0.3 * (8 << 20) < out["mean_dirty_bytes_per_s"] < 1.5 * (8 << 20)
+    # The guest is paced: all it can have dirtied by the last sample is the
+    # rate over the run plus its catch-up allowance. (How close to the target
+    # a loaded machine lets it get is a question for bench/.)
+    dirtied = sum(s["dirty_pages"] for s in out["samples"]) * PAGE_SIZE
+    assert dirtied <= (8 << 20) * (out["samples"][-1]["t_s"] + 0.1), out["samples"]
 
 
 def test_probe_command_json_and_text(capsys):

@@ -1,7 +1,5 @@
 """Which path serves the urgent channel: native threads when the host allows,
 the event loops otherwise (forced off, TLS); both move the VM intact."""
-import asyncio
-
 import pytest
 
 from livemig.native import postcopy, urgent
@@ -9,6 +7,7 @@ from livemig.config import CodecConfig, MigrationConfig
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.vm.machine import VM
+from support.oracle import fill_then_start
 
 OK, WHY = urgent.probe()
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
@@ -18,11 +17,10 @@ pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
 async def _postcopy_once(cfg):
     vm = VM("16MiB", 2, "uniform", seed=4, dirty_rate="32MiB/s")
     try:
-        vm.start()
-        await asyncio.sleep(0.05)
+        fill_then_start(vm)     # owed pages the guest will fault on at the destination
         async with MigrationServer("127.0.0.1", 0, config=cfg) as srv:
             stats = await migrate(vm, "127.0.0.1", srv.port, config=cfg)
-            arrival, moved = await asyncio.wait_for(srv.completed.get(), 10)
+            arrival, moved = await srv.completed.get()
             moved.close()
         return stats, arrival.stats
     finally:
@@ -34,7 +32,7 @@ CFG = dict(mode="postcopy", codec=CodecConfig().without("lz4"), max_bandwidth_bp
 
 @pytest.mark.skipif(not OK, reason=f"native urgent path: {WHY}")
 def test_native_path_is_chosen_and_serves_faults(run):
-    src, dst = run(_postcopy_once(MigrationConfig(**CFG)), 30)
+    src, dst = run(_postcopy_once(MigrationConfig(**CFG)))
     assert src.status == dst.status == "completed"
     assert src.fault_path == dst.fault_path == "native"
     assert dst.pages_requested > 0 and dst.fault_latency.count >= dst.pages_requested
@@ -43,7 +41,7 @@ def test_native_path_is_chosen_and_serves_faults(run):
 
 
 def test_forced_off_by_config_uses_the_event_loop(run):
-    src, dst = run(_postcopy_once(MigrationConfig(**CFG, native_urgent=False)), 30)
+    src, dst = run(_postcopy_once(MigrationConfig(**CFG, native_urgent=False)))
     assert src.status == dst.status == "completed"
     assert src.fault_path == dst.fault_path == "python"
     assert "configuration" in dst.fault_path_reason
@@ -52,7 +50,7 @@ def test_forced_off_by_config_uses_the_event_loop(run):
 
 def test_forced_off_by_environment(run, monkeypatch):
     monkeypatch.setenv(urgent.ENV_SWITCH, "0")
-    src, dst = run(_postcopy_once(MigrationConfig(**CFG)), 30)
+    src, dst = run(_postcopy_once(MigrationConfig(**CFG)))
     assert src.status == dst.status == "completed"
     assert src.fault_path == dst.fault_path == "python"
     assert urgent.ENV_SWITCH in src.fault_path_reason
@@ -70,13 +68,13 @@ def test_mixed_paths_interoperate(run):
             vm.start()
             async with MigrationServer("127.0.0.1", 0, config=cfg_dst) as srv:
                 stats = await migrate(vm, "127.0.0.1", srv.port, config=cfg_src)
-                arrival, moved = await asyncio.wait_for(srv.completed.get(), 10)
+                arrival, moved = await srv.completed.get()
                 moved.close()
             return stats, arrival.stats
         finally:
             vm.close()
 
-    src, dst = run(main(), 30)
+    src, dst = run(main())
     assert src.status == dst.status == "completed"
     assert (src.fault_path, dst.fault_path) == ("python", "native")
 

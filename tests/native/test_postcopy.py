@@ -8,7 +8,6 @@ import select
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from livemig.errors import (BackendUnavailable, ConfigError, LivemigError, Nativ
 from livemig.lab.faultbench import LocalFaultServer, Toucher
 from livemig.native.memory import GuestMemory
 from livemig.native.postcopy import BACKEND_NAME, PostcopyMemory, probe
+from support.waiting import PATIENCE_S, wait_for, wait_for_async
 
 PAGE = 4096
 PROBE = probe()
@@ -46,21 +46,35 @@ def guest():
     mem.close()
 
 
-def _wait_readable(pm, timeout_s=5.0):
+def _wait_readable(pm, timeout_s=PATIENCE_S):
     p = select.poll()
     p.register(pm.fileno(), select.POLLIN)
     assert p.poll(int(timeout_s * 1000)), "no fault arrived"
 
 
-def _serve_until(pm, source, touchers, timeout_s=10.0):
+def _serve_until(pm, source, touchers):
     """Serve faults from a Python loop until every toucher is done."""
-    deadline = time.monotonic() + timeout_s
-    while any(t.done < t.pages.size for t in touchers):
-        assert time.monotonic() < deadline, "touchers did not finish"
+    def served():
         for page in pm.read_faults():
             pm.place(int(page), source[page])
+        return all(t.done == t.pages.size for t in touchers)
+
+    wait_for("the touchers to finish", served, interval_s=0)
     for t in touchers:
-        t.join(timeout_s)
+        t.join(PATIENCE_S)
+
+
+def _blocked_in_userfault() -> int:
+    """Threads of this process asleep in the kernel's userfault handler, each
+    with its fault queued on a userfaultfd."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/wchan") as f:
+                n += f.read() == "handle_userfault"
+        except OSError:
+            pass
+    return n
 
 
 def test_probe_reports_missing_and_why_not_move():
@@ -89,7 +103,7 @@ def test_zero_page_path(guest):
     t = Toucher(mem, [3, 4])
     _wait_readable(pm)
     assert pm.place_zero(3, 2) == 2
-    t.join(5)
+    t.join(PATIENCE_S)
     assert t.values.tolist() == [0, 0]
     assert not mem.pages[3:5].any()
     assert pm.stats["pages_zeroed"] == 2 and pm.missing == mem.npages - 2
@@ -105,7 +119,7 @@ def test_move_path_takes_source_pages(guest):
         t = Toucher(mem, [10, 20])
         _wait_readable(pm)
         assert pm.place_move(0, donor.bytes, 64) == 64
-        t.join(5)
+        t.join(PATIENCE_S)
         assert t.values.tolist() == [source[10, 0], source[20, 0]]
         assert np.array_equal(mem.words[:64], source)
         assert not donor.bytes.any()  # the pages were taken, not copied
@@ -212,7 +226,7 @@ def test_mark_present_keeps_precopied_pages_and_discards_the_rest(guest):
     _wait_readable(pm)
     assert pm.read_faults().tolist() == [1]  # discarded, so it faults
     pm.place_zero(1)
-    t.join(5)
+    t.join(PATIENCE_S)
     assert t.values[0] == 0
 
 
@@ -231,8 +245,7 @@ def test_faults_are_deduplicated_and_placed_pages_not_reported(guest):
     mem, register = guest
     pm = register()
     a, b = Toucher(mem, [5]), Toucher(mem, [5])
-    _wait_readable(pm)
-    time.sleep(0.1)  # let the second thread queue its fault too
+    wait_for("both touchers to fault on page 5", lambda: _blocked_in_userfault() == 2)
     assert pm.read_faults().tolist() == [5]
     assert pm.stats["faults_read"] == 2
     c = Toucher(mem, [6])
@@ -243,7 +256,7 @@ def test_faults_are_deduplicated_and_placed_pages_not_reported(guest):
     assert pm.read_faults().size == 0
     assert pm.stats["faults_read"] == 2
     for t in (a, b, c):
-        t.join(5)
+        t.join(PATIENCE_S)
     assert pm.read_faults().size == 0
 
 
@@ -278,14 +291,12 @@ def test_concurrent_faults_served_by_event_loop(guest, loop_name):
         try:
             touchers = [Toucher(mem, h, offset_bytes=8, cpu=i % os.cpu_count()) for i, h in
                         enumerate(halves)]
-            deadline = loop.time() + 10
-            while any(t.done < t.pages.size for t in touchers):
-                assert loop.time() < deadline, "faults not served"
-                await asyncio.sleep(0.002)
+            await wait_for_async("the loop to serve every fault",
+                                 lambda: all(t.done == t.pages.size for t in touchers))
         finally:
             loop.remove_reader(pm.fileno())
         for t in touchers:
-            t.join(5)
+            t.join(PATIENCE_S)
         return touchers, batches
 
     touchers, batches = _run(loop_name, main())
@@ -303,7 +314,7 @@ def test_local_fault_server_serves_everything(guest):
     pm = register()
     with LocalFaultServer(pm, source) as server:
         t = Toucher(mem, np.arange(mem.npages))
-        t.join(10)
+        t.join(PATIENCE_S)
         with pytest.raises(LivemigError, match="native server"):
             pm.close(abandon=True)  # the server thread still polls the fd
     assert server.stop() == 0  # already stopped
@@ -331,7 +342,7 @@ def test_abandon_wakes_blocked_threads(guest):
     with pytest.raises(TimeoutError):
         t.join(0.05)
     pm.close(abandon=True)
-    t.join(5)
+    t.join(PATIENCE_S)
     assert t.values[0] == 0
 
 
@@ -345,7 +356,7 @@ def test_region_in_use_cannot_be_freed(guest):
     t = Toucher(mem, [0])  # a running toucher holds the region too
     with pytest.raises(LivemigError, match="in use"):
         mem.close()
-    t.join(5)
+    t.join(PATIENCE_S)
 
 
 def test_required_feature_refused_is_backend_unavailable(guest):
@@ -405,7 +416,7 @@ def _unprivileged(mode):
         pytest.skip("needs root to drop privileges in a child")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", _DROP_PRIVS, mode], capture_output=True,
-                         text=True, timeout=30, env=env)
+                         text=True, timeout=PATIENCE_S, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from livemig.native import tracking
 from livemig.errors import BackendUnavailable, ConfigError, LivemigError, TrackerStateError
 from livemig.native.memory import GuestMemory
 from livemig.native.tracking import open_tracker
+from support.waiting import PATIENCE_S, wait_for
 
 ffi, lib = native.ffi, native.lib
 # Subprocesses import livemig from wherever this test run did (an installed
@@ -87,6 +87,16 @@ def test_stop_leaves_memory_writable_and_silent(backend, memory):
         np.testing.assert_array_equal(t.collect(), [5])
 
 
+def _written(memory, writers):
+    """The pages the native writers have stored to so far (readable while they run)."""
+    written = np.zeros(memory.npages, dtype=bool)
+    for w in writers:
+        bm = np.zeros((memory.npages + 63) // 64, dtype=np.uint64)
+        native.check(lib.lm_writer_bitmap(w, ffi.from_buffer("uint64_t[]", bm), len(bm)), "bitmap")
+        written |= np.unpackbits(bm.view(np.uint8), bitorder="little")[: memory.npages].astype(bool)
+    return written
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_concurrent_writers_shadow_copy_matches_memory(backend):
     """Writers keep storing from native threads while we collect in a loop and
@@ -100,27 +110,31 @@ def test_concurrent_writers_shadow_copy_matches_memory(backend):
             native.check(lib.lm_writer_start(m.handle, 0, m.npages, seed, 0, w), "writer")
             writers.append(w[0])
         reported = np.zeros(m.npages, dtype=bool)
-        deadline = time.monotonic() + 0.4
         rounds = 0
+
+        def collect_round():
+            """One collect while the writers run; done after twenty rounds that
+            overlapped more than a thousand of their writes."""
+            nonlocal rounds
+            idx = t.collect()
+            assert np.all(np.diff(idx.astype(np.int64)) > 0), "not strictly ascending"
+            shadow[idx] = m.pages[idx]
+            reported[idx] = True
+            rounds += 1
+            return rounds > 20 and _written(m, writers).sum() > 1000
+
         try:
-            while time.monotonic() < deadline:
-                idx = t.collect()
-                assert np.all(np.diff(idx.astype(np.int64)) > 0), "not strictly ascending"
-                shadow[idx] = m.pages[idx]
-                reported[idx] = True
-                rounds += 1
+            wait_for("the writers to write 1000 pages across 20 collect rounds", collect_round,
+                     interval_s=0)
         finally:
             writes = [lib.lm_writer_stop(w) for w in writers]
         idx = t.collect()
         shadow[idx] = m.pages[idx]
         reported[idx] = True
-        written = np.zeros(m.npages, dtype=bool)
+        written = _written(m, writers)
         for w in writers:
-            bm = np.zeros((m.npages + 63) // 64, dtype=np.uint64)
-            native.check(lib.lm_writer_bitmap(w, ffi.from_buffer("uint64_t[]", bm), len(bm)), "bitmap")
-            written |= np.unpackbits(bm.view(np.uint8), bitorder="little")[: m.npages].astype(bool)
             lib.lm_writer_destroy(w)
-        assert sum(writes) > 1000 and rounds > 3
+        assert sum(writes) > 1000 and rounds > 20
         assert not (written & ~reported).any(), "a written page was never reported"
         mismatch = np.flatnonzero((shadow != m.pages).any(axis=1))
         assert mismatch.size == 0, f"pages {mismatch[:10]} differ from the shadow copy"
@@ -202,7 +216,7 @@ def test_unprivileged_user_gets_backend_unavailable_from_the_kernel():
         "t = open_tracker(m); print('AUTO', t.name); t.close()\n"
     )
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=PATIENCE_S)
     assert "REFUSED" in r.stdout, r.stderr
     assert "vm.unprivileged_userfaultfd=1" in r.stdout
     assert "AUTO mprotect" in r.stdout
@@ -260,7 +274,7 @@ print('SWALLOWED', flush=True)
 def test_sigsegv_outside_tracked_regions_still_crashes(faulthandler):
     code = _CRASH.format(enable="faulthandler.enable()" if faulthandler else "")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=PATIENCE_S)
     assert "TRACKED-OK" in r.stdout, r.stderr
     assert "SWALLOWED" not in r.stdout
     assert r.returncode == -signal.SIGSEGV

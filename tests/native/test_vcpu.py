@@ -1,6 +1,5 @@
 """The native vCPU: instruction semantics, faults, run control, state."""
 import errno
-import statistics
 import time
 
 import numpy as np
@@ -13,6 +12,7 @@ from livemig.native import ffi, lib
 from livemig.vm import asm, isa
 from livemig.vm.devices import FNV_BASIS, console_hash
 from livemig.vm.vcpu import VCpu
+from support.waiting import PATIENCE_S, wait_for
 
 MASK = (1 << 64) - 1
 DATA = 0x10000  # data area used by the snippets, well past the code
@@ -27,7 +27,7 @@ def mem():
     m.close()
 
 
-def run_snippet(mem, source, *, regs=None, rng=0, timeout_s=5.0):
+def run_snippet(mem, source, *, regs=None, rng=0, timeout_s=PATIENCE_S):
     """Assemble at address 0, run to HALT or a fault, return (state, vcpu)."""
     code = asm.assemble(source, constants={"DATA": DATA})
     mem.bytes[:len(code)] = np.frombuffer(code, dtype=np.uint8)
@@ -169,7 +169,7 @@ def test_clock_counts_steps_from_clock_base(mem):
     st.clock_base = 1000
     v.set_state(st)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().regs[1] == 1002
     v.close()
 
@@ -245,14 +245,14 @@ def test_bad_register_and_opcode_fields(mem):
                                     dtype=np.uint8)
     v = VCpu(mem, 0)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     st = v.get_state()
     assert (st.fault_code, st.fault_addr, st.steps, st.pc) == (isa.FAULT_BAD_REGISTER, 8, 1, 8)
     st.status, st.pc = isa.STATUS_PARKED, 16
     mem.bytes[16:24] = np.frombuffer(bytes([200, 0, 0, 0, 0, 0, 0, 0]), dtype=np.uint8)
     v.set_state(st)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().fault_code == isa.FAULT_BAD_OPCODE
     v.close()
 
@@ -284,18 +284,21 @@ def spinner(mem, source=SPIN):
     return VCpu(mem, 0)
 
 
+def _let_it_step(v):
+    """Wait until a running vCPU has retired another instruction."""
+    before = v.counters()[0]
+    wait_for("the vCPU to step", lambda: v.counters()[0] > before)
+
+
 @pytest.mark.parametrize("source", [SPIN, PSUM_LOOP], ids=["stores", "psum"])
-def test_pause_latency_is_below_a_millisecond(mem, source):
+def test_pause_parks_a_running_vcpu(mem, source):
+    # How fast it parks is measured by bench/vcpu_speed.py.
     v = spinner(mem, source)
-    latencies = []
     for _ in range(60):
         v.resume()
-        time.sleep(0.002)
-        t0 = time.perf_counter()
+        _let_it_step(v)
         v.pause()
-        latencies.append(time.perf_counter() - t0)
         assert v.status == isa.STATUS_PARKED
-    assert statistics.median(latencies) < 1e-3, latencies
     v.close()
 
 
@@ -320,12 +323,12 @@ def test_stop_step_is_exact(mem, stop):
     v = spinner(mem)
     v.set_stop_step(stop)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().steps == stop == v.counters()[0]
     # a later stop continues from there
     v.set_stop_step(stop + 1000)
     v.resume()
-    assert v.wait_parked(5)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().steps == stop + 1000
     v.close()
 
@@ -333,59 +336,50 @@ def test_stop_step_is_exact(mem, stop):
 def test_stop_step_interplays_with_pause(mem):
     v = spinner(mem)
     v.set_stop_step(50_000_000)
+    v.set_throttle(90)      # timing only: keeps it seconds away from the stop step
     for _ in range(5):
         v.resume()
-        time.sleep(0.002)
+        _let_it_step(v)
         v.pause()
     steps = v.get_state().steps
     assert 0 < steps < 50_000_000
+    v.set_throttle(0)
     v.resume()
-    assert v.wait_parked(10)
+    assert v.wait_parked(PATIENCE_S)
     assert v.get_state().steps == 50_000_000
     v.close()
 
 
-def _rate(v, seconds):
-    s0 = v.counters()[0]
-    v.resume()
-    time.sleep(seconds)
-    v.pause()
-    return (v.counters()[0] - s0) / seconds
-
-
-def test_throttle_slows_the_vcpu_and_pause_interrupts_its_sleep(mem):
+def test_throttle_makes_the_vcpu_sleep_and_pause_interrupts_it(mem):
+    # How much a throttle slows the guest is measured by bench/, not here.
     v = spinner(mem)
-    full = _rate(v, 0.1)
     v.set_throttle(90)
-    throttled = _rate(v, 0.2)
-    assert throttled < full * 0.5, (full, throttled)
     v.resume()
-    time.sleep(0.005)
-    t0 = time.perf_counter()
-    v.pause()
-    assert time.perf_counter() - t0 < 0.005  # not a whole 9 ms sleep slice
+
+    def caught_asleep():
+        before = v.counters()[0]
+        time.sleep(0.002)     # a fifth of a 9 ms throttle sleep
+        return v.counters()[0] == before
+
+    wait_for("the throttled vCPU to be caught in its sleep", caught_asleep)
+    v.pause()                 # interrupts the sleep: parks, however long it had left
+    assert v.status == isa.STATUS_PARKED
     with pytest.raises(Exception):
         v.set_throttle(100)
     v.close()
 
 
 def test_pace_limits_ticks_per_second(mem):
+    pace = 20_000
     v = spinner(mem)
-    v.set_pace(20_000)
-    t0 = v.counters()[1]
+    v.set_pace(pace)
+    t0, ticks0 = time.monotonic(), v.counters()[1]
     v.resume()
-    time.sleep(0.3)
+    wait_for("0.3 s worth of ticks at the pace", lambda: v.counters()[1] - ticks0 >= pace * 0.3)
     v.pause()
-    rate = (v.counters()[1] - t0) / 0.3
-    assert 10_000 < rate < 26_000, rate
-    v.close()
-
-
-def test_interpreter_speed_floor(mem):
-    """A loose floor only: catches an accidentally de-optimised hot loop."""
-    v = spinner(mem)
-    ips = _rate(v, 0.2)
-    assert ips > 20e6, ips
+    rate = (v.counters()[1] - ticks0) / (time.monotonic() - t0)
+    # At most the pace plus its 50 ms catch-up allowance over the window.
+    assert rate < 26_000, rate
     v.close()
 
 
@@ -446,7 +440,7 @@ def test_alu_programs_match_the_model(program, regs):
         s.regs = regs
         v.set_state(s)
         v.resume()
-        assert v.wait_parked(5)
+        assert v.wait_parked(PATIENCE_S)
         s = v.get_state()
         v.close()
     assert s.status == isa.STATUS_HALTED and s.steps == len(program) + 1
@@ -481,7 +475,7 @@ def test_any_command_sequence_ends_exactly_at_the_stop_step(commands):
                     v.pause()
                     assert v.status == isa.STATUS_PARKED
                 elif name == "sleep_us":
-                    time.sleep(arg / 1e6)
+                    time.sleep(arg / 1e6)   # lets it run a while; the end state cannot depend on it
                 elif name == "stop_ahead":
                     v.pause()
                     v.set_stop_step(min(target, v.counters()[0] + arg))
@@ -495,7 +489,7 @@ def test_any_command_sequence_ends_exactly_at_the_stop_step(commands):
             v.set_pace(0)
             v.set_stop_step(target)
             v.resume()
-            assert v.wait_parked(10)
+            assert v.wait_parked(PATIENCE_S)
             s = v.get_state()
             states.append((list(s.regs), s.pc, s.steps, bytes(m.bytes[DATA:DATA + 4096])))
             v.close()

@@ -11,13 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import livemig
 from livemig.errors import ControlError
 from livemig.service.control import ControlClient
 from support.oracle import Recipe
+from support.waiting import PATIENCE_S, wait_for
 
 # The daemons and CLI run the same livemig this test process imported (the
 # source tree with its built module, or the installed package).
@@ -28,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 AHEAD_STEPS = 5_000
 
 
-def livemig(*args, check: int | None = EXIT_OK, timeout_s: float = 60):
+def livemig(*args, check: int | None = EXIT_OK, timeout_s: float = PATIENCE_S):
     proc = subprocess.run([sys.executable, "-m", "livemig", *map(str, args)], env=ENV,
                           capture_output=True, text=True, timeout=timeout_s)
     if check is not None:
@@ -49,19 +49,19 @@ class DaemonProcess:
              "--control", self.control, "--loop", loop,
              "--state-dir", str(tmp / f"{label}-state"), *extra],
             env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = ControlClient(self.control, timeout_s=60)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.info = self.client.call("ping")
-                break
-            except ControlError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.log.seek(0)
-                    raise RuntimeError(f"daemon {label} did not start:\n{self.log.read()}")
-                time.sleep(0.05)
+        self.client = ControlClient(self.control, timeout_s=PATIENCE_S)
+        self.info = wait_for(f"daemon {label} to answer on its control socket", self._ping)
         self.address = self.info["listen"]
         self.port = int(self.address.rsplit(":", 1)[1])
+
+    def _ping(self) -> dict | None:
+        try:
+            return self.client.call("ping")
+        except ControlError:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"daemon exited at start:\n{self.log.read()}") from None
+            return None
 
     def cli(self, *args, check: int | None = EXIT_OK):
         return livemig(*args, "--control", self.control, check=check)
@@ -77,7 +77,7 @@ class DaemonProcess:
             with contextlib.suppress(ControlError):
                 self.client.call("shutdown")
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=PATIENCE_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -90,14 +90,22 @@ def start_vm(daemon, name, recipe: Recipe) -> dict:
                            recipe.dirty_rate, "--seed", recipe.seed)
 
 
+def wait_hosted(daemon, name: str) -> dict:
+    """The daemon's listing of VM ``name`` once it hosts it. A destination
+    lists a post-copy arrival when its last page has landed, a moment after
+    the source has already reported the migration completed."""
+    return wait_for(f"VM {name!r} to be hosted by the daemon",
+                    lambda: next((v for v in daemon.client.call("vm.list")
+                                  if v["name"] == name), None))
+
+
 def assert_daemon_vm_matches_unmoved(daemon, name: str, recipe: Recipe) -> None:
-    vm = daemon.client.call("vm.list")
-    steps = next(v["steps"] for v in vm if v["name"] == name)
+    steps = wait_hosted(daemon, name)["steps"]
     target = max(steps) + AHEAD_STEPS
-    daemon.client.call("vm.run_to", name=name, step=target, timeout_s=30)
+    daemon.client.call("vm.run_to", name=name, step=target, timeout_s=PATIENCE_S)
     got = daemon.client.call("vm.inspect", name=name)
     with recipe.build(paced=False) as twin:
-        twin.run_to(target, timeout_s=30)
+        twin.run_to(target, timeout_s=PATIENCE_S)
         assert got["steps"] == twin.steps() == [target] * recipe.vcpus
         assert got["digest"] == twin.digest().hex(), "memory digest differs"
         for i in range(recipe.vcpus):

@@ -13,8 +13,12 @@ import numpy as np
 
 from livemig.native import PAGE_SIZE
 from livemig.vm.machine import VM
+from support.waiting import PATIENCE_S
 
 AHEAD_STEPS = 200_000
+FILL_STEPS = 1_000_000
+"""A step by which every writing workload of a 16 MiB VM has written nearly
+all of its pages (memtest, the slowest to cover them, needs about 700k)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,20 @@ class Recipe:
         return vm
 
 
+def fill_then_start(vm: VM, step: int = FILL_STEPS) -> None:
+    """Run a fresh VM unpaced to ``step``, then start it at its own pace.
+
+    Unlike letting the guest run for a while, this leaves the same memory
+    however loaded the machine is (a starved guest leaves zero pages, which
+    cost nothing to move). Pacing is timing only: an unmoved twin run
+    straight to a later step still agrees."""
+    rate = vm.dirty_rate
+    vm.set_dirty_rate(None)
+    vm.run_to(step)
+    vm.set_dirty_rate(rate)
+    vm.start()
+
+
 def observe(vm: VM) -> dict:
     vm.check_guest()
     return {"digest": vm.digest(), "steps": vm.steps(),
@@ -51,7 +69,7 @@ def observe(vm: VM) -> dict:
 
 
 def assert_matches_unmoved(moved: VM, recipe: Recipe, *, ahead_steps: int = AHEAD_STEPS,
-                           timeout_s: float = 20.0) -> int:
+                           timeout_s: float = PATIENCE_S) -> int:
     """Run ``moved`` and a never-moved twin to the same step; assert identical.
 
     Pacing and throttle are timing only, so both run unpaced to get there
@@ -74,7 +92,8 @@ def assert_matches_unmoved(moved: VM, recipe: Recipe, *, ahead_steps: int = AHEA
     return target
 
 
-async def assert_arrival_matches_unmoved(server, recipe: Recipe, *, timeout_s: float = 5.0):
+async def assert_arrival_matches_unmoved(server, recipe: Recipe, *,
+                                         timeout_s: float = PATIENCE_S):
     """Take the next VM that arrived at ``server`` (a MigrationServer), check it
     against a never-moved twin of ``recipe``, and close it."""
     import asyncio
