@@ -13,7 +13,7 @@ page, which is what a tracker-less pre-copy would have to do each round).
 Medians of the repeats. Results: bench/results/tracking.json and a markdown
 table on stdout.
 
-    PYTHONPATH=src python bench/bench_tracking.py [--quick]
+    python bench/bench_tracking.py [--quick]
 """
 from __future__ import annotations
 

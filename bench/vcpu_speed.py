@@ -1,6 +1,6 @@
 """How fast is the toy vCPU? Instructions/s per workload, and pause latency.
 
-    PYTHONPATH=src python bench/vcpu_speed.py [--seconds 0.5] [--json out.json]
+    python bench/vcpu_speed.py [--seconds 0.5] [--json out.json]
 
 Each workload runs unpaced on one vCPU in 64 MiB for the given time; the
 result is retired instructions per second and page writes (TICKs) per

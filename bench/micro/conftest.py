@@ -2,7 +2,7 @@
 
 Run them (the default test run never does; pyproject disables benchmarks):
 
-    PYTHONPATH=src python -m pytest bench/micro --benchmark-enable \\
+    python -m pytest bench/micro --benchmark-enable \\
         [--benchmark-json bench/results/micro.json]
 
 Each benchmark's docstring says what one round measures. Regions are 64 MiB,
