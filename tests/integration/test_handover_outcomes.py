@@ -116,7 +116,7 @@ def test_one_fault_at_the_handover_leaves_one_intact_vm(run, case):
     mode, fault = case
     if mode != "precopy" and not postcopy.probe().missing:
         pytest.skip(f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
-    where, vm, moved, record = run(migrate_through_fault(mode, fault), 90)
+    where, vm, moved, record = run(migrate_through_fault(mode, fault))
     try:
         assert record is not None, "the destination kept no record of the session"
         if where == "destination":

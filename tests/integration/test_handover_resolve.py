@@ -98,7 +98,7 @@ def test_resolve_after_resumed_was_lost_releases_the_source(run, tmp_path):
             await proxy.close()
             await a.close()
             await b.close()
-    run(scenario(), 120)
+    run(scenario())
 
 
 def test_resolve_after_commit_was_lost_resumes_the_source(run, tmp_path):
@@ -115,7 +115,7 @@ def test_resolve_after_commit_was_lost_resumes_the_source(run, tmp_path):
             await proxy.close()
             await a.close()
             await b.close()
-    run(scenario(), 120)
+    run(scenario())
 
 
 def test_resolve_by_hand_when_the_destination_stays_unreachable(run, tmp_path):
@@ -133,7 +133,7 @@ def test_resolve_by_hand_when_the_destination_stays_unreachable(run, tmp_path):
             await proxy.close()
             await a.close()
             await b.close()
-    run(scenario(), 120)
+    run(scenario())
 
 
 async def _has(handlers, name: str) -> bool:

@@ -101,10 +101,10 @@ def test_hybrid_runs_its_rounds_on_streams_then_post_copy(run):
                 assert stats.status == "completed"
                 assert stats.data_path == "native-streams ×2"
                 assert stats.rounds[0].pages_sent == RECIPE_PAGES
-                await assert_arrival_matches_unmoved(server, RECIPE, timeout_s=10)
+                await assert_arrival_matches_unmoved(server, RECIPE)
             finally:
                 vm.close()
-    run(main(), timeout_s=60)
+    run(main())
 
 
 @pytest.mark.parametrize("old_side", ["source", "destination"])
@@ -225,10 +225,10 @@ def test_a_stream_harmed_mid_round_fails_cleanly_and_the_source_resumes(run, act
                 # The VM is whole here, and moves on a second try.
                 stats = await migrate(vm, LOCAL, server.port, config=config, name="s")
                 assert stats.status == "completed"
-                await assert_arrival_matches_unmoved(server, RECIPE, timeout_s=10)
+                await assert_arrival_matches_unmoved(server, RECIPE)
         finally:
             vm.close()
-    run(main(), timeout_s=60)
+    run(main())
 
 
 @pytest.mark.parametrize("peer", ["reads nothing", "never acks"])
