@@ -33,7 +33,7 @@ RECIPES = {"precopy": Recipe("16MiB", 2, "memtest", seed=31, dirty_rate="16MiB/s
                               fill_seed=5),
            "hybrid": Recipe("16MiB", 2, "memtest", seed=33, dirty_rate="16MiB/s")}
 # Short waits where a black hole must be noticed by silence; generous recovery.
-CONFIG = dict(handshake_timeout_s=5, switchover_timeout_s=10, ack_timeout_s=2,
+CONFIG = dict(handshake_timeout_s=10, switchover_timeout_s=10, ack_timeout_s=4,
               postcopy_recovery_timeout_s=20)
 MODES = {"precopy": {},
          "postcopy": {"mode": "postcopy"},

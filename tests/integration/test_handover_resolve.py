@@ -67,8 +67,8 @@ async def _in_doubt(tmp_path, fault: Fault):
     await ha["vm.start"](name="vm1", memory=RECIPE.memory, vcpus=RECIPE.vcpus,
                          workload=RECIPE.workload, dirty_rate=RECIPE.dirty_rate,
                          seed=RECIPE.seed)
-    rec = await ha["migrate"](name="vm1", to=f"{LOCAL}:{proxy.port}", ack_timeout_s=1,
-                              handshake_timeout_s=1)
+    rec = await ha["migrate"](name="vm1", to=f"{LOCAL}:{proxy.port}", ack_timeout_s=3,
+                              handshake_timeout_s=5)
     await proxy.fired.wait()
     proxy.refusing = True      # the destination is unreachable from now on
     done = await ha["migration.wait"](id=rec["id"], timeout_s=60)
@@ -172,7 +172,7 @@ def test_cli_resolve_of_a_vm_left_in_doubt(tmp_path):
         start_vm(a, "vm1", RECIPE)
         # short waits for Resumed and for the outcome (the CLI has no flags for them)
         rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
-                            ack_timeout_s=1, handshake_timeout_s=1)
+                            ack_timeout_s=3, handshake_timeout_s=5)
         deadline = time.monotonic() + 60
         while not link.proxy.fired.is_set():
             assert time.monotonic() < deadline, "Resumed never passed the proxy"
@@ -204,7 +204,7 @@ def test_destination_killed_after_commit_the_operator_resumes_the_source(tmp_pat
     try:
         start_vm(a, "vm1", RECIPE)
         rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
-                            ack_timeout_s=1, handshake_timeout_s=1)
+                            ack_timeout_s=3, handshake_timeout_s=5)
         deadline = time.monotonic() + 60
         while not link.proxy.fired.is_set():
             assert time.monotonic() < deadline, "Resumed never passed the proxy"

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not OK, reason=f"native streams: {WHY}")
 RECIPE = Recipe("32MiB", 2, "uniform", seed=41, dirty_rate="24MiB/s", fill_seed=4)
 MEMTEST = Recipe("16MiB", 2, "memtest", seed=42, dirty_rate="24MiB/s")
 RECIPE_PAGES = (32 << 20) // 4096
-QUICK = dict(handshake_timeout_s=5, switchover_timeout_s=5, ack_timeout_s=5)
+QUICK = dict(handshake_timeout_s=10, switchover_timeout_s=10, ack_timeout_s=10)
 
 
 async def _migrate_checked(recipe: Recipe, config: MigrationConfig, *, server, **kw):
