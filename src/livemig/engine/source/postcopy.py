@@ -58,8 +58,7 @@ from ...native import PAGE_SIZE
 from ...codec.kernels import ZERO_PAGE_HASH, hash_pages, zero_scan
 from ...pages import order_near_faults, runs_of
 from ...codec.rawbatch import MAX_FAST_RUNS, encode_raw
-from ...protocol import (BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, PageRequest,
-                       Phase, Ping, Pong, PostcopyComplete)
+from ...protocol import BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, Phase, Ping, Pong
 from ...stats import MigrationStats
 from ...native.urgent import NativePageServer
 
@@ -181,9 +180,9 @@ class PostcopySender:
             if event is None:
                 raise RemoteProtocolError("the destination closed the urgent channel",
                                           phase="postcopy")
-            if not isinstance(event, PageRequest):
-                raise RemoteProtocolError(f"unexpected {type(event).__name__} on the urgent "
-                                          "channel", phase="postcopy")
+            if isinstance(event, Abort):   # the table allows only PageRequest or Abort here
+                raise MigrationError(f"the destination aborted post-copy: {event.reason}",
+                                     phase="postcopy", source_resumed=False)
             pages = np.unique(np.asarray(event.pages, dtype=np.int64))
             if pages.size and (pages[0] < 0 or pages[-1] >= self.npages):
                 raise RemoteProtocolError("a PageRequest names a page outside guest memory",
@@ -300,9 +299,7 @@ class PostcopySender:
         if isinstance(event, Abort):
             raise MigrationError(f"the destination aborted post-copy: {event.reason}",
                                  phase="postcopy", source_resumed=False)
-        if not isinstance(event, PostcopyComplete):
-            raise RemoteProtocolError(f"expected PostcopyComplete, got "
-                                      f"{type(event).__name__}", phase="postcopy")
+        # The protocol's table leaves only PostcopyComplete here.
         ours = self.encoder.sent_hashes.digest()
         if event.digest != ours:
             reason = (f"post-copy memory digest mismatch: destination {event.digest.hex()}, "
