@@ -120,15 +120,25 @@ class MigrationControl:
         self.postcopy_requested = False
         self.session_id: bytes | None = None    # set by the session: names it to the peer
         self.cancel_requested = False
+        self._interruptible: asyncio.Task | None = None   # the session, while before the pause
+        self._interrupted = False
         self._recover = asyncio.Event()
         self.limiter: TokenBucket | None = None     # the page streams' cap, if any
         self._channels: list[Channel] = []
         self._batch_bytes = 0
 
     def request_cancel(self) -> None:
-        """Abandon the migration at the next page batch or round boundary,
-        which is always before the pause: the VM runs on here."""
+        """Abandon the migration before the pause: the VM runs on here.
+
+        While pre-copy runs the session is interrupted at once (a page batch
+        may wait many seconds for a slow link's tokens); once the session has
+        left pre-copy for the switchover it is no longer interruptible, and
+        the request only stops a session that has not got there yet."""
         self.cancel_requested = True
+        task = self._interruptible
+        if task is not None and not task.done():
+            self._interrupted = True
+            task.cancel()
 
     def set_max_bandwidth(self, bandwidth_bps: float | None) -> None:
         """Change the page streams' cap (bytes/s; None lifts it) from the
@@ -215,6 +225,7 @@ class SourceSession:
                                   timeout_s=cfg.handshake_timeout_s)
         self.control._batch_bytes = cfg.batch_bytes
         self.control.limiter = limiter
+        self.control._interruptible = asyncio.current_task()
         try:
             refused = streams_refusal(cfg, tls=ssl is not None)
             self._ch = self.control._capped(
@@ -227,13 +238,21 @@ class SourceSession:
                 await self._open_postcopy_channels(resume=False)
             self._tracker = open_tracker(self.vm.memory, self.tracker_name)
             self.stats.tracker = self._tracker.name
-            if await self._precopy() == "postcopy":
+            then = await self._precopy()
+            # The VM may pause from here on: a cancel no longer interrupts.
+            self.control._interruptible = None
+            if then == "postcopy":
                 await self._invalidate()
                 await self._postcopy(await self._switchover_postcopy())
             else:
                 await self._switchover()
             return self.stats
         except BaseException as exc:
+            self.control._interruptible = None
+            if isinstance(exc, asyncio.CancelledError) and self.control._interrupted:
+                asyncio.current_task().uncancel()      # ours: a requested cancel, not a shutdown
+                exc = MigrationCancelled("cancelled by request before the switchover; the VM "
+                                         "runs on at the source", phase=self.phase.label)
             await self._fail(exc)
             raise self._as_migration_error(exc) from exc
         finally:
