@@ -55,7 +55,7 @@ def _source_main(job: dict, result_q) -> None:
     import numpy as np
 
     from livemig.aio.loop import run
-    from livemig.config import MigrationConfig, codec_config_from_dict
+    from livemig.config import MigrationConfig
     from livemig.errors import MigrationError
     from livemig.native import PAGE_SIZE
     from livemig.engine.source.session import migrate
@@ -70,10 +70,7 @@ def _source_main(job: dict, result_q) -> None:
             for off in range(start, vm.memory.length_bytes, FILL_CHUNK_BYTES):
                 end = min(off + FILL_CHUNK_BYTES, vm.memory.length_bytes)
                 vm.memory.bytes[off:end] = np.frombuffer(rng.bytes(end - off), np.uint8)
-        opts = dict(job["config"])
-        if "codec" in opts:
-            opts["codec"] = codec_config_from_dict(opts["codec"])
-        config = MigrationConfig(**opts)
+        config = MigrationConfig.from_dict(job["config"])   # the dict form: downtime_ms
         vm.start()
         result_q.put({"event": "started", "pid": os.getpid()})
         time.sleep(job["warmup_s"])
