@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy
 import xxhash
 
-from .spec import FRAME_HEADER_FORMAT, FRAME_MAGIC as MAGIC, WIRE_VERSION
+from .spec import (FRAME_HEADER_FORMAT, FRAME_MAGIC as MAGIC, HANDSHAKE_MAX_PAYLOAD_BYTES,
+                   WIRE_VERSION)
 
 HEADER = struct.Struct(FRAME_HEADER_FORMAT)
 HEADER_BYTES = HEADER.size  # 32
@@ -147,6 +148,12 @@ class FrameReader:
     def mid_frame(self) -> bool:
         """True when part of a frame has been received (truncation at EOF)."""
         return bool(self._buf) or self._pending is not None
+
+    def discard(self) -> None:
+        """Forget buffered bytes, a payload being filled and the staging area."""
+        self._buf = bytearray()
+        self._pending = self._body = self._body_view = self._staging = None
+        self._filled = 0
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable buffer for the next received bytes (asyncio's
