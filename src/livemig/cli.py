@@ -109,6 +109,25 @@ def cmd_vm_stop(args) -> int:
 
 
 # -- daemon ------------------------------------------------------------------------------
+def _add_daemon_limit_flags(sp) -> None:
+    sp.add_argument("--max-incoming-memory", metavar="SIZE",
+                    help="guest memory all arriving VMs together may take; offers beyond it "
+                         "are refused before any page travels (default: half of the host's "
+                         "MemAvailable at start)")
+    sp.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                    help="give up an incoming pre-copy migration whose source sends nothing "
+                         "for this long: the copy here is freed, the source resumes (default 60)")
+
+
+def _daemon_limits(args) -> dict:
+    from .units import parse_size
+
+    limit = args.max_incoming_memory
+    return {"max_incoming_memory_bytes":
+            parse_size(limit, what="--max-incoming-memory") if limit else None,
+            "idle_timeout_s": args.idle_timeout}
+
+
 def cmd_daemon(args) -> int:
     from .aio.loop import run
     from .service.daemon import Daemon, TlsFiles, default_control_path
@@ -128,7 +147,8 @@ def cmd_daemon(args) -> int:
     async def main() -> None:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,
                         insecure=args.insecure_no_tls,
-                        postcopy_recovery_timeout_s=args.postcopy_recovery_timeout)
+                        postcopy_recovery_timeout_s=args.postcopy_recovery_timeout,
+                        **_daemon_limits(args))
         await daemon.start()
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
@@ -349,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--postcopy-recovery-timeout", type=float, default=30.0, metavar="S",
                     help="how long an incoming post-copy migration waits for a lost source "
                          "to reconnect before the VM is declared lost and stopped (default 30)")
+    _add_daemon_limit_flags(sp)
     sp.set_defaults(func=cmd_daemon)
 
     sp = sub.add_parser("migrate", help="migrate a VM to another daemon")

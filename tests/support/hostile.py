@@ -67,3 +67,48 @@ def wait_for_rss_below(pid: int, limit_bytes: int, timeout_s: float = 30.0) -> i
         if rss <= limit_bytes or time.monotonic() > deadline:
             return rss
         time.sleep(0.2)
+
+
+class SilentSource:
+    """A source that follows the protocol (a sans-IO Connection over a plain
+    socket) exactly as far as the test drives it, then may fall silent."""
+
+    def __init__(self, port: int, timeout_s: float = 60.0):
+        from livemig.protocol import ChannelKind, Connection, Hello
+        from livemig.protocol.state import Role
+
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.settimeout(timeout_s)
+        self.conn = Connection(Role.SOURCE, ChannelKind.CONTROL)
+        self.send(Hello(1, 1, ChannelKind.CONTROL, os.urandom(16)))
+        self.welcome = self.recv()
+
+    def send(self, event) -> None:
+        for buf in self.conn.send(event):
+            self.sock.sendall(buf)
+
+    def recv(self):
+        """The next event, or None once the destination closed."""
+        from livemig.protocol import CLOSED, NEED_DATA
+
+        while True:
+            event = self.conn.next_event()
+            if event is CLOSED:
+                return None
+            if event is not NEED_DATA:
+                return event
+            try:
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            self.conn.receive_data(data)
+
+    def offer(self, name: str, memory_bytes: int):
+        from livemig.protocol import MigrationOffer, Mode
+
+        self.send(MigrationOffer({"name": name, "memory_bytes": memory_bytes, "vcpus": 1,
+                                  "workload": "idle"}, Mode.PRECOPY, memory_bytes // 4096))
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()

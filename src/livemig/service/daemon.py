@@ -93,7 +93,8 @@ class MigrationRecord:
 
 class Daemon:
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
-                 insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0):
+                 insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
+                 max_incoming_memory_bytes: int | None = None, idle_timeout_s: float = 60.0):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
@@ -104,7 +105,9 @@ class Daemon:
         self.tls = tls
         self.insecure = insecure
         self.incoming_config = MigrationConfig(
-            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s)
+            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s,
+            idle_timeout_s=idle_timeout_s)
+        self.max_incoming_memory_bytes = max_incoming_memory_bytes   # None: from the host
         self.vms: dict[str, HostedVM] = {}
         self.migrations: dict[int, MigrationRecord] = {}
         self._arriving: set[str] = set()
@@ -117,11 +120,13 @@ class Daemon:
     async def start(self) -> None:
         from ..engine.destination.server import MigrationServer
         from ..aio.tls import server_context
+        from .limits import incoming_budget
 
         ssl_ctx = server_context(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
         self._listener = MigrationServer(self.listen_host, self.listen_port, ssl=ssl_ctx,
                                          on_incoming=self._on_incoming,
-                                         config=self.incoming_config)
+                                         config=self.incoming_config,
+                                         budget=incoming_budget(self.max_incoming_memory_bytes))
         await self._listener.start()
         self.listen_port = self._listener.port
         await self._control.start()
@@ -212,7 +217,8 @@ class Daemon:
 
     async def _cmd_ping(self) -> dict:
         return {"pid": os.getpid(), "listen": format_hostport(self.listen_host, self.listen_port),
-                "tls": self.tls is not None, "vms": len(self.vms)}
+                "tls": self.tls is not None, "vms": len(self.vms),
+                "max_incoming_memory_bytes": self._listener.budget.max_incoming_memory_bytes}
 
     async def _cmd_vm_start(self, name: str, memory: str | int = "256MiB", vcpus: int = 2,
                             workload: str = "memtest", dirty_rate: str | float | None = None,

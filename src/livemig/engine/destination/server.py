@@ -70,6 +70,7 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
+from .admission import AdmissionRefused, MemoryBudget, Reservation
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
 from ...native import PAGE_SIZE
@@ -125,8 +126,11 @@ _POSTCOPY_REASON: str | None = None
 
 class IncomingMigration:
     def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig,
-                 sessions: dict | None = None, outcomes: OutcomeBook | None = None):
+                 sessions: dict | None = None, outcomes: OutcomeBook | None = None,
+                 budget: MemoryBudget | None = None):
         self.ch = ch
+        self.budget = budget
+        self.reservation: Reservation | None = None
         self.hook = hook
         self.config = config
         self.vm: VM | None = None
@@ -181,7 +185,10 @@ class IncomingMigration:
             for ch in list(self._released):
                 self._release(ch)
             if self._populating is not None:
-                await asyncio.shield(self._populating)  # the region must outlive it
+                # The peer is gone or done: stop faulting in memory now (the
+                # chunk in hand finishes), and the region must outlive that.
+                self._populate_stop.set()
+                await asyncio.shield(self._populating)
             if self.faults is not None:
                 self.faults.stop()
             if self.pm is not None and not self.pm.closed:
@@ -193,6 +200,8 @@ class IncomingMigration:
                 # Never resumed here (or abandoned): the source owns the VM. Free ours.
                 self.vm.close()
                 self.vm = None
+            if self.reservation is not None:
+                self.reservation.release()
 
     def _record_outcome(self) -> None:
         """Write what became of the session, for a source that asks later
@@ -238,6 +247,13 @@ class IncomingMigration:
             self.stats.error = f"refused: {reason}"
             return False
         cfg = offer.config
+        if self.budget is not None:
+            try:
+                self.reservation = self.budget.admit(cfg["name"], cfg["memory_bytes"])
+            except AdmissionRefused as exc:
+                await self.ch.send(Refuse(RefuseCode.RESOURCES, str(exc)[:1000]))
+                self.stats.error = f"refused: {exc}"
+                return False
         try:
             self.arrival = self.hook(cfg["name"], self.peer, self.stats)
         except LivemigError as exc:
@@ -332,7 +348,9 @@ class IncomingMigration:
     async def _receive(self) -> None:
         stats = self.stats
         while True:
-            event = await self._recv(None, "pages or a Switchover")
+            event = await recv_within(self.ch, self.config.idle_timeout_s,
+                                      "pages or a Switchover", peer="source",
+                                      phase=self.phase.label, idle=True)
             if isinstance(event, PageBatch):
                 try:
                     batch = self.decoder.apply(event.data)
@@ -677,12 +695,13 @@ class MigrationServer:
     """
 
     def __init__(self, host: str, port: int, *, ssl=None, on_incoming: IncomingHook | None = None,
-                 config: MigrationConfig | None = None):
+                 config: MigrationConfig | None = None, budget: MemoryBudget | None = None):
         self.host = host
         self.requested_port = port
         self.ssl = ssl
         self.on_incoming = on_incoming or _default_hook
         self.config = config or MigrationConfig()
+        self.budget = budget     # None: offers are bounded only by what VM.blank can map
         self.port: int | None = None
         self._server: ChannelServer | None = None
         self.completed: asyncio.Queue = asyncio.Queue()
@@ -723,7 +742,7 @@ class MigrationServer:
             await existing.adopt(ch)
             return
         incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions,
-                                     self.outcomes)
+                                     self.outcomes, self.budget)
         vm = await incoming.run()
         if vm is not None:
             await self.completed.put((incoming.arrival, vm))

@@ -1,0 +1,29 @@
+"""The destination's memory budget: offers checked before any allocation."""
+import pytest
+
+from livemig.engine.destination.admission import (AdmissionRefused, MemoryBudget,
+                                                  available_memory_bytes)
+
+GIB = 1 << 30
+
+
+def test_budget_counts_every_arriving_vm_until_released():
+    budget = MemoryBudget(4 * GIB, available=lambda: 64 * GIB)
+    first = budget.admit("a", 3 * GIB)
+    with pytest.raises(AdmissionRefused, match="incoming memory limit is 4.0 GiB.*3.0 GiB already"):
+        budget.admit("b", 2 * GIB)
+    first.release()
+    first.release()        # idempotent: a session's cleanup may run it twice
+    assert budget.reserved_bytes == 0
+    budget.admit("b", 2 * GIB)
+
+
+def test_offer_larger_than_the_host_can_give_is_refused_whatever_the_budget():
+    budget = MemoryBudget(1 << 50, available=lambda: 8 * GIB)
+    with pytest.raises(AdmissionRefused, match="this host can give at most 6.0 GiB"):
+        budget.admit("huge", 1 << 40)
+    assert budget.reserved_bytes == 0
+
+
+def test_host_memory_is_read_from_meminfo():
+    assert available_memory_bytes() > 0
