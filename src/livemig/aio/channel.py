@@ -603,17 +603,27 @@ async def until_finished(*aws) -> None:
 
 
 async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: str,
-                      phase: str) -> Event:
+                      phase: str, idle: bool = False) -> Event:
     """The peer's next event within ``timeout_s``; a silent, vanished or
     aborting peer raises, naming what we waited for (the one receive funnel of
-    both migration peers)."""
+    both migration peers). With ``idle``, ``timeout_s`` bounds silence rather
+    than the wait: any byte received restarts it (a large frame on a slow
+    link takes as long as it takes)."""
     from ..errors import MigrationError
 
-    try:
-        event = await asyncio.wait_for(ch.recv(), timeout_s)
-    except asyncio.TimeoutError:
-        raise MigrationError(f"no {what} from the {peer} within {timeout_s:g} s",
-                             phase=phase) from None
+    while True:
+        seen_bytes = ch.bytes_received
+        try:
+            event = await asyncio.wait_for(ch.recv(), timeout_s)
+            break
+        except asyncio.TimeoutError:
+            if idle and ch.bytes_received != seen_bytes:
+                continue
+            if idle:
+                raise MigrationError(f"no {what} from the {peer}: it sent nothing for "
+                                     f"{timeout_s:g} s", phase=phase) from None
+            raise MigrationError(f"no {what} from the {peer} within {timeout_s:g} s",
+                                 phase=phase) from None
     if event is None:
         raise RemoteProtocolError(f"the {peer} closed the connection while we waited for {what}",
                                   phase=phase)
