@@ -614,9 +614,13 @@ async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: 
     while True:
         seen_bytes = ch.bytes_received
         try:
-            event = await asyncio.wait_for(ch.recv(), timeout_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns a result
+            # that completes as the task is cancelled and drops the
+            # cancellation, so a stopping daemon's session would run on.
+            async with asyncio.timeout(timeout_s):
+                event = await ch.recv()
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if idle and ch.bytes_received != seen_bytes:
                 continue
             if idle:
