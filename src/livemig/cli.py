@@ -119,6 +119,27 @@ def _add_daemon_limit_flags(sp) -> None:
                          "for this long: the copy here is freed, the source resumes (default 60)")
 
 
+def _cmd_daemon_stop_or_drain(args) -> int:
+    """``livemig daemon stop [--force]`` and ``livemig daemon drain --to HOST:PORT``."""
+    from .service.control import ControlClient
+    from .service.daemon import default_control_path
+
+    client = ControlClient(args.control or default_control_path(args.listen, what="--listen"),
+                           timeout_s=None)
+    if args.action == "stop":
+        _emit(args, client.call("shutdown", force=args.force), "daemon stopping")
+        return EXIT_OK
+    if not args.to:
+        raise ConfigError("livemig daemon drain needs --to HOST:PORT, the daemon to move "
+                          "every VM to")
+    res = client.call("daemon.drain", to=args.to)
+    kept = "".join(f"\n  kept {name}: {why}" for name, why in res["kept"].items())
+    _emit(args, res, f"moved to {res['to']}: {', '.join(res['moved']) or 'none'}{kept}\n"
+                     + ("daemon stopping" if res["stopping"] else
+                        "the daemon keeps running: VMs remain here"))
+    return EXIT_OK if res["stopping"] else EXIT_FAILED
+
+
 def _daemon_limits(args) -> dict:
     from .units import parse_size
 
@@ -132,6 +153,8 @@ def cmd_daemon(args) -> int:
     from .aio.loop import run
     from .service.daemon import Daemon, TlsFiles, default_control_path
 
+    if args.action != "run":
+        return _cmd_daemon_stop_or_drain(args)
     tls = None
     given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(given):
@@ -370,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long an incoming post-copy migration waits for a lost source "
                          "to reconnect before the VM is declared lost and stopped (default 30)")
     _add_daemon_limit_flags(sp)
+    sp.add_argument("action", nargs="?", default="run", choices=["run", "stop", "drain"],
+                    help="run (default) a daemon; stop the one at --listen/--control "
+                         "(refused while it hosts VMs or migrations, unless --force); drain "
+                         "it: migrate every VM --to another daemon, then stop")
+    sp.add_argument("--force", action="store_true",
+                    help="stop: stop even with VMs here (outgoing migrations are cancelled "
+                         "and their VMs resume here first; every VM here is then stopped)")
+    sp.add_argument("--to", metavar="HOST:PORT", help="drain: the daemon to move every VM to")
+    sp.add_argument("--json", action="store_true", help="stop/drain: print the answer as JSON")
     sp.set_defaults(func=cmd_daemon)
 
     sp = sub.add_parser("migrate", help="migrate a VM to another daemon")

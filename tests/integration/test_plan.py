@@ -98,7 +98,7 @@ def daemons(tmp_path):
     yield out, env
     for (_, _, client), proc in zip(out, procs):
         try:
-            client.call("shutdown")
+            client.call("shutdown", force=True)
         except ControlError:
             pass
         proc.wait(timeout=10)

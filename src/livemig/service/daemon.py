@@ -36,6 +36,7 @@ from typing import Any
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
 from .control import ControlServer
+from . import shutdown
 from ..errors import ConfigError, ControlError, HandoverInDoubt, LivemigError, MigrationError
 from ..units import parse_size
 from ..vm.machine import VM
@@ -133,15 +134,21 @@ class Daemon:
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        guard = shutdown.SignalGuard(self)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self._stopped.set)
+                loop.add_signal_handler(sig, guard, sig)
             except (NotImplementedError, RuntimeError):
                 pass
         await self._stopped.wait()
         await self.close()
 
+    def request_stop(self) -> None:
+        """Stop serving: ``serve_forever`` closes the daemon (see shutdown.py)."""
+        self._stopped.set()
+
     async def close(self) -> None:
+        shutdown.report_losses(self)
         for rec in self.migrations.values():
             if rec.task is not None and not rec.task.done():
                 rec.task.cancel()
@@ -203,6 +210,7 @@ class Daemon:
             "migration.recover": self._cmd_migration_recover,
             "status": self._cmd_status,
             "shutdown": self._cmd_shutdown,
+            "daemon.drain": self._cmd_drain,
             "dirtyrate": self._cmd_dirtyrate,
             "plan": self._cmd_plan,
         }
@@ -481,9 +489,13 @@ class Daemon:
         from ..aio.tls import client_context
         return client_context(self.tls.cert, self.tls.key, self.tls.ca)
 
-    async def _cmd_shutdown(self) -> dict:
+    async def _cmd_shutdown(self, force: bool = False) -> dict:
+        shutdown.check_stop(self, bool(force))
         asyncio.get_running_loop().call_soon(self._stopped.set)
         return {"shutting_down": True}
+
+    async def _cmd_drain(self, to: str, **options) -> dict:
+        return await shutdown.drain(self, to, **options)
 
 
 def default_control_path(listen: str, *, what: str = "listen address") -> str:
