@@ -86,3 +86,27 @@ def test_a_source_silent_after_a_round_is_timed_out(tmp_path):
         assert isinstance(peer.recv(), RoundAck)
 
     _silent_after(tmp_path, one_empty_round)
+
+
+def test_a_vm_the_host_cannot_run_is_refused_before_any_page(tmp_path):
+    """ISA revision, vCPU features and page size are checked on the offer."""
+    from livemig.protocol import MigrationOffer, Mode
+    from livemig.vm.isa import ISA_REVISION
+
+    dst = DaemonProcess(tmp_path, "dst", "auto")
+    try:
+        base = {"name": "alien", "memory_bytes": 16 << 20, "vcpus": 1, "workload": "idle"}
+        for config, page_size, reason in (
+                ({**base, "isa_revision": ISA_REVISION + 1}, 4096, "needs ISA revision"),
+                ({**base, "features": ["vector"]}, 4096, "features this host lacks: vector"),
+                (base, 16384, "supports only 4096")):
+            peer = SilentSource(dst.port)
+            peer.send(MigrationOffer(config, Mode.PRECOPY, (16 << 20) // page_size,
+                                     page_size=page_size))
+            answer = peer.recv()
+            peer.close()
+            assert isinstance(answer, Refuse) and answer.code is RefuseCode.OFFER, answer
+            assert reason in answer.reason and "keeps running on the source" in answer.reason
+        assert dst.client.call("status") == {"vms": [], "migrations": []}
+    finally:
+        dst.close()

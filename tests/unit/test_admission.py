@@ -27,3 +27,15 @@ def test_offer_larger_than_the_host_can_give_is_refused_whatever_the_budget():
 
 def test_host_memory_is_read_from_meminfo():
     assert available_memory_bytes() > 0
+
+
+def test_compatibility_refuses_a_newer_isa_or_missing_features():
+    from livemig.engine.destination.admission import compatibility_problem
+    from livemig.vm.isa import ISA_REVISION, VCPU_FEATURES
+
+    assert compatibility_problem({}) is None     # a source that names neither: revision 1
+    assert compatibility_problem({"isa_revision": ISA_REVISION,
+                                  "features": sorted(VCPU_FEATURES)}) is None
+    assert "ISA revision 2" in compatibility_problem({"isa_revision": ISA_REVISION + 1})
+    assert "lacks: vector" in compatibility_problem({"features": ["rand", "vector"]})
+    assert "malformed" in compatibility_problem({"features": "rand"})

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...units import format_size
+from ...vm.isa import ISA_REVISION, VCPU_FEATURES
 
 # Of the memory available now, the share one offer may take: the rest is for
 # the page cache, the daemon itself and the VMs' own growth.
@@ -46,6 +47,25 @@ def available_memory_bytes(path: str = MEMINFO_PATH) -> int:
 def default_max_incoming_memory_bytes() -> int:
     """Half of the memory available now: the daemon's default budget."""
     return int(available_memory_bytes() * DEFAULT_BUDGET_SHARE)
+
+
+def compatibility_problem(config: dict) -> str | None:
+    """Why this host's vCPU cannot run the offered VM, or None. An offer that
+    names no ISA revision or features comes from a source of revision 1."""
+    revision, features = config.get("isa_revision", 1), config.get("features", [])
+    if not isinstance(revision, int) or not isinstance(features, list) \
+            or not all(isinstance(f, str) for f in features):
+        return f"malformed ISA revision {revision!r} or features {features!r}"
+    if revision > ISA_REVISION:
+        return (f"the VM needs ISA revision {revision}; this host's vCPU implements revision "
+                f"{ISA_REVISION}. The VM keeps running on the source; move it to a host "
+                "running a newer livemig")
+    missing = sorted(set(features) - VCPU_FEATURES)
+    if missing:
+        return (f"the VM needs vCPU features this host lacks: {', '.join(missing)} (it has "
+                f"{', '.join(sorted(VCPU_FEATURES))}). The VM keeps running on the source; "
+                "move it to a host whose vCPU has them")
+    return None
 
 
 class AdmissionRefused(Exception):

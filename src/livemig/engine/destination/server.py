@@ -70,7 +70,7 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
-from .admission import AdmissionRefused, MemoryBudget, Reservation
+from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
 from ...native import PAGE_SIZE
@@ -331,7 +331,9 @@ class IncomingMigration:
                 return RefuseCode.OFFER, (f"mode {offer.mode.name.lower()} refused: {reason}; "
                                           "pre-copy is still possible")
         if offer.page_size != PAGE_SIZE:
-            return RefuseCode.OFFER, f"page size {offer.page_size} (we use {PAGE_SIZE})"
+            return RefuseCode.OFFER, (f"the VM uses {offer.page_size}-byte pages; this host "
+                                      f"supports only {PAGE_SIZE}. The VM keeps running on "
+                                      "the source")
         name, memory_bytes, vcpus = cfg.get("name"), cfg.get("memory_bytes"), cfg.get("vcpus")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS \
                 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -342,7 +344,8 @@ class IncomingMigration:
                                       f"{offer.npages} pages")
         if not isinstance(vcpus, int) or not 0 < vcpus <= MAX_VCPUS:
             return RefuseCode.OFFER, f"bad vCPU count {vcpus!r}"
-        return None
+        problem = compatibility_problem(cfg)
+        return None if problem is None else (RefuseCode.OFFER, problem)
 
     # -- pages, then the handover -------------------------------------------------------------
     async def _receive(self) -> None:

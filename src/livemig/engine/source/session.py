@@ -95,6 +95,7 @@ from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, M
                        RoundStart, Switchover, VerifyFailed)
 from ...stats import MigrationStats, RoundRecord
 from ...native.tracking import open_tracker
+from ...vm.isa import ISA_REVISION, VCPU_FEATURES
 from ...vm.machine import VM
 
 StatsCallback = Callable[[MigrationStats], None]
@@ -233,7 +234,8 @@ class SourceSession:
         vm = self.vm
         offer = MigrationOffer(
             config={"name": self.name, "memory_bytes": vm.memory.length_bytes,
-                    "vcpus": vm.nvcpus, "workload": vm.workload},
+                    "vcpus": vm.nvcpus, "workload": vm.workload,
+                    "isa_revision": ISA_REVISION, "features": sorted(VCPU_FEATURES)},
             mode=_MODES[self.config.mode], npages=vm.memory.npages)
         await self._ch.send(offer)
         answer = await self._recv(self.config.handshake_timeout_s, "an answer to the offer")
