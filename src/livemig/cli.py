@@ -409,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, help="the destination daemon's HOST:PORT")
     sp.add_argument("--mode", default="precopy", choices=["precopy", "postcopy", "hybrid"])
     sp.add_argument("--downtime-ms", type=float, help="downtime limit (default 300)")
-    sp.add_argument("--max-bandwidth", help="bandwidth cap, e.g. 100MiB/s or 1Gbit/s")
+    sp.add_argument("--max-bandwidth",
+                    help="cap on pre-copy rounds and the post-copy bulk push, e.g. 100MiB/s or "
+                         "1Gbit/s; post-copy fault replies (urgent channel) are not capped, "
+                         "so the guest never waits on the cap for a page it needs")
     sp.add_argument("--auto-converge", action="store_true", help="throttle vCPUs if not converging")
     sp.add_argument("--max-rounds", type=int)
     sp.add_argument("--postcopy-after-rounds", type=int,
