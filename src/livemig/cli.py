@@ -267,6 +267,8 @@ def cmd_migrate(args) -> int:
     if tty:
         print()
     _emit(args, rec, _summary)
+    if rec.get("warning"):
+        print(f"WARNING: {rec['warning']}", file=sys.stderr)
     return EXIT_OK if rec["status"] == "completed" else EXIT_FAILED
 
 

@@ -39,3 +39,16 @@ def test_compatibility_refuses_a_newer_isa_or_missing_features():
     assert "ISA revision 2" in compatibility_problem({"isa_revision": ISA_REVISION + 1})
     assert "lacks: vector" in compatibility_problem({"features": ["rand", "vector"]})
     assert "malformed" in compatibility_problem({"features": "rand"})
+
+
+def test_a_downtime_past_the_limit_is_worded_as_a_warning():
+    from livemig.service.limits import downtime_breach
+    from livemig.stats import MigrationStats
+
+    stats = MigrationStats()
+    assert downtime_breach(stats, 300) is None             # not measured
+    stats.downtime_ms, stats.expected_downtime_ms = 250.0, 120.0
+    assert downtime_breach(stats, 300) is None
+    stats.downtime_ms = 3622.0
+    assert "downtime 3622 ms exceeded the limit of 300 ms (expected 120 ms)" in \
+        downtime_breach(stats, 300)

@@ -37,6 +37,7 @@ from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
 from .control import ControlServer
 from . import shutdown
+from .limits import downtime_breach
 from ..errors import ConfigError, ControlError, HandoverInDoubt, LivemigError, MigrationError
 from ..units import parse_size
 from ..vm.machine import VM
@@ -83,10 +84,11 @@ class MigrationRecord:
     error: str | None = None
     task: asyncio.Task | None = None
     control: Any = None               # source.MigrationControl of an outgoing migration
+    warning: str | None = None        # completed, but past a limit (downtime)
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
-             "status": self.status, "error": self.error}
+             "status": self.status, "error": self.error, "warning": self.warning}
         if self.stats is not None:
             d["stats"] = self.stats.to_dict()
         return d
@@ -322,6 +324,7 @@ class Daemon:
                 rec.stats = stats
                 rec.status = "completed"
                 rec.error = None
+                rec.warning = downtime_breach(stats, config.max_downtime_ms)
                 # The destination verified and resumed the VM: ours is released.
                 del self.vms[name]
                 await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
