@@ -34,7 +34,12 @@ def _legitimate_migration_completes(src, dst) -> None:
 def _daemons(tmp_path):
     src = DaemonProcess(tmp_path, "src", "auto")
     dst = DaemonProcess(tmp_path, "dst", "auto")
-    start_vm(dst, "bystander", Recipe("8MiB", 1, "uniform", dirty_rate="64KiB/s"))
+    try:
+        start_vm(dst, "bystander", Recipe("8MiB", 1, "uniform", dirty_rate="64KiB/s"))
+    except BaseException:
+        src.close()
+        dst.close()
+        raise
     return src, dst
 
 
