@@ -1,12 +1,16 @@
 """A daemon's limits on what a source can make it spend: guest memory of
-arriving VMs, and time while a source is silent.
+arriving VMs, and time while a source is silent; compatibility checks on the
+offer; and concurrent migrations, which stop one at a time.
 
 Real daemon processes; the misbehaving sources speak the protocol from a
 plain socket (support.hostile) and stop where the test says.
 """
+import pytest
+
 from livemig.protocol import Abort, Accept, Refuse, RefuseCode, RoundAck, RoundEnd, RoundStart
 
-from support.daemons import EXIT_FAILED, DaemonProcess, start_vm
+from support.daemons import (EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved,
+                             start_vm)
 from support.hostile import SilentSource, rss_bytes, wait_for_rss_below
 from support.oracle import Recipe
 
@@ -109,4 +113,30 @@ def test_a_vm_the_host_cannot_run_is_refused_before_any_page(tmp_path):
             assert reason in answer.reason and "keeps running on the source" in answer.reason
         assert dst.client.call("status") == {"vms": [], "migrations": []}
     finally:
+        dst.close()
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_concurrent_migrations_all_complete_with_their_downtime_within_or_reported(tmp_path,
+                                                                                   count):
+    """Several VMs leave one daemon at once: each completes, identical to a
+    twin that never moved, and a downtime past its limit is never silent."""
+    src = DaemonProcess(tmp_path, "src", "auto")
+    dst = DaemonProcess(tmp_path, "dst", "auto")
+    try:
+        recipes = {f"vm{i}": Recipe("32MiB", 1, "uniform", seed=i, dirty_rate="4MiB/s")
+                   for i in range(count)}
+        for name, recipe in recipes.items():
+            start_vm(src, name, recipe)
+        recs = [src.cli_json("migrate", name, "--to", dst.address, "--downtime-ms", "300",
+                             "--no-wait") for name in recipes]
+        for rec in recs:
+            final = src.client.call("migration.wait", id=rec["id"], timeout_s=120)
+            assert final["status"] == "completed", final
+            downtime_ms = final["stats"]["downtime_ms"]
+            assert (downtime_ms <= 300) == (final["warning"] is None), final
+        for name, recipe in recipes.items():
+            assert_daemon_vm_matches_unmoved(dst, name, recipe)
+    finally:
+        src.close()
         dst.close()

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
+from ..engine.source.stopslot import StopSlot
 from .control import ControlServer
 from . import shutdown
 from .limits import downtime_breach
@@ -118,6 +119,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._control = ControlServer(control_path, self._handlers())
         self._listener = None
+        self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -304,7 +306,7 @@ class Daemon:
         host, port = parse_hostport(to, what="--to")
         ssl_ctx = self._client_ssl()
         rec = MigrationRecord(next(self._ids), name, "outgoing", format_hostport(host, port),
-                              control=MigrationControl())
+                              control=MigrationControl(stop_slot=self._stop_slot))
         self.migrations[rec.id] = rec
         hosted.migrating = True
 

@@ -96,6 +96,7 @@ from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, M
 from ...stats import MigrationStats, RoundRecord
 from ...native.tracking import open_tracker
 from ...vm.isa import ISA_REVISION, VCPU_FEATURES
+from .stopslot import StopSlot
 from ...vm.machine import VM
 
 StatsCallback = Callable[[MigrationStats], None]
@@ -112,8 +113,9 @@ INVALIDATE_MAX_ROUNDS = 12
 class MigrationControl:
     """Requests a host may make of a running migration (daemon commands)."""
 
-    def __init__(self):
+    def __init__(self, stop_slot: StopSlot | None = None):
         self.postcopy_requested = False
+        self.stop_slot = stop_slot    # shared by a host's migrations: one stop at a time
         self.session_id: bytes | None = None    # set by the session: names it to the peer
         self._recover = asyncio.Event()
 
@@ -188,7 +190,11 @@ class SourceSession:
                 await self._invalidate()
                 await self._postcopy(await self._switchover_postcopy())
             else:
-                await self._switchover()
+                try:
+                    await self._switchover()
+                finally:
+                    if self.control.stop_slot is not None:
+                        self.control.stop_slot.give_back(self)
             return self.stats
         except BaseException as exc:
             await self._fail(exc)
@@ -283,6 +289,9 @@ class SourceSession:
                 await self._open_postcopy_channels(resume=False)
                 return handover.POSTCOPY
             if decision.action is Action.SWITCHOVER:
+                slot = self.control.stop_slot
+                if slot is not None and not slot.try_take(self):
+                    continue    # another migration of this host is stopping: one more round
                 stats.converged = True
                 return "switchover"
             if decision.action is Action.POSTCOPY:
@@ -307,6 +316,8 @@ class SourceSession:
             # Pages of a running guest come out of the encoder as staging
             # copies (codec.py), so a frame's checksum matches its bytes.
             self._round_zero_pages += batch.pages_by_encoding.get("zero", 0)
+            if not frozen and self.control.stop_slot is not None:
+                await self.control.stop_slot.let_pass(self)
             await ch.send(PageBatch(index, batch.npages, batch.chunks))
             npages += batch.npages
             nbytes += batch.nbytes
