@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support.daemons import EXIT_FAILED, EXIT_OK, DaemonProcess, start_vm
+from support.daemons import EXIT_FAILED, DaemonProcess, start_vm
 from support.oracle import Recipe
 
 WAIT_S = 60

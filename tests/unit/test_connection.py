@@ -308,9 +308,9 @@ def _raw_frame(type_id, sequence, body):
 def test_before_welcome_frames_are_capped_at_handshake_size():
     """An unwelcomed peer cannot make us allocate the negotiated cap: a Hello
     announcing more than 64 KiB is refused on its header, before its payload."""
-    from livemig.protocol import wire
+    from livemig.protocol.spec import HANDSHAKE_MAX_PAYLOAD_BYTES
     d = Connection(D)
-    d.receive_data(_raw_frame(Hello.WIRE_ID, 0, bytes(wire.HANDSHAKE_MAX_PAYLOAD_BYTES + 1))[:32])
+    d.receive_data(_raw_frame(Hello.WIRE_ID, 0, bytes(HANDSHAKE_MAX_PAYLOAD_BYTES + 1))[:32])
     with pytest.raises(RemoteProtocolError, match="exceeds the cap of 65536"):
         d.next_event()
 

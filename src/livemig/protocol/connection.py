@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from ..errors import ConnectionLost, HandshakeRefused, LocalProtocolError, RemoteProtocolError
 from . import wire
+from .spec import HANDSHAKE_MAX_PAYLOAD_BYTES
 from .events import (WIRE_IDS, Abort, ChannelKind, Event, Hello, PayloadError, Phase, Refuse,
                      RefuseCode, Welcome, decode_event)
 from .state import Conversation, Role, State, TransitionError
@@ -87,7 +88,7 @@ class Connection:
         # nobody has welcomed must not make us allocate the negotiated cap.
         self._reader = wire.FrameReader(
             valid_types=WIRE_IDS.keys(),
-            max_payload_bytes=min(max_payload_bytes, wire.HANDSHAKE_MAX_PAYLOAD_BYTES))
+            max_payload_bytes=min(max_payload_bytes, HANDSHAKE_MAX_PAYLOAD_BYTES))
         self._send_sequence = 0
         self._version = wire.WIRE_VERSION
         self._eof = False

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 import numpy
 import xxhash
 
-from .spec import (FRAME_HEADER_FORMAT, FRAME_MAGIC as MAGIC, HANDSHAKE_MAX_PAYLOAD_BYTES,
-                   WIRE_VERSION)
+from .spec import FRAME_HEADER_FORMAT, FRAME_MAGIC as MAGIC, WIRE_VERSION
 
 HEADER = struct.Struct(FRAME_HEADER_FORMAT)
 HEADER_BYTES = HEADER.size  # 32
