@@ -38,7 +38,7 @@ from ..config import MigrationConfig
 from ..engine.source.stopslot import StopSlot
 from .control import ControlServer
 from . import shutdown
-from .limits import downtime_breach
+from .limits import downtime_breach, incoming_budget
 from ..errors import ConfigError, ControlError, HandoverInDoubt, LivemigError, MigrationError
 from ..units import parse_size
 from ..vm.machine import VM
@@ -125,7 +125,6 @@ class Daemon:
     async def start(self) -> None:
         from ..engine.destination.server import MigrationServer
         from ..aio.tls import server_context
-        from .limits import incoming_budget
 
         ssl_ctx = server_context(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
         self._listener = MigrationServer(self.listen_host, self.listen_port, ssl=ssl_ctx,
