@@ -162,7 +162,7 @@ def destination_daemon(tmpdir: str, loop: str):
         yield proc, client, int(info["listen"].rsplit(":", 1)[1])
     finally:
         with contextlib.suppress(ControlError):
-            client.call("shutdown")
+            client.call("shutdown", force=True)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -123,10 +123,51 @@ def cmd_vm_stop(args) -> int:
 
 
 # -- daemon ------------------------------------------------------------------------------
+def _add_daemon_limit_flags(sp) -> None:
+    sp.add_argument("--max-incoming-memory", metavar="SIZE",
+                    help="guest memory all arriving VMs together may take; offers beyond it "
+                         "are refused before any page travels (default: half of the host's "
+                         "MemAvailable at start)")
+    sp.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                    help="give up an incoming pre-copy migration whose source sends nothing "
+                         "for this long: the copy here is freed, the source resumes (default 60)")
+
+
+def _cmd_daemon_stop_or_drain(args) -> int:
+    """``livemig daemon stop [--force]`` and ``livemig daemon drain --to HOST:PORT``."""
+    from .service.control import ControlClient
+    from .service.daemon import default_control_path
+
+    client = ControlClient(args.control or default_control_path(args.listen, what="--listen"),
+                           timeout_s=None)
+    if args.action == "stop":
+        return _stop_daemon(args, client)
+    if not args.to:
+        raise ConfigError("livemig daemon drain needs --to HOST:PORT, the daemon to move "
+                          "every VM to")
+    res = client.call("daemon.drain", to=args.to)
+    kept = "".join(f"\n  kept {name}: {why}" for name, why in res["kept"].items())
+    _emit(args, res, f"moved to {res['to']}: {', '.join(res['moved']) or 'none'}{kept}\n"
+                     + ("daemon stopping" if res["stopping"] else
+                        "the daemon keeps running: VMs remain here"))
+    return EXIT_OK if res["stopping"] else EXIT_FAILED
+
+
+def _daemon_limits(args) -> dict:
+    from .units import parse_size
+
+    limit = args.max_incoming_memory
+    return {"max_incoming_memory_bytes":
+            parse_size(limit, what="--max-incoming-memory") if limit else None,
+            "idle_timeout_s": args.idle_timeout}
+
+
 def cmd_daemon(args) -> int:
     from .aio.loop import run
     from .service.daemon import Daemon, TlsFiles, default_control_path
 
+    if args.action != "run":
+        return _cmd_daemon_stop_or_drain(args)
     tls = None
     given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(given):
@@ -156,7 +197,8 @@ def cmd_daemon(args) -> int:
         daemon = Daemon(listen=args.listen, control_path=control, tls=tls,
                         insecure=args.insecure_no_tls,
                         postcopy_recovery_timeout_s=args.postcopy_recovery_timeout,
-                        state_dir=args.state_dir, metrics=args.metrics)
+                        state_dir=args.state_dir, metrics=args.metrics,
+                        **_daemon_limits(args))
         await daemon.start()
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
@@ -261,6 +303,8 @@ def cmd_migrate(args) -> int:
     if view is not None:
         view.done()
     _emit(args, rec, _summary)
+    if rec.get("warning"):
+        print(f"WARNING: {rec['warning']}", file=sys.stderr)
     return EXIT_OK if rec["status"] == "completed" else EXIT_FAILED
 
 
@@ -349,7 +393,13 @@ def cmd_history(args) -> int:
 
 
 def cmd_shutdown(args) -> int:
-    _emit(args, _client(args).call("shutdown"), "daemon shutting down")
+    return _stop_daemon(args, _client(args))
+
+
+def _stop_daemon(args, client) -> int:
+    """``livemig shutdown`` and ``livemig daemon stop``: refused while the daemon
+    hosts VMs or migrations, unless ``--force``."""
+    _emit(args, client.call("shutdown", force=args.force), "daemon stopping")
     return EXIT_OK
 
 
@@ -519,11 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "(plain HTTP: keep it on loopback)")
     sp.add_argument("--detach", action="store_true",
                     help="run in the background; return once the daemon answers")
-    sp.add_argument("--json", action="store_true", help="with --detach: print one JSON document")
+    sp.add_argument("--json", action="store_true", help="with --detach, stop or drain: print one JSON document")
     sp.add_argument("--postcopy-recovery-timeout", type=_positive(float), default=30.0,
                     metavar="S",
                     help="how long an incoming post-copy migration waits for a lost source "
                          "to reconnect before the VM is declared lost and stopped (default 30)")
+    _add_daemon_limit_flags(sp)
+    sp.add_argument("action", nargs="?", default="run", choices=["run", "stop", "drain"],
+                    help="run (default) a daemon; stop the one at --listen/--control "
+                         "(refused while it hosts VMs or migrations, unless --force); drain "
+                         "it: migrate every VM --to another daemon, then stop")
+    sp.add_argument("--force", action="store_true",
+                    help="stop: stop even with VMs here (outgoing migrations are cancelled "
+                         "and their VMs resume here first; every VM here is then stopped)")
+    sp.add_argument("--to", metavar="HOST:PORT", help="drain: the daemon to move every VM to")
     sp.set_defaults(func=cmd_daemon)
 
     sp = sub.add_parser("migrate", help="migrate a VM to another daemon")
@@ -531,7 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, help="the destination daemon's HOST:PORT")
     sp.add_argument("--mode", default="precopy", choices=["precopy", "postcopy", "hybrid"])
     sp.add_argument("--downtime-ms", type=_positive(float), help="downtime limit (default 300)")
-    sp.add_argument("--max-bandwidth", help="bandwidth cap, e.g. 100MiB/s or 1Gbit/s")
+    sp.add_argument("--max-bandwidth",
+                    help="cap on pre-copy rounds and the post-copy bulk push, e.g. 100MiB/s or "
+                         "1Gbit/s; post-copy fault replies (urgent channel) are not capped, "
+                         "so the guest never waits on the cap for a page it needs")
     sp.add_argument("--auto-converge", action="store_true", help="throttle vCPUs if not converging")
     sp.add_argument("--max-rounds", type=_positive(int))
     sp.add_argument("--timeout", type=_positive(float), metavar="S",
@@ -587,7 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     daemon_opts(sp)
     sp.set_defaults(func=cmd_history)
 
-    sp = sub.add_parser("shutdown", help="stop a daemon (and the VMs it hosts)")
+    sp = sub.add_parser("shutdown", help="stop a daemon; refused while it hosts VMs or "
+                        "migrations, unless --force (the same as `daemon stop`)")
+    sp.add_argument("--force", action="store_true",
+                    help="stop even so: migrations are cancelled, VMs stopped")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_shutdown)
 

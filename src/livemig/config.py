@@ -179,6 +179,12 @@ class MigrationConfig:
     ack_timeout_s: float = 30.0
     """Time the source waits for the final acknowledgement before resuming."""
 
+    idle_timeout_s: float = 60.0
+    """Destination: how long an accepted pre-copy migration may receive no
+    byte at all before it is given up (the copy here is discarded and its
+    memory freed; the source resumes its VM). A slow link is not idle: any
+    byte received restarts the clock."""
+
     postcopy_zero_round: bool = True
     """Post-copy mode: before pausing, send one round of the pages that are
     zero (run table only, no data) so the guest never faults on them."""
@@ -251,7 +257,7 @@ class MigrationConfig:
         if self.batch_bytes < 64 << 10:
             raise ConfigError(f"batch_bytes must be at least 64 KiB, got {self.batch_bytes}")
         for name in ("handshake_timeout_s", "switchover_timeout_s", "ack_timeout_s",
-                     "postcopy_recovery_timeout_s"):
+                     "idle_timeout_s", "postcopy_recovery_timeout_s"):
             _positive(name, getattr(self, name))
 
     @property

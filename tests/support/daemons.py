@@ -75,7 +75,7 @@ class DaemonProcess:
     def close(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ControlError):
-                self.client.call("shutdown")
+                self.client.call("shutdown", force=True)
             try:
                 self.proc.wait(timeout=PATIENCE_S)
             except subprocess.TimeoutExpired:

@@ -296,3 +296,40 @@ def test_unencodable_switchover_bitmap_is_a_local_error():
     with pytest.raises(LocalProtocolError, match=r"Switchover\.owed_bitmap"):
         s.send(Switchover(b"", bytes(16), 3, b"\xff"))
     s.send(Switchover(b"", bytes(16), 3, b"\x07"))
+
+
+def _raw_frame(type_id, sequence, body):
+    import xxhash
+    from livemig.protocol import wire
+    return wire.HEADER.pack(wire.MAGIC, 1, type_id, 0, 0, len(body), sequence,
+                            xxhash.xxh3_64_intdigest(body)) + body
+
+
+def test_before_welcome_frames_are_capped_at_handshake_size():
+    """An unwelcomed peer cannot make us allocate the negotiated cap: a Hello
+    announcing more than 64 KiB is refused on its header, before its payload."""
+    from livemig.protocol.spec import HANDSHAKE_MAX_PAYLOAD_BYTES
+    d = Connection(D)
+    d.receive_data(_raw_frame(Hello.WIRE_ID, 0, bytes(HANDSHAKE_MAX_PAYLOAD_BYTES + 1))[:32])
+    with pytest.raises(RemoteProtocolError, match="exceeds the cap of 65536"):
+        d.next_event()
+
+
+def test_negotiated_cap_applies_from_the_welcome():
+    s, d = pair()
+    deliver(s, d, Hello(1, 1, ChannelKind.CONTROL, bytes(16)))
+    for buf in d.send(answer_hello(d.hello)):
+        s.receive_data(buf)
+    s.next_event()
+    offer = MigrationOffer({"pad": "x" * (200 << 10)}, Mode.PRECOPY, 1)
+    assert deliver(s, d, offer) == offer
+
+
+def test_discard_received_drops_a_half_received_payload():
+    d = Connection(D)
+    frame = _raw_frame(Hello.WIRE_ID, 0, struct.pack("<HHBBHI", 1, 1, 1, 0, 0, 1 << 20)
+                       + bytes(16) + struct.pack("<H", 0))
+    d.receive_data(frame[:-3])
+    assert d.next_event() is NEED_DATA and d.buffered_bytes > 0
+    d.discard_received()
+    assert d.buffered_bytes == 0

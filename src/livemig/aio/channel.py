@@ -309,7 +309,8 @@ class Channel:
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         """The peer broke the protocol: tell it why (best effort), then close."""
-        self._error = exc
+        # Detached: the parser's frames would keep the offending payload alive.
+        self._error = _detached(exc)
         transport = self._transport
         if transport is not None and not transport.is_closing():
             try:
@@ -320,6 +321,14 @@ class Channel:
             transport.close()
 
     def _on_lost(self, exc: Exception | None) -> None:
+        try:
+            self._end_stream(exc)
+        finally:
+            # Whatever the peer left half-sent dies with the connection (a
+            # payload announced up to the cap and never finished included).
+            self.conn.discard_received()
+
+    def _end_stream(self, exc: Exception | None) -> None:
         if self._closing and self._error is None and exc is None:
             self._ended = True     # our own close: remaining events, then None
         if self._error is None:
@@ -401,17 +410,42 @@ async def open_channel(host: str, port: int, *, kind: ChannelKind, session_id: b
 
 HelloPolicy = Callable[[Hello], "Welcome | Refuse"]
 ChannelHandler = Callable[[Channel], Awaitable[None]]
+# Connections accepted but not yet welcomed, per server: each may hold up to
+# HANDSHAKE_MAX_PAYLOAD_BYTES of frame plus a staging buffer, so this bounds
+# what unauthenticated peers can make a daemon spend (64 x 320 KiB = 20 MiB).
+DEFAULT_MAX_UNWELCOMED_CHANNELS = 64
+# Errors of ended channels kept for inspection: the most recent ones only.
+MAX_KEPT_ERRORS = 64
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained exceptions: their frames'
+    locals (a received payload, the whole channel) must not outlive the
+    connection that raised it."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
+class _TurnedAway(asyncio.Protocol):
+    """A connection over the unwelcomed limit: closed at once, nothing read."""
+
+    def connection_made(self, transport):
+        transport.abort()
 
 
 class ChannelServer:
     """Accepts channels, answers their Hello, and runs ``handler(channel)``
     for every Welcomed one; the channel is closed when the handler returns.
     Protocol errors and lost peers end only their own channel and are kept
-    in ``errors``. Use as an async context manager."""
+    in ``errors`` (the most recent :data:`MAX_KEPT_ERRORS`, tracebacks
+    dropped). At most ``max_unwelcomed_channels`` connections may be waiting
+    for their Welcome at once; further ones are closed on arrival and
+    counted in ``turned_away``. Use as an async context manager."""
 
     def __init__(self, handler: ChannelHandler, policy: HelloPolicy, *,
                  rate_limiter: TokenBucket | None, max_payload_bytes: int,
-                 recv_buffer_bytes: int, timeout_s: float):
+                 recv_buffer_bytes: int, timeout_s: float,
+                 max_unwelcomed_channels: int = DEFAULT_MAX_UNWELCOMED_CHANNELS):
         self._handler = handler
         self._policy = policy
         self._rate_limiter = rate_limiter
@@ -420,14 +454,25 @@ class ChannelServer:
         self._timeout_s = timeout_s
         self._tasks: set[asyncio.Task] = set()
         self._channels: set[Channel] = set()
+        self._max_unwelcomed = max_unwelcomed_channels
+        self.unwelcomed = 0
+        self.turned_away = 0
         self.server: asyncio.AbstractServer | None = None
-        self.errors: list[BaseException] = []
+        self._errors: collections.deque = collections.deque(maxlen=MAX_KEPT_ERRORS)
 
     @property
     def port(self) -> int:
         return self.server.sockets[0].getsockname()[1]
 
-    def _protocol(self) -> _ChannelProtocol:
+    @property
+    def errors(self) -> list[BaseException]:
+        return list(self._errors)
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        if self.unwelcomed >= self._max_unwelcomed:
+            self.turned_away += 1
+            return _TurnedAway()
+        self.unwelcomed += 1
         conn = Connection(Role.DESTINATION, max_payload_bytes=self._max_payload_bytes)
         ch = Channel(conn, rate_limiter=self._rate_limiter,
                      recv_buffer_bytes=self._recv_buffer_bytes)
@@ -438,6 +483,7 @@ class ChannelServer:
         return _ChannelProtocol(ch)
 
     async def _serve(self, ch: Channel) -> None:
+        welcomed = False
         try:
             try:
                 async with asyncio.timeout(self._timeout_s):
@@ -450,12 +496,16 @@ class ChannelServer:
             await ch.send(answer)
             if isinstance(answer, Refuse):
                 return
+            welcomed = True
+            self.unwelcomed -= 1
             await self._handler(ch)
         except LivemigError as exc:
             # A peer that breaks the protocol or vanishes ends its channel,
             # never the server; the error is kept for the owner to inspect.
-            self.errors.append(exc)
+            self._errors.append(_detached(exc))
         finally:
+            if not welcomed:
+                self.unwelcomed -= 1
             await ch.close()
             self._channels.discard(ch)
 
@@ -484,17 +534,21 @@ async def serve_channels(host: str, port: int, handler: ChannelHandler, *, ssl=N
                          rate_limiter: TokenBucket | None = None,
                          max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                          recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES,
-                         timeout_s: float = 10.0) -> ChannelServer:
+                         timeout_s: float = 10.0,
+                         max_unwelcomed_channels: int = DEFAULT_MAX_UNWELCOMED_CHANNELS
+                         ) -> ChannelServer:
     """Listen on ``host:port`` (port 0 picks one: see ``.port``) as the
     destination. Each Hello is answered by ``policy`` (default:
-    :func:`answer_hello` with ``capabilities``/``required``)."""
+    :func:`answer_hello` with ``capabilities``/``required``); a peer gets
+    ``timeout_s`` to say Hello."""
     if policy is None:
         def policy(hello):
             return answer_hello(hello, capabilities=capabilities, required=required,
                                 max_payload_bytes=max_payload_bytes)
     srv = ChannelServer(handler, policy, rate_limiter=rate_limiter,
                         max_payload_bytes=max_payload_bytes,
-                        recv_buffer_bytes=recv_buffer_bytes, timeout_s=timeout_s)
+                        recv_buffer_bytes=recv_buffer_bytes, timeout_s=timeout_s,
+                        max_unwelcomed_channels=max_unwelcomed_channels)
     srv.server = await asyncio.get_running_loop().create_server(srv._protocol, host, port,
                                                                 ssl=ssl)
     return srv
@@ -549,17 +603,31 @@ async def until_finished(*aws) -> None:
 
 
 async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: str,
-                      phase: str) -> Event:
+                      phase: str, idle: bool = False) -> Event:
     """The peer's next event within ``timeout_s``; a silent, vanished or
     aborting peer raises, naming what we waited for (the one receive funnel of
-    both migration peers)."""
+    both migration peers). With ``idle``, ``timeout_s`` bounds silence rather
+    than the wait: any byte received restarts it (a large frame on a slow
+    link takes as long as it takes)."""
     from ..errors import MigrationError
 
-    try:
-        event = await asyncio.wait_for(ch.recv(), timeout_s)
-    except asyncio.TimeoutError:
-        raise MigrationError(f"no {what} from the {peer} within {timeout_s:g} s",
-                             phase=phase) from None
+    while True:
+        seen_bytes = ch.bytes_received
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns a result
+            # that completes as the task is cancelled and drops the
+            # cancellation, so a stopping daemon's session would run on.
+            async with asyncio.timeout(timeout_s):
+                event = await ch.recv()
+            break
+        except TimeoutError:
+            if idle and ch.bytes_received != seen_bytes:
+                continue
+            if idle:
+                raise MigrationError(f"no {what} from the {peer}: it sent nothing for "
+                                     f"{timeout_s:g} s", phase=phase) from None
+            raise MigrationError(f"no {what} from the {peer} within {timeout_s:g} s",
+                                 phase=phase) from None
     if event is None:
         raise RemoteProtocolError(f"the {peer} closed the connection while we waited for {what}",
                                   phase=phase)

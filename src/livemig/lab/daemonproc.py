@@ -39,7 +39,7 @@ def wait_ready(client: ControlClient, proc: subprocess.Popen, log_path: str, *,
 
 def stop(client: ControlClient, proc: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
     with contextlib.suppress(ControlError, OSError):
-        client.call("shutdown")
+        client.call("shutdown", force=True)
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from ..errors import ConnectionLost, HandshakeRefused, LocalProtocolError, RemoteProtocolError
 from . import spec, wire
+from .spec import HANDSHAKE_MAX_PAYLOAD_BYTES
 from .events import (WIRE_IDS, Abort, ChannelKind, Event, Hello, PayloadError, Phase, Refuse,
                      RefuseCode, Welcome, decode_event)
 from .state import Conversation, Role, State, TransitionError
@@ -85,8 +86,11 @@ class Connection:
         self.max_payload_bytes = max_payload_bytes
         self.peer_max_payload_bytes = wire.DEFAULT_MAX_PAYLOAD_BYTES
         self._name = name
-        self._reader = wire.FrameReader(valid_types=WIRE_IDS.keys(),
-                                        max_payload_bytes=max_payload_bytes)
+        # Until the Welcome, only handshake-sized frames are accepted: a peer
+        # nobody has welcomed must not make us allocate the negotiated cap.
+        self._reader = wire.FrameReader(
+            valid_types=WIRE_IDS.keys(),
+            max_payload_bytes=min(max_payload_bytes, HANDSHAKE_MAX_PAYLOAD_BYTES))
         self._send_sequence = 0
         self._version = wire.WIRE_VERSION
         self._eof = False
@@ -140,6 +144,11 @@ class Connection:
         what another framer needs to take the stream over from here."""
         return (self._version, self._send_sequence, self._reader.expected_sequence,
                 self.max_payload_bytes)
+
+    def discard_received(self) -> None:
+        """Drop every received byte not yet returned as an event (the stream
+        is over): a dead channel must not hold a half-received payload."""
+        self._reader.discard()
 
     @property
     def errored(self) -> bool:
@@ -272,6 +281,7 @@ class Connection:
             # Handshake frames use wire version 1; later frames the negotiated one.
             self._version = event.version
             self._reader.version = event.version
+            self._reader.max_payload_bytes = self.max_payload_bytes
         elif isinstance(event, Refuse):
             self.refusal = event
 

@@ -32,6 +32,10 @@ STREAMS_CAPABILITY = "streams"
 # magic, version, type, flags, reserved, length, sequence, checksum
 FRAME_HEADER_FORMAT = "<4sHHHHIQQ"
 FRAME_HEADER_BYTES = 32
+# Receive cap on every frame before the handshake is done (Hello, Welcome,
+# Refuse, Abort are all under 3 KiB): an unauthenticated peer cannot make a
+# receiver allocate more than this. The negotiated cap applies from Welcome on.
+HANDSHAKE_MAX_PAYLOAD_BYTES = 64 << 10
 
 # -- message ids (the frame header's type field) ----------------------------
 MESSAGE_IDS: dict[str, int] = {

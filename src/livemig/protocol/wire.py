@@ -148,6 +148,12 @@ class FrameReader:
         """True when part of a frame has been received (truncation at EOF)."""
         return bool(self._buf) or self._pending is not None
 
+    def discard(self) -> None:
+        """Forget buffered bytes, a payload being filled and the staging area."""
+        self._buf = bytearray()
+        self._pending = self._body = self._body_view = self._staging = None
+        self._filled = 0
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable buffer for the next received bytes (asyncio's
         BufferedProtocol shape): the unfilled rest of a large payload, so the

@@ -36,7 +36,10 @@ from typing import Any
 
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
+from ..engine.source.stopslot import StopSlot
 from .control import ControlServer
+from . import shutdown
+from .limits import downtime_breach, incoming_budget
 from ..errors import (ConfigError, ControlError, HandoverInDoubt, LivemigError,
                       MigrationCancelled, MigrationError)
 from ..stats import ACTIVE_STATUSES, progress
@@ -95,10 +98,11 @@ class MigrationRecord:
     logged_decisions: int = 0
     logged_error: str | None = None
     logged_recoveries: int = 0
+    warning: str | None = None        # completed, but past a limit (downtime)
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
-             "status": self.status, "error": self.error}
+             "status": self.status, "error": self.error, "warning": self.warning}
         if self.stats is not None:
             d["stats"] = self.stats.to_dict()
             if self.status in ACTIVE_STATUSES:
@@ -120,7 +124,8 @@ class MigrationRecord:
 class Daemon(OperatorCommands):
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
                  insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
-                 state_dir: str | None = None, metrics: str | None = None):
+                 state_dir: str | None = None, metrics: str | None = None,
+                 max_incoming_memory_bytes: int | None = None, idle_timeout_s: float = 60.0):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
@@ -133,7 +138,9 @@ class Daemon(OperatorCommands):
         self.tls = tls
         self.insecure = insecure
         self.incoming_config = MigrationConfig(
-            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s)
+            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s,
+            idle_timeout_s=idle_timeout_s)
+        self.max_incoming_memory_bytes = max_incoming_memory_bytes   # None: from the host
         self.vms: dict[str, HostedVM] = {}
         self.migrations: dict[int, MigrationRecord] = {}
         self._arriving: set[str] = set()
@@ -148,6 +155,7 @@ class Daemon(OperatorCommands):
                 [h.describe() for h in self.vms.values()],
                 [r.describe() for r in self.migrations.values()]))
         self._listener = None
+        self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -157,7 +165,8 @@ class Daemon(OperatorCommands):
         ssl_ctx = server_context(self.tls.cert, self.tls.key, self.tls.ca) if self.tls else None
         self._listener = MigrationServer(self.listen_host, self.listen_port, ssl=ssl_ctx,
                                          on_incoming=self._on_incoming,
-                                         config=self.incoming_config)
+                                         config=self.incoming_config,
+                                         budget=incoming_budget(self.max_incoming_memory_bytes))
         await self._listener.start()
         self.listen_port = self._listener.port
         self.history = History(os.path.join(self.state_dir,
@@ -177,15 +186,21 @@ class Daemon(OperatorCommands):
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        guard = shutdown.SignalGuard(self)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self._stopped.set)
+                loop.add_signal_handler(sig, guard, sig)
             except (NotImplementedError, RuntimeError):
                 pass
         await self._stopped.wait()
         await self.close()
 
+    def request_stop(self) -> None:
+        """Stop serving: ``serve_forever`` closes the daemon (see shutdown.py)."""
+        self._stopped.set()
+
     async def close(self) -> None:
+        shutdown.report_losses(self)
         for rec in self.migrations.values():
             if rec.task is not None and not rec.task.done():
                 rec.task.cancel()
@@ -254,6 +269,7 @@ class Daemon(OperatorCommands):
             "migration.recover": self._cmd_migration_recover,
             "status": self._cmd_status,
             "shutdown": self._cmd_shutdown,
+            "daemon.drain": self._cmd_drain,
             "dirtyrate": self._cmd_dirtyrate,
             "plan": self._cmd_plan,
             **self._operator_handlers(),
@@ -269,7 +285,8 @@ class Daemon(OperatorCommands):
 
     async def _cmd_ping(self) -> dict:
         return {"pid": os.getpid(), "listen": format_hostport(self.listen_host, self.listen_port),
-                "tls": self.tls is not None, "vms": len(self.vms)}
+                "tls": self.tls is not None, "vms": len(self.vms),
+                "max_incoming_memory_bytes": self._listener.budget.max_incoming_memory_bytes}
 
     async def _cmd_vm_start(self, name: str, memory: str | int = "256MiB", vcpus: int = 2,
                             workload: str = "memtest", dirty_rate: str | float | None = None,
@@ -389,7 +406,7 @@ class Daemon(OperatorCommands):
                               f"got {timeout_action!r}")
         ssl_ctx = self._client_ssl()
         rec = MigrationRecord(next(self._ids), name, "outgoing", format_hostport(host, port),
-                              control=MigrationControl(), config=config)
+                              control=MigrationControl(stop_slot=self._stop_slot), config=config)
         self.migrations[rec.id] = rec
         hosted.migrating = True
         event(logging.INFO, f"migration {rec.id} of {name} to {rec.peer} starting: "
@@ -414,6 +431,7 @@ class Daemon(OperatorCommands):
                 rec.stats = stats
                 rec.status = "completed"
                 rec.error = None
+                rec.warning = downtime_breach(stats, config.max_downtime_ms)
                 # The destination verified and resumed the VM: ours is released.
                 del self.vms[name]
                 await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
@@ -592,9 +610,13 @@ class Daemon(OperatorCommands):
         from ..aio.tls import client_context
         return client_context(self.tls.cert, self.tls.key, self.tls.ca)
 
-    async def _cmd_shutdown(self) -> dict:
+    async def _cmd_shutdown(self, force: bool = False) -> dict:
+        shutdown.check_stop(self, bool(force))
         asyncio.get_running_loop().call_soon(self._stopped.set)
         return {"shutting_down": True}
+
+    async def _cmd_drain(self, to: str, **options) -> dict:
+        return await shutdown.drain(self, to, **options)
 
 
 def check_vm_name(name) -> None:

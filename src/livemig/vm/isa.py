@@ -88,6 +88,13 @@ OPS: tuple[Op, ...] = (
 BY_NAME: dict[str, Op] = {op.name: op for op in OPS}
 BY_CODE: dict[int, Op] = {op.code: op for op in OPS}
 
+# What a host must offer to run a guest from here (checked by a destination
+# before any page travels, as QEMU checks CPU models): the ISA revision, which
+# grows when opcodes are added, and the named vCPU devices beyond plain
+# arithmetic and memory that guests may use.
+ISA_REVISION = 1
+VCPU_FEATURES = frozenset({"rand", "console", "clock", "psum"})
+
 # vCPU status values and native fault codes (csrc/livemig.h, LM_VCPU_*).
 STATUS_PARKED = 1
 STATUS_RUNNING = 2

@@ -71,6 +71,7 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
+from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
 from .streams import (STREAMS, DestStreams, check_offer as check_streams_offer,
@@ -128,8 +129,11 @@ _POSTCOPY_REASON: str | None = None
 
 class IncomingMigration:
     def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig,
-                 sessions: dict | None = None, outcomes: OutcomeBook | None = None):
+                 sessions: dict | None = None, outcomes: OutcomeBook | None = None,
+                 budget: MemoryBudget | None = None):
         self.ch = ch
+        self.budget = budget
+        self.reservation: Reservation | None = None
         self.hook = hook
         self.config = config
         self.vm: VM | None = None
@@ -185,7 +189,10 @@ class IncomingMigration:
             for ch in list(self._released):
                 self._release(ch)
             if self._populating is not None:
-                await asyncio.shield(self._populating)  # the region must outlive it
+                # The peer is gone or done: stop faulting in memory now (the
+                # chunk in hand finishes), and the region must outlive that.
+                self._populate_stop.set()
+                await asyncio.shield(self._populating)
             if self._streams is not None:
                 self._streams.close()   # threads joined before memory can go
             if self.faults is not None:
@@ -199,6 +206,8 @@ class IncomingMigration:
                 # Never resumed here (or abandoned): the source owns the VM. Free ours.
                 self.vm.close()
                 self.vm = None
+            if self.reservation is not None:
+                self.reservation.release()
 
     def _record_outcome(self) -> None:
         """Write what became of the session, for a source that asks later
@@ -248,6 +257,13 @@ class IncomingMigration:
             self.stats.error = f"refused: {reason}"
             return False
         cfg = offer.config
+        if self.budget is not None:
+            try:
+                self.reservation = self.budget.admit(cfg["name"], cfg["memory_bytes"])
+            except AdmissionRefused as exc:
+                await self.ch.send(Refuse(RefuseCode.RESOURCES, str(exc)[:1000]))
+                self.stats.error = f"refused: {exc}"
+                return False
         try:
             # The source's name for itself (a daemon's address) when it gives
             # one: the connection's own address has an ephemeral port.
@@ -336,7 +352,9 @@ class IncomingMigration:
                 return RefuseCode.OFFER, (f"mode {offer.mode.name.lower()} refused: {reason}; "
                                           "pre-copy is still possible")
         if offer.page_size != PAGE_SIZE:
-            return RefuseCode.OFFER, f"page size {offer.page_size} (we use {PAGE_SIZE})"
+            return RefuseCode.OFFER, (f"the VM uses {offer.page_size}-byte pages; this host "
+                                      f"supports only {PAGE_SIZE}. The VM keeps running on "
+                                      "the source")
         name, memory_bytes, vcpus = cfg.get("name"), cfg.get("memory_bytes"), cfg.get("vcpus")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS \
                 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -347,13 +365,16 @@ class IncomingMigration:
                                       f"{offer.npages} pages")
         if not isinstance(vcpus, int) or not 0 < vcpus <= MAX_VCPUS:
             return RefuseCode.OFFER, f"bad vCPU count {vcpus!r}"
-        return None
+        problem = compatibility_problem(cfg)
+        return None if problem is None else (RefuseCode.OFFER, problem)
 
     # -- pages, then the handover -------------------------------------------------------------
     async def _receive(self) -> None:
         stats = self.stats
         while True:
-            event = await self._recv(None, "pages or a Switchover")
+            event = await recv_within(self.ch, self.config.idle_timeout_s,
+                                      "pages or a Switchover", peer="source",
+                                      phase=self.phase.label, idle=True)
             if isinstance(event, PageBatch):
                 try:
                     batch = self.decoder.apply(event.data)
@@ -709,12 +730,13 @@ class MigrationServer:
     """
 
     def __init__(self, host: str, port: int, *, ssl=None, on_incoming: IncomingHook | None = None,
-                 config: MigrationConfig | None = None):
+                 config: MigrationConfig | None = None, budget: MemoryBudget | None = None):
         self.host = host
         self.requested_port = port
         self.ssl = ssl
         self.on_incoming = on_incoming or _default_hook
         self.config = config or MigrationConfig()
+        self.budget = budget     # None: offers are bounded only by what VM.blank can map
         self.port: int | None = None
         self._server: ChannelServer | None = None
         self.completed: asyncio.Queue = asyncio.Queue()
@@ -764,7 +786,7 @@ class MigrationServer:
             await existing.adopt(ch)
             return
         incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions,
-                                     self.outcomes)
+                                     self.outcomes, self.budget)
         vm = await incoming.run()
         if vm is not None:
             await self.completed.put((incoming.arrival, vm))

@@ -97,6 +97,8 @@ from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, M
                        RoundStart, Switchover, VerifyFailed)
 from ...stats import MigrationStats, RoundRecord
 from ...native.tracking import open_tracker
+from ...vm.isa import ISA_REVISION, VCPU_FEATURES
+from .stopslot import StopSlot
 from ...vm.machine import VM
 
 StatsCallback = Callable[[MigrationStats], None]
@@ -116,8 +118,9 @@ INVALIDATE_MAX_ROUNDS = 12
 class MigrationControl:
     """Requests a host may make of a running migration (daemon commands)."""
 
-    def __init__(self):
+    def __init__(self, stop_slot: StopSlot | None = None):
         self.postcopy_requested = False
+        self.stop_slot = stop_slot    # shared by a host's migrations: one stop at a time
         self.session_id: bytes | None = None    # set by the session: names it to the peer
         self.cancel_requested = False
         self._interruptible: asyncio.Task | None = None   # the session, while before the pause
@@ -245,7 +248,11 @@ class SourceSession:
                 await self._invalidate()
                 await self._postcopy(await self._switchover_postcopy())
             else:
-                await self._switchover()
+                try:
+                    await self._switchover()
+                finally:
+                    if self.control.stop_slot is not None:
+                        self.control.stop_slot.give_back(self)
             return self.stats
         except BaseException as exc:
             self.control._interruptible = None
@@ -300,6 +307,7 @@ class SourceSession:
         offer = MigrationOffer(
             config={"name": self.name, "memory_bytes": vm.memory.length_bytes,
                     "vcpus": vm.nvcpus, "workload": vm.workload,
+                    "isa_revision": ISA_REVISION, "features": sorted(VCPU_FEATURES),
                     **({"origin": self.origin} if self.origin else {}),
                     **({"streams": self._data_path.nstreams} if self._data_path.native else {})},
             mode=_MODES[self.config.mode], npages=vm.memory.npages)
@@ -356,6 +364,9 @@ class SourceSession:
                 await self._open_postcopy_channels(resume=False)
                 return handover.POSTCOPY
             if decision.action is Action.SWITCHOVER:
+                slot = self.control.stop_slot
+                if slot is not None and not slot.try_take(self):
+                    continue    # another migration of this host is stopping: one more round
                 stats.converged = True
                 return "switchover"
             if decision.action is Action.POSTCOPY:
@@ -375,6 +386,8 @@ class SourceSession:
         await ch.send(RoundStart(index))
         self._sent[pages.astype(np.int64)] = True
         if self._streams is not None:
+            if not frozen:
+                await self._let_pass()
             # The threads copy each page before checksumming it, frozen or not.
             sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s)
             self._streams.fold_into(self.stats)
@@ -400,6 +413,8 @@ class SourceSession:
             # Pages of a running guest come out of the encoder as staging
             # copies (codec.py), so a frame's checksum matches its bytes.
             self._round_zero_pages += batch.pages_by_encoding.get("zero", 0)
+            if not frozen:
+                await self._let_pass()
             await self._ch.send(PageBatch(index, batch.npages, batch.chunks))
             npages += batch.npages
             nbytes += batch.nbytes
@@ -733,6 +748,12 @@ class SourceSession:
         allows here (its table refuses anything else), never Abort or None."""
         return await recv_within(self._ch, timeout_s, what, peer="destination",
                                  phase=self.phase.label)
+
+    async def _let_pass(self) -> None:
+        """While another migration of this daemon is stopped, hold our pages back
+        (the stop slot, engine/source/stopslot.py)."""
+        if self.control.stop_slot is not None:
+            await self.control.stop_slot.let_pass(self)
 
     def _check_cancel(self) -> None:
         if self.control.cancel_requested:
