@@ -127,6 +127,9 @@ def cmd_daemon(args) -> int:
     from .aio.loop import run
     from .service.daemon import Daemon, TlsFiles, default_control_path
 
+    if args.config:
+        from .service.config_file import apply_config_file
+        apply_config_file(args, args.daemon_parser, args.argv[1:])   # argv[0] is "daemon"
     tls = None
     given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(given):
@@ -500,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_vm_restore)
 
     sp = sub.add_parser("daemon", help="run a daemon hosting VMs and accepting migrations")
+    sp.add_argument("--config", metavar="FILE", help="TOML file of settings named as these "
+                    "flags (log-level = \"debug\"); flags given here win")
     sp.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT for incoming migrations")
     sp.add_argument("--control", help="control socket path (default: $XDG_RUNTIME_DIR or /tmp)")
     sp.add_argument("--tls-cert")
@@ -524,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="S",
                     help="how long an incoming post-copy migration waits for a lost source "
                          "to reconnect before the VM is declared lost and stopped (default 30)")
-    sp.set_defaults(func=cmd_daemon)
+    sp.set_defaults(func=cmd_daemon, daemon_parser=sp)
 
     sp = sub.add_parser("migrate", help="migrate a VM to another daemon")
     sp.add_argument("vm")
