@@ -409,6 +409,13 @@ DEFAULT_DIRTY_RATE = "64MiB/s"
 loopback, without taking a CPU away from everything else."""
 
 
+def cmd_completion(args) -> int:
+    from .clicompletion import completion_script
+
+    print(completion_script(args.shell, build_parser()), end="")
+    return EXIT_OK
+
+
 def _dirty_rate(text: str):
     """``--dirty-rate``: bytes/s (the ``/s`` is required), or 'unpaced' (None)."""
     from .units import parse_rate
@@ -634,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_demo)
+
+    from .clicompletion import SHELLS
+    sp = sub.add_parser("completion", help="print a shell completion script "
+                        "(bash: source <(livemig completion bash))")
+    sp.add_argument("shell", choices=SHELLS)
+    sp.set_defaults(func=cmd_completion)
     return p
 
 
