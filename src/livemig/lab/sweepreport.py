@@ -1,8 +1,9 @@
 """Outputs of the convergence sweep: JSON, a Markdown table, and a plot.
 
 The JSON keeps every run's full stats; the table groups the repeats of a
-point (medians, converged count) and sets the prediction of ``livemig plan``
-beside what happened. The plot needs matplotlib (the ``plot`` extra); without
+point (medians, converged count) and sets a prediction beside what happened:
+``livemig plan``'s pre-copy model for pre-copy rows, the post-copy and hybrid
+models (sweep.prediction) for those modes. The plot needs matplotlib (the ``plot`` extra); without
 it the JSON and the table are still written and the plot is reported as
 skipped with the reason.
 """
@@ -55,8 +56,8 @@ def group(points: list[dict]) -> list[dict]:
         row["throttle_pct"] = _median(s.get("throttle_pct") for s in sums)
         row["measured_dirty_rate_bps"] = _median(s.get("measured_dirty_rate_bps") for s in sums)
         row["measured_bandwidth_bps"] = _median(s.get("measured_bandwidth_bps") for s in sums)
-        pc = [s.get("predicted_converges") for s in sums if s.get("predicted_converges") is not None]
-        row["predicted_converges"] = (sum(pc) > len(pc) / 2) if pc else None
+        outcomes = [s.get("predicted_outcome") for s in sums if s.get("predicted_outcome")]
+        row["predicted_outcome"] = statistics.mode(outcomes) if outcomes else None
         row["predicted_rounds"] = _median(s.get("predicted_rounds") for s in sums)
         row["predicted_downtime_ms"] = _median(s.get("predicted_downtime_ms") for s in sums)
         row["predicted_total_time_s"] = _median(s.get("predicted_total_time_s") for s in sums)
@@ -78,7 +79,11 @@ def markdown_table(result: dict) -> str:
              f"downtime limit {prof['downtime_ms']:g} ms; pre-copy gives up after "
              f"{prof['max_total_s']:g} s; {prof['repeats']} run(s) per point, medians shown; "
              f"page encodings {', '.join(prof.get('encodings', []))}; "
-             f"1 vCPU per VM; kernel {meta['host']['kernel']}, {meta['host']['cpus']} CPUs.", ""]
+             f"1 vCPU per VM; kernel {meta['host']['kernel']}, {meta['host']['cpus']} CPUs. "
+             "Predictions use the measured bandwidth and dirty rate in a model of the row's "
+             "mode: pre-copy rounds for pre-copy; for post-copy, the switchover alone as "
+             "downtime and memory over bandwidth as total; for hybrid, pre-copy rounds then "
+             "post-copy once the dirty set stops shrinking.", ""]
     if meta.get("unsupported_modes"):
         for mode, why in meta["unsupported_modes"].items():
             lines.append(f"- mode `{mode}` not supported by this engine: {why}")
@@ -99,7 +104,7 @@ def markdown_table(result: dict) -> str:
             f"gave up {_f(r['giveup_time_s'], '.1f')}" if r["giveup_time_s"] is not None else "–"
         if r["failed"]:
             total_text += f" ({r['failed']} failed)"
-        pred = {True: "converges", False: "no", None: "–"}[r["predicted_converges"]]
+        pred = r["predicted_outcome"] or "–"
         lines.append(
             head + f"{_f(md / MIB if md is not None else None, '.1f')} MiB/s | "
             f"{r['converged']}/{r['runs']} | {total_text} | {_f(r['downtime_ms'], '.1f')} | "
