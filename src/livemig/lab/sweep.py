@@ -289,6 +289,8 @@ def _summarise(point: dict) -> dict:
         "predicted_outcome": predicted_outcome(point, p), "predicted_rounds": p.get("rounds"),
         "predicted_downtime_ms": p.get("expected_downtime_ms"),
         "predicted_total_time_s": p.get("total_time_s"),
+        "predicted_bytes_per_memory": (p["total_bytes"] / point["plan"]["memory_bytes"])
+        if p.get("total_bytes") is not None else None,
         "recommended_mode": p.get("recommended_mode"),
     }
 
