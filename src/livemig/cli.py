@@ -166,6 +166,9 @@ def cmd_daemon(args) -> int:
     from .aio.loop import run
     from .service.daemon import Daemon, TlsFiles, default_control_path
 
+    if args.config:
+        from .service.config_file import apply_config_file
+        apply_config_file(args, args.daemon_parser, args.argv[1:])   # argv[0] is "daemon"
     if args.action != "run":
         return _cmd_daemon_stop_or_drain(args)
     tls = None
@@ -456,6 +459,13 @@ DEFAULT_DIRTY_RATE = "64MiB/s"
 loopback, without taking a CPU away from everything else."""
 
 
+def cmd_completion(args) -> int:
+    from .clicompletion import completion_script
+
+    print(completion_script(args.shell, build_parser()), end="")
+    return EXIT_OK
+
+
 def _dirty_rate(text: str):
     """``--dirty-rate``: bytes/s (the ``/s`` is required), or 'unpaced' (None)."""
     from .units import parse_rate
@@ -550,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_vm_restore)
 
     sp = sub.add_parser("daemon", help="run a daemon hosting VMs and accepting migrations")
+    sp.add_argument("--config", metavar="FILE", help="TOML file of settings named as these "
+                    "flags (log-level = \"debug\"); flags given here win")
     sp.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT for incoming migrations")
     sp.add_argument("--control", help="control socket path (default: $XDG_RUNTIME_DIR or /tmp)")
     sp.add_argument("--tls-cert")
@@ -583,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop: stop even with VMs here (outgoing migrations are cancelled "
                          "and their VMs resume here first; every VM here is then stopped)")
     sp.add_argument("--to", metavar="HOST:PORT", help="drain: the daemon to move every VM to")
-    sp.set_defaults(func=cmd_daemon)
+    sp.set_defaults(func=cmd_daemon, daemon_parser=sp)
 
     sp = sub.add_parser("migrate", help="migrate a VM to another daemon")
     sp.add_argument("vm")
@@ -694,6 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_demo)
+
+    from .clicompletion import SHELLS
+    sp = sub.add_parser("completion", help="print a shell completion script "
+                        "(bash: source <(livemig completion bash))")
+    sp.add_argument("shell", choices=SHELLS)
+    sp.set_defaults(func=cmd_completion)
     return p
 
 

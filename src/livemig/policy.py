@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .config import MigrationConfig
-from .units import PAGE_SIZE, finite_or_none
+from .units import PAGE_SIZE, finite_or_none, format_mib_per_s
 
 MIN_SHRINK = 0.10
 """Over two rounds the dirty set must shrink by at least this share."""
@@ -138,7 +138,8 @@ def is_converging(rounds: Sequence[RoundStats], bandwidth_bps: float) -> tuple[b
                        f"(less than {MIN_SHRINK:.0%} smaller)")
     rate = rounds[-1].dirty_rate_bps
     if rate >= bandwidth_bps:
-        return False, f"dirty rate {rate:.3g} B/s is at least the bandwidth {bandwidth_bps:.3g} B/s"
+        return False, (f"dirty rate {format_mib_per_s(rate)} is at least the bandwidth "
+                       f"{format_mib_per_s(bandwidth_bps)}")
     return True, "dirty set shrinking"
 
 
@@ -215,27 +216,36 @@ class Prediction:
                 "round_bytes": self.round_bytes}
 
 
+def _precopy_rounds(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
+                    working_set_bytes: int, max_rounds: int):
+    """(round, seconds, bytes sent, dirty bytes left) for rounds 1 … max_rounds
+    of the model: round 1 sends all of memory, each later one the previous
+    one's dirty set, min(working set, rate·t) (pages dirtied twice count once)."""
+    to_send = memory_bytes
+    for rnd in range(1, max_rounds + 1):
+        t = to_send / bandwidth_bps
+        dirty = min(working_set_bytes, dirty_rate_bps * t)
+        yield rnd, t, to_send, dirty
+        to_send = dirty
+
+
 def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
             max_downtime_ms: float, *, working_set_bytes: int | None = None,
             max_rounds: int = 30, switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
-    """Simulate pre-copy rounds under a constant bandwidth and dirty rate.
-
-    The dirty set after a round of t seconds is min(working set, rate·t)
-    (pages dirtied twice count once, so it cannot exceed the working set)."""
+    """Simulate pre-copy rounds under a constant bandwidth and dirty rate."""
     if bandwidth_bps <= 0:
         return Prediction(False, 0, math.inf, math.inf, 0, "postcopy",
                           "no bandwidth", [])
     ws = memory_bytes if working_set_bytes is None else min(working_set_bytes, memory_bytes)
-    to_send = memory_bytes
     elapsed = 0.0
     total = 0
     sent_rounds: list[int] = []
-    for rnd in range(1, max_rounds + 1):
-        t = to_send / bandwidth_bps
+    to_send = memory_bytes
+    for rnd, t, sent, to_send in _precopy_rounds(bandwidth_bps, dirty_rate_bps, memory_bytes, ws,
+                                                 max_rounds):
         elapsed += t
-        total += to_send
-        sent_rounds.append(int(to_send))
-        to_send = min(ws, dirty_rate_bps * t)
+        total += sent
+        sent_rounds.append(int(sent))
         downtime = to_send / bandwidth_bps * 1000.0 + switchover_cost_ms
         if downtime <= max_downtime_ms:
             return Prediction(True, rnd, downtime, elapsed + downtime / 1000.0,
@@ -243,8 +253,8 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
                               f"converges after {rnd} round(s)", sent_rounds)
     downtime = to_send / bandwidth_bps * 1000.0 + switchover_cost_ms
     if dirty_rate_bps >= bandwidth_bps:
-        mode, why = "postcopy", (f"dirty rate {dirty_rate_bps:.3g} B/s ≥ bandwidth "
-                                 f"{bandwidth_bps:.3g} B/s: pre-copy cannot converge "
+        mode, why = "postcopy", (f"dirty rate {format_mib_per_s(dirty_rate_bps)} ≥ bandwidth "
+                                 f"{format_mib_per_s(bandwidth_bps)}: pre-copy cannot converge "
                                  "(or throttle the guest with auto-converge)")
     else:
         mode, why = "hybrid", (f"dirty set shrinks too slowly: {downtime:.0f} ms expected "
@@ -252,6 +262,61 @@ def predict(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
     return Prediction(False, max_rounds, downtime, math.inf, int(total), mode, why, sent_rounds)
 
 
-__all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "Prediction",
+def predict_postcopy(bandwidth_bps: float, memory_bytes: int, *,
+                     switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
+    """Post-copy from the start: no pre-copy round; the downtime is the
+    switchover alone, then every page crosses once (pushed in the background,
+    or pulled by a fault). ``converges`` is False: there is nothing to
+    converge, the migration completes as long as the link does; the guest
+    runs slowed by remote faults meanwhile, which the model does not price."""
+    if bandwidth_bps <= 0:
+        return Prediction(False, 0, math.inf, math.inf, 0, "postcopy", "no bandwidth", [])
+    total_s = switchover_cost_ms / 1000.0 + memory_bytes / bandwidth_bps
+    return Prediction(False, 0, switchover_cost_ms, total_s, memory_bytes, "postcopy",
+                      "post-copy: downtime is the switchover alone; every page crosses once",
+                      [])
+
+
+def predict_hybrid(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: int,
+                   max_downtime_ms: float, *, working_set_bytes: int | None = None,
+                   max_rounds: int = 30,
+                   switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Prediction:
+    """Hybrid as :func:`decide` runs it: pre-copy rounds while the dirty set
+    shrinks; a pre-copy switchover if the downtime fits; else post-copy of the
+    dirty set left once the dirty set stops shrinking by ``MIN_SHRINK`` over
+    two rounds, R ≥ B (judged from the third round on), or max_rounds."""
+    if bandwidth_bps <= 0:
+        return Prediction(False, 0, math.inf, math.inf, 0, "postcopy", "no bandwidth", [])
+    ws = memory_bytes if working_set_bytes is None else min(working_set_bytes, memory_bytes)
+    elapsed = 0.0
+    total = 0
+    sent_rounds: list[int] = []
+    dirty_after: list[float] = []
+    for rnd, t, sent, dirty in _precopy_rounds(bandwidth_bps, dirty_rate_bps, memory_bytes, ws,
+                                               max_rounds):
+        elapsed += t
+        total += sent
+        sent_rounds.append(int(sent))
+        dirty_after.append(dirty)
+        downtime = dirty / bandwidth_bps * 1000.0 + switchover_cost_ms
+        if downtime <= max_downtime_ms:
+            return Prediction(True, rnd, downtime, elapsed + downtime / 1000.0,
+                              int(total + dirty), "precopy",
+                              f"converges in pre-copy after {rnd} round(s)", sent_rounds)
+        if rnd >= 3 and (dirty > (1.0 - MIN_SHRINK) * dirty_after[-3]
+                         or dirty_rate_bps >= bandwidth_bps):
+            why = "the dirty set stopped shrinking"
+            break
+    else:
+        why = f"{max_rounds} rounds reached"
+    left = dirty_after[-1]
+    total_s = elapsed + switchover_cost_ms / 1000.0 + left / bandwidth_bps
+    return Prediction(False, len(sent_rounds), switchover_cost_ms, total_s, int(total + left),
+                      "hybrid", f"post-copy after {len(sent_rounds)} pre-copy round(s): {why}; "
+                      "downtime is the switchover alone", sent_rounds)
+
+
+__all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "predict_postcopy",
+           "predict_hybrid", "Prediction",
            "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging",
            "MIN_SHRINK", "SWITCHOVER_COST_MS"]

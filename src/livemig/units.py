@@ -79,6 +79,11 @@ def format_rate(bytes_per_s: float) -> str:
     return format_size(bytes_per_s) + "/s"
 
 
+def format_mib_per_s(bytes_per_s: float) -> str:
+    """A rate always in MiB/s, for text that compares rates (plan, its reasons)."""
+    return f"{bytes_per_s / MIB:,.1f} MiB/s"
+
+
 def finite_or_none(x: float | None) -> float | None:
     """``x`` for JSON: None when it is None, infinite or NaN."""
     return x if x is not None and math.isfinite(x) else None

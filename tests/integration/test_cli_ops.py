@@ -288,3 +288,18 @@ def test_event_log_and_metrics(tmp_path):
     finally:
         b.close()
         a.close()
+
+
+def test_daemon_config_file_is_read_and_flags_win(tmp_path):
+    event_log = tmp_path / "events.jsonl"
+    config = tmp_path / "livemig.toml"
+    # DaemonProcess passes --listen 127.0.0.1:0 (the kernel picks a port),
+    # which must win over the file's port 1; the log settings come from the file.
+    config.write_text(f'listen = "127.0.0.1:1"\nlog-file = "{event_log}"\nlog-json = true\n')
+    daemon = DaemonProcess(tmp_path, "cfg", "asyncio", "--config", str(config))
+    try:
+        assert daemon.port != 1
+        lines = [json.loads(line) for line in event_log.read_text().splitlines()]
+        assert any("daemon listening" in line["message"] for line in lines)
+    finally:
+        daemon.close()

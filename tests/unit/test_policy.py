@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.config import MigrationConfig
-from livemig.policy import Action, RoundStats, decide, predict
+from livemig.policy import (SWITCHOVER_COST_MS, Action, RoundStats, decide, predict,
+                            predict_hybrid, predict_postcopy)
 
 MIB = 1 << 20
 PAGES_1G = (1 << 30) // 4096
@@ -172,3 +173,30 @@ def test_expected_downtime_counts_page_cost_not_only_wire_bytes():
     by_bytes = 10_000 * 4096 * (100_000 / (10_000 * 4096)) / bw * 1000
     assert ms > 5 * by_bytes
     assert abs(ms - 10_000 / ((20_000) / 0.7) * 1000) < 1e-6
+
+
+def test_predict_postcopy_downtime_is_the_switchover_and_every_page_crosses_once():
+    p = predict_postcopy(100 * MIB, 1 << 30)
+    assert p.rounds == 0 and p.expected_downtime_ms == SWITCHOVER_COST_MS
+    assert p.total_bytes == 1 << 30
+    assert math.isclose(p.total_time_s, 1024 / 100 + SWITCHOVER_COST_MS / 1e3)
+
+
+def test_predict_hybrid_goes_postcopy_where_precopy_cannot_converge():
+    pre = predict(100 * MIB, 200 * MIB, 1 << 30, 300)
+    hyb = predict_hybrid(100 * MIB, 200 * MIB, 1 << 30, 300)
+    assert not pre.converges and pre.total_time_s == math.inf
+    # R >= B is judged from the third round on, as decide() judges it
+    assert hyb.rounds == 3 and hyb.expected_downtime_ms == SWITCHOVER_COST_MS
+    assert math.isfinite(hyb.total_time_s) and "post-copy after 3" in hyb.reason
+
+
+def test_predict_hybrid_is_precopy_where_precopy_converges():
+    pre = predict(400 * MIB, 100 * MIB, 1 << 30, 50)
+    hyb = predict_hybrid(400 * MIB, 100 * MIB, 1 << 30, 50)
+    assert hyb.converges and (hyb.rounds, hyb.total_bytes) == (pre.rounds, pre.total_bytes)
+
+
+def test_predict_reasons_give_rates_in_mib_per_s():
+    p = predict(100 * MIB, 200 * MIB, 1 << 30, 300)
+    assert "200.0 MiB/s" in p.reason and "100.0 MiB/s" in p.reason and " B/s" not in p.reason

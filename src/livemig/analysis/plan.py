@@ -39,7 +39,7 @@ from ..config import MigrationConfig
 from ..errors import RemoteProtocolError
 from ..policy import Prediction, predict
 from ..protocol import Abort, ChannelKind, Ping, ProbeData, ProbeEnd
-from ..units import MIB, finite_or_none
+from ..units import MIB, finite_or_none, format_mib_per_s
 
 PROBE_FRAME_BYTES = 1 << 20
 PING_COUNT = 5
@@ -170,12 +170,13 @@ async def plan_migration(vm, host: str, port: int, *, config: MigrationConfig | 
 def format_plan(p: dict) -> str:
     pr, probe, dr = p["prediction"], p["probe"], p["dirty_rate"]
     lines = [
-        f"link: {probe['bytes_per_s'] / MIB:,.1f} MiB/s measured "
+        f"link: {format_mib_per_s(probe['bytes_per_s'])} measured "
         f"({probe['bytes'] / MIB:.0f} MiB in {probe['duration_s']:.2f} s), "
         f"RTT {probe['rtt_ms']:.2f} ms"
-        + (f", capped at {probe['rate_limit_bps'] / MIB:,.1f} MiB/s in-process"
+        + (f", capped at {format_mib_per_s(probe['rate_limit_bps'])} in-process"
            if probe.get("rate_limit_bps") else ""),
-        f"dirty rate: {dr['mib_per_s']:.2f} MiB/s ({dr['method']}, {dr['window_s']:.1f} s)",
+        f"dirty rate: {format_mib_per_s(dr['bytes_per_s'])} ({dr['method']}, "
+        f"{dr['window_s']:.1f} s)",
         f"memory {p['memory_bytes'] / MIB:,.0f} MiB, downtime limit {p['downtime_ms']:g} ms",
         f"prediction: {'converges' if pr['converges'] else 'does NOT converge'} — {pr['reason']}",
         f"  rounds {pr['rounds']}, expected downtime "

@@ -44,6 +44,8 @@ from ..addresses import DEFAULT_HOST, format_hostport
 from .daemonproc import free_port, stop, wait_migration, wait_ready
 from ..service.control import ControlClient
 from ..errors import ConfigError, ControlError
+from ..config import MigrationConfig
+from ..policy import predict_hybrid, predict_postcopy
 from ..units import MIB
 
 MODES = {
@@ -241,10 +243,38 @@ def outcome(point: dict) -> str:
     return "not-converged" if "did not converge" in (point.get("error") or "") else "failed"
 
 
+def prediction(point: dict) -> dict:
+    """The point's prediction under a model of its mode: ``plan``'s own
+    (pre-copy) for pre-copy rows; for post-copy and hybrid rows the same
+    measured bandwidth and dirty rate through the post-copy and hybrid models
+    (policy.py). Empty when the plan measured nothing to predict from."""
+    plan = point.get("plan") or {}
+    mode = MODES[point["mode"]]["mode"]
+    if mode == "precopy":
+        return plan.get("prediction") or {}
+    bw = plan.get("bandwidth_bps")
+    if not bw:
+        return {}
+    if mode == "postcopy":
+        return predict_postcopy(bw, plan["memory_bytes"]).to_dict()
+    return predict_hybrid(bw, plan["dirty_rate"]["bytes_per_s"], plan["memory_bytes"],
+                          plan["downtime_ms"], max_rounds=MigrationConfig().max_rounds).to_dict()
+
+
+def predicted_outcome(point: dict, p: dict) -> str | None:
+    """converges | no | post-copy (the model switches to post-copy, where
+    converging does not apply); None without a prediction."""
+    if not p:
+        return None
+    if p["converges"]:
+        return "converges"
+    return "post-copy" if MODES[point["mode"]]["mode"] != "precopy" else "no"
+
+
 def _summarise(point: dict) -> dict:
     s = point.get("stats") or {}
     mem = s.get("memory_bytes") or 0
-    p = (point.get("plan") or {}).get("prediction") or {}
+    p = prediction(point)
     return {
         "converged": point["status"] == "completed", "outcome": outcome(point),
         "total_time_s": (s.get("total_time_ms") or 0) / 1e3 if s else None,
@@ -256,9 +286,11 @@ def _summarise(point: dict) -> dict:
         "measured_dirty_rate_bps": ((point.get("plan") or {}).get("dirty_rate") or {})
         .get("bytes_per_s"),
         "measured_bandwidth_bps": (point.get("plan") or {}).get("bandwidth_bps"),
-        "predicted_converges": p.get("converges"), "predicted_rounds": p.get("rounds"),
+        "predicted_outcome": predicted_outcome(point, p), "predicted_rounds": p.get("rounds"),
         "predicted_downtime_ms": p.get("expected_downtime_ms"),
         "predicted_total_time_s": p.get("total_time_s"),
+        "predicted_bytes_per_memory": (p["total_bytes"] / point["plan"]["memory_bytes"])
+        if p.get("total_bytes") is not None else None,
         "recommended_mode": p.get("recommended_mode"),
     }
 

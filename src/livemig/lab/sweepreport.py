@@ -1,10 +1,11 @@
 """Outputs of the convergence sweep: JSON, a Markdown table, and a plot.
 
 The JSON keeps every run's full stats; the table groups the repeats of a
-point (medians, converged count) and sets the prediction of ``livemig plan``
-beside what happened. The plot needs matplotlib (the ``plot`` extra); without
-it the JSON and the table are still written and the plot is reported as
-skipped with the reason.
+point (medians, converged count, spread) and sets a prediction beside what
+happened: ``livemig plan``'s pre-copy model for pre-copy rows, the post-copy
+and hybrid models (sweep.prediction) for those modes. The plot (sweepplot.py)
+needs matplotlib (the ``plot`` extra); without it the JSON and the table are
+still written and the plot is reported as skipped with the reason.
 """
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ _KEY = ("sweep_workload", "memory", "link", "mode", "dirty_rate")
 def _median(values):
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(vals) if vals else None
+
+
+def _spread(values):
+    """(min, max) of the finite values, None without any: the repeats' spread."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return (min(vals), max(vals)) if vals else None
 
 
 def group(points: list[dict]) -> list[dict]:
@@ -48,6 +55,12 @@ def group(points: list[dict]) -> list[dict]:
         row["giveup_time_s"] = _median(s.get("total_time_s") for s in sums
                                        if s.get("outcome") == "not-converged")
         row["failed"] = sum(1 for s in sums if s.get("outcome") == "failed")
+        row["not_converged"] = sum(1 for s in sums if s.get("outcome") == "not-converged")
+        # Over the same runs as the medians: converged runs' times, else the give-ups'.
+        timed = conv or [s for s in sums if s.get("outcome") == "not-converged"]
+        row["spread"] = {"total_time_s": _spread(s.get("total_time_s") for s in timed),
+                         "downtime_ms": _spread(s.get("downtime_ms") for s in conv),
+                         "bytes_per_memory": _spread(s.get("bytes_per_memory") for s in sums)}
         row["downtime_ms"] = _median(s.get("downtime_ms") for s in conv)
         row["bytes_per_memory"] = _median(s.get("bytes_per_memory") for s in sums)
         row["bytes_sent"] = _median(s.get("bytes_sent") for s in sums)
@@ -55,11 +68,13 @@ def group(points: list[dict]) -> list[dict]:
         row["throttle_pct"] = _median(s.get("throttle_pct") for s in sums)
         row["measured_dirty_rate_bps"] = _median(s.get("measured_dirty_rate_bps") for s in sums)
         row["measured_bandwidth_bps"] = _median(s.get("measured_bandwidth_bps") for s in sums)
-        pc = [s.get("predicted_converges") for s in sums if s.get("predicted_converges") is not None]
-        row["predicted_converges"] = (sum(pc) > len(pc) / 2) if pc else None
+        outcomes = [s.get("predicted_outcome") for s in sums if s.get("predicted_outcome")]
+        row["predicted_outcome"] = statistics.mode(outcomes) if outcomes else None
         row["predicted_rounds"] = _median(s.get("predicted_rounds") for s in sums)
         row["predicted_downtime_ms"] = _median(s.get("predicted_downtime_ms") for s in sums)
         row["predicted_total_time_s"] = _median(s.get("predicted_total_time_s") for s in sums)
+        row["predicted_bytes_per_memory"] = _median(s.get("predicted_bytes_per_memory")
+                                                    for s in sums)
         errors = {r.get("error") for r in runs if r.get("error")}
         row["errors"] = sorted(errors)
         rows.append(row)
@@ -78,7 +93,11 @@ def markdown_table(result: dict) -> str:
              f"downtime limit {prof['downtime_ms']:g} ms; pre-copy gives up after "
              f"{prof['max_total_s']:g} s; {prof['repeats']} run(s) per point, medians shown; "
              f"page encodings {', '.join(prof.get('encodings', []))}; "
-             f"1 vCPU per VM; kernel {meta['host']['kernel']}, {meta['host']['cpus']} CPUs.", ""]
+             f"1 vCPU per VM; kernel {meta['host']['kernel']}, {meta['host']['cpus']} CPUs. "
+             "Predictions use the measured bandwidth and dirty rate in a model of the row's "
+             "mode: pre-copy rounds for pre-copy; for post-copy, the switchover alone as "
+             "downtime and memory over bandwidth as total; for hybrid, pre-copy rounds then "
+             "post-copy once the dirty set stops shrinking.", ""]
     if meta.get("unsupported_modes"):
         for mode, why in meta["unsupported_modes"].items():
             lines.append(f"- mode `{mode}` not supported by this engine: {why}")
@@ -99,7 +118,7 @@ def markdown_table(result: dict) -> str:
             f"gave up {_f(r['giveup_time_s'], '.1f')}" if r["giveup_time_s"] is not None else "–"
         if r["failed"]:
             total_text += f" ({r['failed']} failed)"
-        pred = {True: "converges", False: "no", None: "–"}[r["predicted_converges"]]
+        pred = r["predicted_outcome"] or "–"
         lines.append(
             head + f"{_f(md / MIB if md is not None else None, '.1f')} MiB/s | "
             f"{r['converged']}/{r['runs']} | {total_text} | {_f(r['downtime_ms'], '.1f')} | "
@@ -115,76 +134,6 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: str) -> str | None:
-    """Write the PNG; None on success, else why it was skipped."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib is not installed ({exc}); install the 'plot' extra"
-    rows = [r for r in group(result["points"]) if r["status"] == "measured"]
-    if not rows:
-        return "no measured point to plot"
-    links = list(dict.fromkeys(r["link"] for r in rows))
-    metrics = [("total time (s)", lambda r: r["total_time_s"] if r["converged"] else
-                r["giveup_time_s"]),
-               ("downtime (ms)", lambda r: r["downtime_ms"]),
-               ("bytes sent / memory", lambda r: r["bytes_per_memory"])]
-    fig, axes = plt.subplots(len(metrics), len(links), figsize=(4.5 * len(links), 9),
-                             squeeze=False)
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    colours = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    max_rate = max((_x(r) for r in rows), default=1.0)
-    for col, link in enumerate(links):
-        sub = [r for r in rows if r["link"] == link]
-        bw_bit = sub[0]["link_bit_s"]
-        for row_i, (label, get) in enumerate(metrics):
-            ax = axes[row_i][col]
-            for mode in modes:
-                pts = sorted((r for r in sub if r["mode"] == mode), key=_x)
-                xs = [_x(r) for r in pts]
-                ys = [get(r) for r in pts]
-                ax.plot(xs, [math.nan if y is None else y for y in ys], "o-",
-                        color=colours[mode], label=mode, markersize=4)
-                bad = [(x, y) for x, y, r in zip(xs, ys, pts)
-                       if r["converged"] < r["runs"] and y is not None]
-                if bad:
-                    ax.scatter(*zip(*bad), marker="x", s=70, color="red", zorder=5,
-                               label="not converged" if mode == modes[0] else None)
-            if bw_bit:
-                bw_mib = bw_bit / 8 / MIB
-                if bw_mib <= 1.5 * max_rate:
-                    ax.axvline(bw_mib, color="grey", linestyle="--", label="link bandwidth")
-            ax.set_xlabel("dirty rate (MiB/s, measured)")
-            ax.set_ylabel(label)
-            if row_i == 0:
-                bw_txt = "" if not bw_bit else f" = {bw_bit / 8 / MIB:,.0f} MiB/s"
-                ax.set_title(f"link {link}{bw_txt}")
-            ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles))
-    prof = result["meta"]["profile"]["name"]
-    missing = sorted(result["meta"].get("unsupported_modes") or ())
-    fig.suptitle(f"livemig convergence ({prof}, {result['meta']['link_method']}); "
-                 "red x: not converged"
-                 + (f"; not supported by this engine: {', '.join(missing)}" if missing else ""))
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return None
-
-
-def _x(row: dict) -> float:
-    m = row.get("measured_dirty_rate_bps")
-    if m is not None:
-        return m / MIB
-    return (row.get("dirty_rate_bps") or 0) / MIB
-
-
 def write_outputs(result: dict, out_dir: str, stem: str) -> dict:
     """Write ``stem``.json/.md/.png into ``out_dir``; the paths written."""
     os.makedirs(out_dir, exist_ok=True)
@@ -194,6 +143,8 @@ def write_outputs(result: dict, out_dir: str, stem: str) -> dict:
         json.dump(result, f, indent=1, default=str)
     with open(paths["markdown"], "w") as f:
         f.write(markdown_table(result))
+    from .sweepplot import plot
+
     png = os.path.join(out_dir, stem + ".png")
     skipped = plot(result, png)
     if skipped is None:
@@ -205,4 +156,4 @@ def write_outputs(result: dict, out_dir: str, stem: str) -> dict:
     return paths
 
 
-__all__ = ["group", "markdown_table", "plot", "write_outputs"]
+__all__ = ["group", "markdown_table", "write_outputs"]
