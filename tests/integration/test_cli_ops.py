@@ -131,9 +131,13 @@ def test_timeout_switches_to_postcopy_and_the_cap_can_be_lifted_there(daemons):
 def test_ctrl_c_on_an_attached_migrate_cancels_it(daemons):
     a, b = daemons
     a.cli("vm", "start", "ctrlc", *SLOW_VM)
+    # A shell runs background jobs with SIGINT ignored, and Python keeps an
+    # inherited "ignore"; a terminal's Ctrl-C reaches a process that has the
+    # default disposition, so give the child that whatever ran this suite.
     proc = subprocess.Popen([sys.executable, "-m", "livemig", "migrate", "ctrlc", "--to",
                              b.address, "--max-bandwidth", SLOW_CAP, "--control", a.control],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for("the migration to be active", lambda: any(
         m["vm"] == "ctrlc" and m["status"] == "active"
         for m in a.client.call("status")["migrations"]))
