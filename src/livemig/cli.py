@@ -258,6 +258,8 @@ def _summary(rec) -> str:
             continue   # post-copy switches over on purpose; the receiver judges nothing
         if key in s and s[key] is not None:
             lines.append(f"  {label:12} " + fmt.format(s[key]))
+    if s.get("data_path"):
+        lines.append(f"  {'pages on':12} {s['data_path']}")
     pc = s.get("postcopy") or {}
     if pc.get("duration_ms"):
         lines.append(f"  {'post-copy':12} {pc['duration_ms']:.1f} ms, {pc['pages_pushed']:,} pages "
