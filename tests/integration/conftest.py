@@ -15,8 +15,8 @@ def run(request):
     unhandled = []
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
 
-    def runner(coro):
-        return loop.run_until_complete(asyncio.wait_for(coro, PATIENCE_S))
+    def runner(coro, timeout_s: float = PATIENCE_S):
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout_s))
 
     runner.kind = request.param
     yield runner
