@@ -40,14 +40,10 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -56,34 +52,7 @@
 
 LM_API int lm_stream_probe(char *reason, size_t reason_cap)
 {
-    char scratch[2];
-    if (!reason || reason_cap == 0) {
-        reason = scratch;
-        reason_cap = sizeof(scratch);
-    }
-    reason[0] = '\0';
-    struct lm_framer f;
-    int rc = lm_framer_open(&f, reason, reason_cap);
-    if (rc == 0)
-        lm_framer_close(&f);
-    return rc;
-}
-
-void lm_stream_notify(lm_stream *s)
-{
-    uint64_t one = 1;
-    /* EAGAIN only when the counter is at its maximum: the owner is woken anyway. */
-    ssize_t w = write(s->notify_efd, &one, sizeof(one));
-    (void)w;
-}
-
-int lm_stream_fail(lm_stream *s, int err, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(s->reason, sizeof(s->reason), fmt, ap);
-    va_end(ap);
-    return -err;
+    return lm_chan_probe(reason, reason_cap);
 }
 
 void lm_stream_account_cpu(lm_stream *s)
@@ -108,21 +77,18 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
     s->hashes = hashes;
     s->fp = fp;
     s->fp_valid = fp_valid;
-    s->fd = -1;
     s->last_closed = -1;
-    s->notify_efd = s->stop_efd = s->work_efd = -1;
-    char reason[128];
-    int rc = lm_framer_open(&s->framer, reason, sizeof(reason));
+    s->work_efd = -1;
+    int rc = lm_chan_open(&s->ch, "bulk stream", (struct lm_chan_counters *)&s->stats,
+                          lm_stream_wait_writable);
     if (rc < 0) {
         free(s);
         return rc;
     }
     static const uint8_t zero_page[LM_PAGE_SIZE];
     s->zero_hash = page_blocks_hash(zero_page, s->zero_blocks);
-    s->notify_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     s->work_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (s->notify_efd < 0 || s->stop_efd < 0 || s->work_efd < 0) {
+    if (s->work_efd < 0) {
         rc = -errno;
         lm_stream_destroy(s);
         return rc;
@@ -162,14 +128,14 @@ LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashe
 
 static int source_loop(lm_stream *s)
 {
-    struct pollfd pfd[2] = {{.fd = s->stop_efd, .events = POLLIN},
+    struct pollfd pfd[2] = {{.fd = s->ch.stop_efd, .events = POLLIN},
                             {.fd = s->work_efd, .events = POLLIN}};
     for (;;) {
         int n = poll(pfd, 2, -1);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            return lm_stream_fail(s, errno, "poll: %s", strerror(errno));
+            return lm_chan_fail(&s->ch, errno, "poll: %s", strerror(errno));
         if (pfd[0].revents)
             return 1;
         if (pfd[1].revents) {
@@ -180,7 +146,7 @@ static int source_loop(lm_stream *s)
             int rc = lm_stream_source_round(s);
             if (rc != 0)
                 return rc;
-            lm_stream_notify(s);
+            lm_chan_notify(&s->ch);
         }
     }
 }
@@ -196,16 +162,16 @@ static int dest_loop(lm_stream *s)
         const uint8_t *payload = s->rbuf + LM_WIRE_HEADER_BYTES;
         if (type == LM_MSG_PAGE_BATCH) {
             if (lm_frame_flags(s->rbuf) != 0)
-                return lm_stream_fail(s, EPROTO, "PageBatch flags %#x on a bulk stream, which "
-                                      "carries pre-copy batches only", lm_frame_flags(s->rbuf));
+                return lm_chan_fail(&s->ch, EPROTO, "PageBatch flags %#x on a bulk stream, which "
+                                    "carries pre-copy batches only", lm_frame_flags(s->rbuf));
             rc = lm_stream_dest_on_batch(s, payload, length);
         } else {
             if (lm_frame_flags(s->rbuf) != 0)
-                return lm_stream_fail(s, EPROTO, "StreamEnd flags %#x, must be 0",
-                                      lm_frame_flags(s->rbuf));
+                return lm_chan_fail(&s->ch, EPROTO, "StreamEnd flags %#x, must be 0",
+                                    lm_frame_flags(s->rbuf));
             rc = lm_stream_dest_on_end(s, payload, length);
             if (rc == 0)
-                lm_stream_notify(s);
+                lm_chan_notify(&s->ch);
         }
         if (rc != 0)
             return rc;
@@ -217,64 +183,30 @@ static void *stream_main(void *arg)
     lm_stream *s = arg;
     int rc = s->side == LM_STREAM_SOURCE ? source_loop(s) : dest_loop(s);
     lm_stream_account_cpu(s);
-    if (rc < 0)
-        shutdown(s->fd, SHUT_RDWR);   /* the peer's thread must not wait for us */
-    __atomic_store_n(&s->status, rc < 0 ? rc : LM_STREAM_STOPPED, __ATOMIC_RELEASE);
-    lm_stream_notify(s);
+    lm_chan_finish(&s->ch, rc, 1);   /* the peer's thread must not wait for us */
     return NULL;
 }
 
 LM_API int lm_stream_attach(lm_stream *s, int sock_fd, uint32_t wire_version, uint64_t send_seq,
                             uint64_t recv_seq, uint64_t max_payload_bytes)
 {
-    if (!s || sock_fd < 0) {
-        if (sock_fd >= 0)
-            close(sock_fd);
-        return -EINVAL;
-    }
-    if (s->attached) {
-        close(sock_fd);
-        return -EBUSY;
-    }
-    s->max_frame = max_payload_bytes < LM_STREAM_MAX_FRAME ? max_payload_bytes
+    int rc = lm_chan_claim(s ? &s->ch : NULL, sock_fd);
+    if (rc != 0)
+        return rc;
+    s->ch.max_frame = max_payload_bytes < LM_STREAM_MAX_FRAME ? max_payload_bytes
                                                           : LM_STREAM_MAX_FRAME;
     free(s->rbuf);
-    s->rbuf = malloc(LM_WIRE_HEADER_BYTES + s->max_frame);
+    s->rbuf = malloc(LM_WIRE_HEADER_BYTES + s->ch.max_frame);
     if (!s->rbuf) {
         close(sock_fd);
         return -ENOMEM;
     }
-    /* The thread waits in poll(2), so the socket stays non-blocking as the
-     * transport made it (the flag lives in the shared open file). */
-    int fl = fcntl(sock_fd, F_GETFL);
-    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(sock_fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
-        int e = errno;
-        close(sock_fd);
-        return -e;
-    }
-    s->fd = sock_fd;
-    s->version = wire_version;
-    s->send_seq = send_seq;
-    s->recv_seq = recv_seq;
-    s->reason[0] = '\0';
-    uint64_t drain;
-    while (read(s->stop_efd, &drain, sizeof(drain)) == sizeof(drain))
-        ;
-    __atomic_store_n(&s->status, LM_STREAM_RUNNING, __ATOMIC_RELEASE);
-    int rc = pthread_create(&s->thread, NULL, stream_main, s);
-    if (rc != 0) {
-        __atomic_store_n(&s->status, LM_STREAM_IDLE, __ATOMIC_RELEASE);
-        close(sock_fd);
-        s->fd = -1;
-        return -rc;
-    }
-    s->attached = 1;
-    return 0;
+    return lm_chan_start(&s->ch, sock_fd, wire_version, send_seq, recv_seq, stream_main, s);
 }
 
 LM_API int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n)
 {
-    if (!s || s->side != LM_STREAM_SOURCE || !s->attached || (n && !pages))
+    if (!s || s->side != LM_STREAM_SOURCE || !s->ch.attached || (n && !pages))
         return -EINVAL;
     for (uint64_t i = 0; i < n; i++)
         if (pages[i] >= s->npages)
@@ -297,40 +229,19 @@ LM_API int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pa
 
 LM_API int lm_stream_detach(lm_stream *s)
 {
-    if (!s || !s->attached)
-        return 0;
-    uint64_t one = 1;
-    ssize_t w = write(s->stop_efd, &one, sizeof(one));
-    (void)w;
-    pthread_join(s->thread, NULL);
-    s->attached = 0;
-    shutdown(s->fd, SHUT_RDWR);
-    close(s->fd);
-    s->fd = -1;
-    int st = __atomic_load_n(&s->status, __ATOMIC_ACQUIRE);
-    return st < 0 ? st : 0;
+    return s ? lm_chan_detach(&s->ch) : 0;
 }
 
-LM_API int lm_stream_notify_fd(const lm_stream *s) { return s->notify_efd; }
+LM_API int lm_stream_notify_fd(const lm_stream *s) { return s->ch.notify_efd; }
 
 LM_API int lm_stream_status(const lm_stream *s, char *reason, size_t reason_cap)
 {
-    int st = __atomic_load_n(&s->status, __ATOMIC_ACQUIRE);
-    if (reason && reason_cap) {
-        if (st < 0)
-            snprintf(reason, reason_cap, "%s", s->reason);
-        else
-            reason[0] = '\0';
-    }
-    return st;
+    return lm_chan_status(&s->ch, reason, reason_cap);
 }
 
 LM_API int lm_stream_stats_get(const lm_stream *s, lm_stream_stats *out)
 {
-    const uint64_t *src = (const uint64_t *)&s->stats;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_ACQUIRE);
+    lm_chan_stats_copy(&s->stats, out, sizeof(*out) / sizeof(uint64_t));
     return 0;
 }
 
@@ -339,11 +250,7 @@ LM_API void lm_stream_destroy(lm_stream *s)
     if (!s)
         return;
     lm_stream_detach(s);
-    lm_framer_close(&s->framer);
-    if (s->notify_efd >= 0)
-        close(s->notify_efd);
-    if (s->stop_efd >= 0)
-        close(s->stop_efd);
+    lm_chan_close(&s->ch);
     if (s->work_efd >= 0)
         close(s->work_efd);
     free(s->rbuf);

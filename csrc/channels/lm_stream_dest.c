@@ -39,11 +39,11 @@
 static int check_round(lm_stream *s, uint32_t round, const char *what)
 {
     if (s->round_open && round != s->open_round)
-        return lm_stream_fail(s, EPROTO, "%s of round %u inside round %u", what, round,
-                              s->open_round);
+        return lm_chan_fail(&s->ch, EPROTO, "%s of round %u inside round %u", what, round,
+                            s->open_round);
     if ((int64_t)round <= s->last_closed)
-        return lm_stream_fail(s, EPROTO, "%s of round %u after round %lld was closed", what,
-                              round, (long long)s->last_closed);
+        return lm_chan_fail(&s->ch, EPROTO, "%s of round %u after round %lld was closed", what,
+                            round, (long long)s->last_closed);
     return 0;
 }
 
@@ -60,50 +60,51 @@ static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_
         uint64_t first = get64(r), count = get32(r + 8), pb = get32(r + 16);
         uint8_t enc = r[12];
         if (r[13] | r[14] | r[15])
-            return lm_stream_fail(s, EPROTO, "page batch: reserved run-table bytes set in run %u",
-                                  i);
+            return lm_chan_fail(&s->ch, EPROTO,
+                                "page batch: reserved run-table bytes set in run %u", i);
         if (count == 0)
-            return lm_stream_fail(s, EPROTO, "page batch: run %u is empty", i);
+            return lm_chan_fail(&s->ch, EPROTO, "page batch: run %u is empty", i);
         if (first >= s->npages || count > s->npages - first)
-            return lm_stream_fail(s, ERANGE, "page batch: run %u (pages %llu+%llu) outside "
-                                  "memory of %llu pages", i, (unsigned long long)first,
-                                  (unsigned long long)count, (unsigned long long)s->npages);
+            return lm_chan_fail(&s->ch, ERANGE, "page batch: run %u (pages %llu+%llu) outside "
+                                "memory of %llu pages", i, (unsigned long long)first,
+                                (unsigned long long)count, (unsigned long long)s->npages);
         if (first < next_free)
-            return lm_stream_fail(s, EPROTO, "page batch: run %u is not after the previous one "
-                                  "(a stream's runs ascend)", i);
+            return lm_chan_fail(&s->ch, EPROTO, "page batch: run %u is not after the previous one "
+                                "(a stream's runs ascend)", i);
         if (enc == LM_ENC_ZERO) {
             if (pb != 0)
-                return lm_stream_fail(s, EPROTO, "page batch: ZERO run %u has %llu payload "
-                                      "bytes", i, (unsigned long long)pb);
+                return lm_chan_fail(&s->ch, EPROTO, "page batch: ZERO run %u has %llu payload "
+                                    "bytes", i, (unsigned long long)pb);
         } else if (enc == LM_ENC_RAW) {
             if (pb != count * LM_PAGE_SIZE)
-                return lm_stream_fail(s, EPROTO, "page batch: RAW run %u has %llu payload bytes "
-                                      "for %llu pages", i, (unsigned long long)pb,
-                                      (unsigned long long)count);
+                return lm_chan_fail(&s->ch, EPROTO, "page batch: RAW run %u has %llu payload bytes "
+                                    "for %llu pages", i, (unsigned long long)pb,
+                                    (unsigned long long)count);
         } else if (enc == LM_ENC_BLOCK && s->fp) {
             /* Each page: a 2-byte mask and at most all 16 blocks; the masks
              * themselves are checked against pb in check_blocks. */
             if (pb < 2 * count || pb > count * (2 + LM_PAGE_SIZE))
-                return lm_stream_fail(s, EPROTO, "page batch: BLOCK run %u has %llu payload "
-                                      "bytes for %llu pages", i, (unsigned long long)pb,
-                                      (unsigned long long)count);
+                return lm_chan_fail(&s->ch, EPROTO, "page batch: BLOCK run %u has %llu payload "
+                                    "bytes for %llu pages", i, (unsigned long long)pb,
+                                    (unsigned long long)count);
             *block_pages += count;
             *block_section += pb;
         } else {
-            return lm_stream_fail(s, EPROTO, "page batch: encoding %u in run %u is not carried "
-                                  "on a bulk stream", enc, i);
+            return lm_chan_fail(&s->ch, EPROTO, "page batch: encoding %u in run %u is not carried "
+                                "on a bulk stream", enc, i);
         }
         next_free = first + count;
         pages += count;
         bytes += pb;
     }
     if (pages != npages)
-        return lm_stream_fail(s, EPROTO, "page batch: runs hold %llu pages, the header says %llu",
-                              (unsigned long long)pages, (unsigned long long)npages);
+        return lm_chan_fail(&s->ch, EPROTO,
+                            "page batch: runs hold %llu pages, the header says %llu",
+                            (unsigned long long)pages, (unsigned long long)npages);
     if (bytes != payload_bytes)
-        return lm_stream_fail(s, EPROTO, "page batch: runs hold %llu payload bytes, the header "
-                              "says %llu", (unsigned long long)bytes,
-                              (unsigned long long)payload_bytes);
+        return lm_chan_fail(&s->ch, EPROTO, "page batch: runs hold %llu payload bytes, the header "
+                            "says %llu", (unsigned long long)bytes,
+                            (unsigned long long)payload_bytes);
     return 0;
 }
 
@@ -121,9 +122,9 @@ static int check_blocks(lm_stream *s, const uint8_t *runs, uint32_t nruns, const
         for (uint64_t j = 0; j < count; j++, k++)
             need += 2 + (uint64_t)__builtin_popcount(get16(masks + 2 * k)) * LM_BLOCK_BYTES;
         if (need != get32(r + 16))
-            return lm_stream_fail(s, EPROTO, "page batch: BLOCK masks of run %u name %llu "
-                                  "bytes, the run holds %u", i, (unsigned long long)need,
-                                  get32(r + 16));
+            return lm_chan_fail(&s->ch, EPROTO, "page batch: BLOCK masks of run %u name %llu "
+                                "bytes, the run holds %u", i, (unsigned long long)need,
+                                get32(r + 16));
     }
     return 0;
 }
@@ -188,34 +189,34 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
 int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
 {
     if (length < LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES)
-        return lm_stream_fail(s, EPROTO, "PageBatch of %u bytes is shorter than its headers",
-                              length);
+        return lm_chan_fail(&s->ch, EPROTO, "PageBatch of %u bytes is shorter than its headers",
+                            length);
     uint32_t round = get32(p), npages = get32(p + 4);
     if (get64(p + 8) != 0)
-        return lm_stream_fail(s, EPROTO, "PageBatch on a bulk stream with request id %llu",
-                              (unsigned long long)get64(p + 8));
+        return lm_chan_fail(&s->ch, EPROTO, "PageBatch on a bulk stream with request id %llu",
+                            (unsigned long long)get64(p + 8));
     int rc = check_round(s, round, "page batch");
     if (rc < 0)
         return rc;
     const uint8_t *bh = p + LM_WIRE_BATCH_PREFIX_BYTES;
     uint64_t batch_len = length - LM_WIRE_BATCH_PREFIX_BYTES;
     if (memcmp(bh, LM_BATCH_MAGIC, 4) != 0)
-        return lm_stream_fail(s, EPROTO, "page batch: bad magic");
+        return lm_chan_fail(&s->ch, EPROTO, "page batch: bad magic");
     if (bh[4] != LM_BATCH_VERSION)
-        return lm_stream_fail(s, EPROTO, "page batch: unsupported version %u", bh[4]);
+        return lm_chan_fail(&s->ch, EPROTO, "page batch: unsupported version %u", bh[4]);
     if (bh[5] != 0 || get16(bh + 6) != 0)
-        return lm_stream_fail(s, EPROTO, "page batch: reserved header bits set");
+        return lm_chan_fail(&s->ch, EPROTO, "page batch: reserved header bits set");
     uint64_t nruns = get32(bh + 8), bnpages = get32(bh + 12), payload = get64(bh + 16);
     if (bnpages != npages)
-        return lm_stream_fail(s, EPROTO, "PageBatch announces %u pages, its batch %llu", npages,
-                              (unsigned long long)bnpages);
+        return lm_chan_fail(&s->ch, EPROTO, "PageBatch announces %u pages, its batch %llu", npages,
+                            (unsigned long long)bnpages);
     /* nruns <= 2^32 and payload is compared against a length below 2^32:
      * neither sum below can wrap. */
     uint64_t table_end = LM_BATCH_HEADER_BYTES + nruns * LM_BATCH_RUN_BYTES;
     if (table_end > batch_len || payload != batch_len - table_end)
-        return lm_stream_fail(s, EPROTO, "page batch: length %llu does not match the header "
-                              "(%llu runs, %llu payload bytes)", (unsigned long long)batch_len,
-                              (unsigned long long)nruns, (unsigned long long)payload);
+        return lm_chan_fail(&s->ch, EPROTO, "page batch: length %llu does not match the header "
+                            "(%llu runs, %llu payload bytes)", (unsigned long long)batch_len,
+                            (unsigned long long)nruns, (unsigned long long)payload);
     const uint8_t *runs = bh + LM_BATCH_HEADER_BYTES;
     uint64_t block_pages, block_section;
     rc = check_runs(s, runs, (uint32_t)nruns, npages, payload, &block_pages, &block_section);
@@ -241,18 +242,19 @@ int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
 int lm_stream_dest_on_end(lm_stream *s, const uint8_t *p, uint32_t length)
 {
     if (length != LM_WIRE_STREAM_END_BYTES || get32(p + 4) != 0)
-        return lm_stream_fail(s, EPROTO, "malformed StreamEnd (%u bytes)", length);
+        return lm_chan_fail(&s->ch, EPROTO, "malformed StreamEnd (%u bytes)", length);
     uint32_t round = get32(p);
     uint64_t pages = get64(p + 8), bytes = get64(p + 16);
     int rc = check_round(s, round, "StreamEnd");
     if (rc < 0)
         return rc;
     if (pages != s->round_pages || bytes != s->round_bytes)
-        return lm_stream_fail(s, EPROTO, "StreamEnd of round %u counts %llu pages in %llu bytes, "
-                              "%llu pages in %llu bytes arrived", round,
-                              (unsigned long long)pages, (unsigned long long)bytes,
-                              (unsigned long long)s->round_pages,
-                              (unsigned long long)s->round_bytes);
+        return lm_chan_fail(&s->ch, EPROTO,
+                            "StreamEnd of round %u counts %llu pages in %llu bytes, "
+                            "%llu pages in %llu bytes arrived", round,
+                            (unsigned long long)pages, (unsigned long long)bytes,
+                            (unsigned long long)s->round_pages,
+                            (unsigned long long)s->round_bytes);
     lm_stream_account_cpu(s);
     STREAM_SET(s, last_round, round);
     STREAM_SET(s, last_round_pages, pages);
@@ -266,5 +268,5 @@ int lm_stream_dest_on_end(lm_stream *s, const uint8_t *p, uint32_t length)
     put32(ack + 4, 0);
     put64(ack + 8, pages);
     struct iovec iov[2] = {{.iov_base = header}, {.iov_base = ack, .iov_len = sizeof(ack)}};
-    return lm_stream_send(s, LM_MSG_STREAM_ACK, iov, 2);
+    return lm_chan_send(&s->ch, LM_MSG_STREAM_ACK, 0, iov, 2);
 }

@@ -1,8 +1,8 @@
 /*
  * Internals of the bulk streams shared by their files (not part of the cdef):
- * lm_stream.c (the handle, the thread, attach/detach), lm_stream_io.c (whole
- * frames out, exact reads in), lm_stream_source.c and lm_stream_dest.c (what
- * each side does with them).
+ * lm_stream.c (the handle, the thread, attach/detach), lm_stream_io.c (the
+ * send's wait, exact reads in), lm_stream_source.c and lm_stream_dest.c (what
+ * each side does with them); the thread's plumbing is lm_chan.h's.
  */
 #ifndef LM_STREAM_INTERNAL_H
 #define LM_STREAM_INTERNAL_H
@@ -12,7 +12,7 @@
 #include <sys/uio.h>
 
 #include "livemig.h"
-#include "wire/lm_frame.h"
+#include "channels/lm_chan.h"
 
 enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
 
@@ -27,8 +27,8 @@ enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
     ((uint64_t)LM_STREAM_BATCH_PAGES * LM_STREAM_BLOCK_MAX_BLOCKS * LM_BLOCK_BYTES)
 
 struct lm_stream {
+    struct lm_chan ch;          /* the thread, its socket and eventfds */
     enum lm_stream_side side;
-    struct lm_framer framer;
     uint8_t *base;
     uint64_t npages;
     uint64_t *hashes;
@@ -37,8 +37,6 @@ struct lm_stream {
     uint64_t *fp;               /* block fingerprints (may be NULL: no BLOCK) */
     uint8_t *fp_valid;
     uint64_t zero_blocks[LM_BLOCKS_PER_PAGE];   /* an all-zero page's block hashes */
-    int notify_efd;
-    int stop_efd;
     int work_efd;               /* source: a round was queued */
     /* the round queued for the source thread (written by the owner before
      * work_efd is signalled, read by the thread after it was) */
@@ -52,21 +50,11 @@ struct lm_stream {
     int64_t last_closed;        /* -1 before the first round */
     uint64_t round_pages;
     uint64_t round_bytes;
-    /* the attached connection */
-    pthread_t thread;
-    int attached;
-    int fd;
-    uint32_t version;
-    uint64_t send_seq;
-    uint64_t recv_seq;
-    uint64_t max_frame;
     uint8_t *rbuf;              /* header + the largest payload accepted */
     uint8_t *table;             /* source: LM_STREAM_TABLE_BYTES */
     uint8_t *staging;           /* source: LM_STREAM_BATCH_PAGES pages */
     uint8_t *masks;             /* source: the BLOCK section's masks ... */
     uint8_t *blocks;            /* ... and its blocks */
-    int status;                 /* atomic: LM_STREAM_* or -errno */
-    char reason[256];
     lm_stream_stats stats;      /* atomic fields */
 };
 
@@ -74,17 +62,11 @@ struct lm_stream {
 #define STREAM_SET(s, f, v) __atomic_store_n(&(s)->stats.f, (uint64_t)(v), __ATOMIC_RELAXED)
 
 /* lm_stream.c */
-/* Record why the thread ends (s->reason) and return -err. */
-int lm_stream_fail(lm_stream *s, int err, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-void lm_stream_notify(lm_stream *s);
 void lm_stream_account_cpu(lm_stream *s);
 
 /* lm_stream_io.c */
-/* Send one frame: iov[0] is room for its header, filled here; iov[1..iovcnt)
- * is the payload. Written whole; 1 when stop was asked meanwhile. iov is
- * consumed. */
-int lm_stream_send(lm_stream *s, uint16_t type, struct iovec *iov, int iovcnt);
+/* The wait of lm_chan_send: 1 when stop was asked meanwhile. */
+int lm_stream_wait_writable(struct lm_chan *c);
 /* Receive the next frame whole into s->rbuf, its header and checksum checked
  * against the expected sequence and one of the two types: 0 and *type_out,
  * *length_out; 1 when stop was asked; 2 on end of stream at a frame boundary;

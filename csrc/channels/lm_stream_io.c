@@ -1,12 +1,13 @@
 /*
- * A bulk stream's byte stream: whole frames out, whole checked frames in.
+ * A bulk stream's byte stream: the wait of a send, whole checked frames in.
  *
  * Theory of operation
  *   The socket is non-blocking (a dup of the transport's; O_NONBLOCK lives in
  *   the shared open file), so every wait is a poll(2) together with the stop
  *   eventfd: a detach never waits behind a peer that stopped reading or
- *   writing. Frames are sent with writev(2) straight from the caller's parts
- *   (header, run table, staged pages): no copy is made to send. A frame is
+ *   writing. Frames are sent by lm_chan_send (lm_chan.c) with writev(2)
+ *   straight from the caller's parts (header, run table, staged pages): no
+ *   copy is made to send. A frame is
  *   received with two exact reads, its header and then its payload, into one
  *   buffer sized for the largest payload accepted; the header is checked
  *   (lm_frame.c: magic, version, type, reserved, length cap, sequence) before
@@ -15,7 +16,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <limits.h>
 #include <poll.h>
 #include <string.h>
 #include <unistd.h>
@@ -24,65 +24,28 @@
 #include "wire/lm_le.h"
 
 /* Wait for events on the socket or a stop request: 0, 1 (stop), or -errno. */
-static int wait_socket(lm_stream *s, short events)
+static int wait_socket(struct lm_chan *c, short events)
 {
-    struct pollfd pfd[2] = {{.fd = s->stop_efd, .events = POLLIN},
-                            {.fd = s->fd, .events = events}};
+    struct pollfd pfd[2] = {{.fd = c->stop_efd, .events = POLLIN},
+                            {.fd = c->fd, .events = events}};
     for (;;) {
         int n = poll(pfd, 2, -1);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            return lm_stream_fail(s, errno, "poll: %s", strerror(errno));
+            return lm_chan_fail(c, errno, "poll: %s", strerror(errno));
         if (pfd[0].revents)
             return 1;
         if (pfd[1].revents & POLLNVAL)
-            return lm_stream_fail(s, EBADF, "the stream's socket was closed under its thread");
+            return lm_chan_fail(c, EBADF, "the stream's socket was closed under its thread");
         if (pfd[1].revents)
             return 0;   /* readable, writable, or an error the next call reports */
     }
 }
 
-static int write_all(lm_stream *s, struct iovec *iov, int iovcnt)
+int lm_stream_wait_writable(struct lm_chan *c)
 {
-    while (iovcnt > 0) {
-        ssize_t w = writev(s->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN) {
-                int rc = wait_socket(s, POLLOUT);
-                if (rc != 0)
-                    return rc;
-                continue;
-            }
-            if (errno == EPIPE || errno == ECONNRESET)
-                return lm_stream_fail(s, ECONNRESET, "the peer closed the bulk stream");
-            return lm_stream_fail(s, errno, "writing the bulk stream: %s", strerror(errno));
-        }
-        STREAM_ADD(s, bytes_sent, w);
-        while (iovcnt > 0 && (size_t)w >= iov->iov_len) {
-            w -= (ssize_t)iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + w;
-            iov->iov_len -= (size_t)w;
-        }
-    }
-    return 0;
-}
-
-int lm_stream_send(lm_stream *s, uint16_t type, struct iovec *iov, int iovcnt)
-{
-    lm_frame_put_header(&s->framer, iov[0].iov_base, (uint16_t)s->version, type, 0,
-                        s->send_seq++, iov + 1, iovcnt - 1);
-    iov[0].iov_len = LM_WIRE_HEADER_BYTES;
-    int rc = write_all(s, iov, iovcnt);
-    if (rc == 0)
-        STREAM_ADD(s, frames_sent, 1);
-    return rc;
+    return wait_socket(c, POLLOUT);
 }
 
 /* Read exactly n bytes: 0, 1 (stop), 2 (end of stream before the first
@@ -91,24 +54,24 @@ static int read_exact(lm_stream *s, uint8_t *buf, uint64_t n, int at_boundary)
 {
     uint64_t got = 0;
     while (got < n) {
-        ssize_t r = read(s->fd, buf + got, n - got);
+        ssize_t r = read(s->ch.fd, buf + got, n - got);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN) {
-                int rc = wait_socket(s, POLLIN);
+                int rc = wait_socket(&s->ch, POLLIN);
                 if (rc != 0)
                     return rc;
                 continue;
             }
             if (errno == ECONNRESET)
-                return lm_stream_fail(s, ECONNRESET, "the peer reset the bulk stream");
-            return lm_stream_fail(s, errno, "reading the bulk stream: %s", strerror(errno));
+                return lm_chan_fail(&s->ch, ECONNRESET, "the peer reset the bulk stream");
+            return lm_chan_fail(&s->ch, errno, "reading the bulk stream: %s", strerror(errno));
         }
         if (r == 0) {
             if (at_boundary && got == 0)
                 return 2;
-            return lm_stream_fail(s, EPROTO, "the bulk stream ended inside a frame");
+            return lm_chan_fail(&s->ch, EPROTO, "the bulk stream ended inside a frame");
         }
         STREAM_ADD(s, bytes_received, r);
         got += (uint64_t)r;
@@ -125,21 +88,21 @@ int lm_stream_receive(lm_stream *s, uint16_t type_a, uint16_t type_b, uint16_t *
         return rc;
     uint16_t type = get16(h + 6);
     const struct lm_frame_expect want = {
-        .version = (uint16_t)s->version, .type = type == type_b ? type_b : type_a,
-        .max_payload_bytes = s->max_frame, .sequence = s->recv_seq,
+        .version = (uint16_t)s->ch.version, .type = type == type_b ? type_b : type_a,
+        .max_payload_bytes = s->ch.max_frame, .sequence = s->ch.recv_seq,
     };
     uint32_t length = 0;
-    rc = lm_frame_check_header(h, &want, &length, s->reason, sizeof(s->reason));
+    rc = lm_frame_check_header(h, &want, &length, s->ch.reason, sizeof(s->ch.reason));
     if (rc < 0)
         return rc;
     rc = read_exact(s, h + LM_WIRE_HEADER_BYTES, length, 0);
     if (rc != 0)
         return rc;
-    rc = lm_frame_check_payload(&s->framer, h, h + LM_WIRE_HEADER_BYTES, s->reason,
-                                sizeof(s->reason));
+    rc = lm_frame_check_payload(&s->ch.framer, h, h + LM_WIRE_HEADER_BYTES, s->ch.reason,
+                                sizeof(s->ch.reason));
     if (rc < 0)
         return rc;
-    s->recv_seq++;
+    s->ch.recv_seq++;
     STREAM_ADD(s, frames_received, 1);
     *type_out = type;
     *length_out = length;

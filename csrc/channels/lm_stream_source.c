@@ -158,7 +158,7 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
         {.iov_base = s->blocks, .iov_len = b.block_bytes - 2 * (uint64_t)b.nblock},
         {.iov_base = s->staging, .iov_len = raw_bytes},
     };
-    int rc = lm_stream_send(s, LM_MSG_PAGE_BATCH, iov, 5);
+    int rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, 0, iov, 5);
     if (rc != 0)
         return rc;
     STREAM_ADD(s, batches, 1);
@@ -180,17 +180,17 @@ static int await_ack(lm_stream *s, uint32_t round, uint64_t pages)
     uint32_t length;
     int rc = lm_stream_receive(s, LM_MSG_STREAM_ACK, LM_MSG_STREAM_ACK, &type, &length);
     if (rc == 2)
-        return lm_stream_fail(s, ECONNRESET, "the destination closed the bulk stream before "
-                              "acknowledging round %u", round);
+        return lm_chan_fail(&s->ch, ECONNRESET, "the destination closed the bulk stream before "
+                            "acknowledging round %u", round);
     if (rc != 0)
         return rc;
     const uint8_t *p = s->rbuf + LM_WIRE_HEADER_BYTES;
     if (lm_frame_flags(s->rbuf) != 0 || length != LM_WIRE_STREAM_ACK_BYTES || get32(p + 4) != 0)
-        return lm_stream_fail(s, EPROTO, "malformed StreamAck (%u bytes)", length);
+        return lm_chan_fail(&s->ch, EPROTO, "malformed StreamAck (%u bytes)", length);
     if (get32(p) != round || get64(p + 8) != pages)
-        return lm_stream_fail(s, EPROTO, "round %u (%llu pages) acknowledged as round %u with "
-                              "%llu pages", round, (unsigned long long)pages, get32(p),
-                              (unsigned long long)get64(p + 8));
+        return lm_chan_fail(&s->ch, EPROTO, "round %u (%llu pages) acknowledged as round %u with "
+                            "%llu pages", round, (unsigned long long)pages, get32(p),
+                            (unsigned long long)get64(p + 8));
     return 0;
 }
 
@@ -212,7 +212,7 @@ int lm_stream_source_round(lm_stream *s)
     put64(end + 8, t.pages);
     put64(end + 16, t.bytes);
     struct iovec iov[2] = {{.iov_base = header}, {.iov_base = end, .iov_len = sizeof(end)}};
-    int rc = lm_stream_send(s, LM_MSG_STREAM_END, iov, 2);
+    int rc = lm_chan_send(&s->ch, LM_MSG_STREAM_END, 0, iov, 2);
     if (rc == 0)
         rc = await_ack(s, round, t.pages);
     if (rc != 0)

@@ -41,50 +41,18 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "channels/lm_urgent_internal.h"
 
 LM_API int lm_urgent_probe(char *reason, size_t reason_cap)
 {
-    char scratch[2];
-    if (!reason || reason_cap == 0) {
-        reason = scratch;
-        reason_cap = sizeof(scratch);
-    }
-    reason[0] = '\0';
-    struct lm_framer f;
-    int rc = lm_framer_open(&f, reason, reason_cap);
-    if (rc == 0)
-        lm_framer_close(&f);
-    return rc;
-}
-
-void lm_urgent_notify(lm_urgent *u)
-{
-    uint64_t one = 1;
-    /* EAGAIN only when the counter is at its maximum: the owner is woken anyway. */
-    ssize_t w = write(u->notify_efd, &one, sizeof(one));
-    (void)w;
-}
-
-int lm_urgent_fail(lm_urgent *u, int err, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(u->reason, sizeof(u->reason), fmt, ap);
-    va_end(ap);
-    return -err;
+    return lm_chan_probe(reason, reason_cap);
 }
 
 int lm_urgent_new(enum lm_urgent_side side, uint64_t npages, uint64_t *hashes, lm_urgent **out)
@@ -96,10 +64,8 @@ int lm_urgent_new(enum lm_urgent_side side, uint64_t npages, uint64_t *hashes, l
     u->side = side;
     u->npages = npages;
     u->hashes = hashes;
-    u->fd = -1;
-    u->notify_efd = u->stop_efd = -1;
-    char reason[128];
-    int rc = lm_framer_open(&u->framer, reason, sizeof(reason));
+    int rc = lm_chan_open(&u->ch, "urgent channel", (struct lm_chan_counters *)&u->stats,
+                          lm_urgent_wait_writable);
     if (rc < 0) {
         free(u);
         return rc;
@@ -107,12 +73,9 @@ int lm_urgent_new(enum lm_urgent_side side, uint64_t npages, uint64_t *hashes, l
     u->ring.capacity = LM_URGENT_RING;
     u->ring.slots = malloc(LM_URGENT_RING * sizeof(uint64_t));
     u->scratch = malloc(LM_URGENT_MAX_PAGES_IN * sizeof(uint64_t));
-    u->notify_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    u->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!u->ring.slots || !u->scratch || u->notify_efd < 0 || u->stop_efd < 0) {
-        rc = (u->notify_efd < 0 || u->stop_efd < 0) ? -errno : -ENOMEM;
+    if (!u->ring.slots || !u->scratch) {
         lm_urgent_destroy(u);
-        return rc;
+        return -ENOMEM;
     }
     *out = u;
     return 0;
@@ -151,8 +114,8 @@ static void *urgent_main(void *arg)
     apply_priority(u);
     int rc = u->side == LM_URGENT_DEST ? lm_urgent_dest_resend(u) : 0;
     int uffd = u->side == LM_URGENT_DEST ? lm_postcopy_fd(u->pc) : -1;
-    struct pollfd pfd[3] = {{.fd = u->stop_efd, .events = POLLIN},
-                            {.fd = u->fd, .events = POLLIN},
+    struct pollfd pfd[3] = {{.fd = u->ch.stop_efd, .events = POLLIN},
+                            {.fd = u->ch.fd, .events = POLLIN},
                             {.fd = uffd, .events = POLLIN}};
     nfds_t nfds = u->side == LM_URGENT_DEST ? 3 : 2;
     uint64_t spin_ns = (uint64_t)u->spin_us * 1000u, spin_until = 0;
@@ -166,7 +129,7 @@ static void *urgent_main(void *arg)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            rc = lm_urgent_fail(u, errno, "poll: %s", strerror(errno));
+            rc = lm_chan_fail(&u->ch, errno, "poll: %s", strerror(errno));
             break;
         }
         if (n == 0)
@@ -175,7 +138,8 @@ static void *urgent_main(void *arg)
             break;
         if (nfds == 3 && pfd[2].revents) {
             if (pfd[2].revents & (POLLERR | POLLNVAL)) {
-                rc = lm_urgent_fail(u, EBADF, "the userfaultfd was closed under the urgent thread");
+                rc = lm_chan_fail(&u->ch, EBADF,
+                                  "the userfaultfd was closed under the urgent thread");
                 break;
             }
             rc = lm_urgent_dest_read_faults(u);
@@ -191,8 +155,7 @@ static void *urgent_main(void *arg)
     }
     if (rc == -ECANCELED)
         rc = 0;   /* stop asked while a write waited */
-    __atomic_store_n(&u->status, rc < 0 ? rc : LM_URGENT_STOPPED, __ATOMIC_RELEASE);
-    lm_urgent_notify(u);
+    lm_chan_finish(&u->ch, rc, 0);
     return NULL;
 }
 
@@ -200,15 +163,9 @@ LM_API int lm_urgent_attach(lm_urgent *u, int sock_fd, uint32_t wire_version, ui
                             uint64_t recv_seq, uint64_t max_payload_bytes, int cpu,
                             uint32_t spin_us)
 {
-    if (!u || sock_fd < 0) {
-        if (sock_fd >= 0)
-            close(sock_fd);
-        return -EINVAL;
-    }
-    if (u->attached) {
-        close(sock_fd);
-        return -EBUSY;
-    }
+    int rc = lm_chan_claim(u ? &u->ch : NULL, sock_fd);
+    if (rc != 0)
+        return rc;
     uint64_t max_frame = max_payload_bytes < LM_URGENT_MAX_FRAME ? max_payload_bytes
                                                                   : LM_URGENT_MAX_FRAME;
     uint64_t sbuf_bytes = u->side == LM_URGENT_DEST
@@ -226,74 +183,33 @@ LM_API int lm_urgent_attach(lm_urgent *u, int sock_fd, uint32_t wire_version, ui
         close(sock_fd);
         return -ENOMEM;
     }
-    /* The thread reads until EAGAIN; a transport's socket is non-blocking
-     * already (the flag lives in the shared open file). */
-    int fl = fcntl(sock_fd, F_GETFL);
-    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(sock_fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
-        int e = errno;
-        close(sock_fd);
-        return -e;
-    }
-    u->fd = sock_fd;
-    u->version = wire_version;
-    u->send_seq = send_seq;
-    u->recv_seq = recv_seq;
-    u->max_frame = max_frame;
+    u->ch.max_frame = max_frame;
     u->spin_us = spin_us;
     u->rlen = 0;
-    u->reason[0] = '\0';
-    uint64_t drain;
-    while (read(u->stop_efd, &drain, sizeof(drain)) == sizeof(drain))
-        ;
-    __atomic_store_n(&u->status, LM_URGENT_RUNNING, __ATOMIC_RELEASE);
-    int rc = pthread_create(&u->thread, NULL, urgent_main, u);
-    if (rc != 0) {
-        __atomic_store_n(&u->status, LM_URGENT_IDLE, __ATOMIC_RELEASE);
-        close(sock_fd);
-        u->fd = -1;
-        return -rc;
-    }
+    rc = lm_chan_start(&u->ch, sock_fd, wire_version, send_seq, recv_seq, urgent_main, u);
+    if (rc != 0)
+        return rc;
     if (cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
         CPU_SET(cpu, &set);
         /* A hint: failing to pin (CPU offline, cpuset) leaves the thread unpinned. */
-        (void)pthread_setaffinity_np(u->thread, sizeof(set), &set);
+        (void)pthread_setaffinity_np(u->ch.thread, sizeof(set), &set);
     }
-    u->attached = 1;
     STAT_ADD(u, attaches, 1);
     return 0;
 }
 
 LM_API int lm_urgent_detach(lm_urgent *u)
 {
-    if (!u || !u->attached)
-        return 0;
-    uint64_t one = 1;
-    ssize_t w = write(u->stop_efd, &one, sizeof(one));
-    (void)w;
-    pthread_join(u->thread, NULL);
-    u->attached = 0;
-    /* shutdown reaches the peer although the transport holds another fd. */
-    shutdown(u->fd, SHUT_RDWR);
-    close(u->fd);
-    u->fd = -1;
-    int st = __atomic_load_n(&u->status, __ATOMIC_ACQUIRE);
-    return st < 0 ? st : 0;
+    return u ? lm_chan_detach(&u->ch) : 0;
 }
 
-LM_API int lm_urgent_notify_fd(const lm_urgent *u) { return u->notify_efd; }
+LM_API int lm_urgent_notify_fd(const lm_urgent *u) { return u->ch.notify_efd; }
 
 LM_API int lm_urgent_status(const lm_urgent *u, char *reason, size_t reason_cap)
 {
-    int st = __atomic_load_n(&u->status, __ATOMIC_ACQUIRE);
-    if (reason && reason_cap) {
-        if (st < 0)
-            snprintf(reason, reason_cap, "%s", u->reason);
-        else
-            reason[0] = '\0';
-    }
-    return st;
+    return lm_chan_status(&u->ch, reason, reason_cap);
 }
 
 LM_API int64_t lm_urgent_latencies_drain(lm_urgent *u, uint64_t *ns_out, uint64_t max)
@@ -317,10 +233,7 @@ LM_API uint64_t lm_urgent_outstanding(const lm_urgent *u)
 
 LM_API int lm_urgent_stats_get(const lm_urgent *u, lm_urgent_stats *out)
 {
-    const uint64_t *src = (const uint64_t *)&u->stats;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    lm_chan_stats_copy(&u->stats, out, sizeof(*out) / sizeof(uint64_t));
     return 0;
 }
 
@@ -329,11 +242,7 @@ LM_API void lm_urgent_destroy(lm_urgent *u)
     if (!u)
         return;
     lm_urgent_detach(u);
-    lm_framer_close(&u->framer);
-    if (u->notify_efd >= 0)
-        close(u->notify_efd);
-    if (u->stop_efd >= 0)
-        close(u->stop_efd);
+    lm_chan_close(&u->ch);
     free(u->ring.slots);
     free(u->scratch);
     free(u->fault_ns);

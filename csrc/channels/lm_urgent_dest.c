@@ -71,7 +71,7 @@ static int dest_send_requests(lm_urgent *u, const uint64_t *pages, uint64_t n)
         struct iovec iov[2] = {{.iov_base = f},
                                {.iov_base = body,
                                 .iov_len = LM_WIRE_REQUEST_PREFIX_BYTES + take * 8}};
-        int rc = lm_urgent_send(u, LM_MSG_PAGE_REQUEST, 0, iov, 2);
+        int rc = lm_chan_send(&u->ch, LM_MSG_PAGE_REQUEST, 0, iov, 2);
         if (rc < 0)
             return rc;
         STAT_ADD(u, requests, 1);
@@ -88,7 +88,7 @@ int lm_urgent_dest_read_faults(lm_urgent *u)
     for (;;) {
         int64_t n = lm_postcopy_read_faults(u->pc, pages, LM_URGENT_FAULT_BATCH);
         if (n < 0)
-            return lm_urgent_fail(u, (int)-n, "reading userfaultfd: %s", strerror((int)-n));
+            return lm_chan_fail(&u->ch, (int)-n, "reading userfaultfd: %s", strerror((int)-n));
         if (n == 0)
             return 0;
         uint64_t t = lm_urgent_now_ns(), fresh = 0;
@@ -170,32 +170,33 @@ LM_API int64_t lm_urgent_dest_settle(lm_urgent *u, const int64_t *pages, uint64_
 int lm_urgent_dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_t length)
 {
     if (flags != LM_WIRE_BATCH_URGENT)
-        return lm_urgent_fail(u, EPROTO, "a PageBatch on the urgent channel must be flagged "
-                              "URGENT only (flags %#x)", flags);
+        return lm_chan_fail(&u->ch, EPROTO, "a PageBatch on the urgent channel must be flagged "
+                            "URGENT only (flags %#x)", flags);
     if (length < LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES)
-        return lm_urgent_fail(u, EPROTO, "PageBatch of %u bytes is shorter than its headers",
-                              length);
+        return lm_chan_fail(&u->ch, EPROTO, "PageBatch of %u bytes is shorter than its headers",
+                            length);
     uint32_t npages = get32(p + 4);
     uint64_t request_id = get64(p + 8);
     if (request_id == 0 || request_id >= u->next_request_id)
-        return lm_urgent_fail(u, EPROTO, "PageBatch answers request %llu, which was never sent",
-                              (unsigned long long)request_id);
+        return lm_chan_fail(&u->ch, EPROTO, "PageBatch answers request %llu, which was never sent",
+                            (unsigned long long)request_id);
     const uint8_t *b = p + LM_WIRE_BATCH_PREFIX_BYTES;
     uint64_t blen = length - LM_WIRE_BATCH_PREFIX_BYTES;
     if (memcmp(b, LM_BATCH_MAGIC, 4) != 0 || b[4] != LM_BATCH_VERSION || b[5] != 0 ||
         get16(b + 6) != 0)
-        return lm_urgent_fail(u, EPROTO, "page batch header invalid (magic, version, flags or "
-                              "reserved)");
+        return lm_chan_fail(&u->ch, EPROTO, "page batch header invalid (magic, version, flags or "
+                            "reserved)");
     uint32_t nruns = get32(b + 8), bpages = get32(b + 12);
     uint64_t payload_bytes = get64(b + 16);
     if (nruns == 0 || bpages != npages)
-        return lm_urgent_fail(u, EPROTO, "page batch holds %u runs and %u pages, its PageBatch "
-                              "says %u", nruns, bpages, npages);
+        return lm_chan_fail(&u->ch, EPROTO, "page batch holds %u runs and %u pages, its PageBatch "
+                            "says %u", nruns, bpages, npages);
     uint64_t table_end = LM_BATCH_HEADER_BYTES + (uint64_t)nruns * LM_BATCH_RUN_BYTES;
     if (table_end > blen || blen - table_end != payload_bytes)
-        return lm_urgent_fail(u, EPROTO, "page batch length %llu does not match %u runs and %llu "
-                              "payload bytes", (unsigned long long)blen, nruns,
-                              (unsigned long long)payload_bytes);
+        return lm_chan_fail(&u->ch, EPROTO,
+                            "page batch length %llu does not match %u runs and %llu "
+                            "payload bytes", (unsigned long long)blen, nruns,
+                            (unsigned long long)payload_bytes);
     /* Validate the whole table before placing anything. */
     uint64_t prev_end = 0, seen = 0, raw_bytes = 0;
     for (uint32_t i = 0; i < nruns; i++) {
@@ -204,26 +205,27 @@ int lm_urgent_dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint
         uint32_t count = get32(r + 8), pb = get32(r + 16);
         uint8_t enc = r[12];
         if (r[13] || r[14] || r[15])
-            return lm_urgent_fail(u, EPROTO, "reserved run-table bytes set");
+            return lm_chan_fail(&u->ch, EPROTO, "reserved run-table bytes set");
         if (enc != LM_ENC_RAW && enc != LM_ENC_ZERO)
-            return lm_urgent_fail(u, EPROTO, "urgent reply uses encoding %u (only RAW and ZERO "
-                                  "are accepted on this path)", enc);
+            return lm_chan_fail(&u->ch, EPROTO, "urgent reply uses encoding %u (only RAW and ZERO "
+                                "are accepted on this path)", enc);
         uint64_t want = enc == LM_ENC_RAW ? (uint64_t)count * LM_PAGE_SIZE : 0;
         if (count == 0 || pb != want)
-            return lm_urgent_fail(u, EPROTO, "run of %u pages with %u payload bytes", count, pb);
+            return lm_chan_fail(&u->ch, EPROTO, "run of %u pages with %u payload bytes", count, pb);
         if (first >= u->npages || count > u->npages - first)
-            return lm_urgent_fail(u, ERANGE, "reply names pages %llu..%llu outside guest memory "
-                                  "(%llu pages)", (unsigned long long)first,
-                                  (unsigned long long)(first + count - 1),
-                                  (unsigned long long)u->npages);
+            return lm_chan_fail(&u->ch, ERANGE, "reply names pages %llu..%llu outside guest memory "
+                                "(%llu pages)", (unsigned long long)first,
+                                (unsigned long long)(first + count - 1),
+                                (unsigned long long)u->npages);
         if (first < prev_end)
-            return lm_urgent_fail(u, EPROTO, "page batch runs overlap or are out of order");
+            return lm_chan_fail(&u->ch, EPROTO, "page batch runs overlap or are out of order");
         prev_end = first + count;
         seen += count;
         raw_bytes += pb;
     }
     if (seen != npages || raw_bytes != payload_bytes)
-        return lm_urgent_fail(u, EPROTO, "run counts or payload sizes do not add up to the header");
+        return lm_chan_fail(&u->ch, EPROTO,
+                            "run counts or payload sizes do not add up to the header");
     const uint8_t *data = b + table_end;
     for (uint32_t i = 0; i < nruns; i++) {
         const uint8_t *r = b + LM_BATCH_HEADER_BYTES + (uint64_t)i * LM_BATCH_RUN_BYTES;
@@ -251,10 +253,10 @@ int lm_urgent_dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint
             placed = lm_postcopy_zero(u->pc, first, count);
         }
         if (placed < 0)
-            return lm_urgent_fail(u, (int)-placed, "placing pages %llu..%llu: %s",
-                                  (unsigned long long)first,
-                                  (unsigned long long)(first + count - 1),
-                                  strerror((int)-placed));
+            return lm_chan_fail(&u->ch, (int)-placed, "placing pages %llu..%llu: %s",
+                                (unsigned long long)first,
+                                (unsigned long long)(first + count - 1),
+                                strerror((int)-placed));
         STAT_ADD(u, pages_placed, placed);
         dest_served(u, NULL, first, count, lm_urgent_now_ns(), NULL);
     }
@@ -262,7 +264,7 @@ int lm_urgent_dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint
     STAT_ADD(u, pages_replied, npages);
     STAT_ADD(u, payload_bytes_replied, blen);
     if (lm_postcopy_missing(u->pc) == 0 || lm_ring_used(&u->ring) >= u->ring.capacity / 2)
-        lm_urgent_notify(u);
+        lm_chan_notify(&u->ch);
     return 0;
 }
 

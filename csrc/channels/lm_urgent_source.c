@@ -86,7 +86,7 @@ static int source_reply(lm_urgent *u, uint64_t request_id, const uint64_t *pages
     iov[1].iov_len = LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES +
                      nruns * LM_BATCH_RUN_BYTES;
     iov[0].iov_base = f;
-    int rc = lm_urgent_send(u, LM_MSG_PAGE_BATCH, LM_WIRE_BATCH_URGENT, iov, (int)(2 + nruns));
+    int rc = lm_chan_send(&u->ch, LM_MSG_PAGE_BATCH, LM_WIRE_BATCH_URGENT, iov, (int)(2 + nruns));
     if (rc < 0)
         return rc;
     STAT_ADD(u, replies, 1);
@@ -107,23 +107,24 @@ static int source_reply(lm_urgent *u, uint64_t request_id, const uint64_t *pages
 int lm_urgent_source_on_request(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_t length)
 {
     if (flags != 0)
-        return lm_urgent_fail(u, EPROTO, "undefined PageRequest flags %#x", flags);
+        return lm_chan_fail(&u->ch, EPROTO, "undefined PageRequest flags %#x", flags);
     if (length < LM_WIRE_REQUEST_PREFIX_BYTES)
-        return lm_urgent_fail(u, EPROTO, "PageRequest of %u bytes is shorter than its header",
-                              length);
+        return lm_chan_fail(&u->ch, EPROTO, "PageRequest of %u bytes is shorter than its header",
+                            length);
     uint64_t request_id = get64(p);
     uint32_t count = get32(p + 8);
     if (get32(p + 12) != 0 || count == 0 || count > LM_URGENT_MAX_PAGES_IN)
-        return lm_urgent_fail(u, EPROTO, "PageRequest count %u or reserved field invalid", count);
+        return lm_chan_fail(&u->ch, EPROTO, "PageRequest count %u or reserved field invalid",
+                            count);
     if (length != LM_WIRE_REQUEST_PREFIX_BYTES + (uint64_t)count * 8)
-        return lm_urgent_fail(u, EPROTO, "PageRequest of %u pages has %u bytes", count, length);
+        return lm_chan_fail(&u->ch, EPROTO, "PageRequest of %u pages has %u bytes", count, length);
     uint64_t *pages = u->scratch;
     memcpy(pages, p + LM_WIRE_REQUEST_PREFIX_BYTES, (uint64_t)count * 8);
     for (uint32_t i = 0; i < count; i++)
         if (pages[i] >= u->npages)
-            return lm_urgent_fail(u, ERANGE, "a PageRequest names page %llu, outside guest "
-                                  "memory (%llu pages)", (unsigned long long)pages[i],
-                                  (unsigned long long)u->npages);
+            return lm_chan_fail(&u->ch, ERANGE, "a PageRequest names page %llu, outside guest "
+                                "memory (%llu pages)", (unsigned long long)pages[i],
+                                (unsigned long long)u->npages);
     if (count > 1)
         qsort(pages, count, sizeof(uint64_t), cmp_u64);
     uint64_t n = 0;
@@ -150,7 +151,7 @@ int lm_urgent_source_on_request(lm_urgent *u, uint16_t flags, const uint8_t *p, 
         start = end;
     }
     lm_ring_push(&u->ring, pages, n, &u->stats.requests_dropped);
-    lm_urgent_notify(u);
+    lm_chan_notify(&u->ch);
     return 0;
 }
 

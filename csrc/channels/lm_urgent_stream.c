@@ -1,5 +1,5 @@
 /*
- * The urgent channel's byte stream: whole frames out, checked frames in.
+ * The urgent channel's byte stream: the wait of a send, checked frames in.
  *
  * Theory of operation
  *   The socket is non-blocking (it is a dup of the transport's, and
@@ -12,18 +12,16 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <limits.h>
 #include <poll.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "channels/lm_urgent_internal.h"
 
-/* Wait until the socket is writable or stop is asked: 0, 1 (stop), or -errno. */
-static int wait_writable(lm_urgent *u)
+int lm_urgent_wait_writable(struct lm_chan *c)
 {
-    struct pollfd pfd[2] = {{.fd = u->stop_efd, .events = POLLIN},
-                            {.fd = u->fd, .events = POLLOUT}};
+    struct pollfd pfd[2] = {{.fd = c->stop_efd, .events = POLLIN},
+                            {.fd = c->fd, .events = POLLOUT}};
     for (;;) {
         int n = poll(pfd, 2, -1);
         if (n < 0 && errno == EINTR)
@@ -31,54 +29,12 @@ static int wait_writable(lm_urgent *u)
         if (n < 0)
             return -errno;
         if (pfd[0].revents)
-            return 1;
+            return -ECANCELED;
         if (pfd[1].revents & (POLLERR | POLLHUP))
-            return lm_urgent_fail(u, ECONNRESET, "the peer closed the urgent channel");
+            return lm_chan_fail(c, ECONNRESET, "the peer closed the urgent channel");
         if (pfd[1].revents & POLLOUT)
             return 0;
     }
-}
-
-static int write_all(lm_urgent *u, struct iovec *iov, int iovcnt)
-{
-    while (iovcnt > 0) {
-        ssize_t w = writev(u->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN) {
-                int rc = wait_writable(u);
-                if (rc != 0)
-                    return rc < 0 ? rc : -ECANCELED;
-                continue;
-            }
-            if (errno == EPIPE || errno == ECONNRESET)
-                return lm_urgent_fail(u, ECONNRESET, "the peer closed the urgent channel");
-            return lm_urgent_fail(u, errno, "writing the urgent channel: %s", strerror(errno));
-        }
-        STAT_ADD(u, bytes_sent, w);
-        while (iovcnt > 0 && (size_t)w >= iov->iov_len) {
-            w -= (ssize_t)iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + w;
-            iov->iov_len -= (size_t)w;
-        }
-    }
-    return 0;
-}
-
-int lm_urgent_send(lm_urgent *u, uint16_t type, uint16_t flags, struct iovec *iov, int iovcnt)
-{
-    lm_frame_put_header(&u->framer, iov[0].iov_base, (uint16_t)u->version, type, flags,
-                        u->send_seq++, iov + 1, iovcnt - 1);
-    iov[0].iov_len = LM_WIRE_HEADER_BYTES;
-    int rc = write_all(u, iov, iovcnt);
-    if (rc == 0)
-        STAT_ADD(u, frames_sent, 1);
-    return rc;
 }
 
 int lm_urgent_receive(lm_urgent *u, uint16_t want_type, lm_urgent_frame_fn fn)
@@ -86,40 +42,41 @@ int lm_urgent_receive(lm_urgent *u, uint16_t want_type, lm_urgent_frame_fn fn)
     for (;;) {
         /* Never full here: a buffered partial frame passed its header check,
          * so it fits in the header plus the largest payload accepted. */
-        ssize_t got = read(u->fd, u->rbuf + u->rlen, u->rbuf_cap - u->rlen);
+        ssize_t got = read(u->ch.fd, u->rbuf + u->rlen, u->rbuf_cap - u->rlen);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN)
                 return 0;
             if (errno == ECONNRESET)
-                return lm_urgent_fail(u, ECONNRESET, "the peer reset the urgent channel");
-            return lm_urgent_fail(u, errno, "reading the urgent channel: %s", strerror(errno));
+                return lm_chan_fail(&u->ch, ECONNRESET, "the peer reset the urgent channel");
+            return lm_chan_fail(&u->ch, errno, "reading the urgent channel: %s", strerror(errno));
         }
         if (got == 0)
-            return lm_urgent_fail(u, ECONNRESET, "%s", u->rlen
-                                  ? "the peer closed the urgent channel mid-frame"
-                                  : "the peer closed the urgent channel");
+            return lm_chan_fail(&u->ch, ECONNRESET, "%s", u->rlen
+                                ? "the peer closed the urgent channel mid-frame"
+                                : "the peer closed the urgent channel");
         STAT_ADD(u, bytes_received, got);
         u->rlen += (uint64_t)got;
         uint64_t off = 0;
         while (u->rlen - off >= LM_WIRE_HEADER_BYTES) {
             const uint8_t *h = u->rbuf + off;
             const struct lm_frame_expect want = {
-                .version = (uint16_t)u->version, .type = want_type,
-                .max_payload_bytes = u->max_frame, .sequence = u->recv_seq,
+                .version = (uint16_t)u->ch.version, .type = want_type,
+                .max_payload_bytes = u->ch.max_frame, .sequence = u->ch.recv_seq,
             };
             uint32_t length = 0;
-            int rc = lm_frame_check_header(h, &want, &length, u->reason, sizeof(u->reason));
+            int rc = lm_frame_check_header(h, &want, &length, u->ch.reason, sizeof(u->ch.reason));
             if (rc < 0)
                 return rc;
             if (u->rlen - off - LM_WIRE_HEADER_BYTES < length)
                 break;
             const uint8_t *payload = h + LM_WIRE_HEADER_BYTES;
-            rc = lm_frame_check_payload(&u->framer, h, payload, u->reason, sizeof(u->reason));
+            rc = lm_frame_check_payload(&u->ch.framer, h, payload, u->ch.reason,
+                                        sizeof(u->ch.reason));
             if (rc < 0)
                 return rc;
-            u->recv_seq++;
+            u->ch.recv_seq++;
             STAT_ADD(u, frames_received, 1);
             rc = fn(u, lm_frame_flags(h), payload, length);
             if (rc < 0)
@@ -131,6 +88,6 @@ int lm_urgent_receive(lm_urgent *u, uint16_t want_type, lm_urgent_frame_fn fn)
             u->rlen -= off;
         }
         if (u->rlen && !lm_frame_could_start(u->rbuf, u->rlen))
-            return lm_urgent_fail(u, EPROTO, "bad frame magic");
+            return lm_chan_fail(&u->ch, EPROTO, "bad frame magic");
     }
 }

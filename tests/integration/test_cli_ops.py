@@ -19,7 +19,7 @@ import time
 import pytest
 
 from support.daemons import (ENV, EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_USAGE,
-                             DaemonProcess, livemig)
+                             DaemonProcess, daemon_pair, livemig)
 
 DEADLINE_S = 120
 # A fresh guest is mostly zero pages and re-sent pages travel as deltas, so
@@ -34,15 +34,8 @@ SLOW_VM = ("--memory", "64MiB", "--vcpus", "1", "--workload", "rewrite", "--dirt
 @pytest.fixture(scope="module")
 def daemons(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ops")
-    a = DaemonProcess(tmp, "a", "asyncio")
-    try:
-        b = DaemonProcess(tmp, "b", "asyncio")
-    except BaseException:
-        a.close()
-        raise
-    yield a, b
-    b.close()
-    a.close()
+    with daemon_pair(tmp, "asyncio") as pair:
+        yield pair
 
 
 def _wait_for(what, predicate, deadline_s=DEADLINE_S):

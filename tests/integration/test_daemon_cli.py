@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from support.daemons import (EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, DaemonProcess, livemig,
+from support.daemons import (EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, daemon_pair, livemig,
                              livemig_json)
 from support.daemons import assert_daemon_vm_matches_unmoved as _assert_matches_unmoved
 from support.daemons import start_vm as _start
@@ -21,15 +21,8 @@ from support.oracle import Recipe
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
 def daemons(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"daemons-{request.param}")
-    a = DaemonProcess(tmp, "a", request.param)
-    try:
-        b = DaemonProcess(tmp, "b", request.param)
-    except BaseException:
-        a.close()
-        raise
-    yield a, b
-    b.close()
-    a.close()
+    with daemon_pair(tmp, request.param) as pair:
+        yield pair
 
 
 def test_vm_start_list_stop_and_their_exit_codes(daemons):

@@ -11,6 +11,7 @@ The last tests use the CLI and daemon processes, one of them killed after
 Commit: the unavoidable case, left to the operator with a clear message.
 """
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -60,7 +61,10 @@ async def _assert_runs_only_on(h_run, h_other, name: str) -> None:
         assert got["cpus"] == [twin.registers(i) for i in range(RECIPE.vcpus)]
 
 
+@contextlib.asynccontextmanager
 async def _in_doubt(tmp_path, fault: Fault):
+    """Two daemons and vm1 left in doubt at the source by ``fault``, the
+    link back: (source, its handlers, destination, its handlers, proxy)."""
     a, ha = await _daemon(tmp_path / "a.sock")
     b, hb = await _daemon(tmp_path / "b.sock")
     proxy = await FrameProxy(LOCAL, b.listen_port, fault).start()
@@ -81,47 +85,44 @@ async def _in_doubt(tmp_path, fault: Fault):
     with pytest.raises(ControlError, match="not settled"):
         await ha["vm.resume"](name="vm1")
     proxy.refusing = False     # the link is back
-    return a, ha, b, hb, proxy
+    try:
+        yield a, ha, b, hb, proxy
+    finally:
+        await proxy.close()
+        await a.close()
+        await b.close()
 
 
 def test_resolve_after_resumed_was_lost_releases_the_source(run, tmp_path):
     async def scenario():
-        a, ha, b, hb, proxy = await _in_doubt(tmp_path, Fault("black-hole", "Resumed", "down"))
-        try:
+        fault = Fault("black-hole", "Resumed", "down")
+        async with _in_doubt(tmp_path, fault) as (a, ha, b, hb, proxy):
             await _until(lambda: _has(hb, "vm1"), "the destination to host the VM")
             with pytest.raises(ControlError, match="refusing to resume"):
                 await ha["vm.resolve"](name="vm1", action="resume")
             res = await ha["vm.resolve"](name="vm1")
             assert res["resolved"] == "discarded" and res["destination_says"] == "committed"
             await _assert_runs_only_on(hb, ha, "vm1")
-        finally:
-            await proxy.close()
-            await a.close()
-            await b.close()
     run(scenario())
 
 
 def test_resolve_after_commit_was_lost_resumes_the_source(run, tmp_path):
     async def scenario():
-        a, ha, b, hb, proxy = await _in_doubt(tmp_path, Fault("black-hole", "Commit", "up"))
-        try:
+        fault = Fault("black-hole", "Commit", "up")
+        async with _in_doubt(tmp_path, fault) as (a, ha, b, hb, proxy):
             # Asking makes the destination drop the session it never got Commit for.
             with pytest.raises(ControlError, match="refusing to discard"):
                 await ha["vm.resolve"](name="vm1", action="discard")
             res = await ha["vm.resolve"](name="vm1")
             assert res["resolved"] == "resumed" and res["destination_says"] == "not-committed"
             await _assert_runs_only_on(ha, hb, "vm1")
-        finally:
-            await proxy.close()
-            await a.close()
-            await b.close()
     run(scenario())
 
 
 def test_resolve_by_hand_when_the_destination_stays_unreachable(run, tmp_path):
     async def scenario():
-        a, ha, b, hb, proxy = await _in_doubt(tmp_path, Fault("black-hole", "Commit", "up"))
-        try:
+        fault = Fault("black-hole", "Commit", "up")
+        async with _in_doubt(tmp_path, fault) as (a, ha, b, hb, proxy):
             proxy.refusing = True
             res = await ha["vm.resolve"](name="vm1", action="resume")
             assert res["resolved"] == "resumed" and "WARNING" in res["warning"]
@@ -129,10 +130,6 @@ def test_resolve_by_hand_when_the_destination_stays_unreachable(run, tmp_path):
             # The destination never got Commit: it must end up without the VM.
             await _until(lambda: _no_incoming(b), "the destination to drop the session", 60)
             await _assert_runs_only_on(ha, hb, "vm1")
-        finally:
-            await proxy.close()
-            await a.close()
-            await b.close()
     run(scenario())
 
 
@@ -164,19 +161,26 @@ class ProxyThread:
         self.loop.close()
 
 
+def _move_until_resumed_passes(a: DaemonProcess, link: ProxyThread) -> dict:
+    """Start vm1 on ``a`` and move it through ``link``; return the migration's
+    record once Resumed has passed the proxy."""
+    start_vm(a, "vm1", RECIPE)
+    # short waits for Resumed and for the outcome (the CLI has no flags for them)
+    rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
+                        ack_timeout_s=3, handshake_timeout_s=5)
+    deadline = time.monotonic() + 60
+    while not link.proxy.fired.is_set():
+        assert time.monotonic() < deadline, "Resumed never passed the proxy"
+        time.sleep(0.02)
+    return rec
+
+
 def test_cli_resolve_of_a_vm_left_in_doubt(tmp_path):
     a = DaemonProcess(tmp_path, "src", "auto")
     b = DaemonProcess(tmp_path, "dst", "auto")
     link = ProxyThread(b.port, Fault("black-hole", "Resumed", "down"))
     try:
-        start_vm(a, "vm1", RECIPE)
-        # short waits for Resumed and for the outcome (the CLI has no flags for them)
-        rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
-                            ack_timeout_s=3, handshake_timeout_s=5)
-        deadline = time.monotonic() + 60
-        while not link.proxy.fired.is_set():
-            assert time.monotonic() < deadline, "Resumed never passed the proxy"
-            time.sleep(0.02)
+        rec = _move_until_resumed_passes(a, link)
         link.proxy.refusing = True
         final = a.client.call("migration.wait", id=rec["id"], timeout_s=120)
         assert final["status"] == "in-doubt", final
@@ -202,13 +206,7 @@ def test_destination_killed_after_commit_the_operator_resumes_the_source(tmp_pat
     b = DaemonProcess(tmp_path, "dst", "auto")
     link = ProxyThread(b.port, Fault("black-hole", "Resumed", "down"))
     try:
-        start_vm(a, "vm1", RECIPE)
-        rec = a.client.call("migrate", name="vm1", to=f"{LOCAL}:{link.proxy.port}",
-                            ack_timeout_s=3, handshake_timeout_s=5)
-        deadline = time.monotonic() + 60
-        while not link.proxy.fired.is_set():
-            assert time.monotonic() < deadline, "Resumed never passed the proxy"
-            time.sleep(0.02)
+        rec = _move_until_resumed_passes(a, link)
         b.proc.send_signal(signal.SIGKILL)
         b.proc.wait()
         final = a.client.call("migration.wait", id=rec["id"], timeout_s=120)

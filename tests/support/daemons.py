@@ -84,6 +84,23 @@ class DaemonProcess:
         self.log.close()
 
 
+@contextlib.contextmanager
+def daemon_pair(tmp: Path, loop: str):
+    """Daemon processes "a" and "b" on ``loop``, closed at the end (``a`` at
+    once if ``b`` does not start)."""
+    a = DaemonProcess(tmp, "a", loop)
+    try:
+        b = DaemonProcess(tmp, "b", loop)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        yield a, b
+    finally:
+        b.close()
+        a.close()
+
+
 def start_vm(daemon, name, recipe: Recipe) -> dict:
     return daemon.cli_json("vm", "start", name, "--memory", recipe.memory, "--vcpus",
                            recipe.vcpus, "--workload", recipe.workload, "--dirty-rate",

@@ -14,47 +14,34 @@ from __future__ import annotations
 
 import asyncio
 
+from .proxyserver import ProxyServer
 
-class FaultProxy:
+
+class FaultProxy(ProxyServer):
     def __init__(self, target_host: str, target_port: int, *, delay_s: float = 0.0,
                  cut_after_bytes: int | None = None, cut_direction: str = "up",
                  chunk_bytes: int = 64 << 10):
         if cut_direction not in ("up", "down"):
             raise ValueError("cut_direction is 'up' or 'down'")
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.delay_s = delay_s
         self.cut_after_bytes = cut_after_bytes
         self.cut_direction = cut_direction
         self.chunk_bytes = chunk_bytes
-        self.forwarded = {"up": 0, "down": 0}
         self.cuts = 0
-        self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task] = set()
         self._progress = asyncio.Condition()
 
-    @property
-    def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
-
-    async def start(self) -> "FaultProxy":
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
     async def _accept(self, c_reader, c_writer):
-        try:
-            s_reader, s_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            c_writer.transport.abort()
+        server = await self._connect(c_writer)
+        if server is None:
             return
+        s_reader, s_writer = server
         self._writers |= {c_writer, s_writer}
         pair = (c_writer, s_writer)
         for direction, reader, writer in (("up", c_reader, s_writer),
                                           ("down", s_reader, c_writer)):
-            task = asyncio.get_running_loop().create_task(
-                self._pump(direction, reader, writer, pair))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pump(direction, reader, writer, pair))
 
     async def _pump(self, direction, reader, writer, pair):
         try:
@@ -97,17 +84,3 @@ class FaultProxy:
     async def wait_forwarded(self, nbytes: int, direction: str = "up") -> None:
         async with self._progress:
             await self._progress.wait_for(lambda: self.forwarded[direction] >= nbytes)
-
-    async def close(self) -> None:
-        self._server.close()
-        self.drop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def __aenter__(self):
-        return await self.start()
-
-    async def __aexit__(self, *exc):
-        await self.close()

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from livemig.protocol.spec import FRAME_HEADER_BYTES, FRAME_HEADER_FORMAT, FRAME_MAGIC, MESSAGE_IDS
 
+from .proxyserver import ProxyServer
+
 KINDS = ("cut", "black-hole", "stall", "half-close")
 CHUNK_BYTES = 64 << 10
 
@@ -105,43 +107,29 @@ class _Link:
             writer.write_eof()
 
 
-class FrameProxy:
+class FrameProxy(ProxyServer):
     def __init__(self, target_host: str, target_port: int, fault: Fault):
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.fault = fault
         self.type_id = MESSAGE_IDS[fault.message]
         self.seen = 0
-        self.forwarded = {"up": 0, "down": 0}
         self.fired = asyncio.Event()
         self.refusing = False     # reset new connections at once: the peer is unreachable
         self._links: set[_Link] = set()
         self._half_closing: tuple[set, int] | None = None   # (links, byte threshold)
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    @property
-    def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
-
-    async def start(self) -> "FrameProxy":
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
 
     async def _accept(self, c_reader, c_writer):
         if self.refusing:
             c_writer.transport.abort()
             return
-        try:
-            s_reader, s_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            c_writer.transport.abort()
+        server = await self._connect(c_writer)
+        if server is None:
             return
+        s_reader, s_writer = server
         link = _Link(c_writer, s_writer)
         self._links.add(link)
         for direction, reader in (("up", c_reader), ("down", s_reader)):
-            task = asyncio.get_running_loop().create_task(self._pump(link, direction, reader))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pump(link, direction, reader))
 
     async def _pump(self, link: _Link, direction: str, reader: asyncio.StreamReader) -> None:
         frames = _Frames()
@@ -212,17 +200,3 @@ class FrameProxy:
         for link in list(self._links):
             link.reset()
         self._links.clear()
-
-    async def close(self) -> None:
-        self._server.close()
-        self.drop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def __aenter__(self):
-        return await self.start()
-
-    async def __aexit__(self, *exc):
-        await self.close()

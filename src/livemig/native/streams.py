@@ -26,22 +26,18 @@ polling), and folds the counters (:meth:`_NativeStream.round_counts`,
 :meth:`_NativeStream.stats`) into the migration's stats. Page bytes never
 become Python objects.
 
-Ownership: each stream is a :class:`NativeHandle` child of the guest memory's
-handle and holds the numpy arrays its thread writes, so memory and arrays
-outlive ``lm_stream_destroy`` (which stops and joins the thread) however the
-wrapper goes; ``close()`` is the contract.
+Each stream is a :class:`ChannelThread` over the guest memory, which owns the
+handle, the notify fd, status and failure (:mod:`.chanthread`).
 """
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConnectionLost, RemoteProtocolError
 from . import PAGE_SIZE, check, ffi, lib
-from .handles import NativeHandle
+from .chanthread import ChannelThread, with_reason
 
 ENV_SWITCH = "LIVEMIG_NATIVE_STREAMS"
 STRIPE_PAGES = 64
@@ -52,17 +48,12 @@ BATCH_PAGES = lib.LM_STREAM_BATCH_PAGES
 SEND_FRAME_BYTES = (lib.LM_WIRE_BATCH_PREFIX_BYTES + lib.LM_BATCH_HEADER_BYTES
                     + BATCH_PAGES * (lib.LM_BATCH_RUN_BYTES + lib.LM_PAGE_SIZE))
 """The largest payload a source thread sends: the peer's cap must admit it."""
-_REASON_BYTES = 256
-_STATS_FIELDS = tuple(name for name, _ in ffi.typeof("lm_stream_stats").fields)
-# Errnos with which a thread reports that the peer broke the protocol.
-_PROTOCOL_ERRNOS = {errno.EPROTO, errno.EBADMSG, errno.ERANGE}
 
 
 def probe() -> tuple[bool, str]:
     """(True, "") when native streams can run here, else (False, reason)."""
-    buf = ffi.new("char[]", _REASON_BYTES)
-    rc = lib.lm_stream_probe(buf, _REASON_BYTES)
-    return rc == 0, ffi.string(buf).decode(errors="replace")
+    rc, reason = with_reason(lib.lm_stream_probe)
+    return rc == 0, reason
 
 
 def disabled_by_environment() -> bool:
@@ -88,21 +79,18 @@ class RoundCounts:
     bytes: int
 
 
-class _NativeStream:
-    """What both sides share: attach, status, counters, the notify fd."""
+class _NativeStream(ChannelThread):
+    """What both sides share: attach, counters, the round's counts."""
 
-    def __init__(self, handle, memory, keepalive: tuple):
-        self._native = NativeHandle(handle, lambda h, _arrays=keepalive: lib.lm_stream_destroy(h),
-                                    parent=memory.native_handle)
-        self._memory = memory
-        self._folded: dict[str, int] = {}   # counters already added by fold_into
-        memory.attach(self)
-
-    def attach(self, channel) -> None:
-        """Take over ``channel`` (handshake done, no traffic yet)."""
-        fd, version, send_seq, recv_seq, max_payload = channel.hand_off()
-        self.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
-                       max_payload_bytes=max_payload)
+    _destroy = staticmethod(lib.lm_stream_destroy)
+    _notify_fd = staticmethod(lib.lm_stream_notify_fd)
+    _status = staticmethod(lib.lm_stream_status)
+    _stats_get = staticmethod(lib.lm_stream_stats_get)
+    _stats_type = "lm_stream_stats"
+    _running_status = lib.LM_STREAM_RUNNING
+    _label = "bulk stream"
+    _channel = "bulk"
+    _phase = "precopy"
 
     def attach_fd(self, fd: int, *, version: int, send_seq: int = 0, recv_seq: int = 0,
                   max_payload_bytes: int = 64 << 20) -> None:
@@ -111,48 +99,11 @@ class _NativeStream:
         check(lib.lm_stream_attach(self._h, fd, version, send_seq, recv_seq, max_payload_bytes),
               "starting a native bulk stream thread")
 
-    def fileno(self) -> int:
-        """The eventfd that becomes readable when the thread has news."""
-        return lib.lm_stream_notify_fd(self._h)
-
-    def clear_notify(self) -> None:
-        try:
-            os.read(self.fileno(), 8)
-        except BlockingIOError:
-            pass
-
-    def status(self) -> tuple[int, str]:
-        buf = ffi.new("char[]", _REASON_BYTES)
-        st = lib.lm_stream_status(self._h, buf, _REASON_BYTES)
-        return st, ffi.string(buf).decode(errors="replace")
-
-    def failure(self, *, phase: str = "precopy") -> Exception | None:
-        """The error the thread ended with, as the Python path would raise it
-        (RemoteProtocolError for a protocol violation, ConnectionLost for a
-        lost peer), or None while it runs or if it stopped without error."""
-        st, reason = self.status()
-        if st >= 0:
-            return None
-        if -st in _PROTOCOL_ERRNOS:
-            return RemoteProtocolError(f"bulk stream: {reason}", phase=phase)
-        return ConnectionLost(f"bulk stream: {reason}", phase=phase, channel="bulk")
-
-    @property
-    def running(self) -> bool:
-        return self.status()[0] == lib.LM_STREAM_RUNNING
-
-    def stats(self) -> dict[str, int]:
-        out = ffi.new("lm_stream_stats *")
-        lib.lm_stream_stats_get(self._h, out)
-        return {name: int(getattr(out, name)) for name in _STATS_FIELDS}
-
     def fold_into(self, stats) -> None:
         """Add what the thread sent or placed since the last fold to ``stats``
         (MigrationStats): pages and page-batch bytes, per encoding, and its
         CPU time."""
-        ns = self.stats()
-        d = {k: v - self._folded.get(k, 0) for k, v in ns.items()}
-        self._folded = ns
+        d = self._unfolded()
         stats.pages_sent += d["pages"]
         stats.bytes_sent += d["batch_bytes"]
         for name in ("zero", "raw", "block"):
@@ -168,22 +119,6 @@ class _NativeStream:
         if not ns["rounds"]:
             return None
         return RoundCounts(ns["last_round"], ns["last_round_pages"], ns["last_round_bytes"])
-
-    @property
-    def _h(self):
-        return self._native.ptr
-
-    def close(self) -> None:
-        """Stop and join the thread, close its socket, free the handle."""
-        if not self._native.released:
-            self._native.release()
-            self._memory.detach(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _check_hashes(hashes: np.ndarray | None, npages: int) -> None:

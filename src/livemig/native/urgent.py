@@ -38,18 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConnectionLost, RemoteProtocolError
 from . import PAGE_SIZE, check, ffi, lib
-from .handles import NativeHandle
+from .chanthread import ChannelThread, with_reason
 
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "LIVEMIG_NATIVE_URGENT"
-_REASON_BYTES = 256
 _DRAIN = 1 << 16
-_STATS_FIELDS = tuple(name for name, _ in ffi.typeof("lm_urgent_stats").fields)
-# Errnos with which the thread reports that the peer broke the protocol.
-_PROTOCOL_ERRNOS = {errno.EPROTO, errno.EBADMSG, errno.ERANGE}
 
 
 @dataclass(frozen=True)
@@ -66,9 +61,8 @@ class PathChoice:
 
 def probe() -> tuple[bool, str]:
     """(True, "") when the native path can run here, else (False, reason)."""
-    buf = ffi.new("char[]", _REASON_BYTES)
-    rc = lib.lm_urgent_probe(buf, _REASON_BYTES)
-    return rc == 0, ffi.string(buf).decode(errors="replace")
+    rc, reason = with_reason(lib.lm_urgent_probe)
+    return rc == 0, reason
 
 
 def choose_path(channel, *, enabled: bool = True) -> PathChoice:
@@ -90,26 +84,23 @@ def choose_path(channel, *, enabled: bool = True) -> PathChoice:
     return choice
 
 
-class _NativeUrgent:
-    """What both sides share: attach/detach, status, stats, the notify fd."""
+class _NativeUrgent(ChannelThread):
+    """What both sides share: attach/detach, scheduling, counters. The
+    owner (PostcopyMemory / GuestMemory) refuses to close while used."""
+
+    _destroy = staticmethod(lib.lm_urgent_destroy)
+    _notify_fd = staticmethod(lib.lm_urgent_notify_fd)
+    _status = staticmethod(lib.lm_urgent_status)
+    _stats_get = staticmethod(lib.lm_urgent_stats_get)
+    _stats_type = "lm_urgent_stats"
+    _running_status = lib.LM_URGENT_RUNNING
+    _label = "urgent channel"
+    _channel = "urgent"
+    _phase = "postcopy"
 
     def __init__(self, handle, owner, keepalive: tuple):
-        # The destructor holds the arrays the thread writes into, so they
-        # outlive lm_urgent_destroy (which joins the thread) however the
-        # wrapper goes; the owner's native object outlives it too.
-        self._native = NativeHandle(handle, lambda h, _arrays=keepalive: lib.lm_urgent_destroy(h),
-                                    parent=owner.native_handle)
-        self._owner = owner         # PostcopyMemory / GuestMemory: refuses to close while used
         self._attached = False
-        self._folded: dict[str, int] = {}   # stats already added by fold_into
-        owner.attach(self)
-
-    def attach(self, channel, *, cpu: int = -1, spin_us: int = 0, rt_priority: int = 0) -> None:
-        """Take over ``channel`` (handshake done, no traffic yet)."""
-        fd, version, send_seq, recv_seq, max_payload = channel.hand_off()
-        self.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
-                       max_payload_bytes=max_payload, cpu=cpu, spin_us=spin_us,
-                       rt_priority=rt_priority)
+        super().__init__(handle, owner, keepalive)
 
     def attach_fd(self, fd: int, *, version: int = 1, send_seq: int = 0, recv_seq: int = 0,
                   max_payload_bytes: int = 64 << 20, cpu: int = -1, spin_us: int = 0,
@@ -137,36 +128,6 @@ class _NativeUrgent:
     def attached(self) -> bool:
         return self._attached
 
-    def fileno(self) -> int:
-        return lib.lm_urgent_notify_fd(self._h)
-
-    def clear_notify(self) -> None:
-        try:
-            os.read(self.fileno(), 8)
-        except BlockingIOError:
-            pass
-
-    def status(self) -> tuple[int, str]:
-        buf = ffi.new("char[]", _REASON_BYTES)
-        st = lib.lm_urgent_status(self._h, buf, _REASON_BYTES)
-        return st, ffi.string(buf).decode(errors="replace")
-
-    def failure(self, *, phase: str = "postcopy") -> Exception | None:
-        """The error the thread ended with, as the exception the Python path
-        would raise (RemoteProtocolError for a protocol violation,
-        ConnectionLost for a lost peer), or None while it runs or if it
-        stopped on request."""
-        st, reason = self.status()
-        if st >= 0:
-            return None
-        if -st in _PROTOCOL_ERRNOS:
-            return RemoteProtocolError(f"urgent channel: {reason}", phase=phase)
-        return ConnectionLost(f"urgent channel: {reason}", phase=phase, channel="urgent")
-
-    @property
-    def running(self) -> bool:
-        return self.status()[0] == lib.LM_URGENT_RUNNING
-
     def scheduling(self, asked: int) -> str:
         """How the thread was scheduled, for ``fault_path_reason``."""
         ns = self.stats()
@@ -183,9 +144,7 @@ class _NativeUrgent:
         bytes it sent or received) to ``stats`` (MigrationStats), and say in
         ``fault_path_reason`` how ``side``'s thread was scheduled. Returns
         the counters' increments."""
-        ns = self.stats()
-        d = {k: v - self._folded.get(k, 0) for k, v in ns.items()}
-        self._folded = ns
+        d = self._unfolded()
         stats.urgent_requests += d["requests"]
         stats.pages_requested += d["pages_requested"]
         stats.pages_sent += d["pages_replied"]
@@ -198,26 +157,9 @@ class _NativeUrgent:
             stats.fault_path_reason += f"; {note}"
         return d
 
-    def stats(self) -> dict[str, int]:
-        out = ffi.new("lm_urgent_stats *")
-        lib.lm_urgent_stats_get(self._h, out)
-        return {name: int(getattr(out, name)) for name in _STATS_FIELDS}
-
-    @property
-    def _h(self):
-        return self._native.ptr
-
     def close(self) -> None:
-        if not self._native.released:
-            self._native.release()   # lm_urgent_destroy detaches (stops, joins) first
-            self._attached = False
-            self._owner.detach(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()   # lm_urgent_destroy detaches (stops, joins) first
+        self._attached = False
 
 
 class NativeFaultServer(_NativeUrgent):

@@ -74,6 +74,7 @@ from ...native import urgent
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
+from .probes import answer_probes
 from .streams import (STREAMS, DestStreams, check_offer as check_streams_offer,
                       offered as streams_offered)
 from ...native import PAGE_SIZE
@@ -82,7 +83,7 @@ from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode
                        Outcome, OutcomeCode, PageBatch, PageInvalidate, Phase, Refuse, RefuseCode,
                        Resumed, RoundAck, RoundEnd, RoundStart, Switchover, Verified,
                        VerifyFailed, Welcome, answer_hello, spec)
-from ...protocol import Ping, Pong, ProbeData, ProbeEnd, ProbeResult
+from ...protocol import Ping, Pong
 from ...stats import MigrationStats
 from ...vm.machine import VM
 
@@ -243,7 +244,8 @@ class IncomingMigration:
 
     # -- handshake -----------------------------------------------------------------------
     async def _accept_offer(self) -> bool:
-        offer, probed = await self._answer_probes()
+        offer, probed = await answer_probes(self.ch, self.config.handshake_timeout_s,
+                                            self.phase.label)
         if offer is None and probed:
             return False  # a bandwidth probe only (livemig plan): nothing to host
         problem = self._check_offer(offer)
@@ -304,44 +306,6 @@ class IncomingMigration:
         self._set_status("active")
         self.stats.setup_time_ms = (time.monotonic() - self._t0) * 1e3
         return True
-
-    async def _answer_probes(self):
-        """Serve bandwidth probes (ProbeData* ProbeEnd -> ProbeResult) and Pings until
-        another event arrives: (that event, a MigrationOffer as the protocol's
-        state allows nothing else here, or None at end of stream; whether we probed).
-
-        The first ProbeData only starts the clock: bytes queued before it were
-        in flight during connection set-up and would overstate the rate."""
-        probed = False
-        first_ns: int | None = None
-        frames = nbytes = 0
-        while True:
-            try:
-                event = await asyncio.wait_for(self.ch.recv(), self.config.handshake_timeout_s)
-            except asyncio.TimeoutError:
-                raise MigrationError(f"no MigrationOffer from the source within "
-                                     f"{self.config.handshake_timeout_s:g} s",
-                                     phase=self.phase.label) from None
-            if isinstance(event, ProbeData):
-                now_ns = time.perf_counter_ns()
-                if first_ns is None:
-                    first_ns = now_ns
-                else:
-                    frames += 1
-                    nbytes += len(event.data)
-            elif isinstance(event, ProbeEnd):
-                duration_ns = time.perf_counter_ns() - first_ns if first_ns is not None else 0
-                await self.ch.send(ProbeResult(frames, nbytes, duration_ns))
-                probed, first_ns, frames, nbytes = True, None, 0, 0
-            elif isinstance(event, Ping):
-                await self.ch.send(Pong(event.nonce))
-            elif event is None and not probed:
-                raise RemoteProtocolError("the source closed the connection while we waited "
-                                          "for a MigrationOffer", phase=self.phase.label)
-            elif isinstance(event, Abort):
-                raise MigrationError(f"the source aborted: {event.reason}", phase=self.phase.label)
-            else:
-                return event, probed
 
     @staticmethod
     def _check_offer(offer: MigrationOffer):

@@ -1,0 +1,58 @@
+"""The destination's answers before a MigrationOffer: bandwidth probes and Pings.
+
+Theory of operation
+-------------------
+``livemig plan`` (analysis/plan.py) measures the link by sending
+``ProbeData* ProbeEnd`` on a fresh control channel, and its round trip with
+Pings.
+Until the offer arrives the destination answers each ProbeEnd with a
+``ProbeResult`` of what it received, timed on this side, and each Ping with a
+Pong. A connection that only probed and then closed is not an error: there
+is simply nothing to host.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ...aio.channel import Channel
+from ...errors import MigrationError, RemoteProtocolError
+from ...protocol import Abort, Ping, Pong, ProbeData, ProbeEnd, ProbeResult
+
+
+async def answer_probes(ch: Channel, timeout_s: float, phase: str):
+    """Serve bandwidth probes (ProbeData* ProbeEnd -> ProbeResult) and Pings until
+    another event arrives: (that event, a MigrationOffer as the protocol's
+    state allows nothing else here, or None at end of stream; whether we probed).
+
+    The first ProbeData only starts the clock: bytes queued before it were
+    in flight during connection set-up and would overstate the rate."""
+    probed = False
+    first_ns: int | None = None
+    frames = nbytes = 0
+    while True:
+        try:
+            event = await asyncio.wait_for(ch.recv(), timeout_s)
+        except asyncio.TimeoutError:
+            raise MigrationError(f"no MigrationOffer from the source within "
+                                 f"{timeout_s:g} s", phase=phase) from None
+        if isinstance(event, ProbeData):
+            now_ns = time.perf_counter_ns()
+            if first_ns is None:
+                first_ns = now_ns
+            else:
+                frames += 1
+                nbytes += len(event.data)
+        elif isinstance(event, ProbeEnd):
+            duration_ns = time.perf_counter_ns() - first_ns if first_ns is not None else 0
+            await ch.send(ProbeResult(frames, nbytes, duration_ns))
+            probed, first_ns, frames, nbytes = True, None, 0, 0
+        elif isinstance(event, Ping):
+            await ch.send(Pong(event.nonce))
+        elif event is None and not probed:
+            raise RemoteProtocolError("the source closed the connection while we waited "
+                                      "for a MigrationOffer", phase=phase)
+        elif isinstance(event, Abort):
+            raise MigrationError(f"the source aborted: {event.reason}", phase=phase)
+        else:
+            return event, probed
