@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from livemig.cli import build_parser, main
-from livemig.clicompletion import completion_script
+from livemig.cli.completion import completion_script
 
 
 def _all_subcommands(parser):

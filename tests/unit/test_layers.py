@@ -28,8 +28,6 @@ RANK = {
     "service": 5,
     # rank 6: demo, sweep, two emulated hosts; never imported by the layers below
     "lab": 6,
-    # rank 6.5: the shell completion script, written from the parser it is given
-    "clicompletion": 6.5,
     # rank 7: the command line, the front door
     "cli": 7,
     # the public facade (lazy names) and `python -m livemig`
