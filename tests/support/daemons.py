@@ -117,7 +117,10 @@ def wait_hosted(daemon, name: str) -> dict:
 
 
 def assert_daemon_vm_matches_unmoved(daemon, name: str, recipe: Recipe) -> None:
-    steps = wait_hosted(daemon, name)["steps"]
+    wait_hosted(daemon, name)
+    # Paused first: a running guest could pass the target between reading
+    # its steps and asking it to stop there.
+    steps = daemon.client.call("vm.pause", name=name)["steps"]
     target = max(steps) + AHEAD_STEPS
     daemon.client.call("vm.run_to", name=name, step=target, timeout_s=PATIENCE_S)
     got = daemon.client.call("vm.inspect", name=name)
