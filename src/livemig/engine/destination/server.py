@@ -605,8 +605,9 @@ class IncomingMigration:
         return RecoveryExpired(
             f"the source did not come back within {self.config.postcopy_recovery_timeout_s:g} s "
             f"during post-copy: the VM cannot be completed ({missing} pages never arrived); "
-            "it was stopped and its memory freed on this host. The source keeps its copy "
-            f"paused at the switchover: `livemig vm resolve {name}` there resumes it",
+            "it was stopped and its memory freed on this host. If the source daemon still "
+            f"runs, it keeps its copy paused at the switchover: `livemig vm resolve {name}` "
+            "there resumes it; if the source daemon died, the VM is lost with it",
             phase="postcopy", source_resumed=False)
 
     async def adopt(self, ch: Channel) -> None:
@@ -666,7 +667,12 @@ class IncomingMigration:
     def _record_failure(self, exc: BaseException) -> None:
         status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
         self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
-        self._set_status(status, str(exc) or type(exc).__name__)
+        text = str(exc) or type(exc).__name__
+        if self.arrival is not None and not self._guest_resumed:
+            # Where the VM is: the source owned it all along (a dead source took it along).
+            text += ("; the VM was never resumed here and the copy here was discarded: it "
+                     "stays with the source (if the source daemon died, it died with it)")
+        self._set_status(status, text)
 
     async def _tell_source(self, exc: LivemigError) -> None:
         if self.ch.closed:
