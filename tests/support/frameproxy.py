@@ -124,11 +124,13 @@ class FrameProxy(ProxyServer):
         self.seen = 0
         self.fired = asyncio.Event()
         self.refusing = False     # reset new connections at once: the peer is unreachable
+        self.accepted = 0         # connections made through the proxy (reconnections count)
         self._links: set[_Link] = set()
         self._half_closing: tuple[set, int] | None = None   # (links, byte threshold)
         self._release: asyncio.Future | None = None        # hold: forward the frame?
 
     async def _accept(self, c_reader, c_writer):
+        self.accepted += 1
         if self.refusing:
             c_writer.transport.abort()
             return

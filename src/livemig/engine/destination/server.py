@@ -745,8 +745,7 @@ class MigrationServer:
 
     async def _serve(self, ch: Channel) -> None:
         existing = self.sessions.get(ch.conn.session_id)
-        if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume \
-                and (existing is None or not existing.runs_postcopy):
+        if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume:
             await self._tell_outcome(ch, existing)
             return
         if ch.kind is not ChannelKind.CONTROL or ch.conn.hello.resume:
@@ -762,15 +761,22 @@ class MigrationServer:
             await self.completed.put((incoming.arrival, vm))
 
     async def _tell_outcome(self, ch: Channel, session: IncomingMigration | None) -> None:
-        """A source asks what became of its session: let a session still
-        running here decide, then answer from its record."""
+        """A source asks what became of its session: a post-copy session
+        running here takes the channel up; any other lets go of its old
+        channel and decides; then the record answers (also for a post-copy
+        session that ended without taking the channel up: every page had
+        landed)."""
         if session is not None:
             session.supersede()
             await session.decided.wait()
             if session.runs_postcopy:
                 # A Commit it had already read resumed the guest: go on.
                 await session.adopt(ch)
-                return
+                if session._resumed_control is not ch:
+                    return      # taken up (or replaced by a later one)
+                # It ended without taking it up (every page had landed):
+                # answer here rather than close, which would only make the
+                # source ask again.
             await session.ended.wait()
         record = self.outcomes.get(ch.conn.session_id)
         if record is None:
