@@ -28,10 +28,8 @@ from __future__ import annotations
 import pytest
 
 from livemig.native import postcopy
-from support.daemons import EXIT_FAILED, assert_daemon_vm_matches_unmoved
 from support.kills import (ABANDONED, AT_DESTINATION, AT_SOURCE, DIED_THERE, NEVER_RESUMED,
-                           RECIPE, RESOLVE, VM_NAME, Kill, Pool, expected, kill_at,
-                           listed)
+                           RESOLVE, Kill, Pool, check, ending, expected, kill_at)
 
 CASES = [
     # pre-copy: the source owns the VM until the destination reads Commit
@@ -69,58 +67,5 @@ def test_a_daemon_killed_at_a_handover_step(pool, case):
     if kill.mode != "precopy" and not postcopy.probe().missing:
         pytest.skip(f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
     with kill_at(pool, kill) as settled:
-        check = _CHECKS[ends]
-        check(settled)
-
-
-def _runs_here_intact(settled) -> None:
-    vm = listed(settled.survivor)
-    assert vm is not None and vm["running"] and not vm["unresolved"], vm
-    assert_daemon_vm_matches_unmoved(settled.survivor, VM_NAME, RECIPE)
-
-
-def _moved(settled) -> None:
-    assert settled.record["status"] == "completed", settled.record
-    _runs_here_intact(settled)
-
-
-def _stayed(settled) -> None:
-    rec = settled.record
-    assert rec["status"] == "failed" and "resumed on the source" in rec["error"], rec
-    _runs_here_intact(settled)
-
-
-def _resolve(settled) -> None:
-    rec, src = settled.record, settled.survivor
-    assert rec["status"] == "in-doubt", rec
-    assert f"livemig vm resolve {VM_NAME}" in rec["error"], rec["error"]
-    assert "--resume" in rec["error"], rec["error"]       # the path if the destination died
-    assert not settled.vm["running"] and settled.vm["unresolved"]["why"] == "in-doubt"
-    unsure = src.cli("vm", "resolve", VM_NAME, check=EXIT_FAILED)
-    assert "cannot learn the outcome" in unsure.stderr and "--resume" in unsure.stderr
-    done = src.cli_json("vm", "resolve", VM_NAME, "--resume")
-    assert done["resolved"] == "resumed" and "WARNING" in done["warning"], done
-    _runs_here_intact(settled)
-
-
-def _never_resumed(settled) -> None:
-    rec = settled.record
-    assert rec["status"] == "failed" and settled.vm is None, (rec, settled.vm)
-    assert "never resumed here" in rec["error"] and "stays with the source" in rec["error"], rec
-
-
-def _abandoned(settled) -> None:
-    rec = settled.record
-    assert rec["status"] == "failed" and settled.vm is None, (rec, settled.vm)
-    for words in ("cannot be completed", "stopped and its memory freed",
-                  "if the source daemon died"):
-        assert words in rec["error"], rec["error"]
-
-
-def _died_there(settled) -> None:
-    assert settled.record["status"] == "completed", settled.record
-    assert settled.vm is None
-
-
-_CHECKS = {AT_DESTINATION: _moved, AT_SOURCE: _stayed, RESOLVE: _resolve,
-           NEVER_RESUMED: _never_resumed, ABANDONED: _abandoned, DIED_THERE: _died_there}
+        assert ending(settled) == ends, settled
+        assert check(settled, ends) == []

@@ -6,8 +6,12 @@ through a FrameProxy that holds the chosen frame; with the frame held it
 SIGKILLs the source or the destination daemon, then delivers or drops the
 frame (``forward``: it had left a killed sender, or it never had), waits
 until the survivor has settled, and says what the survivor reports
-(``Settled``). ``expected(kill)`` is what the design promises for each step
-× side × mode (docs/postcopy.md, "A daemon killed at a handover step").
+(``Settled``). ``ending(settled)`` names how the trial ended, ``check``
+lists what is wrong with it (a message that does not say where the VM is or
+what to do, an operator path that fails, a copy that differs from a twin
+that never moved), and ``expected(kill)`` is what the design promises for
+each step × side × mode (docs/postcopy.md, "A daemon killed at a handover
+step").
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import contextlib
 import signal
 from dataclasses import dataclass
 
-from support.daemons import DaemonProcess, start_vm, wait_hosted
+from support.daemons import (EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved,
+                             start_vm, wait_hosted)
 from support.frameproxy import HOLD, Fault
 from support.oracle import Recipe
 from support.proxythread import ProxyThread
@@ -71,16 +76,15 @@ def expected(k: Kill) -> set[str]:
     """The endings the design allows for ``k`` (more than one where the
     survivor's view depends on which of several connections it reads first)."""
     post = k.mode != "precopy"
-    before_commit = k.message in ("Switchover", "Verified")
     if k.killed == "source":
-        if before_commit or (k.message == "Commit" and not k.forward):
+        if k.message in ("Switchover", "Verified") or (k.message == "Commit" and not k.forward):
             return {NEVER_RESUMED}
         if post and k.message in ("Commit", "Resumed"):
             # pages were owed, unless a hybrid guest wrote none since its last round
             return {ABANDONED} | ({AT_DESTINATION} if k.mode == "hybrid" else set())
         return {AT_DESTINATION}
-    if before_commit:
-        return {AT_SOURCE}
+    if k.message == "Switchover" or (k.message == "Verified" and not k.forward):
+        return {AT_SOURCE}      # a Verified that did arrive is answered by Commit: in doubt
     if k.message == "Complete" or (k.message == "Resumed" and k.forward and not post):
         return {DIED_THERE}
     if k.message == "PostcopyComplete" and k.forward:
@@ -94,6 +98,7 @@ class Settled:
     """What the survivor reports once it has settled."""
 
     survivor: DaemonProcess
+    killed: str            # "source" or "destination"
     record: dict           # the source's migration record, or the destination's incoming one
     vm: dict | None        # the survivor's listing of the VM, if it holds it
 
@@ -167,7 +172,7 @@ def kill_at(pool: Pool, k: Kill):
                             and r["status"] in ("completed", "failed") and r)
         else:
             said = src.client.call("migration.wait", id=rec["id"], timeout_s=PATIENCE_S)
-        yield Settled(survivor, said, listed(survivor))
+        yield Settled(survivor, k.killed, said, listed(survivor))
         pool.give_back(survivor, k.loop)
         kept = True
     finally:
@@ -175,3 +180,55 @@ def kill_at(pool: Pool, k: Kill):
         for d in (src, dst):
             if not (kept and d is survivor):
                 d.close()
+
+
+def ending(s: Settled) -> str:
+    """How the trial ended, from the survivor's record and listing (one of
+    ENDS, or "unclear: ..." for a state the design has no place for)."""
+    status, vm = s.record["status"], s.vm
+    running = vm is not None and vm["running"]
+    if s.killed == "destination":
+        if status == "completed" and vm is None:
+            return DIED_THERE
+        if status == "failed" and running:
+            return AT_SOURCE
+        if status == "in-doubt" and vm is not None and not running and vm["unresolved"]:
+            return RESOLVE
+    else:
+        if status == "completed" and running:
+            return AT_DESTINATION
+        if status == "failed" and vm is None:
+            return ABANDONED if "cannot be completed" in (s.record["error"] or "") \
+                else NEVER_RESUMED
+    return f"unclear: {status}, VM {'running' if running else 'paused' if vm else 'absent'}"
+
+
+def check(s: Settled, end: str) -> list[str]:
+    """What is wrong with a trial that ended ``end``: the survivor's words
+    must say where the VM is and what to do, an in-doubt VM must be brought
+    back by the operator's path (this resumes it), and a copy that runs must
+    match a twin that never moved."""
+    error = s.record.get("error") or ""
+    needs = {AT_SOURCE: ("resumed on the source",),
+             RESOLVE: (f"livemig vm resolve {VM_NAME}", "--resume"),
+             NEVER_RESUMED: ("never resumed here", "stays with the source"),
+             ABANDONED: ("cannot be completed", "stopped and its memory freed",
+                         "if the source daemon died")}.get(end, ())
+    problems = [f"the message lacks {words!r}: {error}" for words in needs if words not in error]
+    if end == RESOLVE:
+        unsure = s.survivor.cli("vm", "resolve", VM_NAME, check=None)
+        if unsure.returncode != EXIT_FAILED or "cannot learn the outcome" not in unsure.stderr:
+            problems.append(f"vm resolve did not say it cannot learn the outcome: {unsure}")
+        done = s.survivor.cli_json("vm", "resolve", VM_NAME, "--resume")
+        if done["resolved"] != "resumed" or "WARNING" not in (done["warning"] or ""):
+            problems.append(f"vm resolve --resume: {done}")
+    if end in (AT_DESTINATION, AT_SOURCE, RESOLVE):
+        vm = listed(s.survivor)
+        if vm is None or not vm["running"] or vm["unresolved"]:
+            problems.append(f"the VM does not run on the survivor: {vm}")
+        else:
+            try:
+                assert_daemon_vm_matches_unmoved(s.survivor, VM_NAME, RECIPE)
+            except AssertionError as exc:
+                problems.append(f"corrupted: {exc}")
+    return problems
