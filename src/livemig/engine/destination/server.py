@@ -669,7 +669,6 @@ class IncomingMigration:
         self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
         text = str(exc) or type(exc).__name__
         if self.arrival is not None and not self._guest_resumed:
-            # Where the VM is: the source owned it all along (a dead source took it along).
             text += ("; the VM was never resumed here and the copy here was discarded: it "
                      "stays with the source (if the source daemon died, it died with it)")
         self._set_status(status, text)
@@ -748,7 +747,7 @@ class MigrationServer:
         if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume:
             await self._tell_outcome(ch, existing)
             return
-        if ch.kind is not ChannelKind.CONTROL or ch.conn.hello.resume:
+        if ch.kind is not ChannelKind.CONTROL:
             if existing is None:
                 raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel for an unknown "
                                           "session", phase="handshake")
@@ -762,10 +761,8 @@ class MigrationServer:
 
     async def _tell_outcome(self, ch: Channel, session: IncomingMigration | None) -> None:
         """A source asks what became of its session: a post-copy session
-        running here takes the channel up; any other lets go of its old
-        channel and decides; then the record answers (also for a post-copy
-        session that ended without taking the channel up: every page had
-        landed)."""
+        running here takes the channel up; else (or if it ended first, every
+        page landed) the session decides and its record answers."""
         if session is not None:
             session.supersede()
             await session.decided.wait()
@@ -774,9 +771,6 @@ class MigrationServer:
                 await session.adopt(ch)
                 if session._resumed_control is not ch:
                     return      # taken up (or replaced by a later one)
-                # It ended without taking it up (every page had landed):
-                # answer here rather than close, which would only make the
-                # source ask again.
             await session.ended.wait()
         record = self.outcomes.get(ch.conn.session_id)
         if record is None:
