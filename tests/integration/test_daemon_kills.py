@@ -18,7 +18,7 @@ then, on its own:
 
 The cases are the distinct behaviours (what each side knows at the kill);
 the whole step × side × mode matrix runs, drawn at random, in
-``bench/soak_handover.py --kills``, and docs/postcopy.md tabulates it
+``bench/soak_handover.py --kill-share``, and docs/postcopy.md tabulates it
 (support/kills.py: ``expected``). Daemons are shared: a case's survivor,
 cleaned, is the next case's peer, so each case starts one new process.
 Cases alternate between the two event loops.
