@@ -28,8 +28,10 @@ from __future__ import annotations
 import pytest
 
 from livemig.native import postcopy
+from support.daemons import assert_daemon_vm_matches_unmoved
 from support.kills import (ABANDONED, AT_DESTINATION, AT_SOURCE, DIED_THERE, NEVER_RESUMED,
-                           RESOLVE, Kill, Pool, check, ending, expected, kill_at)
+                           RECIPE, RESOLVE, VM_NAME, Kill, Pool, check, ending, expected,
+                           kill_at)
 
 CASES = [
     # pre-copy: the source owns the VM until the destination reads Commit
@@ -69,3 +71,21 @@ def test_a_daemon_killed_at_a_handover_step(pool, case):
     with kill_at(pool, kill) as settled:
         assert ending(settled) == ends, settled
         assert check(settled, ends) == []
+
+
+def test_a_destination_restarted_with_its_state_dir_settles_the_doubt(pool):
+    """The destination daemon is killed after it resumed the guest (Resumed
+    never reaches the source). Restarted with the same state dir, it knows
+    the migration was under way when it died, so nothing of it runs there:
+    ``vm resolve`` at the source learns that and resumes the paused copy,
+    without the operator's word."""
+    with kill_at(pool, Kill("precopy", "Resumed", "destination", False, "uvloop")) as s:
+        assert ending(s) == RESOLVE
+        back = s.victim.restarted()
+        try:
+            out = s.survivor.cli_json("vm", "resolve", VM_NAME)
+            assert out["resolved"] == "resumed" and out["destination_says"] == "abandoned", out
+            assert "restarted during this migration" in out["reason"] and not out["warning"]
+            assert_daemon_vm_matches_unmoved(s.survivor, VM_NAME, RECIPE)
+        finally:
+            back.close()

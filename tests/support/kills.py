@@ -98,6 +98,7 @@ class Settled:
     """What the survivor reports once it has settled."""
 
     survivor: DaemonProcess
+    victim: DaemonProcess  # the killed one (to restart it, say)
     killed: str            # "source" or "destination"
     record: dict           # the source's migration record, or the destination's incoming one
     vm: dict | None        # the survivor's listing of the VM, if it holds it
@@ -172,7 +173,7 @@ def kill_at(pool: Pool, k: Kill):
                             and r["status"] in ("completed", "failed") and r)
         else:
             said = src.client.call("migration.wait", id=rec["id"], timeout_s=PATIENCE_S)
-        yield Settled(survivor, k.killed, said, listed(survivor))
+        yield Settled(survivor, victim, k.killed, said, listed(survivor))
         pool.give_back(survivor, k.loop)
         kept = True
     finally:

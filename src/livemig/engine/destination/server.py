@@ -273,6 +273,7 @@ class IncomingMigration:
             peer = (origin if isinstance(origin, str) and 0 < len(origin) <= MAX_NAME_CHARS * 4
                     else self.peer)
             self.arrival = self.hook(cfg["name"], peer, self.stats)
+            self._outcomes.begin(self.session_id, self.arrival.name)
         except LivemigError as exc:
             await self.ch.send(Refuse(RefuseCode.BUSY, str(exc)))
             self.stats.error = f"refused: {exc}"

@@ -711,8 +711,9 @@ class SourceSession:
                            f"{stats.error}. The VM is kept paused here and may be running at "
                            "the destination; once the destination is reachable, `livemig vm "
                            f"resolve {self.name}` learns the outcome and applies it. If the "
-                           "destination daemon died, the VM died with it there: `livemig vm "
-                           f"resolve {self.name} --resume` resumes this copy")
+                           "destination daemon died, the VM died with it there: restarted with "
+                           f"its state dir it says so to `livemig vm resolve {self.name}`, "
+                           f"or `livemig vm resolve {self.name} --resume` resumes this copy")
         else:
             if self._tracker is not None and self._tracker.armed:
                 self._tracker.stop()
