@@ -91,8 +91,10 @@ def test_reconnection_once_every_page_landed_is_answered_at_once(run):
             async with MigrationServer(LOCAL, 0, config=MigrationConfig(**DESTINATION)) as server, \
                     FrameProxy(LOCAL, server.port,
                                Fault("black-hole", "PostcopyComplete", "down")) as proxy:
-                moving = asyncio.ensure_future(
-                    migrate(vm, LOCAL, proxy.port, config=MigrationConfig(**SOURCE)))
+                # a keepalive slow enough that a loaded machine never trips it
+                # before the black hole does
+                patient = MigrationConfig(**{**SOURCE, "ack_timeout_s": 4})
+                moving = asyncio.ensure_future(migrate(vm, LOCAL, proxy.port, config=patient))
                 await proxy.fired.wait()
                 before = proxy.accepted
                 stats = await moving
