@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import threading
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from livemig.service.control import ControlError
 from livemig.service.daemon import Daemon
 from support.daemons import EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved, start_vm
 from support.frameproxy import Fault, FrameProxy
+from support.proxythread import ProxyThread
 from support.oracle import Recipe
 
 LOCAL = "127.0.0.1"
@@ -139,26 +139,6 @@ async def _has(handlers, name: str) -> bool:
 
 async def _no_incoming(daemon: Daemon) -> bool:
     return not daemon._listener.sessions
-
-
-class ProxyThread:
-    """A FrameProxy on its own event loop thread, for tests driving daemon
-    processes and the CLI synchronously."""
-
-    def __init__(self, port: int, fault: Fault):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.proxy = self._call(FrameProxy(LOCAL, port, fault).start())
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def close(self) -> None:
-        self._call(self.proxy.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 def _move_until_resumed_passes(a: DaemonProcess, link: ProxyThread) -> dict:

@@ -41,9 +41,10 @@ def livemig_json(*args, check: int = EXIT_OK):
 
 
 class DaemonProcess:
-    def __init__(self, tmp: Path, label: str, loop: str, *extra):
+    def __init__(self, tmp: Path, label: str, loop: str, *extra, log_label: str | None = None):
+        self._args = (tmp, label, loop, extra)
         self.control = str(tmp / f"{label}.sock")
-        self.log = open(tmp / f"{label}.log", "w+")
+        self.log = open(tmp / f"{log_label or label}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "livemig", "daemon", "--listen", "127.0.0.1:0",
              "--control", self.control, "--loop", loop,
@@ -62,6 +63,13 @@ class DaemonProcess:
                 self.log.seek(0)
                 raise RuntimeError(f"daemon exited at start:\n{self.log.read()}") from None
             return None
+
+    def restarted(self) -> "DaemonProcess":
+        """A new daemon with this one's state dir, control socket and listen
+        port (this one has exited: killed, say), logging to its own file."""
+        tmp, label, loop, extra = self._args
+        return DaemonProcess(tmp, label, loop, *extra, "--listen", self.address,
+                             log_label=f"{label}-restarted")
 
     def cli(self, *args, check: int | None = EXIT_OK):
         return livemig(*args, "--control", self.control, check=check)

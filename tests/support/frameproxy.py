@@ -15,7 +15,15 @@ connection open at that moment (all channels of a migration):
   ``stall_s``, then flow on;
 * ``half-close`` — the frame is forwarded; then ``half_close`` ("up" or
   "down") of every connection is ended (EOF to the receiver, later bytes
-  dropped) once ``after_bytes`` more bytes went that way.
+  dropped) once ``after_bytes`` more bytes went that way;
+* ``hold``       — the frame and everything after it on that stream wait
+  (``fired`` is set: the frame is held) until ``release(forward)``: then
+  the frame and the rest flow on, or (``forward=False``) the receiver gets
+  end of stream instead, as from a sender that died before writing it.
+  Meant for killing a peer at the exact moment it sends or is about to
+  receive the frame (tests/integration/test_daemon_kills.py); not one of
+  ``KINDS``, the faults a randomised soak picks from, since it waits for
+  the caller.
 
 Connections made after the fault pass through untouched: the link "comes
 back", as a reconnecting peer would find it. ``fired`` is set once the fault
@@ -34,6 +42,7 @@ from livemig.protocol.spec import FRAME_HEADER_BYTES, FRAME_HEADER_FORMAT, FRAME
 from .proxyserver import ProxyServer
 
 KINDS = ("cut", "black-hole", "stall", "half-close")
+HOLD = "hold"
 CHUNK_BYTES = 64 << 10
 
 
@@ -48,8 +57,8 @@ class Fault:
     after_bytes: int = 0
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"fault kind is one of {KINDS}")
+        if self.kind not in (*KINDS, HOLD):
+            raise ValueError(f"fault kind is one of {(*KINDS, HOLD)}")
         if self.message not in MESSAGE_IDS:
             raise ValueError(f"unknown message {self.message!r}")
         if {self.direction, self.half_close} - {"up", "down"}:
@@ -115,10 +124,13 @@ class FrameProxy(ProxyServer):
         self.seen = 0
         self.fired = asyncio.Event()
         self.refusing = False     # reset new connections at once: the peer is unreachable
+        self.accepted = 0         # connections made through the proxy (reconnections count)
         self._links: set[_Link] = set()
         self._half_closing: tuple[set, int] | None = None   # (links, byte threshold)
+        self._release: asyncio.Future | None = None        # hold: forward the frame?
 
     async def _accept(self, c_reader, c_writer):
+        self.accepted += 1
         if self.refusing:
             c_writer.transport.abort()
             return
@@ -149,7 +161,8 @@ class FrameProxy(ProxyServer):
                     if type_id is not None:
                         self._maybe_half_close(direction)
                         if type_id == self.type_id and direction == self.fault.direction:
-                            await self._on_frame(link)
+                            if not await self._on_frame(link):
+                                link.end(direction)     # a held frame dropped
                     if link.dead[direction]:
                         continue            # black-holed, half-closed or reset: drop
                     writer.write(piece)
@@ -160,12 +173,18 @@ class FrameProxy(ProxyServer):
             link.reset()
             self._links.discard(link)
 
-    async def _on_frame(self, link: _Link) -> None:
+    async def _on_frame(self, link: _Link) -> bool:
+        """Inject the fault if this is the frame; False: drop it (a hold
+        released without forwarding)."""
         self.seen += 1
         if self.seen != self.fault.occurrence:
-            return
+            return True
         kind = self.fault.kind
         links = set(self._links)
+        if kind == HOLD:
+            self._release = asyncio.get_running_loop().create_future()
+            self.fired.set()
+            return await self._release
         if kind == "cut":
             for other in links:
                 other.reset()
@@ -182,8 +201,16 @@ class FrameProxy(ProxyServer):
             self._half_closing = (links, self.forwarded[h] + self.fault.after_bytes)
             if self.fault.after_bytes == 0 and h != self.fault.direction:
                 self._maybe_half_close(h)
-            return          # fired once the half-close happens
+            return True     # fired once the half-close happens
         self.fired.set()
+        return True
+
+    def release(self, forward: bool) -> None:
+        """Let a held frame go on (``forward``) or end its stream without it."""
+        if self._release is None:
+            raise RuntimeError("no frame is held")
+        if not self._release.done():
+            self._release.set_result(forward)
 
     def _maybe_half_close(self, direction: str) -> None:
         if self._half_closing is None or direction != self.fault.half_close:

@@ -159,6 +159,7 @@ class Daemon(OperatorCommands):
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
+        from ..engine.destination.outcomes import JOURNAL_FILE_FORMAT, OutcomeBook, SessionJournal
         from ..engine.destination.server import MigrationServer
         from ..aio.tls import server_context
 
@@ -169,6 +170,8 @@ class Daemon(OperatorCommands):
                                          budget=incoming_budget(self.max_incoming_memory_bytes))
         await self._listener.start()
         self.listen_port = self._listener.port
+        self._listener.outcomes = OutcomeBook(journal=SessionJournal(os.path.join(
+            self.state_dir, JOURNAL_FILE_FORMAT.format(port=self.listen_port))))
         self.history = History(os.path.join(self.state_dir,
                                             HISTORY_FILE_FORMAT.format(port=self.listen_port)))
         await self._control.start()
@@ -409,6 +412,7 @@ class Daemon(OperatorCommands):
                               control=MigrationControl(stop_slot=self._stop_slot), config=config)
         self.migrations[rec.id] = rec
         hosted.migrating = True
+        self._listener.outcomes.moving_on(name)    # a restart here must not claim it any more
         event(logging.INFO, f"migration {rec.id} of {name} to {rec.peer} starting: "
               f"{config.mode}, downtime limit {config.max_downtime_ms:g} ms",
               migration=rec.id, vm=name, event="start", mode=config.mode, peer=rec.peer)

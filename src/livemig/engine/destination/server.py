@@ -273,6 +273,7 @@ class IncomingMigration:
             peer = (origin if isinstance(origin, str) and 0 < len(origin) <= MAX_NAME_CHARS * 4
                     else self.peer)
             self.arrival = self.hook(cfg["name"], peer, self.stats)
+            self._outcomes.begin(self.session_id, self.arrival.name)
         except LivemigError as exc:
             await self.ch.send(Refuse(RefuseCode.BUSY, str(exc)))
             self.stats.error = f"refused: {exc}"
@@ -605,8 +606,9 @@ class IncomingMigration:
         return RecoveryExpired(
             f"the source did not come back within {self.config.postcopy_recovery_timeout_s:g} s "
             f"during post-copy: the VM cannot be completed ({missing} pages never arrived); "
-            "it was stopped and its memory freed on this host. The source keeps its copy "
-            f"paused at the switchover: `livemig vm resolve {name}` there resumes it",
+            "it was stopped and its memory freed on this host. If the source daemon still "
+            f"runs, it keeps its copy paused at the switchover: `livemig vm resolve {name}` "
+            "there resumes it; if the source daemon died, the VM is lost with it",
             phase="postcopy", source_resumed=False)
 
     async def adopt(self, ch: Channel) -> None:
@@ -666,7 +668,11 @@ class IncomingMigration:
     def _record_failure(self, exc: BaseException) -> None:
         status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
         self.stats.total_time_ms = (time.monotonic() - self._t0) * 1e3
-        self._set_status(status, str(exc) or type(exc).__name__)
+        text = str(exc) or type(exc).__name__
+        if self.arrival is not None and not self._guest_resumed:
+            text += ("; the VM was never resumed here and the copy here was discarded: it "
+                     "stays with the source (if the source daemon died, it died with it)")
+        self._set_status(status, text)
 
     async def _tell_source(self, exc: LivemigError) -> None:
         if self.ch.closed:
@@ -739,11 +745,10 @@ class MigrationServer:
 
     async def _serve(self, ch: Channel) -> None:
         existing = self.sessions.get(ch.conn.session_id)
-        if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume \
-                and (existing is None or not existing.runs_postcopy):
+        if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume:
             await self._tell_outcome(ch, existing)
             return
-        if ch.kind is not ChannelKind.CONTROL or ch.conn.hello.resume:
+        if ch.kind is not ChannelKind.CONTROL:
             if existing is None:
                 raise RemoteProtocolError(f"a {ch.kind.name.lower()} channel for an unknown "
                                           "session", phase="handshake")
@@ -756,15 +761,17 @@ class MigrationServer:
             await self.completed.put((incoming.arrival, vm))
 
     async def _tell_outcome(self, ch: Channel, session: IncomingMigration | None) -> None:
-        """A source asks what became of its session: let a session still
-        running here decide, then answer from its record."""
+        """A source asks what became of its session: a post-copy session
+        running here takes the channel up; else (or if it ended first, every
+        page landed) the session decides and its record answers."""
         if session is not None:
             session.supersede()
             await session.decided.wait()
             if session.runs_postcopy:
                 # A Commit it had already read resumed the guest: go on.
                 await session.adopt(ch)
-                return
+                if session._resumed_control is not ch:
+                    return      # taken up (or replaced by a later one)
             await session.ended.wait()
         record = self.outcomes.get(ch.conn.session_id)
         if record is None:

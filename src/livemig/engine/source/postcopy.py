@@ -35,6 +35,14 @@ break); the caller reconnects and calls ``resync(present)`` with the
 destination's PresentReport, then ``serve`` again. Only DigestMismatch is
 final. The VM is released only after Complete has been sent.
 
+Ending: once Complete is sent (``_completing``), the destination closes
+every channel as soon as it reads it, and that close can reach the urgent
+reader (or a push in flight) in the same loop turn as our own completion.
+It is the normal end, never a break: mistaken for one, it sent the source
+reconnecting to a session that had just ended (with a fast, idle guest
+nearly every time), which a destination without a record of ended
+sessions refused ("no migration with this session id ...").
+
 Native path (``serve(..., urgent_fd=...)``, see urgent.py): the urgent
 channel's socket, handed off right after its handshake, is served by a C
 thread answering from the frozen memory; this loop drains the page indices
@@ -53,7 +61,7 @@ import numpy as np
 
 from ...aio.channel import Channel, until_finished
 from ...codec.encoder import BatchEncoder
-from ...errors import ConnectionLost, MigrationError, RemoteProtocolError
+from ...errors import ConnectionLost, LivemigError, MigrationError, RemoteProtocolError
 from ...native import PAGE_SIZE
 from ...codec.kernels import ZERO_PAGE_HASH, hash_pages, zero_scan
 from ...pages import order_near_faults, runs_of
@@ -178,6 +186,8 @@ class PostcopySender:
         while True:
             event = await urgent.recv()
             if event is None:
+                if self._completing:
+                    return      # it read our Complete and closed: the normal end (see _push)
                 raise RemoteProtocolError("the destination closed the urgent channel",
                                           phase="postcopy")
             if isinstance(event, Abort):   # the table allows only PageRequest or Abort here
@@ -263,8 +273,13 @@ class PostcopySender:
             pages = np.sort(pages)
             for chunk in _fast_chunks(pages):
                 chunks, _ = self._encode_fast(chunk, zero_scan_pages=True)
-                await bulk.send(PageBatch(self.round_index, int(chunk.size), chunks,
-                                          BATCH_POSTCOPY))
+                try:
+                    await bulk.send(PageBatch(self.round_index, int(chunk.size), chunks,
+                                              BATCH_POSTCOPY))
+                except (ConnectionError, LivemigError):
+                    if self._completing:
+                        return      # a page it had already got; it read Complete and closed
+                    raise
                 self.stats.pages_pushed += int(chunk.size)
             # send() does not suspend while the socket takes data: yield so a
             # page request never waits behind a stretch of pushes

@@ -710,7 +710,10 @@ class SourceSession:
             stats.error = (f"handover in doubt after Commit, phase {self.phase.label}: "
                            f"{stats.error}. The VM is kept paused here and may be running at "
                            "the destination; once the destination is reachable, `livemig vm "
-                           f"resolve {self.name}` learns the outcome and applies it")
+                           f"resolve {self.name}` learns the outcome and applies it. If the "
+                           "destination daemon died, the VM died with it there: restarted with "
+                           f"its state dir it says so to `livemig vm resolve {self.name}`, "
+                           f"or `livemig vm resolve {self.name} --resume` resumes this copy")
         else:
             if self._tracker is not None and self._tracker.armed:
                 self._tracker.stop()
