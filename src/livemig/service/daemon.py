@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
@@ -43,7 +43,7 @@ from .limits import downtime_breach, incoming_budget
 from ..errors import (ConfigError, ControlError, HandoverInDoubt, LivemigError,
                       MigrationCancelled, MigrationError)
 from ..stats import ACTIVE_STATUSES, progress
-from ..units import parse_size
+from ..units import PAGE_SIZE, parse_size
 from ..vm.machine import VM
 from .eventlog import event
 from .history import HISTORY_FILE_FORMAT, History, default_state_dir
@@ -65,11 +65,24 @@ class HostedVM:
     created_at: float = field(default_factory=time.time)
     migrating: bool = False
     unresolved: dict | None = None    # a handover to settle: peer, session_id, migration, why
+    owed_pages: Callable[[], int] | None = None   # arriving in post-copy: pages still owed
+
+    @property
+    def state(self) -> str:
+        if self.owed_pages is not None:
+            return "postcopy"
+        if self.migrating:
+            return "migrating"
+        if self.unresolved is not None:
+            return "in-doubt"
+        return "running" if self.vm.running else "paused"
 
     def describe(self) -> dict:
+        owed = self.owed_pages() if self.owed_pages is not None else None
         return {
             "unresolved": self.unresolved,
             "name": self.name,
+            "state": self.state,
             "memory_bytes": self.vm.memory.length_bytes,
             "vcpus": self.vm.nvcpus,
             "workload": self.vm.workload,
@@ -77,6 +90,9 @@ class HostedVM:
             "steps": self.vm.steps(),
             "origin": self.origin,
             "migrating": self.migrating,
+            "owed_pages": owed,
+            "owed_bytes": None if owed is None else owed * PAGE_SIZE,
+            "health": self.vm.health(),
         }
 
 
@@ -99,6 +115,7 @@ class MigrationRecord:
     logged_error: str | None = None
     logged_recoveries: int = 0
     warning: str | None = None        # completed, but past a limit (downtime)
+    owed_pages: Callable[[], int] | None = None   # incoming post-copy: pages still owed
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
@@ -112,9 +129,11 @@ class MigrationRecord:
                 live = progress(self.stats, elapsed_s)
                 if self.direction == "incoming":
                     # The receiver does not know what the source still has to send.
-                    live.update(remaining_bytes=None, percent=None, eta_s=None, round=None,
-                                dirty_rate_bps=None, expected_downtime_ms=None,
-                                owed_pages=None)
+                    # In post-copy it knows what it still lacks.
+                    owed = self.owed_pages() if self.owed_pages is not None else None
+                    live.update(remaining_bytes=None if owed is None else owed * PAGE_SIZE,
+                                percent=None, eta_s=None, round=None, dirty_rate_bps=None,
+                                expected_downtime_ms=None, owed_pages=owed)
                 d["stats"]["total_time_ms"] = elapsed_s * 1e3
                 d["stats"]["throughput_bps"] = live["throughput_bps"]
                 d["progress"] = live
@@ -142,6 +161,7 @@ class Daemon(OperatorCommands):
             idle_timeout_s=idle_timeout_s)
         self.max_incoming_memory_bytes = max_incoming_memory_bytes   # None: from the host
         self.vms: dict[str, HostedVM] = {}
+        self.arriving_postcopy: dict[str, HostedVM] = {}   # running here, pages still owed
         self.migrations: dict[int, MigrationRecord] = {}
         self._arriving: set[str] = set()
         self._ids = itertools.count(1)
@@ -152,7 +172,7 @@ class Daemon(OperatorCommands):
             from .metrics import MetricsServer
 
             self._metrics = MetricsServer(metrics, lambda: (
-                [h.describe() for h in self.vms.values()],
+                self._listed(),
                 [r.describe() for r in self.migrations.values()]))
         self._listener = None
         self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
@@ -234,13 +254,24 @@ class Daemon(OperatorCommands):
         def on_resumed(vm: VM) -> None:
             # The destination verified and resumed the VM: it is ours now.
             self._arriving.discard(name)
+            self.arriving_postcopy.pop(name, None)
+            rec.owed_pages = None
             self.vms[name] = HostedVM(name, vm, origin=f"migrated from {peer}")
 
         def on_status() -> None:
             rec.status, rec.error = arrival.status, arrival.error
+            if arrival.status == "postcopy-active" and arrival.vm is not None \
+                    and name not in self.arriving_postcopy:
+                # The guest runs here while its missing pages arrive: list it.
+                rec.owed_pages = arrival.owed_pages
+                self.arriving_postcopy[name] = HostedVM(
+                    name, arrival.vm, origin=f"migrating from {peer} (post-copy)",
+                    owed_pages=arrival.owed_pages)
             self._watch(rec, stats)
             if arrival.status in ("failed", "cancelled"):
                 self._arriving.discard(name)
+                self.arriving_postcopy.pop(name, None)
+                rec.owed_pages = None
             if arrival.status not in ACTIVE_STATUSES:
                 self._finished(rec)
 
@@ -275,7 +306,15 @@ class Daemon(OperatorCommands):
             **self._operator_handlers(),
         }
 
+    def _listed(self) -> list[dict]:
+        """The VMs this daemon runs: its own, and those arriving in post-copy."""
+        return [h.describe() for h in (*self.vms.values(), *self.arriving_postcopy.values())]
+
     def _hosted(self, name: str) -> HostedVM:
+        if name in self.arriving_postcopy:
+            raise ControlError(f"VM {name!r} runs here in post-copy: its last pages are still "
+                               "arriving from the source; retry once the migration completes "
+                               "(`livemig status` shows the pages still owed)", error_type="Busy")
         try:
             return self.vms[name]
         except KeyError:
@@ -304,7 +343,7 @@ class Daemon(OperatorCommands):
         return self.vms[name].describe()
 
     async def _cmd_vm_list(self) -> list:
-        return [h.describe() for h in self.vms.values()]
+        return self._listed()
 
     async def _cmd_vm_stop(self, name: str) -> dict:
         hosted = self._hosted(name)
@@ -571,7 +610,7 @@ class Daemon(OperatorCommands):
             if rec is None:
                 raise ControlError(f"no migration with id {id}", error_type="NoSuchMigration")
             return rec.describe()
-        return {"vms": [h.describe() for h in self.vms.values()],
+        return {"vms": self._listed(),
                 "migrations": [r.describe() for r in self.migrations.values()]}
 
     async def _cmd_dirtyrate(self, name: str, window_s: float = 1.0, method: str = "auto",

@@ -105,6 +105,8 @@ class Arrival:
     error: str | None = None
     on_resumed: Callable[[VM], None] | None = None
     on_status: Callable[[], None] | None = None
+    vm: VM | None = None                         # the guest, once it runs here in post-copy
+    owed_pages: Callable[[], int] | None = None  # pages it still lacks, while in post-copy
 
 
 # host policy: (name, peer, stats) -> Arrival, or raise to refuse
@@ -512,6 +514,9 @@ class IncomingMigration:
             await self.ch.send(Resumed())
         except (ConnectionError, ProtocolError):
             pass    # a break like any in post-copy: the service below waits it out
+        if self.arrival is not None:
+            self.arrival.vm = vm
+            self.arrival.owed_pages = lambda: 0 if self.pm is None else self.pm.missing
         self._set_status("postcopy-active")
         await self._run_postcopy()
         self._held_digest = self.decoder.hashes.digest()
