@@ -48,6 +48,7 @@ from ..vm.machine import VM
 from .eventlog import event
 from .history import HISTORY_FILE_FORMAT, History, default_state_dir
 from .operations import TIMEOUT_ACTIONS, OperatorCommands
+from .refusals import not_running_text, postcopy_refusal_text, recover_refusal_text
 
 
 @dataclass
@@ -484,7 +485,7 @@ class Daemon(OperatorCommands):
             except Exception as exc:
                 rec.status = "in-doubt" if isinstance(exc, HandoverInDoubt) else "failed"
                 rec.stats = getattr(exc, "stats", rec.stats)
-                rec.error = self._advise(rec, str(exc))
+                rec.error = self._advise(rec, exc)
                 if isinstance(exc, MigrationError) and not exc.source_resumed:
                     hosted.unresolved = {"peer": rec.peer, "migration": rec.id,
                                          "session_id": rec.control.session_id.hex(),
@@ -516,26 +517,36 @@ class Daemon(OperatorCommands):
                 pass
         return rec.describe()
 
-    def _outgoing(self, vm: str) -> MigrationRecord:
+    def _outgoing(self, vm: str, command: str) -> MigrationRecord:
+        """The running outgoing migration of ``vm``; refuses ``livemig
+        COMMAND VM`` plainly when there is none."""
         for rec in reversed(list(self.migrations.values())):
             if rec.vm_name == vm and rec.direction == "outgoing" and rec.task is not None \
                     and not rec.task.done():
                 return rec
-        raise ControlError(f"VM {vm!r} is not being migrated from here",
+        raise ControlError(not_running_text(vm, command, self._latest(vm)),
                            error_type="NoSuchMigration")
+
+    def _latest(self, vm: str) -> MigrationRecord | None:
+        return next((r for r in reversed(list(self.migrations.values())) if r.vm_name == vm),
+                    None)
 
     async def _cmd_migration_postcopy(self, vm: str) -> dict:
         """Switch an ongoing migration of ``vm`` to post-copy after its current round."""
-        rec = self._outgoing(vm)
-        if rec.status == "postcopy-active":
-            raise ControlError(f"the migration of {vm!r} is already in post-copy",
-                               error_type="Busy")
+        rec = self._outgoing(vm, "postcopy")
+        if rec.status == "postcopy-active" or rec.control.past_precopy:
+            raise ControlError(postcopy_refusal_text(rec.id, vm, rec.status),
+                               error_type="Refused")
         rec.control.request_postcopy()
         return rec.describe()
 
     async def _cmd_migration_recover(self, vm: str) -> dict:
-        """Retry a broken post-copy connection of ``vm`` now."""
-        rec = self._outgoing(vm)
+        """Retry a broken post-copy (or post-Commit) connection of ``vm`` now.
+        A migration whose connection is not broken has nothing to retry: refused."""
+        rec = self._outgoing(vm, "recover")
+        if rec.error is None:
+            raise ControlError(recover_refusal_text(rec.id, vm, rec.status),
+                               error_type="Refused")
         rec.control.recover_now()
         return rec.describe()
 

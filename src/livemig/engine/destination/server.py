@@ -339,7 +339,7 @@ class IncomingMigration:
         stats = self.stats
         while True:
             event = await recv_within(self.ch, self.config.idle_timeout_s,
-                                      "pages or a Switchover", peer="source",
+                                      "pages or the paused VM's state", peer="source",
                                       phase=self.phase.label, idle=True)
             if isinstance(event, PageBatch):
                 try:
@@ -415,7 +415,7 @@ class IncomingMigration:
         source to give it up (Commit). Only then may it run here."""
         await self.ch.send(Verified())
         # The protocol's state allows only Commit (or Abort) now.
-        await self._recv(self.config.ack_timeout_s, "Commit")
+        await self._recv(self.config.ack_timeout_s, "the commit of the handover")
 
     def _completed(self, vm: VM) -> None:
         """The migration is over and the running VM is the host's."""
@@ -577,6 +577,8 @@ class IncomingMigration:
             self.ch = await self._await_resumed_control()
             self._resumed_control = None
             self.stats.recoveries += 1
+            self.stats.error = None     # reconnected: the break note is history
+            self._set_status("postcopy-active")
             resumed = True
 
     async def _side_channels(self) -> tuple[Channel, Channel]:
