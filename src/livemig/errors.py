@@ -133,7 +133,8 @@ class ProtocolError(LivemigError):
 
     def __init__(self, message: str, *, phase: str | None = None, channel: str | None = None):
         if channel:
-            message = f"[{channel}] {message}"
+            # Which end and channel is technical detail: after what happened.
+            message = f"{message} (seen by the {channel.replace('/', ' on its ')} channel)"
         super().__init__(message, phase=phase)
         self.channel = channel
 
@@ -186,7 +187,7 @@ class MigrationError(LivemigError):
 # -- failure messages users read ----------------------------------------------
 # Each says what happened, in which phase (once, the phase the migration was
 # in), where the VM is now and what to do, in that order.
-PHASE_WORDS = {"handshake": "while connecting", "precopy": "during pre-copy",
+PHASE_WORDS = {"handshake": "during the handshake", "precopy": "during pre-copy",
                "switchover": "during the switchover", "postcopy": "during post-copy",
                "complete": "while completing"}
 RESUMED_AT_SOURCE = "The VM was resumed on the source and runs on there"

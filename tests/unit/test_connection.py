@@ -194,7 +194,8 @@ def test_destination_learns_kind_and_names_channel_in_errors():
     deliver(s, d, Hello(1, 1, ChannelKind.URGENT, bytes(16)))
     assert d.name == "destination/urgent"
     d.receive_data(b"NOPE" + bytes(40))
-    with pytest.raises(RemoteProtocolError, match=r"\[destination/urgent\] bad frame"):
+    with pytest.raises(RemoteProtocolError, match=r"^bad frame.* \(seen by the destination on "
+                                                  r"its urgent channel\)$"):
         d.next_event()
 
 

@@ -530,7 +530,7 @@ class SourceSession:
             raise MigrationError(
                 f"the link broke after Commit ({_describe(broken)}); on reconnecting, the "
                 "destination reported that Commit never reached it and that it discarded its "
-                "copy without running it", phase=phase, source_resumed=True)
+                "copy without running it", phase="switchover", source_resumed=True)
         if learned.kind == handover.ABANDONED:
             self._abandoned = learned.reason
             raise MigrationError(f"the destination stopped the VM: {learned.reason}",
@@ -740,12 +740,13 @@ class SourceSession:
                                                    and not exc.source_resumed):
             exc.stats, exc.phase = self.stats, exc.phase or phase
             return exc
+        # One phase in the text: the one the migration was in. A channel's
+        # error carries its conversation's phase, which may be a step behind
+        # the session's; the session's own errors carry the session's.
         if not isinstance(exc, MigrationError):
             exc = MigrationError(_describe(exc), phase=phase)
         exc.stats = self.stats
-        # One phase in the text: the one the migration was in (a channel's
-        # conversation may still be a step behind).
-        return reword_as_failure(exc, phase=phase)
+        return reword_as_failure(exc, phase=exc.phase or phase)
 
     # -- helpers ------------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float, what: str):
