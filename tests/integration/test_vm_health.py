@@ -138,3 +138,57 @@ def test_memtest_corruption_shows_in_the_listing_and_status(run, tmp_path):
             await a.close()
 
     run(scenario())
+
+
+@pytest.mark.skipif(not postcopy.probe().missing,
+                    reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
+def test_a_recovered_postcopy_break_leaves_no_note_once_completed(run, tmp_path):
+    from support.frameproxy import Fault, FrameProxy
+
+    async def scenario():
+        a, b = await _pair(tmp_path)
+        # The 20th page batch towards the destination resets every connection:
+        # a break in post-copy, which the peers recover from.
+        proxy = await FrameProxy(LOCAL, b.listen_port,
+                                 Fault("cut", "PageBatch", "up", occurrence=20)).start()
+        try:
+            ha, hb = a._handlers(), b._handlers()
+            vm = RECIPE.build()
+            vm.start()
+            a.vms["vm1"] = HostedVM("vm1", vm, origin="local")
+            rec = await ha["migrate"](name="vm1", to=f"{LOCAL}:{proxy.port}", mode="postcopy",
+                                      max_bandwidth_bps=PUSH_CAP_BPS)
+
+            async def recovered(handlers):
+                (m,) = (await handlers["status"]())["migrations"]
+                return m if m["status"] == "postcopy-active" \
+                    and m["stats"]["postcopy"]["recoveries"] >= 1 else None
+
+            # Reconnected, still in post-copy (the cap holds it there): the
+            # note of the break is gone on both sides.
+            for handlers in (ha, hb):
+                m = await _until("a recovered post-copy", lambda: recovered(handlers))
+                assert m["error"] is None and m["stats"]["error"] is None, m
+            assert [v["state"] for v in await hb["vm.list"]()] == ["postcopy"]
+            await ha["migration.set"](key=rec["id"], unlimited_bandwidth=True)
+            done = await ha["migration.wait"](id=rec["id"], timeout_s=PATIENCE_S)
+            assert proxy.fired.is_set()
+            assert done["status"] == "completed", done
+            assert done["stats"]["postcopy"]["recoveries"] >= 1
+            assert done["error"] is None and done["stats"]["error"] is None
+
+            async def incoming_done():
+                ms = (await hb["status"]())["migrations"]
+                return ms if ms and ms[0]["status"] == "completed" else None
+
+            (incoming,) = await _until("the destination to complete", incoming_done)
+            assert incoming["error"] is None and incoming["stats"]["error"] is None
+            for daemon in (a, b):
+                (row,) = daemon.history.read(None)
+                assert row["status"] == "completed" and row["error"] is None, row
+        finally:
+            await proxy.close()
+            await a.close()
+            await b.close()
+
+    run(scenario())
