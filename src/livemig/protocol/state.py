@@ -17,9 +17,10 @@ Rules
    message and what the state expects); the connection turns that into
    LocalProtocolError when we were the sender and RemoteProtocolError when
    the peer was. Users read that text: it says what happened in their terms
-   (``EVENT_WORDS``, ``STATE_WORDS``), the table's names only in brackets. The engines therefore never check which message came: at
-   each point they wait, the table leaves only the answer they wait for (and
-   Abort, and end of stream).
+   (``EVENT_WORDS``, ``STATE_WORDS``), the table's names only in brackets.
+   The engines therefore never check which message came: at each point they
+   wait, the table leaves only the answer they wait for (and Abort, and end
+   of stream).
 4. Abort may be sent by either side from any state after Hello until a
    terminal state, and leads to ABORTED.
 5. Questions and answers: Ping is the source's liveness question, allowed
