@@ -7,8 +7,9 @@ Daemons are real processes; a pre-copy is kept running by a low bandwidth cap
 """
 import pytest
 
+from livemig.native import postcopy
 from support.daemons import EXIT_FAILED, daemon_pair
-from support.waiting import wait_for
+from support.waiting import PATIENCE_S, wait_for
 
 SLOW_CAP = "64KiB/s"
 SLOW_VM = ("--memory", "64MiB", "--vcpus", "1", "--workload", "rewrite", "--dirty-rate",
@@ -73,3 +74,32 @@ def test_vm_list_shows_state_and_health(daemons):
     status = a.cli("status").stdout
     assert "HEALTH" in status
     a.cli("vm", "stop", "mt1")
+
+
+@pytest.mark.skipif(not postcopy.probe().missing,
+                    reason=f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
+def test_in_postcopy_the_destination_lists_the_vm_and_postcopy_recover_are_refused(daemons):
+    a, b = daemons
+    a.cli("vm", "start", "pc1", *SLOW_VM)
+    started = a.cli_json("migrate", "pc1", "--to", b.address, "--mode", "postcopy",
+                         "--max-bandwidth", SLOW_CAP, "--no-wait")
+    wait_for("post-copy", lambda: a.cli_json("status", "pc1")["status"] == "postcopy-active")
+    arriving = wait_for("the destination to list pc1", lambda: next(
+        (v for v in b.cli_json("vm", "list") if v["name"] == "pc1"), None))
+    assert arriving["state"] == "postcopy" and arriving["owed_pages"] > 0
+    assert arriving["owed_bytes"] == arriving["owed_pages"] * 4096
+    row = next(line for line in b.cli("vm", "list").stdout.splitlines()
+               if line.startswith("pc1 "))
+    assert row.split()[5] == "postcopy"
+    err = _error(a, "postcopy", "pc1")
+    assert err["type"] == "Refused" and "is already in post-copy" in err["message"]
+    err = _error(a, "recover", "pc1")
+    assert err["type"] == "Refused"
+    assert f"migration {started['id']} of 'pc1' is not in a broken post-copy state; it is in " \
+           "post-copy (postcopy-active)" in err["message"]
+    a.cli("migrate-set", "pc1", "--unlimited-bandwidth")
+    done = a.client.call("migration.wait", id=started["id"], timeout_s=PATIENCE_S)
+    assert done["status"] == "completed", done
+    wait_for("pc1 whole at the destination", lambda: any(
+        v["name"] == "pc1" and v["state"] == "running" for v in b.cli_json("vm", "list")))
+    b.cli("vm", "stop", "pc1")
