@@ -133,7 +133,8 @@ class ProtocolError(LivemigError):
 
     def __init__(self, message: str, *, phase: str | None = None, channel: str | None = None):
         if channel:
-            message = f"[{channel}] {message}"
+            # Which end and channel is technical detail: after what happened.
+            message = f"{message} (seen by the {channel.replace('/', ' on its ')} channel)"
         super().__init__(message, phase=phase)
         self.channel = channel
 
@@ -180,6 +181,58 @@ class MigrationError(LivemigError):
         super().__init__(message, phase=phase)
         self.stats = stats
         self.source_resumed = source_resumed
+        self.what = message     # the bare cause, without phase, place and advice
+
+
+# -- failure messages users read ----------------------------------------------
+# Each says what happened, in which phase (once, the phase the migration was
+# in), where the VM is now and what to do, in that order.
+PHASE_WORDS = {"handshake": "during the handshake", "precopy": "during pre-copy",
+               "switchover": "during the switchover", "postcopy": "during post-copy",
+               "complete": "while completing"}
+RESUMED_AT_SOURCE = "The VM was resumed on the source and runs on there"
+MIGRATE_AGAIN = "migrate again once the cause is fixed"
+
+
+def in_phase(phase: str | None) -> str:
+    """``"during pre-copy"`` for ``"precopy"``; an unknown phase is named as is."""
+    if phase is None:
+        return "before it started"
+    return PHASE_WORDS.get(phase, f"in phase {phase}")
+
+
+def failure_text(what: str, *, phase: str | None, where: str = RESUMED_AT_SOURCE,
+                 todo: str = MIGRATE_AGAIN) -> str:
+    """A failed migration as users read it: what happened, at which phase,
+    where the VM is now, what to do."""
+    return f"migration failed {in_phase(phase)}: {what}. {where}; {todo}"
+
+
+def in_doubt_text(what: str, *, phase: str | None, vm: str) -> str:
+    """A handover broken after Commit, the outcome not learned."""
+    return (f"handover in doubt {in_phase(phase)}, after Commit: {what}. The VM is kept paused "
+            "on the source and may be running at the destination; once the destination is "
+            f"reachable, `livemig vm resolve {vm}` learns the outcome and applies it. If the "
+            "destination daemon died, the VM died with it there: restarted with its state dir "
+            f"it says so to `livemig vm resolve {vm}`, or `livemig vm resolve {vm} --resume` "
+            "resumes this copy")
+
+
+def stopped_after_commit_text(why: str, *, phase: str | None, vm: str) -> str:
+    """The destination stopped the VM after Commit: the source's paused copy is the only one."""
+    return (f"post-copy could not complete {in_phase(phase)}: the destination stopped the VM "
+            f"({why}). The only copy is paused on the source at the state of the switchover; "
+            f"resume it (`livemig vm resolve {vm} --resume`) or stop it")
+
+
+def reword_as_failure(exc: "MigrationError", *, phase: str | None,
+                      todo: str = MIGRATE_AGAIN) -> "MigrationError":
+    """Give a failure after which the source resumed the VM its full text, in
+    place (its class stays); ``exc.what`` keeps the bare cause."""
+    exc.what = str(exc)
+    exc.phase = phase
+    exc.args = (failure_text(exc.what, phase=phase, todo=todo),)
+    return exc
 
 
 class MigrationCancelled(MigrationError):

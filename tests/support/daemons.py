@@ -116,12 +116,13 @@ def start_vm(daemon, name, recipe: Recipe) -> dict:
 
 
 def wait_hosted(daemon, name: str) -> dict:
-    """The daemon's listing of VM ``name`` once it hosts it. A destination
-    lists a post-copy arrival when its last page has landed, a moment after
-    the source has already reported the migration completed."""
+    """The daemon's listing of VM ``name`` once it hosts it whole. A
+    destination lists a post-copy arrival in state ``postcopy`` until its
+    last page has landed, a moment after the source has already reported the
+    migration completed."""
     return wait_for(f"VM {name!r} to be hosted by the daemon",
                     lambda: next((v for v in daemon.client.call("vm.list")
-                                  if v["name"] == name), None))
+                                  if v["name"] == name and v["state"] != "postcopy"), None))
 
 
 def assert_daemon_vm_matches_unmoved(daemon, name: str, recipe: Recipe) -> None:

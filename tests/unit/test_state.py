@@ -2,7 +2,8 @@
 import pytest
 
 from livemig.protocol import events as ev
-from livemig.protocol.state import TABLES, Conversation, Role, State, TransitionError
+from livemig.protocol.state import (EVENT_WORDS, STATE_WORDS, TABLES, Conversation, Role, State,
+                                    TransitionError, transition_text)
 from support import conversations as conv
 
 S, D = Role.SOURCE, Role.DESTINATION
@@ -104,7 +105,9 @@ def test_abort_from_either_side_then_terminal():
             c.process(sender, event)
         c.process(role, ev.Abort(c.phase, "stop"))
         assert c.state is State.ABORTED and c.state.terminal
-        with pytest.raises(TransitionError, match="in state aborted .*: the conversation is over"):
+        with pytest.raises(TransitionError, match=r"sent a liveness check after the migration had "
+                           r"been aborted \[protocol: Ping in state aborted .*; the "
+                           r"conversation is over\]"):
             c.process(role, ev.Ping(1))
         assert c.process_eof(role) is State.CLOSED
 
@@ -254,8 +257,9 @@ def test_out_of_order_messages_are_refused_by_the_table(where, make, sender, eve
     with pytest.raises(TransitionError) as info:
         c.process(sender, event)
     text = str(info.value)
-    assert f"{sender.value} may not send {type(event).__name__}" in text
-    assert f"in state {state} " in text and expected in text
+    assert text.startswith(f"the {sender.value} sent {EVENT_WORDS[type(event)]} ")
+    assert f"[protocol: {type(event).__name__}" in text
+    assert f" in state {state} " in text and expected in text
     assert c.state.value[0] == state   # nothing changed
 
 
@@ -278,7 +282,8 @@ def test_a_probe_result_answers_one_probe_end():
 
 def test_only_the_source_pings():
     for c in (_ready(), _after(PRECOPY, ev.Accept), _open(ev.ChannelKind.URGENT)):
-        with pytest.raises(TransitionError, match="destination may not send Ping"):
+        with pytest.raises(TransitionError, match=r"the destination sent a liveness check .*"
+                           r"\[protocol: Ping in state"):
             c.process(D, ev.Ping(1))
 
 
@@ -289,3 +294,32 @@ def test_a_resumed_control_channel_goes_straight_to_postcopy():
     refused = Conversation()
     refused.process(S, ev.Hello(1, 1, ev.ChannelKind.CONTROL, bytes(16), resume=True))
     assert refused.process(D, ev.Refuse(ev.RefuseCode.SESSION)) is State.REFUSED
+
+
+def test_every_message_and_state_has_words_for_users():
+    from livemig.protocol.events import WIRE_IDS
+
+    assert set(WIRE_IDS.values()) <= set(EVENT_WORDS)
+    assert set(State) == set(STATE_WORDS)
+
+
+def test_a_refused_transition_reads_in_the_users_terms_first():
+    text = transition_text(Role.DESTINATION, ev.RoundAck, "", State.ABORTED, "control",
+                           "the conversation is over")
+    assert text == ("the destination sent a round acknowledgement after the migration had been "
+                    "aborted [protocol: RoundAck in state aborted on the control channel; the "
+                    "conversation is over]")
+    eof = transition_text(Role.DESTINATION, None, "", State.COMMITTED_POSTCOPY, "control", "")
+    assert eof == ("the destination closed the connection after the commit, before the "
+                   "destination confirmed the VM runs there [protocol: end of stream in state "
+                   "committed-postcopy on the control channel]")
+    # One phase per message: the detail names the state, never a second phase.
+    assert "phase" not in eof
+
+
+def test_an_early_end_of_stream_names_what_was_cut_short():
+    c = _after(PRECOPY, ev.Accept)
+    with pytest.raises(TransitionError, match=r"^the destination closed the connection during "
+                       r"pre-copy \[protocol: end of stream in state precopy on the control "
+                       r"channel\]$"):
+        c.process_eof(D)

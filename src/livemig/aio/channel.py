@@ -337,8 +337,10 @@ class Channel:
                 self._on_data(b"")
             if self._error is None and not self._ended:
                 reason = f"{type(exc).__name__}: {exc}" if exc else "closed"
+                # The phase is an attribute: the message that reports the
+                # failure names it once, from what the session was doing.
                 self._error = ConnectionLost(
-                    f"connection lost ({reason}) in phase {self.phase}",
+                    f"connection lost ({reason})",
                     phase=self.phase, channel=self.name)
         if not self._lost.done():
             self._lost.set_result(None)
@@ -352,7 +354,7 @@ class Channel:
         if self._error is not None:
             raise self._error
         if self._lost.done() or self._transport is None or self._transport.is_closing():
-            raise ConnectionLost(f"channel closed in phase {self.phase}",
+            raise ConnectionLost("the connection is closed",
                                  phase=self.phase, channel=self.name)
 
 
@@ -624,10 +626,10 @@ async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: 
             if idle and ch.bytes_received != seen_bytes:
                 continue
             if idle:
-                raise MigrationError(f"no {what} from the {peer}: it sent nothing for "
-                                     f"{timeout_s:g} s", phase=phase) from None
-            raise MigrationError(f"no {what} from the {peer} within {timeout_s:g} s",
-                                 phase=phase) from None
+                raise MigrationError(f"timed out waiting for {what} from the {peer}: it sent "
+                                     f"nothing for {timeout_s:g} s", phase=phase) from None
+            raise MigrationError(f"timed out waiting for {what} from the {peer}: nothing came "
+                                 f"within {timeout_s:g} s", phase=phase) from None
     if event is None:
         raise RemoteProtocolError(f"the {peer} closed the connection while we waited for {what}",
                                   phase=phase)

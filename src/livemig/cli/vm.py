@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..units import format_size
 from .common import EXIT_OK, control_client, daemon_opts, emit, vm_opts
 
 
@@ -25,14 +26,21 @@ def cmd_vm_start(args) -> int:
 
 
 def format_vms(vms) -> str:
+    """The VM table; a VM arriving in post-copy, or whose guest reported an
+    error, gets a line below its row saying so."""
     if not vms:
         return "no VMs"
-    rows = [f"{'NAME':16} {'MEMORY':>9} {'VCPUS':>5} {'WORKLOAD':10} {'STATE':9} ORIGIN"]
+    rows = [f"{'NAME':16} {'MEMORY':>9} {'VCPUS':>5} {'WORKLOAD':10} {'STATE':9} {'HEALTH':8} "
+            "ORIGIN"]
     for v in vms:
-        state = "migrating" if v["migrating"] else "in-doubt" if v.get("unresolved") else (
-            "running" if v["running"] else "paused")
+        health = v["health"]
         rows.append(f"{v['name']:16} {v['memory_bytes'] >> 20:>5} MiB {v['vcpus']:>5} "
-                    f"{v['workload']:10} {state:9} {v['origin']}")
+                    f"{v['workload'] or '-':10} {v['state']:9} {health['status']:8} {v['origin']}")
+        if v["owed_pages"] is not None:
+            rows.append(f"  post-copy: {v['owed_pages']:,} pages ({format_size(v['owed_bytes'])}) "
+                        "still owed by the source")
+        if health["status"] != "ok":
+            rows.append(f"  health: {health['summary']}")
     return "\n".join(rows)
 
 

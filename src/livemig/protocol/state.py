@@ -16,9 +16,11 @@ Rules
    one place that raises for it (TransitionError, naming the state, the
    message and what the state expects); the connection turns that into
    LocalProtocolError when we were the sender and RemoteProtocolError when
-   the peer was. The engines therefore never check which message came: at
-   each point they wait, the table leaves only the answer they wait for (and
-   Abort, and end of stream).
+   the peer was. Users read that text: it says what happened in their terms
+   (``EVENT_WORDS``, ``STATE_WORDS``), the table's names only in brackets.
+   The engines therefore never check which message came: at each point they
+   wait, the table leaves only the answer they wait for (and Abort, and end
+   of stream).
 4. Abort may be sent by either side from any state after Hello until a
    terminal state, and leads to ABORTED.
 5. Questions and answers: Ping is the source's liveness question, allowed
@@ -232,6 +234,64 @@ class TransitionError(Exception):
     """An event (or end of stream) the current state does not allow."""
 
 
+# What each message and state means to someone running a migration: the first
+# half of every TransitionError. The table's names follow, as the detail.
+EVENT_WORDS = {
+    Hello: "a connection request", Welcome: "a welcome", Refuse: "a refusal",
+    MigrationOffer: "a migration offer", Accept: "an acceptance of the offer",
+    RoundStart: "the start of a pre-copy round", PageBatch: "pages",
+    RoundEnd: "the end of a pre-copy round", RoundAck: "a round acknowledgement",
+    StreamEnd: "the end of a stream's round", StreamAck: "a stream acknowledgement",
+    PageInvalidate: "a page invalidation", Switchover: "the paused VM's state (switchover)",
+    Verified: "its verification of the VM", VerifyFailed: "a verification failure",
+    Commit: "the commit of the handover", Resumed: "its confirmation that the VM runs there",
+    PageRequest: "a page request", PresentReport: "the list of pages it holds",
+    PostcopyComplete: "the end of post-copy", Complete: "the completion of the migration",
+    Abort: "an abort", Ping: "a liveness check", Pong: "a liveness answer",
+    ProbeData: "bandwidth probe data", ProbeEnd: "the end of a bandwidth probe",
+    ProbeResult: "a bandwidth probe result", Outcome: "the outcome of a session",
+}
+
+STATE_WORDS = {
+    State.IDLE: "before the connection was set up",
+    State.HELLO_SENT: "while the connection was being set up",
+    State.READY: "before any migration was offered",
+    State.OFFERED: "while the migration offer awaited its answer",
+    State.RESUME_SENT: "while reconnecting", State.RESUMED: "while reconnecting",
+    State.PRECOPY: "during pre-copy", State.IN_ROUND: "in the middle of a pre-copy round",
+    State.INVALIDATING: "while pages were invalidated ahead of post-copy",
+    State.SWITCHOVER: "while the destination verified the paused VM",
+    State.SWITCHOVER_POSTCOPY: "while the destination verified the paused VM",
+    State.VERIFIED: "while the source had yet to commit the handover",
+    State.VERIFIED_POSTCOPY: "while the source had yet to commit the handover",
+    State.COMMITTED: "after the commit, before the destination confirmed the VM runs there",
+    State.COMMITTED_POSTCOPY: "after the commit, before the destination confirmed the VM "
+                              "runs there",
+    State.RELEASING: "after the destination confirmed the VM runs there",
+    State.POSTCOPY: "during post-copy", State.POSTCOPY_DONE: "after post-copy had ended",
+    State.OPEN: "while the channel was open",
+    State.DONE: "after the migration had completed",
+    State.REFUSED: "after the migration had been refused",
+    State.VERIFY_FAILED: "after the verification had failed",
+    State.ABORTED: "after the migration had been aborted",
+    State.CLOSED: "after the connection was closed",
+}
+
+
+def transition_text(sender: Role, event: type | None, variant: str, state: State,
+                    kind_name: str, why: str) -> str:
+    """A refused transition as users read it: who did what, when, in their
+    words; the protocol's names only in brackets. ``event`` None is an end of
+    stream."""
+    if event is None:
+        what, detail = "closed the connection", "end of stream"
+    else:
+        what = f"sent {EVENT_WORDS.get(event, event.__name__)}"
+        detail = event.__name__ + (f" ({variant})" if variant else "")
+    return (f"the {sender.value} {what} {STATE_WORDS[state]} [protocol: {detail} in state "
+            f"{state.value[0]} on the {kind_name} channel{'; ' + why if why else ''}]")
+
+
 def _expected(table: dict, state: State, sender: Role) -> str:
     """What ``state`` allows ``sender``, in words: "Accept or Refuse from the destination"."""
     names = [cls.__name__ if variant == _ANY else f"{cls.__name__}({variant})"
@@ -274,7 +334,6 @@ class Conversation:
                 nxt = self.state
         question = ANSWERS.get(cls)
         if nxt is None or (question is not None and not self._unanswered[question]):
-            variant = f" ({event.variant})" if event.variant else ""
             kind_name = kind.name.lower() if kind else "unnamed"
             if nxt is not None:
                 why = f"it answers no {question.__name__}"
@@ -282,9 +341,8 @@ class Conversation:
                 why = "the conversation is over"
             else:
                 why = f"expected {_expected(table, self.state, sender)}"
-            raise TransitionError(
-                f"{sender.value} may not send {cls.__name__}{variant} in state "
-                f"{self.state.value[0]} on the {kind_name} channel: {why}")
+            raise TransitionError(transition_text(sender, cls, event.variant, self.state,
+                                                  kind_name, why))
         if cls in self._unanswered:
             self._unanswered[cls] += 1
         elif question is not None:
@@ -297,8 +355,7 @@ class Conversation:
         """``closer`` ended the stream; CLOSED, or TransitionError if early."""
         ok = EOF_OK[self.kind][closer] if self.kind is not None else {State.IDLE}
         if self.state not in ok:
-            raise TransitionError(
-                f"{closer.value} closed the stream in state {self.state.value[0]} "
-                f"(phase {self.state.phase.label})")
+            kind_name = self.kind.name.lower() if self.kind is not None else "unnamed"
+            raise TransitionError(transition_text(closer, None, "", self.state, kind_name, ""))
         self.state = State.CLOSED
         return self.state

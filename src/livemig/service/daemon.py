@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..addresses import format_hostport, is_loopback, parse_hostport
 from ..config import MigrationConfig
@@ -43,11 +43,12 @@ from .limits import downtime_breach, incoming_budget
 from ..errors import (ConfigError, ControlError, HandoverInDoubt, LivemigError,
                       MigrationCancelled, MigrationError)
 from ..stats import ACTIVE_STATUSES, progress
-from ..units import parse_size
+from ..units import PAGE_SIZE, parse_size
 from ..vm.machine import VM
 from .eventlog import event
 from .history import HISTORY_FILE_FORMAT, History, default_state_dir
 from .operations import TIMEOUT_ACTIONS, OperatorCommands
+from .refusals import not_running_text, postcopy_refusal_text, recover_refusal_text
 
 
 @dataclass
@@ -65,11 +66,24 @@ class HostedVM:
     created_at: float = field(default_factory=time.time)
     migrating: bool = False
     unresolved: dict | None = None    # a handover to settle: peer, session_id, migration, why
+    owed_pages: Callable[[], int] | None = None   # arriving in post-copy: pages still owed
+
+    @property
+    def state(self) -> str:
+        if self.owed_pages is not None:
+            return "postcopy"
+        if self.migrating:
+            return "migrating"
+        if self.unresolved is not None:
+            return "in-doubt"
+        return "running" if self.vm.running else "paused"
 
     def describe(self) -> dict:
+        owed = self.owed_pages() if self.owed_pages is not None else None
         return {
             "unresolved": self.unresolved,
             "name": self.name,
+            "state": self.state,
             "memory_bytes": self.vm.memory.length_bytes,
             "vcpus": self.vm.nvcpus,
             "workload": self.vm.workload,
@@ -77,6 +91,9 @@ class HostedVM:
             "steps": self.vm.steps(),
             "origin": self.origin,
             "migrating": self.migrating,
+            "owed_pages": owed,
+            "owed_bytes": None if owed is None else owed * PAGE_SIZE,
+            "health": self.vm.health(),
         }
 
 
@@ -99,6 +116,7 @@ class MigrationRecord:
     logged_error: str | None = None
     logged_recoveries: int = 0
     warning: str | None = None        # completed, but past a limit (downtime)
+    owed_pages: Callable[[], int] | None = None   # incoming post-copy: pages still owed
 
     def describe(self) -> dict:
         d = {"id": self.id, "vm": self.vm_name, "direction": self.direction, "peer": self.peer,
@@ -112,9 +130,11 @@ class MigrationRecord:
                 live = progress(self.stats, elapsed_s)
                 if self.direction == "incoming":
                     # The receiver does not know what the source still has to send.
-                    live.update(remaining_bytes=None, percent=None, eta_s=None, round=None,
-                                dirty_rate_bps=None, expected_downtime_ms=None,
-                                owed_pages=None)
+                    # In post-copy it knows what it still lacks.
+                    owed = self.owed_pages() if self.owed_pages is not None else None
+                    live.update(remaining_bytes=None if owed is None else owed * PAGE_SIZE,
+                                percent=None, eta_s=None, round=None, dirty_rate_bps=None,
+                                expected_downtime_ms=None, owed_pages=owed)
                 d["stats"]["total_time_ms"] = elapsed_s * 1e3
                 d["stats"]["throughput_bps"] = live["throughput_bps"]
                 d["progress"] = live
@@ -142,6 +162,7 @@ class Daemon(OperatorCommands):
             idle_timeout_s=idle_timeout_s)
         self.max_incoming_memory_bytes = max_incoming_memory_bytes   # None: from the host
         self.vms: dict[str, HostedVM] = {}
+        self.arriving_postcopy: dict[str, HostedVM] = {}   # running here, pages still owed
         self.migrations: dict[int, MigrationRecord] = {}
         self._arriving: set[str] = set()
         self._ids = itertools.count(1)
@@ -152,7 +173,7 @@ class Daemon(OperatorCommands):
             from .metrics import MetricsServer
 
             self._metrics = MetricsServer(metrics, lambda: (
-                [h.describe() for h in self.vms.values()],
+                self._listed(),
                 [r.describe() for r in self.migrations.values()]))
         self._listener = None
         self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
@@ -237,13 +258,24 @@ class Daemon(OperatorCommands):
         def on_resumed(vm: VM) -> None:
             # The destination verified and resumed the VM: it is ours now.
             self._arriving.discard(name)
+            self.arriving_postcopy.pop(name, None)
+            rec.owed_pages = None
             self.vms[name] = HostedVM(name, vm, origin=f"migrated from {peer}")
 
         def on_status() -> None:
             rec.status, rec.error = arrival.status, arrival.error
+            if arrival.status == "postcopy-active" and arrival.vm is not None \
+                    and name not in self.arriving_postcopy:
+                # The guest runs here while its missing pages arrive: list it.
+                rec.owed_pages = arrival.owed_pages
+                self.arriving_postcopy[name] = HostedVM(
+                    name, arrival.vm, origin=f"migrating from {peer} (post-copy)",
+                    owed_pages=arrival.owed_pages)
             self._watch(rec, stats)
             if arrival.status in ("failed", "cancelled"):
                 self._arriving.discard(name)
+                self.arriving_postcopy.pop(name, None)
+                rec.owed_pages = None
             if arrival.status not in ACTIVE_STATUSES:
                 self._finished(rec)
 
@@ -278,7 +310,15 @@ class Daemon(OperatorCommands):
             **self._operator_handlers(),
         }
 
+    def _listed(self) -> list[dict]:
+        """The VMs this daemon runs: its own, and those arriving in post-copy."""
+        return [h.describe() for h in (*self.vms.values(), *self.arriving_postcopy.values())]
+
     def _hosted(self, name: str) -> HostedVM:
+        if name in self.arriving_postcopy:
+            raise ControlError(f"VM {name!r} runs here in post-copy: its last pages are still "
+                               "arriving from the source; retry once the migration completes "
+                               "(`livemig status` shows the pages still owed)", error_type="Busy")
         try:
             return self.vms[name]
         except KeyError:
@@ -307,7 +347,7 @@ class Daemon(OperatorCommands):
         return self.vms[name].describe()
 
     async def _cmd_vm_list(self) -> list:
-        return [h.describe() for h in self.vms.values()]
+        return self._listed()
 
     async def _cmd_vm_stop(self, name: str) -> dict:
         hosted = self._hosted(name)
@@ -449,7 +489,7 @@ class Daemon(OperatorCommands):
             except Exception as exc:
                 rec.status = "in-doubt" if isinstance(exc, HandoverInDoubt) else "failed"
                 rec.stats = getattr(exc, "stats", rec.stats)
-                rec.error = self._advise(rec, str(exc))
+                rec.error = self._advise(rec, exc)
                 if isinstance(exc, MigrationError) and not exc.source_resumed:
                     hosted.unresolved = {"peer": rec.peer, "migration": rec.id,
                                          "session_id": rec.control.session_id.hex(),
@@ -481,26 +521,36 @@ class Daemon(OperatorCommands):
                 pass
         return rec.describe()
 
-    def _outgoing(self, vm: str) -> MigrationRecord:
+    def _outgoing(self, vm: str, command: str) -> MigrationRecord:
+        """The running outgoing migration of ``vm``; refuses ``livemig
+        COMMAND VM`` plainly when there is none."""
         for rec in reversed(list(self.migrations.values())):
             if rec.vm_name == vm and rec.direction == "outgoing" and rec.task is not None \
                     and not rec.task.done():
                 return rec
-        raise ControlError(f"VM {vm!r} is not being migrated from here",
+        raise ControlError(not_running_text(vm, command, self._latest(vm)),
                            error_type="NoSuchMigration")
+
+    def _latest(self, vm: str) -> MigrationRecord | None:
+        return next((r for r in reversed(list(self.migrations.values())) if r.vm_name == vm),
+                    None)
 
     async def _cmd_migration_postcopy(self, vm: str) -> dict:
         """Switch an ongoing migration of ``vm`` to post-copy after its current round."""
-        rec = self._outgoing(vm)
-        if rec.status == "postcopy-active":
-            raise ControlError(f"the migration of {vm!r} is already in post-copy",
-                               error_type="Busy")
+        rec = self._outgoing(vm, "postcopy")
+        if rec.status == "postcopy-active" or rec.control.past_precopy:
+            raise ControlError(postcopy_refusal_text(rec.id, vm, rec.status),
+                               error_type="Refused")
         rec.control.request_postcopy()
         return rec.describe()
 
     async def _cmd_migration_recover(self, vm: str) -> dict:
-        """Retry a broken post-copy connection of ``vm`` now."""
-        rec = self._outgoing(vm)
+        """Retry a broken post-copy (or post-Commit) connection of ``vm`` now.
+        A migration whose connection is not broken has nothing to retry: refused."""
+        rec = self._outgoing(vm, "recover")
+        if rec.error is None:
+            raise ControlError(recover_refusal_text(rec.id, vm, rec.status),
+                               error_type="Refused")
         rec.control.recover_now()
         return rec.describe()
 
@@ -575,7 +625,7 @@ class Daemon(OperatorCommands):
             if rec is None:
                 raise ControlError(f"no migration with id {id}", error_type="NoSuchMigration")
             return rec.describe()
-        return {"vms": [h.describe() for h in self.vms.values()],
+        return {"vms": self._listed(),
                 "migrations": [r.describe() for r in self.migrations.values()]}
 
     async def _cmd_dirtyrate(self, name: str, window_s: float = 1.0, method: str = "auto",

@@ -15,7 +15,7 @@ import asyncio
 import logging
 
 from ..config import MigrationConfig, parse_max_bandwidth
-from ..errors import ConfigError, ControlError
+from ..errors import ConfigError, ControlError, MigrationError, failure_text
 from ..policy import Action
 from ..stats import ACTIVE_STATUSES
 from .eventlog import event
@@ -23,10 +23,9 @@ from .history import History, history_entry
 
 TIMEOUT_ACTIONS = ("postcopy", "cancel")
 NOT_CONVERGING_ADVICE = (
-    "the VM runs on at the source. To move it: add --auto-converge (throttle the guest until "
-    "pre-copy converges), use --mode hybrid or --mode postcopy (switch over at once and fetch "
-    "the rest on demand), or allow a larger --downtime-ms; `livemig plan VM --to HOST:PORT` "
-    "predicts which works")
+    "to move it, add --auto-converge (throttle the guest until pre-copy converges), use "
+    "--mode hybrid or --mode postcopy (switch over at once and fetch the rest on demand), or "
+    "allow a larger --downtime-ms; `livemig plan VM --to HOST:PORT` predicts which works")
 
 
 class OperatorCommands:
@@ -145,15 +144,20 @@ class OperatorCommands:
                   f"re-established (recovery {stats.recoveries})", migration=rec.id,
                   vm=rec.vm_name, event="recovered")
 
-    def _advise(self, rec, error: str) -> str:
-        """A pre-copy that gave up says what to do about it."""
+    def _advise(self, rec, exc: Exception) -> str:
+        """The failure's text for the operator; a pre-copy that gave up says
+        what to do about it instead of the generic advice."""
         decisions = rec.stats.decisions if rec.stats is not None else []
-        if decisions and decisions[-1].action is Action.GIVE_UP:
-            return f"{error}; {NOT_CONVERGING_ADVICE}"
-        return error
+        if isinstance(exc, MigrationError) and exc.source_resumed and decisions \
+                and decisions[-1].action is Action.GIVE_UP:
+            return failure_text(exc.what, phase=exc.phase, todo=NOT_CONVERGING_ADVICE)
+        return str(exc)
 
     def _finished(self, rec) -> None:
-        """A migration ended: log it and append it to the history."""
+        """A migration ended: log it and append it to the history. A completed
+        one keeps no note of a break it recovered from."""
+        if rec.status == "completed" and rec.stats is not None:
+            rec.stats.error = None
         level = logging.INFO if rec.status == "completed" else logging.WARNING
         why = f": {rec.error}" if rec.error else ""
         event(level, f"migration {rec.id} of {rec.vm_name} ({rec.direction}, peer {rec.peer}): "

@@ -174,16 +174,46 @@ class VM:
         self._dirty_rate_bps = bps or None
 
     # -- guest health -------------------------------------------------------------
+    def _faults(self) -> list[dict]:
+        """One record per faulted vCPU (a faulted vCPU is parked: its state is readable)."""
+        found = []
+        for v in self._vcpus:
+            if v.status != isa.STATUS_FAULTED:
+                continue
+            st = v.get_state()
+            corrupt = st.fault_code == programs.MEMTEST_FAIL_CODE and self._workload == "memtest"
+            found.append({"vcpu": v.id, "step": st.steps, "code": st.fault_code,
+                          "address": st.fault_addr, "pc": st.pc, "what": _fault_text(st.fault_code),
+                          "page": st.regs[programs.MEMTEST_PAGE_REGISTER] if corrupt else None})
+        return found
+
     def check_guest(self) -> None:
         """Raise GuestError if any vCPU has faulted (bad access, memtest FAIL...)."""
-        for v in self._vcpus:
-            if v.status == isa.STATUS_FAULTED:
-                st = v.get_state()
-                raise GuestError(
-                    f"vCPU {v.id} faulted at pc {st.pc:#x}, step {st.steps}: "
-                    f"{_fault_text(st.fault_code)} (code {st.fault_code:#x}, "
-                    f"address {st.fault_addr:#x})",
-                    vcpu=v.id, code=st.fault_code, address=st.fault_addr)
+        for f in self._faults()[:1]:
+            raise GuestError(
+                f"vCPU {f['vcpu']} faulted at pc {f['pc']:#x}, step {f['step']}: {f['what']} "
+                f"(code {f['code']:#x}, address {f['address']:#x})",
+                vcpu=f["vcpu"], code=f["code"], address=f["address"])
+
+    def health(self) -> dict:
+        """What the guest says of itself, for listings: ``ok``; ``corrupt``
+        when memtest found a page breaking its invariant (each vCPU stops at
+        the first one it finds, so ``errors`` counts vCPUs that found one);
+        ``faulted`` for any other guest fault. ``since_step`` is the earliest
+        step at which one was found; ``summary`` says it in one line."""
+        faults = self._faults()
+        if not faults:
+            return {"status": "ok", "errors": 0, "since_step": None, "faults": [],
+                    "summary": "ok"}
+        status = "corrupt" if all(f["page"] is not None for f in faults) else "faulted"
+        first = min(faults, key=lambda f: f["step"])
+        where = (f"page {first['page']:#x} failed its checksum" if first["page"] is not None
+                 else f"{first['what']} at pc {first['pc']:#x}")
+        n = len(faults)
+        summary = (f"{status} ({n} error{'s' if n > 1 else ''} since step {first['step']}: "
+                   f"vCPU {first['vcpu']}: {where})")
+        return {"status": status, "errors": n, "since_step": first["step"], "faults": faults,
+                "summary": summary}
 
     def status(self) -> list[str]:
         return [isa.STATUS_NAMES.get(v.status, "?") for v in self._vcpus]

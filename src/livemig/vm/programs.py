@@ -32,6 +32,7 @@ from . import asm, isa
 
 CODE_PAGES_PER_VCPU = 2
 MEMTEST_FAIL_CODE = 0x4D54          # "MT"
+MEMTEST_PAGE_REGISTER = 4           # holds the address of the page memtest found corrupted
 IDLE_HEARTBEAT_EVERY = 1 << 18      # loop iterations between heartbeat bytes (~1 s at the idle pace)
 MEMTEST_REPORT_EVERY = 1024         # visits between console bytes
 MAX_VCPUS = 256

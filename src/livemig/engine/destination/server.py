@@ -105,6 +105,8 @@ class Arrival:
     error: str | None = None
     on_resumed: Callable[[VM], None] | None = None
     on_status: Callable[[], None] | None = None
+    vm: VM | None = None                         # the guest, once it runs here in post-copy
+    owed_pages: Callable[[], int] | None = None  # pages it still lacks, while in post-copy
 
 
 # host policy: (name, peer, stats) -> Arrival, or raise to refuse
@@ -338,7 +340,7 @@ class IncomingMigration:
         stats = self.stats
         while True:
             event = await recv_within(self.ch, self.config.idle_timeout_s,
-                                      "pages or a Switchover", peer="source",
+                                      "pages or the paused VM's state", peer="source",
                                       phase=self.phase.label, idle=True)
             if isinstance(event, PageBatch):
                 try:
@@ -414,7 +416,7 @@ class IncomingMigration:
         source to give it up (Commit). Only then may it run here."""
         await self.ch.send(Verified())
         # The protocol's state allows only Commit (or Abort) now.
-        await self._recv(self.config.ack_timeout_s, "Commit")
+        await self._recv(self.config.ack_timeout_s, "the commit of the handover")
 
     def _completed(self, vm: VM) -> None:
         """The migration is over and the running VM is the host's."""
@@ -513,6 +515,9 @@ class IncomingMigration:
             await self.ch.send(Resumed())
         except (ConnectionError, ProtocolError):
             pass    # a break like any in post-copy: the service below waits it out
+        if self.arrival is not None:
+            self.arrival.vm = vm
+            self.arrival.owed_pages = lambda: 0 if self.pm is None else self.pm.missing
         self._set_status("postcopy-active")
         await self._run_postcopy()
         self._held_digest = self.decoder.hashes.digest()
@@ -573,6 +578,8 @@ class IncomingMigration:
             self.ch = await self._await_resumed_control()
             self._resumed_control = None
             self.stats.recoveries += 1
+            self.stats.error = None     # reconnected: the break note is history
+            self._set_status("postcopy-active")
             resumed = True
 
     async def _side_channels(self) -> tuple[Channel, Channel]:

@@ -83,7 +83,8 @@ from ...config import MigrationConfig
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...native import PAGE_SIZE
 from ...errors import (HandoverInDoubt, HandshakeRefused, LivemigError, MigrationCancelled,
-                       MigrationError, ProtocolError, RemoteProtocolError)
+                       MigrationError, ProtocolError, RemoteProtocolError, in_doubt_text,
+                       reword_as_failure, stopped_after_commit_text)
 from ...codec.kernels import zero_scan
 from ...native import urgent
 from . import handover
@@ -155,6 +156,11 @@ class MigrationControl:
         """Register a page-stream channel for later changes of the cap."""
         self._channels = [c for c in self._channels if not c.closed] + [ch]
         return ch
+
+    @property
+    def past_precopy(self) -> bool:
+        """The session has left pre-copy: a post-copy request no longer applies."""
+        return self.session_id is not None and self._interruptible is None
 
     def request_postcopy(self) -> None:
         """Switch to post-copy after the current round (pre-copy or hybrid)."""
@@ -477,7 +483,7 @@ class SourceSession:
         self._committed = True
         try:
             await self._ch.send(Commit())
-            await self._recv(cfg.ack_timeout_s, "Resumed")
+            await self._recv(cfg.ack_timeout_s, "its confirmation that the VM runs there")
         except (LivemigError, ConnectionError, OSError) as exc:
             return exc
         self.stats.downtime_ms = (time.perf_counter() - t_pause) * 1e3
@@ -522,11 +528,9 @@ class SourceSession:
             # the VM is ours again, and _fail resumes it.
             self._committed = False
             raise MigrationError(
-                f"migration failed in {phase}: the link broke after Commit "
-                f"({_describe(broken)}); on reconnecting, the destination reported that "
-                "Commit never reached it and that it discarded its copy without running it. "
-                "The VM was resumed on the source, where it runs on; migrate again when the "
-                "link is stable", phase=phase, source_resumed=True)
+                f"the link broke after Commit ({_describe(broken)}); on reconnecting, the "
+                "destination reported that Commit never reached it and that it discarded its "
+                "copy without running it", phase="switchover", source_resumed=True)
         if learned.kind == handover.ABANDONED:
             self._abandoned = learned.reason
             raise MigrationError(f"the destination stopped the VM: {learned.reason}",
@@ -643,6 +647,8 @@ class SourceSession:
                 self._publish()
                 if await self._recover(broken) == handover.COMMITTED:
                     break
+                stats.error = None      # reconnected: the break note is history
+                self._publish()
             try:
                 handoff, self._urgent_handoff = self._urgent_handoff, None
                 await self._sender.serve(self._ch, self._urgent, self._bulk,
@@ -702,18 +708,10 @@ class SourceSession:
         cancelled = isinstance(exc, (asyncio.CancelledError, MigrationCancelled))
         stats.set_status("cancelled" if cancelled else "failed")
         if self._abandoned is not None:
-            stats.error = (f"post-copy could not complete, phase {self.phase.label}: the "
-                           f"destination stopped the VM ({self._abandoned}). The only copy is "
-                           "paused here at the state of the switchover; resume it "
-                           f"(`livemig vm resolve {self.name} --resume`) or stop it")
+            stats.error = stopped_after_commit_text(self._abandoned, phase=self.phase.label,
+                                                    vm=self.name)
         elif self._committed:
-            stats.error = (f"handover in doubt after Commit, phase {self.phase.label}: "
-                           f"{stats.error}. The VM is kept paused here and may be running at "
-                           "the destination; once the destination is reachable, `livemig vm "
-                           f"resolve {self.name}` learns the outcome and applies it. If the "
-                           "destination daemon died, the VM died with it there: restarted with "
-                           f"its state dir it says so to `livemig vm resolve {self.name}`, "
-                           f"or `livemig vm resolve {self.name} --resume` resumes this copy")
+            stats.error = in_doubt_text(stats.error, phase=self.phase.label, vm=self.name)
         else:
             if self._tracker is not None and self._tracker.armed:
                 self._tracker.stop()
@@ -738,12 +736,17 @@ class SourceSession:
         if self._committed:
             return HandoverInDoubt(self.stats.error, phase=phase, stats=self.stats,
                                    source_resumed=False)
-        if isinstance(exc, MigrationError):
+        if isinstance(exc, MigrationCancelled) or (isinstance(exc, MigrationError)
+                                                   and not exc.source_resumed):
             exc.stats, exc.phase = self.stats, exc.phase or phase
             return exc
-        return MigrationError(f"migration failed in {phase}: {_describe(exc)}; "
-                              "the VM was resumed on the source", phase=phase,
-                              stats=self.stats, source_resumed=True)
+        # One phase in the text: the one the migration was in. A channel's
+        # error carries its conversation's phase, which may be a step behind
+        # the session's; the session's own errors carry the session's.
+        if not isinstance(exc, MigrationError):
+            exc = MigrationError(_describe(exc), phase=phase)
+        exc.stats = self.stats
+        return reword_as_failure(exc, phase=exc.phase or phase)
 
     # -- helpers ------------------------------------------------------------------------------------
     async def _recv(self, timeout_s: float, what: str):

@@ -180,8 +180,9 @@ class SourceStreams:
                     await asyncio.wait_for(wake.wait(), stall_timeout_s)
                 except asyncio.TimeoutError:
                     if self._bytes_moved() == moved:
-                        raise MigrationError(f"no {what} from the destination, and no progress "
-                                             f"on any stream for {stall_timeout_s:g} s",
+                        raise MigrationError(f"timed out waiting for {what} from the "
+                                             "destination: no progress on any stream for "
+                                             f"{stall_timeout_s:g} s",
                                              phase="precopy") from None
                     moved = self._bytes_moved()
         finally:
