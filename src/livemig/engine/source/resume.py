@@ -1,0 +1,119 @@
+"""What the source must resend when a pre-copy interrupted by a link break resumes.
+
+Theory of operation
+-------------------
+Rounds are applied at the destination in order, and a page always travels on
+the same stream, so at any moment the destination holds every page of every
+round it acknowledged, plus some pages of the one round in progress there.
+After a break it reports both (``ResumeReport``: ``acked_round`` and the
+``landed`` bitmap of the round after it). The source keeps, for every round
+it sent that the destination has not acknowledged, the set of pages it sent
+(one bitmap per round: ``npages / 8`` bytes each; the destination acks each
+round before the next one is long under way, so only a couple are kept). On
+resume it resends::
+
+    (sent in round acked+1  minus  landed)
+    ∪ sent in every later round
+    ∪ dirtied since the last collect    (the caller collects the tracker)
+
+Why that is exactly enough: a page's newest content is at the destination
+unless (a) the round that carried its newest version was never applied — it
+is then in one of the unacknowledged rounds' sets and not in ``landed`` — or
+(b) the guest wrote it after that version was read, and then the tracker
+reports it in the next collect, which either started a later round (so it
+is in that round's set) or has not happened yet (the caller's collect). A
+page that landed in round acked+1 and was sent again later is in the later
+round's set, so ``landed`` never hides a newer version. The per-page hashes
+behind the final digest are updated as pages are resent, so the digest of
+what was sent matches the digest of what landed.
+
+A report is checked before it is believed: ``npages`` must be the guest's,
+``acked_round`` may not name a round never sent, and ``landed`` may only
+claim pages that round really carried. A report that fails is a remote
+protocol error: the migration fails as without resume (VM running here).
+
+Encoders that refer to what the receiver holds (DUP by content hash, DELTA
+against the last version sent) must forget the pages being resent: the
+caller resets its encoder's caches for them (or starts a fresh encoder).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import RemoteProtocolError
+from ...protocol import ResumeReport
+from ...protocol.spec import NO_ROUND
+
+
+def _bits(npages: int) -> np.ndarray:
+    return np.zeros(npages, dtype=bool)
+
+
+class UnackedRounds:
+    """The pages sent in each round the destination has not acknowledged."""
+
+    def __init__(self, npages: int):
+        self.npages = npages
+        self._sent: dict[int, np.ndarray] = {}
+        self.last_acked = NO_ROUND
+        self.last_started = NO_ROUND
+
+    def start(self, round_no: int) -> None:
+        if round_no in self._sent or (self.last_started != NO_ROUND
+                                      and round_no <= self.last_started):
+            raise ValueError(f"round {round_no} started twice or out of order")
+        self._sent[round_no] = _bits(self.npages)
+        self.last_started = round_no
+
+    def sent(self, round_no: int, pages: np.ndarray) -> None:
+        """``pages`` (indices) went out in ``round_no``."""
+        self._sent[round_no][np.asarray(pages, dtype=np.int64)] = True
+
+    def acked(self, round_no: int) -> None:
+        """The destination applied ``round_no`` (and so every round before it)."""
+        for old in [r for r in self._sent if r <= round_no]:
+            del self._sent[old]
+        self.last_acked = round_no
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(bits.nbytes for bits in self._sent.values())
+
+    def resend(self, report: ResumeReport, dirtied_since: np.ndarray) -> np.ndarray:
+        """Indices of the pages to send again after ``report``; ``dirtied_since``
+        is the tracker's collect taken once the link came back (indices)."""
+        self._check(report)
+        if report.acked_round != NO_ROUND:
+            self.acked(report.acked_round)
+        first = 0 if report.acked_round == NO_ROUND else report.acked_round + 1
+        todo = _bits(self.npages)
+        landed = _landed(report)
+        for round_no, bits in self._sent.items():
+            todo |= bits & ~landed if round_no == first else bits
+        todo[np.asarray(dirtied_since, dtype=np.int64)] = True
+        return np.flatnonzero(todo).astype(np.uint64)
+
+    def _check(self, report: ResumeReport) -> None:
+        def refuse(why: str):
+            raise RemoteProtocolError(f"the destination's resume report {why}; the pre-copy "
+                                      "cannot go on from it", phase="precopy")
+        if report.npages != self.npages:
+            refuse(f"covers {report.npages} pages, but the guest has {self.npages}")
+        acked = report.acked_round
+        if acked != NO_ROUND and (self.last_started == NO_ROUND or acked > self.last_started):
+            refuse(f"acknowledges round {acked}, which was never sent")
+        if acked != NO_ROUND and self.last_acked != NO_ROUND and acked < self.last_acked:
+            refuse(f"acknowledges round {acked}, but round {self.last_acked} was acked before")
+        first = 0 if acked == NO_ROUND else acked + 1
+        landed = _landed(report)
+        carried = self._sent.get(first)
+        if landed.any() and (carried is None or (landed & ~carried).any()):
+            refuse(f"claims pages of round {first} that round never carried")
+
+
+def _landed(report: ResumeReport) -> np.ndarray:
+    raw = np.frombuffer(report.landed, dtype=np.uint8)
+    return np.unpackbits(raw, bitorder="little")[:report.npages].astype(bool)
+
+
+__all__ = ["UnackedRounds"]
