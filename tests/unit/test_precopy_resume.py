@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from livemig.engine.destination.resume import HeldSessions, RoundProgress
+from livemig.engine.destination.resume import RoundProgress
 from livemig.engine.source.resume import UnackedRounds
 from livemig.errors import RemoteProtocolError
 from livemig.protocol import ResumeReport
@@ -66,21 +66,6 @@ def test_an_ack_going_backwards_is_refused():
     rounds.acked(2)
     with pytest.raises(RemoteProtocolError, match="round 2 was acked before"):
         rounds.resend(_report(1), dirtied_since=np.array([], dtype=np.int64))
-
-
-def test_held_sessions_expire_and_refuse_other_ids():
-    book = HeldSessions(max_held=2)
-    book.hold(b"a" * 16, "session-a", RoundProgress(8), now_s=0.0, hold_s=10.0)
-    assert book.claim(b"b" * 16, now_s=1.0) is None
-    assert book.claim(b"a" * 16, now_s=11.0) is None       # hold ran out
-    assert [h.session for h in book.expire(11.0)] == ["session-a"]
-    assert len(book) == 0
-    book.hold(b"a" * 16, "a", RoundProgress(8), now_s=0.0, hold_s=10.0)
-    book.hold(b"b" * 16, "b", RoundProgress(8), now_s=0.0, hold_s=10.0)
-    pushed = book.hold(b"c" * 16, "c", RoundProgress(8), now_s=0.0, hold_s=10.0)
-    assert [h.session for h in pushed] == ["a"]             # bounded in count
-    assert book.claim(b"c" * 16, now_s=5.0).session == "c"
-    assert b"c" * 16 not in book
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,41 +1,37 @@
-"""Partial pre-copies the destination holds for a source that lost its link.
+"""A pre-copy the destination holds while its source reconnects after a link break.
 
 Theory of operation
 -------------------
 During the pre-copy rounds the destination applies pages in place. When the
-control channel (or a bulk stream) breaks before Switchover and both sides
-offered the "resume-precopy" capability, the session is not torn down: it is
-put on hold here, under its session id, with a deadline (the configured
-``precopy_resume_timeout_s``). Its guest memory keeps its admission
-reservation (docs/limits.md) until it is claimed or freed, so holding never
-lets a daemon exceed its incoming-memory limit.
+control channel breaks (reset, end of stream, silence) before Switchover and
+both sides agreed on the "resume-precopy" capability, the session is not torn
+down: it waits, with its guest memory and its admission reservation
+(docs/limits.md) still held, for a control channel reopened with
+``Hello(resume=True)`` and the same session id, for at most
+``precopy_resume_timeout_s``. That is the machinery post-copy recovery uses:
+the server routes the resumed Hello to the session (``adopt``), which aborts
+the old channel, so a source that noticed the break first is served at once.
+The session answers ``ResumeReport`` from its :class:`RoundProgress` (the last
+round it acknowledged, and the pages of the round after it that landed), and
+the rounds go on on the new channel. If the source does not come back in
+time the session fails as without resume: memory freed here, the outcome
+NOT_COMMITTED recorded, the VM running at the source.
 
-A source reconnecting with ``Hello(resume=True)`` and the same session id
-claims the held session; the destination answers ``ResumeReport`` from the
-session's :class:`RoundProgress` and the rounds go on. A Hello naming no held
-session is refused (RefuseCode.SESSION) as before. When a deadline passes,
-:meth:`HeldSessions.expire` hands the session back to the caller, which frees
-its memory and records NOT_COMMITTED in the outcome book; the source, having
-given up by then too, runs its VM on.
-
-Time is passed in (``now_s``), never read, so the book is tested without
-waiting. The report is bounded by the guest size both sides agreed on in the
-offer: one bit per page.
+A resumed Hello naming a session that is not waiting is answered as before
+(its outcome, or Refuse "no migration with this session id"); the report is
+bounded by the guest size agreed in the offer (one bit per page). Native
+bulk streams are not resumed: a session that uses them fails as before.
 """
 from __future__ import annotations
 
-import collections
-from dataclasses import dataclass
-from typing import Any
+import asyncio
 
 import numpy as np
 
-from ...protocol import ResumeReport
-from ...protocol.spec import NO_ROUND
-
-# A daemon holds at most this many interrupted pre-copies at once; holding
-# one more frees the oldest (their memory is bounded by admission anyway).
-MAX_HELD = 64
+from ...aio.channel import Channel
+from ...errors import HandshakeRefused, MigrationError, RemoteProtocolError
+from ...protocol import Mode, Phase, ResumeReport
+from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECOPY
 
 
 class RoundProgress:
@@ -61,51 +57,65 @@ class RoundProgress:
         return ResumeReport(self.acked_round, self.npages, bitmap)
 
 
-@dataclass
-class HeldSession:
-    session: Any            # the destination's session object, opaque here
-    progress: RoundProgress
-    deadline_s: float
+def granted(config) -> set:
+    """The capability this destination grants a source that offers it."""
+    return {RESUME_PRECOPY} if config.precopy_resume_timeout_s > 0 else set()
 
 
-class HeldSessions:
-    """Interrupted pre-copies by session id, each until its deadline."""
-
-    def __init__(self, *, max_held: int = MAX_HELD):
-        self.max_held = max_held
-        self._held: collections.OrderedDict[bytes, HeldSession] = collections.OrderedDict()
-
-    def hold(self, session_id: bytes, session: Any, progress: RoundProgress, *,
-             now_s: float, hold_s: float) -> list[HeldSession]:
-        """Keep ``session`` until ``now_s + hold_s``; returns any sessions
-        pushed out (over ``max_held``) or expired, for the caller to free."""
-        gone = self.expire(now_s)
-        self._held[session_id] = HeldSession(session, progress, now_s + hold_s)
-        while len(self._held) > self.max_held:
-            gone.append(self._held.popitem(last=False)[1])
-        return gone
-
-    def claim(self, session_id: bytes, *, now_s: float) -> HeldSession | None:
-        """The held session a resumed Hello names, taken off hold; None if
-        there is none (or its hold ran out)."""
-        held = self._held.get(session_id)
-        if held is None or now_s > held.deadline_s:
-            return None
-        return self._held.pop(session_id)
-
-    def expire(self, now_s: float) -> list[HeldSession]:
-        """Take every session whose hold ran out; the caller frees them."""
-        gone = [sid for sid, held in self._held.items() if now_s > held.deadline_s]
-        return [self._held.pop(sid) for sid in gone]
-
-    def next_deadline_s(self) -> float | None:
-        return min((held.deadline_s for held in self._held.values()), default=None)
-
-    def __contains__(self, session_id: bytes) -> bool:
-        return session_id in self._held
-
-    def __len__(self) -> int:
-        return len(self._held)
+def waits(session) -> bool:
+    """In its pre-copy rounds a resumed control channel may continue the session."""
+    return session.progress is not None and session.phase is Phase.PRECOPY
 
 
-__all__ = ["MAX_HELD", "HeldSession", "HeldSessions", "RoundProgress"]
+async def receive(session) -> None:
+    """The session's rounds (``session._receive``), each break in them waited
+    out while the source may come back."""
+    while True:
+        try:
+            return await session._receive()
+        except BaseException as exc:
+            if not may_wait(session, exc):
+                raise
+            session.ch = await source_back(session, exc)
+
+
+def may_wait(session, exc: BaseException) -> bool:
+    """Whether ``exc`` (raised while receiving rounds) is a break to wait out."""
+    if not waits(session) or isinstance(exc, HandshakeRefused):
+        return False
+    if isinstance(exc, (ConnectionError, OSError, RemoteProtocolError)):
+        return True
+    return isinstance(exc, MigrationError) and isinstance(exc.__context__, TimeoutError)
+
+
+def progress_for(session, ch: Channel) -> RoundProgress | None:
+    """A RoundProgress when the session's pre-copy can be resumed (capability
+    agreed on its control channel, pre-copy mode, Python page path)."""
+    if (RESUME_PRECOPY in ch.conn.capabilities and session.mode is Mode.PRECOPY
+            and session._streams is None):
+        return RoundProgress(int(session.vm.memory.npages))
+    return None
+
+
+async def source_back(session, cause: BaseException) -> Channel:
+    """Wait for the source's resumed control channel, report what is held on
+    it and return it; MigrationError once ``precopy_resume_timeout_s`` passed."""
+    timeout_s = session.config.precopy_resume_timeout_s
+    session.ch.abort()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while session._resumed_control is None:
+                session._channel_arrived.clear()
+                await session._channel_arrived.wait()
+    except TimeoutError:
+        raise MigrationError(
+            f"the link to the source broke during pre-copy ({cause}) and the source did not "
+            f"come back within {timeout_s:g} s: the partial copy here was freed; the VM runs "
+            "on at the source", phase="precopy") from None
+    ch, session._resumed_control = session._resumed_control, None
+    await ch.send(session.progress.report())
+    return ch
+
+
+__all__ = ["RoundProgress", "granted", "may_wait", "progress_for", "receive", "source_back",
+           "waits"]

@@ -38,11 +38,16 @@ caller resets its encoder's caches for them (or starts a fresh encoder).
 """
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Awaitable, Callable, Sequence
+
 import numpy as np
 
-from ...errors import RemoteProtocolError
-from ...protocol import ResumeReport
-from ...protocol.spec import NO_ROUND
+from ...aio.channel import Channel, recv_within
+from ...errors import HandshakeRefused, MigrationCancelled, MigrationError, RemoteProtocolError
+from ...protocol import ChannelKind, RefuseCode, ResumeReport
+from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECOPY
 
 
 def _bits(npages: int) -> np.ndarray:
@@ -58,12 +63,15 @@ class UnackedRounds:
         self.last_acked = NO_ROUND
         self.last_started = NO_ROUND
 
-    def start(self, round_no: int) -> None:
+    def start(self, round_no: int, pages: np.ndarray | None = None) -> None:
+        """Round ``round_no`` begins; ``pages`` (indices), if given, go out in it."""
         if round_no in self._sent or (self.last_started != NO_ROUND
                                       and round_no <= self.last_started):
             raise ValueError(f"round {round_no} started twice or out of order")
         self._sent[round_no] = _bits(self.npages)
         self.last_started = round_no
+        if pages is not None:
+            self.sent(round_no, pages)
 
     def sent(self, round_no: int, pages: np.ndarray) -> None:
         """``pages`` (indices) went out in ``round_no``."""
@@ -111,9 +119,98 @@ class UnackedRounds:
             refuse(f"claims pages of round {first} that round never carried")
 
 
+def offered(config) -> set:
+    """The capability a source's control Hello offers for resumable pre-copy."""
+    return {RESUME_PRECOPY} if config.precopy_resume_timeout_s > 0 else set()
+
+
+def is_break(exc: BaseException) -> bool:
+    """A link break the rounds may be resumed after: a reset or closed
+    connection, a peer gone silent, or an Abort (a destination whose channel
+    saw ours break sends one). A refusal or a cancel is final. Resuming after
+    an Abort that was the destination's own decision costs one Hello: it no
+    longer holds the session and answers Refuse or Outcome."""
+    if isinstance(exc, (HandshakeRefused, MigrationCancelled)):
+        return False
+    return isinstance(exc, (ConnectionError, OSError, RemoteProtocolError, MigrationError))
+
+
+class PrecopyResumer:
+    """Reconnects a control channel after a break in the rounds and asks the
+    destination what it holds, with backoff, for up to ``timeout_s`` in all."""
+
+    def __init__(self, npages: int, *, timeout_s: float, answer_timeout_s: float,
+                 backoff_s: Sequence[float], open_control: Callable[[], Awaitable[Channel]]):
+        self.rounds = UnackedRounds(npages)
+        self.timeout_s = timeout_s
+        self.answer_timeout_s = answer_timeout_s
+        self.backoff_s = tuple(backoff_s)
+        self._open_control = open_control
+        self.resumes = 0
+
+    @classmethod
+    def agreed(cls, session, backoff_s: Sequence[float], limiter) -> "PrecopyResumer | None":
+        """A resumer for ``session`` (a SourceSession past its handshake) when
+        both sides agreed on resumable pre-copy and its pages take the Python
+        path (the native streams are not resumed: a break fails them)."""
+        config = session.config
+        if RESUME_PRECOPY not in session._ch.conn.capabilities or session._data_path.native:
+            return None
+        return cls(session.vm.memory.npages, timeout_s=config.precopy_resume_timeout_s,
+                   answer_timeout_s=config.handshake_timeout_s, backoff_s=backoff_s,
+                   open_control=lambda: session._open(ChannelKind.CONTROL, resume=True,
+                                                      rate_limiter=limiter))
+
+    async def reconnect(self, cause: BaseException, round_no: int
+                        ) -> tuple[Channel, ResumeReport]:
+        """A new control channel and the destination's report; MigrationError
+        (the VM runs on at the source) once the window is spent or the
+        destination no longer holds the session."""
+        deadline_s = time.monotonic() + self.timeout_s
+        attempt = 0
+        last: BaseException = cause
+        while True:
+            ch = None
+            try:
+                ch = await self._open_control()
+                answer = await recv_within(ch, self.answer_timeout_s, "resume report",
+                                           peer="destination", phase="precopy")
+            except HandshakeRefused as exc:
+                if ch is not None:
+                    await ch.close()
+                if exc.code == RefuseCode.SESSION:    # it holds nothing for us any more
+                    raise self._gave_up(round_no, cause, exc) from exc
+                last = exc
+            except BaseException as exc:
+                if ch is not None:
+                    await ch.close()
+                if not is_break(exc):
+                    raise
+                last = exc
+            else:
+                if isinstance(answer, ResumeReport):
+                    self.resumes += 1
+                    return ch, answer
+                await ch.close()    # an Outcome: the session ended there, unresumed
+                raise self._gave_up(round_no, cause, "the destination ended the session: "
+                                    + getattr(answer, "reason", type(answer).__name__))
+            if time.monotonic() >= deadline_s:
+                raise self._gave_up(round_no, cause, last)
+            delay_s = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
+            attempt += 1
+            await asyncio.sleep(min(delay_s, max(0.0, deadline_s - time.monotonic())))
+
+    def _gave_up(self, round_no: int, cause: BaseException, last: object) -> MigrationError:
+        return MigrationError(
+            f"the link to the destination broke during pre-copy round {round_no} ({cause}) and "
+            f"the migration could not be resumed within {self.timeout_s:g} s (last: {last}); "
+            "the VM runs on at the source: migrate it again when the link is back",
+            phase="precopy")
+
+
 def _landed(report: ResumeReport) -> np.ndarray:
     raw = np.frombuffer(report.landed, dtype=np.uint8)
     return np.unpackbits(raw, bitorder="little")[:report.npages].astype(bool)
 
 
-__all__ = ["UnackedRounds"]
+__all__ = ["RESUME_PRECOPY", "PrecopyResumer", "UnackedRounds", "is_break", "offered"]
