@@ -29,7 +29,7 @@ import asyncio
 import numpy as np
 
 from ...aio.channel import Channel
-from ...errors import HandshakeRefused, MigrationError, RemoteProtocolError
+from ...errors import MigrationError
 from ...protocol import Mode, Phase, ResumeReport
 from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECOPY
 
@@ -81,9 +81,11 @@ async def receive(session) -> None:
 
 def may_wait(session, exc: BaseException) -> bool:
     """Whether ``exc`` (raised while receiving rounds) is a break to wait out."""
-    if not waits(session) or isinstance(exc, HandshakeRefused):
+    if not waits(session):
         return False
-    if isinstance(exc, (ConnectionError, OSError, RemoteProtocolError)):
+    # A reset or an end of stream mid-round (ConnectionLost is a ConnectionError).
+    # A batch that does not decode or a message out of place is final.
+    if isinstance(exc, (ConnectionError, OSError)):
         return True
     return isinstance(exc, MigrationError) and isinstance(exc.__context__, TimeoutError)
 

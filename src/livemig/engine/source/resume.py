@@ -126,13 +126,15 @@ def offered(config) -> set:
 
 def is_break(exc: BaseException) -> bool:
     """A link break the rounds may be resumed after: a reset or closed
-    connection, a peer gone silent, or an Abort (a destination whose channel
+    connection, a peer gone silent (MigrationError from a timeout), or an Abort (a destination whose channel
     saw ours break sends one). A refusal or a cancel is final. Resuming after
     an Abort that was the destination's own decision costs one Hello: it no
     longer holds the session and answers Refuse or Outcome."""
     if isinstance(exc, (HandshakeRefused, MigrationCancelled)):
         return False
-    return isinstance(exc, (ConnectionError, OSError, RemoteProtocolError, MigrationError))
+    # ConnectionLost (reset, or end of stream mid-conversation) is a
+    # ConnectionError; any other protocol error (a wrong RoundAck) is final.
+    return isinstance(exc, (ConnectionError, OSError, MigrationError))
 
 
 class PrecopyResumer:
