@@ -2,8 +2,8 @@
 migration goes on from what the destination holds, under both event loops.
 
 A frame proxy cuts (RST), half-closes, black-holes or stalls the link at a
-page batch of round 0, at the start of a later round, or right after a
-RoundAck. Every run must end with the VM at the destination identical to a
+page batch of round 0 (50 %, 90 %) or right after a RoundAck, on an idle guest
+and on one that dirties pages while the link is down. Every run must end with the VM at the destination identical to a
 twin that never moved, and — for a single break on an idle guest — with
 fewer than 1.5× guest memory sent (a resend of everything would be ≥ 1.5×).
 The destination gives up after its hold time (memory freed there, the VM
