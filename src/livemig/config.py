@@ -193,6 +193,14 @@ class MigrationConfig:
     """How long either side waits for a broken post-copy connection to be
     re-established before giving up (the destination then stops the VM)."""
 
+    precopy_resume_timeout_s: float = 60.0
+    """How long a link break during the pre-copy rounds may last: the source
+    keeps its VM running and reconnects (same session id, with backoff) for
+    up to this long, then fails as without resume (VM running here); the
+    destination holds the partial copy as long before it frees it. 0 turns
+    resumable pre-copy off (a break fails the migration at once). Needs the
+    peer's "resume-precopy" capability; see docs/protocol.md."""
+
     native_urgent: bool = True
     """Post-copy: serve the urgent (fault) channel from native threads on both
     sides when the host allows (libxxhash loadable, no TLS on the channel);
@@ -259,6 +267,9 @@ class MigrationConfig:
         for name in ("handshake_timeout_s", "switchover_timeout_s", "ack_timeout_s",
                      "idle_timeout_s", "postcopy_recovery_timeout_s"):
             _positive(name, getattr(self, name))
+        if self.precopy_resume_timeout_s < 0:
+            raise ConfigError("precopy_resume_timeout_s must be 0 (off) or positive, got "
+                              f"{self.precopy_resume_timeout_s}")
 
     @property
     def codec_for_mode(self) -> CodecConfig:

@@ -39,6 +39,8 @@ SAMPLES = [
     ev.PageRequest(5, (0, 1, 2**63)),
     ev.PresentReport(9, b"\x01\x01"),
     ev.PresentReport(0, b""),
+    ev.ResumeReport(3, 9, b"\x01\x01"),
+    ev.ResumeReport(0xFFFFFFFF, 0, b""),
     ev.PostcopyComplete(123, bytes(range(16))),
     ev.Complete(),
     ev.Abort(ev.Phase.POSTCOPY, "operator cancelled"),
@@ -124,6 +126,9 @@ def test_undefined_flags_rejected(cls):
     (ev.MigrationOffer, struct.pack("<BBHIQI", 1, 0, 0, 4096, 1, 2) + b"{x"),     # not JSON
     (ev.PresentReport, struct.pack("<Q", 9) + b"\x00\x02"),                       # padding bit
     (ev.PresentReport, struct.pack("<Q", 9) + b"\x00"),                           # short map
+    (ev.ResumeReport, struct.pack("<IIQ", 1, 0, 9) + b"\x00\x02"),               # padding bit
+    (ev.ResumeReport, struct.pack("<IIQ", 1, 0, 2**40) + b"\x00"),               # huge claim
+    (ev.ResumeReport, struct.pack("<IIQ", 1, 7, 8) + b"\x00"),                   # reserved
     (ev.PageRequest, struct.pack("<QII", 1, 0, 0)),                                # empty
     (ev.PageRequest, struct.pack("<QII", 1, 2, 0) + bytes(8)),                    # short
     (ev.Abort, struct.pack("<BBH", 99, 0, 0)),                                    # phase

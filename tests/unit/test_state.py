@@ -205,7 +205,7 @@ OUT_OF_ORDER = [
      ev.PresentReport(20, bytes(3)), "invalidating", "RoundAck from the destination"),
     # the source waits for a PresentReport on a resumed control channel
     ("present report", lambda: _ready(resume=True), D, ev.Accept(), "resumed",
-     "PresentReport or Outcome from the destination"),
+     "PresentReport or Outcome or ResumeReport from the destination"),
     ("present report", lambda: _ready(resume=True), S,
      ev.MigrationOffer({}, ev.Mode.PRECOPY, 1), "resumed", "nothing from the source"),
     # a PresentReport belongs to a resumed channel only
@@ -285,6 +285,16 @@ def test_only_the_source_pings():
         with pytest.raises(TransitionError, match=r"the destination sent a liveness check .*"
                            r"\[protocol: Ping in state"):
             c.process(D, ev.Ping(1))
+
+
+def test_a_resumed_precopy_goes_on_with_its_rounds():
+    c = _ready(resume=True)
+    assert c.process(D, ev.ResumeReport(2, 8, b"\x0f")) is State.PRECOPY
+    assert c.process(S, ev.RoundStart(3)) is State.IN_ROUND
+    # a ResumeReport answers a resumed Hello only
+    fresh = _after(PRECOPY, ev.Accept)
+    with pytest.raises(TransitionError, match="may not send ResumeReport"):
+        fresh.process(D, ev.ResumeReport(0, 8, b"\x00"))
 
 
 def test_a_resumed_control_channel_goes_straight_to_postcopy():

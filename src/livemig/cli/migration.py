@@ -35,6 +35,8 @@ def _migration_options(args) -> dict:
         opts["hybrid_postcopy_after_rounds"] = args.postcopy_after_rounds
     if args.streams is not None:
         opts["streams"] = args.streams
+    if args.resume_timeout is not None:
+        opts["precopy_resume_timeout_s"] = args.resume_timeout
     return opts
 
 
@@ -219,6 +221,10 @@ def register(sub) -> None:
     sp.add_argument("--streams", type=int, metavar="N",
                     help="bulk page streams on native threads (default: one per CPU, at most "
                          "4; 0 = pages on the Python path)")
+    sp.add_argument("--resume-timeout", type=float, metavar="S",
+                    help="pre-copy: how long a link break during the rounds may last; the VM "
+                         "runs on here and the migration resumes where it stopped (default 60; "
+                         "0 = fail at once)")
     sp.add_argument("--no-wait", action="store_true", help="start it and return")
     sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
     daemon_opts(sp)

@@ -9,7 +9,7 @@ from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, 
                      PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
                      RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover,
                      Verified, Commit, VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult, Outcome,
-                     OutcomeCode)
+                     OutcomeCode, ResumeReport)
 from .state import Role, State
 
 __all__ = [
@@ -19,5 +19,5 @@ __all__ = [
     "PageInvalidate", "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
     "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "StreamAck", "StreamEnd", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
-    "Outcome", "OutcomeCode",
+    "Outcome", "OutcomeCode", "ResumeReport",
 ]

@@ -406,6 +406,24 @@ class PresentReport(Event):
 
 
 @dataclass(frozen=True)
+class ResumeReport(Event):
+    """Destination -> source on a control channel opened with Hello(resume=True)
+    for a session whose pre-copy rounds a link break interrupted: what it holds.
+    ``acked_round`` is the last round it applied in full and acknowledged
+    (spec.NO_ROUND if none); ``landed`` has bit i set when page i arrived in a
+    later, unfinished round and was applied. ``npages`` must equal the guest's
+    page count, so the bitmap is bounded by the offer both sides agreed on.
+    Pre-copy then goes on: the source resends only what is not held."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["ResumeReport"]
+    FIELDS = (u32("acked_round"), Reserved("reserved", "I"), u64("npages"),
+              Bitmap("landed", "npages"))
+    acked_round: int
+    npages: int
+    landed: bytes
+
+
+@dataclass(frozen=True)
 class PostcopyComplete(Event):
     """Destination -> source: every owed page has arrived. ``digest`` is the
     digest of the per-page hashes of what landed (hashed from the data as
@@ -518,7 +536,7 @@ class Outcome(Event):
 
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
               RoundEnd, RoundAck, StreamEnd, StreamAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
-              VerifyFailed, PageRequest, PresentReport, PostcopyComplete, Complete, Abort, Ping,
+              VerifyFailed, PageRequest, PresentReport, ResumeReport, PostcopyComplete, Complete, Abort, Ping,
               Pong, ProbeData, ProbeEnd, ProbeResult, Outcome)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS

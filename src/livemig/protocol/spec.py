@@ -29,6 +29,13 @@ WIRE_VERSION = 1   # of handshake frames; later frames carry the negotiated vers
 # channels and the "streams" capability (docs/protocol.md, "Bulk streams").
 STREAMS_VERSION = 2
 STREAMS_CAPABILITY = "streams"
+# A peer offering this may resume a pre-copy interrupted by a link break: the
+# source reconnects with Hello(resume=True) and the destination answers
+# ResumeReport (docs/protocol.md, "Resumable pre-copy"). Without it a break
+# during the rounds fails the migration, as before.
+RESUME_PRECOPY_CAPABILITY = "resume-precopy"
+# ResumeReport.acked_round when no round was acknowledged yet.
+NO_ROUND = 0xFFFFFFFF
 # magic, version, type, flags, reserved, length, sequence, checksum
 FRAME_HEADER_FORMAT = "<4sHHHHIQQ"
 FRAME_HEADER_BYTES = 32
@@ -42,7 +49,7 @@ MESSAGE_IDS: dict[str, int] = {
     "Hello": 1, "Welcome": 2, "Refuse": 3,
     "MigrationOffer": 16, "Accept": 17,
     "RoundStart": 32, "PageBatch": 33, "RoundEnd": 34, "RoundAck": 35, "PageInvalidate": 36,
-    "StreamEnd": 37, "StreamAck": 38,
+    "StreamEnd": 37, "StreamAck": 38, "ResumeReport": 39,
     "Switchover": 48, "Resumed": 49, "VerifyFailed": 50, "Verified": 51, "Commit": 52,
     "PageRequest": 64, "PresentReport": 65, "PostcopyComplete": 66,
     "Complete": 80, "Abort": 81, "Outcome": 82,

@@ -65,6 +65,8 @@ Control channel (source S, destination D)::
     IDLE --S Hello(resume)--> RESUME_SENT --D Welcome--> RESUMED
     RESUMED --D PresentReport--> POSTCOPY      RESUME_SENT --D Refuse--> REFUSED
     RESUMED --D Outcome--> DONE    (the session has ended here: what became of it)
+    RESUMED --D ResumeReport--> PRECOPY   (pre-copy rounds a link break cut short:
+                                            what is held; the rounds go on)
 
 Bulk channel: IDLE -Hello-> HELLO_SENT -Welcome-> OPEN, then S PageBatch
 (precopy or postcopy) any number of times; Refuse -> REFUSED. A bulk stream
@@ -78,7 +80,7 @@ from enum import Enum
 
 from .events import (Abort, Accept, ChannelKind, Commit, Complete, Event, Hello, MigrationOffer,
                      PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete,
-                     PresentReport, ProbeData, ProbeEnd, ProbeResult, Refuse, Resumed, RoundAck,
+                     PresentReport, ProbeData, ResumeReport, ProbeEnd, ProbeResult, Refuse, Resumed, RoundAck,
                      RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover, Verified,
                      VerifyFailed, Welcome, Outcome)
 
@@ -185,6 +187,9 @@ CONTROL = {
     (State.RESUMED, D, PresentReport, _ANY): State.POSTCOPY,
     # a resumed control channel of a session that has ended here: its outcome
     (State.RESUMED, D, Outcome, _ANY): State.DONE,
+    # a resumed control channel of a session held in pre-copy (capability
+    # "resume-precopy"): what the destination holds, then the rounds go on
+    (State.RESUMED, D, ResumeReport, _ANY): State.PRECOPY,
     # POSTCOPY: the source's keepalive on a quiet control channel
     **_pings(State.READY, State.PRECOPY, State.IN_ROUND, State.INVALIDATING, State.POSTCOPY),
 }

@@ -72,6 +72,7 @@ from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationEr
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
+from . import resume
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
 from .probes import answer_probes
@@ -148,6 +149,7 @@ class IncomingMigration:
         self._populating: asyncio.Future | None = None
         self._populate_stop = threading.Event()
         self._round_pages = 0
+        self.progress: resume.RoundProgress | None = None   # when pre-copy is resumable
         self.populate_error: str | None = None
         self.session_id = ch.conn.session_id
         self._sessions = sessions if sessions is not None else {}
@@ -174,7 +176,7 @@ class IncomingMigration:
         try:
             if not await self._accept_offer():
                 return None
-            await self._receive()
+            await resume.receive(self)    # a break in the rounds may be waited out
             return self.vm
         except BaseException as exc:
             self._record_failure(exc)
@@ -297,6 +299,7 @@ class IncomingMigration:
         self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
                                 "python: the source sends its pages on the control channel")
         self.mode = offer.mode
+        self.progress = resume.progress_for(self, self.ch)
         self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
             # Fault the memory in while round 0 streams, so that pages landing in
@@ -355,16 +358,20 @@ class IncomingMigration:
                 stats.add_batch(batch)
                 self._held[batch.page_indices] = True
                 self._round_pages += batch.npages
+                if self.progress is not None:
+                    self.progress.landed(batch.page_indices)
             elif isinstance(event, RoundStart):
                 stats.rounds_received = event.round + 1
+                self._round_pages = 0    # a round a break cut short counts no more
             elif isinstance(event, RoundEnd):
                 # Batches are applied in order, so the round is complete here;
                 # so are the streams' parts (streams.py says why).
                 if self._streams is not None:
                     self._round_pages += self._streams.close_round(event.round)
                     self._streams.fold_into(stats)
+                if self.progress is not None:
+                    self.progress.acked(event.round)
                 await self.ch.send(RoundAck(event.round, self._round_pages))
-                self._round_pages = 0
             elif isinstance(event, PageInvalidate):
                 await self._invalidate(event)
             elif isinstance(event, Switchover):
@@ -744,8 +751,8 @@ class MigrationServer:
     def _welcome(self, hello: Hello):
         """answer_hello, granting native streams where this host runs them,
         from wire version 2 on."""
-        caps = {STREAMS} if streams_offered(self.config, tls=self.ssl is not None) else ()
-        answer = answer_hello(hello, capabilities=caps)
+        caps = {STREAMS} if streams_offered(self.config, tls=self.ssl is not None) else set()
+        answer = answer_hello(hello, capabilities=caps | resume.granted(self.config))
         if isinstance(answer, Welcome) and answer.version < spec.STREAMS_VERSION:
             answer = dataclasses.replace(answer, capabilities=answer.capabilities - {STREAMS})
         return answer
@@ -753,6 +760,9 @@ class MigrationServer:
     async def _serve(self, ch: Channel) -> None:
         existing = self.sessions.get(ch.conn.session_id)
         if ch.kind is ChannelKind.CONTROL and ch.conn.hello.resume:
+            if existing is not None and resume.waits(existing):
+                await existing.adopt(ch)    # pre-copy rounds go on where they broke
+                return
             await self._tell_outcome(ch, existing)
             return
         if ch.kind is not ChannelKind.CONTROL:

@@ -33,6 +33,7 @@ Ordering that makes it correct:
   session id and learn the outcome (handover.py): committed there → release
   the VM; never committed → resume it here; unreachable for the whole window
   (``ack_timeout_s``) → HandoverInDoubt, VM kept paused, resolvable later.
+  A break *during the rounds* (capability "resume-precopy") is resumed (resume.py).
 
 Downtime is measured here, from the moment the vCPUs are paused to the moment
 ``Resumed`` arrives: it includes one network round trip, so it is an upper
@@ -90,6 +91,7 @@ from ...native import urgent
 from . import handover
 from .handover import describe as _describe
 from .postcopy import DigestMismatch, PostcopySender
+from .resume import PrecopyResumer, is_break, offered
 from .streams import (STREAMS, DataPath, SourceStreams, choose as choose_data_path,
                       refusal as streams_refusal)
 from ...policy import Action, RoundStats, decide
@@ -212,6 +214,7 @@ class SourceSession:
         self._pending = np.empty(0, dtype=np.uint64)
         self.control = control or MigrationControl()
         self._sent = np.zeros(vm.memory.npages, dtype=bool)
+        self._resumer, self._round_progress = None, (0, 0)   # (pages, bytes) of this round
         self._urgent: Channel | None = None
         self._urgent_handoff: tuple | None = None   # the urgent socket, for the native thread
         self._bulk: Channel | None = None
@@ -237,11 +240,12 @@ class SourceSession:
         self.control._interruptible = asyncio.current_task()
         try:
             refused = streams_refusal(cfg, tls=ssl is not None)
+            caps = offered(cfg) | ({STREAMS} if refused is None else set())
             self._ch = self.control._capped(
-                await self._open(ChannelKind.CONTROL, rate_limiter=limiter,
-                                 capabilities={STREAMS} if refused is None else ()))
+                await self._open(ChannelKind.CONTROL, rate_limiter=limiter, capabilities=caps))
             self._data_path = choose_data_path(cfg, self._ch, refused)
             self.stats.data_path = self._data_path.label
+            self._resumer = PrecopyResumer.agreed(self, RECOVERY_BACKOFF_S, limiter)
             await self._offer()
             if cfg.mode != "precopy":
                 await self._open_postcopy_channels(resume=False)
@@ -347,9 +351,14 @@ class SourceSession:
         rounds: list[RoundStats] = []
         throttle_pct = 0.0
         while True:
-            index = len(rounds)
+            index = len(stats.rounds)    # wire number: counts rounds a break cut short
             t_round = time.monotonic()
-            sent_pages, sent_bytes = await self._send_round(index, pages, frozen=False)
+            resent = await self._resumable_round(index, pages)
+            if resent is not None:    # cut short by a break: next, what the peer lacks
+                stats.add_round(RoundRecord(index, time.monotonic() - t_round,
+                                            *self._round_progress, len(pages := resent)))
+                continue
+            sent_pages, sent_bytes = self._round_progress
             pages = self._tracker.collect()
             self._check_cancel()
             duration_s = max(time.monotonic() - t_round, 1e-6)
@@ -386,6 +395,28 @@ class SourceSession:
             elif decision.action is not Action.CONTINUE:
                 raise MigrationError(f"policy asked for {decision.action.name}, which pre-copy "
                                      "cannot do", phase="precopy")
+
+    async def _resumable_round(self, index: int, pages: np.ndarray) -> np.ndarray | None:
+        """One round (figures in ``_round_progress``); None, or after a break
+        with resumable pre-copy agreed, the pages to send next (resume.py)."""
+        resumer = self._resumer
+        self._round_progress = (0, 0)
+        if resumer is not None:
+            resumer.rounds.start(index, pages)   # all of them: unsent ones have not landed
+        try:
+            self._round_progress = await self._send_round(index, pages, frozen=False)
+        except BaseException as exc:
+            if resumer is None or not is_break(exc):
+                raise
+            self._ch.abort()
+            ch, report = await resumer.reconnect(exc, index)
+            self._ch = self.control._capped(ch)
+            todo = resumer.rounds.resend(report, self._tracker.collect())
+            self._encoder.forget(todo)   # no DUP source or DELTA base the peer may lack
+            return todo
+        if resumer is not None:
+            resumer.rounds.acked(index)
+        return None
 
     async def _send_round(self, index: int, pages: np.ndarray, *, frozen: bool) -> tuple[int, int]:
         ch = self._ch
@@ -424,6 +455,7 @@ class SourceSession:
             await self._ch.send(PageBatch(index, batch.npages, batch.chunks))
             npages += batch.npages
             nbytes += batch.nbytes
+            self._round_progress = (npages, nbytes)
             stats.add_batch(batch)
             stats.remaining_bytes = max(0, (len(pages) - npages)) * PAGE_SIZE
             if not frozen:

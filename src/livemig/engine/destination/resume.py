@@ -1,0 +1,123 @@
+"""A pre-copy the destination holds while its source reconnects after a link break.
+
+Theory of operation
+-------------------
+During the pre-copy rounds the destination applies pages in place. When the
+control channel breaks (reset, end of stream, silence) before Switchover and
+both sides agreed on the "resume-precopy" capability, the session is not torn
+down: it waits, with its guest memory and its admission reservation
+(docs/limits.md) still held, for a control channel reopened with
+``Hello(resume=True)`` and the same session id, for at most
+``precopy_resume_timeout_s``. That is the machinery post-copy recovery uses:
+the server routes the resumed Hello to the session (``adopt``), which aborts
+the old channel, so a source that noticed the break first is served at once.
+The session answers ``ResumeReport`` from its :class:`RoundProgress` (the last
+round it acknowledged, and the pages of the round after it that landed), and
+the rounds go on on the new channel. If the source does not come back in
+time the session fails as without resume: memory freed here, the outcome
+NOT_COMMITTED recorded, the VM running at the source.
+
+A resumed Hello naming a session that is not waiting is answered as before
+(its outcome, or Refuse "no migration with this session id"); the report is
+bounded by the guest size agreed in the offer (one bit per page). Native
+bulk streams are not resumed: a session that uses them fails as before.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from ...aio.channel import Channel
+from ...errors import MigrationError
+from ...protocol import Mode, Phase, ResumeReport
+from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECOPY
+
+
+class RoundProgress:
+    """Which round the destination acknowledged last and which pages of the
+    round after it have been applied since."""
+
+    def __init__(self, npages: int):
+        self.npages = npages
+        self.acked_round = NO_ROUND
+        self._landed = np.zeros(npages, dtype=bool)
+
+    def landed(self, pages: np.ndarray) -> None:
+        """``pages`` (indices) of the round in progress are applied."""
+        self._landed[np.asarray(pages, dtype=np.int64)] = True
+
+    def acked(self, round_no: int) -> None:
+        """RoundAck(round_no) was sent: the next round starts with nothing landed."""
+        self.acked_round = round_no
+        self._landed[:] = False
+
+    def report(self) -> ResumeReport:
+        bitmap = np.packbits(self._landed, bitorder="little").tobytes()
+        return ResumeReport(self.acked_round, self.npages, bitmap)
+
+
+def granted(config) -> set:
+    """The capability this destination grants a source that offers it."""
+    return {RESUME_PRECOPY} if config.precopy_resume_timeout_s > 0 else set()
+
+
+def waits(session) -> bool:
+    """In its pre-copy rounds a resumed control channel may continue the session."""
+    return session.progress is not None and session.phase is Phase.PRECOPY
+
+
+async def receive(session) -> None:
+    """The session's rounds (``session._receive``), each break in them waited
+    out while the source may come back."""
+    while True:
+        try:
+            return await session._receive()
+        except BaseException as exc:
+            if not may_wait(session, exc):
+                raise
+            session.ch = await source_back(session, exc)
+
+
+def may_wait(session, exc: BaseException) -> bool:
+    """Whether ``exc`` (raised while receiving rounds) is a break to wait out."""
+    if not waits(session):
+        return False
+    # A reset or an end of stream mid-round (ConnectionLost is a ConnectionError).
+    # A batch that does not decode or a message out of place is final.
+    if isinstance(exc, (ConnectionError, OSError)):
+        return True
+    return isinstance(exc, MigrationError) and isinstance(exc.__context__, TimeoutError)
+
+
+def progress_for(session, ch: Channel) -> RoundProgress | None:
+    """A RoundProgress when the session's pre-copy can be resumed (capability
+    agreed on its control channel, pre-copy mode, Python page path)."""
+    if (RESUME_PRECOPY in ch.conn.capabilities and session.mode is Mode.PRECOPY
+            and session._streams is None):
+        return RoundProgress(int(session.vm.memory.npages))
+    return None
+
+
+async def source_back(session, cause: BaseException) -> Channel:
+    """Wait for the source's resumed control channel, report what is held on
+    it and return it; MigrationError once ``precopy_resume_timeout_s`` passed."""
+    timeout_s = session.config.precopy_resume_timeout_s
+    session.ch.abort()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while session._resumed_control is None:
+                session._channel_arrived.clear()
+                await session._channel_arrived.wait()
+    except TimeoutError:
+        raise MigrationError(
+            f"the link to the source broke during pre-copy ({cause}) and the source did not "
+            f"come back within {timeout_s:g} s: the partial copy here was freed; the VM runs "
+            "on at the source", phase="precopy") from None
+    ch, session._resumed_control = session._resumed_control, None
+    await ch.send(session.progress.report())
+    return ch
+
+
+__all__ = ["RoundProgress", "granted", "may_wait", "progress_for", "receive", "source_back",
+           "waits"]
