@@ -127,6 +127,7 @@ class MigrationControl:
         self._interrupted = False
         self._recover = asyncio.Event()
         self.limiter: TokenBucket | None = None     # the page streams' cap, if any
+        self.streams: SourceStreams | None = None   # the native streams, while they run
         self._channels: list[Channel] = []
         self._batch_bytes = 0
 
@@ -150,6 +151,14 @@ class MigrationControl:
                         if bandwidth_bps else None)
         for ch in self._channels:
             ch.rate_limiter = self.limiter
+        if self.streams is not None:
+            self.streams.set_max_bandwidth(bandwidth_bps)
+
+    def _paced(self, streams: SourceStreams) -> None:
+        """Register the native streams for later changes of the cap, and
+        give them the current one."""
+        self.streams = streams
+        streams.set_max_bandwidth(self.limiter.rate_bytes_per_s if self.limiter else None)
 
     def _capped(self, ch: Channel) -> Channel:
         """Register a page-stream channel for later changes of the cap."""
@@ -328,6 +337,7 @@ class SourceSession:
                 vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
                 self._data_path.nstreams,
                 lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}))
+            self.control._paced(self._streams)
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")

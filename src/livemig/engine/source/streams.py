@@ -33,9 +33,12 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ...aio.channel import Channel
+from ...aio.ratelimit import burst_bytes_for
 from ...config import MigrationConfig
 from ...errors import MigrationError
 from ...native import streams as native_streams
+from ...native.pace import Pace
+from ...protocol import wire
 from ...protocol import spec
 from ...stats import MigrationStats
 
@@ -66,8 +69,6 @@ def refusal(config: MigrationConfig, *, tls: bool) -> str | None:
         return f"native streams disabled by {native_streams.ENV_SWITCH}=0"
     if tls:
         return "the migration uses TLS, which the native streams do not speak"
-    if config.max_bandwidth_bps:
-        return "a bandwidth cap is enforced on the Python path only"
     if config.mode == "postcopy":
         return "post-copy sends its pages on the Python path"
     ok, reason = native_streams.probe()
@@ -98,11 +99,17 @@ class RoundSent:
     zero_pages: int
 
 
-class SourceStreams:
-    """The bulk streams of one migration, source side."""
+PACE_BURST_BYTES = burst_bytes_for(wire.HEADER_BYTES + native_streams.SEND_FRAME_BYTES)
+"""The native streams' bucket: the Python path's burst rule over their largest frame."""
 
-    def __init__(self, streams: list[native_streams.SourceStream]):
+
+class SourceStreams:
+    """The bulk streams of one migration, source side, and their shared
+    bandwidth cap (:attr:`pace`, changed with :meth:`set_max_bandwidth`)."""
+
+    def __init__(self, streams: list[native_streams.SourceStream], pace: Pace):
         self.streams = streams
+        self.pace = pace
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
@@ -110,14 +117,16 @@ class SourceStreams:
                                                                        list[Channel]]:
         """Open and hand off ``nstreams`` bulk channels; returns the streams
         and the channels (closed by the caller after :meth:`close`).
-        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream)."""
-        streams = cls([])
+        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream);
+        all streams share one cap (:meth:`set_max_bandwidth`), none at first."""
+        streams = cls([], Pace())
         channels: list[Channel] = []
         try:
             for _ in range(nstreams):
                 ch = await opener()
                 channels.append(ch)
-                stream = native_streams.SourceStream(memory, hashes, fingerprints)
+                stream = native_streams.SourceStream(memory, hashes, fingerprints,
+                                                     pace=streams.pace)
                 streams.streams.append(stream)
                 stream.attach(ch)
         except BaseException:
@@ -126,6 +135,11 @@ class SourceStreams:
                 ch.abort()
             raise
         return streams, channels
+
+    def set_max_bandwidth(self, bandwidth_bps: float | None) -> None:
+        """Cap every stream together at ``bandwidth_bps`` bytes/s (None lifts
+        it); the threads follow within 20 ms, also in the middle of a round."""
+        self.pace.set(bandwidth_bps, PACE_BURST_BYTES)
 
     async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float
                          ) -> RoundSent:
