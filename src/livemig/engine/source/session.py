@@ -399,7 +399,9 @@ class SourceSession:
             if not frozen:
                 await self._let_pass()
             # The threads copy each page before checksumming it, frozen or not.
-            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s)
+            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s,
+                                                  on_progress=self._stream_progress(pages),
+                                                  progress_interval_s=PROGRESS_INTERVAL_S)
             self._streams.fold_into(self.stats)
             npages, nbytes, self._round_zero_pages = sent.pages, sent.bytes, sent.zero_pages
         else:
@@ -772,6 +774,14 @@ class SourceSession:
 
     def _elapsed_ms(self) -> float:
         return (time.monotonic() - self._t0) * 1e3
+
+    def _stream_progress(self, pages: np.ndarray):
+        """Publish a round in flight on the streams (their counters folded)."""
+        def progress(sent_pages: int) -> None:
+            self._streams.fold_into(self.stats)
+            self.stats.remaining_bytes = max(0, len(pages) - sent_pages) * PAGE_SIZE
+            self._publish()
+        return progress
 
     def _publish(self) -> None:
         self.on_stats(self.stats)

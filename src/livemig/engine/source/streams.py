@@ -141,11 +141,15 @@ class SourceStreams:
         it); the threads follow within 20 ms, also in the middle of a round."""
         self.pace.set(bandwidth_bps, PACE_BURST_BYTES)
 
-    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float
-                         ) -> RoundSent:
+    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float, *,
+                         on_progress: Callable[[int], None] | None = None,
+                         progress_interval_s: float = 0.25) -> RoundSent:
         """Send ``pages`` (ascending) as round ``index``; returns once every
         stream's part is acknowledged. Raises what a failed thread reported,
-        or MigrationError when the streams stall for ``stall_timeout_s``."""
+        or MigrationError when the streams stall for ``stall_timeout_s`` (plus
+        what the cap makes them wait). While the round runs,
+        ``on_progress(pages sent so far)`` is called every
+        ``progress_interval_s`` (a capped round can take long)."""
         before = [s.stats() for s in self.streams]
         parts = native_streams.partition(pages, len(self.streams))
         for stream, part in zip(self.streams, parts):
@@ -156,7 +160,13 @@ class SourceStreams:
                        and s.stats()["rounds"] > b["rounds"]
                        for s, b in zip(self.streams, before))
 
-        await self._wait(closed, stall_timeout_s, f"the StreamAcks of round {index}")
+        def progress() -> None:
+            if on_progress is not None:
+                on_progress(sum(s.stats()["pages"] - b["pages"]
+                                for s, b in zip(self.streams, before)))
+
+        await self._wait(closed, stall_timeout_s, f"the StreamAcks of round {index}",
+                         progress, progress_interval_s if on_progress else stall_timeout_s)
         sent = RoundSent(0, 0, 0)
         for stream, b in zip(self.streams, before):
             counts = stream.round_counts()
@@ -168,15 +178,17 @@ class SourceStreams:
                                  f"{len(pages)} pages", phase="precopy")
         return sent
 
-    async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str) -> None:
-        """Until ``done()``, woken by the threads' eventfds. A round may take
-        long on a slow link, so the timeout is on progress: it fails only when
-        no stream moved a byte for ``stall_timeout_s``."""
+    async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str,
+                    tick: Callable[[], None], tick_s: float) -> None:
+        """Until ``done()``, woken by the threads' eventfds, calling ``tick()``
+        every ``tick_s`` meanwhile. A round may take long on a slow link, so
+        the timeout is on progress: it fails only when no stream moved a byte
+        for ``stall_timeout_s`` plus the longest wait the cap can impose."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         for s in self.streams:
             loop.add_reader(s.fileno(), wake.set)
-        moved = self._bytes_moved()
+        moved, moved_at = self._bytes_moved(), loop.time()
         try:
             while True:
                 # Clear before looking: news arriving after the look sets the
@@ -191,16 +203,24 @@ class SourceStreams:
                 if done():
                     return
                 try:
-                    await asyncio.wait_for(wake.wait(), stall_timeout_s)
+                    await asyncio.wait_for(wake.wait(), tick_s)
                 except asyncio.TimeoutError:
-                    if self._bytes_moved() == moved:
+                    tick()
+                    now_moved = self._bytes_moved()
+                    if now_moved != moved:
+                        moved, moved_at = now_moved, loop.time()
+                    elif loop.time() - moved_at >= stall_timeout_s + self._cap_wait_s():
                         raise MigrationError(f"no {what} from the destination, and no progress "
                                              f"on any stream for {stall_timeout_s:g} s",
                                              phase="precopy") from None
-                    moved = self._bytes_moved()
         finally:
             for s in self.streams:
                 loop.remove_reader(s.fileno())
+
+    def _cap_wait_s(self) -> float:
+        """The longest a thread may wait for tokens: every stream's frame in debt."""
+        bps = self.pace.bandwidth_bps
+        return len(self.streams) * PACE_BURST_BYTES / bps if bps else 0.0
 
     def _bytes_moved(self) -> int:
         return sum(st["bytes_sent"] + st["bytes_received"]
