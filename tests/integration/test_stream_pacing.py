@@ -17,8 +17,9 @@ from livemig.config import MigrationConfig
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import MigrationControl, migrate
 from livemig.native.streams import probe
+from support.daemons import daemon_pair
 from support.oracle import Recipe, assert_matches_unmoved
-from support.waiting import wait_for_async
+from support.waiting import wait_for, wait_for_async
 
 LOCAL = "127.0.0.1"
 OK, WHY = probe()
@@ -122,3 +123,41 @@ def test_lifting_the_cap_releases_a_waiting_stream(run):
         # 48 MiB at the first cap would have taken over three minutes.
         assert stats.total_time_ms < 120_000
     run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_migrate_set_reaches_a_stream_migration_through_the_daemon(tmp_path, loop):
+    """`livemig migrate-set` on a capped migration that runs on the streams:
+    the rate moves from the low cap to well above it, and it completes."""
+    with daemon_pair(tmp_path, loop) as (a, b):
+        a.cli("vm", "start", "paced", "--memory", "64MiB", "--vcpus", "1", "--workload",
+              "rewrite", "--dirty-rate", "16MiB/s")
+        started = a.cli_json("migrate", "paced", "--to", b.address, "--max-bandwidth",
+                             "2MiB/s", "--no-wait")
+
+        def record():
+            return a.client.call("migration.find", key="paced")
+
+        def sent_bytes():
+            return record()["stats"]["bytes_sent"]
+
+        def window(nbytes):
+            """(bytes, seconds) until ``nbytes`` more were sent or it ended."""
+            b0, t0 = sent_bytes(), time.monotonic()
+            wait_for(f"{nbytes} more bytes, or the end", lambda: sent_bytes() >= b0 + nbytes
+                     or record()["status"] == "completed")
+            return sent_bytes() - b0, time.monotonic() - t0
+
+        wait_for("past the first burst", lambda: sent_bytes() >= 4 * MiB)
+        nbytes, seconds = window(4 * MiB)
+        assert record()["status"] == "active"
+        assert nbytes / seconds <= BAND * 2 * MiB + 2 * MiB / seconds, (nbytes, seconds)
+        live = record()
+        assert live["stats"]["data_path"].startswith("native-streams"), live["stats"]
+        changed = a.cli_json("migrate-set", "paced", "--max-bandwidth", "64MiB/s")
+        assert changed["id"] == started["id"]
+        nbytes, seconds = window(8 * MiB)
+        assert nbytes / seconds > 2 * (2 * MiB), (nbytes, seconds)
+        end = a.client.call("migration.wait", id=started["id"], timeout_s=120)
+        assert end["status"] == "completed", end
+        b.cli("vm", "stop", "paced")

@@ -107,9 +107,9 @@ class SourceStreams:
     """The bulk streams of one migration, source side, and their shared
     bandwidth cap (:attr:`pace`, changed with :meth:`set_max_bandwidth`)."""
 
-    def __init__(self, streams: list[native_streams.SourceStream], pace: Pace):
+    def __init__(self, streams: list[native_streams.SourceStream], pace: Pace | None = None):
         self.streams = streams
-        self.pace = pace
+        self.pace = pace if pace is not None else Pace()   # unlimited unless set
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
