@@ -31,7 +31,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 14
+#define LM_ABI_VERSION 15
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -572,6 +572,31 @@ int lm_stream_status(const lm_stream *s, char *reason, size_t reason_cap);
 int lm_stream_stats_get(const lm_stream *s, lm_stream_stats *out);
 /* Detaches if needed, then frees. */
 void lm_stream_destroy(lm_stream *s);
+
+/* ---- bandwidth cap of the bulk streams (channels/lm_pace.c) ------------- */
+/* One token bucket shared by every source stream thread of a migration:
+ * before each PageBatch a thread waits until the balance is not negative,
+ * then takes the frame's bytes (header + payload). Settable at any time from
+ * any thread; a change applies within LM_PACE_SLICE_MS (20 ms). */
+typedef struct lm_pace lm_pace;
+
+typedef struct lm_pace_stats {
+    uint64_t bytes;               /* frame bytes taken */
+    uint64_t waits;               /* frames that had to wait for tokens */
+    uint64_t waited_ns;           /* their time waiting */
+} lm_pace_stats;
+
+/* A new pace, unlimited. */
+int lm_pace_create(lm_pace **out);
+/* Cap at rate_bytes_per_s with a bucket of burst_bytes; rate 0 lifts the
+ * cap. -EINVAL for a negative or non-finite rate or a zero burst. */
+int lm_pace_set(lm_pace *p, double rate_bytes_per_s, uint64_t burst_bytes);
+int lm_pace_stats_get(const lm_pace *p, lm_pace_stats *out);
+/* The caller destroys it only after every stream using it is detached. */
+void lm_pace_destroy(lm_pace *p);
+/* Source: pace this stream's frames with p (NULL: none); before attach
+ * only (-EBUSY after), p must outlive the thread. */
+int lm_stream_set_pace(lm_stream *s, lm_pace *p);
 
 /* LM_CDEF_END */
 

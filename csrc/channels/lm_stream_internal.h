@@ -55,6 +55,7 @@ struct lm_stream {
     uint8_t *staging;           /* source: LM_STREAM_BATCH_PAGES pages */
     uint8_t *masks;             /* source: the BLOCK section's masks ... */
     uint8_t *blocks;            /* ... and its blocks */
+    lm_pace *pace;              /* source: the migration's bandwidth cap, or NULL */
     lm_stream_stats stats;      /* atomic fields */
 };
 

@@ -31,6 +31,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "channels/lm_pace.h"
 #include "channels/lm_stream_internal.h"
 #include "codec/lm_pagehash.h"
 #include "wire/lm_le.h"
@@ -158,7 +159,9 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
         {.iov_base = s->blocks, .iov_len = b.block_bytes - 2 * (uint64_t)b.nblock},
         {.iov_base = s->staging, .iov_len = raw_bytes},
     };
-    int rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, 0, iov, 5);
+    int rc = lm_pace_take(s->pace, &s->ch, LM_WIRE_HEADER_BYTES + iov[1].iov_len + payload);
+    if (rc == 0)
+        rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, 0, iov, 5);
     if (rc != 0)
         return rc;
     STREAM_ADD(s, batches, 1);

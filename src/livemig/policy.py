@@ -13,6 +13,18 @@ switch over once the *expected downtime* — the last dirty set, scaled by the
 wire's measured compression ratio, over B, plus a fixed switchover cost
 (pause, CPU/device state, digest, resume) — fits the limit.
 
+The smallest stop. Fitting the limit is when pre-copy *may* stop, not when
+it must: while rounds are cheap and each one still shrinks the dirty set, one
+more round makes the stop smaller at little cost. So once the expected
+downtime first fits, pre-copy goes on ("polishing") and stops at the first of:
+the transfer part of the stop is negligible (``NEGLIGIBLE_STOP_MS``); the
+last round did not shrink the dirty set by ``MIN_SHRINK`` (the dirty rate
+allows no smaller stop); ``POLISH_MAX_ROUNDS`` extra rounds; the time budget,
+``POLISH_SHARE`` of the pre-copy time up to the first fit (at least
+``POLISH_MIN_S``), would be exceeded by the next round (whose cost is the
+expected transfer time of the dirty set); max_rounds or max_total_s. Every
+decision says which, so the decision log explains each stop.
+
 When it does not converge — the dirty set failed to shrink by
 ``MIN_SHRINK`` over the last two rounds, or R ≥ B — the mode decides:
 pre-copy with auto-converge throttles the vCPUs (initial, then +increment
@@ -34,6 +46,14 @@ MIN_SHRINK = 0.10
 """Over two rounds the dirty set must shrink by at least this share."""
 SWITCHOVER_COST_MS = 5.0
 """Fixed part of the downtime: pause, CPU/device state, digest check, resume."""
+NEGLIGIBLE_STOP_MS = 0.5
+"""A stop whose dirty pages take at most this long to send cannot usefully shrink."""
+POLISH_MAX_ROUNDS = 8
+"""Most rounds run after the expected downtime first fits the limit."""
+POLISH_SHARE = 0.25
+"""Those rounds may take at most this share of the pre-copy time up to the first fit ..."""
+POLISH_MIN_S = 0.05
+"""... or this long, whichever is more (a small guest's whole pre-copy is brief)."""
 
 
 class Action(enum.Enum):
@@ -143,6 +163,52 @@ def is_converging(rounds: Sequence[RoundStats], bandwidth_bps: float) -> tuple[b
     return True, "dirty set shrinking"
 
 
+def _first_fit(config: MigrationConfig, rounds: Sequence[RoundStats],
+               switchover_cost_ms: float) -> int:
+    """Index of the first round after which the expected downtime fit the limit."""
+    for i in range(len(rounds)):
+        head = rounds[:i + 1]
+        if expected_downtime_ms(head, measured_bandwidth(head),
+                                switchover_cost_ms) <= config.max_downtime_ms:
+            return i
+    return len(rounds) - 1
+
+
+def polish_or_stop(config: MigrationConfig, rounds: Sequence[RoundStats], downtime_ms: float,
+                   switchover_cost_ms: float = SWITCHOVER_COST_MS, *,
+                   elapsed_s: float) -> tuple[bool, str]:
+    """With the expected downtime within the limit: (True, why) to run one
+    more round for a smaller stop, (False, why) to stop now (module docstring,
+    "The smallest stop")."""
+    last = rounds[-1]
+    transfer_ms = max(0.0, downtime_ms - switchover_cost_ms)
+    if transfer_ms <= NEGLIGIBLE_STOP_MS:
+        return False, f"its pages take {transfer_ms:.2f} ms: no smaller stop to gain"
+    if last.dirty_pages > (1.0 - MIN_SHRINK) * last.pages_sent:
+        return False, (f"the dirty set no longer shrinks ({last.pages_sent} pages sent, "
+                       f"{last.dirty_pages} dirtied meanwhile): the smallest stop the dirty "
+                       "rate allows")
+    if len(rounds) >= config.max_rounds:
+        return False, f"{len(rounds)} rounds reached the limit of {config.max_rounds}"
+    fit = _first_fit(config, rounds, switchover_cost_ms)
+    extra = len(rounds) - 1 - fit
+    if extra >= POLISH_MAX_ROUNDS:
+        return False, f"{extra} rounds run since it first fit (at most {POLISH_MAX_ROUNDS})"
+    budget_s = max(POLISH_MIN_S, POLISH_SHARE * sum(r.duration_s for r in rounds[:fit + 1]))
+    spent_s = sum(r.duration_s for r in rounds[fit + 1:])
+    next_s = transfer_ms / 1000.0
+    if spent_s + next_s > budget_s:
+        return False, (f"another round (~{next_s * 1e3:.1f} ms) would pass the budget of "
+                       f"{budget_s * 1e3:.0f} ms for shrinking the stop "
+                       f"({spent_s * 1e3:.0f} ms spent)")
+    if config.max_total_s is not None and elapsed_s + next_s >= config.max_total_s:
+        return False, f"another round would pass the {config.max_total_s:g} s limit"
+    return True, (f"the dirty set still shrinks ({last.pages_sent} → {last.dirty_pages} pages) "
+                  f"and a round costs ~{next_s * 1e3:.1f} ms: one more round for a smaller "
+                  f"stop ({extra + 1} of at most {POLISH_MAX_ROUNDS}, "
+                  f"{spent_s * 1e3:.0f} of {budget_s * 1e3:.0f} ms spent)")
+
+
 def decide(config: MigrationConfig, rounds: Sequence[RoundStats], *, elapsed_s: float,
            throttle_pct: float = 0.0, postcopy_requested: bool = False,
            switchover_cost_ms: float = SWITCHOVER_COST_MS) -> Decision:
@@ -161,8 +227,11 @@ def decide(config: MigrationConfig, rounds: Sequence[RoundStats], *, elapsed_s: 
         return Decision(action, reason, downtime, bw, rate, pct)
 
     if downtime <= config.max_downtime_ms:
-        return make(Action.SWITCHOVER, f"expected downtime {downtime:.1f} ms is within the "
-                                       f"{config.max_downtime_ms:g} ms limit")
+        polish, why = polish_or_stop(config, rounds, downtime, switchover_cost_ms,
+                                     elapsed_s=elapsed_s)
+        fits = (f"expected downtime {downtime:.1f} ms is within the "
+                f"{config.max_downtime_ms:g} ms limit")
+        return make(Action.CONTINUE if polish else Action.SWITCHOVER, f"{fits}; {why}")
     hybrid = config.mode == "hybrid"
     if hybrid and postcopy_requested:
         return make(Action.POSTCOPY, "post-copy requested")
@@ -319,4 +388,5 @@ def predict_hybrid(bandwidth_bps: float, dirty_rate_bps: float, memory_bytes: in
 __all__ = ["Action", "RoundStats", "Decision", "decide", "predict", "predict_postcopy",
            "predict_hybrid", "Prediction",
            "measured_bandwidth", "measured_page_rate", "expected_downtime_ms", "is_converging",
-           "MIN_SHRINK", "SWITCHOVER_COST_MS"]
+           "polish_or_stop", "MIN_SHRINK", "SWITCHOVER_COST_MS", "NEGLIGIBLE_STOP_MS",
+           "POLISH_MAX_ROUNDS", "POLISH_SHARE", "POLISH_MIN_S"]

@@ -111,7 +111,7 @@ def test_dirty_rate_above_capped_link_gives_up_and_source_keeps_running(run):
 
 
 def test_auto_converge_throttles_until_a_capped_link_keeps_up(run):
-    config = MigrationConfig(max_bandwidth_bps=64e6, max_downtime_ms=50, max_rounds=14,
+    config = MigrationConfig(max_bandwidth_bps=64e6, max_downtime_ms=50, max_rounds=20,
                              codec=LINK_BOUND, auto_converge=True, throttle_initial_pct=60,
                              throttle_increment_pct=20)
 

@@ -10,7 +10,9 @@ is the async wrapper the channel awaits before writing a frame; its clock
 (``now``) and ``sleep`` are parameters, so tests drive it with a fake clock.
 
 The burst rule. A stream capped at a bandwidth gets its bucket from
-:meth:`TokenBucket.for_rate`, the one place the burst is chosen:
+:meth:`TokenBucket.for_rate`, whose burst is :func:`burst_bytes_for`, the one
+place the burst is chosen (the native streams' cap, native/pace.py, is set
+with it too):
 ``max(2 × the largest frame, MIN_BURST_BYTES)``. Two frames, so a frame can
 leave while the next is being encoded without each one waiting for its own
 tokens; at least ``MIN_BURST_BYTES``, so small frames do not each cost a
@@ -30,6 +32,11 @@ from ..errors import ConfigError
 
 MIN_BURST_BYTES = 1 << 20
 """The smallest burst :meth:`TokenBucket.for_rate` gives, whatever the frames."""
+
+
+def burst_bytes_for(max_frame_bytes: int) -> int:
+    """The burst of a bucket whose frames are at most ``max_frame_bytes``."""
+    return max(2 * int(max_frame_bytes), MIN_BURST_BYTES)
 
 
 class TokenBucket:
@@ -53,7 +60,7 @@ class TokenBucket:
                  sleep=asyncio.sleep) -> "TokenBucket":
         """The bucket for a stream capped at ``bandwidth_bps`` (bytes/s) whose
         frames are at most ``max_frame_bytes``, with the burst rule above."""
-        return cls(bandwidth_bps, max(2 * max_frame_bytes, MIN_BURST_BYTES), now=now, sleep=sleep)
+        return cls(bandwidth_bps, burst_bytes_for(max_frame_bytes), now=now, sleep=sleep)
 
     def _refill(self, now: float) -> None:
         if now > self._stamp:

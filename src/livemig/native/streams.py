@@ -141,9 +141,10 @@ class SourceStream(_NativeStream):
     """Source side over a :class:`GuestMemory`; ``hashes`` (the encoder's
     ``sent_hashes.values``) receive each sent page's hash; ``fingerprints``
     (the encoder's :class:`Fingerprints`, or None: no BLOCK pages) are kept
-    up to date with what the receiver holds."""
+    up to date with what the receiver holds; ``pace`` (a :class:`~.pace.Pace`
+    shared by the migration's streams, or None) caps the bandwidth."""
 
-    def __init__(self, memory, hashes: np.ndarray | None, fingerprints=None):
+    def __init__(self, memory, hashes: np.ndarray | None, fingerprints=None, pace=None):
         pages = memory.pages
         npages = pages.shape[0]
         _check_hashes(hashes, npages)
@@ -153,7 +154,10 @@ class SourceStream(_NativeStream):
         fp, fp_valid = _block_table_ptrs(fingerprints, npages)
         check(lib.lm_stream_source_create(base, npages, hptr, fp, fp_valid, out),
               "creating a native bulk stream (source)")
-        super().__init__(out[0], memory, (pages, hashes, fingerprints, base, hptr, fp, fp_valid))
+        super().__init__(out[0], memory, (pages, hashes, fingerprints, base, hptr, fp, fp_valid,
+                                          pace))
+        if pace is not None:
+            check(lib.lm_stream_set_pace(self._h, pace.ptr), "pacing a bulk stream")
         self._round_pages: np.ndarray | None = None   # read by the thread until acked
 
     def send_round(self, round_index: int, pages: np.ndarray) -> None:

@@ -130,6 +130,7 @@ class MigrationControl:
         self._interrupted = False
         self._recover = asyncio.Event()
         self.limiter: TokenBucket | None = None     # the page streams' cap, if any
+        self.streams: SourceStreams | None = None   # the native streams, while they run
         self._channels: list[Channel] = []
         self._batch_bytes = 0
 
@@ -153,6 +154,14 @@ class MigrationControl:
                         if bandwidth_bps else None)
         for ch in self._channels:
             ch.rate_limiter = self.limiter
+        if self.streams is not None:
+            self.streams.set_max_bandwidth(bandwidth_bps)
+
+    def _paced(self, streams: SourceStreams) -> None:
+        """Register the native streams for later changes of the cap, and
+        give them the current one."""
+        self.streams = streams
+        streams.set_max_bandwidth(self.limiter.rate_bytes_per_s if self.limiter else None)
 
     def _capped(self, ch: Channel) -> Channel:
         """Register a page-stream channel for later changes of the cap."""
@@ -338,6 +347,7 @@ class SourceSession:
                 vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
                 self._data_path.nstreams,
                 lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}))
+            self.control._paced(self._streams)
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
@@ -426,7 +436,9 @@ class SourceSession:
             if not frozen:
                 await self._let_pass()
             # The threads copy each page before checksumming it, frozen or not.
-            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s)
+            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s,
+                                                  on_progress=self._stream_progress(pages),
+                                                  progress_interval_s=PROGRESS_INTERVAL_S)
             self._streams.fold_into(self.stats)
             npages, nbytes, self._round_zero_pages = sent.pages, sent.bytes, sent.zero_pages
         else:
@@ -800,6 +812,14 @@ class SourceSession:
 
     def _elapsed_ms(self) -> float:
         return (time.monotonic() - self._t0) * 1e3
+
+    def _stream_progress(self, pages: np.ndarray):
+        """Publish a round in flight on the streams (their counters folded)."""
+        def progress(sent_pages: int) -> None:
+            self._streams.fold_into(self.stats)
+            self.stats.remaining_bytes = max(0, len(pages) - sent_pages) * PAGE_SIZE
+            self._publish()
+        return progress
 
     def _publish(self) -> None:
         self.on_stats(self.stats)

@@ -33,9 +33,12 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ...aio.channel import Channel
+from ...aio.ratelimit import burst_bytes_for
 from ...config import MigrationConfig
 from ...errors import MigrationError
 from ...native import streams as native_streams
+from ...native.pace import Pace
+from ...protocol import wire
 from ...protocol import spec
 from ...stats import MigrationStats
 
@@ -66,8 +69,6 @@ def refusal(config: MigrationConfig, *, tls: bool) -> str | None:
         return f"native streams disabled by {native_streams.ENV_SWITCH}=0"
     if tls:
         return "the migration uses TLS, which the native streams do not speak"
-    if config.max_bandwidth_bps:
-        return "a bandwidth cap is enforced on the Python path only"
     if config.mode == "postcopy":
         return "post-copy sends its pages on the Python path"
     ok, reason = native_streams.probe()
@@ -98,11 +99,17 @@ class RoundSent:
     zero_pages: int
 
 
-class SourceStreams:
-    """The bulk streams of one migration, source side."""
+PACE_BURST_BYTES = burst_bytes_for(wire.HEADER_BYTES + native_streams.SEND_FRAME_BYTES)
+"""The native streams' bucket: the Python path's burst rule over their largest frame."""
 
-    def __init__(self, streams: list[native_streams.SourceStream]):
+
+class SourceStreams:
+    """The bulk streams of one migration, source side, and their shared
+    bandwidth cap (:attr:`pace`, changed with :meth:`set_max_bandwidth`)."""
+
+    def __init__(self, streams: list[native_streams.SourceStream], pace: Pace | None = None):
         self.streams = streams
+        self.pace = pace if pace is not None else Pace()   # unlimited unless set
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
@@ -110,14 +117,16 @@ class SourceStreams:
                                                                        list[Channel]]:
         """Open and hand off ``nstreams`` bulk channels; returns the streams
         and the channels (closed by the caller after :meth:`close`).
-        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream)."""
-        streams = cls([])
+        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream);
+        all streams share one cap (:meth:`set_max_bandwidth`), none at first."""
+        streams = cls([], Pace())
         channels: list[Channel] = []
         try:
             for _ in range(nstreams):
                 ch = await opener()
                 channels.append(ch)
-                stream = native_streams.SourceStream(memory, hashes, fingerprints)
+                stream = native_streams.SourceStream(memory, hashes, fingerprints,
+                                                     pace=streams.pace)
                 streams.streams.append(stream)
                 stream.attach(ch)
         except BaseException:
@@ -127,11 +136,20 @@ class SourceStreams:
             raise
         return streams, channels
 
-    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float
-                         ) -> RoundSent:
+    def set_max_bandwidth(self, bandwidth_bps: float | None) -> None:
+        """Cap every stream together at ``bandwidth_bps`` bytes/s (None lifts
+        it); the threads follow within 20 ms, also in the middle of a round."""
+        self.pace.set(bandwidth_bps, PACE_BURST_BYTES)
+
+    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float, *,
+                         on_progress: Callable[[int], None] | None = None,
+                         progress_interval_s: float = 0.25) -> RoundSent:
         """Send ``pages`` (ascending) as round ``index``; returns once every
         stream's part is acknowledged. Raises what a failed thread reported,
-        or MigrationError when the streams stall for ``stall_timeout_s``."""
+        or MigrationError when the streams stall for ``stall_timeout_s`` (plus
+        what the cap makes them wait). While the round runs,
+        ``on_progress(pages sent so far)`` is called every
+        ``progress_interval_s`` (a capped round can take long)."""
         before = [s.stats() for s in self.streams]
         parts = native_streams.partition(pages, len(self.streams))
         for stream, part in zip(self.streams, parts):
@@ -142,7 +160,13 @@ class SourceStreams:
                        and s.stats()["rounds"] > b["rounds"]
                        for s, b in zip(self.streams, before))
 
-        await self._wait(closed, stall_timeout_s, f"the StreamAcks of round {index}")
+        def progress() -> None:
+            if on_progress is not None:
+                on_progress(sum(s.stats()["pages"] - b["pages"]
+                                for s, b in zip(self.streams, before)))
+
+        await self._wait(closed, stall_timeout_s, f"the StreamAcks of round {index}",
+                         progress, progress_interval_s if on_progress else stall_timeout_s)
         sent = RoundSent(0, 0, 0)
         for stream, b in zip(self.streams, before):
             counts = stream.round_counts()
@@ -154,15 +178,17 @@ class SourceStreams:
                                  f"{len(pages)} pages", phase="precopy")
         return sent
 
-    async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str) -> None:
-        """Until ``done()``, woken by the threads' eventfds. A round may take
-        long on a slow link, so the timeout is on progress: it fails only when
-        no stream moved a byte for ``stall_timeout_s``."""
+    async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str,
+                    tick: Callable[[], None], tick_s: float) -> None:
+        """Until ``done()``, woken by the threads' eventfds, calling ``tick()``
+        every ``tick_s`` meanwhile. A round may take long on a slow link, so
+        the timeout is on progress: it fails only when no stream moved a byte
+        for ``stall_timeout_s`` plus the longest wait the cap can impose."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         for s in self.streams:
             loop.add_reader(s.fileno(), wake.set)
-        moved = self._bytes_moved()
+        moved, moved_at = self._bytes_moved(), loop.time()
         try:
             while True:
                 # Clear before looking: news arriving after the look sets the
@@ -177,17 +203,25 @@ class SourceStreams:
                 if done():
                     return
                 try:
-                    await asyncio.wait_for(wake.wait(), stall_timeout_s)
+                    await asyncio.wait_for(wake.wait(), tick_s)
                 except asyncio.TimeoutError:
-                    if self._bytes_moved() == moved:
+                    tick()
+                    now_moved = self._bytes_moved()
+                    if now_moved != moved:
+                        moved, moved_at = now_moved, loop.time()
+                    elif loop.time() - moved_at >= stall_timeout_s + self._cap_wait_s():
                         raise MigrationError(f"timed out waiting for {what} from the "
                                              "destination: no progress on any stream for "
                                              f"{stall_timeout_s:g} s",
                                              phase="precopy") from None
-                    moved = self._bytes_moved()
         finally:
             for s in self.streams:
                 loop.remove_reader(s.fileno())
+
+    def _cap_wait_s(self) -> float:
+        """The longest a thread may wait for tokens: every stream's frame in debt."""
+        bps = self.pace.bandwidth_bps
+        return len(self.streams) * PACE_BURST_BYTES / bps if bps else 0.0
 
     def _bytes_moved(self) -> int:
         return sum(st["bytes_sent"] + st["bytes_received"]
