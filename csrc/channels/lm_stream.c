@@ -93,6 +93,19 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
         lm_stream_destroy(s);
         return rc;
     }
+    char reason[128];
+    (void)lm_lz4_open(&s->lz4, reason, sizeof(reason));   /* without it: no LZ4 */
+    if (s->lz4.dl) {
+        /* source: every page of a batch compressed; dest: a batch's pages decoded */
+        s->lz4buf_bytes = side == LM_STREAM_SOURCE
+                              ? (uint64_t)s->lz4.bound(LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE)
+                              : (uint64_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE;
+        s->lz4buf = malloc(s->lz4buf_bytes);
+        if (!s->lz4buf) {
+            lm_stream_destroy(s);
+            return -ENOMEM;
+        }
+    }
     if (side == LM_STREAM_SOURCE) {
         s->table = malloc(LM_STREAM_TABLE_BYTES);
         s->staging = malloc((size_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE);
@@ -112,6 +125,36 @@ LM_API int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_
 {
     /* The source only reads guest memory; the handle's field is shared. */
     return stream_new(LM_STREAM_SOURCE, (uint8_t *)base, npages, hashes, fp, fp_valid, out);
+}
+
+LM_API int lm_stream_source_lz4(lm_stream *s, uint32_t chunk_pages, double min_saving_pct,
+                                char *reason, size_t reason_cap)
+{
+    if (!s || s->side != LM_STREAM_SOURCE || chunk_pages == 0 ||
+        !(min_saving_pct >= 0.0 && min_saving_pct <= 100.0))
+        return -EINVAL;
+    if (s->ch.attached)
+        return -EBUSY;
+    if (!s->lz4.dl) {
+        char scratch[2];
+        if (!reason || reason_cap == 0) {
+            reason = scratch;
+            reason_cap = sizeof(scratch);
+        }
+        struct lm_lz4 probe;
+        int rc = lm_lz4_open(&probe, reason, reason_cap);
+        lm_lz4_close(&probe);
+        return rc < 0 ? rc : -ENOSYS;
+    }
+    /* A run never spans more pages than a batch holds. */
+    s->lz4_chunk_pages = chunk_pages < LM_STREAM_BATCH_PAGES ? chunk_pages : LM_STREAM_BATCH_PAGES;
+    s->lz4_max_ratio = 1.0 - min_saving_pct / 100.0;
+    return 0;
+}
+
+LM_API void lm_stream_source_link(lm_stream *s, uint64_t link_bytes_per_s)
+{
+    __atomic_store_n(&s->link_bytes_per_s, link_bytes_per_s, __ATOMIC_RELAXED);
 }
 
 LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
@@ -258,5 +301,7 @@ LM_API void lm_stream_destroy(lm_stream *s)
     free(s->staging);
     free(s->masks);
     free(s->blocks);
+    free(s->lz4buf);
+    lm_lz4_close(&s->lz4);
     free(s);
 }

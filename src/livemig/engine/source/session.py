@@ -327,7 +327,8 @@ class SourceSession:
             self._streams, self._stream_channels = await SourceStreams.open(
                 vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
                 self._data_path.nstreams,
-                lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}))
+                lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}),
+                codec=cfg.codec_for_mode)
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
@@ -389,7 +390,8 @@ class SourceSession:
             if not frozen:
                 await self._let_pass()
             # The threads copy each page before checksumming it, frozen or not.
-            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s)
+            sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s,
+                                                  self._encoder.link_bytes_per_s)
             self._streams.fold_into(self.stats)
             npages, nbytes, self._round_zero_pages = sent.pages, sent.bytes, sent.zero_pages
         else:

@@ -33,7 +33,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ...aio.channel import Channel
-from ...config import MigrationConfig
+from ...config import CodecConfig, MigrationConfig
 from ...errors import MigrationError
 from ...native import streams as native_streams
 from ...protocol import spec
@@ -103,14 +103,16 @@ class SourceStreams:
 
     def __init__(self, streams: list[native_streams.SourceStream]):
         self.streams = streams
+        self.lz4_missing: str | None = None   # why the threads cannot send LZ4, if so
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
-                   opener: Callable[[], Awaitable[Channel]]) -> tuple["SourceStreams",
-                                                                       list[Channel]]:
+                   opener: Callable[[], Awaitable[Channel]],
+                   codec: CodecConfig | None = None) -> tuple["SourceStreams", list[Channel]]:
         """Open and hand off ``nstreams`` bulk channels; returns the streams
         and the channels (closed by the caller after :meth:`close`).
-        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream)."""
+        ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream);
+        with ``codec`` allowing "lz4", the threads compress where it pays."""
         streams = cls([])
         channels: list[Channel] = []
         try:
@@ -119,6 +121,9 @@ class SourceStreams:
                 channels.append(ch)
                 stream = native_streams.SourceStream(memory, hashes, fingerprints)
                 streams.streams.append(stream)
+                if codec is not None and codec.enabled("lz4"):
+                    ok, why = stream.use_lz4(codec.lz4_chunk_pages, codec.lz4_min_saving_pct)
+                    streams.lz4_missing = None if ok else why
                 stream.attach(ch)
         except BaseException:
             streams.close()
@@ -127,12 +132,15 @@ class SourceStreams:
             raise
         return streams, channels
 
-    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float
-                         ) -> RoundSent:
+    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float,
+                         link_bytes_per_s: float | None = None) -> RoundSent:
         """Send ``pages`` (ascending) as round ``index``; returns once every
         stream's part is acknowledged. Raises what a failed thread reported,
-        or MigrationError when the streams stall for ``stall_timeout_s``."""
+        or MigrationError when the streams stall for ``stall_timeout_s``.
+        ``link_bytes_per_s`` (measured) is what LZ4 must beat to be used."""
         before = [s.stats() for s in self.streams]
+        for s in self.streams:
+            s.set_link_bytes_per_s(link_bytes_per_s)
         parts = native_streams.partition(pages, len(self.streams))
         for stream, part in zip(self.streams, parts):
             stream.send_round(index, part)
