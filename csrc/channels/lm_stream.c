@@ -15,7 +15,8 @@
  *     per batch of <= LM_STREAM_BATCH_PAGES:
  *       zero pages -> ZERO runs; others copied
  *       into staging, hashed (hashes[]), RAW,
- *       or BLOCK when few blocks changed
+ *       or BLOCK when few blocks changed;
+ *       RAW runs LZ4 where it pays
  *       writev(header, runs, pages) ──────▶ read frame, check header, checksum,
  *                                           the batch whole; then place pages,
  *                                           hash them (hashes[]), held[]

@@ -17,7 +17,16 @@
  *   the generated wire header): header, run table (consecutive pages of the
  *   same encoding form one run, in ascending order), then the RAW pages. It
  *   is sent with one writev(2) of frame header, prefix + header + run table,
- *   BLOCK masks and blocks, staged RAW pages (empty parts cost nothing).
+ *   BLOCK masks and blocks, LZ4 blocks, staged RAW pages (empty parts cost
+ *   nothing; the RAW pages of runs that went LZ4 are skipped, one part per
+ *   stretch of the staging buffer still RAW). A batch is 64 pages so that
+ *   its staged copy is still in L2 when it is checksummed and sent.
+ *
+ *   LZ4 (docs/codec.md): with lm_stream_source_lz4, RAW runs are cut at its
+ *   chunk, and a batch whose sample runs say compression pays (lz4_pays,
+ *   the Python encoder's rule) has each RAW run that shrinks enough sent as
+ *   one LZ4 block of its staged pages. The hash is still that of the staged
+ *   copy, which is exactly what the block decodes to.
  *
  *   BLOCK (docs/codec.md): given the block fingerprints of what the
  *   receiver holds, the copy and its sixteen block hashes are made in one

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import PAGE_SIZE, check, ffi, lib
 from .chanthread import ChannelThread, with_reason
+from .memory import GuestMemory
 
 ENV_SWITCH = "LIVEMIG_NATIVE_STREAMS"
 STRIPE_PAGES = 64
@@ -56,6 +57,20 @@ def probe() -> tuple[bool, str]:
     """(True, "") when native streams can run here, else (False, reason)."""
     rc, reason = with_reason(lib.lm_stream_probe)
     return rc == 0, reason
+
+
+def lz4_probe() -> tuple[bool, str]:
+    """(True, "") when the stream threads can send and decode LZ4 here (liblz4
+    loads), else (False, reason)."""
+    mem = GuestMemory(PAGE_SIZE)
+    try:
+        stream = SourceStream(mem, None)
+        try:
+            return stream.use_lz4(1, 0.0)
+        finally:
+            stream.close()
+    finally:
+        mem.close()
 
 
 def disabled_by_environment() -> bool:
@@ -208,6 +223,6 @@ class DestStream(_NativeStream):
                                           fp_valid))
 
 
-__all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe",
+__all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe", "lz4_probe",
            "disabled_by_environment", "ENV_SWITCH", "STRIPE_PAGES",
            "BATCH_PAGES", "SEND_FRAME_BYTES"]
