@@ -103,7 +103,6 @@ class SourceStreams:
 
     def __init__(self, streams: list[native_streams.SourceStream]):
         self.streams = streams
-        self.lz4_missing: str | None = None   # why the threads cannot send LZ4, if so
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
@@ -122,8 +121,9 @@ class SourceStreams:
                 stream = native_streams.SourceStream(memory, hashes, fingerprints)
                 streams.streams.append(stream)
                 if codec is not None and codec.enabled("lz4"):
-                    ok, why = stream.use_lz4(codec.lz4_chunk_pages, codec.lz4_min_saving_pct)
-                    streams.lz4_missing = None if ok else why
+                    # Without liblz4 the stream sends no LZ4 (docs/codec.md);
+                    # stats.pages_by_encoding shows which encodings went.
+                    stream.use_lz4(codec.lz4_chunk_pages, codec.lz4_min_saving_pct)
                 stream.attach(ch)
         except BaseException:
             streams.close()
