@@ -21,11 +21,17 @@ process's CPU time from the offer to the arrival (its guest is paused until
 then), which includes pre-faulting guest memory. Raw TCP: each side's
 process CPU.
 
-Usage: python bench/bench_streams.py [--quick] [--repeat 3] [--out bench/results/streams.json]
+With ``--fill sparse`` the guest's pages hold a few set words each (as the
+toy workloads write them): compressible memory, where LZ4 on the streams
+pays; the rows then also say how many pages went LZ4.
+
+Usage: python bench/bench_streams.py [--quick] [--repeat 3] [--fill random|sparse]
+       [--python-path] [--out bench/results/streams.json]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -95,10 +101,16 @@ def _source_main(job: dict, result_q) -> None:
         start = vm.layout.data_first_page(0) * PAGE_SIZE
         for off in range(start, vm.memory.length_bytes, FILL_CHUNK_BYTES):
             end = min(off + FILL_CHUNK_BYTES, vm.memory.length_bytes)
-            vm.memory.bytes[off:end] = np.frombuffer(rng.bytes(end - off), np.uint8)
+            if job["fill"] == "sparse":   # one set word in each 512 bytes
+                words = vm.memory.bytes[off:end].view(np.uint64)
+                words[::64] = rng.integers(1, 1 << 16, size=words[::64].shape, dtype=np.uint64)
+            else:
+                vm.memory.bytes[off:end] = np.frombuffer(rng.bytes(end - off), np.uint8)
         vm.start()
         time.sleep(0.2)
         config = MigrationConfig(streams=job["streams"])
+        if not job["lz4"]:
+            config = dataclasses.replace(config, codec=config.codec.without("lz4"))
 
         async def go():
             t0, cpu0 = time.perf_counter(), time.thread_time()
@@ -114,11 +126,12 @@ def _source_main(job: dict, result_q) -> None:
         vm.close()
 
 
-def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str) -> dict:
+def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str,
+                 fill: str, lz4: bool = True) -> dict:
     ctx = mp.get_context("spawn")
     result_q = ctx.Queue()
     job = {"streams": streams, "port": port, "memory_bytes": memory_bytes, "name": name,
-           "seed": 7}
+           "seed": 7, "fill": fill, "lz4": lz4}
     proc = ctx.Process(target=_source_main, args=(job, result_q))
     proc.start()
     try:
@@ -131,7 +144,7 @@ def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str) 
     stats = src["stats"]
     gib = memory_bytes / GiB
     return {
-        "kind": f"streams={streams}", "streams": streams,
+        "kind": f"streams={streams}" + ("" if lz4 else " no-lz4"), "streams": streams,
         "data_path": stats["data_path"], "dest_data_path": dst["data_path"],
         "total_s": stats["total_time_ms"] / 1e3, "downtime_ms": stats["downtime_ms"],
         "rounds": stats["nrounds"], "bytes_sent": stats["bytes_sent"],
@@ -139,6 +152,9 @@ def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str) 
         "source_cpu_s_per_gib": src["cpu_s"] / gib,
         "dest_cpu_s_per_gib": dst["cpu_s"] / gib,
         "dest_stream_cpu_s_per_gib": dst["stream_cpu_s"] / gib,
+        "pages_by_encoding": stats.get("pages_by_encoding", {}),
+        "setup_ms": stats["setup_time_ms"],
+        "round_s": [r.get("duration_s") for r in stats["rounds"]],
     }
 
 
@@ -165,13 +181,15 @@ def summarize(runs: list[dict]) -> list[dict]:
         rows = [r for r in runs if r["kind"] == kind]
         row = {"kind": kind, "n": len(rows)}
         for key in ("rate_mib_s", "total_s", "downtime_ms", "source_cpu_s_per_gib",
-                    "dest_cpu_s_per_gib", "rounds"):
+                    "dest_cpu_s_per_gib", "dest_stream_cpu_s_per_gib", "rounds"):
             row[key] = _median(rows, key)
         row["rate_vs_raw"] = row["rate_mib_s"] / raw_rate if raw_rate else None
         row["source_cpu_vs_raw"] = (row["source_cpu_s_per_gib"] / raw_src_cpu
                                     if raw_src_cpu else None)
         row["dest_cpu_vs_raw"] = row["dest_cpu_s_per_gib"] / raw_dst_cpu if raw_dst_cpu else None
         row["data_path"] = rows[0].get("data_path", "-")
+        row["lz4_pages"] = _median([{"v": r.get("pages_by_encoding", {}).get("lz4", 0)}
+                                    for r in rows], "v")
         out.append(row)
     return out
 
@@ -180,14 +198,16 @@ def markdown(result: dict) -> str:
     def f(x, d=2):
         return "-" if x is None else f"{x:.{d}f}"
     lines = ["| run | data path | rate MiB/s | × raw TCP | total s | downtime ms | "
-             "CPU s/GiB source (× raw) | CPU s/GiB destination (× raw) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "CPU s/GiB source (× raw) | CPU s/GiB destination (× raw) | "
+             "of which dest. stream threads | LZ4 pages |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
         lines.append(
             f"| {r['kind']} | {r['data_path']} | {f(r['rate_mib_s'], 0)} | {f(r['rate_vs_raw'])} "
             f"| {f(r['total_s'])} | {f(r['downtime_ms'], 1)} | {f(r['source_cpu_s_per_gib'])} "
             f"({f(r['source_cpu_vs_raw'], 1)}) | {f(r['dest_cpu_s_per_gib'])} "
-            f"({f(r['dest_cpu_vs_raw'], 1)}) |")
+            f"({f(r['dest_cpu_vs_raw'], 1)}) | {f(r['dest_stream_cpu_s_per_gib'])} "
+            f"| {f(r['lz4_pages'], 0)} |")
     return "\n".join(lines)
 
 
@@ -198,11 +218,16 @@ def main() -> None:
     ap.add_argument("--streams", default="1,2,4", help="stream counts to run (0 = Python path)")
     ap.add_argument("--python-path", action="store_true",
                     help="also migrate on the Python path (streams=0) for reference")
+    ap.add_argument("--no-lz4-too", action="store_true",
+                    help="also run each native stream count with LZ4 switched off")
+    ap.add_argument("--fill", choices=("random", "sparse"), default="random",
+                    help="incompressible guest memory, or a few set words per page")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "streams.json"))
     args = ap.parse_args()
     memory_bytes = 256 * MiB if args.quick else GiB
     repeat = 1 if args.quick else args.repeat
     counts = [int(x) for x in args.streams.split(",")] + ([0] if args.python_path else [])
+    kinds = [(n, True) for n in counts] + [(n, False) for n in counts if n and args.no_lz4_too]
 
     ctx = mp.get_context("spawn")
     port_q, dest_q = ctx.Queue(), ctx.Queue()
@@ -217,18 +242,19 @@ def main() -> None:
             row = raw_once(memory_bytes, source)
             runs.append(row)
             print(f"rep {rep}: raw TCP {row['rate_mib_s']:.0f} MiB/s", flush=True)
-            for n in counts:
-                row = migrate_once(n, port, dest_q, memory_bytes, f"bench-{rep}-{n}")
+            for n, lz4 in kinds:
+                row = migrate_once(n, port, dest_q, memory_bytes, f"bench-{rep}-{n}-{lz4}",
+                                   args.fill, lz4)
                 runs.append(row)
-                print(f"rep {rep}: streams={n} {row['rate_mib_s']:.0f} MiB/s "
+                print(f"rep {rep}: {row['kind']} {row['rate_mib_s']:.0f} MiB/s "
                       f"({row['total_s']:.2f} s, {row['data_path']})", flush=True)
     finally:
         dest.terminate()
         dest.join(timeout=10)
     result = {
-        "question": "1 GiB incompressible idle guest, loopback, unlimited: migration rate and "
-                    "CPU per GiB with native streams, against raw TCP in the same run",
-        "memory_bytes": memory_bytes, "repeat": repeat,
+        "question": f"1 GiB idle guest ({args.fill} memory), loopback, unlimited: migration "
+                    "rate and CPU per GiB with native streams, against raw TCP in the same run",
+        "memory_bytes": memory_bytes, "repeat": repeat, "fill": args.fill,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "runs": runs, "summary": summarize(runs),

@@ -493,16 +493,16 @@ void lm_urgent_destroy(lm_urgent *u);
  * in Python and then handed (a dup of its socket) to a thread here, on both
  * sides. The owner hands the source thread one round's page indices at a
  * time; the thread sends them as PageBatch frames (ZERO and RAW runs of the
- * page-batch format, and BLOCK runs given the block fingerprints of
- * codec/lm_blockdelta.c on both sides), ends its part of the round with
- * StreamEnd and waits for the destination thread's StreamAck. The
+ * page-batch format, LZ4 runs where compression pays, and BLOCK runs given
+ * the block fingerprints of codec/lm_blockdelta.c on both sides), ends its
+ * part of the round with StreamEnd and waits for the destination thread's StreamAck. The
  * destination thread checks every frame and batch, places the pages and
  * answers each StreamEnd once all of that round's pages are in place. Both
  * threads record the per-page hash of what they sent or placed in the
  * owner's hash array (the digest's input).
  * The owner learns of news (a round closed, the thread ended) through an
  * eventfd it watches with its event loop. */
-#define LM_STREAM_BATCH_PAGES 256         /* most pages in one sent PageBatch (1 MiB RAW) */
+#define LM_STREAM_BATCH_PAGES 64          /* most pages in one sent PageBatch (256 KiB: in L2) */
 #define LM_STREAM_MAX_FRAME 4194304       /* largest payload a stream thread accepts (4 MiB) */
 #define LM_STREAM_BLOCK_MAX_BLOCKS 12     /* more changed blocks than this: the page goes RAW */
 #define LM_STREAM_IDLE 0                  /* lm_stream_status: no thread attached */
@@ -528,6 +528,9 @@ typedef struct lm_stream_stats {
     uint64_t last_round_pages;    /* its pages on this stream */
     uint64_t last_round_bytes;    /* its page-batch bytes on this stream */
     uint64_t cpu_ns;              /* the thread's CPU time (CLOCK_THREAD_CPUTIME_ID) */
+    uint64_t lz4_pages;           /* pages sent / placed as LZ4 */
+    uint64_t lz4_bytes;           /* their compressed bytes */
+    uint64_t lz4_probes;          /* source: batches whose sample runs were compressed */
 } lm_stream_stats;
 
 /* 0 when native streams can run here (libxxhash loads and agrees with a known
@@ -548,6 +551,15 @@ int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hash
  * held. Without them BLOCK runs are refused. */
 int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes, uint8_t *held,
                           uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
+/* Source, before attach: send runs of RAW pages (cut at chunk_pages) as LZ4
+ * where that saves at least min_saving_pct of their bytes, judged per batch
+ * as the Python encoder does (docs/codec.md). 0, -ENOSYS without liblz4
+ * (reason says why), -EBUSY when attached, -EINVAL for a bad argument. */
+int lm_stream_source_lz4(lm_stream *s, uint32_t chunk_pages, double min_saving_pct,
+                         char *reason, size_t reason_cap);
+/* Source, at any time: the link's measured bandwidth (0: unknown). Known,
+ * LZ4 must also save more sending time than 1.5x its probe's CPU time. */
+void lm_stream_source_link(lm_stream *s, uint64_t link_bytes_per_s);
 /* Start the thread on sock_fd (ownership passes, even on failure), whose
  * next frame to send has sequence send_seq and next to receive recv_seq;
  * received payloads above min(max_payload_bytes, LM_STREAM_MAX_FRAME) are

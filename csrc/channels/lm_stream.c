@@ -15,7 +15,8 @@
  *     per batch of <= LM_STREAM_BATCH_PAGES:
  *       zero pages -> ZERO runs; others copied
  *       into staging, hashed (hashes[]), RAW,
- *       or BLOCK when few blocks changed
+ *       or BLOCK when few blocks changed;
+ *       RAW runs LZ4 where it pays
  *       writev(header, runs, pages) ──────▶ read frame, check header, checksum,
  *                                           the batch whole; then place pages,
  *                                           hash them (hashes[]), held[]
@@ -94,6 +95,20 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
         return rc;
     }
     if (side == LM_STREAM_SOURCE) {
+        /* The source needs to know at once whether it can send LZ4; the
+         * destination loads the library on its thread (stream_buffers). */
+        char reason[128];
+        (void)lm_lz4_open(&s->lz4, reason, sizeof(reason));   /* without it: no LZ4 */
+        if (s->lz4.dl) {   /* every page of a batch compressed */
+            s->lz4buf_bytes = (uint64_t)s->lz4.bound(LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE);
+            s->lz4buf = malloc(s->lz4buf_bytes);
+            if (!s->lz4buf) {
+                lm_stream_destroy(s);
+                return -ENOMEM;
+            }
+        }
+    }
+    if (side == LM_STREAM_SOURCE) {
         s->table = malloc(LM_STREAM_TABLE_BYTES);
         s->staging = malloc((size_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE);
         s->masks = malloc(LM_STREAM_MASK_BYTES);
@@ -112,6 +127,36 @@ LM_API int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_
 {
     /* The source only reads guest memory; the handle's field is shared. */
     return stream_new(LM_STREAM_SOURCE, (uint8_t *)base, npages, hashes, fp, fp_valid, out);
+}
+
+LM_API int lm_stream_source_lz4(lm_stream *s, uint32_t chunk_pages, double min_saving_pct,
+                                char *reason, size_t reason_cap)
+{
+    if (!s || s->side != LM_STREAM_SOURCE || chunk_pages == 0 ||
+        !(min_saving_pct >= 0.0 && min_saving_pct <= 100.0))
+        return -EINVAL;
+    if (s->ch.attached)
+        return -EBUSY;
+    if (!s->lz4.dl) {
+        char scratch[2];
+        if (!reason || reason_cap == 0) {
+            reason = scratch;
+            reason_cap = sizeof(scratch);
+        }
+        struct lm_lz4 probe;
+        int rc = lm_lz4_open(&probe, reason, reason_cap);
+        lm_lz4_close(&probe);
+        return rc < 0 ? rc : -ENOSYS;
+    }
+    /* A run never spans more pages than a batch holds. */
+    s->lz4_chunk_pages = chunk_pages < LM_STREAM_BATCH_PAGES ? chunk_pages : LM_STREAM_BATCH_PAGES;
+    s->lz4_max_ratio = 1.0 - min_saving_pct / 100.0;
+    return 0;
+}
+
+LM_API void lm_stream_source_link(lm_stream *s, uint64_t link_bytes_per_s)
+{
+    __atomic_store_n(&s->link_bytes_per_s, link_bytes_per_s, __ATOMIC_RELAXED);
 }
 
 LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
@@ -178,10 +223,36 @@ static int dest_loop(lm_stream *s)
     }
 }
 
+/* The thread's large buffers, made on the thread: at the destination the
+ * owner's event loop must not wait for them. Mapping memory (malloc of a
+ * large buffer, dlopen) takes the address space's lock for writing, which
+ * waits behind the pre-faulting of guest memory the destination runs at the
+ * same time (MADV_POPULATE_WRITE holds it for reading): measured under load,
+ * 40-140 ms per stream on the event loop, one stream after another. */
+static int stream_buffers(lm_stream *s)
+{
+    free(s->rbuf);
+    s->rbuf = malloc(LM_WIRE_HEADER_BYTES + s->ch.max_frame);
+    if (!s->rbuf)
+        return lm_chan_fail(&s->ch, ENOMEM, "no memory for the stream's receive buffer");
+    if (s->side == LM_STREAM_DEST && !s->lz4.dl) {
+        char reason[128];
+        if (lm_lz4_open(&s->lz4, reason, sizeof(reason)) == 0) {   /* else LZ4 is refused */
+            s->lz4buf_bytes = (uint64_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE;
+            s->lz4buf = malloc(s->lz4buf_bytes);   /* one batch's decoded pages */
+            if (!s->lz4buf)
+                return lm_chan_fail(&s->ch, ENOMEM, "no memory for decoding LZ4 runs");
+        }
+    }
+    return 0;
+}
+
 static void *stream_main(void *arg)
 {
     lm_stream *s = arg;
-    int rc = s->side == LM_STREAM_SOURCE ? source_loop(s) : dest_loop(s);
+    int rc = stream_buffers(s);
+    if (rc == 0)
+        rc = s->side == LM_STREAM_SOURCE ? source_loop(s) : dest_loop(s);
     lm_stream_account_cpu(s);
     lm_chan_finish(&s->ch, rc, 1);   /* the peer's thread must not wait for us */
     return NULL;
@@ -195,12 +266,6 @@ LM_API int lm_stream_attach(lm_stream *s, int sock_fd, uint32_t wire_version, ui
         return rc;
     s->ch.max_frame = max_payload_bytes < LM_STREAM_MAX_FRAME ? max_payload_bytes
                                                           : LM_STREAM_MAX_FRAME;
-    free(s->rbuf);
-    s->rbuf = malloc(LM_WIRE_HEADER_BYTES + s->ch.max_frame);
-    if (!s->rbuf) {
-        close(sock_fd);
-        return -ENOMEM;
-    }
     return lm_chan_start(&s->ch, sock_fd, wire_version, send_seq, recv_seq, stream_main, s);
 }
 
@@ -258,5 +323,7 @@ LM_API void lm_stream_destroy(lm_stream *s)
     free(s->staging);
     free(s->masks);
     free(s->blocks);
+    free(s->lz4buf);
+    lm_lz4_close(&s->lz4);
     free(s);
 }

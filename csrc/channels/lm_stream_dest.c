@@ -9,14 +9,17 @@
  *   frame exactly), and every run (reserved bytes 0, count > 0, inside
  *   memory, ascending and disjoint, an encoding a stream carries: ZERO with
  *   no payload, RAW with exactly count pages, BLOCK (with fingerprints)
- *   with exactly its masks and the blocks they name). A violation ends the thread
+ *   with exactly its masks and the blocks they name, LZ4 (with liblz4) of
+ *   at most LZ4's bound that decompresses to exactly count pages, at most
+ *   one batch's pages of them). A violation ends the thread
  *   with -EPROTO (-ERANGE for a page outside memory) and a reason; nothing of
  *   that batch is placed. The arithmetic is done in 64 bits on values the
  *   header bounds (a frame is at most LM_STREAM_MAX_FRAME bytes), so no
  *   count can wrap a check.
  *
- *   Placing: RAW pages are copied from the frame buffer and hashed from the
- *   landed copy (still in cache); BLOCK pages' blocks are written over the
+ *   Placing: RAW pages are copied from the frame buffer (LZ4 pages from
+ *   the buffer they were decoded into) and hashed from the landed copy
+ *   (still in cache); BLOCK pages' blocks are written over the
  *   page held and only those blocks rehashed (lm_blockdelta.c); ZERO pages
  *   are written only where memory is not zero already (a page never written
  *   reads as the shared zero page, and writing it would allocate memory for
@@ -51,10 +54,11 @@ static int check_round(lm_stream *s, uint32_t round, const char *what)
  * table) is payload_bytes; 0 or -errno with a reason. *block_pages and
  * *block_section get the BLOCK pages and the BLOCK section's length. */
 static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_t npages,
-                      uint64_t payload_bytes, uint64_t *block_pages, uint64_t *block_section)
+                      uint64_t payload_bytes, uint64_t *block_pages, uint64_t *block_section,
+                      uint64_t *lz4_pages, uint64_t *lz4_section)
 {
     uint64_t pages = 0, bytes = 0, next_free = 0;
-    *block_pages = *block_section = 0;
+    *block_pages = *block_section = *lz4_pages = *lz4_section = 0;
     for (uint32_t i = 0; i < nruns; i++) {
         const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r), count = get32(r + 8), pb = get32(r + 16);
@@ -89,6 +93,19 @@ static int check_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, uint64_
                                     (unsigned long long)count);
             *block_pages += count;
             *block_section += pb;
+        } else if (enc == LM_ENC_LZ4 && s->lz4.dl) {
+            /* Decoded into a staging buffer of one batch's pages before any
+             * is placed; a block is at most LZ4's bound of its input. */
+            if (count > LM_STREAM_BATCH_PAGES - *lz4_pages)
+                return lm_chan_fail(&s->ch, EPROTO, "page batch: LZ4 runs hold more than the %u "
+                                    "pages a stream batch may carry", LM_STREAM_BATCH_PAGES);
+            uint64_t raw = count * LM_PAGE_SIZE;
+            if (pb == 0 || pb > raw + raw / 255 + 16)
+                return lm_chan_fail(&s->ch, EPROTO, "page batch: LZ4 run %u has %llu payload "
+                                    "bytes for %llu pages", i, (unsigned long long)pb,
+                                    (unsigned long long)count);
+            *lz4_pages += count;
+            *lz4_section += pb;
         } else {
             return lm_chan_fail(&s->ch, EPROTO, "page batch: encoding %u in run %u is not carried "
                                 "on a bulk stream", enc, i);
@@ -137,9 +154,31 @@ static void land(lm_stream *s, uint64_t page, uint64_t h)
         s->held[page] = 1;
 }
 
+/* Decode every LZ4 run (the LZ4 section, in run order) into s->lz4buf, in
+ * run order: 0, or -EPROTO when a block does not give exactly its pages. */
+static int decode_lz4(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *section)
+{
+    uint64_t out = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        if (r[12] != LM_ENC_LZ4)
+            continue;
+        uint32_t pb = get32(r + 16);
+        int want = (int)(get32(r + 8) * LM_PAGE_SIZE);
+        int got = s->lz4.decompress((const char *)section, (char *)s->lz4buf + out, (int)pb, want);
+        if (got != want)
+            return lm_chan_fail(&s->ch, EPROTO, "page batch: LZ4 run %u does not decompress to "
+                                "its %d bytes (%d)", i, want, got);
+        section += pb;
+        out += (uint64_t)want;
+    }
+    return 0;
+}
+
 static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *masks,
                        const uint8_t *blocks, const uint8_t *raw)
 {
+    const uint8_t *unpacked = s->lz4buf;   /* the decoded LZ4 pages, in run order */
     for (uint32_t i = 0; i < nruns; i++) {
         const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r), count = get32(r + 8);
@@ -148,15 +187,19 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
             uint8_t *dst = s->base + page * LM_PAGE_SIZE;
             int64_t row = (int64_t)page;
             uint64_t h;
-            if (enc == LM_ENC_RAW) {
+            if (enc == LM_ENC_RAW || enc == LM_ENC_LZ4) {
+                const uint8_t *from = enc == LM_ENC_RAW ? raw : unpacked;
                 if (s->fp)   /* copy, then hash it as it landed, keeping its blocks' hashes */
-                    lm_pages_place_fingerprint(s->base, s->npages, &row, 1, raw, s->fp,
+                    lm_pages_place_fingerprint(s->base, s->npages, &row, 1, from, s->fp,
                                                s->fp_valid, &h);
                 else {
-                    memcpy(dst, raw, LM_PAGE_SIZE);
+                    memcpy(dst, from, LM_PAGE_SIZE);
                     h = page_hash(dst);
                 }
-                raw += LM_PAGE_SIZE;
+                if (enc == LM_ENC_RAW)
+                    raw += LM_PAGE_SIZE;
+                else
+                    unpacked += LM_PAGE_SIZE;
             } else if (enc == LM_ENC_BLOCK) {
                 uint16_t mask = get16(masks);
                 uint64_t len = (uint64_t)__builtin_popcount(mask) * LM_BLOCK_BYTES;
@@ -179,6 +222,8 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
         }
         if (enc == LM_ENC_RAW)
             STREAM_ADD(s, raw_pages, count);
+        else if (enc == LM_ENC_LZ4)
+            STREAM_ADD(s, lz4_pages, count);
         else if (enc == LM_ENC_BLOCK)
             STREAM_ADD(s, block_pages, count);
         else
@@ -218,17 +263,21 @@ int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
                             "(%llu runs, %llu payload bytes)", (unsigned long long)batch_len,
                             (unsigned long long)nruns, (unsigned long long)payload);
     const uint8_t *runs = bh + LM_BATCH_HEADER_BYTES;
-    uint64_t block_pages, block_section;
-    rc = check_runs(s, runs, (uint32_t)nruns, npages, payload, &block_pages, &block_section);
+    uint64_t block_pages, block_section, lz4_pages, lz4_section;
+    rc = check_runs(s, runs, (uint32_t)nruns, npages, payload, &block_pages, &block_section,
+                    &lz4_pages, &lz4_section);
     if (rc < 0)
         return rc;
-    const uint8_t *masks = bh + table_end;   /* BLOCK section first, then RAW */
+    const uint8_t *masks = bh + table_end;   /* sections: BLOCK, LZ4, RAW */
     rc = check_blocks(s, runs, (uint32_t)nruns, masks);
+    if (rc == 0 && lz4_pages)
+        rc = decode_lz4(s, runs, (uint32_t)nruns, masks + block_section);
     if (rc < 0)
         return rc;
     place_runs(s, runs, (uint32_t)nruns, masks, masks + 2 * block_pages,
-               masks + block_section);
+               masks + block_section + lz4_section);
     STREAM_ADD(s, block_bytes, block_section);
+    STREAM_ADD(s, lz4_bytes, lz4_section);
     s->round_open = 1;
     s->open_round = round;
     s->round_pages += npages;

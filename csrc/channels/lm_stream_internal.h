@@ -13,6 +13,7 @@
 
 #include "livemig.h"
 #include "channels/lm_chan.h"
+#include "codec/lm_lz4.h"
 
 enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
 
@@ -25,6 +26,13 @@ enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
 #define LM_STREAM_MASK_BYTES (LM_STREAM_BATCH_PAGES * 2)
 #define LM_STREAM_BLOCKS_BYTES \
     ((uint64_t)LM_STREAM_BATCH_PAGES * LM_STREAM_BLOCK_MAX_BLOCKS * LM_BLOCK_BYTES)
+/* LZ4: at most this many sample runs are compressed to judge a batch (as the
+ * Python encoder's probe), and after a probe found LZ4 does not pay, this
+ * many batches go without one (pages, not batches, are what a probe costs:
+ * 8 runs of one 64-page batch in 32 batches is 1 page in 32 compressed for
+ * nothing on incompressible memory). */
+#define LM_STREAM_LZ4_PROBE_RUNS 8
+#define LM_STREAM_LZ4_SKIP_BATCHES 31
 
 struct lm_stream {
     struct lm_chan ch;          /* the thread, its socket and eventfds */
@@ -56,6 +64,15 @@ struct lm_stream {
     uint8_t *masks;             /* source: the BLOCK section's masks ... */
     uint8_t *blocks;            /* ... and its blocks */
     lm_pace *pace;              /* source: the migration's bandwidth cap, or NULL */
+    /* LZ4 (source: compress where it pays; dest: decode). lz4.dl NULL: no
+     * liblz4; lz4_chunk_pages 0: the source sends no LZ4 */
+    struct lm_lz4 lz4;
+    uint32_t lz4_chunk_pages;
+    double lz4_max_ratio;       /* compressed / raw at most this to be sent */
+    uint64_t link_bytes_per_s;  /* atomic; 0: unknown (judge by ratio alone) */
+    uint32_t lz4_skip_batches;
+    uint8_t *lz4buf;            /* source: compressed runs; dest: decompressed pages */
+    uint64_t lz4buf_bytes;
     lm_stream_stats stats;      /* atomic fields */
 };
 

@@ -17,7 +17,16 @@
  *   the generated wire header): header, run table (consecutive pages of the
  *   same encoding form one run, in ascending order), then the RAW pages. It
  *   is sent with one writev(2) of frame header, prefix + header + run table,
- *   BLOCK masks and blocks, staged RAW pages (empty parts cost nothing).
+ *   BLOCK masks and blocks, LZ4 blocks, staged RAW pages (empty parts cost
+ *   nothing; the RAW pages of runs that went LZ4 are skipped, one part per
+ *   stretch of the staging buffer still RAW). A batch is 64 pages so that
+ *   its staged copy is still in L2 when it is checksummed and sent.
+ *
+ *   LZ4 (docs/codec.md): with lm_stream_source_lz4, RAW runs are cut at its
+ *   chunk, and a batch whose sample runs say compression pays (lz4_pays,
+ *   the Python encoder's rule) has each RAW run that shrinks enough sent as
+ *   one LZ4 block of its staged pages. The hash is still that of the staged
+ *   copy, which is exactly what the block decodes to.
  *
  *   BLOCK (docs/codec.md): given the block fingerprints of what the
  *   receiver holds, the copy and its sixteen block hashes are made in one
@@ -29,7 +38,9 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "channels/lm_pace.h"
 #include "channels/lm_stream_internal.h"
@@ -99,6 +110,85 @@ static int encode_page(lm_stream *s, uint64_t page, struct batch_build *b, uint3
     return enc;
 }
 
+static double monotonic_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The Python encoder's rule (codec/encoder.py, _lz4_pays), per batch:
+ * compress up to LM_STREAM_LZ4_PROBE_RUNS RAW runs spread over the batch;
+ * LZ4 pays when one of them would be sent compressed and, on a link whose
+ * bandwidth is known, the sending time saved exceeds 1.5x the probe's time
+ * (compressing, and decompressing taken as half as much again). A miss
+ * skips the probe for the next LM_STREAM_LZ4_SKIP_BATCHES batches. */
+static int lz4_pays(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint32_t *slot)
+{
+    if (s->lz4_skip_batches > 0) {
+        s->lz4_skip_batches--;
+        return 0;
+    }
+    uint32_t raw[LM_STREAM_BATCH_PAGES], nraw = 0;
+    for (uint32_t i = 0; i < nruns; i++)
+        if (runs[(uint64_t)i * LM_BATCH_RUN_BYTES + 12] == LM_ENC_RAW)
+            raw[nraw++] = i;
+    uint32_t k = nraw < LM_STREAM_LZ4_PROBE_RUNS ? nraw : LM_STREAM_LZ4_PROBE_RUNS;
+    STREAM_ADD(s, lz4_probes, 1);
+    double t0 = monotonic_s();
+    uint64_t saved = 0;
+    int worth = 0;
+    int64_t prev = -1;
+    for (uint32_t j = 0; j < k; j++) {
+        /* numpy.linspace(0, nraw - 1, k) truncated, each run once */
+        int64_t at = k == 1 ? 0 : (int64_t)((double)j * (nraw - 1) / (k - 1));
+        if (at == prev)
+            continue;
+        prev = at;
+        const uint8_t *r = runs + (uint64_t)raw[at] * LM_BATCH_RUN_BYTES;
+        int in = (int)(get32(r + 8) * LM_PAGE_SIZE);
+        int out = s->lz4.compress((const char *)(s->staging + (uint64_t)slot[raw[at]] * LM_PAGE_SIZE),
+                                  (char *)s->lz4buf, in, (int)s->lz4buf_bytes);
+        if (out <= 0)
+            continue;
+        if (out < in)
+            saved += (uint64_t)(in - out);
+        worth |= (double)out <= s->lz4_max_ratio * in;
+    }
+    uint64_t link = __atomic_load_n(&s->link_bytes_per_s, __ATOMIC_RELAXED);
+    if (worth && link)
+        worth = (double)saved / (double)link > 1.5 * (monotonic_s() - t0);
+    if (!worth)
+        s->lz4_skip_batches = LM_STREAM_LZ4_SKIP_BATCHES;
+    return worth;
+}
+
+/* Turn the RAW runs that compress well enough into LZ4 runs (their table
+ * entries rewritten), their blocks appended to s->lz4buf; returns the LZ4
+ * section's bytes, *lz4_pages its pages. */
+static uint64_t compress_runs(lm_stream *s, uint8_t *runs, uint32_t nruns, const uint32_t *slot,
+                              uint64_t *lz4_pages)
+{
+    uint64_t used = 0;
+    *lz4_pages = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        if (r[12] != LM_ENC_RAW)
+            continue;
+        uint32_t count = get32(r + 8);
+        int in = (int)(count * LM_PAGE_SIZE);
+        int out = s->lz4.compress((const char *)(s->staging + (uint64_t)slot[i] * LM_PAGE_SIZE),
+                                  (char *)s->lz4buf + used, in, (int)(s->lz4buf_bytes - used));
+        if (out <= 0 || (double)out > s->lz4_max_ratio * in)
+            continue;
+        r[12] = LM_ENC_LZ4;
+        put32(r + 16, (uint32_t)out);
+        used += (uint64_t)out;
+        *lz4_pages += count;
+    }
+    return used;
+}
+
 /* Build and send one batch of pages[0 .. n), n <= LM_STREAM_BATCH_PAGES. */
 static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n,
                       struct round_totals *t)
@@ -108,8 +198,12 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
     uint8_t *runs = bh + LM_BATCH_HEADER_BYTES;
     struct batch_build b = {0, 0, 0, 0};
     uint32_t nruns = 0;
+    uint32_t slot[LM_STREAM_BATCH_PAGES];   /* a RAW run's first staging slot */
+    uint32_t staged = 0;                    /* RAW pages in runs closed so far */
     uint64_t run_first = 0, run_count = 0, run_payload = 0;
     int run_enc = 0;
+    /* With LZ4 on, RAW runs are cut at its chunk: the unit it compresses. */
+    uint64_t raw_cut = s->lz4_chunk_pages ? s->lz4_chunk_pages : UINT64_MAX;
     for (uint64_t i = 0; i <= n; i++) {
         int enc = 0;
         uint64_t page = 0;
@@ -117,7 +211,8 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
         if (i < n) {
             page = pages[i];
             enc = encode_page(s, page, &b, &page_bytes);
-            if (run_count && enc == run_enc && page == run_first + run_count) {
+            if (run_count && enc == run_enc && page == run_first + run_count &&
+                !(enc == LM_ENC_RAW && run_count == raw_cut)) {
                 run_count++;
                 run_payload += page_bytes;
                 continue;
@@ -130,6 +225,9 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
             put32(r + 8, (uint32_t)run_count);
             r[12] = (uint8_t)run_enc;
             put32(r + 16, (uint32_t)run_payload);
+            slot[nruns] = staged;
+            if (run_enc == LM_ENC_RAW)
+                staged += (uint32_t)run_count;
             nruns++;
         }
         run_first = page;
@@ -137,9 +235,39 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
         run_enc = enc;
         run_payload = page_bytes;
     }
-    /* Sections in the batch format's order: BLOCK (masks, then blocks), RAW. */
-    uint64_t raw_bytes = (uint64_t)b.nraw * LM_PAGE_SIZE;
-    uint64_t payload = b.block_bytes + raw_bytes;
+    uint64_t lz4_bytes = 0, lz4_pages = 0;
+    if (s->lz4_chunk_pages && b.nraw && lz4_pays(s, runs, nruns, slot))
+        lz4_bytes = compress_runs(s, runs, nruns, slot, &lz4_pages);
+    /* Sections in the batch format's order: BLOCK (masks, then blocks), LZ4,
+     * RAW (the staged pages of the runs still RAW: one part per stretch). */
+    struct iovec iov[5 + LM_STREAM_BATCH_PAGES] = {
+        {.iov_base = NULL},
+        {.iov_base = prefix},
+        {.iov_base = s->masks, .iov_len = 2 * (uint64_t)b.nblock},
+        {.iov_base = s->blocks, .iov_len = b.block_bytes - 2 * (uint64_t)b.nblock},
+        {.iov_base = s->lz4buf, .iov_len = lz4_bytes},
+    };
+    int niov = 5;
+    uint64_t raw_bytes = 0;
+    if (lz4_pages == 0) {
+        raw_bytes = (uint64_t)b.nraw * LM_PAGE_SIZE;
+        iov[niov++] = (struct iovec){.iov_base = s->staging, .iov_len = raw_bytes};
+    } else {
+        for (uint32_t i = 0; i < nruns; i++) {
+            const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+            if (r[12] != LM_ENC_RAW)
+                continue;
+            uint8_t *at = s->staging + (uint64_t)slot[i] * LM_PAGE_SIZE;
+            uint64_t len = (uint64_t)get32(r + 8) * LM_PAGE_SIZE;
+            struct iovec *last = &iov[niov - 1];
+            if (niov > 5 && (uint8_t *)last->iov_base + last->iov_len == at)
+                last->iov_len += len;
+            else
+                iov[niov++] = (struct iovec){.iov_base = at, .iov_len = len};
+            raw_bytes += len;
+        }
+    }
+    uint64_t payload = b.block_bytes + lz4_bytes + raw_bytes;
     put32(prefix, round);
     put32(prefix + 4, (uint32_t)n);
     put64(prefix + 8, 0);   /* request_id: pushed, not requested */
@@ -152,24 +280,21 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
     put64(bh + 16, payload);
     uint64_t table_bytes = LM_BATCH_HEADER_BYTES + (uint64_t)nruns * LM_BATCH_RUN_BYTES;
     uint8_t header[LM_WIRE_HEADER_BYTES];
-    struct iovec iov[5] = {
-        {.iov_base = header},
-        {.iov_base = prefix, .iov_len = LM_WIRE_BATCH_PREFIX_BYTES + table_bytes},
-        {.iov_base = s->masks, .iov_len = 2 * (uint64_t)b.nblock},
-        {.iov_base = s->blocks, .iov_len = b.block_bytes - 2 * (uint64_t)b.nblock},
-        {.iov_base = s->staging, .iov_len = raw_bytes},
-    };
+    iov[0].iov_base = header;
+    iov[1].iov_len = LM_WIRE_BATCH_PREFIX_BYTES + table_bytes;
     int rc = lm_pace_take(s->pace, &s->ch, LM_WIRE_HEADER_BYTES + iov[1].iov_len + payload);
     if (rc == 0)
-        rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, 0, iov, 5);
+        rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, 0, iov, niov);
     if (rc != 0)
         return rc;
     STREAM_ADD(s, batches, 1);
     STREAM_ADD(s, pages, n);
     STREAM_ADD(s, zero_pages, b.nzero);
-    STREAM_ADD(s, raw_pages, b.nraw);
+    STREAM_ADD(s, raw_pages, b.nraw - lz4_pages);
     STREAM_ADD(s, block_pages, b.nblock);
     STREAM_ADD(s, block_bytes, b.block_bytes);
+    STREAM_ADD(s, lz4_pages, lz4_pages);
+    STREAM_ADD(s, lz4_bytes, lz4_bytes);
     STREAM_ADD(s, batch_bytes, table_bytes + payload);
     t->pages += n;
     t->bytes += table_bytes + payload;

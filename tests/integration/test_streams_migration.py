@@ -7,6 +7,7 @@ in the stats; a stream cut or corrupted mid-round fails the migration before
 Commit, with the source's VM resumed, intact, and migratable again.
 """
 import asyncio
+import dataclasses
 import socket
 
 import numpy as np
@@ -21,7 +22,7 @@ from livemig.engine.source.streams import SourceStreams
 from livemig.errors import MigrationError
 from livemig.native import postcopy
 from livemig.native.memory import GuestMemory
-from livemig.native.streams import SourceStream, probe
+from livemig.native.streams import SourceStream, lz4_probe, probe
 from livemig.protocol import spec
 from livemig.protocol import connection
 from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
@@ -84,6 +85,26 @@ def test_self_checking_guest_moves_on_streams_and_python_path_alike(run):
                                                server=server)
         assert native.data_path == "native-streams ×2"
         assert python.data_path == "python: native streams disabled by configuration (streams=0)"
+    run(main())
+
+
+@pytest.mark.skipif(not lz4_probe()[0], reason=f"no LZ4 on the streams: {lz4_probe()[1]}")
+def test_streams_send_lz4_where_it_pays_and_not_when_switched_off(run):
+    """The memtest guest's pages are a few words each: its runs go LZ4 on the
+    streams and land bit-identical; with "lz4" off in the codec none do."""
+    async def main():
+        async with MigrationServer(LOCAL, 0) as server:
+            on, on_dst = await _migrate_checked(MEMTEST, MigrationConfig(streams=2),
+                                                server=server)
+            base = MigrationConfig(streams=2)
+            off, _ = await _migrate_checked(
+                MEMTEST, dataclasses.replace(base, codec=base.codec.without("lz4")),
+                server=server)
+        assert on.pages_by_encoding["lz4"] > 0
+        assert on.pages_by_encoding == on_dst.pages_by_encoding
+        assert on.bytes_by_encoding["lz4"] < on.pages_by_encoding["lz4"] * 4096 * 0.875
+        assert off.pages_by_encoding["lz4"] == 0
+        assert on.bytes_sent < off.bytes_sent
     run(main())
 
 

@@ -318,13 +318,13 @@ def _raw_batch(runs, payload_pages=0, *, extra=b"", magic=b"LMPB", version=1, fl
     return header + table + payload, npages
 
 
-RAW, ZERO, LZ4, BLOCK = (spec.ENCODINGS[n] for n in ("raw", "zero", "lz4", "block"))
+RAW, ZERO, LZ4, BLOCK, DUP = (spec.ENCODINGS[n] for n in ("raw", "zero", "lz4", "block", "dup"))
 HOSTILE = {
     "bad batch magic": (_raw_batch([(0, 1, RAW, PAGE)], 1, magic=b"XXXX"), "bad magic"),
     "batch version": (_raw_batch([(0, 1, RAW, PAGE)], 1, version=9), "version"),
     "page outside memory": (_raw_batch([(NPAGES - 1, 2, RAW, 2 * PAGE)], 2), "outside memory"),
     "huge first page": (_raw_batch([(2**63, 1, ZERO, 0)]), "outside memory"),
-    "encoding a stream does not carry": (_raw_batch([(0, 1, LZ4, 100)], extra=b"x" * 100),
+    "encoding a stream does not carry": (_raw_batch([(0, 1, DUP, 100)], extra=b"x" * 100),
                                          "not carried"),
     "RAW size": (_raw_batch([(0, 2, RAW, PAGE)], 1), "RAW run"),
     "runs overlap": (_raw_batch([(4, 2, ZERO, 0), (5, 1, ZERO, 0)]), "not after"),

@@ -12,7 +12,8 @@ next sequence numbers to a native thread on each side:
   (:meth:`SourceStream.send_round`); its thread copies each non-zero page to
   a staging buffer, hashes it into the encoder's ``sent_hashes`` array, sends
   ZERO/RAW page batches (BLOCK pages too, given the encoder's block
-  fingerprints) and closes its part of the round with a StreamEnd, then
+  fingerprints, and LZ4 runs where :meth:`SourceStream.use_lz4` says and
+  compression pays) and closes its part of the round with a StreamEnd, then
   waits for the destination's StreamAck.
 * :class:`DestStream` checks and places every batch, writing the landed
   pages' hashes into the decoder's hash array, their block hashes into the
@@ -31,6 +32,7 @@ handle, the notify fd, status and failure (:mod:`.chanthread`).
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -38,6 +40,7 @@ import numpy as np
 
 from . import PAGE_SIZE, check, ffi, lib
 from .chanthread import ChannelThread, with_reason
+from .memory import GuestMemory
 
 ENV_SWITCH = "LIVEMIG_NATIVE_STREAMS"
 STRIPE_PAGES = 64
@@ -54,6 +57,20 @@ def probe() -> tuple[bool, str]:
     """(True, "") when native streams can run here, else (False, reason)."""
     rc, reason = with_reason(lib.lm_stream_probe)
     return rc == 0, reason
+
+
+def lz4_probe() -> tuple[bool, str]:
+    """(True, "") when the stream threads can send and decode LZ4 here (liblz4
+    loads), else (False, reason)."""
+    mem = GuestMemory(PAGE_SIZE)
+    try:
+        stream = SourceStream(mem, None)
+        try:
+            return stream.use_lz4(1, 0.0)
+        finally:
+            stream.close()
+    finally:
+        mem.close()
 
 
 def disabled_by_environment() -> bool:
@@ -106,10 +123,11 @@ class _NativeStream(ChannelThread):
         d = self._unfolded()
         stats.pages_sent += d["pages"]
         stats.bytes_sent += d["batch_bytes"]
-        for name in ("zero", "raw", "block"):
+        for name in ("zero", "raw", "block", "lz4"):
             stats.pages_by_encoding[name] = (stats.pages_by_encoding.get(name, 0)
                                              + d[f"{name}_pages"])
-        for name, nbytes in (("raw", d["raw_pages"] * PAGE_SIZE), ("block", d["block_bytes"])):
+        for name, nbytes in (("raw", d["raw_pages"] * PAGE_SIZE), ("block", d["block_bytes"]),
+                             ("lz4", d["lz4_bytes"])):
             stats.bytes_by_encoding[name] = stats.bytes_by_encoding.get(name, 0) + nbytes
         stats.stream_cpu_s += d["cpu_ns"] / 1e9
 
@@ -160,6 +178,21 @@ class SourceStream(_NativeStream):
             check(lib.lm_stream_set_pace(self._h, pace.ptr), "pacing a bulk stream")
         self._round_pages: np.ndarray | None = None   # read by the thread until acked
 
+    def use_lz4(self, chunk_pages: int, min_saving_pct: float) -> tuple[bool, str]:
+        """Before attach: send RAW runs of up to ``chunk_pages`` pages as LZ4
+        where that saves ``min_saving_pct`` (the codec's rule, judged per
+        batch). (True, "") or (False, why not: liblz4 does not load here)."""
+        rc, reason = with_reason(lib.lm_stream_source_lz4, self._h, chunk_pages,
+                                 min_saving_pct)
+        if rc == -errno.ENOSYS or rc == -errno.ENOENT:
+            return False, reason
+        check(rc, "configuring LZ4 on a bulk stream")
+        return True, ""
+
+    def set_link_bytes_per_s(self, bytes_per_s: float | None) -> None:
+        """The link's measured bandwidth, which LZ4 must beat (None: unknown)."""
+        lib.lm_stream_source_link(self._h, int(bytes_per_s or 0))
+
     def send_round(self, round_index: int, pages: np.ndarray) -> None:
         """Queue this stream's part of a round (ascending page indices); the
         notify fd says when it is acked (:meth:`round_counts`) or failed."""
@@ -194,6 +227,6 @@ class DestStream(_NativeStream):
                                           fp_valid))
 
 
-__all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe",
+__all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe", "lz4_probe",
            "disabled_by_environment", "ENV_SWITCH", "STRIPE_PAGES",
            "BATCH_PAGES", "SEND_FRAME_BYTES"]

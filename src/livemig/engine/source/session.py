@@ -346,7 +346,8 @@ class SourceSession:
             self._streams, self._stream_channels = await SourceStreams.open(
                 vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
                 self._data_path.nstreams,
-                lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}))
+                lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}),
+                codec=cfg.codec_for_mode)
             self.control._paced(self._streams)
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
@@ -437,6 +438,7 @@ class SourceSession:
                 await self._let_pass()
             # The threads copy each page before checksumming it, frozen or not.
             sent = await self._streams.send_round(index, pages, self.config.switchover_timeout_s,
+                                                  self._encoder.link_bytes_per_s,
                                                   on_progress=self._stream_progress(pages),
                                                   progress_interval_s=PROGRESS_INTERVAL_S)
             self._streams.fold_into(self.stats)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ...aio.channel import Channel
 from ...aio.ratelimit import burst_bytes_for
-from ...config import MigrationConfig
+from ...config import CodecConfig, MigrationConfig
 from ...errors import MigrationError
 from ...native import streams as native_streams
 from ...native.pace import Pace
@@ -113,12 +113,13 @@ class SourceStreams:
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
-                   opener: Callable[[], Awaitable[Channel]]) -> tuple["SourceStreams",
-                                                                       list[Channel]]:
+                   opener: Callable[[], Awaitable[Channel]],
+                   codec: CodecConfig | None = None) -> tuple["SourceStreams", list[Channel]]:
         """Open and hand off ``nstreams`` bulk channels; returns the streams
         and the channels (closed by the caller after :meth:`close`).
         ``hashes`` and ``fingerprints`` are the encoder's (see SourceStream);
-        all streams share one cap (:meth:`set_max_bandwidth`), none at first."""
+        all streams share one cap (:meth:`set_max_bandwidth`), none at first;
+        with ``codec`` allowing "lz4", the threads compress where it pays."""
         streams = cls([], Pace())
         channels: list[Channel] = []
         try:
@@ -128,6 +129,10 @@ class SourceStreams:
                 stream = native_streams.SourceStream(memory, hashes, fingerprints,
                                                      pace=streams.pace)
                 streams.streams.append(stream)
+                if codec is not None and codec.enabled("lz4"):
+                    # Without liblz4 the stream sends no LZ4 (docs/codec.md);
+                    # stats.pages_by_encoding shows which encodings went.
+                    stream.use_lz4(codec.lz4_chunk_pages, codec.lz4_min_saving_pct)
                 stream.attach(ch)
         except BaseException:
             streams.close()
@@ -141,16 +146,20 @@ class SourceStreams:
         it); the threads follow within 20 ms, also in the middle of a round."""
         self.pace.set(bandwidth_bps, PACE_BURST_BYTES)
 
-    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float, *,
+    async def send_round(self, index: int, pages: np.ndarray, stall_timeout_s: float,
+                         link_bytes_per_s: float | None = None, *,
                          on_progress: Callable[[int], None] | None = None,
                          progress_interval_s: float = 0.25) -> RoundSent:
         """Send ``pages`` (ascending) as round ``index``; returns once every
         stream's part is acknowledged. Raises what a failed thread reported,
         or MigrationError when the streams stall for ``stall_timeout_s`` (plus
-        what the cap makes them wait). While the round runs,
+        what the cap makes them wait). ``link_bytes_per_s`` (measured) is what
+        LZ4 must beat to be used. While the round runs,
         ``on_progress(pages sent so far)`` is called every
         ``progress_interval_s`` (a capped round can take long)."""
         before = [s.stats() for s in self.streams]
+        for s in self.streams:
+            s.set_link_bytes_per_s(link_bytes_per_s)
         parts = native_streams.partition(pages, len(self.streams))
         for stream, part in zip(self.streams, parts):
             stream.send_round(index, part)
