@@ -101,3 +101,47 @@ def test_bad_trace_workloads_are_refused_clearly(tmp_path):
         VM("32MiB", 2, "trace")
     with pytest.raises(ConfigError, match="name the trace file"):
         VM("32MiB", 2, "trace:")
+
+
+def test_daemon_records_and_starts_a_trace_vm(run, tmp_path):
+    from livemig.service.daemon import Daemon
+
+    path = str(tmp_path / "d.lmtrace")
+
+    async def scenario():
+        a = Daemon(listen="127.0.0.1:0", control_path=str(tmp_path / "a.sock"))
+        await a.start()
+        try:
+            h = a._handlers()
+            await h["vm.start"](name="src", memory="16MiB", vcpus=2, workload="hotset",
+                                dirty_rate="8MiB/s")
+            rec = await h["dirtyrate"](name="src", window_s=0.5, interval_s=0.1, record=path)
+            assert rec["path"] == path and rec["intervals"] == 5 and rec["file_bytes"] > 0
+            got = await h["vm.start"](name="replay", memory="24MiB", vcpus=2,
+                                      workload=f"trace:{path}")
+            assert got["workload"] == "trace"
+            with pytest.raises(Exception, match="truncated"):
+                open(tmp_path / "cut.lmtrace", "wb").write(open(path, "rb").read()[:-2])
+                await h["vm.start"](name="cut", memory="24MiB", vcpus=2,
+                                    workload=f"trace:{tmp_path / 'cut.lmtrace'}")
+        finally:
+            await a.close()
+
+    run(scenario())
+
+
+def test_cli_flags_name_trace_files_absolutely(monkeypatch, tmp_path):
+    from livemig.cli import build_parser
+    from livemig.cli.common import vm_dirty_rate
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["vm", "start", "x", "--workload", "trace:t.lmtrace"])
+    assert args.workload == f"trace:{tmp_path / 't.lmtrace'}"
+    assert vm_dirty_rate(args) is None          # the recorded rate
+    args = build_parser().parse_args(["vm", "start", "x", "--workload", "uniform"])
+    assert vm_dirty_rate(args) == 64 << 20      # the default pace
+    args = build_parser().parse_args(["vm", "start", "x", "--workload", "trace:t",
+                                      "--dirty-rate", "unpaced"])
+    assert vm_dirty_rate(args) == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["vm", "start", "x", "--workload", "trace"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ConfigError
-from .common import EXIT_OK, control_client, daemon_opts, emit, positive
+from .common import EXIT_OK, control_client, daemon_opts, emit, positive, workload
 from .migration import limit_options
 
 
@@ -52,7 +52,7 @@ def cmd_bench_convergence(args) -> int:
     from ..lab.sweep import run_sweep_cli
 
     return run_sweep_cli(profile=args.profile, out_dir=args.out, link=args.link,
-                         as_json=args.json)
+                         as_json=args.json, workload=args.workload)
 
 
 def cmd_demo(args) -> int:
@@ -112,6 +112,9 @@ def register(sub) -> None:
     sp.add_argument("--out", default="bench/results", help="output directory")
     sp.add_argument("--link", default="auto", choices=["auto", "netns", "ratelimit"],
                     help="how bandwidth is capped: netns+tc when available, else in-process")
+    sp.add_argument("--workload", type=workload,
+                    help="replace the profile's workloads, e.g. trace:FILE to sweep a "
+                    "recorded trace at each dirty rate (docs/vm.md)")
     sp.add_argument("--json", action="store_true", help="print the result document")
     sp.set_defaults(func=cmd_bench_convergence)
 
