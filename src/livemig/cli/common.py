@@ -72,6 +72,22 @@ def vm_dirty_rate(args) -> float:
     return None if args.workload.startswith(TRACE_PREFIX) else dirty_rate(DEFAULT_DIRTY_RATE)
 
 
+class WorkloadChoices(list):
+    """What ``--workload`` offers (shell completion lists it): the programs'
+    names and ``trace:``, which takes any file after it."""
+
+    def __init__(self):
+        from ..vm.programs import TRACE_PREFIX, WORKLOADS
+
+        super().__init__([n for n in sorted(WORKLOADS) if n != "trace"] + [TRACE_PREFIX])
+
+    def __contains__(self, value) -> bool:
+        from ..vm.programs import TRACE_PREFIX
+
+        return list.__contains__(self, value) or (isinstance(value, str)
+                                                  and value.startswith(TRACE_PREFIX))
+
+
 def emit(args, obj, human) -> None:
     if getattr(args, "json", False):
         print(json.dumps(obj, indent=2, default=str))
@@ -114,6 +130,7 @@ def vm_opts(sp) -> None:
                          "(default: %(default)s)")
     sp.add_argument("--vcpus", type=positive(int), default=2)
     sp.add_argument("--workload", default="memtest", type=workload,
+                    choices=WorkloadChoices(), metavar="WORKLOAD",
                     help=f"guest program: {', '.join(n for n in sorted(WORKLOADS) if n != 'trace')}"
                     ", or trace:FILE to replay a recorded dirty-page trace (default: "
                     "%(default)s; see docs/vm.md)")

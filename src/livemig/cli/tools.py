@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from ..errors import ConfigError
-from .common import EXIT_OK, control_client, daemon_opts, emit, positive, workload
+from .common import (EXIT_OK, WorkloadChoices, control_client, daemon_opts, emit, positive,
+                     workload)
 from .migration import limit_options
 
 
@@ -112,7 +113,7 @@ def register(sub) -> None:
     sp.add_argument("--out", default="bench/results", help="output directory")
     sp.add_argument("--link", default="auto", choices=["auto", "netns", "ratelimit"],
                     help="how bandwidth is capped: netns+tc when available, else in-process")
-    sp.add_argument("--workload", type=workload,
+    sp.add_argument("--workload", type=workload, choices=WorkloadChoices(), metavar="WORKLOAD",
                     help="replace the profile's workloads, e.g. trace:FILE to sweep a "
                     "recorded trace at each dirty rate (docs/vm.md)")
     sp.add_argument("--json", action="store_true", help="print the result document")
