@@ -70,7 +70,8 @@ def _reseal(data: bytes, body: bytes, **header) -> bytes:
     (lambda d: _reseal(d, d[trace.HEADER_BYTES:], nintervals=21), "interval 20 of 21"),
     (lambda d: _reseal(d, d[trace.HEADER_BYTES:], nintervals=19), "after the last"),
     (lambda d: _reseal(d, d[trace.HEADER_BYTES:-1] + b"\x80"), "inside a number"),
-    (lambda d: _reseal(d, b"\xff\xff\xff\xff\xff\x01"), "longer than"),
+    (lambda d: _reseal(d, b"\xff\xff\xff\xff\x01"), "longer than"),
+    (lambda d: _reseal(d, b"\x80" * (3 << 20) + b"\x01"), "longer than"),
     (lambda d: _reseal(d, b"\xff\xff\x03" + b"\0" * 5), "claims"),
     (lambda d: _reseal(d, d[trace.HEADER_BYTES:], memory_bytes=4096 * 2000), "past the"),
 ])
@@ -81,9 +82,9 @@ def test_bad_files_are_refused_by_name(mutate, message):
 
 
 def test_hostile_count_costs_no_more_than_the_file():
-    # an interval that claims 2**34 pages in a 20-byte body is refused before
-    # anything of that size exists
-    body = b"\x80\x80\x80\x80\x01" + b"\0" * 15
+    # an interval that claims 2**28 - 1 pages in a 20-byte body is refused
+    # before anything of that size exists
+    body = b"\xff\xff\xff\x7f" + b"\0" * 16
     data = _reseal(trace.encode(_trace()), body, memory_bytes=1 << 40)
     with pytest.raises(ConfigError, match="claims"):
         trace.decode(data)
@@ -127,3 +128,8 @@ def test_image_maps_pages_exactly_with_enough_memory():
 def test_image_refuses_a_vm_too_small_for_its_trace_area():
     with pytest.raises(ConfigError, match="give the VM at least"):
         trace.image_for(_trace(), data_npages=4, nvcpus=2)
+
+
+def test_a_decoded_trace_encodes_to_the_same_bytes():
+    data = trace.encode(_trace(seed=4, npages=1 << 20, per=5000))
+    assert trace.encode(trace.decode(data)) == data

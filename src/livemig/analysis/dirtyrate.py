@@ -215,9 +215,11 @@ def _by_sampling(vm, window_s: float, sample_pages: int | None, seed: int | None
 
 
 MAX_RECORD_S = 3600.0
-MAX_RECORD_PAGES = tracefile.MAX_TRACE_BYTES // 2
-"""Dirty pages a recording may hold (each costs at least one byte of file,
-and two in all but the densest intervals), checked as it records."""
+MAX_RECORD_PAGES = ((tracefile.MAX_TRACE_BYTES
+                     - tracefile.MAX_VARINT_BYTES * tracefile.MAX_INTERVALS)
+                    // tracefile.MAX_VARINT_BYTES)
+"""Dirty pages a recording may hold, checked as it records: at the largest
+size of a number, the file still stays within what a reader accepts."""
 
 
 def record_trace(vm, path: str, seconds: float = 10.0, *, interval_s: float = 0.1,
@@ -237,6 +239,10 @@ def record_trace(vm, path: str, seconds: float = 10.0, *, interval_s: float = 0.
         raise ConfigError("a dirty tracker is already armed on this VM's memory (a migration "
                           "is running): record the trace before or after it")
     nintervals = max(1, int(round(seconds / interval_s)))
+    if nintervals > tracefile.MAX_INTERVALS:
+        raise ConfigError(f"{nintervals} intervals of {interval_s:g} s is more than a trace "
+                          f"holds ({tracefile.MAX_INTERVALS}): record fewer --seconds or use "
+                          "a longer --interval")
     intervals: list[np.ndarray] = []
     held = 0
     with open_tracker(vm.memory, tracker) as trk:

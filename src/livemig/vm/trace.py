@@ -24,8 +24,9 @@ covers the body, so a truncated or altered file is refused before a field is
 interpreted; the checks after it (counts, order, bounds, no trailing bytes)
 guard against a well-formed file that describes an impossible trace. A file
 is read whole only after its size is checked against ``MAX_TRACE_BYTES``, and
-nothing decoded from it can outgrow the file, so a hostile trace costs
-bounded memory.
+every number decoded from it took at least one byte of it and is held in four
+(page indices are below 2**28: ``MAX_MEMORY_BYTES`` of pages), so a hostile
+trace costs at most about nine times its size in memory.
 
 Replay (``TraceImage``): the guest itself writes the pages, so a migration
 sees a real guest. Each vCPU's data partition is split into write targets
@@ -55,14 +56,15 @@ MAGIC = b"LMTRACE1"
 VERSION = 1
 _HEADER = struct.Struct("<8sHHIQIIQQ")
 HEADER_BYTES = _HEADER.size
-MAX_VARINT_BYTES = 5                 # 35 bits: page indices of up to 128 TiB
-MAX_TRACE_BYTES = 256 << 20          # a larger file is refused before it is read
+MAX_VARINT_BYTES = 4                 # 28 bits: every page index of MAX_MEMORY_BYTES
+MAX_TRACE_BYTES = 64 << 20           # a larger body is refused before it is read
 MAX_INTERVALS = 1_000_000
 MIN_INTERVAL_US = 1_000
 MAX_INTERVAL_US = 60_000_000
 MAX_MEMORY_BYTES = 1 << 40
 END_WORD = (1 << 64) - 1             # ends a vCPU's trace area: back to the start
 WORD_BYTES = 8
+_DECODE_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Trace:
     memory_bytes: int
     interval_s: float
     intervals: tuple[np.ndarray, ...]
-    """Per interval, the sorted distinct page indices written (int64)."""
+    """Per interval, the sorted distinct page indices written."""
 
     @property
     def npages(self) -> int:
@@ -115,21 +117,30 @@ def _encode_varints(values: np.ndarray) -> bytes:
 
 
 def _decode_varints(body: bytes, where: str) -> np.ndarray:
+    """The body's numbers as uint32, decoded a chunk at a time so that the
+    temporaries stay small whatever the file's size."""
     b = np.frombuffer(body, dtype=np.uint8)
-    if len(b) == 0:
-        return np.zeros(0, dtype=np.int64)
-    last = b < 0x80
-    if not last[-1]:
+    if len(b) and b[-1] >= 0x80:
         raise ConfigError(f"{where}: the body ends inside a number (truncated)")
-    ends = np.flatnonzero(last)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    if int(lengths.max()) > MAX_VARINT_BYTES:
-        raise ConfigError(f"{where}: a number longer than {MAX_VARINT_BYTES} bytes")
-    which = np.repeat(np.arange(len(ends)), lengths)
-    pos = np.arange(len(b)) - starts[which]
-    parts = (b & 0x7F).astype(np.int64) << (7 * pos)
-    return np.add.reduceat(parts, starts)
+    out = np.empty(int(np.count_nonzero(b < 0x80)), dtype=np.uint32)
+    done = n = 0
+    while done < len(b):
+        chunk = b[done:done + _DECODE_CHUNK_BYTES]
+        ends = np.flatnonzero(chunk < 0x80)
+        if len(ends) == 0:
+            raise ConfigError(f"{where}: a number longer than {MAX_VARINT_BYTES} bytes")
+        chunk = chunk[:int(ends[-1]) + 1]
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        lengths = ends - starts + 1
+        if int(lengths.max()) > MAX_VARINT_BYTES:
+            raise ConfigError(f"{where}: a number longer than {MAX_VARINT_BYTES} bytes")
+        which = np.repeat(np.arange(len(ends)), lengths)
+        shift = (7 * (np.arange(len(chunk)) - starts[which])).astype(np.uint64)
+        parts = (chunk & 0x7F).astype(np.uint64) << shift
+        out[n:n + len(ends)] = np.add.reduceat(parts, starts)
+        n += len(ends)
+        done += len(chunk)
+    return out
 
 
 # -- file --------------------------------------------------------------------
@@ -199,12 +210,12 @@ def decode(data: bytes, *, where: str = "trace") -> Trace:
         if count > npages or off + count > len(values):
             raise ConfigError(f"{where}: interval {i} claims {count} pages, more than "
                               "the memory or the file holds")
-        pages = np.cumsum(values[off:off + count] + 1) - 1
+        pages = np.cumsum(values[off:off + count].astype(np.int64) + 1) - 1
         off += count
         if count and int(pages[-1]) >= npages:
             raise ConfigError(f"{where}: interval {i} names page {int(pages[-1])}, past the "
                               f"recorded memory's {npages} pages")
-        intervals.append(pages.astype(np.int64))
+        intervals.append(pages.astype(np.uint32))
     if off != len(values):
         raise ConfigError(f"{where}: {len(values) - off} numbers after the last interval")
     return Trace(memory_bytes, interval_us / 1e6, tuple(intervals))
