@@ -7,7 +7,9 @@ import pytest
 from livemig.analysis.dirtyrate import measure_dirty_rate, record_trace
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
+from livemig.config import MigrationConfig
 from livemig.errors import ConfigError
+from livemig.native import postcopy
 from livemig.vm import trace
 from livemig.vm.machine import VM
 from support.oracle import Recipe, assert_matches_unmoved
@@ -67,7 +69,10 @@ def test_replay_is_deterministic_and_loops(recorded):
         assert a.status() == ["parked", "parked"]
 
 
-def test_a_trace_vm_migrates_bit_identical(run, recorded):
+@pytest.mark.parametrize("mode", ["precopy", "postcopy", "hybrid"])
+def test_a_trace_vm_migrates_bit_identical(run, recorded, mode):
+    if mode != "precopy" and not postcopy.probe().missing:
+        pytest.skip(f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
     path, _ = recorded
     recipe = TraceRecipe("40MiB", 2, f"trace:{path}", seed=3)
 
@@ -77,7 +82,8 @@ def test_a_trace_vm_migrates_bit_identical(run, recorded):
             vm.start()
             await asyncio.sleep(0.2)
             async with MigrationServer(LOCAL, 0) as server:
-                stats = await migrate(vm, LOCAL, server.port, name="t")
+                stats = await migrate(vm, LOCAL, server.port, name="t",
+                                      config=MigrationConfig(mode=mode))
                 arrival, moved = await server.completed.get()
             assert stats.status == "completed" and arrival.status == "completed"
             assert moved.workload == "trace" and moved.running
