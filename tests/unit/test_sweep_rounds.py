@@ -6,8 +6,9 @@ from livemig.lab.sweepplot import rounds_figure, rounds_point
 
 
 def _point(mode, rounds, *, rate="64 MiB/s", status="completed"):
+    bps = float(rate.split()[0]) * 2**20
     return {"mode": mode, "link": "unlimited", "memory": "32MiB", "workload": "uniform",
-            "dirty_rate": rate, "status": status,
+            "dirty_rate": rate, "dirty_rate_bps": bps, "status": status,
             "stats": {"memory_bytes": 32 << 20, "downtime_ms": 5.0,
                       "rounds": [{"dirty_pages": d} for d in rounds],
                       "postcopy": {"duration_ms": 10.0 if mode != "precopy" else None}}}
@@ -26,6 +27,10 @@ def test_the_point_with_most_precopy_rounds_is_chosen_one_per_mode():
     assert [p["mode"] for p in pts] == ["precopy", "hybrid", "postcopy"]
     assert len(pts[0]["stats"]["rounds"]) == 4
     assert rounds_point({"points": [_point("precopy", [1], status="failed")]}) is None
+    # as many rounds: the higher dirty rate shows more
+    tie = rounds_point({"points": [_point("precopy", [0, 0], rate="0 MiB/s"),
+                                   _point("precopy", [9, 3], rate="8 MiB/s")]})
+    assert tie[0]["dirty_rate"] == "8 MiB/s"
 
 
 def test_the_figure_draws_one_line_per_mode_from_the_rounds():

@@ -139,7 +139,8 @@ def _save(make, result: dict, path: str) -> str | None:
 
 def rounds_point(result: dict) -> list[dict] | None:
     """The completed points (one per mode: its first repeat) of the sweep
-    point whose pre-copy needed the most rounds; None if nothing completed."""
+    point whose pre-copy needed the most rounds (ties: more modes, then the
+    higher dirty rate); None if nothing completed."""
     done = [p for p in result["points"] if p["status"] == "completed" and p.get("stats")]
     if not done:
         return None
@@ -147,10 +148,16 @@ def rounds_point(result: dict) -> list[dict] | None:
     def key(p):
         return (p["link"], p["memory"], p["workload"], p["dirty_rate"])
 
-    def depth(k):
-        return max((len(p["stats"]["rounds"]) for p in done if key(p) == k), default=0)
+    def rank(k):
+        # most pre-copy rounds, then most modes, then the highest dirty rate
+        # (unpaced counts as the highest): the point where convergence shows
+        same = [p for p in done if key(p) == k]
+        rate = same[0].get("dirty_rate_bps")
+        return (max(len(p["stats"]["rounds"]) for p in same if p["mode"] == "precopy")
+                if any(p["mode"] == "precopy" for p in same) else 0,
+                len({p["mode"] for p in same}), math.inf if rate is None else rate)
 
-    best = max(dict.fromkeys(key(p) for p in done), key=depth)
+    best = max(dict.fromkeys(key(p) for p in done), key=rank)
     chosen: dict[str, dict] = {}
     for p in done:
         if key(p) == best:
@@ -178,7 +185,8 @@ def rounds_figure(result: dict):
             ax.scatter([xs[-1]], [ys[-1]], marker="s", s=80, color=line.get_color(),
                        zorder=5)
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("pre-copy round (0 = before the first full copy)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("pre-copy rounds done (0: all of memory still to send)")
     ax.set_ylabel("dirty set left (MiB)")
     p0 = pts[0]
     ax.set_title(f"convergence: {p0['workload']} {p0['memory']} at {p0['dirty_rate']}, "
