@@ -1,6 +1,7 @@
 """Dirty-page traces end to end: record a running guest, replay the file as a
 workload, and migrate the replaying VM (checked against an unmoved twin)."""
 import asyncio
+import json
 
 import pytest
 
@@ -151,3 +152,42 @@ def test_cli_flags_name_trace_files_absolutely(monkeypatch, tmp_path):
     assert vm_dirty_rate(args) == 0.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["vm", "start", "x", "--workload", "trace"])
+
+
+def test_cli_records_replays_and_migrates_a_trace(tmp_path):
+    """The commands an operator types, against daemon processes: record with
+    a path relative to the shell's directory, start the replay, move it, and
+    a damaged file refused in one line."""
+    import subprocess
+    import sys
+
+    from support.daemons import ENV, assert_daemon_vm_matches_unmoved, daemon_pair
+
+    def cli(*args, control):
+        return subprocess.run([sys.executable, "-m", "livemig", *map(str, args), "--control",
+                               control], env=ENV, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+
+    with daemon_pair(tmp_path, "asyncio") as (a, b):
+        a.cli("vm", "start", "src", "--memory", "16MiB", "--workload", "uniform",
+              "--dirty-rate", "8MiB/s")
+        rec = cli("dirtyrate", "src", "--record", "src.lmtrace", "--seconds", "1", "--json",
+                  control=a.control)
+        assert rec.returncode == 0, rec.stderr
+        doc = json.loads(rec.stdout)
+        assert doc["path"] == str(tmp_path / "src.lmtrace") and doc["intervals"] == 10
+        started = cli("vm", "start", "replay", "--memory", "24MiB", "--workload",
+                      "trace:src.lmtrace", "--json", control=a.control)
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["workload"] == "trace"
+        a.cli("migrate", "replay", "--to", b.address)
+        assert_daemon_vm_matches_unmoved(
+            b, "replay", TraceRecipe("24MiB", 2, f"trace:{tmp_path / 'src.lmtrace'}"))
+
+        (tmp_path / "cut.lmtrace").write_bytes((tmp_path / "src.lmtrace").read_bytes()[:-1])
+        bad = cli("vm", "start", "cut", "--memory", "24MiB", "--workload", "trace:cut.lmtrace",
+                  control=a.control)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+        assert "cut.lmtrace" in bad.stderr and "truncated" in bad.stderr, bad.stderr
+        again = cli("dirtyrate", "src", "--seconds", "1", control=a.control)
+        assert again.returncode == 2 and "--seconds goes with --record" in again.stderr
