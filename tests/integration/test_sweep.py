@@ -59,3 +59,5 @@ def test_outputs(result, tmp_path):
         assert "plot" not in paths and "matplotlib" in result["meta"]["plot_skipped"]
     else:
         assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        # convergence itself, from the migrations' own round records
+        assert open(paths["rounds_plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

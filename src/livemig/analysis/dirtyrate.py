@@ -23,6 +23,10 @@ Two ways to measure it, picked automatically:
     this is a lower bound; a sample of k pages gives a relative standard
     error of about sqrt((1-p)/(k·p)) for a dirty share p.
 
+``record_trace`` keeps what the tracker method throws away — each
+interval's set of dirty pages — and writes it as a dirty-page trace file
+(vm/trace.py) that the ``trace:FILE`` workload replays.
+
 Concentration is reported as the share of dirty pages that fall in the
 hottest 10 % of 2 MiB blocks (≈ 10 % for uniform writes, near 100 % for a
 hot set) and as distinct pages per guest store (the guest's own store
@@ -47,6 +51,7 @@ from ..errors import ConfigError
 from ..native import PAGE_SIZE
 from ..codec.kernels import hash_pages
 from ..native.tracking import DirtyTracker, open_tracker
+from ..vm import trace as tracefile
 
 BLOCK_PAGES = (2 << 20) // PAGE_SIZE
 """Pages per 2 MiB block: the unit of the concentration measure."""
@@ -209,6 +214,71 @@ def _by_sampling(vm, window_s: float, sample_pages: int | None, seed: int | None
                    interval_pages=None, interval_s=None, sampled_pages=k, relative_error=rel)
 
 
+MAX_RECORD_S = 3600.0
+MAX_RECORD_PAGES = ((tracefile.MAX_TRACE_BYTES
+                     - tracefile.MAX_VARINT_BYTES * tracefile.MAX_INTERVALS)
+                    // tracefile.MAX_VARINT_BYTES)
+"""Dirty pages a recording may hold, checked as it records: at the largest
+size of a number, the file still stays within what a reader accepts."""
+
+
+def record_trace(vm, path: str, seconds: float = 10.0, *, interval_s: float = 0.1,
+                 tracker: str = "auto") -> dict:
+    """Record the running ``vm``'s dirty pages per ``interval_s`` for ``seconds``
+    into the trace file ``path``. Blocking: call it from a worker thread.
+
+    The last collect after the window counts with the last interval, as in
+    the tracker method above, so no write inside the window is lost."""
+    if not (isinstance(seconds, (int, float)) and 0 < seconds <= MAX_RECORD_S):
+        raise ConfigError(f"--seconds must be in (0, {MAX_RECORD_S:g}], got {seconds!r}")
+    interval_us = round(float(interval_s) * 1e6)
+    if not tracefile.MIN_INTERVAL_US <= interval_us <= tracefile.MAX_INTERVAL_US:
+        raise ConfigError(f"--interval must be {tracefile.MIN_INTERVAL_US / 1e6:g}.."
+                          f"{tracefile.MAX_INTERVAL_US / 1e6:g} s, got {interval_s!r}")
+    if _tracker_in_use(vm.memory) is not None:
+        raise ConfigError("a dirty tracker is already armed on this VM's memory (a migration "
+                          "is running): record the trace before or after it")
+    nintervals = max(1, int(round(seconds / interval_s)))
+    if nintervals > tracefile.MAX_INTERVALS:
+        raise ConfigError(f"{nintervals} intervals of {interval_s:g} s is more than a trace "
+                          f"holds ({tracefile.MAX_INTERVALS}): record fewer --seconds or use "
+                          "a longer --interval")
+    intervals: list[np.ndarray] = []
+    held = 0
+    with open_tracker(vm.memory, tracker) as trk:
+        trk.start()
+        t0 = time.monotonic()
+        for i in range(nintervals):
+            # sleep to the interval's end on the window's clock, so that
+            # late wake-ups do not stretch the recording
+            delay = t0 + (i + 1) * interval_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pages = np.unique(np.asarray(trk.collect(), dtype=np.int64))
+            if i == nintervals - 1:
+                pages = np.union1d(pages, np.asarray(trk.collect(), dtype=np.int64))
+            held += len(pages)
+            if held > MAX_RECORD_PAGES:
+                raise ConfigError(f"the trace would hold more than {MAX_RECORD_PAGES:,} dirty "
+                                  f"pages after {i + 1} intervals: record fewer --seconds")
+            intervals.append(pages)
+        elapsed = time.monotonic() - t0
+        trk.stop()
+        name = trk.name
+    recorded = tracefile.Trace(vm.memory.length_bytes, interval_us / 1e6, tuple(intervals))
+    size = tracefile.write(path, recorded)
+    return {"path": path, "file_bytes": size, "tracker": name, "elapsed_s": elapsed,
+            **recorded.describe()}
+
+
+def format_record(r: dict) -> str:
+    """Human text of ``record_trace``'s result."""
+    return (f"recorded {r['intervals']} intervals of {r['interval_s']:g} s "
+            f"({r['dirty_pages']:,} dirty pages, {r['dirty_rate_bps'] / (1 << 20):.2f} MiB/s, "
+            f"tracker {r['tracker']}) to {r['path']}: {r['file_bytes']:,} bytes\n"
+            f"replay it with --workload trace:{r['path']}")
+
+
 def format_report(r: dict) -> str:
     """Human text of a report's ``to_dict()``."""
     lines = [f"dirty rate over {r['window_s']:.2f} s ({r['method']}"
@@ -231,5 +301,5 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DirtyRateReport", "measure_dirty_rate", "hot_block_share", "format_report",
+__all__ = ["DirtyRateReport", "measure_dirty_rate", "record_trace", "format_record", "hot_block_share", "format_report",
            "METHODS", "BLOCK_PAGES"]

@@ -31,11 +31,11 @@ def positive(kind):
 
 
 def dirty_rate(text: str):
-    """``--dirty-rate``: bytes/s (the ``/s`` is required), or 'unpaced' (None)."""
+    """``--dirty-rate``: bytes/s (the ``/s`` is required), or 'unpaced' (0: no pace)."""
     from ..units import parse_rate
 
     if text == "unpaced":
-        return None
+        return 0.0
     if not text.rstrip().endswith(("/s", "ps")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a rate: write it per second, "
                                          f"e.g. {text.strip()}/s, or 'unpaced'")
@@ -43,6 +43,49 @@ def dirty_rate(text: str):
         return parse_rate(text, what="--dirty-rate")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def workload(text: str) -> str:
+    """``--workload``: a program's name, or ``trace:FILE`` with FILE made absolute
+    (the daemon that loads it runs elsewhere)."""
+    from ..vm.programs import TRACE_PREFIX, WORKLOADS
+
+    if text.startswith(TRACE_PREFIX):
+        path = text[len(TRACE_PREFIX):]
+        if not path:
+            raise argparse.ArgumentTypeError(f"name the file: {TRACE_PREFIX}FILE")
+        return TRACE_PREFIX + os.path.abspath(path)
+    if text not in WORKLOADS or text == "trace":
+        names = ", ".join(n for n in sorted(WORKLOADS) if n != "trace")
+        raise argparse.ArgumentTypeError(f"unknown workload {text!r}; choose one of {names}, "
+                                         f"or {TRACE_PREFIX}FILE")
+    return text
+
+
+def vm_dirty_rate(args) -> float:
+    """The dirty rate a VM is created with: ``--dirty-rate`` if given, else the
+    default pace, or for a trace None (its recorded rate)."""
+    from ..vm.programs import TRACE_PREFIX
+
+    if args.dirty_rate is not None:
+        return args.dirty_rate
+    return None if args.workload.startswith(TRACE_PREFIX) else dirty_rate(DEFAULT_DIRTY_RATE)
+
+
+class WorkloadChoices(list):
+    """What ``--workload`` offers (shell completion lists it): the programs'
+    names and ``trace:``, which takes any file after it."""
+
+    def __init__(self):
+        from ..vm.programs import TRACE_PREFIX, WORKLOADS
+
+        super().__init__([n for n in sorted(WORKLOADS) if n != "trace"] + [TRACE_PREFIX])
+
+    def __contains__(self, value) -> bool:
+        from ..vm.programs import TRACE_PREFIX
+
+        return list.__contains__(self, value) or (isinstance(value, str)
+                                                  and value.startswith(TRACE_PREFIX))
 
 
 def emit(args, obj, human) -> None:
@@ -86,10 +129,13 @@ def vm_opts(sp) -> None:
                     help="guest memory size in binary units: 1GiB = 1G = 1GB = 2^30 bytes "
                          "(default: %(default)s)")
     sp.add_argument("--vcpus", type=positive(int), default=2)
-    sp.add_argument("--workload", default="memtest", choices=sorted(WORKLOADS),
-                    help="guest program (default: %(default)s; see docs/vm.md)")
-    sp.add_argument("--dirty-rate", default=DEFAULT_DIRTY_RATE, type=dirty_rate,
+    sp.add_argument("--workload", default="memtest", type=workload,
+                    choices=WorkloadChoices(), metavar="WORKLOAD",
+                    help=f"guest program: {', '.join(n for n in sorted(WORKLOADS) if n != 'trace')}"
+                    ", or trace:FILE to replay a recorded dirty-page trace (default: "
+                    "%(default)s; see docs/vm.md)")
+    sp.add_argument("--dirty-rate", type=dirty_rate,
                     help="target dirty rate in bytes per second, e.g. 64MiB/s or 1Gbit/s "
-                         "(default: %(default)s); 'unpaced' runs the vCPUs flat out, "
-                         "one whole CPU each")
+                         f"(default: {DEFAULT_DIRTY_RATE}, or a trace's recorded rate); "
+                         "'unpaced' runs the vCPUs flat out, one whole CPU each")
     sp.add_argument("--seed", type=int, default=0)

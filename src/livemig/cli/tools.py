@@ -2,7 +2,11 @@
 bench convergence, demo, completion."""
 from __future__ import annotations
 
-from .common import EXIT_OK, control_client, daemon_opts, emit
+import os
+
+from ..errors import ConfigError
+from .common import (EXIT_OK, WorkloadChoices, control_client, daemon_opts, emit, positive,
+                     workload)
 from .migration import limit_options
 
 
@@ -14,9 +18,22 @@ def cmd_probe(args) -> int:
     return EXIT_OK
 
 
-def cmd_dirtyrate(args) -> int:
-    from ..analysis.dirtyrate import format_report
+RECORD_DEFAULT_S = 10.0
 
+
+def cmd_dirtyrate(args) -> int:
+    from ..analysis.dirtyrate import format_record, format_report
+
+    if args.record is not None:
+        # the daemon writes the file: give it a path that means the same there
+        res = control_client(args).call("dirtyrate", name=args.vm,
+                                        window_s=args.seconds or RECORD_DEFAULT_S,
+                                        interval_s=args.interval,
+                                        record=os.path.abspath(args.record))
+        emit(args, res, format_record)
+        return EXIT_OK
+    if args.seconds is not None:
+        raise ConfigError("--seconds goes with --record (a measurement takes --window)")
     res = control_client(args).call("dirtyrate", name=args.vm, window_s=args.window,
                              method=args.method, interval_s=args.interval)
     emit(args, res, format_report)
@@ -36,7 +53,7 @@ def cmd_bench_convergence(args) -> int:
     from ..lab.sweep import run_sweep_cli
 
     return run_sweep_cli(profile=args.profile, out_dir=args.out, link=args.link,
-                         as_json=args.json)
+                         as_json=args.json, workload=args.workload)
 
 
 def cmd_demo(args) -> int:
@@ -67,8 +84,13 @@ def register(sub) -> None:
     sp.add_argument("--window", type=float, default=1.0, help="measurement window in seconds")
     sp.add_argument("--method", default="auto", choices=["auto", "tracker", "hash-sample"],
                     help="auto: a tracker, or hash sampling while a migration tracks the VM")
-    sp.add_argument("--interval", type=float, default=0.1,
-                    help="tracker collect interval in seconds")
+    sp.add_argument("--interval", type=positive(float), default=0.1,
+                    help="tracker collect interval in seconds (also a trace's interval)")
+    sp.add_argument("--record", metavar="FILE",
+                    help="record the VM's dirty pages per interval to FILE, a trace that "
+                    "--workload trace:FILE replays (docs/vm.md)")
+    sp.add_argument("--seconds", type=positive(float),
+                    help="with --record: how long to record (default 10)")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_dirtyrate)
 
@@ -91,6 +113,9 @@ def register(sub) -> None:
     sp.add_argument("--out", default="bench/results", help="output directory")
     sp.add_argument("--link", default="auto", choices=["auto", "netns", "ratelimit"],
                     help="how bandwidth is capped: netns+tc when available, else in-process")
+    sp.add_argument("--workload", type=workload, choices=WorkloadChoices(), metavar="WORKLOAD",
+                    help="replace the profile's workloads, e.g. trace:FILE to sweep a "
+                    "recorded trace at each dirty rate (docs/vm.md)")
     sp.add_argument("--json", action="store_true", help="print the result document")
     sp.set_defaults(func=cmd_bench_convergence)
 

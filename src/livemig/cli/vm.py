@@ -5,21 +5,21 @@ import os
 import sys
 
 from ..units import format_size
-from .common import EXIT_OK, control_client, daemon_opts, emit, vm_opts
+from .common import EXIT_OK, control_client, daemon_opts, emit, vm_dirty_rate, vm_opts
 
 
 def cmd_vm_run(args) -> int:
     from ..vm.runner import run_tracked
 
     return run_tracked(memory=args.memory, vcpus=args.vcpus, workload=args.workload,
-                       dirty_rate=args.dirty_rate, seconds=args.seconds, tracker=args.tracker,
+                       dirty_rate=vm_dirty_rate(args), seconds=args.seconds, tracker=args.tracker,
                        interval_s=args.interval, as_json=args.json, seed=args.seed)
 
 
 def cmd_vm_start(args) -> int:
     res = control_client(args).call("vm.start", name=args.name, memory=args.memory,
                                     vcpus=args.vcpus, workload=args.workload,
-                                    dirty_rate=args.dirty_rate, seed=args.seed)
+                                    dirty_rate=vm_dirty_rate(args), seed=args.seed)
     emit(args, res, lambda r: f"started VM {r['name']}: {r['workload']}, "
                                f"{r['memory_bytes'] >> 20} MiB, {r['vcpus']} vCPUs")
     return EXIT_OK

@@ -31,6 +31,7 @@ the migration itself; rates in a profile stay below one vCPU's maximum
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -344,12 +345,18 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
     return {"meta": meta, "points": points}
 
 
-def run_sweep_cli(*, profile: str, out_dir: str, link: str = "auto", as_json: bool = False) -> int:
+def run_sweep_cli(*, profile: str, out_dir: str, link: str = "auto", as_json: bool = False,
+                  workload: str | None = None) -> int:
+    """``workload`` replaces the profile's workloads, e.g. ``trace:FILE``: a
+    recorded trace replayed at each of the profile's dirty rates."""
     from .sweepreport import write_outputs
 
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    result = run_sweep(PROFILES[profile], link=link,
+    chosen = PROFILES[profile]
+    if workload is not None:
+        chosen = dataclasses.replace(chosen, workloads=(workload,))
+    result = run_sweep(chosen, link=link,
                        progress=None if as_json else lambda t: print(t, flush=True))
     paths = write_outputs(result, out_dir, f"convergence-{profile}")
     failed = [p for p in result["points"] if outcome(p) == "failed"]

@@ -14,12 +14,19 @@ dirty rate:
 - a grey dashed line at the link's bandwidth when it is inside the axis.
 
 The panels of a row share one y-scale, so the links compare at a glance.
+
+Beside it, ``plot_rounds`` draws convergence itself for one point (one
+link, memory, workload and dirty rate, every mode measured there): the dirty
+set left at the end of each pre-copy round, from the migrations' own round
+records (``stats.rounds``), starting from the whole memory before round 0; a
+post-copy or hybrid line ends where it switched over, with the pages still
+owed then. The point chosen is the one where pre-copy needed the most rounds.
 """
 from __future__ import annotations
 
 import math
 
-from ..units import MIB
+from ..units import MIB, PAGE_SIZE
 from .sweepreport import group
 
 METRICS = (
@@ -115,15 +122,14 @@ def figure(result: dict):
     return fig
 
 
-def plot(result: dict, path: str) -> str | None:
-    """Write the PNG; None on success, else why it was skipped."""
+def _save(make, result: dict, path: str) -> str | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib is not installed ({exc}); install the 'plot' extra"
-    fig = figure(result)
+    fig = make(result)
     if fig is None:
         return "no measured point to plot"
     fig.savefig(path, dpi=90)
@@ -131,4 +137,74 @@ def plot(result: dict, path: str) -> str | None:
     return None
 
 
-__all__ = ["figure", "plot"]
+def rounds_point(result: dict) -> list[dict] | None:
+    """The completed points (one per mode: its first repeat) of the sweep
+    point whose pre-copy needed the most rounds (ties: more modes, then the
+    higher dirty rate); None if nothing completed."""
+    done = [p for p in result["points"] if p["status"] == "completed" and p.get("stats")]
+    if not done:
+        return None
+
+    def key(p):
+        return (p["link"], p["memory"], p["workload"], p["dirty_rate"])
+
+    def rank(k):
+        # most pre-copy rounds, then most modes, then the highest dirty rate
+        # (unpaced counts as the highest): the point where convergence shows
+        same = [p for p in done if key(p) == k]
+        rate = same[0].get("dirty_rate_bps")
+        return (max(len(p["stats"]["rounds"]) for p in same if p["mode"] == "precopy")
+                if any(p["mode"] == "precopy" for p in same) else 0,
+                len({p["mode"] for p in same}), math.inf if rate is None else rate)
+
+    best = max(dict.fromkeys(key(p) for p in done), key=rank)
+    chosen: dict[str, dict] = {}
+    for p in done:
+        if key(p) == best:
+            chosen.setdefault(p["mode"], p)
+    return list(chosen.values())
+
+
+def rounds_figure(result: dict):
+    """Remaining dirty set per round, per mode, for ``rounds_point``; None if none."""
+    import matplotlib.pyplot as plt
+
+    pts = rounds_point(result)
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in pts:
+        s = p["stats"]
+        ys = [s["memory_bytes"] / MIB] + [r["dirty_pages"] * PAGE_SIZE / MIB
+                                           for r in s["rounds"]]
+        xs = list(range(len(ys)))
+        line, = ax.plot(xs, ys, "o-", label=f"{p['mode']} ({s['downtime_ms'] or 0:.0f} ms "
+                        "downtime)")
+        owed = (s.get("postcopy") or {}).get("duration_ms")
+        if owed:
+            ax.scatter([xs[-1]], [ys[-1]], marker="s", s=80, color=line.get_color(),
+                       zorder=5)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("pre-copy rounds done (0: all of memory still to send)")
+    ax.set_ylabel("dirty set left (MiB)")
+    p0 = pts[0]
+    ax.set_title(f"convergence: {p0['workload']} {p0['memory']} at {p0['dirty_rate']}, "
+                 f"link {p0['link']}\n(■ switch to post-copy: pages still owed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Write the PNG; None on success, else why it was skipped."""
+    return _save(figure, result, path)
+
+
+def plot_rounds(result: dict, path: str) -> str | None:
+    """Write the per-round convergence PNG; None on success, else why not."""
+    return _save(rounds_figure, result, path)
+
+
+__all__ = ["figure", "plot", "rounds_figure", "rounds_point", "plot_rounds"]

@@ -135,7 +135,8 @@ def markdown_table(result: dict) -> str:
 
 
 def write_outputs(result: dict, out_dir: str, stem: str) -> dict:
-    """Write ``stem``.json/.md/.png into ``out_dir``; the paths written."""
+    """Write ``stem``.json/.md/.png (and ``stem``-rounds.png, convergence per round
+    for one point) into ``out_dir``; the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, stem + ".json"),
              "markdown": os.path.join(out_dir, stem + ".md")}
@@ -143,12 +144,15 @@ def write_outputs(result: dict, out_dir: str, stem: str) -> dict:
         json.dump(result, f, indent=1, default=str)
     with open(paths["markdown"], "w") as f:
         f.write(markdown_table(result))
-    from .sweepplot import plot
+    from .sweepplot import plot, plot_rounds
 
     png = os.path.join(out_dir, stem + ".png")
     skipped = plot(result, png)
     if skipped is None:
         paths["plot"] = png
+        rounds_png = os.path.join(out_dir, stem + "-rounds.png")
+        if plot_rounds(result, rounds_png) is None:
+            paths["rounds_plot"] = rounds_png
     else:
         result["meta"]["plot_skipped"] = skipped
         with open(paths["markdown"], "a") as f:

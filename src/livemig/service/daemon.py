@@ -629,14 +629,20 @@ class Daemon(OperatorCommands):
                 "migrations": [r.describe() for r in self.migrations.values()]}
 
     async def _cmd_dirtyrate(self, name: str, window_s: float = 1.0, method: str = "auto",
-                             interval_s: float = 0.1) -> dict:
-        """Measure a running VM's dirty rate (see :mod:`livemig.analysis.dirtyrate`)."""
-        from ..analysis.dirtyrate import measure_dirty_rate
+                             interval_s: float = 0.1, record: str | None = None) -> dict:
+        """Measure a running VM's dirty rate (see :mod:`livemig.analysis.dirtyrate`),
+        or with ``record`` (an absolute path) record its dirty-page trace there."""
+        from ..analysis.dirtyrate import measure_dirty_rate, record_trace
 
         hosted = self._hosted(name)
         if not hosted.vm.running:
             raise ControlError(f"VM {name!r} is paused: it dirties nothing; resume it first",
                                error_type="Busy")
+        if record is not None:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: record_trace(hosted.vm, record, float(window_s),
+                                           interval_s=float(interval_s)))
+            return {"name": name, **result}
         report = await asyncio.get_running_loop().run_in_executor(
             None, lambda: measure_dirty_rate(hosted.vm, float(window_s), method=method,
                                              interval_s=float(interval_s)))

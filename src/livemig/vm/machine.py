@@ -12,6 +12,12 @@ PRNG and clock, so memory, registers and console at "step N on every vCPU"
 do not depend on thread timing, pauses, throttling or pacing. That is the
 oracle the migration tests use (``run_to`` + ``digest``).
 
+``workload="trace:FILE"`` replays a recorded dirty-page trace (vm/trace.py):
+the trace is laid into guest memory here, the VM's workload becomes
+``trace`` with the layout in its parameters, and a ``dirty_rate`` of None
+means the recorded rate (any other rate replays faster or slower; unpaced
+is ``set_dirty_rate(None)`` afterwards, as for every workload).
+
 Ordering: the vCPUs are paused one after another; each parks within
 microseconds, and the others keep running meanwhile, which is harmless
 because nothing a vCPU does depends on another vCPU's progress.
@@ -26,7 +32,7 @@ from ..errors import (ConfigError, GuestError, GuestTimeout, LivemigError, State
                       VMBusy)
 from ..native.memory import GuestMemory
 from ..units import parse_optional_rate, parse_size
-from . import isa, programs
+from . import isa, programs, trace
 from .devices import ClockState, ConsoleState
 from .state import VMState, VCpuRecord, unpack
 from .vcpu import VCpu
@@ -40,6 +46,16 @@ def _fault_text(code: int) -> str:
     return f"guest FAIL {code:#x}"
 
 
+def _trace_image(path: str, layout: programs.Layout, params: dict | None) -> trace.TraceImage:
+    if params:
+        raise ConfigError("a trace workload takes no parameters: its file decides everything")
+    if not path:
+        raise ConfigError(f"name the trace file: {programs.TRACE_PREFIX}FILE")
+    recorded = trace.load(path)
+    return trace.image_for(recorded, data_npages=layout.data_npages, nvcpus=layout.nvcpus,
+                           where=f"trace file {path}")
+
+
 class VM:
     def __init__(self, memory: int | str = "64MiB", vcpus: int = 2, workload: str | None = "uniform",
                  dirty_rate: str | float | None = None, seed: int = 0, params: dict | None = None,
@@ -50,6 +66,12 @@ class VM:
         if seed is None or not 0 <= int(seed) < 2**64:
             raise ConfigError(f"seed must be an integer 0..2**64-1, got {seed!r}")
         self.layout = programs.Layout(memory_bytes, vcpus)
+        image = None
+        if workload is not None and workload.startswith(programs.TRACE_PREFIX):
+            image = _trace_image(workload[len(programs.TRACE_PREFIX):], self.layout, params)
+            workload, params = "trace", image.params
+            if dirty_rate is None:
+                dirty_rate = image.dirty_rate_bps(vcpus)
         if workload is not None:
             programs.resolve_params(workload, params)  # refuse bad params before mapping
         self.seed = int(seed)
@@ -65,6 +87,8 @@ class VM:
                 self._vcpus.append(VCpu(self._memory, i))
             if workload is not None:
                 self._load_programs()
+            if image is not None:
+                self._load_trace(image)
             self.set_dirty_rate(dirty_rate)
         except BaseException:
             self.close()
@@ -87,6 +111,14 @@ class VM:
             st.pc = prog.origin
             st.rng = programs.initial_rng(self.seed, v.id)
             v.set_state(st)
+
+    def _load_trace(self, image: trace.TraceImage) -> None:
+        area = image.trace_npages
+        for v in self._vcpus:
+            first = self.layout.data_first_page(v.id) + self.layout.data_npages - area
+            words = image.streams[v.id]
+            start = first * isa.PAGE_SIZE
+            self._memory.bytes[start:start + words.nbytes] = memoryview(words).cast("B")
 
     # -- properties -------------------------------------------------------------
     @property
@@ -168,7 +200,8 @@ class VM:
     def set_dirty_rate(self, rate: str | float | None) -> None:
         """Target VM-wide dirty rate in bytes/s (``"64MiB/s"``); None: unpaced."""
         bps = parse_optional_rate(rate, what="dirty rate")
-        pace = programs.pace_for(self._workload, bps, self.nvcpus) if self._workload else 0
+        pace = (programs.pace_for(self._workload, bps, self.nvcpus, self.params)
+                if self._workload else 0)
         for v in self._vcpus:
             v.set_pace(pace)
         self._dirty_rate_bps = bps or None
@@ -258,7 +291,7 @@ class VM:
         t0, ticks0 = self._stats_mark
         self._stats_mark = (now, ticks)
         elapsed = now - t0
-        bpt = programs.workload(self._workload).bytes_per_tick if self._workload else 0
+        bpt = programs.bytes_per_tick(self._workload, self.params) if self._workload else 0
         return {
             "vcpus": per,
             "steps": sum(p["steps"] for p in per),
@@ -301,7 +334,7 @@ class VM:
         if s.workload is not None:
             try:
                 programs.resolve_params(s.workload, s.params)
-                programs.pace_for(s.workload, s.dirty_rate_bps, s.nvcpus)
+                programs.pace_for(s.workload, s.dirty_rate_bps, s.nvcpus, s.params)
             except ConfigError as exc:
                 raise StateFormatError(f"VM state describes an invalid workload: {exc}") from None
         for v, r in zip(self._vcpus, s.vcpus):

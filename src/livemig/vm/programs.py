@@ -226,6 +226,46 @@ def _memtest(c: dict, p: dict) -> str:
     """
 
 
+def _trace(c: dict, p: dict) -> str:
+    """Replay of a recorded dirty-page trace (vm/trace.py): walk this vCPU's
+    trace area; per interval write each listed page (one TICK each), then pad
+    with TICKs to SLOTS; at END go back to the start."""
+    return _PROLOGUE + """
+        li64  r2, TRACE
+        li    r3, -1              ; END
+        li64  r7, SLOTS
+        mov   r4, r2
+    interval:
+        ld    r6, [r4]
+        beq   r6, r3, rewind
+        addi  r4, r4, 8
+        mov   r8, r7
+    page:
+        beq   r6, r0, pad
+        ld    r9, [r4]
+        addi  r4, r4, 8
+        shli  r9, r9, 12
+        add   r9, r9, r1
+        addi  r5, r5, 1
+        st    r5, [r9]
+        tick
+        addi  r6, r6, -1
+        addi  r8, r8, -1
+        jmp   page
+    pad:
+        beq   r8, r0, interval
+        tick
+        addi  r8, r8, -1
+        jmp   pad
+    rewind:
+        mov   r4, r2
+        jmp   interval
+    """
+
+
+TRACE_PREFIX = "trace:"
+"""``trace:FILE`` names a recorded trace as a workload (machine.py loads it)."""
+
 WORKLOADS: dict[str, Workload] = {
     "idle": Workload("idle", _idle, 0),
     "uniform": Workload("uniform", _uniform, isa.PAGE_SIZE),
@@ -234,10 +274,15 @@ WORKLOADS: dict[str, Workload] = {
     "sweep": Workload("sweep", _sweep, isa.PAGE_SIZE, {"stride_pages": 1}),
     "memtest": Workload("memtest", _memtest, isa.PAGE_SIZE),
     "rewrite": Workload("rewrite", _rewrite, isa.PAGE_SIZE),
+    # built from a file (``trace:FILE``): the parameters come from vm/trace.py
+    "trace": Workload("trace", _trace, isa.PAGE_SIZE,
+                      {"trace_npages": 0, "slots": 1, "pages_per_tick": 1.0}),
 }
 
 
 def workload(name: str) -> Workload:
+    if name.startswith(TRACE_PREFIX):
+        name = "trace"
     try:
         return WORKLOADS[name]
     except KeyError:
@@ -277,6 +322,10 @@ def build(name: str, layout: Layout, vcpu: int, nvcpus: int, seed: int,
         raise ConfigError("hotset needs 0 < hot_fraction <= 1 and 0 <= hot_probability <= 1")
     if not 1 <= stride <= data_npages:
         raise ConfigError(f"sweep stride_pages must be 1..{data_npages}, got {stride}")
+    trace_npages, slots = int(p.get("trace_npages", 0)), int(p.get("slots", 1))
+    if name == "trace" and not (1 <= trace_npages < data_npages and slots >= 1):
+        raise ConfigError("the trace workload is built from a recorded file: use "
+                          f"{TRACE_PREFIX}FILE (see docs/vm.md)")
     constants = {
         "DATA": layout.data_first_page(vcpu) * isa.PAGE_SIZE,
         "NPAGES": data_npages,
@@ -287,6 +336,8 @@ def build(name: str, layout: Layout, vcpu: int, nvcpus: int, seed: int,
         "REPORT_MASK": MEMTEST_REPORT_EVERY - 1,
         "REPORT_CHAR": ord("a") + vcpu % 26,
         "MEMTEST_FAIL_CODE": MEMTEST_FAIL_CODE,
+        "TRACE": (layout.data_first_page(vcpu) + data_npages - trace_npages) * isa.PAGE_SIZE,
+        "SLOTS": slots,
     }
     origin = layout.code_base(vcpu)
     code = asm.assemble(w.build(constants, p), origin=origin, constants=constants)
@@ -307,12 +358,21 @@ def initial_rng(seed: int, vcpu: int) -> int:
 IDLE_TICKS_PER_S = 250_000
 
 
-def pace_for(name: str, dirty_rate_bps: float | None, nvcpus: int) -> int:
+def bytes_per_tick(name: str, params: dict | None = None) -> float:
+    """Bytes a workload dirties per TICK; a trace's depends on its padding."""
+    w = workload(name)
+    if w.name == "trace":
+        return w.bytes_per_tick * float(resolve_params("trace", params)["pages_per_tick"])
+    return w.bytes_per_tick
+
+
+def pace_for(name: str, dirty_rate_bps: float | None, nvcpus: int,
+             params: dict | None = None) -> int:
     """TICKs per second per vCPU for a VM-wide dirty rate (0: unpaced). A
     workload that writes no memory runs at IDLE_TICKS_PER_S."""
-    w = workload(name)
+    bpt = bytes_per_tick(name, params)
     if not dirty_rate_bps:
-        return IDLE_TICKS_PER_S if w.bytes_per_tick == 0 else 0
-    if w.bytes_per_tick == 0:
+        return IDLE_TICKS_PER_S if bpt == 0 else 0
+    if bpt <= 0:
         raise ConfigError(f"workload {name!r} does not write memory; it takes no dirty rate")
-    return max(1, int(round(dirty_rate_bps / w.bytes_per_tick / nvcpus)))
+    return max(1, int(round(dirty_rate_bps / bpt / nvcpus)))

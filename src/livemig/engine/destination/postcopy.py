@@ -141,9 +141,7 @@ class FaultService:
 
     def _on_native(self) -> None:
         self.native.clear_notify()
-        lat = self.native.drain_latencies_us()
-        if lat.size:
-            self.stats.fault_latency.add_many(lat)
+        self._fold_native()   # live counters, not only when post-copy ends
         self._check_done()
         err = self.native.failure()
         if isinstance(err, ConnectionLost) and self._done.is_set():

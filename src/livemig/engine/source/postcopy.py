@@ -152,6 +152,9 @@ class PostcopySender:
     def _on_native(self) -> None:
         self.native.clear_notify()
         pages = self.native.drain_requests()
+        # the thread's counters reach the live progress (fault rate, pages
+        # sent) as requests arrive, not only when post-copy ends
+        self.native.fold_into(self.stats, "source", self._rt_priority)
         if pages.size:
             self.owed[pages] = False
             recent = pages[-RECENT_FAULTS:].tolist()
