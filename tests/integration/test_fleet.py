@@ -1,0 +1,168 @@
+"""A fleet on loopback: a real etcd, daemons as processes joined with --fleet.
+
+Membership (live, then lost when a daemon dies and its lease expires), a
+migration whose commit point is the etcd ownership transaction (the VM
+arrives identical to a twin that never moved, and etcd names the new owner
+with the next epoch), and a destination that etcd refuses: it never runs the
+VM, and the source keeps its copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+
+from livemig.fleet import keys
+from livemig.fleet.etcd import EtcdClient
+from support.daemons import (EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved,
+                             livemig, start_vm, wait_hosted)
+from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
+from support.oracle import Recipe
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
+TTL_S = 2
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
+        yield cluster
+
+
+def _fleet(etcd, what: str) -> list:
+    return json.loads(livemig("fleet", what, "--fleet", etcd.url, "--json").stdout)[what]
+
+
+def _vm_row(etcd, name: str) -> dict | None:
+    return next((v for v in _fleet(etcd, "vms") if v["name"] == name), None)
+
+
+def _put(etcd, key: str, value: bytes) -> None:
+    async def main():
+        client = EtcdClient(etcd.url)
+        try:
+            await client.put(key, value)
+        finally:
+            await client.close()
+    asyncio.run(main())
+
+
+def _daemon(tmp_path, label, loop, etcd):
+    return DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url, "--fleet-ttl", str(TTL_S))
+
+
+def test_hosts_register_and_a_dead_host_is_shown_lost(tmp_path, etcd):
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    b = _daemon(tmp_path, "b", "asyncio", etcd)
+    try:
+        assert a.client.call("ping")["fleet"]["state"] == "member"
+        hosts = {h["addr"]: h for h in _fleet(etcd, "hosts")}
+        for d in (a, b):
+            h = hosts[d.address]
+            assert h["state"] == "live" and h["cpus"] >= 1 and h["memory_available_bytes"] > 0
+            assert h["pid"] == d.proc.pid and h["version"]
+        start_vm(a, "member-vm", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+        row = wait_for("etcd to name a as the VM's owner", lambda: _vm_row(etcd, "member-vm"))
+        assert (row["owner"], row["epoch"]) == (a.address, 1)
+        wait_for("a's record to list its VM", lambda: "member-vm" in next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["vms"])
+        os.kill(b.proc.pid, signal.SIGKILL)     # no goodbye: only the lease can tell
+        b.proc.wait()
+        lost = wait_for("b's lease to expire", lambda: next(
+            (h for h in _fleet(etcd, "hosts") if h["addr"] == b.address
+             and h["state"] == "lost"), None))
+        assert lost == {"addr": b.address, "state": "lost"}
+        human = livemig("fleet", "hosts", "--fleet", etcd.url).stdout
+        assert f"{b.address}" in human and "lost" in human
+        assert next(h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["state"] == "live"
+    finally:
+        b.close()
+        a.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_commit_point_is_the_etcd_transaction(tmp_path, etcd, loop):
+    name = f"owned-{loop}"
+    a = _daemon(tmp_path, "a", loop, etcd)
+    b = _daemon(tmp_path, "b", loop, etcd)
+    try:
+        recipe = Recipe("16MiB", 2, "memtest", seed=11, dirty_rate="8MiB/s")
+        start_vm(a, name, recipe)
+        wait_for("etcd to name a as the owner", lambda: (_vm_row(etcd, name) or {}).get("owner")
+                 == a.address)
+        rec = a.cli_json("migrate", name, "--to", b.address)
+        assert rec["status"] == "completed", rec
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (b.address, 2)
+        assert name not in [v["name"] for v in a.client.call("vm.list")]
+        assert_daemon_vm_matches_unmoved(b, name, recipe)
+        # and back: the epoch moves on again
+        assert b.cli_json("migrate", name, "--to", a.address)["status"] == "completed"
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (a.address, 3)
+        assert_daemon_vm_matches_unmoved(a, name, recipe)
+    finally:
+        b.close()
+        a.close()
+
+
+def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
+    """etcd names a third host as the owner: the destination refuses at the
+    commit point and discards its copy; the source, told so, may not resume a
+    VM etcd says is another's either: it keeps it paused, unresolved."""
+    name = "disputed"
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    b = _daemon(tmp_path, "b", "asyncio", etcd)
+    try:
+        recipe = Recipe("16MiB", 2, "memtest", seed=12, dirty_rate="8MiB/s")
+        start_vm(a, name, recipe)
+        wait_for("etcd to know the VM", lambda: _vm_row(etcd, name))
+        third = keys.owner_record("192.0.2.1:7400", 9)
+        _put(etcd, keys.vm_key(name), third)
+        rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+        assert rec["status"] in ("failed", "in-doubt"), rec
+        assert "192.0.2.1:7400" in rec["error"], rec["error"]
+        assert name not in [v["name"] for v in b.client.call("vm.list")]
+        here = wait_hosted(a, name)
+        assert not here["running"] and here["unresolved"], here
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == ("192.0.2.1:7400", 9)
+    finally:
+        b.close()
+        a.close()
+
+
+def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
+    """b's lease is revoked before the commit point: etcd refuses its
+    transaction, b never runs the VM, and a — still the owner in etcd —
+    reclaims it with a new epoch and runs on, identical to a twin."""
+    name = "fenced"
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    b = DaemonProcess(tmp_path, "b", "asyncio", "--fleet", etcd.url, "--fleet-ttl", "60")
+    try:
+        recipe = Recipe("16MiB", 2, "memtest", seed=13, dirty_rate="8MiB/s")
+        start_vm(a, name, recipe)
+        wait_for("etcd to name a", lambda: (_vm_row(etcd, name) or {}).get("owner") == a.address)
+        lease = b.client.call("ping")["fleet"]["lease_id"]
+
+        async def revoke():
+            client = EtcdClient(etcd.url)
+            try:
+                await client.lease_revoke(lease)
+            finally:
+                await client.close()
+        asyncio.run(revoke())
+        rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+        assert rec["status"] == "failed" and "lease" in rec["error"], rec
+        assert name not in [v["name"] for v in b.client.call("vm.list")]
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (a.address, 2)
+        assert wait_hosted(a, name)["running"]
+        assert_daemon_vm_matches_unmoved(a, name, recipe)
+    finally:
+        b.close()
+        a.close()
