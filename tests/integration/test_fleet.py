@@ -166,3 +166,42 @@ def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
     finally:
         b.close()
         a.close()
+
+
+def test_drain_empties_a_host_and_every_vm_arrives_identical(tmp_path, etcd):
+    """Three daemons; a hosts three small VMs. `fleet drain a` moves them to
+    b and c (two at a time), each through the etcd commit; a ends empty and
+    every VM matches a twin that never moved."""
+    daemons = [_daemon(tmp_path, label, "asyncio", etcd) for label in ("da", "db", "dc")]
+    a = daemons[0]
+    try:
+        recipes = {f"drain{i}": Recipe("16MiB", 1, "memtest", seed=20 + i, dirty_rate="4MiB/s")
+                   for i in range(3)}
+        for name, recipe in recipes.items():
+            start_vm(a, name, recipe)
+        wait_for("a's record to list its three VMs", lambda: set(recipes) <= set(next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["vms"]))
+        dry = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url, "--dry-run",
+                                 "--json").stdout)
+        assert {m["vm"] for m in dry["plan"]["moves"]} == set(recipes)
+        assert {m["destination"] for m in dry["plan"]["moves"]} <= {d.address for d in daemons[1:]}
+        assert len(a.client.call("vm.list")) == 3, "a dry run moves nothing"
+        out = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url,
+                                 "--per-host-limit", "2", "--json").stdout)
+        assert out["result"]["left"] == [], out
+        assert all(v["status"] == "completed" for v in out["result"]["vms"].values()), out
+        assert a.client.call("vm.list") == []
+        owners = {v["name"]: v for v in _fleet(etcd, "vms")}
+        by_addr = {d.address: d for d in daemons}
+        for name, recipe in recipes.items():
+            assert owners[name]["epoch"] == 2 and owners[name]["owner"] != a.address
+            assert_daemon_vm_matches_unmoved(by_addr[owners[name]["owner"]], name, recipe)
+        # The mark stays (nothing is planned onto a) until it is undrained.
+        wait_for("a's record to say it is draining", lambda: next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["draining"])
+        livemig("fleet", "undrain", a.address, "--fleet", etcd.url)
+        wait_for("a's record to drop the mark", lambda: not next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["draining"])
+    finally:
+        for d in daemons:
+            d.close()

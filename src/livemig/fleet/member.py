@@ -40,17 +40,18 @@ import time
 
 from ..errors import LivemigError, MigrationError
 from . import keys
+from .drain import DrainRunner
 from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, b64, cmp_mod_revision, op_put)
 
 DEFAULT_TTL_S = 10
 log = logging.getLogger("livemig.fleet")
 
 
-def _mem_available_bytes() -> int:
+def _meminfo_bytes(field: str) -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
@@ -76,6 +77,8 @@ class FleetMember:
         self.state = "joining"
         self.last_error: str | None = None
         self._task: asyncio.Task | None = None
+        self.draining = False              # our drain mark is set (fleet/drain.py)
+        self.drain = DrainRunner(self)
 
     # -- membership ---------------------------------------------------------------------
     async def join(self) -> None:
@@ -96,11 +99,13 @@ class FleetMember:
     def record(self) -> dict:
         d = self.daemon
         return {"addr": self.addr, "pid": os.getpid(), "version": _version(),
-                "memory_available_bytes": _mem_available_bytes(),
+                "memory_available_bytes": _meminfo_bytes("MemAvailable"),
+                "memory_total_bytes": _meminfo_bytes("MemTotal"), "draining": self.draining,
                 "cpus": os.cpu_count() or 1, "load_1m": os.getloadavg()[0],
                 "vms": {name: {"memory_bytes": h.vm.memory.length_bytes,
                                "vcpus": h.vm.nvcpus, "running": h.vm.running,
-                               "migrating": h.migrating}
+                               "migrating": h.migrating,
+                               "dirty_rate_bps": h.vm.dirty_rate}
                         for name, h in d.vms.items()},
                 "updated_at": time.time()}
 
@@ -127,12 +132,13 @@ class FleetMember:
                 if self.lease_id and await self.client.lease_keepalive(self.lease_id) > 0:
                     self.lease_expires_at = t0 + self.ttl_s
                     await self._publish()
+                    await self.drain.check()
                     self.state, self.last_error = "member", None
                 else:
                     # The lease expired (we were cut off longer than ttl_s): rejoin.
                     self.state = "lost"
                     await self._new_lease()
-            except EtcdError as exc:
+            except (EtcdError, ValueError) as exc:
                 self.last_error = str(exc)
                 if time.monotonic() >= self.lease_expires_at:
                     self.state = "lost"
@@ -143,12 +149,13 @@ class FleetMember:
                 "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
 
     async def close(self, *, leave: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._task, self.drain.task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         if leave and self.lease_id:
             try:
                 await self.client.lease_revoke(self.lease_id)
