@@ -124,7 +124,10 @@ class EtcdClient:
         if len(head) > MAX_HEADER_BYTES:
             raise ValueError("response headers too large")
         lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
+        first = lines[0].split()
+        if len(first) < 2 or not first[0].startswith("HTTP/1.") or not first[1].isdigit():
+            raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
+        status = int(first[1])
         headers = {k.strip().lower(): v.strip() for k, _, v in
                    (line.partition(":") for line in lines[1:] if line)}
         if headers.get("transfer-encoding", "").lower() == "chunked":
