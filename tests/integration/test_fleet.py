@@ -205,3 +205,14 @@ def test_drain_empties_a_host_and_every_vm_arrives_identical(tmp_path, etcd):
     finally:
         for d in daemons:
             d.close()
+
+
+def test_a_stopped_vm_frees_its_name_in_etcd(tmp_path, etcd):
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    try:
+        start_vm(a, "brief", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+        wait_for("etcd to know the VM", lambda: _vm_row(etcd, "brief"))
+        a.cli("vm", "stop", "brief")
+        wait_for("the owner key to go", lambda: _vm_row(etcd, "brief") is None)
+    finally:
+        a.close()

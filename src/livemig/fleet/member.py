@@ -79,6 +79,7 @@ class FleetMember:
         self._task: asyncio.Task | None = None
         self.draining = False              # our drain mark is set (fleet/drain.py)
         self.drain = DrainRunner(self)
+        self._seen: set[str] = set()       # VMs hosted here at the last publish
 
     # -- membership ---------------------------------------------------------------------
     async def join(self) -> None:
@@ -112,9 +113,16 @@ class FleetMember:
     async def _publish(self) -> None:
         await self.client.put(keys.host_key(self.addr), json.dumps(self.record()),
                               lease=self.lease_id)
-        for name, hosted in list(self.daemon.vms.items()):
+        here = dict(self.daemon.vms)
+        for name, hosted in here.items():
             if not hosted.migrating and hosted.unresolved is None:
                 await self._claim_new(name)
+        for name in self._seen - set(here):
+            # Gone from here: migrated (the key names its new owner, so the
+            # compare fails and nothing changes) or stopped (the key still
+            # names us, at the epoch we held: free the name).
+            await self._release_if_ours(name)
+        self._seen = set(here)
 
     async def _claim_new(self, name: str) -> None:
         """A VM started here that etcd has never seen: owner here, epoch 1."""
@@ -122,6 +130,13 @@ class FleetMember:
         await self.client.txn([{"key": b64(key), "target": "CREATE", "result": "EQUAL",
                                 "create_revision": "0"}],
                               [op_put(key, keys.owner_record(self.addr, 1))])
+
+    async def _release_if_ours(self, name: str) -> None:
+        key = keys.vm_key(name)
+        kv = await self.client.get(key)
+        if kv is not None and keys.parse_owner(kv.value, what=key)[0] == self.addr:
+            await self.client.txn([cmp_mod_revision(key, kv.mod_revision)],
+                                  [{"request_delete_range": {"key": b64(key)}}])
 
     async def _keep_alive(self) -> None:
         interval_s = self.ttl_s / 3
