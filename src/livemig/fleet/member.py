@@ -41,7 +41,8 @@ import time
 from ..errors import LivemigError, MigrationError
 from . import keys
 from .drain import DrainRunner
-from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, b64, cmp_mod_revision, op_put)
+from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_mod_revision,
+                   op_get, op_put)
 
 DEFAULT_TTL_S = 10
 log = logging.getLogger("livemig.fleet")
@@ -180,12 +181,25 @@ class FleetMember:
 
     # -- ownership: the destination's commit point --------------------------------------
     def commit_gate(self, name: str, source: str):
-        """The coroutine function the destination awaits between Commit and resume."""
+        """The coroutine function the destination awaits between Commit and
+        resume. The VM's key is read now, at the offer, so that the commit
+        point costs one transaction; a key changed meanwhile fails its
+        compare, and the transaction's failure branch returns the key as it
+        is for one more attempt."""
+        prefetch = asyncio.get_running_loop().create_task(self._read_quietly(keys.vm_key(name)))
+
         async def gate() -> None:
-            await self.take_ownership(name, source)
+            await self.take_ownership(name, source, prefetched=prefetch)
         return gate
 
-    async def take_ownership(self, name: str, source: str) -> int:
+    async def _read_quietly(self, key: str):
+        try:
+            return await self.client.get(key), None
+        except EtcdError as exc:
+            return None, exc
+
+    async def take_ownership(self, name: str, source: str, *,
+                             prefetched: asyncio.Task | None = None) -> int:
         """owner source, epoch e → owner here, epoch e+1, in one transaction.
         Returns the new epoch; raises MigrationError (never run here) otherwise."""
         key = keys.vm_key(name)
@@ -193,24 +207,36 @@ class FleetMember:
         where = (f"VM {name!r} stays paused at the source ({source}), which keeps it; "
                  "the copy here is discarded unrun")
         try:
-            kv = await self.client.get(key)
-            if kv is None:
-                compare = [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
-                            "create_revision": "0"}]
-                epoch = 1
+            if prefetched is not None and prefetched.done() and prefetched.result()[1] is None:
+                kv = prefetched.result()[0]
             else:
-                owner, epoch_now = keys.parse_owner(kv.value, what=key)
-                if owner != source:
-                    raise MigrationError(f"etcd names {owner} (epoch {epoch_now}) as the owner "
-                                         f"of {name!r}, not the source {source}: refused; {where}",
-                                         phase="switchover")
-                compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
-            compare.append(_cmp_lease(keys.host_key(self.addr), self.lease_id))
-            new = keys.owner_record(self.addr, epoch)
-            try:
-                ok, _ = await self.client.txn(compare, [op_put(key, new)])
-            except EtcdUnavailable:
-                ok = await self._read_back(key, new, deadline)
+                kv = await self.client.get(key)
+            for _attempt in range(2):
+                if kv is None:
+                    compare = [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
+                                "create_revision": "0"}]
+                    epoch = 1
+                else:
+                    owner, epoch_now = keys.parse_owner(kv.value, what=key)
+                    if owner != source:
+                        raise MigrationError(
+                            f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
+                            f"not the source {source}: refused; {where}", phase="switchover")
+                    compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
+                compare.append(_cmp_lease(keys.host_key(self.addr), self.lease_id))
+                new = keys.owner_record(self.addr, epoch)
+                try:
+                    ok, answer = await self.client.txn(compare, [op_put(key, new)], [op_get(key)])
+                except EtcdUnavailable:
+                    ok = await self._read_back(key, new, deadline)
+                    break
+                if ok:
+                    break
+                current = [KeyValue.from_json(x) for r in answer.get("responses") or []
+                           for x in (r.get("response_range") or {}).get("kvs") or []]
+                if (current[0] if current else None) == kv:
+                    break        # the key did not change: our lease is what failed
+                kv = current[0] if current else None
         except (EtcdError, ValueError) as exc:
             raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
                                  phase="switchover") from exc
