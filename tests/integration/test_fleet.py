@@ -216,3 +216,38 @@ def test_a_stopped_vm_frees_its_name_in_etcd(tmp_path, etcd):
         wait_for("the owner key to go", lambda: _vm_row(etcd, "brief") is None)
     finally:
         a.close()
+
+
+def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
+    """etcd stops answering (SIGSTOP) just before a handover: the destination
+    cannot prove it owns the VM and never runs it; the source cannot reclaim
+    it and keeps it paused, in doubt. Once etcd answers again it still names
+    the source, and `vm resolve` resumes the VM there, identical to a twin."""
+    name = "cutoff"
+    with etcd_cluster(tmp_path, members=1) as own:
+        a = _daemon(tmp_path, "a", "asyncio", own)
+        b = _daemon(tmp_path, "b", "asyncio", own)
+        try:
+            recipe = Recipe("16MiB", 2, "memtest", seed=14, dirty_rate="8MiB/s")
+            start_vm(a, name, recipe)
+            wait_for("etcd to name a", lambda: (_vm_row(own, name) or {}).get("owner")
+                     == a.address)
+            etcd_pid = own.members[0].proc.pid
+            os.kill(etcd_pid, signal.SIGSTOP)
+            try:
+                rec = a.cli_json("migrate", name, "--to", b.address, check=None)
+                assert rec["status"] == "in-doubt", rec
+                assert "etcd" in rec["error"], rec["error"]
+                assert name not in [v["name"] for v in b.client.call("vm.list")]
+                here = wait_hosted(a, name)
+                assert not here["running"] and here["unresolved"], here
+            finally:
+                os.kill(etcd_pid, signal.SIGCONT)
+            row = wait_for("etcd to answer again", lambda: _vm_row(own, name))
+            assert (row["owner"], row["epoch"]) == (a.address, 1)
+            a.cli("vm", "resolve", name)
+            assert wait_hosted(a, name)["running"]
+            assert_daemon_vm_matches_unmoved(a, name, recipe)
+        finally:
+            b.close()
+            a.close()
