@@ -8,7 +8,8 @@ etcd serves its gRPC API as JSON over HTTP/1.1 at ``/v3/kv/range``,
 values travel base64-encoded. Each ``EtcdClient`` keeps one keep-alive
 connection to one endpoint at a time, one request in flight (a lock), and on
 any failure moves to the next endpoint and retries once per endpoint within
-the call's deadline. Every call is bounded: ``timeout_s`` for the whole call,
+the call's deadline (a 5xx answer, such as "no leader", counts as a failure).
+Every call is bounded: ``timeout_s`` for the whole call,
 ``MAX_RESPONSE_BYTES`` for a response, ``MAX_HEADER_BYTES`` for its headers.
 All failures leave as ``EtcdUnavailable`` (no endpoint answered: the outcome
 of a write is then unknown) or ``EtcdError`` (etcd answered with an error).
@@ -31,6 +32,8 @@ from ..errors import ConfigError, LivemigError
 MAX_RESPONSE_BYTES = 4 << 20
 MAX_HEADER_BYTES = 16 << 10
 DEFAULT_TIMEOUT_S = 5.0
+MIN_TRY_S = 0.5           # the shortest wait for one endpoint's answer
+RETRY_PAUSE_S = 0.05      # between endpoints, so an election can finish within the deadline
 SCHEME = "etcd://"
 
 
@@ -96,13 +99,16 @@ class EtcdClient:
         payload = json.dumps(body).encode()
         last = "no endpoint tried"
         async with self._lock:
-            for _ in range(2 * len(self.endpoints)):
+            while True:     # every endpoint in turn, until the deadline
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 host, port = self.endpoints[self._current]
                 try:
-                    return await asyncio.wait_for(self._exchange(host, port, path, payload), left)
+                    # One silent member must not use up the whole deadline.
+                    per_try_s = max(MIN_TRY_S, self.timeout_s / len(self.endpoints))
+                    return await asyncio.wait_for(self._exchange(host, port, path, payload),
+                                                  min(left, per_try_s))
                 except EtcdError:
                     raise
                 except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError,
@@ -110,6 +116,7 @@ class EtcdClient:
                     last = f"{host}:{port}: {type(exc).__name__}: {exc}"
                     self._drop()
                     self._current = (self._current + 1) % len(self.endpoints)
+                    await asyncio.sleep(min(RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
         raise EtcdUnavailable(f"etcd at {self.url} did not answer /v3/{path} ({last})")
 
     async def _exchange(self, host: str, port: int, path: str, payload: bytes) -> dict:
@@ -140,6 +147,11 @@ class EtcdClient:
         if headers.get("connection", "").lower() == "close":
             self._drop()
         answer = json.loads(body or b"{}")
+        if status >= 500:
+            # No leader, a leader change, a timed-out proposal: another member
+            # (or this one, a moment later) may answer. Callers of a write make
+            # it safe to repeat (a compare on the revision), see member.py.
+            raise ConnectionError(f"HTTP {status}: {answer.get('message') or body[:200]!r}")
         if status != 200 or "error" in answer and "result" not in answer:
             raise EtcdError(f"etcd /v3/{path}: HTTP {status}: "
                             f"{answer.get('message') or answer.get('error') or body[:200]!r}")
@@ -188,10 +200,11 @@ class EtcdClient:
         return int(answer.get("deleted", 0))
 
     async def txn(self, compare: list[dict], success: list[dict],
-                  failure: list[dict] | None = None) -> tuple[bool, dict]:
+                  failure: list[dict] | None = None, *,
+                  timeout_s: float | None = None) -> tuple[bool, dict]:
         """One transaction: (succeeded, the whole answer)."""
         answer = await self.call("kv/txn", {"compare": compare, "success": success,
-                                            "failure": failure or []})
+                                            "failure": failure or []}, timeout_s=timeout_s)
         return bool(answer.get("succeeded", False)), answer
 
     async def lease_grant(self, ttl_s: int) -> int:

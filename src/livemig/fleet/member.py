@@ -45,6 +45,7 @@ from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_mo
                    op_get, op_put)
 
 DEFAULT_TTL_S = 10
+MAX_COMMIT_ATTEMPTS = 5     # transactions at one commit point, all within commit_timeout_s
 log = logging.getLogger("livemig.fleet")
 
 
@@ -211,7 +212,8 @@ class FleetMember:
                 kv = prefetched.result()[0]
             else:
                 kv = await self.client.get(key)
-            for _attempt in range(2):
+            ok = False
+            for _attempt in range(MAX_COMMIT_ATTEMPTS):
                 if kv is None:
                     compare = [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
                                 "create_revision": "0"}]
@@ -225,18 +227,28 @@ class FleetMember:
                     compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
                 compare.append(_cmp_lease(keys.host_key(self.addr), self.lease_id))
                 new = keys.owner_record(self.addr, epoch)
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
                 try:
-                    ok, answer = await self.client.txn(compare, [op_put(key, new)], [op_get(key)])
+                    ok, answer = await self.client.txn(compare, [op_put(key, new)], [op_get(key)],
+                                                       timeout_s=left_s)
                 except EtcdUnavailable:
-                    ok = await self._read_back(key, new, deadline)
-                    break
+                    ok, answer = False, None      # applied or not: read the key to learn
                 if ok:
                     break
-                current = [KeyValue.from_json(x) for r in answer.get("responses") or []
-                           for x in (r.get("response_range") or {}).get("kvs") or []]
-                if (current[0] if current else None) == kv:
-                    break        # the key did not change: our lease is what failed
-                kv = current[0] if current else None
+                if answer is not None:
+                    current = [KeyValue.from_json(x) for r in answer.get("responses") or []
+                               for x in (r.get("response_range") or {}).get("kvs") or []]
+                    current = current[0] if current else None
+                else:
+                    current = await self._read_until(key, deadline)
+                if current is not None and current.value == new:
+                    ok = True    # our own transaction went through; its answer was lost
+                    break
+                if current == kv and answer is not None:
+                    break        # etcd answered, the key is unchanged: our lease failed
+                kv = current     # changed meanwhile, or no answer: decide again
         except (EtcdError, ValueError) as exc:
             raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
                                  phase="switchover") from exc
@@ -246,12 +258,11 @@ class FleetMember:
                                  phase="switchover")
         return epoch
 
-    async def _read_back(self, key: str, expected: bytes, deadline: float) -> bool:
-        """The transaction's answer was lost: did it apply? Ask until the deadline."""
+    async def _read_until(self, key: str, deadline: float) -> KeyValue | None:
+        """The key as etcd has it, asking until the deadline (then EtcdUnavailable)."""
         while True:
             try:
-                kv = await self.client.get(key)
-                return kv is not None and kv.value == expected
+                return await self.client.get(key)
             except EtcdUnavailable:
                 if time.monotonic() >= deadline:
                     raise
