@@ -53,7 +53,8 @@ def cmd_vms(args) -> int:
     view = _read(args)
     lines = [f"{'VM':<20} {'OWNER':<24} {'EPOCH':>5} {'OWNER':<6} {'RUNNING':<7}"]
     for v in view.vms:
-        lines.append(f"{v['name']:<20} {v['owner']:<24} {v['epoch']:>5} {v['owner_state']:<6} "
+        lines.append(f"{v['name']:<20} {v['owner'] or '?':<24} {v['epoch'] or '?':>5} "
+                     f"{v['owner_state']:<6} "
                      f"{'yes' if v['running_there'] else 'no':<7}")
     emit(args, {"vms": view.vms}, "\n".join(lines))
     return EXIT_OK
@@ -88,7 +89,7 @@ def _plan_lines(plan) -> list[str]:
 def cmd_drain(args) -> int:
     import sys
 
-    from ..errors import ConfigError
+    from ..errors import ConfigError, LivemigError
     from ..fleet.drain import follow, request_drain
 
     async def body(client):
@@ -107,8 +108,12 @@ def cmd_drain(args) -> int:
                            for v in status["vms"].values())
                 print(f"drain {args.host}: {done}/{len(status['vms'])} VMs settled "
                       f"({status['state']})", file=sys.stderr, flush=True)
-        return plan, await follow(client, args.host, on_progress=progress,
-                                  timeout_s=args.timeout)
+        try:
+            return plan, await follow(client, args.host, on_progress=progress,
+                                      timeout_s=args.timeout)
+        except TimeoutError as exc:
+            raise LivemigError(f"{exc}; the host goes on with its drain: follow it with "
+                               "livemig fleet hosts") from None
 
     plan, status = _with_client(args, body)
     if status is None:

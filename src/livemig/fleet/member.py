@@ -117,9 +117,11 @@ class FleetMember:
                               lease=self.lease_id)
         here = dict(self.daemon.vms)
         for name, hosted in here.items():
-            if not hosted.migrating and hosted.unresolved is None:
+            # Once per VM that appeared here (a VM that arrived by migration
+            # has its key already: the create-only transaction does nothing).
+            if name not in self._seen and not hosted.migrating and hosted.unresolved is None:
                 await self._claim_new(name)
-        for name in self._seen - set(here):
+        for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
             # Gone from here: migrated (the key names its new owner, so the
             # compare fails and nothing changes) or stopped (the key still
             # names us, at the epoch we held: free the name).

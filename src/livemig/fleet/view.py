@@ -18,9 +18,15 @@ class FleetView:
     vms: list[dict]
 
 
+def _record(kv) -> dict:
+    try:
+        return keys.parse_record(kv.value, what=kv.key)
+    except ValueError as exc:       # a record no livemig wrote: shown, not fatal
+        return {"malformed": str(exc)[:200], "vms": {}}
+
+
 async def read_fleet(client: EtcdClient) -> FleetView:
-    live = {kv.key[len(keys.HOSTS):]: keys.parse_record(kv.value, what=kv.key)
-            for kv in await client.get_prefix(keys.HOSTS)}
+    live = {kv.key[len(keys.HOSTS):]: _record(kv) for kv in await client.get_prefix(keys.HOSTS)}
     known = [kv.key[len(keys.KNOWN):] for kv in await client.get_prefix(keys.KNOWN)]
     hosts = []
     for addr in sorted(set(known) | set(live)):
@@ -32,9 +38,16 @@ async def read_fleet(client: EtcdClient) -> FleetView:
     vms = []
     for kv in await client.get_prefix(keys.VMS):
         name = kv.key[len(keys.VMS):]
-        owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+        try:
+            owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+        except ValueError as exc:
+            vms.append({"name": name, "owner": None, "epoch": None, "owner_state": "malformed",
+                        "running_there": False, "memory_bytes": None,
+                        "error": str(exc)[:200]})
+            continue
         host = live.get(owner)
         reported = (host or {}).get("vms", {}).get(name)
+        reported = reported if isinstance(reported, dict) else None
         vms.append({"name": name, "owner": owner, "epoch": epoch,
                     "owner_state": "live" if host is not None else "lost",
                     "running_there": bool(reported and reported.get("running")),
