@@ -113,7 +113,8 @@ def test_the_commit_point_is_the_etcd_transaction(tmp_path, etcd, loop):
 def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
     """etcd names a third host as the owner: the destination refuses at the
     commit point and discards its copy; the source, told so, may not resume a
-    VM etcd says is another's either: it keeps it paused, unresolved."""
+    VM etcd says is another's either: it keeps it paused, unresolved, until
+    that owner is live and reports running it, then discards it."""
     name = "disputed"
     a = _daemon(tmp_path, "a", "asyncio", etcd)
     b = _daemon(tmp_path, "b", "asyncio", etcd)
@@ -131,6 +132,12 @@ def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
         assert not here["running"] and here["unresolved"], here
         row = _vm_row(etcd, name)
         assert (row["owner"], row["epoch"]) == ("192.0.2.1:7400", 9)
+        # Once the owner etcd names is live and reports the VM running, the
+        # paused copy here is stale: a discards it.
+        _put(etcd, keys.host_key("192.0.2.1:7400"),
+             json.dumps({"addr": "192.0.2.1:7400", "vms": {name: {"running": True}}}).encode())
+        wait_for("a to discard its stale copy",
+                 lambda: name not in [v["name"] for v in a.client.call("vm.list")])
     finally:
         b.close()
         a.close()

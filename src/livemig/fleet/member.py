@@ -23,6 +23,9 @@ Only a successful transaction lets the guest run here. A failed compare
 way is read back until the deadline, and anything still unknown then refuses
 too: a destination never runs a VM it cannot prove it owns.
 
+A paused copy left in doubt here is discarded once etcd names another owner
+that is live and reports the VM running (checked at each renewal).
+
 A source that learns the destination did *not* resume the VM reclaims it
 before resuming it (``SourceArbiter.reclaim``): a transaction that bumps the
 epoch, so a destination transaction still in flight can no longer succeed.
@@ -121,6 +124,9 @@ class FleetMember:
             # has its key already: the create-only transaction does nothing).
             if name not in self._seen and not hosted.migrating and hosted.unresolved is None:
                 await self._claim_new(name)
+        for name, hosted in here.items():
+            if hosted.unresolved is not None and not hosted.vm.running:
+                await self._settle_from_etcd(name)
         for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
             # Gone from here: migrated (the key names its new owner, so the
             # compare fails and nothing changes) or stopped (the key still
@@ -134,6 +140,28 @@ class FleetMember:
         await self.client.txn([{"key": b64(key), "target": "CREATE", "result": "EQUAL",
                                 "create_revision": "0"}],
                               [op_put(key, keys.owner_record(self.addr, 1))])
+
+    async def _settle_from_etcd(self, name: str) -> None:
+        """A paused copy left in doubt here: if etcd names another owner, and
+        that host is live and reports the VM running, ours is a stale copy —
+        discard it (the one owner runs the VM). Anything less certain leaves
+        it paused for ``livemig vm resolve``."""
+        kv = await self.client.get(keys.vm_key(name))
+        if kv is None:
+            return
+        owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+        if owner == self.addr:
+            return
+        host = await self.client.get(keys.host_key(owner))
+        if host is None:
+            return
+        there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
+        if isinstance(there, dict) and there.get("running"):
+            hosted = self.daemon.vms.get(name)
+            if hosted is not None and hosted.unresolved is not None and not hosted.vm.running:
+                log.warning("fleet: %s runs at its owner %s (epoch %d): discarding the paused "
+                            "copy here", name, owner, epoch)
+                await self.daemon._cmd_vm_stop(name)
 
     async def _release_if_ours(self, name: str) -> None:
         key = keys.vm_key(name)
