@@ -305,3 +305,11 @@ def test_a_handover_commits_through_a_new_etcd_leader(tmp_path):
         finally:
             b.close()
             a.close()
+
+
+def test_a_daemon_that_cannot_join_does_not_start(tmp_path):
+    proc = livemig("daemon", "--listen", "127.0.0.1:0", "--control", tmp_path / "x.sock",
+                   "--state-dir", tmp_path / "state", "--fleet", "etcd://127.0.0.1:1",
+                   check=4)
+    assert "etcd://127.0.0.1:1 did not answer" in proc.stderr
+    assert not (tmp_path / "x.sock").exists()

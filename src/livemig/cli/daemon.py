@@ -91,8 +91,14 @@ def cmd_daemon(args) -> int:
         if args.fleet:
             from ..fleet.member import FleetMember
 
-            daemon.fleet = FleetMember(daemon, args.fleet, ttl_s=args.fleet_ttl)
-            await daemon.fleet.join()
+            member = FleetMember(daemon, args.fleet, ttl_s=args.fleet_ttl)
+            try:
+                await member.join()
+            except BaseException:
+                await member.close(leave=False)
+                await daemon.close()      # joined nothing: serve nothing either
+                raise
+            daemon.fleet = member
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
         await daemon.serve_forever()
