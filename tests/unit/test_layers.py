@@ -26,6 +26,8 @@ RANK = {
     "analysis": 4,
     # rank 5: daemon, control socket, library
     "service": 5,
+    # just above: many hosts coordinated through etcd (drives daemons from outside)
+    "fleet": 5.5,
     # rank 6: demo, sweep, two emulated hosts; never imported by the layers below
     "lab": 6,
     # rank 7: the command line, the front door

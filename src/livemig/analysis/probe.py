@@ -85,7 +85,40 @@ def probe_host() -> dict:
         "auto_reason": auto_reason,
         "postcopy": _postcopy_probe(),
         "urgent": _urgent_probe(),
+        "etcd": _etcd_probe(),
     }
+
+
+# etcd itself recommends these for production: 3.5.0–3.5.5 can lose consistency
+# when killed (docs/fleet.md).
+ETCD_RECOMMENDED = ((3, 4, 22), (3, 5, 6))
+
+
+def _etcd_probe() -> dict:
+    """Is an etcd binary on PATH (for --fleet and its tests), and which version?"""
+    import re
+    import shutil
+    import subprocess
+
+    path = shutil.which("etcd")
+    if path is None:
+        return {"available": False, "path": None, "version": None, "recommended": False,
+                "reason": "no etcd on PATH (apt-get install etcd-server)"}
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"available": False, "path": path, "version": None, "recommended": False,
+                "reason": f"{path} --version failed: {exc}"}
+    m = re.search(r"etcd Version: (\d+)\.(\d+)\.(\d+)", out)
+    if m is None:
+        return {"available": False, "path": path, "version": None, "recommended": False,
+                "reason": f"{path} --version printed no version"}
+    v = tuple(int(x) for x in m.groups())
+    ok = any(v[:2] == r[:2] and v >= r for r in ETCD_RECOMMENDED) or v[:2] > (3, 5)
+    return {"available": True, "path": path, "version": ".".join(map(str, v)),
+            "recommended": ok, "reason": "recommended for production" if ok else
+            "not a version etcd recommends for production (3.4.22+ or 3.5.6+)"}
 
 
 def _realtime_probe() -> tuple[bool, str]:
@@ -157,6 +190,9 @@ def format_probe(d: dict) -> str:
     lines.append("fault service     " + (
         "native threads" if ur["native"] else f"event loop ({ur['reason']})")
         + f"; SCHED_FIFO {ur['realtime_reason']}")
+    et = d.get("etcd") or {}
+    lines.append("etcd (fleet)      " + (f"{et['version']} at {et['path']} ({et['reason']})"
+                                         if et.get("available") else f"no: {et.get('reason')}"))
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ configuration; 3 no daemon at the control socket; 4 any other livemig error.
 
 Each module here owns a group of commands and registers its own parsers:
 ``vm``, ``daemon``, ``migration`` (migrate and what follows or steers one),
-``tools`` (probe, dirtyrate, plan, bench, demo, completion). This module
+``tools`` (probe, dirtyrate, plan, bench, demo, completion), ``fleet`` (hosts
+and VMs of a fleet coordinated through etcd). This module
 assembles them and is the one error funnel: every livemig error becomes one
 line (and a JSON object with ``--json``) and an exit code, never a traceback.
 """
@@ -19,14 +20,14 @@ import os
 import sys
 
 from ..errors import ConfigError, ControlError, LivemigError
-from . import daemon, migration, tools, vm
+from . import daemon, fleet, migration, tools, vm
 from .common import EXIT_ERROR, EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_USAGE
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_NO_DAEMON",
            "EXIT_ERROR"]
 
 COMMAND_GROUPS = (tools.register_probe, vm.register, daemon.register, migration.register,
-                  tools.register)
+                  tools.register, fleet.register)
 """Each adds its subcommands, in the order ``livemig --help`` lists them."""
 
 

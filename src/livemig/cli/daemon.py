@@ -88,6 +88,17 @@ def cmd_daemon(args) -> int:
                         state_dir=args.state_dir, metrics=args.metrics,
                         **_daemon_limits(args))
         await daemon.start()
+        if args.fleet:
+            from ..fleet.member import FleetMember
+
+            member = FleetMember(daemon, args.fleet, ttl_s=args.fleet_ttl)
+            try:
+                await member.join()
+            except BaseException:
+                await member.close(leave=False)
+                await daemon.close()      # joined nothing: serve nothing either
+                raise
+            daemon.fleet = member
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
         await daemon.serve_forever()
@@ -136,6 +147,12 @@ def register(sub) -> None:
                     help="how long an incoming post-copy migration waits for a lost source "
                          "to reconnect before the VM is declared lost and stopped (default 30)")
     _add_daemon_limit_flags(sp)
+    sp.add_argument("--fleet", metavar="etcd://HOST:PORT[,…]",
+                    help="join the fleet coordinated by this etcd: register the host under a "
+                         "lease, and let etcd decide who owns each VM (docs/fleet.md)")
+    sp.add_argument("--fleet-ttl", type=positive(int), default=10, metavar="S",
+                    help="lease of this host's fleet record; lost after S s without etcd "
+                         "(default 10)")
     sp.add_argument("action", nargs="?", default="run", choices=["run", "stop", "drain"],
                     help="run (default) a daemon; stop the one at --listen/--control "
                          "(refused while it hosts VMs or migrations, unless --force); drain "

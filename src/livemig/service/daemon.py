@@ -177,6 +177,7 @@ class Daemon(OperatorCommands):
                 [r.describe() for r in self.migrations.values()]))
         self._listener = None
         self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
+        self.fleet = None   # a fleet.member.FleetMember when the daemon joined a fleet
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -235,6 +236,8 @@ class Daemon(OperatorCommands):
                 except BaseException:
                     pass
         await self._control.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         if self._metrics is not None:
             await self._metrics.close()
         if self._listener is not None:
@@ -280,6 +283,8 @@ class Daemon(OperatorCommands):
                 self._finished(rec)
 
         arrival.on_resumed = on_resumed
+        if self.fleet is not None:   # etcd decides who owns the VM at the commit point
+            arrival.commit_gate = self.fleet.commit_gate(name, peer)
         arrival.on_status = on_status
         return arrival
 
@@ -329,7 +334,8 @@ class Daemon(OperatorCommands):
     async def _cmd_ping(self) -> dict:
         return {"pid": os.getpid(), "listen": format_hostport(self.listen_host, self.listen_port),
                 "tls": self.tls is not None, "vms": len(self.vms),
-                "max_incoming_memory_bytes": self._listener.budget.max_incoming_memory_bytes}
+                "max_incoming_memory_bytes": self._listener.budget.max_incoming_memory_bytes,
+                "fleet": self.fleet.describe() if self.fleet is not None else None}
 
     async def _cmd_vm_start(self, name: str, memory: str | int = "256MiB", vcpus: int = 2,
                             workload: str = "memtest", dirty_rate: str | float | None = None,
@@ -451,6 +457,8 @@ class Daemon(OperatorCommands):
         rec = MigrationRecord(next(self._ids), name, "outgoing", format_hostport(host, port),
                               control=MigrationControl(stop_slot=self._stop_slot), config=config)
         self.migrations[rec.id] = rec
+        if self.fleet is not None:
+            rec.control.arbiter = self.fleet.arbiter(name, rec.peer)
         hosted.migrating = True
         self._listener.outcomes.moving_on(name)    # a restart here must not claim it any more
         event(logging.INFO, f"migration {rec.id} of {name} to {rec.peer} starting: "

@@ -60,7 +60,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -108,6 +108,8 @@ class Arrival:
     on_status: Callable[[], None] | None = None
     vm: VM | None = None                         # the guest, once it runs here in post-copy
     owed_pages: Callable[[], int] | None = None  # pages it still lacks, while in post-copy
+    # Awaited between Commit and resume; raising refuses the VM (fleet ownership).
+    commit_gate: Callable[[], Awaitable[None]] | None = None
 
 
 # host policy: (name, peer, stats) -> Arrival, or raise to refuse
@@ -424,6 +426,8 @@ class IncomingMigration:
         await self.ch.send(Verified())
         # The protocol's state allows only Commit (or Abort) now.
         await self._recv(self.config.ack_timeout_s, "the commit of the handover")
+        if self.arrival is not None and self.arrival.commit_gate is not None:
+            await self.arrival.commit_gate()
 
     def _completed(self, vm: VM) -> None:
         """The migration is over and the running VM is the host's."""

@@ -97,10 +97,12 @@ async def ask(open_control: OpenControl, *, npages: int, timeout_s: float) -> Le
 
 
 async def learn(open_control: OpenControl, *, npages: int, window_s: float, timeout_s: float,
-                backoff_s: tuple[float, ...], wake: asyncio.Event) -> Learned:
+                backoff_s: tuple[float, ...], wake: asyncio.Event, arbiter=None) -> Learned:
     """Ask until the destination answers or ``window_s`` has passed (then
     UNREACHABLE, with the last error as the reason). Each attempt waits its
-    backoff first, cut short when ``wake`` is set (``livemig recover``)."""
+    backoff first, cut short when ``wake`` is set (``livemig recover``).
+    With an ownership ``arbiter`` (fleet/member.py), NOT_COMMITTED stands only
+    once etcd names this host again; otherwise the VM stays paused here."""
     deadline = time.monotonic() + window_s
     last = "no attempt made"
     for attempt in itertools.count():
@@ -109,7 +111,11 @@ async def learn(open_control: OpenControl, *, npages: int, window_s: float, time
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), min(delay, max(0.0, deadline - time.monotonic())))
         try:
-            return await ask(open_control, npages=npages, timeout_s=timeout_s)
+            learned = await ask(open_control, npages=npages, timeout_s=timeout_s)
+            why = None
+            if arbiter is not None and learned.kind == NOT_COMMITTED:
+                why = await arbiter.reclaim()
+            return learned if why is None else Learned(UNREACHABLE, why)
         except (ConnectionError, LivemigError, OSError) as exc:
             last = describe(exc)
         if time.monotonic() >= deadline:

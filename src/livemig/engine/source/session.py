@@ -555,7 +555,8 @@ class SourceSession:
         return await handover.learn(
             lambda: self._open(ChannelKind.CONTROL, resume=True), npages=self.vm.memory.npages,
             window_s=window_s, timeout_s=self.config.handshake_timeout_s,
-            backoff_s=RECOVERY_BACKOFF_S, wake=self.control._recover)
+            backoff_s=RECOVERY_BACKOFF_S, wake=self.control._recover,
+            arbiter=getattr(self.control, "arbiter", None))
 
     def _settle(self, learned: handover.Learned, broken: BaseException, digest: bytes) -> None:
         """Act on an outcome learned after a break past Commit: return if the

@@ -1,0 +1,166 @@
+"""Drain a host through etcd: the planner's moves, run by the host itself.
+
+Theory of operation
+-------------------
+``livemig fleet drain HOST`` reads the fleet, plans with planner.plan_drain
+and writes the plan as the host's *drain mark*, ``/livemig/drain/<host>``:
+from then on the planner places nothing on that host. The host's daemon
+(its FleetMember) reads its mark each lease renewal and runs the moves:
+``per_host_limit`` at a time, each VM's mode chosen just before it moves
+from its dirty rate measured then and the link in the plan (the predictor of
+``livemig plan``), each migration an ordinary one whose commit point is the
+etcd ownership transaction. It writes every VM's progress to
+``/livemig/drain/<host>/status``; the CLI follows that key and prints the
+progress and the final report. The mark stays after the drain (the host is
+empty for its maintenance) until ``livemig fleet undrain HOST``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from . import keys
+from .etcd import EtcdClient
+from .planner import HostState, Plan, VMState, choose_mode, plan_drain
+
+DRAIN = keys.ROOT + "drain/"
+DEFAULT_LINK_BPS = 1e9 / 8         # 1 Gbit/s unless measured or given
+DIRTY_WINDOW_S = 0.2
+
+
+def drain_key(addr: str) -> str:
+    return DRAIN + addr
+
+
+def status_key(addr: str) -> str:
+    return DRAIN + addr + "/status"
+
+
+def fleet_state(view) -> tuple[list[HostState], list[VMState]]:
+    """Planner input from a FleetView (live hosts' own records)."""
+    hosts, vms = [], []
+    for h in view.hosts:
+        if h["state"] != "live":
+            continue
+        hosts.append(HostState(h["addr"], int(h.get("memory_total_bytes") or 0),
+                               int(h.get("memory_available_bytes") or 0),
+                               int(h.get("cpus") or 1),
+                               sum(int(v.get("vcpus", 1)) for v in h.get("vms", {}).values()),
+                               draining=bool(h.get("draining"))))
+        for name, v in h.get("vms", {}).items():
+            vms.append(VMState(name, h["addr"], int(v.get("memory_bytes", 0)),
+                               int(v.get("vcpus", 1)), float(v.get("dirty_rate_bps") or 0.0)))
+    return hosts, vms
+
+
+async def read_marks(client: EtcdClient) -> set[str]:
+    return {kv.key[len(DRAIN):] for kv in await client.get_prefix(DRAIN)
+            if not kv.key.endswith("/status")}
+
+
+async def request_drain(client: EtcdClient, host: str, *, link_bps: float,
+                        max_downtime_ms: float, per_host_limit: int,
+                        dry_run: bool) -> Plan:
+    from .view import read_fleet
+
+    view = await read_fleet(client)
+    if host not in {h["addr"] for h in view.hosts if h["state"] == "live"}:
+        raise LookupError(f"no live host {host} in the fleet (see livemig fleet hosts)")
+    marks = await read_marks(client)
+    hosts, vms = fleet_state(view)
+    for h in hosts:
+        h.draining = h.addr in marks
+    plan = plan_drain(hosts, vms, host, link_bps=link_bps, max_downtime_ms=max_downtime_ms,
+                      per_host_limit=per_host_limit)
+    if not dry_run:
+        await client.delete(status_key(host))
+        await client.put(drain_key(host), json.dumps({
+            "moves": [{"vm": m.vm, "destination": m.destination} for m in plan.moves],
+            "link_bps": link_bps, "max_downtime_ms": max_downtime_ms,
+            "per_host_limit": per_host_limit, "requested_at": time.time()}))
+    return plan
+
+
+async def follow(client: EtcdClient, host: str, *, on_progress, poll_s: float = 0.2,
+                 timeout_s: float | None = None) -> dict:
+    """Wait for the host to finish its drain; ``on_progress(status)`` on change."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    while True:
+        kv = await client.get(status_key(host))
+        status = keys.parse_record(kv.value, what=kv.key) if kv is not None else None
+        if status is not None and status != last:
+            on_progress(status)
+            last = status
+            if status.get("state") == "done":
+                return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the drain of {host} did not finish within {timeout_s:g} s "
+                               f"(last status: {last})")
+        await asyncio.sleep(poll_s)
+
+
+class DrainRunner:
+    """The draining host's side: run the moves of its mark, once per mark."""
+
+    def __init__(self, member):
+        self.member = member
+        self._done_for: float | None = None       # requested_at of the mark run last
+        self.task: asyncio.Task | None = None
+
+    async def check(self) -> None:
+        m = self.member
+        kv = await m.client.get(drain_key(m.addr))
+        m.draining = kv is not None
+        if kv is None or (self.task is not None and not self.task.done()):
+            return
+        mark = keys.parse_record(kv.value, what=kv.key)
+        if mark.get("requested_at") == self._done_for:
+            return
+        self._done_for = mark.get("requested_at")
+        self.task = asyncio.get_running_loop().create_task(self._run(mark), name="fleet-drain")
+
+    async def _run(self, mark: dict) -> None:
+        m, daemon = self.member, self.member.daemon
+        status = {"state": "running", "host": m.addr, "vms": {}}
+        for move in mark["moves"]:
+            status["vms"][move["vm"]] = {"destination": move["destination"], "status": "queued"}
+        lock = asyncio.Lock()
+
+        async def publish() -> None:
+            async with lock:
+                await m.client.put(status_key(m.addr), json.dumps(status))
+
+        await publish()
+        slots = asyncio.Semaphore(max(1, int(mark.get("per_host_limit", 1))))
+        link_bps = float(mark.get("link_bps") or DEFAULT_LINK_BPS)
+
+        async def one(move: dict) -> None:
+            row = status["vms"][move["vm"]]
+            async with slots:
+                t0 = time.monotonic()
+                try:
+                    hosted = daemon.vms.get(move["vm"])
+                    if hosted is None:
+                        raise LookupError("no longer on this host")
+                    rate = await daemon._cmd_dirtyrate(move["vm"], window_s=DIRTY_WINDOW_S)
+                    p = choose_mode(hosted.vm.memory.length_bytes, rate["bytes_per_s"], link_bps,
+                                    float(mark.get("max_downtime_ms", 300.0)))
+                    mode = "precopy" if p.converges else p.recommended_mode
+                    row.update(status="migrating", mode=mode,
+                               dirty_rate_bps=rate["bytes_per_s"])
+                    await publish()
+                    rec = await daemon._cmd_migrate(move["vm"], move["destination"], wait=True,
+                                                    mode=mode)
+                    row.update(status=rec["status"], error=rec.get("error"))
+                except Exception as exc:       # reported per VM; the drain goes on
+                    row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                row["time_s"] = time.monotonic() - t0
+                await publish()
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(move) for move in mark["moves"]))
+        status.update(state="done", time_s=time.monotonic() - t0,
+                      left=sorted(daemon.vms))
+        await publish()

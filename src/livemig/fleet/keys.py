@@ -1,0 +1,54 @@
+"""The fleet's keys in etcd and the records stored under them (JSON).
+
+``/livemig/hosts/<addr>``  a live host's record, under its lease (gone when
+                           the lease expires)
+``/livemig/known/<addr>``  every host that ever joined (no lease): a host
+                           known but without a live record is *lost*
+``/livemig/vms/<name>``    ``{"owner": addr, "epoch": n}``: the one host that
+                           may run the VM. Only ever changed by a transaction
+                           that compares its ``mod_revision`` (the epoch makes
+                           every change visible in the value as well)
+"""
+from __future__ import annotations
+
+import json
+
+ROOT = "/livemig/"
+HOSTS = ROOT + "hosts/"
+KNOWN = ROOT + "known/"
+VMS = ROOT + "vms/"
+MAX_RECORD_BYTES = 64 << 10
+
+
+def host_key(addr: str) -> str:
+    return HOSTS + addr
+
+
+def known_key(addr: str) -> str:
+    return KNOWN + addr
+
+
+def vm_key(name: str) -> str:
+    return VMS + name
+
+
+def owner_record(owner: str, epoch: int) -> bytes:
+    return json.dumps({"owner": owner, "epoch": int(epoch)}, sort_keys=True).encode()
+
+
+def parse_record(value: bytes, *, what: str) -> dict:
+    """A JSON object from etcd, or ValueError naming what it was."""
+    if len(value) > MAX_RECORD_BYTES:
+        raise ValueError(f"{what}: record of {len(value)} bytes, more than {MAX_RECORD_BYTES}")
+    record = json.loads(value)
+    if not isinstance(record, dict):
+        raise ValueError(f"{what}: record is not a JSON object")
+    return record
+
+
+def parse_owner(value: bytes, *, what: str) -> tuple[str, int]:
+    record = parse_record(value, what=what)
+    owner, epoch = record.get("owner"), record.get("epoch")
+    if not isinstance(owner, str) or not isinstance(epoch, int):
+        raise ValueError(f"{what}: owner record without owner/epoch: {record}")
+    return owner, epoch

@@ -1,0 +1,344 @@
+"""A daemon in a fleet: its host record under a lease, and the one-owner rule.
+
+Theory of operation
+-------------------
+``FleetMember.join`` grants a lease (``ttl_s``), writes the host's record
+under it at ``/livemig/hosts/<addr>`` and marks the host known; a task renews
+the lease every ``ttl_s / 3`` and rewrites the record (memory and CPUs free,
+VMs, load, version). It also gives every VM running here that etcd does not
+know yet an owner key naming this host, epoch 1 (a transaction that only
+creates). If etcd cannot be reached for ``ttl_s`` the lease is gone: the
+member then holds no right to commit, and says so in ``state``.
+
+The handover's commit point is an etcd transaction, made by the destination
+after it has received ``Commit`` and before it resumes the guest
+(``commit_gate``, called by engine/destination/server.py)::
+
+    read /livemig/vms/<name>         owner = source, epoch = e, mod_revision = r
+    txn  if mod_revision == r and this host's lease key still holds our lease
+         then owner = here, epoch = e + 1
+
+Only a successful transaction lets the guest run here. A failed compare
+(someone else owns it, or our lease is gone) refuses; an answer lost on the
+way is read back until the deadline, and anything still unknown then refuses
+too: a destination never runs a VM it cannot prove it owns.
+
+A paused copy left in doubt here is discarded once etcd names another owner
+that is live and reports the VM running (checked at each renewal).
+
+A source that learns the destination did *not* resume the VM reclaims it
+before resuming it (``SourceArbiter.reclaim``): a transaction that bumps the
+epoch, so a destination transaction still in flight can no longer succeed.
+If etcd names the destination (its transaction went through, but it gave up
+before learning so) the reclaim takes the key back from it; if etcd cannot be
+reached the source keeps the VM paused (in doubt) rather than run it unproven.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+
+from ..errors import LivemigError, MigrationError
+from . import keys
+from .drain import DrainRunner
+from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_mod_revision,
+                   op_get, op_put)
+
+DEFAULT_TTL_S = 10
+MAX_COMMIT_ATTEMPTS = 5     # transactions at one commit point, all within commit_timeout_s
+log = logging.getLogger("livemig.fleet")
+
+
+def _meminfo_bytes(field: str) -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cmp_lease(key: str, lease_id: int) -> dict:
+    return {"key": b64(key), "target": "LEASE", "result": "EQUAL", "lease": str(lease_id)}
+
+
+class FleetMember:
+    """One daemon's membership; attach with ``daemon.fleet = member``."""
+
+    def __init__(self, daemon, url: str, *, ttl_s: int = DEFAULT_TTL_S,
+                 commit_timeout_s: float = 5.0):
+        self.daemon = daemon
+        self.addr = daemon.advertised
+        self.client = EtcdClient(url, timeout_s=max(1.0, ttl_s / 3))
+        self.ttl_s = int(ttl_s)
+        self.commit_timeout_s = commit_timeout_s
+        self.lease_id = 0
+        self.lease_expires_at = 0.0       # monotonic: past it, our lease may be gone
+        self.state = "joining"
+        self.last_error: str | None = None
+        self._task: asyncio.Task | None = None
+        self.draining = False              # our drain mark is set (fleet/drain.py)
+        self.drain = DrainRunner(self)
+        self._seen: set[str] = set()       # VMs hosted here at the last publish
+
+    # -- membership ---------------------------------------------------------------------
+    async def join(self) -> None:
+        """Raise EtcdError if etcd cannot be reached at all: the daemon must
+        not pretend to be in a fleet it never joined."""
+        await self._new_lease()
+        await self.client.put(keys.known_key(self.addr), json.dumps({"addr": self.addr}))
+        self._task = asyncio.get_running_loop().create_task(self._keep_alive(),
+                                                            name="fleet-keepalive")
+
+    async def _new_lease(self) -> None:
+        t0 = time.monotonic()
+        self.lease_id = await self.client.lease_grant(self.ttl_s)
+        self.lease_expires_at = t0 + self.ttl_s
+        await self._publish()
+        self.state = "member"
+
+    def record(self) -> dict:
+        d = self.daemon
+        return {"addr": self.addr, "pid": os.getpid(), "version": _version(),
+                "memory_available_bytes": _meminfo_bytes("MemAvailable"),
+                "memory_total_bytes": _meminfo_bytes("MemTotal"), "draining": self.draining,
+                "cpus": os.cpu_count() or 1, "load_1m": os.getloadavg()[0],
+                "vms": {name: {"memory_bytes": h.vm.memory.length_bytes,
+                               "vcpus": h.vm.nvcpus, "running": h.vm.running,
+                               "migrating": h.migrating,
+                               "dirty_rate_bps": h.vm.dirty_rate}
+                        for name, h in d.vms.items()},
+                "updated_at": time.time()}
+
+    async def _publish(self) -> None:
+        await self.client.put(keys.host_key(self.addr), json.dumps(self.record()),
+                              lease=self.lease_id)
+        here = dict(self.daemon.vms)
+        for name, hosted in here.items():
+            # Once per VM that appeared here (a VM that arrived by migration
+            # has its key already: the create-only transaction does nothing).
+            if name not in self._seen and not hosted.migrating and hosted.unresolved is None:
+                await self._claim_new(name)
+        for name, hosted in here.items():
+            if hosted.unresolved is not None and not hosted.vm.running:
+                await self._settle_from_etcd(name)
+        for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
+            # Gone from here: migrated (the key names its new owner, so the
+            # compare fails and nothing changes) or stopped (the key still
+            # names us, at the epoch we held: free the name).
+            await self._release_if_ours(name)
+        self._seen = set(here)
+
+    async def _claim_new(self, name: str) -> None:
+        """A VM started here that etcd has never seen: owner here, epoch 1."""
+        key = keys.vm_key(name)
+        await self.client.txn([{"key": b64(key), "target": "CREATE", "result": "EQUAL",
+                                "create_revision": "0"}],
+                              [op_put(key, keys.owner_record(self.addr, 1))])
+
+    async def _settle_from_etcd(self, name: str) -> None:
+        """A paused copy left in doubt here: if etcd names another owner, and
+        that host is live and reports the VM running, ours is a stale copy —
+        discard it (the one owner runs the VM). Anything less certain leaves
+        it paused for ``livemig vm resolve``."""
+        kv = await self.client.get(keys.vm_key(name))
+        if kv is None:
+            return
+        owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+        if owner == self.addr:
+            return
+        host = await self.client.get(keys.host_key(owner))
+        if host is None:
+            return
+        there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
+        if isinstance(there, dict) and there.get("running"):
+            hosted = self.daemon.vms.get(name)
+            if hosted is not None and hosted.unresolved is not None and not hosted.vm.running:
+                log.warning("fleet: %s runs at its owner %s (epoch %d): discarding the paused "
+                            "copy here", name, owner, epoch)
+                await self.daemon._cmd_vm_stop(name)
+
+    async def _release_if_ours(self, name: str) -> None:
+        key = keys.vm_key(name)
+        kv = await self.client.get(key)
+        if kv is not None and keys.parse_owner(kv.value, what=key)[0] == self.addr:
+            await self.client.txn([cmp_mod_revision(key, kv.mod_revision)],
+                                  [{"request_delete_range": {"key": b64(key)}}])
+
+    async def _keep_alive(self) -> None:
+        interval_s = self.ttl_s / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                t0 = time.monotonic()
+                if self.lease_id and await self.client.lease_keepalive(self.lease_id) > 0:
+                    self.lease_expires_at = t0 + self.ttl_s
+                    await self._publish()
+                    await self.drain.check()
+                    self.state, self.last_error = "member", None
+                else:
+                    # The lease expired (we were cut off longer than ttl_s): rejoin.
+                    self.state = "lost"
+                    await self._new_lease()
+            except (EtcdError, ValueError) as exc:
+                self.last_error = str(exc)
+                if time.monotonic() >= self.lease_expires_at:
+                    self.state = "lost"
+                log.warning("fleet: %s", exc)
+
+    def describe(self) -> dict:
+        return {"url": self.client.url, "addr": self.addr, "state": self.state,
+                "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
+
+    async def close(self, *, leave: bool = True) -> None:
+        for task in (self._task, self.drain.task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        if leave and self.lease_id:
+            try:
+                await self.client.lease_revoke(self.lease_id)
+            except EtcdError:
+                pass
+        await self.client.close()
+
+    # -- ownership: the destination's commit point --------------------------------------
+    def commit_gate(self, name: str, source: str):
+        """The coroutine function the destination awaits between Commit and
+        resume. The VM's key is read now, at the offer, so that the commit
+        point costs one transaction; a key changed meanwhile fails its
+        compare, and the transaction's failure branch returns the key as it
+        is for one more attempt."""
+        prefetch = asyncio.get_running_loop().create_task(self._read_quietly(keys.vm_key(name)))
+
+        async def gate() -> None:
+            await self.take_ownership(name, source, prefetched=prefetch)
+        return gate
+
+    async def _read_quietly(self, key: str):
+        try:
+            return await self.client.get(key), None
+        except EtcdError as exc:
+            return None, exc
+
+    async def take_ownership(self, name: str, source: str, *,
+                             prefetched: asyncio.Task | None = None) -> int:
+        """owner source, epoch e → owner here, epoch e+1, in one transaction.
+        Returns the new epoch; raises MigrationError (never run here) otherwise."""
+        key = keys.vm_key(name)
+        deadline = time.monotonic() + self.commit_timeout_s
+        where = (f"VM {name!r} stays paused at the source ({source}), which keeps it; "
+                 "the copy here is discarded unrun")
+        try:
+            if prefetched is not None and prefetched.done() and prefetched.result()[1] is None:
+                kv = prefetched.result()[0]
+            else:
+                kv = await self.client.get(key)
+            ok = False
+            for _attempt in range(MAX_COMMIT_ATTEMPTS):
+                if kv is None:
+                    compare = [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
+                                "create_revision": "0"}]
+                    epoch = 1
+                else:
+                    owner, epoch_now = keys.parse_owner(kv.value, what=key)
+                    if owner != source:
+                        raise MigrationError(
+                            f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
+                            f"not the source {source}: refused; {where}", phase="switchover")
+                    compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
+                compare.append(_cmp_lease(keys.host_key(self.addr), self.lease_id))
+                new = keys.owner_record(self.addr, epoch)
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
+                try:
+                    ok, answer = await self.client.txn(compare, [op_put(key, new)], [op_get(key)],
+                                                       timeout_s=left_s)
+                except EtcdUnavailable:
+                    ok, answer = False, None      # applied or not: read the key to learn
+                if ok:
+                    break
+                if answer is not None:
+                    current = [KeyValue.from_json(x) for r in answer.get("responses") or []
+                               for x in (r.get("response_range") or {}).get("kvs") or []]
+                    current = current[0] if current else None
+                else:
+                    current = await self._read_until(key, deadline)
+                if current is not None and current.value == new:
+                    ok = True    # our own transaction went through; its answer was lost
+                    break
+                if current == kv and answer is not None:
+                    break        # etcd answered, the key is unchanged: our lease failed
+                kv = current     # changed meanwhile, or no answer: decide again
+        except (EtcdError, ValueError) as exc:
+            raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
+                                 phase="switchover") from exc
+        if not ok:
+            raise MigrationError(f"etcd refused the ownership transaction for {name!r} (its "
+                                 f"owner changed, or this host's lease is gone); {where}",
+                                 phase="switchover")
+        return epoch
+
+    async def _read_until(self, key: str, deadline: float) -> KeyValue | None:
+        """The key as etcd has it, asking until the deadline (then EtcdUnavailable)."""
+        while True:
+            try:
+                return await self.client.get(key)
+            except EtcdUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    # -- ownership: the source's side ------------------------------------------------
+    def arbiter(self, name: str, destination: str) -> "SourceArbiter":
+        return SourceArbiter(self, name, destination)
+
+
+class SourceArbiter:
+    """What a source asks etcd after a handover broke past Commit."""
+
+    def __init__(self, member: FleetMember, name: str, destination: str):
+        self.member, self.name, self.destination = member, name, destination
+
+    async def owner(self) -> tuple[str, int] | None:
+        kv = await self.member.client.get(keys.vm_key(self.name))
+        return None if kv is None else keys.parse_owner(kv.value, what=kv.key)
+
+    async def reclaim(self) -> str | None:
+        """Before resuming the VM here: make etcd name this host, a new epoch.
+        Returns None when it does, else why the VM must stay paused here."""
+        m, key = self.member, keys.vm_key(self.name)
+        try:
+            kv = await m.client.get(key)
+            owner, epoch = ("", 0) if kv is None else keys.parse_owner(kv.value, what=key)
+            if kv is not None and owner not in (m.addr, self.destination):
+                return (f"etcd names {owner} (epoch {epoch}) as the owner of {self.name!r}: "
+                        "this host must not run it; its copy here stays paused")
+            compare = ([cmp_mod_revision(key, kv.mod_revision)] if kv is not None else
+                       [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
+                         "create_revision": "0"}])
+            compare.append(_cmp_lease(keys.host_key(m.addr), m.lease_id))
+            ok, _ = await m.client.txn(compare, [op_put(key, keys.owner_record(m.addr,
+                                                                                epoch + 1))])
+        except (EtcdError, ValueError) as exc:
+            return f"etcd could not confirm this host owns {self.name!r}: {exc}"
+        return None if ok else (f"etcd refused to hand {self.name!r} back to this host (its "
+                                "owner changed meanwhile, or this host's lease is gone)")
+
+
+def _version() -> str:
+    import sys
+
+    return getattr(sys.modules.get("livemig"), "__version__", "unknown")
+
+
+__all__ = ["FleetMember", "SourceArbiter", "DEFAULT_TTL_S", "LivemigError"]

@@ -1,0 +1,55 @@
+"""The fleet as etcd holds it: hosts (live or lost) and VMs with their owners.
+
+A host is *live* while its lease-bound record exists, *lost* when it is known
+(``/livemig/known/<addr>``) but its lease has expired. A VM's row joins its
+owner key with the owner's record (whether that host reports running it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import keys
+from .etcd import EtcdClient
+
+
+@dataclass
+class FleetView:
+    hosts: list[dict]
+    vms: list[dict]
+
+
+def _record(kv) -> dict:
+    try:
+        return keys.parse_record(kv.value, what=kv.key)
+    except ValueError as exc:       # a record no livemig wrote: shown, not fatal
+        return {"malformed": str(exc)[:200], "vms": {}}
+
+
+async def read_fleet(client: EtcdClient) -> FleetView:
+    live = {kv.key[len(keys.HOSTS):]: _record(kv) for kv in await client.get_prefix(keys.HOSTS)}
+    known = [kv.key[len(keys.KNOWN):] for kv in await client.get_prefix(keys.KNOWN)]
+    hosts = []
+    for addr in sorted(set(known) | set(live)):
+        rec = live.get(addr)
+        if rec is None:
+            hosts.append({"addr": addr, "state": "lost"})
+        else:
+            hosts.append({**rec, "addr": addr, "state": "live"})
+    vms = []
+    for kv in await client.get_prefix(keys.VMS):
+        name = kv.key[len(keys.VMS):]
+        try:
+            owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+        except ValueError as exc:
+            vms.append({"name": name, "owner": None, "epoch": None, "owner_state": "malformed",
+                        "running_there": False, "memory_bytes": None,
+                        "error": str(exc)[:200]})
+            continue
+        host = live.get(owner)
+        reported = (host or {}).get("vms", {}).get(name)
+        reported = reported if isinstance(reported, dict) else None
+        vms.append({"name": name, "owner": owner, "epoch": epoch,
+                    "owner_state": "live" if host is not None else "lost",
+                    "running_there": bool(reported and reported.get("running")),
+                    "memory_bytes": (reported or {}).get("memory_bytes")})
+    return FleetView(hosts, sorted(vms, key=lambda v: v["name"]))

@@ -1,0 +1,315 @@
+"""A fleet on loopback: a real etcd, daemons as processes joined with --fleet.
+
+Membership (live, then lost when a daemon dies and its lease expires), a
+migration whose commit point is the etcd ownership transaction (the VM
+arrives identical to a twin that never moved, and etcd names the new owner
+with the next epoch), and a destination that etcd refuses: it never runs the
+VM, and the source keeps its copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+
+from livemig.fleet import keys
+from livemig.fleet.etcd import EtcdClient
+from support.daemons import (EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved,
+                             livemig, start_vm, wait_hosted)
+from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
+from support.oracle import Recipe
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
+TTL_S = 2
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
+        yield cluster
+
+
+def _fleet(etcd, what: str) -> list:
+    return json.loads(livemig("fleet", what, "--fleet", etcd.url, "--json").stdout)[what]
+
+
+def _vm_row(etcd, name: str) -> dict | None:
+    return next((v for v in _fleet(etcd, "vms") if v["name"] == name), None)
+
+
+def _put(etcd, key: str, value: bytes) -> None:
+    async def main():
+        client = EtcdClient(etcd.url)
+        try:
+            await client.put(key, value)
+        finally:
+            await client.close()
+    asyncio.run(main())
+
+
+def _daemon(tmp_path, label, loop, etcd):
+    return DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url, "--fleet-ttl", str(TTL_S))
+
+
+def test_hosts_register_and_a_dead_host_is_shown_lost(tmp_path, etcd):
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    b = _daemon(tmp_path, "b", "asyncio", etcd)
+    try:
+        assert a.client.call("ping")["fleet"]["state"] == "member"
+        hosts = {h["addr"]: h for h in _fleet(etcd, "hosts")}
+        for d in (a, b):
+            h = hosts[d.address]
+            assert h["state"] == "live" and h["cpus"] >= 1 and h["memory_available_bytes"] > 0
+            assert h["pid"] == d.proc.pid and h["version"]
+        start_vm(a, "member-vm", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+        row = wait_for("etcd to name a as the VM's owner", lambda: _vm_row(etcd, "member-vm"))
+        assert (row["owner"], row["epoch"]) == (a.address, 1)
+        wait_for("a's record to list its VM", lambda: "member-vm" in next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["vms"])
+        os.kill(b.proc.pid, signal.SIGKILL)     # no goodbye: only the lease can tell
+        b.proc.wait()
+        lost = wait_for("b's lease to expire", lambda: next(
+            (h for h in _fleet(etcd, "hosts") if h["addr"] == b.address
+             and h["state"] == "lost"), None))
+        assert lost == {"addr": b.address, "state": "lost"}
+        human = livemig("fleet", "hosts", "--fleet", etcd.url).stdout
+        assert f"{b.address}" in human and "lost" in human
+        assert next(h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["state"] == "live"
+    finally:
+        b.close()
+        a.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_commit_point_is_the_etcd_transaction(tmp_path, etcd, loop):
+    name = f"owned-{loop}"
+    a = _daemon(tmp_path, "a", loop, etcd)
+    b = _daemon(tmp_path, "b", loop, etcd)
+    try:
+        recipe = Recipe("16MiB", 2, "memtest", seed=11, dirty_rate="8MiB/s")
+        start_vm(a, name, recipe)
+        wait_for("etcd to name a as the owner", lambda: (_vm_row(etcd, name) or {}).get("owner")
+                 == a.address)
+        rec = a.cli_json("migrate", name, "--to", b.address)
+        assert rec["status"] == "completed", rec
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (b.address, 2)
+        assert name not in [v["name"] for v in a.client.call("vm.list")]
+        assert_daemon_vm_matches_unmoved(b, name, recipe)
+        # and back: the epoch moves on again
+        assert b.cli_json("migrate", name, "--to", a.address)["status"] == "completed"
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (a.address, 3)
+        assert_daemon_vm_matches_unmoved(a, name, recipe)
+    finally:
+        b.close()
+        a.close()
+
+
+def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
+    """etcd names a third host as the owner: the destination refuses at the
+    commit point and discards its copy; the source, told so, may not resume a
+    VM etcd says is another's either: it keeps it paused, unresolved, until
+    that owner is live and reports running it, then discards it."""
+    name = "disputed"
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    b = _daemon(tmp_path, "b", "asyncio", etcd)
+    try:
+        recipe = Recipe("16MiB", 2, "memtest", seed=12, dirty_rate="8MiB/s")
+        start_vm(a, name, recipe)
+        wait_for("etcd to know the VM", lambda: _vm_row(etcd, name))
+        third = keys.owner_record("192.0.2.1:7400", 9)
+        _put(etcd, keys.vm_key(name), third)
+        rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+        assert rec["status"] in ("failed", "in-doubt"), rec
+        assert "192.0.2.1:7400" in rec["error"], rec["error"]
+        assert name not in [v["name"] for v in b.client.call("vm.list")]
+        here = wait_hosted(a, name)
+        assert not here["running"] and here["unresolved"], here
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == ("192.0.2.1:7400", 9)
+        # Once the owner etcd names is live and reports the VM running, the
+        # paused copy here is stale: a discards it.
+        _put(etcd, keys.host_key("192.0.2.1:7400"),
+             json.dumps({"addr": "192.0.2.1:7400", "vms": {name: {"running": True}}}).encode())
+        wait_for("a to discard its stale copy",
+                 lambda: name not in [v["name"] for v in a.client.call("vm.list")])
+    finally:
+        b.close()
+        a.close()
+
+
+def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
+    """b's lease is revoked before the commit point: etcd refuses its
+    transaction, b never runs the VM, and a — still the owner in etcd —
+    reclaims it with a new epoch and runs on, identical to a twin."""
+    name = "fenced"
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    b = DaemonProcess(tmp_path, "b", "asyncio", "--fleet", etcd.url, "--fleet-ttl", "60")
+    try:
+        recipe = Recipe("16MiB", 2, "memtest", seed=13, dirty_rate="8MiB/s")
+        start_vm(a, name, recipe)
+        wait_for("etcd to name a", lambda: (_vm_row(etcd, name) or {}).get("owner") == a.address)
+        lease = b.client.call("ping")["fleet"]["lease_id"]
+
+        async def revoke():
+            client = EtcdClient(etcd.url)
+            try:
+                await client.lease_revoke(lease)
+            finally:
+                await client.close()
+        asyncio.run(revoke())
+        rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+        assert rec["status"] == "failed" and "lease" in rec["error"], rec
+        assert name not in [v["name"] for v in b.client.call("vm.list")]
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (a.address, 2)
+        assert wait_hosted(a, name)["running"]
+        assert_daemon_vm_matches_unmoved(a, name, recipe)
+    finally:
+        b.close()
+        a.close()
+
+
+def test_drain_empties_a_host_and_every_vm_arrives_identical(tmp_path, etcd):
+    """Three daemons; a hosts three small VMs. `fleet drain a` moves them to
+    b and c (two at a time), each through the etcd commit; a ends empty and
+    every VM matches a twin that never moved."""
+    daemons = [_daemon(tmp_path, label, "asyncio", etcd) for label in ("da", "db", "dc")]
+    a = daemons[0]
+    try:
+        recipes = {f"drain{i}": Recipe("16MiB", 1, "memtest", seed=20 + i, dirty_rate="4MiB/s")
+                   for i in range(3)}
+        for name, recipe in recipes.items():
+            start_vm(a, name, recipe)
+        wait_for("a's record to list its three VMs", lambda: set(recipes) <= set(next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["vms"]))
+        dry = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url, "--dry-run",
+                                 "--json").stdout)
+        assert {m["vm"] for m in dry["plan"]["moves"]} == set(recipes)
+        assert {m["destination"] for m in dry["plan"]["moves"]} <= {d.address for d in daemons[1:]}
+        assert len(a.client.call("vm.list")) == 3, "a dry run moves nothing"
+        out = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url,
+                                 "--per-host-limit", "2", "--json").stdout)
+        assert out["result"]["left"] == [], out
+        assert all(v["status"] == "completed" for v in out["result"]["vms"].values()), out
+        assert a.client.call("vm.list") == []
+        owners = {v["name"]: v for v in _fleet(etcd, "vms")}
+        by_addr = {d.address: d for d in daemons}
+        for name, recipe in recipes.items():
+            assert owners[name]["epoch"] == 2 and owners[name]["owner"] != a.address
+            assert_daemon_vm_matches_unmoved(by_addr[owners[name]["owner"]], name, recipe)
+        # The mark stays (nothing is planned onto a) until it is undrained.
+        wait_for("a's record to say it is draining", lambda: next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["draining"])
+        livemig("fleet", "undrain", a.address, "--fleet", etcd.url)
+        wait_for("a's record to drop the mark", lambda: not next(
+            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["draining"])
+    finally:
+        for d in daemons:
+            d.close()
+
+
+def test_a_stopped_vm_frees_its_name_in_etcd(tmp_path, etcd):
+    a = _daemon(tmp_path, "a", "asyncio", etcd)
+    try:
+        start_vm(a, "brief", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+        wait_for("etcd to know the VM", lambda: _vm_row(etcd, "brief"))
+        a.cli("vm", "stop", "brief")
+        wait_for("the owner key to go", lambda: _vm_row(etcd, "brief") is None)
+    finally:
+        a.close()
+
+
+def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
+    """etcd stops answering (SIGSTOP) just before a handover: the destination
+    cannot prove it owns the VM and never runs it; the source cannot reclaim
+    it and keeps it paused, in doubt. Once etcd answers again it still names
+    the source, and `vm resolve` resumes the VM there, identical to a twin."""
+    name = "cutoff"
+    with etcd_cluster(tmp_path, members=1) as own:
+        a = _daemon(tmp_path, "a", "asyncio", own)
+        b = _daemon(tmp_path, "b", "asyncio", own)
+        try:
+            recipe = Recipe("16MiB", 2, "memtest", seed=14, dirty_rate="8MiB/s")
+            start_vm(a, name, recipe)
+            wait_for("etcd to name a", lambda: (_vm_row(own, name) or {}).get("owner")
+                     == a.address)
+            etcd_pid = own.members[0].proc.pid
+            os.kill(etcd_pid, signal.SIGSTOP)
+            try:
+                rec = a.cli_json("migrate", name, "--to", b.address, check=None)
+                assert rec["status"] == "in-doubt", rec
+                assert "etcd" in rec["error"], rec["error"]
+                assert name not in [v["name"] for v in b.client.call("vm.list")]
+                here = wait_hosted(a, name)
+                assert not here["running"] and here["unresolved"], here
+            finally:
+                os.kill(etcd_pid, signal.SIGCONT)
+            row = wait_for("etcd to answer again", lambda: _vm_row(own, name))
+            assert (row["owner"], row["epoch"]) == (a.address, 1)
+            a.cli("vm", "resolve", name)
+            assert wait_hosted(a, name)["running"]
+            assert_daemon_vm_matches_unmoved(a, name, recipe)
+        finally:
+            b.close()
+            a.close()
+
+
+def _leader(cluster) -> int:
+    """Index of the member that leads the cluster now."""
+    import urllib.request
+
+    for i, m in enumerate(cluster.members):
+        if m.proc.poll() is not None:
+            continue
+        req = urllib.request.Request(f"http://{m.endpoint}/v3/maintenance/status", data=b"{}",
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            status = json.loads(r.read())
+        if status.get("leader") == status["header"]["member_id"]:
+            return i
+    return -1
+
+
+def test_a_handover_commits_through_a_new_etcd_leader(tmp_path):
+    """Three etcd members; the leader is killed (SIGKILL) just before the
+    migration: the commit transaction goes through whichever member answers
+    once a new leader is elected, and the VM arrives identical."""
+    name = "leaderless"
+    with etcd_cluster(tmp_path, members=3) as cluster:
+        a = _daemon(tmp_path, "a", "asyncio", cluster)
+        b = _daemon(tmp_path, "b", "asyncio", cluster)
+        try:
+            recipe = Recipe("16MiB", 2, "memtest", seed=15, dirty_rate="8MiB/s")
+            start_vm(a, name, recipe)
+            wait_for("etcd to name a", lambda: (_vm_row(cluster, name) or {}).get("owner")
+                     == a.address)
+            leader = wait_for("a leader", lambda: _leader(cluster) + 1) - 1
+            cluster.members[leader].kill()
+            rec = a.cli_json("migrate", name, "--to", b.address, check=None)
+            row = wait_for("the fleet to answer", lambda: _vm_row(cluster, name))
+            if rec["status"] == "completed":
+                assert (row["owner"], row["epoch"]) == (b.address, 2)
+                assert_daemon_vm_matches_unmoved(b, name, recipe)
+            else:
+                # etcd could not settle within the commit deadline: then the
+                # VM never ran at b, and etcd still names a
+                assert name not in [v["name"] for v in b.client.call("vm.list")], rec
+                assert row["owner"] == a.address, (row, rec)
+                pytest.fail(f"the commit did not go through a new leader: {rec['error']}")
+        finally:
+            b.close()
+            a.close()
+
+
+def test_a_daemon_that_cannot_join_does_not_start(tmp_path):
+    proc = livemig("daemon", "--listen", "127.0.0.1:0", "--control", tmp_path / "x.sock",
+                   "--state-dir", tmp_path / "state", "--fleet", "etcd://127.0.0.1:1",
+                   check=4)
+    assert "etcd://127.0.0.1:1 did not answer" in proc.stderr
+    assert not (tmp_path / "x.sock").exists()
