@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .common import EXIT_OK, emit
+from .common import EXIT_FAILED, EXIT_OK, emit
 
 FLEET_ENV = "LIVEMIG_FLEET"
 
