@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from livemig.engine.destination import server as destination
+from livemig.engine.destination import arrival as destination
 
 from livemig.native import postcopy
 from livemig.config import CodecConfig, MigrationConfig

@@ -59,8 +59,6 @@ import asyncio
 import dataclasses
 import threading
 import time
-from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -71,6 +69,7 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import urgent
+from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
 from . import resume
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
@@ -93,44 +92,6 @@ POPULATE_CHUNK_PAGES = 1024  # 4 MiB: the longest a post-copy switchover waits f
 RECV_WINDOW_BYTES = 4 << 20  # events queued ahead of the decoder: keeps the
                              # source's bandwidth estimate honest
 MAX_NAME_CHARS = 64
-
-
-@dataclass
-class Arrival:
-    """What a host is told about an incoming migration, and what it returns."""
-
-    name: str
-    peer: str
-    stats: MigrationStats
-    status: str = "setup"
-    error: str | None = None
-    on_resumed: Callable[[VM], None] | None = None
-    on_status: Callable[[], None] | None = None
-    vm: VM | None = None                         # the guest, once it runs here in post-copy
-    owed_pages: Callable[[], int] | None = None  # pages it still lacks, while in post-copy
-    # Awaited between Commit and resume; raising refuses the VM (fleet ownership).
-    commit_gate: Callable[[], Awaitable[None]] | None = None
-
-
-# host policy: (name, peer, stats) -> Arrival, or raise to refuse
-IncomingHook = Callable[[str, str, MigrationStats], Arrival]
-
-
-def _default_hook(name: str, peer: str, stats: MigrationStats) -> Arrival:
-    return Arrival(name, peer, stats)
-
-
-def postcopy_unavailable_reason() -> str | None:
-    """Why this host cannot receive post-copy, or None if it can (probed once)."""
-    global _POSTCOPY_REASON
-    if _POSTCOPY_REASON is None:
-        found = postcopy.probe()
-        _POSTCOPY_REASON = ("" if found.missing else
-                            f"post-copy is unavailable here: userfaultfd MISSING: {found.reason}")
-    return _POSTCOPY_REASON or None
-
-
-_POSTCOPY_REASON: str | None = None
 
 
 class IncomingMigration:
@@ -722,7 +683,7 @@ class MigrationServer:
         self.host = host
         self.requested_port = port
         self.ssl = ssl
-        self.on_incoming = on_incoming or _default_hook
+        self.on_incoming = on_incoming or default_hook
         self.config = config or MigrationConfig()
         self.budget = budget     # None: offers are bounded only by what VM.blank can map
         self.port: int | None = None
