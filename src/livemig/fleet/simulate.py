@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
+from ..units import MIB
 from .planner import HostState, VMState, plan_balance, plan_drain
 
 GIB = 1 << 30
-MIB = 1 << 20
 
 
 def generate(nhosts: int, nvms: int, *, seed: int = 0, host_memory_bytes: int = 512 * GIB,

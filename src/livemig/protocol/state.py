@@ -255,6 +255,7 @@ EVENT_WORDS = {
     Abort: "an abort", Ping: "a liveness check", Pong: "a liveness answer",
     ProbeData: "bandwidth probe data", ProbeEnd: "the end of a bandwidth probe",
     ProbeResult: "a bandwidth probe result", Outcome: "the outcome of a session",
+    ResumeReport: "a report of what it holds of an interrupted pre-copy",
 }
 
 STATE_WORDS = {
