@@ -9,19 +9,18 @@ import pytest
 
 from livemig.lab import netns
 from livemig.lab.sweep import two_hosts
-from livemig.vm.machine import VM
+from support.oracle import Recipe
 
 OK, WHY = netns.available(need_delay=True)
 pytestmark = pytest.mark.skipif(not OK, reason=f"two-host link with delay unavailable: {WHY}")
 
-SEED = 11
-MEMORY = "32MiB"
-RUN_AHEAD_STEPS = 20_000   # paced guest: ~18k steps/s at 4 MiB/s
+RECIPE = Recipe("32MiB", 1, "memtest", seed=11, dirty_rate="4MiB/s")
+RUN_AHEAD_STEPS = 20_000
 
 
 def _reference(step: int) -> dict:
-    with VM(memory=MEMORY, vcpus=1, workload="memtest", seed=SEED) as vm:
-        vm.start()
+    """The never-moved twin at ``step``: built parked, run straight there."""
+    with RECIPE.build(paced=False) as vm:
         vm.run_to(step, timeout_s=60)
         return {"digest": vm.digest().hex(), "cpus": [vm.registers(0)],
                 "console": [vm.console(0).hex()]}
@@ -33,8 +32,8 @@ def test_migration_across_a_shaped_tls_link(tmp_path):
         hosts.set_bandwidth(200e6)        # 200 Mbit/s, 2 ms each way
         assert hosts.link.rate_bps == 200e6 and hosts.link.delay_ms == 2.0
         src, dst = hosts.src, hosts.dst
-        src.call("vm.start", name="m", memory=MEMORY, vcpus=1, workload="memtest",
-                 dirty_rate="4MiB/s", seed=SEED)
+        src.call("vm.start", name="m", memory=RECIPE.memory, vcpus=RECIPE.vcpus,
+                 workload=RECIPE.workload, dirty_rate=RECIPE.dirty_rate, seed=RECIPE.seed)
         time.sleep(0.2)   # the guest dirties memory; nothing below depends on how much
         rec = src.call("migrate", name="m", to=hosts.dst_addr, wait=True,
                        server_hostname=hosts.server_hostname)
@@ -46,7 +45,9 @@ def test_migration_across_a_shaped_tls_link(tmp_path):
         assert src.call("vm.list") == []
         [moved] = dst.call("vm.list")
         assert moved["origin"].startswith("migrated from") and moved["running"]
-        target = max(moved["steps"]) + RUN_AHEAD_STEPS
+        # Paused first: a running guest could pass the target between reading
+        # its steps and asking it to stop there.
+        target = max(dst.call("vm.pause", name="m")["steps"]) + RUN_AHEAD_STEPS
         dst.call("vm.run_to", name="m", step=target, timeout_s=60)
         got = dst.call("vm.inspect", name="m")
         dst.call("vm.stop", name="m")

@@ -40,6 +40,7 @@ import os
 import socket
 from typing import Awaitable, Callable
 
+from .deadline import within
 from ..errors import (ConfigError, ConnectionLost, LivemigError, LocalProtocolError,
                       RemoteProtocolError)
 from ..protocol import (CLOSED, NEED_DATA, Abort, ChannelKind, Connection, Event, Hello,
@@ -616,11 +617,7 @@ async def recv_within(ch: Channel, timeout_s: float | None, what: str, *, peer: 
     while True:
         seen_bytes = ch.bytes_received
         try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for returns a result
-            # that completes as the task is cancelled and drops the
-            # cancellation, so a stopping daemon's session would run on.
-            async with asyncio.timeout(timeout_s):
-                event = await ch.recv()
+            event = await within(ch.recv(), timeout_s)
             break
         except TimeoutError:
             if idle and ch.bytes_received != seen_bytes:

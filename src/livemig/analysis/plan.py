@@ -40,6 +40,7 @@ from ..errors import RemoteProtocolError
 from ..policy import Prediction, predict
 from ..protocol import Abort, ChannelKind, Ping, ProbeData, ProbeEnd
 from ..units import MIB, finite_or_none, format_mib_per_s
+from ..aio.deadline import within
 
 PROBE_FRAME_BYTES = 1 << 20
 PING_COUNT = 5
@@ -106,7 +107,7 @@ async def probe_bandwidth(host: str, port: int, *, ssl=None, server_hostname: st
 
 async def _recv(ch, timeout_s: float):
     try:
-        event = await asyncio.wait_for(ch.recv(), timeout_s)
+        event = await within(ch.recv(), timeout_s)
     except asyncio.TimeoutError:
         raise RemoteProtocolError(f"the destination did not answer the probe within "
                                   f"{timeout_s:g} s", phase="handshake") from None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..addresses import parse_hostport
 from ..errors import ConfigError, LivemigError
+from ..aio.deadline import within
 
 MAX_RESPONSE_BYTES = 4 << 20
 MAX_HEADER_BYTES = 16 << 10
@@ -107,7 +108,7 @@ class EtcdClient:
                 try:
                     # One silent member must not use up the whole deadline.
                     per_try_s = max(MIN_TRY_S, self.timeout_s / len(self.endpoints))
-                    return await asyncio.wait_for(self._exchange(host, port, path, payload),
+                    return await within(self._exchange(host, port, path, payload),
                                                   min(left, per_try_s))
                 except EtcdError:
                     raise

@@ -49,6 +49,7 @@ from .eventlog import event
 from .history import HISTORY_FILE_FORMAT, History, default_state_dir
 from .operations import TIMEOUT_ACTIONS, OperatorCommands
 from .refusals import not_running_text, postcopy_refusal_text, recover_refusal_text
+from ..aio.deadline import within
 
 
 @dataclass
@@ -524,7 +525,7 @@ class Daemon(OperatorCommands):
             raise ControlError(f"no migration with id {id}", error_type="NoSuchMigration")
         if rec.task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(rec.task), timeout_s)
+                await within(asyncio.shield(rec.task), timeout_s)
             except asyncio.TimeoutError:
                 pass
         return rec.describe()

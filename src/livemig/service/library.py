@@ -6,7 +6,6 @@ progress callback, and a destination object that yields arrived VMs.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Callable
 
 from ..addresses import format_hostport, parse_hostport
@@ -15,6 +14,7 @@ from ..engine.destination.server import MigrationServer
 from ..engine.source.session import migrate as _migrate
 from ..stats import MigrationStats
 from ..vm.machine import VM
+from ..aio.deadline import within
 
 
 async def migrate(vm: VM, to: str, *, mode: str = "precopy", downtime_ms: float = 300.0,
@@ -61,7 +61,7 @@ class Destination:
         return self._server.port
 
     async def next_vm(self, timeout_s: float | None = None) -> tuple[str, VM, MigrationStats]:
-        arrival, vm = await asyncio.wait_for(self._server.completed.get(), timeout_s)
+        arrival, vm = await within(self._server.completed.get(), timeout_s)
         return arrival.name, vm, arrival.stats
 
     async def start(self) -> "Destination":

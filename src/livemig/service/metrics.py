@@ -14,6 +14,7 @@ import asyncio
 import collections
 
 from ..addresses import parse_hostport
+from ..aio.deadline import within
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_HEAD_BYTES = 8192
@@ -73,7 +74,7 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            head = await within(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
             parts = head.split(b"\r\n", 1)[0].split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
                 status, body = "200 OK", render(*self._snapshot()).encode()

@@ -18,6 +18,7 @@ import time
 from ...aio.channel import Channel
 from ...errors import MigrationError, RemoteProtocolError
 from ...protocol import Abort, Ping, Pong, ProbeData, ProbeEnd, ProbeResult
+from ...aio.deadline import within
 
 
 async def answer_probes(ch: Channel, timeout_s: float, phase: str):
@@ -32,7 +33,7 @@ async def answer_probes(ch: Channel, timeout_s: float, phase: str):
     frames = nbytes = 0
     while True:
         try:
-            event = await asyncio.wait_for(ch.recv(), timeout_s)
+            event = await within(ch.recv(), timeout_s)
         except asyncio.TimeoutError:
             raise MigrationError(f"no MigrationOffer from the source within "
                                  f"{timeout_s:g} s", phase=phase) from None

@@ -86,6 +86,7 @@ from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode
 from ...protocol import Ping, Pong
 from ...stats import MigrationStats
 from ...vm.machine import VM
+from ...aio.deadline import within
 
 MAX_VCPUS = 64
 POPULATE_CHUNK_PAGES = 1024  # 4 MiB: the longest a post-copy switchover waits for it
@@ -377,7 +378,7 @@ class IncomingMigration:
         # gets Resumed keeps its copy paused, in doubt.
         try:
             await self.ch.send(Resumed())
-            await asyncio.wait_for(self.ch.recv(), cfg.ack_timeout_s)
+            await within(self.ch.recv(), cfg.ack_timeout_s)
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
 
@@ -657,7 +658,7 @@ class IncomingMigration:
         if self.ch.closed:
             return
         try:
-            await asyncio.wait_for(self.ch.send(Abort(self.phase, str(exc)[:1000])), 1.0)
+            await within(self.ch.send(Abort(self.phase, str(exc)[:1000])), 1.0)
         except (LivemigError, asyncio.TimeoutError, ConnectionError):
             pass
 

@@ -40,6 +40,7 @@ import numpy as np
 from ...aio.channel import Channel, open_channel, recv_within
 from ...errors import HandshakeRefused, LivemigError, RemoteProtocolError
 from ...protocol import ChannelKind, Outcome, OutcomeCode, PresentReport, RefuseCode
+from ...aio.deadline import within
 
 # What the destination said (Learned.kind)
 COMMITTED = "committed"          # it runs the VM: release ours
@@ -109,7 +110,7 @@ async def learn(open_control: OpenControl, *, npages: int, window_s: float, time
         delay = backoff_s[min(attempt, len(backoff_s) - 1)]
         wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wake.wait(), min(delay, max(0.0, deadline - time.monotonic())))
+            await within(wake.wait(), min(delay, max(0.0, deadline - time.monotonic())))
         try:
             learned = await ask(open_control, npages=npages, timeout_s=timeout_s)
             why = None

@@ -69,6 +69,7 @@ from ...codec.rawbatch import MAX_FAST_RUNS, encode_raw
 from ...protocol import BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, Phase, Ping, Pong
 from ...stats import MigrationStats
 from ...native.urgent import NativePageServer
+from ...aio.deadline import within
 
 PREPAGE_WINDOW_PAGES = 64
 # A pushed batch is decoded and placed in one go on the destination's loop,
@@ -299,7 +300,7 @@ class PostcopySender:
         pinged = False
         while True:
             try:
-                event = await asyncio.wait_for(control.recv(), silence_s / 2)
+                event = await within(control.recv(), silence_s / 2)
             except asyncio.TimeoutError:
                 if pinged:
                     raise ConnectionLost(f"the destination has not answered for {silence_s:g} s "

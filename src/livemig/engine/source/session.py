@@ -103,6 +103,7 @@ from ...native.tracking import open_tracker
 from ...vm.isa import ISA_REVISION, VCPU_FEATURES
 from .control import MigrationControl
 from ...vm.machine import VM
+from ...aio.deadline import within
 
 StatsCallback = Callable[[MigrationStats], None]
 _MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYBRID}
@@ -702,7 +703,7 @@ class SourceSession:
                 self.vm.resume()
             if self._ch is not None and not self._ch.closed:
                 try:
-                    await asyncio.wait_for(
+                    await within(
                         self._ch.send(Abort(self.phase, stats.error[:1000])), 1.0)
                 except (LivemigError, asyncio.TimeoutError, ConnectionError):
                     pass

@@ -41,6 +41,7 @@ from ...native.pace import Pace
 from ...protocol import wire
 from ...protocol import spec
 from ...stats import MigrationStats
+from ...aio.deadline import within
 
 STREAMS = spec.STREAMS_CAPABILITY
 
@@ -212,7 +213,7 @@ class SourceStreams:
                 if done():
                     return
                 try:
-                    await asyncio.wait_for(wake.wait(), tick_s)
+                    await within(wake.wait(), tick_s)
                 except asyncio.TimeoutError:
                     tick()
                     now_moved = self._bytes_moved()
