@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livemig.aio.channel import Channel, serve_channels
+from livemig.config import MigrationConfig
 from livemig.engine.destination.server import Arrival, MigrationServer
 from livemig.errors import HandoverInDoubt, MigrationError
 from livemig.protocol import (Accept, Commit, MigrationOffer, PageBatch, RoundAck, RoundEnd,
@@ -28,6 +29,7 @@ LOCAL = "127.0.0.1"
 RECIPE = Recipe("16MiB", 2, "memtest", seed=21, dirty_rate="24MiB/s")
 RANDOM = Recipe("16MiB", 2, "uniform", seed=22, dirty_rate="24MiB/s", fill_seed=1)
 ENDED = ("completed", "failed", "cancelled")
+OUTCOME_WINDOW_S = 3.0
 
 
 class FakeDestination:
@@ -39,6 +41,9 @@ class FakeDestination:
         self.seen: list[str] = []
 
     async def __call__(self, ch) -> None:
+        if self.seen:
+            ch.abort()      # gone: a reconnection finds no one to answer it
+            return
         offer = await ch.recv()
         self.seen.append(type(offer).__name__)
         assert isinstance(offer, MigrationOffer)
@@ -117,8 +122,11 @@ def test_destination_gone_after_verified_leaves_the_handover_in_doubt(run):
             vm.start()
             await asyncio.sleep(0.05)   # the guest dirties memory; nothing depends on how much
             async with await serve_channels(LOCAL, 0, FakeDestination("verified")) as server:
+                # The source tries to learn the outcome for ack_timeout_s; the
+                # fake is gone for good, so a short window ends in the same doubt.
                 with pytest.raises(HandoverInDoubt) as info:
-                    await migrate(vm, LOCAL, server.port)
+                    await migrate(vm, LOCAL, server.port,
+                                  config=MigrationConfig(ack_timeout_s=OUTCOME_WINDOW_S))
             assert not info.value.source_resumed
             assert "handover in doubt" in info.value.stats.error
             assert not vm.running
