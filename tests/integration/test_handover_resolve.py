@@ -52,7 +52,9 @@ async def _assert_runs_only_on(h_run, h_other, name: str) -> None:
     listed = {v["name"]: v for v in await h_run["vm.list"]()}
     assert listed[name]["running"] and not listed[name]["unresolved"]
     assert name not in {v["name"] for v in await h_other["vm.list"]()}
-    target = max(listed[name]["steps"]) + STEPS_AHEAD
+    # Paused first: a running guest could pass the target between reading
+    # its steps and asking it to stop there.
+    target = max((await h_run["vm.pause"](name=name))["steps"]) + STEPS_AHEAD
     await h_run["vm.run_to"](name=name, step=target, timeout_s=30)
     got = await h_run["vm.inspect"](name=name)
     with RECIPE.build(paced=False) as twin:
