@@ -5,7 +5,7 @@ import pytest
 
 from livemig.native import postcopy
 from livemig.errors import ControlError
-from livemig.service.daemon import Daemon
+from support.inprocess import started_daemons
 from support.waiting import PATIENCE_S
 
 pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
@@ -14,11 +14,7 @@ pytestmark = pytest.mark.skipif(not postcopy.probe().missing,
 
 def test_switch_a_running_precopy_migration_to_postcopy(run, tmp_path):
     async def scenario():
-        a = Daemon(listen="127.0.0.1:0", control_path=str(tmp_path / "a.sock"))
-        b = Daemon(listen="127.0.0.1:0", control_path=str(tmp_path / "b.sock"))
-        await a.start()
-        await b.start()
-        try:
+        async with started_daemons(tmp_path, "a", "b") as (a, b):
             ha, hb = a._handlers(), b._handlers()
             await ha["vm.start"](name="vm1", memory="16MiB", vcpus=2, workload="uniform",
                                  dirty_rate="64MiB/s")
@@ -36,8 +32,5 @@ def test_switch_a_running_precopy_migration_to_postcopy(run, tmp_path):
             assert await ha["vm.list"]() == []
             with pytest.raises(ControlError):
                 await ha["migration.recover"](vm="vm1")   # nothing to recover any more
-        finally:
-            await a.close()
-            await b.close()
 
     run(scenario())

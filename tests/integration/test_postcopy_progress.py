@@ -7,7 +7,7 @@ import pytest
 
 from livemig.native import postcopy
 from livemig.native.urgent import probe as native_probe
-from livemig.service.daemon import Daemon
+from support.inprocess import started_daemons
 from support.waiting import PATIENCE_S
 
 pytestmark = [
@@ -19,11 +19,7 @@ pytestmark = [
 
 def test_status_shows_faults_before_postcopy_completes(run, tmp_path):
     async def scenario():
-        a = Daemon(listen="127.0.0.1:0", control_path=str(tmp_path / "a.sock"))
-        b = Daemon(listen="127.0.0.1:0", control_path=str(tmp_path / "b.sock"))
-        await a.start()
-        await b.start()
-        try:
+        async with started_daemons(tmp_path, "a", "b") as (a, b):
             ha = a._handlers()
             # the guest writes everywhere at once; the pushed pages trickle
             # through a narrow cap, so post-copy lasts while the guest faults
@@ -46,8 +42,5 @@ def test_status_shows_faults_before_postcopy_completes(run, tmp_path):
             assert done["status"] == "completed", done
             assert done["stats"]["postcopy"]["fault_path"] == "native", done["stats"]
             assert done["stats"]["postcopy"]["urgent_requests"] > 0
-        finally:
-            await a.close()
-            await b.close()
 
     run(scenario())

@@ -13,6 +13,7 @@ from livemig.errors import ConfigError
 from livemig.native import postcopy
 from livemig.vm import trace
 from livemig.vm.machine import VM
+from support.inprocess import started_daemons
 from support.oracle import Recipe, assert_matches_unmoved
 
 LOCAL = "127.0.0.1"
@@ -111,14 +112,10 @@ def test_bad_trace_workloads_are_refused_clearly(tmp_path):
 
 
 def test_daemon_records_and_starts_a_trace_vm(run, tmp_path):
-    from livemig.service.daemon import Daemon
-
     path = str(tmp_path / "d.lmtrace")
 
     async def scenario():
-        a = Daemon(listen="127.0.0.1:0", control_path=str(tmp_path / "a.sock"))
-        await a.start()
-        try:
+        async with started_daemons(tmp_path, "a") as (a,):
             h = a._handlers()
             await h["vm.start"](name="src", memory="16MiB", vcpus=2, workload="hotset",
                                 dirty_rate="8MiB/s")
@@ -131,8 +128,6 @@ def test_daemon_records_and_starts_a_trace_vm(run, tmp_path):
                 open(tmp_path / "cut.lmtrace", "wb").write(open(path, "rb").read()[:-2])
                 await h["vm.start"](name="cut", memory="24MiB", vcpus=2,
                                     workload=f"trace:{tmp_path / 'cut.lmtrace'}")
-        finally:
-            await a.close()
 
     run(scenario())
 
