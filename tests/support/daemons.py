@@ -15,6 +15,7 @@ from pathlib import Path
 
 import livemig
 from livemig.errors import ControlError
+from livemig.lab.daemonproc import wait_hosted as lab_wait_hosted
 from livemig.service.control import ControlClient
 from support.oracle import Recipe
 from support.waiting import PATIENCE_S, wait_for
@@ -116,13 +117,9 @@ def start_vm(daemon, name, recipe: Recipe) -> dict:
 
 
 def wait_hosted(daemon, name: str) -> dict:
-    """The daemon's listing of VM ``name`` once it hosts it whole. A
-    destination lists a post-copy arrival in state ``postcopy`` until its
-    last page has landed, a moment after the source has already reported the
-    migration completed."""
-    return wait_for(f"VM {name!r} to be hosted by the daemon",
-                    lambda: next((v for v in daemon.client.call("vm.list")
-                                  if v["name"] == name and v["state"] != "postcopy"), None))
+    """The daemon's listing of VM ``name`` once it hosts it whole (not still
+    arriving in post-copy)."""
+    return lab_wait_hosted(daemon.client, name, timeout_s=PATIENCE_S)
 
 
 def assert_daemon_vm_matches_unmoved(daemon, name: str, recipe: Recipe) -> None:

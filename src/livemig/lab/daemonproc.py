@@ -47,6 +47,21 @@ def stop(client: ControlClient, proc: subprocess.Popen, *, timeout_s: float = 10
         proc.wait()
 
 
+def wait_hosted(client: ControlClient, name: str, *, timeout_s: float = 60.0) -> dict:
+    """The daemon's listing of VM ``name`` once it hosts it whole: a post-copy
+    arrival is listed in state ``postcopy`` until its last page has landed,
+    a moment after the source already reported the migration completed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = next((v for v in client.call("vm.list") if v["name"] == name), None)
+        if row is not None and row["state"] != "postcopy":
+            return row
+        if time.monotonic() > deadline:
+            raise ControlError(f"VM {name!r} was not hosted whole within {timeout_s:g} s "
+                               f"(listed as {row and row['state']})")
+        time.sleep(0.02)
+
+
 def wait_migration(client: ControlClient, rec: dict, *, poll_s: float = 5.0) -> dict:
     """Follow a migration record until it is no longer active."""
     while rec["status"] in ACTIVE_STATUSES:

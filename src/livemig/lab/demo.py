@@ -21,7 +21,7 @@ import time
 
 from ..addresses import DEFAULT_HOST, format_hostport
 from ..service.control import ControlClient
-from .daemonproc import free_port, stop, wait_migration, wait_ready
+from .daemonproc import free_port, stop, wait_hosted, wait_migration, wait_ready
 from ..units import parse_optional_rate, parse_size
 
 DEMO_SEED = 2026
@@ -157,9 +157,9 @@ def run_demo(*, memory: str = "256MiB", dirty_rate: str | None = "32MiB/s",
                 # Check the moved VM against the unmoved one at the same step.
                 # Pacing only sets how fast the guest runs, never what it
                 # computes: let it run free to the comparison step.
-                dst.call("vm.pause", name=name)   # so that no vCPU passes the target first
+                wait_hosted(dst, name)   # a post-copy arrival's last pages land first
+                steps = dst.call("vm.pause", name=name)["steps"]   # no vCPU passes the target
                 dst.call("vm.set_dirty_rate", name=name, rate=None)
-                steps = dst.call("vm.list")[0]["steps"]
                 target = max(steps) + RUN_AHEAD_STEPS
                 dst.call("vm.run_to", name=name, step=target, timeout_s=120)
                 moved = dst.call("vm.inspect", name=name)
