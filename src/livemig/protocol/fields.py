@@ -98,19 +98,23 @@ def as_bytes_views(data) -> list:
 # --- fields --------------------------------------------------------------------------
 
 class Field:
-    """One field. Fixed-size fields set ``fmt`` (a struct code) and implement
-    ``to_wire``/``from_wire``; variable-size ones implement ``emit``/``read``."""
+    """One field of a message layout."""
 
-    fmt: str | None = None
+    fmt: str | None = None  # fixed-size fields: a struct code
     attr = True           # an attribute of the message
     reads_rest = False    # consumes the payload to its end
-    # Fixed-size fields whose value goes to struct or comes from it as is skip
-    # to_wire/from_wire: a PageBatch prefix is then one pack or unpack call.
-    converts = False      # to_wire does something
-    checks = False        # from_wire does something
 
     def __init__(self, name: str):
         self.name = name
+
+
+class FixedField(Field):
+    """A fixed-size field: ``fmt`` (a struct code) plus ``to_wire``/``from_wire``.
+    Fixed-size fields whose value goes to struct or comes from it as is skip
+    those: a PageBatch prefix is then one pack or unpack call."""
+
+    converts = False      # to_wire does something
+    checks = False        # from_wire does something
 
     def to_wire(self, value, values: dict, where: str):
         return value
@@ -118,14 +122,13 @@ class Field:
     def from_wire(self, raw, values: dict, where: str):
         return raw
 
-    def emit(self, value, values: dict, where: str) -> list:
-        raise NotImplementedError
 
-    def read(self, reader: Reader, values: dict, where: str):
-        raise NotImplementedError
+class VariableField(Field):
+    """A variable-size field; each kind says how it is written (``emit``: a
+    list of buffers) and read (``read`` from a :class:`Reader`)."""
 
 
-class Int(Field):
+class Int(FixedField):
     """An unsigned little-endian integer with optional checks: ``enum`` (an
     IntEnum; ``unknown`` is the member an undefined value decodes to, else it
     is an error), ``boolean`` (0 or 1), ``limit`` (inclusive range) and
@@ -188,7 +191,7 @@ class Count(Int):
         return len(values[self.of])
 
 
-class FixedBytes(Field):
+class FixedBytes(FixedField):
     converts = True
 
     def __init__(self, name: str, nbytes: int):
@@ -218,7 +221,7 @@ def u64(name: str, **checks) -> Int:
     return Int(name, "Q", **checks)
 
 
-class Text(Field):
+class Text(VariableField):
     """u16 byte count, then UTF-8."""
 
     def __init__(self, name: str, max_bytes: int):
@@ -241,7 +244,7 @@ class Text(Field):
             raise PayloadError(f"{where} is not UTF-8: {exc}") from None
 
 
-class Caps(Field):
+class Caps(VariableField):
     """u16 count, then per name a u8 length and ASCII [a-z0-9][a-z0-9_.-]{0,31};
     no duplicates. A frozenset of str."""
 
@@ -279,7 +282,7 @@ class Caps(Field):
         return frozenset(names)
 
 
-class Json(Field):
+class Json(VariableField):
     """u32 byte count, then a JSON object (sorted keys, compact)."""
 
     def __init__(self, name: str, max_bytes: int):
@@ -313,7 +316,7 @@ class Json(Field):
         return value
 
 
-class Blob(Field):
+class Blob(VariableField):
     """u32 byte count, then that many bytes (sent without a copy)."""
 
     def emit(self, value, values, where):
@@ -325,7 +328,7 @@ class Blob(Field):
         return bytes(reader.take(nbytes, where))
 
 
-class Bitmap(Field):
+class Bitmap(VariableField):
     """The rest of the payload: one bit per page of the u64 field ``npages``,
     bit i = page i, least significant bit first, padding bits 0."""
 
@@ -357,7 +360,7 @@ class Bitmap(Field):
         return None
 
 
-class U64Array(Field):
+class U64Array(VariableField):
     """``count`` (an earlier :class:`Count` field) u64 entries within
     ``min_count``..``max_count``; ``ascending``: strictly ascending.
     A numpy array, or a tuple of int with ``as_tuple``."""
@@ -392,7 +395,7 @@ class U64Array(Field):
         return array.size < 2 or bool(numpy.all(array[1:] > array[:-1]))
 
 
-class Tail(Field):
+class Tail(VariableField):
     """Opaque bytes to the end of the payload, never copied: one buffer or a
     list/tuple of buffers sent back to back; decoded, a memoryview slice."""
 
