@@ -39,3 +39,10 @@ def test_progress_counts_points_and_estimates_the_rest():
     import time
     eta = sweep._eta(started=time.time() - 60, done=2, total=4)
     assert eta.startswith(" ETA ") and eta.endswith("s")
+
+
+def test_rate_labels_name_unpaced_rows_by_what_they_replay():
+    assert sweep.rate_label(64) == "64MiB/s"
+    assert sweep.rate_label(None) == "max"
+    assert sweep.rate_label(None, "trace:/tmp/web.lmtrace") == "recorded"
+    assert sweep.rate_label(32, "trace:/tmp/web.lmtrace") == "32MiB/s"

@@ -26,7 +26,8 @@ VM stays on the source (that is the engine's contract) and is stopped there.
 
 Each point's VM has one vCPU, so one of the machine's two cores is left for
 the migration itself; rates in a profile stay below one vCPU's maximum
-(≈ 250 MiB/s of uniform page writes here), except "max" (unpaced).
+(≈ 250 MiB/s of uniform page writes here), except "max" (unpaced; a trace
+unpaced replays at its recorded rate and is labelled "recorded").
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from ..errors import ConfigError, ControlError
 from ..config import MigrationConfig
 from ..policy import predict_hybrid, predict_postcopy
 from ..units import MIB
+from ..vm.programs import TRACE_PREFIX
 
 MODES = {
     "precopy": {"mode": "precopy"},
@@ -107,8 +109,12 @@ def bandwidth_label(bit_s: float | None) -> str:
     return f"{bit_s / 1e9:g}Gbit/s" if bit_s >= 1e9 else f"{bit_s / 1e6:g}Mbit/s"
 
 
-def rate_label(rate_mib_s: float | None) -> str:
-    return "max" if rate_mib_s is None else f"{rate_mib_s:g}MiB/s"
+def rate_label(rate_mib_s: float | None, workload: str = "") -> str:
+    """A sweep row's dirty rate: unpaced is "max", except that a trace
+    replays at the rate it was recorded at."""
+    if rate_mib_s is None:
+        return "recorded" if workload.startswith(TRACE_PREFIX) else "max"
+    return f"{rate_mib_s:g}MiB/s"
 
 
 # -- the two hosts ---------------------------------------------------------------------------
@@ -207,7 +213,7 @@ def run_point(hosts: _Hosts, profile: Profile, *, name: str, memory: str, worklo
     extra = hosts.set_bandwidth(bw_bit_s)
     sni = {"server_hostname": hosts.server_hostname} if hosts.server_hostname else {}
     point = {"memory": memory, "workload": "idle" if idle else workload, "sweep_workload": workload,
-             "dirty_rate": rate_label(rate_mib_s),
+             "dirty_rate": rate_label(rate_mib_s, workload),
              "dirty_rate_bps": None if rate_mib_s is None else rate_mib_s * MIB,
              "mode": mode, "link": bandwidth_label(bw_bit_s), "link_bit_s": bw_bit_s,
              "link_method": hosts.method}
@@ -321,7 +327,7 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
                                 n += 1
                                 base = {"memory": memory, "sweep_workload": workload,
                                         "workload": "idle" if rate == 0 else workload,
-                                        "dirty_rate": rate_label(rate), "mode": mode,
+                                        "dirty_rate": rate_label(rate, workload), "mode": mode,
                                         "dirty_rate_bps": None if rate is None else rate * MIB,
                                         "link": bandwidth_label(bw), "link_bit_s": bw,
                                         "link_method": hosts.method, "repeat": rep}
@@ -329,7 +335,7 @@ def run_sweep(profile: Profile, *, link: str = "auto", progress=None) -> dict:
                                     points.append({**base, "status": "unsupported",
                                                    "error": unsupported[mode], "stats": None})
                                     continue
-                                progress(f"[{n}/{total}] {mode} {rate_label(rate)} "
+                                progress(f"[{n}/{total}] {mode} {rate_label(rate, workload)} "
                                          f"{base['link']} {memory} {workload} #{rep}"
                                          f"{_eta(started, n - 1, total)}")
                                 pt = run_point(hosts, profile, name=f"sweep{n}", memory=memory,
