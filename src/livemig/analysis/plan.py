@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..aio.channel import open_channel
+from ..aio.deadline import within
 from ..aio.ratelimit import TokenBucket
 from ..config import MigrationConfig
 from ..errors import RemoteProtocolError
 from ..policy import Prediction, predict
 from ..protocol import Abort, ChannelKind, Ping, ProbeData, ProbeEnd
 from ..units import MIB, finite_or_none, format_mib_per_s
-from ..aio.deadline import within
 
 PROBE_FRAME_BYTES = 1 << 20
 PING_COUNT = 5

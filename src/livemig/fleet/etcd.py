@@ -109,7 +109,7 @@ class EtcdClient:
                     # One silent member must not use up the whole deadline.
                     per_try_s = max(MIN_TRY_S, self.timeout_s / len(self.endpoints))
                     return await within(self._exchange(host, port, path, payload),
-                                                  min(left, per_try_s))
+                                        min(left, per_try_s))
                 except EtcdError:
                     raise
                 except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError,

@@ -16,9 +16,9 @@ import asyncio
 import time
 
 from ...aio.channel import Channel
+from ...aio.deadline import within
 from ...errors import MigrationError, RemoteProtocolError
 from ...protocol import Abort, Ping, Pong, ProbeData, ProbeEnd, ProbeResult
-from ...aio.deadline import within
 
 
 async def answer_probes(ch: Channel, timeout_s: float, phase: str):

@@ -63,6 +63,7 @@ import time
 import numpy as np
 
 from ...aio.channel import Channel, ChannelServer, recv_within, serve_channels
+from ...aio.deadline import within
 from ...config import MigrationConfig
 from ...codec.decoder import BatchDecoder
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
@@ -86,7 +87,6 @@ from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode
 from ...protocol import Ping, Pong
 from ...stats import MigrationStats
 from ...vm.machine import VM
-from ...aio.deadline import within
 
 MAX_VCPUS = 64
 POPULATE_CHUNK_PAGES = 1024  # 4 MiB: the longest a post-copy switchover waits for it

@@ -38,9 +38,9 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ...aio.channel import Channel, open_channel, recv_within
+from ...aio.deadline import within
 from ...errors import HandshakeRefused, LivemigError, RemoteProtocolError
 from ...protocol import ChannelKind, Outcome, OutcomeCode, PresentReport, RefuseCode
-from ...aio.deadline import within
 
 # What the destination said (Learned.kind)
 COMMITTED = "committed"          # it runs the VM: release ours

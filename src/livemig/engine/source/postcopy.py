@@ -60,6 +60,7 @@ import time
 import numpy as np
 
 from ...aio.channel import Channel, until_finished
+from ...aio.deadline import within
 from ...codec.encoder import BatchEncoder
 from ...errors import ConnectionLost, LivemigError, MigrationError, RemoteProtocolError
 from ...native import PAGE_SIZE
@@ -69,7 +70,6 @@ from ...codec.rawbatch import MAX_FAST_RUNS, encode_raw
 from ...protocol import BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, Phase, Ping, Pong
 from ...stats import MigrationStats
 from ...native.urgent import NativePageServer
-from ...aio.deadline import within
 
 PREPAGE_WINDOW_PAGES = 64
 # A pushed batch is decoded and placed in one go on the destination's loop,

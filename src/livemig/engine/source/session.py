@@ -78,6 +78,7 @@ from typing import Callable
 import numpy as np
 
 from ...aio.channel import Channel, open_channel, recv_within
+from ...aio.deadline import within
 from ...aio.ratelimit import TokenBucket
 from ...codec.encoder import BatchEncoder
 from ...config import MigrationConfig
@@ -103,7 +104,6 @@ from ...native.tracking import open_tracker
 from ...vm.isa import ISA_REVISION, VCPU_FEATURES
 from .control import MigrationControl
 from ...vm.machine import VM
-from ...aio.deadline import within
 
 StatsCallback = Callable[[MigrationStats], None]
 _MODES = {"precopy": Mode.PRECOPY, "postcopy": Mode.POSTCOPY, "hybrid": Mode.HYBRID}
@@ -703,8 +703,7 @@ class SourceSession:
                 self.vm.resume()
             if self._ch is not None and not self._ch.closed:
                 try:
-                    await within(
-                        self._ch.send(Abort(self.phase, stats.error[:1000])), 1.0)
+                    await within(self._ch.send(Abort(self.phase, stats.error[:1000])), 1.0)
                 except (LivemigError, asyncio.TimeoutError, ConnectionError):
                     pass
         self._publish()

@@ -33,6 +33,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from ...aio.channel import Channel
+from ...aio.deadline import within
 from ...aio.ratelimit import burst_bytes_for
 from ...config import CodecConfig, MigrationConfig
 from ...errors import MigrationError
@@ -41,7 +42,6 @@ from ...native.pace import Pace
 from ...protocol import wire
 from ...protocol import spec
 from ...stats import MigrationStats
-from ...aio.deadline import within
 
 STREAMS = spec.STREAMS_CAPABILITY
 
