@@ -46,7 +46,7 @@ import numpy as np
 
 from ...aio.channel import Channel, recv_within
 from ...errors import HandshakeRefused, MigrationCancelled, MigrationError, RemoteProtocolError
-from ...protocol import ChannelKind, RefuseCode, ResumeReport
+from ...protocol import ChannelKind, OutcomeCode, RefuseCode, ResumeReport
 from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECOPY
 
 
@@ -186,8 +186,8 @@ class PrecopyResumer:
         last: BaseException = cause
         if attempt:     # broke again before any round was acknowledged
             if time.monotonic() >= deadline_s:
-                raise self._gave_up(round_no, cause, "it broke again before acknowledging "
-                                    "any round")
+                raise self._gave_up(round_no, cause, f"not within {self.timeout_s:g} s: the "
+                                    "link broke again each time before a round was acknowledged")
             await asyncio.sleep(self._backoff_s(attempt - 1, deadline_s))
         while True:
             ch = None
@@ -199,7 +199,8 @@ class PrecopyResumer:
                 if ch is not None:
                     await ch.close()
                 if exc.code == RefuseCode.SESSION:    # it holds nothing for us any more
-                    raise self._gave_up(round_no, cause, exc) from exc
+                    raise self._gave_up(round_no, cause, "the destination no longer holds the "
+                                        f"session ({exc.reason})") from exc
                 last = exc
             except BaseException as exc:
                 if ch is not None:
@@ -213,10 +214,15 @@ class PrecopyResumer:
                     self._since_ack = (acks, deadline_s, attempt + 1)
                     return ch, answer
                 await ch.close()    # an Outcome: the session ended there, unresumed
-                raise self._gave_up(round_no, cause, "the destination ended the session: "
-                                    + getattr(answer, "reason", type(answer).__name__))
+                if getattr(answer, "code", None) == OutcomeCode.COMMITTED:
+                    raise RemoteProtocolError(
+                        "the destination answered that the session was committed there, but "
+                        "the pre-copy never reached the switchover", phase="precopy")
+                raise self._gave_up(round_no, cause, "the destination ended the session ("
+                                    + getattr(answer, "reason", type(answer).__name__) + ")")
             if time.monotonic() >= deadline_s:
-                raise self._gave_up(round_no, cause, last)
+                raise self._gave_up(round_no, cause, f"not within {self.timeout_s:g} s "
+                                    f"(last: {last})")
             await asyncio.sleep(self._backoff_s(attempt, deadline_s))
             attempt += 1
 
@@ -224,12 +230,11 @@ class PrecopyResumer:
         delay_s = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
         return min(delay_s, max(0.0, deadline_s - time.monotonic()))
 
-    def _gave_up(self, round_no: int, cause: BaseException, last: object) -> MigrationError:
+    def _gave_up(self, round_no: int, cause: BaseException, why: str) -> MigrationError:
         return MigrationError(
             f"the link to the destination broke during pre-copy round {round_no} ({cause}) and "
-            f"the migration could not be resumed within {self.timeout_s:g} s (last: {last}); "
-            "the VM runs on at the source: migrate it again when the link is back",
-            phase="precopy")
+            f"the migration could not be resumed: {why}; the VM runs on at the source: "
+            "migrate it again when the link is back", phase="precopy")
 
 
 def _landed(report: ResumeReport) -> np.ndarray:
