@@ -6,6 +6,7 @@ refuses the first SIGTERM/SIGINT (and `livemig daemon stop` without
 migrations first so that each VM resumes at its source. `livemig daemon
 drain` moves every VM away, then stops the daemon.
 """
+import json
 import signal
 import time
 
@@ -109,6 +110,15 @@ def test_signals_on_a_destination_mid_migration_leave_the_vm_running_at_its_sour
         dst.proc.send_signal(signal.SIGTERM)
         assert dst.proc.wait(timeout=WAIT_S) == 0
         assert "discarded here; it resumes at its source" in _log(dst)
+        # Its record says so in words, not "CancelledError", and outlives it.
+        said = ("the daemon here was stopped while VM coming arrived from "
+                f"{src.address}; the copy here was discarded and the VM runs on at its source")
+        assert f"cancelled: {said}" in _log(dst) and "CancelledError" not in _log(dst)
+        history = tmp_path / "dst-state" / f"history-{dst.port}.jsonl"
+        row = next(r for r in map(json.loads, history.read_text().splitlines())
+                   if r["vm"] == "coming")
+        assert row["direction"] == "incoming" and row["status"] == "cancelled", row
+        assert row["error"] == said, row
         final = src.client.call("migration.wait", id=rec["id"], timeout_s=WAIT_S)
         assert final["status"] == "failed", final
         vm = next(v for v in src.client.call("vm.list") if v["name"] == "coming")

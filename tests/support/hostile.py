@@ -17,8 +17,11 @@ HELLO_PREFIX = struct.Struct("<HHBBHI")
 CONTROL = 1
 
 
-def frame(message: str, sequence: int, body: bytes) -> bytes:
-    return HEADER.pack(FRAME_MAGIC, 1, MESSAGE_IDS[message], 0, 0, len(body), sequence,
+def frame(message: str, sequence: int, body: bytes, *, version: int = 1,
+          length: int | None = None) -> bytes:
+    """One frame; ``length`` (default: the body's) may lie about the payload."""
+    return HEADER.pack(FRAME_MAGIC, version, MESSAGE_IDS[message], 0, 0,
+                       len(body) if length is None else length, sequence,
                        xxhash.xxh3_64_intdigest(body)) + body
 
 

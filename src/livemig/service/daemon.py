@@ -142,6 +142,16 @@ class MigrationRecord:
         return d
 
 
+def _stopped_while_arriving(name: str, peer: str, *, postcopy: bool) -> str:
+    """What an incoming migration's record says when this daemon stopped mid-way."""
+    if postcopy:
+        return (f"the daemon here was stopped while VM {name} ran here in post-copy with pages "
+                f"still owed by {peer}: it was stopped and discarded here; its source keeps "
+                f"its paused copy (`livemig vm resolve {name}` there resumes it)")
+    return (f"the daemon here was stopped while VM {name} arrived from {peer}; the copy here "
+            "was discarded and the VM runs on at its source")
+
+
 class Daemon(OperatorCommands):
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
                  insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
@@ -267,7 +277,11 @@ class Daemon(OperatorCommands):
             self.vms[name] = HostedVM(name, vm, origin=f"migrated from {peer}")
 
         def on_status() -> None:
+            was_postcopy = rec.status == "postcopy-active"
             rec.status, rec.error = arrival.status, arrival.error
+            if arrival.status == "cancelled":
+                # Only closing the listener cancels an arrival: the daemon is stopping.
+                rec.error = _stopped_while_arriving(name, peer, postcopy=was_postcopy)
             if arrival.status == "postcopy-active" and arrival.vm is not None \
                     and name not in self.arriving_postcopy:
                 # The guest runs here while its missing pages arrive: list it.

@@ -41,6 +41,7 @@ class RoundProgress:
     def __init__(self, npages: int):
         self.npages = npages
         self.acked_round = NO_ROUND
+        self.acks_sent = 0
         self._landed = np.zeros(npages, dtype=bool)
 
     def landed(self, pages: np.ndarray) -> None:
@@ -50,6 +51,7 @@ class RoundProgress:
     def acked(self, round_no: int) -> None:
         """RoundAck(round_no) was sent: the next round starts with nothing landed."""
         self.acked_round = round_no
+        self.acks_sent += 1
         self._landed[:] = False
 
     def report(self) -> ResumeReport:
@@ -69,14 +71,22 @@ def waits(session) -> bool:
 
 async def receive(session) -> None:
     """The session's rounds (``session._receive``), each break in them waited
-    out while the source may come back."""
+    out while the source may come back. The hold time runs from the first
+    break after the last RoundAck: a source that comes back and breaks again
+    (or falls silent) before finishing a round does not get it anew, so no
+    peer holds the copy here for longer than that plus one idle timeout."""
+    since_ack = None      # (acks sent, the loop time the hold ends)
     while True:
         try:
             return await session._receive()
         except BaseException as exc:
             if not may_wait(session, exc):
                 raise
-            session.ch = await source_back(session, exc)
+            acks = session.progress.acks_sent
+            if since_ack is None or since_ack[0] != acks:
+                since_ack = (acks, asyncio.get_running_loop().time()
+                             + session.config.precopy_resume_timeout_s)
+            session.ch = await source_back(session, exc, since_ack[1])
 
 
 def may_wait(session, exc: BaseException) -> bool:
@@ -99,21 +109,21 @@ def progress_for(session, ch: Channel) -> RoundProgress | None:
     return None
 
 
-async def source_back(session, cause: BaseException) -> Channel:
+async def source_back(session, cause: BaseException, hold_ends: float) -> Channel:
     """Wait for the source's resumed control channel, report what is held on
-    it and return it; MigrationError once ``precopy_resume_timeout_s`` passed."""
+    it and return it; MigrationError once the loop's clock passed ``hold_ends``."""
     timeout_s = session.config.precopy_resume_timeout_s
     session.ch.abort()
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(hold_ends):
             while session._resumed_control is None:
                 session._channel_arrived.clear()
                 await session._channel_arrived.wait()
     except TimeoutError:
         raise MigrationError(
             f"the link to the source broke during pre-copy ({cause}) and the source did not "
-            f"come back within {timeout_s:g} s: the partial copy here was freed; the VM runs "
-            "on at the source", phase="precopy") from None
+            f"come back and finish a round within {timeout_s:g} s: the partial copy here was "
+            "freed; the VM runs on at the source", phase="precopy") from None
     ch, session._resumed_control = session._resumed_control, None
     await ch.send(session.progress.report())
     return ch

@@ -597,11 +597,15 @@ class IncomingMigration:
         released = asyncio.Event()
         self._released[ch] = released
         if ch.kind is ChannelKind.CONTROL:
-            old = self.ch
+            old, untaken = self.ch, self._resumed_control
             self._resumed_control = ch
             old.abort()    # the old set is dead if the source reopens: stop using it
             for side in self._side.values():
                 side.abort()
+            for dropped in (old, untaken):    # the newest resumed channel wins
+                if dropped is not None and dropped is not ch:
+                    dropped.abort()
+                    self._release(dropped)
         elif ch.kind is ChannelKind.BULK and STREAMS in ch.conn.capabilities:
             if self._streams is None:
                 raise RemoteProtocolError("a bulk stream for a migration without streams",

@@ -46,7 +46,7 @@ import numpy as np
 
 from ...aio.channel import Channel, recv_within
 from ...errors import HandshakeRefused, MigrationCancelled, MigrationError, RemoteProtocolError
-from ...protocol import ChannelKind, RefuseCode, ResumeReport
+from ...protocol import ChannelKind, OutcomeCode, RefuseCode, ResumeReport
 from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECOPY
 
 
@@ -62,6 +62,7 @@ class UnackedRounds:
         self._sent: dict[int, np.ndarray] = {}
         self.last_acked = NO_ROUND
         self.last_started = NO_ROUND
+        self.acks_received = 0    # RoundAcks read (a report's claim is no ack)
 
     def start(self, round_no: int, pages: np.ndarray | None = None) -> None:
         """Round ``round_no`` begins; ``pages`` (indices), if given, go out in it."""
@@ -78,6 +79,11 @@ class UnackedRounds:
         self._sent[round_no][np.asarray(pages, dtype=np.int64)] = True
 
     def acked(self, round_no: int) -> None:
+        """The destination acknowledged ``round_no`` with a RoundAck."""
+        self._applied(round_no)
+        self.acks_received += 1
+
+    def _applied(self, round_no: int) -> None:
         """The destination applied ``round_no`` (and so every round before it)."""
         for old in [r for r in self._sent if r <= round_no]:
             del self._sent[old]
@@ -92,7 +98,7 @@ class UnackedRounds:
         is the tracker's collect taken once the link came back (indices)."""
         self._check(report)
         if report.acked_round != NO_ROUND:
-            self.acked(report.acked_round)
+            self._applied(report.acked_round)
         first = 0 if report.acked_round == NO_ROUND else report.acked_round + 1
         todo = _bits(self.npages)
         landed = _landed(report)
@@ -149,6 +155,11 @@ class PrecopyResumer:
         self.backoff_s = tuple(backoff_s)
         self._open_control = open_control
         self.resumes = 0
+        # The window and the backoff run from the first break after the last
+        # RoundAck: a destination that answers every reconnect and breaks
+        # again before acknowledging a round cannot keep the rounds going
+        # (and resending) for ever. (acks_received, deadline, attempt)
+        self._since_ack: tuple[int, float, int] | None = None
 
     @classmethod
     def agreed(cls, session, backoff_s: Sequence[float], limiter) -> "PrecopyResumer | None":
@@ -168,9 +179,16 @@ class PrecopyResumer:
         """A new control channel and the destination's report; MigrationError
         (the VM runs on at the source) once the window is spent or the
         destination no longer holds the session."""
-        deadline_s = time.monotonic() + self.timeout_s
-        attempt = 0
+        acks = self.rounds.acks_received
+        if self._since_ack is None or self._since_ack[0] != acks:
+            self._since_ack = (acks, time.monotonic() + self.timeout_s, 0)
+        _, deadline_s, attempt = self._since_ack
         last: BaseException = cause
+        if attempt:     # broke again before any round was acknowledged
+            if time.monotonic() >= deadline_s:
+                raise self._gave_up(round_no, cause, f"not within {self.timeout_s:g} s: the "
+                                    "link broke again each time before a round was acknowledged")
+            await asyncio.sleep(self._backoff_s(attempt - 1, deadline_s))
         while True:
             ch = None
             try:
@@ -181,7 +199,8 @@ class PrecopyResumer:
                 if ch is not None:
                     await ch.close()
                 if exc.code == RefuseCode.SESSION:    # it holds nothing for us any more
-                    raise self._gave_up(round_no, cause, exc) from exc
+                    raise self._gave_up(round_no, cause, "the destination no longer holds the "
+                                        f"session ({exc.reason})") from exc
                 last = exc
             except BaseException as exc:
                 if ch is not None:
@@ -192,22 +211,30 @@ class PrecopyResumer:
             else:
                 if isinstance(answer, ResumeReport):
                     self.resumes += 1
+                    self._since_ack = (acks, deadline_s, attempt + 1)
                     return ch, answer
                 await ch.close()    # an Outcome: the session ended there, unresumed
-                raise self._gave_up(round_no, cause, "the destination ended the session: "
-                                    + getattr(answer, "reason", type(answer).__name__))
+                if getattr(answer, "code", None) == OutcomeCode.COMMITTED:
+                    raise RemoteProtocolError(
+                        "the destination answered that the session was committed there, but "
+                        "the pre-copy never reached the switchover", phase="precopy")
+                raise self._gave_up(round_no, cause, "the destination ended the session ("
+                                    + getattr(answer, "reason", type(answer).__name__) + ")")
             if time.monotonic() >= deadline_s:
-                raise self._gave_up(round_no, cause, last)
-            delay_s = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
+                raise self._gave_up(round_no, cause, f"not within {self.timeout_s:g} s "
+                                    f"(last: {last})")
+            await asyncio.sleep(self._backoff_s(attempt, deadline_s))
             attempt += 1
-            await asyncio.sleep(min(delay_s, max(0.0, deadline_s - time.monotonic())))
 
-    def _gave_up(self, round_no: int, cause: BaseException, last: object) -> MigrationError:
+    def _backoff_s(self, attempt: int, deadline_s: float) -> float:
+        delay_s = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
+        return min(delay_s, max(0.0, deadline_s - time.monotonic()))
+
+    def _gave_up(self, round_no: int, cause: BaseException, why: str) -> MigrationError:
         return MigrationError(
             f"the link to the destination broke during pre-copy round {round_no} ({cause}) and "
-            f"the migration could not be resumed within {self.timeout_s:g} s (last: {last}); "
-            "the VM runs on at the source: migrate it again when the link is back",
-            phase="precopy")
+            f"the migration could not be resumed: {why}; the VM runs on at the source: "
+            "migrate it again when the link is back", phase="precopy")
 
 
 def _landed(report: ResumeReport) -> np.ndarray:
