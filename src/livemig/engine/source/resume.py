@@ -32,6 +32,14 @@ A report is checked before it is believed: ``npages`` must be the guest's,
 claim pages that round really carried. A report that fails is a remote
 protocol error: the migration fails as without resume (VM running here).
 
+A report settles what it says: the destination forgets it once sent, and
+here every unacknowledged round is folded into the pages owed, which the
+next round must carry; so a later report speaks only of that round, and a
+break before it starts loses nothing owed. On the native streams the same
+holds: both sides join their stream threads before the report, and a fresh
+set of streams carries the next round (:meth:`PrecopyResumer.resume`). The
+final round is resumed the same way, the VM kept paused meanwhile.
+
 Encoders that refer to what the receiver holds (DUP by content hash, DELTA
 against the last version sent) must forget the pages being resent: the
 caller resets its encoder's caches for them (or starts a fresh encoder).
