@@ -71,7 +71,11 @@ static int read_exact(lm_stream *s, uint8_t *buf, uint64_t n, int at_boundary)
         if (r == 0) {
             if (at_boundary && got == 0)
                 return 2;
-            return lm_chan_fail(&s->ch, EPROTO, "the bulk stream ended inside a frame");
+            /* A peer that went away mid-frame (a source dropping its streams
+             * at a link break shuts them down wherever they are): a lost
+             * connection, as on the urgent channel. Nothing of the frame is
+             * placed, so a resumed pre-copy may go on after it. */
+            return lm_chan_fail(&s->ch, ECONNRESET, "the bulk stream ended inside a frame");
         }
         STREAM_ADD(s, bytes_received, r);
         got += (uint64_t)r;

@@ -141,6 +141,12 @@ class MigrationStats:
     streams) or "python: <why the native streams were not used>"."""
     stream_cpu_s: float = 0.0
     """CPU time the native stream threads of this side spent (0 on the Python path)."""
+    precopy_resumes: int = 0
+    """Pre-copy rounds continued after a link break (resumable pre-copy)."""
+    resent_pages: int = 0
+    """Source: pages sent again after those breaks because the version sent never landed."""
+    resend_avoided_pages: int = 0
+    """Source: pages of the interrupted rounds that had landed, so were not sent again."""
     # post-copy
     postcopy_duration_ms: float = 0.0
     urgent_requests: int = 0
@@ -204,6 +210,13 @@ class MigrationStats:
             "error": self.error, "tracker": self.tracker,
             "remaining_bytes": self.remaining_bytes,
             "data_path": self.data_path, "stream_cpu_s": self.stream_cpu_s,
+            "precopy_resume": {
+                "resumes": self.precopy_resumes,
+                "resent_pages": self.resent_pages,
+                "resent_bytes": self.resent_pages * PAGE_SIZE,
+                "avoided_pages": self.resend_avoided_pages,
+                "avoided_bytes": self.resend_avoided_pages * PAGE_SIZE,
+            },
             "postcopy": {
                 "duration_ms": self.postcopy_duration_ms, "urgent_requests": self.urgent_requests,
                 "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,

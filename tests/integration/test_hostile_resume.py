@@ -210,7 +210,7 @@ def _claim_unsent_pages(true: ResumeReport) -> ResumeReport:
      "digest"),
     # Round 0 is acked (the ack lost): a claim on round 1, never sent, is refused.
     (Fault("cut", "RoundAck", "down", occurrence=1), _claim_unsent_pages, "precopy",
-     "claims pages of round 1 that round never carried"),
+     "claims pages of round 1 or later that no such round carried"),
 ], ids=["pages-that-did-not-land", "a-round-only-half-applied", "pages-never-sent"])
 def test_a_real_destination_lying_in_its_report_never_gets_the_vm(run, monkeypatch, fault, lie,
                                                                   phase, match):

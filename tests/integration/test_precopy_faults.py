@@ -153,8 +153,9 @@ def test_connection_cut_by_the_proxy_source_resumes_server_lives_on(run, directi
             async with MigrationServer(LOCAL, 0) as server, \
                     FaultProxy(LOCAL, server.port, cut_after_bytes=cut_bytes,
                                cut_direction=direction) as proxy:
-                with pytest.raises(MigrationError) as info:
-                    await migrate(vm, LOCAL, proxy.port)
+                with pytest.raises(MigrationError) as info:   # without resumable pre-copy
+                    await migrate(vm, LOCAL, proxy.port,
+                                  config=MigrationConfig(precopy_resume_timeout_s=0))
                 assert proxy.cuts == 1
                 assert info.value.source_resumed and info.value.phase == phase
                 assert vm.running
@@ -282,7 +283,7 @@ def test_wherever_the_link_is_cut_the_vm_runs_on_exactly_one_side(run, cut):
                     FaultProxy(LOCAL, server.port, cut_after_bytes=cut_bytes,
                                cut_direction=direction) as proxy:
                 try:
-                    await migrate(vm, LOCAL, proxy.port)
+                    stats = await migrate(vm, LOCAL, proxy.port)
                     outcome = "completed"
                 except HandoverInDoubt:
                     outcome = "in doubt"
@@ -297,7 +298,8 @@ def test_wherever_the_link_is_cut_the_vm_runs_on_exactly_one_side(run, cut):
                 if any(a.status == "completed" for a in arrivals):
                     _, moved = await server.completed.get()
             if outcome == "completed":
-                assert moved is not None and proxy.cuts == 0
+                # A cut in the rounds is resumed (resumable pre-copy).
+                assert moved is not None and proxy.cuts <= stats.precopy_resumes
             if outcome == "resumed":
                 assert vm.running and moved is None
             if outcome == "in doubt":

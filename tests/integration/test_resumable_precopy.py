@@ -8,8 +8,15 @@ twin that never moved, and — for a single break on an idle guest — with
 fewer than 1.5× guest memory sent (a resend of everything would be ≥ 1.5×).
 The destination gives up after its hold time (memory freed there, the VM
 running at the source), and a resumed Hello for a session it does not hold
-is refused. Pages take the Python path (streams=0): the native streams are
-not resumed (docs/protocol.md).
+is refused. Those run on the Python page path (streams=0).
+
+On the native bulk streams (streams=2): every connection cut in round 0, in a
+later round of a guest that dirties pages, and in the final round (the VM
+stays paused at the source until the resumed round lands); one stream cut
+while the other and the control channel live; the control channel cut while
+the streams carry the round; a corrupted stream frame (never resumed: the
+migration fails); and a break that outlasts the resume window, in the rounds
+and in the final round (the VM runs on at the source, the error says so).
 """
 import asyncio
 import os
@@ -23,8 +30,12 @@ from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.errors import HandshakeRefused, MigrationError
 from livemig.protocol import ChannelKind, RefuseCode
+from livemig.native.streams import probe as streams_probe
 from support.frameproxy import Fault, FrameProxy
-from support.oracle import Recipe, assert_arrival_matches_unmoved, fill_then_start
+from livemig.engine.source.control import MigrationControl
+from support.oracle import (Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved,
+                            fill_then_start)
+from support.streamsaboteur import StreamSaboteur
 from support.waiting import wait_for_async
 
 LOCAL = "127.0.0.1"
@@ -94,7 +105,11 @@ def test_a_busy_guest_dirtying_pages_while_the_link_is_down_arrives_intact(run, 
     run(_move_through(fault, BUSY, fill=True))
 
 
-def test_the_destination_frees_a_held_copy_after_its_hold_time(run):
+@pytest.mark.parametrize("streams", [0, 2], ids=["python", "native"])
+def test_the_destination_frees_a_held_copy_after_its_hold_time(run, streams):
+    if streams:
+        _need_streams()
+
     async def main():
         vm = IDLE.build()
         try:
@@ -106,7 +121,8 @@ def test_the_destination_frees_a_held_copy_after_its_hold_time(run):
                     FrameProxy(LOCAL, server.port,
                                Fault("cut", "PageBatch", "up", occurrence=20)) as proxy:
                 mig = asyncio.ensure_future(migrate(
-                    vm, LOCAL, proxy.port, config=_source_config(precopy_resume_timeout_s=4.0)))
+                    vm, LOCAL, proxy.port, config=_source_config(precopy_resume_timeout_s=4.0,
+                                                                 streams=streams)))
                 await proxy.fired.wait()
                 proxy.refusing = True           # the destination is unreachable from now on
                 await wait_for_async("the destination to free the held copy",
@@ -129,4 +145,240 @@ def test_a_resumed_hello_for_a_session_not_held_is_refused(run):
                                    capabilities=frozenset({"resume-precopy"}), timeout_s=5.0)
             assert info.value.code == RefuseCode.SESSION
             assert "no migration with this session id" in str(info.value)
+    run(main())
+
+
+# -- native bulk streams ------------------------------------------------------------------
+STREAMS = 2
+PAGES = 16 << 20 >> 12
+NATIVE_BATCHES_IN_ROUND_0 = PAGES // 64       # 64-page batches, over both streams
+
+
+def _need_streams():
+    ok, why = streams_probe()
+    if not ok:
+        pytest.skip(f"native streams: {why}")
+
+
+def _native_config(**kw) -> MigrationConfig:
+    return _source_config(**({"streams": STREAMS} | kw))
+
+
+class GuardedProxy(FrameProxy):
+    """A FrameProxy that counts the fault's message only while ``counts()``
+    is true (the source's VM running, or paused for the final round)."""
+
+    def __init__(self, port: int, fault: Fault, counts):
+        super().__init__(LOCAL, port, fault)
+        self.counts = counts
+
+    async def _on_frame(self, link) -> bool:
+        return await super()._on_frame(link) if self.counts() else True
+
+
+class OneMoreRound:
+    """A host stop slot that is busy the first time the source asks for it,
+    so a second pre-copy round runs with the guest running (stopslot.py)."""
+
+    def __init__(self):
+        self.refused = False
+
+    def try_take(self, owner) -> bool:
+        self.refused, first = True, not self.refused
+        return not first
+
+    def give_back(self, owner) -> None:
+        pass
+
+    async def let_pass(self, owner) -> None:
+        pass
+
+
+async def _stays_paused(vm, until: asyncio.Future) -> bool:
+    """Whether ``vm`` is never seen running before ``until`` is done."""
+    while not until.done():
+        if vm.running:
+            return False
+        await asyncio.sleep(0.002)
+    return True
+
+
+async def _move_native(recipe: Recipe, make_proxy, *, fill: bool = False, stop_slot=None,
+                       **config):
+    """Move a VM of ``recipe`` on the native streams through the proxy
+    ``make_proxy(vm, port)`` makes; check it against its twin; the stats."""
+    vm = recipe.build()
+    try:
+        if fill:
+            fill_then_start(vm)
+        else:
+            vm.start()
+        async with MigrationServer(LOCAL, 0, config=_dest_config()) as server:
+            async with make_proxy(vm, server.port) as proxy:
+                control = MigrationControl(stop_slot=stop_slot)
+                stats = await migrate(vm, LOCAL, proxy.port, config=_native_config(**config),
+                                      control=control)
+            nstreams = config.get("streams", STREAMS)
+            assert stats.status == "completed"
+            assert stats.data_path == (f"native-streams ×{nstreams}" if nstreams else
+                                       "python: native streams disabled by configuration "
+                                       "(streams=0)")
+            arrival, moved = await asyncio.wait_for(server.completed.get(), 60)
+            server.completed.put_nowait((arrival, moved))
+            await assert_arrival_matches_unmoved(server, recipe)
+            assert arrival.stats.precopy_resumes == stats.precopy_resumes
+            return stats, proxy
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("occurrence, max_resent", [
+    (NATIVE_BATCHES_IN_ROUND_0 // 2, 0.6),
+    (NATIVE_BATCHES_IN_ROUND_0 * 9 // 10, 0.25),
+], ids=["cut-round0-50%", "cut-round0-90%"])
+def test_native_streams_cut_in_round_0_resume_without_resending_everything(run, occurrence,
+                                                                            max_resent):
+    """Every connection reset at a page batch of round 0: the streams are
+    reopened and carry only the pages whose round-0 version did not land."""
+    _need_streams()
+    fault = Fault("cut", "PageBatch", "up", occurrence=occurrence)
+    stats, proxy = run(_move_native(IDLE, lambda vm, port: FrameProxy(LOCAL, port, fault)))
+    assert proxy.fired.is_set(), "the fault never happened"
+    memory_bytes = PAGES * 4096
+    assert stats.precopy_resumes == 1
+    # Round 0 carried every page: each one either landed or went again.
+    assert stats.resent_pages + stats.resend_avoided_pages == PAGES
+    assert stats.resent_pages * 4096 < max_resent * memory_bytes, stats.to_dict()["precopy_resume"]
+    assert stats.bytes_sent < (1 + max_resent + 0.1) * memory_bytes
+    assert stats.to_dict()["precopy_resume"]["avoided_bytes"] == stats.resend_avoided_pages * 4096
+
+
+def test_native_streams_cut_in_a_later_round_of_a_busy_guest(run):
+    """Round 1 (the guest running and dirtying pages) is cut at its first
+    StreamEnd; the pages written while the link was down arrive too."""
+    _need_streams()
+    fault = Fault("cut", "StreamEnd", "up", occurrence=STREAMS + 1)   # round 1's first
+
+    def make_proxy(vm, port):
+        return GuardedProxy(port, fault, lambda: vm.running)
+    stats, proxy = run(_move_native(BUSY, make_proxy, fill=True, stop_slot=OneMoreRound()))
+    assert proxy.fired.is_set() and stats.precopy_resumes == 1
+    assert stats.rounds[1].index == 1 and len(stats.rounds) >= 4   # 0, 1 cut, 2 resumed, stop
+
+
+@pytest.mark.parametrize("streams, message", [(2, "StreamEnd"), (0, "RoundEnd")],
+                         ids=["native", "python"])
+def test_a_cut_in_the_final_round_is_resumed_with_the_vm_kept_paused(run, streams, message):
+    """The round sent with the vCPUs stopped is cut: the source keeps its VM
+    paused while it reconnects and sends what did not land, then switches
+    over; the downtime it reports covers the break."""
+    if streams:
+        _need_streams()
+    fault = Fault("cut", message, "up", occurrence=1)
+    watch: dict = {}
+
+    def make_proxy(vm, port):
+        proxy = GuardedProxy(port, fault, lambda: not vm.running)
+        watch["vm"], watch["proxy"] = vm, proxy
+        return proxy
+
+    async def main():
+        done = asyncio.get_running_loop().create_future()
+
+        async def watcher():
+            await watch["proxy"].fired.wait()
+            return await _stays_paused(watch["vm"], done)
+        moving = asyncio.ensure_future(_move_native(BUSY, make_proxy, fill=True, streams=streams))
+        while "proxy" not in watch:
+            await asyncio.sleep(0.001)
+        paused = asyncio.ensure_future(watcher())
+        try:
+            stats, proxy = await moving
+        finally:
+            done.set_result(None)
+        assert await paused, "the VM ran at the source during the final round's resume"
+        return stats, proxy
+    stats, proxy = run(main())
+    assert proxy.fired.is_set() and stats.precopy_resumes == 1
+    stop_ms = sum(r.duration_s for r in stats.rounds[-2:]) * 1e3
+    assert stats.downtime_ms >= stop_ms
+
+
+def test_one_stream_cut_while_the_other_and_control_live_is_resumed(run):
+    _need_streams()
+
+    def make_proxy(vm, port):   # connection 3: the second bulk stream, 2 MiB into round 0
+        return StreamSaboteur(port, victim=3, after_bytes=2 << 20, action="cut")
+    stats, relay = run(_move_native(IDLE, make_proxy))
+    assert relay.harmed.is_set() and stats.precopy_resumes == 1
+    assert stats.resent_pages + stats.resend_avoided_pages == PAGES
+    # At least the 2 MiB the cut stream delivered (less a batch cut short) landed.
+    assert stats.resend_avoided_pages >= (2 << 20) // 4096 - 2 * 64
+
+
+def test_the_control_channel_cut_while_the_streams_carry_a_round_is_resumed(run):
+    _need_streams()
+
+    def make_proxy(vm, port):   # control (1) reset once stream 2 carried 2 MiB of round 0
+        return StreamSaboteur(port, victim=1, watch=2, after_bytes=2 << 20, action="cut")
+    stats, relay = run(_move_native(IDLE, make_proxy))
+    assert relay.harmed.is_set() and stats.precopy_resumes == 1
+
+
+def test_a_corrupted_stream_frame_is_not_resumed(run):
+    """A frame that arrives whole and wrong is a protocol violation, not a
+    break: the migration fails, the VM runs on at the source."""
+    _need_streams()
+
+    async def main():
+        vm = IDLE.build()
+        try:
+            vm.start()
+            async with MigrationServer(LOCAL, 0, config=_dest_config()) as server, \
+                    StreamSaboteur(server.port, victim=3, after_bytes=2 << 20,
+                                   action="corrupt") as relay:
+                with pytest.raises(MigrationError) as info:
+                    await migrate(vm, LOCAL, relay.port, config=_native_config())
+                assert relay.harmed.is_set()
+                assert info.value.source_resumed and vm.running
+                assert "could not be resumed" in str(info.value) or "checksum" in str(info.value)
+                assert server.completed.empty()
+                await wait_for_async("the destination to end the session",
+                                     lambda: not server.sessions)
+        finally:
+            vm.close()
+    run(main())
+
+
+@pytest.mark.parametrize("streams", [2, 0], ids=["native", "python"])
+def test_a_final_round_break_outlasting_the_window_resumes_the_vm_at_the_source(run, streams):
+    if streams:
+        _need_streams()
+
+    async def main():
+        vm = BUSY.build()
+        try:
+            fill_then_start(vm)
+            async with MigrationServer(LOCAL, 0, config=_dest_config(precopy_resume_timeout_s=1.0)
+                                       ) as server, \
+                    GuardedProxy(server.port, Fault("cut", "StreamEnd" if streams else "RoundEnd",
+                                                    "up"), lambda: not vm.running) as proxy:
+                mig = asyncio.ensure_future(migrate(
+                    vm, LOCAL, proxy.port, config=_source_config(precopy_resume_timeout_s=2.0,
+                                                                 streams=streams)))
+                await proxy.fired.wait()
+                proxy.refusing = True           # the destination is unreachable from now on
+                assert not vm.running
+                with pytest.raises(MigrationError, match=r"final round \d+ \(VM paused\)"
+                                   ) as info:
+                    await mig
+                assert "could not be resumed: not within 2 s" in str(info.value)
+                assert "runs on at the source" in str(info.value)
+                assert info.value.source_resumed and vm.running
+                await wait_for_async("the destination to free its copy",
+                                     lambda: not server.sessions)
+                assert server.completed.empty()
+            assert_matches_unmoved(vm, BUSY)
+        finally:
+            vm.close()
     run(main())

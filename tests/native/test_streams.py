@@ -430,6 +430,9 @@ def test_marker_and_framing_violations_are_refused(case, why):
             feeder.sock.shutdown(socket.SHUT_WR)
         failure = feeder.failure()
         assert isinstance(failure, RemoteProtocolError) and why in str(failure), failure
+        # A stream cut mid-frame is a lost peer (a resumed pre-copy goes on
+        # after it); a frame that arrived whole and wrong is a violation.
+        assert isinstance(failure, ConnectionLost) == (case == "truncated"), failure
     finally:
         feeder.close()
 

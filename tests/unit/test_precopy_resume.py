@@ -116,3 +116,83 @@ def test_resume_leaves_the_destination_equal_to_the_guest(data):
     for p in todo:                                 # the guest is paused from here on
         dest[int(p)] = guest[int(p)]
     assert (dest == guest).all()
+
+
+def test_a_report_settles_what_it_says_and_the_pages_owed_survive_a_second_break():
+    rounds = UnackedRounds(NPAGES)
+    progress = RoundProgress(NPAGES)
+    rounds.start(0, np.arange(40))
+    progress.landed(np.arange(30))
+    todo = rounds.resend(progress.report(), dirtied_since=np.array([50]))
+    assert todo.tolist() == list(range(30, 40)) + [50]
+    assert (rounds.resent_pages, rounds.avoided_pages) == (10, 30)
+    # The link breaks again before the next round starts: nothing new landed
+    # (the destination forgot what it reported), and nothing owed is lost.
+    again = rounds.resend(progress.report(), dirtied_since=np.array([3]))
+    assert again.tolist() == [3] + todo.tolist()
+    rounds.start(1, again)
+    progress.landed(again[:5].astype(np.int64))
+    last = rounds.resend(progress.report(), dirtied_since=np.array([], dtype=np.int64))
+    assert last.tolist() == again[5:].tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_repeated_breaks_leave_the_destination_equal_to_the_guest(data):
+    """The model above with any number of breaks, in any round (the resumed
+    ones included), lost acks, lost reports, and breaks before a resumed round
+    could start; then the final round with the guest paused."""
+    npages = 24
+    guest = np.zeros(npages, dtype=np.int64)
+    dest = np.full(npages, -1, dtype=np.int64)
+    dirty = np.zeros(npages, dtype=bool)
+    rounds = UnackedRounds(npages)
+    progress = RoundProgress(npages)
+    version = 1
+    pages = np.arange(npages)
+
+    def write():
+        nonlocal version
+        w = data.draw(st.integers(0, npages - 1))
+        guest[w] = version
+        version += 1
+        dirty[w] = True
+
+    def resume():
+        report = progress.report()
+        if data.draw(st.booleans()):               # that report was lost: ask again
+            report = progress.report()
+        todo = rounds.resend(report, dirtied_since=np.flatnonzero(dirty))
+        dirty[:] = False
+        return todo
+
+    for r in range(data.draw(st.integers(1, 6))):
+        rounds.start(r, pages)
+        in_flight = []
+        for p in pages:
+            if data.draw(st.booleans()):
+                write()
+            in_flight.append((int(p), guest[p]))
+        keep = data.draw(st.integers(0, len(in_flight)))
+        broken = keep < len(in_flight) or data.draw(st.booleans())   # or the ack is lost
+        for p, v in in_flight[:keep]:
+            dest[p] = v
+            progress.landed(np.array([p]))
+        if not broken:
+            progress.acked(r)
+            rounds.acked(r)
+            pages = np.flatnonzero(dirty)
+            dirty[:] = False
+            continue
+        if keep == len(in_flight):
+            progress.acked(r)                      # applied in full, the ack lost
+        for _ in range(data.draw(st.integers(0, 2))):
+            write()                                # while the link is down
+        pages = resume()
+        while data.draw(st.booleans()):            # broken again before the next round
+            write()
+            pages = resume()
+    final = np.union1d(pages, np.flatnonzero(dirty))
+    for p in final:                                # the guest is paused from here on
+        dest[int(p)] = guest[int(p)]
+    assert (dest == guest).all()

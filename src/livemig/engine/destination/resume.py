@@ -19,8 +19,14 @@ NOT_COMMITTED recorded, the VM running at the source.
 
 A resumed Hello naming a session that is not waiting is answered as before
 (its outcome, or Refuse "no migration with this session id"); the report is
-bounded by the guest size agreed in the offer (one bit per page). Native
-bulk streams are not resumed: a session that uses them fails as before.
+bounded by the guest size agreed in the offer (one bit per page).
+
+On the native bulk streams the threads mark landed pages in the progress's
+bitmap themselves; a break stops and joins every thread before the report
+(a stream that refused a frame ends the session instead), and the source
+opens a fresh set of streams on the resumed session
+(:meth:`DestStreams.restart`). What the report says is settled: it is
+cleared once sent, so the next report speaks only of what landed since.
 """
 from __future__ import annotations
 
@@ -35,28 +41,45 @@ from ...protocol.spec import NO_ROUND, RESUME_PRECOPY_CAPABILITY as RESUME_PRECO
 
 
 class RoundProgress:
-    """Which round the destination acknowledged last and which pages of the
-    round after it have been applied since."""
+    """Which round the destination acknowledged last and which pages landed
+    since: since that round ended, or since the last report, whichever came
+    later. ``held`` (the session's pages-landed-so-far array, if given)
+    receives every landed page at each of those two moments.
 
-    def __init__(self, npages: int):
+    On the native streams the threads mark pages in :attr:`landed_bits`
+    themselves (it is their ``held`` array); it is read and cleared only
+    while no thread writes it: at RoundEnd (every stream acknowledged the
+    round, and the source starts the next only after our RoundAck) and at a
+    report (every thread joined first)."""
+
+    def __init__(self, npages: int, held: np.ndarray | None = None):
         self.npages = npages
         self.acked_round = NO_ROUND
         self.acks_sent = 0
-        self._landed = np.zeros(npages, dtype=bool)
+        self.landed_bits = np.zeros(npages, dtype=bool)
+        self._held = held
 
     def landed(self, pages: np.ndarray) -> None:
         """``pages`` (indices) of the round in progress are applied."""
-        self._landed[np.asarray(pages, dtype=np.int64)] = True
+        self.landed_bits[np.asarray(pages, dtype=np.int64)] = True
 
     def acked(self, round_no: int) -> None:
-        """RoundAck(round_no) was sent: the next round starts with nothing landed."""
+        """RoundAck(round_no) is about to be sent: the next round starts with nothing landed."""
         self.acked_round = round_no
         self.acks_sent += 1
-        self._landed[:] = False
+        self._settle()
 
     def report(self) -> ResumeReport:
-        bitmap = np.packbits(self._landed, bitorder="little").tobytes()
+        """What to tell a resumed source; what it says is settled (see
+        engine/source/resume.py: the source folds it into the pages it owes)."""
+        bitmap = np.packbits(self.landed_bits, bitorder="little").tobytes()
+        self._settle()
         return ResumeReport(self.acked_round, self.npages, bitmap)
+
+    def _settle(self) -> None:
+        if self._held is not None:
+            self._held |= self.landed_bits
+        self.landed_bits[:] = False
 
 
 def granted(config) -> set:
@@ -82,6 +105,11 @@ async def receive(session) -> None:
         except BaseException as exc:
             if not may_wait(session, exc):
                 raise
+            if session._streams is not None:
+                # Join the threads before anything is reported: a page placed
+                # after the report would be missing from it, or land after
+                # its newer version. A stream that refused a frame is final.
+                session._streams.restart(session.stats)
             acks = session.progress.acks_sent
             if since_ack is None or since_ack[0] != acks:
                 since_ack = (acks, asyncio.get_running_loop().time()
@@ -102,10 +130,9 @@ def may_wait(session, exc: BaseException) -> bool:
 
 def progress_for(session, ch: Channel) -> RoundProgress | None:
     """A RoundProgress when the session's pre-copy can be resumed (capability
-    agreed on its control channel, pre-copy mode, Python page path)."""
-    if (RESUME_PRECOPY in ch.conn.capabilities and session.mode is Mode.PRECOPY
-            and session._streams is None):
-        return RoundProgress(int(session.vm.memory.npages))
+    agreed on its control channel, pre-copy mode), on either data path."""
+    if RESUME_PRECOPY in ch.conn.capabilities and session.mode is Mode.PRECOPY:
+        return RoundProgress(int(session.vm.memory.npages), session._held)
     return None
 
 
@@ -126,6 +153,7 @@ async def source_back(session, cause: BaseException, hold_ends: float) -> Channe
             "freed; the VM runs on at the source", phase="precopy") from None
     ch, session._resumed_control = session._resumed_control, None
     await ch.send(session.progress.report())
+    session.stats.precopy_resumes += 1
     return ch
 
 

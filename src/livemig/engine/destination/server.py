@@ -256,14 +256,16 @@ class IncomingMigration:
             return False
         self.decoder = BatchDecoder(self.vm.memory, verify_dup=self.config.codec.verify_dup)
         self._held = np.zeros(self.vm.memory.npages, dtype=bool)   # pages landed so far
-        nstreams = cfg.get("streams")
-        if nstreams:
-            self._streams = DestStreams(self.vm.memory, self.decoder.hashes.values, self._held,
-                                        self.decoder.placer.held, nstreams)
-        self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
-                                "python: the source sends its pages on the control channel")
         self.mode = offer.mode
         self.progress = resume.progress_for(self, self.ch)
+        nstreams = cfg.get("streams")
+        if nstreams:   # resumable: the threads mark the round's pages (resume.RoundProgress)
+            self._streams = DestStreams(
+                self.vm.memory, self.decoder.hashes.values,
+                self._held if self.progress is None else self.progress.landed_bits,
+                self.decoder.placer.held, nstreams)
+        self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
+                                "python: the source sends its pages on the control channel")
         self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
             # Fault the memory in while round 0 streams, so that pages landing in

@@ -17,7 +17,9 @@ counters published, and the source sends RoundEnd only after every stream's
 StreamAck, so when RoundEnd arrives the counters are final for the round: no
 waiting here. Any thread failure (bad batch, checksum, lost peer) is raised
 at the next RoundEnd or Switchover, and the thread has already shut its
-socket down, so the source fails its round too. Threads write guest memory:
+socket down, so the source fails its round too (with resumable pre-copy, a
+lost peer is a break the session may wait out: :meth:`DestStreams.restart`
+joins the threads and takes the source's next set). Threads write guest memory:
 they are stopped and joined (:meth:`DestStreams.close`) before memory is
 registered for post-copy or freed.
 """
@@ -102,6 +104,21 @@ class DestStreams:
     def fold_into(self, stats: MigrationStats) -> None:
         for s in self.streams:
             s.fold_into(stats)
+
+    def restart(self, stats: MigrationStats) -> None:
+        """After a link break the source may resume (engine/destination/resume.py):
+        fold the threads' counters into ``stats``, stop and join every thread,
+        and take a fresh set of streams from now on. Raises what a thread that
+        refused a frame reported (a protocol violation is no break)."""
+        self.fold_into(stats)
+        failures = [s.failure() for s in self.streams]
+        self.close()
+        for failure in failures:
+            if isinstance(failure, RemoteProtocolError) and not isinstance(failure,
+                                                                           ConnectionError):
+                raise failure
+        self.streams = []
+        self.closed = False
 
     def close(self) -> None:
         """Stop and join every thread (their sockets are shut down); no

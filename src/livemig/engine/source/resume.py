@@ -32,6 +32,14 @@ A report is checked before it is believed: ``npages`` must be the guest's,
 claim pages that round really carried. A report that fails is a remote
 protocol error: the migration fails as without resume (VM running here).
 
+A report settles what it says: the destination forgets it once sent, and
+here every unacknowledged round is folded into the pages owed, which the
+next round must carry; so a later report speaks only of that round, and a
+break before it starts loses nothing owed. On the native streams the same
+holds: both sides join their stream threads before the report, and a fresh
+set of streams carries the next round (:meth:`PrecopyResumer.resume`). The
+final round is resumed the same way, the VM kept paused meanwhile.
+
 Encoders that refer to what the receiver holds (DUP by content hash, DELTA
 against the last version sent) must forget the pages being resent: the
 caller resets its encoder's caches for them (or starts a fresh encoder).
@@ -55,21 +63,27 @@ def _bits(npages: int) -> np.ndarray:
 
 
 class UnackedRounds:
-    """The pages sent in each round the destination has not acknowledged."""
+    """The pages sent in each round the destination has not acknowledged, and
+    the pages a resume found missing there that no round carried yet."""
 
     def __init__(self, npages: int):
         self.npages = npages
         self._sent: dict[int, np.ndarray] = {}
+        self._carry = _bits(npages)     # owed since a report, until the next round starts
         self.last_acked = NO_ROUND
         self.last_started = NO_ROUND
-        self.acks_received = 0    # RoundAcks read (a report's claim is no ack)
+        self.acks_received = 0          # RoundAcks read (a report's claim is no ack)
+        self.resent_pages = 0           # pages sent again: their version never landed
+        self.avoided_pages = 0          # pages of interrupted rounds that landed: not resent
 
     def start(self, round_no: int, pages: np.ndarray | None = None) -> None:
-        """Round ``round_no`` begins; ``pages`` (indices), if given, go out in it."""
+        """Round ``round_no`` begins; ``pages`` (indices), if given, go out in
+        it. A round after a resume carries at least what the resume owes."""
         if round_no in self._sent or (self.last_started != NO_ROUND
                                       and round_no <= self.last_started):
             raise ValueError(f"round {round_no} started twice or out of order")
-        self._sent[round_no] = _bits(self.npages)
+        self._sent[round_no] = self._carry
+        self._carry = _bits(self.npages)
         self.last_started = round_no
         if pages is not None:
             self.sent(round_no, pages)
@@ -91,20 +105,33 @@ class UnackedRounds:
 
     @property
     def held_bytes(self) -> int:
-        return sum(bits.nbytes for bits in self._sent.values())
+        return sum(bits.nbytes for bits in self._sent.values()) + self._carry.nbytes
 
     def resend(self, report: ResumeReport, dirtied_since: np.ndarray) -> np.ndarray:
         """Indices of the pages to send again after ``report``; ``dirtied_since``
-        is the tracker's collect taken once the link came back (indices)."""
+        is the tracker's collect taken once the link came back (indices).
+
+        The destination forgets what it reported once it sent the report, so
+        everything sent before is settled here too: the rounds not
+        acknowledged are folded into the pages owed, which the next round
+        must carry (:meth:`start`), and a later report speaks only of what
+        landed since. A page sent in two unacknowledged rounds (possible only
+        before a report settles them) is resent whatever landed: the report
+        does not say which version did."""
         self._check(report)
         if report.acked_round != NO_ROUND:
             self._applied(report.acked_round)
-        first = 0 if report.acked_round == NO_ROUND else report.acked_round + 1
-        todo = _bits(self.npages)
         landed = _landed(report)
-        for round_no, bits in self._sent.items():
-            todo |= bits & ~landed if round_no == first else bits
+        times_sent = np.zeros(self.npages, dtype=np.uint8)
+        for bits in self._sent.values():
+            times_sent += bits
+        unlanded = (times_sent > 1) | ((times_sent == 1) & ~landed)
+        self.resent_pages += int(np.count_nonzero(unlanded & ~self._carry))
+        self.avoided_pages += int(np.count_nonzero((times_sent == 1) & landed))
+        todo = self._carry | unlanded
         todo[np.asarray(dirtied_since, dtype=np.int64)] = True
+        self._sent.clear()
+        self._carry = todo
         return np.flatnonzero(todo).astype(np.uint64)
 
     def _check(self, report: ResumeReport) -> None:
@@ -118,11 +145,14 @@ class UnackedRounds:
             refuse(f"acknowledges round {acked}, which was never sent")
         if acked != NO_ROUND and self.last_acked != NO_ROUND and acked < self.last_acked:
             refuse(f"acknowledges round {acked}, but round {self.last_acked} was acked before")
-        first = 0 if acked == NO_ROUND else acked + 1
+        carried = _bits(self.npages)
+        for round_no, bits in self._sent.items():
+            if acked == NO_ROUND or round_no > acked:
+                carried |= bits
         landed = _landed(report)
-        carried = self._sent.get(first)
-        if landed.any() and (carried is None or (landed & ~carried).any()):
-            refuse(f"claims pages of round {first} that round never carried")
+        if (landed & ~carried).any():
+            first = 0 if acked == NO_ROUND else acked + 1
+            refuse(f"claims pages of round {first} or later that no such round carried")
 
 
 def offered(config) -> set:
@@ -164,17 +194,45 @@ class PrecopyResumer:
     @classmethod
     def agreed(cls, session, backoff_s: Sequence[float], limiter) -> "PrecopyResumer | None":
         """A resumer for ``session`` (a SourceSession past its handshake) when
-        both sides agreed on resumable pre-copy and its pages take the Python
-        path (the native streams are not resumed: a break fails them)."""
+        both sides agreed on resumable pre-copy, on either data path."""
         config = session.config
-        if RESUME_PRECOPY not in session._ch.conn.capabilities or session._data_path.native:
+        if RESUME_PRECOPY not in session._ch.conn.capabilities:
             return None
         return cls(session.vm.memory.npages, timeout_s=config.precopy_resume_timeout_s,
                    answer_timeout_s=config.handshake_timeout_s, backoff_s=backoff_s,
                    open_control=lambda: session._open(ChannelKind.CONTROL, resume=True,
                                                       rate_limiter=limiter))
 
-    async def reconnect(self, cause: BaseException, round_no: int
+    async def resume(self, session, cause: BaseException, round_no: int, *,
+                     paused: bool) -> np.ndarray:
+        """After ``cause`` broke round ``round_no``: drop the broken channels
+        (the native streams' threads joined first), reconnect, learn what the
+        destination holds, reopen the streams, and return the pages the next
+        round must carry. A break while reopening starts over (the pages owed
+        are kept, see UnackedRounds.resend). ``paused``: the final round, the
+        VM stopped here meanwhile. MigrationError once a window is spent."""
+        while True:
+            session._ch.abort()
+            await session._drop_streams()
+            ch, report = await self.reconnect(cause, round_no, paused=paused)
+            session._ch = session.control._capped(ch)
+            todo = self.rounds.resend(report, session._tracker.collect())
+            session._encoder.forget(todo)   # no DUP source, DELTA or BLOCK base the peer may lack
+            stats = session.stats
+            stats.precopy_resumes = self.resumes
+            stats.resent_pages = self.rounds.resent_pages
+            stats.resend_avoided_pages = self.rounds.avoided_pages
+            if not session._data_path.native:
+                return todo
+            try:
+                await session._open_streams()
+                return todo
+            except BaseException as exc:
+                if not is_break(exc):
+                    raise
+                cause = exc
+
+    async def reconnect(self, cause: BaseException, round_no: int, *, paused: bool = False
                         ) -> tuple[Channel, ResumeReport]:
         """A new control channel and the destination's report; MigrationError
         (the VM runs on at the source) once the window is spent or the
@@ -187,7 +245,8 @@ class PrecopyResumer:
         if attempt:     # broke again before any round was acknowledged
             if time.monotonic() >= deadline_s:
                 raise self._gave_up(round_no, cause, f"not within {self.timeout_s:g} s: the "
-                                    "link broke again each time before a round was acknowledged")
+                                    "link broke again each time before a round was "
+                                    "acknowledged", paused)
             await asyncio.sleep(self._backoff_s(attempt - 1, deadline_s))
         while True:
             ch = None
@@ -200,7 +259,7 @@ class PrecopyResumer:
                     await ch.close()
                 if exc.code == RefuseCode.SESSION:    # it holds nothing for us any more
                     raise self._gave_up(round_no, cause, "the destination no longer holds the "
-                                        f"session ({exc.reason})") from exc
+                                        f"session ({exc.reason})", paused) from exc
                 last = exc
             except BaseException as exc:
                 if ch is not None:
@@ -219,10 +278,11 @@ class PrecopyResumer:
                         "the destination answered that the session was committed there, but "
                         "the pre-copy never reached the switchover", phase="precopy")
                 raise self._gave_up(round_no, cause, "the destination ended the session ("
-                                    + getattr(answer, "reason", type(answer).__name__) + ")")
+                                    + getattr(answer, "reason", type(answer).__name__) + ")",
+                                    paused)
             if time.monotonic() >= deadline_s:
                 raise self._gave_up(round_no, cause, f"not within {self.timeout_s:g} s "
-                                    f"(last: {last})")
+                                    f"(last: {last})", paused)
             await asyncio.sleep(self._backoff_s(attempt, deadline_s))
             attempt += 1
 
@@ -230,11 +290,14 @@ class PrecopyResumer:
         delay_s = self.backoff_s[min(attempt, len(self.backoff_s) - 1)]
         return min(delay_s, max(0.0, deadline_s - time.monotonic()))
 
-    def _gave_up(self, round_no: int, cause: BaseException, why: str) -> MigrationError:
+    def _gave_up(self, round_no: int, cause: BaseException, why: str,
+                 paused: bool) -> MigrationError:
+        where = (f"the final round {round_no} (VM paused)" if paused
+                 else f"pre-copy round {round_no}")
         return MigrationError(
-            f"the link to the destination broke during pre-copy round {round_no} ({cause}) and "
-            f"the migration could not be resumed: {why}; the VM runs on at the source: "
-            "migrate it again when the link is back", phase="precopy")
+            f"the link to the destination broke during {where} ({cause}) and the migration "
+            f"could not be resumed: {why}; the VM runs on at the source: migrate it again "
+            "when the link is back", phase="precopy")
 
 
 def _landed(report: ResumeReport) -> np.ndarray:

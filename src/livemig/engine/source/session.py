@@ -33,7 +33,8 @@ Ordering that makes it correct:
   session id and learn the outcome (handover.py): committed there → release
   the VM; never committed → resume it here; unreachable for the whole window
   (``ack_timeout_s``) → HandoverInDoubt, VM kept paused, resolvable later.
-  A break *during the rounds* (capability "resume-precopy") is resumed (resume.py).
+  A break *during the rounds* (capability "resume-precopy"), the final one
+  included (VM kept paused meanwhile), is resumed on either data path (resume.py).
 
 Downtime is measured here, from the moment the vCPUs are paused to the moment
 ``Resumed`` arrives: it includes one network round trip, so it is an upper
@@ -279,12 +280,7 @@ class SourceSession:
         self.phase = Phase.PRECOPY
         self._encoder = BatchEncoder(vm.memory, cfg.codec_for_mode, clock=time.perf_counter)
         if self._data_path.native:
-            self._streams, self._stream_channels = await SourceStreams.open(
-                vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
-                self._data_path.nstreams,
-                lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}),
-                codec=cfg.codec_for_mode)
-            self.control._paced(self._streams)
+            await self._open_streams()
         self._tracker.start()
         stats.setup_time_ms = self._elapsed_ms()
         stats.set_status("active")
@@ -343,7 +339,8 @@ class SourceSession:
                 raise MigrationError(f"policy asked for {decision.action.name}, which pre-copy "
                                      "cannot do", phase="precopy")
 
-    async def _resumable_round(self, index: int, pages: np.ndarray) -> np.ndarray | None:
+    async def _resumable_round(self, index: int, pages: np.ndarray, *, frozen: bool = False
+                               ) -> np.ndarray | None:
         """One round (figures in ``_round_progress``); None, or after a break
         with resumable pre-copy agreed, the pages to send next (resume.py)."""
         resumer = self._resumer
@@ -351,19 +348,33 @@ class SourceSession:
         if resumer is not None:
             resumer.rounds.start(index, pages)   # all of them: unsent ones have not landed
         try:
-            self._round_progress = await self._send_round(index, pages, frozen=False)
+            self._round_progress = await self._send_round(index, pages, frozen=frozen)
         except BaseException as exc:
             if resumer is None or not is_break(exc):
                 raise
-            self._ch.abort()
-            ch, report = await resumer.reconnect(exc, index)
-            self._ch = self.control._capped(ch)
-            todo = resumer.rounds.resend(report, self._tracker.collect())
-            self._encoder.forget(todo)   # no DUP source or DELTA base the peer may lack
-            return todo
+            return await resumer.resume(self, exc, index, paused=frozen)
         if resumer is not None:
             resumer.rounds.acked(index)
         return None
+
+    async def _open_streams(self) -> None:
+        """The native bulk streams (anew after a resumed break), under the current cap."""
+        self._streams, self._stream_channels = await SourceStreams.open(
+            self.vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
+            self._data_path.nstreams, lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}),
+            codec=self.config.codec_for_mode)
+        self.control._paced(self._streams)
+
+    async def _drop_streams(self) -> None:
+        """Join the stream threads (what they sent counted), close their channels."""
+        streams, channels = self._streams, self._stream_channels
+        self._streams, self._stream_channels = None, []
+        if streams is not None:
+            streams.fold_into(self.stats)
+            streams.close()
+        for ch in channels:
+            ch.abort()
+            await ch.close()
 
     async def _send_round(self, index: int, pages: np.ndarray, *, frozen: bool) -> tuple[int, int]:
         ch = self._ch
@@ -425,11 +436,15 @@ class SourceSession:
         self.phase = Phase.SWITCHOVER
         t_pause = time.perf_counter()
         vm.pause()
-        final = self._final_dirty()
-        index = len(stats.rounds)
-        sent_pages, sent_bytes = await self._send_round(index, final, frozen=True)
-        stats.add_round(RoundRecord(index, time.perf_counter() - t_pause, sent_pages, sent_bytes,
-                                    0, throttle_pct=stats.throttle_pct))
+        pages, t_round = self._final_dirty(), t_pause
+        while True:    # a break resumes with the VM paused here (resume.py), or fails
+            index = len(stats.rounds)
+            resent = await self._resumable_round(index, pages, frozen=True)
+            stats.add_round(RoundRecord(index, time.perf_counter() - t_round,
+                                        *self._round_progress, 0, stats.throttle_pct))
+            if resent is None:
+                break
+            pages, t_round = resent, time.perf_counter()
         digest = self._encoder.sent_hashes.digest()
         if cfg.verify == "full":
             digest = await asyncio.get_running_loop().run_in_executor(
