@@ -144,15 +144,13 @@ class DrainRunner:
                     hosted = daemon.vms.get(move["vm"])
                     if hosted is None:
                         raise LookupError("no longer on this host")
-                    rate = await daemon._cmd_dirtyrate(move["vm"], window_s=DIRTY_WINDOW_S)
-                    p = choose_mode(hosted.vm.memory.length_bytes, rate["bytes_per_s"], link_bps,
+                    rate_bps = await daemon.measure_dirty_rate(move["vm"], DIRTY_WINDOW_S)
+                    p = choose_mode(hosted.vm.memory.length_bytes, rate_bps, link_bps,
                                     float(mark.get("max_downtime_ms", 300.0)))
                     mode = "precopy" if p.converges else p.recommended_mode
-                    row.update(status="migrating", mode=mode,
-                               dirty_rate_bps=rate["bytes_per_s"])
+                    row.update(status="migrating", mode=mode, dirty_rate_bps=rate_bps)
                     await publish()
-                    rec = await daemon._cmd_migrate(move["vm"], move["destination"], wait=True,
-                                                    mode=mode)
+                    rec = await daemon.migrate_vm(move["vm"], move["destination"], mode=mode)
                     row.update(status=rec["status"], error=rec.get("error"))
                 except Exception as exc:       # reported per VM; the drain goes on
                     row.update(status="failed", error=f"{type(exc).__name__}: {exc}")

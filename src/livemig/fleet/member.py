@@ -161,7 +161,7 @@ class FleetMember:
             if hosted is not None and hosted.unresolved is not None and not hosted.vm.running:
                 log.warning("fleet: %s runs at its owner %s (epoch %d): discarding the paused "
                             "copy here", name, owner, epoch)
-                await self.daemon._cmd_vm_stop(name)
+                await self.daemon.stop_vm(name)
 
     async def _release_if_ours(self, name: str) -> None:
         key = keys.vm_key(name)

@@ -519,6 +519,22 @@ class Daemon(OperatorCommands):
             await asyncio.shield(rec.task)
         return rec.describe()
 
+    # -- the API the fleet's drain and balance runs and shutdown's drain call ---------
+    async def migrate_vm(self, name: str, to: str, **options) -> dict:
+        """Migrate VM ``name`` to the daemon at ``to`` and wait for the end.
+        ``options`` are a migration's (``mode``, ``max_downtime_ms``, ...).
+        Returns the migration's record: ``status`` completed, failed,
+        cancelled or in-doubt, and ``error``."""
+        return await self._cmd_migrate(name, to, wait=True, **options)
+
+    async def measure_dirty_rate(self, name: str, window_s: float) -> float:
+        """Bytes per second the running VM ``name`` dirties, measured now."""
+        return (await self._cmd_dirtyrate(name, window_s=window_s))["bytes_per_s"]
+
+    async def stop_vm(self, name: str) -> None:
+        """Stop and free VM ``name`` (refused while it migrates)."""
+        await self._cmd_vm_stop(name)
+
     async def _cmd_migration_wait(self, id: int, timeout_s: float | None = None) -> dict:
         rec = self.migrations.get(int(id))
         if rec is None:
