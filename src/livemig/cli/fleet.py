@@ -37,14 +37,18 @@ def _mib(n) -> str:
 
 def cmd_hosts(args) -> int:
     view = _read(args)
-    lines = [f"{'HOST':<24} {'STATE':<6} {'VMS':>4} {'MEM FREE':>10} {'CPUS':>4} {'LOAD':>5}"]
+    lines = [f"{'HOST':<24} {'STATE':<6} {'VMS':>4} {'MEM FREE':>10} {'CPUS':>4} {'LOAD':>5} "
+             "DRAIN"]
     for h in view.hosts:
+        # The mark is etcd's; "seen" once the host's record says it knows.
+        drain = ("-" if not h["drain_mark"] else
+                 "marked, seen" if h.get("draining") else "marked")
         if h["state"] == "lost":
-            lines.append(f"{h['addr']:<24} lost   (lease expired: no record)")
+            lines.append(f"{h['addr']:<24} lost   (lease expired: no record){'':>13} {drain}")
         else:
             lines.append(f"{h['addr']:<24} live   {len(h.get('vms', {})):>4} "
                          f"{_mib(h.get('memory_available_bytes')):>10} {h.get('cpus', '?'):>4} "
-                         f"{h.get('load_1m', 0):>5.2f}")
+                         f"{h.get('load_1m', 0):>5.2f} {drain}")
     emit(args, {"hosts": view.hosts}, "\n".join(lines))
     return EXIT_OK
 
@@ -129,7 +133,7 @@ def cmd_drain(args) -> int:
 
 
 def cmd_undrain(args) -> int:
-    from ..fleet.drain import drain_key, status_key
+    from ..fleet.keys import drain_key, status_key
 
     async def body(client):
         await client.delete(status_key(args.host))
@@ -142,7 +146,7 @@ def cmd_undrain(args) -> int:
 
 def cmd_balance(args) -> int:
     from ..errors import ConfigError
-    from ..fleet.drain import fleet_state, read_marks
+    from ..fleet.drain import fleet_state
     from ..fleet.planner import plan_balance
     from ..fleet.view import read_fleet
 
@@ -151,11 +155,7 @@ def cmd_balance(args) -> int:
                           "moves; run them with livemig migrate")
 
     async def body(client):
-        view = await read_fleet(client)
-        marks = await read_marks(client)
-        hosts, vms = fleet_state(view)
-        for h in hosts:
-            h.draining = h.addr in marks
+        hosts, vms = fleet_state(await read_fleet(client))
         return plan_balance(hosts, vms, link_bps=args.link_bps, max_downtime_ms=args.downtime_ms,
                             per_host_limit=args.per_host_limit)
     plan = _with_client(args, body)

@@ -58,8 +58,11 @@ def cmd_vm_resolve(args) -> int:
     res = control_client(args).call("vm.resolve", name=args.name, action=action)
 
     def human(r) -> str:
-        text = (f"VM {r['name']}: {r['resolved']} here (the destination says: "
-                f"{r['destination_says']}{': ' + r['reason'] if r['reason'] else ''})")
+        if "owner" in r:      # a fleet daemon: etcd decided
+            text = f"VM {r['name']}: {r['resolved']} here (etcd: {r['reason']})"
+        else:
+            text = (f"VM {r['name']}: {r['resolved']} here (the destination says: "
+                    f"{r['destination_says']}{': ' + r['reason'] if r['reason'] else ''})")
         return f"{text}\n{r['warning']}" if r["warning"] else text
     emit(args, res, human)
     return EXIT_OK

@@ -22,19 +22,12 @@ import time
 
 from . import keys
 from .etcd import EtcdClient
+from .keys import drain_key, status_key
 from .planner import HostState, Plan, VMState, choose_mode, plan_drain
+from .view import read_fleet
 
-DRAIN = keys.ROOT + "drain/"
 DEFAULT_LINK_BPS = 1e9 / 8         # 1 Gbit/s unless measured or given
 DIRTY_WINDOW_S = 0.2
-
-
-def drain_key(addr: str) -> str:
-    return DRAIN + addr
-
-
-def status_key(addr: str) -> str:
-    return DRAIN + addr + "/status"
 
 
 def fleet_state(view) -> tuple[list[HostState], list[VMState]]:
@@ -47,30 +40,20 @@ def fleet_state(view) -> tuple[list[HostState], list[VMState]]:
                                int(h.get("memory_available_bytes") or 0),
                                int(h.get("cpus") or 1),
                                sum(int(v.get("vcpus", 1)) for v in h.get("vms", {}).values()),
-                               draining=bool(h.get("draining"))))
+                               draining=bool(h.get("draining") or h.get("drain_mark"))))
         for name, v in h.get("vms", {}).items():
             vms.append(VMState(name, h["addr"], int(v.get("memory_bytes", 0)),
                                int(v.get("vcpus", 1)), float(v.get("dirty_rate_bps") or 0.0)))
     return hosts, vms
 
 
-async def read_marks(client: EtcdClient) -> set[str]:
-    return {kv.key[len(DRAIN):] for kv in await client.get_prefix(DRAIN)
-            if not kv.key.endswith("/status")}
-
-
 async def request_drain(client: EtcdClient, host: str, *, link_bps: float,
                         max_downtime_ms: float, per_host_limit: int,
                         dry_run: bool) -> Plan:
-    from .view import read_fleet
-
     view = await read_fleet(client)
     if host not in {h["addr"] for h in view.hosts if h["state"] == "live"}:
         raise LookupError(f"no live host {host} in the fleet (see livemig fleet hosts)")
-    marks = await read_marks(client)
     hosts, vms = fleet_state(view)
-    for h in hosts:
-        h.draining = h.addr in marks
     plan = plan_drain(hosts, vms, host, link_bps=link_bps, max_downtime_ms=max_downtime_ms,
                       per_host_limit=per_host_limit)
     if not dry_run:

@@ -8,6 +8,9 @@
                            may run the VM. Only ever changed by a transaction
                            that compares its ``mod_revision`` (the epoch makes
                            every change visible in the value as well)
+``/livemig/drain/<addr>``  the host's drain mark (the plan); nothing is placed
+                           on a marked host, and it takes ownership of no VM
+``/livemig/drain/<addr>/status``  the drain's progress, then its report
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ ROOT = "/livemig/"
 HOSTS = ROOT + "hosts/"
 KNOWN = ROOT + "known/"
 VMS = ROOT + "vms/"
+DRAIN = ROOT + "drain/"
+STATUS_SUFFIX = "/status"
 MAX_RECORD_BYTES = 64 << 10
 
 
@@ -30,6 +35,14 @@ def known_key(addr: str) -> str:
 
 def vm_key(name: str) -> str:
     return VMS + name
+
+
+def drain_key(addr: str) -> str:
+    return DRAIN + addr
+
+
+def status_key(addr: str) -> str:
+    return DRAIN + addr + STATUS_SUFFIX
 
 
 def owner_record(owner: str, epoch: int) -> bytes:
