@@ -15,9 +15,10 @@ import signal
 
 import pytest
 
+from livemig.cli.common import EXIT_ERROR
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdClient
-from support.daemons import (EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved,
+from support.daemons import (EXIT_FAILED, EXIT_OK, DaemonProcess, assert_daemon_vm_matches_unmoved,
                              livemig, start_vm, wait_hosted)
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
 from support.oracle import Recipe
@@ -311,6 +312,66 @@ def test_one_name_one_vm_in_the_fleet(trio, etcd):
     b.cli("vm", "start", "orphan", "--memory", "16MiB")
     row = _vm_row(etcd, "orphan")
     assert (row["owner"], row["epoch"]) == (b.address, 5)
+
+
+def _place(etcd, name: str, recipe: Recipe, check: int = EXIT_OK):
+    return livemig("vm", "start", name, "--fleet", etcd.url, "--memory", recipe.memory,
+                   "--vcpus", recipe.vcpus, "--workload", recipe.workload, "--dirty-rate",
+                   recipe.dirty_rate, "--seed", recipe.seed, "--json", check=check)
+
+
+def test_vm_start_in_the_fleet_goes_where_there_is_room(trio, etcd):
+    """`vm start NAME --fleet` names no daemon: the VM goes to the host with
+    the most room (not a, whose CPUs two VMs take), never to one marked for
+    draining, and is registered there at epoch 1; it runs as one started
+    there would. A name the fleet has is refused."""
+    a, b, c = trio
+    by_addr = {d.address: d for d in trio}
+    for i in range(2):
+        start_vm(a, f"ballast{i}", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+    wait_for("a's record to list its VMs", lambda: len(_host(etcd, a.address)["vms"]) == 2)
+    recipe = Recipe("16MiB", 1, "memtest", seed=40, dirty_rate="4MiB/s")
+    out = json.loads(_place(etcd, "placed", recipe).stdout)
+    assert out["host"] in (b.address, c.address), out
+    row = _vm_row(etcd, "placed")
+    assert (row["owner"], row["epoch"]) == (out["host"], 1)
+    assert_daemon_vm_matches_unmoved(by_addr[out["host"]], "placed", recipe)
+    taken = _place(etcd, "ballast0", recipe, check=EXIT_ERROR)
+    assert a.address in taken.stderr and "choose another name" in taken.stderr.lower()
+    for d in (b, c):    # marks b and c have not seen yet: the planner reads etcd's
+        _put(etcd, keys.drain_key(d.address), b'{"moves": []}')
+    out = json.loads(_place(etcd, "placed2", recipe).stdout)
+    assert out["host"] == a.address, out
+    assert_daemon_vm_matches_unmoved(a, "placed2", recipe)
+
+
+def test_balance_moves_vms_off_the_busiest_host(trio, etcd):
+    """a runs three 1-vCPU VMs on 2 CPUs, b and c none: `fleet balance` moves
+    some to them, each through the etcd commit (epoch 2), every one identical
+    to a twin that never moved; the next balance does not move them again."""
+    a = trio[0]
+    by_addr = {d.address: d for d in trio}
+    recipes = {f"heavy{i}": Recipe("16MiB", 1, "memtest", seed=50 + i, dirty_rate="4MiB/s")
+               for i in range(3)}
+    for name, recipe in recipes.items():
+        start_vm(a, name, recipe)
+    wait_for("a's record to list its VMs", lambda: len(_host(etcd, a.address)["vms"]) == 3)
+    dry = json.loads(livemig("fleet", "balance", "--fleet", etcd.url, "--dry-run",
+                             "--json").stdout)
+    assert dry["plan"]["moves"] and all(m["source"] == a.address for m in dry["plan"]["moves"])
+    assert len(_listed(a)) == 3, "a dry run moves nothing"
+    out = json.loads(livemig("fleet", "balance", "--fleet", etcd.url, "--json").stdout)
+    moved = out["result"]["moves"]
+    assert moved and out["result"]["failed"] == [], out
+    assert all(v["status"] == "completed" and v["source"] == a.address for v in moved.values())
+    for name, v in moved.items():
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (v["destination"], 2)
+        assert_daemon_vm_matches_unmoved(by_addr[v["destination"]], name, recipes[name])
+    assert set(_listed(a)) == set(recipes) - set(moved)
+    again = json.loads(livemig("fleet", "balance", "--fleet", etcd.url, "--dry-run",
+                               "--json").stdout)
+    assert not {m["vm"] for m in again["plan"]["moves"]} & set(moved), again
 
 
 def test_a_stopped_vm_frees_its_name_in_etcd(tmp_path, etcd):

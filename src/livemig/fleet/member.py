@@ -43,7 +43,7 @@ import time
 
 from ..errors import ControlError, LivemigError, MigrationError
 from . import keys
-from .drain import DrainRunner
+from .drain import MoveRunner
 from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_absent,
                    cmp_mod_revision, op_get, op_put)
 
@@ -89,7 +89,7 @@ class FleetMember:
         self.last_error: str | None = None
         self._task: asyncio.Task | None = None
         self.draining = False              # our drain mark is set (fleet/drain.py)
-        self.drain = DrainRunner(self)
+        self.moves = MoveRunner(self)      # drains and balance requests
         self._seen: set[str] = set()       # VMs hosted here at the last publish
 
     # -- membership ---------------------------------------------------------------------
@@ -239,7 +239,7 @@ class FleetMember:
                 if self.lease_id and await self.client.lease_keepalive(self.lease_id) > 0:
                     self.lease_expires_at = t0 + self.ttl_s
                     await self._publish()
-                    await self.drain.check()
+                    await self.moves.check()
                     self.state, self.last_error = "member", None
                 else:
                     # The lease expired (we were cut off longer than ttl_s): rejoin.
@@ -261,7 +261,7 @@ class FleetMember:
                 "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
 
     async def close(self, *, leave: bool = True) -> None:
-        for task in (self._task, self.drain.task):
+        for task in (self._task, self.moves.task):
             if task is not None:
                 task.cancel()
                 try:
