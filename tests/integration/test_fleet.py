@@ -15,9 +15,10 @@ import signal
 
 import pytest
 
+from livemig.cli.common import EXIT_ERROR
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdClient
-from support.daemons import (EXIT_FAILED, DaemonProcess, assert_daemon_vm_matches_unmoved,
+from support.daemons import (EXIT_FAILED, EXIT_OK, DaemonProcess, assert_daemon_vm_matches_unmoved,
                              livemig, start_vm, wait_hosted)
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
 from support.oracle import Recipe
@@ -41,18 +42,58 @@ def _vm_row(etcd, name: str) -> dict | None:
     return next((v for v in _fleet(etcd, "vms") if v["name"] == name), None)
 
 
-def _put(etcd, key: str, value: bytes) -> None:
+def _etcd(etcd, call):
+    """``await call(client)`` with a client of the test's own."""
     async def main():
         client = EtcdClient(etcd.url)
         try:
-            await client.put(key, value)
+            return await call(client)
         finally:
             await client.close()
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+def _put(etcd, key: str, value: bytes) -> None:
+    _etcd(etcd, lambda client: client.put(key, value))
 
 
 def _daemon(tmp_path, label, loop, etcd):
     return DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url, "--fleet-ttl", str(TTL_S))
+
+
+def _host(etcd, addr: str) -> dict:
+    return next(h for h in _fleet(etcd, "hosts") if h["addr"] == addr)
+
+
+def _listed(daemon) -> list[str]:
+    return [v["name"] for v in daemon.client.call("vm.list")]
+
+
+@pytest.fixture(scope="module")
+def trio_daemons(tmp_path_factory, etcd):
+    tmp = tmp_path_factory.mktemp("trio")
+    daemons = []
+    try:
+        for label in ("ta", "tb", "tc"):
+            daemons.append(_daemon(tmp, label, "asyncio", etcd))
+        yield daemons
+    finally:
+        for d in daemons:
+            d.close()
+
+
+@pytest.fixture
+def trio(trio_daemons, etcd):
+    """Three fleet daemons shared by the tests that plan over the fleet (no
+    other live host then), left as found: no VM, no drain mark."""
+    yield trio_daemons
+    for d in trio_daemons:
+        for name in _listed(d):
+            d.client.call("vm.stop", name=name)
+        _etcd(etcd, lambda client: client.delete(keys.drain_key(d.address)))
+    for d in trio_daemons:
+        wait_for("the host's record to show it unmarked and empty", lambda: not (
+            h := _host(etcd, d.address))["draining"] and not h["vms"])
 
 
 def test_hosts_register_and_a_dead_host_is_shown_lost(tmp_path, etcd):
@@ -75,7 +116,7 @@ def test_hosts_register_and_a_dead_host_is_shown_lost(tmp_path, etcd):
         lost = wait_for("b's lease to expire", lambda: next(
             (h for h in _fleet(etcd, "hosts") if h["addr"] == b.address
              and h["state"] == "lost"), None))
-        assert lost == {"addr": b.address, "state": "lost"}
+        assert lost == {"addr": b.address, "state": "lost", "drain_mark": False}
         human = livemig("fleet", "hosts", "--fleet", etcd.url).stdout
         assert f"{b.address}" in human and "lost" in human
         assert next(h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["state"] == "live"
@@ -132,6 +173,13 @@ def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
         assert not here["running"] and here["unresolved"], here
         row = _vm_row(etcd, name)
         assert (row["owner"], row["epoch"]) == ("192.0.2.1:7400", 9)
+        # `vm resolve` asks etcd: never resume a VM it gives to another host,
+        # and while that host is lost, keep the copy (it may be the only one).
+        refused = a.cli("vm", "resolve", name, "--resume", check=EXIT_FAILED).stderr
+        assert "etcd names 192.0.2.1:7400 (epoch 9)" in refused, refused
+        doubt = a.cli("vm", "resolve", name, check=EXIT_FAILED).stderr
+        assert "is lost" in doubt and "stays paused" in doubt, doubt
+        assert not wait_hosted(a, name)["running"]
         # Once the owner etcd names is live and reports the VM running, the
         # paused copy here is stale: a discards it.
         _put(etcd, keys.host_key("192.0.2.1:7400"),
@@ -144,16 +192,27 @@ def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
 
 
 def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
-    """b's lease is revoked before the commit point: etcd refuses its
-    transaction, b never runs the VM, and a — still the owner in etcd —
-    reclaims it with a new epoch and runs on, identical to a twin."""
+    """etcd refuses b's commit transaction, first for a drain mark b has not
+    seen yet, then because b's lease was revoked: each time b never runs the
+    VM, and a — still the owner in etcd — reclaims it with a new epoch and
+    runs on, identical to a twin."""
     name = "fenced"
     a = _daemon(tmp_path, "a", "asyncio", etcd)
-    b = DaemonProcess(tmp_path, "b", "asyncio", "--fleet", etcd.url, "--fleet-ttl", "60")
+    # b renews (and so reads its drain mark, or rejoins) only every 100 s:
+    # it knows nothing of what the test changes in etcd meanwhile.
+    b = DaemonProcess(tmp_path, "b", "asyncio", "--fleet", etcd.url, "--fleet-ttl", "300")
     try:
         recipe = Recipe("16MiB", 2, "memtest", seed=13, dirty_rate="8MiB/s")
         start_vm(a, name, recipe)
-        wait_for("etcd to name a", lambda: (_vm_row(etcd, name) or {}).get("owner") == a.address)
+        assert _vm_row(etcd, name)["owner"] == a.address
+        # A drain mark b has not seen yet: the commit transaction checks it.
+        _put(etcd, keys.drain_key(b.address), b'{"moves": []}')
+        rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+        assert rec["status"] == "failed" and "marked for draining" in rec["error"], rec
+        assert name not in _listed(b) and wait_hosted(a, name)["running"]
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (a.address, 2)
+        _etcd(etcd, lambda client: client.delete(keys.drain_key(b.address)))
         lease = b.client.call("ping")["fleet"]["lease_id"]
 
         async def revoke():
@@ -167,7 +226,7 @@ def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
         assert rec["status"] == "failed" and "lease" in rec["error"], rec
         assert name not in [v["name"] for v in b.client.call("vm.list")]
         row = _vm_row(etcd, name)
-        assert (row["owner"], row["epoch"]) == (a.address, 2)
+        assert (row["owner"], row["epoch"]) == (a.address, 3)
         assert wait_hosted(a, name)["running"]
         assert_daemon_vm_matches_unmoved(a, name, recipe)
     finally:
@@ -175,43 +234,144 @@ def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
         a.close()
 
 
-def test_drain_empties_a_host_and_every_vm_arrives_identical(tmp_path, etcd):
+def test_drain_empties_a_host_and_every_vm_arrives_identical(trio, etcd):
     """Three daemons; a hosts three small VMs. `fleet drain a` moves them to
     b and c (two at a time), each through the etcd commit; a ends empty and
     every VM matches a twin that never moved."""
-    daemons = [_daemon(tmp_path, label, "asyncio", etcd) for label in ("da", "db", "dc")]
-    a = daemons[0]
-    try:
-        recipes = {f"drain{i}": Recipe("16MiB", 1, "memtest", seed=20 + i, dirty_rate="4MiB/s")
-                   for i in range(3)}
-        for name, recipe in recipes.items():
-            start_vm(a, name, recipe)
-        wait_for("a's record to list its three VMs", lambda: set(recipes) <= set(next(
-            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["vms"]))
-        dry = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url, "--dry-run",
-                                 "--json").stdout)
-        assert {m["vm"] for m in dry["plan"]["moves"]} == set(recipes)
-        assert {m["destination"] for m in dry["plan"]["moves"]} <= {d.address for d in daemons[1:]}
-        assert len(a.client.call("vm.list")) == 3, "a dry run moves nothing"
-        out = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url,
-                                 "--per-host-limit", "2", "--json").stdout)
-        assert out["result"]["left"] == [], out
-        assert all(v["status"] == "completed" for v in out["result"]["vms"].values()), out
-        assert a.client.call("vm.list") == []
-        owners = {v["name"]: v for v in _fleet(etcd, "vms")}
-        by_addr = {d.address: d for d in daemons}
-        for name, recipe in recipes.items():
-            assert owners[name]["epoch"] == 2 and owners[name]["owner"] != a.address
-            assert_daemon_vm_matches_unmoved(by_addr[owners[name]["owner"]], name, recipe)
-        # The mark stays (nothing is planned onto a) until it is undrained.
-        wait_for("a's record to say it is draining", lambda: next(
-            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["draining"])
-        livemig("fleet", "undrain", a.address, "--fleet", etcd.url)
-        wait_for("a's record to drop the mark", lambda: not next(
-            h for h in _fleet(etcd, "hosts") if h["addr"] == a.address)["draining"])
-    finally:
-        for d in daemons:
-            d.close()
+    a = trio[0]
+    recipes = {f"drain{i}": Recipe("16MiB", 1, "memtest", seed=20 + i, dirty_rate="4MiB/s")
+               for i in range(3)}
+    for name, recipe in recipes.items():
+        start_vm(a, name, recipe)
+    wait_for("a's record to list its three VMs",
+             lambda: set(recipes) <= set(_host(etcd, a.address)["vms"]))
+    dry = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url, "--dry-run",
+                             "--json").stdout)
+    assert {m["vm"] for m in dry["plan"]["moves"]} == set(recipes)
+    assert {m["destination"] for m in dry["plan"]["moves"]} <= {d.address for d in trio[1:]}
+    assert len(a.client.call("vm.list")) == 3, "a dry run moves nothing"
+    out = json.loads(livemig("fleet", "drain", a.address, "--fleet", etcd.url,
+                             "--per-host-limit", "2", "--json").stdout)
+    assert out["result"]["left"] == [], out
+    assert all(v["status"] == "completed" for v in out["result"]["vms"].values()), out
+    assert a.client.call("vm.list") == []
+    owners = {v["name"]: v for v in _fleet(etcd, "vms")}
+    by_addr = {d.address: d for d in trio}
+    for name, recipe in recipes.items():
+        assert owners[name]["epoch"] == 2 and owners[name]["owner"] != a.address
+        assert_daemon_vm_matches_unmoved(by_addr[owners[name]["owner"]], name, recipe)
+    # The mark stays (nothing is planned onto a) until it is undrained.
+    wait_for("a's record to say it is draining", lambda: _host(etcd, a.address)["draining"])
+    livemig("fleet", "undrain", a.address, "--fleet", etcd.url)
+    wait_for("a's record to drop the mark", lambda: not _host(etcd, a.address)["draining"])
+
+
+def test_a_host_marked_for_draining_takes_no_vm(trio, etcd):
+    """`fleet drain b` marks b (empty: nothing to move) and `fleet hosts` says
+    so; b then refuses a migration to it and a new VM, naming the drain,
+    while the VM stays running at its source. Once undrained, b takes the VM,
+    identical to a twin that never moved."""
+    a, b, _ = trio
+    name = "wanderer"
+    recipe = Recipe("16MiB", 1, "memtest", seed=30, dirty_rate="4MiB/s")
+    start_vm(a, name, recipe)
+    out = json.loads(livemig("fleet", "drain", b.address, "--fleet", etcd.url, "--json").stdout)
+    assert out["result"]["vms"] == {} and out["result"]["left"] == [], out
+    assert _host(etcd, b.address)["drain_mark"]
+    wait_for("b to see its mark", lambda: _host(etcd, b.address)["draining"])
+    row = next(line for line in livemig("fleet", "hosts", "--fleet", etcd.url).stdout
+               .splitlines() if line.startswith(b.address))
+    assert row.endswith("marked, seen"), row
+    rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+    assert "marked for draining" in rec["error"] and b.address in rec["error"], rec["error"]
+    assert wait_hosted(a, name)["running"] and name not in _listed(b)
+    refused = b.cli("vm", "start", "newcomer", "--memory", "16MiB", check=EXIT_FAILED)
+    assert "marked for draining" in refused.stderr and "fleet undrain" in refused.stderr
+    assert _vm_row(etcd, "newcomer") is None
+    livemig("fleet", "undrain", b.address, "--fleet", etcd.url)
+    wait_for("b to drop its mark", lambda: not _host(etcd, b.address)["draining"])
+    assert "marked" not in next(line for line in livemig("fleet", "hosts", "--fleet", etcd.url)
+                                .stdout.splitlines() if line.startswith(b.address))
+    assert a.cli_json("migrate", name, "--to", b.address)["status"] == "completed"
+    assert_daemon_vm_matches_unmoved(b, name, recipe)
+
+
+def test_one_name_one_vm_in_the_fleet(trio, etcd):
+    """`vm start NAME` registers NAME in etcd at once; another host refuses
+    the same name while its owner is live, naming the owner. A name whose
+    owner is lost is taken over at the next epoch."""
+    a, b, _ = trio
+    start_vm(a, "unique", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+    row = _vm_row(etcd, "unique")
+    assert (row["owner"], row["epoch"]) == (a.address, 1), "registered before the answer"
+    refused = b.cli("vm", "start", "unique", "--memory", "16MiB", check=EXIT_FAILED)
+    assert a.address in refused.stderr and "choose another name" in refused.stderr.lower()
+    assert "unique" not in _listed(b)
+    assert (_vm_row(etcd, "unique")["owner"], _vm_row(etcd, "unique")["epoch"]) == (a.address, 1)
+    _put(etcd, keys.vm_key("orphan"), keys.owner_record("192.0.2.7:7400", 4))   # a lost owner
+    b.cli("vm", "start", "orphan", "--memory", "16MiB")
+    row = _vm_row(etcd, "orphan")
+    assert (row["owner"], row["epoch"]) == (b.address, 5)
+
+
+def _place(etcd, name: str, recipe: Recipe, check: int = EXIT_OK):
+    return livemig("vm", "start", name, "--fleet", etcd.url, "--memory", recipe.memory,
+                   "--vcpus", recipe.vcpus, "--workload", recipe.workload, "--dirty-rate",
+                   recipe.dirty_rate, "--seed", recipe.seed, "--json", check=check)
+
+
+def test_vm_start_in_the_fleet_goes_where_there_is_room(trio, etcd):
+    """`vm start NAME --fleet` names no daemon: the VM goes to the host with
+    the most room (not a, whose CPUs two VMs take), never to one marked for
+    draining, and is registered there at epoch 1; it runs as one started
+    there would. A name the fleet has is refused."""
+    a, b, c = trio
+    by_addr = {d.address: d for d in trio}
+    for i in range(2):
+        start_vm(a, f"ballast{i}", Recipe("16MiB", 1, "uniform", dirty_rate="1MiB/s"))
+    wait_for("a's record to list its VMs", lambda: len(_host(etcd, a.address)["vms"]) == 2)
+    recipe = Recipe("16MiB", 1, "memtest", seed=40, dirty_rate="4MiB/s")
+    out = json.loads(_place(etcd, "placed", recipe).stdout)
+    assert out["host"] in (b.address, c.address), out
+    row = _vm_row(etcd, "placed")
+    assert (row["owner"], row["epoch"]) == (out["host"], 1)
+    assert_daemon_vm_matches_unmoved(by_addr[out["host"]], "placed", recipe)
+    taken = _place(etcd, "ballast0", recipe, check=EXIT_ERROR)
+    assert a.address in taken.stderr and "choose another name" in taken.stderr.lower()
+    for d in (b, c):    # marks b and c have not seen yet: the planner reads etcd's
+        _put(etcd, keys.drain_key(d.address), b'{"moves": []}')
+    out = json.loads(_place(etcd, "placed2", recipe).stdout)
+    assert out["host"] == a.address, out
+    assert_daemon_vm_matches_unmoved(a, "placed2", recipe)
+
+
+def test_balance_moves_vms_off_the_busiest_host(trio, etcd):
+    """a runs three 1-vCPU VMs on 2 CPUs, b and c none: `fleet balance` moves
+    some to them, each through the etcd commit (epoch 2), every one identical
+    to a twin that never moved; the next balance does not move them again."""
+    a = trio[0]
+    by_addr = {d.address: d for d in trio}
+    recipes = {f"heavy{i}": Recipe("16MiB", 1, "memtest", seed=50 + i, dirty_rate="4MiB/s")
+               for i in range(3)}
+    for name, recipe in recipes.items():
+        start_vm(a, name, recipe)
+    wait_for("a's record to list its VMs", lambda: len(_host(etcd, a.address)["vms"]) == 3)
+    dry = json.loads(livemig("fleet", "balance", "--fleet", etcd.url, "--dry-run",
+                             "--json").stdout)
+    assert dry["plan"]["moves"] and all(m["source"] == a.address for m in dry["plan"]["moves"])
+    assert len(_listed(a)) == 3, "a dry run moves nothing"
+    out = json.loads(livemig("fleet", "balance", "--fleet", etcd.url, "--json").stdout)
+    moved = out["result"]["moves"]
+    assert moved and out["result"]["failed"] == [], out
+    assert all(v["status"] == "completed" and v["source"] == a.address for v in moved.values())
+    for name, v in moved.items():
+        row = _vm_row(etcd, name)
+        assert (row["owner"], row["epoch"]) == (v["destination"], 2)
+        assert_daemon_vm_matches_unmoved(by_addr[v["destination"]], name, recipes[name])
+    assert set(_listed(a)) == set(recipes) - set(moved)
+    again = json.loads(livemig("fleet", "balance", "--fleet", etcd.url, "--dry-run",
+                               "--json").stdout)
+    assert not {m["vm"] for m in again["plan"]["moves"]} & set(moved), again
 
 
 def test_a_stopped_vm_frees_its_name_in_etcd(tmp_path, etcd):
@@ -229,7 +389,8 @@ def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
     """etcd stops answering (SIGSTOP) just before a handover: the destination
     cannot prove it owns the VM and never runs it; the source cannot reclaim
     it and keeps it paused, in doubt. Once etcd answers again it still names
-    the source, and `vm resolve` resumes the VM there, identical to a twin."""
+    the source: `vm resolve` refuses to discard the VM, and resumes it there
+    after raising its epoch, identical to a twin."""
     name = "cutoff"
     with etcd_cluster(tmp_path, members=1) as own:
         a = _daemon(tmp_path, "a", "asyncio", own)
@@ -252,7 +413,12 @@ def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
                 os.kill(etcd_pid, signal.SIGCONT)
             row = wait_for("etcd to answer again", lambda: _vm_row(own, name))
             assert (row["owner"], row["epoch"]) == (a.address, 1)
-            a.cli("vm", "resolve", name)
+            refused = a.cli("vm", "resolve", name, "--discard", check=EXIT_FAILED).stderr
+            assert "etcd names this host" in refused, refused
+            out = a.cli_json("vm", "resolve", name)
+            assert out["resolved"] == "resumed" and (out["owner"], out["epoch"]) == (a.address, 2)
+            row = _vm_row(own, name)    # the epoch fences any late transaction of b's
+            assert (row["owner"], row["epoch"]) == (a.address, 2)
             assert wait_hosted(a, name)["running"]
             assert_daemon_vm_matches_unmoved(a, name, recipe)
         finally:

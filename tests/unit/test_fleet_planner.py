@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from livemig.fleet.planner import (HostState, VMState, choose_mode, plan_balance, plan_drain)
+from livemig.fleet.planner import (HostState, VMState, choose_mode, plan_balance, plan_drain,
+                                   rank_hosts)
 from livemig.fleet.simulate import generate, simulate
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -100,3 +101,13 @@ def test_simulator_is_deterministic_and_reports_its_figures():
     assert a["bytes_moved"] >= a["moves"] * GIB, "every VM's memory crosses at least once"
     bal = simulate(nhosts=50, nvms=1000, action="balance", seed=3)
     assert bal["moves"] > 0 and bal["planner_cpu_s"] >= 0
+
+
+def test_a_new_vm_goes_to_the_most_headroom_never_a_draining_lost_or_full_host():
+    hosts = _hosts(5)
+    _put(hosts, [VMState("busy", "h0", 8 * GIB, 12), VMState("some", "h1", 8 * GIB, 4)])
+    hosts[2].draining, hosts[3].live = True, False
+    hosts[4].memory_free_bytes = GIB            # too full for an 8 GiB VM
+    new = VMState("new", "", 8 * GIB, 2)
+    assert [h.addr for h in rank_hosts(hosts, new)] == ["h1", "h0"]
+    assert rank_hosts(hosts, VMState("huge", "", 100 * GIB, 2)) == []

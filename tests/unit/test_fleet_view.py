@@ -25,11 +25,12 @@ def test_live_lost_and_malformed_records():
         keys.vm_key("v"): keys.owner_record("h1:1", 3),
         keys.vm_key("w"): keys.owner_record("h2:1", 1),
         keys.vm_key("x"): b'{"owner": 5}',
+        keys.drain_key("h2:1"): b"{}", keys.status_key("h2:1"): b"{}",
     }
     view = asyncio.run(read_fleet(_Keys(items)))
     hosts = {h["addr"]: h for h in view.hosts}
-    assert hosts["h1:1"]["state"] == "live" and hosts["h2:1"] == {"addr": "h2:1",
-                                                                  "state": "lost"}
+    assert hosts["h1:1"]["state"] == "live" and not hosts["h1:1"]["drain_mark"]
+    assert hosts["h2:1"] == {"addr": "h2:1", "state": "lost", "drain_mark": True}
     assert "malformed" in hosts["junk:1"]
     vms = {v["name"]: v for v in view.vms}
     assert vms["v"]["owner_state"] == "live" and vms["v"]["running_there"] and vms["v"]["epoch"] == 3

@@ -37,14 +37,18 @@ def _mib(n) -> str:
 
 def cmd_hosts(args) -> int:
     view = _read(args)
-    lines = [f"{'HOST':<24} {'STATE':<6} {'VMS':>4} {'MEM FREE':>10} {'CPUS':>4} {'LOAD':>5}"]
+    lines = [f"{'HOST':<24} {'STATE':<6} {'VMS':>4} {'MEM FREE':>10} {'CPUS':>4} {'LOAD':>5} "
+             "DRAIN"]
     for h in view.hosts:
+        # The mark is etcd's; "seen" once the host's record says it knows.
+        drain = ("-" if not h["drain_mark"] else
+                 "marked, seen" if h.get("draining") else "marked")
         if h["state"] == "lost":
-            lines.append(f"{h['addr']:<24} lost   (lease expired: no record)")
+            lines.append(f"{h['addr']:<24} lost   (lease expired: no record){'':>13} {drain}")
         else:
             lines.append(f"{h['addr']:<24} live   {len(h.get('vms', {})):>4} "
                          f"{_mib(h.get('memory_available_bytes')):>10} {h.get('cpus', '?'):>4} "
-                         f"{h.get('load_1m', 0):>5.2f}")
+                         f"{h.get('load_1m', 0):>5.2f} {drain}")
     emit(args, {"hosts": view.hosts}, "\n".join(lines))
     return EXIT_OK
 
@@ -91,6 +95,7 @@ def cmd_drain(args) -> int:
 
     from ..errors import ConfigError, LivemigError
     from ..fleet.drain import follow, request_drain
+    from ..fleet.keys import status_key
 
     async def body(client):
         try:
@@ -109,7 +114,7 @@ def cmd_drain(args) -> int:
                 print(f"drain {args.host}: {done}/{len(status['vms'])} VMs settled "
                       f"({status['state']})", file=sys.stderr, flush=True)
         try:
-            return plan, await follow(client, args.host, on_progress=progress,
+            return plan, await follow(client, status_key(args.host), on_progress=progress,
                                       timeout_s=args.timeout)
         except TimeoutError as exc:
             raise LivemigError(f"{exc}; the host goes on with its drain: follow it with "
@@ -129,7 +134,7 @@ def cmd_drain(args) -> int:
 
 
 def cmd_undrain(args) -> int:
-    from ..fleet.drain import drain_key, status_key
+    from ..fleet.keys import drain_key, status_key
 
     async def body(client):
         await client.delete(status_key(args.host))
@@ -141,26 +146,48 @@ def cmd_undrain(args) -> int:
 
 
 def cmd_balance(args) -> int:
-    from ..errors import ConfigError
-    from ..fleet.drain import fleet_state, read_marks
-    from ..fleet.planner import plan_balance
-    from ..fleet.view import read_fleet
+    import asyncio
+    import sys
 
-    if not args.dry_run:
-        raise ConfigError("livemig fleet balance runs only with --dry-run so far: it shows the "
-                          "moves; run them with livemig migrate")
+    from ..errors import LivemigError
+    from ..fleet.balance import request_balance
+    from ..fleet.drain import follow
+    from ..fleet.keys import moves_status_key
 
     async def body(client):
-        view = await read_fleet(client)
-        marks = await read_marks(client)
-        hosts, vms = fleet_state(view)
-        for h in hosts:
-            h.draining = h.addr in marks
-        return plan_balance(hosts, vms, link_bps=args.link_bps, max_downtime_ms=args.downtime_ms,
-                            per_host_limit=args.per_host_limit)
-    plan = _with_client(args, body)
-    emit(args, {"dry_run": True, "plan": plan.to_dict()}, "\n".join(_plan_lines(plan)))
-    return EXIT_OK
+        plan, sources = await request_balance(
+            client, link_bps=args.link_bps, max_downtime_ms=args.downtime_ms,
+            per_host_limit=args.per_host_limit, window_s=args.window, dry_run=args.dry_run)
+        settled: dict[str, int] = {}
+
+        def progress(status):
+            settled[status["host"]] = sum(v["status"] not in ("queued", "migrating")
+                                          for v in status["vms"].values())
+            if not args.json:
+                print(f"balance: {sum(settled.values())}/{len(plan.moves)} moves settled",
+                      file=sys.stderr, flush=True)
+        try:
+            return plan, await asyncio.gather(*(
+                follow(client, moves_status_key(src), on_progress=progress,
+                       timeout_s=args.timeout) for src in sources))
+        except TimeoutError as exc:
+            raise LivemigError(f"{exc}; the hosts go on with their moves: follow them with "
+                               "livemig fleet vms") from None
+    plan, statuses = _with_client(args, body)
+    if args.dry_run:
+        emit(args, {"dry_run": True, "plan": plan.to_dict()}, "\n".join(_plan_lines(plan)))
+        return EXIT_OK
+    moved = {name: {**v, "source": st["host"]} for st in statuses
+             for name, v in st["vms"].items()}
+    failed = sorted(n for n, v in moved.items() if v["status"] != "completed")
+    lines = [f"{name:<16} {v['status']:<10} {v['source']} → {v['destination']} "
+             f"{v.get('mode', '')} {v.get('time_s', 0):.1f}s {v.get('error') or ''}"
+             for name, v in moved.items()]
+    lines.append(f"{len(moved) - len(failed)} of {len(moved)} moves completed"
+                 if moved else "the fleet is balanced: nothing to move")
+    emit(args, {"plan": plan.to_dict(), "result": {"moves": moved, "failed": failed}},
+         "\n".join(lines))
+    return EXIT_OK if not failed else EXIT_FAILED
 
 
 def cmd_simulate(args) -> int:
@@ -203,6 +230,8 @@ def _rate(text: str) -> float:
 
 
 def register(sub) -> None:
+    from .common import positive
+
     sp = sub.add_parser("fleet", help="hosts and VMs of a fleet coordinated through etcd")
     fsub = sp.add_subparsers(dest="fleet_command", required=True)
     for name, func, text in (("hosts", cmd_hosts, "every host: live, or lost (lease expired)"),
@@ -214,7 +243,8 @@ def register(sub) -> None:
         p.set_defaults(func=func)
     for name, func, text in (("drain", cmd_drain, "move every VM off HOST (marked meanwhile)"),
                              ("undrain", cmd_undrain, "remove HOST's drain mark"),
-                             ("balance", cmd_balance, "moves that even out load (--dry-run)")):
+                             ("balance", cmd_balance, "move VMs to even out load (--dry-run: "
+                                                      "the moves, priced)")):
         p = fsub.add_parser(name, help=text)
         if name != "balance":
             p.add_argument("host", metavar="HOST:PORT", help="the host's migration address")
@@ -224,9 +254,13 @@ def register(sub) -> None:
         if name != "undrain":
             p.add_argument("--dry-run", action="store_true", help="print the plan only")
             _planning_flags(p)
-        if name == "drain":
+        if name != "undrain":
             p.add_argument("--timeout", type=float, default=None, metavar="S",
-                           help="give up following the drain after S seconds")
+                           help=f"give up following the {name} after S seconds")
+        if name == "balance":
+            p.add_argument("--window", type=positive(int), default=None, metavar="S",
+                           help="a VM a balance moved is not moved again for S seconds "
+                           "(default: 10 minutes)")
         p.set_defaults(func=func)
     p = fsub.add_parser("simulate", help="plan a drain or balance over a generated fleet")
     p.add_argument("--hosts", type=int, default=1000)

@@ -17,11 +17,46 @@ def cmd_vm_run(args) -> int:
 
 
 def cmd_vm_start(args) -> int:
+    if args.fleet:
+        return _start_in_fleet(args)
     res = control_client(args).call("vm.start", name=args.name, memory=args.memory,
                                     vcpus=args.vcpus, workload=args.workload,
                                     dirty_rate=vm_dirty_rate(args), seed=args.seed)
     emit(args, res, lambda r: f"started VM {r['name']}: {r['workload']}, "
                                f"{r['memory_bytes'] >> 20} MiB, {r['vcpus']} vCPUs")
+    return EXIT_OK
+
+
+def _start_in_fleet(args) -> int:
+    """No daemon named: the fleet picks the host (fleet/place.py)."""
+    from ..aio.loop import run
+    from ..errors import ConfigError
+    from ..fleet.etcd import EtcdClient
+    from ..fleet.place import place_vm
+
+    if args.control:
+        raise ConfigError("give --fleet (the fleet picks the host) or --control (this daemon), "
+                          "not both")
+    tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(tls) and not all(tls):
+        raise ConfigError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+
+    async def main():
+        ssl = None
+        if all(tls):
+            from ..aio.tls import client_context
+            ssl = client_context(*tls)
+        client = EtcdClient(args.fleet)
+        try:
+            return await place_vm(client, args.name, memory=args.memory, vcpus=args.vcpus,
+                                  workload=args.workload, dirty_rate=vm_dirty_rate(args),
+                                  seed=args.seed, ssl=ssl)
+        finally:
+            await client.close()
+    res = run(main(), kind="asyncio")
+    emit(args, res, lambda r: f"started VM {r['name']} on {r['host']}: {r['workload']}, "
+                               f"{r['memory_bytes'] >> 20} MiB, {r['vcpus']} vCPUs"
+                               + "".join(f"\n  refused by {why}" for why in r["refused_by"]))
     return EXIT_OK
 
 
@@ -58,8 +93,11 @@ def cmd_vm_resolve(args) -> int:
     res = control_client(args).call("vm.resolve", name=args.name, action=action)
 
     def human(r) -> str:
-        text = (f"VM {r['name']}: {r['resolved']} here (the destination says: "
-                f"{r['destination_says']}{': ' + r['reason'] if r['reason'] else ''})")
+        if "owner" in r:      # a fleet daemon: etcd decided
+            text = f"VM {r['name']}: {r['resolved']} here (etcd: {r['reason']})"
+        else:
+            text = (f"VM {r['name']}: {r['resolved']} here (the destination says: "
+                    f"{r['destination_says']}{': ' + r['reason'] if r['reason'] else ''})")
         return f"{text}\n{r['warning']}" if r["warning"] else text
     emit(args, res, human)
     return EXIT_OK
@@ -95,10 +133,16 @@ def register(sub) -> None:
     sp.add_argument("--tracker", default="auto", help="auto, uffd-async, uffd-wp or mprotect")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_vm_run)
-    sp = vm.add_parser("start", help="start a VM on a daemon")
+    sp = vm.add_parser("start", help="start a VM on a daemon, or where a fleet has room")
     sp.add_argument("name")
     vm_opts(sp)
     daemon_opts(sp)
+    sp.add_argument("--fleet", metavar="etcd://HOST:PORT[,…]",
+                    help="start it on the fleet's host with the most room, delivered to its "
+                         "migration address (docs/fleet.md); no daemon named")
+    for flag in ("--tls-cert", "--tls-key", "--tls-ca"):
+        sp.add_argument(flag, help="with --fleet: this client's certificate, key and the CA "
+                        "of the hosts (mutual TLS)")
     sp.set_defaults(func=cmd_vm_start)
     sp = vm.add_parser("list", help="list a daemon's VMs")
     daemon_opts(sp)

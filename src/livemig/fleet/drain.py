@@ -13,6 +13,11 @@ etcd ownership transaction. It writes every VM's progress to
 ``/livemig/drain/<host>/status``; the CLI follows that key and prints the
 progress and the final report. The mark stays after the drain (the host is
 empty for its maintenance) until ``livemig fleet undrain HOST``.
+
+``livemig fleet balance`` (balance.py) asks each source host to make its
+share of a balance plan through ``/livemig/moves/<host>``; the same runner
+makes them, reports to ``/livemig/moves/<host>/status`` and deletes the
+request once done (a request, unlike the drain mark, is run once).
 """
 from __future__ import annotations
 
@@ -21,20 +26,13 @@ import json
 import time
 
 from . import keys
-from .etcd import EtcdClient
+from .etcd import EtcdClient, b64, cmp_mod_revision
+from .keys import drain_key, status_key
 from .planner import HostState, Plan, VMState, choose_mode, plan_drain
+from .view import read_fleet
 
-DRAIN = keys.ROOT + "drain/"
 DEFAULT_LINK_BPS = 1e9 / 8         # 1 Gbit/s unless measured or given
 DIRTY_WINDOW_S = 0.2
-
-
-def drain_key(addr: str) -> str:
-    return DRAIN + addr
-
-
-def status_key(addr: str) -> str:
-    return DRAIN + addr + "/status"
 
 
 def fleet_state(view) -> tuple[list[HostState], list[VMState]]:
@@ -47,48 +45,47 @@ def fleet_state(view) -> tuple[list[HostState], list[VMState]]:
                                int(h.get("memory_available_bytes") or 0),
                                int(h.get("cpus") or 1),
                                sum(int(v.get("vcpus", 1)) for v in h.get("vms", {}).values()),
-                               draining=bool(h.get("draining"))))
+                               draining=bool(h.get("draining") or h.get("drain_mark"))))
         for name, v in h.get("vms", {}).items():
             vms.append(VMState(name, h["addr"], int(v.get("memory_bytes", 0)),
                                int(v.get("vcpus", 1)), float(v.get("dirty_rate_bps") or 0.0)))
     return hosts, vms
 
 
-async def read_marks(client: EtcdClient) -> set[str]:
-    return {kv.key[len(DRAIN):] for kv in await client.get_prefix(DRAIN)
-            if not kv.key.endswith("/status")}
+def request(plan_moves, *, link_bps: float, max_downtime_ms: float,
+            per_host_limit: int) -> str:
+    """The record a host runs moves from (a drain mark, or a balance request)."""
+    return json.dumps({
+        "moves": [{"vm": m.vm, "destination": m.destination} for m in plan_moves],
+        "link_bps": link_bps, "max_downtime_ms": max_downtime_ms,
+        "per_host_limit": per_host_limit, "requested_at": time.time()})
 
 
 async def request_drain(client: EtcdClient, host: str, *, link_bps: float,
                         max_downtime_ms: float, per_host_limit: int,
                         dry_run: bool) -> Plan:
-    from .view import read_fleet
-
     view = await read_fleet(client)
     if host not in {h["addr"] for h in view.hosts if h["state"] == "live"}:
         raise LookupError(f"no live host {host} in the fleet (see livemig fleet hosts)")
-    marks = await read_marks(client)
     hosts, vms = fleet_state(view)
-    for h in hosts:
-        h.draining = h.addr in marks
     plan = plan_drain(hosts, vms, host, link_bps=link_bps, max_downtime_ms=max_downtime_ms,
                       per_host_limit=per_host_limit)
     if not dry_run:
         await client.delete(status_key(host))
-        await client.put(drain_key(host), json.dumps({
-            "moves": [{"vm": m.vm, "destination": m.destination} for m in plan.moves],
-            "link_bps": link_bps, "max_downtime_ms": max_downtime_ms,
-            "per_host_limit": per_host_limit, "requested_at": time.time()}))
+        await client.put(drain_key(host), request(plan.moves, link_bps=link_bps,
+                                                  max_downtime_ms=max_downtime_ms,
+                                                  per_host_limit=per_host_limit))
     return plan
 
 
-async def follow(client: EtcdClient, host: str, *, on_progress, poll_s: float = 0.2,
+async def follow(client: EtcdClient, key: str, *, on_progress, poll_s: float = 0.2,
                  timeout_s: float | None = None) -> dict:
-    """Wait for the host to finish its drain; ``on_progress(status)`` on change."""
+    """Wait for the status at ``key`` (a host's drain or balance moves) to
+    say done; ``on_progress(status)`` on each change."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = None
     while True:
-        kv = await client.get(status_key(host))
+        kv = await client.get(key)
         status = keys.parse_record(kv.value, what=kv.key) if kv is not None else None
         if status is not None and status != last:
             on_progress(status)
@@ -96,13 +93,14 @@ async def follow(client: EtcdClient, host: str, *, on_progress, poll_s: float = 
             if status.get("state") == "done":
                 return status
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"the drain of {host} did not finish within {timeout_s:g} s "
+            raise TimeoutError(f"the moves of {key} did not finish within {timeout_s:g} s "
                                f"(last status: {last})")
         await asyncio.sleep(poll_s)
 
 
-class DrainRunner:
-    """The draining host's side: run the moves of its mark, once per mark."""
+class MoveRunner:
+    """A host's side: run the moves of its drain mark (once per mark), else
+    those of a balance request (then delete the request). One run at a time."""
 
     def __init__(self, member):
         self.member = member
@@ -113,15 +111,29 @@ class DrainRunner:
         m = self.member
         kv = await m.client.get(drain_key(m.addr))
         m.draining = kv is not None
-        if kv is None or (self.task is not None and not self.task.done()):
+        if self.task is not None and not self.task.done():
             return
-        mark = keys.parse_record(kv.value, what=kv.key)
-        if mark.get("requested_at") == self._done_for:
-            return
-        self._done_for = mark.get("requested_at")
-        self.task = asyncio.get_running_loop().create_task(self._run(mark), name="fleet-drain")
+        if kv is not None:
+            mark = keys.parse_record(kv.value, what=kv.key)
+            if mark.get("requested_at") != self._done_for:
+                self._done_for = mark.get("requested_at")
+                self._start(self._run(mark, status_key(m.addr)), "fleet-drain")
+                return
+        req = await m.client.get(keys.moves_key(m.addr))
+        if req is not None:
+            self._start(self._run_once(req), "fleet-moves")
 
-    async def _run(self, mark: dict) -> None:
+    def _start(self, coro, name: str) -> None:
+        self.task = asyncio.get_running_loop().create_task(coro, name=name)
+
+    async def _run_once(self, req) -> None:
+        """A balance request: run it, then delete it (unless replaced meanwhile)."""
+        m = self.member
+        await self._run(keys.parse_record(req.value, what=req.key), keys.moves_status_key(m.addr))
+        await m.client.txn([cmp_mod_revision(req.key, req.mod_revision)],
+                           [{"request_delete_range": {"key": b64(req.key)}}])
+
+    async def _run(self, mark: dict, status_at: str) -> None:
         m, daemon = self.member, self.member.daemon
         status = {"state": "running", "host": m.addr, "vms": {}}
         for move in mark["moves"]:
@@ -130,7 +142,7 @@ class DrainRunner:
 
         async def publish() -> None:
             async with lock:
-                await m.client.put(status_key(m.addr), json.dumps(status))
+                await m.client.put(status_at, json.dumps(status))
 
         await publish()
         slots = asyncio.Semaphore(max(1, int(mark.get("per_host_limit", 1))))
@@ -144,15 +156,13 @@ class DrainRunner:
                     hosted = daemon.vms.get(move["vm"])
                     if hosted is None:
                         raise LookupError("no longer on this host")
-                    rate = await daemon._cmd_dirtyrate(move["vm"], window_s=DIRTY_WINDOW_S)
-                    p = choose_mode(hosted.vm.memory.length_bytes, rate["bytes_per_s"], link_bps,
+                    rate_bps = await daemon.measure_dirty_rate(move["vm"], DIRTY_WINDOW_S)
+                    p = choose_mode(hosted.vm.memory.length_bytes, rate_bps, link_bps,
                                     float(mark.get("max_downtime_ms", 300.0)))
                     mode = "precopy" if p.converges else p.recommended_mode
-                    row.update(status="migrating", mode=mode,
-                               dirty_rate_bps=rate["bytes_per_s"])
+                    row.update(status="migrating", mode=mode, dirty_rate_bps=rate_bps)
                     await publish()
-                    rec = await daemon._cmd_migrate(move["vm"], move["destination"], wait=True,
-                                                    mode=mode)
+                    rec = await daemon.migrate_vm(move["vm"], move["destination"], mode=mode)
                     row.update(status=rec["status"], error=rec.get("error"))
                 except Exception as exc:       # reported per VM; the drain goes on
                     row.update(status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -237,9 +237,14 @@ def cmp_mod_revision(key: str, revision: int) -> dict:
     return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
 
 
+def cmp_absent(key: str) -> dict:
+    """True while ``key`` does not exist (it was never created, or deleted)."""
+    return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+
+
 def cmp_value(key: str, value: bytes | str) -> dict:
     return {"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value)}
 
 
 __all__ = ["EtcdClient", "EtcdError", "EtcdUnavailable", "KeyValue", "parse_endpoints",
-           "op_put", "op_get", "cmp_mod_revision", "cmp_value", "MAX_RESPONSE_BYTES"]
+           "op_put", "op_get", "cmp_absent", "cmp_mod_revision", "cmp_value", "MAX_RESPONSE_BYTES"]

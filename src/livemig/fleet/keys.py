@@ -8,6 +8,13 @@
                            may run the VM. Only ever changed by a transaction
                            that compares its ``mod_revision`` (the epoch makes
                            every change visible in the value as well)
+``/livemig/drain/<addr>``  the host's drain mark (the plan); nothing is placed
+                           on a marked host, and it takes ownership of no VM
+``/livemig/drain/<addr>/status``  the drain's progress, then its report
+``/livemig/moves/<addr>``  moves a balance asked the host to make (one-shot:
+                           deleted once run); ``…/status`` their progress
+``/livemig/moved/<name>``  the VM was moved by a balance: not again while this
+                           key lives (under a lease of the balance window)
 """
 from __future__ import annotations
 
@@ -17,6 +24,10 @@ ROOT = "/livemig/"
 HOSTS = ROOT + "hosts/"
 KNOWN = ROOT + "known/"
 VMS = ROOT + "vms/"
+DRAIN = ROOT + "drain/"
+MOVES = ROOT + "moves/"
+MOVED = ROOT + "moved/"
+STATUS_SUFFIX = "/status"
 MAX_RECORD_BYTES = 64 << 10
 
 
@@ -30,6 +41,26 @@ def known_key(addr: str) -> str:
 
 def vm_key(name: str) -> str:
     return VMS + name
+
+
+def drain_key(addr: str) -> str:
+    return DRAIN + addr
+
+
+def status_key(addr: str) -> str:
+    return DRAIN + addr + STATUS_SUFFIX
+
+
+def moves_key(addr: str) -> str:
+    return MOVES + addr
+
+
+def moves_status_key(addr: str) -> str:
+    return MOVES + addr + STATUS_SUFFIX
+
+
+def moved_key(name: str) -> str:
+    return MOVED + name
 
 
 def owner_record(owner: str, epoch: int) -> bytes:

@@ -41,11 +41,11 @@ import logging
 import os
 import time
 
-from ..errors import LivemigError, MigrationError
+from ..errors import ControlError, LivemigError, MigrationError
 from . import keys
-from .drain import DrainRunner
-from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_mod_revision,
-                   op_get, op_put)
+from .drain import MoveRunner
+from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_absent,
+                   cmp_mod_revision, op_get, op_put)
 
 DEFAULT_TTL_S = 10
 MAX_COMMIT_ATTEMPTS = 5     # transactions at one commit point, all within commit_timeout_s
@@ -61,6 +61,12 @@ def _meminfo_bytes(field: str) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def _first_kv(response: dict) -> KeyValue | None:
+    """The key a transaction's range operation read, or None."""
+    kvs = (response.get("response_range") or {}).get("kvs") or []
+    return KeyValue.from_json(kvs[0]) if kvs else None
 
 
 def _cmp_lease(key: str, lease_id: int) -> dict:
@@ -83,7 +89,7 @@ class FleetMember:
         self.last_error: str | None = None
         self._task: asyncio.Task | None = None
         self.draining = False              # our drain mark is set (fleet/drain.py)
-        self.drain = DrainRunner(self)
+        self.moves = MoveRunner(self)      # drains and balance requests
         self._seen: set[str] = set()       # VMs hosted here at the last publish
 
     # -- membership ---------------------------------------------------------------------
@@ -137,31 +143,85 @@ class FleetMember:
     async def _claim_new(self, name: str) -> None:
         """A VM started here that etcd has never seen: owner here, epoch 1."""
         key = keys.vm_key(name)
-        await self.client.txn([{"key": b64(key), "target": "CREATE", "result": "EQUAL",
-                                "create_revision": "0"}],
+        await self.client.txn([cmp_absent(key)],
                               [op_put(key, keys.owner_record(self.addr, 1))])
+
+    async def owner_of(self, name: str) -> tuple[str | None, int, KeyValue | None]:
+        """(owner, epoch, key) as etcd has them; (None, 0, None) if unknown."""
+        kv = await self.client.get(keys.vm_key(name))
+        if kv is None:
+            return None, 0, None
+        return (*keys.parse_owner(kv.value, what=kv.key), kv)
+
+    async def runs_at(self, owner: str, name: str) -> tuple[bool, bool]:
+        """(live, runs): whether ``owner`` holds a live record, and whether
+        that record lists VM ``name`` running (whole: a post-copy arrival is
+        not listed until its last page has landed)."""
+        host = await self.client.get(keys.host_key(owner))
+        if host is None:
+            return False, False
+        there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
+        return True, isinstance(there, dict) and bool(there.get("running"))
 
     async def _settle_from_etcd(self, name: str) -> None:
         """A paused copy left in doubt here: if etcd names another owner, and
         that host is live and reports the VM running, ours is a stale copy —
         discard it (the one owner runs the VM). Anything less certain leaves
         it paused for ``livemig vm resolve``."""
-        kv = await self.client.get(keys.vm_key(name))
-        if kv is None:
+        owner, epoch, _ = await self.owner_of(name)
+        if owner is None or owner == self.addr:
             return
-        owner, epoch = keys.parse_owner(kv.value, what=kv.key)
-        if owner == self.addr:
-            return
-        host = await self.client.get(keys.host_key(owner))
-        if host is None:
-            return
-        there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
-        if isinstance(there, dict) and there.get("running"):
+        if (await self.runs_at(owner, name))[1]:
             hosted = self.daemon.vms.get(name)
             if hosted is not None and hosted.unresolved is not None and not hosted.vm.running:
                 log.warning("fleet: %s runs at its owner %s (epoch %d): discarding the paused "
                             "copy here", name, owner, epoch)
-                await self.daemon._cmd_vm_stop(name)
+                await self.daemon.stop_vm(name)
+
+    async def claim_name(self, name: str) -> None:
+        """Before a VM named ``name`` is started (or restored) here: etcd must
+        name this host its owner, now, so no other host can start or receive
+        a VM of that name meanwhile. A new name gets epoch 1; a name whose
+        owner is lost (its lease expired) is taken over at the next epoch.
+        Raises ControlError, and nothing is started, when another live host
+        owns the name, this host is marked for draining, or etcd cannot
+        register it."""
+        if self.draining:
+            raise ControlError(self.draining_refusal(name), error_type="Refused")
+        key = keys.vm_key(name)
+        try:
+            owner, epoch, kv = await self.owner_of(name)
+            if owner == self.addr:
+                return
+            if owner is not None:
+                live, runs = await self.runs_at(owner, name)
+                if live:
+                    raise ControlError(
+                        f"etcd names {owner} (epoch {epoch}) as the owner of a VM named "
+                        f"{name!r}, and that host is live{' and runs it' if runs else ''}: "
+                        "one name, one VM in the fleet. Choose another name (`livemig fleet "
+                        "vms` lists the names in use); nothing was started",
+                        error_type="VMExists")
+                log.warning("fleet: taking the name %s over from %s (epoch %d), which is lost",
+                            name, owner, epoch)
+            compare = [cmp_absent(key) if kv is None else cmp_mod_revision(key, kv.mod_revision),
+                       _cmp_lease(keys.host_key(self.addr), self.lease_id)]
+            ok, _ = await self.client.txn(compare, [op_put(key, keys.owner_record(self.addr,
+                                                                                  epoch + 1))])
+        except (EtcdError, ValueError) as exc:
+            raise ControlError(f"cannot register the name {name!r} in etcd ({exc}); nothing "
+                               "was started: retry once etcd answers", error_type="Refused")
+        if not ok:
+            raise ControlError(f"etcd refused to register the name {name!r} for this host (it "
+                               "was taken meanwhile, or this host's lease is gone); nothing was "
+                               "started", error_type="Refused")
+
+    async def release_name(self, name: str) -> None:
+        """A claimed name whose VM did not start after all: free it if ours."""
+        try:
+            await self._release_if_ours(name)
+        except (EtcdError, ValueError) as exc:
+            log.warning("fleet: could not free the name %s in etcd: %s", name, exc)
 
     async def _release_if_ours(self, name: str) -> None:
         key = keys.vm_key(name)
@@ -179,7 +239,7 @@ class FleetMember:
                 if self.lease_id and await self.client.lease_keepalive(self.lease_id) > 0:
                     self.lease_expires_at = t0 + self.ttl_s
                     await self._publish()
-                    await self.drain.check()
+                    await self.moves.check()
                     self.state, self.last_error = "member", None
                 else:
                     # The lease expired (we were cut off longer than ttl_s): rejoin.
@@ -191,12 +251,17 @@ class FleetMember:
                     self.state = "lost"
                 log.warning("fleet: %s", exc)
 
+    def draining_refusal(self, name: str) -> str:
+        return (f"refusing VM {name!r}: this host ({self.addr}) is marked for draining in etcd "
+                f"(`livemig fleet drain`) and takes no VM until `livemig fleet undrain "
+                f"{self.addr}`")
+
     def describe(self) -> dict:
         return {"url": self.client.url, "addr": self.addr, "state": self.state,
                 "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
 
     async def close(self, *, leave: bool = True) -> None:
-        for task in (self._task, self.drain.task):
+        for task in (self._task, self.moves.task):
             if task is not None:
                 task.cancel()
                 try:
@@ -245,9 +310,7 @@ class FleetMember:
             ok = False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
                 if kv is None:
-                    compare = [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
-                                "create_revision": "0"}]
-                    epoch = 1
+                    compare, epoch = [cmp_absent(key)], 1
                 else:
                     owner, epoch_now = keys.parse_owner(kv.value, what=key)
                     if owner != source:
@@ -255,22 +318,27 @@ class FleetMember:
                             f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
                             f"not the source {source}: refused; {where}", phase="switchover")
                     compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
-                compare.append(_cmp_lease(keys.host_key(self.addr), self.lease_id))
+                # A host marked for draining takes ownership of nothing.
+                compare += [_cmp_lease(keys.host_key(self.addr), self.lease_id),
+                            cmp_absent(keys.drain_key(self.addr))]
                 new = keys.owner_record(self.addr, epoch)
                 left_s = deadline - time.monotonic()
                 if left_s <= 0:
                     raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
                 try:
-                    ok, answer = await self.client.txn(compare, [op_put(key, new)], [op_get(key)],
-                                                       timeout_s=left_s)
+                    ok, answer = await self.client.txn(
+                        compare, [op_put(key, new)],
+                        [op_get(key), op_get(keys.drain_key(self.addr))], timeout_s=left_s)
                 except EtcdUnavailable:
                     ok, answer = False, None      # applied or not: read the key to learn
                 if ok:
                     break
                 if answer is not None:
-                    current = [KeyValue.from_json(x) for r in answer.get("responses") or []
-                               for x in (r.get("response_range") or {}).get("kvs") or []]
-                    current = current[0] if current else None
+                    read = [*(answer.get("responses") or []), {}, {}]
+                    current, mark = _first_kv(read[0]), _first_kv(read[1])
+                    if mark is not None:
+                        raise MigrationError(f"{self.draining_refusal(name)}; {where}",
+                                             phase="switchover")
                 else:
                     current = await self._read_until(key, deadline)
                 if current is not None and current.value == new:
@@ -298,6 +366,12 @@ class FleetMember:
                     raise
                 await asyncio.sleep(0.05)
 
+    async def resolve(self, name: str, peer: str, action: str | None, ask):
+        """``livemig vm resolve`` here: what etcd says to do (fleet/resolve.py)."""
+        from .resolve import resolve
+
+        return await resolve(self, name, peer, action, ask)
+
     # -- ownership: the source's side ------------------------------------------------
     def arbiter(self, name: str, destination: str) -> "SourceArbiter":
         return SourceArbiter(self, name, destination)
@@ -323,9 +397,8 @@ class SourceArbiter:
             if kv is not None and owner not in (m.addr, self.destination):
                 return (f"etcd names {owner} (epoch {epoch}) as the owner of {self.name!r}: "
                         "this host must not run it; its copy here stays paused")
-            compare = ([cmp_mod_revision(key, kv.mod_revision)] if kv is not None else
-                       [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
-                         "create_revision": "0"}])
+            compare = [cmp_mod_revision(key, kv.mod_revision) if kv is not None else
+                       cmp_absent(key)]
             compare.append(_cmp_lease(keys.host_key(m.addr), m.lease_id))
             ok, _ = await m.client.txn(compare, [op_put(key, keys.owner_record(m.addr,
                                                                                 epoch + 1))])

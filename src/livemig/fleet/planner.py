@@ -151,6 +151,13 @@ class _Placer:
             heapq.heappush(self._heap, (-h.headroom(), h.addr, self._version[h.addr]))
 
 
+def rank_hosts(hosts: list[HostState], vm: VMState) -> list[HostState]:
+    """Where a new VM may go, best first: live, undrained hosts that fit it,
+    most headroom first (the order the drain's placer takes them in)."""
+    return sorted((h for h in hosts if h.live and not h.draining and h.fits(vm)),
+                  key=lambda h: (-h.headroom(), h.addr))
+
+
 def _move(vm: VMState, dest: str, link_bps: float, max_downtime_ms: float) -> Move:
     p = choose_mode(vm.memory_bytes, vm.dirty_rate_bps, link_bps, max_downtime_ms)
     return Move(vm.name, vm.host, dest, vm.memory_bytes, vm.dirty_rate_bps,
@@ -262,4 +269,4 @@ def schedule(plan: Plan, *, link_bps: float, max_downtime_ms: float,
 
 
 __all__ = ["HostState", "VMState", "Move", "Plan", "choose_mode", "plan_drain",
-           "plan_balance", "schedule"]
+           "plan_balance", "rank_hosts", "schedule"]

@@ -1,7 +1,9 @@
 """The fleet as etcd holds it: hosts (live or lost) and VMs with their owners.
 
 A host is *live* while its lease-bound record exists, *lost* when it is known
-(``/livemig/known/<addr>``) but its lease has expired. A VM's row joins its
+(``/livemig/known/<addr>``) but its lease has expired; ``drain_mark`` says
+whether etcd holds its drain mark (its record's ``draining`` says whether the
+host has seen it yet). A VM's row joins its
 owner key with the owner's record (whether that host reports running it).
 """
 from __future__ import annotations
@@ -25,16 +27,23 @@ def _record(kv) -> dict:
         return {"malformed": str(exc)[:200], "vms": {}}
 
 
+async def read_marks(client: EtcdClient) -> set[str]:
+    """The hosts etcd holds a drain mark for."""
+    return {kv.key[len(keys.DRAIN):] for kv in await client.get_prefix(keys.DRAIN)
+            if not kv.key.endswith(keys.STATUS_SUFFIX)}
+
+
 async def read_fleet(client: EtcdClient) -> FleetView:
     live = {kv.key[len(keys.HOSTS):]: _record(kv) for kv in await client.get_prefix(keys.HOSTS)}
     known = [kv.key[len(keys.KNOWN):] for kv in await client.get_prefix(keys.KNOWN)]
+    marks = await read_marks(client)
     hosts = []
     for addr in sorted(set(known) | set(live)):
         rec = live.get(addr)
         if rec is None:
-            hosts.append({"addr": addr, "state": "lost"})
+            hosts.append({"addr": addr, "state": "lost", "drain_mark": addr in marks})
         else:
-            hosts.append({**rec, "addr": addr, "state": "live"})
+            hosts.append({**rec, "addr": addr, "state": "live", "drain_mark": addr in marks})
     vms = []
     for kv in await client.get_prefix(keys.VMS):
         name = kv.key[len(keys.VMS):]

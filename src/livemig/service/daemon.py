@@ -262,6 +262,8 @@ class Daemon(OperatorCommands):
         """The migration server asks whether to take a VM; raising refuses it."""
         from ..engine.destination.server import Arrival
 
+        if self.fleet is not None and self.fleet.draining:
+            raise LivemigError(self.fleet.draining_refusal(name))
         if name in self.vms or name in self._arriving:
             raise LivemigError(f"a VM named {name!r} already runs here")
         rec = MigrationRecord(next(self._ids), name, "incoming", peer, stats=stats)
@@ -358,14 +360,26 @@ class Daemon(OperatorCommands):
         check_vm_name(name)
         if name in self.vms:
             raise ControlError(f"a VM named {name!r} already exists", error_type="VMExists")
-        vm = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: VM(memory=parse_size(memory), vcpus=int(vcpus), workload=workload,
-                             dirty_rate=dirty_rate, seed=int(seed)))
+        vm = await self._build_vm(name, lambda: VM(memory=parse_size(memory), vcpus=int(vcpus),
+                                                   workload=workload, dirty_rate=dirty_rate,
+                                                   seed=int(seed)))
         vm.start()
         self.vms[name] = HostedVM(name, vm, origin="local")
         event(logging.INFO, f"VM {name} started: {workload}, {vm.memory.length_bytes >> 20} MiB",
               vm=name, event="vm-start")
         return self.vms[name].describe()
+
+    async def _build_vm(self, name: str, build: Callable[[], VM]) -> VM:
+        """``build()`` in the executor. In a fleet, etcd first names this host
+        the owner of ``name`` (refused if another live host owns it)."""
+        if self.fleet is not None:
+            await self.fleet.claim_name(name)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, build)
+        except BaseException:
+            if self.fleet is not None:
+                await self.fleet.release_name(name)
+            raise
 
     async def _cmd_vm_list(self) -> list:
         return self._listed()
@@ -434,7 +448,7 @@ class Daemon(OperatorCommands):
         if name in self.vms:
             raise ControlError(f"a VM named {name!r} already exists; give --name",
                                error_type="VMExists")
-        vm = await asyncio.get_running_loop().run_in_executor(None, load, path)
+        vm = await self._build_vm(name, lambda: load(path))
         if not paused:
             vm.resume()
         self.vms[name] = HostedVM(name, vm, origin=f"restored from {path}")
@@ -533,6 +547,22 @@ class Daemon(OperatorCommands):
             await asyncio.shield(rec.task)
         return rec.describe()
 
+    # -- the API the fleet's drain and balance runs and shutdown's drain call ---------
+    async def migrate_vm(self, name: str, to: str, **options) -> dict:
+        """Migrate VM ``name`` to the daemon at ``to`` and wait for the end.
+        ``options`` are a migration's (``mode``, ``max_downtime_ms``, ...).
+        Returns the migration's record: ``status`` completed, failed,
+        cancelled or in-doubt, and ``error``."""
+        return await self._cmd_migrate(name, to, wait=True, **options)
+
+    async def measure_dirty_rate(self, name: str, window_s: float) -> float:
+        """Bytes per second the running VM ``name`` dirties, measured now."""
+        return (await self._cmd_dirtyrate(name, window_s=window_s))["bytes_per_s"]
+
+    async def stop_vm(self, name: str) -> None:
+        """Stop and free VM ``name`` (refused while it migrates)."""
+        await self._cmd_vm_stop(name)
+
     async def _cmd_migration_wait(self, id: int, timeout_s: float | None = None) -> dict:
         rec = self.migrations.get(int(id))
         if rec is None:
@@ -581,7 +611,8 @@ class Daemon(OperatorCommands):
         """Settle a handover left unresolved: ask the destination what became
         of the session and apply it; ``action`` ("resume" or "discard") is
         the operator's decision, refused when the destination's answer shows
-        it would run the VM twice or lose it."""
+        it would run the VM twice or lose it. In a fleet, etcd's owner key
+        decides instead (fleet/resolve.py)."""
         from ..engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY,
                                              UNKNOWN, UNREACHABLE, ask_peer)
 
@@ -594,9 +625,18 @@ class Daemon(OperatorCommands):
             raise ControlError(f"action is 'resume' or 'discard', not {action!r}",
                                error_type="ConfigError")
         host, port = parse_hostport(pending["peer"])
-        learned = await ask_peer(host, port, bytes.fromhex(pending["session_id"]),
-                                 npages=hosted.vm.memory.npages, ssl=self._client_ssl(),
-                                 timeout_s=10.0)
+
+        def ask():
+            return ask_peer(host, port, bytes.fromhex(pending["session_id"]),
+                            npages=hosted.vm.memory.npages, ssl=self._client_ssl(),
+                            timeout_s=10.0)
+        if self.fleet is not None:   # etcd says who owns the VM (fleet/resolve.py)
+            verdict = await self.fleet.resolve(name, pending["peer"], action, ask)
+            return {**await self._resolved(name, hosted, pending, verdict.resume,
+                                           verdict.reason, verdict.destination_says,
+                                           holder=str(verdict.owner)),
+                    "owner": verdict.owner, "epoch": verdict.epoch}
+        learned = await ask()
         peer = f"the destination {pending['peer']}"
         runs_there = learned.kind in (COMMITTED, POSTCOPY)
         if learned.kind == POSTCOPY:
@@ -627,20 +667,28 @@ class Daemon(OperatorCommands):
                     if resume else
                     "discarded here on your word: if the destination does not run it, it is lost")
             warning = f"WARNING: the outcome is unknown ({learned.reason}); VM {name!r} was {risk}"
+        return {**await self._resolved(name, hosted, pending, resume,
+                                       learned.reason or "by the operator", learned.kind,
+                                       holder=peer),
+                "reason": learned.reason, "warning": warning}
+
+    async def _resolved(self, name: str, hosted: HostedVM, pending: dict, resume: bool,
+                        why: str, says: str | None, *, holder: str) -> dict:
+        """Apply a resolution: resume the paused copy here, or release it."""
         hosted.unresolved = None
         rec = self.migrations.get(pending["migration"])
         if resume:
             hosted.vm.resume()
-            outcome = f"resumed here ({learned.reason or 'by the operator'})"
+            outcome = f"resumed here ({why})"
         else:
             del self.vms[name]
             await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
-            outcome = f"released here: {peer} runs it ({learned.reason or 'by the operator'})"
+            outcome = f"released here: {holder} runs it ({why})"
         if rec is not None:
             rec.status = "failed" if resume else "completed"
             rec.error = f"{rec.error}; resolved: {outcome}"
         return {"name": name, "resolved": "resumed" if resume else "discarded",
-                "destination_says": learned.kind, "reason": learned.reason, "warning": warning}
+                "destination_says": says, "reason": why, "warning": None}
 
     async def _cmd_status(self, id: int | None = None) -> Any:
         if id is not None:

@@ -117,7 +117,7 @@ async def drain(daemon: "Daemon", to: str, **options) -> dict:
         if hosted is None or hosted.migrating or hosted.unresolved is not None:
             kept[name] = "busy or unresolved: not moved"
             continue
-        rec = await daemon._cmd_migrate(name, to, wait=True, **options)
+        rec = await daemon.migrate_vm(name, to, **options)
         if rec["status"] == "completed":
             moved.append(name)
         else:
