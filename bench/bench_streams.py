@@ -19,7 +19,11 @@ plus the stream threads' own CPU clocks (``stats.stream_cpu_s``) — the
 guest's vCPU threads are not migration work; on the destination, the whole
 process's CPU time from the offer to the arrival (its guest is paused until
 then), which includes pre-faulting guest memory. Raw TCP: each side's
-process CPU.
+process CPU. First touch: pre-faulting as much fresh memory alone (the
+kernel zeroing each page before the destination overwrites it), in a fresh
+process: a floor under the destination's CPU and, on a machine with few
+CPUs, a ceiling on the rate, which raw TCP's receiver (one reused buffer)
+never meets.
 
 With ``--fill sparse`` the guest's pages hold a few set words each (as the
 toy workloads write them): compressible memory, where LZ4 on the streams
@@ -165,6 +169,38 @@ def raw_once(total_bytes: int, source: memoryview) -> dict:
             "source_cpu_s_per_gib": send_cpu_s / gib, "dest_cpu_s_per_gib": recv_cpu_s / gib}
 
 
+def _first_touch_main(memory_bytes: int, result_q) -> None:
+    from livemig.native.memory import GuestMemory
+
+    mem = GuestMemory(memory_bytes)
+    try:
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        mem.populate()
+        result_q.put((time.perf_counter() - t0, time.thread_time() - cpu0))
+    finally:
+        mem.close()
+
+
+def first_touch_once(memory_bytes: int) -> dict:
+    """Pre-faulting fresh guest memory alone, in a fresh process: the kernel
+    zeroing every page the destination will then overwrite. Raw TCP's
+    receiver, reusing one buffer, never pays this; a destination must."""
+    ctx = mp.get_context("spawn")
+    result_q = ctx.Queue()
+    proc = ctx.Process(target=_first_touch_main, args=(memory_bytes, result_q))
+    proc.start()
+    try:
+        wall_s, cpu_s = result_q.get(timeout=600)
+    finally:
+        proc.join(timeout=60)
+    return {"kind": "first-touch", "rate_mib_s": memory_bytes / MiB / wall_s,
+            "source_cpu_s_per_gib": None, "dest_cpu_s_per_gib": cpu_s / (memory_bytes / GiB)}
+
+
+def _ratio(x: float | None, ref: float | None) -> float | None:
+    return x / ref if x is not None and ref else None
+
+
 def _median(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(vals) if vals else None
@@ -183,10 +219,9 @@ def summarize(runs: list[dict]) -> list[dict]:
         for key in ("rate_mib_s", "total_s", "downtime_ms", "source_cpu_s_per_gib",
                     "dest_cpu_s_per_gib", "dest_stream_cpu_s_per_gib", "rounds"):
             row[key] = _median(rows, key)
-        row["rate_vs_raw"] = row["rate_mib_s"] / raw_rate if raw_rate else None
-        row["source_cpu_vs_raw"] = (row["source_cpu_s_per_gib"] / raw_src_cpu
-                                    if raw_src_cpu else None)
-        row["dest_cpu_vs_raw"] = row["dest_cpu_s_per_gib"] / raw_dst_cpu if raw_dst_cpu else None
+        row["rate_vs_raw"] = _ratio(row["rate_mib_s"], raw_rate)
+        row["source_cpu_vs_raw"] = _ratio(row["source_cpu_s_per_gib"], raw_src_cpu)
+        row["dest_cpu_vs_raw"] = _ratio(row["dest_cpu_s_per_gib"], raw_dst_cpu)
         row["data_path"] = rows[0].get("data_path", "-")
         row["lz4_pages"] = _median([{"v": r.get("pages_by_encoding", {}).get("lz4", 0)}
                                     for r in rows], "v")
@@ -242,6 +277,10 @@ def main() -> None:
             row = raw_once(memory_bytes, source)
             runs.append(row)
             print(f"rep {rep}: raw TCP {row['rate_mib_s']:.0f} MiB/s", flush=True)
+            row = first_touch_once(memory_bytes)
+            runs.append(row)
+            print(f"rep {rep}: first touch {row['rate_mib_s']:.0f} MiB/s, "
+                  f"{row['dest_cpu_s_per_gib']:.2f} CPU s/GiB", flush=True)
             for n, lz4 in kinds:
                 row = migrate_once(n, port, dest_q, memory_bytes, f"bench-{rep}-{n}-{lz4}",
                                    args.fill, lz4)

@@ -395,6 +395,45 @@ def test_a_corrupted_payload_fails_its_checksum_and_nothing_lands():
         feeder.close()
 
 
+def test_raw_pages_land_over_held_pages_with_their_block_hashes():
+    """RAW pages are hashed from the checked frame and copied into place: what
+    lands, its page hash and its block hashes all describe the same bytes."""
+    feeder = Feeder()
+    try:
+        first, n = _raw_batch([(2, 3, RAW, 3 * PAGE)], 3)
+        rng = np.random.default_rng(5)
+        fresh = rng.integers(0, 256, size=3 * PAGE, dtype=np.uint8).tobytes()
+        second, _ = _raw_batch([(2, 3, RAW, 3 * PAGE)], extra=fresh)
+        feeder.batch(0, first, n)
+        feeder.batch(0, second, n)
+        feeder.end(0, 2 * n, len(first) + len(second))
+        assert feeder.ack() == StreamAck(0, 2 * n)
+        landed = feeder.mem.pages[2:5]
+        assert landed.tobytes() == fresh
+        assert np.array_equal(feeder.hashes.values, PageHashes.of_memory(feeder.mem.pages).values)
+        reference, scratch = HeldBlocks(NPAGES), np.zeros((NPAGES, PAGE), np.uint8)
+        reference.place(scratch, np.arange(2, 5), landed.copy())
+        assert np.array_equal(feeder.blocks.table[2:5], reference.table[2:5])
+        assert feeder.blocks.valid[2:5].all()
+    finally:
+        feeder.close()
+
+
+def test_a_corrupted_batch_leaves_the_pages_held_before_it_untouched():
+    feeder = Feeder()
+    try:
+        good, n = _raw_batch([(0, 4, RAW, 4 * PAGE)], 4)
+        feeder.batch(0, good, n)
+        bad, _ = _raw_batch([(0, 4, RAW, 4 * PAGE)], extra=b"\x5a" * (4 * PAGE))
+        feeder.batch(0, bad, n, corrupt_at=wire.HEADER.size + 3 * PAGE)
+        failure = feeder.failure()
+        assert isinstance(failure, RemoteProtocolError) and "checksum" in str(failure)
+        assert feeder.mem.pages[:4].tobytes() == b"\xa5" * (4 * PAGE)
+        assert np.array_equal(feeder.hashes.values, PageHashes.of_memory(feeder.mem.pages).values)
+    finally:
+        feeder.close()
+
+
 @pytest.mark.parametrize("case, why", [
     ("miscounted marker", "counts"),
     ("batch after its round closed", "after round"),
