@@ -12,7 +12,8 @@ is refused. Those run on the Python page path (streams=0).
 
 On the native bulk streams (streams=2): every connection cut in round 0, in a
 later round of a guest that dirties pages, and in the final round (the VM
-stays paused at the source until the resumed round lands); one stream cut
+stays paused at the source until the resumed round lands); a stream reset
+while the resume reopens the streams; one stream cut
 while the other and the control channel live; the control channel cut while
 the streams carry the round; a corrupted stream frame (never resumed: the
 migration fails); and a break that outlasts the resume window, in the rounds
@@ -323,6 +324,41 @@ def test_the_control_channel_cut_while_the_streams_carry_a_round_is_resumed(run)
         return StreamSaboteur(port, victim=1, watch=2, after_bytes=2 << 20, action="cut")
     stats, relay = run(_move_native(IDLE, make_proxy))
     assert relay.harmed.is_set() and stats.precopy_resumes == 1
+
+
+class _ResetsAStreamOfTheResume(FrameProxy):
+    """A frame proxy that, once its fault fired, also resets the second
+    connection made after it: the first is the resumed control channel, the
+    second the first bulk stream the source reopens on it. So the resume
+    itself breaks while its streams are being set up."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.after_fault = 0
+        self.reset_in_setup = asyncio.Event()
+
+    async def _accept(self, c_reader, c_writer):
+        if self.fired.is_set():
+            self.after_fault += 1
+            if self.after_fault == 2:
+                self.accepted += 1
+                c_writer.transport.abort()
+                self.reset_in_setup.set()
+                return
+        await super()._accept(c_reader, c_writer)
+
+
+def test_a_break_while_the_resumed_streams_are_set_up_is_resumed_again(run):
+    """Round 0 cut at 50 %; then the first stream reopened on the resumed
+    session is reset as it connects. The source starts the resume over (the
+    pages owed are kept) and the VM arrives intact."""
+    _need_streams()
+    fault = Fault("cut", "PageBatch", "up", occurrence=NATIVE_BATCHES_IN_ROUND_0 // 2)
+    stats, proxy = run(_move_native(IDLE, lambda vm, port: _ResetsAStreamOfTheResume(
+        LOCAL, port, fault)))
+    assert proxy.fired.is_set() and proxy.reset_in_setup.is_set()
+    assert stats.precopy_resumes == 2
+    assert stats.bytes_sent < 2 * PAGES * 4096
 
 
 def test_a_corrupted_stream_frame_is_not_resumed(run):
