@@ -386,6 +386,29 @@ def test_a_corrupted_stream_frame_is_not_resumed(run):
     run(main())
 
 
+def test_a_failed_native_migration_counts_what_its_streams_sent(run):
+    """Without resume a cut halfway through round 0 fails the migration; its
+    stats still count the half of guest memory the stream threads sent."""
+    _need_streams()
+    fault = Fault("cut", "PageBatch", "up", occurrence=NATIVE_BATCHES_IN_ROUND_0 // 2)
+
+    async def main():
+        vm = IDLE.build()
+        try:
+            vm.start()
+            async with MigrationServer(LOCAL, 0, config=_dest_config()) as server, \
+                    FrameProxy(LOCAL, server.port, fault) as proxy:
+                with pytest.raises(MigrationError) as info:
+                    await migrate(vm, LOCAL, proxy.port,
+                                  config=_native_config(precopy_resume_timeout_s=0))
+                assert proxy.fired.is_set() and info.value.source_resumed and vm.running
+                assert info.value.stats.bytes_sent >= PAGES * 4096 * 2 // 5, \
+                    info.value.stats.bytes_sent
+        finally:
+            vm.close()
+    run(main())
+
+
 @pytest.mark.parametrize("streams", [2, 0], ids=["native", "python"])
 def test_a_final_round_break_outlasting_the_window_resumes_the_vm_at_the_source(run, streams):
     if streams:

@@ -701,6 +701,8 @@ class SourceSession:
     # -- failure ----------------------------------------------------------------------------------
     async def _fail(self, exc: BaseException) -> None:
         stats = self.stats
+        if self._streams is not None:
+            self._streams.fold_into(stats)     # what the threads sent counts, failed or not
         stats.total_time_ms = self._elapsed_ms()
         stats.error = _describe(exc)
         cancelled = isinstance(exc, (asyncio.CancelledError, MigrationCancelled))
