@@ -343,16 +343,22 @@ class SourceSession:
                                ) -> np.ndarray | None:
         """One round (figures in ``_round_progress``); None, or after a break
         with resumable pre-copy agreed, the pages to send next (resume.py)."""
-        resumer = self._resumer
+        resumer, stats = self._resumer, self.stats
         self._round_progress = (0, 0)
         if resumer is not None:
             resumer.rounds.start(index, pages)   # all of them: unsent ones have not landed
+        sent_before = (stats.pages_sent, stats.bytes_sent)
         try:
             self._round_progress = await self._send_round(index, pages, frozen=frozen)
         except BaseException as exc:
             if resumer is None or not is_break(exc):
                 raise
-            return await resumer.resume(self, exc, index, paused=frozen)
+            resent = await resumer.resume(self, exc, index, paused=frozen)
+            # What the cut round sent before the break (the stream threads'
+            # counters were folded in when they were joined).
+            self._round_progress = (stats.pages_sent - sent_before[0],
+                                    stats.bytes_sent - sent_before[1])
+            return resent
         if resumer is not None:
             resumer.rounds.acked(index)
         return None
