@@ -330,6 +330,18 @@ def test_the_control_channel_cut_while_the_streams_carry_a_round_is_resumed(run)
     assert relay.harmed.is_set() and stats.precopy_resumes == 1
 
 
+@pytest.mark.parametrize("half_close", ["down", "up"])
+def test_a_half_closed_link_in_round_0_of_the_streams_is_resumed(run, half_close):
+    """One direction of every connection ended in round 0: the side that
+    reads the early end of stream treats it as a break (no Abort back on the
+    half-open link, which would make its peer give the session up), and the
+    migration resumes."""
+    _need_streams()
+    fault = Fault("half-close", "PageBatch", "up", occurrence=2, half_close=half_close)
+    stats, proxy = run(_move_native(IDLE, lambda vm, port: FrameProxy(LOCAL, port, fault)))
+    assert proxy.fired.is_set() and stats.precopy_resumes == 1
+
+
 class _ResetsAStreamOfTheResume(FrameProxy):
     """A frame proxy that, once its fault fired, also resets the second
     connection made after it: the first is the resumed control channel, the

@@ -148,14 +148,16 @@ def test_remote_state_violation_is_sticky_and_allows_one_abort():
         d.send(Abort(Phase.PRECOPY, "twice"))
 
 
-def test_truncated_stream_at_eof_is_remote_error():
+def test_truncated_stream_at_eof_is_a_lost_connection():
+    """Cut off inside a frame: the peer or the link went away (a break that
+    may be resumed), not a malformed frame."""
     s, d = pair()
     bufs = s.send(Hello(1, 1, ChannelKind.CONTROL, bytes(16)))
     raw = b"".join(bytes(b) for b in bufs)
     d.receive_data(raw[:-3])
     assert d.next_event() is NEED_DATA
     d.receive_data(b"")
-    with pytest.raises(RemoteProtocolError, match="truncated"):
+    with pytest.raises(ConnectionLost, match="truncated"):
         d.next_event()
 
 

@@ -309,11 +309,17 @@ class Channel:
         self._wakeup.set()
 
     def _fail(self, exc: RemoteProtocolError) -> None:
-        """The peer broke the protocol: tell it why (best effort), then close."""
+        """The peer broke the protocol: tell it why (best effort), then close.
+        A connection that ended early (ConnectionLost) is a break, not a
+        violation: no Abort goes back on what may be a half-closed link, or
+        the peer would give up a migration it could resume."""
         # Detached: the parser's frames would keep the offending payload alive.
         self._error = _detached(exc)
         transport = self._transport
-        if transport is not None and not transport.is_closing():
+        if isinstance(exc, ConnectionError):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        elif transport is not None and not transport.is_closing():
             try:
                 for buf in self.conn.send(Abort(self.conn.conversation.phase, str(exc)[:1000])):
                     transport.write(buf)

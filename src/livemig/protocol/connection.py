@@ -190,9 +190,13 @@ class Connection:
             if not self._eof:
                 return NEED_DATA
             if self._reader.mid_frame:
-                raise self._remote(
-                    f"stream truncated: end of stream inside a frame "
-                    f"({self._reader.buffered_bytes} bytes of it received)")
+                # Cut off mid-frame: the peer (or the link) went away; what
+                # arrived is whole so far, so this is a lost connection, not
+                # garbage (native streams say the same: ECONNRESET).
+                self._remote_error = ConnectionLost(
+                    f"the stream was truncated: the connection ended inside a frame "
+                    f"({self._reader.buffered_bytes} bytes of it received)", phase=self.phase, channel=self.name)
+                raise self._remote_error
             if self.state is State.CLOSED:
                 return CLOSED
             try:

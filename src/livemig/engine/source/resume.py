@@ -156,8 +156,12 @@ class UnackedRounds:
 
 
 def offered(config) -> set:
-    """The capability a source's control Hello offers for resumable pre-copy."""
-    return {RESUME_PRECOPY} if config.precopy_resume_timeout_s > 0 else set()
+    """The capability a source's control Hello offers for resumable pre-copy:
+    in pre-copy mode (the destination holds only a pre-copy session: the
+    rounds of a hybrid or post-copy migration end in invalidation and
+    post-copy, which have their own recovery)."""
+    return ({RESUME_PRECOPY} if config.precopy_resume_timeout_s > 0 and config.mode == "precopy"
+            else set())
 
 
 def is_break(exc: BaseException) -> bool:
