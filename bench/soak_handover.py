@@ -221,9 +221,9 @@ def write_report(all_results: list[dict], path: str, args) -> None:
                 f"The fault happened in {fired} trials (in the others the chosen frame never "
                 "passed, e.g. a page batch beyond the last). In "
                 f"{stuck} trials the destination's session was still waiting "
-                f"{SESSION_END_S:g} s after the source had finished (a black hole before the "
-                "switchover: it waits for pages without a timeout, holding memory but never "
-                "the running VM).\n\n" + "\n".join(rows) + "\n")
+                f"{SESSION_END_S:g} s after the source had finished (a pre-copy session cut or "
+                "black-holed before the switchover is held for the source's return, up to "
+                "its resume window, holding memory but never the running VM).\n\n" + "\n".join(rows) + "\n")
         if killed:
             f.write(f"\n## Daemon kills: {len(killed)} trials\n\n"
                     "A daemon SIGKILLed with the frame held at the proxy; the frame then "
