@@ -69,6 +69,14 @@ def _first_kv(response: dict) -> KeyValue | None:
     return KeyValue.from_json(kvs[0]) if kvs else None
 
 
+def _same_revision(a: KeyValue | None, b: KeyValue | None) -> bool:
+    return (a is None) == (b is None) and (a is None or a.mod_revision == b.mod_revision)
+
+
+def _same_value(a: KeyValue | None, b: KeyValue | None) -> bool:
+    return (a is None) == (b is None) and (a is None or a.value == b.value)
+
+
 def _cmp_lease(key: str, lease_id: int) -> dict:
     return {"key": b64(key), "target": "LEASE", "result": "EQUAL", "lease": str(lease_id)}
 
@@ -297,31 +305,41 @@ class FleetMember:
     async def take_ownership(self, name: str, source: str, *,
                              prefetched: asyncio.Task | None = None) -> int:
         """owner source, epoch e → owner here, epoch e+1, in one transaction.
-        Returns the new epoch; raises MigrationError (never run here) otherwise."""
+        Returns the new epoch; raises MigrationError (never run here) otherwise.
+
+        The epoch is fixed by the first read (the prefetch at the offer):
+        whatever is read later may only confirm it. A transaction whose
+        answer is lost is sent again only while the key still holds what was
+        first read (the same owner and epoch); a key that moved on — above
+        all a source that reclaimed the VM after the break (owner = source,
+        epoch e+1) — refuses, since committing at the new epoch would run
+        the VM here while the source runs it too."""
         key = keys.vm_key(name)
         deadline = time.monotonic() + self.commit_timeout_s
         where = (f"VM {name!r} stays paused at the source ({source}), which keeps it; "
                  "the copy here is discarded unrun")
         try:
             if prefetched is not None and prefetched.done() and prefetched.result()[1] is None:
-                kv = prefetched.result()[0]
+                first = prefetched.result()[0]
             else:
-                kv = await self.client.get(key)
-            ok = False
+                first = await self.client.get(key)
+            if first is None:
+                epoch = 1
+            else:
+                owner, epoch_now = keys.parse_owner(first.value, what=key)
+                if owner != source:
+                    raise MigrationError(
+                        f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
+                        f"not the source {source}: refused; {where}", phase="switchover")
+                epoch = epoch_now + 1
+            new = keys.owner_record(self.addr, epoch)
+            kv, ok = first, False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
-                if kv is None:
-                    compare, epoch = [cmp_absent(key)], 1
-                else:
-                    owner, epoch_now = keys.parse_owner(kv.value, what=key)
-                    if owner != source:
-                        raise MigrationError(
-                            f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
-                            f"not the source {source}: refused; {where}", phase="switchover")
-                    compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
                 # A host marked for draining takes ownership of nothing.
-                compare += [_cmp_lease(keys.host_key(self.addr), self.lease_id),
-                            cmp_absent(keys.drain_key(self.addr))]
-                new = keys.owner_record(self.addr, epoch)
+                compare = [cmp_absent(key) if kv is None else
+                           cmp_mod_revision(key, kv.mod_revision),
+                           _cmp_lease(keys.host_key(self.addr), self.lease_id),
+                           cmp_absent(keys.drain_key(self.addr))]
                 left_s = deadline - time.monotonic()
                 if left_s <= 0:
                     raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
@@ -344,9 +362,11 @@ class FleetMember:
                 if current is not None and current.value == new:
                     ok = True    # our own transaction went through; its answer was lost
                     break
-                if current == kv and answer is not None:
+                if answer is not None and _same_revision(current, kv):
                     break        # etcd answered, the key is unchanged: our lease failed
-                kv = current     # changed meanwhile, or no answer: decide again
+                if not _same_value(current, first):
+                    break        # the key moved on from what we first read: not ours to take
+                kv = current     # rewritten as it was, or no answer: the same commit again
         except (EtcdError, ValueError) as exc:
             raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
                                  phase="switchover") from exc
