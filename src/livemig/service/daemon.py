@@ -156,8 +156,13 @@ class Daemon(OperatorCommands):
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
                  insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
                  state_dir: str | None = None, metrics: str | None = None,
-                 max_incoming_memory_bytes: int | None = None, idle_timeout_s: float = 60.0):
+                 max_incoming_memory_bytes: int | None = None, idle_timeout_s: float = 60.0,
+                 advertise: str | None = None):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
+        # Where peers reach this daemon when that is not --listen (a NAT, a
+        # proxy in front of it): the address a fleet and the history name it by.
+        self.advertise = (None if advertise is None else
+                          format_hostport(*parse_hostport(advertise, what="--advertise")))
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
                 f"refusing to listen on {self.listen_host}, which is not loopback, without TLS: "
@@ -218,7 +223,7 @@ class Daemon(OperatorCommands):
     @property
     def advertised(self) -> str:
         """This daemon's migration address, as peers and the history name it."""
-        return format_hostport(self.listen_host, self.listen_port)
+        return self.advertise or format_hostport(self.listen_host, self.listen_port)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -350,6 +355,7 @@ class Daemon(OperatorCommands):
 
     async def _cmd_ping(self) -> dict:
         return {"pid": os.getpid(), "listen": format_hostport(self.listen_host, self.listen_port),
+                "advertised": self.advertised,
                 "tls": self.tls is not None, "vms": len(self.vms),
                 "max_incoming_memory_bytes": self._listener.budget.max_incoming_memory_bytes,
                 "fleet": self.fleet.describe() if self.fleet is not None else None}
@@ -562,6 +568,11 @@ class Daemon(OperatorCommands):
     async def stop_vm(self, name: str) -> None:
         """Stop and free VM ``name`` (refused while it migrates)."""
         await self._cmd_vm_stop(name)
+
+    async def resolve_vm(self, name: str, action: str | None = None) -> dict:
+        """``livemig vm resolve``: settle VM ``name``'s unsettled handover
+        (ControlError when it cannot be settled now)."""
+        return await self._cmd_vm_resolve(name, action)
 
     async def _cmd_migration_wait(self, id: int, timeout_s: float | None = None) -> dict:
         rec = self.migrations.get(int(id))
