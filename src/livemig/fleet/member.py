@@ -23,8 +23,9 @@ Only a successful transaction lets the guest run here. A failed compare
 way is read back until the deadline, and anything still unknown then refuses
 too: a destination never runs a VM it cannot prove it owns.
 
-A paused copy left in doubt here is discarded once etcd names another owner
-that is live and reports the VM running (checked at each renewal).
+A paused copy left in doubt here is settled from etcd at each renewal, as
+``livemig vm resolve`` would (fleet/resolve.py): resumed after a reclaim when
+etcd names this host, discarded once the owner it names runs the VM.
 
 A source that learns the destination did *not* resume the VM reclaims it
 before resuming it (``SourceArbiter.reclaim``): a transaction that bumps the
@@ -99,6 +100,7 @@ class FleetMember:
         self.draining = False              # our drain mark is set (fleet/drain.py)
         self.moves = MoveRunner(self)      # drains and balance requests
         self._seen: set[str] = set()       # VMs hosted here at the last publish
+        self._settling: dict[str, asyncio.Task] = {}   # paused copies in doubt being settled
 
     # -- membership ---------------------------------------------------------------------
     async def join(self) -> None:
@@ -140,7 +142,7 @@ class FleetMember:
                 await self._claim_new(name)
         for name, hosted in here.items():
             if hosted.unresolved is not None and not hosted.vm.running:
-                await self._settle_from_etcd(name)
+                self._settle_later(name)
         for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
             # Gone from here: migrated (the key names its new owner, so the
             # compare fails and nothing changes) or stopped (the key still
@@ -171,20 +173,27 @@ class FleetMember:
         there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
         return True, isinstance(there, dict) and bool(there.get("running"))
 
-    async def _settle_from_etcd(self, name: str) -> None:
-        """A paused copy left in doubt here: if etcd names another owner, and
-        that host is live and reports the VM running, ours is a stale copy —
-        discard it (the one owner runs the VM). Anything less certain leaves
-        it paused for ``livemig vm resolve``."""
-        owner, epoch, _ = await self.owner_of(name)
-        if owner is None or owner == self.addr:
+    def _settle_later(self, name: str) -> None:
+        """A paused copy left in doubt here: settle it as ``livemig vm
+        resolve`` would (fleet/resolve.py: etcd's owner decides, and the
+        destination of the broken handover is asked when etcd names it), in
+        a task of its own so that asking a silent peer never holds up the
+        lease's renewal. Anything uncertain leaves it paused until the next
+        renewal tries again."""
+        task = self._settling.get(name)
+        if task is not None and not task.done():
             return
-        if (await self.runs_at(owner, name))[1]:
-            hosted = self.daemon.vms.get(name)
-            if hosted is not None and hosted.unresolved is not None and not hosted.vm.running:
-                log.warning("fleet: %s runs at its owner %s (epoch %d): discarding the paused "
-                            "copy here", name, owner, epoch)
-                await self.daemon.stop_vm(name)
+        self._settling[name] = asyncio.get_running_loop().create_task(
+            self._settle(name), name=f"fleet-settle-{name}")
+
+    async def _settle(self, name: str) -> None:
+        try:
+            done = await self.daemon.resolve_vm(name)
+        except LivemigError as exc:
+            log.info("fleet: %s stays paused here, in doubt: %s", name, exc)
+            return
+        log.warning("fleet: settled %s from etcd: %s (%s)", name, done["resolved"],
+                    done["reason"])
 
     async def claim_name(self, name: str) -> None:
         """Before a VM named ``name`` is started (or restored) here: etcd must
@@ -269,7 +278,7 @@ class FleetMember:
                 "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
 
     async def close(self, *, leave: bool = True) -> None:
-        for task in (self._task, self.moves.task):
+        for task in (self._task, self.moves.task, *self._settling.values()):
             if task is not None:
                 task.cancel()
                 try:
@@ -406,6 +415,22 @@ class SourceArbiter:
     async def owner(self) -> tuple[str, int] | None:
         kv = await self.member.client.get(keys.vm_key(self.name))
         return None if kv is None else keys.parse_owner(kv.value, what=kv.key)
+
+    async def settle(self) -> str | None:
+        """The destination could not be asked: decide from etcd alone. If
+        etcd names this host (or no host), no destination committed: reclaim
+        (a new epoch fences a commit still in flight) and return None — the
+        VM may resume here. Otherwise why the VM stays paused here: etcd
+        names another host, which alone may run it (it is discarded here
+        once that host reports running it, fleet/resolve.py)."""
+        try:
+            owner = await self.owner()
+        except (EtcdError, ValueError) as exc:
+            return f"etcd could not say who owns {self.name!r}: {exc}"
+        if owner is not None and owner[0] != self.member.addr:
+            return (f"etcd names {owner[0]} (epoch {owner[1]}) as the owner of {self.name!r}: "
+                    "this host must not run it")
+        return await self.reclaim()
 
     async def reclaim(self) -> str | None:
         """Before resuming the VM here: make etcd name this host, a new epoch.
