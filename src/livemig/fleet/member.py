@@ -101,6 +101,7 @@ class FleetMember:
         self.moves = MoveRunner(self)      # drains and balance requests
         self._seen: set[str] = set()       # VMs hosted here at the last publish
         self._settling: dict[str, asyncio.Task] = {}   # paused copies in doubt being settled
+        self._doubts: dict[str, str] = {}   # why each is still in doubt, as last logged
 
     # -- membership ---------------------------------------------------------------------
     async def join(self) -> None:
@@ -180,8 +181,8 @@ class FleetMember:
         a task of its own so that asking a silent peer never holds up the
         lease's renewal. Anything uncertain leaves it paused until the next
         renewal tries again."""
-        task = self._settling.get(name)
-        if task is not None and not task.done():
+        self._settling = {n: t for n, t in self._settling.items() if not t.done()}
+        if name in self._settling:
             return
         self._settling[name] = asyncio.get_running_loop().create_task(
             self._settle(name), name=f"fleet-settle-{name}")
@@ -190,8 +191,11 @@ class FleetMember:
         try:
             done = await self.daemon.resolve_vm(name)
         except LivemigError as exc:
-            log.info("fleet: %s stays paused here, in doubt: %s", name, exc)
+            if self._doubts.get(name) != str(exc):     # said once, not at every renewal
+                self._doubts[name] = str(exc)
+                log.warning("fleet: %s stays paused here, in doubt: %s", name, exc)
             return
+        self._doubts.pop(name, None)
         log.warning("fleet: settled %s from etcd: %s (%s)", name, done["resolved"],
                     done["reason"])
 

@@ -193,6 +193,7 @@ class Daemon(OperatorCommands):
                 [r.describe() for r in self.migrations.values()]))
         self._listener = None
         self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
+        self._resolving = asyncio.Lock()   # one settling of a handover in doubt at a time
         self.fleet = None   # a fleet.member.FleetMember when the daemon joined a fleet
 
     # -- lifecycle ---------------------------------------------------------------
@@ -571,7 +572,8 @@ class Daemon(OperatorCommands):
 
     async def resolve_vm(self, name: str, action: str | None = None) -> dict:
         """``livemig vm resolve``: settle VM ``name``'s unsettled handover
-        (ControlError when it cannot be settled now)."""
+        (ControlError when it cannot be settled now). The fleet calls it at
+        each renewal for every paused copy in doubt (fleet/member.py)."""
         return await self._cmd_vm_resolve(name, action)
 
     async def _cmd_migration_wait(self, id: int, timeout_s: float | None = None) -> dict:
@@ -624,6 +626,10 @@ class Daemon(OperatorCommands):
         the operator's decision, refused when the destination's answer shows
         it would run the VM twice or lose it. In a fleet, etcd's owner key
         decides instead (fleet/resolve.py)."""
+        async with self._resolving:   # the operator's and the fleet's, one at a time
+            return await self._resolve(name, action)
+
+    async def _resolve(self, name: str, action: str | None) -> dict:
         from ..engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY,
                                              UNKNOWN, UNREACHABLE, ask_peer)
 
