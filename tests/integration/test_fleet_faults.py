@@ -28,11 +28,12 @@ import time
 
 import pytest
 
+from livemig.native import postcopy
 from support.daemons import assert_daemon_vm_matches_unmoved, start_vm, wait_hosted
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
 from support.fleet import EtcdLink, FleetHost, leader, vm_row
 from support.frameproxy import HOLD, Fault
-from support.kills import DIRECTION
+from support.kills import DIRECTION, MODES
 from support.oracle import Recipe
 from support.waiting import PATIENCE_S, wait_for
 
@@ -43,6 +44,8 @@ NAME = "vm1"
 RECIPE = Recipe("16MiB", 2, "memtest", seed=61, dirty_rate="8MiB/s")
 WARM_STEPS = 5_000
 SRC, DST, NOWHERE = "source", "destination", None
+# A post-copy destination whose source is gone stops waiting for it after this.
+DAEMON_FLAGS = ("--postcopy-recovery-timeout", str(WINDOW_S))
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +69,10 @@ def _start(src: FleetHost, etcd) -> int:
     return row["epoch"]
 
 
-def _migrate(src: FleetHost, dst: FleetHost) -> int:
+def _migrate(src: FleetHost, dst: FleetHost, mode: str = "precopy") -> int:
     return src.proc.client.call("migrate", name=NAME, to=dst.addr, ack_timeout_s=WINDOW_S,
-                                handshake_timeout_s=5)["id"]
+                                handshake_timeout_s=5, postcopy_recovery_timeout_s=WINDOW_S,
+                                **MODES[mode])["id"]
 
 
 def _ended(src: FleetHost, mig: int) -> dict:
@@ -117,41 +121,49 @@ def assert_settled(etcd, hosts: dict[str, FleetHost], runs: str | None) -> None:
 
 
 def _pair(tmp_path, etcd, fault: Fault, *, src_link=None, dst_link=None, dst_extra=()):
-    src = FleetHost(tmp_path, "src", etcd, ttl_s=TTL_S, etcd_link=src_link)
+    src = FleetHost(tmp_path, "src", etcd, ttl_s=TTL_S, etcd_link=src_link, extra=DAEMON_FLAGS)
     try:
         dst = FleetHost(tmp_path, "dst", etcd, ttl_s=TTL_S, fault=fault, etcd_link=dst_link,
-                        extra=dst_extra)
+                        extra=(*DAEMON_FLAGS, *dst_extra))
     except BaseException:
         src.close()
         raise
     return src, dst
 
 
-# (step, killed, the held frame delivered?, where the VM runs once both live)
+# (mode, step, killed, the held frame delivered?, where the VM runs once both live)
 KILLS = [
-    ("Verified", SRC, False, NOWHERE),    # no Commit: the destination discards its copy
-    ("Commit", SRC, True, DST),           # Commit left the source: the destination commits
-    ("Commit", SRC, False, NOWHERE),      # it never did: the destination discards its copy
-    ("Resumed", SRC, True, DST),
-    ("Verified", DST, False, SRC),        # before Commit: the source resumes at once
-    ("Commit", DST, False, SRC),          # after Commit, no one to ask: etcd still names the
-                                          # source, which takes the VM back at a new epoch
-    ("Resumed", DST, False, SRC),         # the destination committed, then died: the source
-                                          # stays paused while it is dead; restarted, it says
-                                          # nothing runs there, and the source takes it back
-    ("Resumed", DST, True, NOWHERE),      # the source had let go: the VM died with its host
+    ("precopy", "Verified", SRC, False, NOWHERE),  # no Commit: the destination discards its copy
+    ("precopy", "Commit", SRC, True, DST),         # Commit left the source: the destination
+                                                   # commits and runs it
+    ("precopy", "Commit", SRC, False, NOWHERE),    # it never did: the destination discards
+    ("precopy", "Resumed", SRC, True, DST),
+    ("precopy", "Verified", DST, False, SRC),      # before Commit: the source resumes at once
+    ("precopy", "Commit", DST, False, SRC),        # after Commit, no one to ask: etcd still
+                                                   # names the source, which takes it back
+    ("precopy", "Resumed", DST, False, SRC),       # the destination committed, then died: the
+                                                   # source stays paused while it is dead;
+                                                   # restarted, it says nothing runs there,
+                                                   # and the source takes the VM back
+    ("precopy", "Resumed", DST, True, NOWHERE),    # the source had let go: it died there
+    ("postcopy", "Resumed", SRC, True, NOWHERE),   # pages only the source held are gone: the
+                                                   # destination stops the VM, which etcd
+                                                   # names its own, and no copy runs
+    ("postcopy", "Resumed", DST, False, SRC),      # as in pre-copy
 ]
 
 
-@pytest.mark.parametrize("step,killed,forward,runs", KILLS,
-                         ids=[f"kill-{k}-at-{s}-{'delivered' if f else 'dropped'}"
-                              for s, k, f, _ in KILLS])
-def test_a_daemon_killed_at_a_handover_step(tmp_path, etcd, step, killed, forward, runs):
+@pytest.mark.parametrize("mode,step,killed,forward,runs", KILLS,
+                         ids=[f"{m}-kill-{k}-at-{s}-{'delivered' if f else 'dropped'}"
+                              for m, s, k, f, _ in KILLS])
+def test_a_daemon_killed_at_a_handover_step(tmp_path, etcd, mode, step, killed, forward, runs):
+    if mode != "precopy" and not postcopy.probe().missing:
+        pytest.skip(f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
     src, dst = _pair(tmp_path, etcd, Fault(HOLD, step, DIRECTION[step]))
     hosts = {SRC: src, DST: dst}
     try:
         _start(src, etcd)
-        mig = _migrate(src, dst)
+        mig = _migrate(src, dst, mode)
         dst.link.wait_fired(f"{step} to reach the proxy")
         victim = hosts[killed].proc.proc
         victim.send_signal(signal.SIGKILL)
