@@ -1,5 +1,6 @@
 """The destination's commit point (FleetMember.take_ownership) against an
-etcd whose answers get lost: it commits only at the epoch it first read.
+etcd whose answers get lost: it commits only at the epoch it first read. And
+a source that cannot ask its destination settles from etcd (SourceArbiter).
 
 The fake etcd applies transactions as etcd would (compares on the key's
 revision, on its absence, on the lease) and can lose an answer — before or
@@ -12,7 +13,7 @@ import pytest
 from livemig.errors import MigrationError
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdUnavailable, KeyValue, b64, unb64
-from livemig.fleet.member import FleetMember
+from livemig.fleet.member import FleetMember, SourceArbiter
 
 SRC, DST, NAME = "10.0.0.1:7400", "10.0.0.2:7400", "vm1"
 KEY = keys.vm_key(NAME)
@@ -161,3 +162,28 @@ def test_a_new_name_is_created_once_and_never_over_a_source_claim():
     with pytest.raises(MigrationError):
         _take(etcd)
     assert _owner(etcd) == (SRC, 1)
+
+
+def _arbiter(etcd: FakeEtcd, *, member_dst=True):
+    m = FleetMember.__new__(FleetMember)
+    m.addr, m.client, m.lease_id = SRC, etcd, LEASE
+    if member_dst:
+        etcd.put(keys.known_key(DST), b'{"addr": "%s"}' % DST.encode())
+    return SourceArbiter(m, NAME, DST)
+
+
+def test_a_source_that_cannot_ask_settles_from_etcd():
+    """After Commit, the destination silent: etcd naming the source means no
+    destination committed — reclaimed at a new epoch (fencing a late commit);
+    naming the destination, or a destination outside the fleet, the VM stays
+    paused."""
+    etcd = _etcd_with_source_owner()
+    assert asyncio.run(_arbiter(etcd).settle()) is None
+    assert _owner(etcd) == (SRC, 4)
+    etcd = _etcd_with_source_owner()
+    etcd.put(KEY, keys.owner_record(DST, 4))
+    assert "etcd names 10.0.0.2:7400 (epoch 4)" in asyncio.run(_arbiter(etcd).settle())
+    assert _owner(etcd) == (DST, 4)
+    etcd = _etcd_with_source_owner()
+    assert "not a host of this fleet" in asyncio.run(_arbiter(etcd, member_dst=False).settle())
+    assert _owner(etcd) == (SRC, 3)

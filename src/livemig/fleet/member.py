@@ -164,6 +164,11 @@ class FleetMember:
             return None, 0, None
         return (*keys.parse_owner(kv.value, what=kv.key), kv)
 
+    async def is_member(self, addr: str) -> bool:
+        """Whether ``addr`` ever joined this fleet. Only a member's commit
+        goes through etcd: of any other destination, etcd knows nothing."""
+        return await self.client.get(keys.known_key(addr)) is not None
+
     async def runs_at(self, owner: str, name: str) -> tuple[bool, bool]:
         """(live, runs): whether ``owner`` holds a live record, and whether
         that record lists VM ``name`` running (whole: a post-copy arrival is
@@ -429,8 +434,12 @@ class SourceArbiter:
         once that host reports running it, fleet/resolve.py)."""
         try:
             owner = await self.owner()
+            member = await self.member.is_member(self.destination)
         except (EtcdError, ValueError) as exc:
             return f"etcd could not say who owns {self.name!r}: {exc}"
+        if not member:
+            return (f"the destination {self.destination} is not a host of this fleet: etcd "
+                    "cannot say whether it resumed the VM")
         if owner is not None and owner[0] != self.member.addr:
             return (f"etcd names {owner[0]} (epoch {owner[1]}) as the owner of {self.name!r}: "
                     "this host must not run it")
