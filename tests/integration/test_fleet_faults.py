@@ -2,9 +2,9 @@
 
 Two fleet daemons on loopback and their own etcd; the destination's
 migration port sits behind a FrameProxy (it advertises the proxy, so etcd
-and the source name it by the address that fails). A VM migrates while one
-of these happens at a handover step (docs/protocol.md: Switchover ─▶
-◀ Verified ─ Commit ─▶ ◀ Resumed):
+and the source name it by the address that fails). A VM migrates (pre-copy,
+and post-copy in two cases) while one of these happens at a handover step
+(docs/protocol.md: Switchover ─▶ ◀ Verified ─ Commit ─▶ ◀ Resumed):
 
 * the source or the destination daemon is killed (SIGKILL) with the step's
   frame held, which is then delivered or dropped; the killed daemon is then

@@ -9,9 +9,10 @@ Resolving reads the key and acts on it:
 * **etcd names this host** (or no host: no destination ever committed, its
   transaction would have created the key): the destination never took the
   VM — if it is a host of the fleet (one that never joined commits nothing
-  in etcd: then only ``--resume`` resumes). Resume it here, after a transaction that raises the epoch
-  (``SourceArbiter.reclaim``) — a destination transaction still in flight
-  compares the old revision and fails, so it can never run the VM too.
+  in etcd: then only ``--resume`` resumes). Resume it here, after a
+  transaction that raises the epoch (``SourceArbiter.reclaim``) — a
+  destination transaction still in flight compares the old revision and
+  fails, so it can never run the VM too.
   ``--discard`` is refused: this paused copy is the one the fleet owns.
 * **etcd names another host**: ``--resume`` is refused, naming the owner.
   The copy here is discarded once that owner is live and reports the VM
