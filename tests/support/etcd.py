@@ -24,7 +24,7 @@ ETCD_MISSING = ("no etcd binary on PATH (apt-get install etcd-server; .ci/run do
                 "apt is available)")
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -71,7 +71,7 @@ class EtcdMember:
 
 class EtcdCluster:
     def __init__(self, tmp: Path, members: int):
-        ports = _free_ports(2 * members)
+        ports = free_ports(2 * members)
         names = [f"m{i}" for i in range(members)]
         initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}"
                            for i, n in enumerate(names))

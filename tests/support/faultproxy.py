@@ -8,7 +8,9 @@ the bytes up to the budget are delivered, then both sides are reset; the
 budget counts every connection, and only the one crossing it is cut, once,
 so a migration's other channels — its bulk streams — see one fault), or
 dropping every connection at a chosen moment (``drop()``; ``wait_forwarded``
-waits for a byte count first). Counts per direction are in ``forwarded``.
+waits for a byte count first), or partitioning the client from the target
+(``partition()``: every connection reset and new ones refused, until
+``heal()``). Counts per direction are in ``forwarded``.
 """
 from __future__ import annotations
 
@@ -31,8 +33,12 @@ class FaultProxy(ProxyServer):
         self.cuts = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._progress = asyncio.Condition()
+        self.partitioned = False     # reset every connection at once: the target is unreachable
 
     async def _accept(self, c_reader, c_writer):
+        if self.partitioned:
+            c_writer.transport.abort()
+            return
         server = await self._connect(c_writer)
         if server is None:
             return
@@ -80,6 +86,14 @@ class FaultProxy(ProxyServer):
     def drop(self) -> None:
         """Reset every proxied connection now."""
         self._reset(list(self._writers))
+
+    def partition(self) -> None:
+        """Cut the client off from the target until ``heal()``."""
+        self.partitioned = True
+        self.drop()
+
+    def heal(self) -> None:
+        self.partitioned = False
 
     async def wait_forwarded(self, nbytes: int, direction: str = "up") -> None:
         async with self._progress:

@@ -66,3 +66,34 @@ def test_nothing_listening_is_unavailable_naming_the_endpoint():
             await client.get("k")
         await client.close()
     asyncio.run(main())
+
+
+def test_a_read_fails_over_across_every_endpoint():
+    """During a leader change one member refuses, one answers "no leader"
+    (503), one is busy (429) and one is silent: the read goes on to the member
+    that answers, within the call's deadline, and stays there."""
+    good = (b'HTTP/1.1 200 OK\r\nContent-Length: 51\r\n\r\n'
+            b'{"header":{},"kvs":[{"key":"aw==","value":"dg=="}]}')
+
+    def status(code: int, text: str) -> bytes:
+        body = b'{"error":"etcdserver: no leader","code":14,"message":"no leader"}'
+        return (f"HTTP/1.1 {code} {text}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body)
+
+    async def main():
+        servers = [await _serve(a) for a in (status(503, "Service Unavailable"),
+                                             status(429, "Too Many Requests"), None, good)]
+        ports = [1] + [port for _, port in servers]
+        client = EtcdClient("etcd://" + ",".join(f"127.0.0.1:{p}" for p in ports),
+                            timeout_s=5.0)
+        try:
+            kv = await client.get("k")
+            assert (kv.key, kv.value) == ("k", b"v")
+            assert client.endpoints[client._current][1] == ports[-1]
+            assert (await client.get("k")).value == b"v"
+        finally:
+            await client.close()
+            for server, _ in servers:
+                server.close()
+                await server.wait_closed()
+    asyncio.run(main())

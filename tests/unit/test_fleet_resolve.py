@@ -16,10 +16,15 @@ HERE, PEER, THIRD = "10.0.0.1:7400", "10.0.0.2:7400", "10.0.0.3:7400"
 class _Member:
     """What resolve reads: the owner key, and whether a host runs the VM."""
 
-    def __init__(self, owner, epoch, *, live=(), running=(), etcd_down=False):
+    def __init__(self, owner, epoch, *, live=(), running=(), etcd_down=False,
+                 members=(HERE, PEER, THIRD)):
         self.addr, self.owner, self.epoch = HERE, owner, epoch
         self.live, self.running, self.etcd_down = set(live), set(running), etcd_down
+        self.members = set(members)
         self.reclaims = 0
+
+    async def is_member(self, addr):
+        return addr in self.members
 
     async def owner_of(self, name):
         if self.etcd_down:
@@ -101,3 +106,14 @@ def test_etcd_unreachable_decides_nothing():
         with pytest.raises(ControlError, match="cannot ask etcd") as e:
             _resolve(_Member(HERE, 1, etcd_down=True), action)
         assert e.value.error_type == "InDoubt"
+
+
+def test_a_destination_outside_the_fleet_leaves_the_copy_paused_unless_told():
+    """etcd names this host, but the destination never joined the fleet: its
+    commit went nowhere near etcd, so etcd's word proves nothing about it."""
+    m = _Member(HERE, 4, members=(HERE,))
+    with pytest.raises(ControlError, match="not a host of this fleet") as e:
+        _resolve(m)
+    assert e.value.error_type == "InDoubt" and m.reclaims == 0
+    verdict, _ = _resolve(m, "resume")
+    assert verdict.resume and m.reclaims == 1

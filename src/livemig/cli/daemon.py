@@ -86,12 +86,13 @@ def cmd_daemon(args) -> int:
                         insecure=args.insecure_no_tls,
                         postcopy_recovery_timeout_s=args.postcopy_recovery_timeout,
                         state_dir=args.state_dir, metrics=args.metrics,
-                        **_daemon_limits(args))
+                        advertise=args.advertise, **_daemon_limits(args))
         await daemon.start()
         if args.fleet:
             from ..fleet.member import FleetMember
 
-            member = FleetMember(daemon, args.fleet, ttl_s=args.fleet_ttl)
+            member = FleetMember(daemon, args.fleet, ttl_s=args.fleet_ttl,
+                                 commit_timeout_s=args.fleet_commit_timeout)
             try:
                 await member.join()
             except BaseException:
@@ -123,6 +124,9 @@ def register(sub) -> None:
     sp.add_argument("--config", metavar="FILE", help="TOML file of settings named as these "
                     "flags (log-level = \"debug\"); flags given here win")
     sp.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT for incoming migrations")
+    sp.add_argument("--advertise", metavar="HOST:PORT",
+                    help="the address other daemons reach this one at, if not --listen (behind "
+                         "a NAT or a proxy); a fleet names the host by it")
     sp.add_argument("--control", help="control socket path (default: $XDG_RUNTIME_DIR or /tmp)")
     sp.add_argument("--tls-cert")
     sp.add_argument("--tls-key")
@@ -153,6 +157,9 @@ def register(sub) -> None:
     sp.add_argument("--fleet-ttl", type=positive(int), default=10, metavar="S",
                     help="lease of this host's fleet record; lost after S s without etcd "
                          "(default 10)")
+    sp.add_argument("--fleet-commit-timeout", type=positive(float), default=5.0, metavar="S",
+                    help="how long an arriving VM's commit point tries to prove in etcd that "
+                         "this host owns it; unproven by then, the VM is refused (default 5)")
     sp.add_argument("action", nargs="?", default="run", choices=["run", "stop", "drain"],
                     help="run (default) a daemon; stop the one at --listen/--control "
                          "(refused while it hosts VMs or migrations, unless --force); drain "

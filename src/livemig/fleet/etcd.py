@@ -8,7 +8,9 @@ etcd serves its gRPC API as JSON over HTTP/1.1 at ``/v3/kv/range``,
 values travel base64-encoded. Each ``EtcdClient`` keeps one keep-alive
 connection to one endpoint at a time, one request in flight (a lock), and on
 any failure moves to the next endpoint and retries once per endpoint within
-the call's deadline (a 5xx answer, such as "no leader", counts as a failure).
+the call's deadline (a 5xx answer, such as "no leader", or a 429 "too many
+requests" counts as a failure: members answer so during and just after a leader
+change).
 Every call is bounded: ``timeout_s`` for the whole call,
 ``MAX_RESPONSE_BYTES`` for a response, ``MAX_HEADER_BYTES`` for its headers.
 All failures leave as ``EtcdUnavailable`` (no endpoint answered: the outcome
@@ -16,7 +18,7 @@ of a write is then unknown) or ``EtcdError`` (etcd answered with an error).
 
 A write whose connection breaks after the request was sent may or may not
 have been applied: callers that must know (the ownership transaction) read
-the key back rather than retrying blindly (fleet/ownership.py).
+the key back rather than retrying blindly (fleet/member.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ DEFAULT_TIMEOUT_S = 5.0
 MIN_TRY_S = 0.5           # the shortest wait for one endpoint's answer
 RETRY_PAUSE_S = 0.05      # between endpoints, so an election can finish within the deadline
 SCHEME = "etcd://"
+HTTP_TOO_MANY_REQUESTS = 429   # gRPC RESOURCE_EXHAUSTED: "too many requests", retried elsewhere
 
 
 class EtcdError(LivemigError):
@@ -148,10 +151,11 @@ class EtcdClient:
         if headers.get("connection", "").lower() == "close":
             self._drop()
         answer = json.loads(body or b"{}")
-        if status >= 500:
-            # No leader, a leader change, a timed-out proposal: another member
-            # (or this one, a moment later) may answer. Callers of a write make
-            # it safe to repeat (a compare on the revision), see member.py.
+        if status >= 500 or status == HTTP_TOO_MANY_REQUESTS:
+            # No leader, a leader change, a timed-out proposal, a member too
+            # busy to take the request: another member (or this one, a moment
+            # later) may answer. Callers of a write make it safe to repeat (a
+            # compare on the revision), see member.py.
             raise ConnectionError(f"HTTP {status}: {answer.get('message') or body[:200]!r}")
         if status != 200 or "error" in answer and "result" not in answer:
             raise EtcdError(f"etcd /v3/{path}: HTTP {status}: "

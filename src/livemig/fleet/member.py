@@ -23,8 +23,9 @@ Only a successful transaction lets the guest run here. A failed compare
 way is read back until the deadline, and anything still unknown then refuses
 too: a destination never runs a VM it cannot prove it owns.
 
-A paused copy left in doubt here is discarded once etcd names another owner
-that is live and reports the VM running (checked at each renewal).
+A paused copy left in doubt here is settled from etcd at each renewal, as
+``livemig vm resolve`` would (fleet/resolve.py): resumed after a reclaim when
+etcd names this host, discarded once the owner it names runs the VM.
 
 A source that learns the destination did *not* resume the VM reclaims it
 before resuming it (``SourceArbiter.reclaim``): a transaction that bumps the
@@ -69,6 +70,14 @@ def _first_kv(response: dict) -> KeyValue | None:
     return KeyValue.from_json(kvs[0]) if kvs else None
 
 
+def _same_revision(a: KeyValue | None, b: KeyValue | None) -> bool:
+    return (a is None) == (b is None) and (a is None or a.mod_revision == b.mod_revision)
+
+
+def _same_value(a: KeyValue | None, b: KeyValue | None) -> bool:
+    return (a is None) == (b is None) and (a is None or a.value == b.value)
+
+
 def _cmp_lease(key: str, lease_id: int) -> dict:
     return {"key": b64(key), "target": "LEASE", "result": "EQUAL", "lease": str(lease_id)}
 
@@ -91,6 +100,8 @@ class FleetMember:
         self.draining = False              # our drain mark is set (fleet/drain.py)
         self.moves = MoveRunner(self)      # drains and balance requests
         self._seen: set[str] = set()       # VMs hosted here at the last publish
+        self._settling: dict[str, asyncio.Task] = {}   # paused copies in doubt being settled
+        self._doubts: dict[str, str] = {}   # why each is still in doubt, as last logged
 
     # -- membership ---------------------------------------------------------------------
     async def join(self) -> None:
@@ -132,7 +143,7 @@ class FleetMember:
                 await self._claim_new(name)
         for name, hosted in here.items():
             if hosted.unresolved is not None and not hosted.vm.running:
-                await self._settle_from_etcd(name)
+                self._settle_later(name)
         for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
             # Gone from here: migrated (the key names its new owner, so the
             # compare fails and nothing changes) or stopped (the key still
@@ -153,6 +164,11 @@ class FleetMember:
             return None, 0, None
         return (*keys.parse_owner(kv.value, what=kv.key), kv)
 
+    async def is_member(self, addr: str) -> bool:
+        """Whether ``addr`` ever joined this fleet. Only a member's commit
+        goes through etcd: of any other destination, etcd knows nothing."""
+        return await self.client.get(keys.known_key(addr)) is not None
+
     async def runs_at(self, owner: str, name: str) -> tuple[bool, bool]:
         """(live, runs): whether ``owner`` holds a live record, and whether
         that record lists VM ``name`` running (whole: a post-copy arrival is
@@ -163,20 +179,30 @@ class FleetMember:
         there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
         return True, isinstance(there, dict) and bool(there.get("running"))
 
-    async def _settle_from_etcd(self, name: str) -> None:
-        """A paused copy left in doubt here: if etcd names another owner, and
-        that host is live and reports the VM running, ours is a stale copy —
-        discard it (the one owner runs the VM). Anything less certain leaves
-        it paused for ``livemig vm resolve``."""
-        owner, epoch, _ = await self.owner_of(name)
-        if owner is None or owner == self.addr:
+    def _settle_later(self, name: str) -> None:
+        """A paused copy left in doubt here: settle it as ``livemig vm
+        resolve`` would (fleet/resolve.py: etcd's owner decides, and the
+        destination of the broken handover is asked when etcd names it), in
+        a task of its own so that asking a silent peer never holds up the
+        lease's renewal. Anything uncertain leaves it paused until the next
+        renewal tries again."""
+        self._settling = {n: t for n, t in self._settling.items() if not t.done()}
+        if name in self._settling:
             return
-        if (await self.runs_at(owner, name))[1]:
-            hosted = self.daemon.vms.get(name)
-            if hosted is not None and hosted.unresolved is not None and not hosted.vm.running:
-                log.warning("fleet: %s runs at its owner %s (epoch %d): discarding the paused "
-                            "copy here", name, owner, epoch)
-                await self.daemon.stop_vm(name)
+        self._settling[name] = asyncio.get_running_loop().create_task(
+            self._settle(name), name=f"fleet-settle-{name}")
+
+    async def _settle(self, name: str) -> None:
+        try:
+            done = await self.daemon.resolve_vm(name)
+        except LivemigError as exc:
+            if self._doubts.get(name) != str(exc):     # said once, not at every renewal
+                self._doubts[name] = str(exc)
+                log.warning("fleet: %s stays paused here, in doubt: %s", name, exc)
+            return
+        self._doubts.pop(name, None)
+        log.warning("fleet: settled %s from etcd: %s (%s)", name, done["resolved"],
+                    done["reason"])
 
     async def claim_name(self, name: str) -> None:
         """Before a VM named ``name`` is started (or restored) here: etcd must
@@ -261,7 +287,7 @@ class FleetMember:
                 "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
 
     async def close(self, *, leave: bool = True) -> None:
-        for task in (self._task, self.moves.task):
+        for task in (self._task, self.moves.task, *self._settling.values()):
             if task is not None:
                 task.cancel()
                 try:
@@ -297,31 +323,41 @@ class FleetMember:
     async def take_ownership(self, name: str, source: str, *,
                              prefetched: asyncio.Task | None = None) -> int:
         """owner source, epoch e → owner here, epoch e+1, in one transaction.
-        Returns the new epoch; raises MigrationError (never run here) otherwise."""
+        Returns the new epoch; raises MigrationError (never run here) otherwise.
+
+        The epoch is fixed by the first read (the prefetch at the offer):
+        whatever is read later may only confirm it. A transaction whose
+        answer is lost is sent again only while the key still holds what was
+        first read (the same owner and epoch); a key that moved on — above
+        all a source that reclaimed the VM after the break (owner = source,
+        epoch e+1) — refuses, since committing at the new epoch would run
+        the VM here while the source runs it too."""
         key = keys.vm_key(name)
         deadline = time.monotonic() + self.commit_timeout_s
         where = (f"VM {name!r} stays paused at the source ({source}), which keeps it; "
                  "the copy here is discarded unrun")
         try:
             if prefetched is not None and prefetched.done() and prefetched.result()[1] is None:
-                kv = prefetched.result()[0]
+                first = prefetched.result()[0]
             else:
-                kv = await self.client.get(key)
-            ok = False
+                first = await self.client.get(key)
+            if first is None:
+                epoch = 1
+            else:
+                owner, epoch_now = keys.parse_owner(first.value, what=key)
+                if owner != source:
+                    raise MigrationError(
+                        f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
+                        f"not the source {source}: refused; {where}", phase="switchover")
+                epoch = epoch_now + 1
+            new = keys.owner_record(self.addr, epoch)
+            kv, ok = first, False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
-                if kv is None:
-                    compare, epoch = [cmp_absent(key)], 1
-                else:
-                    owner, epoch_now = keys.parse_owner(kv.value, what=key)
-                    if owner != source:
-                        raise MigrationError(
-                            f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
-                            f"not the source {source}: refused; {where}", phase="switchover")
-                    compare, epoch = [cmp_mod_revision(key, kv.mod_revision)], epoch_now + 1
                 # A host marked for draining takes ownership of nothing.
-                compare += [_cmp_lease(keys.host_key(self.addr), self.lease_id),
-                            cmp_absent(keys.drain_key(self.addr))]
-                new = keys.owner_record(self.addr, epoch)
+                compare = [cmp_absent(key) if kv is None else
+                           cmp_mod_revision(key, kv.mod_revision),
+                           _cmp_lease(keys.host_key(self.addr), self.lease_id),
+                           cmp_absent(keys.drain_key(self.addr))]
                 left_s = deadline - time.monotonic()
                 if left_s <= 0:
                     raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
@@ -344,9 +380,11 @@ class FleetMember:
                 if current is not None and current.value == new:
                     ok = True    # our own transaction went through; its answer was lost
                     break
-                if current == kv and answer is not None:
+                if answer is not None and _same_revision(current, kv):
                     break        # etcd answered, the key is unchanged: our lease failed
-                kv = current     # changed meanwhile, or no answer: decide again
+                if not _same_value(current, first):
+                    break        # the key moved on from what we first read: not ours to take
+                kv = current     # rewritten as it was, or no answer: the same commit again
         except (EtcdError, ValueError) as exc:
             raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
                                  phase="switchover") from exc
@@ -386,6 +424,26 @@ class SourceArbiter:
     async def owner(self) -> tuple[str, int] | None:
         kv = await self.member.client.get(keys.vm_key(self.name))
         return None if kv is None else keys.parse_owner(kv.value, what=kv.key)
+
+    async def settle(self) -> str | None:
+        """The destination could not be asked: decide from etcd alone. If
+        etcd names this host (or no host), no destination committed: reclaim
+        (a new epoch fences a commit still in flight) and return None — the
+        VM may resume here. Otherwise why the VM stays paused here: etcd
+        names another host, which alone may run it (it is discarded here
+        once that host reports running it, fleet/resolve.py)."""
+        try:
+            owner = await self.owner()
+            member = await self.member.is_member(self.destination)
+        except (EtcdError, ValueError) as exc:
+            return f"etcd could not say who owns {self.name!r}: {exc}"
+        if not member:
+            return (f"the destination {self.destination} is not a host of this fleet: etcd "
+                    "cannot say whether it resumed the VM")
+        if owner is not None and owner[0] != self.member.addr:
+            return (f"etcd names {owner[0]} (epoch {owner[1]}) as the owner of {self.name!r}: "
+                    "this host must not run it")
+        return await self.reclaim()
 
     async def reclaim(self) -> str | None:
         """Before resuming the VM here: make etcd name this host, a new epoch.

@@ -8,9 +8,11 @@ Resolving reads the key and acts on it:
 
 * **etcd names this host** (or no host: no destination ever committed, its
   transaction would have created the key): the destination never took the
-  VM. Resume it here, after a transaction that raises the epoch
-  (``SourceArbiter.reclaim``) — a destination transaction still in flight
-  compares the old revision and fails, so it can never run the VM too.
+  VM — if it is a host of the fleet (one that never joined commits nothing
+  in etcd: then only ``--resume`` resumes). Resume it here, after a
+  transaction that raises the epoch (``SourceArbiter.reclaim``) — a
+  destination transaction still in flight compares the old revision and
+  fails, so it can never run the VM too.
   ``--discard`` is refused: this paused copy is the one the fleet owns.
 * **etcd names another host**: ``--resume`` is refused, naming the owner.
   The copy here is discarded once that owner is live and reports the VM
@@ -75,6 +77,11 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
                     f"refusing to discard VM {name!r}: etcd names this host ({member.addr}, "
                     f"epoch {epoch}) as its owner; this paused copy is the one the fleet has. "
                     f"Use `livemig vm resolve {name}` or --resume")
+            if action is None and not await member.is_member(peer):
+                raise _in_doubt(
+                    f"etcd names this host as the owner of VM {name!r}, but the destination "
+                    f"{peer} is not a host of this fleet, so etcd cannot say whether it resumed "
+                    f"the VM; it stays paused here. --resume if you know it does not run it")
             return await _reclaimed(member, name, peer,
                                     "etcd names no other owner: the destination never took it")
         if action == "resume":

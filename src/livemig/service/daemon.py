@@ -156,8 +156,13 @@ class Daemon(OperatorCommands):
     def __init__(self, *, listen: str, control_path: str, tls: TlsFiles | None = None,
                  insecure: bool = False, postcopy_recovery_timeout_s: float = 30.0,
                  state_dir: str | None = None, metrics: str | None = None,
-                 max_incoming_memory_bytes: int | None = None, idle_timeout_s: float = 60.0):
+                 max_incoming_memory_bytes: int | None = None, idle_timeout_s: float = 60.0,
+                 advertise: str | None = None):
         self.listen_host, self.listen_port = parse_hostport(listen, what="--listen")
+        # Where peers reach this daemon when that is not --listen (a NAT, a
+        # proxy in front of it): the address a fleet and the history name it by.
+        self.advertise = (None if advertise is None else
+                          format_hostport(*parse_hostport(advertise, what="--advertise")))
         if not is_loopback(self.listen_host) and tls is None and not insecure:
             raise ConfigError(
                 f"refusing to listen on {self.listen_host}, which is not loopback, without TLS: "
@@ -188,6 +193,7 @@ class Daemon(OperatorCommands):
                 [r.describe() for r in self.migrations.values()]))
         self._listener = None
         self._stop_slot = StopSlot()   # one stop at a time among outgoing migrations
+        self._resolving = asyncio.Lock()   # one settling of a handover in doubt at a time
         self.fleet = None   # a fleet.member.FleetMember when the daemon joined a fleet
 
     # -- lifecycle ---------------------------------------------------------------
@@ -218,7 +224,7 @@ class Daemon(OperatorCommands):
     @property
     def advertised(self) -> str:
         """This daemon's migration address, as peers and the history name it."""
-        return format_hostport(self.listen_host, self.listen_port)
+        return self.advertise or format_hostport(self.listen_host, self.listen_port)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -350,6 +356,7 @@ class Daemon(OperatorCommands):
 
     async def _cmd_ping(self) -> dict:
         return {"pid": os.getpid(), "listen": format_hostport(self.listen_host, self.listen_port),
+                "advertised": self.advertised,
                 "tls": self.tls is not None, "vms": len(self.vms),
                 "max_incoming_memory_bytes": self._listener.budget.max_incoming_memory_bytes,
                 "fleet": self.fleet.describe() if self.fleet is not None else None}
@@ -563,6 +570,12 @@ class Daemon(OperatorCommands):
         """Stop and free VM ``name`` (refused while it migrates)."""
         await self._cmd_vm_stop(name)
 
+    async def resolve_vm(self, name: str, action: str | None = None) -> dict:
+        """``livemig vm resolve``: settle VM ``name``'s unsettled handover
+        (ControlError when it cannot be settled now). The fleet calls it at
+        each renewal for every paused copy in doubt (fleet/member.py)."""
+        return await self._cmd_vm_resolve(name, action)
+
     async def _cmd_migration_wait(self, id: int, timeout_s: float | None = None) -> dict:
         rec = self.migrations.get(int(id))
         if rec is None:
@@ -613,6 +626,10 @@ class Daemon(OperatorCommands):
         the operator's decision, refused when the destination's answer shows
         it would run the VM twice or lose it. In a fleet, etcd's owner key
         decides instead (fleet/resolve.py)."""
+        async with self._resolving:   # the operator's and the fleet's, one at a time
+            return await self._resolve(name, action)
+
+    async def _resolve(self, name: str, action: str | None) -> dict:
         from ..engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY,
                                              UNKNOWN, UNREACHABLE, ask_peer)
 

@@ -49,6 +49,7 @@ ABANDONED = "abandoned"          # it stopped the VM in post-copy: ours is the o
 POSTCOPY = "postcopy"            # the session runs on at the destination
 UNKNOWN = "unknown"              # the destination has no record of the session
 UNREACHABLE = "unreachable"      # no answer within the window
+RECLAIMED = "reclaimed"          # no answer, but etcd names this host: it took the VM back
 KINDS = {OutcomeCode.COMMITTED: COMMITTED, OutcomeCode.NOT_COMMITTED: NOT_COMMITTED,
          OutcomeCode.ABANDONED: ABANDONED}
 
@@ -103,7 +104,11 @@ async def learn(open_control: OpenControl, *, npages: int, window_s: float, time
     UNREACHABLE, with the last error as the reason). Each attempt waits its
     backoff first, cut short when ``wake`` is set (``livemig recover``).
     With an ownership ``arbiter`` (fleet/member.py), NOT_COMMITTED stands only
-    once etcd names this host again; otherwise the VM stays paused here."""
+    once etcd names this host again; otherwise the VM stays paused here. And
+    a destination that cannot be asked within the window is not the only
+    witness: if etcd still names this host (no destination committed), the
+    arbiter takes the VM back at a new epoch, fencing a late commit, and the
+    answer is RECLAIMED: the VM may resume here."""
     deadline = time.monotonic() + window_s
     last = "no attempt made"
     for attempt in itertools.count():
@@ -121,6 +126,13 @@ async def learn(open_control: OpenControl, *, npages: int, window_s: float, time
             last = describe(exc)
         if time.monotonic() >= deadline:
             break
+    if arbiter is not None:
+        why = await arbiter.settle()
+        if why is None:
+            return Learned(RECLAIMED, f"the destination could not be asked ({last}), and etcd "
+                           "named this host as the VM's owner: no destination committed; etcd "
+                           "now names this host at a new epoch")
+        last = f"{last}; {why}"
     return Learned(UNREACHABLE, last)
 
 
@@ -151,5 +163,5 @@ def describe(exc: BaseException) -> str:
     return text if isinstance(exc, LivemigError) else f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["ABANDONED", "COMMITTED", "Learned", "NOT_COMMITTED", "POSTCOPY", "UNKNOWN",
-           "UNREACHABLE", "ask", "ask_peer", "learn", "describe"]
+__all__ = ["ABANDONED", "COMMITTED", "Learned", "NOT_COMMITTED", "POSTCOPY", "RECLAIMED",
+           "UNKNOWN", "UNREACHABLE", "ask", "ask_peer", "learn", "describe"]

@@ -535,6 +535,10 @@ class SourceSession:
                 f"the link broke after Commit ({_describe(broken)}); on reconnecting, the "
                 "destination reported that Commit never reached it and that it discarded its "
                 "copy without running it", phase="switchover", source_resumed=True)
+        if learned.kind == handover.RECLAIMED:
+            self._committed = False
+            raise MigrationError(f"the link broke after Commit ({_describe(broken)}); "
+                                 f"{learned.reason}", phase="switchover", source_resumed=True)
         if learned.kind == handover.ABANDONED:
             self._abandoned = learned.reason
             raise MigrationError(f"the destination stopped the VM: {learned.reason}",

@@ -1,0 +1,108 @@
+"""A fleet on loopback for integration tests: what etcd says, and daemons
+joined to it, each reachable through proxies that can fail.
+
+``fleet_rows``/``vm_row`` read ``livemig fleet hosts|vms --json``;
+``etcd_call`` runs one call with a client of the test's own; ``leader`` finds
+the member leading a cluster. ``FleetHost`` is a daemon process joined to a
+fleet, optionally behind a ``FrameProxy`` on its migration port (it
+advertises the proxy's address, so its peers and etcd name it by the address
+that fails) and behind an ``EtcdLink`` towards etcd (a proxy that can
+partition it from etcd and heal).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+from livemig.fleet.etcd import EtcdClient
+from support.daemons import DaemonProcess, livemig
+from support.etcd import free_ports
+from support.faultproxy import FaultProxy
+from support.frameproxy import Fault
+from support.proxythread import LOCAL, ProxyThread
+
+
+def fleet_rows(etcd, what: str) -> list:
+    return json.loads(livemig("fleet", what, "--fleet", etcd.url, "--json").stdout)[what]
+
+
+def vm_row(etcd, name: str) -> dict | None:
+    return next((v for v in fleet_rows(etcd, "vms") if v["name"] == name), None)
+
+
+def etcd_call(etcd, call):
+    """``await call(client)`` with a client of the test's own."""
+    async def main():
+        client = EtcdClient(etcd.url)
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+    return asyncio.run(main())
+
+
+def leader(cluster) -> int:
+    """Index of the member that leads the cluster now (-1: none found)."""
+    for i, m in enumerate(cluster.members):
+        if m.proc.poll() is not None:
+            continue
+        req = urllib.request.Request(f"http://{m.endpoint}/v3/maintenance/status", data=b"{}",
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            status = json.loads(r.read())
+        if status.get("leader") == status["header"]["member_id"]:
+            return i
+    return -1
+
+
+class EtcdLink:
+    """One daemon's way to a one-member etcd, through a proxy that can
+    partition it (connections reset, new ones refused) and heal."""
+
+    def __init__(self, etcd):
+        (host, port), = [e.rsplit(":", 1) for e in etcd.endpoints]
+        self.thread = ProxyThread(0, proxy=FaultProxy(host, int(port)))
+        self.url = f"etcd://{self.thread.address}"
+
+    def partition(self) -> None:
+        self.thread.run(self.thread.proxy.partition)
+
+    def heal(self) -> None:
+        self.thread.run(self.thread.proxy.heal)
+
+    def close(self) -> None:
+        self.thread.close()
+
+
+class FleetHost:
+    """A fleet daemon process. With ``fault``, its migration port sits
+    behind a FrameProxy injecting it, and the daemon advertises the proxy:
+    migrations to ``addr`` pass the fault, and etcd names the host ``addr``.
+    With ``etcd_link``, it reaches etcd through that link."""
+
+    def __init__(self, tmp, label: str, etcd, *, ttl_s: int, fault: Fault | None = None,
+                 etcd_link: EtcdLink | None = None, loop: str = "asyncio", extra=()):
+        self.link = None
+        extra = ["--fleet", etcd_link.url if etcd_link else etcd.url, "--fleet-ttl", str(ttl_s),
+                 *extra]
+        if fault is not None:
+            port, = free_ports(1)
+            self.link = ProxyThread(port, fault)
+            extra += ["--listen", f"{LOCAL}:{port}", "--advertise", self.link.address]
+        try:
+            self.proc = DaemonProcess(tmp, label, loop, *extra)
+        except BaseException:
+            if self.link is not None:
+                self.link.close()
+            raise
+        self.addr = self.proc.info["advertised"]
+
+    def restart(self) -> None:
+        """After a kill: the same state dir, ports and address."""
+        self.proc = self.proc.restarted()
+
+    def close(self) -> None:
+        self.proc.close()
+        if self.link is not None:
+            self.link.close()

@@ -1,0 +1,189 @@
+"""The destination's commit point (FleetMember.take_ownership) against an
+etcd whose answers get lost: it commits only at the epoch it first read. And
+a source that cannot ask its destination settles from etcd (SourceArbiter).
+
+The fake etcd applies transactions as etcd would (compares on the key's
+revision, on its absence, on the lease) and can lose an answer — before or
+after applying the transaction — and let the source reclaim the VM in the
+gap, as a source that settled the broken handover from etcd does."""
+import asyncio
+
+import pytest
+
+from livemig.errors import MigrationError
+from livemig.fleet import keys
+from livemig.fleet.etcd import EtcdUnavailable, KeyValue, b64, unb64
+from livemig.fleet.member import FleetMember, SourceArbiter
+
+SRC, DST, NAME = "10.0.0.1:7400", "10.0.0.2:7400", "vm1"
+KEY = keys.vm_key(NAME)
+LEASE = 77
+
+
+class FakeEtcd:
+    def __init__(self):
+        self.revision = 10
+        self.store: dict[str, KeyValue] = {}
+        self.lease_ok = True
+        self.lose = []          # per txn: None (answer), "before" or "after" applying it
+        self.in_gap = None      # called when an answer is lost (after the loss)
+        self.txns = 0
+
+    def put(self, key: str, value: bytes) -> None:
+        self.revision += 1
+        old = self.store.get(key)
+        self.store[key] = KeyValue(key, value, self.revision,
+                                   old.create_revision if old else self.revision, 0)
+
+    async def get(self, key: str):
+        return self.store.get(key)
+
+    def _holds(self, cmp: dict) -> bool:
+        kv = self.store.get(unb64(cmp["key"]).decode())
+        if cmp["target"] == "LEASE":
+            return self.lease_ok and int(cmp["lease"]) == LEASE
+        if cmp["target"] == "CREATE":
+            return kv is None
+        return kv is not None and kv.mod_revision == int(cmp["mod_revision"])
+
+    async def txn(self, compare, success, failure=None, *, timeout_s=None):
+        self.txns += 1
+        loss = self.lose.pop(0) if self.lose else None
+        if loss == "before":
+            self._gap()
+            raise EtcdUnavailable("the answer was lost")
+        ok = all(self._holds(c) for c in compare)
+        ops = success if ok else (failure or [])
+        responses = []
+        for op in ops:
+            if "request_put" in op:
+                req = op["request_put"]
+                self.put(unb64(req["key"]).decode(), unb64(req["value"]))
+                responses.append({"response_put": {}})
+            else:
+                kv = self.store.get(unb64(op["request_range"]["key"]).decode())
+                kvs = [] if kv is None else [{"key": b64(kv.key), "value": b64(kv.value),
+                                              "mod_revision": str(kv.mod_revision),
+                                              "create_revision": str(kv.create_revision)}]
+                responses.append({"response_range": {"kvs": kvs}})
+        if loss == "after":
+            self._gap()
+            raise EtcdUnavailable("the answer was lost")
+        return ok, {"succeeded": ok, "responses": responses}
+
+    def _gap(self):
+        if self.in_gap is not None:
+            self.in_gap(self)
+            self.in_gap = None
+
+
+def _member(etcd: FakeEtcd) -> FleetMember:
+    m = FleetMember.__new__(FleetMember)
+    m.addr, m.client, m.commit_timeout_s, m.lease_id = DST, etcd, 5.0, LEASE
+    return m
+
+
+def _owner(etcd):
+    return keys.parse_owner(etcd.store[KEY].value, what=KEY)
+
+
+def _source_reclaims(etcd):
+    owner, epoch = _owner(etcd)
+    assert owner == SRC
+    etcd.put(KEY, keys.owner_record(SRC, epoch + 1))
+
+
+def _take(etcd):
+    return asyncio.run(_member(etcd).take_ownership(NAME, SRC))
+
+
+def _etcd_with_source_owner(epoch=3):
+    etcd = FakeEtcd()
+    etcd.put(KEY, keys.owner_record(SRC, epoch))
+    return etcd
+
+
+def test_a_clean_commit_takes_the_next_epoch():
+    etcd = _etcd_with_source_owner()
+    assert _take(etcd) == 4 and _owner(etcd) == (DST, 4)
+
+
+def test_a_lost_answer_of_an_applied_commit_counts_as_committed():
+    etcd = _etcd_with_source_owner()
+    etcd.lose = ["after"]
+    assert _take(etcd) == 4 and _owner(etcd) == (DST, 4) and etcd.txns == 1
+
+
+def test_a_lost_request_is_sent_again_while_the_key_is_as_first_read():
+    etcd = _etcd_with_source_owner()
+    etcd.lose = ["before"]
+    assert _take(etcd) == 4 and _owner(etcd) == (DST, 4) and etcd.txns == 2
+
+
+def test_a_source_that_reclaimed_in_the_gap_is_never_overridden():
+    """The split brain this guards against: the commit's request is lost,
+    the source (settling from etcd) reclaims — owner source, epoch 4 — and
+    resumes the VM. The destination reads owner = source again: committing
+    at epoch 5 would run the VM here too. It must refuse."""
+    etcd = _etcd_with_source_owner()
+    etcd.lose, etcd.in_gap = ["before"], _source_reclaims
+    with pytest.raises(MigrationError, match="refused the ownership transaction"):
+        _take(etcd)
+    assert _owner(etcd) == (SRC, 4) and etcd.txns == 1
+
+
+def test_a_reclaim_before_the_commit_refuses_it_too():
+    etcd = _etcd_with_source_owner()
+    first = asyncio.run(etcd.get(KEY))
+    _source_reclaims(etcd)
+
+    async def run():
+        prefetch = asyncio.get_running_loop().create_future()
+        prefetch.set_result((first, None))
+        return await _member(etcd).take_ownership(NAME, SRC, prefetched=prefetch)
+    with pytest.raises(MigrationError, match="refused the ownership transaction"):
+        asyncio.run(run())
+    assert _owner(etcd) == (SRC, 4)
+
+
+def test_a_lost_lease_refuses_without_a_second_try():
+    etcd = _etcd_with_source_owner()
+    etcd.lease_ok = False
+    with pytest.raises(MigrationError, match="lease is gone"):
+        _take(etcd)
+    assert _owner(etcd) == (SRC, 3) and etcd.txns == 1
+
+
+def test_a_new_name_is_created_once_and_never_over_a_source_claim():
+    etcd = FakeEtcd()
+    assert _take(etcd) == 1 and _owner(etcd) == (DST, 1)
+    etcd = FakeEtcd()
+    etcd.lose, etcd.in_gap = ["before"], lambda e: e.put(KEY, keys.owner_record(SRC, 1))
+    with pytest.raises(MigrationError):
+        _take(etcd)
+    assert _owner(etcd) == (SRC, 1)
+
+
+def _arbiter(etcd: FakeEtcd, *, member_dst=True):
+    m = FleetMember.__new__(FleetMember)
+    m.addr, m.client, m.lease_id = SRC, etcd, LEASE
+    if member_dst:
+        etcd.put(keys.known_key(DST), b'{"addr": "%s"}' % DST.encode())
+    return SourceArbiter(m, NAME, DST)
+
+
+def test_a_source_that_cannot_ask_settles_from_etcd():
+    """After Commit, the destination silent: etcd naming the source means no
+    destination committed — reclaimed at a new epoch (fencing a late commit);
+    naming the destination, or a destination outside the fleet, the VM stays
+    paused."""
+    etcd = _etcd_with_source_owner()
+    assert asyncio.run(_arbiter(etcd).settle()) is None
+    assert _owner(etcd) == (SRC, 4)
+    etcd = _etcd_with_source_owner()
+    etcd.put(KEY, keys.owner_record(DST, 4))
+    assert "etcd names 10.0.0.2:7400 (epoch 4)" in asyncio.run(_arbiter(etcd).settle())
+    assert _owner(etcd) == (DST, 4)
+    etcd = _etcd_with_source_owner()
+    assert "not a host of this fleet" in asyncio.run(_arbiter(etcd, member_dst=False).settle())
+    assert _owner(etcd) == (SRC, 3)
