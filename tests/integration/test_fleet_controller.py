@@ -61,7 +61,10 @@ def _leader_key(etcd):
 
 
 def _roles(daemons) -> dict:
-    return {d.address: d.client.call("ping")["fleet"]["controller"] for d in daemons}
+    """Each daemon's controller as it describes itself (None until it has
+    joined the fleet: its control socket answers first)."""
+    return {d.address: (d.client.call("ping")["fleet"] or {}).get("controller")
+            for d in daemons}
 
 
 class _Host:
@@ -118,7 +121,8 @@ def test_exactly_one_candidate_leads(candidates, etcd):
 
     def agreed():
         roles = _roles(candidates)
-        return all(r["role"] == ("leader" if a == leader else "candidate") and r["leader"] == leader
+        return all(r is not None and r["leader"] == leader
+                   and r["role"] == ("leader" if a == leader else "candidate")
                    for a, r in roles.items()) and roles
     roles = wait_for("every candidate to know the one leader", agreed)
     assert roles[leader]["term"] == kv.create_revision
