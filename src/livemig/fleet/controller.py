@@ -155,9 +155,10 @@ class BalanceController:
             try:
                 await self.step()
                 self.last_error = None
-            except (EtcdError, ValueError) as exc:
-                self.last_error = str(exc)
-                event(logging.WARNING, f"balance controller: {exc}", event="controller-error")
+            except Exception as exc:     # the task's one funnel: it must outlive any pass
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                event(logging.WARNING, f"balance controller: {self.last_error}",
+                      event="controller-error")
             await asyncio.sleep(self.poll_s)
 
     async def step(self) -> None:
@@ -191,9 +192,13 @@ class BalanceController:
         if not term:
             return False
         self.term, self._next_pass_at = term, 0.0
+        self._state = {}
         state_kv = await self.client.get(keys.CONTROLLER_STATE)
-        self._state = (keys.parse_record(state_kv.value, what=state_kv.key)
-                       if state_kv is not None else {})
+        if state_kv is not None:
+            try:
+                self._state = keys.parse_record(state_kv.value, what=state_kv.key)
+            except ValueError as exc:     # start afresh: the first pass rewrites it
+                event(logging.WARNING, f"balance controller: {exc}", event="controller-error")
         event(logging.INFO, f"balance controller: {self.addr} leads, term {term} "
               f"(took over from {self._state.get('leader') or 'nobody'})",
               event="controller-elected", term=term)
