@@ -22,36 +22,23 @@ from support.daemons import (EXIT_FAILED, EXIT_OK, DaemonProcess, assert_daemon_
                              livemig, start_vm, wait_hosted)
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
 from support.fleet import etcd_call as _etcd
+from support.fleet import fleet_daemon as _daemon
 from support.fleet import fleet_rows as _fleet
+from support.fleet import host as _host
 from support.fleet import leader as _leader
+from support.fleet import listed as _listed
+from support.fleet import put as _put
 from support.fleet import vm_row as _vm_row
 from support.oracle import Recipe
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
-TTL_S = 2
 
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
     with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
         yield cluster
-
-
-def _put(etcd, key: str, value: bytes) -> None:
-    _etcd(etcd, lambda client: client.put(key, value))
-
-
-def _daemon(tmp_path, label, loop, etcd):
-    return DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url, "--fleet-ttl", str(TTL_S))
-
-
-def _host(etcd, addr: str) -> dict:
-    return next(h for h in _fleet(etcd, "hosts") if h["addr"] == addr)
-
-
-def _listed(daemon) -> list[str]:
-    return [v["name"] for v in daemon.client.call("vm.list")]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from support.oracle import Recipe
 from support.waiting import PATIENCE_S, wait_for
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
-TTL_S = 2           # a lease renewed every 0.67 s: doubts are settled at that pace
+TTL_S = 2           # (as support.fleet's) a lease renewed every 0.67 s: doubts are settled at that pace
 WINDOW_S = 2        # how long a source asks the destination after a break past Commit
 NAME = "vm1"
 RECIPE = Recipe("16MiB", 2, "memtest", seed=61, dirty_rate="8MiB/s")

@@ -1,9 +1,10 @@
 """A fleet on loopback for integration tests: what etcd says, and daemons
 joined to it, each reachable through proxies that can fail.
 
-``fleet_rows``/``vm_row`` read ``livemig fleet hosts|vms --json``;
-``etcd_call`` runs one call with a client of the test's own; ``leader`` finds
-the member leading a cluster. ``FleetHost`` is a daemon process joined to a
+``fleet_rows``/``vm_row``/``host`` read ``livemig fleet hosts|vms --json``,
+as an operator would; ``etcd_call``/``put`` run one call with a client of the
+test's own; ``leader`` finds the member leading a cluster; ``fleet_daemon``
+starts a ``DaemonProcess`` with ``--fleet`` and a short TTL. ``FleetHost`` is a daemon process joined to a
 fleet, optionally behind a ``FrameProxy`` on its migration port (it
 advertises the proxy's address, so its peers and etcd name it by the address
 that fails) and behind an ``EtcdLink`` towards etcd (a proxy that can
@@ -21,6 +22,8 @@ from support.etcd import free_ports
 from support.faultproxy import FaultProxy
 from support.frameproxy import Fault
 from support.proxythread import LOCAL, ProxyThread
+
+TTL_S = 2
 
 
 def fleet_rows(etcd, what: str) -> list:
@@ -40,6 +43,23 @@ def etcd_call(etcd, call):
         finally:
             await client.close()
     return asyncio.run(main())
+
+
+def put(etcd, key: str, value: bytes) -> None:
+    etcd_call(etcd, lambda client: client.put(key, value))
+
+
+def fleet_daemon(tmp_path, label, loop, etcd, *extra):
+    return DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url, "--fleet-ttl", str(TTL_S),
+                         *extra)
+
+
+def host(etcd, addr: str) -> dict:
+    return next(h for h in fleet_rows(etcd, "hosts") if h["addr"] == addr)
+
+
+def listed(daemon) -> list[str]:
+    return [v["name"] for v in daemon.client.call("vm.list")]
 
 
 def leader(cluster) -> int:

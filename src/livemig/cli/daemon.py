@@ -56,6 +56,9 @@ def cmd_daemon(args) -> int:
         apply_config_file(args, args.daemon_parser, args.argv[1:])   # argv[0] is "daemon"
     if args.action != "run":
         return _cmd_daemon_stop_or_drain(args)
+    if args.balance_controller and not args.fleet:
+        raise ConfigError("--balance-controller needs --fleet etcd://HOST:PORT: the "
+                          "controller is elected through the fleet's etcd")
     tls = None
     given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(given):
@@ -100,6 +103,12 @@ def cmd_daemon(args) -> int:
                 await daemon.close()      # joined nothing: serve nothing either
                 raise
             daemon.fleet = member
+            if args.balance_controller:
+                from ..fleet.controller import BalanceController
+
+                member.controller = BalanceController(member, interval_s=args.balance_interval,
+                                                      window_s=args.balance_window)
+                member.controller.start()
         print(f"livemig daemon listening on {daemon.listen_host}:{daemon.listen_port} "
               f"({'mutual TLS' if tls else 'no TLS'}), control socket {control}", flush=True)
         await daemon.serve_forever()
@@ -120,6 +129,9 @@ def _stop_daemon(args, client) -> int:
 
 
 def register(sub) -> None:
+    from ..fleet.balance import DEFAULT_WINDOW_S
+    from ..fleet.controller import DEFAULT_INTERVAL_S
+
     sp = sub.add_parser("daemon", help="run a daemon hosting VMs and accepting migrations")
     sp.add_argument("--config", metavar="FILE", help="TOML file of settings named as these "
                     "flags (log-level = \"debug\"); flags given here win")
@@ -160,6 +172,14 @@ def register(sub) -> None:
     sp.add_argument("--fleet-commit-timeout", type=positive(float), default=5.0, metavar="S",
                     help="how long an arriving VM's commit point tries to prove in etcd that "
                          "this host owns it; unproven by then, the VM is refused (default 5)")
+    sp.add_argument("--balance-controller", action="store_true",
+                    help="with --fleet: stand for election as the fleet's balance controller; "
+                         "the one leader moves VMs to even out load (docs/fleet.md)")
+    sp.add_argument("--balance-interval", type=positive(float), default=DEFAULT_INTERVAL_S,
+                    metavar="S", help="the controller's pass interval (default %(default)g)")
+    sp.add_argument("--balance-window", type=positive(float), default=DEFAULT_WINDOW_S,
+                    metavar="S", help="a VM a balance moved is not moved again for S seconds "
+                                      "(default %(default)g)")
     sp.add_argument("action", nargs="?", default="run", choices=["run", "stop", "drain"],
                     help="run (default) a daemon; stop the one at --listen/--control "
                          "(refused while it hosts VMs or migrations, unless --force); drain "

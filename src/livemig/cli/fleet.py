@@ -1,4 +1,4 @@
-"""``livemig fleet hosts|vms|drain|undrain|balance|simulate`` (docs/fleet.md)."""
+"""``livemig fleet hosts|vms|drain|undrain|balance|controller|simulate`` (docs/fleet.md)."""
 from __future__ import annotations
 
 import os
@@ -190,6 +190,37 @@ def cmd_balance(args) -> int:
     return EXIT_OK if not failed else EXIT_FAILED
 
 
+def _ago(t, now) -> str:
+    return "never" if not isinstance(t, (int, float)) else f"{max(0.0, now - t):.0f} s ago"
+
+
+def cmd_controller(args) -> int:
+    import time
+
+    from ..fleet.controller import read_controller
+
+    info = _with_client(args, read_controller)
+    now, leader, state = time.time(), info["leader"], info["state"]
+    lines = [f"leader      {leader.get('addr', '?')} (term {leader['term']}, since "
+             f"{_ago(leader.get('since'), now)})" if leader else
+             "leader      none (no candidate holds the leader key)",
+             f"candidates  {', '.join(info['candidates']) or 'none'}"]
+    last = state.get("last_pass")
+    if last:
+        lines.append(f"last pass   {_ago(state.get('last_pass_at'), now)} by "
+                     f"{state.get('leader')} (term {state.get('term')}, pass "
+                     f"{state.get('passes')}): {last['action']}: {last['reason']}")
+        if last.get("held"):
+            lines.append(f"held        {', '.join(last['held'])} (moved within the window)")
+    moves = state.get("moves") or []
+    if moves:
+        lines.append(f"{'VM':<16} {'FROM':<22} {'TO':<22} {'STATUS':<11} {'TERM':>6}  WHEN")
+        lines += [f"{m['vm']:<16} {m['from']:<22} {m['to']:<22} {m['status']:<11} "
+                  f"{m.get('term', '?'):>6}  {_ago(m.get('at'), now)}" for m in moves]
+    emit(args, info, "\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_simulate(args) -> int:
     from ..fleet.simulate import simulate
 
@@ -235,7 +266,9 @@ def register(sub) -> None:
     sp = sub.add_parser("fleet", help="hosts and VMs of a fleet coordinated through etcd")
     fsub = sp.add_subparsers(dest="fleet_command", required=True)
     for name, func, text in (("hosts", cmd_hosts, "every host: live, or lost (lease expired)"),
-                             ("vms", cmd_vms, "every VM with its owner and epoch")):
+                             ("vms", cmd_vms, "every VM with its owner and epoch"),
+                             ("controller", cmd_controller, "the elected balance controller: "
+                              "leader, term, candidates, last pass and its moves")):
         p = fsub.add_parser(name, help=text)
         p.add_argument("--fleet", metavar="etcd://HOST:PORT[,…]",
                        help=f"the fleet's etcd endpoints (default: ${FLEET_ENV})")

@@ -27,6 +27,10 @@ VMS = ROOT + "vms/"
 DRAIN = ROOT + "drain/"
 MOVES = ROOT + "moves/"
 MOVED = ROOT + "moved/"
+CONTROLLER = ROOT + "controller/"
+LEADER = CONTROLLER + "leader"
+CANDIDATES = CONTROLLER + "candidates/"
+CONTROLLER_STATE = CONTROLLER + "state"
 STATUS_SUFFIX = "/status"
 MAX_RECORD_BYTES = 64 << 10
 
@@ -61,6 +65,10 @@ def moves_status_key(addr: str) -> str:
 
 def moved_key(name: str) -> str:
     return MOVED + name
+
+
+def candidate_key(addr: str) -> str:
+    return CANDIDATES + addr
 
 
 def owner_record(owner: str, epoch: int) -> bytes:

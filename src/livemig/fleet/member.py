@@ -99,6 +99,7 @@ class FleetMember:
         self._task: asyncio.Task | None = None
         self.draining = False              # our drain mark is set (fleet/drain.py)
         self.moves = MoveRunner(self)      # drains and balance requests
+        self.controller = None             # a controller.BalanceController if a candidate
         self._seen: set[str] = set()       # VMs hosted here at the last publish
         self._settling: dict[str, asyncio.Task] = {}   # paused copies in doubt being settled
         self._doubts: dict[str, str] = {}   # why each is still in doubt, as last logged
@@ -284,9 +285,12 @@ class FleetMember:
 
     def describe(self) -> dict:
         return {"url": self.client.url, "addr": self.addr, "state": self.state,
-                "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error}
+                "lease_id": self.lease_id, "ttl_s": self.ttl_s, "error": self.last_error,
+                "controller": self.controller.describe() if self.controller else None}
 
     async def close(self, *, leave: bool = True) -> None:
+        if self.controller is not None:      # resigns while our lease still holds
+            await self.controller.close()
         for task in (self._task, self.moves.task, *self._settling.values()):
             if task is not None:
                 task.cancel()

@@ -3,7 +3,9 @@
 A host is *live* while its lease-bound record exists, *lost* when it is known
 (``/livemig/known/<addr>``) but its lease has expired; ``drain_mark`` says
 whether etcd holds its drain mark (its record's ``draining`` says whether the
-host has seen it yet). A VM's row joins its
+host has seen it yet); a live host's ``record_revision`` is the etcd revision
+its record was last written at (the controller waits for records newer than
+the moves it saw finish). A VM's row joins its
 owner key with the owner's record (whether that host reports running it).
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ async def read_marks(client: EtcdClient) -> set[str]:
 
 
 async def read_fleet(client: EtcdClient) -> FleetView:
-    live = {kv.key[len(keys.HOSTS):]: _record(kv) for kv in await client.get_prefix(keys.HOSTS)}
+    live = {kv.key[len(keys.HOSTS):]: {**_record(kv), "record_revision": kv.mod_revision}
+            for kv in await client.get_prefix(keys.HOSTS)}
     known = [kv.key[len(keys.KNOWN):] for kv in await client.get_prefix(keys.KNOWN)]
     marks = await read_marks(client)
     hosts = []

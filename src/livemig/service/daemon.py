@@ -399,6 +399,10 @@ class Daemon(OperatorCommands):
         del self.vms[name]
         await asyncio.get_running_loop().run_in_executor(None, hosted.vm.close)
         event(logging.INFO, f"VM {name} stopped", vm=name, event="vm-stop")
+        if self.fleet is not None:
+            # Now, not at the next renewal: a VM stopped before any renewal
+            # saw it would otherwise keep its name in etcd for good.
+            await self.fleet.release_name(name)
         return {"name": name, "stopped": True}
 
     async def _cmd_vm_pause(self, name: str) -> dict:
