@@ -1,0 +1,180 @@
+"""The destination's side of the stream probe: bulk streams that check and drop pages.
+
+Theory of operation
+-------------------
+::
+
+    control READY: S StreamProbe(N, duration, window) ─ this host can run the
+        threads, the capability was granted, no other stream probe runs here?
+        ─ D StreamProbeGrant(min(N, 16), min(duration, 5 s), min(window, 64 MiB))
+    bulk ×N: Hello(bulk, caps {streams}) ─ Welcome ─ a DestStream thread over
+        a scratch region of the granted window (no VM's memory)
+    bulk k:  PageBatch* StreamEnd ─▶ ◀ StreamAck, round after round, exactly
+        as in a migration: header, checksum, batch and runs checked, pages
+        placed in the scratch region and forgotten
+    control: S StreamProbeEnd ─ D StreamProbeResult(pages, bytes, time, CPU)
+
+The probe is bounded here whatever the source asks or does: the grant caps
+streams, window and duration; :class:`ProbeSlot` lets one stream probe run
+per server at a time (so at most one window is mapped for probes); a timer
+closes the streams (the threads shut their sockets down) once the granted
+duration plus :data:`OPEN_GRACE_S` has passed, and a stream beyond the
+granted count is refused. The scratch region is unmapped when the probe ends
+or the control channel does.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ...aio.channel import Channel
+from ...config import MAX_STREAMS, MigrationConfig
+from ...errors import RemoteProtocolError
+from ...native import PAGE_SIZE
+from ...native.memory import GuestMemory
+from ...protocol import StreamProbe, StreamProbeEnd, StreamProbeGrant, StreamProbeResult, spec
+from .streams import DestStreams, offered as streams_offered
+
+STREAM_PROBE = spec.STREAM_PROBE_CAPABILITY
+MAX_WINDOW_BYTES = 64 << 20
+"""The most scratch memory a stream probe maps here."""
+MAX_DURATION_MS = 5000
+"""The longest a stream probe may send."""
+OPEN_GRACE_S = 2.0
+"""Beyond the granted duration, for opening the streams and the last acks."""
+
+
+def offered(config: MigrationConfig, *, tls: bool) -> bool:
+    """Whether this destination grants the "stream-probe" capability: exactly
+    when it would grant native streams to a migration."""
+    return streams_offered(config, tls=tls)
+
+
+class ProbeSlot:
+    """One stream probe at a time per server."""
+
+    def __init__(self):
+        self.busy = False
+
+
+class StreamProbeSink:
+    """The bulk streams of one granted stream probe, over scratch memory."""
+
+    def __init__(self, grant: StreamProbeGrant, slot: ProbeSlot, release):
+        self.grant = grant
+        self._slot = slot
+        self._release = release       # lets an adopted channel's handler return
+        self.memory = GuestMemory(grant.window_bytes, hugepages=False)
+        self.streams = DestStreams(self.memory, None, None, None, grant.nstreams)
+        self.channels: list[Channel] = []
+        self.first_ns: int | None = None
+        self.closed = False
+        self._folded: list[dict] = []
+        self._timer = asyncio.get_running_loop().call_later(
+            grant.duration_ms / 1e3 + OPEN_GRACE_S, self.close)
+
+    def adopt(self, ch: Channel) -> None:
+        """A bulk stream of the probe: to a thread at once (no await: see
+        DestStreams.adopt). Refused past the granted count or the deadline."""
+        if self.streams.closed:
+            raise RemoteProtocolError("a bulk stream for a stream probe that has ended",
+                                      phase="handshake")
+        self.channels.append(ch)
+        self.streams.adopt(ch)
+        if self.first_ns is None:
+            self.first_ns = time.perf_counter_ns()
+
+    def stop(self) -> None:
+        """Stop and join the threads (their sockets are shut down), keeping their counters."""
+        if not self.streams.closed:
+            self._folded = [s.stats() for s in self.streams.streams]
+            self.streams.close()
+            for ch in self.channels:
+                self._release(ch)
+
+    def result(self, end: StreamProbeEnd) -> StreamProbeResult:
+        """Stop the streams and report what they checked and dropped."""
+        now_ns = time.perf_counter_ns()
+        self.stop()
+        totals = {k: sum(st[k] for st in self._folded) for k in ("pages", "batch_bytes",
+                                                                  "cpu_ns")}
+        duration_ns = now_ns - self.first_ns if self.first_ns is not None else 0
+        return StreamProbeResult(totals["pages"], totals["batch_bytes"], duration_ns,
+                                 totals["cpu_ns"])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._timer.cancel()
+        self.stop()
+        self.memory.close()
+        self._slot.busy = False
+
+
+class StreamProbeDesk:
+    """Answers the stream probe questions of one control channel."""
+
+    def __init__(self, ch: Channel, slot: ProbeSlot, release):
+        self.ch = ch
+        self._slot = slot
+        self._release = release
+        self.sink: StreamProbeSink | None = None
+        self._probed = False
+
+    def grant(self, ask: StreamProbe) -> StreamProbeGrant:
+        """The answer to ``ask``; starts the sink when granted."""
+        if STREAM_PROBE not in self.ch.conn.capabilities:
+            raise RemoteProtocolError("a StreamProbe on a channel that did not negotiate the "
+                                      f"{STREAM_PROBE!r} capability", phase="handshake")
+        refused = self._refusal(ask)
+        if refused is not None:
+            return StreamProbeGrant(0, 0, 0, refused)
+        window = min(ask.window_bytes, MAX_WINDOW_BYTES) // PAGE_SIZE * PAGE_SIZE
+        grant = StreamProbeGrant(min(ask.nstreams, MAX_STREAMS),
+                                 min(ask.duration_ms, MAX_DURATION_MS), window)
+        self._slot.busy = True
+        self._probed = True
+        try:
+            self.sink = StreamProbeSink(grant, self._slot, self._release)
+        except BaseException:
+            self._slot.busy = False
+            raise
+        return grant
+
+    def _refusal(self, ask: StreamProbe) -> str | None:
+        if self._probed:
+            return "one stream probe per connection"
+        if self._slot.busy:
+            return "another stream probe runs on this host"
+        if not 0 < ask.nstreams or ask.window_bytes < PAGE_SIZE or ask.duration_ms == 0:
+            return (f"an empty stream probe ({ask.nstreams} streams, {ask.window_bytes} "
+                    f"bytes, {ask.duration_ms} ms)")
+        return None
+
+    def adopt(self, ch: Channel) -> None:
+        if self.sink is None:
+            raise RemoteProtocolError("a bulk stream before any stream probe was granted",
+                                      phase="handshake")
+        self.sink.adopt(ch)
+
+    def result(self, end: StreamProbeEnd) -> StreamProbeResult:
+        if self.sink is None:
+            raise RemoteProtocolError("a StreamProbeEnd without a granted stream probe",
+                                      phase="handshake")
+        try:
+            return self.sink.result(end)
+        finally:
+            self.close()
+
+    @property
+    def active(self) -> bool:
+        return self.sink is not None and not self.sink.closed
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+__all__ = ["StreamProbeDesk", "StreamProbeSink", "ProbeSlot", "offered", "STREAM_PROBE",
+           "MAX_WINDOW_BYTES", "MAX_DURATION_MS", "OPEN_GRACE_S"]
