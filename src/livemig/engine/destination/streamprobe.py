@@ -12,7 +12,15 @@ Theory of operation
     bulk k:  PageBatch* StreamEnd ─▶ ◀ StreamAck, round after round, exactly
         as in a migration: header, checksum, batch and runs checked, pages
         placed in the scratch region and forgotten
+    each round closed on every stream: the window is given back to the
+        kernel (MADV_DONTNEED), so the next round lands on fresh memory
     control: S StreamProbeEnd ─ D StreamProbeResult(pages, bytes, time, CPU)
+
+Fresh memory matters: a migration places every page on memory never
+touched before (the kernel zeroes each page at its first write, which on a
+machine with few CPUs slows the streams as much as the link does); a probe
+that placed its rounds on the same warm window would overstate the rate.
+The window has the flags of a VM's memory (VM.blank: transparent huge pages).
 
 The probe is bounded here whatever the source asks or does: the grant caps
 streams, window and duration; :class:`ProbeSlot` lets one stream probe run
@@ -27,7 +35,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+
 from ...aio.channel import Channel
+from ...codec.blockdelta import HeldBlocks
 from ...config import MAX_STREAMS, MigrationConfig
 from ...errors import RemoteProtocolError
 from ...native import PAGE_SIZE
@@ -64,12 +75,19 @@ class StreamProbeSink:
         self.grant = grant
         self._slot = slot
         self._release = release       # lets an adopted channel's handler return
-        self.memory = GuestMemory(grant.window_bytes, hugepages=False)
-        self.streams = DestStreams(self.memory, None, None, None, grant.nstreams)
+        self.memory = GuestMemory(grant.window_bytes)   # as VM.blank maps guest memory
+        # The arrays a migration's threads write for every page placed (page
+        # hashes, held pages, block hashes): the same work per page.
+        npages = self.memory.npages
+        self.streams = DestStreams(self.memory, np.zeros(npages, dtype=np.uint64),
+                                   np.zeros(npages, dtype=bool), HeldBlocks(npages),
+                                   grant.nstreams)
         self.channels: list[Channel] = []
         self.first_ns: int | None = None
         self.closed = False
         self._folded: list[dict] = []
+        self._rounds_fresh = 0       # rounds closed on every stream, window discarded after
+        self._loop = asyncio.get_running_loop()
         self._timer = asyncio.get_running_loop().call_later(
             grant.duration_ms / 1e3 + OPEN_GRACE_S, self.close)
 
@@ -81,12 +99,31 @@ class StreamProbeSink:
                                       phase="handshake")
         self.channels.append(ch)
         self.streams.adopt(ch)
+        self._loop.add_reader(self.streams.streams[-1].fileno(), self._news)
         if self.first_ns is None:
             self.first_ns = time.perf_counter_ns()
+
+    def _news(self) -> None:
+        """A thread closed a round (or failed): once every stream has closed
+        it, give the window back so the next round lands on fresh memory.
+        A page of the next round placed before the discard reads as zero
+        afterwards: harmless, nothing reads the window (checksums are checked
+        on the received frames)."""
+        streams = self.streams.streams
+        for s in streams:
+            s.clear_notify()
+        if len(streams) < self.grant.nstreams:
+            return
+        closed = min(s.stats()["rounds"] for s in streams)
+        if closed > self._rounds_fresh:
+            self._rounds_fresh = closed
+            self.memory.discard(0, self.memory.npages)
 
     def stop(self) -> None:
         """Stop and join the threads (their sockets are shut down), keeping their counters."""
         if not self.streams.closed:
+            for s in self.streams.streams:
+                self._loop.remove_reader(s.fileno())
             self._folded = [s.stats() for s in self.streams.streams]
             self.streams.close()
             for ch in self.channels:

@@ -34,6 +34,7 @@ import numpy as np
 
 from ...aio.channel import Channel
 from ...aio.deadline import within
+from ...codec.blockdelta import Fingerprints
 from ...config import MigrationConfig
 from ...errors import RemoteProtocolError
 from ...native import PAGE_SIZE
@@ -81,11 +82,16 @@ async def run(ch: Channel, grant, opener: Callable[[], Awaitable[Channel]], *,
         words = memory.words
         words[:] = np.random.default_rng().integers(0, 1 << 64, words.shape, dtype=np.uint64,
                                                     endpoint=False)
-        streams, channels = await SourceStreams.open(memory, None, None, grant.nstreams, opener,
-                                                     codec=config.codec_for_mode)
+        # The arrays a migration's threads write for every page sent (its
+        # hash; its block hashes where BLOCK pages are on): the same work per page.
+        codec = config.codec_for_mode
+        fingerprints = Fingerprints(memory.npages) if codec.enabled("block") else None
+        streams, channels = await SourceStreams.open(
+            memory, np.zeros(memory.npages, dtype=np.uint64), fingerprints, grant.nstreams,
+            opener, codec=codec)
         streams.set_max_bandwidth(config.max_bandwidth_bps)
         rounds = await _rounds(streams, memory.npages, grant.duration_ms / 1e3, max_bytes,
-                               timeout_s)
+                               timeout_s, fingerprints)
         totals = {k: sum(s.stats()[k] for s in streams.streams)
                   for k in ("pages", "batch_bytes", "cpu_ns", "raw_pages", "zero_pages",
                             "lz4_pages", "block_pages")}
@@ -106,13 +112,17 @@ async def run(ch: Channel, grant, opener: Callable[[], Awaitable[Channel]], *,
 
 
 async def _rounds(streams: SourceStreams, npages: int, duration_s: float, max_bytes: int,
-                  stall_timeout_s: float) -> list[tuple[int, float]]:
-    """Send rounds until the duration or the byte budget is spent."""
+                  stall_timeout_s: float, fingerprints) -> list[tuple[int, float]]:
+    """Send rounds until the duration or the byte budget is spent. Every
+    round is a first send: the fingerprints forget what the destination
+    holds (it discards it too), so no page goes as a BLOCK page."""
     rounds: list[tuple[int, float]] = []
     round_pages = max(1, min(npages, FIRST_ROUND_BYTES // PAGE_SIZE))
     t_start = time.perf_counter()
     sent = 0
     while True:
+        if fingerprints is not None:
+            fingerprints.valid[:] = 0
         t0 = time.perf_counter()
         result = await streams.send_round(len(rounds), np.arange(round_pages, dtype=np.uint64),
                                           stall_timeout_s)
