@@ -33,6 +33,7 @@ or the control channel does.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -40,7 +41,7 @@ import numpy as np
 from ...aio.channel import Channel
 from ...codec.blockdelta import HeldBlocks
 from ...config import MAX_STREAMS, MigrationConfig
-from ...errors import RemoteProtocolError
+from ...errors import RemoteProtocolError, Unsupported
 from ...native import PAGE_SIZE
 from ...native.memory import GuestMemory
 from ...protocol import StreamProbe, StreamProbeEnd, StreamProbeGrant, StreamProbeResult, spec
@@ -53,6 +54,8 @@ MAX_DURATION_MS = 5000
 """The longest a stream probe may send."""
 OPEN_GRACE_S = 2.0
 """Beyond the granted duration, for opening the streams and the last acks."""
+POPULATE = True
+POPULATE_CHUNK_PAGES = 1024
 
 
 def offered(config: MigrationConfig, *, tls: bool) -> bool:
@@ -87,6 +90,8 @@ class StreamProbeSink:
         self.closed = False
         self._folded: list[dict] = []
         self._rounds_fresh = 0       # rounds closed on every stream, window discarded after
+        self._populating: asyncio.Future | None = None
+        self._populate_stop = threading.Event()
         self._loop = asyncio.get_running_loop()
         self._timer = asyncio.get_running_loop().call_later(
             grant.duration_ms / 1e3 + OPEN_GRACE_S, self.close)
@@ -118,6 +123,20 @@ class StreamProbeSink:
         if closed > self._rounds_fresh:
             self._rounds_fresh = closed
             self.memory.discard(0, self.memory.npages)
+            if POPULATE and (self._populating is None or self._populating.done()):
+                self._populating = self._loop.run_in_executor(None, self._populate)
+
+    def _populate(self) -> None:
+        """Fault the window in as the server pre-faults a VM's memory while
+        round 0 streams (server._populate): the same competition for the CPU."""
+        npages = self.memory.npages
+        try:
+            for first in range(0, npages, POPULATE_CHUNK_PAGES):
+                if self._populate_stop.is_set():
+                    return
+                self.memory.populate(first, min(POPULATE_CHUNK_PAGES, npages - first))
+        except Unsupported:
+            return
 
     def stop(self) -> None:
         """Stop and join the threads (their sockets are shut down), keeping their counters."""
@@ -145,6 +164,14 @@ class StreamProbeSink:
         self.closed = True
         self._timer.cancel()
         self.stop()
+        self._populate_stop.set()
+        if self._populating is not None and not self._populating.done():
+            # The region must outlive the chunk being faulted in.
+            self._populating.add_done_callback(lambda _: self._free())
+        else:
+            self._free()
+
+    def _free(self) -> None:
         self.memory.close()
         self._slot.busy = False
 
