@@ -22,6 +22,7 @@ from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.errors import LivemigError
 from livemig.native.streams import probe
+from livemig.protocol import connection
 from livemig.protocol import (Abort, ChannelKind, StreamProbe, StreamProbeEnd,
                               StreamProbeGrant, spec)
 from support.oracle import Recipe, assert_matches_unmoved
@@ -105,6 +106,19 @@ def test_a_destination_without_the_capability_gets_the_control_probe(run, monkey
     est = run(main())
     assert est.kind == "control"
     assert est.fallback_reason.startswith("the destination does not offer the stream probe")
+
+
+def test_a_version_1_destination_gets_the_control_probe(run, monkeypatch):
+    monkeypatch.setattr(connection, "SUPPORTED_VERSIONS", (1, 1))   # what answer_hello speaks
+
+    async def main():
+        async with MigrationServer(LOCAL, 0) as srv:
+            return await probe_link(LOCAL, srv.port, config=MigrationConfig(streams=2),
+                                    max_time_s=0.1, max_bytes=4 * MIB)
+    est = run(main())
+    assert est.kind == "control"
+    assert est.fallback_reason == ("wire version 1 was negotiated, which has no streams "
+                                   "(an older peer)")
 
 
 def test_a_source_without_the_capability_probes_as_before_and_cannot_skip_it(run):

@@ -44,7 +44,10 @@ from ..aio.channel import open_channel
 from ..aio.deadline import within
 from ..aio.ratelimit import TokenBucket
 from ..config import MigrationConfig
+from ..engine.source import streamprobe
+from ..engine.source.streams import STREAMS, refusal
 from ..errors import RemoteProtocolError
+from ..native.streams import SEND_FRAME_BYTES
 from ..policy import Prediction, predict
 from ..protocol import Abort, ChannelKind, Ping, ProbeData, ProbeEnd
 from ..units import MIB, finite_or_none, format_mib_per_s
@@ -95,10 +98,6 @@ async def probe_link(host: str, port: int, *, config: MigrationConfig | None = N
     """Measure the link to ``host:port`` on the path a migration under
     ``config`` would take: the native streams' probe where it can run, else
     the control channel's (and why)."""
-    from ..engine.source import streamprobe
-    from ..engine.source.streams import STREAMS, refusal
-    from ..native.streams import SEND_FRAME_BYTES
-
     config = config or MigrationConfig()
     refused = refusal(config, tls=ssl is not None)
     caps = frozenset() if refused is not None else frozenset({STREAMS, linkrate.STREAM_PROBE})
