@@ -50,6 +50,11 @@ SAMPLES = [
     ev.ProbeData(2**32 - 1, b""),
     ev.ProbeEnd(64, 64 << 20),
     ev.ProbeResult(63, 63 << 20, 51_000_000),
+    ev.StreamProbe(4, 1000, 64 << 20),
+    ev.StreamProbeGrant(2, 800, 32 << 20, "capped"),
+    ev.StreamProbeGrant(0, 0, 0, "another stream probe runs here"),
+    ev.StreamProbeEnd(8192, 8192 * 4200),
+    ev.StreamProbeResult(8192, 8192 * 4200, 51_000_000, 40_000_000),
     ev.Outcome(ev.OutcomeCode.COMMITTED, bytes(range(16)), "running here"),
 ]
 

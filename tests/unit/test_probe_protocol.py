@@ -78,3 +78,45 @@ def test_probe_data_is_not_copied():
     filler = bytearray(4096)
     _, parts = ev.ProbeData(5, filler).encode()
     assert parts[1].obj is filler
+
+
+def test_stream_probe_questions_and_answers_leave_ready():
+    c = ready()
+    assert c.process(S, ev.StreamProbe(2, 500, 8 << 20)) is State.READY
+    assert c.process(D, ev.StreamProbeGrant(2, 500, 8 << 20)) is State.READY
+    assert c.process(S, ev.StreamProbeEnd(10, 40960)) is State.READY
+    assert c.process(D, ev.StreamProbeResult(10, 40960, 1000, 500)) is State.READY
+    assert c.process(S, ev.MigrationOffer({"name": "vm"}, ev.Mode.PRECOPY, 1)) is State.OFFERED
+
+
+@pytest.mark.parametrize("answer", [ev.StreamProbeGrant(1, 1, 4096),
+                                    ev.StreamProbeResult(0, 0, 0, 0)])
+def test_a_stream_probe_answer_must_answer_something(answer):
+    with pytest.raises(TransitionError, match="answers no"):
+        ready().process(D, answer)
+
+
+@pytest.mark.parametrize("sender,event", [
+    (D, ev.StreamProbe(1, 1, 4096)), (D, ev.StreamProbeEnd(0, 0)),
+    (S, ev.StreamProbeGrant(1, 1, 4096)), (S, ev.StreamProbeResult(0, 0, 0, 0))])
+def test_stream_probe_events_have_one_sender(sender, event):
+    c = ready()
+    if sender is S:     # an answer from the wrong side, while its question is open
+        c.process(S, ev.StreamProbe(1, 1, 4096) if isinstance(event, ev.StreamProbeGrant)
+                  else ev.StreamProbeEnd(0, 0))
+    with pytest.raises(TransitionError):
+        c.process(sender, event)
+
+
+def test_no_stream_probe_once_a_migration_is_offered():
+    c = ready()
+    c.process(S, ev.MigrationOffer({"name": "vm"}, ev.Mode.PRECOPY, 1))
+    c.process(D, ev.Accept())
+    with pytest.raises(TransitionError, match="StreamProbe"):
+        c.process(S, ev.StreamProbe(1, 1, 4096))
+
+
+def test_stream_probe_ids_sit_in_the_probe_group():
+    from livemig.protocol import spec
+    for name in ("StreamProbe", "StreamProbeGrant", "StreamProbeEnd", "StreamProbeResult"):
+        assert 112 <= spec.MESSAGE_IDS[name] <= 127

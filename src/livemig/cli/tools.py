@@ -43,8 +43,11 @@ def cmd_dirtyrate(args) -> int:
 def cmd_plan(args) -> int:
     from ..analysis.plan import format_plan
 
+    opts = limit_options(args)
+    if args.streams is not None:
+        opts["streams"] = args.streams
     res = control_client(args).call("plan", name=args.vm, to=args.to, window_s=args.window,
-                             probe_time_s=args.probe_time, **limit_options(args))
+                             probe_time_s=args.probe_time, **opts)
     emit(args, res, format_plan)
     return EXIT_OK
 
@@ -101,6 +104,9 @@ def register(sub) -> None:
     sp.add_argument("--max-bandwidth", help="the cap the migration would run under")
     sp.add_argument("--window", type=float, default=1.0, help="dirty-rate window in seconds")
     sp.add_argument("--probe-time", type=float, default=1.0, help="bandwidth probe seconds")
+    sp.add_argument("--streams", type=int, metavar="N",
+                    help="native bulk streams the migration would use (0: the Python path; "
+                         "the probe follows)")
     sp.add_argument("--server-name", help="TLS name of the destination (default: its host)")
     daemon_opts(sp)
     sp.set_defaults(func=cmd_plan)

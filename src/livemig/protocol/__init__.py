@@ -9,7 +9,8 @@ from .events import (ALL_EVENTS, BATCH_POSTCOPY, BATCH_URGENT, WIRE_IDS, Abort, 
                      PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete, PresentReport, Refuse,
                      RefuseCode, Resumed, RoundAck, RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover,
                      Verified, Commit, VerifyFailed, Welcome, ProbeData, ProbeEnd, ProbeResult, Outcome,
-                     OutcomeCode, ResumeReport)
+                     OutcomeCode, ResumeReport, StreamProbe, StreamProbeGrant, StreamProbeEnd,
+                     StreamProbeResult)
 from .state import Role, State
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "PageInvalidate", "PageRequest", "Phase", "Ping", "Pong", "PostcopyComplete", "PresentReport", "Refuse",
     "RefuseCode", "Resumed", "RoundAck", "RoundEnd", "RoundStart", "StreamAck", "StreamEnd", "Switchover", "Verified", "Commit",
     "VerifyFailed", "Welcome", "Role", "State", "ProbeData", "ProbeEnd", "ProbeResult",
-    "Outcome", "OutcomeCode", "ResumeReport",
+    "Outcome", "OutcomeCode", "ResumeReport", "StreamProbe", "StreamProbeGrant",
+    "StreamProbeEnd", "StreamProbeResult",
 ]

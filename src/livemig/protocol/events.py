@@ -516,6 +516,64 @@ class ProbeResult(Event):
     duration_ns: int
 
 
+# --- the stream probe (capability "stream-probe", wire version 2) -------------
+
+@dataclass(frozen=True)
+class StreamProbe(Event):
+    """Source -> destination, control channel in READY: measure the link on
+    ``nstreams`` native bulk streams, sending rounds of pages out of a window
+    of ``window_bytes`` for about ``duration_ms``. Answered by
+    StreamProbeGrant; the destination caps all three."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["StreamProbe"]
+    FIELDS = (u32("nstreams"), u32("duration_ms"), u64("window_bytes"))
+    nstreams: int
+    duration_ms: int
+    window_bytes: int
+
+
+@dataclass(frozen=True)
+class StreamProbeGrant(Event):
+    """Destination -> source: what it grants of a StreamProbe, at most what was
+    asked; ``nstreams`` 0 refuses (``reason`` says why). Granted, the source
+    opens ``nstreams`` bulk streams and sends rounds of pages below
+    ``window_bytes`` for at most ``duration_ms``; past that (plus a grace for
+    opening the streams) the destination closes the streams."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["StreamProbeGrant"]
+    FIELDS = (u32("nstreams"), u32("duration_ms"), u64("window_bytes"), _REASON)
+    nstreams: int
+    duration_ms: int
+    window_bytes: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StreamProbeEnd(Event):
+    """Source -> destination: the stream probe is over; its streams had
+    ``pages`` pages in ``bytes`` page-batch bytes acknowledged. Answered by
+    StreamProbeResult."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["StreamProbeEnd"]
+    FIELDS = (u64("pages"), u64("bytes"))
+    pages: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StreamProbeResult(Event):
+    """Destination -> source: its streams checked and dropped ``pages`` pages in
+    ``bytes`` page-batch bytes over ``duration_ns`` (its clock, from the first
+    stream's arrival to StreamProbeEnd's), using ``cpu_ns`` of its threads' CPU."""
+
+    WIRE_ID: ClassVar[int] = MESSAGE_IDS["StreamProbeResult"]
+    FIELDS = (u64("pages"), u64("bytes"), u64("duration_ns"), u64("cpu_ns"))
+    pages: int
+    bytes: int
+    duration_ns: int
+    cpu_ns: int
+
+
 # --- handover outcome (a source reconnecting after a break past Commit) ----------------
 
 @dataclass(frozen=True)
@@ -537,7 +595,8 @@ class Outcome(Event):
 ALL_EVENTS = (Hello, Welcome, Refuse, MigrationOffer, Accept, RoundStart, PageBatch,
               RoundEnd, RoundAck, StreamEnd, StreamAck, PageInvalidate, Switchover, Verified, Commit, Resumed,
               VerifyFailed, PageRequest, PresentReport, ResumeReport, PostcopyComplete, Complete, Abort, Ping,
-              Pong, ProbeData, ProbeEnd, ProbeResult, Outcome)
+              Pong, ProbeData, ProbeEnd, ProbeResult, Outcome,
+              StreamProbe, StreamProbeGrant, StreamProbeEnd, StreamProbeResult)
 WIRE_IDS: dict[int, type[Event]] = {cls.WIRE_ID: cls for cls in ALL_EVENTS}
 assert len(WIRE_IDS) == len(ALL_EVENTS) and 0 not in WIRE_IDS
 # The native urgent path reads and writes these prefixes from spec.py.

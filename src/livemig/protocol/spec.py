@@ -34,6 +34,11 @@ STREAMS_CAPABILITY = "streams"
 # ResumeReport (docs/protocol.md, "Resumable pre-copy"). Without it a break
 # during the rounds fails the migration, as before.
 RESUME_PRECOPY_CAPABILITY = "resume-precopy"
+# A peer offering this measures the link on the native bulk streams before an
+# offer: StreamProbe / StreamProbeGrant, N bulk streams of incompressible
+# pages, StreamProbeEnd / StreamProbeResult (docs/protocol.md, "Stream
+# probe"). Without it ``livemig plan`` probes on the control channel, as before.
+STREAM_PROBE_CAPABILITY = "stream-probe"
 # ResumeReport.acked_round when no round was acknowledged yet.
 NO_ROUND = 0xFFFFFFFF
 # magic, version, type, flags, reserved, length, sequence, checksum
@@ -55,6 +60,7 @@ MESSAGE_IDS: dict[str, int] = {
     "Complete": 80, "Abort": 81, "Outcome": 82,
     "Ping": 96, "Pong": 97,
     "ProbeData": 112, "ProbeEnd": 113, "ProbeResult": 114,
+    "StreamProbe": 115, "StreamProbeGrant": 116, "StreamProbeEnd": 117, "StreamProbeResult": 118,
 }
 
 # -- frame flags -------------------------------------------------------------

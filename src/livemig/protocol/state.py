@@ -29,7 +29,8 @@ Rules
    on a quiet post-copy control channel; the destination's
    Pong answers it and may come in any later state (the source may have
    moved on meanwhile), but only while a Ping is unanswered. Likewise a
-   ProbeResult only answers a ProbeEnd. Neither changes the state.
+   ProbeResult only answers a ProbeEnd, a StreamProbeGrant a StreamProbe and
+   a StreamProbeResult a StreamProbeEnd. None of them changes the state.
 6. End of stream is an input too: accepted in terminal states (and, on bulk
    and urgent channels, while open if the source closed: those channels end
    when the source closes them), an error anywhere else (the peer vanished
@@ -42,6 +43,9 @@ Control channel (source S, destination D)::
     READY --S ProbeData--> READY --S ProbeEnd--> READY --D ProbeResult--> READY
                          (a bandwidth probe; the source may then offer, or close:
                           end of stream from the source is normal in READY)
+    READY --S StreamProbe--> READY --D StreamProbeGrant--> READY  (capability
+    READY --S StreamProbeEnd--> READY --D StreamProbeResult--> READY  "stream-probe":
+                          the probe's pages travel on bulk streams meanwhile)
                          |D Refuse                            OFFERED --D Refuse--> REFUSED
                          v                                    OFFERED --D Accept--> PRECOPY
                       REFUSED
@@ -82,7 +86,8 @@ from .events import (Abort, Accept, ChannelKind, Commit, Complete, Event, Hello,
                      PageBatch, PageInvalidate, PageRequest, Phase, Ping, Pong, PostcopyComplete,
                      PresentReport, ProbeData, ResumeReport, ProbeEnd, ProbeResult, Refuse, Resumed, RoundAck,
                      RoundEnd, RoundStart, StreamAck, StreamEnd, Switchover, Verified,
-                     VerifyFailed, Welcome, Outcome)
+                     VerifyFailed, Welcome, Outcome, StreamProbe, StreamProbeEnd,
+                     StreamProbeGrant, StreamProbeResult)
 
 
 class Role(Enum):
@@ -155,6 +160,10 @@ CONTROL = {
     (State.READY, S, ProbeData, _ANY): State.READY,
     (State.READY, S, ProbeEnd, _ANY): State.READY,
     (State.READY, D, ProbeResult, _ANY): State.READY,
+    (State.READY, S, StreamProbe, _ANY): State.READY,
+    (State.READY, D, StreamProbeGrant, _ANY): State.READY,
+    (State.READY, S, StreamProbeEnd, _ANY): State.READY,
+    (State.READY, D, StreamProbeResult, _ANY): State.READY,
     (State.OFFERED, D, Accept, _ANY): State.PRECOPY,
     (State.OFFERED, D, Refuse, _ANY): State.REFUSED,
     (State.PRECOPY, S, RoundStart, _ANY): State.IN_ROUND,
@@ -218,7 +227,8 @@ URGENT = {
 TABLES = {ChannelKind.CONTROL: CONTROL, ChannelKind.BULK: BULK, ChannelKind.URGENT: URGENT}
 
 # Rule 5: an answer is legal only while its question is unanswered.
-ANSWERS = {Pong: Ping, ProbeResult: ProbeEnd}
+ANSWERS = {Pong: Ping, ProbeResult: ProbeEnd, StreamProbeGrant: StreamProbe,
+           StreamProbeResult: StreamProbeEnd}
 _QUESTIONS = frozenset(ANSWERS.values())
 # Before Welcome no Pong can be due; after it, a Pong may cross the source's
 # next messages, so it is allowed in any later state that is not terminal.
@@ -256,6 +266,8 @@ EVENT_WORDS = {
     ProbeData: "bandwidth probe data", ProbeEnd: "the end of a bandwidth probe",
     ProbeResult: "a bandwidth probe result", Outcome: "the outcome of a session",
     ResumeReport: "a report of what it holds of an interrupted pre-copy",
+    StreamProbe: "a request for a stream probe", StreamProbeGrant: "a stream probe's grant",
+    StreamProbeEnd: "the end of a stream probe", StreamProbeResult: "a stream probe result",
 }
 
 STATE_WORDS = {

@@ -76,6 +76,8 @@ from . import resume
 from .outcomes import OutcomeBook, OutcomeRecord, RecoveryExpired
 from .postcopy import FaultService, PostcopyPlacer
 from .probes import answer_probes
+from .streamprobe import STREAM_PROBE, ProbeSlot, StreamProbeDesk
+from .streamprobe import offered as stream_probe_offered
 from .streams import (STREAMS, DestStreams, check_offer as check_streams_offer,
                       offered as streams_offered)
 from ...native import PAGE_SIZE
@@ -98,7 +100,7 @@ MAX_NAME_CHARS = 64
 class IncomingMigration:
     def __init__(self, ch: Channel, hook: IncomingHook, config: MigrationConfig,
                  sessions: dict | None = None, outcomes: OutcomeBook | None = None,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, probe_slot: ProbeSlot | None = None):
         self.ch = ch
         self.budget = budget
         self.reservation: Reservation | None = None
@@ -130,6 +132,8 @@ class IncomingMigration:
         self.ended = asyncio.Event()
         self.decided = asyncio.Event()       # the guest resumed here, or the session ended
         self._streams: DestStreams | None = None   # pre-copy pages on native threads
+        # Stream probes before the offer (livemig plan), one per server at a time.
+        self._probe_desk = StreamProbeDesk(ch, probe_slot or ProbeSlot(), self._release)
 
     @property
     def peer(self) -> str:
@@ -162,6 +166,7 @@ class IncomingMigration:
                 # chunk in hand finishes), and the region must outlive that.
                 self._populate_stop.set()
                 await asyncio.shield(self._populating)
+            self._probe_desk.close()
             if self._streams is not None:
                 self._streams.close()   # threads joined before memory can go
             if self.faults is not None:
@@ -213,7 +218,8 @@ class IncomingMigration:
     # -- handshake -----------------------------------------------------------------------
     async def _accept_offer(self) -> bool:
         offer, probed = await answer_probes(self.ch, self.config.handshake_timeout_s,
-                                            self.phase.label)
+                                            self.phase.label, self._probe_desk)
+        self._probe_desk.close()    # a probe the source did not end ends at the offer
         if offer is None and probed:
             return False  # a bandwidth probe only (livemig plan): nothing to host
         problem = self._check_offer(offer)
@@ -608,6 +614,9 @@ class IncomingMigration:
                 if dropped is not None and dropped is not ch:
                     dropped.abort()
                     self._release(dropped)
+        elif (ch.kind is ChannelKind.BULK and STREAMS in ch.conn.capabilities
+              and self._probe_desk.active):
+            self._probe_desk.adopt(ch)
         elif ch.kind is ChannelKind.BULK and STREAMS in ch.conn.capabilities:
             if self._streams is None:
                 raise RemoteProtocolError("a bulk stream for a migration without streams",
@@ -698,6 +707,7 @@ class MigrationServer:
         self.completed: asyncio.Queue = asyncio.Queue()
         self.sessions: dict[bytes, IncomingMigration] = {}
         self.outcomes = OutcomeBook()
+        self.probe_slot = ProbeSlot()
 
     async def start(self) -> None:
         self._server = await serve_channels(self.host, self.requested_port, self._serve,
@@ -723,10 +733,14 @@ class MigrationServer:
     def _welcome(self, hello: Hello):
         """answer_hello, granting native streams where this host runs them,
         from wire version 2 on."""
-        caps = {STREAMS} if streams_offered(self.config, tls=self.ssl is not None) else set()
+        tls = self.ssl is not None
+        caps = {STREAMS} if streams_offered(self.config, tls=tls) else set()
+        if stream_probe_offered(self.config, tls=tls):
+            caps.add(STREAM_PROBE)
         answer = answer_hello(hello, capabilities=caps | resume.granted(self.config))
         if isinstance(answer, Welcome) and answer.version < spec.STREAMS_VERSION:
-            answer = dataclasses.replace(answer, capabilities=answer.capabilities - {STREAMS})
+            answer = dataclasses.replace(answer, capabilities=answer.capabilities
+                                         - {STREAMS, STREAM_PROBE})
         return answer
 
     async def _serve(self, ch: Channel) -> None:
@@ -744,7 +758,7 @@ class MigrationServer:
             await existing.adopt(ch)
             return
         incoming = IncomingMigration(ch, self.on_incoming, self.config, self.sessions,
-                                     self.outcomes, self.budget)
+                                     self.outcomes, self.budget, self.probe_slot)
         vm = await incoming.run()
         if vm is not None:
             await self.completed.put((incoming.arrival, vm))
