@@ -25,6 +25,7 @@ from support.fleet import etcd_call as _etcd
 from support.fleet import fleet_daemon as _daemon
 from support.fleet import fleet_rows as _fleet
 from support.fleet import host as _host
+from support.fleet import joined as _joined
 from support.fleet import leader as _leader
 from support.fleet import listed as _listed
 from support.fleet import put as _put
@@ -172,7 +173,8 @@ def test_refused_then_reclaimed_source_resumes_identical(tmp_path, etcd):
     a = _daemon(tmp_path, "a", "asyncio", etcd)
     # b renews (and so reads its drain mark, or rejoins) only every 100 s:
     # it knows nothing of what the test changes in etcd meanwhile.
-    b = DaemonProcess(tmp_path, "b", "asyncio", "--fleet", etcd.url, "--fleet-ttl", "300")
+    b = _joined(DaemonProcess(tmp_path, "b", "asyncio", "--fleet", etcd.url,
+                              "--fleet-ttl", "300"))
     try:
         recipe = Recipe("16MiB", 2, "memtest", seed=13, dirty_rate="8MiB/s")
         start_vm(a, name, recipe)

@@ -22,6 +22,7 @@ from support.etcd import free_ports
 from support.faultproxy import FaultProxy
 from support.frameproxy import Fault
 from support.proxythread import LOCAL, ProxyThread
+from support.waiting import wait_for
 
 TTL_S = 2
 
@@ -49,9 +50,17 @@ def put(etcd, key: str, value: bytes) -> None:
     etcd_call(etcd, lambda client: client.put(key, value))
 
 
+def joined(daemon: DaemonProcess) -> DaemonProcess:
+    """``daemon`` once it has joined its fleet (its control socket answers
+    before the join is done)."""
+    wait_for(f"daemon {daemon.control} to join its fleet",
+             lambda: (daemon.client.call("ping").get("fleet") or {}).get("state") == "member")
+    return daemon
+
+
 def fleet_daemon(tmp_path, label, loop, etcd, *extra):
-    return DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url, "--fleet-ttl", str(TTL_S),
-                         *extra)
+    return joined(DaemonProcess(tmp_path, label, loop, "--fleet", etcd.url,
+                                "--fleet-ttl", str(TTL_S), *extra))
 
 
 def host(etcd, addr: str) -> dict:
@@ -111,7 +120,7 @@ class FleetHost:
             self.link = ProxyThread(port, fault)
             extra += ["--listen", f"{LOCAL}:{port}", "--advertise", self.link.address]
         try:
-            self.proc = DaemonProcess(tmp, label, loop, *extra)
+            self.proc = joined(DaemonProcess(tmp, label, loop, *extra))
         except BaseException:
             if self.link is not None:
                 self.link.close()
