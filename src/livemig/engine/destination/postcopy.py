@@ -39,6 +39,12 @@ places pushed batches, watches the thread's eventfd (fault latencies to
 fold into the stats, completion, or the error it ended with) and runs the
 control channel. The thread's outstanding requests survive a broken
 channel and are asked again on the next ``serve``.
+
+Native push (``serve(..., push=[handed-off sockets])``): a thread per push
+stream checks each pushed batch, stores its hashes and places it with
+UFFDIO_COPY (EEXIST: the urgent path was first), settling faults it served;
+this loop watches their eventfds for counters, completion and failures.
+Threads are joined when ``serve`` ends, before memory may close.
 """
 from __future__ import annotations
 

@@ -48,6 +48,12 @@ channel's socket, handed off right after its handshake, is served by a C
 thread answering from the frozen memory; this loop drains the page indices
 it answered from a ring (eventfd-driven) to mark them sent and to pre-page
 around them, exactly as ``_answer`` does on the Python path.
+
+Native push (``serve(..., push=SourceStreams)``): the owed pages go out on N
+push streams served by C threads instead of the bulk channel, in chunks this
+loop picks in the same order (near recent faults first, then the sweep); a
+chunk is one stream round, acknowledged once placed at the destination. A
+failed push thread is a break like any other (the caller reconnects).
 """
 from __future__ import annotations
 
