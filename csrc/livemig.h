@@ -531,6 +531,7 @@ typedef struct lm_stream_stats {
     uint64_t lz4_pages;           /* pages sent / placed as LZ4 */
     uint64_t lz4_bytes;           /* their compressed bytes */
     uint64_t lz4_probes;          /* source: batches whose sample runs were compressed */
+    uint64_t latencies_dropped;   /* dest push: fault latencies the full ring dropped */
 } lm_stream_stats;
 
 /* 0 when native streams can run here (libxxhash loads and agrees with a known
@@ -551,6 +552,24 @@ int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hash
  * held. Without them BLOCK runs are refused. */
 int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes, uint8_t *held,
                           uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
+/* Destination, post-copy push (docs/postcopy.md): pages land through p
+ * (UFFDIO_COPY / ZEROPAGE, which wake any vCPU blocked on them; a page
+ * already placed by the urgent path is skipped, EEXIST); hashes (may be
+ * NULL) receive each page's hash before it is placed; with urgent (the
+ * destination's lm_urgent over the same p, or NULL) a fault outstanding on a
+ * pushed page is settled (counted once, as served by the push). base and
+ * npages are p's region. Accepts PageBatch flagged POSTCOPY, ZERO and RAW
+ * runs only. p and urgent must outlive the thread. */
+int lm_stream_dest_postcopy_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
+                                   lm_postcopy *p, lm_urgent *urgent, lm_stream **out);
+/* Destination push: latencies (ns, fault read -> placed by a push) of the
+ * faults this thread's placements served since the last call; returns how
+ * many (0 for any other stream). */
+int64_t lm_stream_latencies_drain(lm_stream *s, uint64_t *ns_out, uint64_t max);
+/* Source, before attach: flag every PageBatch POSTCOPY (the push after the
+ * switchover) and send no LZ4; with no fingerprints there is no BLOCK either,
+ * so the batches are ZERO and RAW only. -EBUSY when attached. */
+int lm_stream_source_postcopy(lm_stream *s);
 /* Source, before attach: send runs of RAW pages (cut at chunk_pages) as LZ4
  * where that saves at least min_saving_pct of their bytes, judged per batch
  * as the Python encoder does (docs/codec.md). 0, -ENOSYS without liblz4

@@ -49,7 +49,9 @@
 #include <unistd.h>
 
 #include "channels/lm_stream_internal.h"
+#include "channels/lm_urgent_internal.h"
 #include "codec/lm_pagehash.h"
+#include "postcopy/lm_postcopy_internal.h"
 
 LM_API int lm_stream_probe(char *reason, size_t reason_cap)
 {
@@ -169,6 +171,50 @@ LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashe
     return rc;
 }
 
+LM_API int lm_stream_dest_postcopy_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
+                                          lm_postcopy *p, lm_urgent *urgent, lm_stream **out)
+{
+    if (!p || npages != lm_postcopy_npages(p) ||
+        (urgent && lm_urgent_dest_settle_run(urgent, p, 0, 0, NULL) != 0)) {
+        if (out)
+            *out = NULL;
+        return -EINVAL;
+    }
+    int rc = stream_new(LM_STREAM_DEST, base, npages, hashes, NULL, NULL, out);
+    if (rc < 0)
+        return rc;
+    lm_stream *s = *out;
+    s->pc = p;
+    s->urgent = urgent;
+    s->batch_flags = LM_WIRE_BATCH_POSTCOPY;
+    s->lat_ring.capacity = LM_STREAM_LATENCY_RING;
+    s->lat_ring.slots = malloc(LM_STREAM_LATENCY_RING * sizeof(uint64_t));
+    if (!s->lat_ring.slots) {
+        lm_stream_destroy(s);
+        *out = NULL;
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+LM_API int64_t lm_stream_latencies_drain(lm_stream *s, uint64_t *ns_out, uint64_t max)
+{
+    if (!s || !s->lat_ring.slots)
+        return 0;
+    return lm_ring_drain(&s->lat_ring, ns_out, max);
+}
+
+LM_API int lm_stream_source_postcopy(lm_stream *s)
+{
+    if (!s || s->side != LM_STREAM_SOURCE)
+        return -EINVAL;
+    if (s->ch.attached)
+        return -EBUSY;
+    s->batch_flags = LM_WIRE_BATCH_POSTCOPY;
+    s->lz4_chunk_pages = 0;
+    return 0;
+}
+
 /* ---- the thread -------------------------------------------------------------- */
 
 static int source_loop(lm_stream *s)
@@ -206,9 +252,10 @@ static int dest_loop(lm_stream *s)
             return rc;
         const uint8_t *payload = s->rbuf + LM_WIRE_HEADER_BYTES;
         if (type == LM_MSG_PAGE_BATCH) {
-            if (lm_frame_flags(s->rbuf) != 0)
+            if (lm_frame_flags(s->rbuf) != s->batch_flags)
                 return lm_chan_fail(&s->ch, EPROTO, "PageBatch flags %#x on a bulk stream, which "
-                                    "carries pre-copy batches only", lm_frame_flags(s->rbuf));
+                                    "carries %s batches only", lm_frame_flags(s->rbuf),
+                                    s->pc ? "post-copy (flags 0x2)" : "pre-copy (flags 0)");
             rc = lm_stream_dest_on_batch(s, payload, length);
         } else {
             if (lm_frame_flags(s->rbuf) != 0)
@@ -235,7 +282,7 @@ static int stream_buffers(lm_stream *s)
     s->rbuf = malloc(LM_WIRE_HEADER_BYTES + s->ch.max_frame);
     if (!s->rbuf)
         return lm_chan_fail(&s->ch, ENOMEM, "no memory for the stream's receive buffer");
-    if (s->side == LM_STREAM_DEST && !s->lz4.dl) {
+    if (s->side == LM_STREAM_DEST && !s->pc && !s->lz4.dl) {   /* no LZ4 in post-copy */
         char reason[128];
         if (lm_lz4_open(&s->lz4, reason, sizeof(reason)) == 0) {   /* else LZ4 is refused */
             s->lz4buf_bytes = (uint64_t)LM_STREAM_BATCH_PAGES * LM_PAGE_SIZE;
@@ -324,6 +371,7 @@ LM_API void lm_stream_destroy(lm_stream *s)
     free(s->masks);
     free(s->blocks);
     free(s->lz4buf);
+    free(s->lat_ring.slots);
     lm_lz4_close(&s->lz4);
     free(s);
 }

@@ -44,6 +44,7 @@
 #endif
 
 #include "channels/lm_stream_internal.h"
+#include "channels/lm_urgent_internal.h"
 #include "codec/lm_pagehash.h"
 #include "wire/lm_le.h"
 
@@ -265,6 +266,49 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
 #endif
 }
 
+/* Post-copy push: every run lands through userfaultfd (UFFDIO_COPY from the
+ * verified receive buffer, or ZEROPAGE), which maps it atomically and wakes
+ * any vCPU blocked on it. Hashes are stored first: once the last page is
+ * placed the owner may take the digest of the array at any moment. A page
+ * the urgent path placed first comes back EEXIST, skipped and counted by
+ * lm_postcopy; its hash is the same either way (the source's memory is
+ * frozen since the switchover). */
+_Static_assert(LM_STREAM_BATCH_PAGES <= 64, "a push run must fit lm_urgent_dest_settle_run");
+
+static int place_runs_postcopy(lm_stream *s, const uint8_t *runs, uint32_t nruns,
+                               const uint8_t *raw)
+{
+    for (uint32_t i = 0; i < nruns; i++) {
+        const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
+        uint64_t first = get64(r), count = get32(r + 8);
+        int64_t placed;
+        if (r[12] == LM_ENC_RAW) {
+            for (uint64_t j = 0; s->hashes && j < count; j++)
+                __atomic_store_n(&s->hashes[first + j], page_hash(raw + j * LM_PAGE_SIZE),
+                                 __ATOMIC_RELEASE);
+            placed = lm_postcopy_copy(s->pc, first, raw, count);
+            raw += count * LM_PAGE_SIZE;
+            STREAM_ADD(s, raw_pages, count);
+        } else {
+            for (uint64_t j = 0; s->hashes && j < count; j++)
+                __atomic_store_n(&s->hashes[first + j], s->zero_hash, __ATOMIC_RELEASE);
+            placed = lm_postcopy_zero(s->pc, first, count);
+            STREAM_ADD(s, zero_pages, count);
+        }
+        if (placed < 0)
+            return lm_chan_fail(&s->ch, (int)-placed, "placing pushed pages %llu..%llu: %s",
+                                (unsigned long long)first,
+                                (unsigned long long)(first + count - 1), strerror((int)-placed));
+        if (s->urgent) {
+            uint64_t lat[64];   /* a run is at most a batch: LM_STREAM_BATCH_PAGES */
+            int64_t k = lm_urgent_dest_settle_run(s->urgent, s->pc, first, count, lat);
+            if (k > 0)
+                lm_ring_push(&s->lat_ring, lat, (uint64_t)k, &s->stats.latencies_dropped);
+        }
+    }
+    return 0;
+}
+
 int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
 {
     if (length < LM_WIRE_BATCH_PREFIX_BYTES + LM_BATCH_HEADER_BYTES)
@@ -308,8 +352,14 @@ int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length)
         rc = decode_lz4(s, runs, (uint32_t)nruns, masks + block_section);
     if (rc < 0)
         return rc;
-    place_runs(s, runs, (uint32_t)nruns, masks, masks + 2 * block_pages,
-               masks + block_section + lz4_section);
+    if (s->pc) {
+        rc = place_runs_postcopy(s, runs, (uint32_t)nruns, masks);
+        if (rc < 0)
+            return rc;
+    } else {
+        place_runs(s, runs, (uint32_t)nruns, masks, masks + 2 * block_pages,
+                   masks + block_section + lz4_section);
+    }
     STREAM_ADD(s, block_bytes, block_section);
     STREAM_ADD(s, lz4_bytes, lz4_section);
     s->round_open = 1;

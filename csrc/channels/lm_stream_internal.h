@@ -13,6 +13,7 @@
 
 #include "livemig.h"
 #include "channels/lm_chan.h"
+#include "channels/lm_ring.h"
 #include "codec/lm_lz4.h"
 
 enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
@@ -33,6 +34,9 @@ enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
  * nothing on incompressible memory). */
 #define LM_STREAM_LZ4_PROBE_RUNS 8
 #define LM_STREAM_LZ4_SKIP_BATCHES 31
+/* Post-copy push, destination: fault latencies waiting for the owner (a full
+ * ring drops and counts, as the urgent thread's does). */
+#define LM_STREAM_LATENCY_RING 65536
 
 struct lm_stream {
     struct lm_chan ch;          /* the thread, its socket and eventfds */
@@ -73,6 +77,12 @@ struct lm_stream {
     uint32_t lz4_skip_batches;
     uint8_t *lz4buf;            /* source: compressed runs; dest: decompressed pages */
     uint64_t lz4buf_bytes;
+    /* post-copy push: frames flagged POSTCOPY; dest places through pc and
+     * settles the urgent path's outstanding faults (urgent may be NULL) */
+    uint16_t batch_flags;
+    lm_postcopy *pc;
+    lm_urgent *urgent;
+    struct lm_ring lat_ring;    /* dest push: latencies of faults a push served (ns) */
     lm_stream_stats stats;      /* atomic fields */
 };
 

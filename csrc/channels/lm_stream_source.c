@@ -284,7 +284,7 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
     iov[1].iov_len = LM_WIRE_BATCH_PREFIX_BYTES + table_bytes;
     int rc = lm_pace_take(s->pace, &s->ch, LM_WIRE_HEADER_BYTES + iov[1].iov_len + payload);
     if (rc == 0)
-        rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, 0, iov, niov);
+        rc = lm_chan_send(&s->ch, LM_MSG_PAGE_BATCH, s->batch_flags, iov, niov);
     if (rc != 0)
         return rc;
     STREAM_ADD(s, batches, 1);

@@ -167,6 +167,15 @@ LM_API int64_t lm_urgent_dest_settle(lm_urgent *u, const int64_t *pages, uint64_
     return (int64_t)dest_served(u, pages, 0, n, lm_urgent_now_ns(), latency_ns_out);
 }
 
+int64_t lm_urgent_dest_settle_run(lm_urgent *u, const lm_postcopy *pc, uint64_t first,
+                                  uint64_t n, uint64_t *out)
+{
+    if (!u || u->side != LM_URGENT_DEST || u->pc != pc || n > 64 || first > u->npages ||
+        n > u->npages - first)
+        return -EINVAL;
+    return (int64_t)dest_served(u, NULL, first, n, lm_urgent_now_ns(), out);
+}
+
 int lm_urgent_dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_t length)
 {
     if (flags != LM_WIRE_BATCH_URGENT)

@@ -74,6 +74,13 @@ int lm_urgent_receive(lm_urgent *u, uint16_t want_type, lm_urgent_frame_fn fn);
 int lm_urgent_dest_resend(lm_urgent *u);
 int lm_urgent_dest_read_faults(lm_urgent *u);
 int lm_urgent_dest_on_batch(lm_urgent *u, uint16_t flags, const uint8_t *p, uint32_t length);
+/* For the post-copy push threads (lm_stream_dest.c): pages first .. first+n
+ * (n <= 64) are present now; settle the faults outstanding on them (each is
+ * counted once). Their latencies go to out (64 entries), not to the urgent
+ * ring, whose one producer is the urgent thread. Returns how many, or
+ * -EINVAL when u is no destination of pc. */
+int64_t lm_urgent_dest_settle_run(lm_urgent *u, const lm_postcopy *pc, uint64_t first,
+                                  uint64_t n, uint64_t *out);
 
 /* lm_urgent_source.c */
 int lm_urgent_source_on_request(lm_urgent *u, uint16_t flags, const uint8_t *p,

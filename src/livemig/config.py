@@ -228,6 +228,13 @@ class MigrationConfig:
     bandwidth cap); ``MigrationStats.data_path`` says which path ran and why.
     LIVEMIG_NATIVE_STREAMS=0 in the environment also forces the Python path."""
 
+    postcopy_push_streams: bool = True
+    """Post-copy and hybrid: push the owed pages after the switchover on
+    native streams (as many as ``streams``, each a connection of its own with
+    a C thread on both sides) instead of the event loop's bulk channel, where
+    both peers can (same conditions as ``streams``). ``MigrationStats.push_path``
+    says which path pushed and why."""
+
     def __post_init__(self) -> None:
         if isinstance(self.streams, bool) or not isinstance(self.streams, int) \
                 or not 0 <= self.streams <= MAX_STREAMS:

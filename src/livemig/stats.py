@@ -158,6 +158,9 @@ class MigrationStats:
     stop_invalidated_pages: int = 0
     """Pages the destination discarded inside the stop (the last dirty set)."""
     fault_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    push_path: str | None = None
+    """Who pushed the owed post-copy pages: "native-streams ×N" or
+    "python: <why the native streams were not used>"."""
     fault_path: str | None = None
     """Who served the urgent channel here: "native" (C threads) or "python"."""
     fault_path_reason: str | None = None
@@ -222,6 +225,7 @@ class MigrationStats:
                 "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,
                 "recoveries": self.recoveries, "fault_latency": self.fault_latency.to_dict(),
                 "fault_path": self.fault_path, "fault_path_reason": self.fault_path_reason,
+                "push_path": self.push_path,
                 "vcpu_blocked_ms": self.vcpu_blocked_ms,
                 "invalidation_rounds": list(self.invalidation_rounds),
                 "stop_invalidated_pages": self.stop_invalidated_pages,

@@ -66,6 +66,8 @@ def _summary(rec) -> str:
         lines.append(f"  {'post-copy':12} {pc['duration_ms']:.1f} ms, {pc['pages_pushed']:,} pages "
                      f"pushed, {pc['pages_requested']:,} requested, "
                      f"{pc['recoveries']} recoveries")
+        if pc.get("push_path"):
+            lines.append(f"  {'pushed on':12} {pc['push_path']}")
     return "\n".join(lines)
 
 

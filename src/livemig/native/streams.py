@@ -48,6 +48,7 @@ STRIPE_PAGES = 64
 (stream = (page // STRIPE_PAGES) % N): contiguous runs stay long and a
 round's pages spread evenly over the streams."""
 BATCH_PAGES = lib.LM_STREAM_BATCH_PAGES
+_LATENCY_DRAIN = 4096
 SEND_FRAME_BYTES = (lib.LM_WIRE_BATCH_PREFIX_BYTES + lib.LM_BATCH_HEADER_BYTES
                     + BATCH_PAGES * (lib.LM_BATCH_RUN_BYTES + lib.LM_PAGE_SIZE))
 """The largest payload a source thread sends: the peer's cap must admit it."""
@@ -116,10 +117,15 @@ class _NativeStream(ChannelThread):
         check(lib.lm_stream_attach(self._h, fd, version, send_seq, recv_seq, max_payload_bytes),
               "starting a native bulk stream thread")
 
-    def fold_into(self, stats) -> None:
+    def detach(self) -> None:
+        """Stop and join the thread (its socket shut down); the counters stay
+        readable until :meth:`close`. What it ended with: :meth:`failure`."""
+        lib.lm_stream_detach(self._h)
+
+    def fold_into(self, stats) -> dict[str, int]:
         """Add what the thread sent or placed since the last fold to ``stats``
         (MigrationStats): pages and page-batch bytes, per encoding, and its
-        CPU time."""
+        CPU time. Returns the counters' increments."""
         d = self._unfolded()
         stats.pages_sent += d["pages"]
         stats.bytes_sent += d["batch_bytes"]
@@ -130,6 +136,7 @@ class _NativeStream(ChannelThread):
                              ("lz4", d["lz4_bytes"])):
             stats.bytes_by_encoding[name] = stats.bytes_by_encoding.get(name, 0) + nbytes
         stats.stream_cpu_s += d["cpu_ns"] / 1e9
+        return d
 
     def round_counts(self) -> RoundCounts | None:
         """This stream's part of the latest closed round (None before any)."""
@@ -189,6 +196,13 @@ class SourceStream(_NativeStream):
         check(rc, "configuring LZ4 on a bulk stream")
         return True, ""
 
+    def use_postcopy(self) -> None:
+        """Before attach: this stream pushes owed pages after the switchover
+        (frames flagged POSTCOPY, ZERO and RAW runs only: no LZ4, and the
+        stream must have been made without fingerprints)."""
+        check(lib.lm_stream_source_postcopy(self._h), "making a bulk stream a post-copy push")
+        self._phase = "postcopy"
+
     def set_link_bytes_per_s(self, bytes_per_s: float | None) -> None:
         """The link's measured bandwidth, which LZ4 must beat (None: unknown)."""
         lib.lm_stream_source_link(self._h, int(bytes_per_s or 0))
@@ -227,6 +241,45 @@ class DestStream(_NativeStream):
                                           fp_valid))
 
 
-__all__ = ["SourceStream", "DestStream", "RoundCounts", "partition", "probe", "lz4_probe",
+class PostcopyDestStream(_NativeStream):
+    """Destination side of a post-copy push stream over a
+    :class:`~.postcopy.PostcopyMemory`: every page lands with UFFDIO_COPY /
+    ZEROPAGE (a page the urgent path placed first is skipped, EEXIST), its
+    hash stored first in ``hashes`` (the post-copy decoder's array, the final
+    digest's input); with ``urgent`` (the :class:`~.urgent.NativeFaultServer`
+    over the same memory) a fault outstanding on a pushed page is settled.
+    ``pm``, ``hashes`` and ``urgent`` must outlive :meth:`close`."""
+
+    _phase = "postcopy"
+
+    def __init__(self, pm, hashes: np.ndarray | None, urgent=None):
+        pages = pm.memory.pages
+        npages = pages.shape[0]
+        _check_hashes(hashes, npages)
+        out = ffi.new("lm_stream **")
+        base = ffi.from_buffer("uint8_t[]", pages)
+        hptr = ffi.NULL if hashes is None else ffi.from_buffer("uint64_t[]", hashes)
+        uptr = ffi.NULL if urgent is None else urgent._h
+        check(lib.lm_stream_dest_postcopy_create(base, npages, hptr, pm.handle, uptr, out),
+              "creating a native post-copy push stream (destination)")
+        super().__init__(out[0], pm, (pages, hashes, urgent, base, hptr))
+        self._lat = np.empty(_LATENCY_DRAIN, dtype=np.uint64)
+
+    def drain_latencies_us(self) -> np.ndarray:
+        """Latencies in µs (fault read -> placed) of the faults this thread's
+        placements served since the last call."""
+        parts = []
+        while True:
+            n = lib.lm_stream_latencies_drain(self._h, ffi.from_buffer("uint64_t[]", self._lat),
+                                              _LATENCY_DRAIN)
+            check(n, "draining push-served fault latencies")
+            if n:
+                parts.append(self._lat[:n] / 1e3)
+            if n < _LATENCY_DRAIN:
+                break
+        return np.concatenate(parts) if parts else np.empty(0)
+
+
+__all__ = ["SourceStream", "DestStream", "PostcopyDestStream", "RoundCounts", "partition", "probe", "lz4_probe",
            "disabled_by_environment", "ENV_SWITCH", "STRIPE_PAGES",
            "BATCH_PAGES", "SEND_FRAME_BYTES"]

@@ -29,6 +29,9 @@ WIRE_VERSION = 1   # of handshake frames; later frames carry the negotiated vers
 # channels and the "streams" capability (docs/protocol.md, "Bulk streams").
 STREAMS_VERSION = 2
 STREAMS_CAPABILITY = "streams"
+PUSH_CAPABILITY = "postcopy-push"
+"""Post-copy's push of owed pages on N native bulk streams (version 2):
+granted on the control channel, offered again by each push stream's Hello."""
 # A peer offering this may resume a pre-copy interrupted by a link break: the
 # source reconnects with Hello(resume=True) and the destination answers
 # ResumeReport (docs/protocol.md, "Resumable pre-copy"). Without it a break

@@ -39,11 +39,18 @@ places pushed batches, watches the thread's eventfd (fault latencies to
 fold into the stats, completion, or the error it ended with) and runs the
 control channel. The thread's outstanding requests survive a broken
 channel and are asked again on the next ``serve``.
+
+Native push (``serve(..., push=[handed-off sockets])``): a thread per push
+stream checks each pushed batch, stores its hashes and places it with
+UFFDIO_COPY (EEXIST: the urgent path was first), settling faults it served;
+this loop watches their eventfds for counters, completion and failures.
+Threads are joined when ``serve`` ends, before memory may close.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 
 import numpy as np
@@ -59,6 +66,7 @@ from ...native.postcopy import PostcopyMemory
 from ...protocol import (Abort, Complete, PageBatch, PageRequest, Ping, Pong,
                        PostcopyComplete, PresentReport)
 from ...stats import MigrationStats
+from ...native.streams import PostcopyDestStream
 from ...native.urgent import NativeFaultServer
 
 MAX_REQUEST_PAGES = 1024     # pages named by one PageRequest
@@ -115,6 +123,8 @@ class FaultService:
         self._t_start = time.monotonic()
         self.faults_read = 0
         self.complete = False
+        self._push: list[PostcopyDestStream] = []      # native push threads of this set
+        self._push_failed: asyncio.Future | None = None
 
     # -- the uffd fd --------------------------------------------------------------------
     def start(self) -> None:
@@ -129,6 +139,8 @@ class FaultService:
     def stop(self) -> None:
         """Stop watching; the native thread is stopped, its counters folded
         into the stats, and the handle freed (before the memory may close)."""
+        if self._push:
+            self._stop_push()
         if self._watching:
             fd = self.native.fileno() if self.native is not None else self.pm.fileno()
             asyncio.get_running_loop().remove_reader(fd)
@@ -176,28 +188,97 @@ class FaultService:
 
     # -- serving one channel set ------------------------------------------------------------
     async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
-                    resumed: bool) -> None:
+                    resumed: bool, push: list[tuple] = ()) -> None:
         """Run post-copy over these channels until Complete. ``resumed``: the
-        channels replace broken ones; ask again for every outstanding page."""
-        if self.native is not None:
-            await self._serve_native(control, urgent, bulk)
-            return
-        if resumed:
-            outstanding = np.flatnonzero(~np.isnan(self._fault_t))
-            if outstanding.size:
-                self._to_request.insert(0, outstanding)
-                self._request_ready.set()
-        await until_finished(self._send_requests(urgent), self._receive(urgent, "urgent"),
-                             self._receive(bulk, "bulk"), self._finish(control))
+        channels replace broken ones; ask again for every outstanding page.
+        ``push``: the handed-off sockets (``Channel.hand_off()`` tuples, whose
+        fds this call consumes) of the native push streams, each then served
+        by a thread that places the pushed pages; without them the source
+        pushes on ``bulk``."""
+        pushed = self._start_push(push)
+        try:
+            if self.native is not None:
+                await self._serve_native(control, urgent, bulk, pushed)
+                return
+            if resumed:
+                outstanding = np.flatnonzero(~np.isnan(self._fault_t))
+                if outstanding.size:
+                    self._to_request.insert(0, outstanding)
+                    self._request_ready.set()
+            await until_finished(self._send_requests(urgent), self._receive(urgent, "urgent"),
+                                 self._receive(bulk, "bulk"), *pushed, self._finish(control))
+        finally:
+            self._stop_push()
 
-    async def _serve_native(self, control: Channel, urgent: Channel, bulk: Channel) -> None:
+    # -- the native push streams ----------------------------------------------------------
+    def _start_push(self, handoffs: list[tuple]) -> list[asyncio.Future]:
+        """A thread per push stream; returns [a future that fails with the
+        first thread failure] (empty without push streams)."""
+        if not handoffs:
+            return []
+        loop = asyncio.get_running_loop()
+        self._push_failed = loop.create_future()
+        fds = [h[0] for h in handoffs]
+        try:
+            for k, (fd, version, send_seq, recv_seq, max_payload) in enumerate(handoffs):
+                stream = PostcopyDestStream(self.pm, self.decoder.hashes.values, self.native)
+                self._push.append(stream)
+                fds[k] = None               # attach_fd owns it from here, even on failure
+                stream.attach_fd(fd, version=version, send_seq=send_seq, recv_seq=recv_seq,
+                                 max_payload_bytes=max_payload)
+                loop.add_reader(stream.fileno(), self._on_push)
+        except BaseException:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+            self._stop_push()
+            raise
+        return [self._push_failed]
+
+    def _on_push(self) -> None:
+        for s in self._push:
+            s.clear_notify()
+        self._fold_push()
+        self._check_done()
+        for s in self._push:
+            err = s.failure()
+            if isinstance(err, ConnectionLost) and self._done.is_set():
+                err = None      # every page is here: the source may close at Complete
+            if err is not None and self._push_failed is not None \
+                    and not self._push_failed.done():
+                self._push_failed.set_exception(err)
+
+    def _fold_push(self) -> None:
+        for s in self._push:
+            self.stats.pages_pushed += s.fold_into(self.stats)["pages"]
+            lat = s.drain_latencies_us()
+            if lat.size:
+                self.stats.fault_latency.add_many(lat)
+
+    def _stop_push(self) -> None:
+        """Stop and join the push threads, their counters folded."""
+        loop = asyncio.get_running_loop()
+        for s in self._push:
+            loop.remove_reader(s.fileno())
+            s.detach()
+        self._fold_push()
+        for s in self._push:
+            s.close()
+        self._push = []
+        if self._push_failed is not None and not self._push_failed.done():
+            self._push_failed.cancel()
+        self._push_failed = None
+        self._check_done()
+
+    async def _serve_native(self, control: Channel, urgent: Channel, bulk: Channel,
+                            pushed: list[asyncio.Future]) -> None:
         """The urgent channel goes to the native thread (which re-asks for
         every outstanding page itself); this loop keeps bulk and control."""
         self._native_failed = asyncio.get_running_loop().create_future()
         self.native.attach(urgent, cpu=self._urgent_cpu, spin_us=self._urgent_spin_us,
                            rt_priority=self._urgent_rt_priority)
         try:
-            await until_finished(self._native_failed, self._receive(bulk, "bulk"),
+            await until_finished(self._native_failed, self._receive(bulk, "bulk"), *pushed,
                                  self._finish(control))
         finally:
             # The source closes the channel once Complete is sent: the thread's

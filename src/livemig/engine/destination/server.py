@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 import time
 
@@ -78,7 +79,7 @@ from .postcopy import FaultService, PostcopyPlacer
 from .probes import answer_probes
 from .streamprobe import STREAM_PROBE, ProbeSlot, StreamProbeDesk
 from .streamprobe import offered as stream_probe_offered
-from .streams import (STREAMS, DestStreams, check_offer as check_streams_offer,
+from .streams import (PUSH, STREAMS, DestStreams, check_offer as check_streams_offer,
                       offered as streams_offered)
 from ...native import PAGE_SIZE
 from ...native import postcopy
@@ -134,6 +135,8 @@ class IncomingMigration:
         self._streams: DestStreams | None = None   # pre-copy pages on native threads
         # Stream probes before the offer (livemig plan), one per server at a time.
         self._probe_desk = StreamProbeDesk(ch, probe_slot or ProbeSlot(), self._release)
+        self._push_n = 0                            # post-copy push streams offered
+        self._push: list[tuple[Channel, tuple | None]] = []   # (channel, its socket not yet taken)
 
     @property
     def peer(self) -> str:
@@ -159,6 +162,7 @@ class IncomingMigration:
                 del self._sessions[self.session_id]
             self.ended.set()
             self.decided.set()
+            self._drop_push()
             for ch in list(self._released):
                 self._release(ch)
             if self._populating is not None:
@@ -223,8 +227,10 @@ class IncomingMigration:
         if offer is None and probed:
             return False  # a bandwidth probe only (livemig plan): nothing to host
         problem = self._check_offer(offer)
-        streams_problem = check_streams_offer(offer.config.get("streams"),
-                                              STREAMS in self.ch.conn.capabilities)
+        streams_problem = (check_streams_offer(offer.config.get("streams"),
+                                               STREAMS in self.ch.conn.capabilities)
+                           or check_streams_offer(offer.config.get("push_streams"),
+                                                  PUSH in self.ch.conn.capabilities))
         if problem is None and streams_problem is not None:
             problem = RefuseCode.OFFER, streams_problem
         if problem is not None:
@@ -270,6 +276,7 @@ class IncomingMigration:
                 self.vm.memory, self.decoder.hashes.values,
                 self._held if self.progress is None else self.progress.landed_bits,
                 self.decoder.placer.held, nstreams)
+        self._push_n = cfg.get("push_streams") or 0
         self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
                                 "python: the source sends its pages on the control channel")
         self.stats.mode = offer.mode.name.lower()
@@ -517,6 +524,8 @@ class IncomingMigration:
         if choice.native:
             native = urgent.NativeFaultServer(self.pm, self.decoder.hashes.values)
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
+        self.stats.push_path = (f"native-streams ×{self._push_n}" if self._push_n else
+                                "python: the source's offer asks for no push streams")
         return FaultService(self.pm, self.decoder, self.stats, urgent=native,
                             urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us,
                             urgent_rt_priority=cfg.urgent_rt_priority,
@@ -538,7 +547,9 @@ class IncomingMigration:
                 if resumed:
                     await self.faults.report_present(self.ch)
                 urgent, bulk = await self._side_channels()
-                await self.faults.serve(self.ch, urgent, bulk, resumed=resumed)
+                push = [h for _, h in self._push]
+                self._push = [(ch, None) for ch, _ in self._push]   # the service takes the fds
+                await self.faults.serve(self.ch, urgent, bulk, resumed=resumed, push=push)
                 self.stats.error = None
                 return
             except RecoveryExpired:
@@ -556,6 +567,7 @@ class IncomingMigration:
                 ch.abort()
                 self._release(ch)
             self._side.clear()
+            self._drop_push()
             self.ch = await self._await_resumed_control()
             self._resumed_control = None
             self.stats.recoveries += 1
@@ -567,7 +579,8 @@ class IncomingMigration:
         timeout_s = self.config.postcopy_recovery_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                while not (ChannelKind.URGENT in self._side and ChannelKind.BULK in self._side):
+                while not (ChannelKind.URGENT in self._side and ChannelKind.BULK in self._side
+                           and len(self._push) >= self._push_n):
                     if self._resumed_control is not None or self.ch.closed:
                         raise RemoteProtocolError("the control channel broke or was replaced "
                                                   "before the page channels came",
@@ -617,6 +630,13 @@ class IncomingMigration:
         elif (ch.kind is ChannelKind.BULK and STREAMS in ch.conn.capabilities
               and self._probe_desk.active):
             self._probe_desk.adopt(ch)
+        elif ch.kind is ChannelKind.BULK and PUSH in ch.conn.capabilities:
+            # Handed off at once, with no await since its Welcome: the source
+            # pushes as soon as it read Resumed, maybe before our service runs.
+            if len(self._push) >= self._push_n:
+                raise RemoteProtocolError(f"more than the {self._push_n} post-copy push "
+                                          "streams offered", phase="handshake")
+            self._push.append((ch, ch.hand_off()))
         elif ch.kind is ChannelKind.BULK and STREAMS in ch.conn.capabilities:
             if self._streams is None:
                 raise RemoteProtocolError("a bulk stream for a migration without streams",
@@ -640,6 +660,16 @@ class IncomingMigration:
         channel, so the session decides now from what it has received (a
         Commit already read is still acted on) instead of at a timeout."""
         self.ch.abort()
+
+    def _drop_push(self) -> None:
+        """Close the push streams of a channel set that ended (their sockets
+        no thread took, and the channels)."""
+        for ch, handoff in self._push:
+            if handoff is not None:
+                os.close(handoff[0])
+            ch.abort()
+            self._release(ch)
+        self._push = []
 
     def _release(self, ch: Channel) -> None:
         released = self._released.pop(ch, None)
@@ -734,13 +764,13 @@ class MigrationServer:
         """answer_hello, granting native streams where this host runs them,
         from wire version 2 on."""
         tls = self.ssl is not None
-        caps = {STREAMS} if streams_offered(self.config, tls=tls) else set()
+        caps = {STREAMS, PUSH} if streams_offered(self.config, tls=tls) else set()
         if stream_probe_offered(self.config, tls=tls):
             caps.add(STREAM_PROBE)
         answer = answer_hello(hello, capabilities=caps | resume.granted(self.config))
         if isinstance(answer, Welcome) and answer.version < spec.STREAMS_VERSION:
             answer = dataclasses.replace(answer, capabilities=answer.capabilities
-                                         - {STREAMS, STREAM_PROBE})
+                                         - {STREAMS, PUSH, STREAM_PROBE})
         return answer
 
     async def _serve(self, ch: Channel) -> None:

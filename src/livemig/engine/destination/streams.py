@@ -33,6 +33,7 @@ from ...protocol import spec
 from ...stats import MigrationStats
 
 STREAMS = spec.STREAMS_CAPABILITY
+PUSH = spec.PUSH_CAPABILITY
 
 
 def offered(config: MigrationConfig, *, tls: bool) -> bool:
@@ -128,4 +129,4 @@ class DestStreams:
             s.close()
 
 
-__all__ = ["DestStreams", "offered", "check_offer", "STREAMS"]
+__all__ = ["DestStreams", "offered", "check_offer", "STREAMS", "PUSH"]

@@ -48,6 +48,12 @@ channel's socket, handed off right after its handshake, is served by a C
 thread answering from the frozen memory; this loop drains the page indices
 it answered from a ring (eventfd-driven) to mark them sent and to pre-page
 around them, exactly as ``_answer`` does on the Python path.
+
+Native push (``serve(..., push=SourceStreams)``): the owed pages go out on N
+push streams served by C threads instead of the bulk channel, in chunks this
+loop picks in the same order (near recent faults first, then the sweep); a
+chunk is one stream round, acknowledged once placed at the destination. A
+failed push thread is a break like any other (the caller reconnects).
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ from ...codec.rawbatch import MAX_FAST_RUNS, encode_raw
 from ...protocol import BATCH_POSTCOPY, BATCH_URGENT, Abort, Complete, PageBatch, Phase, Ping, Pong
 from ...stats import MigrationStats
 from ...native.urgent import NativePageServer
+from .streams import SourceStreams
 
 PREPAGE_WINDOW_PAGES = 64
 # A pushed batch is decoded and placed in one go on the destination's loop,
@@ -78,6 +85,10 @@ PREPAGE_WINDOW_PAGES = 64
 # fault service at ~1.2 ms p50 under a full push; see bench/bench_postcopy.py).
 PUSH_BATCH_BYTES = 128 << 10
 RECENT_FAULTS = 32
+# Native push: pages per stream in one chunk (a stream round). Larger chunks
+# spend less on the per-round acknowledgement; smaller ones let pages near a
+# new fault go sooner (a chunk of 1024 pages per stream is ~4 MiB, a few ms).
+PUSH_CHUNK_PAGES_PER_STREAM = 1024
 # Counting the owed pages walks a bool per guest page: refresh the published
 # remaining bytes at this period, not per batch.
 REMAINING_REFRESH_S = 0.25
@@ -114,18 +125,21 @@ class PostcopySender:
 
     async def serve(self, control: Channel, urgent: Channel, bulk: Channel, *,
                     urgent_fd: tuple | None = None, cpu: int = -1, spin_us: int = 0,
-                    rt_priority: int = 0, silence_s: float = 30.0) -> None:
+                    rt_priority: int = 0, silence_s: float = 30.0,
+                    push: SourceStreams | None = None) -> None:
         """``urgent_fd``: what ``urgent.hand_off()`` returned, to serve the
         urgent channel natively (the tuple's fd is consumed). ``silence_s``:
-        a control channel silent that long (Pings unanswered) is a break."""
+        a control channel silent that long (Pings unanswered) is a break.
+        ``push``: native push streams of this channel set (the caller closes
+        them), which then carry the owed pages instead of ``bulk``."""
         if urgent_fd is None:
             answer = self._answer(urgent)
         else:
             self._rt_priority = rt_priority
             answer = self._start_native(urgent_fd, cpu, spin_us, rt_priority)
+        pusher = self._push(bulk) if push is None else self._push_streams(push, silence_s)
         try:
-            await until_finished(answer, self._push(bulk),
-                                 self._await_complete(control, silence_s))
+            await until_finished(answer, pusher, self._await_complete(control, silence_s))
         finally:
             if urgent_fd is not None:
                 self._stop_native()
@@ -241,7 +255,9 @@ class PostcopySender:
         return chunks, nbytes
 
     # -- bulk: everything else, near faults first ----------------------------------------------
-    def _next_pages(self) -> np.ndarray:
+    def _next_pages(self, limit: int | None = None) -> np.ndarray:
+        """Up to ``limit`` (default: a batch) owed pages to push next."""
+        limit = limit or self.batch_pages
         if self._prepage:
             new, self._prepage = self._prepage, []
             near = np.unique(np.concatenate([
@@ -251,12 +267,12 @@ class PostcopySender:
             if near.size:
                 faults = np.asarray(self._recent, dtype=np.int64)
                 return order_near_faults(near, faults,
-                                         window_pages=PREPAGE_WINDOW_PAGES)[:self.batch_pages]
+                                         window_pages=PREPAGE_WINDOW_PAGES)[:limit]
         while self._cursor < self.npages:
-            end = min(self.npages, self._cursor + self.batch_pages * 64)
+            end = min(self.npages, self._cursor + limit * 64)
             found = np.flatnonzero(self.owed[self._cursor:end]) + self._cursor
             if found.size:
-                return found[:self.batch_pages]
+                return found[:limit]
             self._cursor = end
         return np.empty(0, dtype=np.int64)
 
@@ -288,6 +304,55 @@ class PostcopySender:
             # send() does not suspend while the socket takes data: yield so a
             # page request never waits behind a stretch of pushes
             await asyncio.sleep(0)
+
+    def _next_chunk(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` owed pages for the native push, ascending: the
+        windows around recent faults first (as ``_next_pages`` orders them),
+        the linear sweep after. The streams send a chunk in stripe order, so
+        pre-paging acts per chunk, not per page."""
+        parts, n = [], 0
+        while n < limit:
+            pages = self._next_pages(limit - n)
+            if pages.size == 0:
+                break
+            self.owed[pages] = False
+            parts.append(pages)
+            n += int(pages.size)
+        if not parts:
+            return np.empty(0, dtype=np.uint64)
+        return np.sort(np.concatenate(parts)).astype(np.uint64)
+
+    async def _push_streams(self, streams: SourceStreams, silence_s: float) -> None:
+        """The push on native streams: the owed pages in chunks, each chunk
+        split over the streams by stripe and sent as one stream round (every
+        stream's part acknowledged once placed at the destination) before the
+        next chunk is chosen, so pages near new faults go in the next chunk.
+        The urgent thread is a separate connection at real-time priority:
+        its replies never wait behind these."""
+        counted_at = time.monotonic()
+        chunk_pages = PUSH_CHUNK_PAGES_PER_STREAM * len(streams.streams)
+        for index in itertools.count():
+            if time.monotonic() - counted_at >= REMAINING_REFRESH_S:
+                counted_at = time.monotonic()
+                self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
+            pages = self._next_chunk(chunk_pages)
+            if pages.size == 0:
+                self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await streams.send_round(index, pages, silence_s)
+            except (ConnectionError, LivemigError):
+                if self._completing:
+                    return      # pages it had already got; it read Complete and closed
+                raise
+            finally:
+                self.fold_push(streams)
+
+    def fold_push(self, streams: SourceStreams) -> None:
+        """Count what the push threads sent (also of a chunk cut short)."""
+        self.stats.pages_pushed += streams.fold_into(self.stats)
 
     # -- completion -----------------------------------------------------------------------------
     async def _await_complete(self, control: Channel, silence_s: float) -> None:

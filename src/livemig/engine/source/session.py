@@ -94,8 +94,8 @@ from . import handover
 from .handover import describe as _describe
 from .postcopy import DigestMismatch, PostcopySender
 from .resume import PrecopyResumer, is_break, offered
-from .streams import (STREAMS, DataPath, SourceStreams, choose as choose_data_path,
-                      refusal as streams_refusal)
+from .streams import (PUSH, STREAMS, DataPath, SourceStreams, choose as choose_data_path,
+                      push_refusal, refusal as streams_refusal)
 from ...policy import Action, RoundStats, decide
 from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, Mode,
                        PageBatch, PageInvalidate, Phase, Refuse, RoundEnd,
@@ -167,6 +167,8 @@ class SourceSession:
         self._data_path: DataPath | None = None      # chosen after the control handshake
         self._streams: SourceStreams | None = None   # pre-copy pages on native threads
         self._stream_channels: list[Channel] = []
+        self._push_path: DataPath | None = None      # post-copy push: native streams or not
+        self._push_channels: list[Channel] = []      # its streams, of the current channel set
         self._session_id = os.urandom(16)
         self.control.session_id = self._session_id
         self.origin = origin
@@ -186,10 +188,13 @@ class SourceSession:
         self.control._interruptible = asyncio.current_task()
         try:
             refused = streams_refusal(cfg, tls=ssl is not None)
-            caps = offered(cfg) | ({STREAMS} if refused is None else set())
+            push_refused = push_refusal(cfg, tls=ssl is not None)
+            caps = (offered(cfg) | ({STREAMS} if refused is None else set())
+                    | ({PUSH} if push_refused is None else set()))
             self._ch = self.control._capped(
                 await self._open(ChannelKind.CONTROL, rate_limiter=limiter, capabilities=caps))
             self._data_path = choose_data_path(cfg, self._ch, refused)
+            self._push_path = choose_data_path(cfg, self._ch, push_refused, capability=PUSH)
             self.stats.data_path = self._data_path.label
             self._resumer = PrecopyResumer.agreed(self, RECOVERY_BACKOFF_S, limiter)
             await self._offer()
@@ -226,7 +231,8 @@ class SourceSession:
                 self._sender.close()
             if self._streams is not None:
                 self._streams.close()   # threads joined before memory can go
-            for ch in (*self._stream_channels, self._urgent, self._bulk, self._ch):
+            for ch in (*self._stream_channels, *self._push_channels, self._urgent, self._bulk,
+                       self._ch):
                 if ch is not None:
                     await ch.close()
 
@@ -251,6 +257,12 @@ class SourceSession:
             self._urgent_handoff = self._urgent.hand_off()
         self._bulk = self.control._capped(await self._open(
             ChannelKind.BULK, resume=resume, rate_limiter=self.control.limiter))
+        # The push streams: handed to their threads only in post-copy (the
+        # destination sends nothing on them unasked).
+        self._push_channels = []
+        for _ in range(self._push_path.nstreams):
+            self._push_channels.append(await self._open(ChannelKind.BULK, resume=resume,
+                                                        capabilities={PUSH}))
 
     def _drop_urgent_handoff(self) -> None:
         """Close a handed-off urgent socket no thread took (failure, recovery)."""
@@ -265,7 +277,9 @@ class SourceSession:
                     "vcpus": vm.nvcpus, "workload": vm.workload,
                     "isa_revision": ISA_REVISION, "features": sorted(VCPU_FEATURES),
                     **({"origin": self.origin} if self.origin else {}),
-                    **({"streams": self._data_path.nstreams} if self._data_path.native else {})},
+                    **({"streams": self._data_path.nstreams} if self._data_path.native else {}),
+                    **({"push_streams": self._push_path.nstreams}
+                       if self._push_path.native else {})},
             mode=_MODES[self.config.mode], npages=vm.memory.npages)
         await self._ch.send(offer)
         answer = await self._recv(self.config.handshake_timeout_s, "an answer to the offer")
@@ -551,11 +565,12 @@ class SourceSession:
                              f"{learned.reason}", phase=phase, source_resumed=False)
 
     async def _close_channels(self) -> None:
-        for ch in (self._urgent, self._bulk, self._ch):
+        for ch in (self._urgent, self._bulk, *self._push_channels, self._ch):
             if ch is not None:
                 ch.abort()
                 await ch.close()
         self._urgent = self._bulk = None
+        self._push_channels = []
 
     # -- post-copy ----------------------------------------------------------------------------------
     def _make_owed(self, pages: np.ndarray) -> np.ndarray:
@@ -623,6 +638,7 @@ class SourceSession:
                                        t_pause, refused="the destination refused post-copy")
         stats.remaining_bytes = int(np.count_nonzero(owed)) * PAGE_SIZE
         stats.postcopy_started_ms = self._elapsed_ms()
+        stats.push_path = self._push_path.label
         stats.set_status("postcopy-active")
         self._sender = PostcopySender(self._encoder, owed, stats, round_index=len(stats.rounds),
                                       batch_bytes=cfg.batch_bytes)
@@ -657,18 +673,28 @@ class SourceSession:
                     break
                 stats.error = None      # reconnected: the break note is history
                 self._publish()
+            push = None
             try:
                 handoff, self._urgent_handoff = self._urgent_handoff, None
+                if self._push_channels:
+                    push = SourceStreams.push(self.vm.memory, self._encoder.sent_hashes.values,
+                                              self._push_channels)
+                    self.control._paced(push)
                 await self._sender.serve(self._ch, self._urgent, self._bulk,
                                          urgent_fd=handoff, cpu=self.config.urgent_cpu,
                                          spin_us=self.config.urgent_spin_us,
                                          rt_priority=self.config.urgent_rt_priority,
-                                         silence_s=self.config.ack_timeout_s)
+                                         silence_s=self.config.ack_timeout_s, push=push)
                 break
             except DigestMismatch:
                 raise
             except (ConnectionError, ProtocolError, MigrationError, OSError) as exc:
                 broken = exc
+            finally:
+                if push is not None:
+                    push.detach()    # threads joined before the channels close
+                    self._sender.fold_push(push)
+                    push.close()
         if self._tracker.armed:
             self._tracker.stop()
         stats.error = None

@@ -44,6 +44,7 @@ from ...protocol import spec
 from ...stats import MigrationStats
 
 STREAMS = spec.STREAMS_CAPABILITY
+PUSH = spec.PUSH_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -62,29 +63,47 @@ class DataPath:
         return f"native-streams ×{self.nstreams}" if self.native else f"python: {self.reason}"
 
 
-def refusal(config: MigrationConfig, *, tls: bool) -> str | None:
-    """Why this source will not offer native streams, or None when it will."""
+def _host_refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+    """Why this source cannot run native streams at all, or None."""
     if config.streams == 0:
         return "native streams disabled by configuration (streams=0)"
     if native_streams.disabled_by_environment():
         return f"native streams disabled by {native_streams.ENV_SWITCH}=0"
     if tls:
         return "the migration uses TLS, which the native streams do not speak"
-    if config.mode == "postcopy":
-        return "post-copy sends its pages on the Python path"
     ok, reason = native_streams.probe()
     return None if ok else f"native streams unavailable here: {reason}"
 
 
-def choose(config: MigrationConfig, control: Channel, refused: str | None) -> DataPath:
-    """Decide once the control channel's handshake is done."""
+def refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+    """Why this source will not offer native streams for pre-copy rounds, or
+    None when it will."""
+    if config.mode == "postcopy":
+        return "post-copy sends its pages on the Python path"
+    return _host_refusal(config, tls=tls)
+
+
+def push_refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+    """Why this source will not push post-copy pages on native streams, or
+    None when it will offer to."""
+    if not config.postcopy_push_streams:
+        return "post-copy push on native streams disabled by configuration " \
+               "(postcopy_push_streams=False)"
+    return _host_refusal(config, tls=tls)
+
+
+def choose(config: MigrationConfig, control: Channel, refused: str | None, *,
+           capability: str = STREAMS) -> DataPath:
+    """Decide once the control channel's handshake is done (``capability``:
+    STREAMS for the pre-copy rounds, PUSH for the post-copy push)."""
     conn = control.conn
     if refused is not None:
         return DataPath(0, refused)
     if conn.version < spec.STREAMS_VERSION:
         return DataPath(0, f"wire version {conn.version} was negotiated, which has no streams")
-    if STREAMS not in conn.capabilities:
-        return DataPath(0, "the destination does not offer native streams")
+    if capability not in conn.capabilities:
+        return DataPath(0, "the destination does not offer native streams"
+                        + (" for the post-copy push" if capability == PUSH else ""))
     if conn.peer_max_payload_bytes < native_streams.SEND_FRAME_BYTES:
         return DataPath(0, f"the destination accepts frames of at most "
                            f"{conn.peer_max_payload_bytes} bytes")
@@ -108,9 +127,28 @@ class SourceStreams:
     """The bulk streams of one migration, source side, and their shared
     bandwidth cap (:attr:`pace`, changed with :meth:`set_max_bandwidth`)."""
 
-    def __init__(self, streams: list[native_streams.SourceStream], pace: Pace | None = None):
+    def __init__(self, streams: list[native_streams.SourceStream], pace: Pace | None = None,
+                 *, phase: str = "precopy"):
         self.streams = streams
         self.pace = pace if pace is not None else Pace()   # unlimited unless set
+        self.phase = phase        # of the errors they raise
+
+    @classmethod
+    def push(cls, memory, hashes: np.ndarray, channels: list[Channel]) -> "SourceStreams":
+        """The post-copy push on these bulk channels (handshake done with
+        PUSH): each handed to a thread that flags its batches POSTCOPY and
+        sends ZERO and RAW runs only. ``hashes``: the encoder's ``sent_hashes``, the final digest's input."""
+        streams = cls([], Pace(), phase="postcopy")
+        try:
+            for ch in channels:
+                stream = native_streams.SourceStream(memory, hashes, None, pace=streams.pace)
+                streams.streams.append(stream)
+                stream.use_postcopy()
+                stream.attach(ch)
+        except BaseException:
+            streams.close()
+            raise
+        return streams
 
     @classmethod
     async def open(cls, memory, hashes: np.ndarray, fingerprints, nstreams: int,
@@ -185,7 +223,7 @@ class SourceStreams:
             sent.zero_pages += stream.stats()["zero_pages"] - b["zero_pages"]
         if sent.pages != len(pages):
             raise MigrationError(f"round {index}: the streams sent {sent.pages} of "
-                                 f"{len(pages)} pages", phase="precopy")
+                                 f"{len(pages)} pages", phase=self.phase)
         return sent
 
     async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str,
@@ -223,7 +261,7 @@ class SourceStreams:
                         raise MigrationError(f"timed out waiting for {what} from the "
                                              "destination: no progress on any stream for "
                                              f"{stall_timeout_s:g} s",
-                                             phase="precopy") from None
+                                             phase=self.phase) from None
         finally:
             for s in self.streams:
                 loop.remove_reader(s.fileno())
@@ -237,10 +275,15 @@ class SourceStreams:
         return sum(st["bytes_sent"] + st["bytes_received"]
                    for st in (s.stats() for s in self.streams))
 
-    def fold_into(self, stats: MigrationStats) -> None:
-        """Add what the threads sent since the last fold to ``stats``."""
+    def fold_into(self, stats: MigrationStats) -> int:
+        """Add what the threads sent since the last fold to ``stats``;
+        returns the pages among it."""
+        return sum(s.fold_into(stats)["pages"] for s in self.streams)
+
+    def detach(self) -> None:
+        """Stop and join every thread; the counters stay readable until close."""
         for s in self.streams:
-            s.fold_into(stats)
+            s.detach()
 
     def close(self) -> None:
         """Stop and join every thread (their sockets are shut down)."""
@@ -248,4 +291,5 @@ class SourceStreams:
             s.close()
 
 
-__all__ = ["DataPath", "SourceStreams", "RoundSent", "refusal", "choose", "STREAMS"]
+__all__ = ["DataPath", "SourceStreams", "RoundSent", "refusal", "push_refusal", "choose",
+           "STREAMS", "PUSH"]
