@@ -43,6 +43,7 @@ sys.path.insert(0, HERE)
 from livemig.config import CodecConfig, MigrationConfig  # noqa: E402
 from livemig.engine.destination.server import Arrival, MigrationServer  # noqa: E402
 from livemig.native.postcopy import probe  # noqa: E402
+import report  # noqa: E402
 
 MiB = 1 << 20
 SEED = 5
@@ -296,13 +297,7 @@ def main(argv=None) -> int:
             results["migrations"].append(row)
             print(json.dumps(row), flush=True)
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    table = _table(results)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(table + "\n")
-    print(table)
+    report.write(args.out, results, _table(results))
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import socket
@@ -35,6 +34,8 @@ import numpy as np
 from livemig.lab.faultbench import LocalFaultServer, Toucher
 from livemig.native.memory import GuestMemory
 from livemig.native.postcopy import PostcopyMemory, probe
+
+import report
 
 PAGE = 4096
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -317,14 +318,8 @@ def main(argv=None) -> int:
         "reference": REFERENCE,
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2)
-    table = _table(results)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"## Post-copy floors ({doc['mode']}, kernel {platform.release()}, "
-                f"{ncpu} CPUs)\n\n{table}\n")
-    print(table)
+    report.write(args.out, doc, f"## Post-copy floors ({doc['mode']}, kernel "
+                 f"{platform.release()}, {ncpu} CPUs)\n\n{_table(results)}")
     return 0
 
 

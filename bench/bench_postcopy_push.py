@@ -30,6 +30,7 @@ sys.path.insert(0, HERE)
 from bench_postcopy import MiB, _one, _row  # noqa: E402
 from livemig.config import CodecConfig, MigrationConfig  # noqa: E402
 from livemig.native.postcopy import probe  # noqa: E402
+import report  # noqa: E402
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -96,13 +97,7 @@ def main(argv=None) -> int:
                         "pages_requested", "fault_p50_us", "fault_p99_us"):
                 summary[key] = _median(runs, key)
             results["rows"].append(summary)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    table = _table(results)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(table + "\n")
-    print(table)
+    report.write(args.out, results, _table(results))
     return 0
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402
 
 MiB = 1 << 20
 FILL_CHUNK_BYTES = 16 * MiB
@@ -243,8 +245,7 @@ def main() -> None:
         "question": f"{memory_bytes // MiB} MiB idle incompressible guest, loopback: plan's "
                     "probe rate against the native-streams migration's rate",
         "memory_bytes": memory_bytes, "repeat": args.repeat,
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": report.machine(load_before),
         "reps": reps, "summary": summarize(reps),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_transport import run_raw  # noqa: E402
+import report  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -294,8 +294,7 @@ def main() -> None:
         "question": f"1 GiB idle guest ({args.fill} memory), loopback, unlimited: migration "
                     "rate and CPU per GiB with native streams, against raw TCP in the same run",
         "memory_bytes": memory_bytes, "repeat": repeat, "fill": args.fill,
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": report.machine(load_before),
         "runs": runs, "summary": summarize(runs),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
