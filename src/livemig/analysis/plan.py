@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..aio.channel import open_channel
-from ..aio.deadline import within
 from ..aio.ratelimit import TokenBucket
 from ..config import MigrationConfig
 from ..engine.source import streamprobe
@@ -49,7 +48,7 @@ from ..engine.source.streams import STREAMS, refusal
 from ..errors import RemoteProtocolError
 from ..native.streams import SEND_FRAME_BYTES
 from ..policy import Prediction, predict
-from ..protocol import Abort, ChannelKind, Ping, ProbeData, ProbeEnd
+from ..protocol import ChannelKind, Ping, ProbeData, ProbeEnd
 from ..units import MIB, finite_or_none, format_mib_per_s
 from . import linkrate
 from .linkrate import LinkEstimate
@@ -186,19 +185,8 @@ async def _control_probe(ch, rtt_ms: float, *, max_bytes: int, max_time_s: float
 
 
 async def _recv(ch, timeout_s: float):
-    try:
-        event = await within(ch.recv(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RemoteProtocolError(f"the destination did not answer the probe within "
-                                  f"{timeout_s:g} s", phase="handshake") from None
-    if event is None:
-        raise RemoteProtocolError("the destination closed the connection during the probe "
-                                  "(an older livemig without the bandwidth probe?)",
-                                  phase="handshake")
-    if isinstance(event, Abort):
-        raise RemoteProtocolError(f"the destination aborted the probe: {event.reason}",
-                                  phase="handshake")
-    return event
+    return await streamprobe.recv_answer(ch, timeout_s, "the probe", " (an older livemig "
+                                         "without the bandwidth probe?)")
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ async def ask(ch: Channel, nstreams: int, duration_s: float, window_bytes: int,
               timeout_s: float):
     """StreamProbe, and the destination's StreamProbeGrant."""
     await ch.send(StreamProbe(nstreams, max(1, int(duration_s * 1e3)), window_bytes))
-    return await _recv(ch, timeout_s)
+    return await recv_answer(ch, timeout_s)
 
 
 async def run(ch: Channel, grant, opener: Callable[[], Awaitable[Channel]], *,
@@ -96,7 +96,7 @@ async def run(ch: Channel, grant, opener: Callable[[], Awaitable[Channel]], *,
                   for k in ("pages", "batch_bytes", "cpu_ns", "raw_pages", "zero_pages",
                             "lz4_pages", "block_pages")}
         await ch.send(StreamProbeEnd(totals["pages"], totals["batch_bytes"]))
-        result = await _recv(ch, timeout_s)
+        result = await recv_answer(ch, timeout_s)
     finally:
         if streams is not None:
             streams.close()
@@ -142,19 +142,22 @@ async def _rounds(streams: SourceStreams, npages: int, duration_s: float, max_by
             return rounds
 
 
-async def _recv(ch: Channel, timeout_s: float):
+async def recv_answer(ch: Channel, timeout_s: float, what: str = "the stream probe",
+                      closed_hint: str = ""):
+    """The destination's next message during ``what`` (a probe before any
+    offer); silence, a close or an Abort are its errors, each said so."""
     try:
         event = await within(ch.recv(), timeout_s)
     except asyncio.TimeoutError:
-        raise RemoteProtocolError(f"the destination did not answer the stream probe within "
+        raise RemoteProtocolError(f"the destination did not answer {what} within "
                                   f"{timeout_s:g} s", phase="handshake") from None
     if event is None:
-        raise RemoteProtocolError("the destination closed the connection during the stream "
-                                  "probe", phase="handshake")
+        raise RemoteProtocolError(f"the destination closed the connection during {what}"
+                                  f"{closed_hint}", phase="handshake")
     if isinstance(event, Abort):
-        raise RemoteProtocolError(f"the destination aborted the stream probe: {event.reason}",
+        raise RemoteProtocolError(f"the destination aborted {what}: {event.reason}",
                                   phase="handshake")
     return event
 
 
-__all__ = ["StreamProbeRun", "ask", "run", "FIRST_ROUND_BYTES"]
+__all__ = ["StreamProbeRun", "ask", "run", "recv_answer", "FIRST_ROUND_BYTES"]
