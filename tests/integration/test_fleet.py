@@ -12,14 +12,16 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from livemig.cli.common import EXIT_ERROR
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdClient
-from support.daemons import (EXIT_FAILED, EXIT_OK, DaemonProcess, assert_daemon_vm_matches_unmoved,
-                             livemig, start_vm, wait_hosted)
+from support.daemons import (ENV, EXIT_FAILED, EXIT_OK, DaemonProcess,
+                             assert_daemon_vm_matches_unmoved, livemig, start_vm, wait_hosted)
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
 from support.fleet import etcd_call as _etcd
 from support.fleet import fleet_daemon as _daemon
@@ -238,6 +240,46 @@ def test_drain_empties_a_host_and_every_vm_arrives_identical(trio, etcd):
     wait_for("a's record to say it is draining", lambda: _host(etcd, a.address)["draining"])
     livemig("fleet", "undrain", a.address, "--fleet", etcd.url)
     wait_for("a's record to drop the mark", lambda: not _host(etcd, a.address)["draining"])
+
+
+def test_a_drain_waits_for_a_free_incoming_slot_at_its_destination(trio, etcd):
+    """The per-host limit holds at the destination too: with every incoming
+    slot of b and c taken (as by other sources' moves), `fleet drain a`
+    (limit 1) reports its move waiting and the VM stays running at a; once
+    the slots are free it moves, identical, and gives its slot back."""
+    a, b, c = trio
+    name = "patient"
+    recipe = Recipe("16MiB", 1, "memtest", seed=40, dirty_rate="4MiB/s")
+    start_vm(a, name, recipe)
+    wait_for("a's record to list the VM", lambda: name in _host(etcd, a.address)["vms"])
+    held = [keys.incoming_slot_key(d.address, 0) for d in (b, c)]
+    for key in held:
+        _put(etcd, key, b'{"source": "elsewhere", "vm": "other"}')
+    drain = subprocess.Popen([sys.executable, "-m", "livemig", "fleet", "drain", a.address,
+                              "--fleet", etcd.url, "--per-host-limit", "1", "--json"],
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def waiting():
+            kv = _etcd(etcd, lambda client: client.get(keys.status_key(a.address)))
+            row = json.loads(kv.value)["vms"].get(name, {}) if kv is not None else {}
+            return row.get("status") == "waiting" and "incoming slot" in row["waiting_for"]
+        wait_for("the drain to report its move waiting for a slot", waiting)
+        assert wait_hosted(a, name)["running"]
+        for key in held:
+            _etcd(etcd, lambda client, key=key: client.delete(key))
+        out, err = drain.communicate(timeout=120)
+        assert drain.returncode == EXIT_OK, err
+    finally:
+        if drain.poll() is None:
+            drain.kill()
+            drain.wait()
+    result = json.loads(out)["result"]
+    assert result["vms"][name]["status"] == "completed" and result["left"] == [], result
+    owner = _vm_row(etcd, name)["owner"]
+    assert owner in (b.address, c.address)
+    assert_daemon_vm_matches_unmoved(b if owner == b.address else c, name, recipe)
+    assert _etcd(etcd, lambda client: client.get_prefix(keys.INCOMING)) == []
+    livemig("fleet", "undrain", a.address, "--fleet", etcd.url)
 
 
 def test_a_host_marked_for_draining_takes_no_vm(trio, etcd):

@@ -94,7 +94,7 @@ def cmd_drain(args) -> int:
     import sys
 
     from ..errors import ConfigError, LivemigError
-    from ..fleet.drain import follow, request_drain
+    from ..fleet.drain import UNSETTLED, follow, request_drain
     from ..fleet.keys import status_key
 
     async def body(client):
@@ -109,8 +109,7 @@ def cmd_drain(args) -> int:
 
         def progress(status):
             if not args.json:
-                done = sum(v["status"] not in ("queued", "migrating")
-                           for v in status["vms"].values())
+                done = sum(v["status"] not in UNSETTLED for v in status["vms"].values())
                 print(f"drain {args.host}: {done}/{len(status['vms'])} VMs settled "
                       f"({status['state']})", file=sys.stderr, flush=True)
         try:
@@ -151,7 +150,7 @@ def cmd_balance(args) -> int:
 
     from ..errors import LivemigError
     from ..fleet.balance import request_balance
-    from ..fleet.drain import follow
+    from ..fleet.drain import UNSETTLED, follow
     from ..fleet.keys import moves_status_key
 
     async def body(client):
@@ -161,7 +160,7 @@ def cmd_balance(args) -> int:
         settled: dict[str, int] = {}
 
         def progress(status):
-            settled[status["host"]] = sum(v["status"] not in ("queued", "migrating")
+            settled[status["host"]] = sum(v["status"] not in UNSETTLED
                                           for v in status["vms"].values())
             if not args.json:
                 print(f"balance: {sum(settled.values())}/{len(plan.moves)} moves settled",

@@ -14,6 +14,14 @@ etcd ownership transaction. It writes every VM's progress to
 progress and the final report. The mark stays after the drain (the host is
 empty for its maintenance) until ``livemig fleet undrain HOST``.
 
+The limit holds at both ends of a move: besides its own ``per_host_limit``
+slots, the source takes one of the destination's ``per_host_limit`` incoming
+slots in etcd (``/livemig/incoming/<dest>/<i>``, created only if absent,
+under the source's lease, deleted once the migration ended), so several
+sources draining or balancing into one host never start more migrations
+into it at once than the limit; a source that dies frees its slot with its
+lease. A move waits for a slot up to ``SLOT_WAIT_S`` and then fails, said so.
+
 ``livemig fleet balance`` (balance.py) asks each source host to make its
 share of a balance plan through ``/livemig/moves/<host>``; the same runner
 makes them, reports to ``/livemig/moves/<host>/status`` and deletes the
@@ -26,13 +34,16 @@ import json
 import time
 
 from . import keys
-from .etcd import EtcdClient, b64, cmp_mod_revision
+from .etcd import EtcdClient, EtcdError, b64, cmp_absent, cmp_mod_revision, cmp_value, op_put
 from .keys import drain_key, status_key
 from .planner import HostState, Plan, VMState, choose_mode, plan_drain
 from .view import read_fleet
 
 DEFAULT_LINK_BPS = 1e9 / 8         # 1 Gbit/s unless measured or given
 DIRTY_WINDOW_S = 0.2
+SLOT_WAIT_S = 600.0                # a move waits this long for a slot at its destination
+SLOT_POLL_S = 0.2
+UNSETTLED = ("queued", "waiting", "migrating")   # a move's status until it ended
 
 
 def fleet_state(view) -> tuple[list[HostState], list[VMState]]:
@@ -133,6 +144,37 @@ class MoveRunner:
         await m.client.txn([cmp_mod_revision(req.key, req.mod_revision)],
                            [{"request_delete_range": {"key": b64(req.key)}}])
 
+    async def _incoming_slot(self, destination: str, vm: str, limit: int,
+                             on_wait) -> tuple[str, str]:
+        """One of ``destination``'s ``limit`` incoming slots, held under our
+        lease: (its key, our value). ``await on_wait()`` once if none is free
+        at first; TimeoutError after ``SLOT_WAIT_S``."""
+        m = self.member
+        value = json.dumps({"vm": vm, "source": m.addr}, sort_keys=True)
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while True:
+            for i in range(limit):
+                key = keys.incoming_slot_key(destination, i)
+                taken, _ = await m.client.txn([cmp_absent(key)],
+                                              [op_put(key, value, lease=m.lease_id)])
+                if taken:
+                    return key, value
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{destination} had all its {limit} incoming migration "
+                                   f"slots taken for {SLOT_WAIT_S:g} s")
+            if on_wait is not None:
+                await on_wait()
+                on_wait = None
+            await asyncio.sleep(SLOT_POLL_S)
+
+    async def _free_slot(self, key: str, value: str) -> None:
+        """Give the slot back if it is still ours (else its lease ended it)."""
+        try:
+            await self.member.client.txn([cmp_value(key, value)],
+                                         [{"request_delete_range": {"key": b64(key)}}])
+        except EtcdError:       # etcd unreachable: the slot ends with our lease
+            pass
+
     async def _run(self, mark: dict, status_at: str) -> None:
         m, daemon = self.member, self.member.daemon
         status = {"state": "running", "host": m.addr, "vms": {}}
@@ -148,14 +190,24 @@ class MoveRunner:
         slots = asyncio.Semaphore(max(1, int(mark.get("per_host_limit", 1))))
         link_bps = float(mark.get("link_bps") or DEFAULT_LINK_BPS)
 
+        limit = max(1, int(mark.get("per_host_limit", 1)))
+
         async def one(move: dict) -> None:
             row = status["vms"][move["vm"]]
             async with slots:
                 t0 = time.monotonic()
+                slot = None
                 try:
                     hosted = daemon.vms.get(move["vm"])
                     if hosted is None:
                         raise LookupError("no longer on this host")
+                    async def waiting() -> None:
+                        row.update(status="waiting", waiting_for=f"a free incoming slot at "
+                                   f"{move['destination']}")
+                        await publish()
+                    slot = await self._incoming_slot(move["destination"], move["vm"], limit,
+                                                     waiting)
+                    row.pop("waiting_for", None)
                     rate_bps = await daemon.measure_dirty_rate(move["vm"], DIRTY_WINDOW_S)
                     p = choose_mode(hosted.vm.memory.length_bytes, rate_bps, link_bps,
                                     float(mark.get("max_downtime_ms", 300.0)))
@@ -166,6 +218,9 @@ class MoveRunner:
                     row.update(status=rec["status"], error=rec.get("error"))
                 except Exception as exc:       # reported per VM; the drain goes on
                     row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                finally:
+                    if slot is not None:
+                        await self._free_slot(*slot)
                 row["time_s"] = time.monotonic() - t0
                 await publish()
 

@@ -15,6 +15,9 @@
                            deleted once run); ``…/status`` their progress
 ``/livemig/moved/<name>``  the VM was moved by a balance: not again while this
                            key lives (under a lease of the balance window)
+``/livemig/incoming/<addr>/<i>``  one of the ``per_host_limit`` slots of
+                           migrations into the host that drains and balances
+                           may use at a time; held under the source's lease
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ VMS = ROOT + "vms/"
 DRAIN = ROOT + "drain/"
 MOVES = ROOT + "moves/"
 MOVED = ROOT + "moved/"
+INCOMING = ROOT + "incoming/"
 CONTROLLER = ROOT + "controller/"
 LEADER = CONTROLLER + "leader"
 CANDIDATES = CONTROLLER + "candidates/"
@@ -65,6 +69,10 @@ def moves_status_key(addr: str) -> str:
 
 def moved_key(name: str) -> str:
     return MOVED + name
+
+
+def incoming_slot_key(addr: str, slot: int) -> str:
+    return f"{INCOMING}{addr}/{slot}"
 
 
 def candidate_key(addr: str) -> str:
