@@ -27,7 +27,6 @@ Usage: python bench/bench_probe.py [--memory 1GiB] [--repeat 3] [--tls]
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -248,8 +247,7 @@ def main() -> None:
         "machine": report.machine(load_before),
         "reps": reps, "summary": summarize(reps),
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    report.write(args.out, result, markdown(result))
     print(f"load average before {load_before}, after {result['machine']['loadavg_after']}")
 
 

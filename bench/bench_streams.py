@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -297,8 +296,7 @@ def main() -> None:
         "machine": report.machine(load_before),
         "runs": runs, "summary": summarize(runs),
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    report.write(args.out, result, markdown(result))
     print(f"load average before {load_before}, after {result['machine']['loadavg_after']}")
 
 
