@@ -5,10 +5,11 @@ import asyncio
 import pytest
 
 from livemig.engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY,
-                                             UNREACHABLE, Learned)
+                                             UNKNOWN, UNREACHABLE, Learned)
 from livemig.errors import ControlError
 from livemig.fleet import resolve as resolve_mod
-from livemig.fleet.etcd import EtcdUnavailable
+from livemig.fleet import keys
+from livemig.fleet.etcd import EtcdUnavailable, KeyValue
 
 HERE, PEER, THIRD = "10.0.0.1:7400", "10.0.0.2:7400", "10.0.0.3:7400"
 
@@ -17,8 +18,9 @@ class _Member:
     """What resolve reads: the owner key, and whether a host runs the VM."""
 
     def __init__(self, owner, epoch, *, live=(), running=(), etcd_down=False,
-                 members=(HERE, PEER, THIRD)):
-        self.addr, self.owner, self.epoch = HERE, owner, epoch
+                 members=(HERE, PEER, THIRD), state=keys.OWNED):
+        self.addr, self.owner, self.epoch, self.state = HERE, owner, epoch, state
+        self.marked_lost = []
         self.live, self.running, self.etcd_down = set(live), set(running), etcd_down
         self.members = set(members)
         self.reclaims = 0
@@ -29,7 +31,15 @@ class _Member:
     async def owner_of(self, name):
         if self.etcd_down:
             raise EtcdUnavailable("no endpoint answered")
-        return self.owner, self.epoch, None
+        if self.owner is None:
+            return None, 0, None
+        value = keys.owner_record(self.owner, self.epoch, self.state)
+        return self.owner, self.epoch, KeyValue(keys.vm_key(name), value, 1, 1, 0)
+
+    async def mark_lost(self, name, why, *, owner_addr=None):
+        self.marked_lost.append(owner_addr)
+        self.state = keys.LOST
+        return True
 
     async def runs_at(self, owner, name):
         return owner in self.live, owner in self.running
@@ -41,6 +51,7 @@ def reclaim(monkeypatch):
     async def fake(self):
         m = self.member
         m.owner, m.epoch, m.reclaims = m.addr, m.epoch + 1, m.reclaims + 1
+        m.state = keys.OWNED
         return None
     monkeypatch.setattr(resolve_mod.SourceArbiter, "reclaim", fake)
 
@@ -91,14 +102,49 @@ def test_the_destination_owner_is_asked():
     assert asked and not committed.resume and committed.destination_says == COMMITTED
     with pytest.raises(ControlError, match="post-copy"):
         _resolve(_Member(PEER, 2, live={PEER}), peer_says=POSTCOPY)
-    for says in (NOT_COMMITTED, ABANDONED):
-        m = _Member(PEER, 2, live={PEER})
-        verdict, _ = _resolve(m, peer_says=says)
-        assert verdict.resume and m.reclaims == 1 and (verdict.owner, verdict.epoch) == (HERE, 3)
-        with pytest.raises(ControlError, match="only one"):
-            _resolve(_Member(PEER, 2), "discard", peer_says=says)
+    m = _Member(PEER, 2, live={PEER})
+    verdict, _ = _resolve(m, peer_says=NOT_COMMITTED)
+    assert verdict.resume and m.reclaims == 1 and (verdict.owner, verdict.epoch) == (HERE, 3)
+    with pytest.raises(ControlError, match="only one"):
+        _resolve(_Member(PEER, 2, live={PEER}), "discard", peer_says=NOT_COMMITTED)
     with pytest.raises(ControlError, match="stays paused"):
-        _resolve(_Member(PEER, 2), peer_says=UNREACHABLE)
+        _resolve(_Member(PEER, 2, live={PEER}), peer_says=UNREACHABLE)
+
+
+@pytest.mark.parametrize("says", [ABANDONED, UNKNOWN])
+def test_a_destination_that_resumed_it_and_lost_it_leaves_a_stale_copy(says):
+    """etcd says the guest resumed there (state owned); its restarted daemon
+    runs nothing of it: the VM was lost with it. The copy here is stale —
+    never resumed by the fleet; etcd is told it is lost."""
+    m = _Member(PEER, 2, live={PEER})
+    verdict, _ = _resolve(m, peer_says=says)
+    assert verdict.lost and not verdict.resume and m.reclaims == 0
+    assert m.marked_lost == [PEER] and "lost with its host" in verdict.reason
+
+
+def test_a_lost_destination_host_that_had_resumed_it_leaves_a_stale_copy():
+    m = _Member(PEER, 2)
+    verdict, asked = _resolve(m)
+    assert verdict.lost and not asked and m.reclaims == 0 and m.marked_lost == []
+
+
+def test_a_destination_that_committed_but_never_resumed_is_reclaimed_from():
+    """state committed: the guest never ran there, whether that host is
+    live, lost or restarted; the reclaim fences its resume record."""
+    for live in ((), {PEER}):
+        m = _Member(PEER, 2, live=live, state=keys.COMMITTED)
+        verdict, asked = _resolve(m)
+        assert verdict.resume and not asked and m.reclaims == 1
+
+
+def test_a_rollback_of_a_lost_vm_only_on_the_operators_word():
+    m = _Member(PEER, 2, live={PEER}, state=keys.LOST)
+    verdict, _ = _resolve(m)
+    assert verdict.lost and m.reclaims == 0
+    verdict, _ = _resolve(m, "resume")
+    assert verdict.resume and m.reclaims == 1 and "WARNING" in verdict.warning
+    with pytest.raises(ControlError, match="only that host may run it"):
+        _resolve(_Member(PEER, 2, live={PEER}), "resume")     # not lost: no rollback
 
 
 def test_etcd_unreachable_decides_nothing():

@@ -13,7 +13,7 @@ import os
 RANK = {
     # rank 0: the pure foundation
     "errors": 0, "units": 0, "addresses": 0, "config": 0, "pages": 0, "policy": 0,
-    "stats": 0,
+    "stats": 0, "failpoints": 0,
     # the compiled core, imported only by native/
     "_native": 0.5,
     # rank 1: the sans-IO protocol and the one importer of the compiled core

@@ -55,11 +55,12 @@ def cmd_hosts(args) -> int:
 
 def cmd_vms(args) -> int:
     view = _read(args)
-    lines = [f"{'VM':<20} {'OWNER':<24} {'EPOCH':>5} {'OWNER':<6} {'RUNNING':<7}"]
+    lines = [f"{'VM':<20} {'OWNER':<24} {'EPOCH':>5} {'OWNER':<6} {'RUNNING':<7} STATE"]
     for v in view.vms:
+        why = f" ({v['why']})" if v.get("why") else ""
         lines.append(f"{v['name']:<20} {v['owner'] or '?':<24} {v['epoch'] or '?':>5} "
                      f"{v['owner_state']:<6} "
-                     f"{'yes' if v['running_there'] else 'no':<7}")
+                     f"{'yes' if v['running_there'] else 'no':<7} {v['state']}{why}")
     emit(args, {"vms": view.vms}, "\n".join(lines))
     return EXIT_OK
 

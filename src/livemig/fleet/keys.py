@@ -4,7 +4,7 @@
                            the lease expires)
 ``/livemig/known/<addr>``  every host that ever joined (no lease): a host
                            known but without a live record is *lost*
-``/livemig/vms/<name>``    ``{"owner": addr, "epoch": n}``: the one host that
+``/livemig/vms/<name>``    ``{"owner": addr, "epoch": n[, "state", "why"]}``: the one host that
                            may run the VM. Only ever changed by a transaction
                            that compares its ``mod_revision`` (the epoch makes
                            every change visible in the value as well)
@@ -79,8 +79,29 @@ def candidate_key(addr: str) -> str:
     return CANDIDATES + addr
 
 
-def owner_record(owner: str, epoch: int) -> bytes:
-    return json.dumps({"owner": owner, "epoch": int(epoch)}, sort_keys=True).encode()
+# An owner key's ``state`` (absent in keys written before it existed: OWNED).
+OWNED = "owned"            # the owner runs the VM, or may have run it
+COMMITTED = "committed"    # a handover committed to the owner, which has not resumed it yet
+LOST = "lost"              # the VM died with the owner's daemon (or its post-copy): runs nowhere
+
+
+def owner_record(owner: str, epoch: int, state: str = OWNED, why: str | None = None) -> bytes:
+    record = {"owner": owner, "epoch": int(epoch)}
+    if state != OWNED:
+        record["state"] = state
+    if why:
+        record["why"] = why
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def owner_state(value: bytes, *, what: str) -> tuple[str, str | None]:
+    """(state, why) of an owner key."""
+    record = parse_record(value, what=what)
+    state = record.get("state", OWNED)
+    if state not in (OWNED, COMMITTED, LOST):
+        raise ValueError(f"{what}: unknown owner state {state!r}")
+    why = record.get("why")
+    return state, why if isinstance(why, str) else None
 
 
 def parse_record(value: bytes, *, what: str) -> dict:

@@ -42,6 +42,7 @@ import logging
 import os
 import time
 
+from .. import failpoints
 from ..errors import ControlError, LivemigError, MigrationError
 from . import keys
 from .drain import MoveRunner
@@ -103,6 +104,7 @@ class FleetMember:
         self._seen: set[str] = set()       # VMs hosted here at the last publish
         self._settling: dict[str, asyncio.Task] = {}   # paused copies in doubt being settled
         self._doubts: dict[str, str] = {}   # why each is still in doubt, as last logged
+        self._claimed: set[str] = set()     # names claimed by this daemon's life
 
     # -- membership ---------------------------------------------------------------------
     async def join(self) -> None:
@@ -110,6 +112,7 @@ class FleetMember:
         not pretend to be in a fleet it never joined."""
         await self._new_lease()
         await self.client.put(keys.known_key(self.addr), json.dumps({"addr": self.addr}))
+        await self._reconcile()
         self._task = asyncio.get_running_loop().create_task(self._keep_alive(),
                                                             name="fleet-keepalive")
 
@@ -143,7 +146,8 @@ class FleetMember:
             if name not in self._seen and not hosted.migrating and hosted.unresolved is None:
                 await self._claim_new(name)
         for name, hosted in here.items():
-            if hosted.unresolved is not None and not hosted.vm.running:
+            if hosted.unresolved is not None and not hosted.vm.running \
+                    and "lost" not in hosted.unresolved:    # decided: the operator's now
                 self._settle_later(name)
         for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
             # Gone from here: migrated (the key names its new owner, so the
@@ -216,11 +220,16 @@ class FleetMember:
         if self.draining:
             raise ControlError(self.draining_refusal(name), error_type="Refused")
         key = keys.vm_key(name)
+        self._claimed.add(name)       # not one that died with an earlier life (_reconcile)
         try:
             owner, epoch, kv = await self.owner_of(name)
-            if owner == self.addr:
+            lost = kv is not None and keys.owner_state(kv.value, what=kv.key)[0] == keys.LOST
+            if owner == self.addr and not lost:
                 return
-            if owner is not None:
+            if lost:
+                log.warning("fleet: taking the name %s over: etcd says its VM was lost with %s "
+                            "(epoch %d)", name, owner, epoch)
+            elif owner is not None:
                 live, runs = await self.runs_at(owner, name)
                 if live:
                     raise ControlError(
@@ -249,6 +258,45 @@ class FleetMember:
             await self._release_if_ours(name)
         except (EtcdError, ValueError) as exc:
             log.warning("fleet: could not free the name %s in etcd: %s", name, exc)
+
+    async def mark_lost(self, name: str, why: str, *, owner_addr: str | None = None) -> bool:
+        """VM ``name`` died here (with a killed daemon, or a post-copy whose
+        source died) — or at ``owner_addr``, as its restarted daemon told
+        the source: if etcd names that host and says it runs the VM, say it
+        is lost (same owner and epoch, a transaction comparing the revision).
+        A key in state ``committed`` is left alone: the guest never ran
+        here, and the source's paused copy is the VM (its source reclaims it).
+        Returns whether the key was marked."""
+        key = keys.vm_key(name)
+        kv = await self.client.get(key)
+        if kv is None:
+            return False
+        owner, epoch = keys.parse_owner(kv.value, what=key)
+        if owner != (owner_addr or self.addr) \
+                or keys.owner_state(kv.value, what=key)[0] != keys.OWNED:
+            return False
+        ok, _ = await self.client.txn([cmp_mod_revision(key, kv.mod_revision)],
+                                      [op_put(key, keys.owner_record(owner, epoch, keys.LOST,
+                                                                     why))])
+        if ok:
+            log.warning("fleet: VM %s is lost: %s", name, why)
+        return ok
+
+    async def _reconcile(self) -> None:
+        """At join: VMs etcd says run here that this daemon does not host
+        died with an earlier life of it (killed: its VMs were threads of the
+        process). Mark them lost, so that nothing counts on them."""
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        for kv in await self.client.get_prefix(keys.VMS):
+            name = kv.key[len(keys.VMS):]
+            try:
+                owner, _ = keys.parse_owner(kv.value, what=kv.key)
+            except ValueError:
+                continue
+            if owner != self.addr or name in self.daemon.vms or name in self._claimed:
+                continue
+            await self.mark_lost(name, f"it died with the daemon on {owner} (that daemon "
+                                 f"restarted at {started} UTC and no longer runs it)")
 
     async def _release_if_ours(self, name: str) -> None:
         key = keys.vm_key(name)
@@ -315,8 +363,49 @@ class FleetMember:
         prefetch = asyncio.get_running_loop().create_task(self._read_quietly(keys.vm_key(name)))
 
         async def gate() -> None:
-            await self.take_ownership(name, source, prefetched=prefetch)
+            epoch = await self.take_ownership(name, source, prefetched=prefetch)
+            failpoints.hit(failpoints.AFTER_COMMIT)
+            await self.mark_resuming(name, source, epoch)
         return gate
+
+    async def mark_resuming(self, name: str, source: str, epoch: int) -> None:
+        """After the commit, before the resume: ``committed`` → ``owned``
+        at the same epoch, a transaction that compares the committed record
+        (value) and our lease. Until it succeeds the guest has never run
+        here, so a source that finds the key ``committed`` may take it back
+        (its reclaim changes the value, and this compare then fails: the
+        copy here is discarded unrun). Once it succeeds the guest may run
+        here, and the source's paused copy is stale for good."""
+        key = keys.vm_key(name)
+        committed = keys.owner_record(self.addr, epoch, keys.COMMITTED)
+        owned = keys.owner_record(self.addr, epoch)
+        deadline = time.monotonic() + self.commit_timeout_s
+        compare = [{"key": b64(key), "target": "VALUE", "result": "EQUAL",
+                    "value": b64(committed)}, _cmp_lease(keys.host_key(self.addr), self.lease_id)]
+        try:
+            for _attempt in range(MAX_COMMIT_ATTEMPTS):
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
+                try:
+                    ok, _ = await self.client.txn(compare, [op_put(key, owned)],
+                                                  timeout_s=left_s)
+                except EtcdUnavailable:
+                    ok = False
+                if ok:
+                    return
+                current = await self._read_until(key, deadline)
+                if current is not None and current.value == owned:
+                    return                  # ours went through; its answer was lost
+                if current is None or current.value != committed:
+                    break                   # the source took it back meanwhile
+        except (EtcdError, ValueError) as exc:
+            raise MigrationError(f"cannot record in etcd that {name!r} resumes here ({exc}); "
+                                 f"the copy here is discarded unrun, the source ({source}) "
+                                 "takes the VM back", phase="switchover") from exc
+        raise MigrationError(f"etcd refused to record that {name!r} resumes here (the source "
+                             f"{source} took it back, or this host's lease is gone); the copy "
+                             "here is discarded unrun", phase="switchover")
 
     async def _read_quietly(self, key: str):
         try:
@@ -354,7 +443,7 @@ class FleetMember:
                         f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
                         f"not the source {source}: refused; {where}", phase="switchover")
                 epoch = epoch_now + 1
-            new = keys.owner_record(self.addr, epoch)
+            new = keys.owner_record(self.addr, epoch, keys.COMMITTED)
             kv, ok = first, False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
                 # A host marked for draining takes ownership of nothing.
@@ -437,13 +526,19 @@ class SourceArbiter:
         names another host, which alone may run it (it is discarded here
         once that host reports running it, fleet/resolve.py)."""
         try:
-            owner = await self.owner()
+            kv = await self.member.client.get(keys.vm_key(self.name))
+            owner = None if kv is None else keys.parse_owner(kv.value, what=kv.key)
+            state = keys.OWNED if kv is None else keys.owner_state(kv.value, what=kv.key)[0]
             member = await self.member.is_member(self.destination)
         except (EtcdError, ValueError) as exc:
             return f"etcd could not say who owns {self.name!r}: {exc}"
         if not member:
             return (f"the destination {self.destination} is not a host of this fleet: etcd "
                     "cannot say whether it resumed the VM")
+        if owner is not None and owner[0] == self.destination and state == keys.COMMITTED:
+            # It committed but never recorded a resume: the guest never ran
+            # there, and our reclaim fences the record it may still write.
+            return await self.reclaim()
         if owner is not None and owner[0] != self.member.addr:
             return (f"etcd names {owner[0]} (epoch {owner[1]}) as the owner of {self.name!r}: "
                     "this host must not run it")

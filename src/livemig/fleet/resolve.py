@@ -23,6 +23,20 @@ Resolving reads the key and acts on it:
   only one: the key is taken back from it (a new epoch) and the VM resumes
   here. An owner that is lost, or live without the VM, leaves the copy
   paused: it may be the only one. ``--discard`` then is the operator's word.
+* **etcd names the destination of the broken handover** — then its
+  ``state`` says whether the guest ever ran there. ``committed``: the
+  destination committed but never recorded its resume (it writes ``owned``
+  just before resuming, fenced on the committed record), so the guest never
+  ran there and this paused copy is the VM: reclaimed (a new epoch, which
+  also fences that record) and resumed. ``owned`` or ``lost``: the guest
+  ran there, and may have written its disk or answered clients; this paused
+  copy is stale. It is discarded once that host runs the VM; if the host
+  says nothing of it runs there (its daemon restarted: ABANDONED or
+  UNKNOWN; or a post-copy it gave up), or etcd says ``lost``, or the host
+  is lost, the VM is **lost with its host**: this copy stays paused, marked
+  lost (``Verdict.lost``), never resumed by the fleet; etcd's key says
+  ``lost``. ``--resume`` then is an explicit rollback, allowed only once etcd
+  says lost (a reclaim at a new epoch), and ``--discard`` drops it.
 * **etcd cannot be asked**: nothing is decided; the VM stays paused.
 """
 from __future__ import annotations
@@ -30,8 +44,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from ..engine.source.handover import ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY, Learned
+from ..engine.source.handover import (ABANDONED, COMMITTED, NOT_COMMITTED, POSTCOPY, UNKNOWN,
+                                      Learned)
 from ..errors import ControlError
+from . import keys
 from .etcd import EtcdError
 from .member import FleetMember, SourceArbiter
 
@@ -43,6 +59,8 @@ class Verdict:
     epoch: int
     reason: str
     destination_says: str | None = None   # when the destination was asked too
+    lost: bool = False            # the VM ran at ``owner`` and died there: keep this copy paused
+    warning: str | None = None    # an operator's rollback
 
 
 def _refused(text: str) -> ControlError:
@@ -51,6 +69,19 @@ def _refused(text: str) -> ControlError:
 
 def _in_doubt(text: str) -> ControlError:
     return ControlError(text, error_type="InDoubt")
+
+
+async def _lost(member: FleetMember, name: str, owner: str, epoch: int, why: str,
+                says: str | None = None, *, mark: bool) -> Verdict:
+    """The guest ran at ``owner`` and died there: this copy is stale."""
+    if mark:
+        await member.mark_lost(name, why, owner_addr=owner)
+    return Verdict(False, owner, epoch,
+                   f"VM {name!r} was lost with its host {owner} (epoch {epoch}): {why}. The "
+                   "guest had resumed there, so the copy paused here is stale (rolled back to "
+                   "the handover) and stays paused: `livemig vm resolve "
+                   f"{name} --resume` runs it as a rollback, --discard drops it", says,
+                   lost=True)
 
 
 async def _reclaimed(member: FleetMember, name: str, peer: str, why: str,
@@ -70,7 +101,7 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
     ``peer`` is the destination of the broken handover; ``ask()`` asks it
     what became of the session. Raises ControlError when nothing may be done."""
     try:
-        owner, epoch, _ = await member.owner_of(name)
+        owner, epoch, kv = await member.owner_of(name)
         if owner is None or owner == member.addr:
             if action == "discard":
                 raise _refused(
@@ -84,6 +115,16 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
                     f"the VM; it stays paused here. --resume if you know it does not run it")
             return await _reclaimed(member, name, peer,
                                     "etcd names no other owner: the destination never took it")
+        state, lost_why = keys.owner_state(kv.value, what=kv.key)
+        if owner == peer and state == keys.COMMITTED:
+            return await _reclaimed(member, name, peer, f"the destination {owner} committed "
+                                    "but never resumed it (etcd's key says committed)")
+        if owner == peer and state == keys.LOST and action == "resume":
+            verdict = await _reclaimed(member, name, peer, "by the operator, as a rollback")
+            verdict.warning = (f"WARNING: VM {name!r} had run at {owner} and was lost there "
+                               "(etcd said so); it resumed here from its state at the "
+                               "handover: whatever it did at the destination is undone")
+            return verdict
         if action == "resume":
             raise _refused(f"refusing to resume VM {name!r} here: etcd names {owner} (epoch "
                            f"{epoch}) as its owner, and only that host may run it")
@@ -91,6 +132,12 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
         if runs:
             return Verdict(False, owner, epoch, f"etcd names {owner} (epoch {epoch}), which "
                            "reports running it")
+        if owner == peer and action is None and state == keys.LOST:
+            return await _lost(member, name, owner, epoch, lost_why or "etcd says so",
+                               mark=False)
+        if owner == peer and action is None and not live:
+            return await _lost(member, name, owner, epoch, "that host is lost (its lease "
+                               "expired) after it resumed the guest", mark=False)
         if owner == peer:
             learned = await ask()
             if learned.kind == COMMITTED:
@@ -101,7 +148,10 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
                     f"the destination {owner} runs VM {name!r} in post-copy and still lacks "
                     "pages only this host holds; nothing was changed: resolve again once it "
                     "completes or gives up")
-            if learned.kind in (NOT_COMMITTED, ABANDONED):
+            if learned.kind in (ABANDONED, UNKNOWN) and action is None:
+                return await _lost(member, name, owner, epoch, learned.reason or
+                                   "it has no record of the session", learned.kind, mark=True)
+            if learned.kind == NOT_COMMITTED:
                 if action == "discard":
                     raise _refused(
                         f"refusing to discard VM {name!r}: the destination {owner} reports it "

@@ -6,7 +6,8 @@ whether etcd holds its drain mark (its record's ``draining`` says whether the
 host has seen it yet); a live host's ``record_revision`` is the etcd revision
 its record was last written at (the controller waits for records newer than
 the moves it saw finish). A VM's row joins its
-owner key with the owner's record (whether that host reports running it).
+owner key with the owner's record (whether that host reports running it) and says
+whether the VM is running, lost, or lost with its host (``_vm_state``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def _record(kv) -> dict:
         return keys.parse_record(kv.value, what=kv.key)
     except ValueError as exc:       # a record no livemig wrote: shown, not fatal
         return {"malformed": str(exc)[:200], "vms": {}}
+
+
+def _vm_state(state: str, host: dict | None, running: bool) -> str:
+    """What a VM's row says of it: ``lost`` (etcd says it died with its
+    owner's daemon), ``lost-with-host`` (its owner is lost: the VM with it),
+    ``committing`` (a handover committed, not resumed yet), ``running`` or
+    ``not-running`` (the owner is live but does not list it running: it is
+    arriving, paused, or its daemon has not reconciled yet)."""
+    if state == keys.LOST:
+        return "lost"
+    if host is None:
+        return "lost-with-host"
+    if state == keys.COMMITTED:
+        return "committing"
+    return "running" if running else "not-running"
 
 
 async def read_marks(client: EtcdClient) -> set[str]:
@@ -52,16 +68,20 @@ async def read_fleet(client: EtcdClient) -> FleetView:
         name = kv.key[len(keys.VMS):]
         try:
             owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+            keys.owner_state(kv.value, what=kv.key)
         except ValueError as exc:
             vms.append({"name": name, "owner": None, "epoch": None, "owner_state": "malformed",
-                        "running_there": False, "memory_bytes": None,
+                        "running_there": False, "state": "malformed", "why": None,
+                        "memory_bytes": None,
                         "error": str(exc)[:200]})
             continue
+        state, why = keys.owner_state(kv.value, what=kv.key)
         host = live.get(owner)
         reported = (host or {}).get("vms", {}).get(name)
         reported = reported if isinstance(reported, dict) else None
+        running = bool(reported and reported.get("running"))
         vms.append({"name": name, "owner": owner, "epoch": epoch,
                     "owner_state": "live" if host is not None else "lost",
-                    "running_there": bool(reported and reported.get("running")),
-                    "memory_bytes": (reported or {}).get("memory_bytes")})
+                    "running_there": running, "state": _vm_state(state, host, running),
+                    "why": why, "memory_bytes": (reported or {}).get("memory_bytes")})
     return FleetView(hosts, sorted(vms, key=lambda v: v["name"]))

@@ -76,7 +76,9 @@ class HostedVM:
         if self.migrating:
             return "migrating"
         if self.unresolved is not None:
-            return "in-doubt"
+            # "lost": the VM ran at the destination and died there; this
+            # copy is stale (fleet/resolve.py) and stays paused
+            return "lost" if "lost" in self.unresolved else "in-doubt"
         return "running" if self.vm.running else "paused"
 
     def describe(self) -> dict:
@@ -298,6 +300,9 @@ class Daemon(OperatorCommands):
                     name, arrival.vm, origin=f"migrating from {peer} (post-copy)",
                     owed_pages=arrival.owed_pages)
             self._watch(rec, stats)
+            if arrival.status == "failed" and was_postcopy and self.fleet is not None:
+                # It ran here and was stopped for want of pages: lost.
+                asyncio.get_running_loop().create_task(self._fleet_lost(name, arrival.error))
             if arrival.status in ("failed", "cancelled"):
                 self._arriving.discard(name)
                 self.arriving_postcopy.pop(name, None)
@@ -310,6 +315,13 @@ class Daemon(OperatorCommands):
             arrival.commit_gate = self.fleet.commit_gate(name, peer)
         arrival.on_status = on_status
         return arrival
+
+    async def _fleet_lost(self, name: str, error: str | None) -> None:
+        try:
+            await self.fleet.mark_lost(name, f"its post-copy here was abandoned: {error}")
+        except (LivemigError, ValueError) as exc:   # etcd unreachable, or a bad record
+            event(logging.WARNING, f"could not mark {name} lost in etcd: {exc}", vm=name,
+                  event="lost")
 
     # -- control commands ------------------------------------------------------------
     def _handlers(self) -> dict:
@@ -653,10 +665,21 @@ class Daemon(OperatorCommands):
                             timeout_s=10.0)
         if self.fleet is not None:   # etcd says who owns the VM (fleet/resolve.py)
             verdict = await self.fleet.resolve(name, pending["peer"], action, ask)
-            return {**await self._resolved(name, hosted, pending, verdict.resume,
+            if verdict.lost:
+                pending["lost"] = verdict.reason
+                rec = self.migrations.get(pending["migration"])
+                if rec is not None and "lost with its host" not in (rec.error or ""):
+                    rec.status = "failed"
+                    rec.error = f"{rec.error}; resolved: {verdict.reason}"
+                event(logging.WARNING, verdict.reason, vm=name, event="lost")
+                return {"name": name, "resolved": "lost", "destination_says":
+                        verdict.destination_says, "reason": verdict.reason, "warning": None,
+                        "owner": verdict.owner, "epoch": verdict.epoch}
+            done = {**await self._resolved(name, hosted, pending, verdict.resume,
                                            verdict.reason, verdict.destination_says,
                                            holder=str(verdict.owner)),
                     "owner": verdict.owner, "epoch": verdict.epoch}
+            return {**done, "warning": verdict.warning}
         learned = await ask()
         peer = f"the destination {pending['peer']}"
         runs_there = learned.kind in (COMMITTED, POSTCOPY)
