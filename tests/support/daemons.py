@@ -42,7 +42,9 @@ def livemig_json(*args, check: int = EXIT_OK):
 
 
 class DaemonProcess:
-    def __init__(self, tmp: Path, label: str, loop: str, *extra, log_label: str | None = None):
+    def __init__(self, tmp: Path, label: str, loop: str, *extra, log_label: str | None = None,
+                 env: dict | None = None):
+        # ``env``: more environment for this process only (a restart goes without)
         self._args = (tmp, label, loop, extra)
         self.control = str(tmp / f"{label}.sock")
         self.log = open(tmp / f"{log_label or label}.log", "w+")
@@ -50,7 +52,7 @@ class DaemonProcess:
             [sys.executable, "-m", "livemig", "daemon", "--listen", "127.0.0.1:0",
              "--control", self.control, "--loop", loop,
              "--state-dir", str(tmp / f"{label}-state"), *extra],
-            env=ENV, stdout=self.log, stderr=subprocess.STDOUT)
+            env={**ENV, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = ControlClient(self.control, timeout_s=PATIENCE_S)
         self.info = wait_for(f"daemon {label} to answer on its control socket", self._ping)
         self.address = self.info["listen"]

@@ -111,7 +111,8 @@ class FleetHost:
     With ``etcd_link``, it reaches etcd through that link."""
 
     def __init__(self, tmp, label: str, etcd, *, ttl_s: int, fault: Fault | None = None,
-                 etcd_link: EtcdLink | None = None, loop: str = "asyncio", extra=()):
+                 etcd_link: EtcdLink | None = None, loop: str = "asyncio", extra=(),
+                 env: dict | None = None):
         self.link = None
         extra = ["--fleet", etcd_link.url if etcd_link else etcd.url, "--fleet-ttl", str(ttl_s),
                  *extra]
@@ -120,7 +121,7 @@ class FleetHost:
             self.link = ProxyThread(port, fault)
             extra += ["--listen", f"{LOCAL}:{port}", "--advertise", self.link.address]
         try:
-            self.proc = joined(DaemonProcess(tmp, label, loop, *extra))
+            self.proc = joined(DaemonProcess(tmp, label, loop, *extra, env=env))
         except BaseException:
             if self.link is not None:
                 self.link.close()

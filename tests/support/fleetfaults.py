@@ -106,11 +106,12 @@ def assert_settled(etcd, hosts: dict[str, FleetHost], runs: str | None, *,
         assert_daemon_vm_matches_unmoved(hosts[runs].proc, NAME, RECIPE)
 
 
-def pair(tmp_path, etcd, fault: Fault, *, src_link=None, dst_link=None, dst_extra=()):
+def pair(tmp_path, etcd, fault: Fault | None, *, src_link=None, dst_link=None, dst_extra=(),
+         dst_env=None):
     src = FleetHost(tmp_path, "src", etcd, ttl_s=TTL_S, etcd_link=src_link, extra=DAEMON_FLAGS)
     try:
         dst = FleetHost(tmp_path, "dst", etcd, ttl_s=TTL_S, fault=fault, etcd_link=dst_link,
-                        extra=(*DAEMON_FLAGS, *dst_extra))
+                        extra=(*DAEMON_FLAGS, *dst_extra), env=dst_env)
     except BaseException:
         src.close()
         raise

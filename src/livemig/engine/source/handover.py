@@ -130,8 +130,9 @@ async def learn(open_control: OpenControl, *, npages: int, window_s: float, time
         why = await arbiter.settle()
         if why is None:
             return Learned(RECLAIMED, f"the destination could not be asked ({last}), and etcd "
-                           "named this host as the VM's owner: no destination committed; etcd "
-                           "now names this host at a new epoch")
+                           "showed that no destination resumed it (it named this host, or a "
+                           "destination that committed but never resumed); etcd now names "
+                           "this host at a new epoch")
         last = f"{last}; {why}"
     return Learned(UNREACHABLE, last)
 
