@@ -18,6 +18,10 @@ after it has received ``Commit`` and before it resumes the guest
     txn  if mod_revision == r and this host's lease key still holds our lease
          then owner = here, epoch = e + 1
 
+The new record says ``state: committed``; just before the resume a second
+transaction (``mark_resuming``, comparing that record and our lease) sets it
+to ``owned``: etcd then knows whether the guest may have run here, and a
+source whose destination died between the two may take the VM back.
 Only a successful transaction lets the guest run here. A failed compare
 (someone else owns it, or our lease is gone) refuses; an answer lost on the
 way is read back until the deadline, and anything still unknown then refuses
@@ -26,6 +30,11 @@ too: a destination never runs a VM it cannot prove it owns.
 A paused copy left in doubt here is settled from etcd at each renewal, as
 ``livemig vm resolve`` would (fleet/resolve.py): resumed after a reclaim when
 etcd names this host, discarded once the owner it names runs the VM.
+
+VMs that died here — with an earlier life of this daemon (SIGKILL: they
+were its threads), or a post-copy abandoned for want of pages — are marked
+``lost`` in etcd (``_reconcile`` at join, ``mark_lost``): same owner and
+epoch, so ``fleet vms`` says where the VM was lost, and nothing counts on it.
 
 A source that learns the destination did *not* resume the VM reclaims it
 before resuming it (``SourceArbiter.reclaim``): a transaction that bumps the
