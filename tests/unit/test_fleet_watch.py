@@ -57,6 +57,14 @@ def test_a_line_without_end_is_bounded():
         WatchDecoder().feed(b"")
 
 
+@pytest.mark.parametrize("message", [{"result": {"events": 5}},
+                                     {"result": {"header": "x", "events": []}},
+                                     {"result": {"events": [{"kv": {"mod_revision": "x"}}]}}])
+def test_malformed_messages_raise_value_error(message):
+    with pytest.raises(ValueError):
+        events(message)
+
+
 def test_a_cancelled_watch_is_unavailable():
     with pytest.raises(EtcdUnavailable, match="compact"):
         events({"result": {"header": {}, "canceled": True, "compact_revision": "7"}})

@@ -104,9 +104,12 @@ def events(message: dict) -> tuple[int, list[WatchEvent]]:
         raise EtcdUnavailable(f"watch cancelled by etcd (compact_revision "
                               f"{result.get('compact_revision', 0)}, "
                               f"{result.get('cancel_reason', '')})")
-    revision = int((result.get("header") or {}).get("revision", 0))
-    return revision, [WatchEvent(e.get("type", "PUT"), KeyValue.from_json(e.get("kv") or {}),
-                                 revision) for e in result.get("events") or []]
+    try:
+        revision = int((result.get("header") or {}).get("revision", 0))
+        return revision, [WatchEvent(e.get("type", "PUT"), KeyValue.from_json(e.get("kv") or {}),
+                                     revision) for e in result.get("events") or []]
+    except (TypeError, AttributeError) as exc:     # a message of another shape
+        raise ValueError(f"a malformed watch message: {str(message)[:200]}") from exc
 
 
 async def watch_key(client: EtcdClient, key: str, start_revision: int) -> AsyncIterator:
