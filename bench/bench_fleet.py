@@ -17,22 +17,32 @@ the same moves one at a time, and the planner over a generated fleet.
 Medians of ``--repeats`` repeats. Writes bench/results/fleet.json.
 
     python bench/bench_fleet.py [--repeats 3] [--vms 3] [--memory 32MiB]
+
+``--commit-only --etcd-dirs /tmp /dev/shm`` measures only the commit point,
+against one etcd per data directory in the same run (disk against tmpfs),
+and adds from each etcd's ``/metrics`` its WAL fsyncs during the measure
+(count, mean) and, as the floor of the client's path, the same transaction
+sent from a blocking socket (no asyncio, no client): bench/results/fleet_commit.json.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from livemig.fleet import keys  # noqa: E402
+from livemig.fleet.etcd import cmp_absent, cmp_mod_revision, op_get, op_put  # noqa: E402
 from livemig.fleet.member import FleetMember  # noqa: E402
 from livemig.fleet.simulate import simulate  # noqa: E402
 from livemig.lab.daemonproc import free_port, stop, wait_ready  # noqa: E402
@@ -68,6 +78,83 @@ async def commit_point(url: str, n: int) -> dict:
                 "p99_ms": times_ms[int(0.99 * (len(times_ms) - 1))], "n": n}
     finally:
         await member.close()
+
+
+def _metric(endpoint: str, name: str) -> float:
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def wal_fsync(endpoint: str) -> tuple[float, float]:
+    """(count, seconds) of etcd's WAL fsyncs so far."""
+    return (_metric(endpoint, "etcd_disk_wal_fsync_duration_seconds_count"),
+            _metric(endpoint, "etcd_disk_wal_fsync_duration_seconds_sum"))
+
+
+def raw_txn(endpoint: str, n: int) -> dict:
+    """The commit point's transaction shape (a revision compare, a put, the
+    failure reads) from a blocking socket: what etcd and the loopback cost
+    without our client."""
+    host, port = endpoint.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key, times_ms = keys.vm_key("raw"), []
+
+    def exchange(body: bytes) -> dict:
+        sock.sendall(b"POST /v3/kv/txn HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(65536)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return json.loads(rest)
+    try:
+        revision = 0
+        for i in range(n):
+            compare = [cmp_absent(key) if not revision else cmp_mod_revision(key, revision),
+                       cmp_absent(keys.drain_key("127.0.0.1:1"))]
+            body = json.dumps({"compare": compare,
+                               "success": [op_put(key, keys.owner_record("127.0.0.1:1", i))],
+                               "failure": [op_get(key)]}).encode()
+            t0 = time.perf_counter()
+            answer = exchange(body)
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+            revision = int(answer["header"]["revision"])
+        return {"median_ms": statistics.median(times_ms), "n": n}
+    finally:
+        sock.close()
+
+
+def commit_only(args) -> None:
+    """The commit point against one etcd per data directory, in one run."""
+    results = {}
+    for etcd_dir in args.etcd_dirs:
+        with tempfile.TemporaryDirectory(dir=etcd_dir) as d, etcd_cluster(Path(d), 1) as etcd:
+            before = wal_fsync(etcd.endpoints[0])
+            runs = [asyncio.run(commit_point(etcd.url, args.commits))
+                    for _ in range(args.repeats)]
+            after = wal_fsync(etcd.endpoints[0])
+            raw = [raw_txn(etcd.endpoints[0], args.commits) for _ in range(args.repeats)]
+        fsyncs, fsync_s = after[0] - before[0], after[1] - before[1]
+        results[etcd_dir] = {
+            "commit_median_ms": statistics.median(r["median_ms"] for r in runs),
+            "commit_p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "raw_txn_median_ms": statistics.median(r["median_ms"] for r in raw),
+            # three writes per handover here (the bench's put, the commit, the delete)
+            "wal_fsyncs": fsyncs, "wal_fsync_mean_ms": 1e3 * fsync_s / max(fsyncs, 1),
+            "runs": runs, "raw_runs": raw}
+        print(etcd_dir, json.dumps({k: v for k, v in results[etcd_dir].items()
+                                    if not k.endswith("runs")}), flush=True)
+    out = OUT.with_name("fleet_commit.json")
+    out.write_text(json.dumps({"args": vars(args), "load_1m": os.getloadavg()[0],
+                               "by_etcd_dir": results}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def _daemon(tmp: Path, label: str, url: str):
@@ -137,19 +224,11 @@ def main() -> None:
                     help="where etcd keeps its data (e.g. /dev/shm: no disk fsync in the way)")
     ap.add_argument("--commit-only", action="store_true",
                     help="measure the commit point only (results to fleet_commit.json)")
+    ap.add_argument("--etcd-dirs", nargs="+", default=["/tmp", "/dev/shm"],
+                    help="with --commit-only: one etcd per data directory, in turn")
     args = ap.parse_args()
     if args.commit_only:
-        with tempfile.TemporaryDirectory(dir=args.etcd_dir) as d, \
-                etcd_cluster(Path(d), 1) as etcd:
-            runs = [asyncio.run(commit_point(etcd.url, args.commits))
-                    for _ in range(args.repeats)]
-        summary = {"commit_median_ms": statistics.median(r["median_ms"] for r in runs),
-                   "commit_p99_ms": statistics.median(r["p99_ms"] for r in runs),
-                   "etcd_dir": args.etcd_dir or tempfile.gettempdir()}
-        out = OUT.with_name("fleet_commit.json")
-        out.write_text(json.dumps({"args": vars(args), "summary": summary, "runs": runs},
-                                  indent=1) + "\n")
-        print(json.dumps(summary, indent=1))
+        commit_only(args)
         return
     runs = {"commit": [], "drain": [], "simulate": []}
     with tempfile.TemporaryDirectory(dir=args.etcd_dir) as d, \

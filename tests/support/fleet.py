@@ -86,22 +86,33 @@ def leader(cluster) -> int:
 
 
 class EtcdLink:
-    """One daemon's way to a one-member etcd, through a proxy that can
-    partition it (connections reset, new ones refused) and heal."""
+    """One daemon's way to etcd: a proxy in front of each member, each of
+    which can partition the daemon from that member (connections reset, new
+    ones refused) and heal. ``partition()``/``heal()`` without a member: all."""
 
     def __init__(self, etcd):
-        (host, port), = [e.rsplit(":", 1) for e in etcd.endpoints]
-        self.thread = ProxyThread(0, proxy=FaultProxy(host, int(port)))
-        self.url = f"etcd://{self.thread.address}"
+        self.threads = [ProxyThread(0, proxy=FaultProxy(host, int(port)))
+                        for host, port in (e.rsplit(":", 1) for e in etcd.endpoints)]
+        self.url = "etcd://" + ",".join(t.address for t in self.threads)
 
-    def partition(self) -> None:
-        self.thread.run(self.thread.proxy.partition)
+    def _each(self, member: int | None):
+        return self.threads if member is None else [self.threads[member]]
 
-    def heal(self) -> None:
-        self.thread.run(self.thread.proxy.heal)
+    def partition(self, member: int | None = None) -> None:
+        for t in self._each(member):
+            t.run(t.proxy.partition)
+
+    def heal(self, member: int | None = None) -> None:
+        for t in self._each(member):
+            t.run(t.proxy.heal)
+
+    def forwarded(self, member: int) -> dict:
+        """Bytes the proxy to ``member`` passed, each way."""
+        return dict(self.threads[member].proxy.forwarded)
 
     def close(self) -> None:
-        self.thread.close()
+        for t in self.threads:
+            t.close()
 
 
 class FleetHost:

@@ -16,7 +16,7 @@ larger term, and a key deleted and created again never has the old one.
 The key lives as long as the leader's host lease: a leader killed with
 SIGKILL, or cut off from etcd, loses it at most the TTL (``--fleet-ttl``) after
 its last renewal; a leader shut down cleanly resigns at once (a fenced delete).
-The other candidates read the key every ``poll_s`` and campaign when it is gone.
+The other candidates watch the key and campaign as soon as it is deleted (below).
 
 **Fencing.** Every write a leader makes — the whole of a balance pass — is one
 transaction comparing ``create_revision(leader) == term``. A deposed leader
@@ -43,12 +43,15 @@ ownership transaction. The window's records and the state record live in
 etcd, not in the leader: a new leader goes on from them, and any host can
 show them (``livemig fleet controller``).
 
-**Poll, not watch.** etcd's JSON gateway serves a watch as a long-lived
-chunked stream, which needs a second connection with its own failover and
-resume-from-revision logic in our client (etcd.py keeps one request in
-flight on one connection). A poll is one range request per candidate every
-``poll_s`` (the TTL / 5, between 0.2 s and 1 s); the takeover after a SIGKILL is
-dominated by the lease's TTL anyway (bench/bench_fleet_controller.py).
+**Watch, and a slow poll.** Each daemon watches the leader key (fleet/watch.py,
+a stream of its own) from the revision after its last read, and a candidate
+campaigns as soon as the key's deletion arrives (lease expiry or
+resignation). A broken stream is opened again from the revision after the
+last event seen (none is missed; a compacted revision means a fresh read
+first). Since a member cut off from its peers may keep a watch open and
+silent, a candidate also reads the key every ``SAFETY_POLL_S`` (every
+``poll_s`` while no watch stream is up); a leader checks its key every
+``poll_s``.
 """
 from __future__ import annotations
 
@@ -64,12 +67,16 @@ from . import keys
 from .decision import (MAX_LOGGED_MOVES, REQUESTED, Decision, decide, held_by_window, log_entries,
                        moved_record, settle, stale_hosts)
 from .drain import DEFAULT_LINK_BPS, fleet_state, request
+from ..aio.deadline import within
 from .etcd import EtcdClient, EtcdError, KeyValue, b64, cmp_absent, op_get, op_put
 from .view import read_fleet
+from .watch import watch_key
 
 DEFAULT_INTERVAL_S = 60.0
 MIN_POLL_S = 0.2
 MAX_POLL_S = 1.0
+SAFETY_POLL_S = 5.0     # a candidate's read of the leader key while its watch is up
+WATCH_RETRY_S = 0.5     # before opening a broken watch stream again
 
 
 def cmp_term(term: int) -> dict:
@@ -145,10 +152,56 @@ class BalanceController:
         self._registered_lease = 0
         self._next_pass_at = 0.0
         self._task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._leader_gone = asyncio.Event()   # the watch saw the leader key deleted
+        self.watching = False                 # a watch stream is up
+        self.watch_events = 0                 # deletions the watch delivered
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(),
-                                                            name="fleet-balance-controller")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="fleet-balance-controller")
+        self._watch_task = loop.create_task(self._watch_leader(), name="fleet-leader-watch")
+
+    async def _pause(self) -> None:
+        """Until the next step: a leader checks its key every poll; a
+        candidate waits for the watch to report the key deleted, or for the
+        safety poll (short while no watch stream is up)."""
+        if self.term:
+            await asyncio.sleep(self.poll_s)
+            return
+        try:
+            await within(self._leader_gone.wait(),
+                         SAFETY_POLL_S if self.watching else self.poll_s)
+        except TimeoutError:
+            pass
+        self._leader_gone.clear()
+
+    async def _watch_leader(self) -> None:
+        """Keep a watch on the leader key; set ``_leader_gone`` on its deletion."""
+        next_revision = 0            # 0: read the key first
+        while True:
+            created = False
+            try:
+                if not next_revision:
+                    answer = await self.client.call("kv/range", {"key": b64(keys.LEADER)})
+                    if not answer.get("kvs"):
+                        self._leader_gone.set()
+                    next_revision = int(answer.get("header", {}).get("revision", 0)) + 1
+                async for item in watch_key(self.client, keys.LEADER, next_revision):
+                    if isinstance(item, int):
+                        created, self.watching = True, True
+                        continue
+                    next_revision = item.revision + 1
+                    if item.kind == "DELETE":
+                        self.watch_events += 1
+                        self._leader_gone.set()
+            except EtcdError as exc:
+                if not created:
+                    next_revision = 0     # refused or compacted: read afresh, then watch
+                event(logging.DEBUG, f"balance controller: leader watch: {exc}",
+                      event="controller-watch")
+            self.watching = False
+            await asyncio.sleep(WATCH_RETRY_S)
 
     async def _run(self) -> None:
         while True:
@@ -159,7 +212,7 @@ class BalanceController:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 event(logging.WARNING, f"balance controller: {self.last_error}",
                       event="controller-error")
-            await asyncio.sleep(self.poll_s)
+            await self._pause()
 
     async def step(self) -> None:
         """One poll: register, campaign or check the lead, and pass when due."""
@@ -286,17 +339,19 @@ class BalanceController:
         return {"role": "leader" if self.term else "candidate", "term": self.term or None,
                 "leader": self.addr if self.term else self.leader, "passes": self.passes,
                 "last_pass": self.last_decision, "interval_s": self.interval_s,
-                "window_s": self.window_s, "poll_s": self.poll_s, "error": self.last_error}
+                "window_s": self.window_s, "poll_s": self.poll_s, "watching": self.watching,
+                "error": self.last_error}
 
     async def close(self) -> None:
         """Stop; a leader resigns (a fenced delete) so a candidate takes over
         at its next poll rather than after the TTL."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         try:
             if self.term:
                 await fenced(self.client, self.term, [op_delete(keys.LEADER)])

@@ -96,6 +96,10 @@ class EtcdClient:
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def endpoint_index(self) -> int:
+        return self._current
+
     # -- transport ---------------------------------------------------------------------------
     async def call(self, path: str, body: dict, *, timeout_s: float | None = None) -> dict:
         """POST ``body`` to ``/v3/<path>`` and return the JSON answer."""

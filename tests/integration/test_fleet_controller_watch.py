@@ -1,0 +1,88 @@
+"""The candidates' watch on the leader key (fleet/controller.py, fleet/watch.py),
+in-process against a real etcd: a candidate whose watch is up takes over when
+the leader resigns, told by its watch; with its watch stream gone silent, the
+safety poll still finds the key deleted. (A watch resumed from a revision
+missing nothing: tests/unit/test_fleet_watch.py.)"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from livemig.fleet.controller import BalanceController
+from livemig.fleet.member import FleetMember
+from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
+from support.waiting import PATIENCE_S
+
+pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
+
+
+class _Host:
+    """The little of a daemon a FleetMember reads."""
+
+    def __init__(self, advertised: str):
+        self.advertised, self.vms = advertised, {}
+
+
+async def _until(what: str, cond, timeout_s: float = PATIENCE_S):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not (value := cond()):
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return value
+
+
+async def _pair(url):
+    members = [FleetMember(_Host(f"127.0.0.1:{i}"), url, ttl_s=60) for i in (1, 2)]
+    for m in members:
+        await m.join()
+    controllers = [BalanceController(m, window_s=60, interval_s=3600) for m in members]
+    return members, controllers
+
+
+async def _close(members, controllers):
+    for c in controllers:
+        await c.close()
+    for m in members:
+        await m.close()
+
+
+def _run(tmp_path, scenario):
+    with etcd_cluster(tmp_path, members=1) as own:
+        asyncio.run(scenario(own.url))
+
+
+def test_a_watching_candidate_takes_over_when_the_leader_resigns(tmp_path):
+    async def main(url):
+        members, (cx, cy) = await _pair(url)
+        try:
+            cx.start()
+            await _until("x to lead", lambda: cx.term)
+            cy.start()
+            await _until("y's watch to be up", lambda: cy.watching)
+            term_x = cx.term
+            await cx.close()                      # resigns: the key is deleted
+            await _until("y to lead", lambda: cy.term > term_x)
+            assert cy.watch_events >= 1           # the watch, not the safety poll, saw it
+        finally:
+            await _close(members, (cx, cy))
+    _run(tmp_path, main)
+
+
+def test_the_safety_poll_takes_over_when_the_watch_is_silent(tmp_path):
+    async def main(url):
+        members, (cx, cy) = await _pair(url)
+        try:
+            cx.start()
+            await _until("x to lead", lambda: cx.term)
+            cy.start()
+            await _until("y's watch to be up", lambda: cy.watching)
+            cy._watch_task.cancel()               # as a stream that stays open and silent
+            term_x = cx.term
+            await cx.close()
+            await _until("y to lead", lambda: cy.term > term_x)
+            assert cy.watch_events == 0
+        finally:
+            await _close(members, (cx, cy))
+    _run(tmp_path, main)
