@@ -76,8 +76,8 @@ def test_plan_probes_on_the_native_streams_and_says_so(run):
 
 @pytest.mark.parametrize("config,tls,reason", [
     (MigrationConfig(streams=0), False, "native streams disabled by configuration (streams=0)"),
-    (MigrationConfig(streams=2), True, "the migration uses TLS, which the native streams do "
-                                       "not speak"),
+    (MigrationConfig(streams=2), True, "the migration uses TLS, and the stream probe does "
+                                       "not speak it yet"),
 ])
 def test_the_control_probe_is_used_with_a_stated_reason(run, tmp_path, config, tls, reason):
     pki = make_test_pki(tmp_path) if tls else None

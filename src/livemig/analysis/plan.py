@@ -98,7 +98,8 @@ async def probe_link(host: str, port: int, *, config: MigrationConfig | None = N
     ``config`` would take: the native streams' probe where it can run, else
     the control channel's (and why)."""
     config = config or MigrationConfig()
-    refused = refusal(config, tls=ssl is not None)
+    refused = (refusal(config, tls=None) if ssl is None else
+               "the migration uses TLS, and the stream probe does not speak it yet")
     caps = frozenset() if refused is not None else frozenset({STREAMS, linkrate.STREAM_PROBE})
     session_id = os.urandom(16)
     common = dict(ssl=ssl, server_hostname=server_hostname, timeout_s=config.handshake_timeout_s)

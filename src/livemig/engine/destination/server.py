@@ -70,6 +70,7 @@ from ...codec.decoder import BatchDecoder
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
+from ...native import streams as native_streams
 from ...native import urgent
 from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
@@ -79,8 +80,9 @@ from .postcopy import FaultService, PostcopyPlacer
 from .probes import answer_probes
 from .streamprobe import STREAM_PROBE, ProbeSlot, StreamProbeDesk
 from .streamprobe import offered as stream_probe_offered
-from .streams import (PUSH, STREAMS, DestStreams, check_offer as check_streams_offer,
-                      offered as streams_offered)
+from .streams import (PUSH, STREAMS, TLS_STREAMS, DestStreams, check_stream_peer,
+                      check_offer as check_streams_offer, offered as streams_offered,
+                      tls_context as stream_tls_context)
 from ...native import PAGE_SIZE
 from ...native import postcopy
 from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode,
@@ -277,7 +279,8 @@ class IncomingMigration:
                 self._held if self.progress is None else self.progress.landed_bits,
                 self.decoder.placer.held, nstreams)
         self._push_n = cfg.get("push_streams") or 0
-        self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
+        tls = self.ch.get_extra_info("ssl_object") is not None
+        self.stats.data_path = (native_streams.path_label(nstreams, tls=tls) if nstreams else
                                 "python: the source sends its pages on the control channel")
         self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
@@ -615,6 +618,8 @@ class IncomingMigration:
     async def adopt(self, ch: Channel) -> None:
         """Serve a further channel of this session (urgent, bulk, or a resumed
         control channel); returns when the session is done with it."""
+        if ch.kind is ChannelKind.BULK:
+            check_stream_peer(self.ch, ch)   # a native TLS stream: the control's peer only
         released = asyncio.Event()
         self._released[ch] = released
         if ch.kind is ChannelKind.CONTROL:
@@ -738,13 +743,28 @@ class MigrationServer:
         self.sessions: dict[bytes, IncomingMigration] = {}
         self.outcomes = OutcomeBook()
         self.probe_slot = ProbeSlot()
+        self._stream_tls = None           # the native streams' TLS (server side), under TLS
+        self.stream_tls_refusal = ""      # why there is none
 
     async def start(self) -> None:
-        self._server = await serve_channels(self.host, self.requested_port, self._serve,
-                                            ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
-                                            policy=self._answer_hello,
-                                            timeout_s=self.config.handshake_timeout_s)
+        # Under TLS, the native streams speak it in their threads: the same
+        # files, loaded into OpenSSL once (None, and why, where they cannot).
+        self._stream_tls, self.stream_tls_refusal = stream_tls_context(self.config, self.ssl)
+        try:
+            self._server = await serve_channels(self.host, self.requested_port, self._serve,
+                                                ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
+                                                policy=self._answer_hello,
+                                                timeout_s=self.config.handshake_timeout_s,
+                                                native_tls=self._stream_tls)
+        except BaseException:
+            self._close_stream_tls()
+            raise
         self.port = self._server.port
+
+    def _close_stream_tls(self) -> None:
+        if self._stream_tls is not None:
+            self._stream_tls.close()   # sessions made from it keep what they need
+            self._stream_tls = None
 
     def _answer_hello(self, hello: Hello):
         known = hello.session_id in self.sessions
@@ -762,15 +782,23 @@ class MigrationServer:
 
     def _welcome(self, hello: Hello):
         """answer_hello, granting native streams where this host runs them,
-        from wire version 2 on."""
+        from wire version 2 on; under TLS, to a control channel that offers
+        "tls-streams" (its streams then come as native TLS streams), and
+        without the post-copy push, which does not speak TLS."""
         tls = self.ssl is not None
-        caps = {STREAMS, PUSH} if streams_offered(self.config, tls=tls) else set()
+        tls_streams = self._stream_tls is not None
+        caps = set()
+        if streams_offered(self.config, tls=tls, tls_streams=tls_streams):
+            caps |= {STREAMS, TLS_STREAMS} if tls else {STREAMS, PUSH}
         if stream_probe_offered(self.config, tls=tls):
             caps.add(STREAM_PROBE)
+        if (tls and hello.channel_kind is ChannelKind.CONTROL
+                and TLS_STREAMS not in hello.capabilities):
+            caps -= {STREAMS, PUSH, STREAM_PROBE}   # its streams would not speak TLS
         answer = answer_hello(hello, capabilities=caps | resume.granted(self.config))
         if isinstance(answer, Welcome) and answer.version < spec.STREAMS_VERSION:
             answer = dataclasses.replace(answer, capabilities=answer.capabilities
-                                         - {STREAMS, PUSH, STREAM_PROBE})
+                                         - {STREAMS, PUSH, STREAM_PROBE, TLS_STREAMS})
         return answer
 
     async def _serve(self, ch: Channel) -> None:
@@ -821,6 +849,7 @@ class MigrationServer:
         if self._server is not None:
             await self._server.close()
             self._server = None
+        self._close_stream_tls()
 
     async def __aenter__(self) -> "MigrationServer":
         await self.start()
