@@ -164,7 +164,8 @@ LM_API int lm_tls_probe(char *reason, size_t reason_cap)
     return 0;
 }
 
-/* The last error OpenSSL queued on this thread, in words (queue emptied). */
+/* The last error OpenSSL queued on this thread, in words (queue emptied);
+ * a record that cannot be TLS (the peer speaks something else) says so. */
 static const char *openssl_error(char *buf, size_t cap)
 {
     unsigned long e, last = 0;
@@ -172,7 +173,14 @@ static const char *openssl_error(char *buf, size_t cap)
         last = e;
     if (!last)
         return "no further detail from OpenSSL";
-    ERR_error_string_n(last, buf, cap);
+    char detail[160];
+    ERR_error_string_n(last, detail, sizeof(detail));
+    int r = ERR_GET_REASON(last);
+    int not_tls = ERR_GET_LIB(last) == ERR_LIB_SSL &&
+                  (r == SSL_R_WRONG_VERSION_NUMBER || r == SSL_R_PACKET_LENGTH_TOO_LONG ||
+                   r == SSL_R_HTTP_REQUEST || r == SSL_R_UNEXPECTED_MESSAGE ||
+                   r == SSL_R_RECORD_LENGTH_MISMATCH);
+    snprintf(buf, cap, "%s%s", not_tls ? "the peer does not speak TLS: " : "", detail);
     return buf;
 }
 
@@ -296,7 +304,7 @@ static int classify(lm_tls *t, int rc, short *events, char *reason, size_t cap, 
         break;
     }
     long verify = SSL_get_verify_result(t->ssl);
-    if (verify != X509_V_OK && SSL_get0_peer_certificate(t->ssl) != NULL) {
+    if (verify != X509_V_OK) {   /* X509_V_OK also when nothing was verified yet */
         ERR_clear_error();
         say(reason, cap, "%s: the peer's certificate was refused: %s", doing,
             X509_verify_cert_error_string(verify));

@@ -49,7 +49,7 @@ from ..protocol.connection import SUPPORTED_VERSIONS
 from ..protocol.state import Role
 from ..protocol.wire import DEFAULT_MAX_PAYLOAD_BYTES
 from .ratelimit import TokenBucket
-from .tlsstream import SniffingListener, TlsContext, accept_tls_stream
+from .tlsstream import SniffingListener, TlsContext, TlsStreamChannel, accept_tls_stream
 
 DEFAULT_RECV_BUFFER_BYTES = 32 << 20
 DEFAULT_WRITE_HIGH_BYTES = 4 << 20
@@ -469,6 +469,7 @@ class ChannelServer:
         self.turned_away = 0
         self.server: asyncio.AbstractServer | SniffingListener | None = None
         self._native_tls: TlsContext | None = None   # native TLS streams accepted here
+        self._stream_policy: Callable[[TlsStreamChannel], Event] | None = None
         self._errors: collections.deque = collections.deque(maxlen=MAX_KEPT_ERRORS)
 
     @property
@@ -544,7 +545,8 @@ class ChannelServer:
             ch = await accept_tls_stream(sock, self._native_tls, timeout_s=self._timeout_s,
                                          max_payload_bytes=self._max_payload_bytes)
             self._channels.add(ch)
-            answer = self._policy(ch.conn.hello)
+            answer = (self._stream_policy(ch) if self._stream_policy is not None
+                      else self._policy(ch.conn.hello))
             await ch.send(answer, self._timeout_s)
             if isinstance(answer, Refuse):
                 return
@@ -589,13 +591,17 @@ async def serve_channels(host: str, port: int, handler: ChannelHandler, *, ssl=N
                          recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES,
                          timeout_s: float = 10.0,
                          max_unwelcomed_channels: int = DEFAULT_MAX_UNWELCOMED_CHANNELS,
-                         native_tls: TlsContext | None = None) -> ChannelServer:
+                         native_tls: TlsContext | None = None,
+                         stream_policy: Callable[[TlsStreamChannel], Event] | None = None
+                         ) -> ChannelServer:
     """Listen on ``host:port`` (port 0 picks one: see ``.port``) as the
     destination. Each Hello is answered by ``policy`` (default:
     :func:`answer_hello` with ``capabilities``/``required``); a peer gets
     ``timeout_s`` to say Hello. With ``ssl`` and ``native_tls`` (the server
     side of the native streams' TLS), native TLS streams are accepted on the
-    same port (aio/tlsstream.py) and handled like channels."""
+    same port (aio/tlsstream.py) and handled like channels; ``stream_policy``
+    (default: ``policy`` of its Hello) answers them, seeing the whole stream
+    (its peer's certificate, say)."""
     if policy is None:
         def policy(hello):
             return answer_hello(hello, capabilities=capabilities, required=required,
@@ -606,6 +612,7 @@ async def serve_channels(host: str, port: int, handler: ChannelHandler, *, ssl=N
                         max_unwelcomed_channels=max_unwelcomed_channels)
     if ssl is not None and native_tls is not None:
         srv._native_tls = native_tls
+        srv._stream_policy = stream_policy
         srv.server = await SniffingListener.start(
             host, port, on_channel=lambda sock: srv._serve_channel_socket(sock, ssl),
             on_stream=srv._serve_tls_stream, timeout_s=timeout_s)

@@ -80,7 +80,7 @@ from .postcopy import FaultService, PostcopyPlacer
 from .probes import answer_probes
 from .streamprobe import STREAM_PROBE, ProbeSlot, StreamProbeDesk
 from .streamprobe import offered as stream_probe_offered
-from .streams import (PUSH, STREAMS, TLS_STREAMS, DestStreams, check_stream_peer,
+from .streams import (PUSH, STREAMS, TLS_STREAMS, DestStreams, stream_peer_problem,
                       check_offer as check_streams_offer, offered as streams_offered,
                       tls_context as stream_tls_context)
 from ...native import PAGE_SIZE
@@ -618,8 +618,6 @@ class IncomingMigration:
     async def adopt(self, ch: Channel) -> None:
         """Serve a further channel of this session (urgent, bulk, or a resumed
         control channel); returns when the session is done with it."""
-        if ch.kind is ChannelKind.BULK:
-            check_stream_peer(self.ch, ch)   # a native TLS stream: the control's peer only
         released = asyncio.Event()
         self._released[ch] = released
         if ch.kind is ChannelKind.CONTROL:
@@ -755,7 +753,8 @@ class MigrationServer:
                                                 ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
                                                 policy=self._answer_hello,
                                                 timeout_s=self.config.handshake_timeout_s,
-                                                native_tls=self._stream_tls)
+                                                native_tls=self._stream_tls,
+                                                stream_policy=self._answer_tls_stream)
         except BaseException:
             self._close_stream_tls()
             raise
@@ -779,6 +778,17 @@ class MigrationServer:
         if hello.channel_kind is ChannelKind.CONTROL and not hello.resume and known:
             return Refuse(RefuseCode.SESSION, "this session id is already in use")
         return self._welcome(hello)
+
+    def _answer_tls_stream(self, ch):
+        """A native TLS stream's Hello: as any other, and its certificate must
+        be the one its session's control channel presented."""
+        answer = self._answer_hello(ch.conn.hello)
+        session = self.sessions.get(ch.conn.session_id)
+        if isinstance(answer, Welcome) and session is not None:
+            problem = stream_peer_problem(session.ch, ch)
+            if problem is not None:
+                return Refuse(RefuseCode.CHANNEL, problem)
+        return answer
 
     def _welcome(self, hello: Hello):
         """answer_hello, granting native streams where this host runs them,

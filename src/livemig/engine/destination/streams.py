@@ -72,15 +72,15 @@ def tls_context(config: MigrationConfig, tls: ssl.SSLContext | None
         return None, str(exc)
 
 
-def check_stream_peer(control: Channel, stream) -> None:
-    """A native TLS stream must come from the peer of its session's control
-    channel: the same certificate. Raises RemoteProtocolError if not."""
+def stream_peer_problem(control: Channel, stream) -> str | None:
+    """Why a native TLS stream may not join its session (None: it may). It
+    must come from the peer of the session's control channel: the same
+    certificate, not merely one the CA signed."""
     expected = peer_cert_of(control.get_extra_info)
-    got = getattr(stream, "peer_cert", None)
-    if expected is not None and got is not None and got != expected:
-        raise RemoteProtocolError(f"{stream.what}: its certificate is not the one the "
-                                  "session's control channel presented; the stream is refused",
-                                  phase="handshake")
+    if expected is None or stream.peer_cert != expected:
+        return ("the stream's certificate is not the one its session's control channel "
+                "presented")
+    return None
 
 
 def check_offer(value, granted: bool) -> str | None:
@@ -170,5 +170,5 @@ class DestStreams:
             s.close()
 
 
-__all__ = ["DestStreams", "offered", "tls_context", "check_stream_peer", "check_offer",
+__all__ = ["DestStreams", "offered", "tls_context", "stream_peer_problem", "check_offer",
            "STREAMS", "PUSH", "TLS_STREAMS"]
