@@ -800,7 +800,7 @@ class MigrationServer:
         caps = set()
         if streams_offered(self.config, tls=tls, tls_streams=tls_streams):
             caps |= {STREAMS, TLS_STREAMS} if tls else {STREAMS, PUSH}
-        if stream_probe_offered(self.config, tls=tls):
+        if stream_probe_offered(self.config, tls=tls, tls_streams=tls_streams):
             caps.add(STREAM_PROBE)
         if (tls and hello.channel_kind is ChannelKind.CONTROL
                 and TLS_STREAMS not in hello.capabilities):
