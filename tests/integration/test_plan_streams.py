@@ -109,7 +109,7 @@ def test_the_control_probe_is_used_with_a_stated_reason(run, tmp_path, config, t
 
 def test_a_destination_without_the_capability_gets_the_control_probe(run, monkeypatch):
     """New source, old destination: no "stream-probe" in the Welcome."""
-    monkeypatch.setattr(server_mod, "stream_probe_offered", lambda config, tls: False)
+    monkeypatch.setattr(server_mod, "stream_probe_offered", lambda config, **_: False)
 
     async def main():
         async with MigrationServer(LOCAL, 0) as srv:

@@ -8,7 +8,7 @@ whose certificate is not the session's control peer's; a destination that
 answers a stream with another CA's certificate or in the clear fails the
 migration with the VM running on at the source. A stream cut mid-round is
 resumed as a plain one is, a corrupted record fails the migration cleanly,
-and a peer without the "tls-streams" capability (either side) migrates on
+the post-copy push runs on TLS streams too, and a peer without the "tls-streams" capability (either side) migrates on
 the Python path, saying why.
 """
 import asyncio
@@ -19,12 +19,13 @@ import pytest
 
 from livemig.aio import tlsstream
 from livemig.aio.tls import make_test_pki
-from livemig.config import MigrationConfig
+from livemig.config import CodecConfig, MigrationConfig
 from livemig.engine.destination import server as server_mod
 from livemig.engine.source import session as session_mod
 from livemig.engine.source import streams as source_streams
 from livemig.engine.source.session import migrate
 from livemig.errors import MigrationError, RemoteProtocolError
+from livemig.native import postcopy
 from livemig.native import tls as native_tls
 from livemig.native.streams import probe
 from livemig.protocol import ChannelKind, spec
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.skipif(not (OK and TLS_OK),
 # Random memory, written while it moves: every page RAW, later ones BLOCK.
 RECIPE = Recipe("32MiB", 2, "uniform", seed=51, dirty_rate="24MiB/s", fill_seed=5)
 IDLE = Recipe("16MiB", 2, "idle", seed=52, fill_seed=6)
+PUSHED = Recipe("16MiB", 2, "uniform", seed=53, dirty_rate="16MiB/s", fill_seed=7)
 QUICK = dict(handshake_timeout_s=10, switchover_timeout_s=10, ack_timeout_s=10)
 TLS_PATH = "native-streams ×2 over TLS"
 
@@ -329,3 +331,43 @@ def test_a_peer_without_tls_streams_migrates_on_the_python_path(run, pki, monkey
                                  "TLS (an older livemig, or it cannot here)")
         assert dst.data_path.startswith("python:")
     run(main())
+
+
+@pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
+def test_the_post_copy_push_runs_on_tls_streams(run, pki, mode):
+    if not postcopy.probe().missing:
+        pytest.skip(f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
+    hybrid = ({"hybrid_postcopy_after_rounds": 1, "max_downtime_ms": 0.001} if mode == "hybrid"
+              else {})
+
+    async def main():
+        async with _server(pki) as server:
+            return await _moved_checked(PUSHED, pki, server=server, mode=mode,
+                                        codec=CodecConfig().without("lz4"), **hybrid)
+    src, dst = run(main())
+    assert src.status == "completed" and dst.status == "completed"
+    assert src.push_path == dst.push_path == TLS_PATH
+    assert 0 < dst.pages_pushed <= src.pages_pushed
+    if mode == "hybrid":
+        assert src.data_path == dst.data_path == TLS_PATH
+
+
+def test_a_cut_tls_push_stream_is_a_break_to_recover_from(run, pki):
+    if not postcopy.probe().missing:
+        pytest.skip(f"userfaultfd MISSING unavailable: {postcopy.probe().reason}")
+
+    async def main():
+        async with _server(pki, postcopy_recovery_timeout_s=60.0) as server:
+            # Connection 4: the first push stream (after control, urgent, bulk),
+            # 1 MiB into the push; the cap keeps the push going that long.
+            async with StreamSaboteur(server.port, victim=4, after_bytes=1 << 20,
+                                      action="cut") as relay:
+                out = await _moved_checked(PUSHED, pki, server=server, port=relay.port,
+                                           mode="postcopy", codec=CodecConfig().without("lz4"),
+                                           max_bandwidth_bps=16 << 20,
+                                           postcopy_recovery_timeout_s=60.0)
+                assert relay.harmed.is_set()
+            return out
+    src, dst = run(main())
+    assert src.recoveries >= 1 and dst.recoveries >= 1
+    assert src.push_path == TLS_PATH

@@ -75,6 +75,15 @@ def lz4_probe() -> tuple[bool, str]:
         mem.close()
 
 
+def close_handed_off(fd: "int | TlsSession") -> None:
+    """Close what ``Channel.hand_off()`` gave (a socket, or a TLS stream's
+    session) when no thread took it."""
+    if isinstance(fd, TlsSession):
+        fd.close()
+    else:
+        os.close(fd)
+
+
 def path_label(nstreams: int, *, tls: bool) -> str:
     """``stats.data_path`` of a migration on ``nstreams`` native streams,
     both sides (``tls``: they speak mutual TLS in their threads)."""
@@ -295,5 +304,5 @@ class PostcopyDestStream(_NativeStream):
 
 
 __all__ = ["SourceStream", "DestStream", "PostcopyDestStream", "RoundCounts", "partition", "probe", "lz4_probe",
-           "disabled_by_environment", "path_label", "ENV_SWITCH", "STRIPE_PAGES",
+           "disabled_by_environment", "path_label", "close_handed_off", "ENV_SWITCH", "STRIPE_PAGES",
            "BATCH_PAGES", "SEND_FRAME_BYTES"]

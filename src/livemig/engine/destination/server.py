@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import threading
 import time
 
@@ -527,7 +526,8 @@ class IncomingMigration:
         if choice.native:
             native = urgent.NativeFaultServer(self.pm, self.decoder.hashes.values)
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
-        self.stats.push_path = (f"native-streams ×{self._push_n}" if self._push_n else
+        tls = self.ch.get_extra_info("ssl_object") is not None
+        self.stats.push_path = (native_streams.path_label(self._push_n, tls=tls) if self._push_n else
                                 "python: the source's offer asks for no push streams")
         return FaultService(self.pm, self.decoder, self.stats, urgent=native,
                             urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us,
@@ -669,7 +669,7 @@ class IncomingMigration:
         no thread took, and the channels)."""
         for ch, handoff in self._push:
             if handoff is not None:
-                os.close(handoff[0])
+                native_streams.close_handed_off(handoff[0])
             ch.abort()
             self._release(ch)
         self._push = []
@@ -793,13 +793,13 @@ class MigrationServer:
     def _welcome(self, hello: Hello):
         """answer_hello, granting native streams where this host runs them,
         from wire version 2 on; under TLS, to a control channel that offers
-        "tls-streams" (its streams then come as native TLS streams), and
-        without the post-copy push, which does not speak TLS."""
+        "tls-streams" (its streams, the push's too, then come as native TLS
+        streams)."""
         tls = self.ssl is not None
         tls_streams = self._stream_tls is not None
         caps = set()
         if streams_offered(self.config, tls=tls, tls_streams=tls_streams):
-            caps |= {STREAMS, TLS_STREAMS} if tls else {STREAMS, PUSH}
+            caps |= {STREAMS, PUSH} | ({TLS_STREAMS} if tls else set())
         if stream_probe_offered(self.config, tls=tls, tls_streams=tls_streams):
             caps.add(STREAM_PROBE)
         if (tls and hello.channel_kind is ChannelKind.CONTROL

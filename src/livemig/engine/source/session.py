@@ -197,8 +197,9 @@ class SourceSession:
             self._ch = self.control._capped(
                 await self._open(ChannelKind.CONTROL, rate_limiter=limiter, capabilities=caps))
             self._data_path = choose_data_path(cfg, self._ch, refused, tls=ssl is not None)
-            self._push_path = choose_data_path(cfg, self._ch, push_refused, capability=PUSH)
-            if self._data_path.tls:
+            self._push_path = choose_data_path(cfg, self._ch, push_refused, capability=PUSH,
+                                               tls=ssl is not None)
+            if self._data_path.tls or self._push_path.tls:
                 self._stream_tls = StreamTls(ssl, self._ch)
             self.stats.data_path = self._data_path.label
             self._resumer = PrecopyResumer.agreed(self, RECOVERY_BACKOFF_S, limiter)
@@ -259,12 +260,14 @@ class SourceSession:
             return await self._open(ChannelKind.BULK, capabilities=capabilities, resume=resume)
         a = self._connect_args
         self._tls_streams_opened += 1
-        k = (self._tls_streams_opened - 1) % max(1, self._data_path.nstreams) + 1
+        k = self._tls_streams_opened
         return await open_tls_stream(a["host"], a["port"], tls=self._stream_tls.context,
                                      peer_cert=self._stream_tls.peer_cert, kind=ChannelKind.BULK,
                                      session_id=self._session_id,
                                      capabilities=frozenset(capabilities), resume=resume,
-                                     timeout_s=a["timeout_s"], what=f"bulk stream {k} (TLS)")
+                                     timeout_s=a["timeout_s"],
+                                     what=f"{'push' if PUSH in capabilities else 'bulk'} stream "
+                                          f"{k} (TLS)")
 
     async def _open_postcopy_channels(self, *, resume: bool) -> None:
         self._urgent = await self._open(ChannelKind.URGENT, resume=resume)
@@ -282,8 +285,8 @@ class SourceSession:
         # destination sends nothing on them unasked).
         self._push_channels = []
         for _ in range(self._push_path.nstreams):
-            self._push_channels.append(await self._open(ChannelKind.BULK, resume=resume,
-                                                        capabilities={PUSH}))
+            self._push_channels.append(await self._open_stream(resume=resume,
+                                                               capabilities={PUSH}))
 
     def _drop_urgent_handoff(self) -> None:
         """Close a handed-off urgent socket no thread took (failure, recovery)."""

@@ -115,15 +115,13 @@ def push_refusal(config: MigrationConfig, *, tls: ssl.SSLContext | None) -> str 
     if not config.postcopy_push_streams:
         return "post-copy push on native streams disabled by configuration " \
                "(postcopy_push_streams=False)"
-    if tls is not None:
-        return "the migration uses TLS, and the post-copy push streams do not speak it yet"
     return _host_refusal(config, tls=tls)
 
 
 def capabilities(refused: str | None, push_refused: str | None, *, tls: bool) -> set[str]:
     """What the control channel's Hello offers for the native streams."""
     caps = ({STREAMS} if refused is None else set()) | ({PUSH} if push_refused is None else set())
-    if tls and refused is None:
+    if tls and caps:
         caps.add(TLS_STREAMS)
     return caps
 
