@@ -5,9 +5,11 @@ incompressible, how close is the rate ``livemig plan`` measures to the rate
 a real migration on the native streams then achieves? The stream probe
 (pages through the migration's own stream threads) against the old control
 channel probe (ProbeData frames through the Python event loop). And, with
-``--tls``, what a migration under mutual TLS (which keeps the pages on the
-Python path) achieves against the same migration in the clear on the
-native streams (issue target: at least 0.5x).
+``--tls``, what a migration under mutual TLS achieves against the same
+migration in the clear on the native streams (issue target: at least 0.5x),
+both with its pages on the native streams (TLS 1.3 in the stream threads)
+and on the Python path (``streams=0``: what TLS did before the streams
+spoke it).
 
 Method. The destination is a MigrationServer in its own process (a second
 one with mutual TLS for ``--tls``). Each repetition is a fresh source
@@ -16,13 +18,15 @@ source daemon: it builds the guest (random bytes), starts it, runs the
 stream probe with plan's defaults (1 s, 64 MiB), the stream probe with a
 256 MiB budget and the control probe with plan's defaults, all while the
 guest runs, then migrates it on the native streams (default stream count).
-With ``--tls`` a second fresh process migrates a like guest under TLS. Migration rate = guest memory / total migration time (set-up and
+With ``--tls`` two more fresh processes each migrate a like guest under TLS
+(native streams, then the Python path). ``--no-probes`` skips the probes
+(the TLS question alone). Migration rate = guest memory / total migration time (set-up and
 switchover included, as the predictor's total); round-0 rate = round 0's
 page-batch bytes / its duration (the rounds' part alone). Ratios are probe
 rate / migration rate, per repetition; medians are reported.
 
 Usage: python bench/bench_probe.py [--memory 1GiB] [--repeat 3] [--tls]
-       [--out bench/results/probe.json]
+       [--no-probes] [--out bench/results/probe.json]
 """
 from __future__ import annotations
 
@@ -116,7 +120,8 @@ def _migrate(job: dict) -> dict:
             probes = {}
             for kind, budget in job["probes"]:
                 probes[_label(kind, budget)] = await _probe(kind, budget, job["port"])
-            stats = await migrate(vm, "127.0.0.1", job["port"], config=MigrationConfig(),
+            stats = await migrate(vm, "127.0.0.1", job["port"],
+                                  config=MigrationConfig(**job.get("config", {})),
                                   name=job["name"], ssl=ssl,
                                   server_hostname="localhost" if ssl else None)
             return probes, stats
@@ -127,6 +132,7 @@ def _migrate(job: dict) -> dict:
         return {"probes": probes, "rate_mib_s": job["memory_bytes"] / MiB / (stats["total_time_ms"] / 1e3),
                 "round0_rate_mib_s": r0["bytes_sent"] / MiB / r0["duration_s"],
                 "total_s": stats["total_time_ms"] / 1e3, "data_path": stats["data_path"],
+                "source_cpu_s": stats.get("stream_cpu_s"),
                 "rounds": stats["nrounds"], "downtime_ms": stats["downtime_ms"]}
     finally:
         vm.close()
@@ -153,12 +159,16 @@ def _label(kind: str, budget: int) -> str:
     return f"{kind.removeprefix('probe-')} probe, {budget // MiB} MiB budget"
 
 
-def summarize(reps: list[dict]) -> dict:
+TLS_RUNS = {"tls_migration": {}, "tls_python_migration": {"streams": 0}}
+"""The migrations under mutual TLS: on the native streams, and on the Python path."""
+
+
+def summarize(reps: list[dict], probes: list) -> dict:
     med = statistics.median
     out = {"migration_rate_mib_s": med(r["migration"]["rate_mib_s"] for r in reps),
            "migration_round0_rate_mib_s": med(r["migration"]["round0_rate_mib_s"] for r in reps),
            "probes": {}}
-    for kind, budget in PROBES:
+    for kind, budget in probes:
         label = _label(kind, budget)
         rows = [r["probes"][label] for r in reps]
         out["probes"][label] = {
@@ -169,10 +179,14 @@ def summarize(reps: list[dict]) -> dict:
                                    for p, r in zip(rows, reps)),
             "kinds": sorted({p["kind"] for p in rows}),
         }
-    if all("tls_migration" in r for r in reps):
-        out["tls_migration_rate_mib_s"] = med(r["tls_migration"]["rate_mib_s"] for r in reps)
-        out["tls_over_native"] = med(r["tls_migration"]["rate_mib_s"]
-                                     / r["migration"]["rate_mib_s"] for r in reps)
+    for key in TLS_RUNS:
+        if all(key in r for r in reps):
+            out[f"{key}_rate_mib_s"] = med(r[key]["rate_mib_s"] for r in reps)
+            out[f"{key}_over_plain"] = med(r[key]["rate_mib_s"] / r["migration"]["rate_mib_s"]
+                                           for r in reps)
+            out[f"{key}_per_rep"] = [round(r[key]["rate_mib_s"] / r["migration"]["rate_mib_s"],
+                                           2) for r in reps]
+            out[f"{key}_data_paths"] = sorted({r[key]["data_path"] for r in reps})
     return out
 
 
@@ -185,10 +199,12 @@ def markdown(result: dict) -> str:
     lines.append(f"| migration, native streams (memory / total time) | "
                  f"{s['migration_rate_mib_s']:.0f} | 1 | |")
     lines.append(f"| migration, its round 0 | {s['migration_round0_rate_mib_s']:.0f} | | 1 |")
-    if "tls_migration_rate_mib_s" in s:
-        lines.append(f"| migration under mutual TLS (Python path) | "
-                     f"{s['tls_migration_rate_mib_s']:.0f} | {s['tls_over_native']:.2f} of "
-                     "native | |")
+    for key, what in (("tls_migration", "migration under mutual TLS, native streams"),
+                      ("tls_python_migration", "migration under mutual TLS, Python path")):
+        if f"{key}_rate_mib_s" in s:
+            lines.append(f"| {what} | {s[f'{key}_rate_mib_s']:.0f} | "
+                         f"{s[f'{key}_over_plain']:.2f} of plain "
+                         f"({' '.join(str(x) for x in s[f'{key}_per_rep'])}) | |")
     return "\n".join(lines)
 
 
@@ -200,6 +216,7 @@ def main() -> None:
     ap.add_argument("--memory", default="1GiB")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tls", action="store_true", help="also migrate under mutual TLS")
+    ap.add_argument("--no-probes", action="store_true", help="migrations only")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "probe.json"))
     args = ap.parse_args()
     memory_bytes = parse_size(args.memory, what="--memory")
@@ -215,23 +232,26 @@ def main() -> None:
         ports[name] = (port_q.get(timeout=60), pki)
         done_qs[name] = done_q
     load_before = os.getloadavg()
+    probes = [] if args.no_probes else PROBES
+    runs = [("migration", "plain", {})] + (
+        [(key, "tls", config) for key, config in TLS_RUNS.items()] if args.tls else [])
     reps: list[dict] = []
     try:
         for rep in range(args.repeat):
             row: dict = {}
-            for name in ports:
+            for key, name, config in runs:
                 port, pki = ports[name]
                 m = once({"kind": "migrate", "port": port, "pki": pki, "seed": 7 + rep,
-                          "memory_bytes": memory_bytes, "name": f"probe-{name}-{rep}",
-                          "probes": PROBES if name == "plain" else []})
+                          "memory_bytes": memory_bytes, "name": f"probe-{key}-{rep}",
+                          "probes": probes if key == "migration" else [], "config": config})
                 done_qs[name].get(timeout=60)
-                if name == "plain":
+                if key == "migration":
                     row["probes"] = m.pop("probes")
                     for label, p in row["probes"].items():
                         print(f"rep {rep}: {label}: {p['rate_mib_s']:.0f} MiB/s ({p['kind']})",
                               flush=True)
-                row["migration" if name == "plain" else "tls_migration"] = m
-                print(f"rep {rep}: {name} migration {m['rate_mib_s']:.0f} MiB/s "
+                row[key] = m
+                print(f"rep {rep}: {key} {m['rate_mib_s']:.0f} MiB/s "
                       f"(round 0 {m['round0_rate_mib_s']:.0f} MiB/s, {m['total_s']:.2f} s, "
                       f"{m['data_path']})", flush=True)
             reps.append(row)
@@ -245,7 +265,7 @@ def main() -> None:
                     "probe rate against the native-streams migration's rate",
         "memory_bytes": memory_bytes, "repeat": args.repeat,
         "machine": report.machine(load_before),
-        "reps": reps, "summary": summarize(reps),
+        "reps": reps, "summary": summarize(reps, probes),
     }
     report.write(args.out, result, markdown(result))
     print(f"load average before {load_before}, after {result['machine']['loadavg_after']}")

@@ -14,6 +14,12 @@ supply, so the compiled module carries the values C was really built with
 (tests/native/test_wire_native.py compares them with spec.py). Nothing from
 this script ships in the package.
 
+The bulk streams speak TLS with OpenSSL (csrc/channels/lm_tls.c): when its
+headers are found (Debian: libssl-dev) the module is compiled with
+LM_HAVE_OPENSSL and linked with libssl and libcrypto; without them it is
+still built, and lm_tls_probe says TLS streams are unavailable and why
+(LIVEMIG_BUILD_WITHOUT_OPENSSL=1 builds that way on purpose).
+
 Run directly (`python csrc/build_ffi.py`) to build in place into src/livemig/
 for development; `pip install .` builds it through setup.py.
 """
@@ -88,6 +94,20 @@ def _sources() -> list[str]:
     return sorted(glob.glob(os.path.join(HERE, "**", "lm_*.c"), recursive=True))
 
 
+OPENSSL_INCLUDE_DIRS = ("/usr/include", "/usr/local/include")
+
+
+def _openssl_include_dir() -> str | None:
+    """Where openssl/ssl.h is (None: build without TLS streams)."""
+    if os.environ.get("LIVEMIG_BUILD_WITHOUT_OPENSSL", "").strip() == "1":
+        return None
+    for d in (*filter(None, os.environ.get("OPENSSL_INCLUDE_DIR", "").split(os.pathsep)),
+              *OPENSSL_INCLUDE_DIRS):
+        if os.path.exists(os.path.join(d, "openssl", "ssl.h")):
+            return d
+    return None
+
+
 def make_builder(absolute_paths: bool) -> FFI:
     """setuptools wants sources relative to where it runs (the project root);
     ffi.compile() changes into its temporary directory, so it needs them absolute."""
@@ -96,17 +116,19 @@ def make_builder(absolute_paths: bool) -> FFI:
     sources = _sources()
     if not absolute_paths:
         sources = [os.path.relpath(p) for p in sources]
+    openssl = _openssl_include_dir()
     builder = FFI()
     builder.cdef(_cdef_text() + "\n" + _wire_cdef(defines))
     builder.set_source(
         "livemig._native",
         '#include "livemig.h"\n#include "wire/lm_wire_gen.h"',
         sources=sources,
-        include_dirs=[HERE],
+        include_dirs=[HERE] + ([openssl] if openssl else []),
+        define_macros=[("LM_HAVE_OPENSSL", "1")] if openssl else [],
         extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall", "-Wextra",
                             "-Wno-unused-parameter", "-fvisibility=hidden"],
         extra_link_args=["-pthread"],
-        libraries=["pthread"],
+        libraries=["pthread"] + (["ssl", "crypto"] if openssl else []),
     )
     return builder
 

@@ -31,7 +31,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 15
+#define LM_ABI_VERSION 16
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -628,6 +628,52 @@ void lm_pace_destroy(lm_pace *p);
 /* Source: pace this stream's frames with p (NULL: none); before attach
  * only (-EBUSY after), p must outlive the thread. */
 int lm_stream_set_pace(lm_stream *s, lm_pace *p);
+
+/* ---- mutual TLS on the bulk streams (channels/lm_tls.c) ------------------ */
+/* A stream under TLS is a TCP connection the owner made (source) or accepted
+ * (destination) whose TLS 1.3 handshake runs here (OpenSSL), both sides
+ * verifying the peer against the CA; the owner then speaks the stream's
+ * Hello and Welcome through lm_tls_write/lm_tls_read and hands the
+ * connection to a stream thread, which sends and receives its frames
+ * through it. The blocking calls wait at most timeout_ms (or until
+ * lm_tls_cancel) and are meant for a thread other than the event loop's. */
+typedef struct lm_tls_ctx lm_tls_ctx;
+typedef struct lm_tls lm_tls;
+
+/* 0 when TLS streams can run here (built with OpenSSL 1.1.1 or later);
+ * else -ENOSYS and a reason. */
+int lm_tls_probe(char *reason, size_t reason_cap);
+/* The certificate (chain), key and CA files of one side (server 1: accepts,
+ * 0: connects): 0, or -errno with a reason naming what did not load. */
+int lm_tls_ctx_create(int server, const char *cert_path, const char *key_path,
+                      const char *ca_path, lm_tls_ctx **out, char *reason, size_t reason_cap);
+/* Connections made from it keep what they need. */
+void lm_tls_ctx_destroy(lm_tls_ctx *x);
+/* Handshake on the connected sock_fd (ownership passes, even on failure):
+ * 0, -ETIMEDOUT, -ECANCELED, -EACCES (the peer's certificate was refused),
+ * -ECONNRESET (the peer went away), -EPROTO (anything else: a peer that is
+ * not TLS, a TLS version or suite not shared, our certificate refused),
+ * each with a reason. */
+int lm_tls_handshake(lm_tls_ctx *x, int sock_fd, int timeout_ms, lm_tls **out, char *reason,
+                     size_t reason_cap);
+/* Write all of buf / read exactly n bytes into buf: 0 or -errno (reason). */
+int lm_tls_write(lm_tls *t, const uint8_t *buf, size_t n, int timeout_ms, char *reason,
+                 size_t reason_cap);
+int lm_tls_read(lm_tls *t, uint8_t *buf, size_t n, int timeout_ms, char *reason,
+                size_t reason_cap);
+/* The peer certificate's DER bytes: their length (written to der_out when
+ * it fits cap), or -ENOENT. */
+int64_t lm_tls_peer_cert(const lm_tls *t, uint8_t *der_out, size_t cap);
+/* "TLSv1.3 TLS_AES_128_GCM_SHA256": the version and suite agreed. */
+int lm_tls_describe(const lm_tls *t, char *out, size_t cap);
+/* Make a blocking call on t (in another thread) return -ECANCELED now. */
+void lm_tls_cancel(lm_tls *t);
+/* Free t and close its socket (one not handed to a stream). */
+void lm_tls_destroy(lm_tls *t);
+/* lm_stream_attach over t's connection (ownership of t passes, even on
+ * failure): the thread's frames go through TLS. */
+int lm_stream_attach_tls(lm_stream *s, lm_tls *t, uint32_t wire_version, uint64_t send_seq,
+                         uint64_t recv_seq, uint64_t max_payload_bytes);
 
 /* LM_CDEF_END */
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "channels/lm_chan.h"
+#include "channels/lm_tls.h"
 
 /* lm_chan_open takes either family's stats as its counters. */
 #define LM_CHAN_SAME_AT(stats, f) \
@@ -145,6 +146,7 @@ int lm_chan_detach(struct lm_chan *c)
     (void)w;
     pthread_join(c->thread, NULL);
     c->attached = 0;
+    lm_tls_end(c);
     shutdown(c->fd, SHUT_RDWR);
     close(c->fd);
     c->fd = -1;
@@ -209,7 +211,7 @@ int lm_chan_send(struct lm_chan *c, uint16_t type, uint16_t flags, struct iovec 
     lm_frame_put_header(&c->framer, iov[0].iov_base, (uint16_t)c->version, type, flags,
                         c->send_seq++, iov + 1, iovcnt - 1);
     iov[0].iov_len = LM_WIRE_HEADER_BYTES;
-    int rc = write_all(c, iov, iovcnt);
+    int rc = c->tls ? lm_tls_send(c, iov, iovcnt) : write_all(c, iov, iovcnt);
     if (rc == 0)
         LM_CHAN_ADD(c, frames_sent, 1);
     return rc;

@@ -12,7 +12,9 @@
  *   down: shutdown(2) reaches the peer although Python's transport still
  *   holds another descriptor of it. Frames go out whole with writev(2)
  *   straight from the caller's parts; each family says how to wait while
- *   the socket is full, and what a stop request then means.
+ *   the socket is full, and what a stop request then means. A bulk stream
+ *   under TLS (tls set at attach) sends through lm_tls_send instead, and
+ *   detach ends its TLS connection before the socket is shut down.
  *
  *   Each channel family embeds a struct lm_chan as its member `ch` and adds
  *   what its own frames need. Both families' statistics open with the same
@@ -56,6 +58,7 @@ struct lm_chan {
     pthread_t thread;
     int attached;
     int fd;
+    struct lm_tls *tls;        /* NULL: plain TCP; else frames go through TLS (lm_tls.h) */
     uint32_t version;
     uint64_t send_seq;
     uint64_t recv_seq;

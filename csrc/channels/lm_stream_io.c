@@ -13,6 +13,8 @@
  *   (lm_frame.c: magic, version, type, reserved, length cap, sequence) before
  *   the payload is read, so a hostile length never makes us wait for or
  *   buffer more than the cap, and the checksum before anything is handed on.
+ *   Under TLS the same reads go through SSL_read (lm_tls.c), and a wait is
+ *   for whichever direction OpenSSL asks (a TLS read may need to write).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,6 +23,7 @@
 #include <unistd.h>
 
 #include "channels/lm_stream_internal.h"
+#include "channels/lm_tls.h"
 #include "wire/lm_le.h"
 
 /* Wait for events on the socket or a stop request: 0, 1 (stop), or -errno. */
@@ -54,6 +57,26 @@ static int read_exact(lm_stream *s, uint8_t *buf, uint64_t n, int at_boundary)
 {
     uint64_t got = 0;
     while (got < n) {
+        if (s->ch.tls) {
+            short events = 0;
+            ssize_t r = lm_tls_recv(&s->ch, buf + got, n - got, &events);
+            if (r == -EAGAIN) {
+                int rc = wait_socket(&s->ch, events);
+                if (rc != 0)
+                    return rc;
+                continue;
+            }
+            if (r < 0)
+                return (int)r;   /* the reason is recorded */
+            if (r == 0) {
+                if (at_boundary && got == 0)
+                    return 2;
+                return lm_chan_fail(&s->ch, ECONNRESET, "the bulk stream ended inside a frame");
+            }
+            STREAM_ADD(s, bytes_received, r);
+            got += (uint64_t)r;
+            continue;
+        }
         ssize_t r = read(s->ch.fd, buf + got, n - got);
         if (r < 0) {
             if (errno == EINTR)

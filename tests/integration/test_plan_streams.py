@@ -1,8 +1,8 @@
 """livemig plan's stream probe: the link measured on the native bulk streams.
 
 The probe runs on the streams a migration would use and the plan says so; it
-falls back to the control channel with a stated reason (streams=0, TLS, a
-peer without the "stream-probe" capability on either side); a hostile
+runs on the TLS streams under TLS; it falls back to the control channel with
+a stated reason (streams=0, a peer without the "stream-probe" capability on either side); a hostile
 source cannot make the destination map more than one capped window, run
 past the granted time, or take more streams than granted.
 """
@@ -74,10 +74,24 @@ def test_plan_probes_on_the_native_streams_and_says_so(run):
     assert d["probe"]["kind"] == "streams" and json.dumps(d)
 
 
+def test_plan_under_tls_probes_on_the_tls_streams(run, tmp_path):
+    pki = make_test_pki(tmp_path)
+
+    async def main():
+        async with MigrationServer(LOCAL, 0, ssl=pki.server_context()) as srv:
+            est = await probe_link(LOCAL, srv.port, config=MigrationConfig(streams=2),
+                                   max_time_s=0.2, max_bytes=8 * MIB,
+                                   ssl=pki.client_context(), server_hostname="localhost")
+            assert srv.errors == [] and not srv.probe_slot.busy
+            return est
+    est = run(main())
+    assert est.kind == "streams" and est.fallback_reason is None
+    assert est.streams["nstreams"] == 2 and est.streams["dest_bytes"] == est.bytes > 0
+
+
 @pytest.mark.parametrize("config,tls,reason", [
     (MigrationConfig(streams=0), False, "native streams disabled by configuration (streams=0)"),
-    (MigrationConfig(streams=2), True, "the migration uses TLS, which the native streams do "
-                                       "not speak"),
+    (MigrationConfig(streams=0), True, "native streams disabled by configuration (streams=0)"),
 ])
 def test_the_control_probe_is_used_with_a_stated_reason(run, tmp_path, config, tls, reason):
     pki = make_test_pki(tmp_path) if tls else None
@@ -95,7 +109,7 @@ def test_the_control_probe_is_used_with_a_stated_reason(run, tmp_path, config, t
 
 def test_a_destination_without_the_capability_gets_the_control_probe(run, monkeypatch):
     """New source, old destination: no "stream-probe" in the Welcome."""
-    monkeypatch.setattr(server_mod, "stream_probe_offered", lambda config, tls: False)
+    monkeypatch.setattr(server_mod, "stream_probe_offered", lambda config, **_: False)
 
     async def main():
         async with MigrationServer(LOCAL, 0) as srv:

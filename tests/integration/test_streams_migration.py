@@ -2,7 +2,8 @@
 
 Every migration that completes is checked against a twin that never moved
 (support.oracle). Streams 1, 2 and 4 carry the pages; a peer of wire version
-1 (either side) and a TLS migration fall back to the Python path and say so
+1 (either side) and a TLS migration on a host whose streams cannot speak TLS
+fall back to the Python path and say so
 in the stats; a stream cut (without resumable pre-copy) or corrupted mid-round
 fails the migration before Commit, with the source's VM resumed, intact, and
 migratable again.
@@ -22,6 +23,7 @@ from livemig.engine.source.session import migrate
 from livemig.engine.source.streams import SourceStreams
 from livemig.errors import MigrationError
 from livemig.native import postcopy
+from livemig.native import tls as native_tls
 from livemig.native.memory import GuestMemory
 from livemig.native.streams import SourceStream, lz4_probe, probe
 from livemig.protocol import spec
@@ -144,7 +146,10 @@ def test_a_version_1_peer_migrates_on_the_python_path(run, monkeypatch, old_side
     run(main())
 
 
-def test_tls_migration_uses_the_python_path_and_says_why(run, tmp_path):
+def test_tls_migration_on_a_host_without_tls_streams_uses_the_python_path(run, tmp_path,
+                                                                         monkeypatch):
+    # (tests/integration/test_tls_streams.py has TLS on the native streams.)
+    monkeypatch.setattr(native_tls, "probe", lambda: (False, "built without OpenSSL"))
     pki = make_test_pki(tmp_path)
 
     async def main():
@@ -153,7 +158,7 @@ def test_tls_migration_uses_the_python_path_and_says_why(run, tmp_path):
                                               server=server, ssl=pki.client_context(),
                                               server_hostname="localhost")
         assert src.data_path == ("python: the migration uses TLS, which the native streams "
-                                 "do not speak")
+                                 "cannot speak here: built without OpenSSL")
         assert dst.data_path.startswith("python:")
     run(main())
 

@@ -49,6 +49,7 @@ from ..protocol.connection import SUPPORTED_VERSIONS
 from ..protocol.state import Role
 from ..protocol.wire import DEFAULT_MAX_PAYLOAD_BYTES
 from .ratelimit import TokenBucket
+from .tlsstream import SniffingListener, TlsContext, TlsStreamChannel, accept_tls_stream
 
 DEFAULT_RECV_BUFFER_BYTES = 32 << 20
 DEFAULT_WRITE_HIGH_BYTES = 4 << 20
@@ -466,7 +467,9 @@ class ChannelServer:
         self._max_unwelcomed = max_unwelcomed_channels
         self.unwelcomed = 0
         self.turned_away = 0
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.AbstractServer | SniffingListener | None = None
+        self._native_tls: TlsContext | None = None   # native TLS streams accepted here
+        self._stream_policy: Callable[[TlsStreamChannel], Event] | None = None
         self._errors: collections.deque = collections.deque(maxlen=MAX_KEPT_ERRORS)
 
     @property
@@ -518,6 +521,49 @@ class ChannelServer:
             await ch.close()
             self._channels.discard(ch)
 
+    async def _serve_channel_socket(self, sock: socket.socket, ssl) -> None:
+        """A TLS channel the sniffing listener accepted: the event loop's TLS,
+        as a listener made with ``ssl`` would have it."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(self._protocol, sock, ssl=ssl,
+                                               ssl_handshake_timeout=self._timeout_s)
+        except (OSError, TimeoutError, ConnectionError):
+            sock.close()   # a failed TLS handshake: the stranger is gone, as with create_server
+
+    async def _serve_tls_stream(self, sock: socket.socket) -> None:
+        """A native TLS stream (aio/tlsstream.py): handshake and Hello in an
+        executor, then ``policy`` and the handler, as for a channel."""
+        if self.unwelcomed >= self._max_unwelcomed:
+            self.turned_away += 1
+            sock.close()
+            return
+        self.unwelcomed += 1
+        welcomed = False
+        ch = None
+        try:
+            ch = await accept_tls_stream(sock, self._native_tls, timeout_s=self._timeout_s,
+                                         max_payload_bytes=self._max_payload_bytes)
+            self._channels.add(ch)
+            answer = (self._stream_policy(ch) if self._stream_policy is not None
+                      else self._policy(ch.conn.hello))
+            await ch.send(answer, self._timeout_s)
+            if isinstance(answer, Refuse):
+                return
+            welcomed = True
+            self.unwelcomed -= 1
+            await self._handler(ch)
+        except LivemigError as exc:
+            self._errors.append(_detached(exc))
+        finally:
+            if not welcomed:
+                self.unwelcomed -= 1
+            if ch is not None:
+                await ch.close()
+                self._channels.discard(ch)
+            else:
+                sock.close()
+
     async def close(self) -> None:
         """Stop accepting, cancel handlers, close every channel."""
         if self.server is not None:
@@ -544,12 +590,18 @@ async def serve_channels(host: str, port: int, handler: ChannelHandler, *, ssl=N
                          max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                          recv_buffer_bytes: int = DEFAULT_RECV_BUFFER_BYTES,
                          timeout_s: float = 10.0,
-                         max_unwelcomed_channels: int = DEFAULT_MAX_UNWELCOMED_CHANNELS
+                         max_unwelcomed_channels: int = DEFAULT_MAX_UNWELCOMED_CHANNELS,
+                         native_tls: TlsContext | None = None,
+                         stream_policy: Callable[[TlsStreamChannel], Event] | None = None
                          ) -> ChannelServer:
     """Listen on ``host:port`` (port 0 picks one: see ``.port``) as the
     destination. Each Hello is answered by ``policy`` (default:
     :func:`answer_hello` with ``capabilities``/``required``); a peer gets
-    ``timeout_s`` to say Hello."""
+    ``timeout_s`` to say Hello. With ``ssl`` and ``native_tls`` (the server
+    side of the native streams' TLS), native TLS streams are accepted on the
+    same port (aio/tlsstream.py) and handled like channels; ``stream_policy``
+    (default: ``policy`` of its Hello) answers them, seeing the whole stream
+    (its peer's certificate, say)."""
     if policy is None:
         def policy(hello):
             return answer_hello(hello, capabilities=capabilities, required=required,
@@ -558,6 +610,13 @@ async def serve_channels(host: str, port: int, handler: ChannelHandler, *, ssl=N
                         max_payload_bytes=max_payload_bytes,
                         recv_buffer_bytes=recv_buffer_bytes, timeout_s=timeout_s,
                         max_unwelcomed_channels=max_unwelcomed_channels)
+    if ssl is not None and native_tls is not None:
+        srv._native_tls = native_tls
+        srv._stream_policy = stream_policy
+        srv.server = await SniffingListener.start(
+            host, port, on_channel=lambda sock: srv._serve_channel_socket(sock, ssl),
+            on_stream=srv._serve_tls_stream, timeout_s=timeout_s)
+        return srv
     srv.server = await asyncio.get_running_loop().create_server(srv._protocol, host, port,
                                                                 ssl=ssl)
     return srv

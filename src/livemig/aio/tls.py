@@ -3,7 +3,10 @@
 Both daemons hold a certificate signed by a CA they both trust; the server
 side *requires* a client certificate (``CERT_REQUIRED``), so an unauthenticated
 peer cannot push a VM into a destination or pull one out of a source. TLS 1.2
-is the floor. ``make_test_pki(dir)`` builds a throwaway CA plus server and
+is the floor. Each context made here also records the files it was loaded
+from (:func:`material_of`): the native bulk streams load the same
+certificate, key and CA into OpenSSL inside their threads (native/tls.py),
+TLS 1.3 only there. ``make_test_pki(dir)`` builds a throwaway CA plus server and
 client certificates with the ``openssl`` command-line tool, for tests and the
 demo; production keys come from the operator.
 """
@@ -18,6 +21,30 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+_MATERIAL_ATTR = "livemig_material"
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The files a context was loaded from."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+def material_of(ctx: ssl.SSLContext | None) -> TlsMaterial | None:
+    """The files ``ctx`` was made from by this module (None for a context
+    made elsewhere: its streams then cannot speak TLS natively)."""
+    return getattr(ctx, _MATERIAL_ATTR, None)
+
+
+def peer_cert_of(transport_info) -> bytes | None:
+    """The DER certificate the peer presented on a TLS connection
+    (``get_extra_info`` of its channel), or None on plain TCP."""
+    obj = transport_info("ssl_object")
+    return obj.getpeercert(binary_form=True) if obj is not None else None
+
 
 def _load(ctx: ssl.SSLContext, cert: str | os.PathLike, key: str | os.PathLike,
           ca: str | os.PathLike) -> ssl.SSLContext:
@@ -28,6 +55,7 @@ def _load(ctx: ssl.SSLContext, cert: str | os.PathLike, key: str | os.PathLike,
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS material (cert {cert}, key {key}, CA {ca}): "
                           f"{exc}") from exc
+    setattr(ctx, _MATERIAL_ATTR, TlsMaterial(os.fspath(cert), os.fspath(key), os.fspath(ca)))
     return ctx
 
 

@@ -44,13 +44,18 @@ def stream_rate(rounds) -> float:
 
 
 def stream_probe_refusal(source_refusal: str | None, *, version: int, capabilities,
-                         peer_max_payload_bytes: int, send_frame_bytes: int) -> str | None:
+                         peer_max_payload_bytes: int, send_frame_bytes: int,
+                         tls: bool = False) -> str | None:
     """Why the stream probe cannot run on this control channel, or None.
-    ``source_refusal`` is engine.source.streams.refusal() for the config."""
+    ``source_refusal`` is engine.source.streams.refusal() for the config;
+    ``tls``: the channel is TLS, so the probe's streams must be too."""
     if source_refusal is not None:
         return source_refusal
     if version < spec.STREAMS_VERSION:
         return f"wire version {version} was negotiated, which has no streams (an older peer)"
+    if tls and spec.TLS_STREAMS_CAPABILITY not in capabilities:
+        return ("the destination does not run native streams under TLS (an older livemig, or "
+                "it cannot here)")
     if STREAM_PROBE not in capabilities:
         return ("the destination does not offer the stream probe (an older livemig, or it "
                 "cannot run native streams)")

@@ -42,9 +42,10 @@ import numpy as np
 
 from ..aio.channel import open_channel
 from ..aio.ratelimit import TokenBucket
+from ..aio.tlsstream import open_tls_stream
 from ..config import MigrationConfig
 from ..engine.source import streamprobe
-from ..engine.source.streams import STREAMS, refusal
+from ..engine.source.streams import STREAMS, TLS_STREAMS, StreamTls, refusal
 from ..errors import RemoteProtocolError
 from ..native.streams import SEND_FRAME_BYTES
 from ..policy import Prediction, predict
@@ -98,27 +99,39 @@ async def probe_link(host: str, port: int, *, config: MigrationConfig | None = N
     ``config`` would take: the native streams' probe where it can run, else
     the control channel's (and why)."""
     config = config or MigrationConfig()
-    refused = refusal(config, tls=ssl is not None)
-    caps = frozenset() if refused is not None else frozenset({STREAMS, linkrate.STREAM_PROBE})
+    refused = refusal(config, tls=ssl)
+    caps = frozenset() if refused is not None else frozenset(
+        {STREAMS, linkrate.STREAM_PROBE} | ({TLS_STREAMS} if ssl is not None else set()))
     session_id = os.urandom(16)
     common = dict(ssl=ssl, server_hostname=server_hostname, timeout_s=config.handshake_timeout_s)
     ch = await _open_control(host, port, session_id=session_id,
                              rate_limit_bps=config.max_bandwidth_bps,
                              frame_bytes=PROBE_FRAME_BYTES, capabilities=caps, **common)
+    stream_tls = None
     try:
         rtt_ms = await _round_trip_ms(ch, config.handshake_timeout_s)
         conn = ch.conn
         why_not = linkrate.stream_probe_refusal(
             refused, version=conn.version, capabilities=conn.capabilities,
             peer_max_payload_bytes=conn.peer_max_payload_bytes,
-            send_frame_bytes=SEND_FRAME_BYTES)
+            send_frame_bytes=SEND_FRAME_BYTES, tls=ssl is not None)
         if why_not is None:
             grant = await streamprobe.ask(ch, config.streams, max_time_s, max_bytes,
                                           config.handshake_timeout_s)
             if grant.nstreams == 0:
                 why_not = f"the destination refused the stream probe: {grant.reason}"
             else:
+                if ssl is not None:   # the probe's streams speak TLS as a migration's do
+                    stream_tls = StreamTls(ssl, ch)
+
                 def opener():
+                    if stream_tls is not None:
+                        return open_tls_stream(host, port, tls=stream_tls.context,
+                                               peer_cert=stream_tls.peer_cert,
+                                               kind=ChannelKind.BULK, session_id=session_id,
+                                               capabilities=frozenset({STREAMS}),
+                                               timeout_s=config.handshake_timeout_s,
+                                               what="probe stream (TLS)")
                     return _open_control(host, port, session_id=session_id, kind=ChannelKind.BULK,
                                          capabilities=frozenset({STREAMS}), **common)
                 run = await streamprobe.run(ch, grant, opener, config=config,
@@ -132,6 +145,8 @@ async def probe_link(host: str, port: int, *, config: MigrationConfig | None = N
         return linkrate.from_control_probe(probe, why_not)
     finally:
         await ch.close()
+        if stream_tls is not None:
+            stream_tls.close()
 
 
 async def _open_control(host: str, port: int, *, ssl, server_hostname: str | None,

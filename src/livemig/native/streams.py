@@ -41,6 +41,7 @@ import numpy as np
 from . import PAGE_SIZE, check, ffi, lib
 from .chanthread import ChannelThread, with_reason
 from .memory import GuestMemory
+from .tls import TlsSession
 
 ENV_SWITCH = "LIVEMIG_NATIVE_STREAMS"
 STRIPE_PAGES = 64
@@ -72,6 +73,21 @@ def lz4_probe() -> tuple[bool, str]:
             stream.close()
     finally:
         mem.close()
+
+
+def close_handed_off(fd: "int | TlsSession") -> None:
+    """Close what ``Channel.hand_off()`` gave (a socket, or a TLS stream's
+    session) when no thread took it."""
+    if isinstance(fd, TlsSession):
+        fd.close()
+    else:
+        os.close(fd)
+
+
+def path_label(nstreams: int, *, tls: bool) -> str:
+    """``stats.data_path`` of a migration on ``nstreams`` native streams,
+    both sides (``tls``: they speak mutual TLS in their threads)."""
+    return f"native-streams ×{nstreams}" + (" over TLS" if tls else "")
 
 
 def disabled_by_environment() -> bool:
@@ -110,10 +126,17 @@ class _NativeStream(ChannelThread):
     _channel = "bulk"
     _phase = "precopy"
 
-    def attach_fd(self, fd: int, *, version: int, send_seq: int = 0, recv_seq: int = 0,
-                  max_payload_bytes: int = 64 << 20) -> None:
-        """Start the thread on a connected stream socket ``fd`` (ownership
-        passes, even on failure) whose next frames carry these sequences."""
+    def attach_fd(self, fd: "int | TlsSession", *, version: int, send_seq: int = 0,
+                  recv_seq: int = 0, max_payload_bytes: int = 64 << 20) -> None:
+        """Start the thread on a connected stream socket ``fd``, or on a TLS
+        stream's :class:`~.tls.TlsSession` (its frames then go through TLS);
+        ownership passes, even on failure. Its next frames carry these
+        sequences."""
+        if isinstance(fd, TlsSession):
+            check(lib.lm_stream_attach_tls(self._h, fd.take(), version, send_seq, recv_seq,
+                                           max_payload_bytes),
+                  "starting a native bulk stream thread under TLS")
+            return
         check(lib.lm_stream_attach(self._h, fd, version, send_seq, recv_seq, max_payload_bytes),
               "starting a native bulk stream thread")
 
@@ -281,5 +304,5 @@ class PostcopyDestStream(_NativeStream):
 
 
 __all__ = ["SourceStream", "DestStream", "PostcopyDestStream", "RoundCounts", "partition", "probe", "lz4_probe",
-           "disabled_by_environment", "ENV_SWITCH", "STRIPE_PAGES",
+           "disabled_by_environment", "path_label", "close_handed_off", "ENV_SWITCH", "STRIPE_PAGES",
            "BATCH_PAGES", "SEND_FRAME_BYTES"]

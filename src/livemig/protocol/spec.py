@@ -42,6 +42,15 @@ RESUME_PRECOPY_CAPABILITY = "resume-precopy"
 # pages, StreamProbeEnd / StreamProbeResult (docs/protocol.md, "Stream
 # probe"). Without it ``livemig plan`` probes on the control channel, as before.
 STREAM_PROBE_CAPABILITY = "stream-probe"
+# A peer offering this on a TLS control channel runs its native bulk streams
+# under mutual TLS in the stream threads (docs/protocol.md, "Bulk streams
+# under TLS"): such a stream opens with TLS_STREAM_PREAMBLE in the clear on
+# the daemon's port, then a TLS 1.3 handshake, then its Hello inside TLS.
+# Without it a TLS migration sends its pages on the Python path, as before.
+TLS_STREAMS_CAPABILITY = "tls-streams"
+# magic "LMTS", version 1 (u16), reserved (u16); never the 0x16 that opens a
+# TLS ClientHello, so the listener tells the two apart by the first byte.
+TLS_STREAM_PREAMBLE = b"LMTS\x01\x00\x00\x00"
 # ResumeReport.acked_round when no round was acknowledged yet.
 NO_ROUND = 0xFFFFFFFF
 # magic, version, type, flags, reserved, length, sequence, checksum
@@ -131,4 +140,5 @@ def c_defines() -> dict[str, str]:
 
 
 assert struct.calcsize(FRAME_HEADER_FORMAT) == FRAME_HEADER_BYTES
+assert len(TLS_STREAM_PREAMBLE) == 8 and TLS_STREAM_PREAMBLE[0] != 0x16
 assert len(set(MESSAGE_IDS.values())) == len(MESSAGE_IDS) and 0 not in MESSAGE_IDS.values()

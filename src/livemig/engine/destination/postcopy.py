@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
 
 import numpy as np
@@ -66,7 +65,7 @@ from ...native.postcopy import PostcopyMemory
 from ...protocol import (Abort, Complete, PageBatch, PageRequest, Ping, Pong,
                        PostcopyComplete, PresentReport)
 from ...stats import MigrationStats
-from ...native.streams import PostcopyDestStream
+from ...native.streams import PostcopyDestStream, close_handed_off
 from ...native.urgent import NativeFaultServer
 
 MAX_REQUEST_PAGES = 1024     # pages named by one PageRequest
@@ -230,7 +229,7 @@ class FaultService:
         except BaseException:
             for fd in fds:
                 if fd is not None:
-                    os.close(fd)
+                    close_handed_off(fd)
             self._stop_push()
             raise
         return [self._push_failed]

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import threading
 import time
 
@@ -70,6 +69,7 @@ from ...codec.decoder import BatchDecoder
 from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
+from ...native import streams as native_streams
 from ...native import urgent
 from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
@@ -79,8 +79,9 @@ from .postcopy import FaultService, PostcopyPlacer
 from .probes import answer_probes
 from .streamprobe import STREAM_PROBE, ProbeSlot, StreamProbeDesk
 from .streamprobe import offered as stream_probe_offered
-from .streams import (PUSH, STREAMS, DestStreams, check_offer as check_streams_offer,
-                      offered as streams_offered)
+from .streams import (PUSH, STREAMS, TLS_STREAMS, DestStreams, stream_peer_problem,
+                      check_offer as check_streams_offer, offered as streams_offered,
+                      tls_context as stream_tls_context)
 from ...native import PAGE_SIZE
 from ...native import postcopy
 from ...protocol import (Abort, Accept, ChannelKind, Hello, MigrationOffer, Mode,
@@ -277,7 +278,8 @@ class IncomingMigration:
                 self._held if self.progress is None else self.progress.landed_bits,
                 self.decoder.placer.held, nstreams)
         self._push_n = cfg.get("push_streams") or 0
-        self.stats.data_path = (f"native-streams ×{nstreams}" if nstreams else
+        tls = self.ch.get_extra_info("ssl_object") is not None
+        self.stats.data_path = (native_streams.path_label(nstreams, tls=tls) if nstreams else
                                 "python: the source sends its pages on the control channel")
         self.stats.mode = offer.mode.name.lower()
         if offer.mode is not Mode.POSTCOPY:
@@ -524,7 +526,8 @@ class IncomingMigration:
         if choice.native:
             native = urgent.NativeFaultServer(self.pm, self.decoder.hashes.values)
         self.stats.fault_path, self.stats.fault_path_reason = choice.name, choice.reason
-        self.stats.push_path = (f"native-streams ×{self._push_n}" if self._push_n else
+        tls = self.ch.get_extra_info("ssl_object") is not None
+        self.stats.push_path = (native_streams.path_label(self._push_n, tls=tls) if self._push_n else
                                 "python: the source's offer asks for no push streams")
         return FaultService(self.pm, self.decoder, self.stats, urgent=native,
                             urgent_cpu=cfg.urgent_cpu, urgent_spin_us=cfg.urgent_spin_us,
@@ -666,7 +669,7 @@ class IncomingMigration:
         no thread took, and the channels)."""
         for ch, handoff in self._push:
             if handoff is not None:
-                os.close(handoff[0])
+                native_streams.close_handed_off(handoff[0])
             ch.abort()
             self._release(ch)
         self._push = []
@@ -738,13 +741,29 @@ class MigrationServer:
         self.sessions: dict[bytes, IncomingMigration] = {}
         self.outcomes = OutcomeBook()
         self.probe_slot = ProbeSlot()
+        self._stream_tls = None           # the native streams' TLS (server side), under TLS
+        self.stream_tls_refusal = ""      # why there is none
 
     async def start(self) -> None:
-        self._server = await serve_channels(self.host, self.requested_port, self._serve,
-                                            ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
-                                            policy=self._answer_hello,
-                                            timeout_s=self.config.handshake_timeout_s)
+        # Under TLS, the native streams speak it in their threads: the same
+        # files, loaded into OpenSSL once (None, and why, where they cannot).
+        self._stream_tls, self.stream_tls_refusal = stream_tls_context(self.config, self.ssl)
+        try:
+            self._server = await serve_channels(self.host, self.requested_port, self._serve,
+                                                ssl=self.ssl, recv_buffer_bytes=RECV_WINDOW_BYTES,
+                                                policy=self._answer_hello,
+                                                timeout_s=self.config.handshake_timeout_s,
+                                                native_tls=self._stream_tls,
+                                                stream_policy=self._answer_tls_stream)
+        except BaseException:
+            self._close_stream_tls()
+            raise
         self.port = self._server.port
+
+    def _close_stream_tls(self) -> None:
+        if self._stream_tls is not None:
+            self._stream_tls.close()   # sessions made from it keep what they need
+            self._stream_tls = None
 
     def _answer_hello(self, hello: Hello):
         known = hello.session_id in self.sessions
@@ -760,17 +779,36 @@ class MigrationServer:
             return Refuse(RefuseCode.SESSION, "this session id is already in use")
         return self._welcome(hello)
 
+    def _answer_tls_stream(self, ch):
+        """A native TLS stream's Hello: as any other, and its certificate must
+        be the one its session's control channel presented."""
+        answer = self._answer_hello(ch.conn.hello)
+        session = self.sessions.get(ch.conn.session_id)
+        if isinstance(answer, Welcome) and session is not None:
+            problem = stream_peer_problem(session.ch, ch)
+            if problem is not None:
+                return Refuse(RefuseCode.CHANNEL, problem)
+        return answer
+
     def _welcome(self, hello: Hello):
         """answer_hello, granting native streams where this host runs them,
-        from wire version 2 on."""
+        from wire version 2 on; under TLS, to a control channel that offers
+        "tls-streams" (its streams, the push's too, then come as native TLS
+        streams)."""
         tls = self.ssl is not None
-        caps = {STREAMS, PUSH} if streams_offered(self.config, tls=tls) else set()
-        if stream_probe_offered(self.config, tls=tls):
+        tls_streams = self._stream_tls is not None
+        caps = set()
+        if streams_offered(self.config, tls=tls, tls_streams=tls_streams):
+            caps |= {STREAMS, PUSH} | ({TLS_STREAMS} if tls else set())
+        if stream_probe_offered(self.config, tls=tls, tls_streams=tls_streams):
             caps.add(STREAM_PROBE)
+        if (tls and hello.channel_kind is ChannelKind.CONTROL
+                and TLS_STREAMS not in hello.capabilities):
+            caps -= {STREAMS, PUSH, STREAM_PROBE}   # its streams would not speak TLS
         answer = answer_hello(hello, capabilities=caps | resume.granted(self.config))
         if isinstance(answer, Welcome) and answer.version < spec.STREAMS_VERSION:
             answer = dataclasses.replace(answer, capabilities=answer.capabilities
-                                         - {STREAMS, PUSH, STREAM_PROBE})
+                                         - {STREAMS, PUSH, STREAM_PROBE, TLS_STREAMS})
         return answer
 
     async def _serve(self, ch: Channel) -> None:
@@ -821,6 +859,7 @@ class MigrationServer:
         if self._server is not None:
             await self._server.close()
             self._server = None
+        self._close_stream_tls()
 
     async def __aenter__(self) -> "MigrationServer":
         await self.start()

@@ -58,10 +58,10 @@ POPULATE = True
 POPULATE_CHUNK_PAGES = 1024
 
 
-def offered(config: MigrationConfig, *, tls: bool) -> bool:
+def offered(config: MigrationConfig, *, tls: bool, tls_streams: bool = False) -> bool:
     """Whether this destination grants the "stream-probe" capability: exactly
     when it would grant native streams to a migration."""
-    return streams_offered(config, tls=tls)
+    return streams_offered(config, tls=tls, tls_streams=tls_streams)
 
 
 class ProbeSlot:

@@ -5,9 +5,12 @@ Theory of operation
 ::
 
     control Hello offering "streams" ─ Welcome grants it (wire version 2, this
-        host can run the threads, no TLS on the listener)
+        host can run the threads; under TLS, the Hello also offers
+        "tls-streams" and this listener accepts native TLS streams)
     MigrationOffer(config.streams = N) ─ Accept ─ N bulk channels arrive,
-        each offering "streams": handed at once to a DestStream thread
+        each offering "streams": handed at once to a DestStream thread (under
+        TLS: native TLS streams, aio/tlsstream.py, whose certificate must be
+        the control channel's peer's)
     threads: check + place PageBatches, hashes[] and held[], ◀ StreamEnd ─ StreamAck ▶
     control RoundEnd(round, pages) ─ every stream closed that round and the
         counts add up? ─ RoundAck(round, pages)
@@ -25,21 +28,59 @@ registered for post-copy or freed.
 """
 from __future__ import annotations
 
+import ssl
+
 from ...aio.channel import Channel
+from ...aio.tls import material_of, peer_cert_of
 from ...config import MAX_STREAMS, MigrationConfig
-from ...errors import RemoteProtocolError
+from ...errors import ConfigError, RemoteProtocolError
 from ...native import streams as native_streams
+from ...native import tls as native_tls
 from ...protocol import spec
 from ...stats import MigrationStats
 
 STREAMS = spec.STREAMS_CAPABILITY
 PUSH = spec.PUSH_CAPABILITY
+TLS_STREAMS = spec.TLS_STREAMS_CAPABILITY
 
 
-def offered(config: MigrationConfig, *, tls: bool) -> bool:
-    """Whether this destination grants the "streams" capability."""
-    return (config.streams > 0 and not tls and not native_streams.disabled_by_environment()
-            and native_streams.probe()[0])
+def offered(config: MigrationConfig, *, tls: bool, tls_streams: bool = False) -> bool:
+    """Whether this destination grants the "streams" capability (under
+    ``tls``, only when ``tls_streams``: its listener accepts native TLS
+    streams, see :func:`tls_context`)."""
+    return (config.streams > 0 and (not tls or tls_streams)
+            and not native_streams.disabled_by_environment() and native_streams.probe()[0])
+
+
+def tls_context(config: MigrationConfig, tls: ssl.SSLContext | None
+                ) -> tuple[native_tls.TlsContext | None, str]:
+    """The server side of the native streams' TLS for a listener under
+    ``tls``: (context, "") or (None, why not)."""
+    if tls is None:
+        return None, "no TLS"
+    if config.streams == 0:
+        return None, "native streams disabled by configuration (streams=0)"
+    ok, reason = native_tls.probe()
+    if not ok:
+        return None, reason
+    m = material_of(tls)
+    if m is None:
+        return None, "the listener's TLS context was not made by livemig.aio.tls"
+    try:
+        return native_tls.TlsContext(m.cert, m.key, m.ca, server=True), ""
+    except ConfigError as exc:
+        return None, str(exc)
+
+
+def stream_peer_problem(control: Channel, stream) -> str | None:
+    """Why a native TLS stream may not join its session (None: it may). It
+    must come from the peer of the session's control channel: the same
+    certificate, not merely one the CA signed."""
+    expected = peer_cert_of(control.get_extra_info)
+    if expected is None or stream.peer_cert != expected:
+        return ("the stream's certificate is not the one its session's control channel "
+                "presented")
+    return None
 
 
 def check_offer(value, granted: bool) -> str | None:
@@ -129,4 +170,5 @@ class DestStreams:
             s.close()
 
 
-__all__ = ["DestStreams", "offered", "check_offer", "STREAMS", "PUSH"]
+__all__ = ["DestStreams", "offered", "tls_context", "stream_peer_problem", "check_offer",
+           "STREAMS", "PUSH", "TLS_STREAMS"]

@@ -79,6 +79,7 @@ from typing import Callable
 import numpy as np
 
 from ...aio.channel import Channel, open_channel, recv_within
+from ...aio.tlsstream import open_tls_stream
 from ...aio.deadline import within
 from ...aio.ratelimit import TokenBucket
 from ...codec.encoder import BatchEncoder
@@ -94,7 +95,8 @@ from . import handover
 from .handover import describe as _describe
 from .postcopy import DigestMismatch, PostcopySender
 from .resume import PrecopyResumer, is_break, offered
-from .streams import (PUSH, STREAMS, DataPath, SourceStreams, choose as choose_data_path,
+from .streams import (PUSH, STREAMS, DataPath, SourceStreams, StreamTls,
+                      capabilities as stream_capabilities, choose as choose_data_path,
                       push_refusal, refusal as streams_refusal)
 from ...policy import Action, RoundStats, decide
 from ...protocol import (Abort, ChannelKind, Commit, Complete, MigrationOffer, Mode,
@@ -169,6 +171,8 @@ class SourceSession:
         self._stream_channels: list[Channel] = []
         self._push_path: DataPath | None = None      # post-copy push: native streams or not
         self._push_channels: list[Channel] = []      # its streams, of the current channel set
+        self._stream_tls: StreamTls | None = None    # the streams' TLS, under a TLS migration
+        self._tls_streams_opened = 0
         self._session_id = os.urandom(16)
         self.control.session_id = self._session_id
         self.origin = origin
@@ -187,14 +191,16 @@ class SourceSession:
         self.control.limiter = limiter
         self.control._interruptible = asyncio.current_task()
         try:
-            refused = streams_refusal(cfg, tls=ssl is not None)
-            push_refused = push_refusal(cfg, tls=ssl is not None)
-            caps = (offered(cfg) | ({STREAMS} if refused is None else set())
-                    | ({PUSH} if push_refused is None else set()))
+            refused = streams_refusal(cfg, tls=ssl)
+            push_refused = push_refusal(cfg, tls=ssl)
+            caps = offered(cfg) | stream_capabilities(refused, push_refused, tls=ssl is not None)
             self._ch = self.control._capped(
                 await self._open(ChannelKind.CONTROL, rate_limiter=limiter, capabilities=caps))
-            self._data_path = choose_data_path(cfg, self._ch, refused)
-            self._push_path = choose_data_path(cfg, self._ch, push_refused, capability=PUSH)
+            self._data_path = choose_data_path(cfg, self._ch, refused, tls=ssl is not None)
+            self._push_path = choose_data_path(cfg, self._ch, push_refused, capability=PUSH,
+                                               tls=ssl is not None)
+            if self._data_path.tls or self._push_path.tls:
+                self._stream_tls = StreamTls(ssl, self._ch)
             self.stats.data_path = self._data_path.label
             self._resumer = PrecopyResumer.agreed(self, RECOVERY_BACKOFF_S, limiter)
             await self._offer()
@@ -235,6 +241,8 @@ class SourceSession:
                        self._ch):
                 if ch is not None:
                     await ch.close()
+            if self._stream_tls is not None:
+                self._stream_tls.close()
 
     async def _open(self, kind: ChannelKind, *, resume: bool = False, rate_limiter=None,
                     capabilities=()) -> Channel:
@@ -244,6 +252,22 @@ class SourceSession:
                                   rate_limiter=rate_limiter, resume=resume,
                                   capabilities=frozenset(capabilities),
                                   timeout_s=a["timeout_s"])
+
+    async def _open_stream(self, *, capabilities, resume: bool = False):
+        """A bulk stream for a native thread: a channel, or under TLS a
+        native TLS stream to the same port (aio/tlsstream.py)."""
+        if self._stream_tls is None:
+            return await self._open(ChannelKind.BULK, capabilities=capabilities, resume=resume)
+        a = self._connect_args
+        self._tls_streams_opened += 1
+        k = self._tls_streams_opened
+        return await open_tls_stream(a["host"], a["port"], tls=self._stream_tls.context,
+                                     peer_cert=self._stream_tls.peer_cert, kind=ChannelKind.BULK,
+                                     session_id=self._session_id,
+                                     capabilities=frozenset(capabilities), resume=resume,
+                                     timeout_s=a["timeout_s"],
+                                     what=f"{'push' if PUSH in capabilities else 'bulk'} stream "
+                                          f"{k} (TLS)")
 
     async def _open_postcopy_channels(self, *, resume: bool) -> None:
         self._urgent = await self._open(ChannelKind.URGENT, resume=resume)
@@ -261,8 +285,8 @@ class SourceSession:
         # destination sends nothing on them unasked).
         self._push_channels = []
         for _ in range(self._push_path.nstreams):
-            self._push_channels.append(await self._open(ChannelKind.BULK, resume=resume,
-                                                        capabilities={PUSH}))
+            self._push_channels.append(await self._open_stream(resume=resume,
+                                                               capabilities={PUSH}))
 
     def _drop_urgent_handoff(self) -> None:
         """Close a handed-off urgent socket no thread took (failure, recovery)."""
@@ -381,7 +405,7 @@ class SourceSession:
         """The native bulk streams (anew after a resumed break), under the current cap."""
         self._streams, self._stream_channels = await SourceStreams.open(
             self.vm.memory, self._encoder.sent_hashes.values, self._encoder.fingerprints,
-            self._data_path.nstreams, lambda: self._open(ChannelKind.BULK, capabilities={STREAMS}),
+            self._data_path.nstreams, lambda: self._open_stream(capabilities={STREAMS}),
             codec=self.config.codec_for_mode)
         self.control._paced(self._streams)
 

@@ -8,6 +8,10 @@ Theory of operation
         yes: MigrationOffer(config.streams = N) ─ Accept ─ open N bulk channels
              (Hello offers "streams", same session id), each handed to a thread
         no:  every page goes through the Python encoder, and the stats say why
+    under TLS the Hello also offers "tls-streams", and each bulk channel is a
+    native TLS stream (aio/tlsstream.py): TLS 1.3 in the threads, its peer's
+    certificate the control channel's; a destination without it means the
+    Python path, and the stats say so
     per round: RoundStart ─ each stream gets its stripe of the pages
                (native.streams.partition) ─ wait on the threads' eventfds until
                every StreamAck is in ─ RoundEnd(total) ─ ◀ RoundAck
@@ -27,6 +31,7 @@ stopped and joined (:meth:`SourceStreams.close`) before memory is released.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -35,9 +40,11 @@ import numpy as np
 from ...aio.channel import Channel
 from ...aio.deadline import within
 from ...aio.ratelimit import burst_bytes_for
+from ...aio.tls import material_of, peer_cert_of
 from ...config import CodecConfig, MigrationConfig
 from ...errors import MigrationError
 from ...native import streams as native_streams
+from ...native import tls as native_tls
 from ...native.pace import Pace
 from ...protocol import wire
 from ...protocol import spec
@@ -45,6 +52,7 @@ from ...stats import MigrationStats
 
 STREAMS = spec.STREAMS_CAPABILITY
 PUSH = spec.PUSH_CAPABILITY
+TLS_STREAMS = spec.TLS_STREAMS_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class DataPath:
 
     nstreams: int      # 0: the Python path
     reason: str
+    tls: bool = False  # the streams speak mutual TLS (in their threads)
 
     @property
     def native(self) -> bool:
@@ -60,30 +69,47 @@ class DataPath:
 
     @property
     def label(self) -> str:
-        return f"native-streams ×{self.nstreams}" if self.native else f"python: {self.reason}"
+        if not self.native:
+            return f"python: {self.reason}"
+        return native_streams.path_label(self.nstreams, tls=self.tls)
 
 
-def _host_refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+def tls_refusal(tls: ssl.SSLContext | None) -> str | None:
+    """Why the native streams cannot speak the migration's TLS here (None:
+    no TLS, or they can: mutual TLS 1.3 in the stream threads, loaded from
+    the files ``tls`` was made from)."""
+    if tls is None:
+        return None
+    ok, reason = native_tls.probe()
+    if not ok:
+        return f"the migration uses TLS, which the native streams cannot speak here: {reason}"
+    if material_of(tls) is None:
+        return ("the migration uses a TLS context not made by livemig.aio.tls, whose "
+                "certificate files the native streams cannot load")
+    return None
+
+
+def _host_refusal(config: MigrationConfig, *, tls: ssl.SSLContext | None) -> str | None:
     """Why this source cannot run native streams at all, or None."""
     if config.streams == 0:
         return "native streams disabled by configuration (streams=0)"
     if native_streams.disabled_by_environment():
         return f"native streams disabled by {native_streams.ENV_SWITCH}=0"
-    if tls:
-        return "the migration uses TLS, which the native streams do not speak"
     ok, reason = native_streams.probe()
-    return None if ok else f"native streams unavailable here: {reason}"
+    if not ok:
+        return f"native streams unavailable here: {reason}"
+    return tls_refusal(tls)
 
 
-def refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+def refusal(config: MigrationConfig, *, tls: ssl.SSLContext | None) -> str | None:
     """Why this source will not offer native streams for pre-copy rounds, or
-    None when it will."""
+    None when it will (under ``tls``, the migration's context, if any)."""
     if config.mode == "postcopy":
         return "post-copy sends its pages on the Python path"
     return _host_refusal(config, tls=tls)
 
 
-def push_refusal(config: MigrationConfig, *, tls: bool) -> str | None:
+def push_refusal(config: MigrationConfig, *, tls: ssl.SSLContext | None) -> str | None:
     """Why this source will not push post-copy pages on native streams, or
     None when it will offer to."""
     if not config.postcopy_push_streams:
@@ -92,22 +118,49 @@ def push_refusal(config: MigrationConfig, *, tls: bool) -> str | None:
     return _host_refusal(config, tls=tls)
 
 
+def capabilities(refused: str | None, push_refused: str | None, *, tls: bool) -> set[str]:
+    """What the control channel's Hello offers for the native streams."""
+    caps = ({STREAMS} if refused is None else set()) | ({PUSH} if push_refused is None else set())
+    if tls and caps:
+        caps.add(TLS_STREAMS)
+    return caps
+
+
 def choose(config: MigrationConfig, control: Channel, refused: str | None, *,
-           capability: str = STREAMS) -> DataPath:
+           capability: str = STREAMS, tls: bool = False) -> DataPath:
     """Decide once the control channel's handshake is done (``capability``:
-    STREAMS for the pre-copy rounds, PUSH for the post-copy push)."""
+    STREAMS for the pre-copy rounds, PUSH for the post-copy push; ``tls``:
+    the control channel is TLS, so the streams must be too)."""
     conn = control.conn
     if refused is not None:
         return DataPath(0, refused)
     if conn.version < spec.STREAMS_VERSION:
         return DataPath(0, f"wire version {conn.version} was negotiated, which has no streams")
+    if tls and TLS_STREAMS not in conn.capabilities:
+        return DataPath(0, "the destination does not run native streams under TLS (an older "
+                           "livemig, or it cannot here)")
     if capability not in conn.capabilities:
         return DataPath(0, "the destination does not offer native streams"
                         + (" for the post-copy push" if capability == PUSH else ""))
     if conn.peer_max_payload_bytes < native_streams.SEND_FRAME_BYTES:
         return DataPath(0, f"the destination accepts frames of at most "
                            f"{conn.peer_max_payload_bytes} bytes")
-    return DataPath(config.streams, "")
+    return DataPath(config.streams, "", tls=tls)
+
+
+class StreamTls:
+    """What the source's streams need to speak TLS: the client side of the
+    streams' OpenSSL, loaded from the control channel's files, and the
+    certificate the destination presented on the control channel (each
+    stream's peer must present the same)."""
+
+    def __init__(self, tls: ssl.SSLContext, control: Channel):
+        m = material_of(tls)
+        self.context = native_tls.TlsContext(m.cert, m.key, m.ca, server=False)
+        self.peer_cert = peer_cert_of(control.get_extra_info)
+
+    def close(self) -> None:
+        self.context.close()
 
 
 @dataclass
@@ -291,5 +344,5 @@ class SourceStreams:
             s.close()
 
 
-__all__ = ["DataPath", "SourceStreams", "RoundSent", "refusal", "push_refusal", "choose",
-           "STREAMS", "PUSH"]
+__all__ = ["DataPath", "SourceStreams", "RoundSent", "StreamTls", "refusal", "push_refusal",
+           "tls_refusal", "capabilities", "choose", "STREAMS", "PUSH", "TLS_STREAMS"]
