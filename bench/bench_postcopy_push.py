@@ -84,11 +84,21 @@ def main(argv=None) -> int:
             for _ in range(args.repeat):
                 res = asyncio.run(_one(args.memory, "uniform", args.rate * MiB, args.fill_s, cfg))
                 row = _row(mode, f"{args.rate:g}MiB/s", res)
-                row["push_path"] = ((res.get("stats") or {}).get("postcopy") or {}).get(
-                    "push_path")
+                src_pc = (res.get("stats") or {}).get("postcopy") or {}
+                dst_pc = (res.get("dst") or {}).get("postcopy") or {}
+                row["push_path"] = src_pc.get("push_path")
+                row["push_in_flight_max"] = src_pc.get("push_in_flight_max")
+                row["timeline_ms"] = {"source": src_pc.get("timeline_ms"),
+                                      "destination": dst_pc.get("timeline_ms")}
+                row["postcopy_started_ms"] = src_pc.get("started_ms")
+                row["stream_cpu_s"] = {"source": (res.get("stats") or {}).get("stream_cpu_s"),
+                                       "destination": (res.get("dst") or {}).get("stream_cpu_s")}
+                row["loadavg_1m"] = os.getloadavg()[0]
                 runs.append(row)
                 print(json.dumps({k: row[k] for k in ("mode", "push_path", "status", "total_ms",
-                                                      "downtime_ms", "postcopy_ms")}),
+                                                      "downtime_ms", "postcopy_ms",
+                                                      "push_in_flight_max", "timeline_ms",
+                                                      "stream_cpu_s", "loadavg_1m")}),
                       flush=True)
             summary = {"mode": mode,
                        "push_path": runs[0]["push_path"] or ("native" if native else "python"),

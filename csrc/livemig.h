@@ -31,7 +31,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 16
+#define LM_ABI_VERSION 17
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -495,7 +495,10 @@ void lm_urgent_destroy(lm_urgent *u);
  * time; the thread sends them as PageBatch frames (ZERO and RAW runs of the
  * page-batch format, LZ4 runs where compression pays, and BLOCK runs given
  * the block fingerprints of codec/lm_blockdelta.c on both sides), ends its
- * part of the round with StreamEnd and waits for the destination thread's StreamAck. The
+ * part of the round with StreamEnd; the destination thread's StreamAck closes it. A
+ * source may have up to its window of rounds queued or in flight (1, stop-and-wait,
+ * unless lm_stream_source_window says more): it sends the next round without
+ * waiting for the previous one's ack and takes acks as they come. The
  * destination thread checks every frame and batch, places the pages and
  * answers each StreamEnd once all of that round's pages are in place. Both
  * threads record the per-page hash of what they sent or placed in the
@@ -504,6 +507,7 @@ void lm_urgent_destroy(lm_urgent *u);
  * eventfd it watches with its event loop. */
 #define LM_STREAM_BATCH_PAGES 64          /* most pages in one sent PageBatch (256 KiB: in L2) */
 #define LM_STREAM_MAX_FRAME 4194304       /* largest payload a stream thread accepts (4 MiB) */
+#define LM_STREAM_WINDOW_MAX 8            /* most rounds a source stream keeps in flight */
 #define LM_STREAM_BLOCK_MAX_BLOCKS 12     /* more changed blocks than this: the page goes RAW */
 #define LM_STREAM_IDLE 0                  /* lm_stream_status: no thread attached */
 #define LM_STREAM_RUNNING 1
@@ -532,6 +536,8 @@ typedef struct lm_stream_stats {
     uint64_t lz4_bytes;           /* their compressed bytes */
     uint64_t lz4_probes;          /* source: batches whose sample runs were compressed */
     uint64_t latencies_dropped;   /* dest push: fault latencies the full ring dropped */
+    uint64_t in_flight_max;       /* source: most rounds sent whole and not yet acked at once */
+    uint64_t ack_wait_ns;         /* source: time blocked with rounds in flight and none to send */
 } lm_stream_stats;
 
 /* 0 when native streams can run here (libxxhash loads and agrees with a known
@@ -576,6 +582,11 @@ int lm_stream_source_postcopy(lm_stream *s);
  * (reason says why), -EBUSY when attached, -EINVAL for a bad argument. */
 int lm_stream_source_lz4(lm_stream *s, uint32_t chunk_pages, double min_saving_pct,
                          char *reason, size_t reason_cap);
+/* Source, from the owner at any time: queue up to rounds (1 ..
+ * LM_STREAM_WINDOW_MAX) rounds at once; the thread sends each without
+ * waiting for the previous one's ack. 1 (the default) is stop-and-wait.
+ * -EINVAL for another value. */
+int lm_stream_source_window(lm_stream *s, uint32_t rounds);
 /* Source, at any time: the link's measured bandwidth (0: unknown). Known,
  * LZ4 must also save more sending time than 1.5x its probe's CPU time. */
 void lm_stream_source_link(lm_stream *s, uint64_t link_bytes_per_s);
@@ -586,10 +597,11 @@ void lm_stream_source_link(lm_stream *s, uint64_t link_bytes_per_s);
 int lm_stream_attach(lm_stream *s, int sock_fd, uint32_t wire_version, uint64_t send_seq,
                      uint64_t recv_seq, uint64_t max_payload_bytes);
 /* Source: send pages[0 .. n) (ascending page indices; the array must stay
- * unchanged until the round is closed) as this stream's part of round, then
- * StreamEnd, and wait for StreamAck. Returns at once: 0, -EBUSY while
- * another round is in flight, -EINVAL when not attached or not a source,
- * -ERANGE for an index outside memory (nothing queued). */
+ * unchanged until the round is acked) as this stream's part of round, then
+ * StreamEnd; the StreamAck closes it (stats: rounds, last_round*). Rounds
+ * queued go out in order and must ascend. Returns at once: 0, -EBUSY while
+ * the window's rounds are queued or in flight, -EINVAL when not attached or
+ * not a source, -ERANGE for an index outside memory (nothing queued). */
 int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n);
 /* Stop (via an eventfd) and join the thread, shut down and close the socket.
  * Returns what the thread ended with: 0, or the -errno that stopped it. */

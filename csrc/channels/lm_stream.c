@@ -11,7 +11,7 @@
  *   become Python objects.
  *
  *     source thread (lm_stream_source.c)   destination thread (lm_stream_dest.c)
- *     poll(stop, work)                     poll(stop, socket)
+ *     poll(stop, work[, socket])           poll(stop, socket)
  *     per batch of <= LM_STREAM_BATCH_PAGES:
  *       zero pages -> ZERO runs; others copied
  *       into staging, hashed (hashes[]), RAW,
@@ -21,7 +21,17 @@
  *                                           the batch whole; then place pages,
  *                                           hash them (hashes[]), held[]
  *       StreamEnd(round, pages, bytes) ───▶ counts agree? publish, notify owner
- *     wait for StreamAck, publish, notify ◀─ StreamAck(round, pages)
+ *     take StreamAck, publish, notify   ◀─ StreamAck(round, pages)
+ *
+ *   Window: the owner may queue up to `window` rounds (a ring of slots, one
+ *   producer and one consumer, LM_STREAM_WINDOW_MAX at most). The thread
+ *   sends each queued round whole without waiting for the previous one's
+ *   ack, and takes acks as they arrive: between batches (a poll(2) that
+ *   does not wait) and, with nothing left to send, in its one blocking
+ *   poll(2) together with stop and work. An ack frees its round's slot
+ *   and wakes the owner, who can queue the next while the rounds still in
+ *   flight keep the link and the destination's thread busy. With window 1
+ *   (pre-copy) this is the old stop-and-wait: one round, its ack, the next.
  *
  *   Ordering: a page always travels on the same stream (the owner partitions
  *   by index), and a stream is one ordered TCP connection, so a page's
@@ -82,6 +92,7 @@ static int stream_new(enum lm_stream_side side, uint8_t *base, uint64_t npages,
     s->fp_valid = fp_valid;
     s->last_closed = -1;
     s->work_efd = -1;
+    s->window = 1;
     int rc = lm_chan_open(&s->ch, "bulk stream", (struct lm_chan_counters *)&s->stats,
                           lm_stream_wait_writable);
     if (rc < 0) {
@@ -217,27 +228,50 @@ LM_API int lm_stream_source_postcopy(lm_stream *s)
 
 /* ---- the thread -------------------------------------------------------------- */
 
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Send every queued round as soon as it is queued; between rounds (and
+ * inside them, see lm_stream_source_send_next) take the acks of the rounds
+ * in flight. With nothing to send the thread sleeps in poll(2) on stop, work
+ * and, while a round is in flight, the socket: no polling. An ack closing a
+ * round frees its slot and wakes the owner, who may queue the next. */
 static int source_loop(lm_stream *s)
 {
-    struct pollfd pfd[2] = {{.fd = s->ch.stop_efd, .events = POLLIN},
-                            {.fd = s->work_efd, .events = POLLIN}};
+    struct pollfd pfd[3] = {{.fd = s->ch.stop_efd, .events = POLLIN},
+                            {.fd = s->work_efd, .events = POLLIN},
+                            {.fd = s->ch.fd, .events = POLLIN}};
     for (;;) {
-        int n = poll(pfd, 2, -1);
+        if (s->jobs_sent < __atomic_load_n(&s->jobs_queued, __ATOMIC_ACQUIRE)) {
+            int rc = lm_stream_source_send_next(s);
+            if (rc != 0)
+                return rc;
+            continue;
+        }
+        int in_flight = s->jobs_sent > s->jobs_acked;
+        uint64_t t0 = in_flight ? monotonic_ns() : 0;
+        int n = poll(pfd, in_flight ? 3 : 2, -1);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
             return lm_chan_fail(&s->ch, errno, "poll: %s", strerror(errno));
+        if (in_flight)
+            STREAM_ADD(s, ack_wait_ns, monotonic_ns() - t0);
         if (pfd[0].revents)
             return 1;
         if (pfd[1].revents) {
             uint64_t drain;
             ssize_t r = read(s->work_efd, &drain, sizeof(drain));
             (void)r;
-            /* A closed round is published (job_busy cleared first) inside. */
-            int rc = lm_stream_source_round(s);
+        }
+        if (in_flight && pfd[2].revents) {
+            int rc = lm_stream_source_take_ack(s);
             if (rc != 0)
                 return rc;
-            lm_chan_notify(&s->ch);
         }
     }
 }
@@ -323,19 +357,29 @@ LM_API int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pa
     for (uint64_t i = 0; i < n; i++)
         if (pages[i] >= s->npages)
             return -ERANGE;
-    int idle = 0;
-    if (!__atomic_compare_exchange_n(&s->job_busy, &idle, 1, 0, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_ACQUIRE))
+    /* Only the owner writes jobs_queued; the acquire on jobs_acked orders
+     * the thread's last reads of a freed slot before we fill it again. */
+    uint64_t queued = s->jobs_queued;
+    if (queued - __atomic_load_n(&s->jobs_acked, __ATOMIC_ACQUIRE) >= s->window)
         return -EBUSY;
-    s->job_pages = pages;
-    s->job_n = n;
-    s->job_round = round;
-    /* The eventfd write orders the job fields before the thread's read. */
+    struct lm_stream_job *job = &s->jobs[queued % LM_STREAM_WINDOW_MAX];
+    job->pages = pages;
+    job->n = n;
+    job->round = round;
+    job->sent_pages = job->sent_bytes = 0;
+    /* Published with release: the thread reads the slot after its acquire. */
+    __atomic_store_n(&s->jobs_queued, queued + 1, __ATOMIC_RELEASE);
     uint64_t one = 1;
-    if (write(s->work_efd, &one, sizeof(one)) != sizeof(one)) {
-        __atomic_store_n(&s->job_busy, 0, __ATOMIC_RELEASE);
-        return -errno;
-    }
+    if (write(s->work_efd, &one, sizeof(one)) != sizeof(one))
+        return -errno;   /* cannot happen short of a counter overflow; the round stays queued */
+    return 0;
+}
+
+LM_API int lm_stream_source_window(lm_stream *s, uint32_t rounds)
+{
+    if (!s || s->side != LM_STREAM_SOURCE || rounds < 1 || rounds > LM_STREAM_WINDOW_MAX)
+        return -EINVAL;
+    s->window = rounds;
     return 0;
 }
 

@@ -38,6 +38,17 @@ enum lm_stream_side { LM_STREAM_DEST, LM_STREAM_SOURCE };
  * ring drops and counts, as the urgent thread's does). */
 #define LM_STREAM_LATENCY_RING 65536
 
+/* A round queued on a source stream: its pages (the owner keeps the array
+ * unchanged until the round is acked) and, once sent, what its StreamEnd
+ * counted (the ack must repeat the pages). */
+struct lm_stream_job {
+    const uint64_t *pages;
+    uint64_t n;
+    uint32_t round;
+    uint64_t sent_pages;
+    uint64_t sent_bytes;
+};
+
 struct lm_stream {
     struct lm_chan ch;          /* the thread, its socket and eventfds */
     enum lm_stream_side side;
@@ -50,12 +61,16 @@ struct lm_stream {
     uint8_t *fp_valid;
     uint64_t zero_blocks[LM_BLOCKS_PER_PAGE];   /* an all-zero page's block hashes */
     int work_efd;               /* source: a round was queued */
-    /* the round queued for the source thread (written by the owner before
-     * work_efd is signalled, read by the thread after it was) */
-    const uint64_t *job_pages;
-    uint64_t job_n;
-    uint32_t job_round;
-    int job_busy;               /* atomic: a round is queued or in flight */
+    /* source: the rounds queued by the owner, a ring of LM_STREAM_WINDOW_MAX
+     * slots with one producer (the owner) and one consumer (the thread).
+     * Slot k % LM_STREAM_WINDOW_MAX holds round k; k < jobs_queued was
+     * queued, k < jobs_sent sent whole (StreamEnd out), k < jobs_acked
+     * acknowledged (its slot free again). */
+    struct lm_stream_job jobs[LM_STREAM_WINDOW_MAX];
+    uint32_t window;            /* owner: rounds queued or in flight at most */
+    uint64_t jobs_queued;       /* atomic: written by the owner after the slot */
+    uint64_t jobs_acked;        /* atomic: written by the thread after the ack */
+    uint64_t jobs_sent;         /* the thread's own */
     /* dest: the round being received */
     int round_open;
     uint32_t open_round;
@@ -103,7 +118,12 @@ int lm_stream_receive(lm_stream *s, uint16_t type_a, uint16_t type_b, uint16_t *
                       uint32_t *length_out);
 
 /* lm_stream_source.c */
-int lm_stream_source_round(lm_stream *s);
+/* Send the next queued round whole (its batches, then StreamEnd), taking the
+ * acks that arrive meanwhile; 0 or what stopped it. */
+int lm_stream_source_send_next(lm_stream *s);
+/* Read one StreamAck (of the oldest round in flight) and publish it: 0, 1
+ * (stop), or -errno. */
+int lm_stream_source_take_ack(lm_stream *s);
 
 /* lm_stream_dest.c */
 int lm_stream_dest_on_batch(lm_stream *s, const uint8_t *p, uint32_t length);

@@ -28,6 +28,11 @@
  *   one LZ4 block of its staged pages. The hash is still that of the staged
  *   copy, which is exactly what the block decodes to.
  *
+ *   Rounds (lm_stream.c, "Window"): a round's batches and its StreamEnd go
+ *   out in one go; the acks of earlier rounds are taken every few batches
+ *   and whenever the thread has nothing more to send, and must come in the
+ *   order the rounds were sent, each repeating its StreamEnd's page count.
+ *
  *   BLOCK (docs/codec.md): given the block fingerprints of what the
  *   receiver holds, the copy and its sixteen block hashes are made in one
  *   pass; a page sent exactly before with at most LM_STREAM_BLOCK_MAX_BLOCKS
@@ -38,12 +43,14 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 
 #include "channels/lm_pace.h"
 #include "channels/lm_stream_internal.h"
+#include "channels/lm_tls.h"
 #include "codec/lm_pagehash.h"
 #include "wire/lm_le.h"
 
@@ -301,36 +308,85 @@ static int send_batch(lm_stream *s, uint32_t round, const uint64_t *pages, uint6
     return 0;
 }
 
-/* Wait for the destination's StreamAck of round with the count we sent. */
-static int await_ack(lm_stream *s, uint32_t round, uint64_t pages)
+/* Read the next StreamAck: it closes the oldest round in flight, with the
+ * pages its StreamEnd counted (a stream is one ordered connection, and the
+ * destination answers each StreamEnd in turn). The round is published
+ * (stats, release order) and its slot freed before the owner is woken. */
+int lm_stream_source_take_ack(lm_stream *s)
 {
+    struct lm_stream_job *job = &s->jobs[s->jobs_acked % LM_STREAM_WINDOW_MAX];
     uint16_t type;
     uint32_t length;
     int rc = lm_stream_receive(s, LM_MSG_STREAM_ACK, LM_MSG_STREAM_ACK, &type, &length);
     if (rc == 2)
         return lm_chan_fail(&s->ch, ECONNRESET, "the destination closed the bulk stream before "
-                            "acknowledging round %u", round);
+                            "acknowledging round %u", job->round);
     if (rc != 0)
         return rc;
     const uint8_t *p = s->rbuf + LM_WIRE_HEADER_BYTES;
     if (lm_frame_flags(s->rbuf) != 0 || length != LM_WIRE_STREAM_ACK_BYTES || get32(p + 4) != 0)
         return lm_chan_fail(&s->ch, EPROTO, "malformed StreamAck (%u bytes)", length);
-    if (get32(p) != round || get64(p + 8) != pages)
+    if (get32(p) != job->round || get64(p + 8) != job->sent_pages)
         return lm_chan_fail(&s->ch, EPROTO, "round %u (%llu pages) acknowledged as round %u with "
-                            "%llu pages", round, (unsigned long long)pages, get32(p),
-                            (unsigned long long)get64(p + 8));
+                            "%llu pages", job->round, (unsigned long long)job->sent_pages,
+                            get32(p), (unsigned long long)get64(p + 8));
+    lm_stream_account_cpu(s);
+    STREAM_SET(s, last_round, job->round);
+    STREAM_SET(s, last_round_pages, job->sent_pages);
+    STREAM_SET(s, last_round_bytes, job->sent_bytes);
+    /* The slot is read no more: free it before the owner can see the round
+     * closed (it may queue the next one at once). */
+    __atomic_store_n(&s->jobs_acked, s->jobs_acked + 1, __ATOMIC_RELEASE);
+    __atomic_fetch_add(&s->stats.rounds, 1, __ATOMIC_RELEASE);
+    lm_chan_notify(&s->ch);
     return 0;
 }
 
-int lm_stream_source_round(lm_stream *s)
+/* Take the acks already here without waiting (a round sent earlier may be
+ * closed while this one is still going out: the owner then queues the next
+ * without waiting for this one). 0 or what failed. */
+static int take_ready_acks(lm_stream *s)
 {
-    const uint64_t *pages = s->job_pages;
-    uint64_t n = s->job_n;
-    uint32_t round = s->job_round;
+    while (s->jobs_sent > s->jobs_acked) {
+        if (s->ch.tls && lm_tls_pending(&s->ch)) {
+            int rc = lm_stream_source_take_ack(s);
+            if (rc != 0)
+                return rc;
+            continue;
+        }
+        struct pollfd pfd = {.fd = s->ch.fd, .events = POLLIN};
+        int n = poll(&pfd, 1, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return lm_chan_fail(&s->ch, errno, "poll: %s", strerror(errno));
+        if (n == 0)
+            return 0;
+        int rc = lm_stream_source_take_ack(s);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Acks are looked for every this many batches of a round (1 MiB of RAW
+ * pages): often enough that a closed round's slot is freed long before this
+ * one ends, seldom enough that the poll(2) costs nothing. */
+#define ACK_LOOK_BATCHES 4
+
+int lm_stream_source_send_next(lm_stream *s)
+{
+    struct lm_stream_job *job = &s->jobs[s->jobs_sent % LM_STREAM_WINDOW_MAX];
+    const uint64_t *pages = job->pages;
+    uint64_t n = job->n;
+    uint32_t round = job->round;
     struct round_totals t = {0, 0};
+    uint64_t batches = 0;
     for (uint64_t off = 0; off < n; off += LM_STREAM_BATCH_PAGES) {
         uint64_t k = n - off < LM_STREAM_BATCH_PAGES ? n - off : LM_STREAM_BATCH_PAGES;
         int rc = send_batch(s, round, pages + off, k, &t);
+        if (rc == 0 && ++batches % ACK_LOOK_BATCHES == 0)
+            rc = take_ready_acks(s);
         if (rc != 0)
             return rc;
     }
@@ -341,16 +397,13 @@ int lm_stream_source_round(lm_stream *s)
     put64(end + 16, t.bytes);
     struct iovec iov[2] = {{.iov_base = header}, {.iov_base = end, .iov_len = sizeof(end)}};
     int rc = lm_chan_send(&s->ch, LM_MSG_STREAM_END, 0, iov, 2);
-    if (rc == 0)
-        rc = await_ack(s, round, t.pages);
     if (rc != 0)
         return rc;
-    lm_stream_account_cpu(s);
-    /* Free for the next round before the owner can see this one closed. */
-    __atomic_store_n(&s->job_busy, 0, __ATOMIC_RELEASE);
-    STREAM_SET(s, last_round, round);
-    STREAM_SET(s, last_round_pages, t.pages);
-    STREAM_SET(s, last_round_bytes, t.bytes);
-    __atomic_fetch_add(&s->stats.rounds, 1, __ATOMIC_RELEASE);
-    return 0;
+    job->sent_pages = t.pages;
+    job->sent_bytes = t.bytes;
+    s->jobs_sent++;
+    uint64_t in_flight = s->jobs_sent - s->jobs_acked;
+    if (in_flight > __atomic_load_n(&s->stats.in_flight_max, __ATOMIC_RELAXED))
+        STREAM_SET(s, in_flight_max, in_flight);
+    return take_ready_acks(s);
 }

@@ -117,6 +117,7 @@ LM_API int lm_stream_attach_tls(lm_stream *s, lm_tls *t, uint32_t wire_version,
 
 int lm_tls_send(struct lm_chan *c, const struct iovec *iov, int iovcnt) { return -ENOSYS; }
 ssize_t lm_tls_recv(struct lm_chan *c, void *buf, size_t n, short *events_out) { return -ENOSYS; }
+int lm_tls_pending(struct lm_chan *c) { return 0; }
 void lm_tls_end(struct lm_chan *c) {}
 
 #else /* LM_HAVE_OPENSSL */
@@ -626,6 +627,11 @@ ssize_t lm_tls_recv(struct lm_chan *c, void *buf, size_t n, short *events_out)
     /* A record that does not authenticate (bad record mac) is the plain
      * path's checksum mismatch: the bytes were altered on the way. */
     return lm_chan_fail(c, rc == -EPROTO ? EBADMSG : -rc, "TLS on the %s: %s", c->name, why);
+}
+
+int lm_tls_pending(struct lm_chan *c)
+{
+    return SSL_pending(c->tls->ssl) > 0;
 }
 
 void lm_tls_end(struct lm_chan *c)

@@ -170,6 +170,14 @@ class MigrationStats:
     on them (one blocked thread per distinct faulted page)."""
     postcopy_started_ms: float | None = None
     """Milliseconds from the start to the post-copy resume (None before it)."""
+    postcopy_timeline_ms: dict = field(default_factory=dict)
+    """Where post-copy's time went: milestones in ms after the resume (source:
+    push_first_queued, push_acked, postcopy_complete_received, complete_sent,
+    end; destination: all_present, postcopy_complete_sent, complete_received,
+    end). Each is the latest time it was reached (a reconnection may repeat it)."""
+    push_in_flight_max: int = 0
+    """Source, native push: the most chunks one stream had sent and not yet
+    seen acknowledged at once (> 1: the window pipelined them)."""
 
     def set_status(self, status: str) -> None:
         if status not in STATUSES:
@@ -229,6 +237,9 @@ class MigrationStats:
                 "vcpu_blocked_ms": self.vcpu_blocked_ms,
                 "invalidation_rounds": list(self.invalidation_rounds),
                 "stop_invalidated_pages": self.stop_invalidated_pages,
+                "started_ms": self.postcopy_started_ms,
+                "timeline_ms": dict(self.postcopy_timeline_ms),
+                "push_in_flight_max": self.push_in_flight_max,
             },
         }
 

@@ -13,8 +13,11 @@ next sequence numbers to a native thread on each side:
   a staging buffer, hashes it into the encoder's ``sent_hashes`` array, sends
   ZERO/RAW page batches (BLOCK pages too, given the encoder's block
   fingerprints, and LZ4 runs where :meth:`SourceStream.use_lz4` says and
-  compression pays) and closes its part of the round with a StreamEnd, then
-  waits for the destination's StreamAck.
+  compression pays) and closes its part of the round with a StreamEnd; the
+  destination's StreamAck closes the round. With :meth:`SourceStream.set_window`
+  above 1 the owner may queue several rounds: the thread sends each without
+  waiting for the previous one's ack and takes the acks as they come (the
+  post-copy push keeps a few chunks in flight this way).
 * :class:`DestStream` checks and places every batch, writing the landed
   pages' hashes into the decoder's hash array, their block hashes into the
   placer's HeldBlocks and marking them in the held-pages array, and answers
@@ -32,6 +35,7 @@ handle, the notify fd, status and failure (:mod:`.chanthread`).
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 from dataclasses import dataclass
@@ -49,6 +53,8 @@ STRIPE_PAGES = 64
 (stream = (page // STRIPE_PAGES) % N): contiguous runs stay long and a
 round's pages spread evenly over the streams."""
 BATCH_PAGES = lib.LM_STREAM_BATCH_PAGES
+WINDOW_MAX = lib.LM_STREAM_WINDOW_MAX
+"""The most rounds a source stream keeps queued or in flight."""
 _LATENCY_DRAIN = 4096
 SEND_FRAME_BYTES = (lib.LM_WIRE_BATCH_PREFIX_BYTES + lib.LM_BATCH_HEADER_BYTES
                     + BATCH_PAGES * (lib.LM_BATCH_RUN_BYTES + lib.LM_PAGE_SIZE))
@@ -206,7 +212,10 @@ class SourceStream(_NativeStream):
                                           pace))
         if pace is not None:
             check(lib.lm_stream_set_pace(self._h, pace.ptr), "pacing a bulk stream")
-        self._round_pages: np.ndarray | None = None   # read by the thread until acked
+        # the page arrays of the rounds queued last, read by the thread until
+        # acked: a round is queued only while fewer than the window are open,
+        # so any array older than the last WINDOW_MAX ones was acked
+        self._round_pages: collections.deque = collections.deque(maxlen=WINDOW_MAX)
 
     def use_lz4(self, chunk_pages: int, min_saving_pct: float) -> tuple[bool, str]:
         """Before attach: send RAW runs of up to ``chunk_pages`` pages as LZ4
@@ -226,17 +235,24 @@ class SourceStream(_NativeStream):
         check(lib.lm_stream_source_postcopy(self._h), "making a bulk stream a post-copy push")
         self._phase = "postcopy"
 
+    def set_window(self, rounds: int) -> None:
+        """Let up to ``rounds`` (1 .. :data:`WINDOW_MAX`) rounds be queued or
+        in flight at once; 1 (the default) is stop-and-wait."""
+        check(lib.lm_stream_source_window(self._h, rounds), "setting a bulk stream's window")
+
     def set_link_bytes_per_s(self, bytes_per_s: float | None) -> None:
         """The link's measured bandwidth, which LZ4 must beat (None: unknown)."""
         lib.lm_stream_source_link(self._h, int(bytes_per_s or 0))
 
     def send_round(self, round_index: int, pages: np.ndarray) -> None:
-        """Queue this stream's part of a round (ascending page indices); the
-        notify fd says when it is acked (:meth:`round_counts`) or failed."""
+        """Queue this stream's part of a round (ascending page indices, round
+        indices ascending); the notify fd says when it is acked
+        (:meth:`round_counts`, stats ``rounds``) or failed. Raises (EBUSY)
+        while the window's rounds are all open."""
         arr = np.ascontiguousarray(pages, dtype=np.uint64)
-        self._round_pages = arr
         check(lib.lm_stream_send_round(self._h, round_index, ffi.from_buffer("uint64_t[]", arr),
                                        arr.size), "queueing a round on a bulk stream")
+        self._round_pages.append(arr)
 
 
 class DestStream(_NativeStream):
@@ -305,4 +321,4 @@ class PostcopyDestStream(_NativeStream):
 
 __all__ = ["SourceStream", "DestStream", "PostcopyDestStream", "RoundCounts", "partition", "probe", "lz4_probe",
            "disabled_by_environment", "path_label", "close_handed_off", "ENV_SWITCH", "STRIPE_PAGES",
-           "BATCH_PAGES", "SEND_FRAME_BYTES"]
+           "BATCH_PAGES", "SEND_FRAME_BYTES", "WINDOW_MAX"]

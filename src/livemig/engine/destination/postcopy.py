@@ -381,8 +381,14 @@ class FaultService:
         return out
 
     def _check_done(self) -> None:
-        if self.pm.missing == 0:
+        if self.pm.missing == 0 and not self._done.is_set():
+            self.mark("all_present")
             self._done.set()
+
+    def mark(self, milestone: str) -> None:
+        """Note when ``milestone`` was (last) reached, in ms after the guest
+        resumed here (stats.postcopy_timeline_ms)."""
+        self.stats.postcopy_timeline_ms[milestone] = (time.monotonic() - self._t_start) * 1e3
 
     async def _finish(self, control: Channel) -> None:
         """Every page here ─ PostcopyComplete ─▶ ◀ Complete. Meanwhile the
@@ -403,12 +409,14 @@ class FaultService:
             self.stats.postcopy_duration_ms = (time.monotonic() - self._t_start) * 1e3
             digest = self.decoder.hashes.digest()
             await control.send(PostcopyComplete(self.stats.pages_sent, digest))
+            self.mark("postcopy_complete_sent")
             while True:
                 await asyncio.wait([recv], timeout=self.silence_s)
                 if not recv.done():
                     raise self._silent()
                 answer = recv.result()
                 if isinstance(answer, Complete):
+                    self.mark("complete_received")
                     self.complete = True
                     return
                 await self._answer_ping(control, answer)

@@ -512,8 +512,10 @@ class IncomingMigration:
         await self._run_postcopy()
         self._held_digest = self.decoder.hashes.digest()
         self.faults.stop()
+        self.faults.mark("threads_joined")
         self.pm.close()
         self.pm = None
+        self.faults.mark("end")
         self._completed(vm)
 
     def _fault_service(self) -> FaultService:

@@ -89,6 +89,11 @@ RECENT_FAULTS = 32
 # spend less on the per-round acknowledgement; smaller ones let pages near a
 # new fault go sooner (a chunk of 1024 pages per stream is ~4 MiB, a few ms).
 PUSH_CHUNK_PAGES_PER_STREAM = 1024
+# Native push: chunks open at once (queued, on the wire or being placed).
+# One chunk waited for its acknowledgement before the next was chosen (the
+# threads idle for a round trip and a turn of both event loops per chunk);
+# with a few open, a thread always has the next chunk to send.
+PUSH_WINDOW_CHUNKS = 3
 # Counting the owed pages walks a bool per guest page: refresh the published
 # remaining bytes at this period, not per batch.
 REMAINING_REFRESH_S = 0.25
@@ -111,6 +116,12 @@ class PostcopySender:
         self._rt_priority = 0
         self._native_failed: asyncio.Future | None = None
         self._completing = False
+        self._t_resumed = time.monotonic()   # made right after the handover: the resume
+
+    def mark(self, milestone: str) -> None:
+        """Note when ``milestone`` (the latest time) was reached, in ms after
+        the resume (stats.postcopy_timeline_ms)."""
+        self.stats.postcopy_timeline_ms[milestone] = (time.monotonic() - self._t_resumed) * 1e3
 
     def resync(self, present: np.ndarray) -> None:
         """After a reconnection: owe exactly what the destination lacks."""
@@ -324,31 +335,49 @@ class PostcopySender:
 
     async def _push_streams(self, streams: SourceStreams, silence_s: float) -> None:
         """The push on native streams: the owed pages in chunks, each chunk
-        split over the streams by stripe and sent as one stream round (every
-        stream's part acknowledged once placed at the destination) before the
-        next chunk is chosen, so pages near new faults go in the next chunk.
-        The urgent thread is a separate connection at real-time priority:
-        its replies never wait behind these."""
+        split over the streams by stripe and queued as one stream round.
+        Up to PUSH_WINDOW_CHUNKS chunks are open at once: the threads send
+        the next while earlier ones are placed and acknowledged, and each
+        ack lets this loop choose one more chunk (pages near new faults go
+        in the next chunk chosen). The urgent thread is a separate
+        connection at real-time priority: its replies never wait behind
+        these."""
         counted_at = time.monotonic()
         chunk_pages = PUSH_CHUNK_PAGES_PER_STREAM * len(streams.streams)
-        for index in itertools.count():
-            if time.monotonic() - counted_at >= REMAINING_REFRESH_S:
-                counted_at = time.monotonic()
-                self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
-            pages = self._next_chunk(chunk_pages)
-            if pages.size == 0:
-                self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                await streams.send_round(index, pages, silence_s)
-            except (ConnectionError, LivemigError):
-                if self._completing:
-                    return      # pages it had already got; it read Complete and closed
-                raise
-            finally:
+        streams.set_window(PUSH_WINDOW_CHUNKS)
+        queued = 0                  # chunks queued on these streams (round indices 0 ..)
+        try:
+            while True:
+                if time.monotonic() - counted_at >= REMAINING_REFRESH_S:
+                    counted_at = time.monotonic()
+                    self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
+                acked = streams.rounds_acked()
+                if queued - acked < PUSH_WINDOW_CHUNKS:
+                    pages = self._next_chunk(chunk_pages)
+                    if pages.size:
+                        if queued == 0:
+                            self.mark("push_first_queued")
+                        streams.queue_round(queued, pages)
+                        queued += 1
+                        continue
+                    if queued == acked:
+                        # all pushed and acknowledged; a resync after a
+                        # reconnection may owe more
+                        self.stats.remaining_bytes = self.owed_npages * PAGE_SIZE
+                        self.mark("push_acked")
+                        self._wake.clear()
+                        await self._wake.wait()
+                        continue
+                await streams.wait_acked(acked + 1, silence_s)
                 self.fold_push(streams)
+        except (ConnectionError, LivemigError):
+            if self._completing:
+                return      # pages it had already got; it read Complete and closed
+            raise
+        finally:
+            self.fold_push(streams)
+            self.stats.push_in_flight_max = max(self.stats.push_in_flight_max,
+                                                streams.in_flight_max())
 
     def fold_push(self, streams: SourceStreams) -> None:
         """Count what the push threads sent (also of a chunk cut short)."""
@@ -384,6 +413,7 @@ class PostcopySender:
             raise MigrationError(f"the destination aborted post-copy: {event.reason}",
                                  phase="postcopy", source_resumed=False)
         # The protocol's table leaves only PostcopyComplete here.
+        self.mark("postcopy_complete_received")
         ours = self.encoder.sent_hashes.digest()
         if event.digest != ours:
             reason = (f"post-copy memory digest mismatch: destination {event.digest.hex()}, "
@@ -392,6 +422,7 @@ class PostcopySender:
             raise DigestMismatch(reason, phase="postcopy", source_resumed=False)
         self._completing = True
         await control.send(Complete())
+        self.mark("complete_sent")
 
 
 class DigestMismatch(MigrationError):

@@ -719,8 +719,10 @@ class SourceSession:
                     push.detach()    # threads joined before the channels close
                     self._sender.fold_push(push)
                     push.close()
+        self._sender.mark("served")
         if self._tracker.armed:
             self._tracker.stop()
+        self._sender.mark("end")
         stats.error = None
         stats.postcopy_duration_ms = (time.monotonic() - t0) * 1e3
         stats.total_time_ms = self._elapsed_ms()

@@ -279,6 +279,34 @@ class SourceStreams:
                                  f"{len(pages)} pages", phase=self.phase)
         return sent
 
+    # -- pipelined rounds (the post-copy push) ----------------------------------------------
+    def set_window(self, rounds: int) -> None:
+        """Let each stream have up to ``rounds`` rounds queued or in flight."""
+        for s in self.streams:
+            s.set_window(rounds)
+
+    def queue_round(self, index: int, pages: np.ndarray) -> None:
+        """Queue ``pages`` (ascending) as round ``index`` on every stream (its
+        stripe, maybe empty) without waiting; round indices ascend. The
+        caller keeps fewer than the window's rounds open (:meth:`rounds_acked`)."""
+        for stream, part in zip(self.streams, native_streams.partition(pages, len(self.streams))):
+            stream.send_round(index, part)
+
+    def rounds_acked(self) -> int:
+        """Rounds every stream has closed (each stream closes them in order)."""
+        return min(s.stats()["rounds"] for s in self.streams)
+
+    def in_flight_max(self) -> int:
+        """The most rounds any stream had sent and not yet seen acked at once."""
+        return max((s.stats()["in_flight_max"] for s in self.streams), default=0)
+
+    async def wait_acked(self, count: int, stall_timeout_s: float) -> None:
+        """Until every stream has closed ``count`` rounds; raises what a failed
+        thread reported, or MigrationError after ``stall_timeout_s`` without
+        progress on any stream."""
+        await self._wait(lambda: self.rounds_acked() >= count, stall_timeout_s,
+                         f"the StreamAcks of {count} rounds", lambda: None, stall_timeout_s)
+
     async def _wait(self, done: Callable[[], bool], stall_timeout_s: float, what: str,
                     tick: Callable[[], None], tick_s: float) -> None:
         """Until ``done()``, woken by the threads' eventfds, calling ``tick()``
