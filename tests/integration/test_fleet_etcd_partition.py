@@ -66,10 +66,12 @@ def test_a_daemon_partitioned_from_one_etcd_member_mid_migration(tmp_path):
             assert not any(v["name"] == NAME for v in src.proc.client.call("vm.list"))
             row2 = vm_row(cluster, NAME)
             assert (row2["owner"], row2["epoch"]) == (dst.addr, row["epoch"] + 1), row2
-            # The other members carried the traffic, and the leases held past
-            # the TTL: keep-alives went there too.
-            assert all(sum(link.forwarded(i)["up"] for i in (1, 2)) > sum(b)
-                       for link, b in zip(links, before))
+            # The other members carry the traffic from here on (a daemon's next
+            # request, at the latest its next keep-alive), and the leases hold
+            # past the TTL: keep-alives went there too.
+            wait_for("both daemons to reach the other members",
+                     lambda: all(sum(link.forwarded(i)["up"] for i in (1, 2)) > sum(b)
+                                 for link, b in zip(links, before)))
             time.sleep(2 * TTL_S)
             for h in (src, dst):
                 f = _fleet(h)
