@@ -30,6 +30,7 @@ from livemig.config import CodecConfig, MigrationConfig
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.postcopy import PUSH_WINDOW_CHUNKS
 from livemig.engine.source.session import migrate
+from livemig.engine.source.streams import SourceStreams
 from livemig.errors import MigrationError
 from livemig.native import postcopy
 from livemig.native import streams as native_streams
@@ -217,3 +218,46 @@ def test_a_tls_push_keeps_more_than_one_chunk_in_flight(run, pki):
     assert stats.push_path == dst.push_path == TLS_PATH
     assert 1 < stats.push_in_flight_max <= PUSH_WINDOW_CHUNKS
     _assert_timeline(stats, dst)
+
+
+def test_a_tls_push_takes_acks_that_arrive_together(run, pki, monkeypatch):
+    """Acks that reach the source in one read are all taken. OpenSSL reads
+    ahead: the first ack's SSL_read also pulls the later acks' records off
+    the socket, where poll(2) no longer sees them (a stream thread that
+    waited on the socket for them waited for the next ack to arrive, which
+    never comes while the window is full). The relay holds every push
+    stream's acks until the window is full, lets them go in one write and
+    holds again: each stream must close all three chunks with nothing more
+    arriving."""
+    ok, why = native_tls.probe()
+    if not ok:
+        pytest.skip(f"native TLS streams: {why}")
+    pushes = []
+    real_push = SourceStreams.push.__func__
+
+    def push(cls, *args, **kw):
+        streams = real_push(cls, *args, **kw)
+        pushes.append(streams)
+        return streams
+    monkeypatch.setattr(SourceStreams, "push", classmethod(push))
+
+    async def during(gate, server):
+        await wait_for_async("a full push window on every stream", gate.full.is_set)
+        gate.pulse()
+        def taken():
+            if not pushes:
+                return False
+            try:
+                return all(s.stats()["rounds"] >= PUSH_WINDOW_CHUNKS for s in pushes[0].streams)
+            except TypeError:    # the handles were released: the push broke off
+                raise AssertionError("the push streams ended before taking the acks that "
+                                     "arrived together") from None
+        await wait_for_async("every stream's three acks taken", taken)
+        gate.open()
+
+    cfg = _config(handshake_timeout_s=10)
+    stats, dst, gate = run(_migrate(_recipe(65), cfg,
+                                    {"tls": True, "quiet_s": 1.0, "manual": True},
+                                    during=during, tls=pki))
+    assert stats.status == "completed" and dst.status == "completed"
+    assert stats.push_path == TLS_PATH and stats.recoveries == 0

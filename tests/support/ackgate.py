@@ -18,7 +18,8 @@ The gate opens per connection when:
   it sent all its window allows (a TLS stream's frames cannot be read; only
   a thread descheduled that long in the middle of a round could fool this);
 * ``manual``: only when :meth:`open` is called (``full`` is set once
-  ``ends`` StreamEnds passed on every gated connection).
+  the condition was met on every gated connection); :meth:`pulse` lets
+  what is held go at once and keeps the gate shut.
 
 ``harm`` (``"cut"`` or ``"corrupt"``) acts on the ``victim`` (a gated
 connection) ``harm_after_bytes`` after its gate's condition was met, the
@@ -54,6 +55,7 @@ class _Gated:
         self.met = asyncio.Event()  # the gate's condition was met
         self.opened = asyncio.Event()
         self.held: list[bytes] = []
+        self.writer = None          # towards the source
         self.harm_at: int | None = None
 
     def count_frames(self, data: bytes) -> None:
@@ -123,6 +125,12 @@ class AckGate:
         for g in self.conns.values():
             g.opened.set()
 
+    def pulse(self) -> None:
+        """Let what every gate holds go, in one write per connection (the
+        source reads it all at once), and keep holding what comes later."""
+        for g in self.conns.values():
+            self._flush(g, g.writer)
+
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -139,6 +147,7 @@ class AckGate:
             self._spawn(_pump(s_reader, c_writer, pair))
             return
         g = self.conns[index] = _Gated(index)
+        g.writer = c_writer
         self._spawn(self._upstream(g, c_reader, s_writer, pair))
         self._spawn(self._downstream(g, s_reader, c_writer, pair))
         self._spawn(self._release_when_open(g, c_writer, pair))
