@@ -13,7 +13,8 @@ migration arrives bit-identical (support/oracle.py).
 * a push stream cut, or with a byte flipped, while several chunks are open
   is a break the two sides recover from;
 * page faults are answered on the urgent path while the window is full;
-* a push on TLS streams keeps more than one chunk in flight too.
+* a push on TLS streams keeps more than one chunk in flight too, and takes
+  every ack of a full window that reaches it in one read.
 
 Pre-copy rounds are not windowed: the engine hands the streams one round
 and waits for its acknowledgements (SourceStreams.send_round) before
