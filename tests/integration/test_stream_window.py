@@ -201,27 +201,62 @@ def pki(tmp_path_factory):
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
-def test_a_tls_push_keeps_more_than_one_chunk_in_flight(run, pki):
-    """A TLS relay cannot read frames, so it holds the push streams' replies
-    until the source has been silent for a while: its threads have then sent
-    every chunk the window allows (three, all unacknowledged). Only a stream
-    thread descheduled that long in the middle of a chunk could make the
-    gate open with fewer in flight, so the test asserts more than one (two
-    chunks sent whole), which the window alone makes possible."""
+@pytest.fixture
+def push_streams(monkeypatch):
+    """The source's push streams of each channel set, as the session makes them."""
+    made = []
+    real_push = SourceStreams.push.__func__
+
+    def push(cls, *args, **kw):
+        streams = real_push(cls, *args, **kw)
+        made.append(streams)
+        return streams
+    monkeypatch.setattr(SourceStreams, "push", classmethod(push))
+    return made
+
+
+def _first_push_counters(made, key: str, at_least: int) -> bool:
+    """Every stream of the first push set has ``key`` >= ``at_least`` (its
+    live counters); raises if those streams were already closed."""
+    if not made:
+        return False
+    try:
+        return all(s.stats()[key] >= at_least for s in made[0].streams)
+    except TypeError:      # the handles were released: that push broke off
+        raise AssertionError(f"the push streams ended before their {key} reached "
+                             f"{at_least}") from None
+
+
+def _tls_skip():
     ok, why = native_tls.probe()
     if not ok:
         pytest.skip(f"native TLS streams: {why}")
+
+
+def test_a_tls_push_keeps_more_than_one_chunk_in_flight(run, pki, push_streams):
+    """A relay cannot read TLS frames; it holds every reply on the push
+    streams once past their handshake, and the source's own counters say
+    when each stream has its three chunks sent and unacknowledged."""
+    _tls_skip()
+
+    async def during(gate, server):
+        await wait_for_async("three chunks in flight on every TLS push stream",
+                             lambda: _first_push_counters(push_streams, "in_flight_max",
+                                                          PUSH_WINDOW_CHUNKS))
+        assert not any(g.opened.is_set() for g in gate.conns.values())
+        gate.open()
+
     cfg = _config(handshake_timeout_s=10)
-    stats, dst, gate = run(_migrate(_recipe(64), cfg, {"tls": True, "quiet_s": 1.0},
-                                    tls=pki))
-    assert gate.full.is_set() and gate.met_quiet
+    stats, dst, gate = run(_migrate(_recipe(64), cfg, {"tls": True, "manual": True},
+                                    during=during, tls=pki))
     assert stats.status == "completed" and dst.status == "completed"
     assert stats.push_path == dst.push_path == TLS_PATH
-    assert 1 < stats.push_in_flight_max <= PUSH_WINDOW_CHUNKS
+    assert stats.push_in_flight_max == PUSH_WINDOW_CHUNKS
+    assert stats.recoveries == dst.recoveries == 0
     _assert_timeline(stats, dst)
 
 
-def test_a_tls_push_takes_acks_that_arrive_together(run, pki, monkeypatch):
+def test_a_tls_push_takes_acks_that_arrive_together(run, pki, push_streams):
     """Acks that reach the source in one read are all taken. OpenSSL reads
     ahead: the first ack's SSL_read also pulls the later acks' records off
     the socket, where poll(2) no longer sees them (a stream thread that
@@ -230,35 +265,24 @@ def test_a_tls_push_takes_acks_that_arrive_together(run, pki, monkeypatch):
     stream's acks until the window is full, lets them go in one write and
     holds again: each stream must close all three chunks with nothing more
     arriving."""
-    ok, why = native_tls.probe()
-    if not ok:
-        pytest.skip(f"native TLS streams: {why}")
-    pushes = []
-    real_push = SourceStreams.push.__func__
-
-    def push(cls, *args, **kw):
-        streams = real_push(cls, *args, **kw)
-        pushes.append(streams)
-        return streams
-    monkeypatch.setattr(SourceStreams, "push", classmethod(push))
+    _tls_skip()
 
     async def during(gate, server):
-        await wait_for_async("a full push window on every stream", gate.full.is_set)
+        await wait_for_async("three chunks in flight on every TLS push stream",
+                             lambda: _first_push_counters(push_streams, "in_flight_max",
+                                                          PUSH_WINDOW_CHUNKS))
+        await wait_for_async("their three acks held by the relay",
+                             lambda: len(gate.conns) == len(PUSH_CONNECTIONS) and all(
+                                 g.held_records >= PUSH_WINDOW_CHUNKS
+                                 for g in gate.conns.values()))
         gate.pulse()
-        def taken():
-            if not pushes:
-                return False
-            try:
-                return all(s.stats()["rounds"] >= PUSH_WINDOW_CHUNKS for s in pushes[0].streams)
-            except TypeError:    # the handles were released: the push broke off
-                raise AssertionError("the push streams ended before taking the acks that "
-                                     "arrived together") from None
-        await wait_for_async("every stream's three acks taken", taken)
+        await wait_for_async("every stream's three acks taken",
+                             lambda: _first_push_counters(push_streams, "rounds",
+                                                          PUSH_WINDOW_CHUNKS))
         gate.open()
 
     cfg = _config(handshake_timeout_s=10)
-    stats, dst, gate = run(_migrate(_recipe(65), cfg,
-                                    {"tls": True, "quiet_s": 1.0, "manual": True},
+    stats, dst, gate = run(_migrate(_recipe(65), cfg, {"tls": True, "manual": True},
                                     during=during, tls=pki))
     assert stats.status == "completed" and dst.status == "completed"
     assert stats.push_path == TLS_PATH and stats.recoveries == 0

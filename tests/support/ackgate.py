@@ -14,12 +14,17 @@ The gate opens per connection when:
 
 * ``ends``: that many StreamEnd frames have gone through (the relay reads
   the plain stream's frame headers: exact, plain streams only);
-* ``tls``: the source fell silent for ``quiet_s`` with its replies held:
-  it sent all its window allows (a TLS stream's frames cannot be read; only
-  a thread descheduled that long in the middle of a round could fool this);
 * ``manual``: only when :meth:`open` is called (``full`` is set once
-  the condition was met on every gated connection); :meth:`pulse` lets
-  what is held go at once and keeps the gate shut.
+  ``ends`` StreamEnds passed on every gated connection); :meth:`pulse`
+  lets what is held go at once and keeps the gate shut;
+* ``tls``: manual only, as a TLS stream's frames cannot be read (its
+  replies are held once it is past its handshake; the test watches the
+  source's own counters to know when to open, and ``held_records`` of
+  each connection: the records held, one per StreamAck).
+
+A plain gate that never sees its StreamEnds opens after the source fell
+silent for ``quiet_s`` (``met_quiet``): a test then fails on what it
+asserts rather than hanging.
 
 ``harm`` (``"cut"`` or ``"corrupt"``) acts on the ``victim`` (a gated
 connection) ``harm_after_bytes`` after its gate's condition was met, the
@@ -36,6 +41,7 @@ from livemig.protocol import spec
 LOCAL = "127.0.0.1"
 HEADER = struct.Struct(spec.FRAME_HEADER_FORMAT)
 STREAM_END = spec.MESSAGE_IDS["StreamEnd"]
+TLS_RECORD_HEADER_BYTES = 5
 TLS_HANDSHAKE_BYTES = 64 << 10
 """TLS streams: source bytes after which a gated connection's replies are
 held (its handshake and Hello are well below, its first round well above).
@@ -55,6 +61,11 @@ class _Gated:
         self.met = asyncio.Event()  # the gate's condition was met
         self.opened = asyncio.Event()
         self.held: list[bytes] = []
+        self.held_records = 0       # TLS: whole records among them (one per ack; the
+                                    # first held byte starts a record: the handshake's
+                                    # and Welcome's records went whole before)
+        self.record_left = 0        # TLS: bytes of the current record still to come
+        self.record_header = bytearray()
         self.writer = None          # towards the source
         self.harm_at: int | None = None
 
@@ -79,14 +90,34 @@ class _Gated:
                     self.ends += 1
 
 
+    def count_records(self, data: bytes) -> None:
+        """TLS records in the held replies (5-byte headers, the length in
+        the last two, big-endian): each StreamAck goes as one record."""
+        view = memoryview(data)
+        while view:
+            if self.record_left:
+                take = min(self.record_left, len(view))
+                self.record_left -= take
+                view = view[take:]
+                if not self.record_left:
+                    self.held_records += 1
+                continue
+            need = TLS_RECORD_HEADER_BYTES - len(self.record_header)
+            self.record_header += view[:need]
+            view = view[need:]
+            if len(self.record_header) == TLS_RECORD_HEADER_BYTES:
+                self.record_left = int.from_bytes(self.record_header[3:5], "big")
+                self.record_header.clear()
+
+
 class AckGate:
     def __init__(self, target_port: int, *, gated: tuple[int, ...] = (4, 5),
                  ends: int | None = None, tls: bool = False,
                  quiet_s: float = 10.0, manual: bool = False,
                  harm: str | None = None, victim: int | None = None,
                  harm_after_bytes: int = 0):
-        if (ends is None) != tls:
-            raise ValueError("the gate opens on StreamEnds (plain) or on silence (TLS)")
+        if (ends is None) != tls or (tls and not manual):
+            raise ValueError("a plain gate opens on StreamEnds, a TLS gate by hand")
         if harm is not None and victim not in gated:
             raise ValueError("the harmed connection must be a gated one")
         self.target_port = target_port
@@ -151,7 +182,7 @@ class AckGate:
         self._spawn(self._upstream(g, c_reader, s_writer, pair))
         self._spawn(self._downstream(g, s_reader, c_writer, pair))
         self._spawn(self._release_when_open(g, c_writer, pair))
-        if not self.manual or self.tls:
+        if not self.manual:
             self._spawn(self._watch_quiet(g))
 
     def _check_met(self, g: _Gated) -> None:
@@ -171,9 +202,8 @@ class AckGate:
             self.full.set()
 
     async def _watch_quiet(self, g: _Gated) -> None:
-        """A source silent for ``quiet_s`` with its replies held has sent all
-        its window allows: the condition (under TLS), or a guard against a
-        hang when StreamEnds never come."""
+        """A guard against a hang: a source silent for ``quiet_s`` with its
+        replies held, its StreamEnds short of ``ends``, opens the gate."""
         last = -1
         while not g.met.is_set():
             if g.sent == last and self._holding(g):
@@ -221,6 +251,7 @@ class AckGate:
     def _flush(self, g: _Gated, writer) -> None:
         """Write what was held, in order (synchronously: nothing overtakes it)."""
         held, g.held = g.held, []
+        g.held_records = 0
         for data in held:
             writer.write(data)
 
@@ -229,6 +260,8 @@ class AckGate:
             while data := await reader.read(1 << 16):
                 if self._holding(g):
                     g.held.append(data)
+                    if self.tls:
+                        g.count_records(data)
                     continue
                 self._flush(g, writer)
                 writer.write(data)
