@@ -59,6 +59,7 @@
 #include <unistd.h>
 
 #include "channels/lm_stream_internal.h"
+#include "channels/lm_tls.h"
 #include "channels/lm_urgent_internal.h"
 #include "codec/lm_pagehash.h"
 #include "postcopy/lm_postcopy_internal.h"
@@ -253,6 +254,14 @@ static int source_loop(lm_stream *s)
             continue;
         }
         int in_flight = s->jobs_sent > s->jobs_acked;
+        if (in_flight && s->ch.tls && lm_tls_pending(&s->ch)) {
+            /* An ack OpenSSL already read from the socket: poll(2) would
+             * not wake for it. */
+            int rc = lm_stream_source_take_ack(s);
+            if (rc != 0)
+                return rc;
+            continue;
+        }
         uint64_t t0 = in_flight ? monotonic_ns() : 0;
         int n = poll(pfd, in_flight ? 3 : 2, -1);
         if (n < 0 && errno == EINTR)

@@ -631,7 +631,11 @@ ssize_t lm_tls_recv(struct lm_chan *c, void *buf, size_t n, short *events_out)
 
 int lm_tls_pending(struct lm_chan *c)
 {
-    return SSL_pending(c->tls->ssl) > 0;
+    /* SSL_pending counts only the record being processed; with read_ahead
+     * (set above) later records may already sit unprocessed in OpenSSL's
+     * buffer, which SSL_has_pending also sees (poll(2) on the socket sees
+     * neither). */
+    return SSL_pending(c->tls->ssl) > 0 || SSL_has_pending(c->tls->ssl);
 }
 
 void lm_tls_end(struct lm_chan *c)

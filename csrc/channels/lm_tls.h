@@ -30,8 +30,10 @@ int lm_tls_send(struct lm_chan *c, const struct iovec *iov, int iovcnt);
  * close_notify or its FIN), -EAGAIN with *events_out (POLLIN/POLLOUT) to wait
  * for, or -errno with c->reason. */
 ssize_t lm_tls_recv(struct lm_chan *c, void *buf, size_t n, short *events_out);
-/* Nonzero when the connection holds decrypted bytes not read yet (a
- * readable-socket test misses them: they have left the socket). */
+/* Nonzero when OpenSSL holds bytes of the connection not read yet: the
+ * rest of a decrypted record, or whole records read ahead from the socket
+ * and not yet processed (a readable-socket test misses both: they have
+ * left the socket). */
 int lm_tls_pending(struct lm_chan *c);
 /* The thread is joined: say close_notify (best effort, never waits) and free
  * the connection; the caller closes the socket. */

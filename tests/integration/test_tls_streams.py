@@ -221,12 +221,7 @@ class HostileStreamRelay:
                 writer.write(b"LMIG" + bytes(60))   # a frame in the clear
                 await writer.drain()
             else:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                ctx.load_cert_chain(self.pki.rogue_cert, self.pki.rogue_key)
-                try:
-                    await writer.start_tls(ctx)
-                except (ssl.SSLError, ConnectionError, OSError):
-                    pass
+                await self._rogue_handshake(reader, writer)
             writer.transport.abort()
             return
         s_reader, s_writer = await asyncio.open_connection(LOCAL, self.target_port)
@@ -234,6 +229,34 @@ class HostileStreamRelay:
         s_writer.write(first)
         self._spawn(self._pump(reader, s_writer))
         self._spawn(self._pump(s_reader, writer))
+
+    async def _rogue_handshake(self, reader, writer) -> None:
+        """Answer as a TLS server with the rogue certificate, by hand over
+        memory BIOs: the client's first flight may already sit in the
+        reader's buffer behind the preamble, where start_tls would never
+        see it (the handshake then hung until the client's timeout)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.pki.rogue_cert, self.pki.rogue_key)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_side=True)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                if outgoing.pending:
+                    writer.write(outgoing.read())
+                    await writer.drain()
+                if done:
+                    return
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                incoming.write(data)
+        except (ssl.SSLError, ConnectionError, OSError):
+            pass
 
     @staticmethod
     async def _pump(reader, writer):

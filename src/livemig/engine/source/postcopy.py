@@ -52,7 +52,8 @@ around them, exactly as ``_answer`` does on the Python path.
 Native push (``serve(..., push=SourceStreams)``): the owed pages go out on N
 push streams served by C threads instead of the bulk channel, in chunks this
 loop picks in the same order (near recent faults first, then the sweep); a
-chunk is one stream round, acknowledged once placed at the destination. A
+chunk is one stream round, acknowledged once placed at the destination, and
+up to PUSH_WINDOW_CHUNKS chunks are open at once (the streams' round window). A
 failed push thread is a break like any other (the caller reconnects).
 """
 from __future__ import annotations
