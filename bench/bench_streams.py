@@ -32,7 +32,8 @@ pays; the rows then also say how many pages went LZ4.
 With ``--pagehash scalar,avx512`` every stream count runs once per page hash
 implementation (both peers the same one: LIVEMIG_PAGEHASH=scalar in both
 processes' environment, or the CPU's choice), interleaved in each
-repetition; each process reports the implementation it really ran.
+repetition (the order swapped in odd ones); each process reports the
+implementation it really ran.
 
 Usage: python bench/bench_streams.py [--quick] [--repeat 3] [--fill random|sparse]
        [--python-path] [--pagehash scalar,avx512] [--out bench/results/streams.json]
@@ -226,6 +227,12 @@ def first_touch_once(memory_bytes: int) -> dict:
             "source_cpu_s_per_gib": None, "dest_cpu_s_per_gib": cpu_s / (memory_bytes / GiB)}
 
 
+def _swap_impls(kinds: list[tuple], impls: list) -> list[tuple]:
+    """kinds with the page hash implementations of each stream count reversed."""
+    order = {impl: i for i, impl in enumerate(reversed(impls))}
+    return sorted(kinds, key=lambda k: (kinds.index((k[0], k[1], impls[0])), order[k[2]]))
+
+
 def _ratio(x: float | None, ref: float | None) -> float | None:
     return x / ref if x is not None and ref else None
 
@@ -324,7 +331,9 @@ def main() -> None:
             runs.append(row)
             print(f"rep {rep}: first touch {row['rate_mib_s']:.0f} MiB/s, "
                   f"{row['dest_cpu_s_per_gib']:.2f} CPU s/GiB", flush=True)
-            for n, lz4, impl in kinds:
+            # odd repetitions run the implementations in the other order
+            for n, lz4, impl in (kinds if rep % 2 == 0 or len(impls) == 1
+                                 else _swap_impls(kinds, impls)):
                 row = migrate_once(n, ports[impl], dest_qs[impl], memory_bytes,
                                    f"bench-{rep}-{n}-{lz4}-{impl}", args.fill, lz4, impl)
                 runs.append(row)
