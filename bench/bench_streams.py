@@ -29,12 +29,19 @@ With ``--fill sparse`` the guest's pages hold a few set words each (as the
 toy workloads write them): compressible memory, where LZ4 on the streams
 pays; the rows then also say how many pages went LZ4.
 
+With ``--pagehash scalar,avx512`` every stream count runs once per page hash
+implementation (both peers the same one: LIVEMIG_PAGEHASH=scalar in both
+processes' environment, or the CPU's choice), interleaved in each
+repetition (the order swapped in odd ones); each process reports the
+implementation it really ran.
+
 Usage: python bench/bench_streams.py [--quick] [--repeat 3] [--fill random|sparse]
-       [--python-path] [--out bench/results/streams.json]
+       [--python-path] [--pagehash scalar,avx512] [--out bench/results/streams.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -57,6 +64,24 @@ GiB = 1 << 30
 FILL_CHUNK_BYTES = 16 * MiB
 
 
+@contextlib.contextmanager
+def _pagehash_env(impl: str | None):
+    """Spawned children inherit the environment: LIVEMIG_PAGEHASH=scalar for
+    the scalar implementation, unset for the CPU's choice (None: as is)."""
+    saved = os.environ.get("LIVEMIG_PAGEHASH")
+    if impl == "scalar":
+        os.environ["LIVEMIG_PAGEHASH"] = "scalar"
+    elif impl is not None:
+        os.environ.pop("LIVEMIG_PAGEHASH", None)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LIVEMIG_PAGEHASH", None)
+        else:
+            os.environ["LIVEMIG_PAGEHASH"] = saved
+
+
 def _process_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -68,6 +93,7 @@ def _destination_main(port_q, result_q) -> None:
 
     from livemig.aio.loop import run
     from livemig.engine.destination.server import Arrival, MigrationServer
+    from livemig.native import pagehash
 
     async def main():
         cpu_at_offer: dict[str, float] = {}
@@ -83,6 +109,7 @@ def _destination_main(port_q, result_q) -> None:
                 cpu_s = _process_cpu_s() - cpu_at_offer.pop(arrival.name)
                 vm.close()
                 result_q.put({"name": arrival.name, "cpu_s": cpu_s,
+                              "pagehash": pagehash.implementation(),
                               "data_path": arrival.stats.data_path,
                               "stream_cpu_s": arrival.stats.stream_cpu_s})
                 await asyncio.sleep(0)
@@ -95,7 +122,7 @@ def _source_main(job: dict, result_q) -> None:
     from livemig.aio.loop import run
     from livemig.config import MigrationConfig
     from livemig.engine.source.session import migrate
-    from livemig.native import PAGE_SIZE
+    from livemig.native import PAGE_SIZE, pagehash
     from livemig.vm.machine import VM
 
     vm = VM(job["memory_bytes"], 2, "idle", seed=job["seed"])
@@ -122,6 +149,7 @@ def _source_main(job: dict, result_q) -> None:
 
         stats, wall_s, loop_cpu_s = run(go(), kind="uvloop")
         result_q.put({"stats": stats.to_dict(), "wall_s": wall_s,
+                      "pagehash": pagehash.implementation(),
                       "cpu_s": loop_cpu_s + stats.stream_cpu_s})
     except BaseException as exc:  # report, never hang the parent
         result_q.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -130,13 +158,14 @@ def _source_main(job: dict, result_q) -> None:
 
 
 def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str,
-                 fill: str, lz4: bool = True) -> dict:
+                 fill: str, lz4: bool = True, impl: str | None = None) -> dict:
     ctx = mp.get_context("spawn")
     result_q = ctx.Queue()
     job = {"streams": streams, "port": port, "memory_bytes": memory_bytes, "name": name,
            "seed": 7, "fill": fill, "lz4": lz4}
     proc = ctx.Process(target=_source_main, args=(job, result_q))
-    proc.start()
+    with _pagehash_env(impl):
+        proc.start()
     try:
         src = result_q.get(timeout=600)
     finally:
@@ -147,8 +176,10 @@ def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str,
     stats = src["stats"]
     gib = memory_bytes / GiB
     return {
-        "kind": f"streams={streams}" + ("" if lz4 else " no-lz4"), "streams": streams,
+        "kind": f"streams={streams}" + ("" if lz4 else " no-lz4")
+                + (f" hash={impl}" if impl else ""), "streams": streams,
         "data_path": stats["data_path"], "dest_data_path": dst["data_path"],
+        "source_pagehash": src["pagehash"], "dest_pagehash": dst["pagehash"],
         "total_s": stats["total_time_ms"] / 1e3, "downtime_ms": stats["downtime_ms"],
         "rounds": stats["nrounds"], "bytes_sent": stats["bytes_sent"],
         "rate_mib_s": memory_bytes / MiB / (stats["total_time_ms"] / 1e3),
@@ -196,6 +227,12 @@ def first_touch_once(memory_bytes: int) -> dict:
             "source_cpu_s_per_gib": None, "dest_cpu_s_per_gib": cpu_s / (memory_bytes / GiB)}
 
 
+def _swap_impls(kinds: list[tuple], impls: list) -> list[tuple]:
+    """kinds with the page hash implementations of each stream count reversed."""
+    order = {impl: i for i, impl in enumerate(reversed(impls))}
+    return sorted(kinds, key=lambda k: (kinds.index((k[0], k[1], impls[0])), order[k[2]]))
+
+
 def _ratio(x: float | None, ref: float | None) -> float | None:
     return x / ref if x is not None and ref else None
 
@@ -222,6 +259,9 @@ def summarize(runs: list[dict]) -> list[dict]:
         row["source_cpu_vs_raw"] = _ratio(row["source_cpu_s_per_gib"], raw_src_cpu)
         row["dest_cpu_vs_raw"] = _ratio(row["dest_cpu_s_per_gib"], raw_dst_cpu)
         row["data_path"] = rows[0].get("data_path", "-")
+        if "source_pagehash" in rows[0]:
+            row["pagehash"] = "/".join(sorted({f"{r['source_pagehash']}>{r['dest_pagehash']}"
+                                               for r in rows}))
         row["lz4_pages"] = _median([{"v": r.get("pages_by_encoding", {}).get("lz4", 0)}
                                     for r in rows], "v")
         out.append(row)
@@ -237,7 +277,9 @@ def markdown(result: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
         lines.append(
-            f"| {r['kind']} | {r['data_path']} | {f(r['rate_mib_s'], 0)} | {f(r['rate_vs_raw'])} "
+            f"| {r['kind']} | {r['data_path']}"
+            + (f", hash {r['pagehash']}" if r.get("pagehash") else "")
+            + f" | {f(r['rate_mib_s'], 0)} | {f(r['rate_vs_raw'])} "
             f"| {f(r['total_s'])} | {f(r['downtime_ms'], 1)} | {f(r['source_cpu_s_per_gib'])} "
             f"({f(r['source_cpu_vs_raw'], 1)}) | {f(r['dest_cpu_s_per_gib'])} "
             f"({f(r['dest_cpu_vs_raw'], 1)}) | {f(r['dest_stream_cpu_s_per_gib'])} "
@@ -256,18 +298,27 @@ def main() -> None:
                     help="also run each native stream count with LZ4 switched off")
     ap.add_argument("--fill", choices=("random", "sparse"), default="random",
                     help="incompressible guest memory, or a few set words per page")
+    ap.add_argument("--pagehash", default="",
+                    help="comma list of page hash implementations (scalar, avx512) to run "
+                         "each stream count with, both peers alike; default: the CPU's choice")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "streams.json"))
     args = ap.parse_args()
     memory_bytes = 256 * MiB if args.quick else GiB
     repeat = 1 if args.quick else args.repeat
     counts = [int(x) for x in args.streams.split(",")] + ([0] if args.python_path else [])
-    kinds = [(n, True) for n in counts] + [(n, False) for n in counts if n and args.no_lz4_too]
+    impls = [x for x in args.pagehash.split(",") if x] or [None]
+    kinds = [(n, True, impl) for n in counts for impl in impls] + [
+        (n, False, impl) for n in counts if n and args.no_lz4_too for impl in impls]
 
     ctx = mp.get_context("spawn")
-    port_q, dest_q = ctx.Queue(), ctx.Queue()
-    dest = ctx.Process(target=_destination_main, args=(port_q, dest_q), daemon=True)
-    dest.start()
-    port = port_q.get(timeout=60)
+    dests, ports, dest_qs = [], {}, {}
+    for impl in impls:   # one destination per page hash implementation
+        port_q, dest_qs[impl] = ctx.Queue(), ctx.Queue()
+        dest = ctx.Process(target=_destination_main, args=(port_q, dest_qs[impl]), daemon=True)
+        with _pagehash_env(impl):
+            dest.start()
+        dests.append(dest)
+        ports[impl] = port_q.get(timeout=60)
     source = memoryview(np.random.default_rng(1).bytes(64 * MiB))
     runs: list[dict] = []
     load_before = os.getloadavg()
@@ -280,19 +331,24 @@ def main() -> None:
             runs.append(row)
             print(f"rep {rep}: first touch {row['rate_mib_s']:.0f} MiB/s, "
                   f"{row['dest_cpu_s_per_gib']:.2f} CPU s/GiB", flush=True)
-            for n, lz4 in kinds:
-                row = migrate_once(n, port, dest_q, memory_bytes, f"bench-{rep}-{n}-{lz4}",
-                                   args.fill, lz4)
+            # odd repetitions run the implementations in the other order
+            for n, lz4, impl in (kinds if rep % 2 == 0 or len(impls) == 1
+                                 else _swap_impls(kinds, impls)):
+                row = migrate_once(n, ports[impl], dest_qs[impl], memory_bytes,
+                                   f"bench-{rep}-{n}-{lz4}-{impl}", args.fill, lz4, impl)
                 runs.append(row)
                 print(f"rep {rep}: {row['kind']} {row['rate_mib_s']:.0f} MiB/s "
-                      f"({row['total_s']:.2f} s, {row['data_path']})", flush=True)
+                      f"({row['total_s']:.2f} s, {row['data_path']}, hash "
+                      f"{row['source_pagehash']}>{row['dest_pagehash']})", flush=True)
     finally:
-        dest.terminate()
-        dest.join(timeout=10)
+        for dest in dests:
+            dest.terminate()
+            dest.join(timeout=10)
     result = {
         "question": f"1 GiB idle guest ({args.fill} memory), loopback, unlimited: migration "
                     "rate and CPU per GiB with native streams, against raw TCP in the same run",
         "memory_bytes": memory_bytes, "repeat": repeat, "fill": args.fill,
+        "pagehash": impls if impls != [None] else None,
         "machine": report.machine(load_before),
         "runs": runs, "summary": summarize(runs),
     }

@@ -5,8 +5,9 @@
  *  - every entry point is lm_<object>_<verb>, works on an opaque handle and
  *    returns 0, a count, or -errno; it never prints and never calls back into
  *    Python;
- *  - there are no hidden globals, with one documented exception: the
- *    mprotect tracker's region registry, which its SIGSEGV handler must reach;
+ *  - there are no hidden globals, with two documented exceptions: the
+ *    mprotect tracker's region registry, which its SIGSEGV handler must reach,
+ *    and the page hash implementation chosen once at load (codec/lm_pagehash.c);
  *  - the text between LM_CDEF_BEGIN and LM_CDEF_END is fed verbatim to CFFI's
  *    cdef, so it holds only declarations and integer #defines;
  *  - wire numbers (frame and page-batch layout, message ids, encodings) are
@@ -31,7 +32,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 17
+#define LM_ABI_VERSION 18
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -396,6 +397,24 @@ int lm_pages_apply_blocks_fingerprint(uint8_t *base, uint64_t npages, const int6
                                       const uint16_t *masks, uint64_t n, const uint8_t *data,
                                       uint64_t data_len, uint64_t *fp, uint8_t *fp_valid,
                                       uint64_t *out_hashes);
+
+/* ---- page hash implementations (codec/lm_pagehash.c) -------------------- */
+/* Every page and block hash above (and the streams' digests) has one value,
+ * the scalar definition's; how it is computed is chosen once at load: the
+ * AVX-512 form where the CPU has AVX-512 F, DQ and VL, unless the
+ * environment says LIVEMIG_PAGEHASH=scalar. */
+#define LM_PAGEHASH_SCALAR 0
+#define LM_PAGEHASH_AVX512 1
+/* The implementation this process uses (LM_PAGEHASH_*). */
+int lm_pagehash_impl(void);
+/* 1 when impl can run on this CPU. */
+int lm_pagehash_available(int impl);
+/* Hash one page with impl: its 16 block hashes and page hash; -ENOSYS when
+ * impl cannot run here. */
+int lm_pagehash_page(int impl, const uint8_t *page, uint64_t *blocks_out, uint64_t *hash_out);
+/* Page hashes of npages contiguous pages with impl: npages, or -ENOSYS. */
+int64_t lm_pagehash_pages(int impl, const uint8_t *base, uint64_t npages, uint64_t *hashes_out);
+
 /* ---- native urgent fault channel (channels/) ---------------------------- */
 /* Declarations of the urgent-channel threads follow this line. */
 /* After the urgent channel's handshake, its socket (a dup) is handed to a

@@ -84,12 +84,28 @@ static inline uint64_t combine_blocks(const uint64_t *blocks)
     return lm_mix64(a + LM_PAGE_SIZE);
 }
 
-/* Block hashes of page p into blocks[LM_BLOCKS_PER_PAGE]; returns the page hash. */
-static inline uint64_t page_blocks_hash(const uint8_t *p, uint64_t *blocks)
+/* Block hashes of page p into blocks[LM_BLOCKS_PER_PAGE]; returns the page
+ * hash. The definition: every other implementation must give exactly this. */
+static inline uint64_t page_blocks_hash_scalar(const uint8_t *p, uint64_t *blocks)
 {
     for (int b = 0; b < LM_BLOCKS_PER_PAGE; b++)
         blocks[b] = block_hash(p + b * LM_BLOCK_BYTES, b);
     return combine_blocks(blocks);
+}
+
+/* The implementations of page_blocks_hash (codec/lm_pagehash.c chooses one
+ * once, when the module loads: AVX-512 where the CPU has it, unless
+ * LIVEMIG_PAGEHASH=scalar). Same value from each, bit for bit. */
+typedef uint64_t (*lm_page_blocks_hash_fn)(const uint8_t *p, uint64_t *blocks);
+uint64_t lm_page_blocks_hash_scalar(const uint8_t *p, uint64_t *blocks);
+/* All sixteen blocks at once in eight zmm registers (codec/lm_pagehash_avx512.c);
+ * call only where the CPU has AVX-512 F and DQ. */
+uint64_t lm_page_blocks_hash_avx512(const uint8_t *p, uint64_t *blocks);
+extern lm_page_blocks_hash_fn lm_page_blocks_hash_chosen;
+
+static inline uint64_t page_blocks_hash(const uint8_t *p, uint64_t *blocks)
+{
+    return lm_page_blocks_hash_chosen(p, blocks);
 }
 
 static inline uint64_t page_hash(const uint8_t *p)

@@ -13,7 +13,7 @@ import errno as _errno
 import os
 import platform
 
-from ..native import tracking
+from ..native import pagehash, tracking
 from ..native import PAGE_SIZE, ffi, lib
 
 #: UFFD_FEATURE_* bit -> name (include/uapi/linux/userfaultfd.h, Linux 6.18).
@@ -86,6 +86,7 @@ def probe_host() -> dict:
         "postcopy": _postcopy_probe(),
         "urgent": _urgent_probe(),
         "etcd": _etcd_probe(),
+        "page_hash": pagehash.describe(),
     }
 
 
@@ -193,6 +194,10 @@ def format_probe(d: dict) -> str:
     et = d.get("etcd") or {}
     lines.append("etcd (fleet)      " + (f"{et['version']} at {et['path']} ({et['reason']})"
                                          if et.get("available") else f"no: {et.get('reason')}"))
+    ph = d.get("page_hash")
+    if ph:
+        lines.append(f"page hash         {ph['implementation']} (runs here: "
+                     f"{', '.join(ph['available'])}; {ph['forced_scalar_by']} forces scalar)")
     return "\n".join(lines)
 
 
