@@ -2,8 +2,8 @@
 the same moves one at a time, and the planner over a generated fleet.
 
 1. **Commit point**: the destination's ownership step (the VM's key read
-   at the offer, then at the commit point the compare-and-set transaction;
-   fleet/member.py ``commit_gate``)
+   at the offer, then at the commit point two transactions: owner := here,
+   ``committed``; then ``owned``; fleet/member.py ``commit_gate``)
    against a 1-member etcd on loopback, timed alone: this is the time the
    guest stays paused longer than without a fleet. Median and p99 over
    ``--commits`` handovers, per repeat.
@@ -18,11 +18,16 @@ Medians of ``--repeats`` repeats. Writes bench/results/fleet.json.
 
     python bench/bench_fleet.py [--repeats 3] [--vms 3] [--memory 32MiB]
 
-``--commit-only --etcd-dirs /tmp /dev/shm`` measures only the commit point,
-against one etcd per data directory in the same run (disk against tmpfs),
+``--commit-only --etcd-dirs /tmp /dev/shm`` measures only the commit point
+(both of its transactions, with the blocking-socket fast path and through
+the event loop alone, interleaved), against one etcd per data directory in
+the same run (disk against tmpfs),
 and adds from each etcd's ``/metrics`` its WAL fsyncs during the measure
 (count, mean) and, as the floor of the client's path, the same transaction
-sent from a blocking socket (no asyncio, no client): bench/results/fleet_commit.json.
+sent from a blocking socket (no asyncio, no client); then, end to end, the
+downtime of migrations between two fleet daemons against two without a fleet
+(``--moves`` per repeat, on the first directory's etcd):
+bench/results/fleet_commit.json.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from livemig.fleet import keys  # noqa: E402
-from livemig.fleet.etcd import cmp_absent, cmp_mod_revision, op_get, op_put  # noqa: E402
+from livemig.fleet.etcd import cmp_absent, cmp_mod_revision, cmp_value, op_get, op_put  # noqa: E402
 from livemig.fleet.member import FleetMember  # noqa: E402
 from livemig.fleet.simulate import simulate  # noqa: E402
 from livemig.lab.daemonproc import free_port, stop, wait_ready  # noqa: E402
@@ -59,8 +64,11 @@ class _Host:
         self.advertised, self.vms = advertised, {}
 
 
-async def commit_point(url: str, n: int) -> dict:
-    member = FleetMember(_Host("127.0.0.1:1"), url, ttl_s=60)
+async def commit_point(url: str, n: int, fast: bool = True) -> dict:
+    """The whole commit point as the guest's pause sees it: both transactions
+    (owner := here, ``committed``; then ``owned``). ``fast``: first from a
+    blocking socket (fleet/blockingtxn.py), else through the event loop only."""
+    member = FleetMember(_Host("127.0.0.1:1"), url, ttl_s=60, fast_commit=fast)
     await member.join()
     try:
         times_ms = []
@@ -75,7 +83,7 @@ async def commit_point(url: str, n: int) -> dict:
             await member.client.delete(keys.vm_key(name))
         times_ms.sort()
         return {"median_ms": statistics.median(times_ms),
-                "p99_ms": times_ms[int(0.99 * (len(times_ms) - 1))], "n": n}
+                "p99_ms": times_ms[int(0.99 * (len(times_ms) - 1))], "n": n, "fast": fast}
     finally:
         await member.close()
 
@@ -95,9 +103,10 @@ def wal_fsync(endpoint: str) -> tuple[float, float]:
 
 
 def raw_txn(endpoint: str, n: int) -> dict:
-    """The commit point's transaction shape (a revision compare, a put, the
-    failure reads) from a blocking socket: what etcd and the loopback cost
-    without our client."""
+    """The commit point's two transactions (a revision compare, a put, the
+    failure reads; then a value compare and a put), each after a 5 ms idle
+    gap as in ``commit_point``, from a blocking socket: what etcd and the
+    loopback cost without our client."""
     host, port = endpoint.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,11 +128,14 @@ def raw_txn(endpoint: str, n: int) -> dict:
         for i in range(n):
             compare = [cmp_absent(key) if not revision else cmp_mod_revision(key, revision),
                        cmp_absent(keys.drain_key("127.0.0.1:1"))]
-            body = json.dumps({"compare": compare,
-                               "success": [op_put(key, keys.owner_record("127.0.0.1:1", i))],
+            committed = keys.owner_record("127.0.0.1:1", i, keys.COMMITTED)
+            body = json.dumps({"compare": compare, "success": [op_put(key, committed)],
                                "failure": [op_get(key)]}).encode()
+            time.sleep(0.005)
             t0 = time.perf_counter()
-            answer = exchange(body)
+            exchange(body)
+            answer = exchange(json.dumps({"compare": [cmp_value(key, committed)], "success": [
+                op_put(key, keys.owner_record("127.0.0.1:1", i))]}).encode())
             times_ms.append((time.perf_counter() - t0) * 1e3)
             revision = int(answer["header"]["revision"])
         return {"median_ms": statistics.median(times_ms), "n": n}
@@ -137,31 +149,46 @@ def commit_only(args) -> None:
     for etcd_dir in args.etcd_dirs:
         with tempfile.TemporaryDirectory(dir=etcd_dir) as d, etcd_cluster(Path(d), 1) as etcd:
             before = wal_fsync(etcd.endpoints[0])
-            runs = [asyncio.run(commit_point(etcd.url, args.commits))
-                    for _ in range(args.repeats)]
+            runs, loop_runs = [], []
+            for _ in range(args.repeats):     # interleaved: the same machine load for both
+                runs.append(asyncio.run(commit_point(etcd.url, args.commits, fast=True)))
+                loop_runs.append(asyncio.run(commit_point(etcd.url, args.commits, fast=False)))
             after = wal_fsync(etcd.endpoints[0])
             raw = [raw_txn(etcd.endpoints[0], args.commits) for _ in range(args.repeats)]
         fsyncs, fsync_s = after[0] - before[0], after[1] - before[1]
         results[etcd_dir] = {
             "commit_median_ms": statistics.median(r["median_ms"] for r in runs),
             "commit_p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "loop_only_median_ms": statistics.median(r["median_ms"] for r in loop_runs),
+            "loop_only_p99_ms": statistics.median(r["p99_ms"] for r in loop_runs),
             "raw_txn_median_ms": statistics.median(r["median_ms"] for r in raw),
-            # three writes per handover here (the bench's put, the commit, the delete)
+            # four writes per handover here (the bench's put, commit, resume, delete)
             "wal_fsyncs": fsyncs, "wal_fsync_mean_ms": 1e3 * fsync_s / max(fsyncs, 1),
-            "runs": runs, "raw_runs": raw}
+            "runs": runs, "loop_runs": loop_runs, "raw_runs": raw}
         print(etcd_dir, json.dumps({k: v for k, v in results[etcd_dir].items()
                                     if not k.endswith("runs")}), flush=True)
+    end_to_end = None
+    if args.moves:
+        with tempfile.TemporaryDirectory(dir=args.etcd_dirs[0]) as d, \
+                etcd_cluster(Path(d), 1) as etcd:
+            end_to_end = downtime_fleet_vs_plain(Path(d), etcd.url, moves=args.moves,
+                                                 repeats=args.repeats)
+        print("end to end", json.dumps({k: v for k, v in end_to_end.items() if k != "runs"}),
+              flush=True)
     out = OUT.with_name("fleet_commit.json")
     out.write_text(json.dumps({"args": vars(args), "load_1m": os.getloadavg()[0],
-                               "by_etcd_dir": results}, indent=1) + "\n")
+                               "by_etcd_dir": results, "end_to_end": end_to_end},
+                              indent=1) + "\n")
     print(f"wrote {out}")
 
 
-def _daemon(tmp: Path, label: str, url: str):
+def _daemon(tmp: Path, label: str, url: str | None):
+    """A daemon joined to the fleet at ``url`` (None: no fleet)."""
     port, control, log = free_port(), str(tmp / f"{label}.sock"), str(tmp / f"{label}.log")
+    fleet = ["--fleet", url, "--fleet-ttl", "3"] if url else []
     proc = subprocess.Popen([sys.executable, "-m", "livemig", "daemon", "--listen",
                              f"127.0.0.1:{port}", "--control", control, "--state-dir",
-                             str(tmp / label), "--fleet", url, "--fleet-ttl", "3"],
+                             str(tmp / label), *fleet],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     client = ControlClient(control, timeout_s=600)
     wait_ready(client, proc, log)
@@ -206,6 +233,41 @@ def drain_vs_single(tmp: Path, url: str, *, nvms: int, memory: str, limit: int,
             stop(client, proc)
 
 
+def downtime_fleet_vs_plain(tmp: Path, url: str, *, moves: int, repeats: int) -> dict:
+    """End to end: one VM moved back and forth between two fleet daemons, and
+    one between two daemons without a fleet, in turn (the same machine load);
+    each migration's downtime as its source reports it (``stats.downtime_ms``).
+    Medians per repeat, then the median of those."""
+    pairs = {kind: [_daemon(tmp, f"{kind}-{x}", url if kind == "fleet" else None)
+                    for x in ("a", "b")] for kind in ("fleet", "plain")}
+    try:
+        for kind, ((_, a, _), _) in pairs.items():
+            a.call("vm.start", name=f"dt-{kind}", memory="16MiB", vcpus=1,
+                   workload="memtest", dirty_rate="1MiB/s", seed=1)
+        runs = {"fleet": [], "plain": []}
+        for _ in range(repeats):
+            got = {"fleet": [], "plain": []}
+            for i in range(moves):
+                for kind, ((_, a, a_addr), (_, b, b_addr)) in pairs.items():
+                    frm, to = (a, b_addr) if i % 2 == 0 else (b, a_addr)
+                    rec = frm.call("migrate", name=f"dt-{kind}", to=to, wait=True)
+                    assert rec["status"] == "completed", rec
+                    got[kind].append(rec["stats"]["downtime_ms"])
+            for kind in runs:
+                runs[kind].append({"median_ms": statistics.median(got[kind]),
+                                   "downtime_ms": got[kind]})
+        med = statistics.median
+        return {"fleet_median_ms": med(r["median_ms"] for r in runs["fleet"]),
+                "plain_median_ms": med(r["median_ms"] for r in runs["plain"]),
+                "added_ms": med(f["median_ms"] - p["median_ms"]
+                                for f, p in zip(runs["fleet"], runs["plain"])),
+                "moves_per_repeat": moves, "runs": runs}
+    finally:
+        for pair in pairs.values():
+            for proc, client, _ in pair:
+                stop(client, proc)
+
+
 def planner_cpu(nhosts: int, nvms: int) -> dict:
     return {"drain": simulate(nhosts=nhosts, nvms=nvms, action="drain"),
             "balance": simulate(nhosts=nhosts, nvms=nvms, action="balance")}
@@ -226,6 +288,9 @@ def main() -> None:
                     help="measure the commit point only (results to fleet_commit.json)")
     ap.add_argument("--etcd-dirs", nargs="+", default=["/tmp", "/dev/shm"],
                     help="with --commit-only: one etcd per data directory, in turn")
+    ap.add_argument("--moves", type=int, default=10,
+                    help="with --commit-only: migrations per repeat for the end-to-end "
+                         "downtime, fleet against no fleet (0: skip)")
     args = ap.parse_args()
     if args.commit_only:
         commit_only(args)

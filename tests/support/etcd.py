@@ -36,17 +36,22 @@ def free_ports(n: int) -> list[int]:
 
 
 class EtcdMember:
+    """One etcd process. ``client_ip``/``peer_ip`` are where it listens
+    (loopback unless given); ``argv_prefix`` runs it in a network namespace
+    (``ip netns exec NS``)."""
+
     def __init__(self, name: str, client_port: int, peer_port: int, data_dir: Path,
-                 initial_cluster: str, log: Path):
+                 initial_cluster: str, log: Path, *, client_ip: str = "127.0.0.1",
+                 peer_ip: str = "127.0.0.1", argv_prefix: tuple[str, ...] = ()):
         self.name, self.client_port, self.peer_port = name, client_port, peer_port
-        self.endpoint = f"127.0.0.1:{client_port}"
+        self.endpoint = f"{client_ip}:{client_port}"
         self.log = open(log, "w+")
         self.proc = subprocess.Popen(
-            [ETCD, "--name", name, "--data-dir", str(data_dir),
+            [*argv_prefix, ETCD, "--name", name, "--data-dir", str(data_dir),
              "--listen-client-urls", f"http://{self.endpoint}",
              "--advertise-client-urls", f"http://{self.endpoint}",
-             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--listen-peer-urls", f"http://{peer_ip}:{peer_port}",
+             "--initial-advertise-peer-urls", f"http://{peer_ip}:{peer_port}",
              "--initial-cluster", initial_cluster, "--initial-cluster-state", "new",
              "--initial-cluster-token", "livemig-test", "--heartbeat-interval", "50",
              "--election-timeout", "500", "--log-level", "warn"],
