@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -223,4 +224,23 @@ void lm_chan_stats_copy(const void *stats, void *out, size_t n_words)
     uint64_t *dst = out;
     for (size_t i = 0; i < n_words; i++)
         dst[i] = __atomic_load_n(&src[i], __ATOMIC_ACQUIRE);
+}
+
+int lm_chan_wait(struct lm_chan *c, short events)
+{
+    struct pollfd pfd[2] = {{.fd = c->stop_efd, .events = POLLIN},
+                            {.fd = c->fd, .events = events}};
+    for (;;) {
+        int n = poll(pfd, 2, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return lm_chan_fail(c, errno, "poll: %s", strerror(errno));
+        if (pfd[0].revents)
+            return 1;
+        if (pfd[1].revents & POLLNVAL)
+            return lm_chan_fail(c, EBADF, "the %s's socket was closed under its thread", c->name);
+        if (pfd[1].revents)
+            return 0;
+    }
 }

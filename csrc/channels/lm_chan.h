@@ -81,6 +81,9 @@ void lm_chan_notify(struct lm_chan *c);
 /* Record why the thread ends (c->reason) and return -err. */
 int lm_chan_fail(struct lm_chan *c, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Wait for events on the socket or a stop request: 0 (ready, or an error the
+ * next call reports), 1 (stop), or -errno with c->reason. */
+int lm_chan_wait(struct lm_chan *c, short events);
 /* First step of an attach, c NULL allowed: refuse a bad or busy handle and
  * make the socket non-blocking. sock_fd is closed whenever this fails. */
 int lm_chan_claim(struct lm_chan *c, int sock_fd);

@@ -26,29 +26,9 @@
 #include "channels/lm_tls.h"
 #include "wire/lm_le.h"
 
-/* Wait for events on the socket or a stop request: 0, 1 (stop), or -errno. */
-static int wait_socket(struct lm_chan *c, short events)
-{
-    struct pollfd pfd[2] = {{.fd = c->stop_efd, .events = POLLIN},
-                            {.fd = c->fd, .events = events}};
-    for (;;) {
-        int n = poll(pfd, 2, -1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return lm_chan_fail(c, errno, "poll: %s", strerror(errno));
-        if (pfd[0].revents)
-            return 1;
-        if (pfd[1].revents & POLLNVAL)
-            return lm_chan_fail(c, EBADF, "the stream's socket was closed under its thread");
-        if (pfd[1].revents)
-            return 0;   /* readable, writable, or an error the next call reports */
-    }
-}
-
 int lm_stream_wait_writable(struct lm_chan *c)
 {
-    return wait_socket(c, POLLOUT);
+    return lm_chan_wait(c, POLLOUT);
 }
 
 /* Read exactly n bytes: 0, 1 (stop), 2 (end of stream before the first
@@ -61,7 +41,7 @@ static int read_exact(lm_stream *s, uint8_t *buf, uint64_t n, int at_boundary)
             short events = 0;
             ssize_t r = lm_tls_recv(&s->ch, buf + got, n - got, &events);
             if (r == -EAGAIN) {
-                int rc = wait_socket(&s->ch, events);
+                int rc = lm_chan_wait(&s->ch, events);
                 if (rc != 0)
                     return rc;
                 continue;
@@ -82,7 +62,7 @@ static int read_exact(lm_stream *s, uint8_t *buf, uint64_t n, int at_boundary)
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN) {
-                int rc = wait_socket(&s->ch, POLLIN);
+                int rc = lm_chan_wait(&s->ch, POLLIN);
                 if (rc != 0)
                     return rc;
                 continue;

@@ -522,26 +522,6 @@ LM_API int lm_stream_attach_tls(lm_stream *s, lm_tls *t, uint32_t wire_version,
 
 /* ---- the stream thread's I/O ------------------------------------------------ */
 
-/* Wait for events on the socket or a stop request: 0, 1 (stop), or -errno. */
-static int wait_attached(struct lm_chan *c, short events)
-{
-    struct pollfd pfd[2] = {{.fd = c->stop_efd, .events = POLLIN},
-                            {.fd = c->fd, .events = events}};
-    for (;;) {
-        int n = poll(pfd, 2, -1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return lm_chan_fail(c, errno, "poll: %s", strerror(errno));
-        if (pfd[0].revents)
-            return 1;
-        if (pfd[1].revents & POLLNVAL)
-            return lm_chan_fail(c, EBADF, "the %s's socket was closed under its thread", c->name);
-        if (pfd[1].revents)
-            return 0;
-    }
-}
-
 /* One SSL_write of p[0 .. n), n <= LM_TLS_RECORD_BYTES (one record), retried
  * with the same arguments until taken: 0, 1 (stop), or -errno. */
 static int write_record(struct lm_chan *c, const uint8_t *p, size_t n)
@@ -558,7 +538,7 @@ static int write_record(struct lm_chan *c, const uint8_t *p, size_t n)
         char why[200];
         int rc = classify(t, w, &events, why, sizeof(why), "writing");
         if (rc == -EAGAIN) {
-            rc = wait_attached(c, events);
+            rc = lm_chan_wait(c, events);
             if (rc != 0)
                 return rc;
             continue;

@@ -30,10 +30,10 @@ from livemig.native import tls as native_tls
 from livemig.native.streams import probe
 from livemig.protocol import ChannelKind, spec
 from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
+from support.relay import LOCAL, Relay
 from support.streamsaboteur import StreamSaboteur
 from support.waiting import wait_for_async
 
-LOCAL = "127.0.0.1"
 OK, WHY = probe()
 TLS_OK, TLS_WHY = native_tls.probe()
 pytestmark = pytest.mark.skipif(not (OK and TLS_OK),
@@ -176,37 +176,17 @@ def test_a_stream_presenting_another_certificate_than_its_control_is_refused(run
     run(main())
 
 
-class HostileStreamRelay:
+class HostileStreamRelay(Relay):
     """Relays every connection to the real destination, except a native TLS
     stream's, which it answers itself: with a certificate another CA signed
     (``rogue``), or in the clear (``plain``)."""
 
     def __init__(self, target_port: int, answer: str, pki):
+        super().__init__()
         self.target_port = target_port
         self.answer = answer
         self.pki = pki
         self.answered = asyncio.Event()
-        self._tasks: set = set()
-        self._writers: list = []
-
-    async def __aenter__(self):
-        self._server = await asyncio.start_server(self._accept, LOCAL, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc):
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def _spawn(self, coro):
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, reader, writer):
         self._writers.append(writer)

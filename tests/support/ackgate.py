@@ -38,7 +38,7 @@ import struct
 
 from livemig.protocol import spec
 
-LOCAL = "127.0.0.1"
+from support.relay import LOCAL, Relay
 HEADER = struct.Struct(spec.FRAME_HEADER_FORMAT)
 STREAM_END = spec.MESSAGE_IDS["StreamEnd"]
 TLS_RECORD_HEADER_BYTES = 5
@@ -110,12 +110,13 @@ class _Gated:
                 self.record_header.clear()
 
 
-class AckGate:
+class AckGate(Relay):
     def __init__(self, target_port: int, *, gated: tuple[int, ...] = (4, 5),
                  ends: int | None = None, tls: bool = False,
                  quiet_s: float = 10.0, manual: bool = False,
                  harm: str | None = None, victim: int | None = None,
                  harm_after_bytes: int = 0):
+        super().__init__()
         if (ends is None) != tls or (tls and not manual):
             raise ValueError("a plain gate opens on StreamEnds, a TLS gate by hand")
         if harm is not None and victim not in gated:
@@ -134,22 +135,6 @@ class AckGate:
         self.full = asyncio.Event()      # every gated connection met its condition
         self.harmed = asyncio.Event()
         self.met_quiet = False           # a gate's condition was the source's silence
-        self._tasks: set[asyncio.Task] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self):
-        self._server = await asyncio.start_server(self._accept, LOCAL, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc):
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     def open(self) -> None:
         """Open every gate: the held replies go, later ones flow."""
@@ -161,11 +146,6 @@ class AckGate:
         source reads it all at once), and keep holding what comes later."""
         for g in self.conns.values():
             self._flush(g, g.writer)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, c_reader, c_writer):
         self.accepted += 1

@@ -3,10 +3,10 @@
 """
 import asyncio
 
-LOCAL = "127.0.0.1"
+from support.relay import LOCAL, Relay
 
 
-class StreamSaboteur:
+class StreamSaboteur(Relay):
     """A TCP relay to the destination that harms one connection: the
     ``victim``-th accepted (1 is the control channel, 2.. the bulk streams),
     once ``after_bytes`` bytes of the ``watch``-th (the victim itself unless
@@ -16,6 +16,7 @@ class StreamSaboteur:
 
     def __init__(self, target_port: int, *, victim: int, after_bytes: int, action: str,
                  watch: int | None = None):
+        super().__init__()
         if action == "corrupt" and watch not in (None, victim):
             raise ValueError("a corrupted byte is one of the watched connection's")
         self.target_port = target_port
@@ -25,23 +26,7 @@ class StreamSaboteur:
         self.action = action
         self.accepted = 0
         self.harmed = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
-        self._writers: list[asyncio.StreamWriter] = []
         self._pairs: dict[int, tuple] = {}
-
-    async def __aenter__(self):
-        self._server = await asyncio.start_server(self._accept, LOCAL, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc):
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     async def _accept(self, c_reader, c_writer):
         self.accepted += 1
@@ -50,10 +35,7 @@ class StreamSaboteur:
         self._writers += [c_writer, s_writer]
         self._pairs[index] = (c_writer, s_writer)
         for reader, writer, up in ((c_reader, s_writer, True), (s_reader, c_writer, False)):
-            task = asyncio.get_running_loop().create_task(
-                self._pump(reader, writer, index if up else 0, (c_writer, s_writer)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pump(reader, writer, index if up else 0, (c_writer, s_writer)))
 
     async def _pump(self, reader, writer, index: int, pair):
         sent = 0
