@@ -32,7 +32,7 @@
 #endif
 
 /* LM_CDEF_BEGIN */
-#define LM_ABI_VERSION 18
+#define LM_ABI_VERSION 19
 #define LM_PAGE_SIZE 4096
 
 int lm_abi_version(void);
@@ -308,6 +308,16 @@ int lm_postcopy_stats_get(const lm_postcopy *p, lm_postcopy_stats *out);
  * later access to a missing page then reads zeros. */
 int lm_postcopy_close(lm_postcopy *p, int flags);
 
+/* A thread serving every fault on p's region with the zero page
+ * (UFFDIO_ZEROPAGE; a write then takes an ordinary copy-on-write fault):
+ * while it runs, the region behaves as anonymous memory does, so any access
+ * to a page still absent proceeds as it would without userfaultfd
+ * (postcopy/lm_zerofill.c). Stop it before p is closed; stop returns the
+ * pages served, or the -errno that ended the thread early. */
+typedef struct lm_zerofill lm_zerofill;
+int lm_zerofill_start(lm_postcopy *p, lm_zerofill **out);
+int64_t lm_zerofill_stop(lm_zerofill *z);
+
 /* Test and benchmark helpers (postcopy/lm_faultbench.c): a native thread that touches
  * pages (so faults block it, not Python), and a native fault server that
  * answers faults by copying from a local source buffer. cpu < 0: no pinning. */
@@ -577,6 +587,15 @@ int lm_stream_source_create(const uint8_t *base, uint64_t npages, uint64_t *hash
  * held. Without them BLOCK runs are refused. */
 int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashes, uint8_t *held,
                           uint64_t *fp, uint8_t *fp_valid, lm_stream **out);
+/* Destination, before attach: guest memory is registered with fill (an
+ * lm_postcopy over base, MISSING mode, fresh memory). A RAW or LZ4 page not
+ * yet present lands by UFFDIO_COPY, which allocates without zeroing (a
+ * plain first write pays the kernel's zeroing of the page first); a present
+ * page is overwritten as before, and a ZERO page that is absent stays so. An
+ * access by anyone else to a page still absent is fill's owner's to serve
+ * (lm_zerofill_start). fill must outlive the thread. -EBUSY when attached,
+ * -EINVAL for a source or post-copy stream or a fill of another size. */
+int lm_stream_dest_fill(lm_stream *s, lm_postcopy *fill);
 /* Destination, post-copy push (docs/postcopy.md): pages land through p
  * (UFFDIO_COPY / ZEROPAGE, which wake any vCPU blocked on them; a page
  * already placed by the urgent path is skipped, EEXIST); hashes (may be

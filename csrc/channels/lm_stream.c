@@ -183,6 +183,17 @@ LM_API int lm_stream_dest_create(uint8_t *base, uint64_t npages, uint64_t *hashe
     return rc;
 }
 
+LM_API int lm_stream_dest_fill(lm_stream *s, lm_postcopy *fill)
+{
+    if (!s || s->side != LM_STREAM_DEST || s->pc ||
+        (fill && lm_postcopy_npages(fill) != s->npages))
+        return -EINVAL;
+    if (s->ch.attached)
+        return -EBUSY;
+    s->fill = fill;
+    return 0;
+}
+
 LM_API int lm_stream_dest_postcopy_create(uint8_t *base, uint64_t npages, uint64_t *hashes,
                                           lm_postcopy *p, lm_urgent *urgent, lm_stream **out)
 {

@@ -31,6 +31,12 @@
  *   nothing). hashes[] and held[]
  *   are what the digest and a later post-copy switch read.
  *
+ *   With a fill (lm_stream_dest_fill: fresh memory registered MISSING),
+ *   a RAW or LZ4 page not yet present is not written: consecutive such
+ *   pages of a run are placed together by UFFDIO_COPY, which allocates
+ *   them without the zeroing a first write would cost, and an absent ZERO
+ *   page is left absent (it reads zero).
+ *
  *   StreamEnd closes this stream's part of a round: its counts must equal
  *   what arrived since the previous marker. The round is published (stats,
  *   release order) before the StreamAck leaves, which is what lets the
@@ -46,6 +52,7 @@
 #include "channels/lm_stream_internal.h"
 #include "channels/lm_urgent_internal.h"
 #include "codec/lm_pagehash.h"
+#include "postcopy/lm_postcopy_internal.h"
 #include "wire/lm_le.h"
 
 static int check_round(lm_stream *s, uint32_t round, const char *what)
@@ -205,6 +212,22 @@ static inline void page_copy_stream(uint8_t *dst, const uint8_t *src)
 #endif
 }
 
+/* The pages of a run not yet present, placed with fill (pre-copy's first
+ * version of a page): [first, first + n) from src, contiguous, all absent
+ * when looked at. UFFDIO_COPY allocates them without zeroing them first.
+ * Where it places fewer (a page became present meanwhile: the zero fill
+ * served someone's access to it) or fails, the run is written over as a
+ * present page is: every page then holds src either way. */
+static void place_absent(lm_stream *s, uint64_t first, uint64_t n, const uint8_t *src)
+{
+    if (n == 0)
+        return;
+    if (lm_postcopy_copy(s->fill, first, src, n) == (int64_t)n)
+        return;
+    for (uint64_t j = 0; j < n; j++)
+        page_copy_stream(s->base + (first + j) * LM_PAGE_SIZE, src + j * LM_PAGE_SIZE);
+}
+
 static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const uint8_t *masks,
                        const uint8_t *blocks, const uint8_t *raw)
 {
@@ -213,6 +236,8 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
         const uint8_t *r = runs + (uint64_t)i * LM_BATCH_RUN_BYTES;
         uint64_t first = get64(r), count = get32(r + 8);
         uint8_t enc = r[12];
+        uint64_t absent_first = 0, absent_n = 0;   /* fill: absent pages held back */
+        const uint8_t *absent_src = NULL;
         for (uint64_t page = first; page < first + count; page++) {
             uint8_t *dst = s->base + page * LM_PAGE_SIZE;
             int64_t row = (int64_t)page;
@@ -227,7 +252,17 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
                 } else {
                     h = page_hash(from);
                 }
-                page_copy_stream(dst, from);
+                if (s->fill && !lm_postcopy_page_present(s->fill, page)) {
+                    if (absent_n == 0) {
+                        absent_first = page;
+                        absent_src = from;
+                    }
+                    absent_n++;
+                } else {
+                    place_absent(s, absent_first, absent_n, absent_src);
+                    absent_n = 0;
+                    page_copy_stream(dst, from);
+                }
                 if (enc == LM_ENC_RAW)
                     raw += LM_PAGE_SIZE;
                 else
@@ -241,7 +276,9 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
                 masks += 2;
                 blocks += len;
             } else {
-                if (!lm_page_is_zero(dst))
+                /* An absent page reads as zero already (and reading it would
+                 * only make the zero fill map one). */
+                if ((!s->fill || lm_postcopy_page_present(s->fill, page)) && !lm_page_is_zero(dst))
                     memset(dst, 0, LM_PAGE_SIZE);
                 h = s->zero_hash;
                 if (s->fp) {
@@ -252,6 +289,7 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
             }
             land(s, page, h);
         }
+        place_absent(s, absent_first, absent_n, absent_src);
         if (enc == LM_ENC_RAW)
             STREAM_ADD(s, raw_pages, count);
         else if (enc == LM_ENC_LZ4)

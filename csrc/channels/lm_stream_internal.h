@@ -97,6 +97,9 @@ struct lm_stream {
     uint16_t batch_flags;
     lm_postcopy *pc;
     lm_urgent *urgent;
+    /* pre-copy dest: guest memory registered MISSING (lm_stream_dest_fill):
+     * a page's first version lands by UFFDIO_COPY, never zeroed first */
+    lm_postcopy *fill;
     struct lm_ring lat_ring;    /* dest push: latencies of faults a push served (ns) */
     lm_stream_stats stats;      /* atomic fields */
 };

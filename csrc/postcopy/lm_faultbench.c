@@ -9,8 +9,8 @@
  *
  * A *fault server* is a pthread that poll()s a post-copy fd and answers each
  * fault by UFFDIO_COPY from a local source buffer holding the same page
- * index: the floor any remote page server is measured against. It stops on
- * an eventfd so that poll() needs no timeout.
+ * index: the floor any remote page server is measured against. Its loop is
+ * lm_zerofill.c's (lm_serve_faults), stopped by an eventfd.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "livemig.h"
+#include "postcopy/lm_postcopy_internal.h"
 
 static void pin_to_cpu(int cpu)
 {
@@ -164,34 +165,8 @@ static void *faultserver_main(void *arg)
 {
     lm_faultserver *s = arg;
     pin_to_cpu(s->cpu);
-    uint64_t pages[64];
-    struct pollfd fds[2] = {
-        {.fd = lm_postcopy_fd(s->pc), .events = POLLIN},
-        {.fd = s->stop_fd, .events = POLLIN},
-    };
-    for (;;) {
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            s->served = -errno;
-            return NULL;
-        }
-        if (fds[1].revents)
-            return NULL;
-        int64_t n = lm_postcopy_read_faults(s->pc, pages, 64);
-        if (n < 0) {
-            s->served = n;
-            return NULL;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            int64_t rc = lm_postcopy_copy(s->pc, pages[i], s->src + pages[i] * LM_PAGE_SIZE, 1);
-            if (rc < 0) {
-                s->served = rc;
-                return NULL;
-            }
-            s->served += rc;
-        }
-    }
+    s->served = lm_serve_faults(s->pc, s->src, s->stop_fd);
+    return NULL;
 }
 
 LM_API int lm_faultserver_start(lm_postcopy *p, const uint8_t *src, int cpu,
