@@ -139,6 +139,9 @@ class MigrationStats:
     data_path: str | None = None
     """Who carried the pre-copy pages: "native-streams ×N" (C threads on N bulk
     streams) or "python: <why the native streams were not used>"."""
+    first_touch: str | None = None
+    """Destination: how fresh guest memory was first written: "userfaultfd
+    copy (no zeroing)", or "pre-faulted: <why not>"."""
     stream_cpu_s: float = 0.0
     """CPU time the native stream threads of this side spent (0 on the Python path)."""
     precopy_resumes: int = 0
@@ -221,6 +224,7 @@ class MigrationStats:
             "error": self.error, "tracker": self.tracker,
             "remaining_bytes": self.remaining_bytes,
             "data_path": self.data_path, "stream_cpu_s": self.stream_cpu_s,
+            "first_touch": self.first_touch,
             "precopy_resume": {
                 "resumes": self.precopy_resumes,
                 "resent_pages": self.resent_pages,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..errors import LivemigError, native_error
 from ..units import PAGE_SIZE
 
-ABI_VERSION = 18
+ABI_VERSION = 19
 
 try:
     from .._native import ffi, lib  # type: ignore[import-not-found]

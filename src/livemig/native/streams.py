@@ -259,10 +259,13 @@ class DestStream(_NativeStream):
     """Destination side over a :class:`GuestMemory`; ``hashes`` (the
     decoder's ``PageHashes.values``), ``held`` (bool per page) and ``blocks``
     (the placer's :class:`HeldBlocks`, or None: BLOCK pages refused) are
-    written for every page placed. All must outlive :meth:`close`."""
+    written for every page placed; with ``fill`` (a
+    :class:`~.firsttouch.FirstTouchFill` over ``memory``) a page's first
+    version lands without the kernel zeroing it first. All must outlive
+    :meth:`close`."""
 
     def __init__(self, memory, hashes: np.ndarray | None, held: np.ndarray | None,
-                 blocks=None):
+                 blocks=None, fill=None):
         pages = memory.pages
         npages = pages.shape[0]
         _check_hashes(hashes, npages)
@@ -277,7 +280,10 @@ class DestStream(_NativeStream):
         check(lib.lm_stream_dest_create(base, npages, hptr, held_ptr, fp, fp_valid, out),
               "creating a native bulk stream (destination)")
         super().__init__(out[0], memory, (pages, hashes, held, blocks, base, hptr, held_ptr, fp,
-                                          fp_valid))
+                                          fp_valid, fill))
+        if fill is not None:
+            check(lib.lm_stream_dest_fill(self._h, fill.handle),
+                  "placing first versions of pages with userfaultfd")
 
 
 class PostcopyDestStream(_NativeStream):

@@ -17,7 +17,8 @@ the host's (the daemon's inventory, or the library caller's).
 
 Post-copy and hybrid (docs/postcopy.md)::
 
-    PageInvalidate ─▶ (first one: await pre-faulting ─ PostcopyMemory(present =
+    PageInvalidate ─▶ (first one: await pre-faulting, or join the streams and end
+        their first-touch fill ─ PostcopyMemory(present =
         pages received) ─ post-copy decoder, FaultService) ─ discard the named
         pages ─ RoundAck ─▶          ... while the guest still runs at the source
     Switchover(postcopy, owed bitmap, digest) ─▶ discard owed pages still held
@@ -27,7 +28,10 @@ Post-copy and hybrid (docs/postcopy.md)::
 
 Hazards: MADV_POPULATE_WRITE on a range registered for MISSING faults would
 raise userfaults on our own thread, so the pre-faulting task is awaited before
-registering (pure post-copy skips pre-faulting: UFFDIO_COPY allocates). A VM
+registering (pure post-copy skips pre-faulting: UFFDIO_COPY allocates). On
+native streams nothing pre-faults: the streams place fresh pages by
+UFFDIO_COPY through a registration of their own (native/firsttouch.py), which
+ends when they are joined (DestStreams.close), before any other. A VM
 with missing pages is never closed before ``PostcopyMemory.close(abandon=True)``
 (closing would block on pages that never come). If the channels break during
 post-copy the guest's vCPUs simply stay blocked on their faults; the source
@@ -70,6 +74,7 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import streams as native_streams
+from ...native.firsttouch import HOW as FIRST_TOUCH_HOW, FirstTouchFill
 from ...native import urgent
 from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
@@ -272,17 +277,18 @@ class IncomingMigration:
         self.mode = offer.mode
         self.progress = resume.progress_for(self, self.ch)
         nstreams = cfg.get("streams")
+        fill = self._first_touch_fill(nstreams, offer.mode)
         if nstreams:   # resumable: the threads mark the round's pages (resume.RoundProgress)
             self._streams = DestStreams(
                 self.vm.memory, self.decoder.hashes.values,
                 self._held if self.progress is None else self.progress.landed_bits,
-                self.decoder.placer.held, nstreams)
+                self.decoder.placer.held, nstreams, fill=fill)
         self._push_n = cfg.get("push_streams") or 0
         tls = self.ch.get_extra_info("ssl_object") is not None
         self.stats.data_path = (native_streams.path_label(nstreams, tls=tls) if nstreams else
                                 "python: the source sends its pages on the control channel")
         self.stats.mode = offer.mode.name.lower()
-        if offer.mode is not Mode.POSTCOPY:
+        if offer.mode is not Mode.POSTCOPY and fill is None:
             # Fault the memory in while round 0 streams, so that pages landing in
             # the final round (the downtime) never pay a first-touch fault.
             # (Pure post-copy places nearly every page with UFFDIO_COPY, which
@@ -293,6 +299,23 @@ class IncomingMigration:
         self._set_status("active")
         self.stats.setup_time_ms = (time.monotonic() - self._t0) * 1e3
         return True
+
+    def _first_touch_fill(self, nstreams: int | None, mode: Mode) -> FirstTouchFill | None:
+        """Pre-copy on native streams: fresh memory filled by UFFDIO_COPY,
+        never zeroed first (native/firsttouch.py); else it is pre-faulted
+        while round 0 streams, and stats.first_touch says why."""
+        if mode is Mode.POSTCOPY:
+            return None     # UFFDIO_COPY places nearly every page anyway
+        if not nstreams:
+            self.stats.first_touch = "pre-faulted: the pages come on the control channel"
+            return None
+        try:
+            fill = FirstTouchFill(self.vm.memory)
+        except BackendUnavailable as exc:
+            self.stats.first_touch = f"pre-faulted: {exc.reason}"
+            return None
+        self.stats.first_touch = FIRST_TOUCH_HOW
+        return fill
 
     @staticmethod
     def _check_offer(offer: MigrationOffer):

@@ -97,8 +97,9 @@ def check_offer(value, granted: bool) -> str | None:
 class DestStreams:
     """The bulk streams of one incoming migration."""
 
-    def __init__(self, memory, hashes, held, blocks, nstreams: int):
+    def __init__(self, memory, hashes, held, blocks, nstreams: int, fill=None):
         self.memory = memory
+        self.fill = fill     # FirstTouchFill, or None: memory is pre-faulted
         self.hashes = hashes
         self.held = held
         self.blocks = blocks
@@ -117,7 +118,8 @@ class DestStreams:
         if len(self.streams) >= self.nstreams:
             raise RemoteProtocolError(f"more than the {self.nstreams} bulk streams offered",
                                       phase="precopy")
-        stream = native_streams.DestStream(self.memory, self.hashes, self.held, self.blocks)
+        stream = native_streams.DestStream(self.memory, self.hashes, self.held, self.blocks,
+                                           self.fill)
         self.streams.append(stream)
         stream.attach(ch)
 
@@ -154,7 +156,7 @@ class DestStreams:
         refused a frame reported (a protocol violation is no break)."""
         self.fold_into(stats)
         failures = [s.failure() for s in self.streams]
-        self.close()
+        self._join()
         for failure in failures:
             if isinstance(failure, RemoteProtocolError) and not isinstance(failure,
                                                                            ConnectionError):
@@ -162,12 +164,17 @@ class DestStreams:
         self.streams = []
         self.closed = False
 
-    def close(self) -> None:
-        """Stop and join every thread (their sockets are shut down); no
-        stream is adopted afterwards."""
+    def _join(self) -> None:
         self.closed = True
         for s in self.streams:
             s.close()
+
+    def close(self) -> None:
+        """Stop and join every thread (their sockets are shut down), then end
+        the first-touch fill; no stream is adopted afterwards."""
+        self._join()
+        if self.fill is not None:
+            self.fill.close()
 
 
 __all__ = ["DestStreams", "offered", "tls_context", "stream_peer_problem", "check_offer",
