@@ -29,6 +29,11 @@ With ``--fill sparse`` the guest's pages hold a few set words each (as the
 toy workloads write them): compressible memory, where LZ4 on the streams
 pays; the rows then also say how many pages went LZ4.
 
+With ``--first-touch uffd,prefault`` the same, for how the destination
+first writes fresh guest memory (LIVEMIG_FIRST_TOUCH=prefault: pre-faulted
+as before; by default UFFDIO_COPY, native/firsttouch.py); each destination
+reports what it did (``dest_first_touch``).
+
 With ``--pagehash scalar,avx512`` every stream count runs once per page hash
 implementation (both peers the same one: LIVEMIG_PAGEHASH=scalar in both
 processes' environment, or the CPU's choice), interleaved in each
@@ -64,22 +69,41 @@ GiB = 1 << 30
 FILL_CHUNK_BYTES = 16 * MiB
 
 
+# A variant of the runs and the environment its processes get (None: unset).
+VARIANT_ENV = {"scalar": ("LIVEMIG_PAGEHASH", "scalar"), "avx512": ("LIVEMIG_PAGEHASH", None),
+               "prefault": ("LIVEMIG_FIRST_TOUCH", "prefault"),
+               "uffd": ("LIVEMIG_FIRST_TOUCH", None)}
+
+
+def _label(variant: str | None) -> str:
+    if variant is None:
+        return ""
+    return (" hash=" if VARIANT_ENV[variant][0] == "LIVEMIG_PAGEHASH" else " first-touch=") \
+        + variant
+
+
 @contextlib.contextmanager
 def _pagehash_env(impl: str | None):
-    """Spawned children inherit the environment: LIVEMIG_PAGEHASH=scalar for
-    the scalar implementation, unset for the CPU's choice (None: as is)."""
-    saved = os.environ.get("LIVEMIG_PAGEHASH")
-    if impl == "scalar":
-        os.environ["LIVEMIG_PAGEHASH"] = "scalar"
-    elif impl is not None:
-        os.environ.pop("LIVEMIG_PAGEHASH", None)
+    """Spawned children inherit the environment: the variable of ``impl``
+    (VARIANT_ENV: LIVEMIG_PAGEHASH=scalar for the scalar page hash,
+    LIVEMIG_FIRST_TOUCH=prefault for pre-faulted destination memory; unset for
+    the default) while they start (None: as is)."""
+    if impl is None:
+        yield
+        return
+    var, value = VARIANT_ENV[impl]
+    saved = os.environ.get(var)
+    if value is None:
+        os.environ.pop(var, None)
+    else:
+        os.environ[var] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("LIVEMIG_PAGEHASH", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["LIVEMIG_PAGEHASH"] = saved
+            os.environ[var] = saved
 
 
 def _process_cpu_s() -> float:
@@ -111,6 +135,7 @@ def _destination_main(port_q, result_q) -> None:
                 result_q.put({"name": arrival.name, "cpu_s": cpu_s,
                               "pagehash": pagehash.implementation(),
                               "data_path": arrival.stats.data_path,
+                              "first_touch": arrival.stats.first_touch,
                               "stream_cpu_s": arrival.stats.stream_cpu_s})
                 await asyncio.sleep(0)
 
@@ -177,9 +202,10 @@ def migrate_once(streams: int, port: int, dest_q, memory_bytes: int, name: str,
     gib = memory_bytes / GiB
     return {
         "kind": f"streams={streams}" + ("" if lz4 else " no-lz4")
-                + (f" hash={impl}" if impl else ""), "streams": streams,
+                + _label(impl), "streams": streams,
         "data_path": stats["data_path"], "dest_data_path": dst["data_path"],
         "source_pagehash": src["pagehash"], "dest_pagehash": dst["pagehash"],
+        "dest_first_touch": dst["first_touch"],
         "total_s": stats["total_time_ms"] / 1e3, "downtime_ms": stats["downtime_ms"],
         "rounds": stats["nrounds"], "bytes_sent": stats["bytes_sent"],
         "rate_mib_s": memory_bytes / MiB / (stats["total_time_ms"] / 1e3),
@@ -301,12 +327,15 @@ def main() -> None:
     ap.add_argument("--pagehash", default="",
                     help="comma list of page hash implementations (scalar, avx512) to run "
                          "each stream count with, both peers alike; default: the CPU's choice")
+    ap.add_argument("--first-touch", default="",
+                    help="comma list of destination first-touch modes (uffd, prefault) to run "
+                         "each stream count with; default: the destination's choice")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "streams.json"))
     args = ap.parse_args()
     memory_bytes = 256 * MiB if args.quick else GiB
     repeat = 1 if args.quick else args.repeat
     counts = [int(x) for x in args.streams.split(",")] + ([0] if args.python_path else [])
-    impls = [x for x in args.pagehash.split(",") if x] or [None]
+    impls = [x for x in (args.pagehash + "," + args.first_touch).split(",") if x] or [None]
     kinds = [(n, True, impl) for n in counts for impl in impls] + [
         (n, False, impl) for n in counts if n and args.no_lz4_too for impl in impls]
 
