@@ -7,8 +7,6 @@ Python side and the guest see ordinary memory. Each migration is checked
 against a twin that never moved; where the fill cannot run the memory is
 pre-faulted as before and the stats say why.
 """
-import asyncio
-
 import numpy as np
 import pytest
 
@@ -21,7 +19,7 @@ from livemig.native import postcopy
 from livemig.native.firsttouch import HOW, FirstTouchFill
 from livemig.native.memory import GuestMemory
 from livemig.native.streams import probe
-from support.oracle import Recipe, assert_matches_unmoved
+from support.oracle import Recipe, moved_and_checked
 from support.relay import LOCAL
 
 OK, WHY = probe()
@@ -36,20 +34,8 @@ MEMTEST = Recipe("16MiB", 2, "memtest", seed=72, dirty_rate="24MiB/s")
 
 
 async def _moved(recipe: Recipe, config: MigrationConfig, server):
-    vm = recipe.build()
-    try:
-        vm.start()
-        await asyncio.sleep(0.05)
-        stats = await migrate(vm, LOCAL, server.port, config=config, name="f")
-        assert stats.status == "completed"
-        arrival, moved = await asyncio.wait_for(server.completed.get(), 30)
-        try:
-            assert_matches_unmoved(moved, recipe)
-        finally:
-            moved.close()
-        return stats, arrival.stats
-    finally:
-        vm.close()
+    return await moved_and_checked(
+        recipe, server, lambda vm: migrate(vm, LOCAL, server.port, config=config, name="f"))
 
 
 @pytest.mark.parametrize("recipe", [UNIFORM, MEMTEST], ids=["uniform", "memtest"])

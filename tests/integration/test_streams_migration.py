@@ -28,7 +28,7 @@ from livemig.native.memory import GuestMemory
 from livemig.native.streams import SourceStream, lz4_probe, probe
 from livemig.protocol import spec
 from livemig.protocol import connection
-from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
+from support.oracle import Recipe, assert_arrival_matches_unmoved, moved_and_checked
 from support.streamsaboteur import StreamSaboteur
 
 LOCAL = "127.0.0.1"
@@ -43,21 +43,10 @@ QUICK = dict(handshake_timeout_s=10, switchover_timeout_s=10, ack_timeout_s=10)
 
 async def _migrate_checked(recipe: Recipe, config: MigrationConfig, *, server, **kw):
     """Migrate a fresh VM of ``recipe`` to ``server``; check it against its twin."""
-    vm = recipe.build()
-    try:
-        vm.start()
-        await asyncio.sleep(0.05)
-        stats = await migrate(vm, LOCAL, server.port, config=config, name="s", **kw)
-        assert stats.status == "completed" and stats.converged
-        arrival, moved = await asyncio.wait_for(server.completed.get(), 10)
-        assert arrival.status == "completed"
-        try:
-            assert_matches_unmoved(moved, recipe)
-        finally:
-            moved.close()
-        return stats, arrival.stats
-    finally:
-        vm.close()
+    stats, arrived = await moved_and_checked(
+        recipe, server, lambda vm: migrate(vm, LOCAL, server.port, config=config, name="s", **kw))
+    assert stats.converged and arrived.status == "completed"
+    return stats, arrived
 
 
 @pytest.mark.parametrize("nstreams", [1, 2, 4])

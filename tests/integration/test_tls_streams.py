@@ -29,7 +29,7 @@ from livemig.native import postcopy
 from livemig.native import tls as native_tls
 from livemig.native.streams import probe
 from livemig.protocol import ChannelKind, spec
-from support.oracle import Recipe, assert_arrival_matches_unmoved, assert_matches_unmoved
+from support.oracle import Recipe, assert_arrival_matches_unmoved, moved_and_checked
 from support.relay import LOCAL, Relay
 from support.streamsaboteur import StreamSaboteur
 from support.waiting import wait_for_async
@@ -63,21 +63,9 @@ async def _migrate(vm, pki, port, config: MigrationConfig, **kw):
 
 async def _moved_checked(recipe: Recipe, pki, *, server, port=None, **config):
     """Migrate a fresh VM of ``recipe`` under TLS; check it against its twin."""
-    vm = recipe.build()
-    try:
-        vm.start()
-        await asyncio.sleep(0.05)
-        stats = await _migrate(vm, pki, port or server.port,
-                               MigrationConfig(**({"streams": 2} | QUICK | config)))
-        assert stats.status == "completed"
-        arrival, moved = await asyncio.wait_for(server.completed.get(), 30)
-        try:
-            assert_matches_unmoved(moved, recipe)
-        finally:
-            moved.close()
-        return stats, arrival.stats
-    finally:
-        vm.close()
+    cfg = MigrationConfig(**({"streams": 2} | QUICK | config))
+    return await moved_and_checked(
+        recipe, server, lambda vm: _migrate(vm, pki, port or server.port, cfg), timeout_s=30)
 
 
 def test_a_tls_migration_runs_on_the_native_streams_and_arrives_whole(run, pki):

@@ -104,3 +104,27 @@ async def assert_arrival_matches_unmoved(server, recipe: Recipe, *,
     finally:
         moved.close()
 
+
+
+async def moved_and_checked(recipe: Recipe, server, migrate_vm, *,
+                            timeout_s: float = PATIENCE_S):
+    """Build and start a VM of ``recipe``, move it with ``await
+    migrate_vm(vm)`` (the source's stats, which must say completed), check
+    the VM that arrived at ``server`` against a never-moved twin, close both.
+    Returns (source stats, arrival stats)."""
+    import asyncio
+
+    vm = recipe.build()
+    try:
+        vm.start()
+        await asyncio.sleep(0.05)
+        stats = await migrate_vm(vm)
+        assert stats.status == "completed", stats.error
+        arrival, moved = await asyncio.wait_for(server.completed.get(), timeout_s)
+        try:
+            assert_matches_unmoved(moved, recipe)
+        finally:
+            moved.close()
+        return stats, arrival.stats
+    finally:
+        vm.close()
