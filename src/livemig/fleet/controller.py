@@ -62,6 +62,7 @@ import math
 import os
 import time
 
+from ..aio.tasks import cancel_and_wait
 from ..service.eventlog import event
 from . import keys
 from .decision import (MAX_LOGGED_MOVES, REQUESTED, Decision, decide, held_by_window, log_entries,
@@ -345,13 +346,7 @@ class BalanceController:
     async def close(self) -> None:
         """Stop; a leader resigns (a fenced delete) so a candidate takes over
         at its next poll rather than after the TTL."""
-        for task in (self._task, self._watch_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        await cancel_and_wait(self._task, self._watch_task)
         try:
             if self.term:
                 await fenced(self.client, self.term, [op_delete(keys.LEADER)])

@@ -51,6 +51,7 @@ import logging
 import os
 import time
 
+from ..aio.tasks import cancel_and_wait
 from .. import failpoints
 from ..errors import ControlError, LivemigError, MigrationError
 from . import keys
@@ -355,13 +356,7 @@ class FleetMember:
     async def close(self, *, leave: bool = True) -> None:
         if self.controller is not None:      # resigns while our lease still holds
             await self.controller.close()
-        for task in (self._task, self.moves.task, *self._settling.values()):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        await cancel_and_wait(self._task, self.moves.task, *self._settling.values())
         if leave and self.lease_id:
             try:
                 await self.client.lease_revoke(self.lease_id)
