@@ -348,20 +348,17 @@ int lm_stream_source_take_ack(lm_stream *s)
 static int take_ready_acks(lm_stream *s)
 {
     while (s->jobs_sent > s->jobs_acked) {
-        if (s->ch.tls && lm_tls_pending(&s->ch)) {
-            int rc = lm_stream_source_take_ack(s);
-            if (rc != 0)
-                return rc;
-            continue;
+        /* Under TLS an ack may already be out of the socket, in OpenSSL. */
+        if (!(s->ch.tls && lm_tls_pending(&s->ch))) {
+            struct pollfd pfd = {.fd = s->ch.fd, .events = POLLIN};
+            int n = poll(&pfd, 1, 0);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return lm_chan_fail(&s->ch, errno, "poll: %s", strerror(errno));
+            if (n == 0)
+                return 0;
         }
-        struct pollfd pfd = {.fd = s->ch.fd, .events = POLLIN};
-        int n = poll(&pfd, 1, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return lm_chan_fail(&s->ch, errno, "poll: %s", strerror(errno));
-        if (n == 0)
-            return 0;
         int rc = lm_stream_source_take_ack(s);
         if (rc != 0)
             return rc;
