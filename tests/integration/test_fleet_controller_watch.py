@@ -12,7 +12,7 @@ import pytest
 from livemig.fleet.controller import BalanceController
 from livemig.fleet.member import FleetMember
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
-from support.waiting import PATIENCE_S
+from support.waiting import wait_for_async
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
 
@@ -24,13 +24,13 @@ class _Host:
         self.advertised, self.vms = advertised, {}
 
 
-async def _until(what: str, cond, timeout_s: float = PATIENCE_S):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not (value := cond()):
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-    return value
+async def _x_leads_y_watches(cx, cy) -> int:
+    """x leads, y is a candidate with its watch up: x's term."""
+    cx.start()
+    await wait_for_async("x to lead", lambda: cx.term)
+    cy.start()
+    await wait_for_async("y's watch to be up", lambda: cy.watching)
+    return cx.term
 
 
 async def _pair(url):
@@ -57,13 +57,9 @@ def test_a_watching_candidate_takes_over_when_the_leader_resigns(tmp_path):
     async def main(url):
         members, (cx, cy) = await _pair(url)
         try:
-            cx.start()
-            await _until("x to lead", lambda: cx.term)
-            cy.start()
-            await _until("y's watch to be up", lambda: cy.watching)
-            term_x = cx.term
+            term_x = await _x_leads_y_watches(cx, cy)
             await cx.close()                      # resigns: the key is deleted
-            await _until("y to lead", lambda: cy.term > term_x)
+            await wait_for_async("y to lead", lambda: cy.term > term_x)
             assert cy.watch_events >= 1           # the watch, not the safety poll, saw it
         finally:
             await _close(members, (cx, cy))
@@ -74,14 +70,10 @@ def test_the_safety_poll_takes_over_when_the_watch_is_silent(tmp_path):
     async def main(url):
         members, (cx, cy) = await _pair(url)
         try:
-            cx.start()
-            await _until("x to lead", lambda: cx.term)
-            cy.start()
-            await _until("y's watch to be up", lambda: cy.watching)
+            term_x = await _x_leads_y_watches(cx, cy)
             cy._watch_task.cancel()               # as a stream that stays open and silent
-            term_x = cx.term
             await cx.close()
-            await _until("y to lead", lambda: cy.term > term_x)
+            await wait_for_async("y to lead", lambda: cy.term > term_x)
             assert cy.watch_events == 0
         finally:
             await _close(members, (cx, cy))

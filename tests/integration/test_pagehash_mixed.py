@@ -12,7 +12,7 @@ import pytest
 
 from livemig.native import pagehash
 from livemig.native.streams import probe
-from support.daemons import DaemonProcess, assert_daemon_vm_matches_unmoved, start_vm
+from support.daemons import assert_daemon_vm_matches_unmoved, daemon_pair, start_vm
 from support.oracle import Recipe
 
 OK, WHY = probe()
@@ -22,17 +22,8 @@ pytestmark = pytest.mark.skipif(not OK, reason=f"native streams: {WHY}")
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pagehash-mixed")
-    a = DaemonProcess(tmp, "a", "asyncio", env={pagehash.ENV_VAR: "scalar"})
-    try:
-        b = DaemonProcess(tmp, "b", "asyncio")
-    except BaseException:
-        a.close()
-        raise
-    try:
-        yield a, b
-    finally:
-        b.close()
-        a.close()
+    with daemon_pair(tmp, "asyncio", env_a={pagehash.ENV_VAR: "scalar"}) as pair:
+        yield pair
 
 
 def _migrate(src, dst, name):

@@ -96,10 +96,10 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def daemon_pair(tmp: Path, loop: str):
+def daemon_pair(tmp: Path, loop: str, *, env_a: dict | None = None):
     """Daemon processes "a" and "b" on ``loop``, closed at the end (``a`` at
-    once if ``b`` does not start)."""
-    a = DaemonProcess(tmp, "a", loop)
+    once if ``b`` does not start); ``env_a``: more environment for "a"."""
+    a = DaemonProcess(tmp, "a", loop, env=env_a)
     try:
         b = DaemonProcess(tmp, "b", loop)
     except BaseException:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from livemig.fleet.blockingtxn import FAST_TRY_S, BlockingTxn, FastPathFailed
+from support.waiting import wait_for
 
 
 class OneShotServer:
@@ -102,10 +103,8 @@ def test_alive_notices_a_connection_closed_while_idle():
         assert txn.alive()
         txn.sock.sendall(b"x")          # the server closes on its next read
         srv.thread.join(5)
-        deadline = time.monotonic() + 5
-        while txn.alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not txn.alive() and txn.sock is None
+        wait_for("the closed connection to be noticed", lambda: not txn.alive(), timeout_s=5)
+        assert txn.sock is None
     finally:
         srv.close()
 
