@@ -139,7 +139,9 @@ def test_migrate_set_reaches_a_stream_migration_through_the_daemon(tmp_path, loo
             return a.client.call("migration.find", key="paced")
 
         def sent_bytes():
-            return (record().get("stats") or {}).get("bytes_sent", 0)   # none before setup
+            live = record()
+            assert live["status"] in ("setup", "active", "completed"), live
+            return (live.get("stats") or {}).get("bytes_sent", 0)   # none before setup
 
         def window(nbytes):
             """(bytes, seconds) until ``nbytes`` more were sent or it ended."""

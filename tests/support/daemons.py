@@ -83,6 +83,12 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None and self.client.call("ping")["pid"] == self.proc.pid
 
+    def log_tail(self, nbytes: int = 8000) -> str:
+        """The end of this daemon's log (for a failing test's report)."""
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-nbytes:]
+
     def close(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ControlError):
@@ -107,6 +113,11 @@ def daemon_pair(tmp: Path, loop: str, *, env_a: dict | None = None):
         raise
     try:
         yield a, b
+    except BaseException:
+        # pytest shows what a failing test printed: both daemons' last words.
+        for d in (a, b):
+            print(f"--- daemon {Path(d.log.name).stem} log (tail) ---\n{d.log_tail()}")
+        raise
     finally:
         b.close()
         a.close()
