@@ -111,6 +111,18 @@ def test_the_destination_owner_is_asked():
         _resolve(_Member(PEER, 2, live={PEER}), peer_says=UNREACHABLE)
 
 
+def test_a_silent_destination_whose_record_lists_it_running_leaves_the_copy_paused():
+    """The destination's host record still lists the VM running (its lease
+    outlives a killed daemon): only its own answer releases the copy here,
+    which is the rollback if that host died."""
+    m = _Member(PEER, 2, live={PEER}, running={PEER})
+    with pytest.raises(ControlError, match="lists it running but does not answer") as e:
+        _resolve(m, peer_says=UNREACHABLE)
+    assert e.value.error_type == "InDoubt" and m.reclaims == 0
+    verdict, asked = _resolve(m, peer_says=COMMITTED)
+    assert asked and not verdict.resume and verdict.destination_says == COMMITTED
+
+
 @pytest.mark.parametrize("says", [ABANDONED, UNKNOWN])
 def test_a_destination_that_resumed_it_and_lost_it_leaves_a_stale_copy(says):
     """etcd says the guest resumed there (state owned); its restarted daemon

@@ -17,7 +17,9 @@ Resolving reads the key and acts on it:
 * **etcd names another host**: ``--resume`` is refused, naming the owner.
   The copy here is discarded once that owner is live and reports the VM
   running, or, when the owner is the destination of the broken handover,
-  once it answers that it runs it (its record lags by up to a renewal). A
+  once it answers that it runs it: its record alone is not enough, since it
+  lags by up to a renewal and outlives a killed daemon until the lease
+  expires, and this copy is the rollback if that host died. A
   destination that answers it does *not* run the VM (its transaction went
   through but it gave up, or it abandoned a post-copy) leaves this copy the
   only one: the key is taken back from it (a new epoch) and the VM resumes
@@ -129,7 +131,7 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
             raise _refused(f"refusing to resume VM {name!r} here: etcd names {owner} (epoch "
                            f"{epoch}) as its owner, and only that host may run it")
         live, runs = await member.runs_at(owner, name)
-        if runs:
+        if runs and owner != peer:
             return Verdict(False, owner, epoch, f"etcd names {owner} (epoch {epoch}), which "
                            "reports running it")
         if owner == peer and action is None and state == keys.LOST:
@@ -161,7 +163,8 @@ async def resolve(member: FleetMember, name: str, peer: str, action: str | None,
         if action == "discard":
             return Verdict(False, owner, epoch, f"by the operator; etcd names {owner} (epoch "
                            f"{epoch})")
-        where = "does not report running it" if live else "is lost (its lease expired)"
+        where = ("is lost (its lease expired)" if not live else
+                 "lists it running but does not answer" if runs else "does not report running it")
         raise _in_doubt(
             f"etcd names {owner} (epoch {epoch}) as the owner of VM {name!r}, but that host "
             f"{where}: the copy paused here may be the only one, so it stays paused. It is "
