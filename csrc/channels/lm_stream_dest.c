@@ -17,7 +17,7 @@
  *   header bounds (a frame is at most LM_STREAM_MAX_FRAME bytes), so no
  *   count can wrap a check.
  *
- *   Placing: RAW pages are hashed (page and block hashes) from the frame
+ *   Placing: RAW pages are hashed from the frame
  *   buffer whose checksum was just checked, still in cache (LZ4 pages from
  *   the buffer they were decoded into), then copied into guest memory with
  *   non-temporal stores: the copy is of a private buffer, so what lands is
@@ -25,7 +25,12 @@
  *   the cache nor evict the frame (measured: the thread's CPU per GiB a
  *   fifth lower than copying first and hashing the landed page); BLOCK
  *   pages' blocks are written over the
- *   page held and only those blocks rehashed (lm_blockdelta.c); ZERO pages
+ *   page held and only those blocks rehashed (lm_blockdelta.c). The block
+ *   hashes of a page are kept only from its first BLOCK version on: a RAW,
+ *   LZ4 or ZERO page marks them stale, and the next BLOCK page hashes its
+ *   whole page once. Most pages never see a BLOCK version, and storing
+ *   sixteen hashes for every page placed (and faulting in a table of 3 %
+ *   of guest memory) cost more than those few whole-page hashes; ZERO pages
  *   are written only where memory is not zero already (a page never written
  *   reads as the shared zero page, and writing it would allocate memory for
  *   nothing). hashes[] and held[]
@@ -246,12 +251,9 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
                 const uint8_t *from = enc == LM_ENC_RAW ? raw : unpacked;
                 /* Hashed from the verified private buffer (still in cache),
                  * then copied: what lands is exactly what was hashed. */
-                if (s->fp) {
-                    h = page_blocks_hash(from, s->fp + page * LM_BLOCKS_PER_PAGE);
-                    s->fp_valid[page] = 1;
-                } else {
-                    h = page_hash(from);
-                }
+                h = page_hash(from);
+                if (s->fp)
+                    s->fp_valid[page] = 0;   /* block hashes made when a BLOCK page needs them */
                 if (s->fill && !lm_postcopy_page_present(s->fill, page)) {
                     if (absent_n == 0) {
                         absent_first = page;
@@ -281,11 +283,8 @@ static void place_runs(lm_stream *s, const uint8_t *runs, uint32_t nruns, const 
                 if ((!s->fill || lm_postcopy_page_present(s->fill, page)) && !lm_page_is_zero(dst))
                     memset(dst, 0, LM_PAGE_SIZE);
                 h = s->zero_hash;
-                if (s->fp) {
-                    memcpy(s->fp + page * LM_BLOCKS_PER_PAGE, s->zero_blocks,
-                           sizeof(s->zero_blocks));
-                    s->fp_valid[page] = 1;
-                }
+                if (s->fp)
+                    s->fp_valid[page] = 0;
             }
             land(s, page, h);
         }
