@@ -116,7 +116,7 @@ int lm_chan_claim(struct lm_chan *c, int sock_fd)
 }
 
 int lm_chan_start(struct lm_chan *c, int sock_fd, uint32_t wire_version, uint64_t send_seq,
-                  uint64_t recv_seq, void *(*main)(void *), void *arg)
+                  uint64_t recv_seq, const char *name, void *(*main)(void *), void *arg)
 {
     c->fd = sock_fd;
     c->version = wire_version;
@@ -134,6 +134,7 @@ int lm_chan_start(struct lm_chan *c, int sock_fd, uint32_t wire_version, uint64_
         c->fd = -1;
         return -rc;
     }
+    pthread_setname_np(c->thread, name);   /* a name is a convenience: never fatal */
     c->attached = 1;
     return 0;
 }

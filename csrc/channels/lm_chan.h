@@ -87,9 +87,11 @@ int lm_chan_wait(struct lm_chan *c, short events);
 /* First step of an attach, c NULL allowed: refuse a bad or busy handle and
  * make the socket non-blocking. sock_fd is closed whenever this fails. */
 int lm_chan_claim(struct lm_chan *c, int sock_fd);
-/* Start main(arg) on the claimed socket: 0 or -errno (sock_fd closed). */
+/* Start main(arg) on the claimed socket, in a thread named name (at most
+ * 15 characters: what top -H, perf and gdb show): 0 or -errno (sock_fd
+ * closed). */
 int lm_chan_start(struct lm_chan *c, int sock_fd, uint32_t wire_version, uint64_t send_seq,
-                  uint64_t recv_seq, void *(*main)(void *), void *arg);
+                  uint64_t recv_seq, const char *name, void *(*main)(void *), void *arg);
 /* Ask the thread to stop, join it, close the socket: 0 or the thread's -errno. */
 int lm_chan_detach(struct lm_chan *c);
 /* The thread's end, from the thread: publish status, shut the socket down on

@@ -367,7 +367,9 @@ LM_API int lm_stream_attach(lm_stream *s, int sock_fd, uint32_t wire_version, ui
         return rc;
     s->ch.max_frame = max_payload_bytes < LM_STREAM_MAX_FRAME ? max_payload_bytes
                                                           : LM_STREAM_MAX_FRAME;
-    return lm_chan_start(&s->ch, sock_fd, wire_version, send_seq, recv_seq, stream_main, s);
+    const char *name = s->side == LM_STREAM_SOURCE ? "lm-bulk-send"
+                       : s->pc ? "lm-push-recv" : "lm-bulk-recv";
+    return lm_chan_start(&s->ch, sock_fd, wire_version, send_seq, recv_seq, name, stream_main, s);
 }
 
 LM_API int lm_stream_send_round(lm_stream *s, uint32_t round, const uint64_t *pages, uint64_t n)

@@ -186,7 +186,9 @@ LM_API int lm_urgent_attach(lm_urgent *u, int sock_fd, uint32_t wire_version, ui
     u->ch.max_frame = max_frame;
     u->spin_us = spin_us;
     u->rlen = 0;
-    rc = lm_chan_start(&u->ch, sock_fd, wire_version, send_seq, recv_seq, urgent_main, u);
+    rc = lm_chan_start(&u->ch, sock_fd, wire_version, send_seq, recv_seq,
+                       u->side == LM_URGENT_SOURCE ? "lm-urgent-src" : "lm-urgent-dst",
+                       urgent_main, u);
     if (rc != 0)
         return rc;
     if (cpu >= 0) {

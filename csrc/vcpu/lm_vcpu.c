@@ -31,6 +31,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -461,6 +462,9 @@ LM_API int lm_vcpu_create(lm_region *region, uint32_t id, lm_vcpu **out)
         free(v);
         return -rc;
     }
+    char name[16];
+    snprintf(name, sizeof(name), "lm-vcpu-%u", id);
+    pthread_setname_np(v->thread, name);
     *out = v;
     return lm_vcpu_wait_parked(v, 5000);
 }

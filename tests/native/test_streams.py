@@ -11,6 +11,7 @@ the thread's eventfd, with a generous timeout.
 import select
 import socket
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -520,3 +521,20 @@ def test_source_thread_refuses_a_wrong_ack():
         b.close()
         src_mem.close()
 
+
+def _thread_names() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return [(t / "comm").read_text().strip() for t in tasks.iterdir()]
+
+
+def test_the_native_threads_carry_names_top_and_perf_show():
+    src_mem, dst_mem = _filled(seed=3), GuestMemory(NPAGES * PAGE)
+    pair = Pair(src_mem, dst_mem)
+    try:
+        names = _thread_names()
+        assert names.count("lm-bulk-send") == 1 and names.count("lm-bulk-recv") == 1, names
+    finally:
+        pair.close()
+        src_mem.close()
+        dst_mem.close()
+    assert "lm-bulk-send" not in _thread_names()

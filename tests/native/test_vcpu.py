@@ -1,5 +1,6 @@
 """The native vCPU: instruction semantics, faults, run control, state."""
 import errno
+import os
 import time
 
 import numpy as np
@@ -495,3 +496,13 @@ def test_any_command_sequence_ends_exactly_at_the_stop_step(commands):
             v.close()
     assert states[0] == states[1]
     assert states[0][2] == target
+
+
+def test_a_vcpu_thread_is_named_after_its_index(mem):
+    v = VCpu(mem, 3)
+    try:
+        names = [open(f"/proc/self/task/{t}/comm").read().strip()
+                 for t in os.listdir("/proc/self/task")]
+        assert "lm-vcpu-3" in names, names
+    finally:
+        v.close()
