@@ -20,7 +20,9 @@ from livemig.engine.destination import server as server_mod
 from livemig.engine.destination import streamprobe as dest_probe
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
+from livemig.engine.source.streamprobe import FIRST_ROUND_BYTES
 from livemig.errors import LivemigError
+from livemig.native.postcopy import probe as postcopy_probe
 from livemig.native.streams import probe
 from livemig.protocol import connection
 from livemig.protocol import (Abort, ChannelKind, StreamProbe, StreamProbeEnd,
@@ -30,6 +32,7 @@ from support.waiting import PATIENCE_S, wait_for_async
 
 LOCAL = "127.0.0.1"
 MIB = 1 << 20
+PAGE = 4096
 OK, WHY = probe()
 pytestmark = pytest.mark.skipif(not OK, reason=f"native streams: {WHY}")
 RECIPE = Recipe("16MiB", 1, "uniform", seed=5, dirty_rate="4MiB/s", fill_seed=6)
@@ -87,6 +90,52 @@ def test_plan_under_tls_probes_on_the_tls_streams(run, tmp_path):
     est = run(main())
     assert est.kind == "streams" and est.fallback_reason is None
     assert est.streams["nstreams"] == 2 and est.streams["dest_bytes"] == est.bytes > 0
+
+
+@pytest.mark.parametrize("first_touch", ["fill", "prefault"])
+def test_the_probe_places_its_rounds_as_a_migration_places_pages(run, monkeypatch, first_touch):
+    """The probe's window is placed as a VM's memory is: by the first-touch
+    fill (UFFDIO_COPY into pages made absent again after every round) where
+    this host has it, else pre-faulted; each round then finds it fresh."""
+    if first_touch == "prefault":
+        monkeypatch.setenv("LIVEMIG_FIRST_TOUCH", "prefault")
+    elif not postcopy_probe().missing:
+        pytest.skip(f"userfaultfd MISSING unavailable: {postcopy_probe().reason}")
+    seen = []
+
+    class Watched(dest_probe.StreamProbeSink):
+        def stop(self):
+            if not self.streams.closed:
+                placed = sum(s.stats()["pages"] for s in self.streams.streams)
+                seen.append((self, placed, self.fill.pm.stats if self.fill else None))
+            super().stop()
+    monkeypatch.setattr(dest_probe, "StreamProbeSink", Watched)
+
+    async def main():
+        async with MigrationServer(LOCAL, 0) as srv:
+            await probe_link(LOCAL, srv.port, config=MigrationConfig(streams=2),
+                             max_bytes=24 * MIB, max_time_s=0.5)
+            assert srv.errors == [] and not srv.probe_slot.busy
+            [(sink, placed, pm_stats)] = seen
+            assert (sink.fill is not None) == (first_touch == "fill") and placed > 0
+            if sink.fill is None:
+                return
+            # Round 0 landed on the fresh window: every page by UFFDIO_COPY.
+            assert pm_stats["pages_copied"] >= FIRST_ROUND_BYTES // PAGE
+            # Freshening after a round makes every page absent again (the
+            # probe's own rounds race it; here nothing else places pages).
+            fresh = dest_probe.StreamProbeSink(StreamProbeGrant(1, 100, 64 * PAGE),
+                                               dest_probe.ProbeSlot(), lambda ch: None)
+            try:
+                fresh.fill.pm.place(0, bytes(range(256)) * 16 * 8, 8)
+                fresh.fill.pm.place(40, b"\x01" * PAGE, 1)
+                assert fresh.fill.pm.missing == 64 - 9
+                fresh._make_fresh()
+                assert fresh.fill.pm.missing == 64
+                assert not fresh.memory.words.any()
+            finally:
+                fresh.close()
+    run(main())
 
 
 @pytest.mark.parametrize("config,tls,reason", [

@@ -12,15 +12,22 @@ Theory of operation
     bulk k:  PageBatch* StreamEnd ─▶ ◀ StreamAck, round after round, exactly
         as in a migration: header, checksum, batch and runs checked, pages
         placed in the scratch region and forgotten
-    each round closed on every stream: the window is given back to the
-        kernel (MADV_DONTNEED), so the next round lands on fresh memory
+    each round closed on every stream: the window is made fresh again, so
+        the next round lands on memory never touched, as a migration's pages do
     control: S StreamProbeEnd ─ D StreamProbeResult(pages, bytes, time, CPU)
 
 Fresh memory matters: a migration places every page on memory never
-touched before (the kernel zeroes each page at its first write, which on a
-machine with few CPUs slows the streams as much as the link does); a probe
-that placed its rounds on the same warm window would overstate the rate.
-The window has the flags of a VM's memory (VM.blank: transparent huge pages).
+touched before, and how it gets there is much of the destination's work. A
+probe that placed its rounds on the same warm window would overstate the
+rate, one that paid for first touches a migration does not pay would
+understate it. So the window is placed exactly as a migration's memory is
+(server._first_touch_fill): with the first-touch fill where this host has
+it (native/firsttouch.py: each page allocated and written by UFFDIO_COPY,
+never zeroed first), the window's pages made absent again after each round
+(``PostcopyMemory.invalidate``); without it, given back to the kernel
+(MADV_DONTNEED) and pre-faulted while the next round streams, as the server
+pre-faults a VM's memory. The window has the flags of a VM's memory
+(VM.blank: transparent huge pages).
 
 The probe is bounded here whatever the source asks or does: the grant caps
 streams, window and duration; :class:`ProbeSlot` lets one stream probe run
@@ -41,8 +48,9 @@ import numpy as np
 from ...aio.channel import Channel
 from ...codec.blockdelta import HeldBlocks
 from ...config import MAX_STREAMS, MigrationConfig
-from ...errors import RemoteProtocolError, Unsupported
+from ...errors import BackendUnavailable, RemoteProtocolError, Unsupported
 from ...native import PAGE_SIZE
+from ...native.firsttouch import FirstTouchFill
 from ...native.memory import GuestMemory
 from ...protocol import StreamProbe, StreamProbeEnd, StreamProbeGrant, StreamProbeResult, spec
 from .streams import DestStreams, offered as streams_offered
@@ -54,7 +62,6 @@ MAX_DURATION_MS = 5000
 """The longest a stream probe may send."""
 OPEN_GRACE_S = 2.0
 """Beyond the granted duration, for opening the streams and the last acks."""
-POPULATE = True
 POPULATE_CHUNK_PAGES = 1024
 
 
@@ -79,12 +86,20 @@ class StreamProbeSink:
         self._slot = slot
         self._release = release       # lets an adopted channel's handler return
         self.memory = GuestMemory(grant.window_bytes)   # as VM.blank maps guest memory
+        try:
+            self.fill: FirstTouchFill | None = FirstTouchFill(self.memory)
+        except BackendUnavailable:
+            self.fill = None      # pre-faulted, as the server does then
+        except BaseException:
+            self.memory.close()
+            raise
         # The arrays a migration's threads write for every page placed (page
         # hashes, held pages, block hashes): the same work per page.
         npages = self.memory.npages
+        self._everything = np.ones(npages, dtype=bool)
         self.streams = DestStreams(self.memory, np.zeros(npages, dtype=np.uint64),
                                    np.zeros(npages, dtype=bool), HeldBlocks(npages),
-                                   grant.nstreams)
+                                   grant.nstreams, self.fill)
         self.channels: list[Channel] = []
         self.first_ns: int | None = None
         self.closed = False
@@ -110,8 +125,8 @@ class StreamProbeSink:
 
     def _news(self) -> None:
         """A thread closed a round (or failed): once every stream has closed
-        it, give the window back so the next round lands on fresh memory.
-        A page of the next round placed before the discard reads as zero
+        it, make the window fresh so the next round lands on fresh memory.
+        A page of the next round placed before that reads as zero
         afterwards: harmless, nothing reads the window (checksums are checked
         on the received frames)."""
         streams = self.streams.streams
@@ -122,9 +137,17 @@ class StreamProbeSink:
         closed = min(s.stats()["rounds"] for s in streams)
         if closed > self._rounds_fresh:
             self._rounds_fresh = closed
-            self.memory.discard(0, self.memory.npages)
-            if POPULATE and (self._populating is None or self._populating.done()):
-                self._populating = self._loop.run_in_executor(None, self._populate)
+            self._make_fresh()
+
+    def _make_fresh(self) -> None:
+        """Every page of the window absent again (the fill's), or discarded
+        and being pre-faulted anew."""
+        if self.fill is not None:
+            self.fill.pm.invalidate(self._everything)
+            return
+        self.memory.discard(0, self.memory.npages)
+        if self._populating is None or self._populating.done():
+            self._populating = self._loop.run_in_executor(None, self._populate)
 
     def _populate(self) -> None:
         """Fault the window in as the server pre-faults a VM's memory while
