@@ -12,14 +12,21 @@ one socket each) as much as by the link, so the probe runs them::
         over a region of the granted window filled with random bytes
         (incompressible, no zero page, so every page goes RAW after the
         same LZ4 decision a migration makes), paced by the migration's cap
-    rounds 0, 1, ...: every page of a growing part of the window, split over
-        the streams as a round is (native.streams.partition), until the
-        granted duration or the byte budget is spent
+    rounds 0, 1, ...: a growing run of the window's pages, each round
+        starting where the last one ended (wrapping), split over the streams
+        as a round is (native.streams.partition), until the granted
+        duration or the byte budget is spent
     control: StreamProbeEnd(pages, bytes) ─▶ ◀ StreamProbeResult
 
-Rounds start at :data:`FIRST_ROUND_BYTES` and double up to the window, and
-a round starts only when the rate seen so far says it ends within the
-granted duration (the destination closes the streams soon after it). Each
+Rounds start at :data:`FIRST_ROUND_BYTES` and double up to half the
+window, and a round starts only when the rate seen so far says it ends
+within the granted duration (the destination closes the streams soon after
+it). Half the window, taken where the last round ended: two rounds in a row
+never share a page. The destination makes the window fresh once a round
+closes, while the next one already streams (engine/destination/
+streamprobe.py); on pages of its own, the next round does not race that
+freshening and lands on fresh memory, as a migration's pages do (as long
+as the destination gets to it within a round). Each
 round's bytes and wall time are kept: analysis/linkrate.py turns them into
 the rate estimate. Nothing here touches a VM.
 """
@@ -117,15 +124,18 @@ async def _rounds(streams: SourceStreams, npages: int, duration_s: float, max_by
     round is a first send: the fingerprints forget what the destination
     holds (it discards it too), so no page goes as a BLOCK page."""
     rounds: list[tuple[int, float]] = []
-    round_pages = max(1, min(npages, FIRST_ROUND_BYTES // PAGE_SIZE))
+    most_pages = max(1, npages // 2)
+    round_pages = min(most_pages, FIRST_ROUND_BYTES // PAGE_SIZE)
+    first = 0
     t_start = time.perf_counter()
     sent = 0
     while True:
         if fingerprints is not None:
             fingerprints.valid[:] = 0
+        pages = np.sort((first + np.arange(round_pages, dtype=np.uint64)) % np.uint64(npages))
+        first = (first + round_pages) % npages
         t0 = time.perf_counter()
-        result = await streams.send_round(len(rounds), np.arange(round_pages, dtype=np.uint64),
-                                          stall_timeout_s)
+        result = await streams.send_round(len(rounds), pages, stall_timeout_s)
         seconds = time.perf_counter() - t0
         rounds.append((result.bytes, seconds))
         sent += result.bytes
@@ -136,9 +146,9 @@ async def _rounds(streams: SourceStreams, npages: int, duration_s: float, max_by
         # The next round must end within the duration: the destination
         # closes the streams soon after it.
         fits = int(rate * left_s) // PAGE_SIZE
-        round_pages = min(npages, 2 * round_pages, fits,
+        round_pages = min(most_pages, 2 * round_pages, fits,
                           max(1, (max_bytes - sent) // PAGE_SIZE))
-        if round_pages * PAGE_SIZE < MIN_ROUND_BYTES and round_pages < npages:
+        if round_pages * PAGE_SIZE < MIN_ROUND_BYTES and round_pages < most_pages:
             return rounds
 
 
