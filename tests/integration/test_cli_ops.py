@@ -20,6 +20,7 @@ import pytest
 
 from support.daemons import (ENV, EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_USAGE,
                              DaemonProcess, daemon_pair, livemig)
+from support.ports import listen_port
 
 DEADLINE_S = 120
 # A fresh guest is mostly zero pages and re-sent pages travel as deltas, so
@@ -170,9 +171,7 @@ def test_progress_bar_on_a_terminal(daemons):
 
 
 def test_history_names_both_ends_and_survives_a_restart(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = listen_port()
     listen = ("--listen", f"127.0.0.1:{port}")
     a = DaemonProcess(tmp_path, "ha", "asyncio", *listen)
     b = DaemonProcess(tmp_path, "hb", "asyncio")
@@ -290,7 +289,7 @@ def test_event_log_and_metrics(tmp_path):
 def test_daemon_config_file_is_read_and_flags_win(tmp_path):
     event_log = tmp_path / "events.jsonl"
     config = tmp_path / "livemig.toml"
-    # DaemonProcess passes --listen 127.0.0.1:0 (the kernel picks a port),
+    # DaemonProcess passes --listen 127.0.0.1:PORT (support/ports.py),
     # which must win over the file's port 1; the log settings come from the file.
     config.write_text(f'listen = "127.0.0.1:1"\nlog-file = "{event_log}"\nlog-json = true\n')
     daemon = DaemonProcess(tmp_path, "cfg", "asyncio", "--config", str(config))

@@ -1,7 +1,8 @@
 """Daemons as separate processes and the ``livemig`` CLI, for integration tests.
 
-``DaemonProcess`` runs ``python -m livemig daemon`` on loopback (port 0: the
-kernel picks) with its control socket in a temporary directory; ``livemig()``
+``DaemonProcess`` runs ``python -m livemig daemon`` on loopback (on a port
+below the kernel's ephemeral range, support/ports.py, so that a restart can
+come back on it) with its control socket in a temporary directory; ``livemig()``
 runs one CLI command as a subprocess and checks its exit code.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from livemig.errors import ControlError
 from livemig.lab.daemonproc import wait_hosted as lab_wait_hosted
 from livemig.service.control import ControlClient
 from support.oracle import Recipe
+from support.ports import listen_port
 from support.waiting import PATIENCE_S, wait_for
 
 # The daemons and CLI run the same livemig this test process imported (the
@@ -49,7 +51,7 @@ class DaemonProcess:
         self.control = str(tmp / f"{label}.sock")
         self.log = open(tmp / f"{log_label or label}.log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "livemig", "daemon", "--listen", "127.0.0.1:0",
+            [sys.executable, "-m", "livemig", "daemon", "--listen", f"127.0.0.1:{listen_port()}",
              "--control", self.control, "--loop", loop,
              "--state-dir", str(tmp / f"{label}-state"), *extra],
             env={**ENV, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)

@@ -12,27 +12,16 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 
+from support.ports import listen_ports
 from support.waiting import wait_for
 
 ETCD = shutil.which("etcd")
 ETCD_MISSING = ("no etcd binary on PATH (apt-get install etcd-server; .ci/run does it where "
                 "apt is available)")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class EtcdMember:
@@ -76,7 +65,7 @@ class EtcdMember:
 
 class EtcdCluster:
     def __init__(self, tmp: Path, members: int):
-        ports = free_ports(2 * members)
+        ports = listen_ports(2 * members)    # a member restarted comes back on its own
         names = [f"m{i}" for i in range(members)]
         initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}"
                            for i, n in enumerate(names))

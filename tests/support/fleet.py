@@ -18,7 +18,7 @@ import urllib.request
 
 from livemig.fleet.etcd import EtcdClient
 from support.daemons import DaemonProcess, livemig
-from support.etcd import free_ports
+from support.ports import listen_port
 from support.faultproxy import FaultProxy
 from support.frameproxy import Fault
 from support.proxythread import LOCAL, ProxyThread
@@ -128,7 +128,7 @@ class FleetHost:
         extra = ["--fleet", etcd_link.url if etcd_link else etcd.url, "--fleet-ttl", str(ttl_s),
                  *extra]
         if fault is not None:
-            port, = free_ports(1)
+            port = listen_port()
             self.link = ProxyThread(port, fault)
             extra += ["--listen", f"{LOCAL}:{port}", "--advertise", self.link.address]
         try:
