@@ -122,15 +122,17 @@ def test_the_probe_places_its_rounds_as_a_migration_places_pages(run, monkeypatc
                 return
             # Round 0 landed on the fresh window: every page by UFFDIO_COPY.
             assert pm_stats["pages_copied"] >= FIRST_ROUND_BYTES // PAGE
-            # Freshening after a round makes every page absent again (the
-            # probe's own rounds race it; here nothing else places pages).
+            # Freshening after a round makes every page absent again once
+            # fewer than half are absent (here nothing else places pages).
             fresh = dest_probe.StreamProbeSink(StreamProbeGrant(1, 100, 64 * PAGE),
                                                dest_probe.ProbeSlot(), lambda ch: None)
             try:
                 fresh.fill.pm.place(0, bytes(range(256)) * 16 * 8, 8)
                 fresh.fill.pm.place(40, b"\x01" * PAGE, 1)
+                fresh._make_fresh()       # room left for a round of half the window
                 assert fresh.fill.pm.missing == 64 - 9
-                fresh._make_fresh()
+                fresh.fill.pm.place(8, b"\x02" * (24 * PAGE), 24)
+                fresh._make_fresh()       # not any more
                 assert fresh.fill.pm.missing == 64
                 assert not fresh.memory.words.any()
             finally:

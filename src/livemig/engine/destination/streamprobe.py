@@ -12,8 +12,9 @@ Theory of operation
     bulk k:  PageBatch* StreamEnd ─▶ ◀ StreamAck, round after round, exactly
         as in a migration: header, checksum, batch and runs checked, pages
         placed in the scratch region and forgotten
-    each round closed on every stream: the window is made fresh again, so
-        the next round lands on memory never touched, as a migration's pages do
+    each round closed on every stream: the window is made fresh where the
+        next round could land on placed pages, so every round lands on
+        memory never touched, as a migration's pages do
     control: S StreamProbeEnd ─ D StreamProbeResult(pages, bytes, time, CPU)
 
 Fresh memory matters: a migration places every page on memory never
@@ -23,10 +24,11 @@ rate, one that paid for first touches a migration does not pay would
 understate it. So the window is placed exactly as a migration's memory is
 (server._first_touch_fill): with the first-touch fill where this host has
 it (native/firsttouch.py: each page allocated and written by UFFDIO_COPY,
-never zeroed first), the window's pages made absent again after each round
-(``PostcopyMemory.invalidate``); without it, given back to the kernel
-(MADV_DONTNEED) and pre-faulted while the next round streams, as the server
-pre-faults a VM's memory. The window has the flags of a VM's memory
+never zeroed first), the window's pages made absent again
+(``PostcopyMemory.invalidate``) once fewer than half are absent, which is
+when the source's next round could wrap onto placed ones; without it, given back to the kernel
+(MADV_DONTNEED) after each round and pre-faulted while the next round
+streams, as the server pre-faults a VM's memory. The window has the flags of a VM's memory
 (VM.blank: transparent huge pages).
 
 The probe is bounded here whatever the source asks or does: the grant caps
@@ -140,10 +142,16 @@ class StreamProbeSink:
             self._make_fresh()
 
     def _make_fresh(self) -> None:
-        """Every page of the window absent again (the fill's), or discarded
-        and being pre-faulted anew."""
+        """Every page of the window absent again (the fill's) once fewer than
+        half are left absent, or discarded and being pre-faulted anew. The
+        source's rounds (at most half the window each, each starting where the
+        last ended: engine/source/streamprobe.py) land on the absent pages
+        until they wrap; making pages absent costs CPU a migration never
+        spends, so it is done only when a round could wrap onto placed ones."""
         if self.fill is not None:
-            self.fill.pm.invalidate(self._everything)
+            npages = self.memory.npages
+            if self.fill.pm.missing < npages - npages // 2:
+                self.fill.pm.invalidate(self._everything)
             return
         self.memory.discard(0, self.memory.npages)
         if self._populating is None or self._populating.done():
