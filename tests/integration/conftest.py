@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from livemig.aio.loop import loop_kind, new_event_loop
+from support.etcd import etcd_cluster
 from support.waiting import PATIENCE_S
 
 
@@ -37,3 +38,11 @@ def run(request):
     loop.close()
     assert not leaked, f"tasks leaked: {leaked}"
     assert not unhandled, f"unhandled loop errors: {unhandled}"
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    """A one-member etcd on loopback for the fleet tests of one module (they
+    skip, saying why, where no etcd is installed)."""
+    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
+        yield cluster

@@ -39,12 +39,6 @@ pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
 def trio_daemons(tmp_path_factory, etcd):
     tmp = tmp_path_factory.mktemp("trio")
     daemons = []

@@ -32,12 +32,6 @@ CANDIDATE = ("--balance-controller", "--balance-interval", "1", "--balance-windo
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
 def candidates(tmp_path_factory, etcd):
     """Three fleet daemons, each a candidate controller passing every second;
     the tests below share them in order (what one moved, the next relies on)."""

@@ -23,7 +23,6 @@ that runs it, and the VM is identical to a twin that never moved.
 """
 from __future__ import annotations
 
-import signal
 
 import pytest
 
@@ -32,18 +31,13 @@ from support.daemons import wait_hosted
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
 from support.fleet import EtcdLink, leader, vm_row
 from support.fleetfaults import (DST, NAME, NOWHERE, SRC, WINDOW_S, arrival_ended, assert_settled,
-                                 ended, incoming, listed_copy, migrate, pair, start_warm)
+                                 ended, incoming, kill_while_held, listed_copy, migrate, pair,
+                                 start_warm)
 from support.frameproxy import HOLD, Fault
 from support.kills import DIRECTION
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
-        yield cluster
 
 
 KILLS = [
@@ -78,13 +72,7 @@ def test_a_daemon_killed_at_a_handover_step(tmp_path, etcd, mode, step, killed, 
     src, dst = pair(tmp_path, etcd, Fault(HOLD, step, DIRECTION[step]))
     hosts = {SRC: src, DST: dst}
     try:
-        start_warm(src, etcd)
-        mig = migrate(src, dst, mode)
-        dst.link.wait_fired(f"{step} to reach the proxy")
-        victim = hosts[killed].proc.proc
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        dst.link.release(forward)
+        mig = kill_while_held(hosts, etcd, mode, step, killed, forward)
         if killed == DST:
             rec = ended(src, mig)
             if runs is None and not forward:

@@ -20,8 +20,9 @@ What the design promises (docs/fleet.md, "Faults"):
   never resumes its copy (a rollback of the guest): it keeps it paused,
   marked lost, and etcd says lost.
 
-Each (step, side, fault) runs once, the modes alternating (post-copy where
-the step has pages owed, hybrid elsewhere), to keep the file short.
+Each (step, side, fault) runs here in one mode, the modes alternating;
+test_fleet_faults_postcopy_modes.py runs each in the other mode (the two
+files run on two test workers).
 """
 from __future__ import annotations
 
@@ -32,25 +33,17 @@ import pytest
 from livemig import failpoints
 from livemig.native import postcopy
 from support.daemons import assert_daemon_vm_matches_unmoved, start_vm
-from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
+from support.etcd import ETCD, ETCD_MISSING
 from support.fleet import FleetHost, vm_row
-from support.fleetfaults import (DST, NAME, NOWHERE, RECIPE, SRC, TTL_S, arrival_ended,
-                                 assert_settled, ended, migrate, pair, start_warm)
+from support.fleetfaults import (DST, EITHER, NAME, NOWHERE, RECIPE, SRC, TTL_S,
+                                 assert_settled, cut_at_step, ended, killed_at_step, migrate,
+                                 pair, start_warm)
 from support.frameproxy import HOLD, Fault
-from support.kills import DIRECTION
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
 needs_uffd = pytest.mark.skipif(not postcopy.probe().missing, reason=f"userfaultfd MISSING "
                                 f"unavailable: {postcopy.probe().reason}")
-WAYS = {**DIRECTION, "PageRequest": "down"}
-EITHER = "either"      # the destination runs it, or it is lost: whether pages were still owed
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    with etcd_cluster(tmp_path_factory.mktemp("etcd"), members=1) as cluster:
-        yield cluster
 
 
 # (mode, step, killed, the held frame delivered?, where the VM runs, a stale copy at the source)
@@ -82,33 +75,7 @@ def _ids(rows):
 @pytest.mark.parametrize("mode,step,killed,forward,runs,stale", KILLS, ids=_ids(KILLS))
 def test_a_daemon_killed_at_a_postcopy_handover_step(tmp_path, etcd, mode, step, killed,
                                                      forward, runs, stale):
-    src, dst = pair(tmp_path, etcd, Fault(HOLD, step, WAYS[step]))
-    hosts = {SRC: src, DST: dst}
-    try:
-        start_warm(src, etcd)
-        mig = migrate(src, dst, mode)
-        dst.link.wait_fired(f"{step} to reach the proxy")
-        victim = hosts[killed].proc.proc
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        dst.link.release(forward)
-        if killed == DST:
-            if ended(src, mig)["status"] == "completed" and stale:
-                # The frame held was on another connection than the
-                # post-copy's end: the push placed every page (the one a held
-                # PageRequest asked for too) and PostcopyComplete / Complete
-                # went through before the kill. The VM was whole there and the
-                # source released its copy: it died with the destination.
-                stale = False
-        elif arrival_ended(dst)["status"] == "completed" and runs == EITHER:
-            runs = DST
-        if runs == EITHER:
-            runs = NOWHERE
-        hosts[killed].restart()
-        assert_settled(etcd, hosts, runs, stale_at_source=stale)
-    finally:
-        src.close()
-        dst.close()
+    killed_at_step(tmp_path, etcd, mode, step, killed, forward, runs, stale)
 
 
 # (mode, step, where the VM runs once the cut is behind)
@@ -120,14 +87,7 @@ CUTS = [("hybrid", "Switchover", SRC), ("postcopy", "Verified", SRC),
 @needs_uffd
 @pytest.mark.parametrize("mode,step,runs", CUTS, ids=[f"{m}-cut-at-{s}" for m, s, _ in CUTS])
 def test_the_link_cut_at_a_postcopy_handover_step(tmp_path, etcd, mode, step, runs):
-    src, dst = pair(tmp_path, etcd, Fault("cut", step, WAYS[step]))
-    try:
-        start_warm(src, etcd)
-        ended(src, migrate(src, dst, mode))
-        assert_settled(etcd, {SRC: src, DST: dst}, runs)
-    finally:
-        src.close()
-        dst.close()
+    cut_at_step(tmp_path, etcd, mode, step, runs)
 
 
 def test_a_destination_killed_between_its_commit_and_its_resume(tmp_path, etcd):

@@ -4,10 +4,12 @@ between them, and the invariant checked once both live (``assert_settled``).
 """
 from __future__ import annotations
 
+import signal
+
 from support.daemons import assert_daemon_vm_matches_unmoved, start_vm, wait_hosted
 from support.fleet import FleetHost, vm_row
-from support.frameproxy import Fault
-from support.kills import MODES
+from support.frameproxy import HOLD, Fault
+from support.kills import DIRECTION, MODES
 from support.oracle import Recipe
 from support.waiting import PATIENCE_S, wait_for
 
@@ -20,6 +22,8 @@ SRC, DST, NOWHERE = "source", "destination", None
 STALE = "stale"     # a copy kept paused and marked lost (the guest resumed elsewhere, then died)
 # A post-copy destination whose source is gone stops waiting for it after this.
 DAEMON_FLAGS = ("--postcopy-recovery-timeout", str(WINDOW_S))
+WAYS = {**DIRECTION, "PageRequest": "down"}   # where each handover frame travels
+EITHER = "either"      # the destination runs it, or it is lost: whether pages were still owed
 
 
 
@@ -119,3 +123,60 @@ def pair(tmp_path, etcd, fault: Fault | None, *, src_link=None, dst_link=None, d
 
 
 # (mode, step, killed, the held frame delivered?, where the VM runs once both live)
+
+
+def kill_while_held(hosts: dict[str, FleetHost], etcd, mode: str, step: str, killed: str,
+                    forward: bool) -> int:
+    """Migrate the warm VM from ``hosts[SRC]`` to ``hosts[DST]`` (whose proxy
+    holds ``step``'s frame), SIGKILL the ``killed`` daemon once the frame is
+    held, then deliver or drop it; returns the migration's id."""
+    src, dst = hosts[SRC], hosts[DST]
+    start_warm(src, etcd)
+    mig = migrate(src, dst, mode)
+    dst.link.wait_fired(f"{step} to reach the proxy")
+    victim = hosts[killed].proc.proc
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    dst.link.release(forward)
+    return mig
+
+
+def killed_at_step(tmp_path, etcd, mode: str, step: str, killed: str, forward: bool,
+                   runs: str | None, stale: bool) -> None:
+    """Hold ``step``'s frame at the proxy, SIGKILL the ``killed`` daemon,
+    deliver or drop the frame, restart the daemon, and check where the VM
+    runs (``runs``; EITHER: at the destination if its arrival completed,
+    else nowhere) and whether the source keeps a stale copy."""
+    src, dst = pair(tmp_path, etcd, Fault(HOLD, step, WAYS[step]))
+    hosts = {SRC: src, DST: dst}
+    try:
+        mig = kill_while_held(hosts, etcd, mode, step, killed, forward)
+        if killed == DST:
+            if ended(src, mig)["status"] == "completed" and stale:
+                # The frame held was on another connection than the
+                # post-copy's end: the push placed every page (the one a held
+                # PageRequest asked for too) and PostcopyComplete / Complete
+                # went through before the kill. The VM was whole there and the
+                # source released its copy: it died with the destination.
+                stale = False
+        elif arrival_ended(dst)["status"] == "completed" and runs == EITHER:
+            runs = DST
+        if runs == EITHER:
+            runs = NOWHERE
+        hosts[killed].restart()
+        assert_settled(etcd, hosts, runs, stale_at_source=stale)
+    finally:
+        src.close()
+        dst.close()
+
+
+def cut_at_step(tmp_path, etcd, mode: str, step: str, runs: str | None) -> None:
+    """Cut the migration link as ``step``'s frame passes; check where the VM runs."""
+    src, dst = pair(tmp_path, etcd, Fault("cut", step, WAYS[step]))
+    try:
+        start_warm(src, etcd)
+        ended(src, migrate(src, dst, mode))
+        assert_settled(etcd, {SRC: src, DST: dst}, runs)
+    finally:
+        src.close()
+        dst.close()
