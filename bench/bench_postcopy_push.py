@@ -13,6 +13,8 @@ keeps writing at the destination. LZ4 and BLOCK off. Each row is the median of
 ``--repeat`` runs by total time; every run's figures are in the JSON.
 
     python bench/bench_postcopy_push.py --repeat 3     # about 3 minutes
+    python bench/bench_postcopy_push.py --modes postcopy --streams 1,2 --no-event-loop
+                                                       # the push on 1 and on 2 streams
 """
 from __future__ import annotations
 
@@ -65,8 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="postcopy,hybrid")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--fill-s", type=float, default=3.0)
+    ap.add_argument("--streams", default="",
+                    help="stream counts for the native push rows, e.g. 1,2 (default: the "
+                         "configuration's default, from the CPUs)")
+    ap.add_argument("--no-event-loop", action="store_true",
+                    help="skip the rows that push from the event loop")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "postcopy_push.json"))
     args = ap.parse_args(argv)
+    counts = [int(n) for n in args.streams.split(",") if n] or [None]
+    paths = [(True, n) for n in counts] + ([] if args.no_event_loop else [(False, None)])
     found = probe()
     if not found.missing:
         print(f"userfaultfd MISSING unavailable: {found.reason}", file=sys.stderr)
@@ -76,9 +85,11 @@ def main(argv=None) -> int:
                                 "repeat": args.repeat, "fill_s": args.fill_s,
                                 "codec": list(raw.encodings)}, "rows": []}
     for mode in args.modes.split(","):
-        for native in (True, False):
+        for native, nstreams in paths:
             extra = ({"hybrid_postcopy_after_rounds": 1, "max_downtime_ms": 0.001}
                      if mode == "hybrid" else {})
+            if nstreams is not None:
+                extra["streams"] = nstreams
             cfg = MigrationConfig(mode=mode, codec=raw, postcopy_push_streams=native, **extra)
             runs = []
             for _ in range(args.repeat):
