@@ -22,14 +22,15 @@ touched before, and how it gets there is much of the destination's work. A
 probe that placed its rounds on the same warm window would overstate the
 rate, one that paid for first touches a migration does not pay would
 understate it. So the window is placed exactly as a migration's memory is
-(server._first_touch_fill): with the first-touch fill where this host has
+(server._first_touch_fill). With the first-touch fill where this host has
 it (native/firsttouch.py: each page allocated and written by UFFDIO_COPY,
-never zeroed first), the window's pages made absent again
+never zeroed first), the window's pages are made absent again
 (``PostcopyMemory.invalidate``) once fewer than half are absent, which is
-when the source's next round could wrap onto placed ones; without it, given back to the kernel
-(MADV_DONTNEED) after each round and pre-faulted while the next round
-streams, as the server pre-faults a VM's memory. The window has the flags of a VM's memory
-(VM.blank: transparent huge pages).
+when the source's next round could wrap onto placed ones. Without it, the
+window is given back to the kernel (MADV_DONTNEED) after each round and
+pre-faulted while the next round streams, as the server pre-faults a VM's
+memory. The window has the flags of a VM's memory (VM.blank: transparent
+huge pages).
 
 The probe is bounded here whatever the source asks or does: the grant caps
 streams, window and duration; :class:`ProbeSlot` lets one stream probe run
