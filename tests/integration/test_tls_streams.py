@@ -30,7 +30,7 @@ from livemig.native import tls as native_tls
 from livemig.native.streams import probe
 from livemig.protocol import ChannelKind, spec
 from support.oracle import Recipe, assert_arrival_matches_unmoved, moved_and_checked
-from support.relay import LOCAL, Relay
+from support.relay import LOCAL, Relay, pump
 from support.streamsaboteur import StreamSaboteur
 from support.waiting import wait_for_async
 
@@ -195,8 +195,8 @@ class HostileStreamRelay(Relay):
         s_reader, s_writer = await asyncio.open_connection(LOCAL, self.target_port)
         self._writers.append(s_writer)
         s_writer.write(first)
-        self._spawn(self._pump(reader, s_writer))
-        self._spawn(self._pump(s_reader, writer))
+        self._spawn(pump(reader, s_writer, (s_writer,)))
+        self._spawn(pump(s_reader, writer, (writer,)))
 
     async def _rogue_handshake(self, reader, writer) -> None:
         """Answer as a TLS server with the rogue certificate, by hand over
@@ -225,16 +225,6 @@ class HostileStreamRelay(Relay):
                 incoming.write(data)
         except (ssl.SSLError, ConnectionError, OSError):
             pass
-
-    @staticmethod
-    async def _pump(reader, writer):
-        try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-            writer.write_eof()
-        except (ConnectionError, OSError, RuntimeError):
-            writer.transport.abort()
 
 
 @pytest.mark.parametrize("answer, words", [("rogue", "certificate was refused"),

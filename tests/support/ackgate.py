@@ -38,7 +38,7 @@ import struct
 
 from livemig.protocol import spec
 
-from support.relay import LOCAL, Relay
+from support.relay import LOCAL, Relay, pump
 HEADER = struct.Struct(spec.FRAME_HEADER_FORMAT)
 STREAM_END = spec.MESSAGE_IDS["StreamEnd"]
 TLS_RECORD_HEADER_BYTES = 5
@@ -154,8 +154,8 @@ class AckGate(Relay):
         self._writers += [c_writer, s_writer]
         pair = (c_writer, s_writer)
         if index not in self.gated:
-            self._spawn(_pump(c_reader, s_writer, pair))
-            self._spawn(_pump(s_reader, c_writer, pair))
+            self._spawn(pump(c_reader, s_writer, pair))
+            self._spawn(pump(s_reader, c_writer, pair))
             return
         g = self.conns[index] = _Gated(index)
         g.writer = c_writer
@@ -261,14 +261,3 @@ class AckGate(Relay):
         except (ConnectionError, OSError, RuntimeError):
             for w in pair:
                 w.transport.abort()
-
-
-async def _pump(reader, writer, pair):
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-    except (ConnectionError, OSError, RuntimeError):
-        for w in pair:
-            w.transport.abort()

@@ -2,14 +2,28 @@
 tasks it spawns and the writers it opened, all torn down on exit.
 
 A subclass defines ``_accept(reader, writer)`` (the server's callback),
-spawns its pumps with ``_spawn`` and adds the writers it opens to
-``_writers``, so that ``__aexit__`` aborts them whatever state they are in.
+spawns its pumps with ``_spawn`` (``pump`` copies one direction as is) and
+adds the writers it opens to ``_writers``, so that ``__aexit__`` aborts them
+whatever state they are in.
 """
 from __future__ import annotations
 
 import asyncio
 
 LOCAL = "127.0.0.1"
+
+
+async def pump(reader, writer, abort_on_error) -> None:
+    """Copy ``reader`` to ``writer`` until EOF and pass the EOF on; a broken
+    connection aborts every writer of ``abort_on_error``."""
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except (ConnectionError, OSError, RuntimeError):
+        for w in abort_on_error:
+            w.transport.abort()
 
 
 class Relay:
