@@ -6,7 +6,6 @@ The push path is reported on both sides, a fallback says why, and a push
 stream cut or corrupted in the middle of post-copy is a break the two sides
 reconnect after.
 """
-import asyncio
 
 import pytest
 
@@ -15,7 +14,7 @@ from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.native import postcopy
 from livemig.native import streams as native_streams
-from support.oracle import Recipe, assert_matches_unmoved
+from support.oracle import Recipe, moved_and_checked
 from support.streamsaboteur import StreamSaboteur
 from support.waiting import PATIENCE_S
 
@@ -40,24 +39,15 @@ def _recipe(seed: int) -> Recipe:
 
 
 async def _migrate(recipe: Recipe, cfg: MigrationConfig, *, server_cfg=None, saboteur=None):
-    vm = recipe.build()
-    vm.start()
-    try:
-        async with MigrationServer("127.0.0.1", 0, config=server_cfg or cfg) as srv:
+    async with MigrationServer("127.0.0.1", 0, config=server_cfg or cfg) as srv:
+        async def move(vm):
             if saboteur is None:
-                stats = await migrate(vm, "127.0.0.1", srv.port, config=cfg)
-            else:
-                async with saboteur(srv.port) as sab:
-                    stats = await migrate(vm, "127.0.0.1", sab.port, config=cfg)
-                    assert sab.harmed.is_set(), "the push stream was never harmed"
-            arrival, moved = await asyncio.wait_for(srv.completed.get(), PATIENCE_S)
-    finally:
-        vm.close()
-    try:
-        assert_matches_unmoved(moved, recipe)
-    finally:
-        moved.close()
-    return stats, arrival.stats
+                return await migrate(vm, "127.0.0.1", srv.port, config=cfg)
+            async with saboteur(srv.port) as sab:
+                stats = await migrate(vm, "127.0.0.1", sab.port, config=cfg)
+                assert sab.harmed.is_set(), "the push stream was never harmed"
+                return stats
+        return await moved_and_checked(recipe, srv, move)
 
 
 @pytest.mark.parametrize("mode", ["postcopy", "hybrid"])

@@ -37,7 +37,7 @@ from livemig.native import postcopy
 from livemig.native import streams as native_streams
 from livemig.native import tls as native_tls
 from support.ackgate import AckGate
-from support.oracle import Recipe, assert_matches_unmoved
+from support.oracle import Recipe, moved_and_checked
 from support.waiting import PATIENCE_S, wait_for_async
 
 pytestmark = [
@@ -78,29 +78,21 @@ async def _migrate(recipe: Recipe, cfg: MigrationConfig, gate_args: dict, *,
     server_kw = {} if tls is None else {"ssl": tls.server_context()}
     client_kw = {} if tls is None else {"ssl": tls.client_context(),
                                         "server_hostname": "localhost"}
-    vm = recipe.build()
-    vm.start()
-    try:
-        async with MigrationServer(LOCAL, 0, config=cfg, **server_kw) as srv:
-            async with AckGate(srv.port, gated=PUSH_CONNECTIONS, **gate_args) as gate:
+    async with MigrationServer(LOCAL, 0, config=cfg, **server_kw) as srv:
+        async with AckGate(srv.port, gated=PUSH_CONNECTIONS, **gate_args) as gate:
+            async def move(vm):
                 moving = asyncio.ensure_future(
                     migrate(vm, LOCAL, gate.port, config=cfg, **client_kw))
                 try:
                     if during is not None:
                         await during(gate, srv)
-                    stats = await moving
+                    return await moving
                 finally:
                     if not moving.done():
                         moving.cancel()
                         await asyncio.gather(moving, return_exceptions=True)
-                arrival, moved = await asyncio.wait_for(srv.completed.get(), PATIENCE_S)
-    finally:
-        vm.close()
-    try:
-        assert_matches_unmoved(moved, recipe)
-    finally:
-        moved.close()
-    return stats, arrival.stats, gate
+            stats, arrived = await moved_and_checked(recipe, srv, move)
+    return stats, arrived, gate
 
 
 def _assert_timeline(src, dst):

@@ -7,13 +7,14 @@ guest faults by itself when it finds a corrupted page).
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
 
 from livemig.native import PAGE_SIZE
 from livemig.vm.machine import VM
-from support.waiting import PATIENCE_S
+from support.waiting import PATIENCE_S, wait_for_async
 
 AHEAD_STEPS = 200_000
 FILL_STEPS = 1_000_000
@@ -96,14 +97,11 @@ async def assert_arrival_matches_unmoved(server, recipe: Recipe, *,
                                          timeout_s: float = PATIENCE_S):
     """Take the next VM that arrived at ``server`` (a MigrationServer), check it
     against a never-moved twin of ``recipe``, and close it."""
-    import asyncio
-
     _, moved = await asyncio.wait_for(server.completed.get(), timeout_s)
     try:
         assert_matches_unmoved(moved, recipe)
     finally:
         moved.close()
-
 
 
 async def moved_and_checked(recipe: Recipe, server, migrate_vm, *,
@@ -112,12 +110,10 @@ async def moved_and_checked(recipe: Recipe, server, migrate_vm, *,
     migrate_vm(vm)`` (the source's stats, which must say completed), check
     the VM that arrived at ``server`` against a never-moved twin, close both.
     Returns (source stats, arrival stats)."""
-    import asyncio
-
     vm = recipe.build()
     try:
         vm.start()
-        await asyncio.sleep(0.05)
+        await wait_for_async("the guest to run", lambda: min(vm.steps()) > 0)
         stats = await migrate_vm(vm)
         assert stats.status == "completed", stats.error
         arrival, moved = await asyncio.wait_for(server.completed.get(), timeout_s)
