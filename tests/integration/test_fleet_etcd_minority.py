@@ -28,10 +28,9 @@ import pytest
 
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdClient, EtcdError
-from support.daemons import assert_daemon_vm_matches_unmoved, start_vm, wait_hosted
+from support.daemons import assert_daemon_vm_matches_unmoved
 from support.etcdnetns import available, netns_etcd_cluster
-from support.fleet import EtcdLink, FleetHost, vm_row
-from support.frameproxy import HOLD, Fault
+from support.fleet import commit_held_on_links, membership, runs, vm_row
 from support.oracle import Recipe
 from support.waiting import PATIENCE_S, wait_for
 
@@ -41,14 +40,6 @@ TTL_S = 2
 NAME = "vm1"
 RECIPE = Recipe("16MiB", 2, "memtest", seed=71, dirty_rate="8MiB/s")
 CUT = 0        # the member cut off; first endpoint of both daemons
-
-
-def _fleet(host: FleetHost) -> dict:
-    return host.proc.client.call("ping")["fleet"]
-
-
-def _running(host: FleetHost) -> bool:
-    return any(v["name"] == NAME and v["running"] for v in host.proc.client.call("vm.list"))
 
 
 def _owner(answer: dict) -> tuple[str, int] | None:
@@ -86,21 +77,8 @@ def test_a_daemon_on_the_minority_member_of_a_partitioned_etcd(tmp_path):
     with netns_etcd_cluster(tmp_path, members=3) as cluster:
         cluster.make_leader(CUT)
         majority = types.SimpleNamespace(url="etcd://" + ",".join(cluster.endpoints[1:]))
-        links = [EtcdLink(cluster), EtcdLink(cluster)]
-        src = dst = None
-        try:
-            src = FleetHost(tmp_path, "src", cluster, ttl_s=TTL_S, etcd_link=links[0])
-            dst = FleetHost(tmp_path, "dst", cluster, ttl_s=TTL_S, etcd_link=links[1],
-                            fault=Fault(HOLD, "Commit", "up"))
-            start_vm(src.proc, NAME, RECIPE)
-            row = wait_for("etcd to name the source",
-                           lambda: (r := vm_row(cluster, NAME)) and r["owner"] == src.addr and r)
-            wait_for("the guest to write its pages",
-                     lambda: min(wait_hosted(src.proc, NAME)["steps"]) >= 5_000)
-            assert all(link.forwarded(CUT)["up"] > 0 for link in links), "not on member 0"
-            mig = src.proc.client.call("migrate", name=NAME, to=dst.addr,
-                                       handshake_timeout_s=5)["id"]
-            dst.link.wait_fired("Commit to reach the proxy")
+        with commit_held_on_links(tmp_path, cluster, NAME, RECIPE, ttl_s=TTL_S,
+                                  first_member=CUT) as (src, dst, links, row, mig):
             before = sum(links[1].forwarded(i)["up"] for i in (1, 2))
             cluster.isolate(CUT)
             wait_for("the majority to elect a leader", lambda: cluster.leader([1, 2]) > 0)
@@ -118,7 +96,7 @@ def test_a_daemon_on_the_minority_member_of_a_partitioned_etcd(tmp_path):
             else:
                 at, away = src, dst
                 assert truth["owner"] == src.addr, (rec, truth)
-            wait_for("the VM to run where the majority names it", lambda: _running(at))
+            wait_for("the VM to run where the majority names it", lambda: runs(at, NAME))
             assert not any(v["name"] == NAME for v in away.proc.client.call("vm.list"))
             assert not any(m["status"] == "in-doubt"
                            for h in (src, dst) for m in h.proc.client.call("status")["migrations"])
@@ -136,29 +114,23 @@ def test_a_daemon_on_the_minority_member_of_a_partitioned_etcd(tmp_path):
 
             # (3) The source can now reach member 0 only: its keep-alives go
             # nowhere, and it must not believe its lease renewed.
-            old = _fleet(src)["lease_id"]
+            old = membership(src)["lease_id"]
             assert _lease_ttl_s(majority.url, old) > 0
             links[0].partition(1)
             links[0].partition(2)
-            wait_for("the source to say its lease is lost", lambda: _fleet(src)["state"] == "lost")
+            wait_for("the source to say its lease is lost", lambda: membership(src)["state"] == "lost")
             wait_for("the majority to expire that lease",
                      lambda: _lease_ttl_s(majority.url, old) == -1)
             links[0].heal(1)
             links[0].heal(2)
             f = wait_for("the source to rejoin",
-                         lambda: (f := _fleet(src))["state"] == "member" and f)
+                         lambda: (f := membership(src))["state"] == "member" and f)
             assert f["lease_id"] != old, f
 
             # Healed: member 0 catches up; still one VM, in one place.
             cluster.heal(CUT)
             wait_for("member 0 to catch up", lambda: _owner(cluster.range_key(
                 CUT, keys.vm_key(NAME), serializable=True)) == (truth["owner"], truth["epoch"]))
-            assert _running(at)
+            assert runs(at, NAME)
             assert not any(v["name"] == NAME for v in away.proc.client.call("vm.list"))
             assert_daemon_vm_matches_unmoved(at.proc, NAME, RECIPE)
-        finally:
-            for h in (src, dst):
-                if h is not None:
-                    h.close()
-            for link in links:
-                link.close()

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from support.daemons import assert_daemon_vm_matches_unmoved, start_vm, wait_hosted
+from support.daemons import assert_daemon_vm_matches_unmoved
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
-from support.fleet import EtcdLink, FleetHost, vm_row
-from support.frameproxy import HOLD, Fault
+from support.fleet import commit_held_on_links, membership, runs, vm_row
 from support.oracle import Recipe
 from support.waiting import PATIENCE_S, wait_for
 
@@ -30,59 +29,32 @@ RECIPE = Recipe("16MiB", 2, "memtest", seed=67, dirty_rate="8MiB/s")
 CUT = 0        # the member both clients start on
 
 
-def _fleet(host: FleetHost) -> dict:
-    return host.proc.client.call("ping")["fleet"]
-
-
-def _running(host: FleetHost) -> bool:
-    return any(v["name"] == NAME and v["running"] for v in host.proc.client.call("vm.list"))
-
-
 def test_a_daemon_partitioned_from_one_etcd_member_mid_migration(tmp_path):
-    with etcd_cluster(tmp_path, members=3) as cluster:
-        links = [EtcdLink(cluster), EtcdLink(cluster)]
-        src = dst = None
-        try:
-            src = FleetHost(tmp_path, "src", cluster, ttl_s=TTL_S, etcd_link=links[0])
-            dst = FleetHost(tmp_path, "dst", cluster, ttl_s=TTL_S, etcd_link=links[1],
-                            fault=Fault(HOLD, "Commit", "up"))
-            start_vm(src.proc, NAME, RECIPE)
-            row = wait_for("etcd to name the source",
-                           lambda: (r := vm_row(cluster, NAME)) and r["owner"] == src.addr and r)
-            wait_for("the guest to write its pages",
-                     lambda: min(wait_hosted(src.proc, NAME)["steps"]) >= 5_000)
-            leases = {h: _fleet(h)["lease_id"] for h in (src, dst)}
-            assert all(link.forwarded(CUT)["up"] > 0 for link in links), "not on member 0"
-            mig = src.proc.client.call("migrate", name=NAME, to=dst.addr,
-                                       handshake_timeout_s=5)["id"]
-            dst.link.wait_fired("Commit to reach the proxy")
-            before = [[link.forwarded(i)["up"] for i in (1, 2)] for link in links]
-            for link in links:
-                link.partition(CUT)
-            dst.link.release(True)
-            rec = src.proc.client.call("migration.wait", id=mig, timeout_s=PATIENCE_S)
-            assert rec["status"] == "completed", rec
-            wait_for("the VM to run at the destination", lambda: _running(dst))
-            assert not any(v["name"] == NAME for v in src.proc.client.call("vm.list"))
-            row2 = vm_row(cluster, NAME)
-            assert (row2["owner"], row2["epoch"]) == (dst.addr, row["epoch"] + 1), row2
-            # The other members carry the traffic from here on (a daemon's next
-            # request, at the latest its next keep-alive), and the leases hold
-            # past the TTL: keep-alives went there too.
-            wait_for("both daemons to reach the other members",
-                     lambda: all(sum(link.forwarded(i)["up"] for i in (1, 2)) > sum(b)
-                                 for link, b in zip(links, before)))
-            time.sleep(2 * TTL_S)
-            for h in (src, dst):
-                f = _fleet(h)
-                assert (f["state"], f["lease_id"]) == ("member", leases[h]), f
-            assert _running(dst)
-            assert not any(m["status"] == "in-doubt"
-                           for h in (src, dst) for m in h.proc.client.call("status")["migrations"])
-            assert_daemon_vm_matches_unmoved(dst.proc, NAME, RECIPE)
-        finally:
-            for h in (src, dst):
-                if h is not None:
-                    h.close()
-            for link in links:
-                link.close()
+    with etcd_cluster(tmp_path, members=3) as cluster, \
+            commit_held_on_links(tmp_path, cluster, NAME, RECIPE, ttl_s=TTL_S,
+                                 first_member=CUT) as (src, dst, links, row, mig):
+        leases = {h: membership(h)["lease_id"] for h in (src, dst)}
+        before = [[link.forwarded(i)["up"] for i in (1, 2)] for link in links]
+        for link in links:
+            link.partition(CUT)
+        dst.link.release(True)
+        rec = src.proc.client.call("migration.wait", id=mig, timeout_s=PATIENCE_S)
+        assert rec["status"] == "completed", rec
+        wait_for("the VM to run at the destination", lambda: runs(dst, NAME))
+        assert not any(v["name"] == NAME for v in src.proc.client.call("vm.list"))
+        row2 = vm_row(cluster, NAME)
+        assert (row2["owner"], row2["epoch"]) == (dst.addr, row["epoch"] + 1), row2
+        # The other members carry the traffic from here on (a daemon's next
+        # request, at the latest its next keep-alive), and the leases hold
+        # past the TTL: keep-alives went there too.
+        wait_for("both daemons to reach the other members",
+                 lambda: all(sum(link.forwarded(i)["up"] for i in (1, 2)) > sum(b)
+                             for link, b in zip(links, before)))
+        time.sleep(2 * TTL_S)
+        for h in (src, dst):
+            f = membership(h)
+            assert (f["state"], f["lease_id"]) == ("member", leases[h]), f
+        assert runs(dst, NAME)
+        assert not any(m["status"] == "in-doubt"
+                       for h in (src, dst) for m in h.proc.client.call("status")["migrations"])
+        assert_daemon_vm_matches_unmoved(dst.proc, NAME, RECIPE)

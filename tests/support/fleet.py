@@ -8,19 +8,21 @@ starts a ``DaemonProcess`` with ``--fleet`` and a short TTL. ``FleetHost`` is a 
 fleet, optionally behind a ``FrameProxy`` on its migration port (it
 advertises the proxy's address, so its peers and etcd name it by the address
 that fails) and behind an ``EtcdLink`` towards etcd (a proxy that can
-partition it from etcd and heal).
+partition it from etcd and heal). ``commit_held_on_links`` sets up the
+partition tests' start: two such hosts, a warm VM, Commit held.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 
 from livemig.fleet.etcd import EtcdClient
-from support.daemons import DaemonProcess, livemig
+from support.daemons import DaemonProcess, livemig, start_vm, wait_hosted
 from support.ports import listen_port
 from support.faultproxy import FaultProxy
-from support.frameproxy import Fault
+from support.frameproxy import HOLD, Fault
 from support.proxythread import LOCAL, ProxyThread
 from support.waiting import wait_for
 
@@ -147,3 +149,46 @@ class FleetHost:
         self.proc.close()
         if self.link is not None:
             self.link.close()
+
+
+def membership(host: FleetHost) -> dict:
+    """What the daemon says of its fleet membership (state, lease_id, ...)."""
+    return host.proc.client.call("ping")["fleet"]
+
+
+def runs(host: FleetHost, name: str) -> bool:
+    return any(v["name"] == name and v["running"] for v in host.proc.client.call("vm.list"))
+
+
+@contextlib.contextmanager
+def commit_held_on_links(tmp, cluster, name: str, recipe, *, ttl_s: int, first_member: int = 0,
+                         warm_steps: int = 5_000):
+    """Two fleet hosts, ``src`` and ``dst``, each reaching every member of
+    ``cluster`` through an EtcdLink of its own, both clients on
+    ``first_member``; VM ``name`` (``recipe``) warm at the source and
+    migrating to the destination, its Commit held at the destination's
+    proxy. Yields (src, dst, links, row, mig): etcd's row of the VM before
+    the handover and the migration's id. Everything is closed at the end."""
+    links = [EtcdLink(cluster), EtcdLink(cluster)]
+    src = dst = None
+    try:
+        src = FleetHost(tmp, "src", cluster, ttl_s=ttl_s, etcd_link=links[0])
+        dst = FleetHost(tmp, "dst", cluster, ttl_s=ttl_s, etcd_link=links[1],
+                        fault=Fault(HOLD, "Commit", "up"))
+        start_vm(src.proc, name, recipe)
+        row = wait_for("etcd to name the source",
+                       lambda: (r := vm_row(cluster, name)) and r["owner"] == src.addr and r)
+        wait_for("the guest to write its pages",
+                 lambda: min(wait_hosted(src.proc, name)["steps"]) >= warm_steps)
+        assert all(link.forwarded(first_member)["up"] > 0 for link in links), \
+            f"not on member {first_member}"
+        mig = src.proc.client.call("migrate", name=name, to=dst.addr,
+                                   handshake_timeout_s=5)["id"]
+        dst.link.wait_fired("Commit to reach the proxy")
+        yield src, dst, links, row, mig
+    finally:
+        for h in (src, dst):
+            if h is not None:
+                h.close()
+        for link in links:
+            link.close()
