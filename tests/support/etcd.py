@@ -85,10 +85,5 @@ class EtcdCluster:
             m.kill()
 
 
-@contextlib.contextmanager
-def etcd_cluster(tmp: Path, members: int = 1):
-    cluster = EtcdCluster(tmp, members)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+def etcd_cluster(tmp: Path, members: int = 1) -> "contextlib.closing[EtcdCluster]":
+    return contextlib.closing(EtcdCluster(tmp, members))

@@ -144,10 +144,5 @@ class NetnsEtcdCluster:
             netns.run([netns._ip(), "link", "del", dev], check=False)
 
 
-@contextlib.contextmanager
-def netns_etcd_cluster(tmp: Path, members: int = 3):
-    cluster = NetnsEtcdCluster(tmp, members)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+def netns_etcd_cluster(tmp: Path, members: int = 3) -> "contextlib.closing[NetnsEtcdCluster]":
+    return contextlib.closing(NetnsEtcdCluster(tmp, members))
