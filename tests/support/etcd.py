@@ -63,6 +63,18 @@ class EtcdMember:
         self.log.close()
 
 
+def started(cluster) -> None:
+    """Once every member of ``cluster`` reports healthy (else close it and
+    raise), set its ``endpoints`` and ``url``."""
+    try:
+        wait_for("etcd to report healthy", lambda: all(m.healthy() for m in cluster.members))
+    except BaseException:
+        cluster.close()
+        raise
+    cluster.endpoints = [m.endpoint for m in cluster.members]
+    cluster.url = "etcd://" + ",".join(cluster.endpoints)
+
+
 class EtcdCluster:
     def __init__(self, tmp: Path, members: int):
         ports = listen_ports(2 * members)    # a member restarted comes back on its own
@@ -72,13 +84,7 @@ class EtcdCluster:
         self.members = [EtcdMember(n, ports[2 * i], ports[2 * i + 1], tmp / f"etcd-{n}",
                                    initial, tmp / f"etcd-{n}.log")
                         for i, n in enumerate(names)]
-        try:
-            wait_for("etcd to report healthy", lambda: all(m.healthy() for m in self.members))
-        except BaseException:
-            self.close()
-            raise
-        self.endpoints = [m.endpoint for m in self.members]
-        self.url = "etcd://" + ",".join(self.endpoints)
+        started(self)
 
     def close(self) -> None:
         for m in self.members:

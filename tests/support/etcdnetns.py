@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from livemig.lab import netns
-from support.etcd import ETCD, EtcdMember
+from support.etcd import ETCD, EtcdMember, started
 from support.waiting import wait_for
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
@@ -64,12 +64,10 @@ class NetnsEtcdCluster:
                     f"m{i}", CLIENT_PORT, PEER_PORT, tmp / f"etcd-m{i}", initial,
                     tmp / f"etcd-m{i}.log", client_ip=client_ip[i], peer_ip=peer_ip[i],
                     argv_prefix=("ip", "netns", "exec", self.namespaces[i + 1])))
-            wait_for("etcd to report healthy", lambda: all(m.healthy() for m in self.members))
         except BaseException:
             self.close()
             raise
-        self.endpoints = [m.endpoint for m in self.members]
-        self.url = "etcd://" + ",".join(self.endpoints)
+        started(self)
 
     def _build(self, k: int, client_ip: list[str], peer_ip: list[str]) -> None:
         ip, run = netns._ip(), netns.run
