@@ -89,13 +89,12 @@ LM_API int lm_zerofill_start(lm_postcopy *p, lm_zerofill **out)
         return -e;
     }
     int rc = pthread_create(&z->thread, NULL, zerofill_main, z);
-    if (rc == 0)
-        pthread_setname_np(z->thread, "lm-zerofill");
     if (rc != 0) {
         close(z->stop_fd);
         free(z);
         return -rc;
     }
+    pthread_setname_np(z->thread, "lm-zerofill");
     *out = z;
     return 0;
 }

@@ -454,8 +454,6 @@ static int uffd_wp_start(lm_tracker *t)
     }
     t->stop_efd = efd;
     rc = -pthread_create(&t->handler, NULL, wp_handler_main, t);
-    if (rc == 0)
-        pthread_setname_np(t->handler, "lm-wp-fault");
     if (rc != 0) {
         (void)uffd_wp_range(t->uffd, (uintptr_t)t->base, t->length, 0);
         close(t->uffd);
@@ -463,6 +461,7 @@ static int uffd_wp_start(lm_tracker *t)
         t->uffd = t->stop_efd = -1;
         return rc;
     }
+    pthread_setname_np(t->handler, "lm-wp-fault");
     t->handler_running = 1;
     return 0;
 }
