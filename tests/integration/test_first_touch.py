@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from livemig.config import MigrationConfig
-from livemig.engine.destination import server as server_mod
 from livemig.engine.destination.server import MigrationServer
 from livemig.engine.source.session import migrate
 from livemig.errors import BackendUnavailable
 from livemig.native import postcopy
+from livemig.native import firsttouch
 from livemig.native.firsttouch import HOW, FirstTouchFill
 from livemig.native.memory import GuestMemory
 from livemig.native.streams import probe
@@ -62,7 +62,7 @@ def test_hybrid_registers_for_post_copy_after_the_fill(run):
 def test_without_userfaultfd_memory_is_pre_faulted_and_says_why(run, monkeypatch):
     def refuse(memory):
         raise BackendUnavailable("first-touch fill", "userfaultfd refused (test)")
-    monkeypatch.setattr(server_mod, "FirstTouchFill", refuse)
+    monkeypatch.setattr(firsttouch, "FirstTouchFill", refuse)
 
     async def main():
         async with MigrationServer(LOCAL, 0) as server:

@@ -72,4 +72,14 @@ class FirstTouchFill:
         self.zero_filled_pages = served
 
 
-__all__ = ["FirstTouchFill", "HOW", "ENV_SWITCH"]
+def first_touch_fill(memory: GuestMemory) -> tuple[FirstTouchFill | None, str]:
+    """A fill over ``memory``, or None where it cannot run here (memory is
+    then pre-faulted), and how fresh memory will be first written, for
+    ``stats.first_touch``."""
+    try:
+        return FirstTouchFill(memory), HOW
+    except BackendUnavailable as exc:
+        return None, f"pre-faulted: {exc.reason}"
+
+
+__all__ = ["FirstTouchFill", "first_touch_fill", "HOW", "ENV_SWITCH"]

@@ -74,7 +74,7 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import streams as native_streams
-from ...native.firsttouch import HOW as FIRST_TOUCH_HOW, FirstTouchFill
+from ...native.firsttouch import FirstTouchFill, first_touch_fill
 from ...native import urgent
 from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
@@ -309,12 +309,7 @@ class IncomingMigration:
         if not nstreams:
             self.stats.first_touch = "pre-faulted: the pages come on the control channel"
             return None
-        try:
-            fill = FirstTouchFill(self.vm.memory)
-        except BackendUnavailable as exc:
-            self.stats.first_touch = f"pre-faulted: {exc.reason}"
-            return None
-        self.stats.first_touch = FIRST_TOUCH_HOW
+        fill, self.stats.first_touch = first_touch_fill(self.vm.memory)
         return fill
 
     @staticmethod

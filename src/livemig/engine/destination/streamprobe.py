@@ -51,9 +51,9 @@ import numpy as np
 from ...aio.channel import Channel
 from ...codec.blockdelta import HeldBlocks
 from ...config import MAX_STREAMS, MigrationConfig
-from ...errors import BackendUnavailable, RemoteProtocolError, Unsupported
+from ...errors import RemoteProtocolError, Unsupported
 from ...native import PAGE_SIZE
-from ...native.firsttouch import FirstTouchFill
+from ...native.firsttouch import first_touch_fill
 from ...native.memory import GuestMemory
 from ...protocol import StreamProbe, StreamProbeEnd, StreamProbeGrant, StreamProbeResult, spec
 from .streams import DestStreams, offered as streams_offered
@@ -90,9 +90,7 @@ class StreamProbeSink:
         self._release = release       # lets an adopted channel's handler return
         self.memory = GuestMemory(grant.window_bytes)   # as VM.blank maps guest memory
         try:
-            self.fill: FirstTouchFill | None = FirstTouchFill(self.memory)
-        except BackendUnavailable:
-            self.fill = None      # pre-faulted, as the server does then
+            self.fill, _ = first_touch_fill(self.memory)   # None: pre-faulted, as the server does
         except BaseException:
             self.memory.close()
             raise
