@@ -51,7 +51,9 @@ def test_plan_probes_on_the_native_streams_and_says_so(run):
                 plan = await plan_migration(vm, LOCAL, srv.port, window_s=0.2,
                                             probe_time_s=0.3, probe_bytes=24 * MIB,
                                             config=MigrationConfig(streams=2))
-                assert srv.errors == [] and not srv.probe_slot.busy
+                # The window is unmapped once any pre-faulting of it has stopped.
+                await wait_for_async("the probe's window unmapped", lambda: not srv.probe_slot.busy)
+                assert srv.errors == []
                 stats = await migrate(vm, LOCAL, srv.port, config=MigrationConfig(streams=2),
                                       name="p")
                 assert stats.status == "completed"
@@ -85,7 +87,9 @@ def test_plan_under_tls_probes_on_the_tls_streams(run, tmp_path):
             est = await probe_link(LOCAL, srv.port, config=MigrationConfig(streams=2),
                                    max_time_s=0.2, max_bytes=8 * MIB,
                                    ssl=pki.client_context(), server_hostname="localhost")
-            assert srv.errors == [] and not srv.probe_slot.busy
+            # The window is unmapped once any pre-faulting of it has stopped.
+            await wait_for_async("the probe's window unmapped", lambda: not srv.probe_slot.busy)
+            assert srv.errors == []
             return est
     est = run(main())
     assert est.kind == "streams" and est.fallback_reason is None
@@ -115,7 +119,9 @@ def test_the_probe_places_its_rounds_as_a_migration_places_pages(run, monkeypatc
         async with MigrationServer(LOCAL, 0) as srv:
             await probe_link(LOCAL, srv.port, config=MigrationConfig(streams=2),
                              max_bytes=24 * MIB, max_time_s=0.5)
-            assert srv.errors == [] and not srv.probe_slot.busy
+            # The window is unmapped once any pre-faulting of it has stopped.
+            await wait_for_async("the probe's window unmapped", lambda: not srv.probe_slot.busy)
+            assert srv.errors == []
             [(sink, placed, pm_stats)] = seen
             assert (sink.fill is not None) == (first_touch == "fill") and placed > 0
             if sink.fill is None:
