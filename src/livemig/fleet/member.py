@@ -417,9 +417,11 @@ class FleetMember:
             return None
         first = prefetch.result()[0]
         try:
-            epoch = 1 if first is None else keys.parse_owner(first.value, what=first.key)[1] + 1
-            if first is not None and keys.parse_owner(first.value, what=first.key)[0] != source:
+            owner, epoch = (source, 0) if first is None else \
+                keys.parse_owner(first.value, what=first.key)
+            if owner != source:
                 return None
+            epoch += 1
             compare, success, failure = self._commit_ops(name, first, epoch)
             ok, _ = fast.txn(compare, success, failure)
         except (FastPathFailed, ValueError):
