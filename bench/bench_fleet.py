@@ -75,7 +75,8 @@ async def commit_point(url: str, n: int, fast: bool = True) -> dict:
         for i in range(n):
             name = f"bench-{i}"
             await member.client.put(keys.vm_key(name), keys.owner_record("127.0.0.1:2", 1))
-            gate = member.commit_gate(name, "127.0.0.1:2")    # at the offer: the key read
+            gate = member.commit_gate(name, "127.0.0.1:2")
+            await gate.admit()                                 # at the offer: the key read
             await asyncio.sleep(0.005)                         # ... rounds of pages ...
             t0 = time.perf_counter()
             await gate()                                       # the commit point

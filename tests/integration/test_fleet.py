@@ -23,6 +23,7 @@ from livemig.fleet.etcd import EtcdClient
 from support.daemons import (ENV, EXIT_FAILED, EXIT_OK, DaemonProcess,
                              assert_daemon_vm_matches_unmoved, livemig, start_vm, wait_hosted)
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
+from support.fleet import TTL_S, FleetHost
 from support.fleet import etcd_call as _etcd
 from support.fleet import fleet_daemon as _daemon
 from support.fleet import fleet_rows as _fleet
@@ -32,8 +33,9 @@ from support.fleet import leader as _leader
 from support.fleet import listed as _listed
 from support.fleet import put as _put
 from support.fleet import vm_row as _vm_row
+from support.frameproxy import HOLD, Fault
 from support.oracle import Recipe
-from support.waiting import wait_for
+from support.waiting import PATIENCE_S, wait_for
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
 
@@ -121,40 +123,53 @@ def test_the_commit_point_is_the_etcd_transaction(tmp_path, etcd, loop):
 
 
 def test_a_destination_etcd_refuses_never_runs_the_vm(tmp_path, etcd):
-    """etcd names a third host as the owner: the destination refuses at the
-    commit point and discards its copy; the source, told so, may not resume a
-    VM etcd says is another's either: it keeps it paused, unresolved, until
-    that owner is live and reports running it, then discards it."""
-    name = "disputed"
+    """etcd names a third host as the owner. Named so at the offer, the
+    destination refuses it at once, naming that host: nothing moved, the VM
+    runs on at the source. Named so only once the offer was accepted (Commit
+    held on its way), the destination's commit transaction fails and it
+    discards its copy; the source, told so, may not resume a VM etcd says is
+    another's either: it keeps it paused, unresolved, until that owner is
+    live and reports running it, then discards it."""
+    name, third = "disputed", "192.0.2.1:7400"
     a = _daemon(tmp_path, "a", "asyncio", etcd)
-    b = _daemon(tmp_path, "b", "asyncio", etcd)
+    b = FleetHost(tmp_path, "b", etcd, ttl_s=TTL_S, fault=Fault(HOLD, "Commit", "up"))
     try:
         recipe = Recipe("16MiB", 2, "memtest", seed=12, dirty_rate="8MiB/s")
         start_vm(a, name, recipe)
         wait_for("etcd to know the VM", lambda: _vm_row(etcd, name))
-        third = keys.owner_record("192.0.2.1:7400", 9)
-        _put(etcd, keys.vm_key(name), third)
-        rec = a.cli_json("migrate", name, "--to", b.address, check=EXIT_FAILED)
+        _put(etcd, keys.vm_key(name), keys.owner_record(third, 9))
+        rec = a.cli_json("migrate", name, "--to", b.addr, check=EXIT_FAILED)
+        assert rec["status"] == "failed" and "refused" in rec["error"], rec
+        assert f"etcd names {third} (epoch 9)" in rec["error"], rec["error"]
+        here = wait_hosted(a, name)
+        assert here["running"] and not here["unresolved"], here
+        assert name not in _listed(b.proc)
+
+        _put(etcd, keys.vm_key(name), keys.owner_record(a.address, 10))
+        mig = a.client.call("migrate", name=name, to=b.addr, ack_timeout_s=2)["id"]
+        b.link.wait_fired("Commit to reach the proxy")
+        _put(etcd, keys.vm_key(name), keys.owner_record(third, 11))
+        b.link.release(True)
+        rec = a.client.call("migration.wait", id=mig, timeout_s=PATIENCE_S)
         assert rec["status"] in ("failed", "in-doubt"), rec
-        assert "192.0.2.1:7400" in rec["error"], rec["error"]
-        assert name not in [v["name"] for v in b.client.call("vm.list")]
+        assert third in rec["error"], rec["error"]
+        assert name not in _listed(b.proc)
         here = wait_hosted(a, name)
         assert not here["running"] and here["unresolved"], here
         row = _vm_row(etcd, name)
-        assert (row["owner"], row["epoch"]) == ("192.0.2.1:7400", 9)
+        assert (row["owner"], row["epoch"]) == (third, 11)
         # `vm resolve` asks etcd: never resume a VM it gives to another host,
         # and while that host is lost, keep the copy (it may be the only one).
         refused = a.cli("vm", "resolve", name, "--resume", check=EXIT_FAILED).stderr
-        assert "etcd names 192.0.2.1:7400 (epoch 9)" in refused, refused
+        assert f"etcd names {third} (epoch 11)" in refused, refused
         doubt = a.cli("vm", "resolve", name, check=EXIT_FAILED).stderr
         assert "is lost" in doubt and "stays paused" in doubt, doubt
         assert not wait_hosted(a, name)["running"]
         # Once the owner etcd names is live and reports the VM running, the
         # paused copy here is stale: a discards it.
-        _put(etcd, keys.host_key("192.0.2.1:7400"),
-             json.dumps({"addr": "192.0.2.1:7400", "vms": {name: {"running": True}}}).encode())
-        wait_for("a to discard its stale copy",
-                 lambda: name not in [v["name"] for v in a.client.call("vm.list")])
+        _put(etcd, keys.host_key(third),
+             json.dumps({"addr": third, "vms": {name: {"running": True}}}).encode())
+        wait_for("a to discard its stale copy", lambda: name not in _listed(a))
     finally:
         b.close()
         a.close()
@@ -396,7 +411,9 @@ def test_a_stopped_vm_frees_its_name_in_etcd(tmp_path, etcd):
 
 
 def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
-    """etcd stops answering (SIGSTOP) just before a handover: the destination
+    """etcd stops answering (SIGSTOP). Before a migration: the destination
+    cannot read who owns the VM and refuses the offer, the VM runs on at the
+    source. Just before a handover (Commit held on its way): the destination
     cannot prove it owns the VM and never runs it; the source cannot reclaim
     it and keeps it paused, in doubt. Once etcd answers again it still names
     the source, which settles from etcd at its next renewal: it resumes the
@@ -404,19 +421,30 @@ def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
     name = "cutoff"
     with etcd_cluster(tmp_path, members=1) as own:
         a = _daemon(tmp_path, "a", "asyncio", own)
-        b = _daemon(tmp_path, "b", "asyncio", own)
+        b = FleetHost(tmp_path, "b", own, ttl_s=TTL_S, fault=Fault(HOLD, "Commit", "up"))
+        etcd_pid = own.members[0].proc.pid
         try:
             recipe = Recipe("16MiB", 2, "memtest", seed=14, dirty_rate="8MiB/s")
             start_vm(a, name, recipe)
             wait_for("etcd to name a", lambda: (_vm_row(own, name) or {}).get("owner")
                      == a.address)
-            etcd_pid = own.members[0].proc.pid
             os.kill(etcd_pid, signal.SIGSTOP)
             try:
-                rec = a.cli_json("migrate", name, "--to", b.address, check=None)
+                rec = a.cli_json("migrate", name, "--to", b.addr, check=EXIT_FAILED)
+                assert rec["status"] == "failed", rec
+                assert "cannot read the owner" in rec["error"], rec["error"]
+                assert wait_hosted(a, name)["running"]
+            finally:
+                os.kill(etcd_pid, signal.SIGCONT)
+            mig = a.client.call("migrate", name=name, to=b.addr, ack_timeout_s=2)["id"]
+            b.link.wait_fired("Commit to reach the proxy")
+            os.kill(etcd_pid, signal.SIGSTOP)
+            try:
+                b.link.release(True)
+                rec = a.client.call("migration.wait", id=mig, timeout_s=PATIENCE_S)
                 assert rec["status"] == "in-doubt", rec
                 assert "etcd" in rec["error"], rec["error"]
-                assert name not in [v["name"] for v in b.client.call("vm.list")]
+                assert name not in _listed(b.proc)
                 here = wait_hosted(a, name)
                 assert not here["running"] and here["unresolved"], here
             finally:
@@ -430,7 +458,7 @@ def test_without_etcd_no_side_runs_the_vm_until_it_is_settled(tmp_path):
             here = wait_for("a to resume the VM", lambda: (h := wait_hosted(a, name))["running"]
                             and h)
             assert here["unresolved"] is None, here
-            assert name not in _listed(b)
+            assert name not in _listed(b.proc)
             assert_daemon_vm_matches_unmoved(a, name, recipe)
         finally:
             b.close()

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from livemig.errors import MigrationError
+from livemig.errors import LivemigError, MigrationError
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdUnavailable, KeyValue, b64, unb64
 from livemig.fleet.member import FleetMember, SourceArbiter
@@ -44,6 +44,8 @@ class FakeEtcd:
             return self.lease_ok and int(cmp["lease"]) == LEASE
         if cmp["target"] == "CREATE":
             return kv is None
+        if cmp["target"] == "VALUE":
+            return kv is not None and kv.value == unb64(cmp["value"])
         return kv is not None and kv.mod_revision == int(cmp["mod_revision"])
 
     async def txn(self, compare, success, failure=None, *, timeout_s=None):
@@ -94,7 +96,10 @@ def _source_reclaims(etcd):
 
 
 def _take(etcd):
-    return asyncio.run(_member(etcd).take_ownership(NAME, SRC))
+    """The commit point as a destination runs it: the key read at the offer,
+    then the ownership transaction."""
+    first = asyncio.run(etcd.get(KEY))
+    return asyncio.run(_member(etcd).take_ownership(NAME, SRC, first))
 
 
 def _etcd_with_source_owner(epoch=3):
@@ -137,12 +142,8 @@ def test_a_reclaim_before_the_commit_refuses_it_too():
     first = asyncio.run(etcd.get(KEY))
     _source_reclaims(etcd)
 
-    async def run():
-        prefetch = asyncio.get_running_loop().create_future()
-        prefetch.set_result((first, None))
-        return await _member(etcd).take_ownership(NAME, SRC, prefetched=prefetch)
     with pytest.raises(MigrationError, match="refused the ownership transaction"):
-        asyncio.run(run())
+        asyncio.run(_member(etcd).take_ownership(NAME, SRC, first))
     assert _owner(etcd) == (SRC, 4)
 
 
@@ -187,3 +188,84 @@ def test_a_source_that_cannot_ask_settles_from_etcd():
     etcd = _etcd_with_source_owner()
     assert "not a host of this fleet" in asyncio.run(_arbiter(etcd, member_dst=False).settle())
     assert _owner(etcd) == (SRC, 3)
+
+
+def test_a_reclaim_refuses_a_resume_recorded_after_settle_read_the_key():
+    """settle reads the key ``committed`` by the destination and reclaims;
+    if the destination records its resume (``owned``) between that read and
+    the reclaim's own, the guest may run there: the reclaim must refuse
+    (the VM would otherwise run in both places). A destination that said
+    itself that it never resumed the VM may still be taken back from."""
+    class Racing(FakeEtcd):
+        reads = 0
+
+        async def get(self, key):
+            self.reads += key == KEY
+            if key == KEY and self.reads == 2:     # after settle's read: the resume record
+                self.put(KEY, keys.owner_record(DST, 4))
+            return await super().get(key)
+    etcd = Racing()
+    etcd.put(KEY, keys.owner_record(DST, 4, keys.COMMITTED))
+    why = asyncio.run(_arbiter(etcd).settle())
+    assert why is not None and "resumed" in why, why
+    assert _owner(etcd) == (DST, 4)
+    etcd = FakeEtcd()
+    etcd.put(KEY, keys.owner_record(DST, 4))
+    assert asyncio.run(_arbiter(etcd).reclaim()) is None      # on the destination's word
+    assert _owner(etcd) == (SRC, 5)
+
+
+def _gate(etcd: FakeEtcd):
+    m = _member(etcd)
+    m.fast_commit, m._fast_conn = False, None
+    return m.commit_gate(NAME, SRC)
+
+
+def test_the_epoch_is_fixed_before_the_offer_is_accepted():
+    """The split brain a late read allows: the destination reads the key only
+    at the commit point, after the source — its Commit unanswered — took the
+    VM back (owner source, epoch 4) and resumed it; committing at epoch 5
+    would run it here too. The gate's epoch comes from ``admit`` (before
+    Accept, so before any Commit): the reclaim fails its compare."""
+    etcd = _etcd_with_source_owner()
+    gate = _gate(etcd)
+
+    async def run():
+        await gate.admit()
+        _source_reclaims(etcd)
+        await gate()
+    with pytest.raises(MigrationError, match="refused the ownership transaction"):
+        asyncio.run(run())
+    assert _owner(etcd) == (SRC, 4)
+
+
+def test_a_gate_never_admitted_refuses():
+    etcd = _etcd_with_source_owner()
+    with pytest.raises(MigrationError, match="before the offer was accepted"):
+        asyncio.run(_gate(etcd)())
+    assert _owner(etcd) == (SRC, 3) and etcd.txns == 0
+
+
+def test_admit_refuses_an_offer_the_source_does_not_own_or_that_etcd_cannot_tell():
+    etcd = _etcd_with_source_owner()
+    etcd.put(KEY, keys.owner_record("10.0.0.9:7400", 5))
+    with pytest.raises(LivemigError, match="etcd names 10.0.0.9:7400 .epoch 5."):
+        asyncio.run(_gate(etcd).admit())
+
+    class Unreachable(FakeEtcd):
+        async def get(self, key):
+            raise EtcdUnavailable("no member answered")
+    with pytest.raises(LivemigError, match="cannot read the owner .*no member answered"):
+        asyncio.run(_gate(Unreachable()).admit())
+
+
+def test_an_admitted_gate_commits_then_records_the_resume():
+    etcd = _etcd_with_source_owner()
+    gate = _gate(etcd)
+
+    async def run():
+        await gate.admit()
+        await gate()
+    asyncio.run(run())
+    assert _owner(etcd) == (DST, 4)
+    assert keys.owner_state(etcd.store[KEY].value, what=KEY)[0] == keys.OWNED

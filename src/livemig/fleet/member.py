@@ -12,9 +12,10 @@ member then holds no right to commit, and says so in ``state``.
 
 The handover's commit point is an etcd transaction, made by the destination
 after it has received ``Commit`` and before it resumes the guest
-(``commit_gate``, called by engine/destination/server.py)::
+(``CommitGate``, awaited by engine/destination/server.py)::
 
-    read /livemig/vms/<name>         owner = source, epoch = e, mod_revision = r
+    read /livemig/vms/<name>         before the offer is accepted:
+                                     owner = source, epoch = e, mod_revision = r
     txn  if mod_revision == r and this host's lease key still holds our lease
          then owner = here, epoch = e + 1
 
@@ -105,9 +106,6 @@ class FleetMember:
         self.ttl_s = int(ttl_s)
         self.commit_timeout_s = commit_timeout_s
         # The commit point from a blocking socket first (fleet/blockingtxn.py).
-        # Off by default: measured faster (bench/RESULTS.md §12), but one
-        # fault test (a commit answered after the source reclaimed) ran the VM
-        # at both hosts once under heavy load with it on, not yet explained.
         self.fast_commit = fast_commit
         self._fast_conn: BlockingTxn | None = None   # kept alive between commit points
         self.lease_id = 0
@@ -367,28 +365,11 @@ class FleetMember:
         await self.client.close()
 
     # -- ownership: the destination's commit point --------------------------------------
-    def commit_gate(self, name: str, source: str):
-        """The coroutine function the destination awaits between Commit and
-        resume. The VM's key is read now, at the offer, so that the commit
-        point costs one transaction; a key changed meanwhile fails its
-        compare, and the transaction's failure branch returns the key as it
-        is for one more attempt."""
-        prefetch = asyncio.get_running_loop().create_task(self._read_quietly(keys.vm_key(name)))
-
-        fast = self._fast_path()     # checked (or connected) now, before the pause
-
-        async def gate() -> None:
-            try:
-                epoch = self._fast_commit(fast, name, source, prefetch)
-                if epoch is None:
-                    epoch = await self.take_ownership(name, source, prefetched=prefetch)
-                failpoints.hit(failpoints.AFTER_COMMIT)
-                if not self._fast_resume(fast, name, epoch):
-                    await self.mark_resuming(name, source, epoch)
-            finally:
-                if fast is not None and fast.sock is None:
-                    self._fast_conn = None
-        return gate
+    def commit_gate(self, name: str, source: str) -> "CommitGate":
+        """The destination's side of one handover of ``name`` from ``source``:
+        ``admit`` before the offer is accepted, the gate itself between
+        Commit and resume (CommitGate)."""
+        return CommitGate(self, name, source)
 
     # The fast path (fleet/blockingtxn.py): the same two transactions from a
     # blocking socket, kept alive between commit points and checked at each
@@ -411,17 +392,11 @@ class FleetMember:
             self._fast_conn = None
         return self._fast_conn
 
-    def _fast_commit(self, fast: BlockingTxn | None, name: str, source: str,
-                     prefetch: asyncio.Task) -> int | None:
-        if fast is None or not prefetch.done() or prefetch.result()[1] is not None:
+    def _fast_commit(self, fast: BlockingTxn | None, name: str, first: KeyValue | None,
+                     epoch: int) -> int | None:
+        if fast is None:
             return None
-        first = prefetch.result()[0]
         try:
-            owner, epoch = (source, 0) if first is None else \
-                keys.parse_owner(first.value, what=first.key)
-            if owner != source:
-                return None
-            epoch += 1
             compare, success, failure = self._commit_ops(name, first, epoch)
             ok, _ = fast.txn(compare, success, failure)
         except (FastPathFailed, ValueError):
@@ -490,19 +465,13 @@ class FleetMember:
                              f"{source} took it back, or this host's lease is gone); the copy "
                              "here is discarded unrun", phase="switchover")
 
-    async def _read_quietly(self, key: str):
-        try:
-            return await self.client.get(key), None
-        except EtcdError as exc:
-            return None, exc
-
-    async def take_ownership(self, name: str, source: str, *,
-                             prefetched: asyncio.Task | None = None) -> int:
+    async def take_ownership(self, name: str, source: str, first: KeyValue | None) -> int:
         """owner source, epoch e → owner here, epoch e+1, in one transaction.
         Returns the new epoch; raises MigrationError (never run here) otherwise.
 
-        The epoch is fixed by the first read (the prefetch at the offer):
-        whatever is read later may only confirm it. A transaction whose
+        The epoch is fixed by ``first``, the key as read before the offer
+        was accepted (CommitGate.admit): whatever is read later may only
+        confirm it. A transaction whose
         answer is lost is sent again only while the key still holds what was
         first read (the same owner and epoch); a key that moved on — above
         all a source that reclaimed the VM after the break (owner = source,
@@ -513,19 +482,7 @@ class FleetMember:
         where = (f"VM {name!r} stays paused at the source ({source}), which keeps it; "
                  "the copy here is discarded unrun")
         try:
-            if prefetched is not None and prefetched.done() and prefetched.result()[1] is None:
-                first = prefetched.result()[0]
-            else:
-                first = await self.client.get(key)
-            if first is None:
-                epoch = 1
-            else:
-                owner, epoch_now = keys.parse_owner(first.value, what=key)
-                if owner != source:
-                    raise MigrationError(
-                        f"etcd names {owner} (epoch {epoch_now}) as the owner of {name!r}, "
-                        f"not the source {source}: refused; {where}", phase="switchover")
-                epoch = epoch_now + 1
+            epoch = next_epoch(first, name, source)
             new = keys.owner_record(self.addr, epoch, keys.COMMITTED)
             kv, ok = first, False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
@@ -556,6 +513,8 @@ class FleetMember:
                 if not _same_value(current, first):
                     break        # the key moved on from what we first read: not ours to take
                 kv = current     # rewritten as it was, or no answer: the same commit again
+        except NotTheOwner as exc:
+            raise MigrationError(f"{exc}: refused; {where}", phase="switchover") from exc
         except (EtcdError, ValueError) as exc:
             raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
                                  phase="switchover") from exc
@@ -584,6 +543,80 @@ class FleetMember:
     # -- ownership: the source's side ------------------------------------------------
     def arbiter(self, name: str, destination: str) -> "SourceArbiter":
         return SourceArbiter(self, name, destination)
+
+
+class NotTheOwner(ValueError):
+    """etcd names another host than the source as the VM's owner."""
+
+
+def next_epoch(first: KeyValue | None, name: str, source: str) -> int:
+    """The epoch a handover from ``source`` commits at, given the VM's key
+    as read before the offer was accepted; NotTheOwner (or ValueError, for
+    a record that does not parse) if the source does not own it."""
+    if first is None:
+        return 1        # a VM etcd does not know yet: the commit creates its key
+    owner, epoch = keys.parse_owner(first.value, what=first.key)
+    if owner != source:
+        raise NotTheOwner(f"etcd names {owner} (epoch {epoch}) as the owner of {name!r}, "
+                          f"not the source {source}")
+    return epoch + 1
+
+
+class CommitGate:
+    """The destination's side of one handover in a fleet.
+
+    ``admit()`` is awaited before the destination accepts the offer: it
+    reads the VM's key and fixes the epoch the commit will take (the
+    source's, plus one); a source etcd does not name, or a key that cannot
+    be read, refuses the offer, the VM still running at the source. The
+    gate itself (``await gate()``) runs between Commit and the resume: the
+    ownership transaction at that epoch, then the resume record.
+
+    Why the read must come before the offer is accepted: a source that
+    gets no word from its destination after sending Commit may take the VM
+    back (``SourceArbiter``: owner = source, epoch + 1) and resume it. A
+    read made after that finds the source owning the VM again, and a
+    commit at the epoch above would run the VM here as well. The source
+    sends Commit only on an accepted offer, so a read answered before the
+    offer was accepted precedes any reclaim, and a reclaim fails every
+    compare made from it."""
+
+    def __init__(self, member: FleetMember, name: str, source: str):
+        self.member, self.name, self.source = member, name, source
+        self._first: KeyValue | None = None
+        self._epoch: int | None = None
+        self._fast: BlockingTxn | None = None
+
+    async def admit(self) -> None:
+        m = self.member
+        try:
+            first = await m.client.get(keys.vm_key(self.name))
+            epoch = next_epoch(first, self.name, self.source)
+        except NotTheOwner as exc:
+            raise LivemigError(f"{exc}: refused; the VM stays with its owner") from exc
+        except (EtcdError, ValueError) as exc:
+            raise LivemigError(f"cannot read the owner of {self.name!r} in etcd ({exc}): "
+                               f"refused; the VM stays at the source ({self.source})") from exc
+        self._first, self._epoch = first, epoch
+        self._fast = m._fast_path()     # checked (or connected) now, before the pause
+
+    async def __call__(self) -> None:
+        m, name, source = self.member, self.name, self.source
+        if self._epoch is None:
+            raise MigrationError(f"the owner of {name!r} was not read in etcd before the offer "
+                                 "was accepted: refused; the copy here is discarded unrun",
+                                 phase="switchover")
+        fast = self._fast
+        try:
+            epoch = m._fast_commit(fast, name, self._first, self._epoch)
+            if epoch is None:
+                epoch = await m.take_ownership(name, source, self._first)
+            failpoints.hit(failpoints.AFTER_COMMIT)
+            if not m._fast_resume(fast, name, epoch):
+                await m.mark_resuming(name, source, epoch)
+        finally:
+            if fast is not None and fast.sock is None and m._fast_conn is fast:
+                m._fast_conn = None
 
 
 class SourceArbiter:
@@ -616,21 +649,32 @@ class SourceArbiter:
         if owner is not None and owner[0] == self.destination and state == keys.COMMITTED:
             # It committed but never recorded a resume: the guest never ran
             # there, and our reclaim fences the record it may still write.
-            return await self.reclaim()
+            return await self.reclaim(destination_said_unrun=False)
         if owner is not None and owner[0] != self.member.addr:
             return (f"etcd names {owner[0]} (epoch {owner[1]}) as the owner of {self.name!r}: "
                     "this host must not run it")
-        return await self.reclaim()
+        return await self.reclaim(destination_said_unrun=False)
 
-    async def reclaim(self) -> str | None:
+    async def reclaim(self, *, destination_said_unrun: bool = True) -> str | None:
         """Before resuming the VM here: make etcd name this host, a new epoch.
-        Returns None when it does, else why the VM must stay paused here."""
+        Returns None when it does, else why the VM must stay paused here.
+
+        A key naming the destination is taken back only while it says
+        ``committed`` (the guest never ran there), unless the destination
+        itself said it never resumed the VM (``destination_said_unrun``: its
+        resume record may have gone through though it gave up). The state is
+        judged on the very read the transaction compares, so a destination
+        that records its resume meanwhile fails the reclaim."""
         m, key = self.member, keys.vm_key(self.name)
         try:
             kv = await m.client.get(key)
             owner, epoch = ("", 0) if kv is None else keys.parse_owner(kv.value, what=key)
             if kv is not None and owner not in (m.addr, self.destination):
                 return (f"etcd names {owner} (epoch {epoch}) as the owner of {self.name!r}: "
+                        "this host must not run it; its copy here stays paused")
+            if kv is not None and owner == self.destination and not destination_said_unrun \
+                    and keys.owner_state(kv.value, what=key)[0] != keys.COMMITTED:
+                return (f"etcd records that {owner} resumed {self.name!r} (epoch {epoch}): "
                         "this host must not run it; its copy here stays paused")
             compare = [cmp_mod_revision(key, kv.mod_revision) if kv is not None else
                        cmp_absent(key)]

@@ -312,7 +312,8 @@ class Daemon(OperatorCommands):
 
         arrival.on_resumed = on_resumed
         if self.fleet is not None:   # etcd decides who owns the VM at the commit point
-            arrival.commit_gate = self.fleet.commit_gate(name, peer)
+            gate = self.fleet.commit_gate(name, peer)
+            arrival.admit, arrival.commit_gate = gate.admit, gate
         arrival.on_status = on_status
         return arrival
 

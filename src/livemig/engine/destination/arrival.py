@@ -24,6 +24,8 @@ class Arrival:
     on_status: Callable[[], None] | None = None
     vm: VM | None = None                         # the guest, once it runs here in post-copy
     owed_pages: Callable[[], int] | None = None  # pages it still lacks, while in post-copy
+    # Awaited before the offer is accepted; raising LivemigError refuses the offer.
+    admit: Callable[[], Awaitable[None]] | None = None
     # Awaited between Commit and resume; raising refuses the VM (fleet ownership).
     commit_gate: Callable[[], Awaitable[None]] | None = None
 

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 ::
 
-    Hello/Welcome ─ MigrationOffer ─▶ host accepts? allocate VM.blank ─ Accept
+    Hello/Welcome ─ MigrationOffer ─▶ host accepts? (in a fleet: etcd names the source
+        as the VM's owner, which fixes the commit's epoch) allocate VM.blank ─ Accept
     RoundStart / PageBatch* / RoundEnd  ─▶ decode batches into guest memory
     Switchover(state, digest) ─▶ digest of landed pages == source's?  load state
         ─ Verified ─▶ ◀ Commit ─ resume vCPUs ─ Resumed ─▶ hand the VM to the host
@@ -265,6 +266,13 @@ class IncomingMigration:
             self.stats.error = f"refused: {exc}"
             return False
         self.stats.memory_bytes = cfg["memory_bytes"]
+        if self.arrival.admit is not None:
+            try:
+                await self.arrival.admit()
+            except LivemigError as exc:
+                await self.ch.send(Refuse(RefuseCode.OFFER, str(exc)[:1000]))
+                self._set_status("failed", f"refused: {exc}")
+                return False
         try:
             self.vm = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: VM.blank(cfg["memory_bytes"], cfg["vcpus"]))
