@@ -2,8 +2,8 @@
 the same moves one at a time, and the planner over a generated fleet.
 
 1. **Commit point**: the destination's ownership step (the VM's key read
-   at the offer, then at the commit point two transactions: owner := here,
-   ``committed``; then ``owned``; fleet/member.py ``commit_gate``)
+   before the offer is accepted, then at the commit point one transaction:
+   owner := here, epoch + 1; fleet/member.py ``CommitGate``)
    against a 1-member etcd on loopback, timed alone: this is the time the
    guest stays paused longer than without a fleet. Median and p99 over
    ``--commits`` handovers, per repeat.
@@ -19,7 +19,7 @@ Medians of ``--repeats`` repeats. Writes bench/results/fleet.json.
     python bench/bench_fleet.py [--repeats 3] [--vms 3] [--memory 32MiB]
 
 ``--commit-only --etcd-dirs /tmp /dev/shm`` measures only the commit point
-(both of its transactions, with the blocking-socket fast path and through
+(its transaction, with the blocking-socket fast path and through
 the event loop alone, interleaved), against one etcd per data directory in
 the same run (disk against tmpfs),
 and adds from each etcd's ``/metrics`` its WAL fsyncs during the measure
@@ -47,28 +47,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from livemig.fleet import keys  # noqa: E402
-from livemig.fleet.etcd import cmp_absent, cmp_mod_revision, cmp_value, op_get, op_put  # noqa: E402
+from livemig.fleet.etcd import cmp_absent, cmp_mod_revision, op_get, op_put  # noqa: E402
 from livemig.fleet.member import FleetMember  # noqa: E402
 from livemig.fleet.simulate import simulate  # noqa: E402
 from livemig.lab.daemonproc import free_port, stop, wait_ready  # noqa: E402
 from livemig.service.control import ControlClient  # noqa: E402
 from support.etcd import etcd_cluster  # noqa: E402
+from support.fleet import DaemonStub  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "fleet.json"
 
 
-class _Host:
-    """The little of a daemon a FleetMember reads."""
-
-    def __init__(self, advertised: str):
-        self.advertised, self.vms = advertised, {}
-
-
 async def commit_point(url: str, n: int, fast: bool = True) -> dict:
-    """The whole commit point as the guest's pause sees it: both transactions
-    (owner := here, ``committed``; then ``owned``). ``fast``: first from a
-    blocking socket (fleet/blockingtxn.py), else through the event loop only."""
-    member = FleetMember(_Host("127.0.0.1:1"), url, ttl_s=60, fast_commit=fast)
+    """The whole commit point as the guest's pause sees it: its transaction
+    (owner := here, epoch + 1). ``fast``: first from a blocking socket
+    (fleet/blockingtxn.py), else through the event loop only."""
+    member = FleetMember(DaemonStub("127.0.0.1:1"), url, ttl_s=60, fast_commit=fast)
     await member.join()
     try:
         times_ms = []
@@ -104,10 +98,9 @@ def wal_fsync(endpoint: str) -> tuple[float, float]:
 
 
 def raw_txn(endpoint: str, n: int) -> dict:
-    """The commit point's two transactions (a revision compare, a put, the
-    failure reads; then a value compare and a put), each after a 5 ms idle
-    gap as in ``commit_point``, from a blocking socket: what etcd and the
-    loopback cost without our client."""
+    """The commit point's transaction (a revision compare, a put, the
+    failure reads), each after a 5 ms idle gap as in ``commit_point``, from
+    a blocking socket: what etcd and the loopback cost without our client."""
     host, port = endpoint.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -129,14 +122,12 @@ def raw_txn(endpoint: str, n: int) -> dict:
         for i in range(n):
             compare = [cmp_absent(key) if not revision else cmp_mod_revision(key, revision),
                        cmp_absent(keys.drain_key("127.0.0.1:1"))]
-            committed = keys.owner_record("127.0.0.1:1", i, keys.COMMITTED)
-            body = json.dumps({"compare": compare, "success": [op_put(key, committed)],
-                               "failure": [op_get(key)]}).encode()
+            body = json.dumps({"compare": compare, "success": [
+                op_put(key, keys.owner_record("127.0.0.1:1", i))],
+                "failure": [op_get(key)]}).encode()
             time.sleep(0.005)
             t0 = time.perf_counter()
-            exchange(body)
-            answer = exchange(json.dumps({"compare": [cmp_value(key, committed)], "success": [
-                op_put(key, keys.owner_record("127.0.0.1:1", i))]}).encode())
+            answer = exchange(body)
             times_ms.append((time.perf_counter() - t0) * 1e3)
             revision = int(answer["header"]["revision"])
         return {"median_ms": statistics.median(times_ms), "n": n}

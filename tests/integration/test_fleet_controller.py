@@ -23,7 +23,7 @@ from livemig.fleet.etcd import EtcdClient, op_put
 from livemig.fleet.member import FleetMember
 from support.daemons import assert_daemon_vm_matches_unmoved, livemig, start_vm
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
-from support.fleet import fleet_daemon, fleet_rows, host, listed, vm_row, etcd_call
+from support.fleet import DaemonStub, etcd_call, fleet_daemon, fleet_rows, host, listed, vm_row
 from support.oracle import Recipe
 from support.waiting import wait_for
 
@@ -61,20 +61,13 @@ def _roles(daemons) -> dict:
             for d in daemons}
 
 
-class _Host:
-    """The little of a daemon a FleetMember reads."""
-
-    def __init__(self, advertised: str):
-        self.advertised, self.vms = advertised, {}
-
-
 def test_a_deposed_leaders_fenced_transaction_fails(tmp_path):
     """x leads; its lease is revoked (as when it expires while x is paused or
     cut off) and y takes over: x's next pass is refused by its fence, writes
     nothing, and x steps down; any write fenced by x's term fails."""
     async def main(url):
-        mx, my = FleetMember(_Host("127.0.0.1:1"), url, ttl_s=60), \
-            FleetMember(_Host("127.0.0.1:2"), url, ttl_s=60)
+        mx, my = FleetMember(DaemonStub("127.0.0.1:1"), url, ttl_s=60), \
+            FleetMember(DaemonStub("127.0.0.1:2"), url, ttl_s=60)
         await mx.join()
         await my.join()
         cx = BalanceController(mx, window_s=60)

@@ -12,16 +12,10 @@ import pytest
 from livemig.fleet.controller import BalanceController
 from livemig.fleet.member import FleetMember
 from support.etcd import ETCD, ETCD_MISSING, etcd_cluster
+from support.fleet import DaemonStub
 from support.waiting import wait_for_async
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=ETCD_MISSING)
-
-
-class _Host:
-    """The little of a daemon a FleetMember reads."""
-
-    def __init__(self, advertised: str):
-        self.advertised, self.vms = advertised, {}
 
 
 async def _x_leads_y_watches(cx, cy) -> int:
@@ -34,7 +28,7 @@ async def _x_leads_y_watches(cx, cy) -> int:
 
 
 async def _pair(url):
-    members = [FleetMember(_Host(f"127.0.0.1:{i}"), url, ttl_s=60) for i in (1, 2)]
+    members = [FleetMember(DaemonStub(f"127.0.0.1:{i}"), url, ttl_s=60) for i in (1, 2)]
     for m in members:
         await m.join()
     controllers = [BalanceController(m, window_s=60, interval_s=3600) for m in members]

@@ -36,8 +36,8 @@ from support.daemons import assert_daemon_vm_matches_unmoved, start_vm
 from support.etcd import ETCD, ETCD_MISSING
 from support.fleet import FleetHost, vm_row
 from support.fleetfaults import (DST, EITHER, NAME, NOWHERE, RECIPE, SRC, TTL_S,
-                                 assert_settled, cut_at_step, ended, killed_at_step, migrate,
-                                 pair, start_warm)
+                                 assert_settled, cut_at_step, ended, killed_at_step, listed_copy,
+                                 migrate, pair, start_warm)
 from support.frameproxy import HOLD, Fault
 from support.waiting import wait_for
 
@@ -92,22 +92,27 @@ def test_the_link_cut_at_a_postcopy_handover_step(tmp_path, etcd, mode, step, ru
 
 def test_a_destination_killed_between_its_commit_and_its_resume(tmp_path, etcd):
     """The destination dies (a failpoint: SIGKILL) right after its commit
-    transaction went through, before it recorded the resume in etcd: the
-    guest never ran there, so the source's paused copy is the VM. The source
-    cannot ask the destination; etcd names it, but in state committed: the
-    source takes the key back (its epoch fences the resume record) and
-    resumes. Restarted, the destination leaves the key alone."""
+    transaction went through, before it resumed the guest: etcd names it
+    (``owned``), so the source, unable to ask it, keeps its copy paused, in
+    doubt. Restarted, the destination's session journal proves the guest
+    never ran there (no ``resuming`` line, the same kernel): it says so in
+    etcd (``committed``) and to the source, which takes the key back (a new
+    epoch) and resumes — the VM runs at the source, identical."""
     src, dst = pair(tmp_path, etcd, None,
                     dst_env={failpoints.ENV_VAR: failpoints.AFTER_COMMIT})
     try:
         epoch = start_warm(src, etcd)
         rec = ended(src, migrate(src, dst))
         assert dst.proc.proc.wait() == -signal.SIGKILL
-        assert rec["status"] == "failed" and "etcd now names this host" in rec["error"], rec
-        row = wait_for("etcd to show the VM running at the source",
-                       lambda: (r := vm_row(etcd, NAME))["state"] == "running" and r)
-        assert (row["owner"], row["epoch"]) == (src.addr, epoch + 2)
+        assert rec["status"] == "in-doubt" and dst.addr in rec["error"], rec
+        row = vm_row(etcd, NAME)
+        assert (row["owner"], row["epoch"]) == (dst.addr, epoch + 1), row
+        here = listed_copy(src)
+        assert not here["running"] and here["unresolved"], here
         dst.restart()
+        # (Its lease may have expired first: then the source found the VM
+        # lost with its host, until the restarted host handed the key back.)
+        wait_for("the source to take the VM back", lambda: listed_copy(src)["running"])
         assert_settled(etcd, {SRC: src, DST: dst}, SRC)
         assert vm_row(etcd, NAME)["epoch"] == epoch + 2
     finally:

@@ -117,6 +117,16 @@ class EtcdLink:
             t.close()
 
 
+class DaemonStub:
+    """The little of a daemon a FleetMember reads, for a member without one."""
+
+    def __init__(self, advertised: str):
+        self.advertised, self.vms = advertised, {}
+
+    def arrivals_never_resumed(self) -> set[str]:
+        return set()
+
+
 class FleetHost:
     """A fleet daemon process. With ``fault``, its migration port sits
     behind a FrameProxy injecting it, and the daemon advertises the proxy:

@@ -52,9 +52,10 @@ def ended(src: FleetHost, mig: int) -> dict:
     return src.proc.client.call("migration.wait", id=mig, timeout_s=PATIENCE_S)
 
 
-def incoming(dst: FleetHost) -> dict | None:
+def incoming(dst: FleetHost, name: str = NAME) -> dict | None:
+    """The destination's latest record of an arrival of VM ``name``."""
     recs = [m for m in dst.proc.client.call("status")["migrations"]
-            if m["direction"] == "incoming" and m["vm"] == NAME]
+            if m["direction"] == "incoming" and m["vm"] == name]
     return recs[-1] if recs else None
 
 

@@ -190,18 +190,19 @@ def test_a_source_that_cannot_ask_settles_from_etcd():
     assert _owner(etcd) == (SRC, 3)
 
 
-def test_a_reclaim_refuses_a_resume_recorded_after_settle_read_the_key():
+def test_a_reclaim_refuses_a_key_that_moved_to_owned_after_settle_read_it():
     """settle reads the key ``committed`` by the destination and reclaims;
-    if the destination records its resume (``owned``) between that read and
-    the reclaim's own, the guest may run there: the reclaim must refuse
-    (the VM would otherwise run in both places). A destination that said
-    itself that it never resumed the VM may still be taken back from."""
+    if the key says ``owned`` by the time of the reclaim's own read (the
+    destination took the VM again, in a later handover), the guest may run
+    there: the reclaim must refuse (the VM would otherwise run in both
+    places). A destination that said itself that it never resumed the VM
+    may still be taken back from."""
     class Racing(FakeEtcd):
         reads = 0
 
         async def get(self, key):
             self.reads += key == KEY
-            if key == KEY and self.reads == 2:     # after settle's read: the resume record
+            if key == KEY and self.reads == 2:     # after settle's read: owned again
                 self.put(KEY, keys.owner_record(DST, 4))
             return await super().get(key)
     etcd = Racing()
@@ -259,7 +260,9 @@ def test_admit_refuses_an_offer_the_source_does_not_own_or_that_etcd_cannot_tell
         asyncio.run(_gate(Unreachable()).admit())
 
 
-def test_an_admitted_gate_commits_then_records_the_resume():
+def test_an_admitted_gate_commits_in_one_transaction():
+    """The commit point inside the guest's pause is one transaction, and its
+    record says the guest may run here (``owned``)."""
     etcd = _etcd_with_source_owner()
     gate = _gate(etcd)
 
@@ -267,5 +270,5 @@ def test_an_admitted_gate_commits_then_records_the_resume():
         await gate.admit()
         await gate()
     asyncio.run(run())
-    assert _owner(etcd) == (DST, 4)
+    assert _owner(etcd) == (DST, 4) and etcd.txns == 1
     assert keys.owner_state(etcd.store[KEY].value, what=KEY)[0] == keys.OWNED

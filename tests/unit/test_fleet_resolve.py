@@ -141,8 +141,8 @@ def test_a_lost_destination_host_that_had_resumed_it_leaves_a_stale_copy():
 
 
 def test_a_destination_that_committed_but_never_resumed_is_reclaimed_from():
-    """state committed: the guest never ran there, whether that host is
-    live, lost or restarted; the reclaim fences its resume record."""
+    """state committed (its restarted daemon proved it never resumed the
+    guest): whether that host is live or lost, the copy here is reclaimed."""
     for live in ((), {PEER}):
         m = _Member(PEER, 2, live=live, state=keys.COMMITTED)
         verdict, asked = _resolve(m)

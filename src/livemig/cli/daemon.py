@@ -95,7 +95,8 @@ def cmd_daemon(args) -> int:
             from ..fleet.member import FleetMember
 
             member = FleetMember(daemon, args.fleet, ttl_s=args.fleet_ttl,
-                                 commit_timeout_s=args.fleet_commit_timeout)
+                                 commit_timeout_s=args.fleet_commit_timeout,
+                                 fast_commit=not args.fleet_loop_commit)
             try:
                 await member.join()
             except BaseException:
@@ -172,6 +173,9 @@ def register(sub) -> None:
     sp.add_argument("--fleet-commit-timeout", type=positive(float), default=5.0, metavar="S",
                     help="how long an arriving VM's commit point tries to prove in etcd that "
                          "this host owns it; unproven by then, the VM is refused (default 5)")
+    sp.add_argument("--fleet-loop-commit", action="store_true",
+                    help="make the commit point's etcd transactions through the event loop "
+                         "only, not first from a blocking socket (docs/fleet.md)")
     sp.add_argument("--balance-controller", action="store_true",
                     help="with --fleet: stand for election as the fleet's balance controller; "
                          "the one leader moves VMs to even out load (docs/fleet.md)")

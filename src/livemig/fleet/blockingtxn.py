@@ -1,12 +1,12 @@
-"""The commit point's fast path: etcd transactions from a blocking socket.
+"""The commit point's fast path: an etcd transaction from a blocking socket.
 
 Theory of operation
 -------------------
-The guest is paused while the destination makes its two commit-point
-transactions (member.py ``commit_gate``: ``committed``, then ``owned``).
-Through the event loop each costs a loop wake-up on its answer on top of
-etcd's own time (bench/RESULTS.md §12); sent from a blocking socket on the
-loop's own thread, they cost etcd's time alone. ``BlockingTxn`` is that
+The guest is paused while the destination makes its commit-point
+transaction (member.py ``CommitGate``: owner := here, epoch + 1). Through
+the event loop it costs a loop wake-up on its answer on top of etcd's own
+time (bench/RESULTS.md §12); sent from a blocking socket on the loop's own
+thread, it costs etcd's time alone. ``BlockingTxn`` is that
 socket to the endpoint the daemon's client uses now, kept alive between
 commit points and checked at each offer (``alive``: a connection etcd closed
 while idle is replaced then, before the pause).

@@ -81,7 +81,7 @@ def candidate_key(addr: str) -> str:
 
 # An owner key's ``state`` (absent in keys written before it existed: OWNED).
 OWNED = "owned"            # the owner runs the VM, or may have run it
-COMMITTED = "committed"    # a handover committed to the owner, which has not resumed it yet
+COMMITTED = "committed"    # the owner took it in a handover but never ran it (restarted first)
 LOST = "lost"              # the VM died with the owner's daemon (or its post-copy): runs nowhere
 
 

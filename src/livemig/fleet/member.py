@@ -19,14 +19,21 @@ after it has received ``Commit`` and before it resumes the guest
     txn  if mod_revision == r and this host's lease key still holds our lease
          then owner = here, epoch = e + 1
 
-The new record says ``state: committed``; just before the resume a second
-transaction (``mark_resuming``, comparing that record and our lease) sets it
-to ``owned``: etcd then knows whether the guest may have run here, and a
-source whose destination died between the two may take the VM back.
-Only a successful transaction lets the guest run here. A failed compare
-(someone else owns it, or our lease is gone) refuses; an answer lost on the
-way is read back until the deadline, and anything still unknown then refuses
-too: a destination never runs a VM it cannot prove it owns.
+The new record says ``state: owned``: from its success on, the guest may
+run here. Only a successful transaction lets the guest run here. A failed
+compare (someone else owns it, or our lease is gone) refuses; an answer lost
+on the way is read back until the deadline, and anything still unknown then
+refuses too: a destination never runs a VM it cannot prove it owns. The read
+is made before the offer is accepted (``CommitGate.admit``), so the commit
+point is this one transaction.
+
+A destination daemon killed between its commit and the resume leaves a key
+naming it for a guest that never ran there. Its session journal
+(engine/destination/outcomes.py) proves that at the restart — no
+``resuming`` line, same kernel — and ``_reconcile`` then rewrites the key
+``state: committed`` (same owner and epoch): etcd's word that the guest
+never ran there, on which the source takes the VM back (a new epoch) and
+resumes it.
 
 A paused copy left in doubt here is settled from etcd at each renewal, as
 ``livemig vm resolve`` would (fleet/resolve.py): resumed after a reclaim when
@@ -59,7 +66,7 @@ from . import keys
 from .drain import MoveRunner
 from .blockingtxn import BlockingTxn, FastPathFailed
 from .etcd import (EtcdClient, EtcdError, EtcdUnavailable, KeyValue, b64, cmp_absent,
-                   cmp_mod_revision, cmp_value, op_get, op_put)
+                   cmp_mod_revision, op_get, op_put)
 
 DEFAULT_TTL_S = 10
 MAX_COMMIT_ATTEMPTS = 5     # transactions at one commit point, all within commit_timeout_s
@@ -99,7 +106,7 @@ class FleetMember:
     """One daemon's membership; attach with ``daemon.fleet = member``."""
 
     def __init__(self, daemon, url: str, *, ttl_s: int = DEFAULT_TTL_S,
-                 commit_timeout_s: float = 5.0, fast_commit: bool = False):
+                 commit_timeout_s: float = 5.0, fast_commit: bool = True):
         self.daemon = daemon
         self.addr = daemon.advertised
         self.client = EtcdClient(url, timeout_s=max(1.0, ttl_s / 3))
@@ -161,9 +168,11 @@ class FleetMember:
             if name not in self._seen and not hosted.migrating and hosted.unresolved is None:
                 await self._claim_new(name)
         for name, hosted in here.items():
-            if hosted.unresolved is not None and not hosted.vm.running \
-                    and "lost" not in hosted.unresolved:    # decided: the operator's now
-                self._settle_later(name)
+            if hosted.unresolved is not None and not hosted.vm.running:
+                # A copy found lost with its host is the operator's now,
+                # unless that host comes back and hands the key back.
+                self._settle_later(name, hosted.unresolved["peer"] if "lost" in
+                                   hosted.unresolved else None)
         for name in self._seen - set(here):   # ``_seen`` changes only once all succeeded
             # Gone from here: migrated (the key names its new owner, so the
             # compare fails and nothing changes) or stopped (the key still
@@ -199,23 +208,30 @@ class FleetMember:
         there = keys.parse_record(host.value, what=host.key).get("vms", {}).get(name)
         return True, isinstance(there, dict) and bool(there.get("running"))
 
-    def _settle_later(self, name: str) -> None:
+    def _settle_later(self, name: str, lost_at: str | None = None) -> None:
         """A paused copy left in doubt here: settle it as ``livemig vm
         resolve`` would (fleet/resolve.py: etcd's owner decides, and the
         destination of the broken handover is asked when etcd names it), in
         a task of its own so that asking a silent peer never holds up the
         lease's renewal. Anything uncertain leaves it paused until the next
-        renewal tries again."""
+        renewal tries again. A copy found lost with its host ``lost_at`` is
+        settled only once etcd says ``committed`` there: that host's
+        restarted daemon proved it never ran the guest."""
         self._settling = {n: t for n, t in self._settling.items() if not t.done()}
         if name in self._settling:
             return
         self._settling[name] = asyncio.get_running_loop().create_task(
-            self._settle(name), name=f"fleet-settle-{name}")
+            self._settle(name, lost_at), name=f"fleet-settle-{name}")
 
-    async def _settle(self, name: str) -> None:
+    async def _settle(self, name: str, lost_at: str | None = None) -> None:
         try:
+            if lost_at is not None:
+                owner, _, kv = await self.owner_of(name)
+                if owner != lost_at or kv is None \
+                        or keys.owner_state(kv.value, what=kv.key)[0] != keys.COMMITTED:
+                    return
             done = await self.daemon.resolve_vm(name)
-        except LivemigError as exc:
+        except (LivemigError, ValueError) as exc:
             if self._doubts.get(name) != str(exc):     # said once, not at every renewal
                 self._doubts[name] = str(exc)
                 log.warning("fleet: %s stays paused here, in doubt: %s", name, exc)
@@ -280,7 +296,7 @@ class FleetMember:
         the source: if etcd names that host and says it runs the VM, say it
         is lost (same owner and epoch, a transaction comparing the revision).
         A key in state ``committed`` is left alone: the guest never ran
-        here, and the source's paused copy is the VM (its source reclaims it).
+        there, and the source's paused copy is the VM (its source reclaims it).
         Returns whether the key was marked."""
         key = keys.vm_key(name)
         kv = await self.client.get(key)
@@ -300,15 +316,28 @@ class FleetMember:
     async def _reconcile(self) -> None:
         """At join: VMs etcd says run here that this daemon does not host
         died with an earlier life of it (killed: its VMs were threads of the
-        process). Mark them lost, so that nothing counts on them."""
+        process). Mark them lost, so that nothing counts on them — except
+        those that life received and provably never resumed (it died between
+        its commit and the resume): their keys say ``committed``, and their
+        sources take them back."""
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        unrun = self.daemon.arrivals_never_resumed()
         for kv in await self.client.get_prefix(keys.VMS):
             name = kv.key[len(keys.VMS):]
             try:
-                owner, _ = keys.parse_owner(kv.value, what=kv.key)
+                owner, epoch = keys.parse_owner(kv.value, what=kv.key)
+                state = keys.owner_state(kv.value, what=kv.key)[0]
             except ValueError:
                 continue
             if owner != self.addr or name in self.daemon.vms or name in self._claimed:
+                continue
+            if name in unrun and state == keys.OWNED:
+                ok, _ = await self.client.txn(
+                    [cmp_mod_revision(kv.key, kv.mod_revision)],
+                    [op_put(kv.key, keys.owner_record(owner, epoch, keys.COMMITTED))])
+                if ok:
+                    log.warning("fleet: VM %s was committed here but never resumed (this daemon "
+                                "restarted before it did): its source may take it back", name)
                 continue
             await self.mark_lost(name, f"it died with the daemon on {owner} (that daemon "
                                  f"restarted at {started} UTC and no longer runs it)")
@@ -371,12 +400,12 @@ class FleetMember:
         Commit and resume (CommitGate)."""
         return CommitGate(self, name, source)
 
-    # The fast path (fleet/blockingtxn.py): the same two transactions from a
+    # The fast path (fleet/blockingtxn.py): the same transaction from a
     # blocking socket, kept alive between commit points and checked at each
     # offer (a connection etcd closed while idle is replaced before the
-    # pause). Any doubt — no clean answer, a refusal — returns None /
-    # False, and the full path below runs as if the fast attempt's answer had
-    # been lost: it reads back what etcd holds before deciding anything.
+    # pause). Any doubt — no clean answer, a refusal — returns None, and the
+    # full path below runs as if the fast attempt's answer had been lost: it
+    # reads back what etcd holds before deciding anything.
     def _fast_path(self) -> BlockingTxn | None:
         if not self.fast_commit:
             return None
@@ -403,14 +432,6 @@ class FleetMember:
             return None
         return epoch if ok else None
 
-    def _fast_resume(self, fast: BlockingTxn | None, name: str, epoch: int) -> bool:
-        if fast is None:
-            return False
-        try:
-            return fast.txn(*self._resume_ops(name, epoch))[0]
-        except FastPathFailed:
-            return False
-
     def _commit_ops(self, name: str, kv: KeyValue | None, epoch: int):
         """The ownership transaction: (compare, success, failure). A host
         marked for draining takes ownership of nothing."""
@@ -418,52 +439,8 @@ class FleetMember:
         compare = [cmp_absent(key) if kv is None else cmp_mod_revision(key, kv.mod_revision),
                    _cmp_lease(keys.host_key(self.addr), self.lease_id),
                    cmp_absent(keys.drain_key(self.addr))]
-        return (compare, [op_put(key, keys.owner_record(self.addr, epoch, keys.COMMITTED))],
+        return (compare, [op_put(key, keys.owner_record(self.addr, epoch))],
                 [op_get(key), op_get(keys.drain_key(self.addr))])
-
-    def _resume_ops(self, name: str, epoch: int):
-        """The resume record's transaction: (compare, success)."""
-        key = keys.vm_key(name)
-        committed = keys.owner_record(self.addr, epoch, keys.COMMITTED)
-        compare = [cmp_value(key, committed), _cmp_lease(keys.host_key(self.addr), self.lease_id)]
-        return compare, [op_put(key, keys.owner_record(self.addr, epoch))]
-
-    async def mark_resuming(self, name: str, source: str, epoch: int) -> None:
-        """After the commit, before the resume: ``committed`` → ``owned``
-        at the same epoch, a transaction that compares the committed record
-        (value) and our lease. Until it succeeds the guest has never run
-        here, so a source that finds the key ``committed`` may take it back
-        (its reclaim changes the value, and this compare then fails: the
-        copy here is discarded unrun). Once it succeeds the guest may run
-        here, and the source's paused copy is stale for good."""
-        key = keys.vm_key(name)
-        committed = keys.owner_record(self.addr, epoch, keys.COMMITTED)
-        owned = keys.owner_record(self.addr, epoch)
-        deadline = time.monotonic() + self.commit_timeout_s
-        compare, success = self._resume_ops(name, epoch)
-        try:
-            for _attempt in range(MAX_COMMIT_ATTEMPTS):
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise EtcdUnavailable(f"no settled answer within {self.commit_timeout_s:g} s")
-                try:
-                    ok, _ = await self.client.txn(compare, success, timeout_s=left_s)
-                except EtcdUnavailable:
-                    ok = False
-                if ok:
-                    return
-                current = await self._read_until(key, deadline)
-                if current is not None and current.value == owned:
-                    return                  # ours went through; its answer was lost
-                if current is None or current.value != committed:
-                    break                   # the source took it back meanwhile
-        except (EtcdError, ValueError) as exc:
-            raise MigrationError(f"cannot record in etcd that {name!r} resumes here ({exc}); "
-                                 f"the copy here is discarded unrun, the source ({source}) "
-                                 "takes the VM back", phase="switchover") from exc
-        raise MigrationError(f"etcd refused to record that {name!r} resumes here (the source "
-                             f"{source} took it back, or this host's lease is gone); the copy "
-                             "here is discarded unrun", phase="switchover")
 
     async def take_ownership(self, name: str, source: str, first: KeyValue | None) -> int:
         """owner source, epoch e → owner here, epoch e+1, in one transaction.
@@ -483,7 +460,7 @@ class FleetMember:
                  "the copy here is discarded unrun")
         try:
             epoch = next_epoch(first, name, source)
-            new = keys.owner_record(self.addr, epoch, keys.COMMITTED)
+            new = keys.owner_record(self.addr, epoch)
             kv, ok = first, False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
                 compare, success, failure = self._commit_ops(name, kv, epoch)
@@ -570,7 +547,8 @@ class CommitGate:
     source's, plus one); a source etcd does not name, or a key that cannot
     be read, refuses the offer, the VM still running at the source. The
     gate itself (``await gate()``) runs between Commit and the resume: the
-    ownership transaction at that epoch, then the resume record.
+    ownership transaction at that epoch, the one etcd round trip inside the
+    guest's pause.
 
     Why the read must come before the offer is accepted: a source that
     gets no word from its destination after sending Commit may take the VM
@@ -612,8 +590,6 @@ class CommitGate:
             if epoch is None:
                 epoch = await m.take_ownership(name, source, self._first)
             failpoints.hit(failpoints.AFTER_COMMIT)
-            if not m._fast_resume(fast, name, epoch):
-                await m.mark_resuming(name, source, epoch)
         finally:
             if fast is not None and fast.sock is None and m._fast_conn is fast:
                 m._fast_conn = None
@@ -647,8 +623,7 @@ class SourceArbiter:
             return (f"the destination {self.destination} is not a host of this fleet: etcd "
                     "cannot say whether it resumed the VM")
         if owner is not None and owner[0] == self.destination and state == keys.COMMITTED:
-            # It committed but never recorded a resume: the guest never ran
-            # there, and our reclaim fences the record it may still write.
+            # Its restarted daemon said in etcd that the guest never ran there.
             return await self.reclaim(destination_said_unrun=False)
         if owner is not None and owner[0] != self.member.addr:
             return (f"etcd names {owner[0]} (epoch {owner[1]}) as the owner of {self.name!r}: "
@@ -662,9 +637,9 @@ class SourceArbiter:
         A key naming the destination is taken back only while it says
         ``committed`` (the guest never ran there), unless the destination
         itself said it never resumed the VM (``destination_said_unrun``: its
-        resume record may have gone through though it gave up). The state is
-        judged on the very read the transaction compares, so a destination
-        that records its resume meanwhile fails the reclaim."""
+        commit may have gone through though it gave up). The state is judged
+        on the very read the transaction compares, so a key that changes
+        meanwhile fails the reclaim."""
         m, key = self.member, keys.vm_key(self.name)
         try:
             kv = await m.client.get(key)

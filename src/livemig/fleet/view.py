@@ -33,7 +33,8 @@ def _record(kv) -> dict:
 def _vm_state(state: str, host: dict | None, running: bool) -> str:
     """What a VM's row says of it: ``lost`` (etcd says it died with its
     owner's daemon), ``lost-with-host`` (its owner is lost: the VM with it),
-    ``committing`` (a handover committed, not resumed yet), ``running`` or
+    ``returning`` (its owner took it in a handover but never ran it: its
+    source takes it back), ``running`` or
     ``not-running`` (the owner is live but does not list it running: it is
     arriving, paused, or its daemon has not reconciled yet)."""
     if state == keys.LOST:
@@ -41,7 +42,7 @@ def _vm_state(state: str, host: dict | None, running: bool) -> str:
     if host is None:
         return "lost-with-host"
     if state == keys.COMMITTED:
-        return "committing"
+        return "returning"
     return "running" if running else "not-running"
 
 

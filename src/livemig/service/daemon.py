@@ -228,6 +228,11 @@ class Daemon(OperatorCommands):
         """This daemon's migration address, as peers and the history name it."""
         return self.advertise or format_hostport(self.listen_host, self.listen_port)
 
+    def arrivals_never_resumed(self) -> set[str]:
+        """VMs an earlier life of this daemon received and provably never
+        resumed (it died first): engine/destination/outcomes.py."""
+        return self._listener.outcomes.never_resumed() if self._listener is not None else set()
+
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         guard = shutdown.SignalGuard(self)

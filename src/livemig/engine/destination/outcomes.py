@@ -25,15 +25,24 @@ the operator resolves it.
 The book lives in the daemon's process, and so does every VM it hosts: a
 destination daemon killed during a session takes both along. So that a
 source can still learn something definite, a daemon keeps a
-``SessionJournal`` in its state dir: a line when a session's offer is
-accepted (flushed to disk before the source sends a page), one when the
-session ends or the VM starts to migrate on from here. A daemon restarted
-with that state
-dir finds the sessions that were under way when it died and answers for
-them ``ABANDONED`` ("this daemon restarted during the migration: nothing of
-it runs here"): the source's paused copy is the only one, and ``livemig vm
-resolve`` resumes it on that word. A session whose VM had begun to move on
-is not claimed: it may run elsewhere now.
+``SessionJournal`` in its state dir: lines when a session's offer is
+accepted (with the kernel's boot id; flushed to disk before the source sends
+a page), a line just before the guest resumes here (written, not flushed to
+disk: it costs the pause microseconds), and one when the session ends or the
+VM starts to migrate on from here. A daemon restarted with that state dir
+finds the sessions that were under way when it died:
+
+* no ``resuming`` line and the same boot id (the daemon died, the kernel did
+  not, so every line it wrote is there): the guest never ran here. It
+  answers ``NOT_COMMITTED`` ("restarted before it resumed the VM"), and
+  ``never_resumed()`` names the VM, so that a fleet daemon hands its etcd
+  key back (fleet/member.py);
+* otherwise (it resumed, or the host rebooted and an unflushed line may be
+  gone) ``ABANDONED`` ("nothing of it runs here"): the source's paused copy
+  is the only one, and ``livemig vm resolve`` resumes it on that word.
+
+A session whose VM had begun to move on is not claimed: it may run
+elsewhere now.
 """
 from __future__ import annotations
 
@@ -62,11 +71,41 @@ JOURNAL_FILE_FORMAT = "sessions-{port}.journal"
 RESTARTED_REASON = ("the destination daemon was restarted during this migration (it was "
                     "killed or crashed): nothing of the VM runs here; the source's copy is the "
                     "only one")
+RESTARTED_UNRUN_REASON = ("the destination daemon was restarted during this migration, before "
+                          "it resumed the VM (it was killed or crashed): the VM never ran here; "
+                          "the source's copy is the VM")
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    """This boot of the kernel ("" where it cannot be told: then no journal
+    line left unflushed can be counted on)."""
+    try:
+        with open(BOOT_ID_PATH) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class JournalEntry:
+    """One session under way, as the journal has it."""
+
+    started_at: float          # wall time of its begin line
+    name: str
+    boot: str = ""             # the boot id it began under ("" unknown)
+    resuming: bool = False     # a line says the guest was about to resume here
+
+    def never_resumed(self, boot_now: str) -> bool:
+        """Proven: no resuming line, and the kernel that would hold it is
+        still the one running (only a daemon died)."""
+        return not self.resuming and bool(boot_now) and self.boot == boot_now
 
 
 class SessionJournal:
     """Sessions under way, on disk (see the module docstring). Lines are
-    ``begin <session id hex> <wall time> <vm name>`` and ``end <session id
+    ``begin <session id hex> <wall time> <vm name>``, ``boot <session id
+    hex> <boot id>``, ``resuming <session id hex>`` and ``end <session id
     hex>``; the file is rewritten with only the open sessions when it opens
     and whenever it has grown past a few times ``max_records`` lines."""
 
@@ -76,22 +115,39 @@ class SessionJournal:
         self.max_records = max_records
         self.ttl_s = ttl_s
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.interrupted = self._load()     # {session id: (wall time, name)} of a past life
-        self._live: dict[bytes, tuple[float, str]] = {}
+        self.boot = boot_id()
+        self.interrupted = self._load()     # {session id: JournalEntry} of a past life
+        self._live: dict[bytes, JournalEntry] = {}
         self._lines = 0
         self._compact()
 
     def begin(self, session_id: bytes, name: str) -> None:
-        now = time.time()
-        self._live[session_id] = (now, name)
-        self._append(f"begin {session_id.hex()} {now:.3f} {name}\n", durable=True)
+        entry = JournalEntry(time.time(), name, self.boot)
+        self._live[session_id] = entry
+        self._append(_entry_lines(session_id, entry), durable=True)
+
+    def resuming(self, session_id: bytes) -> None:
+        """The guest is about to resume here: written before it does (and
+        not flushed to disk — a kill of the daemon leaves it in the page
+        cache; a crash of the kernel changes the boot id)."""
+        entry = self._live.get(session_id)
+        if entry is not None:
+            entry.resuming = True
+            self._append(f"resuming {session_id.hex()}\n", durable=False)
+
+    def never_resumed(self) -> set[str]:
+        """Names of the VMs whose sessions of a past life provably never
+        resumed them here (and none of whose such sessions might have)."""
+        unrun = {e.name for e in self.interrupted.values() if e.never_resumed(self.boot)}
+        return unrun - {e.name for e in self.interrupted.values()
+                        if not e.never_resumed(self.boot)}
 
     def end(self, session_id: bytes) -> None:
         if self._live.pop(session_id, None) is not None:
             self._append(f"end {session_id.hex()}\n", durable=False)
 
     def end_name(self, name: str) -> None:
-        for sid in [sid for sid, (_, n) in self._live.items() if n == name]:
+        for sid in [sid for sid, e in self._live.items() if e.name == name]:
             self._live.pop(sid)
             self._append(f"end {sid.hex()}\n", durable=True)
 
@@ -105,8 +161,8 @@ class SessionJournal:
         if self._lines > 4 * self.max_records:
             self._compact()
 
-    def _load(self) -> dict[bytes, tuple[float, str]]:
-        found: dict[bytes, tuple[float, str]] = {}
+    def _load(self) -> dict[bytes, JournalEntry]:
+        found: dict[bytes, JournalEntry] = {}
         try:
             with open(self.path) as f:
                 for line in f:
@@ -114,7 +170,11 @@ class SessionJournal:
                     try:
                         sid = bytes.fromhex(parts[1])
                         if parts[0] == "begin" and len(parts) == 4:
-                            found[sid] = (float(parts[2]), parts[3])
+                            found[sid] = JournalEntry(float(parts[2]), parts[3])
+                        elif parts[0] == "boot" and len(parts) == 3 and sid in found:
+                            found[sid].boot = parts[2]
+                        elif parts[0] == "resuming" and sid in found:
+                            found[sid].resuming = True
                         elif parts[0] == "end":
                             found.pop(sid, None)
                     except (IndexError, ValueError):
@@ -122,7 +182,7 @@ class SessionJournal:
         except FileNotFoundError:
             pass
         cutoff = time.time() - self.ttl_s
-        kept = [(sid, v) for sid, v in found.items() if v[0] >= cutoff]
+        kept = [(sid, e) for sid, e in found.items() if e.started_at >= cutoff]
         return dict(kept[-self.max_records:])
 
     def _compact(self) -> None:
@@ -130,12 +190,21 @@ class SessionJournal:
         keep = {**self.interrupted, **self._live}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            for sid, (t, name) in keep.items():
-                f.write(f"begin {sid.hex()} {t:.3f} {name}\n")
+            for sid, entry in keep.items():
+                f.write(_entry_lines(sid, entry))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self._lines = len(keep)
+        self._lines = 3 * len(keep)
+
+
+def _entry_lines(sid: bytes, entry: JournalEntry) -> str:
+    lines = f"begin {sid.hex()} {entry.started_at:.3f} {entry.name}\n"
+    if entry.boot:
+        lines += f"boot {sid.hex()} {entry.boot}\n"
+    if entry.resuming:
+        lines += f"resuming {sid.hex()}\n"
+    return lines
 
 
 class OutcomeBook:
@@ -148,14 +217,27 @@ class OutcomeBook:
         self.ttl_s = ttl_s
         self._records: collections.OrderedDict[bytes, OutcomeRecord] = collections.OrderedDict()
         self.journal = journal
-        for sid, (_, name) in (journal.interrupted.items() if journal else ()):
-            self._records[sid] = OutcomeRecord(OutcomeCode.ABANDONED, bytes(16),
-                                               RESTARTED_REASON, name)
+        for sid, entry in (journal.interrupted.items() if journal else ()):
+            if entry.never_resumed(journal.boot):
+                self._records[sid] = OutcomeRecord(OutcomeCode.NOT_COMMITTED, bytes(16),
+                                                   RESTARTED_UNRUN_REASON, entry.name)
+            else:
+                self._records[sid] = OutcomeRecord(OutcomeCode.ABANDONED, bytes(16),
+                                                   RESTARTED_REASON, entry.name)
 
     def begin(self, session_id: bytes, name: str) -> None:
         """A session's offer was accepted: it is under way here."""
         if self.journal is not None:
             self.journal.begin(session_id, name)
+
+    def resuming(self, session_id: bytes) -> None:
+        """The session's guest is about to resume here."""
+        if self.journal is not None:
+            self.journal.resuming(session_id)
+
+    def never_resumed(self) -> set[str]:
+        """VMs a past life of this daemon received but provably never ran."""
+        return self.journal.never_resumed() if self.journal is not None else set()
 
     def moving_on(self, vm_name: str) -> None:
         """VM ``vm_name`` starts to migrate away from this host: a session
@@ -193,5 +275,5 @@ class RecoveryExpired(MigrationError):
     its channel set is a break to wait out."""
 
 
-__all__ = ["JOURNAL_FILE_FORMAT", "MAX_RECORDS", "RECORD_TTL_S", "OutcomeBook", "OutcomeRecord",
-           "RecoveryExpired", "SessionJournal"]
+__all__ = ["JOURNAL_FILE_FORMAT", "MAX_RECORDS", "RECORD_TTL_S", "JournalEntry", "OutcomeBook",
+           "OutcomeRecord", "RecoveryExpired", "SessionJournal", "boot_id"]

@@ -433,6 +433,7 @@ class IncomingMigration:
         await self._recv(self.config.ack_timeout_s, "the commit of the handover")
         if self.arrival is not None and self.arrival.commit_gate is not None:
             await self.arrival.commit_gate()
+        self._outcomes.resuming(self.session_id)   # before the guest may run here
 
     def _completed(self, vm: VM) -> None:
         """The migration is over and the running VM is the host's."""
