@@ -26,13 +26,13 @@ Resolving reads the key and acts on it:
   here. An owner that is lost, or live without the VM, leaves the copy
   paused: it may be the only one. ``--discard`` then is the operator's word.
 * **etcd names the destination of the broken handover** — then its
-  ``state`` says whether the guest ever ran there. ``committed``: the
-  destination committed but never recorded its resume (it writes ``owned``
-  just before resuming, fenced on the committed record), so the guest never
-  ran there and this paused copy is the VM: reclaimed (a new epoch, which
-  also fences that record) and resumed. ``owned`` or ``lost``: the guest
-  ran there, and may have written its disk or answered clients; this paused
-  copy is stale. It is discarded once that host runs the VM; if the host
+  ``state`` says whether the guest may have run there. ``committed``: the
+  destination's restarted daemon proved it never resumed the guest (its
+  session journal, engine/destination/outcomes.py), so this paused copy is
+  the VM: reclaimed (a new epoch) and resumed. ``owned`` or ``lost``: the
+  guest may have run there, and may have written its disk or answered
+  clients; unless the destination says otherwise, this paused copy is
+  stale. It is discarded once that host runs the VM; if the host
   says nothing of it runs there (its daemon restarted: ABANDONED or
   UNKNOWN; or a post-copy it gave up), or etcd says ``lost``, or the host
   is lost, the VM is **lost with its host**: this copy stays paused, marked
