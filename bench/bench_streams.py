@@ -29,10 +29,11 @@ With ``--fill sparse`` the guest's pages hold a few set words each (as the
 toy workloads write them): compressible memory, where LZ4 on the streams
 pays; the rows then also say how many pages went LZ4.
 
-With ``--first-touch uffd,prefault`` the same, for how the destination
-first writes fresh guest memory (LIVEMIG_FIRST_TOUCH=prefault: pre-faulted
-as before; by default UFFDIO_COPY, native/firsttouch.py); each destination
-reports what it did (``dest_first_touch``).
+With ``--first-touch uffd,prefault,auto`` the same, for how the destination
+first writes fresh guest memory (LIVEMIG_FIRST_TOUCH=prefault: pre-faulted;
+uffd: UFFDIO_COPY; auto, the default: chosen at each offer from the measured
+cost of fresh memory, native/firsttouch.py); each destination reports what
+it did (``dest_first_touch``).
 
 With ``--pagehash scalar,avx512`` every stream count runs once per page hash
 implementation (both peers the same one: LIVEMIG_PAGEHASH=scalar in both
@@ -72,7 +73,8 @@ FILL_CHUNK_BYTES = 16 * MiB
 # A variant of the runs and the environment its processes get (None: unset).
 VARIANT_ENV = {"scalar": ("LIVEMIG_PAGEHASH", "scalar"), "avx512": ("LIVEMIG_PAGEHASH", None),
                "prefault": ("LIVEMIG_FIRST_TOUCH", "prefault"),
-               "uffd": ("LIVEMIG_FIRST_TOUCH", None)}
+               "uffd": ("LIVEMIG_FIRST_TOUCH", "uffd"),
+               "auto": ("LIVEMIG_FIRST_TOUCH", None)}
 
 
 def _label(variant: str | None) -> str:
@@ -86,8 +88,8 @@ def _label(variant: str | None) -> str:
 def _pagehash_env(impl: str | None):
     """Spawned children inherit the environment: the variable of ``impl``
     (VARIANT_ENV: LIVEMIG_PAGEHASH=scalar for the scalar page hash,
-    LIVEMIG_FIRST_TOUCH=prefault for pre-faulted destination memory; unset for
-    the default) while they start (None: as is)."""
+    LIVEMIG_FIRST_TOUCH=prefault or uffd for how destination memory is first
+    written; unset for the default) while they start (None: as is)."""
     if impl is None:
         yield
         return
@@ -328,7 +330,7 @@ def main() -> None:
                     help="comma list of page hash implementations (scalar, avx512) to run "
                          "each stream count with, both peers alike; default: the CPU's choice")
     ap.add_argument("--first-touch", default="",
-                    help="comma list of destination first-touch modes (uffd, prefault) to run "
+                    help="comma list of destination first-touch modes (uffd, prefault, auto) to run "
                          "each stream count with; default: the destination's choice")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "streams.json"))
     args = ap.parse_args()

@@ -38,8 +38,14 @@ async def _moved(recipe: Recipe, config: MigrationConfig, server):
         recipe, server, lambda vm: migrate(vm, LOCAL, server.port, config=config, name="f"))
 
 
+@pytest.fixture
+def uffd_fill(monkeypatch):
+    """The fill, whatever fresh memory costs on this machine right now."""
+    monkeypatch.setenv(firsttouch.ENV_SWITCH, "uffd")
+
+
 @pytest.mark.parametrize("recipe", [UNIFORM, MEMTEST], ids=["uniform", "memtest"])
-def test_first_versions_land_without_zeroing_and_arrive_identical(run, recipe):
+def test_first_versions_land_without_zeroing_and_arrive_identical(run, recipe, uffd_fill):
     async def main():
         async with MigrationServer(LOCAL, 0) as server:
             return await _moved(recipe, MigrationConfig(streams=2), server)
@@ -48,7 +54,7 @@ def test_first_versions_land_without_zeroing_and_arrive_identical(run, recipe):
     assert src.data_path == dst.data_path == "native-streams ×2"
 
 
-def test_hybrid_registers_for_post_copy_after_the_fill(run):
+def test_hybrid_registers_for_post_copy_after_the_fill(run, uffd_fill):
     """The fill is unregistered before post-copy registers the same memory."""
     async def main():
         async with MigrationServer(LOCAL, 0) as server:
@@ -59,7 +65,7 @@ def test_hybrid_registers_for_post_copy_after_the_fill(run):
     assert dst.first_touch == HOW and src.mode == "hybrid"
 
 
-def test_without_userfaultfd_memory_is_pre_faulted_and_says_why(run, monkeypatch):
+def test_without_userfaultfd_memory_is_pre_faulted_and_says_why(run, monkeypatch, uffd_fill):
     def refuse(memory):
         raise BackendUnavailable("first-touch fill", "userfaultfd refused (test)")
     monkeypatch.setattr(firsttouch, "FirstTouchFill", refuse)
@@ -90,3 +96,28 @@ def test_other_accesses_see_ordinary_memory_while_the_fill_runs():
         assert pages[7][0] == 1 and list(pages[5][:8]) == list(range(8))
     finally:
         mem.close()
+
+
+def test_fresh_memory_cheap_enough_is_pre_faulted_and_says_so(run, monkeypatch):
+    """Unless the environment decides, each offer measures what fresh memory
+    costs here: at or under the threshold it is pre-faulted (and the stats
+    give the figure), above it the fill runs."""
+    assert firsttouch.prefault_reason(None) is None          # not measurable: the fill
+    assert firsttouch.prefault_reason(0.5) is None
+    assert "0.05 CPU s/GiB measured" in firsttouch.prefault_reason(0.05)
+    monkeypatch.setenv(firsttouch.ENV_SWITCH, "uffd")
+    assert firsttouch.prefault_reason(0.05) is None
+    monkeypatch.setenv(firsttouch.ENV_SWITCH, "prefault")
+    assert firsttouch.prefault_reason(5.0) == "LIVEMIG_FIRST_TOUCH=prefault"
+    monkeypatch.delenv(firsttouch.ENV_SWITCH)
+    cost = firsttouch.fresh_memory_cost_s_per_gib()
+    assert cost is None or cost > 0
+
+    for measured, expect in ((0.01, "pre-faulted: fresh memory is cheap here"), (9.0, HOW)):
+        monkeypatch.setattr(firsttouch, "fresh_memory_cost_s_per_gib", lambda m=measured: m)
+
+        async def main():
+            async with MigrationServer(LOCAL, 0) as server:
+                return await _moved(MEMTEST, MigrationConfig(streams=2), server)
+        src, dst = run(main())
+        assert dst.first_touch.startswith(expect), dst.first_touch

@@ -15,10 +15,23 @@ can notice the registration or block on it.
 Lifetime: made before the first stream is adopted; closed after every
 stream thread is joined (``DestStreams.close``): the zero fill stops, the
 region is unregistered, and a page never sent reads as zero, as it did.
+
+Which is cheaper depends on the machine, and on its state: where fresh
+memory comes at a low cost (huge pages, zeroed in bulk; a host that has not
+taken the memory back), pre-faulting it while round 0 streams and copying
+each page into place costs the destination less than UFFDIO_COPY's
+allocation per 4 KiB page; where each first touch is dear (a virtual
+machine whose host reclaimed the memory), UFFDIO_COPY wins by far
+(bench/RESULTS.md §7d, §7f). So, unless ``LIVEMIG_FIRST_TOUCH`` says
+(``uffd`` or ``prefault``), each offer measures it: the CPU time of faulting
+in a small scratch region as guest memory is mapped
+(``fresh_memory_cost_s_per_gib``), and pre-faults at or under
+``PREFAULT_AT_MOST_CPU_S_PER_GIB``.
 """
 from __future__ import annotations
 
 import os
+import time
 
 from ..errors import BackendUnavailable, LivemigError
 from . import check, ffi, lib
@@ -26,7 +39,43 @@ from .memory import GuestMemory
 from .postcopy import PostcopyMemory, probe
 
 HOW = "userfaultfd copy (no zeroing)"
-ENV_SWITCH = "LIVEMIG_FIRST_TOUCH"   # "prefault": pre-fault fresh memory as before
+ENV_SWITCH = "LIVEMIG_FIRST_TOUCH"   # "uffd" or "prefault"; unset: measured at each offer
+PROBE_BYTES = 32 << 20
+PREFAULT_AT_MOST_CPU_S_PER_GIB = 0.2
+"""Fresh memory faulted in at this CPU cost or less is pre-faulted: measured
+0.12 s/GiB where pre-faulting beat UFFDIO_COPY (§7f), 1.2-2.6 s/GiB where
+UFFDIO_COPY beat it fourfold (§7d)."""
+
+
+def fresh_memory_cost_s_per_gib() -> float | None:
+    """CPU seconds per GiB this thread spends faulting in fresh memory,
+    measured now on a scratch region mapped as guest memory is (huge-page
+    advice); None where it cannot be measured (no MADV_POPULATE_WRITE)."""
+    try:
+        scratch = GuestMemory(PROBE_BYTES)
+    except (LivemigError, OSError, MemoryError):
+        return None
+    try:
+        t0 = time.thread_time()
+        scratch.populate()
+        return (time.thread_time() - t0) * (1 << 30) / PROBE_BYTES
+    except LivemigError:
+        return None
+    finally:
+        scratch.close()
+
+
+def prefault_reason(cost_s_per_gib: float | None) -> str | None:
+    """Why fresh memory is pre-faulted rather than filled by UFFDIO_COPY,
+    given the environment and the measured cost; None: fill it."""
+    choice = os.environ.get(ENV_SWITCH, "")
+    if choice == "prefault":
+        return f"{ENV_SWITCH}=prefault"
+    if choice == "uffd" or cost_s_per_gib is None \
+            or cost_s_per_gib > PREFAULT_AT_MOST_CPU_S_PER_GIB:
+        return None
+    return (f"fresh memory is cheap here ({cost_s_per_gib:.2f} CPU s/GiB measured, at most "
+            f"{PREFAULT_AT_MOST_CPU_S_PER_GIB:g})")
 
 
 class FirstTouchFill:
@@ -72,14 +121,23 @@ class FirstTouchFill:
         self.zero_filled_pages = served
 
 
-def first_touch_fill(memory: GuestMemory) -> tuple[FirstTouchFill | None, str]:
-    """A fill over ``memory``, or None where it cannot run here (memory is
-    then pre-faulted), and how fresh memory will be first written, for
-    ``stats.first_touch``."""
+def first_touch_fill(memory: GuestMemory, cost_s_per_gib: float | None = None
+                     ) -> tuple[FirstTouchFill | None, str]:
+    """A fill over ``memory``, or None where pre-faulting is cheaper
+    (``cost_s_per_gib``: fresh_memory_cost_s_per_gib, measured by the
+    caller; measured here if not given and the environment does not decide)
+    or the fill cannot run here (memory is then pre-faulted); and how fresh
+    memory will be first written, for ``stats.first_touch``."""
+    if cost_s_per_gib is None and os.environ.get(ENV_SWITCH, "") not in ("uffd", "prefault"):
+        cost_s_per_gib = fresh_memory_cost_s_per_gib()
+    why = prefault_reason(cost_s_per_gib)
+    if why is not None:
+        return None, f"pre-faulted: {why}"
     try:
         return FirstTouchFill(memory), HOW
     except BackendUnavailable as exc:
         return None, f"pre-faulted: {exc.reason}"
 
 
-__all__ = ["FirstTouchFill", "first_touch_fill", "HOW", "ENV_SWITCH"]
+__all__ = ["FirstTouchFill", "first_touch_fill", "fresh_memory_cost_s_per_gib",
+           "prefault_reason", "HOW", "ENV_SWITCH", "PREFAULT_AT_MOST_CPU_S_PER_GIB"]

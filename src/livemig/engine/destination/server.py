@@ -75,7 +75,8 @@ from ...codec.digest import OWED_PAGE_HASH, memory_digest_full
 from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationError,
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import streams as native_streams
-from ...native.firsttouch import FirstTouchFill, first_touch_fill
+from ...native import firsttouch
+from ...native.firsttouch import FirstTouchFill
 from ...native import urgent
 from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
@@ -285,7 +286,7 @@ class IncomingMigration:
         self.mode = offer.mode
         self.progress = resume.progress_for(self, self.ch)
         nstreams = cfg.get("streams")
-        fill = self._first_touch_fill(nstreams, offer.mode)
+        fill = await self._first_touch_fill(nstreams, offer.mode)
         if nstreams:   # resumable: the threads mark the round's pages (resume.RoundProgress)
             self._streams = DestStreams(
                 self.vm.memory, self.decoder.hashes.values,
@@ -308,16 +309,19 @@ class IncomingMigration:
         self.stats.setup_time_ms = (time.monotonic() - self._t0) * 1e3
         return True
 
-    def _first_touch_fill(self, nstreams: int | None, mode: Mode) -> FirstTouchFill | None:
+    async def _first_touch_fill(self, nstreams: int | None, mode: Mode) -> FirstTouchFill | None:
         """Pre-copy on native streams: fresh memory filled by UFFDIO_COPY,
-        never zeroed first (native/firsttouch.py); else it is pre-faulted
-        while round 0 streams, and stats.first_touch says why."""
+        never zeroed first, unless fresh memory is measured cheap enough to
+        pre-fault (native/firsttouch.py); else it is pre-faulted while round
+        0 streams, and stats.first_touch says why."""
         if mode is Mode.POSTCOPY:
             return None     # UFFDIO_COPY places nearly every page anyway
         if not nstreams:
             self.stats.first_touch = "pre-faulted: the pages come on the control channel"
             return None
-        fill, self.stats.first_touch = first_touch_fill(self.vm.memory)
+        cost = await asyncio.get_running_loop().run_in_executor(
+            None, firsttouch.fresh_memory_cost_s_per_gib)
+        fill, self.stats.first_touch = firsttouch.first_touch_fill(self.vm.memory, cost)
         return fill
 
     @staticmethod
