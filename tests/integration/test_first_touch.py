@@ -114,7 +114,7 @@ def test_fresh_memory_cheap_enough_is_pre_faulted_and_says_so(run, monkeypatch):
     assert cost is None or cost > 0
 
     for measured, expect in ((0.01, "pre-faulted: fresh memory is cheap here"), (9.0, HOW)):
-        monkeypatch.setattr(firsttouch, "fresh_memory_cost_s_per_gib", lambda m=measured: m)
+        monkeypatch.setattr(firsttouch, "cost_unless_decided", lambda m=measured: m)
 
         async def main():
             async with MigrationServer(LOCAL, 0) as server:

@@ -65,6 +65,13 @@ def fresh_memory_cost_s_per_gib() -> float | None:
         scratch.close()
 
 
+def cost_unless_decided() -> float | None:
+    """fresh_memory_cost_s_per_gib, unless the environment decides (None)."""
+    if os.environ.get(ENV_SWITCH, "") in ("uffd", "prefault"):
+        return None
+    return fresh_memory_cost_s_per_gib()
+
+
 def prefault_reason(cost_s_per_gib: float | None) -> str | None:
     """Why fresh memory is pre-faulted rather than filled by UFFDIO_COPY,
     given the environment and the measured cost; None: fill it."""
@@ -128,8 +135,8 @@ def first_touch_fill(memory: GuestMemory, cost_s_per_gib: float | None = None
     caller; measured here if not given and the environment does not decide)
     or the fill cannot run here (memory is then pre-faulted); and how fresh
     memory will be first written, for ``stats.first_touch``."""
-    if cost_s_per_gib is None and os.environ.get(ENV_SWITCH, "") not in ("uffd", "prefault"):
-        cost_s_per_gib = fresh_memory_cost_s_per_gib()
+    if cost_s_per_gib is None:
+        cost_s_per_gib = cost_unless_decided()
     why = prefault_reason(cost_s_per_gib)
     if why is not None:
         return None, f"pre-faulted: {why}"
@@ -139,5 +146,6 @@ def first_touch_fill(memory: GuestMemory, cost_s_per_gib: float | None = None
         return None, f"pre-faulted: {exc.reason}"
 
 
-__all__ = ["FirstTouchFill", "first_touch_fill", "fresh_memory_cost_s_per_gib",
-           "prefault_reason", "HOW", "ENV_SWITCH", "PREFAULT_AT_MOST_CPU_S_PER_GIB"]
+__all__ = ["FirstTouchFill", "cost_unless_decided", "first_touch_fill",
+           "fresh_memory_cost_s_per_gib", "prefault_reason", "HOW", "ENV_SWITCH",
+           "PREFAULT_AT_MOST_CPU_S_PER_GIB"]

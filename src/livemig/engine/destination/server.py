@@ -320,7 +320,7 @@ class IncomingMigration:
             self.stats.first_touch = "pre-faulted: the pages come on the control channel"
             return None
         cost = await asyncio.get_running_loop().run_in_executor(
-            None, firsttouch.fresh_memory_cost_s_per_gib)
+            None, firsttouch.cost_unless_decided)
         fill, self.stats.first_touch = firsttouch.first_touch_fill(self.vm.memory, cost)
         return fill
 
