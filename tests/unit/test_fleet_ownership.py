@@ -256,8 +256,10 @@ def test_admit_refuses_an_offer_the_source_does_not_own_or_that_etcd_cannot_tell
     class Unreachable(FakeEtcd):
         async def get(self, key):
             raise EtcdUnavailable("no member answered")
+    gate = _gate(Unreachable())
+    gate.member.commit_timeout_s = 0.2        # asked until then
     with pytest.raises(LivemigError, match="cannot read the owner .*no member answered"):
-        asyncio.run(_gate(Unreachable()).admit())
+        asyncio.run(gate.admit())
 
 
 def test_an_admitted_gate_commits_in_one_transaction():

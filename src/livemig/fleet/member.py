@@ -568,7 +568,10 @@ class CommitGate:
     async def admit(self) -> None:
         m = self.member
         try:
-            first = await m.client.get(keys.vm_key(self.name))
+            # Asked until the commit deadline: an etcd electing a new leader
+            # answers within it (the answer still comes before Accept).
+            first = await m._read_until(keys.vm_key(self.name),
+                                        time.monotonic() + m.commit_timeout_s)
             epoch = next_epoch(first, self.name, self.source)
         except NotTheOwner as exc:
             raise LivemigError(f"{exc}: refused; the VM stays with its owner") from exc
