@@ -13,7 +13,7 @@ import pytest
 from livemig.errors import LivemigError, MigrationError
 from livemig.fleet import keys
 from livemig.fleet.etcd import EtcdUnavailable, KeyValue, b64, unb64
-from livemig.fleet.member import FleetMember, SourceArbiter
+from livemig.fleet.member import FleetMember, SourceArbiter, next_epoch
 
 SRC, DST, NAME = "10.0.0.1:7400", "10.0.0.2:7400", "vm1"
 KEY = keys.vm_key(NAME)
@@ -99,7 +99,8 @@ def _take(etcd):
     """The commit point as a destination runs it: the key read at the offer,
     then the ownership transaction."""
     first = asyncio.run(etcd.get(KEY))
-    return asyncio.run(_member(etcd).take_ownership(NAME, SRC, first))
+    return asyncio.run(_member(etcd).take_ownership(NAME, SRC, first,
+                                                    next_epoch(first, NAME, SRC)))
 
 
 def _etcd_with_source_owner(epoch=3):
@@ -143,7 +144,7 @@ def test_a_reclaim_before_the_commit_refuses_it_too():
     _source_reclaims(etcd)
 
     with pytest.raises(MigrationError, match="refused the ownership transaction"):
-        asyncio.run(_member(etcd).take_ownership(NAME, SRC, first))
+        asyncio.run(_member(etcd).take_ownership(NAME, SRC, first, 4))
     assert _owner(etcd) == (SRC, 4)
 
 

@@ -306,11 +306,17 @@ class FleetMember:
         if owner != (owner_addr or self.addr) \
                 or keys.owner_state(kv.value, what=key)[0] != keys.OWNED:
             return False
-        ok, _ = await self.client.txn([cmp_mod_revision(key, kv.mod_revision)],
-                                      [op_put(key, keys.owner_record(owner, epoch, keys.LOST,
-                                                                     why))])
+        ok = await self._restate(kv, owner, epoch, keys.LOST, why)
         if ok:
             log.warning("fleet: VM %s is lost: %s", name, why)
+        return ok
+
+    async def _restate(self, kv: KeyValue, owner: str, epoch: int, state: str,
+                       why: str | None = None) -> bool:
+        """Same owner and epoch, a new state, if the key is still as read."""
+        ok, _ = await self.client.txn([cmp_mod_revision(kv.key, kv.mod_revision)],
+                                      [op_put(kv.key, keys.owner_record(owner, epoch, state,
+                                                                        why))])
         return ok
 
     async def _reconcile(self) -> None:
@@ -332,10 +338,7 @@ class FleetMember:
             if owner != self.addr or name in self.daemon.vms or name in self._claimed:
                 continue
             if name in unrun and state == keys.OWNED:
-                ok, _ = await self.client.txn(
-                    [cmp_mod_revision(kv.key, kv.mod_revision)],
-                    [op_put(kv.key, keys.owner_record(owner, epoch, keys.COMMITTED))])
-                if ok:
+                if await self._restate(kv, owner, epoch, keys.COMMITTED):
                     log.warning("fleet: VM %s was committed here but never resumed (this daemon "
                                 "restarted before it did): its source may take it back", name)
                 continue
@@ -442,13 +445,15 @@ class FleetMember:
         return (compare, [op_put(key, keys.owner_record(self.addr, epoch))],
                 [op_get(key), op_get(keys.drain_key(self.addr))])
 
-    async def take_ownership(self, name: str, source: str, first: KeyValue | None) -> int:
-        """owner source, epoch e → owner here, epoch e+1, in one transaction.
-        Returns the new epoch; raises MigrationError (never run here) otherwise.
+    async def take_ownership(self, name: str, source: str, first: KeyValue | None,
+                             epoch: int) -> int:
+        """owner source, epoch e → owner here, ``epoch`` (e + 1), in one
+        transaction. Returns the epoch; raises MigrationError (never run
+        here) otherwise.
 
         The epoch is fixed by ``first``, the key as read before the offer
-        was accepted (CommitGate.admit): whatever is read later may only
-        confirm it. A transaction whose
+        was accepted (CommitGate.admit, next_epoch): whatever is read later
+        may only confirm it. A transaction whose
         answer is lost is sent again only while the key still holds what was
         first read (the same owner and epoch); a key that moved on — above
         all a source that reclaimed the VM after the break (owner = source,
@@ -459,7 +464,6 @@ class FleetMember:
         where = (f"VM {name!r} stays paused at the source ({source}), which keeps it; "
                  "the copy here is discarded unrun")
         try:
-            epoch = next_epoch(first, name, source)
             new = keys.owner_record(self.addr, epoch)
             kv, ok = first, False
             for _attempt in range(MAX_COMMIT_ATTEMPTS):
@@ -490,8 +494,6 @@ class FleetMember:
                 if not _same_value(current, first):
                     break        # the key moved on from what we first read: not ours to take
                 kv = current     # rewritten as it was, or no answer: the same commit again
-        except NotTheOwner as exc:
-            raise MigrationError(f"{exc}: refused; {where}", phase="switchover") from exc
         except (EtcdError, ValueError) as exc:
             raise MigrationError(f"cannot prove ownership of {name!r} in etcd ({exc}); {where}",
                                  phase="switchover") from exc
@@ -591,7 +593,7 @@ class CommitGate:
         try:
             epoch = m._fast_commit(fast, name, self._first, self._epoch)
             if epoch is None:
-                epoch = await m.take_ownership(name, source, self._first)
+                epoch = await m.take_ownership(name, source, self._first, self._epoch)
             failpoints.hit(failpoints.AFTER_COMMIT)
         finally:
             if fast is not None and fast.sock is None and m._fast_conn is fast:
