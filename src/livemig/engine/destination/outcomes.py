@@ -132,8 +132,8 @@ class SessionJournal:
         cache; a crash of the kernel changes the boot id)."""
         entry = self._live.get(session_id)
         if entry is not None:
-            entry.resuming = True
-            self._append(f"resuming {session_id.hex()}\n", durable=False)
+            entry.resuming = True     # inside the guest's pause: never a compaction here
+            self._append(f"resuming {session_id.hex()}\n", durable=False, compact=False)
 
     def never_resumed(self) -> set[str]:
         """Names of the VMs whose sessions of a past life provably never
@@ -151,14 +151,14 @@ class SessionJournal:
             self._live.pop(sid)
             self._append(f"end {sid.hex()}\n", durable=True)
 
-    def _append(self, line: str, *, durable: bool) -> None:
+    def _append(self, lines: str, *, durable: bool, compact: bool = True) -> None:
         with open(self.path, "a") as f:
-            f.write(line)
+            f.write(lines)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        self._lines += 1
-        if self._lines > 4 * self.max_records:
+        self._lines += lines.count("\n")
+        if compact and self._lines > 4 * self.max_records:
             self._compact()
 
     def _load(self) -> dict[bytes, JournalEntry]:
@@ -188,14 +188,14 @@ class SessionJournal:
     def _compact(self) -> None:
         """Rewrite the file with the sessions of a past life and the live ones."""
         keep = {**self.interrupted, **self._live}
+        text = "".join(_entry_lines(sid, entry) for sid, entry in keep.items())
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            for sid, entry in keep.items():
-                f.write(_entry_lines(sid, entry))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self._lines = 3 * len(keep)
+        self._lines = text.count("\n")
 
 
 def _entry_lines(sid: bytes, entry: JournalEntry) -> str:
