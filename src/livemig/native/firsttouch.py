@@ -128,15 +128,12 @@ class FirstTouchFill:
         self.zero_filled_pages = served
 
 
-def first_touch_fill(memory: GuestMemory, cost_s_per_gib: float | None = None
+def first_touch_fill(memory: GuestMemory, cost_s_per_gib: float | None
                      ) -> tuple[FirstTouchFill | None, str]:
     """A fill over ``memory``, or None where pre-faulting is cheaper
-    (``cost_s_per_gib``: fresh_memory_cost_s_per_gib, measured by the
-    caller; measured here if not given and the environment does not decide)
-    or the fill cannot run here (memory is then pre-faulted); and how fresh
-    memory will be first written, for ``stats.first_touch``."""
-    if cost_s_per_gib is None:
-        cost_s_per_gib = cost_unless_decided()
+    (``cost_s_per_gib``: cost_unless_decided, measured by the caller) or the
+    fill cannot run here (memory is then pre-faulted); and how fresh memory
+    will be first written, for ``stats.first_touch``."""
     why = prefault_reason(cost_s_per_gib)
     if why is not None:
         return None, f"pre-faulted: {why}"

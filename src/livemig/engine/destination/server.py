@@ -76,7 +76,6 @@ from ...errors import (BackendUnavailable, CodecError, LivemigError, MigrationEr
                      ProtocolError, RemoteProtocolError, StateFormatError, Unsupported)
 from ...native import streams as native_streams
 from ...native import firsttouch
-from ...native.firsttouch import FirstTouchFill
 from ...native import urgent
 from .arrival import Arrival, IncomingHook, default_hook, postcopy_unavailable_reason
 from .admission import AdmissionRefused, MemoryBudget, Reservation, compatibility_problem
@@ -309,7 +308,8 @@ class IncomingMigration:
         self.stats.setup_time_ms = (time.monotonic() - self._t0) * 1e3
         return True
 
-    async def _first_touch_fill(self, nstreams: int | None, mode: Mode) -> FirstTouchFill | None:
+    async def _first_touch_fill(self, nstreams: int | None,
+                                mode: Mode) -> firsttouch.FirstTouchFill | None:
         """Pre-copy on native streams: fresh memory filled by UFFDIO_COPY,
         never zeroed first, unless fresh memory is measured cheap enough to
         pre-fault (native/firsttouch.py); else it is pre-faulted while round

@@ -53,7 +53,7 @@ from ...codec.blockdelta import HeldBlocks
 from ...config import MAX_STREAMS, MigrationConfig
 from ...errors import RemoteProtocolError, Unsupported
 from ...native import PAGE_SIZE
-from ...native.firsttouch import first_touch_fill
+from ...native.firsttouch import cost_unless_decided, first_touch_fill
 from ...native.memory import GuestMemory
 from ...protocol import StreamProbe, StreamProbeEnd, StreamProbeGrant, StreamProbeResult, spec
 from .streams import DestStreams, offered as streams_offered
@@ -90,7 +90,8 @@ class StreamProbeSink:
         self._release = release       # lets an adopted channel's handler return
         self.memory = GuestMemory(grant.window_bytes)   # as VM.blank maps guest memory
         try:
-            self.fill, _ = first_touch_fill(self.memory)   # None: pre-faulted, as the server does
+            # None: pre-faulted, as the server does
+            self.fill, _ = first_touch_fill(self.memory, cost_unless_decided())
         except BaseException:
             self.memory.close()
             raise
